@@ -1,0 +1,170 @@
+"""Small models and datasets built by the tests themselves (no model hubs)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_axes=None, opset=17) -> Path:
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+            opset_version=opset,
+            dynamo=False,
+        )
+    return path
+
+
+def conv_net(path: Path, seed: int = 0) -> Path:
+    """A small CNN classifier: [N, 3, 32, 32] float32 -> [N, 10] logits."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+    return _export(net, (torch.randn(1, 3, 32, 32),), path, ["image"], ["logits"],
+                   {"image": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def mlp(path: Path, in_features: int = 20, classes: int = 5, seed: int = 0) -> Path:
+    """An MLP classifier: [N, in_features] float32 -> [N, classes]."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(in_features, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, classes))
+    return _export(net, (torch.randn(1, in_features),), path, ["features"], ["scores"],
+                   {"features": {0: "batch"}, "scores": {0: "batch"}})
+
+
+def tiny_transformer(path: Path, vocab: int = 1000, dim: int = 64, seq: int = 16, layers: int = 1,
+                     seed: int = 0) -> Path:
+    """A transformer encoder over int64 token ids: [N, seq] int64 (+ mask) -> [N, seq, vocab] logits."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(vocab, dim)
+            self.pos = nn.Parameter(torch.randn(seq, dim) * 0.02)
+            self.layers = nn.ModuleList()
+            for _ in range(layers):
+                self.layers.append(nn.ModuleDict({
+                    "ln1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
+                    "ln2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim),
+                }))
+            self.head = nn.Linear(dim, vocab)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            x = self.emb(input_ids) + self.pos
+            bias = (1.0 - attention_mask.to(x.dtype))[:, None, :] * -1e4
+            for blk in self.layers:
+                h = blk["ln1"](x)
+                q, k, v = blk["qkv"](h).chunk(3, dim=-1)
+                att = torch.softmax(q @ k.transpose(-1, -2) / dim**0.5 + bias, dim=-1)
+                x = x + blk["proj"](att @ v)
+                x = x + blk["fc2"](torch.nn.functional.gelu(blk["fc1"](blk["ln2"](x))))
+            return self.head(x)
+
+    ids = torch.randint(0, vocab, (1, seq))
+    mask = torch.ones(1, seq, dtype=torch.int64)
+    return _export(Block(), (ids, mask), path, ["input_ids", "attention_mask"], ["logits"],
+                   {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def constant_weights_opset11(path: Path, seed: int = 0) -> Path:
+    """An opset-11 MLP whose weights are Constant nodes, as some exporters write them."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((16, 32)).astype(np.float32) * 0.3
+    b1 = rng.standard_normal(32).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((32, 4)).astype(np.float32) * 0.3
+    nodes = [
+        helper.make_node("Constant", [], ["w1"], value=numpy_helper.from_array(w1, "w1c")),
+        helper.make_node("Constant", [], ["b1"], value=numpy_helper.from_array(b1, "b1c")),
+        helper.make_node("Constant", [], ["w2"], value=numpy_helper.from_array(w2, "w2c")),
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "b1"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "const_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], producer_name="lowbit-tests")
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def image_data(path: Path, n: int = 64, seed: int = 1, labels: bool = False, model: Path | None = None) -> Path:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
+    arrays = {"image": x}
+    if labels:
+        arrays["labels"] = _labels_from_model(model, {"image": x}) if model else rng.integers(0, 10, n)
+    return save_npz(path, **arrays)
+
+
+def mlp_data(path: Path, n: int = 64, in_features: int = 20, seed: int = 1, labels: bool = False,
+             model: Path | None = None) -> Path:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, in_features)).astype(np.float32)
+    arrays = {"features": x}
+    if labels:
+        arrays["labels"] = _labels_from_model(model, {"features": x}) if model else rng.integers(0, 5, n)
+    return save_npz(path, **arrays)
+
+
+def token_data(path: Path, n: int = 32, vocab: int = 1000, seq: int = 16, seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (n, seq)).astype(np.int64)
+    mask = np.ones((n, seq), dtype=np.int64)
+    mask[:, seq - 3:] = rng.integers(0, 2, (n, 3))
+    return save_npz(path, input_ids=ids, attention_mask=mask)
+
+
+def _labels_from_model(model: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """Labels the float model gets mostly right (its own argmax, with 10% flipped), so label
+    accuracy is meaningful and not at chance."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    pred = sess.run(None, feed)[0].argmax(-1)
+    rng = np.random.default_rng(7)
+    flip = rng.random(len(pred)) < 0.1
+    return np.where(flip, (pred + 1) % sess.get_outputs()[0].shape[-1], pred).astype(np.int64)
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()

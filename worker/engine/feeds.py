@@ -1,0 +1,153 @@
+"""How a dataset's arrays feed a model's inputs (DESIGN.md, "Datasets").
+
+An array whose rank is the input's rank + 1 holds complete feeds: sample i is fed as ``array[i]``.
+An array of the input's own rank is stacked along the input's batch axis (axis 0) and fed in
+batches of the model's fixed batch size, or of ``batch_size`` when the batch axis is dynamic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from worker.engine.errors import EngineError
+from worker.engine.inspect import TensorInfo
+from worker.engine.npz import LABELS_KEY, ArrayInfo, DatasetInfo, NpzReader
+
+STACKED = "stacked"
+COMPLETE = "complete"
+
+
+@dataclass(frozen=True)
+class FeedPlan:
+    modes: dict[str, str]
+    samples_per_run: int
+    num_samples: int
+    has_labels: bool
+
+
+def _dims_match(want: Sequence[int | str], got: Sequence[int]) -> bool:
+    return len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want, got, strict=True))
+
+
+def _fmt(shape: Sequence[int | str]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def plan_feeds(
+    inputs: Sequence[TensorInfo], dataset: DatasetInfo, batch_size: int = 8, role: str = "calibration"
+) -> FeedPlan:
+    """Check a dataset against the model inputs and decide how to feed it.
+
+    Raises EngineError('dataset_mismatch') listing every problem found, so the user fixes all at once.
+    """
+    problems: list[str] = []
+    arrays = dataset.feature_arrays()
+    names = {i.name for i in inputs}
+    missing = [i.name for i in inputs if i.name not in arrays]
+    extra = sorted(set(arrays) - names)
+    if missing:
+        problems.append(f"missing array(s) for model input(s): {', '.join(missing)}")
+    if extra:
+        problems.append(
+            f"array(s) {', '.join(extra)} match no model input (inputs: {', '.join(sorted(names))}; "
+            f"the only extra array allowed is '{LABELS_KEY}')"
+        )
+    modes: dict[str, str] = {}
+    for inp in inputs:
+        arr: ArrayInfo | None = arrays.get(inp.name)
+        if arr is None:
+            continue
+        if arr.dtype != inp.dtype:
+            problems.append(
+                f"array '{inp.name}' has dtype {arr.dtype} but the model input wants {inp.dtype} "
+                f"(convert with arr.astype(np.{inp.dtype}))"
+            )
+        rank = len(inp.shape)
+        if len(arr.shape) == rank + 1 and _dims_match(inp.shape, arr.shape[1:]):
+            modes[inp.name] = COMPLETE
+        elif len(arr.shape) == rank and _dims_match(inp.shape[1:], arr.shape[1:]):
+            modes[inp.name] = STACKED
+        else:
+            problems.append(
+                f"array '{inp.name}' has shape {_fmt(arr.shape)}, which fits neither the model input's shape "
+                f"{_fmt(inp.shape)} stacked along the batch axis nor [samples, {_fmt(inp.shape)[1:]} "
+                "as one complete feed per sample"
+            )
+    if problems:
+        raise EngineError("dataset_mismatch", f"{role} dataset does not match the model: " + "; ".join(problems))
+
+    fixed_batches = {
+        inp.shape[0] for inp in inputs if modes[inp.name] == STACKED and inp.shape and isinstance(inp.shape[0], int)
+    }
+    if any(m == COMPLETE for m in modes.values()):
+        bad = sorted(b for b in fixed_batches if b != 1)
+        if bad:
+            raise EngineError(
+                "dataset_mismatch",
+                f"{role} dataset mixes complete feeds with inputs of fixed batch size {bad[0]}; "
+                "give every input as complete feeds ([samples, *input_shape])",
+            )
+        per_run = 1
+    elif len(fixed_batches) > 1:
+        raise EngineError("unsupported_model", f"model inputs disagree on their fixed batch size: {sorted(fixed_batches)}")
+    elif fixed_batches:
+        per_run = fixed_batches.pop()
+    else:
+        per_run = batch_size
+    if dataset.num_samples < per_run:
+        raise EngineError(
+            "dataset_mismatch",
+            f"{role} dataset has {dataset.num_samples} samples but the model's fixed batch size is {per_run}",
+        )
+    return FeedPlan(modes, per_run, dataset.num_samples, dataset.has_labels)
+
+
+def fixed_batch(plan: FeedPlan, inputs: Sequence[TensorInfo]) -> bool:
+    """True when every run must hold exactly ``samples_per_run`` samples (fixed batch axis)."""
+    return any(
+        plan.modes[i.name] == STACKED and i.shape and isinstance(i.shape[0], int) for i in inputs
+    ) or all(m == COMPLETE for m in plan.modes.values())
+
+
+@dataclass
+class Batch:
+    feed: dict[str, np.ndarray]
+    start: int
+    count: int
+    labels: np.ndarray | None
+
+
+def iter_batches(
+    reader: NpzReader,
+    inputs: Sequence[TensorInfo],
+    plan: FeedPlan,
+    start: int,
+    stop: int,
+    with_labels: bool = False,
+) -> Iterator[Batch]:
+    """Stream model feeds for samples [start, stop); a trailing partial batch is dropped only when
+    the model's batch axis is fixed (the caller reports how many samples were used)."""
+    per = plan.samples_per_run
+    stop = min(stop, plan.num_samples)
+    if fixed_batch(plan, inputs):
+        stop = start + ((stop - start) // per) * per
+    if stop <= start:
+        return
+    iters: dict[str, Iterator[np.ndarray]] = {
+        i.name: reader.iter_chunks(i.name, start, stop, per) for i in inputs
+    }
+    label_iter = reader.iter_chunks(LABELS_KEY, start, stop, per) if with_labels and plan.has_labels else None
+    pos = start
+    while pos < stop:
+        feed: dict[str, Any] = {}
+        for inp in inputs:
+            chunk = next(iters[inp.name])
+            feed[inp.name] = chunk[0] if plan.modes[inp.name] == COMPLETE else chunk
+        n = min(per, stop - pos)
+        labels = next(label_iter) if label_iter is not None else None
+        yield Batch(feed, pos, n, labels)
+        pos += n

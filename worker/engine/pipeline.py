@@ -1,0 +1,441 @@
+"""One quantization run, start to finish: prepare, calibrate, quantize, validate, report."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from worker.engine import runtime
+from worker.engine.calibrate import CalibrationSettings, calibrate, select_tensors, write_ort_ranges
+from worker.engine.config import QuantizeConfig, RecipeOptions, check_recipe
+from worker.engine.errors import EngineError
+from worker.engine.feeds import Batch, FeedPlan, iter_batches, plan_feeds
+from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
+from worker.engine.normalize import normalize
+from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
+from worker.engine.validate import compare, latency_ms_p50, layer_sqnr
+
+log = logging.getLogger(__name__)
+
+# (stage, fraction in [0, 1]) -> None. May raise JobCancelled to stop the run.
+ProgressFn = Callable[[str, float], None]
+
+STAGE_SPAN = {
+    "preparing": (0, 10),
+    "calibrating": (10, 50),
+    "quantizing": (50, 60),
+    "validating": (60, 95),
+    "reporting": (95, 100),
+}
+SYNTHETIC_SAMPLES = 8
+LAYER_SAMPLES = 16
+
+
+@dataclass
+class QuantizeResult:
+    artifact_path: Path
+    artifact_sha256: str
+    artifact_bytes: int
+    report: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def progress_percent(stage: str, fraction: float) -> int:
+    lo, hi = STAGE_SPAN[stage]
+    return int(lo + (hi - lo) * max(0.0, min(1.0, fraction)))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def environment() -> dict[str, str | None]:
+    def v(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "lowbit": v("lowbit"),
+        "onnxruntime": v("onnxruntime") or v("onnxruntime-gpu"),
+        "onnx": v("onnx"),
+        "torch": v("torch"),
+        "python": platform.python_version(),
+        "numpy": v("numpy"),
+        "platform": platform.platform(),
+    }
+
+
+@dataclass
+class _Split:
+    source: str
+    calib_range: tuple[int, int] | None
+    eval_range: tuple[int, int]
+    calib_reader: NpzReader | None
+    calib_plan: FeedPlan | None
+    eval_reader: NpzReader | None
+    eval_plan: FeedPlan | None
+
+
+def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> _Split:
+    opts = cfg.options
+    calib: DatasetInfo | None = inspect_npz(cfg.calibration_path) if cfg.calibration_path else None
+    ev: DatasetInfo | None = inspect_npz(cfg.eval_path) if cfg.eval_path else None
+    cplan = plan_feeds(info.inputs, calib, opts.batch_size, "calibration") if calib else None
+    eplan = plan_feeds(info.inputs, ev, opts.batch_size, "evaluation") if ev else None
+    if cfg.recipe == "int8_static" and calib is None:
+        raise EngineError(
+            "calibration_required", "recipe int8_static needs a calibration dataset (an .npz of representative inputs)"
+        )
+    creader = NpzReader(cfg.calibration_path, calib) if calib and cfg.calibration_path else None
+    ereader = NpzReader(cfg.eval_path, ev) if ev and cfg.eval_path else None
+    if ev and eplan:
+        c_range = (0, min(calib.num_samples, opts.max_calibration_samples)) if calib else None
+        return _Split("eval_set", c_range, (0, ev.num_samples), creader, cplan, ereader, eplan)
+    if calib and cplan:
+        n = calib.num_samples
+        per = cplan.samples_per_run
+        hold = max(per, int(round(n * opts.holdout_fraction)))
+        if n - hold < per:
+            raise EngineError(
+                "not_enough_samples",
+                f"the calibration dataset has {n} sample(s); with no evaluation set lowbit holds out "
+                f"{int(opts.holdout_fraction * 100)}% for validation and needs at least {2 * per} samples. "
+                "Add samples or upload an evaluation set",
+            )
+        if cfg.recipe == "int8_static":
+            c_range = (0, min(n - hold, opts.max_calibration_samples))
+            return _Split("calibration_holdout", c_range, (n - hold, n), creader, cplan, creader, cplan)
+        # Dynamic quantization does not calibrate: the whole set can validate.
+        return _Split("calibration_set", None, (0, n), None, None, creader, cplan)
+    warnings.append(
+        "no calibration or evaluation data was given: accuracy was measured on synthetic inputs "
+        "(random floats, zero integers) and says little about accuracy on real data"
+    )
+    return _Split("synthetic", None, (0, SYNTHETIC_SAMPLES), None, None, None, None)
+
+
+def _synthetic_batches(inputs: tuple[TensorInfo, ...], count: int) -> Iterator[Batch]:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        feed: dict[str, np.ndarray] = {}
+        for inp in inputs:
+            shape = [d if isinstance(d, int) else 1 for d in inp.shape]
+            dt = np.dtype(inp.dtype)
+            if dt.kind == "f":
+                feed[inp.name] = rng.standard_normal(shape).astype(dt)
+            else:
+                feed[inp.name] = np.zeros(shape, dtype=dt)
+        yield Batch(feed, i, 1, None)
+
+
+def _first_sample_feed(feed: dict[str, np.ndarray], inputs: tuple[TensorInfo, ...], plan: FeedPlan | None) -> tuple[
+    dict[str, np.ndarray], int
+]:
+    """A batch-1 feed (or the model's fixed batch) for the latency measurement."""
+    out: dict[str, np.ndarray] = {}
+    batch = 1
+    for inp in inputs:
+        a = feed[inp.name]
+        if plan is not None and plan.modes[inp.name] == "stacked":
+            if inp.shape and isinstance(inp.shape[0], int):
+                batch = max(batch, inp.shape[0])
+                out[inp.name] = a
+            else:
+                out[inp.name] = a[:1]
+        else:
+            out[inp.name] = a
+    return out, batch
+
+
+def _precisions(original: onnx.ModelProto, quantized: onnx.ModelProto, recipe: str) -> dict[str, str]:
+    """Per original node: 'int8' when the quantized graph runs it on int8 data, else 'fp32'."""
+    q_nodes = {n.name: n for n in quantized.graph.node}
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    int8_ops = {"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearConv",
+                "QLinearMatMul", "DynamicQuantizeLSTM", "QAttention", "QGemm", "QLinearAdd", "QLinearMul"}
+    q_names = list(q_nodes)
+    out: dict[str, str] = {}
+    for node in original.graph.node:
+        qn = q_nodes.get(node.name)
+        if qn is not None and qn.op_type == node.op_type:
+            float_inputs = [i for i in qn.input if i]
+            from_dq = [i for i in float_inputs if i in producers and producers[i].op_type == "DequantizeLinear"]
+            out[node.name] = "int8" if float_inputs and from_dq and len(from_dq) == len(float_inputs) else "fp32"
+            if recipe == "int8_static" and from_dq and len(from_dq) < len(float_inputs):
+                # Weights quantized but an input left in float (e.g. a bias-free Add of two activations).
+                out[node.name] = "fp32"
+            continue
+        # Dynamic quantization replaces the node with integer ops named after it.
+        replaced = [q_nodes[n] for n in q_names if node.name and n.startswith(node.name) and n != node.name]
+        out[node.name] = "int8" if any(r.op_type in int8_ops for r in replaced) else "fp32"
+    return out
+
+
+def run(cfg: QuantizeConfig, progress: ProgressFn | None = None) -> QuantizeResult:
+    """Run one quantization described by ``cfg``; writes the artifact to ``cfg.output_path``."""
+    check_recipe(cfg.recipe)
+    opts: RecipeOptions = cfg.options
+
+    def step(stage: str, fraction: float = 0.0) -> None:
+        if progress:
+            progress(stage, fraction)
+
+    tmp_owner = None
+    if cfg.work_dir is None:
+        tmp_owner = tempfile.TemporaryDirectory(prefix="lowbit-")
+        work = Path(tmp_owner.name)
+    else:
+        work = Path(cfg.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(cfg, opts, work, step)
+    finally:
+        if tmp_owner is not None:
+            tmp_owner.cleanup()
+
+
+def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn) -> QuantizeResult:
+    warnings: list[str] = []
+    step("preparing", 0.0)
+    info = inspect_model_file(cfg.model_path)
+    providers = runtime.select_providers(cfg.device)
+    split = _plan_data(cfg, info, warnings)
+    # Load the original model in ONNX Runtime first: a model it cannot run fails here, clearly.
+    original_session = runtime.make_session(Path(cfg.model_path), providers, cfg.threads, "model")
+    norm = normalize(Path(cfg.model_path), work / "prep", per_channel=opts.per_channel)
+    warnings.extend(norm.warnings)
+    step("preparing", 1.0)
+
+    normalized = onnx.load(str(norm.path))
+    quant_path = work / "quantized.onnx"
+    calibration: dict[str, Any] | None = None
+    if cfg.recipe == "int8_static":
+        assert split.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+        tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
+        c0, c1 = split.calib_range
+        reader, plan = split.calib_reader, split.calib_plan
+
+        def calib_batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
+            for b in iter_batches(reader, info.inputs, plan, c0, c1):
+                yield b.feed, b.count
+
+        step("calibrating", 0.0)
+        cal = calibrate(
+            norm.path,
+            tensors,
+            calib_batches,
+            CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations),
+            providers,
+            cfg.threads,
+            progress=lambda f: step("calibrating", f),
+            total_samples=c1 - c0,
+        )
+        if cal.samples == 0:
+            raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
+        if c1 - c0 > cal.samples:
+            warnings.append(f"{c1 - c0 - cal.samples} calibration sample(s) did not fill a whole batch and were skipped")
+        calibration = {
+            "method": cal.method,
+            "samples": cal.samples,
+            "seconds": round(cal.seconds, 3),
+            "tensors": cal.tensors,
+            "passes": cal.passes,
+            "percentile": opts.percentile if cal.method == "percentile" else None,
+            "symmetric_activations": opts.symmetric_activations,
+        }
+        ranges_path = work / "ranges.json"
+        write_ort_ranges(cal.ranges, ranges_path)
+        step("quantizing", 0.0)
+        _quantize_static(norm.path, quant_path, ranges_path, opts)
+    else:
+        step("quantizing", 0.0)
+        _quantize_dynamic(norm.path, quant_path, opts)
+    step("quantizing", 1.0)
+
+    quantized = onnx.load(str(quant_path))
+    quant_session = runtime.make_session(quant_path, providers, cfg.threads, "quantized model")
+
+    step("validating", 0.0)
+    e0, e1 = split.eval_range
+    if split.eval_reader is not None and split.eval_plan is not None:
+        ereader, eplan = split.eval_reader, split.eval_plan
+
+        def eval_batches() -> Iterator[Batch]:
+            return iter_batches(ereader, info.inputs, eplan, e0, e1, with_labels=True)
+    else:
+        def eval_batches() -> Iterator[Batch]:
+            return _synthetic_batches(info.inputs, e1 - e0)
+
+    out_names = [o.name for o in original_session.get_outputs()]
+    acc = compare(
+        original_session, quant_session, eval_batches(), out_names, e1 - e0,
+        progress=lambda f: step("validating", 0.6 * f),
+    )
+    warnings.extend(acc.warnings)
+    if acc.samples == 0:
+        raise EngineError("not_enough_samples", "no evaluation batch could be formed from the dataset")
+
+    first = next(iter(eval_batches()))
+    lat_feed, lat_batch = _first_sample_feed(first.feed, info.inputs, split.eval_plan)
+    orig_ms = latency_ms_p50(original_session, lat_feed, opts.latency_runs)
+    quant_ms = latency_ms_p50(quant_session, lat_feed, opts.latency_runs)
+    step("validating", 0.8)
+
+    layer_feeds = []
+    n = 0
+    for b in eval_batches():
+        layer_feeds.append(b.feed)
+        n += b.count
+        if n >= LAYER_SAMPLES:
+            break
+    layer_tensors = [o for node in normalized.graph.node for o in node.output if o]
+    sqnr = layer_sqnr(normalized, quantized, layer_tensors, layer_feeds, providers, cfg.threads)
+    precisions = _precisions(normalized, quantized, cfg.recipe)
+    from worker.engine.calibrate import quantizable_op_types
+
+    qops = quantizable_op_types()
+    layers = []
+    for node in normalized.graph.node:
+        if node.op_type not in qops:
+            continue
+        out0 = node.output[0] if node.output else ""
+        layers.append({
+            "name": node.name,
+            "op_type": node.op_type,
+            "precision": precisions.get(node.name, "fp32"),
+            "sqnr_db": sqnr.get(out0),
+        })
+    step("validating", 1.0)
+
+    step("reporting", 0.0)
+    if not any(layer["precision"] == "int8" for layer in layers):
+        warnings.append("no layer was quantized: the model has no operators this recipe quantizes")
+    original_bytes = os.path.getsize(cfg.model_path)
+    quantized_bytes = os.path.getsize(quant_path)
+    speedup = orig_ms / quant_ms if quant_ms > 0 else None
+    if speedup is not None and speedup < 1.0:
+        warnings.append(
+            f"the quantized model is slower than the original here ({quant_ms:.3f} ms vs {orig_ms:.3f} ms at "
+            f"batch {lat_batch}); int8 speed-ups depend on the CPU's integer instructions and the model's size"
+        )
+    artifact_sha = sha256_file(quant_path)
+    report: dict[str, Any] = {
+        "job_id": cfg.job_id,
+        "recipe": cfg.recipe,
+        "options": opts.to_dict(),
+        "size": {
+            "original_bytes": original_bytes,
+            "quantized_bytes": quantized_bytes,
+            "ratio": round(quantized_bytes / original_bytes, 6),
+        },
+        "accuracy": {
+            "samples": acc.samples,
+            "source": split.source,
+            "outputs": acc.outputs,
+            "labels": acc.labels,
+        },
+        "latency": {
+            "provider": quant_session.get_providers()[0],
+            "batch_size": lat_batch,
+            "threads": cfg.threads,
+            "original_ms_p50": round(orig_ms, 4),
+            "quantized_ms_p50": round(quant_ms, 4),
+            "speedup": round(speedup, 4) if speedup is not None else None,
+        },
+        "layers": layers,
+        "calibration": calibration,
+        "warnings": warnings,
+        "environment": environment(),
+        "model": {
+            "inputs": [i.to_dict() for i in info.inputs],
+            "outputs": [o.to_dict() for o in info.outputs],
+            "opset": info.opset,
+            "original_sha256": sha256_file(Path(cfg.model_path)),
+            "quantized_sha256": artifact_sha,
+            "preprocessing": norm.steps,
+        },
+    }
+    _place(quant_path, Path(cfg.output_path))
+    step("reporting", 1.0)
+    return QuantizeResult(Path(cfg.output_path), artifact_sha, quantized_bytes, report, warnings)
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Write to a temp file beside the destination, then rename: readers never see half a file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _quantize_static(src: Path, dest: Path, ranges_path: Path, opts: RecipeOptions) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    act = QuantType.QInt8 if opts.symmetric_activations else QuantType.QUInt8
+    try:
+        quantize_static(
+            str(src),
+            str(dest),
+            calibration_data_reader=None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(opts.op_types_to_quantize) or None,
+            per_channel=opts.per_channel,
+            reduce_range=opts.reduce_range,
+            activation_type=act,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(opts.nodes_to_exclude) or None,
+            calibrate_method=CalibrationMethod.MinMax,
+            calibration_cache_path=str(ranges_path),
+            extra_options={"ActivationSymmetric": opts.symmetric_activations, "WeightSymmetric": True},
+        )
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError(
+            "quantization_failed",
+            f"ONNX Runtime's static quantizer failed on this model: {str(exc).strip()[:500]}. "
+            "Excluding the node it names (option nodes_to_exclude) or trying int8_dynamic may help",
+        ) from exc
+
+
+def _quantize_dynamic(src: Path, dest: Path, opts: RecipeOptions) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dest),
+            op_types_to_quantize=list(opts.op_types_to_quantize) or None,
+            per_channel=opts.per_channel,
+            reduce_range=opts.reduce_range,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(opts.nodes_to_exclude) or None,
+        )
+    except Exception as exc:
+        raise EngineError(
+            "quantization_failed",
+            f"ONNX Runtime's dynamic quantizer failed on this model: {str(exc).strip()[:500]}",
+        ) from exc

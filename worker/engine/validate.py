@@ -1,0 +1,226 @@
+"""Validation: the original and the quantized model on the same samples, compared honestly."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from worker.engine import runtime
+from worker.engine.feeds import Batch
+
+Progress = Callable[[float], None]
+
+
+def _is_class_scores(a: np.ndarray) -> bool:
+    return a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] >= 2
+
+
+@dataclass
+class OutputStats:
+    name: str
+    dot: float = 0.0
+    ref_sq: float = 0.0
+    q_sq: float = 0.0
+    err_sq: float = 0.0
+    max_abs: float = 0.0
+    top1_match: int = 0
+    top1_total: int = 0
+    class_scores: bool = True
+    nonfinite: int = 0
+
+    def add(self, ref: np.ndarray, q: np.ndarray) -> None:
+        r = ref.astype(np.float64).ravel()
+        d = q.astype(np.float64).ravel()
+        finite = np.isfinite(d)
+        if not finite.all():
+            self.nonfinite += int((~finite).sum())
+            d = np.where(finite, d, 0.0)
+        self.dot += float(r @ d)
+        self.ref_sq += float(r @ r)
+        self.q_sq += float(d @ d)
+        e = r - d
+        self.err_sq += float(e @ e)
+        if e.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(e))))
+        if self.class_scores and _is_class_scores(ref) and ref.shape == q.shape:
+            self.top1_match += int((ref.argmax(-1) == q.argmax(-1)).sum())
+            self.top1_total += int(np.prod(ref.shape[:-1]))
+        else:
+            self.class_scores = False
+
+    def to_dict(self) -> dict[str, Any]:
+        denom = np.sqrt(self.ref_sq) * np.sqrt(self.q_sq)
+        if denom > 0:
+            cosine = self.dot / denom
+        else:
+            cosine = 1.0 if self.ref_sq == self.q_sq else 0.0
+        if self.err_sq == 0:
+            sqnr: float | None = None  # identical outputs: infinite SQNR, JSON has no infinity
+        elif self.ref_sq == 0:
+            sqnr = float("-inf")
+        else:
+            sqnr = 10.0 * np.log10(self.ref_sq / self.err_sq)
+        return {
+            "name": self.name,
+            "cosine": round(float(cosine), 6),
+            "sqnr_db": None if sqnr is None or not np.isfinite(sqnr) else round(float(sqnr), 3),
+            "max_abs_error": float(self.max_abs),
+            "top1_agreement": (
+                round(self.top1_match / self.top1_total, 6) if self.class_scores and self.top1_total else None
+            ),
+        }
+
+
+@dataclass
+class LabelStats:
+    output: str
+    correct_ref: int = 0
+    correct_q: int = 0
+    total: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        o = self.correct_ref / self.total
+        q = self.correct_q / self.total
+        return {
+            "output": self.output,
+            "samples": self.total,
+            "original": round(o, 6),
+            "quantized": round(q, 6),
+            "delta": round(q - o, 6),
+        }
+
+
+@dataclass
+class AccuracyResult:
+    samples: int
+    outputs: list[dict[str, Any]]
+    labels: dict[str, Any] | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def compare(
+    original: Any,
+    quantized: Any,
+    batches: Iterable[Batch],
+    output_names: Sequence[str],
+    total: int,
+    progress: Progress | None = None,
+) -> AccuracyResult:
+    """Stream the evaluation batches through both sessions and accumulate the metrics."""
+    stats = [OutputStats(n) for n in output_names]
+    label_stats: LabelStats | None = None
+    label_problem: str | None = None
+    samples = 0
+    warnings: list[str] = []
+    for batch in batches:
+        ref = runtime.run(original, batch.feed, "original model")
+        got = runtime.run(quantized, batch.feed, "quantized model")
+        for s, r, q in zip(stats, ref, got, strict=True):
+            if r.shape != q.shape:
+                raise_shape(s.name, r.shape, q.shape)
+            s.add(r, q)
+        if batch.labels is not None and label_problem is None:
+            idx = next(
+                (i for i, r in enumerate(ref) if _is_class_scores(r) and r.ndim == 2 and r.shape[0] == batch.count),
+                None,
+            )
+            if idx is None:
+                label_problem = (
+                    "labels were given but no model output has the shape [samples, classes]; "
+                    "label accuracy was not computed"
+                )
+            else:
+                if label_stats is None:
+                    label_stats = LabelStats(output_names[idx])
+                lab = batch.labels.astype(np.int64)
+                label_stats.correct_ref += int((ref[idx].argmax(-1) == lab).sum())
+                label_stats.correct_q += int((got[idx].argmax(-1) == lab).sum())
+                label_stats.total += batch.count
+        samples += batch.count
+        if progress and total:
+            progress(min(1.0, samples / total))
+    if label_problem:
+        warnings.append(label_problem)
+    for s in stats:
+        if s.nonfinite:
+            warnings.append(f"the quantized model produced {s.nonfinite} non-finite value(s) in output '{s.name}'")
+    return AccuracyResult(
+        samples=samples,
+        outputs=[s.to_dict() for s in stats],
+        labels=label_stats.to_dict() if label_stats and label_stats.total else None,
+        warnings=warnings,
+    )
+
+
+def raise_shape(name: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
+    from worker.engine.errors import EngineError
+
+    raise EngineError(
+        "quantized_model_invalid",
+        f"the quantized model's output '{name}' has shape {list(b)}, the original {list(a)}",
+    )
+
+
+def latency_ms_p50(session: Any, feed: dict[str, np.ndarray], runs: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        runtime.run(session, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.median(times))
+
+
+def layer_sqnr(
+    original_model: onnx.ModelProto,
+    quantized_model: onnx.ModelProto,
+    tensors: Sequence[str],
+    feeds: Iterable[dict[str, np.ndarray]],
+    providers: list[str],
+    threads: int,
+) -> dict[str, float | None]:
+    """SQNR (dB) of each named tensor in the quantized model against the original, end to end
+    (the quantization error of everything upstream included)."""
+    q_names = {o for n in quantized_model.graph.node for o in n.output}
+    names = [t for t in tensors if t in q_names]
+    if not names:
+        return {}
+
+    def exposed(model: onnx.ModelProto) -> bytes:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        have = {o.name for o in m.graph.output}
+        for t in names:
+            if t not in have:
+                m.graph.output.append(onnx.ValueInfoProto(name=t))
+        return m.SerializeToString()
+
+    ref_s = runtime.make_session(exposed(original_model), providers, threads, "original model (layer analysis)")
+    q_s = runtime.make_session(exposed(quantized_model), providers, threads, "quantized model (layer analysis)")
+    ref_names = [o.name for o in ref_s.get_outputs()]
+    q_out_names = [o.name for o in q_s.get_outputs()]
+    sig = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    for feed in feeds:
+        r = dict(zip(ref_names, ref_s.run(None, feed), strict=True))
+        q = dict(zip(q_out_names, q_s.run(None, feed), strict=True))
+        for t in names:
+            a = np.asarray(r[t], dtype=np.float64)
+            b = np.asarray(q[t], dtype=np.float64)
+            if a.shape != b.shape:
+                continue
+            sig[t] += float(np.sum(a * a))
+            noise[t] += float(np.sum((a - b) ** 2))
+    out: dict[str, float | None] = {}
+    for t in names:
+        if noise[t] == 0 or sig[t] == 0:
+            out[t] = None
+        else:
+            out[t] = round(float(10.0 * np.log10(sig[t] / noise[t])), 3)
+    return out
