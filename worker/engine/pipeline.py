@@ -21,10 +21,11 @@ from worker.engine import runtime
 from worker.engine.calibrate import CalibrationSettings, calibrate, select_tensors, write_ort_ranges
 from worker.engine.config import QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.errors import EngineError
-from worker.engine.feeds import Batch, FeedPlan, iter_batches, plan_feeds
+from worker.engine.feeds import Batch, FeedPlan, iter_batches
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
 from worker.engine.normalize import normalize
 from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
+from worker.engine.preflight import Split, plan_split
 from worker.engine.validate import compare, latency_ms_p50, layer_sqnr
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ STAGE_SPAN = {
     "validating": (60, 95),
     "reporting": (95, 100),
 }
-SYNTHETIC_SAMPLES = 8
 LAYER_SAMPLES = 16
 
 
@@ -84,52 +84,26 @@ def environment() -> dict[str, str | None]:
 
 
 @dataclass
-class _Split:
-    source: str
-    calib_range: tuple[int, int] | None
-    eval_range: tuple[int, int]
+class _Data:
+    split: Split
     calib_reader: NpzReader | None
-    calib_plan: FeedPlan | None
     eval_reader: NpzReader | None
-    eval_plan: FeedPlan | None
 
 
-def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> _Split:
-    opts = cfg.options
+def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> _Data:
     calib: DatasetInfo | None = inspect_npz(cfg.calibration_path) if cfg.calibration_path else None
     ev: DatasetInfo | None = inspect_npz(cfg.eval_path) if cfg.eval_path else None
-    cplan = plan_feeds(info.inputs, calib, opts.batch_size, "calibration") if calib else None
-    eplan = plan_feeds(info.inputs, ev, opts.batch_size, "evaluation") if ev else None
-    if cfg.recipe == "int8_static" and calib is None:
-        raise EngineError(
-            "calibration_required", "recipe int8_static needs a calibration dataset (an .npz of representative inputs)"
+    split = plan_split(cfg.recipe, cfg.options, info.inputs, calib, ev)
+    creader = NpzReader(cfg.calibration_path, calib) if calib is not None and cfg.calibration_path else None
+    ereader = NpzReader(cfg.eval_path, ev) if ev is not None and cfg.eval_path else None
+    if split.source == "synthetic":
+        warnings.append(
+            "no calibration or evaluation data was given: accuracy was measured on synthetic inputs "
+            "(random floats, zero integers) and says little about accuracy on real data"
         )
-    creader = NpzReader(cfg.calibration_path, calib) if calib and cfg.calibration_path else None
-    ereader = NpzReader(cfg.eval_path, ev) if ev and cfg.eval_path else None
-    if ev and eplan:
-        c_range = (0, min(calib.num_samples, opts.max_calibration_samples)) if calib else None
-        return _Split("eval_set", c_range, (0, ev.num_samples), creader, cplan, ereader, eplan)
-    if calib and cplan:
-        n = calib.num_samples
-        per = cplan.samples_per_run
-        hold = max(per, int(round(n * opts.holdout_fraction)))
-        if n - hold < per:
-            raise EngineError(
-                "not_enough_samples",
-                f"the calibration dataset has {n} sample(s); with no evaluation set lowbit holds out "
-                f"{int(opts.holdout_fraction * 100)}% for validation and needs at least {2 * per} samples. "
-                "Add samples or upload an evaluation set",
-            )
-        if cfg.recipe == "int8_static":
-            c_range = (0, min(n - hold, opts.max_calibration_samples))
-            return _Split("calibration_holdout", c_range, (n - hold, n), creader, cplan, creader, cplan)
-        # Dynamic quantization does not calibrate: the whole set can validate.
-        return _Split("calibration_set", None, (0, n), None, None, creader, cplan)
-    warnings.append(
-        "no calibration or evaluation data was given: accuracy was measured on synthetic inputs "
-        "(random floats, zero integers) and says little about accuracy on real data"
-    )
-    return _Split("synthetic", None, (0, SYNTHETIC_SAMPLES), None, None, None, None)
+    elif split.source == "calibration_set":
+        warnings.append("no evaluation set was given: validated on the calibration set (this recipe does not calibrate)")
+    return _Data(split, creader, ereader if split.source == "eval_set" else creader)
 
 
 def _synthetic_batches(inputs: tuple[TensorInfo, ...], count: int) -> Iterator[Batch]:
@@ -217,7 +191,8 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     step("preparing", 0.0)
     info = inspect_model_file(cfg.model_path)
     providers = runtime.select_providers(cfg.device)
-    split = _plan_data(cfg, info, warnings)
+    data = _plan_data(cfg, info, warnings)
+    split = data.split
     # Load the original model in ONNX Runtime first: a model it cannot run fails here, clearly.
     original_session = runtime.make_session(Path(cfg.model_path), providers, cfg.threads, "model")
     norm = normalize(Path(cfg.model_path), work / "prep", per_channel=opts.per_channel)
@@ -228,10 +203,10 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     quant_path = work / "quantized.onnx"
     calibration: dict[str, Any] | None = None
     if cfg.recipe == "int8_static":
-        assert split.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+        assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
         tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
         c0, c1 = split.calib_range
-        reader, plan = split.calib_reader, split.calib_plan
+        reader, plan = data.calib_reader, split.calib_plan
 
         def calib_batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
             for b in iter_batches(reader, info.inputs, plan, c0, c1):
@@ -275,8 +250,8 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
 
     step("validating", 0.0)
     e0, e1 = split.eval_range
-    if split.eval_reader is not None and split.eval_plan is not None:
-        ereader, eplan = split.eval_reader, split.eval_plan
+    if data.eval_reader is not None and split.eval_plan is not None:
+        ereader, eplan = data.eval_reader, split.eval_plan
 
         def eval_batches() -> Iterator[Batch]:
             return iter_batches(ereader, info.inputs, eplan, e0, e1, with_labels=True)

@@ -1,0 +1,181 @@
+"""The ``lowbit`` command: serve, worker, migrate and an offline ``quantize``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _settings() -> Any:
+    from app.settings import get_settings
+
+    return get_settings()
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from app.migrate import upgrade
+
+    s = _settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(s.resolved_database_url)
+    print(f"database at head: {s.resolved_database_url.split('@')[-1]}")
+    return 0
+
+
+def worker_argv(queues: str, concurrency: int, embedded: bool, loglevel: str = "INFO") -> list[str]:
+    argv = [
+        sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+        "-Q", queues, "--concurrency", str(concurrency), "--loglevel", loglevel,
+        "--without-mingle", "--without-gossip",
+    ]
+    if embedded:
+        argv.append("--without-heartbeat")
+    return argv
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    s = _settings()
+    queues = args.queues or s.worker_queues
+    argv = worker_argv(queues, args.concurrency or s.worker_concurrency, s.uses_filesystem_broker, args.loglevel)
+    os.execv(sys.executable, argv)
+    return 0  # pragma: no cover
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+    from app.migrate import upgrade
+
+    s = _settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    if not args.no_migrate:
+        upgrade(s.resolved_database_url)
+    worker: subprocess.Popen[bytes] | None = None
+    if not args.no_worker:
+        queues = args.queues or "cpu,gpu"
+        worker = subprocess.Popen(worker_argv(queues, s.worker_concurrency, s.uses_filesystem_broker))
+        print(f"lowbit: embedded worker pid {worker.pid} on queues {queues}", file=sys.stderr)
+    host = args.host or s.host
+    port = args.port or s.port
+    print(f"lowbit: serving on http://{host}:{port} (data in {s.data_dir.resolve()})", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(s), host=host, port=port, log_level="info")
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise SystemExit(f"--option expects KEY=VALUE, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from worker.engine.config import QuantizeConfig, parse_options
+    from worker.engine.errors import EngineError
+    from worker.engine.pipeline import run
+
+    raw = dict(_parse_option(o) for o in args.option or [])
+    if args.method:
+        raw["method"] = args.method
+    try:
+        cfg = QuantizeConfig(
+            model_path=Path(args.model),
+            output_path=Path(args.output),
+            recipe=args.recipe,
+            options=parse_options(args.recipe, raw),
+            calibration_path=Path(args.calib) if args.calib else None,
+            eval_path=Path(args.eval) if args.eval else None,
+            threads=args.threads,
+            device=args.device,
+        )
+
+        def progress(stage: str, fraction: float) -> None:
+            if sys.stderr.isatty():
+                print(f"\r{stage:<12} {fraction * 100:5.1f}%", end="", file=sys.stderr, flush=True)
+
+        result = run(cfg, progress)
+    except EngineError as exc:
+        print(f"\nerror [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    report = result.report
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2))
+    size, lat = report["size"], report["latency"]
+    print(f"wrote {result.artifact_path} ({size['quantized_bytes']} bytes, {size['ratio']:.3f} of "
+          f"{size['original_bytes']})")
+    for o in report["accuracy"]["outputs"]:
+        print(f"  output {o['name']}: cosine {o['cosine']}, sqnr {o['sqnr_db']} dB, top-1 agreement "
+              f"{o['top1_agreement']}")
+    if report["accuracy"]["labels"]:
+        lab = report["accuracy"]["labels"]
+        print(f"  label accuracy {lab['original']} -> {lab['quantized']} ({lab['delta']:+})")
+    print(f"  latency p50 {lat['original_ms_p50']} ms -> {lat['quantized_ms_p50']} ms on {lat['provider']}")
+    for w in report["warnings"]:
+        print(f"  warning: {w}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize ML models as jobs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("serve", help="run the API (with an embedded worker by default)")
+    sp.add_argument("--host")
+    sp.add_argument("--port", type=int)
+    sp.add_argument("--no-worker", action="store_true", help="do not start the embedded worker process")
+    sp.add_argument("--no-migrate", action="store_true", help="do not upgrade the database on start")
+    sp.add_argument("--queues", help="queues of the embedded worker (default cpu,gpu)")
+    sp.set_defaults(func=cmd_serve)
+
+    wp = sub.add_parser("worker", help="run a Celery worker")
+    wp.add_argument("--queues", help="comma-separated queues (default LOWBIT_WORKER_QUEUES or 'cpu')")
+    wp.add_argument("--concurrency", type=int)
+    wp.add_argument("--loglevel", default="INFO")
+    wp.set_defaults(func=cmd_worker)
+
+    mp = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    mp.set_defaults(func=cmd_migrate)
+
+    qp = sub.add_parser("quantize", help="quantize a model offline, without the service")
+    qp.add_argument("model", help="ONNX model file")
+    qp.add_argument("--calib", help="calibration .npz")
+    qp.add_argument("--eval", help="evaluation .npz (labels optional)")
+    qp.add_argument("--recipe", default="int8_static", choices=["int8_static", "int8_dynamic"])
+    qp.add_argument("--method", choices=["minmax", "entropy", "percentile", "mse"])
+    qp.add_argument("--option", action="append", help="recipe option KEY=VALUE (JSON value), repeatable")
+    qp.add_argument("-o", "--output", required=True, help="where to write the quantized model")
+    qp.add_argument("--report", help="where to write the report JSON")
+    qp.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    qp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    qp.set_defaults(func=cmd_quantize)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Uploaded calibration and evaluation datasets (.npz)."""

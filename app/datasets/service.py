@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from sqlalchemy.orm import Session
+
+from app.datasets.models import Dataset
+from app.errors import NotFound, from_engine
+from app.storage import Storage
+from app.uploads import clean_filename, is_uuid, new_id
+from worker.engine.errors import EngineError
+from worker.engine.npz import ArrayInfo, DatasetInfo, inspect_npz
+
+
+def create_dataset(db: Session, storage: Storage, src: BinaryIO, filename: str | None, max_bytes: int) -> Dataset:
+    """Store an uploaded .npz after reading its array headers (never unpickling anything)."""
+    name = clean_filename(filename, "data.npz")
+    stored = storage.receive(src, max_bytes)
+    try:
+        try:
+            info = inspect_npz(stored.path)
+        except EngineError as exc:
+            raise from_engine(exc) from exc
+        dataset_id = new_id()
+        dest = storage.place(stored.path, storage.dataset_path(dataset_id))
+    except BaseException:
+        storage.discard(stored.path)
+        raise
+    row = Dataset(
+        id=dataset_id,
+        filename=name,
+        size_bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        num_samples=info.num_samples,
+        arrays={k: v.to_dict() for k, v in info.arrays.items()},
+        storage_path=str(dest),
+    )
+    db.add(row)
+    db.flush()
+    return row
+
+
+def get_dataset(db: Session, dataset_id: str, role: str = "dataset") -> Dataset:
+    row = db.get(Dataset, dataset_id) if is_uuid(dataset_id) else None
+    if row is None:
+        raise NotFound(f"no {role} with id '{dataset_id}'", code="dataset_not_found")
+    return row
+
+
+def dataset_info(row: Dataset) -> DatasetInfo:
+    """The stored header summary, in the engine's terms (for pre-flight checks without reading the file)."""
+    arrays = {
+        name: ArrayInfo(name, spec["dtype"], tuple(spec["shape"]), f"{name}.npy", False)
+        for name, spec in row.arrays.items()
+    }
+    return DatasetInfo(arrays, row.num_samples)

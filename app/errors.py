@@ -1,0 +1,93 @@
+"""One exception family for client-visible errors, each carrying its HTTP status and a stable code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.engine.errors import EngineError
+
+
+class LowbitError(Exception):
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, code: str | None = None, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        if status_code:
+            self.status_code = status_code
+
+
+class NotFound(LowbitError):
+    status_code = 404
+    code = "not_found"
+
+
+class Invalid(LowbitError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class Conflict(LowbitError):
+    status_code = 409
+    code = "conflict"
+
+
+class TooLarge(LowbitError):
+    status_code = 413
+    code = "upload_too_large"
+
+
+class Unavailable(LowbitError):
+    status_code = 503
+    code = "unavailable"
+
+
+def from_engine(exc: EngineError, status_code: int = 422) -> LowbitError:
+    return LowbitError(exc.message, code=exc.code, status_code=status_code)
+
+
+def _body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+def _describe(errors: list[Any]) -> str:
+    parts = []
+    for e in errors:
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
+        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request is invalid"
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LowbitError)
+    async def _lowbit(_: Request, exc: LowbitError) -> JSONResponse:
+        headers = {"Retry-After": "5"} if exc.status_code == 503 else None
+        return JSONResponse(_body(exc.code, exc.message), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        return JSONResponse(_body(exc.code, exc.message), status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(_body("invalid_request", _describe(list(exc.errors()))), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:  # pragma: no cover - last resort
+        return JSONResponse(
+            _body("internal_error", f"unexpected server error ({type(exc).__name__}); it has been logged"),
+            status_code=500,
+        )

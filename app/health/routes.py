@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(request: Request) -> JSONResponse:
+    """The database and the broker are reachable."""
+    checks: dict[str, Any] = {}
+    ok = True
+    try:
+        with request.app.state.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        ok = False
+        checks["database"] = f"unreachable: {type(exc).__name__}"
+    try:
+        request.app.state.queue.ping()
+        checks["broker"] = "ok"
+    except Exception as exc:
+        ok = False
+        checks["broker"] = f"unreachable: {type(exc).__name__}"
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)

@@ -1,0 +1,1 @@
+"""Quantization jobs: submission, life cycle, artifacts and reports."""

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, JSONType, UTCDateTime, utcnow
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (sa.Index("ix_jobs_created_id", "created_at", "id"), sa.Index("ix_jobs_status", "status"))
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    model_id: Mapped[str] = mapped_column(sa.ForeignKey("models.id", ondelete="RESTRICT"))
+    calibration_dataset_id: Mapped[str | None] = mapped_column(sa.ForeignKey("datasets.id", ondelete="RESTRICT"))
+    eval_dataset_id: Mapped[str | None] = mapped_column(sa.ForeignKey("datasets.id", ondelete="RESTRICT"))
+    recipe: Mapped[str] = mapped_column(sa.String(32))
+    options: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    accuracy_target: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    queue: Mapped[str] = mapped_column(sa.String(32), default="cpu")
+    status: Mapped[str] = mapped_column(sa.String(16), default=QUEUED)
+    stage: Mapped[str | None] = mapped_column(sa.String(16), nullable=True)
+    progress: Mapped[int] = mapped_column(sa.Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    error_code: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    artifact_path: Mapped[str | None] = mapped_column(sa.String(512), nullable=True)
+    artifact_sha256: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
+    artifact_bytes: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from app.datasets import service as datasets
+from app.deps import get_db, get_storage
+from app.errors import Invalid, Unavailable
+from app.jobs import service
+from app.jobs.schemas import JobCreate, JobList, JobOut
+from app.models import service as models
+from app.storage import Storage
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+
+_SUBMIT_DOC: dict[str, Any] = {
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": JobCreate.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "config"],
+                    "properties": {
+                        "model": {"type": "string", "format": "binary"},
+                        "calibration": {"type": "string", "format": "binary"},
+                        "eval": {"type": "string", "format": "binary"},
+                        "config": {"type": "string", "description": 'JSON: {"recipe": ..., "options": {...}}'},
+                    },
+                }
+            },
+        },
+        "required": True,
+    }
+}
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+
+
+def _submit_multipart(db: Session, storage: Storage, form: Any, max_bytes: int, default_queue: str) -> Any:
+    model_file = form.get("model")
+    if model_file is None or isinstance(model_file, str):
+        raise Invalid("multipart submission needs a 'model' file field", code="missing_field")
+    raw_config = form.get("config") or "{}"
+    if not isinstance(raw_config, str):
+        raw_config = raw_config.file.read().decode("utf-8", "replace")
+    try:
+        config = json.loads(raw_config)
+    except json.JSONDecodeError as exc:
+        raise Invalid(f"the 'config' field is not valid JSON: {exc}", code="invalid_config") from exc
+    if not isinstance(config, dict):
+        raise Invalid("the 'config' field must be a JSON object", code="invalid_config")
+    for key in ("model_id", "calibration_dataset_id", "eval_dataset_id"):
+        if key in config:
+            raise Invalid(f"'{key}' cannot be given in a multipart submission; upload the file instead",
+                          code="invalid_config")
+    model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes)
+    ids: dict[str, str] = {"model_id": model.id}
+    for field, key in (("calibration", "calibration_dataset_id"), ("eval", "eval_dataset_id")):
+        f = form.get(field)
+        if f is not None and not isinstance(f, str):
+            ids[key] = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes).id
+    try:
+        req = JobCreate.model_validate({**config, **ids})
+    except ValidationError as exc:
+        raise Invalid(_validation_message(exc)) from exc
+    return service.create_job(db, req, default_queue)
+
+
+@router.post("", status_code=202, response_model=JobOut, openapi_extra=_SUBMIT_DOC)
+async def submit_job(request: Request, db: Session = Depends(get_db),
+                     storage: Storage = Depends(get_storage)) -> JobOut:
+    """Submit a job: JSON with uploaded ids, or multipart with the files themselves (model, calibration, eval,
+    config)."""
+    settings = request.app.state.settings
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        form = await request.form(max_files=3, max_fields=10)
+        job = await run_in_threadpool(
+            _submit_multipart, db, storage, form, settings.max_upload_bytes, settings.default_queue
+        )
+    elif ctype.startswith("application/json") or not ctype:
+        try:
+            payload = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise Invalid(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+        try:
+            req = JobCreate.model_validate(payload)
+        except ValidationError as exc:
+            raise Invalid(_validation_message(exc)) from exc
+        job = await run_in_threadpool(service.create_job, db, req, settings.default_queue)
+    else:
+        raise Invalid(f"unsupported content type '{ctype}'; send application/json or multipart/form-data",
+                      code="unsupported_media_type", status_code=415)
+    await run_in_threadpool(db.commit)
+    out = service.to_out(job)
+    try:
+        await run_in_threadpool(request.app.state.queue.enqueue, job.id, job.queue)
+    except Exception as exc:  # the broker is down: the job must not sit in 'queued' forever
+        log.exception("enqueue failed for job %s", job.id)
+        await run_in_threadpool(service.mark_enqueue_failed, db, job.id, type(exc).__name__)
+        await run_in_threadpool(db.commit)
+        raise Unavailable("the job queue is unreachable; the job was recorded as failed, try again shortly",
+                          code="broker_unavailable") from exc
+    return out
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    db: Session = Depends(get_db),
+    status: str | None = Query(default=None, description="queued|running|succeeded|failed|cancelled"),
+    limit: int = Query(default=20, ge=1, le=200),
+    cursor: str | None = Query(default=None, description="next_cursor from the previous page"),
+) -> JobList:
+    """List jobs, newest first, with cursor pagination."""
+    rows, next_cursor = service.list_jobs(db, status, limit, cursor)
+    return JobList(items=[service.to_out(j) for j in rows], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, db: Session = Depends(get_db)) -> JobOut:
+    """Job status, stage, progress and links."""
+    return service.to_out(service.get_job(db, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+def cancel_job(job_id: str, db: Session = Depends(get_db)) -> JobOut:
+    """Cancel a queued or running job."""
+    job = service.cancel_job(db, job_id)
+    db.commit()
+    return service.to_out(job)
+
+
+@router.delete("/{job_id}", status_code=204)
+def delete_job(job_id: str, db: Session = Depends(get_db), storage: Storage = Depends(get_storage)) -> Response:
+    """Delete a job with its artifact and report."""
+    service.delete_job(db, storage, job_id)
+    db.commit()
+    return Response(status_code=204)
+
+
+@router.api_route("/{job_id}/artifact", methods=["GET", "HEAD"], response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def download_artifact(job_id: str, request: Request, db: Session = Depends(get_db)) -> Response:
+    """Download the quantized model."""
+    job = service.artifact_for(db, job_id)
+    etag = f'"{job.artifact_sha256}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    model = models.get_model(db, job.model_id)
+    stem = model.filename.rsplit(".", 1)[0] or "model"
+    return FileResponse(
+        job.artifact_path,  # type: ignore[arg-type]
+        media_type="application/octet-stream",
+        filename=f"{stem}.{job.recipe}.onnx",
+        headers={"ETag": etag},
+    )
+
+
+@router.get("/{job_id}/report")
+def get_report(job_id: str, db: Session = Depends(get_db)) -> dict[str, Any]:
+    """The job's report: size, accuracy, latency, layers, calibration, warnings, environment."""
+    return service.report_for(db, job_id)

@@ -1,0 +1,171 @@
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from app.datasets import service as datasets
+from app.errors import Conflict, Invalid, NotFound, from_engine
+from app.jobs.models import CANCELLED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Job
+from app.jobs.schemas import JobCreate, JobError, JobLinks, JobOut
+from app.models import service as models
+from app.storage import Storage
+from app.uploads import is_uuid, new_id
+from app.db import utcnow
+from worker.engine.config import parse_options
+from worker.engine.errors import EngineError
+from worker.engine.inspect import TensorInfo
+from worker.engine.preflight import check_target, plan_split
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def create_job(db: Session, req: JobCreate, default_queue: str) -> Job:
+    """Pre-flight everything that can be known before running, then record a queued job.
+
+    Nothing is enqueued here: the caller enqueues after its commit.
+    """
+    model = models.get_model(db, req.model_id)
+    calib = datasets.get_dataset(db, req.calibration_dataset_id, "calibration dataset") \
+        if req.calibration_dataset_id else None
+    ev = datasets.get_dataset(db, req.eval_dataset_id, "evaluation dataset") if req.eval_dataset_id else None
+    try:
+        opts = parse_options(req.recipe, req.options)
+        inputs = [TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in model.inputs]
+        calib_info = datasets.dataset_info(calib) if calib else None
+        eval_info = datasets.dataset_info(ev) if ev else None
+        plan_split(req.recipe, opts, inputs, calib_info, eval_info)
+        target = req.accuracy_target.model_dump(exclude_none=True) if req.accuracy_target else None
+        check_target(target, calib_info, eval_info)
+    except EngineError as exc:
+        raise from_engine(exc) from exc
+    job = Job(
+        id=new_id(),
+        model_id=model.id,
+        calibration_dataset_id=calib.id if calib else None,
+        eval_dataset_id=ev.id if ev else None,
+        recipe=req.recipe,
+        options=opts.to_dict(),
+        accuracy_target=target,
+        queue=req.device or default_queue,
+        status=QUEUED,
+        stage=None,
+        progress=0,
+        cancel_requested=False,
+        attempts=0,
+        created_at=utcnow(),
+    )
+    db.add(job)
+    db.flush()
+    return job
+
+
+def get_job(db: Session, job_id: str) -> Job:
+    job = db.get(Job, job_id) if is_uuid(job_id) else None
+    if job is None:
+        raise NotFound(f"no job with id '{job_id}'", code="job_not_found")
+    return job
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ts, job_id = raw.split("|", 1)
+        return datetime.fromisoformat(ts), job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise Invalid("the cursor is not valid; use the next_cursor value of a previous page", code="invalid_cursor") \
+            from exc
+
+
+def list_jobs(db: Session, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+    """Newest first, keyset-paginated on (created_at, id) so pages stay stable while jobs are added."""
+    if status is not None and status not in STATUSES:
+        raise Invalid(f"unknown status '{status}'; one of {', '.join(STATUSES)}", code="invalid_status")
+    q = sa.select(Job)
+    if status:
+        q = q.where(Job.status == status)
+    if cursor:
+        ts, last_id = _decode_cursor(cursor)
+        q = q.where(sa.or_(Job.created_at < ts, sa.and_(Job.created_at == ts, Job.id < last_id)))
+    rows = list(db.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = _encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def cancel_job(db: Session, job_id: str) -> Job:
+    """Queued jobs are cancelled at once; running ones stop at the worker's next progress check."""
+    job = get_job(db, job_id)
+    if job.status in FINISHED:
+        raise Conflict(f"job is already {job.status}; only queued or running jobs can be cancelled",
+                       code="job_finished")
+    if job.status == QUEUED:
+        job.status = CANCELLED
+        job.finished_at = utcnow()
+        job.stage = None
+    job.cancel_requested = True
+    db.flush()
+    return job
+
+
+def delete_job(db: Session, storage: Storage, job_id: str) -> None:
+    job = get_job(db, job_id)
+    if job.status == RUNNING:
+        # The worker notices the missing row when it records its result and discards its output.
+        job.cancel_requested = True
+    db.delete(job)
+    db.flush()
+    storage.remove_job(job_id)
+
+
+def artifact_for(db: Session, job_id: str) -> Job:
+    job = get_job(db, job_id)
+    if job.status != SUCCEEDED or not job.artifact_path:
+        raise Conflict(f"the job is {job.status}; an artifact exists only for succeeded jobs", code="no_artifact")
+    return job
+
+
+def report_for(db: Session, job_id: str) -> dict[str, Any]:
+    job = get_job(db, job_id)
+    if job.report is None:
+        raise Conflict(f"the job is {job.status}; its report is written when it succeeds", code="no_report")
+    return job.report
+
+
+def to_out(job: Job) -> JobOut:
+    base = f"/api/v1/jobs/{job.id}"
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        stage=job.stage,
+        progress=job.progress,
+        recipe=job.recipe,
+        options=job.options,
+        accuracy_target=job.accuracy_target,
+        model_id=job.model_id,
+        calibration_dataset_id=job.calibration_dataset_id,
+        eval_dataset_id=job.eval_dataset_id,
+        queue=job.queue,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        links=JobLinks(self=base, artifact=f"{base}/artifact", report=f"{base}/report", page=f"/jobs/{job.id}"),
+    )
+
+
+def mark_enqueue_failed(db: Session, job_id: str, reason: str) -> None:
+    job = get_job(db, job_id)
+    job.status = "failed"
+    job.error_code = "broker_unavailable"
+    job.error_message = f"the job could not be queued ({reason}); submit it again when the broker is back"
+    job.finished_at = utcnow()
+    db.flush()

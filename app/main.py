@@ -1,0 +1,37 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app.datasets.routes import router as datasets_router
+from app.db import make_engine, make_sessionmaker
+from app.errors import install_handlers
+from app.health.routes import router as health_router
+from app.jobs.routes import router as jobs_router
+from app.models.routes import router as models_router
+from app.pages.routes import router as pages_router
+from app.queue import CeleryQueue, JobQueue
+from app.settings import Settings, get_settings
+from app.storage import Storage
+
+
+def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
+    s = settings or get_settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    app = FastAPI(
+        title="lowbit",
+        version="0.1.0",
+        description="Quantize ML models as jobs: upload a model and calibration data, get back an int8 model "
+        "and an honest report of what it cost.",
+    )
+    engine = make_engine(s.resolved_database_url)
+    app.state.settings = s
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.storage = Storage(s.data_dir)
+    app.state.queue = queue or CeleryQueue(s)
+    install_handlers(app)
+    for r in (models_router, datasets_router, jobs_router, health_router, pages_router):
+        app.include_router(r)
+    return app

@@ -1,0 +1,1 @@
+"""Uploaded ML models."""

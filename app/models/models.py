@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.db import Base, JSONType, UTCDateTime, utcnow
+
+
+class ModelFile(Base):
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    filename: Mapped[str] = mapped_column(sa.String(255))
+    format: Mapped[str] = mapped_column(sa.String(16))
+    size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    sha256: Mapped[str] = mapped_column(sa.String(64), index=True)
+    opset: Mapped[int] = mapped_column(sa.Integer)
+    inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
+    outputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
+    storage_path: Mapped[str] = mapped_column(sa.String(512))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,53 @@
+"""All configuration, from ``LOWBIT_*`` environment variables, read once."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LOWBIT_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("./lowbit-data"), description="Uploads, artifacts, SQLite file, broker.")
+    database_url: str | None = Field(default=None, description="Default: SQLite file in data_dir.")
+    broker_url: str | None = Field(default=None, description="Default: Celery filesystem broker in data_dir.")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = 2 * 1024**3
+    # Queue for new jobs: 'cpu' workers run everywhere; 'gpu' workers run on CUDA machines.
+    default_queue: str = "cpu"
+    # ONNX Runtime intra-op threads a worker uses for calibration, validation and latency.
+    worker_threads: int = Field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    # 'auto': CUDA execution provider when present, else CPU. 'cpu' forces the CPU.
+    worker_device: str = "auto"
+    worker_concurrency: int = 1
+    # Queues the embedded worker (lowbit serve) and `lowbit worker` consume by default.
+    worker_queues: str = "cpu"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'lowbit.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

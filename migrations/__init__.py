@@ -1,0 +1,1 @@
+"""Alembic migrations for lowbit's tables (run with ``lowbit migrate``)."""

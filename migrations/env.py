@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import pool
+
+from app.datasets import models as _datasets  # noqa: F401  (registers tables)
+from app.db import Base, make_engine
+from app.jobs import models as _jobs  # noqa: F401
+from app.models import models as _models  # noqa: F401
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    url = config.attributes.get("url")
+    if url:
+        return str(url)
+    from app.settings import get_settings
+
+    return get_settings().resolved_database_url
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    engine = make_engine(_url())
+    engine.pool = pool.NullPool(engine.pool._creator)  # noqa: SLF001 - one-off connection
+    with engine.connect() as conn:
+        context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,185 @@
+"""The Celery task that runs one job.
+
+Claim the row with a conditional UPDATE (queued -> running): a redelivered or duplicate message
+finds the row already claimed and does nothing. Run the engine with no transaction open; record
+progress and the result in short transactions of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.datasets.models import Dataset
+from app.db import make_engine, make_sessionmaker, utcnow
+from app.jobs.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from app.models.models import ModelFile
+from app.settings import Settings, get_settings
+from app.storage import Storage
+from worker.celery_app import TASK_RUN_JOB, celery_app
+from worker.engine.config import QuantizeConfig, parse_options
+from worker.engine.errors import EngineError, JobCancelled
+
+log = logging.getLogger(__name__)
+PROGRESS_INTERVAL_S = 0.5
+
+
+@lru_cache(maxsize=1)
+def _sessions() -> sessionmaker[Session]:
+    return make_sessionmaker(make_engine(get_settings().resolved_database_url))
+
+
+def claim(factory: sessionmaker[Session], job_id: str) -> bool:
+    with factory.begin() as s:
+        res = s.execute(
+            sa.update(Job)
+            .where(Job.id == job_id, Job.status == QUEUED)
+            .values(status=RUNNING, stage="preparing", progress=0, started_at=utcnow(), attempts=Job.attempts + 1)
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def _finish(factory: sessionmaker[Session], job_id: str, **values: Any) -> bool:
+    with factory.begin() as s:
+        res = s.execute(
+            sa.update(Job).where(Job.id == job_id, Job.status == RUNNING).values(finished_at=utcnow(), **values)
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+class _Progress:
+    """Writes stage/progress at most every PROGRESS_INTERVAL_S and notices cancellation."""
+
+    def __init__(self, factory: sessionmaker[Session], job_id: str) -> None:
+        self.factory = factory
+        self.job_id = job_id
+        self.last_stage: str | None = None
+        self.last_write = 0.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        from worker.engine.pipeline import progress_percent
+
+        now = time.monotonic()
+        if stage == self.last_stage and now - self.last_write < PROGRESS_INTERVAL_S and fraction < 1.0:
+            return
+        self.last_stage, self.last_write = stage, now
+        with self.factory.begin() as s:
+            res = s.execute(
+                sa.update(Job)
+                .where(Job.id == self.job_id, Job.status == RUNNING)
+                .values(stage=stage, progress=progress_percent(stage, fraction))
+            )
+            cancelled = s.execute(sa.select(Job.cancel_requested).where(Job.id == self.job_id)).scalar()
+        if not res.rowcount or cancelled is None or cancelled:  # type: ignore[attr-defined]
+            raise JobCancelled()
+
+
+def execute(job_id: str, settings: Settings | None = None, factory: sessionmaker[Session] | None = None) -> str:
+    """Run job ``job_id`` to an end state; returns that state (or 'skipped' when not claimable)."""
+    s = settings or get_settings()
+    factory = factory or _sessions()
+    if not claim(factory, job_id):
+        log.info("job %s is not queued (already claimed, cancelled or deleted); nothing to do", job_id)
+        return "skipped"
+    storage = Storage(s.data_dir)
+    with factory() as sess:
+        job = sess.get(Job, job_id)
+        if job is None:
+            return "skipped"
+        model = sess.get(ModelFile, job.model_id)
+        calib = sess.get(Dataset, job.calibration_dataset_id) if job.calibration_dataset_id else None
+        ev = sess.get(Dataset, job.eval_dataset_id) if job.eval_dataset_id else None
+        recipe, options, target, queue = job.recipe, dict(job.options), job.accuracy_target, job.queue
+        model_path = Path(model.storage_path) if model else None
+        calib_path = Path(calib.storage_path) if calib else None
+        eval_path = Path(ev.storage_path) if ev else None
+    job_dir = storage.job_dir(job_id)
+    artifact = job_dir / "model.quantized.onnx"
+    try:
+        if model_path is None or not model_path.exists():
+            raise EngineError("model_missing", "the job's model file is gone from storage; upload it again")
+        from worker.engine import pipeline
+
+        cfg = QuantizeConfig(
+            model_path=model_path,
+            output_path=artifact,
+            recipe=recipe,
+            options=parse_options(recipe, options),
+            calibration_path=calib_path,
+            eval_path=eval_path,
+            work_dir=job_dir / "work",
+            threads=s.worker_threads,
+            device="cuda" if queue == "gpu" else s.worker_device,
+            job_id=job_id,
+        )
+        result = pipeline.run(cfg, _Progress(factory, job_id))
+    except JobCancelled:
+        _finish(factory, job_id, status=CANCELLED, stage=None)
+        storage.remove_job(job_id)
+        return CANCELLED
+    except EngineError as exc:
+        log.info("job %s failed: %s", job_id, exc)
+        _finish(factory, job_id, status=FAILED, error_code=exc.code, error_message=exc.message)
+        return FAILED
+    except Exception as exc:  # a bug or an environment problem: still a recorded, readable failure
+        log.exception("job %s crashed", job_id)
+        _finish(factory, job_id, status=FAILED, error_code="internal_error",
+                error_message=f"unexpected error while quantizing ({type(exc).__name__}: {str(exc)[:300]}); "
+                "this is a lowbit problem, not your model's, please report it")
+        return FAILED
+    finally:
+        _cleanup_work(job_dir / "work")
+    report = result.report
+    if target:
+        report["accuracy_target"] = evaluate_target(target, report)
+    recorded = _finish(
+        factory, job_id, status=SUCCEEDED, stage=None, progress=100, report=report,
+        artifact_path=str(result.artifact_path), artifact_sha256=result.artifact_sha256,
+        artifact_bytes=result.artifact_bytes,
+    )
+    if not recorded:
+        # Deleted or cancelled while the engine ran: do not leave an orphaned artifact behind.
+        storage.remove_job(job_id)
+        return CANCELLED
+    return SUCCEEDED
+
+
+def _cleanup_work(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def evaluate_target(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """Was the user's accuracy target met? Int8 recipes do not search for it; they report against it."""
+    metric = target["metric"]
+    acc = report["accuracy"]
+    original: float | None
+    if metric == "label_accuracy":
+        labels = acc.get("labels")
+        value = labels["quantized"] if labels else None
+        original = labels["original"] if labels else None
+    else:
+        vals = [o[metric] for o in acc["outputs"] if o.get(metric) is not None]
+        value = min(vals) if vals else None
+        original = {"cosine": 1.0, "top1_agreement": 1.0}.get(metric)
+    met: bool | None = None
+    if value is not None:
+        if target.get("min") is not None:
+            met = value >= float(target["min"])
+        elif target.get("max_drop") is not None and original is not None:
+            met = (original - value) <= float(target["max_drop"])
+    return {**target, "value": value, "met": met}
+
+
+@celery_app.task(name=TASK_RUN_JOB, acks_late=True, ignore_result=True)
+def run_job(job_id: str) -> str:
+    log.info("worker pid %s running job %s", os.getpid(), job_id)
+    return execute(job_id)
