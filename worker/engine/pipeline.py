@@ -139,27 +139,44 @@ def _first_sample_feed(feed: dict[str, np.ndarray], inputs: tuple[TensorInfo, ..
     return out, batch
 
 
-def _precisions(original: onnx.ModelProto, quantized: onnx.ModelProto, recipe: str) -> dict[str, str]:
-    """Per original node: 'int8' when the quantized graph runs it on int8 data, else 'fp32'."""
+INT8_OPS = {
+    "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearConv",
+    "QLinearMatMul", "DynamicQuantizeLSTM", "QAttention", "QGemm", "QLinearAdd", "QLinearMul",
+}
+# Activations the QDQ quantizer folds into the quantized range of their input instead of keeping.
+FOLDABLE = {"Relu", "Clip"}
+
+
+def _layer_map(original: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
+    """Per original node name: (precision, original tensor, quantized tensor to compare it with)."""
     q_nodes = {n.name: n for n in quantized.graph.node}
     producers = {o: n for n in quantized.graph.node for o in n.output}
-    int8_ops = {"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearConv",
-                "QLinearMatMul", "DynamicQuantizeLSTM", "QAttention", "QGemm", "QLinearAdd", "QLinearMul"}
-    q_names = list(q_nodes)
-    out: dict[str, str] = {}
+    # tensor -> the DequantizeLinear output that downstream nodes read instead of it
+    dq_of: dict[str, str] = {}
+    for n in quantized.graph.node:
+        if n.op_type == "QuantizeLinear":
+            for m in quantized.graph.node:
+                if m.op_type == "DequantizeLinear" and m.input and m.input[0] == n.output[0]:
+                    dq_of[n.input[0]] = m.output[0]
+    out: dict[str, tuple[str, str, str]] = {}
     for node in original.graph.node:
+        if not node.output:
+            continue
+        o = node.output[0]
         qn = q_nodes.get(node.name)
         if qn is not None and qn.op_type == node.op_type:
-            float_inputs = [i for i in qn.input if i]
-            from_dq = [i for i in float_inputs if i in producers and producers[i].op_type == "DequantizeLinear"]
-            out[node.name] = "int8" if float_inputs and from_dq and len(from_dq) == len(float_inputs) else "fp32"
-            if recipe == "int8_static" and from_dq and len(from_dq) < len(float_inputs):
-                # Weights quantized but an input left in float (e.g. a bias-free Add of two activations).
-                out[node.name] = "fp32"
+            data_inputs = [i for i in qn.input if i]
+            from_dq = [i for i in data_inputs if i in producers and producers[i].op_type == "DequantizeLinear"]
+            precision = "int8" if data_inputs and len(from_dq) == len(data_inputs) else "fp32"
+            out[node.name] = (precision, o, qn.output[0])
             continue
-        # Dynamic quantization replaces the node with integer ops named after it.
-        replaced = [q_nodes[n] for n in q_names if node.name and n.startswith(node.name) and n != node.name]
-        out[node.name] = "int8" if any(r.op_type in int8_ops for r in replaced) else "fp32"
+        if node.op_type in FOLDABLE and o in dq_of:
+            out[node.name] = ("int8", o, dq_of[o])
+            continue
+        # Dynamic quantization replaces the node with integer ops named after it, keeping its output name.
+        replaced = [q for name, q in q_nodes.items() if node.name and name.startswith(node.name)]
+        precision = "int8" if any(r.op_type in INT8_OPS for r in replaced) else "fp32"
+        out[node.name] = (precision, o, o if o in producers else "")
     return out
 
 
@@ -281,22 +298,22 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         n += b.count
         if n >= LAYER_SAMPLES:
             break
-    layer_tensors = [o for node in normalized.graph.node for o in node.output if o]
-    sqnr = layer_sqnr(normalized, quantized, layer_tensors, layer_feeds, providers, cfg.threads)
-    precisions = _precisions(normalized, quantized, cfg.recipe)
     from worker.engine.calibrate import quantizable_op_types
 
     qops = quantizable_op_types()
+    lmap = {k: v for k, v in _layer_map(normalized, quantized).items()}
+    pairs = [(v[1], v[2]) for v in lmap.values() if v[2]]
+    sqnr = layer_sqnr(normalized, quantized, pairs, layer_feeds, providers, cfg.threads)
     layers = []
     for node in normalized.graph.node:
-        if node.op_type not in qops:
+        if node.op_type not in qops or node.name not in lmap:
             continue
-        out0 = node.output[0] if node.output else ""
+        precision, o, qt = lmap[node.name]
         layers.append({
             "name": node.name,
             "op_type": node.op_type,
-            "precision": precisions.get(node.name, "fp32"),
-            "sqnr_db": sqnr.get(out0),
+            "precision": precision,
+            "sqnr_db": sqnr.get((o, qt)) if qt else None,
         })
     step("validating", 1.0)
 
@@ -331,8 +348,8 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             "provider": quant_session.get_providers()[0],
             "batch_size": lat_batch,
             "threads": cfg.threads,
-            "original_ms_p50": round(orig_ms, 4),
-            "quantized_ms_p50": round(quant_ms, 4),
+            "original_ms_p50": round(orig_ms, 6),
+            "quantized_ms_p50": round(quant_ms, 6),
             "speedup": round(speedup, 4) if speedup is not None else None,
         },
         "layers": layers,

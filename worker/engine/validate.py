@@ -180,47 +180,46 @@ def latency_ms_p50(session: Any, feed: dict[str, np.ndarray], runs: int, warmup:
 def layer_sqnr(
     original_model: onnx.ModelProto,
     quantized_model: onnx.ModelProto,
-    tensors: Sequence[str],
+    pairs: Sequence[tuple[str, str]],
     feeds: Iterable[dict[str, np.ndarray]],
     providers: list[str],
     threads: int,
-) -> dict[str, float | None]:
-    """SQNR (dB) of each named tensor in the quantized model against the original, end to end
-    (the quantization error of everything upstream included)."""
+) -> dict[tuple[str, str], float | None]:
+    """SQNR (dB) of each (original tensor, quantized tensor) pair, end to end: the error of
+    everything upstream is included, as the layer sees it in the quantized model."""
+    o_names = {o for n in original_model.graph.node for o in n.output}
     q_names = {o for n in quantized_model.graph.node for o in n.output}
-    names = [t for t in tensors if t in q_names]
-    if not names:
+    pairs = [(a, b) for a, b in pairs if a in o_names and b in q_names]
+    if not pairs:
         return {}
 
-    def exposed(model: onnx.ModelProto) -> bytes:
+    def exposed(model: onnx.ModelProto, tensors: set[str]) -> bytes:
         m = onnx.ModelProto()
         m.CopyFrom(model)
         have = {o.name for o in m.graph.output}
-        for t in names:
-            if t not in have:
-                m.graph.output.append(onnx.ValueInfoProto(name=t))
+        for t in sorted(tensors - have):
+            m.graph.output.append(onnx.ValueInfoProto(name=t))
         return m.SerializeToString()
 
-    ref_s = runtime.make_session(exposed(original_model), providers, threads, "original model (layer analysis)")
-    q_s = runtime.make_session(exposed(quantized_model), providers, threads, "quantized model (layer analysis)")
+    ref_s = runtime.make_session(exposed(original_model, {a for a, _ in pairs}), providers, threads,
+                                 "original model (layer analysis)")
+    q_s = runtime.make_session(exposed(quantized_model, {b for _, b in pairs}), providers, threads,
+                               "quantized model (layer analysis)")
     ref_names = [o.name for o in ref_s.get_outputs()]
     q_out_names = [o.name for o in q_s.get_outputs()]
-    sig = dict.fromkeys(names, 0.0)
-    noise = dict.fromkeys(names, 0.0)
+    sig = dict.fromkeys(pairs, 0.0)
+    noise = dict.fromkeys(pairs, 0.0)
     for feed in feeds:
         r = dict(zip(ref_names, ref_s.run(None, feed), strict=True))
         q = dict(zip(q_out_names, q_s.run(None, feed), strict=True))
-        for t in names:
-            a = np.asarray(r[t], dtype=np.float64)
-            b = np.asarray(q[t], dtype=np.float64)
+        for a_name, b_name in pairs:
+            a = np.asarray(r[a_name], dtype=np.float64)
+            b = np.asarray(q[b_name], dtype=np.float64)
             if a.shape != b.shape:
                 continue
-            sig[t] += float(np.sum(a * a))
-            noise[t] += float(np.sum((a - b) ** 2))
-    out: dict[str, float | None] = {}
-    for t in names:
-        if noise[t] == 0 or sig[t] == 0:
-            out[t] = None
-        else:
-            out[t] = round(float(10.0 * np.log10(sig[t] / noise[t])), 3)
+            sig[(a_name, b_name)] += float(np.sum(a * a))
+            noise[(a_name, b_name)] += float(np.sum((a - b) ** 2))
+    out: dict[tuple[str, str], float | None] = {}
+    for p in pairs:
+        out[p] = None if noise[p] == 0 or sig[p] == 0 else round(float(10.0 * np.log10(sig[p] / noise[p])), 3)
     return out

@@ -1,0 +1,61 @@
+"""Checks of the report contract (DESIGN.md, "Report") shared by engine, API and end-to-end tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TOP_KEYS = {"job_id", "recipe", "options", "size", "accuracy", "latency", "layers", "calibration", "warnings",
+            "environment"}
+
+
+def assert_report_complete(report: dict[str, Any], recipe: str) -> None:
+    assert TOP_KEYS <= set(report), TOP_KEYS - set(report)
+    assert report["recipe"] == recipe
+    size = report["size"]
+    assert size["original_bytes"] > 0 and size["quantized_bytes"] > 0
+    assert abs(size["ratio"] - size["quantized_bytes"] / size["original_bytes"]) < 1e-5
+    acc = report["accuracy"]
+    assert acc["samples"] > 0
+    assert acc["source"] in ("eval_set", "calibration_holdout", "calibration_set", "synthetic")
+    for o in acc["outputs"]:
+        assert {"name", "cosine", "sqnr_db", "max_abs_error", "top1_agreement"} <= set(o)
+        assert -1.0 <= o["cosine"] <= 1.0 + 1e-9
+        assert o["max_abs_error"] >= 0
+    lat = report["latency"]
+    assert {"provider", "batch_size", "threads", "original_ms_p50", "quantized_ms_p50", "speedup"} <= set(lat)
+    assert lat["provider"].endswith("ExecutionProvider")
+    assert lat["original_ms_p50"] > 0 and lat["quantized_ms_p50"] > 0
+    assert abs(lat["speedup"] - lat["original_ms_p50"] / lat["quantized_ms_p50"]) < 1e-2 * lat["speedup"] + 1e-3
+    assert report["layers"], "no layers reported"
+    for layer in report["layers"]:
+        assert {"name", "op_type", "precision", "sqnr_db"} <= set(layer)
+        assert layer["precision"] in ("int8", "fp32")
+    assert any(layer["precision"] == "int8" for layer in report["layers"])
+    if recipe == "int8_static":
+        cal = report["calibration"]
+        assert cal["method"] and cal["samples"] > 0 and cal["seconds"] >= 0
+    env = report["environment"]
+    for k in ("lowbit", "onnxruntime", "onnx", "torch", "python"):
+        assert env.get(k), k
+
+
+def recompute_cosines(original: Path, quantized: Path, feeds: list[dict[str, np.ndarray]]) -> list[float]:
+    """Cosine similarity per output between two models, computed independently of the engine."""
+    import onnxruntime as ort
+
+    a = ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    ra: list[list[np.ndarray]] = []
+    rb: list[list[np.ndarray]] = []
+    for feed in feeds:
+        ra.append(a.run(None, feed))
+        rb.append(b.run(None, feed))
+    out = []
+    for k in range(len(ra[0])):
+        x = np.concatenate([r[k].astype(np.float64).ravel() for r in ra])
+        y = np.concatenate([r[k].astype(np.float64).ravel() for r in rb])
+        out.append(float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))))
+    return out

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from tests.reports import assert_report_complete, recompute_cosines
+from worker.engine.config import QuantizeConfig, parse_options
+from worker.engine.errors import EngineError, JobCancelled
+from worker.engine.pipeline import run
+
+
+def _ops(path: Path) -> Counter[str]:
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def _cfg(zoo: dict[str, Path], tmp: Path, model: str, recipe: str, data: str | None, **options: object) -> QuantizeConfig:
+    return QuantizeConfig(
+        model_path=zoo[model],
+        output_path=tmp / f"{model}.{recipe}.onnx",
+        recipe=recipe,
+        options=parse_options(recipe, dict(options)),
+        calibration_path=zoo[data] if data else None,
+        threads=1,
+        device="cpu",
+    )
+
+
+CASES = [
+    ("conv", "conv_data", "Conv"),
+    ("mlp", "mlp_data", "Gemm"),
+    ("tf", "tf_data", "MatMul"),
+    ("const", "const_data", "MatMul"),
+]
+
+
+@pytest.mark.parametrize("model, data, main_op", CASES)
+def test_int8_static(zoo: dict[str, Path], tmp_path: Path, model: str, data: str, main_op: str) -> None:
+    stages: list[str] = []
+    res = run(_cfg(zoo, tmp_path, model, "int8_static", data), lambda s, f: stages.append(s))
+    rep = res.report
+    assert_report_complete(rep, "int8_static")
+    ops = _ops(res.artifact_path)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > ops["QuantizeLinear"]
+    # Every weight of the main operator is stored as int8.
+    q = onnx.load(str(res.artifact_path))
+    int8_inits = [t for t in q.graph.initializer if t.data_type == TensorProto.INT8]
+    assert int8_inits
+    assert not [t for t in q.graph.initializer if t.data_type == TensorProto.FLOAT and t.name.endswith("weight")]
+    assert any(layer["op_type"] == main_op and layer["precision"] == "int8" for layer in rep["layers"])
+    for o in rep["accuracy"]["outputs"]:
+        assert o["cosine"] > 0.99, o
+    assert rep["accuracy"]["source"] == "calibration_holdout"
+    # Holdout samples are never used for calibration.
+    n = int(np.load(zoo[data])[next(iter(np.load(zoo[data]).files))].shape[0])
+    assert rep["calibration"]["samples"] + rep["accuracy"]["samples"] <= n
+    assert list(dict.fromkeys(stages)) == ["preparing", "calibrating", "quantizing", "validating", "reporting"]
+    assert res.artifact_sha256 == rep["model"]["quantized_sha256"]
+
+
+@pytest.mark.parametrize("model, data, main_op", CASES)
+def test_int8_dynamic(zoo: dict[str, Path], tmp_path: Path, model: str, data: str, main_op: str) -> None:
+    res = run(_cfg(zoo, tmp_path, model, "int8_dynamic", data))
+    rep = res.report
+    assert_report_complete(rep, "int8_dynamic")
+    ops = _ops(res.artifact_path)
+    assert ops["DynamicQuantizeLinear"] + ops["MatMulInteger"] + ops["ConvInteger"] + ops["DynamicQuantizeMatMul"] > 0
+    assert rep["calibration"] is None
+    assert rep["accuracy"]["source"] == "calibration_set"
+    for o in rep["accuracy"]["outputs"]:
+        assert o["cosine"] > 0.99, o
+
+
+def test_report_numbers_match_an_independent_recomputation(zoo: dict[str, Path], tmp_path: Path) -> None:
+    res = run(_cfg(zoo, tmp_path, "conv", "int8_static", "conv_data", batch_size=4))
+    rep = res.report
+    x = np.load(zoo["conv_data"])["image"]
+    held = x[x.shape[0] - rep["accuracy"]["samples"]:]
+    cos = recompute_cosines(zoo["conv"], res.artifact_path, [{"image": held[i:i + 4]} for i in range(0, len(held), 4)])
+    assert cos[0] == pytest.approx(rep["accuracy"]["outputs"][0]["cosine"], abs=1e-5)
+    assert rep["size"]["quantized_bytes"] == res.artifact_path.stat().st_size
+
+
+def test_labels_give_label_accuracy(zoo: dict[str, Path], tmp_path: Path) -> None:
+    rep = run(_cfg(zoo, tmp_path, "mlp", "int8_static", "mlp_data")).report
+    lab = rep["accuracy"]["labels"]
+    assert lab is not None and lab["samples"] == rep["accuracy"]["samples"]
+    # Labels were made from the float model with 10% flipped: accuracy is well above chance (20%).
+    assert lab["original"] > 0.6
+    assert lab["delta"] == pytest.approx(lab["quantized"] - lab["original"], abs=1e-6)
+
+
+def test_eval_set_is_used_when_given(zoo: dict[str, Path], tmp_path: Path) -> None:
+    cfg = _cfg(zoo, tmp_path, "conv", "int8_static", "conv_data")
+    cfg = QuantizeConfig(**{**cfg.__dict__, "eval_path": zoo["conv_eval"]})
+    rep = run(cfg).report
+    assert rep["accuracy"]["source"] == "eval_set" and rep["accuracy"]["samples"] == 24
+    assert rep["calibration"]["samples"] == 48
+    assert rep["accuracy"]["labels"]["samples"] == 24
+
+
+def test_each_calibration_method_gives_a_different_model(zoo: dict[str, Path], tmp_path: Path) -> None:
+    shas = {}
+    for method in ("minmax", "entropy", "percentile", "mse"):
+        out = tmp_path / method
+        out.mkdir()
+        res = run(_cfg(zoo, out, "conv", "int8_static", "conv_data", method=method))
+        assert res.report["calibration"]["method"] == method
+        assert res.report["accuracy"]["outputs"][0]["cosine"] > 0.98
+        shas[method] = res.artifact_sha256
+    assert len(set(shas.values())) == 4
+
+
+def test_constant_weights_and_old_opset_are_normalised(zoo: dict[str, Path], tmp_path: Path) -> None:
+    assert _ops(zoo["const"])["Constant"] == 3
+    res = run(_cfg(zoo, tmp_path, "const", "int8_static", "const_data"))
+    steps = " ".join(res.report["model"]["preprocessing"])
+    assert "Constant" in steps and "opset 11 -> 13" in steps
+    q = onnx.load(str(res.artifact_path))
+    assert _ops(res.artifact_path)["Constant"] == 0
+    assert max(i.version for i in q.opset_import if i.domain in ("", "ai.onnx")) >= 13
+    # Pre-processing may fuse MatMul+Add into Gemm; either way both weight layers run in int8.
+    weight_layers = [x for x in res.report["layers"] if x["op_type"] in ("MatMul", "Gemm")]
+    assert len(weight_layers) == 2 and all(x["precision"] == "int8" for x in weight_layers)
+    assert all(x["sqnr_db"] is not None and x["sqnr_db"] > 20 for x in weight_layers)
+
+
+def test_dynamic_without_data_validates_on_synthetic_inputs_and_says_so(zoo: dict[str, Path], tmp_path: Path) -> None:
+    rep = run(_cfg(zoo, tmp_path, "mlp", "int8_dynamic", None)).report
+    assert rep["accuracy"]["source"] == "synthetic"
+    assert any("synthetic" in w for w in rep["warnings"])
+
+
+def test_static_without_calibration_data_is_refused(zoo: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(EngineError) as e:
+        run(_cfg(zoo, tmp_path, "mlp", "int8_static", None))
+    assert e.value.code == "calibration_required"
+
+
+def test_cancellation_from_the_progress_callback_stops_the_run(zoo: dict[str, Path], tmp_path: Path) -> None:
+    def progress(stage: str, _: float) -> None:
+        if stage == "calibrating":
+            raise JobCancelled()
+
+    cfg = _cfg(zoo, tmp_path, "conv", "int8_static", "conv_data")
+    with pytest.raises(JobCancelled):
+        run(cfg, progress)
+    assert not cfg.output_path.exists()
+
+
+def test_model_onnxruntime_cannot_run_fails_clearly(tmp_path: Path) -> None:
+    node = helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "odd.onnx"
+    onnx.save_model(m, str(path))
+    cfg = QuantizeConfig(model_path=path, output_path=tmp_path / "o.onnx", recipe="int8_dynamic", threads=1)
+    with pytest.raises(EngineError) as e:
+        run(cfg)
+    assert e.value.code == "model_not_runnable"
+    assert "Frobnicate" in e.value.message
+
+
+def test_artifact_runs_in_onnxruntime(zoo: dict[str, Path], tmp_path: Path) -> None:
+    res = run(_cfg(zoo, tmp_path, "tf", "int8_static", "tf_data"))
+    sess = ort.InferenceSession(str(res.artifact_path), providers=["CPUExecutionProvider"])
+    d = np.load(zoo["tf_data"])
+    (out,) = sess.run(None, {"input_ids": d["input_ids"][:2], "attention_mask": d["attention_mask"][:2]})
+    assert out.shape == (2, 16, 1000)
