@@ -49,7 +49,7 @@ def create_job(db: Session, req: JobCreate, default_queue: str) -> Job:
         calibration_dataset_id=calib.id if calib else None,
         eval_dataset_id=ev.id if ev else None,
         recipe=req.recipe,
-        options=opts.to_dict(),
+        options=opts.to_dict(req.recipe),
         accuracy_target=target,
         queue=req.device or default_queue,
         status=QUEUED,

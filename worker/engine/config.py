@@ -12,6 +12,8 @@ RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "auto", "q
 IMPLEMENTED_RECIPES = ("int8_static", "int8_dynamic")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 RECIPES_NEEDING_CALIBRATION = ("int8_static", "auto", "qat_int8")
+# Options that only mean something when activations are calibrated.
+STATIC_ONLY = frozenset({"method", "symmetric_activations", "percentile", "max_calibration_samples"})
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,12 @@ class RecipeOptions:
     op_types_to_quantize: tuple[str, ...] = ()
     latency_runs: int = 30
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, recipe: str = "int8_static") -> dict[str, Any]:
+        """The options that apply to ``recipe``, defaults filled in (what a job records and reports)."""
         out: dict[str, Any] = {}
         for f in fields(self):
+            if recipe == "int8_dynamic" and f.name in STATIC_ONLY:
+                continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
@@ -83,7 +88,7 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
     check_recipe(recipe)
     raw = dict(raw or {})
     known = {f.name for f in fields(RecipeOptions)}
-    static_only = {"method", "symmetric_activations", "percentile", "max_calibration_samples"}
+    static_only = STATIC_ONLY
     unknown = sorted(set(raw) - known)
     if recipe == "int8_dynamic":
         unknown += sorted(set(raw) & static_only)

@@ -97,7 +97,7 @@ def plan_feeds(
     elif fixed_batches:
         per_run = fixed_batches.pop()
     else:
-        per_run = batch_size
+        per_run = min(batch_size, dataset.num_samples)
     if dataset.num_samples < per_run:
         raise EngineError(
             "dataset_mismatch",

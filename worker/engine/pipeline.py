@@ -332,7 +332,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     report: dict[str, Any] = {
         "job_id": cfg.job_id,
         "recipe": cfg.recipe,
-        "options": opts.to_dict(),
+        "options": opts.to_dict(cfg.recipe),
         "size": {
             "original_bytes": original_bytes,
             "quantized_bytes": quantized_bytes,

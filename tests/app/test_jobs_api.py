@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import sqlalchemy as sa
+
+from app.jobs.models import Job
+from tests.app.conftest import Harness
+from tests.app.helpers import error_of, submit, upload_dataset, upload_model
+from tests.reports import assert_report_complete, recompute_cosines
+
+
+def test_health_and_readiness(api: Harness) -> None:
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    r = api.client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok"}
+    api.queue.fail = True
+    r = api.client.get("/readyz")
+    assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("unreachable")
+
+
+def test_upload_describes_model_and_dataset(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["tf"])
+    assert m["format"] == "onnx" and m["filename"] == "tf.onnx"
+    assert m["sha256"] == hashlib.sha256(zoo["tf"].read_bytes()).hexdigest()
+    assert m["size_bytes"] == zoo["tf"].stat().st_size
+    assert m["inputs"] == [
+        {"name": "input_ids", "dtype": "int64", "shape": ["batch", 16]},
+        {"name": "attention_mask", "dtype": "int64", "shape": ["batch", 16]},
+    ]
+    assert m["outputs"][0]["name"] == "logits"
+    assert api.client.get(f"/api/v1/models/{m['id']}").json()["sha256"] == m["sha256"]
+    d = upload_dataset(api.client, zoo["tf_data"])
+    assert d["num_samples"] == 24
+    assert d["arrays"]["input_ids"] == {"dtype": "int64", "shape": [24, 16]}
+
+
+def test_static_job_end_to_end(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["conv"])
+    d = upload_dataset(api.client, zoo["conv_data"])
+    r = submit(api.client, model_id=m["id"], calibration_dataset_id=d["id"], recipe="int8_static",
+               options={"method": "entropy", "batch_size": 4})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["options"]["method"] == "entropy"
+    assert job["links"] == {
+        "self": f"/api/v1/jobs/{job['id']}", "artifact": f"/api/v1/jobs/{job['id']}/artifact",
+        "report": f"/api/v1/jobs/{job['id']}/report", "page": f"/jobs/{job['id']}",
+    }
+    assert api.queue.committed_before_enqueue == [True]
+    assert api.client.get(f"/api/v1/jobs/{job['id']}/artifact").status_code == 409
+    assert api.run_queued() == ["succeeded"]
+
+    done = api.client.get(job["links"]["self"]).json()
+    assert done["status"] == "succeeded" and done["progress"] == 100 and done["error"] is None
+    assert done["started_at"] and done["finished_at"] and done["finished_at"] >= done["started_at"]
+    report = api.client.get(job["links"]["report"]).json()
+    assert_report_complete(report, "int8_static")
+    assert report["job_id"] == job["id"] and report["calibration"]["method"] == "entropy"
+
+    art = api.client.get(job["links"]["artifact"])
+    assert art.status_code == 200
+    assert art.headers["content-type"] == "application/octet-stream"
+    assert art.headers["content-disposition"].startswith("attachment")
+    assert "conv.int8_static.onnx" in art.headers["content-disposition"]
+    sha = hashlib.sha256(art.content).hexdigest()
+    assert art.headers["etag"] == f'"{sha}"'
+    assert len(art.content) == report["size"]["quantized_bytes"]
+    assert api.client.get(job["links"]["artifact"], headers={"if-none-match": f'"{sha}"'}).status_code == 304
+
+    # The downloaded artifact runs, and reproduces the report's accuracy on the held-out samples.
+    out = Path(api.settings.data_dir) / "downloaded.onnx"
+    out.write_bytes(art.content)
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.load(zoo["conv_data"])["image"]
+    held = x[len(x) - report["accuracy"]["samples"]:]
+    cos = recompute_cosines(zoo["conv"], out, [{"image": held[i:i + 4]} for i in range(0, len(held), 4)])
+    assert abs(cos[0] - report["accuracy"]["outputs"][0]["cosine"]) < 1e-5
+
+    page = api.client.get(job["links"]["page"])
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert str(report["size"]["quantized_bytes"]) in page.text
+    assert str(report["accuracy"]["outputs"][0]["cosine"]) in page.text
+    assert "conv.onnx" in page.text
+    assert job["id"] in api.client.get("/").text
+
+
+def test_dynamic_job_on_transformer_with_int64_inputs(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["tf"])
+    d = upload_dataset(api.client, zoo["tf_data"])
+    r = submit(api.client, model_id=m["id"], calibration_dataset_id=d["id"], recipe="int8_dynamic")
+    assert r.status_code == 202, r.text
+    assert api.run_queued() == ["succeeded"], api.client.get(f"/api/v1/jobs/{r.json()['id']}").json()["error"]
+    report = api.client.get(f"/api/v1/jobs/{r.json()['id']}/report").json()
+    assert_report_complete(report, "int8_dynamic")
+    assert report["accuracy"]["outputs"][0]["cosine"] > 0.99
+
+
+def test_one_shot_multipart_submission(api: Harness, zoo: dict[str, Path]) -> None:
+    files = {
+        "model": ("mlp.onnx", zoo["mlp"].read_bytes()),
+        "calibration": ("cal.npz", zoo["mlp_data"].read_bytes()),
+        "eval": ("eval.npz", zoo["mlp_data"].read_bytes()),
+    }
+    cfg = {"recipe": "int8_static", "options": {"method": "percentile", "percentile": 99.9},
+           "accuracy_target": {"metric": "label_accuracy", "max_drop": 0.05}}
+    r = api.client.post("/api/v1/jobs", files=files, data={"config": json.dumps(cfg)})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["calibration_dataset_id"] and job["eval_dataset_id"] and job["model_id"]
+    assert job["accuracy_target"] == {"metric": "label_accuracy", "max_drop": 0.05}
+    assert api.run_queued() == ["succeeded"]
+    report = api.client.get(f"/api/v1/jobs/{job['id']}/report").json()
+    assert report["accuracy"]["source"] == "eval_set"
+    assert report["accuracy"]["labels"] is not None
+    tgt = report["accuracy_target"]
+    assert tgt["value"] == report["accuracy"]["labels"]["quantized"]
+    assert tgt["met"] == (report["accuracy"]["labels"]["original"] - tgt["value"] <= 0.05)
+
+
+def test_list_with_cursor_pagination_and_status_filter(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["mlp"])
+    ids = []
+    for _ in range(5):
+        r = submit(api.client, model_id=m["id"], recipe="int8_dynamic")
+        assert r.status_code == 202
+        ids.append(r.json()["id"])
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params: dict[str, str | int] = {"limit": 2}
+        if cursor:
+            params["cursor"] = cursor
+        page = api.client.get("/api/v1/jobs", params=params).json()
+        seen += [j["id"] for j in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert pages == 3 and seen == list(reversed(ids))
+    api.client.post(f"/api/v1/jobs/{ids[0]}/cancel")
+    cancelled = api.client.get("/api/v1/jobs", params={"status": "cancelled"}).json()["items"]
+    assert [j["id"] for j in cancelled] == [ids[0]]
+    assert error_of(api.client.get("/api/v1/jobs", params={"cursor": "!!nonsense"})) == "invalid_cursor"
+    assert error_of(api.client.get("/api/v1/jobs", params={"status": "done"})) == "invalid_status"
+
+
+def test_cancel_queued_job_is_never_run(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["mlp"])
+    job = submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()
+    r = api.client.post(f"/api/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 202 and r.json()["status"] == "cancelled"
+    assert api.run_queued() == ["skipped"]
+    assert api.client.get(f"/api/v1/jobs/{job['id']}").json()["status"] == "cancelled"
+    r = api.client.post(f"/api/v1/jobs/{job['id']}/cancel")
+    assert r.status_code == 409 and error_of(r) == "job_finished"
+
+
+def test_redelivered_message_does_not_run_a_job_twice(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["mlp"])
+    job = submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()
+    api.queue.enqueued.append(api.queue.enqueued[0])  # the broker delivers the message twice
+    assert api.run_queued() == ["succeeded", "skipped"]
+    with api.factory() as s:
+        row = s.get(Job, job["id"])
+        assert row is not None and row.attempts == 1 and row.status == "succeeded"
+
+
+def test_delete_removes_job_artifact_and_report(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["mlp"])
+    job = submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()
+    api.run_queued()
+    with api.factory() as s:
+        row = s.get(Job, job["id"])
+        assert row is not None and row.artifact_path
+        artifact = Path(row.artifact_path)
+    assert artifact.exists()
+    assert api.client.delete(f"/api/v1/jobs/{job['id']}").status_code == 204
+    assert not artifact.exists()
+    for path in ("", "/report", "/artifact"):
+        r = api.client.get(f"/api/v1/jobs/{job['id']}{path}")
+        assert r.status_code == 404 and error_of(r) == "job_not_found"
+    with api.factory() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(Job)) == 0
+
+
+def test_model_onnxruntime_cannot_run_becomes_a_failed_job(api: Harness, tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, save_model
+
+    node = helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "odd.onnx"
+    save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.example", 1)]), str(path))
+    m = upload_model(api.client, path)
+    job = submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()
+    assert api.run_queued() == ["failed"]
+    got = api.client.get(f"/api/v1/jobs/{job['id']}").json()
+    assert got["status"] == "failed"
+    assert got["error"]["code"] == "model_not_runnable" and "Frobnicate" in got["error"]["message"]
+    page = api.client.get(f"/jobs/{job['id']}").text
+    assert "model_not_runnable" in page
+    assert api.client.get(f"/api/v1/jobs/{job['id']}/report").status_code == 409
+
+
+def test_broker_down_gives_503_and_a_recorded_failure(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["mlp"])
+    api.queue.fail = True
+    r = submit(api.client, model_id=m["id"], recipe="int8_dynamic")
+    assert r.status_code == 503 and error_of(r) == "broker_unavailable"
+    items = api.client.get("/api/v1/jobs").json()["items"]
+    assert len(items) == 1 and items[0]["status"] == "failed"
+    assert items[0]["error"]["code"] == "broker_unavailable"
