@@ -28,17 +28,18 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_axes=No
     return path
 
 
-def conv_net(path: Path, seed: int = 0) -> Path:
+def conv_net(path: Path, seed: int = 0, width: int = 16) -> Path:
     """A small CNN classifier: [N, 3, 32, 32] float32 -> [N, 10] logits."""
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
+    w = width
     net = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+        nn.Conv2d(w, 2 * w, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, 10),
     )
     return _export(net, (torch.randn(1, 3, 32, 32),), path, ["image"], ["logits"],
                    {"image": {0: "batch"}, "logits": {0: "batch"}})
