@@ -20,10 +20,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # version label (2.13.0+cpu, 2.13.0+cu124) still satisfies "torch==2.13.0" there.
 RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==2.13.0"
 
-# The project itself. README.m[d] is a wildcard so the build does not fail if README.md is absent
-# (setuptools only warns about a missing readme).
 WORKDIR /tmp/lowbit-src
-COPY pyproject.toml README.m[d] ./
+COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY migrations ./migrations
