@@ -12,7 +12,7 @@ TOP_KEYS = {"job_id", "recipe", "options", "size", "accuracy", "latency", "layer
 
 
 def assert_report_complete(report: dict[str, Any], recipe: str) -> None:
-    assert TOP_KEYS <= set(report), TOP_KEYS - set(report)
+    assert set(report) >= TOP_KEYS, TOP_KEYS - set(report)
     assert report["recipe"] == recipe
     size = report["size"]
     assert size["original_bytes"] > 0 and size["quantized_bytes"] > 0

@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from app.db import Base
 from app.datasets import models as _d  # noqa: F401
+from app.db import Base
 from app.jobs import models as _j  # noqa: F401
 from app.migrate import downgrade, upgrade
 from app.models import models as _m  # noqa: F401
@@ -66,6 +66,6 @@ def test_jobs_table_accepts_a_row(tmp_path: Path, status: str) -> None:
                           "CURRENT_TIMESTAMP)"))
         c.execute(sa.text("INSERT INTO jobs (id, model_id, recipe, options, queue, status, progress, "
                           "cancel_requested, attempts, created_at) VALUES ('j', 'm', 'int8_static', '{}', 'cpu', "
-                          f":s, 0, false, 0, CURRENT_TIMESTAMP)"), {"s": status})
+                          ":s, 0, false, 0, CURRENT_TIMESTAMP)"), {"s": status})
         assert c.execute(sa.text("SELECT status FROM jobs")).scalar() == status
     engine.dispose()

@@ -9,13 +9,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from app.datasets import service as datasets
+from app.db import utcnow
 from app.errors import Conflict, Invalid, NotFound, from_engine
 from app.jobs.models import CANCELLED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Job
 from app.jobs.schemas import JobCreate, JobError, JobLinks, JobOut
 from app.models import service as models
 from app.storage import Storage
 from app.uploads import is_uuid, new_id
-from app.db import utcnow
 from worker.engine.config import parse_options
 from worker.engine.errors import EngineError
 from worker.engine.inspect import TensorInfo

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Proc, env_for, free_port, lowbit_cmd, wait_job
-from tests.e2e.flows import check_against_report, one_shot, run_job
+from tests.e2e.flows import check_against_report, run_job
 
 pytestmark = pytest.mark.slow
 

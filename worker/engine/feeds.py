@@ -93,7 +93,9 @@ def plan_feeds(
             )
         per_run = 1
     elif len(fixed_batches) > 1:
-        raise EngineError("unsupported_model", f"model inputs disagree on their fixed batch size: {sorted(fixed_batches)}")
+        raise EngineError(
+            "unsupported_model", f"model inputs disagree on their fixed batch size: {sorted(fixed_batches)}"
+        )
     elif fixed_batches:
         per_run = fixed_batches.pop()
     else:

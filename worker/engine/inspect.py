@@ -14,7 +14,7 @@ from worker.engine.errors import EngineError
 MIN_OPSET = 11
 
 # ONNX element types to numpy dtype names, for the types users feed through .npz files.
-ONNX_TO_NUMPY = {
+ONNX_TO_NUMPY: dict[int, str] = {
     TensorProto.FLOAT: "float32",
     TensorProto.FLOAT16: "float16",
     TensorProto.DOUBLE: "float64",
@@ -58,7 +58,7 @@ def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
             f"graph input/output '{vi.name}' is not a tensor (sequence or map types are not supported)",
         )
     tt = vi.type.tensor_type
-    dtype = ONNX_TO_NUMPY.get(tt.elem_type)
+    dtype = ONNX_TO_NUMPY.get(int(tt.elem_type))
     if dtype is None:
         name = TensorProto.DataType.Name(tt.elem_type) if tt.elem_type else "UNDEFINED"
         raise EngineError("unsupported_model", f"graph input/output '{vi.name}' has unsupported type {name}")

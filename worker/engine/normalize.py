@@ -110,7 +110,7 @@ def _preprocess(staged: Path, res: NormalizeResult) -> None:
     back to plain ONNX shape inference when a model defeats it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    attempts = (
+    attempts: tuple[tuple[str, dict[str, bool]], ...] = (
         ("shape inference and graph optimisation", {}),
         ("ONNX shape inference and graph optimisation", {"skip_symbolic_shape": True}),
         ("ONNX shape inference", {"skip_symbolic_shape": True, "skip_optimization": True}),

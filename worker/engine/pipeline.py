@@ -102,7 +102,9 @@ def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> _Da
             "(random floats, zero integers) and says little about accuracy on real data"
         )
     elif split.source == "calibration_set":
-        warnings.append("no evaluation set was given: validated on the calibration set (this recipe does not calibrate)")
+        warnings.append(
+            "no evaluation set was given: validated on the calibration set (this recipe does not calibrate)"
+        )
     return _Data(split, creader, ereader if split.source == "eval_set" else creader)
 
 
@@ -243,7 +245,9 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         if cal.samples == 0:
             raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
         if c1 - c0 > cal.samples:
-            warnings.append(f"{c1 - c0 - cal.samples} calibration sample(s) did not fill a whole batch and were skipped")
+            warnings.append(
+                f"{c1 - c0 - cal.samples} calibration sample(s) did not fill a whole batch and were skipped"
+            )
         calibration = {
             "method": cal.method,
             "samples": cal.samples,

@@ -55,10 +55,8 @@ class OutputStats:
 
     def to_dict(self) -> dict[str, Any]:
         denom = np.sqrt(self.ref_sq) * np.sqrt(self.q_sq)
-        if denom > 0:
-            cosine = self.dot / denom
-        else:
-            cosine = 1.0 if self.ref_sq == self.q_sq else 0.0
+        # Two all-zero outputs agree perfectly; one all-zero output against a non-zero one does not.
+        cosine = self.dot / denom if denom > 0 else (1.0 if self.ref_sq == self.q_sq else 0.0)
         if self.err_sq == 0:
             sqnr: float | None = None  # identical outputs: infinite SQNR, JSON has no infinity
         elif self.ref_sq == 0:

@@ -19,7 +19,9 @@ def _ops(path: Path) -> Counter[str]:
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
-def _cfg(zoo: dict[str, Path], tmp: Path, model: str, recipe: str, data: str | None, **options: object) -> QuantizeConfig:
+def _cfg(
+    zoo: dict[str, Path], tmp: Path, model: str, recipe: str, data: str | None, **options: object
+) -> QuantizeConfig:
     return QuantizeConfig(
         model_path=zoo[model],
         output_path=tmp / f"{model}.{recipe}.onnx",
