@@ -99,3 +99,14 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rng = np.random.default_rng(3)
     z["const_data"] = builders.save_npz(d / "const_data.npz", x=rng.standard_normal((40, 16)).astype(np.float32))
     return z
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name every skipped test, so a run without PostgreSQL or Redis says exactly what it did not run."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.section(f"{len(skipped)} test(s) skipped")
+    for rep in skipped:
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        terminalreporter.line(f"{rep.nodeid}: {reason.removeprefix('Skipped: ')}")

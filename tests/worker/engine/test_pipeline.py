@@ -175,3 +175,21 @@ def test_artifact_runs_in_onnxruntime(zoo: dict[str, Path], tmp_path: Path) -> N
     d = np.load(zoo["tf_data"])
     (out,) = sess.run(None, {"input_ids": d["input_ids"][:2], "attention_mask": d["attention_mask"][:2]})
     assert out.shape == (2, 16, 1000)
+
+
+def test_fixed_batch_one_model_is_fed_one_sample_at_a_time(tmp_path: Path) -> None:
+    import torch
+
+    from tests import builders
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    model = builders._export(net, (torch.randn(1, 12),), tmp_path / "b1.onnx", ["x"], ["y"])
+    assert onnx.load(str(model)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    data = builders.save_npz(tmp_path / "d.npz", x=np.random.default_rng(0).standard_normal((30, 12)).astype("f4"))
+    cfg = QuantizeConfig(model_path=model, output_path=tmp_path / "q.onnx", recipe="int8_static",
+                         options=parse_options("int8_static", {"batch_size": 8}), calibration_path=data, threads=1)
+    rep = run(cfg).report
+    assert rep["calibration"]["samples"] == 24 and rep["accuracy"]["samples"] == 6
+    assert rep["latency"]["batch_size"] == 1
+    assert rep["accuracy"]["outputs"][0]["cosine"] > 0.99
