@@ -106,6 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             eval_path=Path(args.eval) if args.eval else None,
             threads=args.threads,
             device=args.device,
+            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
         )
 
         def progress(stage: str, fraction: float) -> None:
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--report", help="where to write the report JSON")
     qp.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     qp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    qp.add_argument("--cache-dir", help="cache calibration statistics here and reuse them across runs")
     qp.set_defaults(func=cmd_quantize)
     return p
 

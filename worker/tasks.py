@@ -118,6 +118,7 @@ def execute(job_id: str, settings: Settings | None = None, factory: sessionmaker
             threads=s.worker_threads,
             device="cuda" if queue == "gpu" else s.worker_device,
             job_id=job_id,
+            cache_dir=s.data_dir / "cache" / "calibration",
         )
         result = pipeline.run(cfg, _Progress(factory, job_id))
     except JobCancelled:

@@ -217,3 +217,17 @@ def test_broker_down_gives_503_and_a_recorded_failure(api: Harness, zoo: dict[st
     items = api.client.get("/api/v1/jobs").json()["items"]
     assert len(items) == 1 and items[0]["status"] == "failed"
     assert items[0]["error"]["code"] == "broker_unavailable"
+
+
+def test_second_job_on_the_same_data_uses_the_calibration_cache(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["conv"])
+    d = upload_dataset(api.client, zoo["conv_data"])
+    ids = []
+    for method in ("mse", "entropy"):
+        r = submit(api.client, model_id=m["id"], calibration_dataset_id=d["id"], recipe="int8_static",
+                   options={"method": method})
+        ids.append(r.json()["id"])
+    assert api.run_queued() == ["succeeded", "succeeded"]
+    cals = [api.client.get(f"/api/v1/jobs/{i}/report").json()["calibration"] for i in ids]
+    assert [c["cache_used"] for c in cals] == [False, True]
+    assert [c["method"] for c in cals] == ["mse", "entropy"]

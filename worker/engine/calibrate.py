@@ -3,21 +3,35 @@
 ONNX Runtime's histogram calibrators keep every intermediate activation of every sample in memory
 before building histograms, and its entropy calibrator with default settings (128 bins, 128
 quantized bins) has a single candidate threshold, so it returns the min/max range. This calibrator
-streams batches and keeps only per-tensor statistics, in two passes:
+streams the calibration batches once and keeps only per-tensor statistics:
 
-1. running min / max of every observed tensor (this is all ``minmax`` needs);
-2. a fixed-range histogram per tensor (``NUM_BINS`` bins over [0, max] for non-negative tensors,
-   over [-absmax, absmax] otherwise), from which ``percentile``, ``entropy`` and ``mse`` pick a range.
+- running min / max of every observed tensor (all ``minmax`` needs: exact, like ONNX Runtime's);
+- for the histogram methods, a range-adaptive histogram per tensor: ``NUM_BINS`` equal bins over
+  [0, a] for tensors seen non-negative so far, over [-a, a] otherwise, with ``a`` set by the first
+  batch. When a batch falls outside the range, the range grows by a power of two and each group
+  of old bins merges into one new bin, so one pass suffices and no sample is kept. Data seen before
+  a growth is binned more coarsely than data seen after; the bins stay far narrower than an int8
+  quantization step (2048 bins against 128-256 levels).
 
-Memory is O(tensors x bins), independent of the number of samples. The ranges are handed to ONNX
-Runtime's QDQ quantizer, which still rewrites the graph.
+``percentile``, ``entropy`` (KL-divergence threshold search) and ``mse`` (expected squared error of
+clipping plus rounding) pick a range from the histogram. Memory is O(tensors x bins), independent of
+the number of samples; the model outputs of one batch are the only activations alive at a time, and
+very wide models observe their tensors in groups (one pass per group) to bound that too.
+
+Statistics are cached on disk, keyed by model, data, samples and batch layout, so another job on the
+same model and data (another method, another exclusion list) does not run the model again. The ranges
+are handed to ONNX Runtime's QDQ quantizer, which still rewrites the graph.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import os
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +43,12 @@ from worker.engine import runtime
 
 NUM_BINS = 2048
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16}
+# Bound on the bytes of observed activations fetched per model run; more means several passes.
+DEFAULT_MAX_BYTES_PER_RUN = 1 << 30
+CACHE_VERSION = 2
 
 Progress = Callable[[float], None]
+Batches = Callable[[], Iterable[tuple[dict[str, np.ndarray], int]]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +57,7 @@ class CalibrationSettings:
     percentile: float = 99.99
     symmetric: bool = False
     num_bins: int = NUM_BINS
+    max_bytes_per_run: int = DEFAULT_MAX_BYTES_PER_RUN
 
 
 @dataclass
@@ -50,6 +69,84 @@ class CalibrationResult:
     tensors: int
     passes: int
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)
+    cache_used: bool = False
+    calibrator: str = "lowbit"
+
+
+class TensorStats:
+    """Min/max and a range-adaptive histogram of one tensor."""
+
+    __slots__ = ("lo", "hi", "hist", "a", "signed", "bins")
+
+    def __init__(self, bins: int, with_hist: bool) -> None:
+        self.lo = np.inf
+        self.hi = -np.inf
+        self.bins = bins
+        self.hist: np.ndarray | None = np.zeros(bins, dtype=np.int64) if with_hist else None
+        self.a = 0.0  # histogram covers [0, a] (unsigned) or [-a, a] (signed)
+        self.signed = False
+
+    def update(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            x = x[np.isfinite(x)]
+            if x.size == 0:
+                return
+            lo, hi = float(x.min()), float(x.max())
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        if self.hist is None:
+            return
+        need = max(abs(lo), abs(hi), 1e-12)
+        if self.a == 0.0:
+            self.signed = lo < 0
+            self.a = need
+        else:
+            if lo < 0 and not self.signed:
+                self._to_signed(need)
+            if need > self.a:
+                self._grow(need)
+        n = self.bins
+        if self.signed:
+            idx = ((x.reshape(-1) + self.a) * (n / (2 * self.a))).astype(np.int64)
+        else:
+            idx = (x.reshape(-1) * (n / self.a)).astype(np.int64)
+        np.clip(idx, 0, n - 1, out=idx)
+        self.hist += np.bincount(idx, minlength=n)
+
+    def _grow(self, need: float) -> None:
+        assert self.hist is not None
+        k = 2
+        while self.a * k < need:
+            k *= 2
+        n = self.bins
+        k = min(k, n)
+        merged = self.hist.reshape(n // k, k).sum(axis=1)
+        new = np.zeros(n, dtype=np.int64)
+        if self.signed:
+            start = (n - n // k) // 2
+            new[start:start + n // k] = merged
+        else:
+            new[: n // k] = merged
+        self.hist, self.a = new, self.a * k
+
+    def _to_signed(self, need: float) -> None:
+        # [0, a] with n bins -> [-a', a'] with n bins, a' = m*a/2 so that m old bins make one new bin.
+        assert self.hist is not None
+        n = self.bins
+        m = 2
+        while m * self.a / 2 < need:
+            m *= 2
+        m = min(m, n)
+        merged = self.hist.reshape(n // m, m).sum(axis=1)
+        new = np.zeros(n, dtype=np.int64)
+        new[n // 2: n // 2 + n // m] = merged
+        self.hist, self.a, self.signed = new, self.a * m / 2, True
+
+    def edges(self) -> np.ndarray:
+        lo = -self.a if self.signed else 0.0
+        return np.linspace(lo, self.a, self.bins + 1)
 
 
 def quantizable_op_types() -> set[str]:
@@ -136,34 +233,37 @@ def range_from_histogram(
 
 
 def _entropy_threshold(mag: np.ndarray, levels: int) -> int:
-    """Number of magnitude bins to keep that minimises KL(P || Q) (P: clipped reference
-    distribution, Q: its quantization to ``levels`` buckets). Returns a bin count."""
+    """Number of magnitude bins to keep that minimises KL(P || Q), P being the clipped reference
+    distribution and Q its quantization to ``levels`` buckets. All candidate thresholds are
+    evaluated at once as rows of one matrix (no Python loop over candidates)."""
     n = len(mag)
     nq = min(levels + 1, n)
-    best_i, best_kl = n, np.inf
     step = max(1, (n - nq) // 256)
-    for i in range(nq, n + 1, step):
-        p = mag[:i].copy()
-        p[i - 1] += mag[i:].sum()  # the clipped outliers land in the last kept bin
-        if p.sum() == 0:
-            continue
-        group = (np.arange(i) * nq) // i
-        nz = mag[:i] > 0
-        gsum = np.bincount(group, weights=mag[:i], minlength=nq)
-        gcnt = np.bincount(group, weights=nz.astype(np.float64), minlength=nq)
-        q = np.where(nz, gsum[group] / np.maximum(gcnt[group], 1.0), 0.0)
-        ps = p / p.sum()
-        qs_total = q.sum()
-        if qs_total == 0:
-            continue
-        qs = q / qs_total
-        mask = ps > 0
-        # Smooth Q where P has mass and Q has none, so the divergence stays finite.
-        qv = np.where(qs[mask] > 0, qs[mask], 1e-10)
-        kl = float(np.sum(ps[mask] * np.log(ps[mask] / qv)))
-        if kl < best_kl:
-            best_kl, best_i = kl, i
-    return best_i
+    cands = np.arange(nq, n + 1, step)
+    c = len(cands)
+    j = np.arange(n)
+    valid = j[None, :] < cands[:, None]
+    m = np.where(valid, mag[None, :], 0.0)
+    tail = np.concatenate([np.cumsum(mag[::-1])[::-1], [0.0]])  # tail[i] = mag[i:].sum()
+    p = m.copy()
+    p[np.arange(c), cands - 1] += tail[cands]  # the clipped outliers land in the last kept bin
+    group = (j[None, :] * nq) // cands[:, None]
+    flat = np.arange(c)[:, None] * nq + np.minimum(group, nq - 1)
+    nz = valid & (mag[None, :] > 0)
+    gsum = np.bincount(flat[valid], weights=m[valid], minlength=c * nq).reshape(c, nq)
+    gcnt = np.bincount(flat[valid], weights=nz[valid].astype(np.float64), minlength=c * nq).reshape(c, nq)
+    g = np.minimum(group, nq - 1)
+    q = np.where(nz, np.take_along_axis(gsum, g, 1) / np.maximum(np.take_along_axis(gcnt, g, 1), 1.0), 0.0)
+    psum = p.sum(axis=1, keepdims=True)
+    qsum = q.sum(axis=1, keepdims=True)
+    ok = (psum[:, 0] > 0) & (qsum[:, 0] > 0)
+    ps = p / np.where(psum > 0, psum, 1.0)
+    qs = q / np.where(qsum > 0, qsum, 1.0)
+    # Smooth Q where P has mass and Q has none, so the divergence stays finite.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(ps > 0, ps * np.log(ps / np.where(qs > 0, qs, 1e-10)), 0.0)
+    kl = np.where(ok, terms.sum(axis=1), np.inf)
+    return int(cands[int(np.argmin(kl))]) if np.isfinite(kl).any() else n
 
 
 def _mse_threshold(mag: np.ndarray, width: float, levels: int) -> float:
@@ -174,76 +274,184 @@ def _mse_threshold(mag: np.ndarray, width: float, levels: int) -> float:
     cands = np.unique(np.linspace(max(1, n // 64), n, 256).astype(int)) * width
     step = cands / levels
     clip = np.maximum(centers[None, :] - cands[:, None], 0.0)
-    inside = centers[None, :] <= cands[:, None]
-    err = np.where(inside, (step[:, None] ** 2) / 12.0, clip**2 + (step[:, None] ** 2) / 12.0)
+    err = clip**2 + (step[:, None] ** 2) / 12.0
     cost = (err * mag[None, :]).sum(axis=1)
     return float(cands[int(np.argmin(cost))])
 
 
-def calibrate(
+class StatsCache:
+    """Per-tensor calibration statistics on disk, one .npz per (model, data, samples, layout) key."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    @staticmethod
+    def key(parts: dict[str, object]) -> str:
+        blob = json.dumps({**parts, "v": CACHE_VERSION}, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def load(
+        self, key: str, tensors: Sequence[str], need_hist: bool, bins: int
+    ) -> tuple[dict[str, TensorStats], int] | None:
+        path = self.root / f"{key}.npz"
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                names = [str(x) for x in z["names"]]
+                has_hist = bool(z["has_hist"])
+                if (need_hist and not has_hist) or not set(tensors) <= set(names):
+                    return None
+                if has_hist and int(z["hist"].shape[1]) != bins:
+                    return None
+                out: dict[str, TensorStats] = {}
+                for i, name in enumerate(names):
+                    if name not in tensors:
+                        continue
+                    st = TensorStats(bins, has_hist)
+                    st.lo, st.hi = float(z["lo"][i]), float(z["hi"][i])
+                    if has_hist:
+                        st.hist = z["hist"][i].astype(np.int64)
+                        st.a, st.signed = float(z["a"][i]), bool(z["signed"][i])
+                    out[name] = st
+                return out, int(z["samples"])
+        except (OSError, KeyError, ValueError):
+            return None  # a damaged entry is a miss, never an error
+
+    def save(self, key: str, stats: dict[str, TensorStats], samples: int) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        names = sorted(stats)
+        has_hist = all(stats[n].hist is not None for n in names)
+        bins = stats[names[0]].bins if names else NUM_BINS
+        arrays = {
+            "names": np.array(names, dtype=str),
+            "samples": np.array(samples),
+            "lo": np.array([stats[n].lo for n in names], dtype=np.float64),
+            "hi": np.array([stats[n].hi for n in names], dtype=np.float64),
+            "has_hist": np.array(has_hist),
+            "hist": np.stack([stats[n].hist for n in names]) if has_hist and names  # type: ignore[misc]
+            else np.zeros((0, bins), np.int64),
+            "a": np.array([stats[n].a for n in names], dtype=np.float64),
+            "signed": np.array([stats[n].signed for n in names], dtype=bool),
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".npz.tmp")
+        os.close(fd)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)  # type: ignore[arg-type]
+            os.replace(tmp, self.root / f"{key}.npz")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _groups_by_bytes(sizes: dict[str, int], budget: int) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def collect_stats(
     model_path: Path,
     tensors: list[str],
-    batches: Callable[[], Iterable[tuple[dict[str, np.ndarray], int]]],
+    batches: Batches,
     settings: CalibrationSettings,
     providers: list[str],
     threads: int,
     progress: Progress | None = None,
     total_samples: int | None = None,
-) -> CalibrationResult:
-    """Observe ``tensors`` over the calibration batches and return a range for each.
-
-    ``batches`` is called once per pass and must yield (feed, sample_count) pairs.
-    """
-    started = time.perf_counter()
+) -> tuple[dict[str, TensorStats], int, int]:
+    """One streaming pass (or one per group of tensors for very wide models). Returns
+    (stats, samples seen, passes)."""
     model = onnx.load(str(model_path))
-    session = runtime.make_session(augment(model, tensors), providers, threads, "model for calibration")
-    del model
-    out_names = [o.name for o in session.get_outputs()]
-    index = {name: out_names.index(name) for name in tensors}
-    histogram_pass = settings.method != "minmax"
-    passes = 2 if histogram_pass else 1
-
-    def report(done: int, pass_no: int) -> None:
-        if progress and total_samples:
-            progress(min(1.0, (pass_no + done / total_samples) / passes))
-
-    mins = {t: np.inf for t in tensors}
-    maxs = {t: -np.inf for t in tensors}
+    with_hist = settings.method != "minmax"
+    stats = {t: TensorStats(settings.num_bins, with_hist) for t in tensors}
+    groups = [list(tensors)]
+    passes = 0
     samples = 0
-    for feed, n in batches():
-        outs = runtime.run(session, feed, "model during calibration")
-        for t in tensors:
-            a = outs[index[t]]
-            if a.size:
-                mins[t] = min(mins[t], float(np.min(a)))
-                maxs[t] = max(maxs[t], float(np.max(a)))
-        samples += n
-        report(samples, 0)
-    stats = {t: (mins[t], maxs[t]) for t in tensors if np.isfinite(mins[t])}
-    ranges: dict[str, tuple[float, float]] = {}
-    if not histogram_pass:
-        ranges = dict(stats)
-    else:
-        bounds = {t: _hist_range(*stats[t]) for t in stats}
-        hists = {t: np.zeros(settings.num_bins, dtype=np.int64) for t in stats}
-        done = 0
+    g = 0
+    while g < len(groups):
+        group = groups[g]
+        session = runtime.make_session(augment(model, group), providers, threads, "model for calibration")
+        names = [o.name for o in session.get_outputs()]
+        index = {name: names.index(name) for name in group}
+        samples = 0
+        regrouped = False
         for feed, n in batches():
             outs = runtime.run(session, feed, "model during calibration")
-            for t in stats:
-                a = outs[index[t]]
-                h, _ = np.histogram(a, bins=settings.num_bins, range=bounds[t])
-                hists[t] += h
-            done += n
-            report(done, 1)
-        for t in stats:
-            edges = np.linspace(bounds[t][0], bounds[t][1], settings.num_bins + 1)
-            ranges[t] = range_from_histogram(
-                hists[t], edges, settings.method, settings.percentile, stats[t][0], stats[t][1]
-            )
+            if samples == 0 and len(group) > 1:
+                sizes = {t: int(outs[index[t]].nbytes) for t in group}
+                if sum(sizes.values()) > settings.max_bytes_per_run:
+                    # Too wide to observe at once: split this group and start it over.
+                    groups[g: g + 1] = _groups_by_bytes(sizes, settings.max_bytes_per_run)
+                    regrouped = True
+                    break
+            for t in group:
+                stats[t].update(outs[index[t]])
+            samples += n
+            if progress and total_samples:
+                progress(min(1.0, (g + samples / total_samples) / len(groups)))
+        del session
+        if regrouped:
+            continue
+        passes += 1
+        g += 1
+    return stats, samples, passes
+
+
+def ranges_from_stats(stats: dict[str, TensorStats], settings: CalibrationSettings) -> dict[str, tuple[float, float]]:
+    ranges: dict[str, tuple[float, float]] = {}
+    for t, st in stats.items():
+        if not np.isfinite(st.lo):
+            continue  # never produced a finite value: leave it to the quantizer's defaults
+        if settings.method == "minmax" or st.hist is None:
+            ranges[t] = (st.lo, st.hi)
+        else:
+            ranges[t] = range_from_histogram(st.hist, st.edges(), settings.method, settings.percentile, st.lo, st.hi)
     if settings.symmetric:
         ranges = {t: (-max(abs(lo), abs(hi)), max(abs(lo), abs(hi))) for t, (lo, hi) in ranges.items()}
     # A degenerate (constant) tensor still needs a non-empty range.
-    ranges = {t: (lo, hi if hi > lo else lo + 1e-6) for t, (lo, hi) in ranges.items()}
+    return {t: (lo, hi if hi > lo else lo + 1e-6) for t, (lo, hi) in ranges.items()}
+
+
+def calibrate(
+    model_path: Path,
+    tensors: list[str],
+    batches: Batches,
+    settings: CalibrationSettings,
+    providers: list[str],
+    threads: int,
+    progress: Progress | None = None,
+    total_samples: int | None = None,
+    cache: StatsCache | None = None,
+    cache_key: dict[str, object] | None = None,
+) -> CalibrationResult:
+    """Observe ``tensors`` over the calibration batches and return a range for each.
+
+    ``batches`` is called once per pass and must yield (feed, sample_count) pairs. With a cache and
+    a key describing the model and data, statistics are reused across runs and methods.
+    """
+    started = time.perf_counter()
+    key = StatsCache.key(cache_key) if cache is not None and cache_key is not None else None
+    need_hist = settings.method != "minmax"
+    cached = cache.load(key, tensors, need_hist, settings.num_bins) if cache is not None and key else None
+    if cached is not None:
+        (stats, samples), passes = cached, 0
+        if progress:
+            progress(1.0)
+    else:
+        stats, samples, passes = collect_stats(
+            model_path, tensors, batches, settings, providers, threads, progress, total_samples
+        )
+        if cache is not None and key and samples:
+            cache.save(key, stats, samples)
+    ranges = ranges_from_stats(stats, settings)
     return CalibrationResult(
         method=settings.method,
         ranges=ranges,
@@ -251,7 +459,72 @@ def calibrate(
         seconds=time.perf_counter() - started,
         tensors=len(ranges),
         passes=passes,
-        stats=stats,
+        stats={t: (st.lo, st.hi) for t, st in stats.items() if np.isfinite(st.lo)},
+        cache_used=cached is not None,
+    )
+
+
+ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def calibrate_with_ort(
+    model_path: Path,
+    batches: Batches,
+    settings: CalibrationSettings,
+    providers: list[str],
+    work_dir: Path,
+    op_types: Sequence[str] | None = None,
+) -> CalibrationResult:
+    """ONNX Runtime's own calibrators (create_calibrator, collect_data, compute_data), for comparison.
+    They hold every observed activation of every sample in memory."""
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
+
+    from worker.engine.errors import EngineError
+
+    if settings.method not in ORT_METHODS:
+        raise EngineError(
+            "invalid_option",
+            f"ONNX Runtime's calibrators have no '{settings.method}' method; use calibrator 'lowbit' or one of "
+            f"{', '.join(ORT_METHODS)}",
+        )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(batches())
+            self.samples = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            nxt = next(self.it, None)
+            if nxt is None:
+                return None
+            self.samples += nxt[1]
+            return nxt[0]
+
+    started = time.perf_counter()
+    extra: dict[str, object] = {"symmetric": settings.symmetric}
+    if settings.method == "percentile":
+        extra["percentile"] = settings.percentile
+    work_dir.mkdir(parents=True, exist_ok=True)
+    calibrator = create_calibrator(
+        Path(model_path),
+        list(op_types) if op_types else None,
+        augmented_model_path=str(work_dir / "ort_augmented.onnx"),
+        calibrate_method=getattr(CalibrationMethod, ORT_METHODS[settings.method]),
+        providers=providers,
+        extra_options=extra,
+    )
+    reader = Reader()
+    calibrator.collect_data(reader)
+    data = calibrator.compute_data()
+    ranges = {}
+    for name, td in data.data.items():
+        lo, hi = td.range_value
+        ranges[name] = (float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0]))
+    del calibrator
+    ranges = {t: (lo, hi if hi > lo else lo + 1e-6) for t, (lo, hi) in ranges.items()}
+    return CalibrationResult(
+        method=settings.method, ranges=ranges, samples=reader.samples, seconds=time.perf_counter() - started,
+        tensors=len(ranges), passes=1, calibrator="ort",
     )
 
 

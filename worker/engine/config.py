@@ -13,7 +13,8 @@ IMPLEMENTED_RECIPES = ("int8_static", "int8_dynamic")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 RECIPES_NEEDING_CALIBRATION = ("int8_static", "auto", "qat_int8")
 # Options that only mean something when activations are calibrated.
-STATIC_ONLY = frozenset({"method", "symmetric_activations", "percentile", "max_calibration_samples"})
+STATIC_ONLY = frozenset({"method", "symmetric_activations", "percentile", "max_calibration_samples", "calibrator"})
+CALIBRATORS = ("lowbit", "ort")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class RecipeOptions:
     """Options of the int8 recipes. Every field has a default; unknown keys are refused."""
 
     method: str = "minmax"
+    # "lowbit": the streaming calibrator; "ort": ONNX Runtime's own calibrators, for comparison.
+    calibrator: str = "lowbit"
     per_channel: bool = True
     symmetric_activations: bool = False
     percentile: float = 99.99
@@ -106,6 +109,17 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
                 f"option 'method' must be one of {', '.join(CALIBRATION_METHODS)}, got {raw['method']!r}",
             )
         kw["method"] = raw["method"]
+    if "calibrator" in raw:
+        if raw["calibrator"] not in CALIBRATORS:
+            raise EngineError(
+                "invalid_option",
+                f"option 'calibrator' must be one of {', '.join(CALIBRATORS)}, got {raw['calibrator']!r}",
+            )
+        if raw["calibrator"] == "ort" and kw.get("method") == "mse":
+            raise EngineError(
+                "invalid_option", "ONNX Runtime's calibrators have no 'mse' method; use calibrator 'lowbit'"
+            )
+        kw["calibrator"] = raw["calibrator"]
     for name in ("per_channel", "symmetric_activations", "reduce_range"):
         if name in raw:
             kw[name] = _bool(name, raw[name])
@@ -141,3 +155,5 @@ class QuantizeConfig:
     # "auto" uses the CUDA execution provider when this machine has one, else the CPU.
     device: str = "auto"
     job_id: str | None = None
+    # Where calibration statistics are cached across runs; None disables the cache.
+    cache_dir: Path | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -18,10 +19,17 @@ import numpy as np
 import onnx
 
 from worker.engine import runtime
-from worker.engine.calibrate import CalibrationSettings, calibrate, select_tensors, write_ort_ranges
+from worker.engine.calibrate import (
+    CalibrationSettings,
+    StatsCache,
+    calibrate,
+    calibrate_with_ort,
+    select_tensors,
+    write_ort_ranges,
+)
 from worker.engine.config import QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.errors import EngineError
-from worker.engine.feeds import Batch, FeedPlan, iter_batches
+from worker.engine.feeds import Batch, FeedPlan, fixed_batch, iter_batches
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
 from worker.engine.normalize import normalize
 from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
@@ -232,24 +240,51 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
                 yield b.feed, b.count
 
         step("calibrating", 0.0)
-        cal = calibrate(
-            norm.path,
-            tensors,
-            calib_batches,
-            CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations),
-            providers,
-            cfg.threads,
-            progress=lambda f: step("calibrating", f),
-            total_samples=c1 - c0,
-        )
+        settings = CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations)
+        if opts.calibrator == "ort":
+            # ONNX Runtime's histogram collectors stack batches into one array, so every batch must
+            # have the same size: feed one sample at a time unless the model fixes its batch size.
+            ort_plan = plan if fixed_batch(plan, info.inputs) else dataclasses.replace(plan, samples_per_run=1)
+
+            def ort_batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
+                for b in iter_batches(reader, info.inputs, ort_plan, c0, c1):
+                    yield b.feed, b.count
+
+            cal = calibrate_with_ort(norm.path, ort_batches, settings, providers, work / "ort-calibration",
+                                     opts.op_types_to_quantize or None)
+        else:
+            assert cfg.calibration_path is not None
+            cache_key = {
+                "model_sha256": sha256_file(Path(cfg.model_path)),
+                "data_sha256": sha256_file(cfg.calibration_path),
+                "samples": [c0, c1],
+                "per_run": plan.samples_per_run,
+                "modes": plan.modes,
+                "onnxruntime": environment()["onnxruntime"],
+                "lowbit": environment()["lowbit"],
+            }
+            cal = calibrate(
+                norm.path,
+                tensors,
+                calib_batches,
+                settings,
+                providers,
+                cfg.threads,
+                progress=lambda f: step("calibrating", f),
+                total_samples=c1 - c0,
+                cache=StatsCache(cfg.cache_dir) if cfg.cache_dir else None,
+                cache_key=cache_key,
+            )
         if cal.samples == 0:
             raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
-        if c1 - c0 > cal.samples:
+        if c1 - c0 > cal.samples and not cal.cache_used:
             warnings.append(
                 f"{c1 - c0 - cal.samples} calibration sample(s) did not fill a whole batch and were skipped"
             )
         calibration = {
             "method": cal.method,
+            "calibrator": cal.calibrator,
+            "cache_used": cal.cache_used,
             "samples": cal.samples,
             "seconds": round(cal.seconds, 3),
             "tensors": cal.tensors,

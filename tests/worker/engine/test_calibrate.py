@@ -6,7 +6,15 @@ import numpy as np
 import onnx
 import pytest
 
-from worker.engine.calibrate import CalibrationSettings, calibrate, range_from_histogram, select_tensors
+from worker.engine.calibrate import (
+    CalibrationSettings,
+    StatsCache,
+    TensorStats,
+    calibrate,
+    calibrate_with_ort,
+    range_from_histogram,
+    select_tensors,
+)
 from worker.engine.feeds import iter_batches, plan_feeds
 from worker.engine.inspect import inspect_model_file
 from worker.engine.normalize import normalize
@@ -104,7 +112,7 @@ def test_calibrating_a_real_model_with_each_method(zoo: dict[str, Path], tmp_pat
         assert results[m].samples == 40
         assert set(results[m].ranges) == set(tensors)
         assert all(lo < hi for lo, hi in results[m].ranges.values())
-    assert results["minmax"].passes == 1 and results["entropy"].passes == 2
+    assert results["minmax"].passes == 1 and results["entropy"].passes == 1
     assert seen_progress and max(seen_progress) == pytest.approx(1.0)
     mm = results["minmax"].ranges
     x = np.load(zoo["conv_data"])["image"][:40]
@@ -116,3 +124,115 @@ def test_calibrating_a_real_model_with_each_method(zoo: dict[str, Path], tmp_pat
         assert all(r[t][0] >= min(mm[t][0], 0.0) - 1e-6 and r[t][1] <= mm[t][1] + 1e-6 for t in tensors)
         assert any(abs(r[t][1] - mm[t][1]) > 1e-3 * abs(mm[t][1]) for t in tensors), m
     assert results["entropy"].ranges != results["percentile"].ranges != results["mse"].ranges
+
+
+def test_adaptive_histogram_grows_without_losing_counts() -> None:
+    rng = np.random.default_rng(2)
+    st = TensorStats(2048, with_hist=True)
+    parts = [np.abs(rng.standard_normal(5000)), rng.standard_normal(5000) * 4, rng.standard_normal(5000) * 30]
+    for p in parts:  # non-negative first, then signed, then a much wider range
+        st.update(p.astype(np.float32))
+    full = np.concatenate(parts)
+    assert st.signed and st.a >= np.abs(full).max()
+    assert st.hist is not None and st.hist.sum() == full.size
+    assert st.lo == pytest.approx(full.min()) and st.hi == pytest.approx(full.max())
+    # The histogram's mass sits where the data is: compare cumulative shares at a few points.
+    edges = st.edges()
+    cdf = np.cumsum(st.hist) / full.size
+    width = edges[1] - edges[0]
+    for v in (-20.0, -3.0, 0.0, 3.0, 20.0):
+        i = int(np.searchsorted(edges, v)) - 1
+        assert cdf[i] == pytest.approx(np.mean(full <= edges[i + 1]), abs=1e-9)
+        assert abs(edges[i + 1] - v) <= width
+
+
+def _conv_batches(zoo: dict[str, Path], stop: int = 40):  # type: ignore[no-untyped-def]
+    info = inspect_model_file(zoo["conv"])
+    data = inspect_npz(zoo["conv_data"])
+    plan = plan_feeds(info.inputs, data, 8)
+    reader = NpzReader(zoo["conv_data"], data)
+
+    def batches():  # type: ignore[no-untyped-def]
+        for b in iter_batches(reader, info.inputs, plan, 0, stop):
+            yield b.feed, b.count
+
+    return batches
+
+
+@pytest.fixture(scope="module")
+def conv_prepared(zoo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    norm = normalize(zoo["conv"], tmp_path_factory.mktemp("norm"), per_channel=True)
+    return norm.path, select_tensors(onnx.load(str(norm.path)))
+
+
+def test_cache_serves_another_method_without_running_the_model(
+    zoo: dict[str, Path], conv_prepared: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    path, tensors = conv_prepared
+    cache = StatsCache(tmp_path / "cache")
+    key = {"model": "m", "data": "d", "range": [0, 40]}
+    cpu = ["CPUExecutionProvider"]
+    first = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("entropy"), cpu, 1,
+                      total_samples=40, cache=cache, cache_key=key)
+    assert not first.cache_used and first.passes == 1
+
+    def exploding():  # type: ignore[no-untyped-def]
+        raise AssertionError("the model ran although the statistics were cached")
+
+    second = calibrate(path, tensors, exploding, CalibrationSettings("percentile"), cpu, 1,
+                       total_samples=40, cache=cache, cache_key=key)
+    assert second.cache_used and second.passes == 0
+    fresh = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("percentile"), cpu, 1)
+    assert second.ranges == fresh.ranges
+    # A subset of the tensors (another op-type selection) is served from the same entry.
+    third = calibrate(path, tensors[:3], exploding, CalibrationSettings("mse"), cpu, 1, total_samples=40,
+                      cache=cache, cache_key=key)
+    assert third.cache_used and set(third.ranges) == set(tensors[:3])
+    # Other data is another key: a miss.
+    miss = calibrate(path, tensors, _conv_batches(zoo, 32), CalibrationSettings("mse"), cpu, 1,
+                     cache=cache, cache_key={**key, "range": [0, 32]})
+    assert not miss.cache_used
+
+
+def test_wide_models_are_observed_in_groups_with_the_same_result(
+    zoo: dict[str, Path], conv_prepared: tuple[Path, list[str]]
+) -> None:
+    path, tensors = conv_prepared
+    cpu = ["CPUExecutionProvider"]
+    whole = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("entropy"), cpu, 1)
+    grouped = calibrate(path, tensors, _conv_batches(zoo),
+                        CalibrationSettings("entropy", max_bytes_per_run=200_000), cpu, 1)
+    assert grouped.passes > 1 and whole.passes == 1
+    assert set(grouped.ranges) == set(whole.ranges)
+    for t, r in whole.ranges.items():
+        assert grouped.ranges[t] == pytest.approx(r), t
+
+
+def test_minmax_ranges_equal_onnxruntimes(
+    zoo: dict[str, Path], conv_prepared: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    path, tensors = conv_prepared
+    cpu = ["CPUExecutionProvider"]
+    ours = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("minmax"), cpu, 1)
+    theirs = calibrate_with_ort(path, _conv_batches(zoo), CalibrationSettings("minmax"), cpu, tmp_path)
+    assert theirs.calibrator == "ort" and theirs.samples == ours.samples == 40
+    common = set(ours.ranges) & set(theirs.ranges)
+    assert len(common) >= len(tensors) - 1
+    for t in common:
+        assert ours.ranges[t] == pytest.approx(theirs.ranges[t], rel=1e-6, abs=1e-7), t
+
+
+def test_onnxruntimes_default_entropy_is_just_minmax_and_ours_is_not(
+    zoo: dict[str, Path], conv_prepared: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """Why lowbit has its own calibrator: ORT's entropy (128 bins, 128 quantized bins) has one
+    candidate threshold and returns the full range."""
+    path, tensors = conv_prepared
+    cpu = ["CPUExecutionProvider"]
+    mm = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("minmax"), cpu, 1).ranges
+    ort_ent = calibrate_with_ort(path, _conv_batches(zoo), CalibrationSettings("entropy"), cpu, tmp_path).ranges
+    ours = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("entropy"), cpu, 1).ranges
+    common = sorted(set(mm) & set(ort_ent))
+    same_as_minmax = [t for t in common if ort_ent[t][1] == pytest.approx(max(abs(mm[t][0]), abs(mm[t][1])), rel=1e-3)]
+    assert len(same_as_minmax) >= len(common) // 2
+    assert sum(ours[t][1] < mm[t][1] * 0.99 for t in common) >= len(common) // 2

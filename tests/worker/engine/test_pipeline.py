@@ -193,3 +193,29 @@ def test_fixed_batch_one_model_is_fed_one_sample_at_a_time(tmp_path: Path) -> No
     assert rep["calibration"]["samples"] == 24 and rep["accuracy"]["samples"] == 6
     assert rep["latency"]["batch_size"] == 1
     assert rep["accuracy"]["outputs"][0]["cosine"] > 0.99
+
+
+def test_second_run_on_same_model_and_data_reuses_calibration(zoo: dict[str, Path], tmp_path: Path) -> None:
+    def cfg(method: str, out: str) -> QuantizeConfig:
+        return QuantizeConfig(model_path=zoo["conv"], output_path=tmp_path / out, recipe="int8_static",
+                              options=parse_options("int8_static", {"method": method}),
+                              calibration_path=zoo["conv_data"], threads=1, cache_dir=tmp_path / "cache")
+
+    first = run(cfg("entropy", "a.onnx")).report["calibration"]
+    second = run(cfg("percentile", "b.onnx")).report["calibration"]
+    assert first["cache_used"] is False and second["cache_used"] is True
+    assert first["samples"] == second["samples"] and second["passes"] == 0
+    # The cached statistics give the same model as a fresh calibration with that method.
+    fresh = run(QuantizeConfig(**{**cfg("percentile", "c.onnx").__dict__, "cache_dir": None}))
+    assert fresh.report["calibration"]["cache_used"] is False
+    assert fresh.artifact_sha256 == run(cfg("percentile", "d.onnx")).artifact_sha256
+
+
+def test_onnxruntime_calibrator_is_selectable(zoo: dict[str, Path], tmp_path: Path) -> None:
+    res = run(_cfg(zoo, tmp_path, "conv", "int8_static", "conv_data", calibrator="ort", method="percentile"))
+    cal = res.report["calibration"]
+    assert cal["calibrator"] == "ort" and cal["method"] == "percentile" and cal["samples"] > 0
+    assert res.report["accuracy"]["outputs"][0]["cosine"] > 0.98
+    with pytest.raises(EngineError) as e:
+        parse_options("int8_static", {"calibrator": "ort", "method": "mse"})
+    assert e.value.code == "invalid_option"
