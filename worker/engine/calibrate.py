@@ -419,9 +419,9 @@ def collect_stats(
         session = runtime.make_session(blob, providers, threads, "model for calibration")
         names = [o.name for o in session.get_outputs()]
         for feed, n in batches():
-            outs = dict(zip(names, runtime.run(session, feed, "model during calibration"), strict=True))
+            got = dict(zip(names, runtime.run(session, feed, "model during calibration"), strict=True))
             for t, (mn, mx) in pairs.items():
-                stats[t].update(np.array([outs[mn], outs[mx]], dtype=np.float64))
+                stats[t].update(np.array([got[mn], got[mx]], dtype=np.float64))
             samples += n
             if progress and total_samples:
                 progress(min(1.0, samples / total_samples))
