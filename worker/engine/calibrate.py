@@ -275,7 +275,7 @@ def _entropy_threshold(mag: np.ndarray, levels: int) -> int:
     evaluated at once as rows of one matrix (no Python loop over candidates)."""
     n = len(mag)
     nq = min(levels + 1, n)
-    step = max(1, (n - nq) // 256)
+    step = max(1, (n - nq) // 128)
     cands = np.arange(nq, n + 1, step)
     c = len(cands)
     j = np.arange(n)

@@ -81,6 +81,16 @@ def test_percentile_follows_its_parameter(outlier_data: np.ndarray) -> None:
     assert 2.3 < r99 < 2.9
 
 
+def test_entropy_is_not_dragged_down_by_the_zeros_of_a_relu() -> None:
+    """Half the values of a ReLU output are exact zeros. Zero is exact at any threshold, so the
+    threshold must follow the positive part (half-normal: 99.9% below ~3.3), not collapse."""
+    rng = np.random.default_rng(4)
+    x = np.maximum(rng.standard_normal(400_000), 0.0)
+    h, e = _hist(x)
+    lo, hi = range_from_histogram(h, e, "entropy", 99.99, 0.0, float(x.max()))
+    assert lo == 0.0 and 2.5 < hi <= float(x.max())
+
+
 def test_non_negative_tensors_get_a_range_starting_at_zero() -> None:
     x = np.abs(np.random.default_rng(1).standard_normal(50_000))
     x[:5] = 40.0
