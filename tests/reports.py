@@ -32,8 +32,9 @@ def assert_report_complete(report: dict[str, Any], recipe: str) -> None:
     assert report["layers"], "no layers reported"
     for layer in report["layers"]:
         assert {"name", "op_type", "precision", "sqnr_db"} <= set(layer)
-        assert layer["precision"] in ("int8", "fp32")
-    assert any(layer["precision"] == "int8" for layer in report["layers"])
+        assert layer["precision"] in ("int4", "int8", "fp16", "fp32")
+    expected = {"int4_weight_only": "int4", "fp16": "fp16"}.get(recipe, "int8")
+    assert any(layer["precision"] == expected for layer in report["layers"]), expected
     if recipe == "int8_static":
         cal = report["calibration"]
         assert cal["method"] and cal["samples"] > 0 and cal["seconds"] >= 0
@@ -59,3 +60,31 @@ def recompute_cosines(original: Path, quantized: Path, feeds: list[dict[str, np.
         y = np.concatenate([r[k].astype(np.float64).ravel() for r in rb])
         out.append(float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))))
     return out
+
+
+def expected_verdict(report: dict[str, Any]) -> str:
+    """The report page's verdict line for a job with labels, worked out independently of app.pages:
+    size factor, speed factor, label accuracy change in points."""
+    ratio, speed = report["size"]["ratio"], report["latency"]["speedup"]
+    size = f"{1 / ratio:.1f}\u00d7 smaller" if ratio <= 1 else f"{ratio:.1f}\u00d7 larger"
+    faster = f"{speed:.1f}\u00d7 faster" if speed >= 1 else f"{1 / speed:.1f}\u00d7 slower"
+    pt = report["accuracy"]["labels"]["delta"] * 100
+    sign = "\u00b1" if f"{abs(pt):.1f}" == "0.0" else ("\u2212" if pt < 0 else "+")
+    return f"{size}, {faster}, {sign}{abs(pt):.1f} pt label accuracy"
+
+
+def shown_as(value: Any) -> str:
+    """How the report page writes an exact report value (the elements with a data-key attribute)."""
+    if value is None:
+        return "\u2014"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def at(report: dict[str, Any], path: str) -> Any:
+    """report["a"]["b"][0]... for the dotted path 'a.b.0'."""
+    node: Any = report
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node

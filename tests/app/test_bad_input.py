@@ -123,7 +123,11 @@ def test_dataset_that_does_not_fit_the_model(api: Harness, mlp_ids: dict[str, st
     "body, status, code",
     [
         ({"recipe": "int3_magic"}, 422, "unknown_recipe"),
-        ({"recipe": "fp16"}, 422, "recipe_not_available"),
+        ({"recipe": "auto"}, 422, "recipe_not_available"),
+        ({"recipe": "int4_weight_only", "options": {"block_size": 48}}, 422, "invalid_option"),
+        ({"recipe": "int4_weight_only", "options": {"method": "entropy"}}, 422, "unknown_option"),
+        ({"recipe": "int4_weight_only", "options": {"algorithm": "gptq"}, "no_calibration": True}, 422,
+         "calibration_required"),
         ({"recipe": "int8_static", "options": {"bogus": 1}}, 422, "unknown_option"),
         ({"recipe": "int8_static", "options": {"method": "vibes"}}, 422, "invalid_option"),
         ({"recipe": "int8_static", "options": {"batch_size": 0}}, 422, "invalid_option"),

@@ -9,17 +9,31 @@ from typing import Any
 from worker.engine.errors import EngineError
 
 RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "auto", "qat_int8")
-IMPLEMENTED_RECIPES = ("int8_static", "int8_dynamic")
+IMPLEMENTED_RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 RECIPES_NEEDING_CALIBRATION = ("int8_static", "auto", "qat_int8")
-# Options that only mean something when activations are calibrated.
-STATIC_ONLY = frozenset({"method", "symmetric_activations", "percentile", "max_calibration_samples", "calibrator"})
 CALIBRATORS = ("lowbit", "ort")
+INT4_ALGORITHMS = ("rtn", "hqq", "gptq", "clip_search")
+# Algorithms that learn from the calibration set (so its samples never validate).
+INT4_CALIBRATED = ("gptq", "clip_search")
+BLOCK_SIZES = (16, 32, 64, 128)
+
+_COMMON = {"batch_size", "holdout_fraction", "nodes_to_exclude", "latency_runs"}
+# The options each recipe accepts; every other key is refused.
+RECIPE_OPTIONS: dict[str, frozenset[str]] = {
+    "int8_static": frozenset(_COMMON | {"method", "calibrator", "per_channel", "symmetric_activations", "percentile",
+                                        "reduce_range", "max_calibration_samples", "op_types_to_quantize"}),
+    "int8_dynamic": frozenset(_COMMON | {"per_channel", "reduce_range", "op_types_to_quantize"}),
+    "int4_weight_only": frozenset(_COMMON | {"algorithm", "block_size", "symmetric", "accuracy_level",
+                                             "quantize_embeddings", "max_calibration_samples"}),
+    "fp16": frozenset(_COMMON | {"keep_io_types", "op_block_list"}),
+}
 
 
 @dataclass(frozen=True)
 class RecipeOptions:
-    """Options of the int8 recipes. Every field has a default; unknown keys are refused."""
+    """Options of every recipe. Every field has a default; ``parse_options`` refuses the keys a recipe
+    does not take, and ``to_dict`` reports only the recipe's own."""
 
     method: str = "minmax"
     # "lowbit": the streaming calibrator; "ort": ONNX Runtime's own calibrators, for comparison.
@@ -34,12 +48,22 @@ class RecipeOptions:
     nodes_to_exclude: tuple[str, ...] = ()
     op_types_to_quantize: tuple[str, ...] = ()
     latency_runs: int = 30
+    # int4_weight_only. algorithm None: clip_search when calibration data is given, else rtn.
+    algorithm: str | None = None
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 0
+    quantize_embeddings: bool = False
+    # fp16
+    keep_io_types: bool = True
+    op_block_list: tuple[str, ...] | None = None
 
     def to_dict(self, recipe: str = "int8_static") -> dict[str, Any]:
         """The options that apply to ``recipe``, defaults filled in (what a job records and reports)."""
+        keys = RECIPE_OPTIONS.get(recipe, frozenset(f.name for f in fields(self)))
         out: dict[str, Any] = {}
         for f in fields(self):
-            if recipe == "int8_dynamic" and f.name in STATIC_ONLY:
+            if f.name not in keys:
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -54,7 +78,9 @@ def _bool(name: str, value: Any) -> bool:
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise EngineError("invalid_option", f"option '{name}' must be an integer from {lo} to {hi}, got {value!r}")
+        raise EngineError(
+            "invalid_option", f"option '{name}' must be an integer from {lo} to {hi}, got {value!r}"
+        )
     return value
 
 
@@ -63,7 +89,9 @@ def _float(name: str, value: Any, lo: float, hi: float, *, open_hi: bool = False
     if ok:
         ok = lo < float(value) < hi if open_hi else lo <= float(value) <= hi
     if not ok:
-        raise EngineError("invalid_option", f"option '{name}' must be a number between {lo} and {hi}, got {value!r}")
+        raise EngineError(
+            "invalid_option", f"option '{name}' must be a number between {lo} and {hi}, got {value!r}"
+        )
     return float(value)
 
 
@@ -71,6 +99,14 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise EngineError("invalid_option", f"option '{name}' must be a list of strings, got {value!r}")
     return tuple(value)
+
+
+def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
+    if value not in choices or isinstance(value, bool):
+        raise EngineError(
+            "invalid_option", f"option '{name}' must be one of {', '.join(map(str, choices))}, got {value!r}"
+        )
+    return value
 
 
 def check_recipe(recipe: str) -> None:
@@ -90,37 +126,24 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
     """Validate user options for ``recipe``; raises EngineError('invalid_option'|'unknown_option')."""
     check_recipe(recipe)
     raw = dict(raw or {})
-    known = {f.name for f in fields(RecipeOptions)}
-    static_only = STATIC_ONLY
-    unknown = sorted(set(raw) - known)
-    if recipe == "int8_dynamic":
-        unknown += sorted(set(raw) & static_only)
+    allowed = RECIPE_OPTIONS[recipe]
+    unknown = sorted(set(raw) - allowed)
     if unknown:
-        allowed = sorted(known - static_only) if recipe == "int8_dynamic" else sorted(known)
         raise EngineError(
             "unknown_option",
-            f"unknown option(s) for recipe '{recipe}': {', '.join(unknown)}; allowed: {', '.join(allowed)}",
+            f"unknown option(s) for recipe '{recipe}': {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}",
         )
     kw: dict[str, Any] = {}
     if "method" in raw:
-        if raw["method"] not in CALIBRATION_METHODS:
-            raise EngineError(
-                "invalid_option",
-                f"option 'method' must be one of {', '.join(CALIBRATION_METHODS)}, got {raw['method']!r}",
-            )
-        kw["method"] = raw["method"]
+        kw["method"] = _choice("method", raw["method"], CALIBRATION_METHODS)
     if "calibrator" in raw:
-        if raw["calibrator"] not in CALIBRATORS:
-            raise EngineError(
-                "invalid_option",
-                f"option 'calibrator' must be one of {', '.join(CALIBRATORS)}, got {raw['calibrator']!r}",
-            )
+        kw["calibrator"] = _choice("calibrator", raw["calibrator"], CALIBRATORS)
         if raw["calibrator"] == "ort" and kw.get("method") == "mse":
             raise EngineError(
                 "invalid_option", "ONNX Runtime's calibrators have no 'mse' method; use calibrator 'lowbit'"
             )
-        kw["calibrator"] = raw["calibrator"]
-    for name in ("per_channel", "symmetric_activations", "reduce_range"):
+    for name in ("per_channel", "symmetric_activations", "reduce_range", "symmetric", "quantize_embeddings",
+                 "keep_io_types"):
         if name in raw:
             kw[name] = _bool(name, raw[name])
     if "percentile" in raw:
@@ -133,10 +156,26 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
         kw["holdout_fraction"] = _float("holdout_fraction", raw["holdout_fraction"], 0.05, 0.5)
     if "latency_runs" in raw:
         kw["latency_runs"] = _int("latency_runs", raw["latency_runs"], 1, 1000)
-    for name in ("nodes_to_exclude", "op_types_to_quantize"):
+    if "algorithm" in raw:
+        kw["algorithm"] = _choice("algorithm", raw["algorithm"], INT4_ALGORITHMS)
+    if "block_size" in raw:
+        kw["block_size"] = _choice("block_size", raw["block_size"], BLOCK_SIZES)
+    if "accuracy_level" in raw:
+        kw["accuracy_level"] = _int("accuracy_level", raw["accuracy_level"], 0, 4)
+    for name in ("nodes_to_exclude", "op_types_to_quantize", "op_block_list"):
         if name in raw:
             kw[name] = _names(name, raw[name])
     return RecipeOptions(**kw)
+
+
+def calibrates(recipe: str, opts: RecipeOptions, has_calibration: bool) -> bool:
+    """Does this run learn from the calibration set (which then never validates)?"""
+    if recipe in RECIPES_NEEDING_CALIBRATION:
+        return True
+    if recipe == "int4_weight_only":
+        algorithm = opts.algorithm or ("clip_search" if has_calibration else "rtn")
+        return algorithm in INT4_CALIBRATED
+    return False
 
 
 @dataclass(frozen=True)

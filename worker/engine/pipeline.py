@@ -30,7 +30,9 @@ from worker.engine.calibrate import (
 from worker.engine.config import QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.errors import EngineError
 from worker.engine.feeds import Batch, FeedPlan, fixed_batch, iter_batches
+from worker.engine.fp16 import convert_fp16
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
+from worker.engine.int4 import Int4Result, quantize_int4
 from worker.engine.normalize import normalize
 from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
 from worker.engine.preflight import Split, plan_split
@@ -153,6 +155,7 @@ INT8_OPS = {
     "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearConv",
     "QLinearMatMul", "DynamicQuantizeLSTM", "QAttention", "QGemm", "QLinearAdd", "QLinearMul",
 }
+LOW_BIT_OPS = {"MatMulNBits": "int4", "GatherBlockQuantized": "int4"}
 # Activations the QDQ quantizer folds into the quantized range of their input instead of keeping.
 FOLDABLE = {"Relu", "Clip"}
 
@@ -168,6 +171,9 @@ def _layer_map(original: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[st
             for m in quantized.graph.node:
                 if m.op_type == "DequantizeLinear" and m.input and m.input[0] == n.output[0]:
                     dq_of[n.input[0]] = m.output[0]
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in
+             [*quantized.graph.value_info, *quantized.graph.input, *quantized.graph.output]}
+    types.update({t.name: t.data_type for t in quantized.graph.initializer})
     out: dict[str, tuple[str, str, str]] = {}
     for node in original.graph.node:
         if not node.output:
@@ -177,7 +183,13 @@ def _layer_map(original: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[st
         if qn is not None and qn.op_type == node.op_type:
             data_inputs = [i for i in qn.input if i]
             from_dq = [i for i in data_inputs if i in producers and producers[i].op_type == "DequantizeLinear"]
-            precision = "int8" if data_inputs and len(from_dq) == len(data_inputs) else "fp32"
+            if data_inputs and len(from_dq) == len(data_inputs):
+                precision = "int8"
+            elif data_inputs and all(types.get(i) == onnx.TensorProto.FLOAT16 for i in data_inputs if i in types) \
+                    and any(i in types for i in data_inputs):
+                precision = "fp16"
+            else:
+                precision = "fp32"
             out[node.name] = (precision, o, qn.output[0])
             continue
         if node.op_type in FOLDABLE and o in dq_of:
@@ -185,7 +197,8 @@ def _layer_map(original: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[st
             continue
         # Dynamic quantization replaces the node with integer ops named after it, keeping its output name.
         replaced = [q for name, q in q_nodes.items() if node.name and name.startswith(node.name)]
-        precision = "int8" if any(r.op_type in INT8_OPS for r in replaced) else "fp32"
+        low = [LOW_BIT_OPS[r.op_type] for r in replaced if r.op_type in LOW_BIT_OPS]
+        precision = low[0] if low else "int8" if any(r.op_type in INT8_OPS for r in replaced) else "fp32"
         out[node.name] = (precision, o, o if o in producers else "")
     return out
 
@@ -229,6 +242,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     normalized = onnx.load(str(norm.path))
     quant_path = work / "quantized.onnx"
     calibration: dict[str, Any] | None = None
+    int4: Int4Result | None = None
     if cfg.recipe == "int8_static":
         assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
         tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
@@ -296,12 +310,22 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         write_ort_ranges(cal.ranges, ranges_path)
         step("quantizing", 0.0)
         _quantize_static(norm.path, quant_path, ranges_path, opts)
+    elif cfg.recipe == "int4_weight_only":
+        int4 = _run_int4(cfg, opts, info, split, data, norm.path, quant_path, providers, step, warnings)
+        calibration = int4.calibration
+    elif cfg.recipe == "fp16":
+        step("quantizing", 0.0)
+        kept = convert_fp16(norm.path, quant_path, opts)
+        if kept:
+            warnings.append(f"kept in float32 (unsafe or slow in float16): {', '.join(kept)}")
     else:
         step("quantizing", 0.0)
         _quantize_dynamic(norm.path, quant_path, opts)
     step("quantizing", 1.0)
 
     quantized = onnx.load(str(quant_path))
+    if cfg.recipe == "fp16":
+        quantized = onnx.shape_inference.infer_shapes(quantized)
     quant_session = runtime.make_session(quant_path, providers, cfg.threads, "quantized model")
 
     step("validating", 0.0)
@@ -323,6 +347,16 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     warnings.extend(acc.warnings)
     if acc.samples == 0:
         raise EngineError("not_enough_samples", "no evaluation batch could be formed from the dataset")
+    baselines: list[dict[str, Any]] | None = None
+    if int4 is not None and int4.algorithm != "rtn":
+        # What calibration bought: the uncalibrated round-to-nearest model on the very same samples.
+        rtn_path = work / "rtn.onnx"
+        quantize_int4(norm.path, rtn_path, opts, "rtn", None, providers, cfg.threads)
+        rtn_session = runtime.make_session(rtn_path, providers, cfg.threads, "round-to-nearest baseline")
+        base = compare(original_session, rtn_session, eval_batches(), out_names, e1 - e0)
+        baselines = [{"algorithm": "rtn", "block_size": opts.block_size, "outputs": base.outputs,
+                      "labels": base.labels}]
+        del rtn_session
 
     first = next(iter(eval_batches()))
     lat_feed, lat_batch = _first_sample_feed(first.feed, info.inputs, split.eval_plan)
@@ -357,7 +391,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     step("validating", 1.0)
 
     step("reporting", 0.0)
-    if not any(layer["precision"] == "int8" for layer in layers):
+    if all(layer["precision"] == "fp32" for layer in layers):
         warnings.append("no layer was quantized: the model has no operators this recipe quantizes")
     original_bytes = os.path.getsize(cfg.model_path)
     quantized_bytes = os.path.getsize(quant_path)
@@ -365,7 +399,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     if speedup is not None and speedup < 1.0:
         warnings.append(
             f"the quantized model is slower than the original here ({quant_ms:.3f} ms vs {orig_ms:.3f} ms at "
-            f"batch {lat_batch}); int8 speed-ups depend on the CPU's integer instructions and the model's size"
+            f"batch {lat_batch}); speed-ups from low precision depend on the CPU's kernels and the model's size"
         )
     artifact_sha = sha256_file(quant_path)
     report: dict[str, Any] = {
@@ -376,12 +410,16 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             "original_bytes": original_bytes,
             "quantized_bytes": quantized_bytes,
             "ratio": round(quantized_bytes / original_bytes, 6),
+            "bits_per_weight": round(int4.bits_per_weight, 4) if int4 and int4.bits_per_weight else None,
+            "quantized_weight_bytes": int4.weight_bytes_quantized if int4 else None,
+            "fp32_weight_bytes": int4.weight_bytes_fp32 if int4 else None,
         },
         "accuracy": {
             "samples": acc.samples,
             "source": split.source,
             "outputs": acc.outputs,
             "labels": acc.labels,
+            "baselines": baselines,
         },
         "latency": {
             "provider": quant_session.get_providers()[0],
@@ -407,6 +445,45 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     _place(quant_path, Path(cfg.output_path))
     step("reporting", 1.0)
     return QuantizeResult(Path(cfg.output_path), artifact_sha, quantized_bytes, report, warnings)
+
+
+def _run_int4(
+    cfg: QuantizeConfig,
+    opts: RecipeOptions,
+    info: ModelInfo,
+    split: Split,
+    data: _Data,
+    src: Path,
+    dest: Path,
+    providers: list[str],
+    step: ProgressFn,
+    warnings: list[str],
+) -> Int4Result:
+    algorithm = opts.algorithm or ("clip_search" if data.calib_reader is not None else "rtn")
+    batches = None
+    if algorithm in ("clip_search", "gptq"):
+        assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+        reader, plan = data.calib_reader, split.calib_plan
+        c0, c1 = split.calib_range
+
+        def calib_batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
+            for b in iter_batches(reader, info.inputs, plan, c0, c1):
+                yield b.feed, b.count
+
+        batches = calib_batches
+        step("calibrating", 0.0)
+    elif cfg.calibration_path is None:
+        warnings.append(
+            "no calibration data: the 4-bit weights were rounded to nearest without seeing any real input, and "
+            "the accuracy above was measured on synthetic inputs. Round-to-nearest 4-bit can lose accuracy on "
+            "inputs unlike the training data; give a calibration set to calibrate and to measure on real data"
+        )
+    step("quantizing", 0.0)
+    res = quantize_int4(src, dest, opts, algorithm, batches, providers, cfg.threads)
+    warnings.extend(res.warnings)
+    if res.calibration is not None:
+        res.calibration["algorithm"] = algorithm
+    return res
 
 
 def _place(src: Path, dest: Path) -> None:

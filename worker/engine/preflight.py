@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker.engine.config import RECIPES_NEEDING_CALIBRATION, RecipeOptions
+from worker.engine.config import INT4_CALIBRATED, RECIPES_NEEDING_CALIBRATION, RecipeOptions, calibrates
 from worker.engine.errors import EngineError
 from worker.engine.feeds import FeedPlan, plan_feeds
 from worker.engine.inspect import TensorInfo
@@ -41,15 +41,21 @@ def plan_split(
             "calibration_required",
             f"recipe {recipe} needs a calibration dataset (an .npz of a few hundred representative inputs)",
         )
+    if recipe == "int4_weight_only" and opts.algorithm in INT4_CALIBRATED and calib is None:
+        raise EngineError(
+            "calibration_required",
+            f"int4 algorithm '{opts.algorithm}' learns from calibration data: give a calibration dataset, "
+            "or use algorithm 'rtn' (round-to-nearest, no calibration) or 'hqq'",
+        )
     cplan = plan_feeds(inputs, calib, opts.batch_size, "calibration") if calib else None
     eplan = plan_feeds(inputs, ev, opts.batch_size, "evaluation") if ev else None
-    calibrates = recipe in RECIPES_NEEDING_CALIBRATION
+    learns = calibrates(recipe, opts, calib is not None)
     if ev is not None and eplan is not None:
-        c_range = (0, min(calib.num_samples, opts.max_calibration_samples)) if calib and calibrates else None
-        return Split("eval_set", c_range, (0, ev.num_samples), cplan if calibrates else None, eplan)
+        c_range = (0, min(calib.num_samples, opts.max_calibration_samples)) if calib and learns else None
+        return Split("eval_set", c_range, (0, ev.num_samples), cplan if learns else None, eplan)
     if calib is not None and cplan is not None:
         n = calib.num_samples
-        if not calibrates:
+        if not learns:
             # Nothing is calibrated, so every sample can validate.
             return Split("calibration_set", None, (0, n), None, cplan)
         per = cplan.samples_per_run

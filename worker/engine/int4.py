@@ -1,0 +1,357 @@
+"""4-bit blockwise weight-only quantization: MatMul weights to ONNX Runtime's MatMulNBits.
+
+Algorithms: ``rtn`` (round to nearest, no data), ``hqq`` (half-quadratic, no data), ``gptq``
+(ONNX Runtime's GPTQ on the calibration set) and ``clip_search``: for every block of every weight
+column, the clipping ratio that minimises the activation-weighted squared error
+sum_k E[x_k^2] (w_k - q(w_k))^2, with E[x_k^2] measured on the calibration set. Clipping a block's rare
+large weights buys resolution for all the others; the activations say which weights matter. The
+chosen clipping is applied to the float weights, and ONNX Runtime's round-to-nearest kernel then
+quantizes them, so the packed format is ONNX Runtime's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from worker.engine import runtime
+from worker.engine.config import RecipeOptions
+from worker.engine.errors import EngineError
+
+log = logging.getLogger(__name__)
+Batches = Callable[[], Iterable[tuple[dict[str, np.ndarray], int]]]
+# Clipping ratios tried per block: fine steps near 1 (ordinary blocks), and far down (a block whose
+# maximum is a rare outlier many times its typical weight).
+CLIP_GRID = np.unique(np.concatenate([np.linspace(1.0, 0.7, 7), np.geomspace(0.7, 0.02, 14)]))[::-1]
+
+
+@dataclass
+class Int4Result:
+    algorithm: str
+    quantized_layers: list[str]
+    warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+    weights: int = 0
+    weight_bytes_fp32: int = 0
+    weight_bytes_quantized: int = 0
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        return 8.0 * self.weight_bytes_quantized / self.weights if self.weights else None
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite Gemm nodes with a constant weight as MatMul (+ Add for the bias), transposing a
+    ``transB`` weight, so the 4-bit MatMul kernel can take them. Returns how many were rewritten."""
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    new_nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ok = (
+            node.op_type == "Gemm" and len(node.input) >= 2 and node.input[1] in inits
+            and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+            and uses.get(node.input[1], 0) == 1
+        )
+        if not ok:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if attrs.get("transB", 0):
+            w = np.ascontiguousarray(w.T)
+        wname = node.input[1] + "_kn"
+        model.graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), wname))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], wname], [mm_out], name=node.name))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
+                                              name=node.name + "_bias"))
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(new_nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [t for t in model.graph.initializer if t.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return count
+
+
+def find_targets(model: onnx.ModelProto, opts: RecipeOptions) -> tuple[dict[str, str], list[str]]:
+    """MatMul nodes whose weight (input B) is a 2-D float initializer: {node name: weight name}.
+    Also returns warnings naming what stays in float and why."""
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses.setdefault(i, []).append(n.name)
+    targets: dict[str, str] = {}
+    warnings: list[str] = []
+    shared: list[str] = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.name in opts.nodes_to_exclude:
+            continue
+        b = node.input[1]
+        if b not in inits:
+            continue  # activation x activation (attention scores): nothing to quantize
+        t = inits[b]
+        if t.data_type != TensorProto.FLOAT or len(t.dims) != 2:
+            warnings.append(f"MatMul '{node.name}' kept in float: its weight is not a 2-D float32 matrix")
+            continue
+        if len(uses.get(b, [])) > 1:
+            shared.append(node.name)
+            continue
+        k = int(t.dims[0])
+        if k % opts.block_size:
+            warnings.append(
+                f"MatMul '{node.name}': inner dimension {k} is not a multiple of block size {opts.block_size}; "
+                "its last block is zero-padded"
+            )
+        targets[node.name] = b
+    if shared:
+        warnings.append(
+            f"{len(shared)} MatMul(s) share their weight with another node (tied weights) and were kept in "
+            f"float, since quantizing each use would store the weight twice: {', '.join(shared[:5])}"
+        )
+    for node in model.graph.node:
+        if node.op_type == "Gemm" and node.input[1] in inits:
+            warnings.append(f"Gemm '{node.name}' kept in float (alpha/beta/transA or a shared weight)")
+    return targets, warnings
+
+
+def activation_moments(
+    model: onnx.ModelProto, targets: dict[str, str], batches: Batches, providers: list[str], threads: int
+) -> tuple[dict[str, np.ndarray], int]:
+    """E[x_k^2] of each target MatMul's input, per input channel k, over the calibration set."""
+    nodes = {n.name: n for n in model.graph.node}
+    act = {name: nodes[name].input[0] for name in targets}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output} | {i.name for i in m.graph.input}
+    for a in sorted(set(act.values()) - have):
+        m.graph.output.append(onnx.ValueInfoProto(name=a))
+    sess = runtime.make_session(m.SerializeToString(), providers, threads, "model for calibration")
+    names = [o.name for o in sess.get_outputs()]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    samples = 0
+    for feed, n in batches():
+        outs = dict(zip(names, runtime.run(sess, feed, "model during calibration"), strict=True))
+        outs.update(feed)
+        for a in set(act.values()):
+            x = np.asarray(outs[a], dtype=np.float64)
+            x2 = (x * x).reshape(-1, x.shape[-1])
+            sums[a] = sums.get(a, 0.0) + x2.sum(axis=0)
+            counts[a] = counts.get(a, 0) + x2.shape[0]
+        samples += n
+    return {name: sums[a] / max(counts[a], 1) for name, a in act.items() if a in sums}, samples
+
+
+def _ort_block_quant(w: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
+    """Quantize with ONNX Runtime's own 4-bit kernel and dequantize: exactly what MatMulNBits computes
+    with. ``w`` is [K, N]; returns the dequantized [K, N]."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    k, n = w.shape
+    nb = -(-k // block)
+    padded = np.zeros((nb * block, n), dtype=np.float32)
+    padded[:k] = w
+    packed = np.zeros((n, nb, block // 2), dtype=np.uint8)
+    zp = np.zeros((n, (nb + 1) // 2), dtype=np.uint8)
+    scales = np.zeros((n, nb), dtype=np.float32)
+    quantize_matmul_4bits(packed, padded, scales, zp, block, n, nb * block, symmetric)
+    q = np.empty((n, nb, block), dtype=np.int16)
+    q[:, :, 0::2] = packed & 0x0F
+    q[:, :, 1::2] = packed >> 4
+    if symmetric:
+        z = np.full((n, nb), 8, dtype=np.int16)
+    else:
+        zb = np.empty((n, 2 * zp.shape[1]), dtype=np.int16)
+        zb[:, 0::2] = zp & 0x0F
+        zb[:, 1::2] = zp >> 4
+        z = zb[:, :nb]
+    dq = (q - z[:, :, None]) * scales[:, :, None]
+    return dq.reshape(n, nb * block)[:, :k].T.astype(np.float32)
+
+
+def clip_search(w: np.ndarray, h: np.ndarray, block: int, symmetric: bool) -> tuple[np.ndarray, float]:
+    """Per (block, column) clipping ratio minimising sum_k h_k (w_k - q(w_k))^2. Returns the clipped
+    float weight and the mean chosen ratio."""
+    k, n = w.shape
+    nb = -(-k // block)
+    pad = nb * block - k
+    wp = np.pad(w, ((0, pad), (0, 0))).reshape(nb, block, n)
+    hp = np.pad(h, (0, pad)).reshape(nb, block, 1)
+    if symmetric:
+        amax = np.abs(wp).max(axis=1, keepdims=True)
+        lo_b, hi_b = -amax, amax
+    else:
+        lo_b, hi_b = np.minimum(wp.min(axis=1, keepdims=True), 0), np.maximum(wp.max(axis=1, keepdims=True), 0)
+    best_err = np.full((nb, 1, n), np.inf)
+    best_alpha = np.ones((nb, 1, n))
+    for alpha in CLIP_GRID:
+        clipped = np.clip(wp, alpha * lo_b, alpha * hi_b).reshape(nb * block, n)[:k]
+        dq = np.pad(_ort_block_quant(clipped, block, symmetric), ((0, pad), (0, 0))).reshape(nb, block, n)
+        err = (hp * (wp - dq) ** 2).sum(axis=1, keepdims=True)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_alpha = np.where(better, alpha, best_alpha)
+    out = np.clip(wp, best_alpha * lo_b, best_alpha * hi_b).reshape(nb * block, n)[:k]
+    return out.astype(np.float32), float(best_alpha.mean())
+
+
+def _reader(batches: Batches) -> Any:
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    # ONNX Runtime's GPTQ deep-copies the reader, so it holds the (bounded) calibration feeds.
+    pairs = list(batches())
+    feeds = [feed for feed, _ in pairs]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.pos = 0
+            self.samples = sum(n for _, n in pairs)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.pos >= len(feeds):
+                return None
+            self.pos += 1
+            return feeds[self.pos - 1]
+
+        def rewind(self) -> None:
+            self.pos = 0
+
+    return Reader()
+
+
+def quantize_int4(
+    src: Path,
+    dest: Path,
+    opts: RecipeOptions,
+    algorithm: str,
+    batches: Batches | None,
+    providers: list[str],
+    threads: int,
+) -> Int4Result:
+    """Quantize the MatMul weights of ``src`` to 4 bits and write the model to ``dest``."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    model = onnx.load(str(src))
+    rewritten = gemm_to_matmul(model)
+    targets, warnings = find_targets(model, opts)
+    if rewritten:
+        warnings.insert(0, f"rewrote {rewritten} Gemm node(s) as MatMul (+Add) so their weights can be 4-bit")
+    if not targets:
+        raise EngineError(
+            "nothing_to_quantize",
+            "the model has no MatMul with a constant 2-D weight, so there is nothing for 4-bit weight-only "
+            "quantization to do; try int8_dynamic or fp16",
+        )
+    calibration: dict[str, Any] | None = None
+    started = time.perf_counter()
+    quant_axes = (("MatMul", 0), ("Gather", 1))
+    op_types = ("MatMul", "Gather") if opts.quantize_embeddings else ("MatMul",)
+    level = opts.accuracy_level or None
+    if algorithm == "clip_search":
+        assert batches is not None
+        moments, samples = activation_moments(model, targets, batches, providers, threads)
+        inits = {t.name: t for t in model.graph.initializer}
+        ratios = []
+        for name, wname in targets.items():
+            w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+            h = moments.get(name)
+            if h is None or h.shape[0] != w.shape[0]:
+                h = np.ones(w.shape[0])
+            clipped, ratio = clip_search(w, h + 1e-12, opts.block_size, opts.symmetric)
+            ratios.append(ratio)
+            inits[wname].CopyFrom(numpy_helper.from_array(clipped, wname))
+        calibration = {"method": "clip_search", "samples": samples, "seconds": round(time.perf_counter() - started, 3),
+                       "mean_clip_ratio": round(float(np.mean(ratios)), 4)}
+        config: Any = DefaultWeightOnlyQuantConfig(
+            block_size=opts.block_size, is_symmetric=opts.symmetric, accuracy_level=level,
+            op_types_to_quantize=op_types, quant_axes=quant_axes,
+        )
+    elif algorithm == "rtn":
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=opts.block_size, is_symmetric=opts.symmetric, accuracy_level=level,
+            op_types_to_quantize=op_types, quant_axes=quant_axes,
+        )
+    elif algorithm == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=opts.block_size, op_types_to_quantize=op_types,
+                                          quant_axes=quant_axes)
+    elif algorithm == "gptq":
+        assert batches is not None
+        reader = _reader(batches)
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=opts.block_size,
+                                           op_types_to_quantize=op_types)
+    else:  # pragma: no cover - parse_options refuses it
+        raise EngineError("invalid_option", f"unknown int4 algorithm {algorithm}")
+    include = list(targets)
+    if opts.quantize_embeddings:
+        include += [n.name for n in model.graph.node if n.op_type == "Gather"]
+    # ONNX Runtime's nodes_to_include adds to its op-type selection rather than restricting it, so
+    # everything else of those op types is excluded explicitly.
+    exclude = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in set(include)]
+    try:
+        quantizer = MatMulNBitsQuantizer(
+            model, block_size=opts.block_size, is_symmetric=opts.symmetric, accuracy_level=level,
+            nodes_to_exclude=exclude, algo_config=config,
+        )
+        quantizer.process()
+        out_model = quantizer.model.model
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise EngineError(
+            "quantization_failed",
+            f"ONNX Runtime's 4-bit quantizer ({algorithm}) failed on this model: {str(exc).strip()[:400]}",
+        ) from exc
+    if algorithm == "gptq":
+        calibration = {"method": "gptq", "samples": reader.samples, "seconds": round(time.perf_counter() - started, 3)}
+    res = Int4Result(algorithm=algorithm, quantized_layers=[], warnings=warnings, calibration=calibration)
+    _account(model, out_model, res)
+    onnx.save_model(out_model, str(dest))
+    return res
+
+
+def _account(before: onnx.ModelProto, after: onnx.ModelProto, res: Int4Result) -> None:
+    """Bits per weight, including scales and zero points, over the weights that became 4-bit."""
+    inits = {t.name: t for t in after.graph.initializer}
+    for node in after.graph.node:
+        if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+            continue
+        res.quantized_layers.append(node.name)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        stored = [inits[i] for i in node.input[1:] if i in inits]
+        res.weight_bytes_quantized += sum(_nbytes(t) for t in stored)
+        if node.op_type == "MatMulNBits":
+            count = int(attrs["K"]) * int(attrs["N"])
+        else:
+            data = inits[node.input[0]]
+            count = int(np.prod(data.dims)) * (2 if data.data_type in (TensorProto.UINT8, TensorProto.INT8) else 1)
+        res.weights += count
+        res.weight_bytes_fp32 += 4 * count
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    if t.raw_data:
+        return len(t.raw_data)
+    return int(numpy_helper.to_array(t).nbytes)
