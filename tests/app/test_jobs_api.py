@@ -231,3 +231,28 @@ def test_second_job_on_the_same_data_uses_the_calibration_cache(api: Harness, zo
     cals = [api.client.get(f"/api/v1/jobs/{i}/report").json()["calibration"] for i in ids]
     assert [c["cache_used"] for c in cals] == [False, True]
     assert [c["method"] for c in cals] == ["mse", "entropy"]
+
+
+def test_int4_and_fp16_jobs_end_to_end(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["tf"])
+    d = upload_dataset(api.client, zoo["tf_data"])
+    ids = {}
+    for recipe, options in (("int4_weight_only", {"block_size": 16}), ("fp16", {})):
+        r = submit(api.client, model_id=m["id"], calibration_dataset_id=d["id"], recipe=recipe, options=options)
+        assert r.status_code == 202, r.text
+        ids[recipe] = r.json()["id"]
+    assert api.run_queued() == ["succeeded", "succeeded"]
+    for recipe, job_id in ids.items():
+        report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+        assert_report_complete(report, recipe)
+        art = api.client.get(f"/api/v1/jobs/{job_id}/artifact")
+        path = Path(api.settings.data_dir) / f"{recipe}.onnx"
+        path.write_bytes(art.content)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        x = np.load(zoo["tf_data"])
+        (out,) = sess.run(None, {"input_ids": x["input_ids"][:2], "attention_mask": x["attention_mask"][:2]})
+        assert out.shape == (2, 16, 1000)
+    int4 = api.client.get(f"/api/v1/jobs/{ids['int4_weight_only']}/report").json()
+    assert int4["calibration"]["algorithm"] == "clip_search"
+    assert int4["accuracy"]["baselines"][0]["algorithm"] == "rtn"
+    assert int4["size"]["bits_per_weight"] == 6.0

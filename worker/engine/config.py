@@ -127,6 +127,10 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
     check_recipe(recipe)
     raw = dict(raw or {})
     allowed = RECIPE_OPTIONS[recipe]
+    # None means "the default" for the options whose default is decided at run time.
+    for name in ("algorithm", "op_block_list"):
+        if name in raw and raw[name] is None:
+            del raw[name]
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise EngineError(
