@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from app.datasets.routes import router as datasets_router
 from app.db import make_engine, make_sessionmaker
@@ -10,8 +11,10 @@ from app.errors import install_handlers
 from app.health.routes import router as health_router
 from app.jobs.routes import router as jobs_router
 from app.models.routes import router as models_router
+from app.pages.routes import STATIC_DIR
 from app.pages.routes import router as pages_router
 from app.queue import CeleryQueue, JobQueue
+from app.security import SecurityHeaders
 from app.settings import Settings, get_settings
 from app.storage import Storage
 
@@ -34,4 +37,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     install_handlers(app)
     for r in (models_router, datasets_router, jobs_router, health_router, pages_router):
         app.include_router(r)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    docs = tuple(p for p in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p)
+    app.add_middleware(SecurityHeaders, exempt_from_csp=docs)
     return app

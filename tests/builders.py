@@ -57,8 +57,9 @@ def mlp(path: Path, in_features: int = 20, classes: int = 5, seed: int = 0) -> P
 
 
 def tiny_transformer(path: Path, vocab: int = 1000, dim: int = 64, seq: int = 16, layers: int = 1,
-                     seed: int = 0) -> Path:
-    """A transformer encoder over int64 token ids: [N, seq] int64 (+ mask) -> [N, seq, vocab] logits."""
+                     seed: int = 0, classes: int | None = None) -> Path:
+    """A transformer encoder over int64 token ids: [N, seq] int64 (+ mask) -> [N, seq, vocab] logits, or with
+    ``classes``, a text classifier: mean-pooled over the unmasked tokens -> [N, classes] scores."""
     import torch
     from torch import nn
 
@@ -75,7 +76,7 @@ def tiny_transformer(path: Path, vocab: int = 1000, dim: int = 64, seq: int = 16
                     "ln1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
                     "ln2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim),
                 }))
-            self.head = nn.Linear(dim, vocab)
+            self.head = nn.Linear(dim, classes or vocab)
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             x = self.emb(input_ids) + self.pos
@@ -86,6 +87,9 @@ def tiny_transformer(path: Path, vocab: int = 1000, dim: int = 64, seq: int = 16
                 att = torch.softmax(q @ k.transpose(-1, -2) / dim**0.5 + bias, dim=-1)
                 x = x + blk["proj"](att @ v)
                 x = x + blk["fc2"](torch.nn.functional.gelu(blk["fc1"](blk["ln2"](x))))
+            if classes:
+                m = attention_mask.to(x.dtype)[:, :, None]
+                return self.head((x * m).sum(1) / m.sum(1).clamp(min=1.0))
             return self.head(x)
 
     ids = torch.randint(0, vocab, (1, seq))
@@ -169,3 +173,58 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+SCRIPT_TAG = "<script>alert(1)</script>"
+IMG_TAG = '"><img src=x onerror=alert(1)>'
+
+
+def hostile_mlp(path: Path, seed: int = 0) -> Path:
+    """An MLP whose node, output and graph names (and doc string) are HTML/JS injection attempts."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32) * 0.3, "w1")
+    b1 = numpy_helper.from_array(rng.standard_normal(32).astype(np.float32) * 0.1, "b1")
+    w2 = numpy_helper.from_array(rng.standard_normal((32, 4)).astype(np.float32) * 0.3, "w2")
+    out = f"scores{IMG_TAG}"
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name=SCRIPT_TAG),
+        helper.make_node("Add", ["h", "b1"], ["hb"], name=f"add{IMG_TAG}"),
+        helper.make_node("Relu", ["hb"], ["r"], name=IMG_TAG),
+        helper.make_node("MatMul", ["r", "w2"], [out], name=f"head{SCRIPT_TAG}"),
+    ]
+    graph = helper.make_graph(
+        nodes, f"graph{SCRIPT_TAG}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["batch", 4])],
+        [w1, b1, w2],
+        doc_string=IMG_TAG,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name=SCRIPT_TAG)
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def mismatched_mlp(path: Path) -> Path:
+    """A model that loads and passes every upload check but cannot run on 20-feature data: its input's
+    feature axis is symbolic while the weight expects 16. Jobs on it fail in the worker, with a message."""
+    w = numpy_helper.from_array(np.full((16, 4), 0.1, np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="matmul")], "mismatched",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "features"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lowbit-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def token_labels(path: Path, model: Path, n: int = 32, vocab: int = 1000, seq: int = 64, seed: int = 1) -> Path:
+    """Token data with a labels array the classifier ``model`` mostly gets right."""
+    tokens = np.load(token_data(path, n=n, vocab=vocab, seq=seq, seed=seed))
+    feed = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+    return save_npz(path, **feed, labels=_labels_from_model(model, feed))

@@ -101,8 +101,17 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return z
 
 
+# Where the browser tests saved their screenshots (set by tests/e2e/test_browser.py), for the summary.
+SCREENSHOTS = pytest.StashKey[Path]()
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Name every skipped test, so a run without PostgreSQL or Redis says exactly what it did not run."""
+    """Name every skipped test, so a run without PostgreSQL or Redis says exactly what it did not run; say where
+    the browser tests' screenshots are."""
+    shots = terminalreporter.config.stash.get(SCREENSHOTS, None)
+    if shots is not None:
+        terminalreporter.section("screenshots")
+        terminalreporter.line(f"page screenshots saved in {shots}")
     skipped = terminalreporter.stats.get("skipped", [])
     if not skipped:
         return

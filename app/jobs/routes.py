@@ -14,6 +14,7 @@ from app.datasets import service as datasets
 from app.deps import get_db, get_storage
 from app.errors import Invalid, Unavailable
 from app.jobs import service
+from app.jobs.models import Job
 from app.jobs.schemas import JobCreate, JobList, JobOut
 from app.models import service as models
 from app.storage import Storage
@@ -104,6 +105,12 @@ async def submit_job(request: Request, db: Session = Depends(get_db),
                       code="unsupported_media_type", status_code=415)
     await run_in_threadpool(db.commit)
     out = service.to_out(job)
+    await enqueue_committed(request, db, job)
+    return out
+
+
+async def enqueue_committed(request: Request, db: Session, job: Job) -> None:
+    """Hand a committed job to the broker; if the broker is down, record the job as failed and raise 503."""
     try:
         await run_in_threadpool(request.app.state.queue.enqueue, job.id, job.queue)
     except Exception as exc:  # the broker is down: the job must not sit in 'queued' forever
@@ -112,7 +119,6 @@ async def submit_job(request: Request, db: Session = Depends(get_db),
         await run_in_threadpool(db.commit)
         raise Unavailable("the job queue is unreachable; the job was recorded as failed, try again shortly",
                           code="broker_unavailable") from exc
-    return out
 
 
 @router.get("", response_model=JobList)

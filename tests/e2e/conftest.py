@@ -81,6 +81,25 @@ def wait_job(client: httpx.Client, job_id: str, proc: Proc, timeout: float = 240
     pytest.fail(f"job {job_id} did not finish in {timeout}s:\n{proc.tail()}")
 
 
+def start_serve(data: Path, log: Path, timeout: float = 60.0) -> tuple[Proc, httpx.Client]:
+    """`lowbit serve` (embedded worker, SQLite, filesystem broker) on a free port, once /readyz says ready."""
+    port = free_port()
+    proc = Proc(lowbit_cmd("serve", "--port", str(port)), env_for(data), log)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.get("/readyz").status_code == 200:
+                return proc, client
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not proc.alive():
+            client.close()
+            proc.stop()
+            pytest.fail(f"lowbit serve did not become ready:\n{proc.tail()}")
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="session")
 def big(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 20 MB+ transformer with int64 inputs and its token data."""

@@ -7,10 +7,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.e2e.conftest import Proc, env_for, free_port, lowbit_cmd, wait_job
+from tests.e2e.conftest import start_serve, wait_job
 from tests.e2e.flows import check_against_report, run_job
 
 pytestmark = pytest.mark.slow
@@ -19,20 +18,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     data = tmp_path_factory.mktemp("embedded") / "lowbit-data"
-    port = free_port()
-    proc = Proc(lowbit_cmd("serve", "--port", str(port)), env_for(data), data.parent / "serve.log")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+    proc, client = start_serve(data, data.parent / "serve.log")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or not proc.alive():
-                pytest.fail(f"lowbit serve did not become ready:\n{proc.tail()}")
-            time.sleep(0.3)
         yield client, proc, data, tmp_path_factory.mktemp("embedded-out")
     finally:
         client.close()

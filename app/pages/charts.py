@@ -1,0 +1,199 @@
+"""Charts as inline SVG drawn on the server: no JavaScript, nothing loaded from elsewhere.
+
+Every piece of text that reaches the SVG (layer and output names come from the user's model) goes
+through ``markupsafe.escape``; elements are built with :func:`el`, never by pasting strings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from markupsafe import Markup, escape
+
+from app.pages.present import fmt_bytes, fmt_db, fmt_ms, layers_worst_first
+
+ROW = 26
+DETAIL_ROW = 16
+BAR = 16
+TOP = 8
+CHAR_W = 7.5  # rough width of one character of the 13-unit label font, to shorten long names
+MAX_LAYERS = 40
+COLOURS = {"original": "#7c8797", "quantized": "#2364aa", "int8": "#2364aa", "fp32": "#c0661d", "none": "#bbbbbb"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes in SVG user units; the SVG scales to its box, so these set the proportions and the text size."""
+
+    width: int
+    label_w: int
+    value_w: int
+
+
+SMALL = Layout(360, 80, 90)  # two bars, before and after
+WIDE = Layout(560, 200, 130)  # one row per layer or output
+
+_ids = itertools.count(1)
+
+
+def el(tag: str, *children: Markup | str, **attrs: Any) -> Markup:
+    """``<tag attrs>children</tag>`` with every attribute value and every plain-str child escaped.
+
+    Attribute names: a trailing underscore is dropped (``class_``), other underscores become dashes.
+    """
+    parts = [tag]
+    for name, value in attrs.items():
+        if value is None:
+            continue
+        parts.append(f'{name.rstrip("_").replace("_", "-")}="{escape(str(value))}"')
+    inner = Markup("").join(escape(c) for c in children)
+    return Markup("<{}>{}</{}>").format(Markup(" ".join(parts)), inner, Markup(tag))
+
+
+def _num(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def shorten(text: str, limit: int) -> str:
+    """Long layer names keep their start and their end: '/encoder/layers.0/…/MatMul'."""
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return f"{text[:half]}\u2026{text[-(limit - 1 - half):]}"
+
+
+@dataclass(frozen=True)
+class Bar:
+    label: str
+    value: float | None  # None: no bar, the text says why
+    text: str
+    kind: str  # a COLOURS key
+    tooltip: str = ""
+    detail: str = ""  # a second, smaller line under the bar
+
+
+def tick_step(top: float, most: int = 6) -> float:
+    """A round axis step (1, 2 or 5 times a power of ten) giving at most ``most`` ticks up to ``top``."""
+    step = 10.0 ** math.floor(math.log10(top / most)) if top > 0 else 1.0
+    for factor in (1, 2, 5, 10):
+        if top / (step * factor) <= most:
+            return step * factor
+    return step * 10  # pragma: no cover - the loop always returns
+
+
+def bar_chart(title: str, desc: str, bars: list[Bar], layout: Layout = WIDE, *, css: str = "chart",
+              legend: list[tuple[str, str]] | None = None, axis: str = "") -> Markup:
+    """A horizontal bar chart: label column, bars scaled to the largest value, the value as text.
+
+    Bars of kind 'fp32' are hatched as well as coloured, so they read without colour. With ``axis`` (a unit),
+    light grid lines with round values run under the bars.
+    """
+    uid = f"c{next(_ids)}"
+    row_h = ROW + (DETAIL_ROW if any(b.detail for b in bars) else 0)
+    top = TOP + (ROW if legend else 0)
+    scale_max = max([b.value for b in bars if b.value is not None and b.value > 0] or [1.0])
+    step = tick_step(scale_max) if axis else 0.0
+    if axis:
+        scale_max = step * math.ceil(scale_max / step)
+    bottom = top + row_h * len(bars)
+    height = bottom + (ROW if axis else 0) + TOP
+    span = layout.width - layout.label_w - layout.value_w
+    limit = int((layout.label_w - 10) / CHAR_W)
+    hatch = el("pattern",
+               el("rect", width="6", height="6", fill=COLOURS["fp32"]),
+               el("path", d="M-1 1L1 -1M0 6L6 0M5 7L7 5", stroke="#ffffff", stroke_width="1.5"),
+               id=f"{uid}-hatch", width="6", height="6", patternUnits="userSpaceOnUse")
+    body: list[Markup] = [
+        el("title", title, id=f"{uid}-t"),
+        el("desc", desc, id=f"{uid}-d"),
+        el("defs", hatch),
+    ]
+    if legend:
+        x = float(layout.label_w)
+        for kind, text in legend:
+            fill = f"url(#{uid}-hatch)" if kind == "fp32" else COLOURS[kind]
+            body.append(el("rect", x=_num(x), y=TOP + 4, width="12", height="12", fill=fill))
+            body.append(el("text", text, x=_num(x + 16), y=TOP + 15, class_="legend"))
+            x += 28 + CHAR_W * len(text)
+    if axis:
+        ticks = int(round(scale_max / step))
+        for k in range(ticks + 1):
+            x = layout.label_w + span * k / ticks
+            # one segment per row, so the grid never runs through a row's second line of text
+            d = "".join(f"M{x:.1f} {top + i * row_h}v{ROW}" for i in range(len(bars)))
+            body.append(el("path", d=d, stroke="#dde2e8", fill="none", class_="grid"))
+            label = f"{step * k:g}" + (f" {axis}" if k == ticks else "")
+            body.append(el("text", label, x=_num(x), y=bottom + 15, text_anchor="middle", class_="tick"))
+    for i, b in enumerate(bars):
+        y = top + i * row_h
+        bar_y = y + (ROW - BAR) // 2
+        text_y = bar_y + 13
+        row: list[Markup | str] = []
+        if b.tooltip:
+            row.append(el("title", b.tooltip))
+        row.append(el("text", shorten(b.label, limit), x=layout.label_w - 8, y=text_y, text_anchor="end",
+                      class_="label"))
+        w = 0.0
+        if b.value is not None and b.value > 0:
+            w = max(1.0, span * b.value / scale_max)
+            fill = f"url(#{uid}-hatch)" if b.kind == "fp32" else COLOURS.get(b.kind, COLOURS["quantized"])
+            row.append(el("rect", x=layout.label_w, y=bar_y, width=_num(w), height=BAR, fill=fill,
+                          class_=f"bar bar-{b.kind}"))
+        row.append(el("text", b.text, x=_num(layout.label_w + w + 6), y=text_y, class_="value"))
+        if b.detail:
+            row.append(el("text", b.detail, x=layout.label_w, y=text_y + DETAIL_ROW + 2, class_="detail"))
+        body.append(el("g", *row, class_="row"))
+    return el("svg", *body, xmlns="http://www.w3.org/2000/svg", viewBox=f"0 0 {layout.width} {height}",
+              role="img", aria_labelledby=f"{uid}-t {uid}-d", class_=css, preserveAspectRatio="xMinYMin meet")
+
+
+def size_chart(size: dict[str, Any]) -> Markup:
+    """Original and quantized file size."""
+    o, q = size.get("original_bytes"), size.get("quantized_bytes")
+    return bar_chart(
+        "Model size", f"original {fmt_bytes(o)}, quantized {fmt_bytes(q)}",
+        [Bar("original", o, fmt_bytes(o), "original"), Bar("quantized", q, fmt_bytes(q), "quantized")],
+        SMALL, css="chart chart-small",
+    )
+
+
+def latency_chart(latency: dict[str, Any]) -> Markup:
+    """Original and quantized p50 latency."""
+    o, q = latency.get("original_ms_p50"), latency.get("quantized_ms_p50")
+    return bar_chart(
+        "Latency (p50)", f"original {fmt_ms(o)}, quantized {fmt_ms(q)}",
+        [Bar("original", o, fmt_ms(o), "original"), Bar("quantized", q, fmt_ms(q), "quantized")],
+        SMALL, css="chart chart-small",
+    )
+
+
+def layer_chart(layers: list[dict[str, Any]]) -> tuple[Markup, int]:
+    """Per-layer SQNR, worst first, layers kept in float hatched; returns the chart and how many it shows."""
+    ordered = layers_worst_first(layers)[:MAX_LAYERS]
+    bars = []
+    for layer in ordered:
+        precision = str(layer.get("precision", "?"))
+        sqnr = layer.get("sqnr_db")
+        kind = "fp32" if precision != "int8" else "int8"
+        text = f"{fmt_db(sqnr)} \u00b7 {precision}"
+        tip = f"{layer.get('name', '')} ({layer.get('op_type', '')}, {precision}): {fmt_db(sqnr)}"
+        bars.append(Bar(str(layer.get("name", "")), sqnr, text, kind, tip))
+    desc = "Signal-to-quantization-noise ratio of each layer's output, lowest (worst) first; higher is better."
+    chart = bar_chart("Per-layer SQNR", desc, bars, css="chart chart-wide chart-layers",
+                      legend=[("int8", "int8"), ("fp32", "kept in float (fp32)")], axis="dB")
+    return chart, len(ordered)
+
+
+def output_chart(outputs: list[dict[str, Any]]) -> Markup:
+    """Per-output SQNR, with cosine and max abs error in words under each bar."""
+    bars = []
+    for o in outputs:
+        detail = f"cosine {o['cosine']:.5f} \u00b7 max abs error {o['max_abs_error']:.3g}" \
+            if o.get("cosine") is not None and o.get("max_abs_error") is not None else ""
+        name = str(o.get("name", ""))
+        bars.append(Bar(name, o.get("sqnr_db"), fmt_db(o.get("sqnr_db")), "quantized", name, detail))
+    desc = "Error of each model output, quantized against original: SQNR (higher is better), cosine, max abs error."
+    return bar_chart("Per-output error", desc, bars, css="chart chart-wide chart-outputs", axis="dB")

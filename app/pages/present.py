@@ -1,0 +1,310 @@
+"""Presentation of a report: number formatting, the headline accuracy figure, summary cards and the verdict.
+
+Pure functions of the report JSON (the same dict ``GET /api/v1/jobs/{id}/report`` returns), so the page and
+the API can never disagree. Keys a report does not have yet (older or newer engines) degrade to "n/a".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from worker.engine.config import RecipeOptions
+
+MINUS = "\u2212"
+NA = "n/a"
+STAGES = ("preparing", "calibrating", "quantizing", "validating", "reporting")
+STATUS_WORDS = {
+    "queued": "Queued",
+    "running": "Running",
+    "succeeded": "Succeeded",
+    "failed": "Failed",
+    "cancelled": "Cancelled",
+}
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def fmt_bytes(n: int | None) -> str:
+    """Bytes in SI units with one decimal: 59906 -> '59.9 kB'."""
+    if n is None:
+        return NA
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def fmt_ms(ms: float | None) -> str:
+    """Milliseconds with three significant digits: '0.0404 ms', '12.3 ms', '1234 ms'."""
+    if ms is None:
+        return NA
+    if ms >= 100:
+        return f"{ms:.0f} ms"
+    if ms >= 10:
+        return f"{ms:.1f} ms"
+    if ms >= 1:
+        return f"{ms:.2f} ms"
+    return f"{ms:.3g} ms"
+
+
+def fmt_factor(x: float) -> str:
+    """A multiplier: 2.62 -> '2.6×'."""
+    return f"{x:.1f}\u00d7"
+
+
+def fmt_signed(x: float, digits: int = 1) -> str:
+    """A signed number with a real minus sign, and '±' for a change that rounds to zero."""
+    text = f"{abs(x):.{digits}f}"
+    if float(text) == 0:
+        return f"\u00b1{text}"
+    return f"{MINUS if x < 0 else '+'}{text}"
+
+
+def fmt_pct(fraction: float | None) -> str:
+    """A fraction as a percentage: 0.905 -> '90.5 %'."""
+    return NA if fraction is None else f"{fraction * 100:.1f} %"
+
+
+def fmt_db(db: float | None) -> str:
+    return NA if db is None else f"{db:.1f} dB"
+
+
+def fmt_time(t: datetime | None) -> str:
+    return "" if t is None else t.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def fmt_raw(value: Any) -> str:
+    """A report value shown exactly as the JSON has it (numbers unrounded); None as an em dash."""
+    if value is None:
+        return "\u2014"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def fmt_shape(shape: list[Any] | tuple[Any, ...] | None) -> str:
+    """A tensor shape: ['batch', 3, 32, 32] -> '[batch, 3, 32, 32]'."""
+    return "[" + ", ".join(str(d) for d in shape or ()) + "]"
+
+
+def clean_message(text: str | None) -> str:
+    """An error message for display: terminal colour codes and control characters removed."""
+    return _CONTROL.sub("", _ANSI.sub("", text or "")).strip()
+
+
+def size_phrase(ratio: float | None) -> str:
+    """'2.6× smaller' (or larger) from quantized/original."""
+    if not ratio:
+        return "size not measured"
+    if ratio <= 1:
+        return f"{fmt_factor(1 / ratio)} smaller"
+    return f"{fmt_factor(ratio)} larger"
+
+
+def speed_phrase(speedup: float | None) -> str:
+    """'2.1× faster' or '1.4× slower' from original/quantized latency."""
+    if not speedup:
+        return "latency not measured"
+    if speedup >= 1:
+        return f"{fmt_factor(speedup)} faster"
+    return f"{fmt_factor(1 / speedup)} slower"
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The one accuracy figure a reader looks at first, before and after quantization."""
+
+    key: str  # 'labels' | 'top1_agreement' | 'cosine'
+    metric: str
+    before: str
+    after: str
+    delta: str
+    phrase: str  # as it appears in the verdict line
+    note: str
+
+
+def accuracy_headline(report: dict[str, Any]) -> Headline | None:
+    """Label accuracy when labels were given, else top-1 agreement, else cosine similarity (worst output)."""
+    acc = report.get("accuracy") or {}
+    outputs = acc.get("outputs") or []
+    samples = acc.get("samples")
+    labels = acc.get("labels")
+    if labels:
+        delta = fmt_signed(labels["delta"] * 100)
+        return Headline("labels", "Label accuracy", fmt_pct(labels["original"]), fmt_pct(labels["quantized"]),
+                        f"{delta} pt", f"{delta} pt label accuracy",
+                        f"top-1 against the given labels, {labels.get('samples', samples)} samples")
+    several = f" (worst of {len(outputs)} outputs)" if len(outputs) > 1 else ""
+    top1 = [o["top1_agreement"] for o in outputs if o.get("top1_agreement") is not None]
+    if top1:
+        worst = min(top1)
+        return Headline("top1_agreement", "Top-1 agreement", "100.0 %", fmt_pct(worst),
+                        f"{fmt_signed((worst - 1) * 100)} pt", f"{fmt_pct(worst)} top-1 agreement",
+                        f"same top class as the original model{several}, {samples} samples")
+    cosines = [o["cosine"] for o in outputs if o.get("cosine") is not None]
+    if cosines:
+        worst = min(cosines)
+        return Headline("cosine", "Cosine similarity", "1.00000", f"{worst:.5f}", fmt_signed(worst - 1, 5),
+                        f"cosine {worst:.5f}", f"outputs compared with the original's{several}, {samples} samples")
+    return None
+
+
+def target_text(target: dict[str, Any]) -> str:
+    """'label_accuracy drop ≤ 0.05' or 'cosine ≥ 0.99'."""
+    metric = str(target.get("metric", "?"))
+    if target.get("min") is not None:
+        return f"{metric} \u2265 {target['min']}"
+    if target.get("max_drop") is not None:
+        return f"{metric} drop \u2264 {target['max_drop']}"
+    return metric
+
+
+def target_verdict(target: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(word, tone) for a job's accuracy target: ('met', 'good'), ('not met', 'bad') or ('not measurable', ...)."""
+    if not target:
+        return None
+    met = target.get("met")
+    if met is True:
+        return "met", "good"
+    if met is False:
+        return "not met", "bad"
+    return "could not be measured", "warn"
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """One line to decide on: '2.6× smaller, 1.4× slower, ±0.0 pt label accuracy; meets the target …'."""
+    parts = [
+        size_phrase((report.get("size") or {}).get("ratio")),
+        speed_phrase((report.get("latency") or {}).get("speedup")),
+    ]
+    head = accuracy_headline(report)
+    if head:
+        parts.append(head.phrase)
+    line = ", ".join(parts)
+    target = report.get("accuracy_target")
+    tv = target_verdict(target)
+    if target and tv:
+        word = {"met": "meets", "not met": "misses"}.get(tv[0])
+        line += f"; {word} the accuracy target ({target_text(target)})" if word else \
+            f"; the accuracy target ({target_text(target)}) could not be measured"
+    return line
+
+
+def verdict_tone(report: dict[str, Any]) -> str:
+    """'bad' when the accuracy target was missed; 'warn' when the model got larger or slower or the target could
+    not be measured; else 'good'."""
+    tv = target_verdict(report.get("accuracy_target"))
+    if tv and tv[1] != "good":
+        return tv[1]
+    ratio = (report.get("size") or {}).get("ratio")
+    speedup = (report.get("latency") or {}).get("speedup")
+    if (ratio is not None and ratio > 1) or (speedup is not None and speedup < 1):
+        return "warn"
+    return "good"
+
+
+SOURCES = {
+    "eval_set": "the evaluation set",
+    "calibration_holdout": "a held-out share of the calibration data, never used to calibrate",
+    "calibration_set": "the calibration data (this recipe does not calibrate, so nothing was held out)",
+    "synthetic": "synthetic inputs, since no data was given: they say little about accuracy on real data",
+}
+
+
+def source_text(source: str | None) -> str:
+    """Where the accuracy was measured, in words."""
+    return SOURCES.get(source or "", str(source))
+
+
+# What to do next, by error code, for a failed job (the message says what happened).
+FAILURE_HINTS = {
+    "model_run_failed": "The model could not run on the given data. Check that every array has the shape and "
+    "dtype the model computes with (symbolic axes accept any size, the layers behind them may not), and that "
+    "the model runs in ONNX Runtime on a few samples.",
+    "model_not_runnable": "ONNX Runtime cannot load this model. Check it with "
+    "onnxruntime.InferenceSession('model.onnx') and re-export it if that fails.",
+    "quantization_failed": "Excluding the node the message names (option nodes_to_exclude, API only) or the "
+    "int8_dynamic recipe may get past this.",
+    "not_enough_samples": "Upload more samples, or choose a smaller batch size.",
+    "broker_unavailable": "The job queue could not be reached when the job was submitted. Submit it again.",
+    "model_missing": "The model's file is gone from the server's storage. Upload it again.",
+    "internal_error": "This is a lowbit problem, not your model's; please report it with the message above.",
+}
+
+
+def failure_hint(code: str | None) -> str:
+    """One sentence on what to do about a failed job's error code."""
+    return FAILURE_HINTS.get(code or "", "Fix what the message names, then submit the job again.")
+
+
+def layers_worst_first(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Layers by SQNR, lowest first; layers without a measurement last."""
+    return sorted(layers, key=lambda layer: (layer.get("sqnr_db") is None, layer.get("sqnr_db") or 0.0))
+
+
+CALIBRATION_LABELS = {
+    "method": "Method",
+    "calibrator": "Calibrator",
+    "samples": "Samples",
+    "seconds": "Time (s)",
+    "tensors": "Tensors calibrated",
+    "passes": "Passes over the data",
+    "percentile": "Percentile",
+    "symmetric_activations": "Symmetric activations",
+    "cache_used": "Statistics from cache",
+}
+
+
+def calibration_rows(calibration: dict[str, Any] | None) -> list[tuple[str, str, Any]]:
+    """(label, key, value) for every calibration detail the report has, known keys first, new keys too."""
+    if not calibration:
+        return []
+    rows = [(label, k, calibration[k]) for k, label in CALIBRATION_LABELS.items() if k in calibration]
+    rows += [(k.replace("_", " ").capitalize(), k, v) for k, v in calibration.items()
+             if k not in CALIBRATION_LABELS and not isinstance(v, (dict, list))]
+    return rows
+
+
+def config_json(recipe: str, options: dict[str, Any], target: dict[str, Any] | None) -> str:
+    """The job's configuration as the JSON a client would submit again."""
+    body: dict[str, Any] = {"recipe": recipe, "options": options}
+    if target:
+        body["accuracy_target"] = {k: v for k, v in target.items() if k not in ("value", "met")}
+    return json.dumps(body, indent=2, sort_keys=False)
+
+
+def cli_command(recipe: str, options: dict[str, Any], model_name: str, calib_name: str | None,
+                eval_name: str | None) -> str:
+    """The offline ``lowbit quantize`` command that runs the same recipe with the same options."""
+    defaults = RecipeOptions().to_dict(recipe)
+    argv = ["lowbit", "quantize", model_name]
+    if calib_name:
+        argv += ["--calib", calib_name]
+    if eval_name:
+        argv += ["--eval", eval_name]
+    argv += ["--recipe", recipe]
+    for key, value in options.items():
+        if key in defaults and defaults[key] == value:
+            continue
+        if key == "method":
+            argv += ["--method", str(value)]
+        else:
+            argv += ["--option", f"{key}={json.dumps(value)}"]
+    stem = model_name.rsplit(".", 1)[0] or "model"
+    argv += ["-o", f"{stem}.{recipe}.onnx", "--report", "report.json"]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def list_summary(report: dict[str, Any] | None) -> tuple[str, str]:
+    """(size, accuracy) cells of the job list for a finished job: '0.381 (2.6× smaller)', '±0.0 pt label acc.'."""
+    if not report:
+        return "", ""
+    ratio = (report.get("size") or {}).get("ratio")
+    size = f"{ratio:.3f} ({size_phrase(ratio)})" if ratio else NA
+    head = accuracy_headline(report)
+    return size, head.phrase if head else NA

@@ -1,0 +1,231 @@
+"""What the pages need: the job list and a job's page read from the database, and the upload form turned
+into a job with the same services the API uses. Nothing here commits; the routes do."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+from starlette.datastructures import FormData, UploadFile
+
+from app.datasets import service as datasets
+from app.datasets.models import Dataset
+from app.errors import Invalid, from_engine
+from app.jobs import service as jobs
+from app.jobs.models import Job
+from app.jobs.schemas import JobCreate, JobOut
+from app.models import service as models
+from app.models.models import ModelFile
+from app.pages import charts, present
+from app.storage import Storage
+from worker.engine.config import CALIBRATION_METHODS, parse_options
+from worker.engine.errors import EngineError
+
+PAGE_SIZE = 25
+FORM_RECIPES = {
+    "int8_static": "int8_static (calibrated)",
+    "int8_dynamic": "int8_dynamic (no calibration)",
+}
+TARGET_METRICS = {
+    "": "no target",
+    "label_accuracy": "label accuracy (needs a labels array)",
+    "top1_agreement": "top-1 agreement with the original",
+    "cosine": "cosine similarity",
+    "sqnr_db": "SQNR (dB)",
+}
+TARGET_BOUNDS = {"max_drop": "may drop at most", "min": "must be at least"}
+
+
+@dataclass
+class FormValues:
+    """The upload form's fields as the user typed them (files cannot be refilled by a server)."""
+
+    recipe: str = "int8_static"
+    method: str = "minmax"
+    per_channel: bool = True
+    batch_size: str = ""
+    target_metric: str = ""
+    target_bound: str = "max_drop"
+    target_value: str = ""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job: JobOut
+    model_name: str
+    size: str
+    accuracy: str
+    created: str
+
+
+def list_context(db: Session, cursor: str | None, limit: int = PAGE_SIZE) -> dict[str, Any]:
+    """The job list page: newest first, one page, with model names and size/accuracy at a glance."""
+    rows, next_cursor = jobs.list_jobs(db, None, limit, cursor)
+    ids = {j.model_id for j in rows}
+    names: dict[str, str] = {}
+    if ids:
+        for model_id, filename in db.execute(sa.select(ModelFile.id, ModelFile.filename).where(ModelFile.id.in_(ids))):
+            names[model_id] = filename
+    items = []
+    for j in rows:
+        size, accuracy = present.list_summary(j.report)
+        items.append(JobRow(jobs.to_out(j), names.get(j.model_id, "?"), size, accuracy,
+                            present.fmt_time(j.created_at)))
+    query = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+    return {
+        "rows": items,
+        "next_cursor": next_cursor,
+        "cursor": cursor,
+        "api_url": f"/api/v1/jobs?{urlencode(query)}",
+        "form": FormValues(),
+        "form_error": None,
+        "choices": {"recipes": FORM_RECIPES, "methods": CALIBRATION_METHODS, "metrics": TARGET_METRICS,
+                    "bounds": TARGET_BOUNDS},
+        "status_words": present.STATUS_WORDS,
+    }
+
+
+def _dataset(db: Session, dataset_id: str | None) -> Dataset | None:
+    return db.get(Dataset, dataset_id) if dataset_id else None
+
+
+def job_context(db: Session, job_id: str) -> dict[str, Any]:
+    """A job's page: status and progress while it runs; the report, charts and provenance when it is done."""
+    job = jobs.get_job(db, job_id)
+    model = models.get_model(db, job.model_id)
+    calib, ev = _dataset(db, job.calibration_dataset_id), _dataset(db, job.eval_dataset_id)
+    out = jobs.to_out(job)
+    ctx: dict[str, Any] = {
+        "job": out,
+        "model": model,
+        "calib": calib,
+        "eval": ev,
+        "status_word": present.STATUS_WORDS.get(job.status, job.status),
+        "stages": present.STAGES,
+        "stage_index": present.STAGES.index(job.stage) if job.stage in present.STAGES else -1,
+        "error_message": present.clean_message(job.error_message),
+        "failure_hint": present.failure_hint(job.error_code),
+        "times": {k: present.fmt_time(getattr(job, k)) for k in ("created_at", "started_at", "finished_at")},
+        "report": job.report,
+        "config_json": present.config_json(job.recipe, job.options, job.accuracy_target),
+    }
+    if job.report:
+        ctx.update(report_context(job.report, model.filename, calib.filename if calib else None,
+                                  ev.filename if ev else None))
+    return ctx
+
+
+def report_context(report: dict[str, Any], model_name: str, calib_name: str | None,
+                   eval_name: str | None) -> dict[str, Any]:
+    """Everything the finished report renders, computed from the report JSON alone."""
+    layers = report.get("layers") or []
+    layer_svg, layers_shown = charts.layer_chart(layers)
+    return {
+        "verdict": present.verdict(report),
+        "verdict_tone": present.verdict_tone(report),
+        "headline": present.accuracy_headline(report),
+        "source_text": present.source_text((report.get("accuracy") or {}).get("source")),
+        "target": report.get("accuracy_target"),
+        "target_text": present.target_text(report["accuracy_target"]) if report.get("accuracy_target") else "",
+        "target_verdict": present.target_verdict(report.get("accuracy_target")),
+        "size_phrase": present.size_phrase((report.get("size") or {}).get("ratio")),
+        "speed_phrase": present.speed_phrase((report.get("latency") or {}).get("speedup")),
+        "charts": {
+            "size": charts.size_chart(report.get("size") or {}),
+            "latency": charts.latency_chart(report.get("latency") or {}),
+            "layers": layer_svg,
+            "outputs": charts.output_chart((report.get("accuracy") or {}).get("outputs") or []),
+        },
+        "layers_shown": layers_shown,
+        "fp32_layers": sum(1 for layer in layers if layer.get("precision") != "int8"),
+        "calibration_rows": present.calibration_rows(report.get("calibration")),
+        "cli": present.cli_command(report.get("recipe", ""), report.get("options") or {}, model_name, calib_name,
+                                   eval_name),
+    }
+
+
+def _text(form: FormData, name: str, default: str = "") -> str:
+    value = form.get(name)
+    return value.strip() if isinstance(value, str) else default
+
+
+def _file(form: FormData, name: str) -> UploadFile | None:
+    """A chosen file; browsers send an unchosen file input as an empty part without a file name."""
+    value = form.get(name)
+    if isinstance(value, UploadFile) and value.filename:
+        return value
+    return None
+
+
+def form_values(form: FormData) -> FormValues:
+    """What was submitted, to fill the form in again next to an error message."""
+    return FormValues(
+        recipe=_text(form, "recipe", "int8_static"),
+        method=_text(form, "method", "minmax"),
+        per_channel=_text(form, "per_channel") in ("on", "true", "1"),
+        batch_size=_text(form, "batch_size"),
+        target_metric=_text(form, "target_metric"),
+        target_bound=_text(form, "target_bound", "max_drop"),
+        target_value=_text(form, "target_value"),
+    )
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'form'}: {e['msg']}" for e in exc.errors())
+
+
+def form_config(values: FormValues) -> dict[str, Any]:
+    """The form's fields as a job configuration (recipe, options, accuracy_target); Invalid if a field is wrong."""
+    if values.recipe not in FORM_RECIPES:
+        raise Invalid(f"unknown recipe '{values.recipe}'; choose one of {', '.join(FORM_RECIPES)}",
+                      code="unknown_recipe")
+    options: dict[str, Any] = {"per_channel": values.per_channel}
+    if values.recipe == "int8_static":
+        options["method"] = values.method
+    if values.batch_size:
+        try:
+            options["batch_size"] = int(values.batch_size)
+        except ValueError:
+            raise Invalid(f"batch size must be a whole number from 1 to 1024, got '{values.batch_size}'",
+                          code="invalid_option") from None
+    config: dict[str, Any] = {"recipe": values.recipe, "options": options}
+    if values.target_metric:
+        if values.target_bound not in TARGET_BOUNDS:
+            raise Invalid("the accuracy target needs 'may drop at most' or 'must be at least'",
+                          code="invalid_target")
+        try:
+            bound = float(values.target_value)
+        except ValueError:
+            raise Invalid(f"give the accuracy target a number (e.g. 0.01 or 0.99), got '{values.target_value}'",
+                          code="invalid_target") from None
+        config["accuracy_target"] = {"metric": values.target_metric, values.target_bound: bound}
+    try:
+        parse_options(values.recipe, options)
+        JobCreate.model_validate({"model_id": "", **config})
+    except EngineError as exc:
+        raise from_engine(exc) from exc
+    except ValidationError as exc:
+        raise Invalid(_validation_message(exc), code="invalid_target") from exc
+    return config
+
+
+def submit_form(db: Session, storage: Storage, form: FormData, max_bytes: int, default_queue: str) -> Job:
+    """Check the fields, store the uploaded files and record a queued job (the caller commits and enqueues)."""
+    config = form_config(form_values(form))
+    model_file = _file(form, "model")
+    if model_file is None:
+        raise Invalid("choose a model file (.onnx) to upload", code="missing_field")
+    calib_file, eval_file = _file(form, "calibration"), _file(form, "eval")
+    if config["recipe"] == "int8_static" and calib_file is None:
+        raise Invalid("int8_static calibrates activation ranges on your data: choose a calibration file (.npz), "
+                      "or pick int8_dynamic", code="calibration_required")
+    model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes)
+    ids: dict[str, str] = {"model_id": model.id}
+    for f, key in ((calib_file, "calibration_dataset_id"), (eval_file, "eval_dataset_id")):
+        if f is not None:
+            ids[key] = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes).id
+    return jobs.create_job(db, JobCreate.model_validate({**config, **ids}), default_queue)

@@ -1,0 +1,387 @@
+"""The HTML pages at the HTTP level: the upload form, the job list, the report page and its charts, failed,
+cancelled and running states, escaping of hostile model text, and the security headers."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from markupsafe import escape
+
+from app.jobs.models import Job
+from app.pages import charts, present
+from app.security import CSP
+from tests import builders
+from tests.app.conftest import Harness
+from tests.app.helpers import submit, upload_model
+from tests.reports import at, expected_verdict, shown_as
+
+FORM = {"recipe": "int8_static", "method": "entropy", "per_channel": "on", "batch_size": "4"}
+
+
+class Tags(HTMLParser):
+    """Every start tag with its attributes, as a browser's parser would see them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def tags_of(html: str) -> list[tuple[str, dict[str, str | None]]]:
+    p = Tags()
+    p.feed(html)
+    return p.tags
+
+
+def post_form(h: Harness, files: dict[str, tuple[str, bytes]], **fields: str) -> Any:
+    return h.client.post("/jobs/new", files=files, data={**FORM, **fields}, follow_redirects=False)
+
+
+def submit_through_form(h: Harness, files: dict[str, tuple[str, bytes]], **fields: str) -> str:
+    r = post_form(h, files, **fields)
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].rsplit("/", 1)[-1]
+    assert r.headers["location"] == f"/jobs/{job_id}"
+    return job_id
+
+
+def keyed_values(html: str) -> dict[str, str]:
+    """data-key="path" -> the text of that element."""
+    return {k: v for k, v in re.findall(r'<span data-key="([^"]+)">([^<]*)</span>', html)}
+
+
+def test_form_submission_runs_a_job_and_its_page_shows_the_report(api: Harness, zoo: dict[str, Path]) -> None:
+    files = {"model": ("conv.onnx", zoo["conv"].read_bytes()),
+             "calibration": ("conv_data.npz", zoo["conv_data"].read_bytes()),
+             "eval": ("conv_eval.npz", zoo["conv_eval"].read_bytes())}
+    job_id = submit_through_form(api, files, target_metric="label_accuracy", target_bound="max_drop",
+                                 target_value="0.05")
+    assert api.queue.committed_before_enqueue == [True] and api.queue.enqueued == [(job_id, "cpu")]
+    job = api.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["options"]["method"] == "entropy" and job["options"]["batch_size"] == 4
+    assert job["options"]["per_channel"] is True
+    assert job["accuracy_target"] == {"metric": "label_accuracy", "max_drop": 0.05}
+    assert job["eval_dataset_id"] and job["calibration_dataset_id"]
+
+    queued = api.client.get(f"/jobs/{job_id}")
+    assert queued.status_code == 200 and f'data-live-job="{job_id}"' in queued.text
+    assert '<progress max="100" value="0"' in queued.text and "waiting for a worker" in queued.text
+
+    assert api.run_queued() == ["succeeded"]
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    page = api.client.get(f"/jobs/{job_id}")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert "data-live-job" not in html  # finished: nothing left to poll
+
+    verdict = re.search(r'<p data-field="verdict">([^<]*)</p>', html)
+    assert verdict is not None
+    assert verdict.group(1).startswith(expected_verdict(report))
+    met = "meets" if report["accuracy_target"]["met"] else "misses"
+    assert f"{met} the accuracy target (label_accuracy drop \u2264 0.05)" in verdict.group(1)
+
+    # Every exact number on the page is the report's number.
+    values = keyed_values(html)
+    for key in ("size.original_bytes", "size.quantized_bytes", "size.ratio", "latency.original_ms_p50",
+                "latency.quantized_ms_p50", "latency.speedup", "accuracy.samples", "accuracy.outputs.0.cosine",
+                "accuracy.outputs.0.sqnr_db", "accuracy.outputs.0.max_abs_error", "accuracy.outputs.0.top1_agreement",
+                "accuracy.labels.original", "accuracy.labels.quantized", "accuracy.labels.delta",
+                "calibration.method", "calibration.samples", "calibration.seconds", "model.quantized_sha256",
+                "accuracy_target.value"):
+        assert key in values, key
+    for key, text in values.items():
+        assert text == shown_as(at(report, key)), key
+    for i in range(len(report["layers"])):
+        assert f"layers.{i}.sqnr_db" in values
+
+    # Four server-drawn charts, inline; no <img>, no external resources.
+    tags = tags_of(html)
+    assert sum(1 for t, _ in tags if t == "svg") == 4
+    assert not [t for t, _ in tags if t in ("img", "iframe", "object", "embed")]
+    assert {a.get("src") for t, a in tags if t == "script"} == {"/static/live.js", "/static/sort.js"}
+    assert {a.get("href") for t, a in tags if t == "link"} == {"data:,", "/static/style.css"}
+    assert not [a for _, a in tags if "style" in a]
+    assert "<style" not in html
+
+    # Downloads, calibration, warnings and the reproducibility box.
+    assert f'href="/api/v1/jobs/{job_id}/artifact"' in html and f'href="/api/v1/jobs/{job_id}/report"' in html
+    assert report["model"]["original_sha256"] in html and report["model"]["quantized_sha256"] in html
+    assert "conv_data.npz" in html and "conv_eval.npz" in html
+    for lib in ("onnxruntime", "onnx", "torch", "python"):
+        assert f"<dt>{lib}</dt><dd>{report['environment'][lib]}</dd>" in html
+    config = re.search(r'<pre data-field="config">([^<]*)</pre>', html)
+    assert config is not None
+    assert json.loads(config.group(1).replace("&#34;", '"')) == {
+        "recipe": "int8_static", "options": report["options"],
+        "accuracy_target": {"metric": "label_accuracy", "max_drop": 0.05}}
+    assert "lowbit quantize conv.onnx --calib conv_data.npz --eval conv_eval.npz --recipe int8_static " \
+           "--method entropy --option batch_size=4 -o conv.int8_static.onnx --report report.json" in html
+    for w in report["warnings"]:
+        assert str(escape(w)) in html
+
+    # The list shows it with its size ratio and accuracy change.
+    listing = api.client.get("/").text
+    row = re.search(rf'<tr data-job-id="{job_id}" data-status="succeeded">(.*?)</tr>', listing, re.S)
+    assert row is not None
+    assert "conv.onnx" in row.group(1) and "Succeeded" in row.group(1)
+    assert f"{report['size']['ratio']:.3f} ({1 / report['size']['ratio']:.1f}\u00d7 smaller)" in row.group(1)
+    assert "pt label accuracy" in row.group(1)
+
+
+def test_headers_on_pages_static_files_and_api(sqlite_api: Harness) -> None:
+    c = sqlite_api.client
+    for url in ("/", "/static/style.css", "/static/live.js", "/static/sort.js", "/api/v1/jobs", "/healthz",
+                "/jobs/00000000-0000-0000-0000-000000000000"):
+        r = c.get(url)
+        assert r.headers["x-content-type-options"] == "nosniff", url
+        assert r.headers["content-security-policy"] == CSP, url
+    assert c.get("/").headers["x-frame-options"] == "DENY"
+    assert c.get("/static/style.css").headers["content-type"].startswith("text/css")
+    assert "javascript" in c.get("/static/live.js").headers["content-type"]
+    docs = c.get("/docs")
+    assert docs.status_code == 200 and "content-security-policy" not in docs.headers
+    assert docs.headers["x-content-type-options"] == "nosniff"
+    # A browser gets an error page; other clients the API's JSON error.
+    html = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    missing = c.get("/jobs/00000000-0000-0000-0000-000000000000", headers=html)
+    assert missing.status_code == 404 and "text/html" in missing.headers["content-type"]
+    assert "no job with id" in missing.text and "job_not_found" in missing.text
+    assert missing.headers["content-security-policy"] == CSP
+    assert c.get("/jobs/00000000-0000-0000-0000-000000000000").json()["error"]["code"] == "job_not_found"
+    bad_cursor = c.get("/?cursor=!!nonsense", headers=html)
+    assert bad_cursor.status_code == 422 and "the cursor is not valid" in bad_cursor.text
+    assert c.get("/?cursor=!!nonsense").json()["error"]["code"] == "invalid_cursor"
+
+
+def test_a_hostile_model_renders_as_text(sqlite_api: Harness, tmp_path: Path) -> None:
+    model = builders.hostile_mlp(tmp_path / "hostile.onnx")
+    rng = np.random.default_rng(0)
+    data = builders.save_npz(tmp_path / "h.npz", x=rng.standard_normal((40, 16)).astype(np.float32))
+    name = f"{builders.IMG_TAG}.onnx"
+    job_id = submit_through_form(sqlite_api, {"model": (name, model.read_bytes()),
+                                              "calibration": (f"{builders.IMG_TAG}.npz", data.read_bytes())},
+                                 batch_size="")
+    assert sqlite_api.run_queued() == ["succeeded"]
+    report = sqlite_api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    assert any(builders.SCRIPT_TAG in layer["name"] for layer in report["layers"])
+    assert builders.IMG_TAG in report["accuracy"]["outputs"][0]["name"]
+    for url in (f"/jobs/{job_id}", "/"):
+        html = sqlite_api.client.get(url).text
+        assert builders.SCRIPT_TAG not in html and builders.IMG_TAG not in html and "<img" not in html
+        assert "&gt;&lt;img src=x onerror=alert(1)&gt;" in html  # the file name (a client may send %22 for ")
+        tags = tags_of(html)
+        assert not [t for t, _ in tags if t == "img"]
+        assert all((a.get("src") or "").startswith("/static/") for t, a in tags if t == "script")
+        assert not [k for _, a in tags for k in a if k.startswith("on")]
+    page = sqlite_api.client.get(f"/jobs/{job_id}").text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # layer names, in the table and in the chart
+    assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in page  # a layer and the output
+    assert page.count("<svg") == 4
+
+
+def test_form_mistakes_show_the_form_again_with_the_reason(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    model = ("mlp.onnx", zoo["mlp"].read_bytes())
+    calib = ("mlp_data.npz", zoo["mlp_data"].read_bytes())
+    cases: list[tuple[dict[str, Any], dict[str, str], int, str]] = [
+        ({}, {}, 422, "choose a model file"),
+        ({"model": model}, {}, 422, "choose a calibration file"),
+        ({"model": model, "calibration": calib}, {"batch_size": "eight"}, 422, "batch size must be a whole number"),
+        ({"model": model, "calibration": calib}, {"batch_size": "0"}, 422, "batch_size"),
+        ({"model": model, "calibration": calib}, {"recipe": "int4_weight_only"}, 422, "unknown recipe"),
+        ({"model": model, "calibration": calib}, {"target_metric": "cosine", "target_value": ""}, 422,
+         "give the accuracy target a number"),
+        ({"model": model, "calibration": calib},
+         {"target_metric": "cosine", "target_bound": "max_drop", "target_value": "-1"}, 422, "greater than or equal"),
+        ({"model": ("model.onnx", b"not a model"), "calibration": calib}, {}, 422, "model"),
+        ({"model": ("weights.pt", b"pickle"), "calibration": calib}, {}, 422, "pickled PyTorch checkpoint"),
+        ({"model": model, "calibration": ("d.npz", builders.npz_bytes(other=np.zeros((4, 3), np.float32)))},
+         {}, 422, "features"),
+    ]
+    for files, fields, status, message in cases:
+        r = post_form(sqlite_api, files, **fields)
+        assert r.status_code == status, (fields, r.text[:300])
+        assert "text/html" in r.headers["content-type"]
+        error = re.search(r'<span data-field="form-error">([^<]*)</span>', r.text)
+        assert error is not None and message in error.group(1), (message, error and error.group(1))
+        assert 'action="/jobs/new"' in r.text
+    # What was typed is kept.
+    r = post_form(sqlite_api, {"model": model}, method="percentile", batch_size="16", target_metric="cosine",
+                  target_bound="min", target_value="0.99")
+    assert '<option value="percentile" selected>' in r.text and 'value="16"' in r.text
+    assert '<option value="min" selected>' in r.text and 'value="0.99"' in r.text
+    assert '<option value="cosine" selected>' in r.text
+    # Nothing was recorded or queued by any of these.
+    assert sqlite_api.client.get("/api/v1/jobs").json()["items"] == []
+    assert sqlite_api.queue.enqueued == []
+
+
+def test_dynamic_recipe_without_calibration_through_the_form(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    job_id = submit_through_form(sqlite_api, {"model": ("mlp.onnx", zoo["mlp"].read_bytes()),
+                                              "calibration": ("", b"")},
+                                 recipe="int8_dynamic", per_channel="", method="entropy")
+    job = sqlite_api.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["calibration_dataset_id"] is None and job["options"]["per_channel"] is False
+    assert "method" not in job["options"]
+    assert sqlite_api.run_queued() == ["succeeded"]
+    html = sqlite_api.client.get(f"/jobs/{job_id}").text
+    assert "nothing was calibrated" in html and "synthetic" in html
+
+
+def test_broker_down_on_form_submission(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    sqlite_api.queue.fail = True
+    r = post_form(sqlite_api, {"model": ("mlp.onnx", zoo["mlp"].read_bytes()),
+                               "calibration": ("d.npz", zoo["mlp_data"].read_bytes())})
+    assert r.status_code == 503 and "job queue is unreachable" in r.text
+    [job] = sqlite_api.client.get("/api/v1/jobs").json()["items"]
+    assert job["status"] == "failed" and job["error"]["code"] == "broker_unavailable"
+    page = sqlite_api.client.get(f"/jobs/{job['id']}").text
+    assert "The job failed" in page and "broker_unavailable" in page
+
+
+def test_failed_job_page_says_what_went_wrong(sqlite_api: Harness, tmp_path: Path) -> None:
+    model = builders.mismatched_mlp(tmp_path / "mismatched.onnx")
+    data = builders.save_npz(tmp_path / "d.npz", x=np.ones((20, 20), np.float32))
+    job_id = submit_through_form(sqlite_api, {"model": ("mismatched.onnx", model.read_bytes()),
+                                              "calibration": ("d.npz", data.read_bytes())})
+    assert sqlite_api.run_queued() == ["failed"]
+    job = sqlite_api.client.get(f"/api/v1/jobs/{job_id}").json()
+    html = sqlite_api.client.get(f"/jobs/{job_id}").text
+    assert f"The job failed while {job['stage']}" in html
+    assert f'<code data-field="error-code">{job["error"]["code"]}</code>' in html
+    message = re.search(r'<p class="errmsg" data-field="error-message">([^<]*)</p>', html, re.S)
+    assert message is not None and "dimension mismatch" in message.group(1)
+    assert "\x1b" not in message.group(1)
+    assert "What to do:</strong> The model could not run on the given data" in html
+    assert 'class="badge status-failed" data-field="status">Failed<' in html
+    assert "data-live-job" not in html and "<svg" not in html
+    row = re.search(rf'<tr data-job-id="{job_id}" data-status="failed">(.*?)</tr>', sqlite_api.client.get("/").text,
+                    re.S)
+    assert row is not None and "Failed" in row.group(1) and job["error"]["code"] in row.group(1)
+
+
+def test_cancel_from_the_page(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(sqlite_api.client, zoo["mlp"])
+    job_id = submit(sqlite_api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+    r = sqlite_api.client.post(f"/jobs/{job_id}/cancel", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == f"/jobs/{job_id}"
+    html = sqlite_api.client.get(f"/jobs/{job_id}").text
+    assert "The job was cancelled" in html and "before a worker picked it up" in html
+    assert 'data-field="status">Cancelled<' in html and "data-live-job" not in html
+    # Cancelling again (it is finished) just shows the page.
+    assert sqlite_api.client.post(f"/jobs/{job_id}/cancel", follow_redirects=False).status_code == 303
+
+
+def test_running_job_page_shows_stage_and_progress(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(sqlite_api.client, zoo["mlp"])
+    job_id = submit(sqlite_api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+    with sqlite_api.factory.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.status, job.stage, job.progress = "running", "quantizing", 55
+    html = sqlite_api.client.get(f"/jobs/{job_id}").text
+    assert '<progress max="100" value="55"' in html and '<span data-field="progress-text">55 %</span>' in html
+    assert 'data-stage="calibrating" class="stage-done"' in html
+    assert 'data-stage="quantizing" class="stage-current"' in html and "(in progress)" in html
+    assert 'data-stage="validating" class="stage-todo"' in html
+    assert f'action="/jobs/{job_id}/cancel"' in html
+    listing = sqlite_api.client.get("/").text
+    assert f'<tr data-job-id="{job_id}" data-status="running">' in listing and "quantizing 55 %" in listing
+    assert 'data-live-list="/api/v1/jobs?limit=25"' in listing
+
+
+def test_list_pages_newest_first(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(sqlite_api.client, zoo["mlp"])
+    ids = [submit(sqlite_api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"] for _ in range(27)]
+    first = sqlite_api.client.get("/").text
+    shown = re.findall(r'<tr data-job-id="([^"]+)"', first)
+    assert shown == list(reversed(ids))[:25]
+    more = re.search(r'href="(/\?cursor=[^"]+)">Older jobs', first)
+    assert more is not None
+    second = sqlite_api.client.get(more.group(1).replace("&amp;", "&")).text
+    assert re.findall(r'<tr data-job-id="([^"]+)"', second) == list(reversed(ids))[25:]
+    assert "Newest jobs" in second and "Older jobs" not in second
+    assert "data-live-list=\"/api/v1/jobs?limit=25&amp;cursor=" in second
+
+
+def test_svg_builder_escapes_text_and_attributes() -> None:
+    svg = charts.el("text", builders.SCRIPT_TAG, x=1, class_="label", data_name=builders.IMG_TAG)
+    assert str(svg) == ('<text x="1" class="label" data-name="&#34;&gt;&lt;img src=x onerror=alert(1)&gt;">'
+                        "&lt;script&gt;alert(1)&lt;/script&gt;</text>")
+    nested = charts.el("g", svg, "<b>")
+    assert str(nested).endswith("&lt;b&gt;</g>") and "<text " in str(nested)
+
+
+def test_layer_chart_puts_the_worst_layers_first_and_marks_float_ones() -> None:
+    layers = [
+        {"name": "a", "op_type": "Conv", "precision": "int8", "sqnr_db": 30.0},
+        {"name": "b", "op_type": "MatMul", "precision": "fp32", "sqnr_db": None},
+        {"name": "c", "op_type": "Conv", "precision": "int8", "sqnr_db": 12.5},
+        {"name": "d", "op_type": "Gemm", "precision": "fp32", "sqnr_db": 50.0},
+    ]
+    svg, shown = charts.layer_chart(layers)
+    assert shown == 4
+    labels = re.findall(r'class="label">([^<]*)<', str(svg))
+    assert labels == ["c", "a", "d", "b"]
+    assert len(re.findall(r'fill="url\(#c\d+-hatch\)" class="bar bar-fp32"', str(svg))) == 1
+    assert "n/a \u00b7 fp32" in str(svg) and "12.5 dB \u00b7 int8" in str(svg)
+    many = [{"name": f"l{i}", "op_type": "Conv", "precision": "int8", "sqnr_db": float(i)} for i in range(100)]
+    assert charts.layer_chart(many)[1] == charts.MAX_LAYERS
+
+
+@pytest.mark.parametrize(("report", "verdict"), [
+    ({"size": {"ratio": 0.25}, "latency": {"speedup": 2.1},
+      "accuracy": {"samples": 9, "outputs": [{"cosine": 0.99, "top1_agreement": 0.997}], "labels": None}},
+     "4.0\u00d7 smaller, 2.1\u00d7 faster, 99.7 % top-1 agreement"),
+    ({"size": {"ratio": 0.5}, "latency": {"speedup": 0.5},
+      "accuracy": {"samples": 9, "outputs": [{"cosine": 0.99, "top1_agreement": None}], "labels": {
+          "original": 0.9, "quantized": 0.897, "delta": -0.003}},
+      "accuracy_target": {"metric": "label_accuracy", "max_drop": 0.001, "value": 0.897, "met": False}},
+     "2.0\u00d7 smaller, 2.0\u00d7 slower, \u22120.3 pt label accuracy; misses the accuracy target "
+     "(label_accuracy drop \u2264 0.001)"),
+    ({"size": {"ratio": 0.3}, "latency": {"speedup": None},
+      "accuracy": {"samples": 9, "outputs": [{"cosine": 0.999871, "top1_agreement": None},
+                                             {"cosine": 0.99, "top1_agreement": None}], "labels": None}},
+     "3.3\u00d7 smaller, latency not measured, cosine 0.99000"),
+])
+def test_verdict_line(report: dict[str, Any], verdict: str) -> None:
+    assert present.verdict(report) == verdict
+
+
+def test_number_formatting() -> None:
+    assert present.fmt_bytes(59906) == "59.9 kB" and present.fmt_bytes(21_500_000) == "21.5 MB"
+    assert present.fmt_bytes(512) == "512 B"
+    assert present.fmt_ms(0.040439) == "0.0404 ms" and present.fmt_ms(12.34) == "12.3 ms"
+    assert present.fmt_signed(-0.3) == "\u22120.3" and present.fmt_signed(0.04) == "\u00b10.0"
+    assert present.fmt_signed(1.25, 2) == "+1.25"
+    assert present.clean_message("bad\x1b[1;31m thing\x1b[m\x00") == "bad thing"
+    assert present.fmt_shape(["batch", 3, 32]) == "[batch, 3, 32]"
+    cmd = present.cli_command("int8_static", {"method": "mse", "per_channel": False, "batch_size": 8},
+                              "my model.onnx", "c.npz", None)
+    assert cmd == ("lowbit quantize 'my model.onnx' --calib c.npz --recipe int8_static --method mse "
+                   "--option per_channel=false -o 'my model.int8_static.onnx' --report report.json")
+
+
+@pytest.mark.parametrize(("ratio", "speedup", "target", "tone"), [
+    (0.26, 1.7, None, "good"),
+    (0.26, 0.7, None, "warn"),
+    (1.2, 1.5, None, "warn"),
+    (0.26, 1.7, {"metric": "cosine", "min": 0.99, "value": 0.98, "met": False}, "bad"),
+    (0.26, 1.7, {"metric": "label_accuracy", "max_drop": 0.01, "value": None, "met": None}, "warn"),
+])
+def test_verdict_tone(ratio: float, speedup: float, target: dict[str, Any] | None, tone: str) -> None:
+    report: dict[str, Any] = {"size": {"ratio": ratio}, "latency": {"speedup": speedup}}
+    if target:
+        report["accuracy_target"] = target
+    assert present.verdict_tone(report) == tone
+
+
+def test_axis_ticks_are_round() -> None:
+    assert [charts.tick_step(t) for t in (26.8, 40.1, 102.0, 3.2, 0.5)] == [5.0, 10.0, 20.0, 1.0, 0.1]
