@@ -177,13 +177,15 @@ def layer_chart(layers: list[dict[str, Any]]) -> tuple[Markup, int]:
     for layer in ordered:
         precision = str(layer.get("precision", "?"))
         sqnr = layer.get("sqnr_db")
-        kind = "fp32" if precision != "int8" else "int8"
+        # Every lower precision is "quantized" blue; only layers left in fp32 are hatched.
+        kind = "fp32" if precision == "fp32" else "int8"
         text = f"{fmt_db(sqnr)} \u00b7 {precision}"
         tip = f"{layer.get('name', '')} ({layer.get('op_type', '')}, {precision}): {fmt_db(sqnr)}"
         bars.append(Bar(str(layer.get("name", "")), sqnr, text, kind, tip))
     desc = "Signal-to-quantization-noise ratio of each layer's output, lowest (worst) first; higher is better."
     chart = bar_chart("Per-layer SQNR", desc, bars, css="chart chart-wide chart-layers",
-                      legend=[("int8", "int8"), ("fp32", "kept in float (fp32)")], axis="dB")
+                      legend=[("int8", "quantized (int8 / int4 / fp16)"), ("fp32", "kept in float (fp32)")],
+                      axis="dB")
     return chart, len(ordered)
 
 

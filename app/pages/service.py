@@ -22,13 +22,22 @@ from app.models import service as models
 from app.models.models import ModelFile
 from app.pages import charts, present
 from app.storage import Storage
-from worker.engine.config import CALIBRATION_METHODS, parse_options
+from worker.engine.config import BLOCK_SIZES, CALIBRATION_METHODS, INT4_CALIBRATED, parse_options
 from worker.engine.errors import EngineError
 
 PAGE_SIZE = 25
 FORM_RECIPES = {
     "int8_static": "int8_static (calibrated)",
     "int8_dynamic": "int8_dynamic (no calibration)",
+    "int4_weight_only": "int4_weight_only (4-bit MatMul weights)",
+    "fp16": "fp16 (half-precision weights and compute)",
+}
+INT4_CHOICES = {
+    "": "automatic (clip_search with calibration data, else rtn)",
+    "clip_search": "clip_search (calibrated)",
+    "gptq": "gptq (calibrated)",
+    "hqq": "hqq",
+    "rtn": "rtn (round to nearest)",
 }
 TARGET_METRICS = {
     "": "no target",
@@ -51,6 +60,8 @@ class FormValues:
     target_metric: str = ""
     target_bound: str = "max_drop"
     target_value: str = ""
+    algorithm: str = ""
+    block_size: str = "32"
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,7 @@ def list_context(db: Session, cursor: str | None, limit: int = PAGE_SIZE) -> dic
         "form": FormValues(),
         "form_error": None,
         "choices": {"recipes": FORM_RECIPES, "methods": CALIBRATION_METHODS, "metrics": TARGET_METRICS,
+                    "algorithms": INT4_CHOICES, "block_sizes": BLOCK_SIZES,
                     "bounds": TARGET_BOUNDS},
         "status_words": present.STATUS_WORDS,
     }
@@ -171,6 +183,8 @@ def form_values(form: FormData) -> FormValues:
         target_metric=_text(form, "target_metric"),
         target_bound=_text(form, "target_bound", "max_drop"),
         target_value=_text(form, "target_value"),
+        algorithm=_text(form, "algorithm"),
+        block_size=_text(form, "block_size", "32"),
     )
 
 
@@ -183,9 +197,19 @@ def form_config(values: FormValues) -> dict[str, Any]:
     if values.recipe not in FORM_RECIPES:
         raise Invalid(f"unknown recipe '{values.recipe}'; choose one of {', '.join(FORM_RECIPES)}",
                       code="unknown_recipe")
-    options: dict[str, Any] = {"per_channel": values.per_channel}
+    options: dict[str, Any] = {}
+    if values.recipe in ("int8_static", "int8_dynamic"):
+        options["per_channel"] = values.per_channel
     if values.recipe == "int8_static":
         options["method"] = values.method
+    if values.recipe == "int4_weight_only":
+        if values.algorithm:
+            options["algorithm"] = values.algorithm
+        try:
+            options["block_size"] = int(values.block_size)
+        except ValueError:
+            raise Invalid(f"block size must be 16, 32, 64 or 128, got '{values.block_size}'",
+                          code="invalid_option") from None
     if values.batch_size:
         try:
             options["batch_size"] = int(values.batch_size)
@@ -223,6 +247,9 @@ def submit_form(db: Session, storage: Storage, form: FormData, max_bytes: int, d
     if config["recipe"] == "int8_static" and calib_file is None:
         raise Invalid("int8_static calibrates activation ranges on your data: choose a calibration file (.npz), "
                       "or pick int8_dynamic", code="calibration_required")
+    if config["options"].get("algorithm") in INT4_CALIBRATED and calib_file is None:
+        raise Invalid(f"the 4-bit algorithm {config['options']['algorithm']} learns from your data: choose a "
+                      "calibration file (.npz), or pick rtn", code="calibration_required")
     model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes)
     ids: dict[str, str] = {"model_id": model.id}
     for f, key in ((calib_file, "calibration_dataset_id"), (eval_file, "eval_dataset_id")):
