@@ -340,7 +340,10 @@ def _account(before: onnx.ModelProto, after: onnx.ModelProto, res: Int4Result) -
             continue
         res.quantized_layers.append(node.name)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        stored = [inits[i] for i in node.input[1:] if i in inits]
+        # MatMulNBits(A, B, scales, zero_points...): A is the activation. GatherBlockQuantized(data,
+        # indices, scales, zero_points): every initializer input is stored weight data.
+        candidates = node.input[1:] if node.op_type == "MatMulNBits" else node.input
+        stored = [inits[i] for i in candidates if i in inits]
         res.weight_bytes_quantized += sum(_nbytes(t) for t in stored)
         if node.op_type == "MatMulNBits":
             count = int(attrs["K"]) * int(attrs["N"])

@@ -179,3 +179,13 @@ def test_fp16(zoo: dict[str, Path], tmp_path: Path) -> None:
     # Inputs and outputs keep their types by default.
     assert [i.type.tensor_type.elem_type for i in q.graph.input] == [TensorProto.INT64, TensorProto.INT64]
     assert q.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+
+
+def test_embedding_tables_can_be_4bit_too(zoo: dict[str, Path], tmp_path: Path) -> None:
+    plain = _run(zoo["tf"], tmp_path, zoo["tf_data"], algorithm="rtn")
+    emb = _run(zoo["tf"], tmp_path, zoo["tf_data"], algorithm="rtn", quantize_embeddings=True)
+    gathers = {x["name"]: x["precision"] for x in emb["layers"] if x["op_type"] == "Gather"}
+    assert "int4" in gathers.values()
+    assert emb["size"]["quantized_bytes"] < 0.6 * plain["size"]["quantized_bytes"]
+    assert 4.0 < emb["size"]["bits_per_weight"] < 6.0
+    assert emb["accuracy"]["outputs"][0]["cosine"] > 0.99
