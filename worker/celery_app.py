@@ -30,11 +30,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
         folder = s.broker_dir
         (folder / "queue").mkdir(parents=True, exist_ok=True)
         (folder / "processed").mkdir(parents=True, exist_ok=True)
+        (folder / "control").mkdir(parents=True, exist_ok=True)
         conf["broker_transport_options"] = {
             # Producer and consumer share one folder: messages are files there.
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            # Exchange tables; kombu's default is ./control, relative to wherever the process runs.
+            "control_folder": str(folder / "control"),
             "store_processed": False,
         }
         # The filesystem transport has no broadcast: no remote control, mingle or gossip.

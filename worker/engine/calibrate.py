@@ -79,7 +79,7 @@ class CalibrationResult:
 class TensorStats:
     """Min/max and a range-adaptive histogram of one tensor."""
 
-    __slots__ = ("lo", "hi", "hist", "a", "signed", "bins")
+    __slots__ = ("lo", "hi", "hist", "a", "signed", "bins", "zeros")
 
     def __init__(self, bins: int, with_hist: bool) -> None:
         self.lo = np.inf
@@ -88,6 +88,7 @@ class TensorStats:
         self.hist: np.ndarray | None = np.zeros(bins, dtype=np.int64) if with_hist else None
         self.a = 0.0  # histogram covers [0, a] (unsigned) or [-a, a] (signed)
         self.signed = False
+        self.zeros = 0  # values seen while everything was exactly zero (no range to bin them in yet)
 
     def update(self, x: np.ndarray) -> None:
         if x.size == 0:
@@ -101,7 +102,10 @@ class TensorStats:
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         if self.hist is None:
             return
-        need = max(abs(lo), abs(hi), 1e-12)
+        need = max(abs(lo), abs(hi))
+        if need == 0.0 and self.a == 0.0:
+            self.zeros += int(x.size)  # an all-zero batch fixes no range; bin it once one exists
+            return
         if self.a == 0.0:
             self.signed = lo < 0
             self.a = need
@@ -127,6 +131,9 @@ class TensorStats:
         np.clip(t, 0, n - 1, out=t)
         counts = np.bincount(t.astype(np.intp), minlength=n)
         self.hist += counts * weight if weight > 1 else counts
+        if self.zeros:
+            self.hist[n // 2 if self.signed else 0] += self.zeros
+            self.zeros = 0
 
     def _grow(self, need: float) -> None:
         assert self.hist is not None
@@ -134,14 +141,17 @@ class TensorStats:
         while self.a * k < need:
             k *= 2
         n = self.bins
-        k = min(k, n)
-        merged = self.hist.reshape(n // k, k).sum(axis=1)
         new = np.zeros(n, dtype=np.int64)
-        if self.signed:
-            start = (n - n // k) // 2
-            new[start:start + n // k] = merged
+        if k >= n:
+            # The range grew past the whole old histogram's width: all of it now sits in one bin.
+            new[n // 2 if self.signed else 0] = self.hist.sum()
         else:
-            new[: n // k] = merged
+            merged = self.hist.reshape(n // k, k).sum(axis=1)
+            if self.signed:
+                start = (n - n // k) // 2
+                new[start:start + n // k] = merged
+            else:
+                new[: n // k] = merged
         self.hist, self.a = new, self.a * k
 
     def _to_signed(self, need: float) -> None:
@@ -151,10 +161,11 @@ class TensorStats:
         m = 2
         while m * self.a / 2 < need:
             m *= 2
-        m = min(m, n)
-        merged = self.hist.reshape(n // m, m).sum(axis=1)
         new = np.zeros(n, dtype=np.int64)
-        new[n // 2: n // 2 + n // m] = merged
+        if m >= n:
+            new[n // 2] = self.hist.sum()
+        else:
+            new[n // 2: n // 2 + n // m] = self.hist.reshape(n // m, m).sum(axis=1)
         self.hist, self.a, self.signed = new, self.a * m / 2, True
 
     def edges(self) -> np.ndarray:

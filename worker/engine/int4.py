@@ -57,6 +57,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
     new_nodes: list[onnx.NodeProto] = []
+    replaced: set[str] = set()
     count = 0
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -72,6 +73,7 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
         if attrs.get("transB", 0):
             w = np.ascontiguousarray(w.T)
         wname = node.input[1] + "_kn"
+        replaced.add(node.input[1])
         model.graph.initializer.append(numpy_helper.from_array(w.astype(np.float32), wname))
         has_bias = len(node.input) > 2 and node.input[2]
         mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
@@ -83,8 +85,9 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     if count:
         del model.graph.node[:]
         model.graph.node.extend(new_nodes)
-        used = {i for n in model.graph.node for i in n.input}
-        keep = [t for t in model.graph.initializer if t.name in used]
+        # Drop only the weights this rewrite replaced (each had a single use: that Gemm); other
+        # initializers may be read by If/Loop bodies or be graph outputs.
+        keep = [t for t in model.graph.initializer if t.name not in replaced]
         del model.graph.initializer[:]
         model.graph.initializer.extend(keep)
     return count

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from worker.engine.errors import EngineError
@@ -136,3 +137,17 @@ def _preprocess(staged: Path, res: NormalizeResult) -> None:
     onnx.save_model(model, str(res.path))
     res.warnings.append("pre-processing failed (" + "; ".join(errors) + "); quantizing the model as exported")
 
+
+
+def nonfinite_constant_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes fed by a constant holding NaN or infinity (attention masks often use -inf). Quantizing
+    such a constant gives an infinite scale and a broken model, so these nodes stay in float."""
+    from onnx import numpy_helper
+
+    bad_inits = set()
+    for t in model.graph.initializer:
+        if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            arr = numpy_helper.to_array(t)
+            if arr.size and not np.isfinite(arr).all():
+                bad_inits.add(t.name)
+    return [n.name for n in model.graph.node if any(i in bad_inits for i in n.input)]

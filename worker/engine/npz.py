@@ -7,6 +7,7 @@ large dataset never holds more than one batch per input in memory. Nothing is ev
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,16 @@ def inspect_npz(path: Path) -> DatasetInfo:
                     f"the .npz member '{m.filename[:200]}' is not a .npy array; save datasets with np.savez",
                 )
             name = m.filename[: -len(".npy")]
-            with zf.open(m) as fp:
-                shape, fortran, dtype = _read_header(fp, m.filename)
+            try:
+                with zf.open(m) as fp:
+                    shape, fortran, dtype = _read_header(fp, m.filename)
+            except EngineError:
+                raise
+            except (RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+                # Encrypted members, unsupported compression, corrupt streams.
+                raise EngineError(
+                    "invalid_dataset", f"member '{m.filename[:200]}' cannot be read: {exc}; save with np.savez"
+                ) from exc
             if dtype.hasobject or dtype.kind not in "biuf":
                 raise EngineError(
                     "invalid_dataset",

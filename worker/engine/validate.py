@@ -17,7 +17,9 @@ Progress = Callable[[float], None]
 
 
 def _is_class_scores(a: np.ndarray) -> bool:
-    return a.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] >= 2
+    """Scores over classes: [batch, classes] or per-token [batch, tokens, classes]. Images, feature
+    maps ([N, C, H, W]) and box coordinates ([N, 4]) are not."""
+    return a.dtype.kind == "f" and a.ndim in (2, 3) and a.shape[-1] >= 2 and not (a.ndim == 2 and a.shape[-1] == 4)
 
 
 @dataclass
@@ -32,14 +34,20 @@ class OutputStats:
     top1_total: int = 0
     class_scores: bool = True
     nonfinite: int = 0
+    ref_nonfinite: int = 0
 
     def add(self, ref: np.ndarray, q: np.ndarray) -> None:
         r = ref.astype(np.float64).ravel()
         d = q.astype(np.float64).ravel()
-        finite = np.isfinite(d)
-        if not finite.all():
-            self.nonfinite += int((~finite).sum())
-            d = np.where(finite, d, 0.0)
+        # Compare where the original is finite (masks use -inf on purpose); count what the quantized
+        # model alone made non-finite.
+        r_ok = np.isfinite(r)
+        d_ok = np.isfinite(d)
+        if not (r_ok.all() and d_ok.all()):
+            self.ref_nonfinite += int((~r_ok).sum())
+            self.nonfinite += int((r_ok & ~d_ok).sum())
+            keep = r_ok & d_ok
+            r, d = r[keep], d[keep]
         self.dot += float(r @ d)
         self.ref_sq += float(r @ r)
         self.q_sq += float(d @ d)
@@ -147,6 +155,9 @@ def compare(
     for s in stats:
         if s.nonfinite:
             warnings.append(f"the quantized model produced {s.nonfinite} non-finite value(s) in output '{s.name}'")
+        if s.ref_nonfinite:
+            warnings.append(f"output '{s.name}' of the original model has {s.ref_nonfinite} non-finite value(s); "
+                            "they were left out of the comparison")
     return AccuracyResult(
         samples=samples,
         outputs=[s.to_dict() for s in stats],
@@ -215,9 +226,25 @@ def layer_sqnr(
             b = np.asarray(q[b_name], dtype=np.float64)
             if a.shape != b.shape:
                 continue
+            ok = np.isfinite(a) & np.isfinite(b)
+            if not ok.all():
+                a, b = a[ok], b[ok]
             sig[(a_name, b_name)] += float(np.sum(a * a))
             noise[(a_name, b_name)] += float(np.sum((a - b) ** 2))
     out: dict[tuple[str, str], float | None] = {}
     for p in pairs:
-        out[p] = None if noise[p] == 0 or sig[p] == 0 else round(float(10.0 * np.log10(sig[p] / noise[p])), 3)
+        ok = noise[p] > 0 and sig[p] > 0 and np.isfinite(sig[p]) and np.isfinite(noise[p])
+        out[p] = round(float(10.0 * np.log10(sig[p] / noise[p])), 3) if ok else None
     return out
+
+
+def finite_or_none(obj: Any) -> Any:
+    """The report with every NaN or infinity replaced by None: JSON has neither, and a number that is
+    not one must not pass for a measurement."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj

@@ -246,3 +246,23 @@ def test_onnxruntimes_default_entropy_is_just_minmax_and_ours_is_not(
     same_as_minmax = [t for t in common if ort_ent[t][1] == pytest.approx(max(abs(mm[t][0]), abs(mm[t][1])), rel=1e-3)]
     assert len(same_as_minmax) >= len(common) // 2
     assert sum(ours[t][1] < mm[t][1] * 0.99 for t in common) >= 2
+
+
+def test_all_zero_first_batches_do_not_collapse_the_histogram() -> None:
+    rng = np.random.default_rng(5)
+    st = TensorStats(2048, with_hist=True)
+    st.update(np.zeros(1000, np.float32))  # e.g. a blank first sample
+    later = [np.abs(rng.standard_normal(20_000) * 5).astype(np.float32) for _ in range(2)]
+    for x in later:
+        st.update(x)
+    assert st.hist is not None and st.hist.sum() == 1000 + 40_000
+    lo, hi = range_from_histogram(st.hist, st.edges(), "percentile", 99.9, st.lo, st.hi)
+    truth = float(np.quantile(np.concatenate([np.zeros(1000), *later]), 0.999))
+    assert lo == 0.0 and hi == pytest.approx(truth, rel=0.05)
+
+
+def test_a_range_jump_larger_than_the_bin_count_keeps_every_count() -> None:
+    st = TensorStats(2048, with_hist=True)
+    st.update(np.full(100, 1e-6, np.float32))
+    st.update(np.array([-50.0, 10.0], np.float32))  # grows ~10^7 times and turns signed
+    assert st.signed and st.a >= 50 and st.hist is not None and st.hist.sum() == 102

@@ -161,3 +161,17 @@ def test_feed_plan_reports_mismatches(tmp_path: Path, arrays: dict[str, np.ndarr
         plan_feeds(IMG, info)
     assert e.value.code == "dataset_mismatch"
     assert needle in e.value.message
+
+
+def test_encrypted_npz_member_is_a_clear_error(tmp_path: Path) -> None:
+    p = builders.save_npz(tmp_path / "e.npz", x=np.zeros((3, 2), np.float32))
+    data = bytearray(p.read_bytes())
+    # Set the "encrypted" flag bit in the local and central headers.
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):
+        i = data.find(sig)
+        off = i + (6 if sig == b"PK\x03\x04" else 8)
+        data[off] |= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(EngineError) as e:
+        inspect_npz(p)
+    assert e.value.code == "invalid_dataset"

@@ -189,3 +189,30 @@ def test_embedding_tables_can_be_4bit_too(zoo: dict[str, Path], tmp_path: Path) 
     assert emb["size"]["quantized_bytes"] < 0.6 * plain["size"]["quantized_bytes"]
     assert 4.0 < emb["size"]["bits_per_weight"] < 6.0
     assert emb["accuracy"]["outputs"][0]["cosine"] > 0.99
+
+
+def test_gemm_rewrite_keeps_initializers_used_by_subgraphs() -> None:
+    from worker.engine.int4 import gemm_to_matmul
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 8)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("Mul", ["y", "scale"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph([helper.make_node("Identity", ["y"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W"], ["y"], name="g", transB=1),
+         helper.make_node("If", ["cond"], ["z"], name="branch", then_branch=then_g, else_branch=else_g)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8]),
+              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array(2.0, np.float32), "scale")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    assert gemm_to_matmul(m) == 1
+    names = {t.name for t in m.graph.initializer}
+    assert "scale" in names and "W" not in names and "W_kn" in names
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    (z,) = sess.run(None, {"x": x, "cond": np.array(True)})
+    np.testing.assert_allclose(z, 2.0 * x @ w.T, rtol=1e-5)
