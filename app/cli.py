@@ -1,4 +1,5 @@
-"""The ``lowbit`` command: serve, worker, migrate and an offline ``quantize``."""
+"""The ``lowbit`` command: serve, worker, migrate and an offline ``quantize``; and the client commands
+(submit, status, download, report, jobs, cancel: ``app/client/cli.py``) that talk to a running server."""
 
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_migrate:
         upgrade(s.resolved_database_url)
     worker: subprocess.Popen[bytes] | None = None
+    if not args.no_worker and s.uses_filesystem_broker:
+        # The embedded worker is the only one on this data directory, so a job left 'running' was
+        # cut off when the previous server stopped: queue it again (or fail it after 3 tries).
+        _recover_embedded_jobs(s)
     if not args.no_worker:
         queues = args.queues or "cpu,gpu"
         worker = subprocess.Popen(worker_argv(queues, s.worker_concurrency, s.uses_filesystem_broker))
@@ -66,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = args.port or s.port
     print(f"lowbit: serving on http://{host}:{port} (data in {s.data_dir.resolve()})", file=sys.stderr)
     try:
-        uvicorn.run(create_app(s), host=host, port=port, log_level="info")
+        # Open event streams (GET /api/v1/jobs/{id}/events) must not hold a shutdown up for ever.
+        uvicorn.run(create_app(s), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
@@ -75,6 +81,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 worker.kill()
     return 0
+
+
+def _recover_embedded_jobs(s: Any) -> None:
+    from app.db import make_engine, make_sessionmaker
+    from app.jobs.service import recover_interrupted
+    from app.queue import CeleryQueue
+
+    engine = make_engine(s.resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as db:
+            requeued, failed = recover_interrupted(db)
+            db.commit()
+        queue = CeleryQueue(s)
+        for job_id, queue_name in requeued:
+            queue.enqueue(job_id, queue_name)
+        if requeued or failed:
+            print(f"lowbit: {len(requeued)} interrupted job(s) queued again, {len(failed)} failed after "
+                  "repeated interruptions", file=sys.stderr)
+    finally:
+        engine.dispose()
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -137,7 +163,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhook_secret(_: argparse.Namespace) -> int:
+    from app.webhooks import webhook_secret
+
+    print(webhook_secret(_settings()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from app.client.cli import add_commands
+
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize ML models as jobs.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -162,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("model", help="ONNX model file")
     qp.add_argument("--calib", help="calibration .npz")
     qp.add_argument("--eval", help="evaluation .npz (labels optional)")
-    qp.add_argument("--recipe", default="int8_static", choices=["int8_static", "int8_dynamic"])
+    from worker.engine.config import IMPLEMENTED_RECIPES
+
+    qp.add_argument("--recipe", default="int8_static", choices=list(IMPLEMENTED_RECIPES))
     qp.add_argument("--method", choices=["minmax", "entropy", "percentile", "mse"])
     qp.add_argument("--option", action="append", help="recipe option KEY=VALUE (JSON value), repeatable")
     qp.add_argument("-o", "--output", required=True, help="where to write the quantized model")
@@ -171,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     qp.add_argument("--cache-dir", help="cache calibration statistics here and reuse them across runs")
     qp.set_defaults(func=cmd_quantize)
+
+    wh = sub.add_parser("webhook-secret", help="print the secret that signs this server's webhooks "
+                        "(LOWBIT_WEBHOOK_SECRET, or the one generated in the data directory)")
+    wh.set_defaults(func=cmd_webhook_secret)
+
+    add_commands(sub)
     return p
 
 

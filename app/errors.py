@@ -7,8 +7,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.examples import ERROR_EXAMPLES
 from worker.engine.errors import EngineError
 
 
@@ -48,6 +50,29 @@ class TooLarge(LowbitError):
 class Unavailable(LowbitError):
     status_code = 503
     code = "unavailable"
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [ERROR_EXAMPLES[404]["error"]]})
+
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every client-visible error: a stable snake_case code and a message that says how to fix it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [ERROR_EXAMPLES[422]]})
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, each with the error schema and an example."""
+    return {
+        status: {"model": ErrorOut, "content": {"application/json": {"example": ERROR_EXAMPLES[status]}}}
+        for status in statuses
+    }
 
 
 def from_engine(exc: EngineError, status_code: int = 422) -> LowbitError:

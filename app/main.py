@@ -10,6 +10,7 @@ from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers
 from app.health.routes import router as health_router
 from app.jobs.routes import router as jobs_router
+from app.metrics.routes import router as metrics_router
 from app.models.routes import router as models_router
 from app.pages.routes import STATIC_DIR
 from app.pages.routes import router as pages_router
@@ -35,7 +36,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.storage = Storage(s.data_dir)
     app.state.queue = queue or CeleryQueue(s)
     install_handlers(app)
-    for r in (models_router, datasets_router, jobs_router, health_router, pages_router):
+    for r in (models_router, datasets_router, jobs_router, health_router, metrics_router, pages_router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     docs = tuple(p for p in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p)

@@ -28,6 +28,16 @@ class Settings(BaseSettings):
     worker_concurrency: int = 1
     # Queues the embedded worker (lowbit serve) and `lowbit worker` consume by default.
     worker_queues: str = "cpu"
+    # Webhooks: the HMAC-SHA256 key that signs deliveries. Unset: generated once and kept in
+    # data_dir/webhook_secret (shared by the API and the workers through the data directory).
+    webhook_secret: str | None = Field(default=None, repr=False)
+    # Seconds to wait before each delivery attempt: the first at once, then +1 s, then +4 s.
+    webhook_retry_delays_s: list[float] = Field(default_factory=lambda: [0.0, 1.0, 4.0])
+    webhook_timeout_s: float = 10.0
+    # Server-sent events (GET /api/v1/jobs/{id}/events): how often the stream reads the job row, and how
+    # long it may stay quiet before it sends a keep-alive comment.
+    events_poll_s: float = 0.25
+    events_heartbeat_s: float = 15.0
 
     @property
     def resolved_database_url(self) -> str:

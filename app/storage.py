@@ -26,8 +26,8 @@ class Storage:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
 
-    def model_path(self, model_id: str) -> Path:
-        return self.root / "models" / f"{model_id}.onnx"
+    def model_path(self, model_id: str, suffix: str = ".onnx") -> Path:
+        return self.root / "models" / f"{model_id}{suffix}"
 
     def dataset_path(self, dataset_id: str) -> Path:
         return self.root / "datasets" / f"{dataset_id}.npz"

@@ -101,6 +101,32 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return z
 
 
+@pytest.fixture(scope="session")
+def pt2_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """torch.export archives (.pt2) and datasets labelled by the float models themselves, built once."""
+    import numpy as np
+
+    from tests import pt2_builders as pb
+
+    d = tmp_path_factory.mktemp("pt2")
+    rng = np.random.default_rng(1)
+    z: dict[str, Path] = {}
+    z["conv"] = pb.conv_net(d / "conv.pt2")
+    z["conv_data"] = pb.labelled(z["conv"], d / "conv_data.npz",
+                                 {"image": rng.standard_normal((40, 3, 32, 32)).astype(np.float32)})
+    z["tf"] = pb.transformer_block(d / "tf.pt2")
+    ids = rng.integers(0, 500, (40, 16)).astype(np.int64)
+    mask = np.ones((40, 16), np.int64)
+    mask[:, 12:] = rng.integers(0, 2, (40, 4))
+    z["tf_data"] = pb.labelled(z["tf"], d / "tf_data.npz", {"input_ids": ids, "attention_mask": mask})
+    z["outlier"] = pb.outlier_mlp(d / "outlier.pt2")
+    z["outlier_cal"] = pb.labelled(z["outlier"], d / "outlier_cal.npz",
+                                   {"features": rng.standard_normal((256, 32)).astype(np.float32)})
+    z["outlier_eval"] = pb.labelled(z["outlier"], d / "outlier_eval.npz",
+                                    {"features": rng.standard_normal((512, 32)).astype(np.float32)})
+    return z
+
+
 # Where the browser tests saved their screenshots (set by tests/e2e/test_browser.py), for the summary.
 SCREENSHOTS = pytest.StashKey[Path]()
 

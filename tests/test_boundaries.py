@@ -43,3 +43,12 @@ def test_app_does_not_import_torch_or_onnxruntime() -> None:
 def test_engine_imports_onnxruntime_lazily() -> None:
     top = _top(_modules_after("import worker.engine.inspect, worker.engine.npz, worker.engine.preflight"))
     assert "onnxruntime" not in top and "torch" not in top
+
+
+def test_client_imports_nothing_of_the_server_engine_or_ml() -> None:
+    mods = _modules_after("import app.client, app.client.cli\nfrom app.client import Client")
+    heavy = {"fastapi", "starlette", "sqlalchemy", "celery", "kombu", "pydantic", "uvicorn", "torch", "onnxruntime",
+             "onnx", "numpy", "worker"}
+    assert not _top(mods) & heavy, _top(mods) & heavy
+    assert {m for m in mods if m.startswith("app.")} <= {"app.client", "app.client.cli", "app.client.config",
+                                                        "app.client.core", "app.client.errors"}

@@ -2,7 +2,9 @@
 
 Claim the row with a conditional UPDATE (queued -> running): a redelivered or duplicate message
 finds the row already claimed and does nothing. Run the engine with no transaction open; record
-progress and the result in short transactions of their own.
+progress, stage start/end times and the result in short transactions of their own. Once the result is
+committed, deliver the job's webhook, if it has a callback_url (outside any transaction; a webhook never
+changes the job's outcome).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from app.jobs.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from app.models.models import ModelFile
 from app.settings import Settings, get_settings
 from app.storage import Storage
+from app.webhooks import notify
 from worker.celery_app import TASK_RUN_JOB, celery_app
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError, JobCancelled
@@ -36,12 +39,42 @@ def _sessions() -> sessionmaker[Session]:
     return make_sessionmaker(make_engine(get_settings().resolved_database_url))
 
 
-def claim(factory: sessionmaker[Session], job_id: str) -> bool:
+class StageTimer:
+    """When each stage started and finished (unix seconds), as stored in ``jobs.stage_times``."""
+
+    def __init__(self, stage: str, started: float) -> None:
+        self.times: dict[str, dict[str, float]] = {stage: {"started": round(started, 3)}}
+        self.current: str | None = stage
+
+    def enter(self, stage: str) -> bool:
+        """Note that ``stage`` has begun; True if that is a change."""
+        if stage == self.current:
+            return False
+        now = round(time.time(), 3)
+        if self.current is not None:
+            self.times[self.current]["finished"] = now
+        # A stage entered again keeps its first start and spans until its last end.
+        self.times.setdefault(stage, {"started": now}).pop("finished", None)
+        self.current = stage
+        return True
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {k: dict(v) for k, v in self.times.items()}
+
+    def close(self) -> dict[str, dict[str, float]]:
+        if self.current is not None:
+            self.times[self.current]["finished"] = round(time.time(), 3)
+            self.current = None
+        return self.snapshot()
+
+
+def claim(factory: sessionmaker[Session], job_id: str, timer: StageTimer | None = None) -> bool:
     with factory.begin() as s:
         res = s.execute(
             sa.update(Job)
             .where(Job.id == job_id, Job.status == QUEUED)
-            .values(status=RUNNING, stage="preparing", progress=0, started_at=utcnow(), attempts=Job.attempts + 1)
+            .values(status=RUNNING, stage="preparing", progress=0, started_at=utcnow(), attempts=Job.attempts + 1,
+                    stage_times=timer.snapshot() if timer else None)
         )
         return bool(res.rowcount)  # type: ignore[attr-defined]
 
@@ -57,9 +90,10 @@ def _finish(factory: sessionmaker[Session], job_id: str, **values: Any) -> bool:
 class _Progress:
     """Writes stage/progress at most every PROGRESS_INTERVAL_S and notices cancellation."""
 
-    def __init__(self, factory: sessionmaker[Session], job_id: str) -> None:
+    def __init__(self, factory: sessionmaker[Session], job_id: str, timer: StageTimer | None = None) -> None:
         self.factory = factory
         self.job_id = job_id
+        self.timer = timer or StageTimer("preparing", time.time())
         self.last_stage: str | None = None
         self.last_write = 0.0
 
@@ -70,22 +104,29 @@ class _Progress:
         if stage == self.last_stage and now - self.last_write < PROGRESS_INTERVAL_S and fraction < 1.0:
             return
         self.last_stage, self.last_write = stage, now
+        values: dict[str, Any] = {"stage": stage, "progress": progress_percent(stage, fraction)}
+        if self.timer.enter(stage):
+            values["stage_times"] = self.timer.snapshot()
         with self.factory.begin() as s:
-            res = s.execute(
-                sa.update(Job)
-                .where(Job.id == self.job_id, Job.status == RUNNING)
-                .values(stage=stage, progress=progress_percent(stage, fraction))
-            )
+            res = s.execute(sa.update(Job).where(Job.id == self.job_id, Job.status == RUNNING).values(**values))
             cancelled = s.execute(sa.select(Job.cancel_requested).where(Job.id == self.job_id)).scalar()
         if not res.rowcount or cancelled is None or cancelled:  # type: ignore[attr-defined]
             raise JobCancelled()
 
 
 def execute(job_id: str, settings: Settings | None = None, factory: sessionmaker[Session] | None = None) -> str:
-    """Run job ``job_id`` to an end state; returns that state (or 'skipped' when not claimable)."""
+    """Run job ``job_id`` to an end state; returns that state (or 'skipped' when not claimable). Then deliver
+    its webhook: also for a job cancelled while queued, whose message still arrives here and is skipped."""
     s = settings or get_settings()
     factory = factory or _sessions()
-    if not claim(factory, job_id):
+    state = _run(job_id, s, factory)
+    notify(factory, s, job_id)  # at most once per job; never raises
+    return state
+
+
+def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
+    timer = StageTimer("preparing", time.time())
+    if not claim(factory, job_id, timer):
         log.info("job %s is not queued (already claimed, cancelled or deleted); nothing to do", job_id)
         return "skipped"
     storage = Storage(s.data_dir)
@@ -119,32 +160,44 @@ def execute(job_id: str, settings: Settings | None = None, factory: sessionmaker
             device="cuda" if queue == "gpu" else s.worker_device,
             job_id=job_id,
             cache_dir=s.data_dir / "cache" / "calibration",
+            export_cache_dir=s.data_dir / "cache" / "pt2-export",
         )
-        result = pipeline.run(cfg, _Progress(factory, job_id))
+        result = pipeline.run(cfg, _Progress(factory, job_id, timer))
     except JobCancelled:
-        _finish(factory, job_id, status=CANCELLED, stage=None)
+        _finish(factory, job_id, status=CANCELLED, stage=None, stage_times=timer.close())
         storage.remove_job(job_id)
         return CANCELLED
     except EngineError as exc:
         log.info("job %s failed: %s", job_id, exc)
-        _finish(factory, job_id, status=FAILED, error_code=exc.code, error_message=exc.message)
+        _finish(factory, job_id, status=FAILED, error_code=exc.code, error_message=exc.message,
+                stage_times=timer.close())
         return FAILED
     except Exception as exc:  # a bug or an environment problem: still a recorded, readable failure
         log.exception("job %s crashed", job_id)
         _finish(factory, job_id, status=FAILED, error_code="internal_error",
                 error_message=f"unexpected error while quantizing ({type(exc).__name__}: {str(exc)[:300]}); "
-                "this is a lowbit problem, not your model's, please report it")
+                "this is a lowbit problem, not your model's, please report it", stage_times=timer.close())
         return FAILED
     finally:
         _cleanup_work(job_dir / "work")
-    report = result.report
-    if target:
-        report["accuracy_target"] = evaluate_target(target, report)
-    recorded = _finish(
-        factory, job_id, status=SUCCEEDED, stage=None, progress=100, report=report,
-        artifact_path=str(result.artifact_path), artifact_sha256=result.artifact_sha256,
-        artifact_bytes=result.artifact_bytes,
-    )
+    try:
+        from worker.engine.validate import finite_or_none
+
+        report = result.report
+        if target:
+            report["accuracy_target"] = evaluate_target(target, report)
+        recorded = _finish(
+            factory, job_id, status=SUCCEEDED, stage=None, progress=100, report=finite_or_none(report),
+            artifact_path=str(result.artifact_path), artifact_sha256=result.artifact_sha256,
+            artifact_bytes=result.artifact_bytes, stage_times=timer.close(),
+        )
+    except Exception as exc:  # recording the result failed: the job must still end, readably
+        log.exception("job %s: recording the result failed", job_id)
+        storage.remove_job(job_id)
+        _finish(factory, job_id, status=FAILED, error_code="internal_error",
+                error_message=f"the model was quantized but the result could not be recorded ({type(exc).__name__}: "
+                f"{str(exc)[:300]}); submit the job again", stage_times=timer.close())
+        return FAILED
     if not recorded:
         # Deleted or cancelled while the engine ran: do not leave an orphaned artifact behind.
         storage.remove_job(job_id)

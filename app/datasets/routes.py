@@ -1,17 +1,20 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, File, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from sqlalchemy.orm import Session
 
 from app.datasets import service
-from app.datasets.schemas import DatasetOut
+from app.datasets.schemas import DatasetList, DatasetOut
 from app.deps import get_db, get_storage
+from app.errors import error_responses
 from app.storage import Storage
 
-router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=error_responses(422))
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
+@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(413, 422),
+             openapi_extra={"requestBody": {"content": {"multipart/form-data": {
+                 "example": {"file": "(the bytes of calib.npz)"}}}}})
 def upload_dataset(
     request: Request,
     file: UploadFile = File(..., description="An .npz with one array per model input (+ optional 'labels')"),
@@ -24,7 +27,19 @@ def upload_dataset(
     return DatasetOut.model_validate(row)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("", response_model=DatasetList, responses=error_responses(422))
+def find_datasets(
+    db: Session = Depends(get_db),
+    sha256: str = Query(pattern="^[0-9a-fA-F]{64}$", description="The file's SHA-256, hex",
+                        examples=["5d41402abc4b2a76b9719d911017c592ae5fd9c1d2ae6f53a7b0e6c1d3b9f6a2"]),
+) -> DatasetList:
+    """The stored dataset with this SHA-256, if there is one (`items` is then one dataset, else empty): a client
+    hashes its file first and uploads it only when the server does not have it yet."""
+    row = service.find_by_sha256(db, sha256)
+    return DatasetList(items=[DatasetOut.model_validate(row)] if row else [])
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
 def get_dataset(dataset_id: str, db: Session = Depends(get_db)) -> DatasetOut:
     """Describe an uploaded dataset: arrays, dtypes, shapes and sample count."""
     return DatasetOut.model_validate(service.get_dataset(db, dataset_id))

@@ -4,14 +4,18 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
+from app.examples import ARRAY_SPEC_EXAMPLE, DATASET_EXAMPLE
+
 
 class ArraySpec(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [ARRAY_SPEC_EXAMPLE]})
+
     dtype: str
     shape: list[int]
 
 
 class DatasetOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [DATASET_EXAMPLE]})
 
     id: str
     filename: str
@@ -20,3 +24,9 @@ class DatasetOut(BaseModel):
     num_samples: int
     arrays: dict[str, ArraySpec]
     created_at: datetime
+
+
+class DatasetList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [DATASET_EXAMPLE]}]})
+
+    items: list[DatasetOut]

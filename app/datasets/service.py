@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import BinaryIO
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from app.datasets.models import Dataset
@@ -45,6 +47,14 @@ def get_dataset(db: Session, dataset_id: str, role: str = "dataset") -> Dataset:
     if row is None:
         raise NotFound(f"no {role} with id '{dataset_id}'", code="dataset_not_found")
     return row
+
+
+def find_by_sha256(db: Session, sha256: str) -> Dataset | None:
+    """The newest stored dataset with exactly this content (its file still in storage), so a client can skip
+    uploading a file the server already has."""
+    rows = db.scalars(sa.select(Dataset).where(Dataset.sha256 == sha256.lower())
+                      .order_by(Dataset.created_at.desc()).limit(10))
+    return next((row for row in rows if Path(row.storage_path).is_file()), None)
 
 
 def dataset_info(row: Dataset) -> DatasetInfo:

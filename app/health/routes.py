@@ -9,13 +9,18 @@ from fastapi.responses import JSONResponse
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
 def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={
+    200: {"content": {"application/json": {"example": {"status": "ok",
+                                                       "checks": {"database": "ok", "broker": "ok"}}}}},
+    503: {"description": "Not ready", "content": {"application/json": {"example": {
+        "status": "unavailable", "checks": {"database": "ok", "broker": "unreachable: ConnectionError"}}}}},
+})
 def readyz(request: Request) -> JSONResponse:
     """The database and the broker are reachable."""
     checks: dict[str, Any] = {}

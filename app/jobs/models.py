@@ -4,7 +4,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base, JSONType, UTCDateTime, utcnow
 
@@ -38,3 +38,35 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Where to POST the job's summary when it finishes (http or https), if anywhere.
+    callback_url: Mapped[str | None] = mapped_column(sa.String(2048), nullable=True)
+    # When each stage the job went through started and ended: {stage: {"started": unix_s, "finished": unix_s}}.
+    stage_times: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    deliveries: Mapped[list[WebhookDelivery]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin",
+        order_by="WebhookDelivery.created_at",
+    )
+
+
+# Delivery states of a webhook.
+PENDING, DELIVERED, UNDELIVERED = "pending", "delivered", "failed"
+
+
+class WebhookDelivery(Base):
+    """One webhook POST for one event of a job (at most one per job and event), with its retries."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (sa.Index("ix_webhook_deliveries_job_event", "job_id", "event", unique=True),)
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(sa.String(32))
+    url: Mapped[str] = mapped_column(sa.String(2048))
+    status: Mapped[str] = mapped_column(sa.String(16), default=PENDING)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    last_status_code: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    job: Mapped[Job] = relationship(back_populates="deliveries")

@@ -6,27 +6,30 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app.datasets import service as datasets
 from app.deps import get_db, get_storage
-from app.errors import Invalid, Unavailable
-from app.jobs import service
+from app.errors import Invalid, Unavailable, error_responses
+from app.examples import EVENTS_EXAMPLE, JOB_CREATE_EXAMPLE, JOB_RUNNING_EXAMPLE, REPORT_EXAMPLE
+from app.jobs import events, service
 from app.jobs.models import Job
 from app.jobs.schemas import JobCreate, JobList, JobOut
 from app.models import service as models
 from app.storage import Storage
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=error_responses(422))
 
 _SUBMIT_DOC: dict[str, Any] = {
     "requestBody": {
         "content": {
-            "application/json": {"schema": JobCreate.model_json_schema()},
+            "application/json": {"schema": JobCreate.model_json_schema(), "example": JOB_CREATE_EXAMPLE},
             "multipart/form-data": {
+                "example": {"model": "(the bytes of model.onnx)", "calibration": "(the bytes of calib.npz)",
+                            "config": '{"recipe": "int8_static", "options": {"method": "entropy"}}'},
                 "schema": {
                     "type": "object",
                     "required": ["model", "config"],
@@ -78,7 +81,11 @@ def _submit_multipart(db: Session, storage: Storage, form: Any, max_bytes: int, 
     return service.create_job(db, req, default_queue)
 
 
-@router.post("", status_code=202, response_model=JobOut, openapi_extra=_SUBMIT_DOC)
+@router.post("", status_code=202, response_model=JobOut, openapi_extra=_SUBMIT_DOC,
+             responses={202: {"content": {"application/json": {"example": {**JOB_RUNNING_EXAMPLE, "status": "queued",
+                                                                           "stage": None, "progress": 0,
+                                                                           "started_at": None}}}},
+                        **error_responses(404, 413, 415, 422, 503)})
 async def submit_job(request: Request, db: Session = Depends(get_db),
                      storage: Storage = Depends(get_storage)) -> JobOut:
     """Submit a job: JSON with uploaded ids, or multipart with the files themselves (model, calibration, eval,
@@ -121,7 +128,7 @@ async def enqueue_committed(request: Request, db: Session, job: Job) -> None:
                           code="broker_unavailable") from exc
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses=error_responses(422))
 def list_jobs(
     db: Session = Depends(get_db),
     status: str | None = Query(default=None, description="queued|running|succeeded|failed|cancelled"),
@@ -133,13 +140,16 @@ def list_jobs(
     return JobList(items=[service.to_out(j) for j in rows], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
 def get_job(job_id: str, db: Session = Depends(get_db)) -> JobOut:
     """Job status, stage, progress and links."""
     return service.to_out(service.get_job(db, job_id))
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
+             responses={202: {"content": {"application/json": {"example": {
+                 **JOB_RUNNING_EXAMPLE, "status": "cancelled", "finished_at": "2026-11-27T10:15:20.500000Z"}}}},
+                 **error_responses(404, 409)})
 def cancel_job(job_id: str, db: Session = Depends(get_db)) -> JobOut:
     """Cancel a queued or running job."""
     job = service.cancel_job(db, job_id)
@@ -147,7 +157,7 @@ def cancel_job(job_id: str, db: Session = Depends(get_db)) -> JobOut:
     return service.to_out(job)
 
 
-@router.delete("/{job_id}", status_code=204)
+@router.delete("/{job_id}", status_code=204, responses=error_responses(404))
 def delete_job(job_id: str, db: Session = Depends(get_db), storage: Storage = Depends(get_storage)) -> Response:
     """Delete a job with its artifact and report."""
     service.delete_job(db, storage, job_id)
@@ -155,8 +165,13 @@ def delete_job(job_id: str, db: Session = Depends(get_db), storage: Storage = De
     return Response(status_code=204)
 
 
-@router.api_route("/{job_id}/artifact", methods=["GET", "HEAD"], response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}})
+@router.head("/{job_id}/artifact", include_in_schema=False)
+@router.get("/{job_id}/artifact", response_class=FileResponse,
+            responses={200: {"description": "The quantized model; its ETag is its SHA-256 in quotes.",
+                             "content": {"application/octet-stream": {
+                                 "schema": {"type": "string", "format": "binary"},
+                                 "example": "(the bytes of model.int8_static.onnx)"}}},
+                       304: {"description": "If-None-Match matched the ETag"}, **error_responses(404, 409)})
 def download_artifact(job_id: str, request: Request, db: Session = Depends(get_db)) -> Response:
     """Download the quantized model."""
     job = service.artifact_for(db, job_id)
@@ -173,7 +188,28 @@ def download_artifact(job_id: str, request: Request, db: Session = Depends(get_d
     )
 
 
-@router.get("/{job_id}/report")
+@router.get("/{job_id}/report",
+            responses={200: {"content": {"application/json": {"example": REPORT_EXAMPLE}}},
+                       **error_responses(404, 409)})
 def get_report(job_id: str, db: Session = Depends(get_db)) -> dict[str, Any]:
     """The job's report: size, accuracy, latency, layers, calibration, warnings, environment."""
     return service.report_for(db, job_id)
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"description": "A text/event-stream of `stage`, `job` and `end` events.",
+                             "content": {"text/event-stream": {"schema": {"type": "string"},
+                                                               "example": EVENTS_EXAMPLE}}},
+                       **error_responses(404)})
+async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    """Follow a job as server-sent events: `stage` once per stage entered (in order), `job` (the job, as GET
+    /jobs/{id} returns it) whenever status, stage or progress changes, and `end` with the finished job, after
+    which the stream closes. Comments (`: keep-alive`) keep a quiet connection open."""
+    factory = request.app.state.sessionmaker
+    settings = request.app.state.settings
+    first = await run_in_threadpool(events.first_snapshot, factory, job_id)
+    return StreamingResponse(
+        events.stream(request, factory, job_id, first, settings.events_poll_s, settings.events_heartbeat_s),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

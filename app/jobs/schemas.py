@@ -2,12 +2,24 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.examples import (
+    ACCURACY_TARGET_EXAMPLE,
+    DELIVERY_EXAMPLE,
+    JOB_CREATE_EXAMPLE,
+    JOB_EXAMPLE,
+    JOB_FAILED_EXAMPLE,
+    JOB_LINKS_EXAMPLE,
+)
 
 
 class AccuracyTarget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN/Infinity are JSON extensions the request parser accepts; no target can be NaN.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False,
+                              json_schema_extra={"examples": [ACCURACY_TARGET_EXAMPLE]})
 
     metric: Literal["label_accuracy", "top1_agreement", "cosine", "sqnr_db"]
     min: float | None = Field(default=None, description="The metric must be at least this value.")
@@ -18,11 +30,31 @@ class AccuracyTarget(BaseModel):
     def _one_bound(self) -> AccuracyTarget:
         if (self.min is None) == (self.max_drop is None):
             raise ValueError("give exactly one of 'min' or 'max_drop'")
+        if self.metric == "sqnr_db" and self.max_drop is not None:
+            # The original's SQNR against itself is infinite: a drop from it means nothing.
+            raise ValueError("sqnr_db takes a minimum ('min', in dB), not 'max_drop'")
         return self
 
 
+def check_callback_url(value: str | None) -> str | None:
+    """An absolute http(s) URL with a host, no spaces or control characters, at most 2048 characters."""
+    if value is None:
+        return None
+    if len(value) > 2048 or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must be an http or https URL of at most 2048 characters, without spaces")
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"is not a valid URL ({exc})") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL, e.g. https://ci.example.com/hooks/lowbit")
+    del port
+    return value
+
+
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_CREATE_EXAMPLE]})
 
     model_id: str
     calibration_dataset_id: str | None = None
@@ -33,21 +65,54 @@ class JobCreate(BaseModel):
     device: Literal["cpu", "gpu"] | None = Field(
         default=None, description="Queue to run on: 'gpu' workers use CUDA. Default: the server's default queue."
     )
+    callback_url: str | None = Field(
+        default=None,
+        description="http(s) URL that gets one signed POST of the job's summary when the job finishes "
+        "(succeeded, failed or cancelled); see the README's Webhooks section.",
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_url(cls, value: str | None) -> str | None:
+        return check_callback_url(value)
 
 
 class JobError(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_FAILED_EXAMPLE["error"]]})
+
     code: str
     message: str
 
 
 class JobLinks(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_LINKS_EXAMPLE]})
+
     self: str
     artifact: str
     report: str
     page: str
 
 
+class DeliveryOut(BaseModel):
+    """A webhook delivery: the POST of the job's summary to its callback_url, with its retries."""
+
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [DELIVERY_EXAMPLE]})
+
+    id: str
+    event: str = Field(description="job.succeeded | job.failed | job.cancelled")
+    url: str
+    status: str = Field(description="pending (being delivered) | delivered | failed (every attempt failed)")
+    attempts: int
+    last_status_code: int | None = Field(description="HTTP status of the last attempt; null if none answered")
+    last_error: str | None = Field(description="Why the last attempt failed, if it did")
+    created_at: datetime
+    last_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+
 class JobOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE, JOB_FAILED_EXAMPLE]})
+
     id: str
     status: str
     stage: str | None
@@ -64,8 +129,13 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     error: JobError | None
     links: JobLinks
+    callback_url: str | None = None
+    deliveries: list[DeliveryOut] = Field(default_factory=list,
+                                          description="Webhook deliveries to callback_url, oldest first")
 
 
 class JobList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [JOB_EXAMPLE], "next_cursor": None}]})
+
     items: list[JobOut]
     next_cursor: str | None

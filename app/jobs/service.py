@@ -12,14 +12,15 @@ from app.datasets import service as datasets
 from app.db import utcnow
 from app.errors import Conflict, Invalid, NotFound, from_engine
 from app.jobs.models import CANCELLED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Job
-from app.jobs.schemas import JobCreate, JobError, JobLinks, JobOut
+from app.jobs.schemas import DeliveryOut, JobCreate, JobError, JobLinks, JobOut
 from app.models import service as models
 from app.storage import Storage
 from app.uploads import is_uuid, new_id
-from worker.engine.config import parse_options
+from worker.engine.config import RECIPES_NEEDING_PYTORCH, parse_options
 from worker.engine.errors import EngineError
 from worker.engine.inspect import TensorInfo
 from worker.engine.preflight import check_target, plan_split
+from worker.engine.pt2 import HOW_TO_MAKE_PT2
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
@@ -35,6 +36,12 @@ def create_job(db: Session, req: JobCreate, default_queue: str) -> Job:
     ev = datasets.get_dataset(db, req.eval_dataset_id, "evaluation dataset") if req.eval_dataset_id else None
     try:
         opts = parse_options(req.recipe, req.options)
+        if req.recipe in RECIPES_NEEDING_PYTORCH and model.format != "pt2":
+            raise EngineError(
+                "pytorch_model_required",
+                f"recipe {req.recipe} fine-tunes the model in PyTorch and needs it uploaded as a torch.export "
+                f"archive (.pt2); this model is {model.format}; {HOW_TO_MAKE_PT2}",
+            )
         inputs = [TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in model.inputs]
         calib_info = datasets.dataset_info(calib) if calib else None
         eval_info = datasets.dataset_info(ev) if ev else None
@@ -58,6 +65,8 @@ def create_job(db: Session, req: JobCreate, default_queue: str) -> Job:
         cancel_requested=False,
         attempts=0,
         created_at=utcnow(),
+        callback_url=req.callback_url,
+        deliveries=[],
     )
     db.add(job)
     db.flush()
@@ -159,6 +168,8 @@ def to_out(job: Job) -> JobOut:
         finished_at=job.finished_at,
         error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
         links=JobLinks(self=base, artifact=f"{base}/artifact", report=f"{base}/report", page=f"/jobs/{job.id}"),
+        callback_url=job.callback_url,
+        deliveries=[DeliveryOut.model_validate(d) for d in job.deliveries],
     )
 
 
@@ -169,3 +180,28 @@ def mark_enqueue_failed(db: Session, job_id: str, reason: str) -> None:
     job.error_message = f"the job could not be queued ({reason}); submit it again when the broker is back"
     job.finished_at = utcnow()
     db.flush()
+
+
+MAX_ATTEMPTS = 3
+
+
+def recover_interrupted(db: Session) -> tuple[list[tuple[str, str]], list[str]]:
+    """Jobs left 'running' by a worker that is known to be gone: back to 'queued' (the caller enqueues
+    them after committing), or 'failed' once they have been interrupted MAX_ATTEMPTS times."""
+    requeued: list[tuple[str, str]] = []
+    failed: list[str] = []
+    for job in db.scalars(sa.select(Job).where(Job.status == RUNNING)):
+        if job.cancel_requested:
+            job.status, job.stage, job.finished_at = CANCELLED, None, utcnow()
+            continue
+        if job.attempts >= MAX_ATTEMPTS:
+            job.status, job.stage, job.finished_at = "failed", None, utcnow()
+            job.error_code = "worker_lost"
+            job.error_message = (f"the worker running this job stopped {job.attempts} times before it finished "
+                                 "(server restarts or crashes); submit it again, and check the server's memory")
+            failed.append(job.id)
+        else:
+            job.status, job.stage, job.progress, job.started_at = QUEUED, None, 0, None
+            requeued.append((job.id, job.queue))
+    db.flush()
+    return requeued, failed

@@ -1,30 +1,46 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, File, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from sqlalchemy.orm import Session
 
 from app.deps import get_db, get_storage
+from app.errors import error_responses
 from app.models import service
-from app.models.schemas import ModelOut
+from app.models.schemas import ModelList, ModelOut
 from app.storage import Storage
 
-router = APIRouter(prefix="/api/v1/models", tags=["models"])
+router = APIRouter(prefix="/api/v1/models", tags=["models"], responses=error_responses(422))
 
 
-@router.post("", status_code=201, response_model=ModelOut)
+@router.post("", status_code=201, response_model=ModelOut, responses=error_responses(413, 422),
+             openapi_extra={"requestBody": {"content": {"multipart/form-data": {
+                 "example": {"file": "(the bytes of model.onnx)"}}}}})
 def upload_model(
     request: Request,
-    file: UploadFile = File(..., description="A self-contained ONNX model (.onnx)"),
+    file: UploadFile = File(..., description="A self-contained ONNX model (.onnx) or a torch.export archive (.pt2)"),
     db: Session = Depends(get_db),
     storage: Storage = Depends(get_storage),
 ) -> ModelOut:
-    """Upload an ONNX model; it is parsed and checked now, and refused if it is not loadable."""
+    """Upload an ONNX model or a torch.export archive (.pt2); it is parsed and checked now, and refused if it
+    is not loadable. Pickled PyTorch files (.pt, .pth) and TorchScript are refused."""
     row = service.create_model(db, storage, file.file, file.filename, request.app.state.settings.max_upload_bytes)
     db.commit()
     return ModelOut.model_validate(row)
 
 
-@router.get("/{model_id}", response_model=ModelOut)
+@router.get("", response_model=ModelList, responses=error_responses(422))
+def find_models(
+    db: Session = Depends(get_db),
+    sha256: str = Query(pattern="^[0-9a-fA-F]{64}$", description="The file's SHA-256, hex",
+                        examples=["e27d6365b184087e4d225e07f7c6cbd9609548dea34e6e7ef8329ef25176acad"]),
+) -> ModelList:
+    """The stored model with this SHA-256, if there is one (`items` is then one model, else empty): a client
+    hashes its file first and uploads it only when the server does not have it yet."""
+    row = service.find_by_sha256(db, sha256)
+    return ModelList(items=[ModelOut.model_validate(row)] if row else [])
+
+
+@router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))
 def get_model(model_id: str, db: Session = Depends(get_db)) -> ModelOut:
     """Describe an uploaded model: inputs, outputs, size and hash."""
     return ModelOut.model_validate(service.get_model(db, model_id))

@@ -4,15 +4,19 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
 
+from app.examples import MODEL_EXAMPLE, TENSOR_SPEC_EXAMPLE
+
 
 class TensorSpec(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [TENSOR_SPEC_EXAMPLE]})
+
     name: str
     dtype: str
     shape: list[int | str]
 
 
 class ModelOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [MODEL_EXAMPLE]})
 
     id: str
     filename: str
@@ -23,3 +27,9 @@ class ModelOut(BaseModel):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     created_at: datetime
+
+
+class ModelList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [MODEL_EXAMPLE]}]})
+
+    items: list[ModelOut]

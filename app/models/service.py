@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import shutil
+import uuid
+from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy.orm import Session
@@ -8,8 +11,9 @@ from app.errors import Invalid, NotFound, from_engine
 from app.models.models import ModelFile
 from app.storage import Storage
 from app.uploads import clean_filename, is_uuid, new_id
+from worker.engine import pt2
 from worker.engine.errors import EngineError
-from worker.engine.inspect import check_model, parse_model_bytes
+from worker.engine.inspect import ModelInfo, check_model, parse_model_bytes
 
 REFUSED_SUFFIXES = {
     ".pt": "a pickled PyTorch checkpoint",
@@ -21,29 +25,24 @@ REFUSED_SUFFIXES = {
 
 
 def create_model(db: Session, storage: Storage, src: BinaryIO, filename: str | None, max_bytes: int) -> ModelFile:
-    """Store an uploaded model after checking that it is a loadable, self-contained ONNX model."""
+    """Store an uploaded model after checking that it is a loadable, self-contained ONNX model or a
+    torch.export archive (.pt2, checked without unpickling and loaded in a child process)."""
     name = clean_filename(filename, "model.onnx")
     suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
     if suffix in REFUSED_SUFFIXES:
         raise Invalid(
             f"'{name}' looks like {REFUSED_SUFFIXES[suffix]}, which lowbit does not load (it could run "
-            "arbitrary code). Export the model to ONNX, e.g. torch.onnx.export(model, example_inputs, 'model.onnx')",
-            code="unsupported_model_format",
-        )
-    if suffix == ".pt2":
-        raise Invalid(
-            "torch.export archives (.pt2) are not accepted by this server yet; export the model to ONNX "
-            "with torch.onnx.export(model, example_inputs, 'model.onnx') and upload that",
+            f"arbitrary code). Upload an ONNX export, or {pt2.HOW_TO_MAKE_PT2}",
             code="unsupported_model_format",
         )
     stored = storage.receive(src, max_bytes)
     try:
         try:
-            info = check_model(parse_model_bytes(stored.path.read_bytes()))
+            info = _inspect(storage, stored.path, suffix)
         except EngineError as exc:
             raise from_engine(exc) from exc
         model_id = new_id()
-        dest = storage.place(stored.path, storage.model_path(model_id))
+        dest = storage.place(stored.path, storage.model_path(model_id, "." + info.format))
     except BaseException:
         storage.discard(stored.path)
         raise
@@ -63,8 +62,38 @@ def create_model(db: Session, storage: Storage, src: BinaryIO, filename: str | N
     return row
 
 
+def _inspect(storage: Storage, path: Path, suffix: str) -> ModelInfo:
+    """A zip is a torch.export archive or nothing; a .pt2 that is not a zip gets the .pt2 explanation unless it
+    is, after all, an ONNX model."""
+    if pt2.looks_like_zip(path):
+        return _inspect_pt2(storage, path)
+    if suffix == ".pt2":
+        try:
+            return check_model(parse_model_bytes(path.read_bytes()))
+        except EngineError:
+            pt2.check_archive(path)  # raises the archive's own error
+            raise
+    return check_model(parse_model_bytes(path.read_bytes()))
+
+
+def _inspect_pt2(storage: Storage, path: Path) -> ModelInfo:
+    """Static checks here; loading and describing in a child process (this process never imports torch)."""
+    work = storage.incoming() / f"pt2-{uuid.uuid4().hex}"
+    try:
+        return pt2.inspect_pt2(path, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def get_model(db: Session, model_id: str) -> ModelFile:
     row = db.get(ModelFile, model_id) if is_uuid(model_id) else None
     if row is None:
         raise NotFound(f"no model with id '{model_id}'", code="model_not_found")
     return row
+
+
+def find_by_sha256(db: Session, sha256: str) -> ModelFile | None:
+    """The newest stored model with exactly this content (its file still in storage), so a client can skip
+    uploading a file the server already has."""
+    rows = db.query(ModelFile).filter(ModelFile.sha256 == sha256.lower()).order_by(ModelFile.created_at.desc())
+    return next((row for row in rows.limit(10) if Path(row.storage_path).is_file()), None)

@@ -37,7 +37,7 @@ def _no_leftovers(api: Harness) -> None:
         ("model.onnx", b"PK\x03\x04" + b"\x00" * 64, "invalid_model"),
         ("model.onnx", b"", "invalid_model"),
         ("model.pt", b"\x80\x04\x95 pickled", "unsupported_model_format"),
-        ("model.pt2", b"PK\x03\x04archive", "unsupported_model_format"),
+        ("model.pt2", b"PK\x03\x04archive", "invalid_model"),
     ],
 )
 def test_not_a_model(api: Harness, name: str, data: bytes, code: str) -> None:
@@ -138,6 +138,9 @@ def test_dataset_that_does_not_fit_the_model(api: Harness, mlp_ids: dict[str, st
         ({"recipe": "int8_static", "accuracy_target": {"metric": "cosine", "min": 0.9, "max_drop": 0.1}}, 422,
          "invalid_request"),
         ({"recipe": "int8_static", "accuracy_target": {"metric": "vibes", "min": 0.9}}, 422, "invalid_request"),
+        ({"recipe": "int8_static", "accuracy_target": {"metric": "sqnr_db", "max_drop": 3}}, 422, "invalid_request"),
+        ({"recipe": "int8_static", "accuracy_target": {"metric": "cosine", "min": float("nan")}}, 422,
+         "invalid_request"),
         ({"recipe": "int8_static", "surprise": 1}, 422, "invalid_request"),
         ({"recipe": "int8_static", "model_id": str(uuid.uuid4())}, 404, "model_not_found"),
         ({"recipe": "int8_static", "model_id": "../../etc/passwd"}, 404, "model_not_found"),

@@ -256,3 +256,26 @@ def test_int4_and_fp16_jobs_end_to_end(api: Harness, zoo: dict[str, Path]) -> No
     assert int4["calibration"]["algorithm"] == "clip_search"
     assert int4["accuracy"]["baselines"][0]["algorithm"] == "rtn"
     assert int4["size"]["bits_per_weight"] == 6.0
+
+
+def test_jobs_interrupted_by_a_server_stop_are_queued_again_then_failed(api: Harness, zoo: dict[str, Path]) -> None:
+    from app.jobs.service import recover_interrupted
+
+    m = upload_model(api.client, zoo["mlp"])
+    ids = [submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"] for _ in range(2)]
+    api.queue.enqueued.clear()
+    with api.factory.begin() as s:  # as if a worker had claimed both and then died
+        for job_id, attempts in zip(ids, (1, 3), strict=True):
+            row = s.get(Job, job_id)
+            assert row is not None
+            row.status, row.stage, row.attempts = "running", "calibrating", attempts
+    with api.factory() as s:
+        requeued, failed = recover_interrupted(s)
+        s.commit()
+    assert requeued == [(ids[0], "cpu")] and failed == [ids[1]]
+    first, second = (api.client.get(f"/api/v1/jobs/{i}").json() for i in ids)
+    assert first["status"] == "queued" and first["stage"] is None
+    assert second["status"] == "failed" and second["error"]["code"] == "worker_lost"
+    # The re-queued job then runs normally.
+    api.queue.enqueued.append((ids[0], "cpu"))
+    assert api.run_queued() == ["succeeded"]

@@ -45,7 +45,7 @@ NUM_BINS = 2048
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16}
 # Bound on the bytes of observed activations fetched per model run; more means several passes.
 DEFAULT_MAX_BYTES_PER_RUN = 1 << 30
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 # Activations with more values than this per batch are histogrammed on an evenly strided subset
 # (min/max stay exact): a 2M-value subset per batch pins down thresholds far finer than int8 needs.
 HIST_MAX_VALUES = 1 << 21
@@ -74,12 +74,13 @@ class CalibrationResult:
     stats: dict[str, tuple[float, float]] = field(default_factory=dict)
     cache_used: bool = False
     calibrator: str = "lowbit"
+    nonfinite_tensors: list[str] = field(default_factory=list)
 
 
 class TensorStats:
     """Min/max and a range-adaptive histogram of one tensor."""
 
-    __slots__ = ("lo", "hi", "hist", "a", "signed", "bins", "zeros")
+    __slots__ = ("lo", "hi", "hist", "a", "signed", "bins", "zeros", "nonfinite")
 
     def __init__(self, bins: int, with_hist: bool) -> None:
         self.lo = np.inf
@@ -89,12 +90,14 @@ class TensorStats:
         self.a = 0.0  # histogram covers [0, a] (unsigned) or [-a, a] (signed)
         self.signed = False
         self.zeros = 0  # values seen while everything was exactly zero (no range to bin them in yet)
+        self.nonfinite = False  # held an infinity or NaN at some point (e.g. a -inf attention mask)
 
     def update(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
         lo, hi = float(x.min()), float(x.max())
         if not (np.isfinite(lo) and np.isfinite(hi)):
+            self.nonfinite = True
             x = x[np.isfinite(x)]
             if x.size == 0:
                 return
@@ -358,6 +361,7 @@ class StatsCache:
                         continue
                     st = TensorStats(bins, has_hist)
                     st.lo, st.hi = float(z["lo"][i]), float(z["hi"][i])
+                    st.nonfinite = bool(z["nonfinite"][i])
                     if has_hist:
                         st.hist = z["hist"][i].astype(np.int64)
                         st.a, st.signed = float(z["a"][i]), bool(z["signed"][i])
@@ -381,6 +385,7 @@ class StatsCache:
             else np.zeros((0, bins), np.int64),
             "a": np.array([stats[n].a for n in names], dtype=np.float64),
             "signed": np.array([stats[n].signed for n in names], dtype=bool),
+            "nonfinite": np.array([stats[n].nonfinite for n in names], dtype=bool),
         }
         fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".npz.tmp")
         os.close(fd)
@@ -469,8 +474,9 @@ def collect_stats(
 def ranges_from_stats(stats: dict[str, TensorStats], settings: CalibrationSettings) -> dict[str, tuple[float, float]]:
     ranges: dict[str, tuple[float, float]] = {}
     for t, st in stats.items():
-        if not np.isfinite(st.lo):
-            continue  # never produced a finite value: leave it to the quantizer's defaults
+        if st.nonfinite or not np.isfinite(st.lo):
+            # No int8 range holds infinity: a tensor without a range stays in float.
+            continue
         if settings.method == "minmax" or st.hist is None:
             ranges[t] = (st.lo, st.hi)
         else:
@@ -522,6 +528,7 @@ def calibrate(
         passes=passes,
         stats={t: (st.lo, st.hi) for t, st in stats.items() if np.isfinite(st.lo)},
         cache_used=cached is not None,
+        nonfinite_tensors=sorted(t for t, st in stats.items() if st.nonfinite),
     )
 
 

@@ -9,7 +9,9 @@ from typing import Any
 from worker.engine.errors import EngineError
 
 RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "auto", "qat_int8")
-IMPLEMENTED_RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16")
+IMPLEMENTED_RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "qat_int8")
+# Recipes that need the model as a PyTorch program (a .pt2 upload), not only as ONNX.
+RECIPES_NEEDING_PYTORCH = ("qat_int8",)
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 RECIPES_NEEDING_CALIBRATION = ("int8_static", "auto", "qat_int8")
 CALIBRATORS = ("lowbit", "ort")
@@ -27,6 +29,8 @@ RECIPE_OPTIONS: dict[str, frozenset[str]] = {
     "int4_weight_only": frozenset(_COMMON | {"algorithm", "block_size", "symmetric", "accuracy_level",
                                              "quantize_embeddings", "max_calibration_samples"}),
     "fp16": frozenset(_COMMON | {"keep_io_types", "op_block_list"}),
+    "qat_int8": frozenset(_COMMON | {"steps", "learning_rate", "range_learning_rate", "train_weight_ranges",
+                                     "train_activation_ranges", "task_loss", "max_calibration_samples"}),
 }
 
 
@@ -57,6 +61,17 @@ class RecipeOptions:
     # fp16
     keep_io_types: bool = True
     op_block_list: tuple[str, ...] | None = None
+    # qat_int8: Adam steps on the calibration samples (batch_size per step), the learning rate of the
+    # model's weights and of the learned quantization ranges (their logarithms), which ranges are learned
+    # (otherwise: weights max|w|/127 per channel, activations fixed at their calibrated min/max), and
+    # whether `labels` add a cross-entropy term to the distillation loss (off: it trades fidelity to the
+    # float model for label fit).
+    steps: int = 200
+    learning_rate: float = 1e-4
+    range_learning_rate: float = 0.1
+    train_weight_ranges: bool = False
+    train_activation_ranges: bool = True
+    task_loss: bool = False
 
     def to_dict(self, recipe: str = "int8_static") -> dict[str, Any]:
         """The options that apply to ``recipe``, defaults filled in (what a job records and reports)."""
@@ -147,7 +162,7 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
                 "invalid_option", "ONNX Runtime's calibrators have no 'mse' method; use calibrator 'lowbit'"
             )
     for name in ("per_channel", "symmetric_activations", "reduce_range", "symmetric", "quantize_embeddings",
-                 "keep_io_types"):
+                 "keep_io_types", "train_weight_ranges", "train_activation_ranges", "task_loss"):
         if name in raw:
             kw[name] = _bool(name, raw[name])
     if "percentile" in raw:
@@ -164,6 +179,12 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
         kw["algorithm"] = _choice("algorithm", raw["algorithm"], INT4_ALGORITHMS)
     if "block_size" in raw:
         kw["block_size"] = _choice("block_size", raw["block_size"], BLOCK_SIZES)
+    if "steps" in raw:
+        kw["steps"] = _int("steps", raw["steps"], 1, 100_000)
+    if "learning_rate" in raw:
+        kw["learning_rate"] = _float("learning_rate", raw["learning_rate"], 0.0, 1.0)
+    if "range_learning_rate" in raw:
+        kw["range_learning_rate"] = _float("range_learning_rate", raw["range_learning_rate"], 0.0, 1.0)
     if "accuracy_level" in raw:
         kw["accuracy_level"] = _int("accuracy_level", raw["accuracy_level"], 0, 4)
     for name in ("nodes_to_exclude", "op_types_to_quantize", "op_block_list"):
@@ -200,3 +221,5 @@ class QuantizeConfig:
     job_id: str | None = None
     # Where calibration statistics are cached across runs; None disables the cache.
     cache_dir: Path | None = None
+    # Where ONNX exports of .pt2 uploads are cached across runs; None disables the cache.
+    export_cache_dir: Path | None = None

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from worker.engine import runtime
+from worker.engine import pt2, runtime
 from worker.engine.calibrate import (
     CalibrationSettings,
     StatsCache,
@@ -27,15 +27,17 @@ from worker.engine.calibrate import (
     select_tensors,
     write_ort_ranges,
 )
-from worker.engine.config import QuantizeConfig, RecipeOptions, check_recipe
+from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.errors import EngineError
 from worker.engine.feeds import Batch, FeedPlan, fixed_batch, iter_batches
 from worker.engine.fp16 import convert_fp16
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
 from worker.engine.int4 import Int4Result, quantize_int4
-from worker.engine.normalize import normalize
+from worker.engine.normalize import nonfinite_constant_nodes, normalize
 from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
 from worker.engine.preflight import Split, plan_split
+from worker.engine.pt2 import Pt2Source
+from worker.engine.qat import QatResult, run_qat
 from worker.engine.validate import compare, latency_ms_p50, layer_sqnr
 
 log = logging.getLogger(__name__)
@@ -229,6 +231,7 @@ def run(cfg: QuantizeConfig, progress: ProgressFn | None = None) -> QuantizeResu
 def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn) -> QuantizeResult:
     warnings: list[str] = []
     step("preparing", 0.0)
+    source, cfg = _prepare_pt2(cfg, opts, work, step, warnings)
     info = inspect_model_file(cfg.model_path)
     providers = runtime.select_providers(cfg.device)
     data = _plan_data(cfg, info, warnings)
@@ -243,7 +246,14 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     quant_path = work / "quantized.onnx"
     calibration: dict[str, Any] | None = None
     int4: Int4Result | None = None
-    if cfg.recipe == "int8_static":
+    qat: QatResult | None = None
+    if cfg.recipe == "qat_int8":
+        assert source is not None
+        qat = run_qat(cfg, opts, info, split, data, norm.path, quant_path, source, providers, work, step,
+                      environment())
+        calibration = qat.calibration
+        warnings.extend(qat.warnings)
+    elif cfg.recipe == "int8_static":
         assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
         tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
         c0, c1 = split.calib_range
@@ -291,6 +301,11 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             )
         if cal.samples == 0:
             raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
+        if cal.nonfinite_tensors:
+            warnings.append(
+                f"{len(cal.nonfinite_tensors)} activation(s) held infinity or NaN on the calibration data and stay "
+                f"in float (no int8 range can hold them): {', '.join(cal.nonfinite_tensors[:5])}"
+            )
         if c1 - c0 > cal.samples and not cal.cache_used:
             warnings.append(
                 f"{c1 - c0 - cal.samples} calibration sample(s) did not fill a whole batch and were skipped"
@@ -309,7 +324,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         ranges_path = work / "ranges.json"
         write_ort_ranges(cal.ranges, ranges_path)
         step("quantizing", 0.0)
-        _quantize_static(norm.path, quant_path, ranges_path, opts)
+        _warn_forced(_quantize_static(norm.path, quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
     elif cfg.recipe == "int4_weight_only":
         int4 = _run_int4(cfg, opts, info, split, data, norm.path, quant_path, providers, step, warnings)
         calibration = int4.calibration
@@ -320,7 +335,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             warnings.append(f"kept in float32 (unsafe or slow in float16): {', '.join(kept)}")
     else:
         step("quantizing", 0.0)
-        _quantize_dynamic(norm.path, quant_path, opts)
+        _warn_forced(_quantize_dynamic(norm.path, quant_path, opts), warnings)
     step("quantizing", 1.0)
 
     quantized = onnx.load(str(quant_path))
@@ -357,6 +372,13 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         baselines = [{"algorithm": "rtn", "block_size": opts.block_size, "outputs": base.outputs,
                       "labels": base.labels}]
         del rtn_session
+    if qat is not None:
+        # What training bought: post-training int8 of the float model, same samples and quantizer.
+        ptq_session = runtime.make_session(qat.ptq_path, providers, cfg.threads, "post-training int8 baseline")
+        base = compare(original_session, ptq_session, eval_batches(), out_names, e1 - e0)
+        baselines = [{"recipe": "int8_static", "method": "minmax", "per_channel": opts.per_channel,
+                      "outputs": base.outputs, "labels": base.labels}]
+        del ptq_session
 
     first = next(iter(eval_batches()))
     lat_feed, lat_batch = _first_sample_feed(first.feed, info.inputs, split.eval_plan)
@@ -440,11 +462,42 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             "original_sha256": sha256_file(Path(cfg.model_path)),
             "quantized_sha256": artifact_sha,
             "preprocessing": norm.steps,
+            "source_format": "pt2" if source is not None else "onnx",
+            "export": source.report if source is not None else None,
         },
     }
+    if qat is not None:
+        report["training"] = qat.training
     _place(quant_path, Path(cfg.output_path))
     step("reporting", 1.0)
     return QuantizeResult(Path(cfg.output_path), artifact_sha, quantized_bytes, report, warnings)
+
+
+def _prepare_pt2(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn,
+                 warnings: list[str]) -> tuple[Pt2Source | None, QuantizeConfig]:
+    """A .pt2 upload is exported to ONNX (in a child process, checked against PyTorch) and the run goes on
+    with that ONNX model; returns the source and the config pointing at the export."""
+    if not pt2.is_pt2(Path(cfg.model_path)):
+        if cfg.recipe in RECIPES_NEEDING_PYTORCH:
+            raise EngineError(
+                "pytorch_model_required",
+                f"recipe {cfg.recipe} fine-tunes the model in PyTorch, so it needs the model as a torch.export "
+                f"archive (.pt2), not ONNX; {pt2.HOW_TO_MAKE_PT2}",
+            )
+        return None, cfg
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "loaded":
+            step("preparing", 0.2)
+
+    source = pt2.export_for_run(
+        Path(cfg.model_path), work / "pt2", calibration_path=cfg.calibration_path, eval_path=cfg.eval_path,
+        batch_size=opts.batch_size, threads=cfg.threads, device=cfg.device, on_event=on_event,
+        cache_dir=cfg.export_cache_dir,
+    )
+    warnings.extend(source.warnings)
+    step("preparing", 0.6)
+    return source, dataclasses.replace(cfg, model_path=source.onnx_path)
 
 
 def _run_int4(
@@ -499,9 +552,27 @@ def _place(src: Path, dest: Path) -> None:
         raise
 
 
-def _quantize_static(src: Path, dest: Path, ranges_path: Path, opts: RecipeOptions) -> None:
+def _excluded(
+    src: Path, opts: RecipeOptions, float_tensors: list[str] | None = None
+) -> tuple[list[str] | None, list[str]]:
+    """The user's exclusions plus nodes fed by NaN/infinite constants (which would quantize to garbage)
+    and nodes that read or write ``float_tensors`` (activations that held infinity or NaN)."""
+    model = onnx.load(str(src))
+    forced = nonfinite_constant_nodes(model)
+    if float_tensors:
+        keep = set(float_tensors)
+        forced += [n.name for n in model.graph.node if keep & {*n.input, *n.output}]
+    forced = list(dict.fromkeys(n for n in forced if n not in opts.nodes_to_exclude))
+    return (list(opts.nodes_to_exclude) + forced) or None, forced
+
+
+def _quantize_static(
+    src: Path, dest: Path, ranges_path: Path, opts: RecipeOptions, float_tensors: list[str] | None = None
+) -> list[str]:
+    """Returns the nodes that had to stay in float (beyond the user's exclusions)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    exclude, forced = _excluded(src, opts, float_tensors)
     act = QuantType.QInt8 if opts.symmetric_activations else QuantType.QUInt8
     try:
         quantize_static(
@@ -514,7 +585,7 @@ def _quantize_static(src: Path, dest: Path, ranges_path: Path, opts: RecipeOptio
             reduce_range=opts.reduce_range,
             activation_type=act,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(opts.nodes_to_exclude) or None,
+            nodes_to_exclude=exclude,
             calibrate_method=CalibrationMethod.MinMax,
             calibration_cache_path=str(ranges_path),
             extra_options={"ActivationSymmetric": opts.symmetric_activations, "WeightSymmetric": True},
@@ -527,11 +598,13 @@ def _quantize_static(src: Path, dest: Path, ranges_path: Path, opts: RecipeOptio
             f"ONNX Runtime's static quantizer failed on this model: {str(exc).strip()[:500]}. "
             "Excluding the node it names (option nodes_to_exclude) or trying int8_dynamic may help",
         ) from exc
+    return forced
 
 
-def _quantize_dynamic(src: Path, dest: Path, opts: RecipeOptions) -> None:
+def _quantize_dynamic(src: Path, dest: Path, opts: RecipeOptions) -> list[str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    exclude, forced = _excluded(src, opts)
     try:
         quantize_dynamic(
             str(src),
@@ -540,10 +613,19 @@ def _quantize_dynamic(src: Path, dest: Path, opts: RecipeOptions) -> None:
             per_channel=opts.per_channel,
             reduce_range=opts.reduce_range,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(opts.nodes_to_exclude) or None,
+            nodes_to_exclude=exclude,
         )
     except Exception as exc:
         raise EngineError(
             "quantization_failed",
             f"ONNX Runtime's dynamic quantizer failed on this model: {str(exc).strip()[:500]}",
         ) from exc
+    return forced
+
+
+def _warn_forced(forced: list[str], warnings: list[str]) -> None:
+    if forced:
+        warnings.append(
+            f"{len(forced)} node(s) touch a constant or activation holding infinity or NaN (e.g. an attention "
+            f"mask) and stay in float, since quantizing it would break the model: {', '.join(forced[:5])}"
+        )

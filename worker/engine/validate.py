@@ -233,8 +233,8 @@ def layer_sqnr(
             noise[(a_name, b_name)] += float(np.sum((a - b) ** 2))
     out: dict[tuple[str, str], float | None] = {}
     for p in pairs:
-        ok = noise[p] > 0 and sig[p] > 0 and np.isfinite(sig[p]) and np.isfinite(noise[p])
-        out[p] = round(float(10.0 * np.log10(sig[p] / noise[p])), 3) if ok else None
+        usable = bool(noise[p] > 0 and sig[p] > 0 and np.isfinite(sig[p]) and np.isfinite(noise[p]))
+        out[p] = round(float(10.0 * np.log10(sig[p] / noise[p])), 3) if usable else None
     return out
 
 

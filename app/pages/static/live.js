@@ -1,7 +1,8 @@
 /* Live updates without reloading the page: a running job's stage and progress bar (the page reloads into
-   the report once the job has finished), and the job list's status badges. Polls the JSON API of this
-   server only; it is a same-origin static file so the pages' Content-Security-Policy can forbid inline
-   script. */
+   the report once the job has finished), and the job list's status badges. A job page follows the job's
+   server-sent events (/api/v1/jobs/ID/events) and falls back to polling the JSON API when they are not
+   available; the list polls. Same-origin requests only; it is a static file so the pages'
+   Content-Security-Policy can forbid inline script. */
 (function () {
   "use strict";
   var FINISHED = ["succeeded", "failed", "cancelled"];
@@ -66,7 +67,37 @@
         window.setTimeout(tick, backoff(failures, JOB_POLL_MS));
       });
     }
-    window.setTimeout(tick, JOB_POLL_MS);
+
+    /* Events first: "job" carries the job as the API returns it, "end" the finished job (then the stream
+       closes). On any error the stream is closed and polling takes over. */
+    function listen() {
+      var source;
+      try {
+        source = new EventSource(url + "/events");
+      } catch (e) {
+        window.setTimeout(tick, JOB_POLL_MS);
+        return;
+      }
+      var ended = false;
+      source.addEventListener("job", function (e) { show(JSON.parse(e.data)); });
+      source.addEventListener("end", function (e) {
+        ended = true;
+        source.close();
+        show(JSON.parse(e.data));
+        window.location.reload();
+      });
+      source.addEventListener("gone", function () {
+        ended = true;
+        source.close();
+        window.location.reload();
+      });
+      source.onerror = function () {
+        source.close();
+        if (!ended) { window.setTimeout(tick, JOB_POLL_MS); }
+      };
+    }
+
+    if (window.EventSource) { listen(); } else { window.setTimeout(tick, JOB_POLL_MS); }
   }
 
   function watchList(table) {

@@ -219,3 +219,34 @@ def test_onnxruntime_calibrator_is_selectable(zoo: dict[str, Path], tmp_path: Pa
     with pytest.raises(EngineError) as e:
         parse_options("int8_static", {"calibrator": "ort", "method": "mse"})
     assert e.value.code == "invalid_option"
+
+
+def test_masks_with_infinities_give_finite_honest_numbers(tmp_path: Path) -> None:
+    """x + mask(-inf) -> Softmax -> MatMul: the original itself has -inf activations."""
+    import json
+
+    from tests import builders
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((1, 8), np.float32)
+    mask[0, 6:] = -np.inf
+    w = rng.standard_normal((8, 5)).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "mask"], ["masked"], name="add"),
+         helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+         helper.make_node("MatMul", ["p", "W"], ["y"], name="proj")],
+        "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5]),
+         helper.make_tensor_value_info("masked", TensorProto.FLOAT, ["batch", 8])],
+        [onnx.numpy_helper.from_array(mask, "mask"), onnx.numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save_model(m, str(tmp_path / "m.onnx"))
+    data = builders.save_npz(tmp_path / "d.npz", x=rng.standard_normal((30, 8)).astype(np.float32))
+    cfg = QuantizeConfig(model_path=tmp_path / "m.onnx", output_path=tmp_path / "q.onnx", recipe="int8_static",
+                         options=parse_options("int8_static", {}), calibration_path=data, threads=1)
+    rep = run(cfg).report
+    json.dumps(rep, allow_nan=False)  # no NaN or infinity anywhere
+    masked = next(o for o in rep["accuracy"]["outputs"] if o["name"] == "masked")
+    assert masked["cosine"] > 0.99
+    assert any("non-finite" in w and "masked" in w for w in rep["warnings"])

@@ -1,0 +1,401 @@
+"""The client commands of ``lowbit``: submit, status, download, report, jobs, cancel.
+
+Results go to stdout (a table, or JSON with ``--json``); progress bars go to stderr, and only when stderr is a
+terminal, so the output fits pipes. Exit status: 0 done; 1 the job failed or was cancelled (its error code and
+message on stderr); 2 the server refused the request, or a usage mistake; 3 the server could not be reached,
+a download did not match its checksum, or ``--timeout`` passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from app.client.core import Client, Job
+from app.client.errors import (
+    ChecksumMismatch,
+    JobCancelled,
+    JobFailed,
+    LowbitClientError,
+    ServerUnreachable,
+    WaitTimeout,
+)
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
+# Uploads and downloads smaller than this finish too fast for a bar to help.
+BAR_MIN_BYTES = 1 << 20
+RECIPE_TAGS = {"int8_static": "int8", "int8_dynamic": "int8", "qat_int8": "int8", "int4_weight_only": "int4",
+               "fp16": "fp16"}
+
+
+# -- progress on stderr ------------------------------------------------------------------------------------------
+
+class Progress:
+    """One redrawn status line on stderr, only when stderr is a terminal (never with --json)."""
+
+    def __init__(self, enabled: bool | None = None, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.on = self.stream.isatty() if enabled is None else enabled
+        self.width = max(40, shutil.get_terminal_size((100, 20)).columns - 1)
+        self.active = False
+        self.last = 0.0
+
+    def _draw(self, text: str, force: bool = False) -> None:
+        if not self.on:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < 0.1:
+            return
+        self.last = now
+        self.stream.write("\r" + text[: self.width].ljust(self.width))
+        self.stream.flush()
+        self.active = True
+
+    def note(self, text: str) -> None:
+        if not self.on:
+            return
+        self.end()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def end(self) -> None:
+        if self.active:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.active = False
+
+    @staticmethod
+    def bar(fraction: float, width: int = 28) -> str:
+        filled = int(round(width * max(0.0, min(1.0, fraction))))
+        return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+    def transfer(self, label: str, done: int, total: int) -> None:
+        if total < BAR_MIN_BYTES:
+            return
+        frac = done / total if total else 1.0
+        self._draw(f"{label:<24} {self.bar(frac)} {frac * 100:5.1f} %  {fmt_bytes(done)} / {fmt_bytes(total)}",
+                   force=done >= total)
+        if done >= total:
+            self.end()
+
+    def job(self, job: Job) -> None:
+        if job.status == "queued":
+            what = "queued, waiting for a worker"
+        elif job.status == "running":
+            what = job.stage or "running"
+        else:
+            what = job.status
+        self._draw(f"job {job.id[:8]}  {what:<28} {self.bar(job.progress / 100)} {job.progress:3d} %",
+                   force=True)
+
+
+# -- formatting --------------------------------------------------------------------------------------------------
+
+def fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:.2f} %"
+
+
+def _seconds(job: dict[str, Any]) -> str:
+    from datetime import datetime
+
+    try:
+        start = datetime.fromisoformat(str(job["started_at"]).replace("Z", "+00:00"))
+        end = datetime.fromisoformat(str(job["finished_at"]).replace("Z", "+00:00"))
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return f" in {(end - start).total_seconds():.1f} s"
+
+
+def summary_lines(job: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """The before → after table of a finished job: size, accuracy, latency."""
+    lines = [f"job {job['id']} {job['status']}: {report.get('recipe') or job.get('recipe')}{_seconds(job)}", ""]
+    rows: list[tuple[str, str, str, str]] = []
+    size = report.get("size") or {}
+    if size.get("original_bytes") and size.get("quantized_bytes"):
+        ratio = size["quantized_bytes"] / size["original_bytes"]
+        rows.append(("size", fmt_bytes(size["original_bytes"]), fmt_bytes(size["quantized_bytes"]),
+                     f"{1 / ratio:.2f}x smaller" if ratio <= 1 else f"{ratio:.2f}x larger"))
+    acc = report.get("accuracy") or {}
+    labels = acc.get("labels")
+    if labels:
+        delta = labels.get("delta")
+        rows.append(("label accuracy", _pct(labels.get("original")), _pct(labels.get("quantized")),
+                     "" if delta is None else f"{delta * 100:+.2f} pt"))
+    lat = report.get("latency") or {}
+    if lat.get("original_ms_p50") is not None and lat.get("quantized_ms_p50") is not None:
+        speed = lat.get("speedup")
+        change = "" if not speed else (f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower")
+        rows.append(("latency p50", f"{lat['original_ms_p50']:.4g} ms", f"{lat['quantized_ms_p50']:.4g} ms", change))
+    if rows:
+        lines.append(f"  {'':<16}{'before':>12}      {'after':<12}  change")
+        for name, before, after, change in rows:
+            lines.append(f"  {name:<16}{before:>12}  ->  {after:<12}  {change}")
+    for out in acc.get("outputs") or []:
+        parts = []
+        if out.get("cosine") is not None:
+            parts.append(f"cosine {out['cosine']}")
+        if out.get("sqnr_db") is not None:
+            parts.append(f"SQNR {out['sqnr_db']} dB")
+        if out.get("top1_agreement") is not None:
+            parts.append(f"top-1 agreement {_pct(out['top1_agreement'])}")
+        lines.append(f"  output {out.get('name')}: " + ", ".join(parts) + " (quantized vs original)")
+    target = report.get("accuracy_target")
+    if target:
+        bound = f"min {target['min']}" if target.get("min") is not None else f"max_drop {target.get('max_drop')}"
+        met = {True: "met", False: "NOT met", None: "not measurable"}[target.get("met")]
+        lines.append(f"  accuracy target {target.get('metric')} {bound}: {met} (value {target.get('value')})")
+    if acc:
+        source = {"eval_set": "samples of the evaluation set",
+                  "calibration_holdout": "held-out calibration samples"}.get(str(acc.get("source")), "samples")
+        threads = lat.get("threads")
+        lines.append(f"  accuracy measured on {acc.get('samples')} {source}"
+                     + (f"; latency on {lat.get('provider')}, batch {lat.get('batch_size')}, "
+                        f"{threads} thread{'' if threads == 1 else 's'}" if lat else ""))
+    for w in report.get("warnings") or []:
+        lines.append(f"  warning: {w}")
+    return lines
+
+
+def default_output(model: Path, recipe: str) -> Path:
+    """model.onnx + int8_static -> ./model.int8.onnx"""
+    stem = model.name.rsplit(".", 1)[0] if "." in model.name else model.name
+    return Path.cwd() / f"{stem}.{RECIPE_TAGS.get(recipe, recipe)}.onnx"
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _error(exc: LowbitClientError, as_json: bool, job: Job | None = None) -> int:
+    if job is not None and job.status in ("failed", "cancelled"):
+        print(f"lowbit: job {job.id} {job.status}" + (f" while {job.stage}" if job.stage else ""), file=sys.stderr)
+    print(f"lowbit: error [{exc.code}]: {exc.message}", file=sys.stderr)
+    if as_json:
+        _print_json({"error": {"code": exc.code, "message": exc.message}, "job": job.raw if job else None})
+    if isinstance(exc, JobFailed | JobCancelled):
+        return EXIT_JOB_FAILED
+    if isinstance(exc, ServerUnreachable | ChecksumMismatch | WaitTimeout):
+        return EXIT_UNREACHABLE
+    return EXIT_REFUSED
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise LowbitClientError(f"--option expects KEY=VALUE, got {text!r}", code="invalid_option")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.server, args.api_key)
+
+
+def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except LowbitClientError as exc:
+            return _error(exc, args.json, getattr(exc, "job", None))
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `lowbit jobs | head`: the reader is gone, and that is fine
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+    return run
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    progress = Progress(enabled=False if args.json else None)
+    options = dict(_parse_option(o) for o in args.option or [])
+    target = None
+    if args.accuracy_target:
+        try:
+            target = json.loads(args.accuracy_target)
+        except json.JSONDecodeError as exc:
+            raise LowbitClientError(f"--accuracy-target is not JSON: {exc}", code="invalid_option") from exc
+    model = Path(args.model)
+    output = Path(args.output) if args.output else default_output(model, args.recipe)
+    if not args.no_wait and not (output if output.is_dir() else output.parent).is_dir():
+        raise LowbitClientError(f"cannot write the quantized model to {output}: no such folder",
+                                code="invalid_output")
+    submitted: list[Job] = []
+
+    def on_submit(job: Job) -> None:
+        submitted.append(job)
+        if not args.no_wait:
+            progress.note(f"job {job.id} submitted; follow it elsewhere with: lowbit status {job.id}")
+
+    def on_upload(label: str, done: int, total: int) -> None:
+        progress.transfer(f"uploading {label}", done, total)
+
+    with _client(args) as client:
+        try:
+            result = client.quantize(
+                model, calib=args.calib, eval=args.eval, recipe=args.recipe, options=options, accuracy_target=target,
+                callback_url=args.callback_url, device=args.device, wait=not args.no_wait, timeout=args.timeout,
+                on_upload=on_upload, on_submit=on_submit, on_job=progress.job)
+        except KeyboardInterrupt:
+            progress.end()
+            if submitted:
+                print(f"lowbit: interrupted; job {submitted[0].id} keeps running (lowbit status {submitted[0].id}, "
+                      f"lowbit cancel {submitted[0].id})", file=sys.stderr)
+            return 130
+        finally:
+            progress.end()
+        if args.no_wait:
+            if args.json:
+                _print_json(result.job.raw)
+            else:
+                print(result.job.id)
+            return EXIT_OK
+        dl = result.download(output, on_progress=lambda label, d, t: progress.transfer(f"downloading {label}", d, t))
+    if args.json:
+        _print_json({"job": result.job.raw, "report": result.report,
+                     "artifact": {"path": str(dl.path), "sha256": dl.sha256, "size_bytes": dl.size_bytes}})
+    else:
+        for line in summary_lines(result.job.raw, result.report or {}):
+            print(line)
+        print(f"\nwrote {dl.path} ({fmt_bytes(dl.size_bytes)}, sha256 {dl.sha256})")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.job(args.job_id)
+    if args.json:
+        _print_json(job.raw)
+        return EXIT_OK
+    line = f"{job.id}  {job.status}"
+    if job.status == "running":
+        line += f"  {job.stage or ''} {job.progress} %"
+    if job.error:
+        line += f"  [{job.error.code}] {job.error.message}"
+    print(line)
+    return EXIT_OK
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    progress = Progress(enabled=False if args.json else None)
+    with _client(args) as client:
+        dl = client.download(args.job_id, Path(args.output) if args.output else Path.cwd(),
+                             on_progress=lambda label, d, t: progress.transfer(f"downloading {label}", d, t))
+    progress.end()
+    if args.json:
+        _print_json({"path": str(dl.path), "sha256": dl.sha256, "size_bytes": dl.size_bytes})
+    else:
+        print(f"wrote {dl.path} ({fmt_bytes(dl.size_bytes)}, sha256 {dl.sha256})")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = client.report(args.job_id)
+        job = client.job(args.job_id) if not args.json else None
+    if args.json:
+        _print_json(report)
+    else:
+        assert job is not None
+        for line in summary_lines(job.raw, report):
+            print(line)
+    return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        items, cursor = client.jobs(args.status, args.limit, args.cursor)
+    if args.json:
+        _print_json({"items": [j.raw for j in items], "next_cursor": cursor})
+        return EXIT_OK
+    print(f"{'ID':<36}  {'STATUS':<9}  {'RECIPE':<16}  {'PROGRESS':<18}  CREATED")
+    for j in items:
+        prog = f"{j.stage or ''} {j.progress} %" if j.status == "running" else (j.error.code if j.error else "")
+        print(f"{j.id:<36}  {j.status:<9}  {j.recipe:<16}  {prog:<18}  {j.created_at[:19].replace('T', ' ')}")
+    if cursor:
+        print(f"more: lowbit jobs --cursor {cursor}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel(args.job_id)
+    if args.json:
+        _print_json(job.raw)
+    else:
+        print(f"{job.id}  {job.status}" + ("" if job.finished else " (stops at its next progress check)"))
+    return EXIT_OK
+
+
+def add_commands(sub: Any) -> None:
+    """Register the client commands on the ``lowbit`` parser's subparsers."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", help="the lowbit server's URL (default: LOWBIT_SERVER, the client config file, "
+                                         "or http://127.0.0.1:8000)")
+    common.add_argument("--api-key", help="API key, sent as 'Authorization: Bearer KEY' (default: LOWBIT_API_KEY "
+                                          "or the client config file)")
+    common.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
+
+    sp = sub.add_parser("submit", parents=[common], help="upload a model and data, quantize it on a server, "
+                        "follow it and download the result",
+                        description="Upload MODEL and its data (files the server already has are not sent again), "
+                        "submit a job, follow its progress, print the before -> after summary and download the "
+                        "quantized model, verified against its SHA-256.")
+    sp.add_argument("model", help="the model file (.onnx)")
+    sp.add_argument("--calib", help="calibration data (.npz, one array per model input)")
+    sp.add_argument("--eval", help="evaluation data (.npz, labels optional)")
+    sp.add_argument("--recipe", default="int8_static", help="int8_static (default), int8_dynamic, int4_weight_only, "
+                                                            "fp16, ...")
+    sp.add_argument("--option", action="append", metavar="KEY=VALUE",
+                    help="recipe option (JSON value), repeatable, e.g. --option method=entropy")
+    sp.add_argument("--accuracy-target", metavar="JSON",
+                    help='e.g. \'{"metric": "label_accuracy", "max_drop": 0.01}\'')
+    sp.add_argument("--callback-url", help="http(s) URL that gets a signed POST when the job finishes")
+    sp.add_argument("--device", choices=["cpu", "gpu"], help="run on cpu or gpu workers (default: the server's)")
+    sp.add_argument("-o", "--output", help="where to write the quantized model (default: ./MODEL.int8.onnx and so "
+                                           "on, after the recipe)")
+    sp.add_argument("--no-wait", action="store_true", help="print the job id once submitted and exit")
+    sp.add_argument("--timeout", type=float, help="give up waiting after this many seconds (the job keeps running)")
+    sp.set_defaults(func=_guarded(cmd_submit))
+
+    st = sub.add_parser("status", parents=[common], help="a job's status, stage and progress")
+    st.add_argument("job_id")
+    st.set_defaults(func=_guarded(cmd_status))
+
+    dp = sub.add_parser("download", parents=[common], help="download a job's quantized model (sha256-verified)")
+    dp.add_argument("job_id")
+    dp.add_argument("-o", "--output", help="file or folder (default: the server's file name, here)")
+    dp.set_defaults(func=_guarded(cmd_download))
+
+    rp = sub.add_parser("report", parents=[common], help="a finished job's report (summary, or all of it as JSON)")
+    rp.add_argument("job_id")
+    rp.set_defaults(func=_guarded(cmd_report))
+
+    jp = sub.add_parser("jobs", parents=[common], help="list jobs, newest first")
+    jp.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    jp.add_argument("--limit", type=int, default=20)
+    jp.add_argument("--cursor", help="next_cursor of the previous page")
+    jp.set_defaults(func=_guarded(cmd_jobs))
+
+    cp = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
+    cp.add_argument("job_id")
+    cp.set_defaults(func=_guarded(cmd_cancel))

@@ -1,0 +1,109 @@
+"""The client's pieces that need no server: where it finds server and key, event-stream parsing, ETags, the
+summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.client import LowbitClientError
+from app.client.cli import Progress, default_output, summary_lines
+from app.client.config import DEFAULT_SERVER, config_path, resolve
+from app.client.core import etag_sha256, parse_sse
+from app.examples import JOB_EXAMPLE, REPORT_EXAMPLE
+from app.settings import Settings
+
+
+def test_arguments_then_environment_then_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "client.toml"
+    cfg.write_text('server = "https://lowbit.example.com/"\napi_key = "from-file"\n')
+    env = {"LOWBIT_CLIENT_CONFIG": str(cfg)}
+    assert resolve(env=env) == resolve(None, None, env)
+    c = resolve(env=env)
+    assert (c.server, c.api_key) == ("https://lowbit.example.com", "from-file")
+    c = resolve(env={**env, "LOWBIT_SERVER": "10.0.0.5:8000", "LOWBIT_API_KEY": "from-env"})
+    assert (c.server, c.api_key) == ("http://10.0.0.5:8000", "from-env")
+    c = resolve("http://arg:1", "from-arg", env={**env, "LOWBIT_SERVER": "http://env:2"})
+    assert (c.server, c.api_key) == ("http://arg:1", "from-arg")
+    # No variables, no file: the local `lowbit serve`, no key.
+    home = {"XDG_CONFIG_HOME": str(tmp_path / "nothing-here")}
+    assert config_path(home) == tmp_path / "nothing-here" / "lowbit" / "client.toml"
+    c = resolve(env=home)
+    assert (c.server, c.api_key) == (DEFAULT_SERVER, None)
+    # A config file named explicitly must exist and be valid.
+    with pytest.raises(LowbitClientError) as e:
+        resolve(env={"LOWBIT_CLIENT_CONFIG": str(tmp_path / "missing.toml")})
+    assert e.value.code == "client_config_missing"
+    cfg.write_text("server = [")
+    with pytest.raises(LowbitClientError) as e:
+        resolve(env=env)
+    assert e.value.code == "invalid_client_config"
+    with pytest.raises(LowbitClientError) as e:
+        resolve("ftp://x", env=home)
+    assert e.value.code == "invalid_server_url"
+
+
+def test_client_variables_stay_out_of_the_server_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOWBIT_SERVER", "http://elsewhere:1")
+    monkeypatch.setenv("LOWBIT_API_KEY", "k")
+    monkeypatch.setenv("LOWBIT_CLIENT_CONFIG", "/nowhere.toml")
+    s = Settings()
+    assert not {"server", "api_key", "client_config"} & set(s.model_dump())
+
+
+def test_event_stream_parsing() -> None:
+    lines = ["retry: 2000", "", ": keep-alive", "", "event: stage", 'data: {"stage": "preparing"}', "",
+             "event: job", 'data: {"id": "j",', 'data:  "status": "running"}', "", "data: plain", "", "event: end",
+             'data: {"id": "j", "status": "succeeded"}', ""]
+    got = [(e.event, e.data) for e in parse_sse(iter(lines))]
+    assert got == [("stage", {"stage": "preparing"}), ("job", {"id": "j", "status": "running"}),
+                   ("message", "plain"), ("end", {"id": "j", "status": "succeeded"})]
+
+
+def test_etag() -> None:
+    digest = "ab" * 32
+    assert etag_sha256(f'"{digest}"') == digest == etag_sha256(f'W/"{digest.upper()}"')
+    assert etag_sha256(None) is None and etag_sha256('"abc"') is None and etag_sha256("") is None
+
+
+def test_summary_table_and_default_output() -> None:
+    text = "\n".join(summary_lines(JOB_EXAMPLE, REPORT_EXAMPLE))
+    assert f"job {JOB_EXAMPLE['id']} succeeded: int8_static in 37.6 s" in text
+    assert "1.8 MB  ->  478.9 kB" in text and "3.85x smaller" in text
+    assert "92.19 %  ->  90.62 %" in text and "-1.56 pt" in text
+    assert "1.912 ms  ->  0.744 ms" in text and "2.57x faster" in text
+    assert "accuracy target label_accuracy max_drop 0.01: NOT met" in text
+    assert "64 samples of the evaluation set" in text
+    assert default_output(Path("/data/model.onnx"), "int8_static") == Path.cwd() / "model.int8.onnx"
+    assert default_output(Path("net.onnx"), "int4_weight_only").name == "net.int4.onnx"
+    assert default_output(Path("net.onnx"), "new_recipe").name == "net.new_recipe.onnx"
+
+
+def test_progress_is_drawn_on_a_terminal_only() -> None:
+    import io
+
+    from app.client.core import Job
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    job = Job.from_json({**JOB_EXAMPLE, "status": "running", "stage": "calibrating", "progress": 34})
+    for enabled, stream in ((None, io.StringIO()), (False, Tty())):
+        p = Progress(enabled, stream)
+        p.transfer("uploading model.onnx", 5 << 20, 10 << 20)
+        p.job(job)
+        p.note("hello")
+        p.end()
+        assert stream.getvalue() == ""
+    tty = Tty()
+    p = Progress(None, tty)
+    p.transfer("uploading small.npz", 10, 100)  # too small to bother
+    assert tty.getvalue() == ""
+    p.transfer("uploading model.onnx", 10 << 20, 10 << 20)
+    p.job(job)
+    p.end()
+    text = tty.getvalue()
+    assert "\ruploading model.onnx" in text and "100.0 %  10.5 MB / 10.5 MB" in text
+    assert f"\rjob {job.id[:8]}  calibrating" in text and " 34 %" in text and text.endswith("\n")

@@ -1,0 +1,338 @@
+"""The child process that loads .pt2 archives: ``python -m worker.engine.pt2_child COMMAND REQUEST.json``.
+
+Runs only on copies that ``worker.engine.pt2.sanitize`` wrote after ``check_archive`` passed. Commands:
+
+- ``inspect``: load the program and describe its tensor inputs and outputs (for the upload response);
+- ``export``: export it to ONNX (dynamic axes kept) and check ONNX Runtime against PyTorch on real samples;
+- ``qat``: quantization-aware fine-tuning (``worker.engine.qat_torch``), then the same export and check.
+
+The result is written as JSON to the request's ``result`` path; progress events are JSON lines on stdout.
+Everything the process prints itself goes to stderr, which the parent keeps in a log file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.engine.errors import EngineError
+from worker.engine.inspect import TensorInfo
+
+Emit = Callable[[dict[str, Any]], None]
+FAILURE_CODES = {"inspect": "invalid_model", "export": "export_failed", "qat": "training_failed"}
+# ONNX Runtime must reproduce PyTorch within these (relative L2 error, or absolute error for tiny outputs).
+CHECK_REL_L2 = 1e-3
+CHECK_ABS = 1e-5
+_SYMBOL = re.compile(r"\b[a-z]{1,8}[0-9]{1,9}\b")
+
+
+def _limits() -> None:
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        soft = 64 * (1 << 30)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, soft))
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not POSIX, or limits already lower
+        pass
+
+
+def load(path: str) -> Any:
+    import torch
+
+    try:
+        return torch.export.load(path)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError("invalid_model", f"PyTorch could not load the torch.export archive: {msg[:400]}") from exc
+
+
+TORCH_TO_NUMPY = {
+    "torch.float32": "float32", "torch.float16": "float16", "torch.float64": "float64", "torch.int64": "int64",
+    "torch.int32": "int32", "torch.int16": "int16", "torch.int8": "int8", "torch.uint8": "uint8", "torch.bool": "bool",
+}
+
+
+def describe(ep: Any) -> dict[str, Any]:
+    """Inputs and outputs of an exported program, with symbolic sizes named ('batch' on axis 0)."""
+    import torch
+    from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
+
+    nodes = {n.name: n for n in ep.graph.nodes}
+    user_in = [s for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    user_out = [s for s in ep.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    if not user_in:
+        raise EngineError("unsupported_model", "the exported program has no inputs")
+    vals: list[tuple[str, Any]] = []
+    for spec, what in [(s, "input") for s in user_in] + [(s, "output") for s in user_out]:
+        if not isinstance(spec.arg, TensorArgument):
+            raise EngineError(
+                "unsupported_model",
+                f"model {what} '{getattr(spec.arg, 'name', spec.arg)}' is not a tensor; lowbit takes models whose "
+                "inputs and outputs are tensors (export with the other arguments fixed)",
+            )
+        val = nodes[spec.arg.name].meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise EngineError("unsupported_model", f"model {what} '{spec.arg.name}' has no tensor metadata")
+        vals.append((spec.arg.name, val))
+    names: dict[str, str] = {}
+    used: set[str] = set()
+    for _, val in vals[: len(user_in)]:
+        for axis, d in enumerate(val.shape):
+            if isinstance(d, int) or not getattr(d.node.expr, "is_Symbol", False):
+                continue
+            key = str(d.node.expr)
+            if key in names:
+                continue
+            base = "batch" if axis == 0 else f"dim{axis}"
+            new, k = base, 2
+            while new in used:
+                new, k = f"{base}_{k}", k + 1
+            names[key] = new
+            used.add(new)
+
+    def info(name: str, val: Any, what: str) -> dict[str, Any]:
+        dtype = TORCH_TO_NUMPY.get(str(val.dtype))
+        if dtype is None:
+            raise EngineError("unsupported_model", f"model {what} '{name}' has dtype {val.dtype}, which lowbit's "
+                                                   "datasets cannot feed (use float32, float16 or an integer type)")
+        shape: list[int | str] = [int(d) if isinstance(d, int) else rename(str(d.node.expr), names) for d in val.shape]
+        return {"name": name, "dtype": dtype, "shape": shape}
+
+    inputs = [info(n, v, "input") for n, v in vals[: len(user_in)]]
+    outputs = [info(n, v, "output") for n, v in vals[len(user_in):]]
+    return {"inputs": inputs, "outputs": outputs, "dim_names": names,
+            "num_nodes": sum(1 for n in ep.graph.nodes if n.op == "call_function")}
+
+
+def rename(expr: str, names: dict[str, str]) -> str:
+    return _SYMBOL.sub(lambda m: names.get(m.group(0), m.group(0)), expr)
+
+
+def tensor_infos(items: list[dict[str, Any]]) -> list[TensorInfo]:
+    return [TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in items]
+
+
+def sample_feeds(inputs: list[TensorInfo], data: str | None, batch_size: int, limit: int) -> tuple[
+    list[tuple[dict[str, np.ndarray], int]], str
+]:
+    """Up to ``limit`` samples as model feeds: from the dataset, or random inputs of batch 2 without one."""
+    if data:
+        from worker.engine.feeds import iter_batches, plan_feeds
+        from worker.engine.npz import NpzReader, inspect_npz
+
+        ds = inspect_npz(Path(data))
+        plan = plan_feeds(inputs, ds, batch_size, "calibration")
+        reader = NpzReader(Path(data), ds)
+        feeds = [(b.feed, b.count) for b in iter_batches(reader, inputs, plan, 0, min(limit, ds.num_samples))]
+        if feeds:
+            return feeds, "dataset"
+    rng = np.random.default_rng(0)
+    feed: dict[str, np.ndarray] = {}
+    for inp in inputs:
+        shape = [d if isinstance(d, int) else 2 for d in inp.shape]
+        dt = np.dtype(inp.dtype)
+        feed[inp.name] = rng.standard_normal(shape).astype(dt) if dt.kind == "f" else np.zeros(shape, dt)
+    return [(feed, 1)], "random"
+
+
+def torch_args(ep: Any, inputs: list[TensorInfo], feed: dict[str, np.ndarray], device: str = "cpu") -> tuple[
+    tuple[Any, ...], dict[str, Any]
+]:
+    import torch
+    from torch.utils import _pytree as pytree
+
+    flat = [torch.from_numpy(np.ascontiguousarray(feed[i.name])).to(device) for i in inputs]
+    args, kwargs = pytree.tree_unflatten(flat, ep.call_spec.in_spec)
+    return tuple(args), dict(kwargs)
+
+
+def run_torch(module: Any, ep: Any, inputs: list[TensorInfo], feed: dict[str, np.ndarray], device: str = "cpu") -> list[
+    np.ndarray
+]:
+    import torch
+    from torch.utils import _pytree as pytree
+
+    args, kwargs = torch_args(ep, inputs, feed, device)
+    with torch.no_grad():
+        out = module(*args, **kwargs)
+    return [t.detach().cpu().numpy() for t in pytree.tree_leaves(out)]
+
+
+def export_onnx(ep: Any, desc: dict[str, Any], feeds: list[tuple[dict[str, np.ndarray], int]], dest: Path,
+                opset: int, threads: int) -> dict[str, Any]:
+    """torch.onnx.export (dynamo) of the program, symbolic sizes renamed as ``describe`` names them, then a
+    check of ONNX Runtime against PyTorch on ``feeds``."""
+    import onnx
+    import torch
+
+    inputs = tensor_infos(desc["inputs"])
+    args, kwargs = torch_args(ep, inputs, feeds[0][0])
+    tmp = dest.with_name(dest.stem + ".raw.onnx")
+    try:
+        torch.onnx.export(ep, args, str(tmp), kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                          external_data=False, verbose=False)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EngineError("export_failed", f"torch.onnx.export could not export the program to ONNX: {msg[:500]}") \
+            from exc
+    model = onnx.load(str(tmp))
+    names = desc["dim_names"]
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param:
+                    d.dim_param = rename(d.dim_param, names)
+    got = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    want = [i.name for i in inputs]
+    if got != want:
+        raise EngineError(
+            "export_failed",
+            f"the ONNX export has inputs {got}, the exported program {want}; lowbit cannot feed it the same data",
+        )
+    onnx.save_model(model, str(dest))
+    tmp.unlink(missing_ok=True)
+    return check_onnx(ep.module(), ep, inputs, feeds, dest, threads)
+
+
+def check_onnx(module: Any, ep: Any, inputs: list[TensorInfo], feeds: list[tuple[dict[str, np.ndarray], int]],
+               onnx_path: Path, threads: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, threads)
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise EngineError("export_failed", f"ONNX Runtime cannot load the exported model: {str(exc)[:400]}") from exc
+    names = [o.name for o in sess.get_outputs()]
+    stats = [{"name": n, "sq_ref": 0.0, "sq_err": 0.0, "max_abs_error": 0.0, "equal": 0, "total": 0} for n in names]
+    samples = 0
+    for feed, count in feeds:
+        ref = run_torch(module, ep, inputs, feed)
+        got = sess.run(None, feed)
+        if len(ref) != len(got):
+            raise EngineError("export_mismatch", f"the ONNX export has {len(got)} outputs, PyTorch returns {len(ref)}")
+        for s, r, g in zip(stats, ref, got, strict=True):
+            if r.shape != g.shape:
+                raise EngineError(
+                    "export_mismatch",
+                    f"output '{s['name']}' has shape {list(g.shape)} in ONNX Runtime but {list(r.shape)} in PyTorch",
+                )
+            if r.dtype.kind == "f":
+                d = r.astype(np.float64) - g.astype(np.float64)
+                s["sq_ref"] += float(np.sum(r.astype(np.float64) ** 2))
+                s["sq_err"] += float(np.sum(d * d))
+                s["max_abs_error"] = max(s["max_abs_error"], float(np.max(np.abs(d))) if d.size else 0.0)
+            else:
+                s["equal"] += int(np.sum(r == g))
+                s["total"] += int(r.size)
+        samples += count
+    outputs = []
+    for s in stats:
+        if s["total"]:
+            agree = s["equal"] / s["total"]
+            ok = agree >= 0.999
+            outputs.append({"name": s["name"], "agreement": round(agree, 6)})
+        else:
+            rel = (s["sq_err"] ** 0.5) / max(s["sq_ref"] ** 0.5, 1e-30)
+            ok = rel <= CHECK_REL_L2 or s["max_abs_error"] <= CHECK_ABS
+            outputs.append({"name": s["name"], "rel_l2_error": float(f"{rel:.3g}"),
+                            "max_abs_error": float(f"{s['max_abs_error']:.3g}")})
+        if not ok:
+            raise EngineError(
+                "export_mismatch",
+                f"the ONNX export of the model disagrees with PyTorch on output '{s['name']}' ({outputs[-1]}); "
+                "lowbit will not quantize a model that does not compute what the .pt2 does. An operator may be "
+                "exported imprecisely; please report it with the model",
+            )
+    return {"samples": samples, "outputs": outputs}
+
+
+def cmd_inspect(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    import torch
+
+    from worker.engine.pt2 import EXPORT_OPSET
+
+    ep = load(req["model"])
+    desc = describe(ep)
+    return {"opset": EXPORT_OPSET, "inputs": desc["inputs"], "outputs": desc["outputs"],
+            "num_nodes": desc["num_nodes"], "producer": f"torch.export (torch {torch.__version__})"}
+
+
+def cmd_export(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    import torch
+
+    ep = load(req["model"])
+    desc = describe(ep)
+    emit({"event": "loaded"})
+    feeds, source = sample_feeds(tensor_infos(desc["inputs"]), req.get("data"), int(req.get("batch_size", 8)),
+                                 int(req.get("check_samples", 64)))
+    check = export_onnx(ep, desc, feeds, Path(req["output"]), int(req["opset"]), int(req.get("threads", 1)))
+    check["source"] = "calibration samples" if source == "dataset" else "random inputs (no dataset given)"
+    warnings = []
+    if source != "dataset":
+        warnings.append("the ONNX export was checked against PyTorch on random inputs only (no dataset was given)")
+    return {"check": check, "dynamic_dims": desc["dim_names"], "torch": torch.__version__,
+            "inputs": desc["inputs"], "outputs": desc["outputs"], "warnings": warnings}
+
+
+def cmd_qat(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    from worker.engine.qat_torch import run_qat
+
+    ep = load(req["model"])
+    desc = describe(ep)
+    return run_qat(ep, desc, req, emit)
+
+
+COMMANDS: dict[str, Callable[[dict[str, Any], Emit], dict[str, Any]]] = {
+    "inspect": cmd_inspect, "export": cmd_export, "qat": cmd_qat,
+}
+
+
+def main(argv: list[str]) -> int:
+    # Events go to the real stdout; anything else printed (by torch, too) goes to stderr.
+    events = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    _limits()
+    command, req_path = argv[1], argv[2]
+    req = json.loads(Path(req_path).read_text())
+    result_path = Path(req["result"])
+
+    def emit(event: dict[str, Any]) -> None:
+        events.write(json.dumps(event) + "\n")
+
+    started = time.perf_counter()
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, int(req.get("threads", 1))))
+        out = {"ok": True, **COMMANDS[command](req, emit)}
+    except EngineError as exc:
+        out = {"ok": False, "code": exc.code, "message": exc.message}
+    except Exception as exc:
+        traceback.print_exc()
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        out = {"ok": False, "code": FAILURE_CODES.get(command, "torch_failed"),
+               "message": f"PyTorch failed during '{command}' ({type(exc).__name__}: {msg[:400]})"}
+    out["seconds"] = round(time.perf_counter() - started, 3)
+    tmp = result_path.with_name(result_path.name + ".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, result_path)
+    events.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
