@@ -199,3 +199,37 @@ def output_chart(outputs: list[dict[str, Any]]) -> Markup:
         bars.append(Bar(name, o.get("sqnr_db"), fmt_db(o.get("sqnr_db")), "quantized", name, detail))
     desc = "Error of each model output, quantized against original: SQNR (higher is better), cosine, max abs error."
     return bar_chart("Per-output error", desc, bars, css="chart chart-wide chart-outputs", axis="dB")
+
+
+def loss_chart(curve: list[dict[str, Any]], width: int = 640, height: int = 220) -> Markup:
+    """Training loss against step, as a polyline with its first and last values written out."""
+    points = [(float(p["step"]), float(p["loss"])) for p in curve
+              if isinstance(p.get("step"), (int, float)) and isinstance(p.get("loss"), (int, float))]
+    if len(points) < 2:
+        return Markup("")
+    left, right, top, bottom = 56, 16, 16, 36
+    xs = [x for x, _ in points]
+    ys = [y for _, y in points]
+    x0, x1 = min(xs), max(xs)
+    y1 = max(ys) or 1.0
+    sx = (width - left - right) / ((x1 - x0) or 1.0)
+    sy = (height - top - bottom) / y1
+
+    def at(x: float, y: float) -> str:
+        return f"{left + (x - x0) * sx:.1f},{height - bottom - y * sy:.1f}"
+
+    line = el("polyline", points=" ".join(at(x, y) for x, y in points), fill="none",
+              stroke=COLOURS["quantized"], stroke_width="2")
+    axes = el("path", d=f"M{left},{top} V{height - bottom} H{width - right}", fill="none", stroke="#555")
+    labels = [
+        el("text", f"{ys[0]:.4g}", x=str(left - 4), y=str(height - bottom - ys[0] * sy + 4), text_anchor="end",
+           font_size="11"),
+        el("text", "0", x=str(left - 4), y=str(height - bottom + 4), text_anchor="end", font_size="11"),
+        el("text", f"step {int(x0)}", x=str(left), y=str(height - 8), font_size="11"),
+        el("text", f"step {int(x1)}: loss {ys[-1]:.4g}", x=str(width - right), y=str(height - 8),
+           text_anchor="end", font_size="11"),
+    ]
+    return el("svg", el("title", "Training loss"),
+              el("desc", "Distillation loss against training step; lower is closer to the float model."),
+              axes, line, *labels, viewBox=f"0 0 {width} {height}", role="img", class_="chart chart-loss",
+              width="100%")

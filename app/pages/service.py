@@ -31,6 +31,7 @@ FORM_RECIPES = {
     "int8_dynamic": "int8_dynamic (no calibration)",
     "int4_weight_only": "int4_weight_only (4-bit MatMul weights)",
     "fp16": "fp16 (half-precision weights and compute)",
+    "qat_int8": "qat_int8 (fine-tune, then int8; .pt2 models)",
 }
 INT4_CHOICES = {
     "": "automatic (clip_search with calibration data, else rtn)",
@@ -151,9 +152,12 @@ def report_context(report: dict[str, Any], model_name: str, calib_name: str | No
             "latency": charts.latency_chart(report.get("latency") or {}),
             "layers": layer_svg,
             "outputs": charts.output_chart((report.get("accuracy") or {}).get("outputs") or []),
+            "loss": charts.loss_chart((report.get("training") or {}).get("loss_curve") or []),
         },
+        "baseline_title": "What training bought" if report.get("recipe") == "qat_int8"
+        else "What calibration bought",
         "layers_shown": layers_shown,
-        "fp32_layers": sum(1 for layer in layers if layer.get("precision") != "int8"),
+        "fp32_layers": sum(1 for layer in layers if layer.get("precision") == "fp32"),
         "calibration_rows": present.calibration_rows(report.get("calibration")),
         "cli": present.cli_command(report.get("recipe", ""), report.get("options") or {}, model_name, calib_name,
                                    eval_name),

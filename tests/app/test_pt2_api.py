@@ -66,6 +66,11 @@ def test_pt2_conv_net_and_transformer_through_int8_static_and_qat_int8(sqlite_ap
             assert training["fake_quantized"]["weights"] and training["fake_quantized"]["activations"]
             (base,) = report["accuracy"]["baselines"]
             assert base["recipe"] == "int8_static" and base["labels"]["samples"] == report["accuracy"]["samples"]
+            # The page draws the loss curve and puts post-training int8 next to QAT.
+            page = api.client.get(f"/jobs/{job_id}").text
+            assert 'id="training"' in page and "<polyline" in page and "What training bought" in page
+            assert "post-training int8_static (minmax)" in page
+            assert f'data-key="accuracy.baselines.0.outputs.0.cosine">{base["outputs"][0]["cosine"]}' in page
         art = api.client.get(f"/api/v1/jobs/{job_id}/artifact")
         assert art.status_code == 200 and f"{name}.{recipe}.onnx" in art.headers["content-disposition"]
         path = Path(api.settings.data_dir) / f"{name}.{recipe}.onnx"
