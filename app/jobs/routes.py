@@ -68,17 +68,27 @@ def _submit_multipart(db: Session, storage: Storage, form: Any, max_bytes: int, 
         if key in config:
             raise Invalid(f"'{key}' cannot be given in a multipart submission; upload the file instead",
                           code="invalid_config")
-    model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes)
-    ids: dict[str, str] = {"model_id": model.id}
-    for field, key in (("calibration", "calibration_dataset_id"), ("eval", "eval_dataset_id")):
-        f = form.get(field)
-        if f is not None and not isinstance(f, str):
-            ids[key] = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes).id
+    # One request, one transaction: if anything below fails, the files stored so far go too.
+    placed: list[str] = []
     try:
-        req = JobCreate.model_validate({**config, **ids})
-    except ValidationError as exc:
-        raise Invalid(_validation_message(exc)) from exc
-    return service.create_job(db, req, default_queue)
+        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes)
+        placed.append(model.storage_path)
+        ids: dict[str, str] = {"model_id": model.id}
+        for field, key in (("calibration", "calibration_dataset_id"), ("eval", "eval_dataset_id")):
+            f = form.get(field)
+            if f is not None and not isinstance(f, str):
+                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes)
+                placed.append(ds.storage_path)
+                ids[key] = ds.id
+        try:
+            req = JobCreate.model_validate({**config, **ids})
+        except ValidationError as exc:
+            raise Invalid(_validation_message(exc)) from exc
+        return service.create_job(db, req, default_queue)
+    except BaseException:
+        for path in placed:
+            storage.discard(path)
+        raise
 
 
 @router.post("", status_code=202, response_model=JobOut, openapi_extra=_SUBMIT_DOC,

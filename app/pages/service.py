@@ -254,9 +254,18 @@ def submit_form(db: Session, storage: Storage, form: FormData, max_bytes: int, d
     if config["options"].get("algorithm") in INT4_CALIBRATED and calib_file is None:
         raise Invalid(f"the 4-bit algorithm {config['options']['algorithm']} learns from your data: choose a "
                       "calibration file (.npz), or pick rtn", code="calibration_required")
-    model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes)
-    ids: dict[str, str] = {"model_id": model.id}
-    for f, key in ((calib_file, "calibration_dataset_id"), (eval_file, "eval_dataset_id")):
-        if f is not None:
-            ids[key] = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes).id
-    return jobs.create_job(db, JobCreate.model_validate({**config, **ids}), default_queue)
+    placed: list[str] = []  # removed again if the submission fails: the rows roll back, the files must too
+    try:
+        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes)
+        placed.append(model.storage_path)
+        ids: dict[str, str] = {"model_id": model.id}
+        for f, key in ((calib_file, "calibration_dataset_id"), (eval_file, "eval_dataset_id")):
+            if f is not None:
+                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes)
+                placed.append(ds.storage_path)
+                ids[key] = ds.id
+        return jobs.create_job(db, JobCreate.model_validate({**config, **ids}), default_queue)
+    except BaseException:
+        for path in placed:
+            storage.discard(path)
+        raise

@@ -192,6 +192,12 @@ def test_multipart_problems(api: Harness, zoo: dict[str, Path]) -> None:
                         files={"model": ("m.onnx", zoo["mlp"].read_bytes())})
     assert r.status_code == 422 and error_of(r) == "calibration_required"
     assert api.client.get("/api/v1/jobs").json()["items"] == []
+    # ...and neither the rows nor the files of what was uploaded stay behind.
+    bad = builders.npz_bytes(features=np.zeros((10, 7), np.float32))
+    r = api.client.post("/api/v1/jobs", data={"config": json.dumps({"recipe": "int8_static"})},
+                        files={"model": ("m.onnx", zoo["mlp"].read_bytes()), "calibration": ("c.npz", bad)})
+    assert r.status_code == 422 and error_of(r) == "dataset_mismatch"
+    _no_leftovers(api)
 
 
 @pytest.mark.parametrize("path", ["/api/v1/jobs/{id}", "/api/v1/jobs/{id}/report", "/api/v1/jobs/{id}/artifact",
