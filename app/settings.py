@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # Seconds to wait before each delivery attempt: the first at once, then +1 s, then +4 s.
     webhook_retry_delays_s: list[float] = Field(default_factory=lambda: [0.0, 1.0, 4.0])
     webhook_timeout_s: float = 10.0
+    # Callback URLs that resolve to loopback, private, link-local or reserved addresses are refused
+    # (the worker must not become a way into the internal network); true allows them, e.g. for tests.
+    webhook_allow_private: bool = False
     # Server-sent events (GET /api/v1/jobs/{id}/events): how often the stream reads the job row, and how
     # long it may stay quiet before it sends a keep-alive comment.
     events_poll_s: float = 0.25

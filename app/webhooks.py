@@ -162,6 +162,27 @@ def _record(factory: sessionmaker[Session], delivery_id: str, **values: Any) -> 
         s.execute(sa.update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(**values))
 
 
+def _non_public(url: str) -> str | None:
+    """Why a callback URL must not be called (it resolves to a non-public address), or None."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80),
+                                   type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot resolve the callback host '{host}': {exc}"
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if not ip.is_global:
+            return (f"refused: the callback host '{host}' resolves to {ip}, a non-public address "
+                    "(the server allows that only with LOWBIT_WEBHOOK_ALLOW_PRIVATE=true)")
+    return None
+
+
 def notify(factory: sessionmaker[Session], settings: Settings, job_id: str,
            sleep: Callable[[float], None] = time.sleep) -> str | None:
     """Deliver the webhook of a finished job, at most once per job and event, with retries. Returns the
@@ -172,6 +193,11 @@ def notify(factory: sessionmaker[Session], settings: Settings, job_id: str,
         if claimed is None:
             return None
         delivery_id, url, body = claimed
+        refused = None if settings.webhook_allow_private else _non_public(url)
+        if refused:
+            _record(factory, delivery_id, attempts=0, last_status_code=None, last_error=refused,
+                    last_attempt_at=utcnow(), status=UNDELIVERED, delivered_at=None)
+            return UNDELIVERED
         secret = webhook_secret(settings)
         event = json.loads(body)["event"]
         delays = list(settings.webhook_retry_delays_s) or [0.0]

@@ -222,6 +222,11 @@ def evaluate_target(target: dict[str, Any], report: dict[str, Any]) -> dict[str,
         original = labels["original"] if labels else None
     else:
         vals = [o[metric] for o in acc["outputs"] if o.get(metric) is not None]
+        if metric == "sqnr_db":
+            # sqnr_db is null for an output reproduced exactly (infinite SQNR): it meets any minimum.
+            exact = [o for o in acc["outputs"] if o.get("sqnr_db") is None and o.get("max_abs_error") == 0]
+            if exact and len(exact) == len(acc["outputs"]):
+                return {**target, "value": None, "met": True, "note": "every output reproduced exactly"}
         value = min(vals) if vals else None
         original = {"cosine": 1.0, "top1_agreement": 1.0}.get(metric)
     met: bool | None = None

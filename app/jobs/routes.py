@@ -170,8 +170,9 @@ def cancel_job(job_id: str, db: Session = Depends(get_db)) -> JobOut:
 @router.delete("/{job_id}", status_code=204, responses=error_responses(404))
 def delete_job(job_id: str, db: Session = Depends(get_db), storage: Storage = Depends(get_storage)) -> Response:
     """Delete a job with its artifact and report."""
-    service.delete_job(db, storage, job_id)
+    service.delete_job(db, job_id)
     db.commit()
+    storage.remove_job(job_id)
     return Response(status_code=204)
 
 

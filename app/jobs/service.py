@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,7 +14,6 @@ from app.errors import Conflict, Invalid, NotFound, from_engine
 from app.jobs.models import CANCELLED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Job
 from app.jobs.schemas import DeliveryOut, JobCreate, JobError, JobLinks, JobOut
 from app.models import service as models
-from app.storage import Storage
 from app.uploads import is_uuid, new_id
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, parse_options
 from worker.engine.errors import EngineError
@@ -89,8 +88,11 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         ts, job_id = raw.split("|", 1)
-        return datetime.fromisoformat(ts), job_id
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        when = datetime.fromisoformat(ts)
+        if when.tzinfo is not None:
+            when = when.astimezone(UTC)  # out-of-range offsets fail here, not in the database layer
+        return when, job_id
+    except (ValueError, binascii.Error, UnicodeDecodeError, OverflowError) as exc:
         raise Invalid("the cursor is not valid; use the next_cursor value of a previous page", code="invalid_cursor") \
             from exc
 
@@ -125,14 +127,14 @@ def cancel_job(db: Session, job_id: str) -> Job:
     return job
 
 
-def delete_job(db: Session, storage: Storage, job_id: str) -> None:
+def delete_job(db: Session, job_id: str) -> None:
+    """Delete the row; the caller removes the files after its commit (a failed commit keeps both)."""
     job = get_job(db, job_id)
     if job.status == RUNNING:
         # The worker notices the missing row when it records its result and discards its output.
         job.cancel_requested = True
     db.delete(job)
     db.flush()
-    storage.remove_job(job_id)
 
 
 def artifact_for(db: Session, job_id: str) -> Job:

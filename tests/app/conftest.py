@@ -79,7 +79,8 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     else:
         url = f"sqlite:///{tmp_path / 'lowbit.db'}"
         upgrade(url)
-    settings = Settings(data_dir=tmp_path / "data", database_url=url, worker_threads=1, worker_device="cpu",
+    settings = Settings(data_dir=tmp_path / "data", database_url=url,
+                        worker_threads=1, worker_device="cpu", webhook_allow_private=True,
                         max_upload_bytes=64 * 1024 * 1024)
     engine = make_engine(url)
     factory = make_sessionmaker(engine)
@@ -97,7 +98,8 @@ def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
 def sqlite_api(tmp_path: Path) -> Iterator[Harness]:
     url = f"sqlite:///{tmp_path / 'lowbit.db'}"
     upgrade(url)
-    settings = Settings(data_dir=tmp_path / "data", database_url=url, worker_threads=1, worker_device="cpu",
+    settings = Settings(data_dir=tmp_path / "data", database_url=url,
+                        worker_threads=1, worker_device="cpu", webhook_allow_private=True,
                         max_upload_bytes=64 * 1024 * 1024)
     factory = make_sessionmaker(make_engine(url))
     queue = RecordingQueue(factory)

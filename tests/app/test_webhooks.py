@@ -143,3 +143,17 @@ def test_callback_url_must_be_http_or_https(sqlite_api: Harness, zoo: dict[str, 
     assert r.status_code == 422 and error_of(r) == "invalid_request"
     assert "callback_url" in r.json()["error"]["message"]
     assert sqlite_api.queue.enqueued == []
+
+
+def test_callbacks_to_internal_addresses_are_refused_by_default(api: Harness, zoo: dict[str, Path]) -> None:
+    """Without LOWBIT_WEBHOOK_ALLOW_PRIVATE the worker never calls a loopback/private address: it cannot be
+    used to reach or scan the internal network."""
+    api.settings.webhook_allow_private = False
+    m = upload_model(api.client, zoo["mlp"])
+    with receiver() as rec:
+        job = submit(api.client, model_id=m["id"], recipe="int8_dynamic", callback_url=rec.url + "/hook").json()
+        assert api.run_queued() == ["succeeded"]
+        assert rec.received == []
+    (delivery,) = api.client.get(f"/api/v1/jobs/{job['id']}").json()["deliveries"]
+    assert delivery["status"] == "failed" and delivery["attempts"] == 0
+    assert "non-public address" in delivery["last_error"]

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,17 @@ class Pt2Archive:
 
 def check_archive(path: Path) -> Pt2Archive:
     """Everything about an upload that can be decided without torch. Raises EngineError."""
-    path = Path(path)
+    try:
+        return _check_archive(Path(path))
+    except ZIP_ERRORS as exc:
+        raise EngineError("invalid_model", f"the .pt2 archive is damaged or unreadable ({exc})") from exc
+
+
+# Damaged, encrypted or oddly compressed zip members surface as these.
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError, EOFError)
+
+
+def _check_archive(path: Path) -> Pt2Archive:
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
@@ -208,6 +219,15 @@ def check_archive(path: Path) -> Pt2Archive:
         constants = _json(zf, members, "data/constants/model_constants_config.json") \
             if "data/constants/model_constants_config.json" in members else {"config": {}}
         total = sum(i.file_size for i in infos)
+        archive_bytes = path.stat().st_size
+        # torch.export.save stores members uncompressed; a member that inflates far beyond its stored size is
+        # not what it claims and would fill the disk when copied out (a zip bomb).
+        if total > 2 * archive_bytes + (16 << 20):
+            raise EngineError(
+                "invalid_model",
+                f"the archive declares {total} bytes of content in a {archive_bytes}-byte file; torch.export "
+                "archives are stored uncompressed, so this one is refused",
+            )
     try:
         for kind, config in (("weights", weights), ("constants", constants)):
             _check_payloads(kind, config, members)
@@ -390,6 +410,14 @@ def _check_program(program: dict[str, Any]) -> None:
 def sanitize(arc: Pt2Archive, src: Path, dest: Path) -> Path:
     """Write the copy that torch may load: program (without guards code), weights, constants, and an empty
     sample-inputs file. Nothing else from the upload is carried over."""
+    try:
+        return _sanitize(arc, src, dest)
+    except ZIP_ERRORS as exc:
+        dest.with_name(dest.name + ".tmp").unlink(missing_ok=True)
+        raise EngineError("invalid_model", f"the .pt2 archive is damaged or unreadable ({exc})") from exc
+
+
+def _sanitize(arc: Pt2Archive, src: Path, dest: Path) -> Path:
     program = dict(arc.program)
     program["guards_code"] = []
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -441,8 +469,10 @@ def run_child(
     log_path = work_dir / f"{command}.log"
     res_path.unlink(missing_ok=True)
     req_path.write_text(json.dumps({**request, "result": str(res_path)}))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), env.get("PYTHONPATH", "")) if p)
+    # The child parses an untrusted upload: it gets no secrets (database URL, webhook secret) from us.
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH", "")) if p)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(max(1, threads))
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -484,7 +514,10 @@ def run_child(
                         continue
                     if isinstance(event, dict):
                         on_event(event)
-            proc.wait(timeout=max(1.0, timeout_s - (time.monotonic() - started)))
+            try:
+                proc.wait(timeout=max(1.0, timeout_s - (time.monotonic() - started)))
+            except subprocess.TimeoutExpired as exc:
+                raise EngineError("torch_timeout", f"PyTorch did not finish '{command}' in time") from exc
         except BaseException:
             _kill(proc)
             raise

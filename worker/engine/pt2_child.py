@@ -230,8 +230,18 @@ def check_onnx(module: Any, ep: Any, inputs: list[TensorInfo], feeds: list[tuple
                     f"output '{s['name']}' has shape {list(g.shape)} in ONNX Runtime but {list(r.shape)} in PyTorch",
                 )
             if r.dtype.kind == "f":
-                d = r.astype(np.float64) - g.astype(np.float64)
-                s["sq_ref"] += float(np.sum(r.astype(np.float64) ** 2))
+                rf, gf = r.astype(np.float64), g.astype(np.float64)
+                # Non-finite values must sit in the same places (NaN where NaN, the same infinities).
+                r_bad, g_bad = ~np.isfinite(rf), ~np.isfinite(gf)
+                if (r_bad != g_bad).any() or (r_bad.any() and not np.array_equal(rf[r_bad], gf[g_bad], equal_nan=True)):
+                    raise EngineError(
+                        "export_mismatch",
+                        f"the ONNX export gives NaN or infinity where PyTorch does not (or the other way) in output "
+                        f"'{s['name']}'",
+                    )
+                rf, gf = rf[~r_bad], gf[~g_bad]
+                r, d = rf, rf - gf
+                s["sq_ref"] += float(np.sum(rf**2))
                 s["sq_err"] += float(np.sum(d * d))
                 s["max_abs_error"] = max(s["max_abs_error"], float(np.max(np.abs(d))) if d.size else 0.0)
             else:

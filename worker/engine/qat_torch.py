@@ -192,7 +192,9 @@ class _Data:
         self.per = plan.samples_per_run
         self.inputs = inputs
         self.rng = np.random.default_rng(seed)
-        self.resample = not fixed_batch(plan, inputs)
+        # Re-batch across samples only when every input is stacked along a dynamic batch axis; complete
+        # per-sample feeds (e.g. an RNN state [2, 1, H]) are used batch by batch as given.
+        self.resample = not fixed_batch(plan, inputs) and all(m == "stacked" for m in plan.modes.values())
         if self.resample:
             self.arrays = {i.name: np.concatenate([b.feed[i.name] for b in self.batches]) for i in inputs}
             labs = [b.labels for b in self.batches if b.labels is not None]
