@@ -193,3 +193,49 @@ def test_qat_options_are_validated(options: dict[str, Any], needle: str) -> None
     with pytest.raises(EngineError) as e:
         parse_options("qat_int8", options)
     assert needle in e.value.message
+
+
+def _rewrite(src: Path, dest: Path, change: Any) -> Path:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for info in zin.infolist():
+            change(zin, zout, info)
+    return dest
+
+
+def test_pt2_zip_bomb_is_refused_before_anything_is_unpacked(pt2_zoo: dict[str, Path], tmp_path: Path) -> None:
+    from worker.engine.errors import EngineError
+    from worker.engine.pt2 import check_archive
+
+    def bomb(zin: zipfile.ZipFile, zout: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+        zout.writestr(info, zin.read(info))
+        if info.filename.endswith("archive_format"):
+            root = info.filename.rsplit("/", 1)[0]
+            # 256 MiB of zeros deflate to a few hundred KB.
+            zout.writestr(zipfile.ZipInfo(f"{root}/extra/padding"), b"\0" * (256 << 20),
+                          compress_type=zipfile.ZIP_DEFLATED)
+
+    path = _rewrite(pt2_zoo["conv"], tmp_path / "bomb.pt2", bomb)
+    assert path.stat().st_size < 8 << 20
+    with pytest.raises(EngineError) as e:
+        check_archive(path)
+    assert e.value.code == "invalid_model" and "uncompressed" in e.value.message
+
+
+def test_damaged_pt2_is_a_clear_error_not_a_crash(pt2_zoo: dict[str, Path], tmp_path: Path) -> None:
+    from worker.engine.errors import EngineError
+    from worker.engine.pt2 import check_archive
+
+    data = bytearray(pt2_zoo["conv"].read_bytes())
+    with zipfile.ZipFile(pt2_zoo["conv"]) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("models/model.json"))
+    # Flip a byte inside the stored program: its CRC no longer matches.
+    h = info.header_offset
+    name_len = int.from_bytes(data[h + 26:h + 28], "little")
+    extra_len = int.from_bytes(data[h + 28:h + 30], "little")
+    start = h + 30 + name_len + extra_len + 10
+    data[start] ^= 0xFF
+    path = tmp_path / "damaged.pt2"
+    path.write_bytes(bytes(data))
+    with pytest.raises(EngineError) as e:
+        check_archive(path)
+    assert e.value.code == "invalid_model"
