@@ -59,7 +59,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.no_migrate:
         upgrade(s.resolved_database_url)
     worker: subprocess.Popen[bytes] | None = None
+    lock = None
     if not args.no_worker and s.uses_filesystem_broker:
+        # One embedded server per data directory: a second would re-queue the first one's running jobs.
+        import fcntl
+
+        lock = open(s.data_dir / "serve.lock", "w")  # noqa: SIM115 - held for the server's lifetime
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"lowbit: another 'lowbit serve' is using {s.data_dir.resolve()}; stop it first or set "
+                  "LOWBIT_DATA_DIR to another folder", file=sys.stderr)
+            return 1
         # The embedded worker is the only one on this data directory, so a job left 'running' was
         # cut off when the previous server stopped: queue it again (or fail it after 3 tries).
         _recover_embedded_jobs(s)

@@ -40,3 +40,21 @@ def test_killed_server_resumes_the_interrupted_job(big: dict[str, Path], tmp_pat
     finally:
         client2.close()
         proc2.stop()
+
+
+def test_a_second_server_on_the_same_data_dir_refuses_to_start(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.e2e.conftest import env_for, free_port, lowbit_cmd
+
+    data = tmp_path / "lowbit-data"
+    proc, client = start_serve(data, tmp_path / "first.log")
+    try:
+        second = subprocess.run(lowbit_cmd("serve", "--port", str(free_port())), env=env_for(data),
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert "another 'lowbit serve' is using" in second.stderr
+        assert client.get("/readyz").status_code == 200  # the first one is untouched
+    finally:
+        client.close()
+        proc.stop()
