@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     # Callback URLs that resolve to loopback, private, link-local or reserved addresses are refused
     # (the worker must not become a way into the internal network); true allows them, e.g. for tests.
     webhook_allow_private: bool = False
+    # A running job whose worker has not reported for job_lease_s is taken as lost and queued again
+    # (at most 3 attempts); workers report every job_heartbeat_s while a job runs.
+    job_lease_s: float = 120.0
+    job_heartbeat_s: float = 10.0
     # Server-sent events (GET /api/v1/jobs/{id}/events): how often the stream reads the job row, and how
     # long it may stay quiet before it sends a keep-alive comment.
     events_poll_s: float = 0.25

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from celery.signals import worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.datasets.models import Dataset
@@ -68,31 +71,112 @@ class StageTimer:
         return self.snapshot()
 
 
-def claim(factory: sessionmaker[Session], job_id: str, timer: StageTimer | None = None) -> bool:
+class LeaseLost(Exception):
+    """This attempt's claim on the job was taken over (its heartbeat went stale and the job was
+    re-queued): stop, and leave the job and its files to the attempt that owns them now."""
+
+
+def claim(factory: sessionmaker[Session], job_id: str, timer: StageTimer | None = None) -> int:
+    """queued -> running. Returns this attempt's number (the job's new ``attempts``), 0 if not claimable."""
     with factory.begin() as s:
         res = s.execute(
             sa.update(Job)
             .where(Job.id == job_id, Job.status == QUEUED)
             .values(status=RUNNING, stage="preparing", progress=0, started_at=utcnow(), attempts=Job.attempts + 1,
-                    stage_times=timer.snapshot() if timer else None)
+                    heartbeat_at=utcnow(), stage_times=timer.snapshot() if timer else None)
         )
-        return bool(res.rowcount)  # type: ignore[attr-defined]
+        if not res.rowcount:  # type: ignore[attr-defined]
+            return 0
+        return int(s.execute(sa.select(Job.attempts).where(Job.id == job_id)).scalar_one())
 
 
-def _finish(factory: sessionmaker[Session], job_id: str, **values: Any) -> bool:
+def _mine(job_id: str, attempt: int) -> Any:
+    return sa.and_(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt)
+
+
+def _finish(factory: sessionmaker[Session], job_id: str, attempt: int, **values: Any) -> bool:
     with factory.begin() as s:
-        res = s.execute(
-            sa.update(Job).where(Job.id == job_id, Job.status == RUNNING).values(finished_at=utcnow(), **values)
-        )
+        res = s.execute(sa.update(Job).where(_mine(job_id, attempt)).values(finished_at=utcnow(), **values))
         return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def _lost_to_another_attempt(factory: sessionmaker[Session], job_id: str, attempt: int) -> bool:
+    """The job was re-queued (stale heartbeat) or is running under a newer attempt: not ours any more."""
+    with factory() as s:
+        row = s.execute(sa.select(Job.status, Job.attempts, Job.cancel_requested).where(Job.id == job_id)).first()
+    if row is None or row.cancel_requested:
+        return False
+    return bool(row.status == QUEUED or (row.status == RUNNING and row.attempts != attempt))
+
+
+class _Heartbeat:
+    """Refreshes the job's heartbeat every ``interval`` seconds while the engine runs, from a thread (some
+    stages report no progress for minutes). A stale heartbeat lets a sweeper re-queue the job."""
+
+    def __init__(self, factory: sessionmaker[Session], job_id: str, attempt: int, interval: float) -> None:
+        self.factory, self.job_id, self.attempt, self.interval = factory, job_id, attempt, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id[:8]}", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                with self.factory.begin() as s:
+                    s.execute(sa.update(Job).where(_mine(self.job_id, self.attempt)).values(heartbeat_at=utcnow()))
+            except Exception:  # a missed beat is retried at the next one
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def sweep_stale(factory: sessionmaker[Session], lease_s: float, enqueue: Any) -> list[str]:
+    """Re-queue running jobs whose heartbeat is older than ``lease_s`` (their worker died), or fail them
+    after MAX_ATTEMPTS. Safe to run from several workers at once: each change is a conditional UPDATE
+    on (status, attempts), and only the one that wins it enqueues. Returns the re-queued job ids."""
+    from app.jobs.service import MAX_ATTEMPTS
+
+    cutoff = utcnow() - timedelta(seconds=lease_s)
+    with factory() as s:
+        stale = s.execute(
+            sa.select(Job.id, Job.attempts, Job.queue, Job.cancel_requested)
+            .where(Job.status == RUNNING, sa.or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None)))
+        ).all()
+    requeued: list[str] = []
+    for job_id, attempts, queue, cancel in stale:
+        if cancel:
+            values: dict[str, Any] = {"status": CANCELLED, "stage": None, "finished_at": utcnow()}
+        elif attempts >= MAX_ATTEMPTS:
+            values = {"status": FAILED, "stage": None, "finished_at": utcnow(), "error_code": "worker_lost",
+                      "error_message": f"the worker running this job stopped responding {attempts} times before "
+                      "it finished (killed, out of memory, or its machine went away); submit it again, and check "
+                      "the workers' memory"}
+        else:
+            values = {"status": QUEUED, "stage": None, "progress": 0, "started_at": None, "heartbeat_at": None}
+        with factory.begin() as s:
+            res = s.execute(sa.update(Job).where(_mine(job_id, attempts),
+                                                 sa.or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None)))
+                            .values(**values))
+        if res.rowcount and values["status"] == QUEUED:  # type: ignore[attr-defined]
+            enqueue(job_id, queue)
+            requeued.append(job_id)
+            log.warning("job %s: worker lost (no heartbeat for %.0f s); queued again", job_id, lease_s)
+    return requeued
 
 
 class _Progress:
     """Writes stage/progress at most every PROGRESS_INTERVAL_S and notices cancellation."""
 
-    def __init__(self, factory: sessionmaker[Session], job_id: str, timer: StageTimer | None = None) -> None:
+    def __init__(self, factory: sessionmaker[Session], job_id: str, timer: StageTimer | None = None,
+                 attempt: int = 1) -> None:
         self.factory = factory
         self.job_id = job_id
+        self.attempt = attempt
         self.timer = timer or StageTimer("preparing", time.time())
         self.last_stage: str | None = None
         self.last_write = 0.0
@@ -104,12 +188,15 @@ class _Progress:
         if stage == self.last_stage and now - self.last_write < PROGRESS_INTERVAL_S and fraction < 1.0:
             return
         self.last_stage, self.last_write = stage, now
-        values: dict[str, Any] = {"stage": stage, "progress": progress_percent(stage, fraction)}
+        values: dict[str, Any] = {"stage": stage, "progress": progress_percent(stage, fraction),
+                                  "heartbeat_at": utcnow()}
         if self.timer.enter(stage):
             values["stage_times"] = self.timer.snapshot()
         with self.factory.begin() as s:
-            res = s.execute(sa.update(Job).where(Job.id == self.job_id, Job.status == RUNNING).values(**values))
+            res = s.execute(sa.update(Job).where(_mine(self.job_id, self.attempt)).values(**values))
             cancelled = s.execute(sa.select(Job.cancel_requested).where(Job.id == self.job_id)).scalar()
+        if not res.rowcount and _lost_to_another_attempt(self.factory, self.job_id, self.attempt):  # type: ignore[attr-defined]
+            raise LeaseLost()
         if not res.rowcount or cancelled is None or cancelled:  # type: ignore[attr-defined]
             raise JobCancelled()
 
@@ -126,7 +213,8 @@ def execute(job_id: str, settings: Settings | None = None, factory: sessionmaker
 
 def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
     timer = StageTimer("preparing", time.time())
-    if not claim(factory, job_id, timer):
+    attempt = claim(factory, job_id, timer)
+    if not attempt:
         log.info("job %s is not queued (already claimed, cancelled or deleted); nothing to do", job_id)
         return "skipped"
     storage = Storage(s.data_dir)
@@ -142,7 +230,9 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
         calib_path = Path(calib.storage_path) if calib else None
         eval_path = Path(ev.storage_path) if ev else None
     job_dir = storage.job_dir(job_id)
-    artifact = job_dir / "model.quantized.onnx"
+    # Per attempt: a stale attempt that is still running somewhere can never overwrite a newer one's files.
+    artifact = job_dir / f"model.quantized.{attempt}.onnx"
+    work_dir = job_dir / f"work-{attempt}"
     try:
         if model_path is None or not model_path.exists():
             raise EngineError("model_missing", "the job's model file is gone from storage; upload it again")
@@ -155,31 +245,37 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
             options=parse_options(recipe, options),
             calibration_path=calib_path,
             eval_path=eval_path,
-            work_dir=job_dir / "work",
+            work_dir=work_dir,
             threads=s.worker_threads,
             device="cuda" if queue == "gpu" else s.worker_device,
             job_id=job_id,
             cache_dir=s.data_dir / "cache" / "calibration",
             export_cache_dir=s.data_dir / "cache" / "pt2-export",
         )
-        result = pipeline.run(cfg, _Progress(factory, job_id, timer))
+        with _Heartbeat(factory, job_id, attempt, s.job_heartbeat_s):
+            result = pipeline.run(cfg, _Progress(factory, job_id, timer, attempt))
+    except LeaseLost:
+        log.warning("job %s: attempt %d lost its claim to a newer attempt; stopping", job_id, attempt)
+        artifact.unlink(missing_ok=True)
+        return "lost"
     except JobCancelled:
-        _finish(factory, job_id, status=CANCELLED, stage=None, stage_times=timer.close())
-        storage.remove_job(job_id)
+        if _finish(factory, job_id, attempt, status=CANCELLED, stage=None, stage_times=timer.close()) or \
+                not _lost_to_another_attempt(factory, job_id, attempt):
+            storage.remove_job(job_id)
         return CANCELLED
     except EngineError as exc:
         log.info("job %s failed: %s", job_id, exc)
-        _finish(factory, job_id, status=FAILED, error_code=exc.code, error_message=exc.message,
+        _finish(factory, job_id, attempt, status=FAILED, error_code=exc.code, error_message=exc.message,
                 stage_times=timer.close())
         return FAILED
     except Exception as exc:  # a bug or an environment problem: still a recorded, readable failure
         log.exception("job %s crashed", job_id)
-        _finish(factory, job_id, status=FAILED, error_code="internal_error",
+        _finish(factory, job_id, attempt, status=FAILED, error_code="internal_error",
                 error_message=f"unexpected error while quantizing ({type(exc).__name__}: {str(exc)[:300]}); "
                 "this is a lowbit problem, not your model's, please report it", stage_times=timer.close())
         return FAILED
     finally:
-        _cleanup_work(job_dir / "work")
+        _cleanup_work(work_dir)
     try:
         from worker.engine.validate import finite_or_none
 
@@ -187,18 +283,21 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
         if target:
             report["accuracy_target"] = evaluate_target(target, report)
         recorded = _finish(
-            factory, job_id, status=SUCCEEDED, stage=None, progress=100, report=finite_or_none(report),
+            factory, job_id, attempt, status=SUCCEEDED, stage=None, progress=100, report=finite_or_none(report),
             artifact_path=str(result.artifact_path), artifact_sha256=result.artifact_sha256,
             artifact_bytes=result.artifact_bytes, stage_times=timer.close(),
         )
     except Exception as exc:  # recording the result failed: the job must still end, readably
         log.exception("job %s: recording the result failed", job_id)
-        storage.remove_job(job_id)
-        _finish(factory, job_id, status=FAILED, error_code="internal_error",
+        artifact.unlink(missing_ok=True)
+        _finish(factory, job_id, attempt, status=FAILED, error_code="internal_error",
                 error_message=f"the model was quantized but the result could not be recorded ({type(exc).__name__}: "
                 f"{str(exc)[:300]}); submit the job again", stage_times=timer.close())
         return FAILED
     if not recorded:
+        if _lost_to_another_attempt(factory, job_id, attempt):
+            artifact.unlink(missing_ok=True)  # a newer attempt owns the job now
+            return "lost"
         # Deleted or cancelled while the engine ran: do not leave an orphaned artifact behind.
         storage.remove_job(job_id)
         return CANCELLED
@@ -242,3 +341,24 @@ def evaluate_target(target: dict[str, Any], report: dict[str, Any]) -> dict[str,
 def run_job(job_id: str) -> str:
     log.info("worker pid %s running job %s", os.getpid(), job_id)
     return execute(job_id)
+
+
+def _start_sweeper(**_: Any) -> None:
+    """Each worker's main process re-queues jobs whose worker died (stale heartbeat), every lease/3 s."""
+    settings = get_settings()
+
+    def loop() -> None:
+        from app.queue import CeleryQueue
+
+        queue = CeleryQueue(settings)
+        while True:
+            time.sleep(max(1.0, settings.job_lease_s / 3))
+            try:
+                sweep_stale(_sessions(), settings.job_lease_s, queue.enqueue)
+            except Exception:
+                log.warning("stale-job sweep failed", exc_info=True)
+
+    threading.Thread(target=loop, name="lowbit-sweeper", daemon=True).start()
+
+
+worker_ready.connect(_start_sweeper, weak=False)

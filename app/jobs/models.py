@@ -42,6 +42,8 @@ class Job(Base):
     callback_url: Mapped[str | None] = mapped_column(sa.String(2048), nullable=True)
     # When each stage the job went through started and ended: {stage: {"started": unix_s, "finished": unix_s}}.
     stage_times: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # Refreshed by the worker while the job runs; a stale one means the worker is gone.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     deliveries: Mapped[list[WebhookDelivery]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin",
         order_by="WebhookDelivery.created_at",

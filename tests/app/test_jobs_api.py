@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import sqlalchemy as sa
 
 from app.jobs.models import Job
@@ -279,3 +280,54 @@ def test_jobs_interrupted_by_a_server_stop_are_queued_again_then_failed(api: Har
     # The re-queued job then runs normally.
     api.queue.enqueued.append((ids[0], "cpu"))
     assert api.run_queued() == ["succeeded"]
+
+
+def test_a_stale_heartbeat_requeues_the_job_and_the_old_attempt_steps_aside(api: Harness,
+                                                                           zoo: dict[str, Path]) -> None:
+    from datetime import timedelta
+
+    from app.db import utcnow
+    from worker.tasks import LeaseLost, _Progress, claim, sweep_stale
+
+    m = upload_model(api.client, zoo["mlp"])
+    job_id = submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+    api.queue.enqueued.clear()
+    assert claim(api.factory, job_id) == 1  # attempt 1 starts, then its worker goes silent
+    job_dir = Path(api.settings.data_dir) / "jobs" / job_id
+    job_dir.mkdir(parents=True)
+    (job_dir / "keep").write_text("files of whichever attempt owns the job")
+    assert sweep_stale(api.factory, 60, lambda *a: None) == []  # fresh heartbeat: left alone
+    with api.factory.begin() as s:
+        row = s.get(Job, job_id)
+        assert row is not None
+        row.heartbeat_at = utcnow() - timedelta(seconds=120)
+    requeued: list[tuple[str, str]] = []
+    assert sweep_stale(api.factory, 60, lambda *a: requeued.append(a)) == [job_id]
+    assert requeued == [(job_id, "cpu")]
+    assert api.client.get(f"/api/v1/jobs/{job_id}").json()["status"] == "queued"
+    # The old attempt wakes up: it must stop without touching the job's files.
+    with pytest.raises(LeaseLost):
+        _Progress(api.factory, job_id, attempt=1)("validating", 0.5)
+    assert (job_dir / "keep").exists()
+    api.queue.enqueued.extend(requeued)
+    assert api.run_queued() == ["succeeded"]
+    with api.factory() as s:
+        row = s.get(Job, job_id)
+        assert row is not None and row.attempts == 2 and row.status == "succeeded"
+
+
+def test_a_job_that_keeps_losing_its_worker_fails_after_three_attempts(api: Harness, zoo: dict[str, Path]) -> None:
+    from datetime import timedelta
+
+    from app.db import utcnow
+    from worker.tasks import sweep_stale
+
+    m = upload_model(api.client, zoo["mlp"])
+    job_id = submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+    with api.factory.begin() as s:
+        row = s.get(Job, job_id)
+        assert row is not None
+        row.status, row.attempts, row.heartbeat_at = "running", 3, utcnow() - timedelta(seconds=600)
+    assert sweep_stale(api.factory, 60, lambda *a: None) == []
+    job = api.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
