@@ -194,7 +194,8 @@ class _Reader:
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
-    """Server-sent events from a stream's lines (comments and ``retry:`` skipped, data lines joined)."""
+    """Server-sent events from a stream's lines (``retry:`` skipped, data lines joined). A comment line (the
+    server's keep-alive) comes out as a ``heartbeat`` event, so a waiting client can check its deadline."""
     import json
 
     event, data = "message", list[str]()
@@ -210,6 +211,7 @@ def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
             event, data = "message", []
             continue
         if line.startswith(":"):
+            yield Event("heartbeat", None)
             continue
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")

@@ -57,7 +57,7 @@ def test_event_stream_parsing() -> None:
              "event: job", 'data: {"id": "j",', 'data:  "status": "running"}', "", "data: plain", "", "event: end",
              'data: {"id": "j", "status": "succeeded"}', ""]
     got = [(e.event, e.data) for e in parse_sse(iter(lines))]
-    assert got == [("stage", {"stage": "preparing"}), ("job", {"id": "j", "status": "running"}),
+    assert got == [("heartbeat", None), ("stage", {"stage": "preparing"}), ("job", {"id": "j", "status": "running"}),
                    ("message", "plain"), ("end", {"id": "j", "status": "succeeded"})]
 
 

@@ -237,3 +237,35 @@ def test_event_stream_shows_every_stage_in_order_then_the_end(served: Served) ->
         # The client's wait() gives the same stages through its callback.
         seen: list[str] = []
         assert c.wait(job_id, on_stage=seen.append).status == "succeeded" and seen == STAGES
+
+
+def test_wait_timeout_holds_while_the_job_is_quiet(zoo: dict[str, Path], tmp_path: Path) -> None:
+    """No worker: the job stays queued and its stream carries only keep-alives. The client's timeout
+    must still end the wait on time."""
+    import time as _time
+
+    from app.client import Client
+    from app.client.errors import WaitTimeout
+    from tests.e2e.conftest import Proc, env_for, free_port, lowbit_cmd
+
+    port = free_port()
+    env = env_for(tmp_path / "data", LOWBIT_EVENTS_HEARTBEAT_S="0.3")
+    proc = Proc(lowbit_cmd("serve", "--port", str(port), "--no-worker"), env, tmp_path / "serve.log")
+    try:
+        with Client(f"http://127.0.0.1:{port}") as client:
+            deadline = _time.monotonic() + 60
+            while True:
+                try:
+                    client.jobs()
+                    break
+                except Exception:
+                    assert _time.monotonic() < deadline, proc.tail()
+                    _time.sleep(0.3)
+            model = client.upload_model(zoo["mlp"])
+            job = client.submit(model.id, recipe="int8_dynamic")
+            t0 = _time.monotonic()
+            with pytest.raises(WaitTimeout):
+                client.wait(job.id, timeout=2.0)
+            assert _time.monotonic() - t0 < 10
+    finally:
+        proc.stop()
