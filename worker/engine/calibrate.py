@@ -483,6 +483,10 @@ def ranges_from_stats(stats: dict[str, TensorStats], settings: CalibrationSettin
             ranges[t] = range_from_histogram(st.hist, st.edges(), settings.method, settings.percentile, st.lo, st.hi)
     if settings.symmetric:
         ranges = {t: (-max(abs(lo), abs(hi)), max(abs(lo), abs(hi))) for t, (lo, hi) in ranges.items()}
+    return _nonempty(ranges)
+
+
+def _nonempty(ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
     # A degenerate (constant) tensor still needs a non-empty range.
     return {t: (lo, hi if hi > lo else lo + 1e-6) for t, (lo, hi) in ranges.items()}
 
@@ -589,7 +593,7 @@ def calibrate_with_ort(
         lo, hi = td.range_value
         ranges[name] = (float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0]))
     del calibrator
-    ranges = {t: (lo, hi if hi > lo else lo + 1e-6) for t, (lo, hi) in ranges.items()}
+    ranges = _nonempty(ranges)
     return CalibrationResult(
         method=settings.method, ranges=ranges, samples=reader.samples, seconds=time.perf_counter() - started,
         tensors=len(ranges), passes=1, calibrator="ort",

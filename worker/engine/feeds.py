@@ -7,7 +7,7 @@ batches of the model's fixed batch size, or of ``batch_size`` when the batch axi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,3 +153,16 @@ def iter_batches(
         labels = next(label_iter) if label_iter is not None else None
         yield Batch(feed, pos, n, labels)
         pos += n
+
+
+def batch_source(
+    reader: NpzReader, inputs: Sequence[TensorInfo], plan: FeedPlan, start: int, stop: int
+) -> Callable[[], Iterator[tuple[dict[str, np.ndarray], int]]]:
+    """A re-runnable source of (feed, sample count) pairs over samples [start, stop): what the
+    calibrators and 4-bit algorithms call once per pass over the data."""
+
+    def gen() -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        for b in iter_batches(reader, inputs, plan, start, stop):
+            yield b.feed, b.count
+
+    return gen

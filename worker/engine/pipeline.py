@@ -29,7 +29,7 @@ from worker.engine.calibrate import (
 )
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.errors import EngineError
-from worker.engine.feeds import Batch, FeedPlan, fixed_batch, iter_batches
+from worker.engine.feeds import Batch, FeedPlan, batch_source, fixed_batch, iter_batches
 from worker.engine.fp16 import convert_fp16
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
 from worker.engine.int4 import Int4Result, quantize_int4
@@ -232,6 +232,8 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     warnings: list[str] = []
     step("preparing", 0.0)
     source, cfg = _prepare_pt2(cfg, opts, work, step, warnings)
+    env = environment()
+    model_sha = sha256_file(Path(cfg.model_path))  # read once: the cache key and the report both use it
     info = inspect_model_file(cfg.model_path)
     providers = runtime.select_providers(cfg.device)
     data = _plan_data(cfg, info, warnings)
@@ -251,8 +253,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     qat: QatResult | None = None
     if cfg.recipe == "qat_int8":
         assert source is not None
-        qat = run_qat(cfg, opts, info, split, data, norm.path, quant_path, source, providers, work, step,
-                      environment())
+        qat = run_qat(cfg, opts, info, split, data, norm.path, quant_path, source, providers, work, step, env)
         calibration = qat.calibration
         warnings.extend(qat.warnings)
     elif cfg.recipe == "int8_static":
@@ -260,34 +261,26 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
         c0, c1 = split.calib_range
         reader, plan = data.calib_reader, split.calib_plan
-
-        def calib_batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
-            for b in iter_batches(reader, info.inputs, plan, c0, c1):
-                yield b.feed, b.count
-
+        calib_batches = batch_source(reader, info.inputs, plan, c0, c1)
         step("calibrating", 0.0)
         settings = CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations)
         if opts.calibrator == "ort":
             # ONNX Runtime's histogram collectors stack batches into one array, so every batch must
             # have the same size: feed one sample at a time unless the model fixes its batch size.
             ort_plan = plan if fixed_batch(plan, info.inputs) else dataclasses.replace(plan, samples_per_run=1)
-
-            def ort_batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
-                for b in iter_batches(reader, info.inputs, ort_plan, c0, c1):
-                    yield b.feed, b.count
-
-            cal = calibrate_with_ort(norm.path, ort_batches, settings, providers, work / "ort-calibration",
+            ort_source = batch_source(reader, info.inputs, ort_plan, c0, c1)
+            cal = calibrate_with_ort(norm.path, ort_source, settings, providers, work / "ort-calibration",
                                      opts.op_types_to_quantize or None)
         else:
             assert cfg.calibration_path is not None
             cache_key = {
-                "model_sha256": sha256_file(Path(cfg.model_path)),
+                "model_sha256": model_sha,
                 "data_sha256": sha256_file(cfg.calibration_path),
                 "samples": [c0, c1],
                 "per_run": plan.samples_per_run,
                 "modes": plan.modes,
-                "onnxruntime": environment()["onnxruntime"],
-                "lowbit": environment()["lowbit"],
+                "onnxruntime": env["onnxruntime"],
+                "lowbit": env["lowbit"],
             }
             cal = calibrate(
                 norm.path,
@@ -456,12 +449,12 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         "layers": layers,
         "calibration": calibration,
         "warnings": warnings,
-        "environment": environment(),
+        "environment": env,
         "model": {
             "inputs": [i.to_dict() for i in info.inputs],
             "outputs": [o.to_dict() for o in info.outputs],
             "opset": info.opset,
-            "original_sha256": sha256_file(Path(cfg.model_path)),
+            "original_sha256": model_sha,
             "quantized_sha256": artifact_sha,
             "preprocessing": norm.steps,
             "source_format": "pt2" if source is not None else "onnx",
@@ -518,14 +511,8 @@ def _run_int4(
     batches = None
     if algorithm in ("clip_search", "gptq"):
         assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
-        reader, plan = data.calib_reader, split.calib_plan
         c0, c1 = split.calib_range
-
-        def calib_batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
-            for b in iter_batches(reader, info.inputs, plan, c0, c1):
-                yield b.feed, b.count
-
-        batches = calib_batches
+        batches = batch_source(data.calib_reader, info.inputs, split.calib_plan, c0, c1)
         step("calibrating", 0.0)
     elif cfg.calibration_path is None:
         warnings.append(

@@ -15,18 +15,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from worker.engine.calibrate import CalibrationSettings, StatsCache, calibrate, select_tensors, write_ort_ranges
 from worker.engine.config import QuantizeConfig, RecipeOptions
 from worker.engine.errors import EngineError
-from worker.engine.feeds import iter_batches
+from worker.engine.feeds import batch_source
 from worker.engine.inspect import ModelInfo
 from worker.engine.normalize import normalize
 from worker.engine.pt2 import EXPORT_OPSET, Pt2Source, run_child
@@ -74,9 +73,7 @@ def run_qat(
     reader, plan = data.calib_reader, split.calib_plan
     c0, c1 = split.calib_range
 
-    def batches() -> Iterator[tuple[dict[str, np.ndarray], int]]:
-        for b in iter_batches(reader, info.inputs, plan, c0, c1):
-            yield b.feed, b.count
+    batches = batch_source(reader, info.inputs, plan, c0, c1)
 
     settings = CalibrationSettings("minmax")
     warnings: list[str] = []
