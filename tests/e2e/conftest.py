@@ -81,10 +81,12 @@ def wait_job(client: httpx.Client, job_id: str, proc: Proc, timeout: float = 240
     pytest.fail(f"job {job_id} did not finish in {timeout}s:\n{proc.tail()}")
 
 
-def start_serve(data: Path, log: Path, timeout: float = 60.0) -> tuple[Proc, httpx.Client]:
-    """`lowbit serve` (embedded worker, SQLite, filesystem broker) on a free port, once /readyz says ready."""
+def start_serve(data: Path, log: Path, *args: str, env: dict[str, str] | None = None,
+                timeout: float = 60.0) -> tuple[Proc, httpx.Client]:
+    """`lowbit serve ARGS` on a free port, once /readyz says ready. By default the embedded setup (worker,
+    SQLite, filesystem broker) under ``data``; ``env`` replaces the environment (e.g. PostgreSQL + Redis)."""
     port = free_port()
-    proc = Proc(lowbit_cmd("serve", "--port", str(port)), env_for(data), log)
+    proc = Proc(lowbit_cmd("serve", "--port", str(port), *args), env or env_for(data), log)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     deadline = time.monotonic() + timeout
     while True:

@@ -246,21 +246,13 @@ def test_wait_timeout_holds_while_the_job_is_quiet(zoo: dict[str, Path], tmp_pat
 
     from app.client import Client
     from app.client.errors import WaitTimeout
-    from tests.e2e.conftest import Proc, env_for, free_port, lowbit_cmd
+    from tests.e2e.conftest import env_for, start_serve
 
-    port = free_port()
     env = env_for(tmp_path / "data", LOWBIT_EVENTS_HEARTBEAT_S="0.3")
-    proc = Proc(lowbit_cmd("serve", "--port", str(port), "--no-worker"), env, tmp_path / "serve.log")
+    proc, http = start_serve(tmp_path / "data", tmp_path / "serve.log", "--no-worker", env=env)
+    http.close()
     try:
-        with Client(f"http://127.0.0.1:{port}") as client:
-            deadline = _time.monotonic() + 60
-            while True:
-                try:
-                    client.jobs()
-                    break
-                except Exception:
-                    assert _time.monotonic() < deadline, proc.tail()
-                    _time.sleep(0.3)
+        with Client(str(http.base_url)) as client:
             model = client.upload_model(zoo["mlp"])
             job = client.submit(model.id, recipe="int8_dynamic")
             t0 = _time.monotonic()

@@ -8,11 +8,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.conftest import Proc, env_for, free_port, lowbit_cmd
+from tests.e2e.conftest import Proc, env_for, lowbit_cmd, start_serve
 from tests.e2e.flows import check_against_report, one_shot, run_job
 
 pytestmark = pytest.mark.slow
@@ -24,22 +23,14 @@ def stack(postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFa
     env = env_for(data, LOWBIT_DATABASE_URL=postgres_url, LOWBIT_BROKER_URL=redis_url)
     # Other modules may have migrated this database already; migrating again must be a no-op.
     subprocess.run(lowbit_cmd("migrate"), env=env, check=True, capture_output=True, timeout=120)
-    port = free_port()
-    api = Proc(lowbit_cmd("serve", "--host", "127.0.0.1", "--port", str(port), "--no-worker", "--no-migrate"),
-               env, data / "api.log")
     worker = Proc(lowbit_cmd("worker", "--queues", "cpu", "--concurrency", "1"), env, data / "worker.log")
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or not api.alive():
-                pytest.fail(f"API did not become ready:\n{api.tail()}")
-            time.sleep(0.3)
+        api, client = start_serve(data, data / "api.log", "--host", "127.0.0.1", "--no-worker", "--no-migrate",
+                                  env=env)
+    except BaseException:
+        worker.stop()
+        raise
+    try:
         yield client, worker, postgres_url, tmp_path_factory.mktemp("prod-out")
     finally:
         client.close()

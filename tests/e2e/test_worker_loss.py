@@ -9,11 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.conftest import Proc, env_for, free_port, lowbit_cmd, wait_job
+from tests.e2e.conftest import Proc, env_for, lowbit_cmd, start_serve, wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -24,21 +23,11 @@ def test_killed_worker_job_is_requeued_by_the_lease(postgres_url: str, redis_url
     env = env_for(data, LOWBIT_DATABASE_URL=postgres_url, LOWBIT_BROKER_URL=redis_url.rsplit("/", 1)[0] + "/12",
                   LOWBIT_JOB_LEASE_S="3", LOWBIT_JOB_HEARTBEAT_S="0.5")
     subprocess.run(lowbit_cmd("migrate"), env=env, check=True, capture_output=True, timeout=120)
-    port = free_port()
-    api = Proc(lowbit_cmd("serve", "--port", str(port), "--no-worker", "--no-migrate"), env, tmp_path / "api.log")
+    api, client = start_serve(data, tmp_path / "api.log", "--no-worker", "--no-migrate", env=env)
     first = Proc(lowbit_cmd("worker", "--queues", "cpu", "--concurrency", "1"), env, tmp_path / "first.log")
     second: Proc | None = None
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
     try:
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, api.tail()
-            time.sleep(0.3)
         files = {"model": ("t.onnx", big["tf"].read_bytes()), "calibration": ("d.npz", big["tf_data"].read_bytes())}
         r = client.post("/api/v1/jobs", files=files,
                         data={"config": '{"recipe": "int8_dynamic", "options": {"latency_runs": 400}}'})

@@ -236,13 +236,6 @@ def augment_minmax(model: onnx.ModelProto, tensors: list[str]) -> tuple[bytes, d
     return m.SerializeToString(), names
 
 
-def _hist_range(lo: float, hi: float) -> tuple[float, float]:
-    if lo >= 0.0:
-        return 0.0, max(hi, 1e-12)
-    a = max(abs(lo), abs(hi), 1e-12)
-    return -a, a
-
-
 def range_from_histogram(
     hist: np.ndarray, edges: np.ndarray, method: str, percentile: float, lo: float, hi: float
 ) -> tuple[float, float]:
