@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import pool
 
 from app.datasets import models as _datasets  # noqa: F401  (registers tables)
 from app.db import Base, make_engine
 from app.jobs import models as _jobs  # noqa: F401
 from app.models import models as _models  # noqa: F401
+from app.tenants import models as _tenants  # noqa: F401
 
 config = context.config
 target_metadata = Base.metadata
@@ -35,7 +35,6 @@ def run_migrations_online() -> None:
             context.run_migrations()
         return
     engine = make_engine(_url())
-    engine.pool = pool.NullPool(engine.pool._creator)  # noqa: SLF001 - one-off connection
     with engine.connect() as conn:
         context.configure(connection=conn, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

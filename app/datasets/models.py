@@ -7,12 +7,15 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, JSONType, UTCDateTime, utcnow
+from app.tenants.models import LOCAL_TENANT
 
 
 class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="RESTRICT"), index=True,
+                                           default=LOCAL_TENANT)
     filename: Mapped[str] = mapped_column(sa.String(255))
     size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
     sha256: Mapped[str] = mapped_column(sa.String(64), index=True)

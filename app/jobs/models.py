@@ -7,6 +7,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base, JSONType, UTCDateTime, utcnow
+from app.tenants.models import LOCAL_TENANT
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
@@ -17,6 +18,8 @@ class Job(Base):
     __table_args__ = (sa.Index("ix_jobs_created_id", "created_at", "id"), sa.Index("ix_jobs_status", "status"))
 
     id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="RESTRICT"), index=True,
+                                           default=LOCAL_TENANT)
     model_id: Mapped[str] = mapped_column(sa.ForeignKey("models.id", ondelete="RESTRICT"))
     calibration_dataset_id: Mapped[str | None] = mapped_column(sa.ForeignKey("datasets.id", ondelete="RESTRICT"))
     eval_dataset_id: Mapped[str | None] = mapped_column(sa.ForeignKey("datasets.id", ondelete="RESTRICT"))
@@ -44,6 +47,10 @@ class Job(Base):
     stage_times: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     # Refreshed by the worker while the job runs; a stale one means the worker is gone.
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When the API handed the job to the broker (None: committed but not yet published).
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The worker (hostname:pid) running the current attempt.
+    worker: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
     deliveries: Mapped[list[WebhookDelivery]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin",
         order_by="WebhookDelivery.created_at",
