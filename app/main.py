@@ -10,6 +10,7 @@ from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers
 from app.health.routes import router as health_router
 from app.jobs.routes import router as jobs_router
+from app.limits import BodyLimit
 from app.metrics.routes import router as metrics_router
 from app.models.routes import router as models_router
 from app.pages.routes import STATIC_DIR
@@ -40,5 +41,6 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     docs = tuple(p for p in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p)
+    app.add_middleware(BodyLimit)  # inside SecurityHeaders, so its 413s carry the headers too
     app.add_middleware(SecurityHeaders, exempt_from_csp=docs)
     return app
