@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,14 @@ from onnx import TensorProto
 from worker.engine.errors import EngineError
 
 MIN_OPSET = 11
+# If/Loop/Scan bodies nested deeper than this are refused. Real exports nest a few levels; protobuf itself
+# stops parsing at about 30 (each level is three nested messages), and the checks below walk the graph
+# without recursion, so the limit is the product's choice, not a stack's.
+MAX_SUBGRAPH_DEPTH = 16
+# The most elements a declared shape (graph inputs, outputs, value_info) may hold: 2^32 is 16 GiB of
+# float32, far above any activation lowbit could calibrate. Anything larger is a hostile declaration.
+MAX_DECLARED_ELEMENTS = 1 << 32
+MAX_DIM = (1 << 31) - 1
 
 # ONNX element types to numpy dtype names, for the types users feed through .npz files.
 ONNX_TO_NUMPY: dict[int, str] = {
@@ -79,11 +88,108 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def _has_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == TensorProto.EXTERNAL
-        for t in onnx.external_data_helper._get_all_tensors(model)  # noqa: SLF001 - walks subgraphs too
-    )
+def _walk_graphs(model: onnx.ModelProto) -> Iterator[tuple[onnx.GraphProto, int]]:
+    """Every graph of the model with its nesting depth (the main graph is 0), without recursion, refusing
+    nesting deeper than MAX_SUBGRAPH_DEPTH before descending further."""
+    stack: list[tuple[onnx.GraphProto, int]] = [(model.graph, 0)]
+    while stack:
+        graph, depth = stack.pop()
+        if depth > MAX_SUBGRAPH_DEPTH:
+            raise EngineError(
+                "model_too_complex",
+                f"the model nests subgraphs (If/Loop/Scan bodies) more than {MAX_SUBGRAPH_DEPTH} levels deep; "
+                "lowbit does not load such graphs. Flatten the control flow before exporting",
+            )
+        yield graph, depth
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append((attr.g, depth + 1))
+                stack.extend((g, depth + 1) for g in attr.graphs)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, TensorProto]]:
+    """The tensors stored in one graph (not its subgraphs): initializers, sparse initializers' values and
+    indices, and tensor-valued node attributes (Constant, ConstantOfShape...)."""
+    for t in graph.initializer:
+        yield f"initializer '{t.name}'", t
+    for sp in graph.sparse_initializer:
+        yield f"sparse initializer '{sp.values.name}'", sp.values
+        yield f"sparse initializer '{sp.values.name}' indices", sp.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            where = f"attribute '{attr.name}' of node '{node.name or node.op_type}'"
+            if attr.HasField("t"):
+                yield where, attr.t
+            for t in attr.tensors:
+                yield where, t
+            if attr.HasField("sparse_tensor"):
+                yield where, attr.sparse_tensor.values
+
+
+def _elements(dims: Iterable[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= max(int(d), 0)
+    return n
+
+
+def _stored_values(t: TensorProto) -> int:
+    """How many element slots the tensor's data actually holds (raw bytes count as up to two 4-bit
+    elements each), an upper bound on what its declared shape may claim."""
+    typed = (len(t.float_data) + len(t.int32_data) + len(t.string_data) + len(t.int64_data)
+             + len(t.double_data) + len(t.uint64_data))
+    return 2 * len(t.raw_data) + 2 * typed
+
+
+def _short(text: str, n: int = 120) -> str:
+    """A name from the file, for a message: bounded, control characters shown escaped."""
+    return repr(text[:n])[1:-1] + ("..." if len(text) > n else "")
+
+
+def _check_tensor(where: str, t: TensorProto) -> None:
+    if t.data_location == TensorProto.EXTERNAL or t.external_data:
+        # Refused from the declaration alone: the location (which may be '../../etc/passwd', an absolute
+        # path or a symlink) is never opened.
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        raise EngineError(
+            "external_data_not_supported",
+            f"{_short(where)} keeps its data in an external file ('{_short(location)}'); lowbit only loads "
+            "self-contained models and never reads files named by a model. Save it with "
+            "onnx.save_model(model, path, save_as_external_data=False)",
+        )
+    if any(int(d) < 0 for d in t.dims):
+        raise EngineError("invalid_model", f"{_short(where)} declares a negative dimension {list(t.dims)}")
+    declared = _elements(t.dims)
+    if declared > _stored_values(t):
+        raise EngineError(
+            "invalid_model",
+            f"{_short(where)} declares shape {list(t.dims)} ({declared} elements) but holds data for far fewer; "
+            "the file is corrupt or crafted",
+        )
+
+
+def _check_declared_shape(vi: onnx.ValueInfoProto) -> None:
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return
+    dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
+    if any(d > MAX_DIM or d < 0 for d in dims) or _elements(dims) > MAX_DECLARED_ELEMENTS:
+        raise EngineError(
+            "model_too_large",
+            f"tensor '{_short(vi.name)}' declares shape {dims[:8]}{'...' if len(dims) > 8 else ''}, more than "
+            f"{MAX_DECLARED_ELEMENTS} elements; lowbit refuses absurd declared shapes before allocating anything",
+        )
+
+
+def check_declarations(model: onnx.ModelProto) -> None:
+    """What the file declares, checked before anything reads, allocates or validates it: subgraph depth,
+    tensors kept in external files, stored tensors whose shape claims more data than they hold, and
+    declared shapes beyond any real model. Runs in time linear in the file, without recursion."""
+    for graph, _depth in _walk_graphs(model):
+        for where, t in _graph_tensors(graph):
+            _check_tensor(where, t)
+        for vi in (*graph.input, *graph.output, *graph.value_info):
+            _check_declared_shape(vi)
 
 
 def parse_model_bytes(data: bytes) -> onnx.ModelProto:
@@ -103,6 +209,12 @@ def parse_model_bytes(data: bytes) -> onnx.ModelProto:
         model = onnx.ModelProto()
         model.ParseFromString(data)
     except Exception as exc:  # protobuf raises DecodeError and friends
+        if "depth" in str(exc).lower():
+            raise EngineError(
+                "model_too_complex",
+                "the model nests messages too deeply to parse (subgraphs inside subgraphs, dozens of levels); "
+                f"lowbit loads graphs nested at most {MAX_SUBGRAPH_DEPTH} levels. Flatten the control flow",
+            ) from exc
         raise EngineError(
             "invalid_model", f"the file is not a valid ONNX model (protobuf parse failed: {exc}); "
             "it may be truncated or not an ONNX file"
@@ -123,12 +235,7 @@ def check_model(model: onnx.ModelProto) -> ModelInfo:
             f"the model uses ONNX opset {opset}; lowbit needs opset {MIN_OPSET} or newer. "
             f"Re-export it with a newer opset (e.g. torch.onnx.export(..., opset_version=17))",
         )
-    if _has_external_data(model):
-        raise EngineError(
-            "external_data_not_supported",
-            "the model stores weights in external data files; upload a self-contained .onnx "
-            "(onnx.save_model(model, path, save_as_external_data=False))",
-        )
+    check_declarations(model)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:

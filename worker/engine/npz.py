@@ -19,6 +19,16 @@ from worker.engine.errors import EngineError
 
 LABELS_KEY = "labels"
 MAX_MEMBERS = 256
+# Declared (uncompressed) size of all members together. The zip's central directory is read before any
+# member is decompressed, so a zip bomb is refused from its declarations alone.
+MAX_UNCOMPRESSED_BYTES = 64 * 1024**3
+# np.savez stores members, np.savez_compressed deflates them; deflate cannot do better than about 1032:1
+# (all zeros), so a member declaring more than this ratio is lying about its size: a decompression bomb.
+# Other methods (bzip2, lzma) are refused: numpy never writes them and their ratios are unbounded.
+MAX_COMPRESSION_RATIO = 1100
+_COMPRESSION = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+# Elements one array may declare; checked from the .npy header, before anything is allocated.
+MAX_ARRAY_ELEMENTS = 1 << 36
 
 
 @dataclass(frozen=True)
@@ -76,12 +86,13 @@ def inspect_npz(path: Path) -> DatasetInfo:
             raise EngineError("invalid_dataset", "the .npz file contains no arrays")
         if len(members) > MAX_MEMBERS:
             raise EngineError("invalid_dataset", f"the .npz file has {len(members)} members; at most {MAX_MEMBERS}")
+        _check_declared_sizes(members)
         arrays: dict[str, ArrayInfo] = {}
         for m in members:
             if not m.filename.endswith(".npy") or "/" in m.filename:
                 raise EngineError(
                     "invalid_dataset",
-                    f"the .npz member '{m.filename[:200]}' is not a .npy array; save datasets with np.savez",
+                    f"the .npz member '{_short(m.filename)}' is not a .npy array; save datasets with np.savez",
                 )
             name = m.filename[: -len(".npy")]
             try:
@@ -102,7 +113,16 @@ def inspect_npz(path: Path) -> DatasetInfo:
                 )
             if len(shape) == 0:
                 raise EngineError("invalid_dataset", f"array '{name}' is a scalar; the first axis must be samples")
-            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            elements = 1
+            for d in shape:  # Python ints: np.prod would wrap around on a crafted header
+                elements *= d
+            if elements > MAX_ARRAY_ELEMENTS:
+                raise EngineError(
+                    "dataset_too_large",
+                    f"array '{_short(name)}' declares shape {list(shape)[:8]} ({elements} elements), more than "
+                    f"the {MAX_ARRAY_ELEMENTS} one array may hold",
+                )
+            expected = elements * dtype.itemsize
             if m.file_size < expected:
                 raise EngineError(
                     "invalid_dataset",
@@ -128,6 +148,37 @@ def inspect_npz(path: Path) -> DatasetInfo:
                 f"{lab.dtype} of shape {list(lab.shape)}",
             )
     return DatasetInfo(arrays, num)
+
+
+def _short(text: str, n: int = 200) -> str:
+    """A member name from the file, for a message: bounded, control characters shown escaped."""
+    return repr(text[:n])[1:-1] + ("..." if len(text) > n else "")
+
+
+def _check_declared_sizes(members: list[zipfile.ZipInfo]) -> None:
+    """Refuse decompression bombs from the central directory: total declared size, and per member the
+    ratio of declared to compressed size."""
+    total = sum(m.file_size for m in members)
+    if total > MAX_UNCOMPRESSED_BYTES:
+        raise EngineError(
+            "dataset_too_large",
+            f"the .npz declares {total} bytes of arrays once decompressed, more than the limit of "
+            f"{MAX_UNCOMPRESSED_BYTES}; split the dataset or use fewer samples",
+        )
+    for m in members:
+        if m.compress_type not in _COMPRESSION:
+            raise EngineError(
+                "invalid_dataset",
+                f"member '{_short(m.filename)}' uses zip compression method {m.compress_type}; save datasets "
+                "with np.savez or np.savez_compressed (stored or deflated members)",
+            )
+        stored_lies = m.compress_type == zipfile.ZIP_STORED and m.file_size != m.compress_size
+        if stored_lies or m.file_size > MAX_COMPRESSION_RATIO * max(m.compress_size, 1):
+            raise EngineError(
+                "invalid_dataset",
+                f"member '{_short(m.filename)}' declares {m.file_size} bytes from {m.compress_size} "
+                f"{_COMPRESSION[m.compress_type]} bytes; the file is a decompression bomb or corrupt",
+            )
 
 
 class NpzReader:
