@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 import uuid
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0/C1 control characters, and the Unicode format characters that reorder or hide text (bidi overrides
+# and isolates, zero-width joiners): a name like 'model\u202egnp.onnx' would display as something else.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]")
+MAX_NAME = 255
 
 
 def new_id() -> str:
@@ -17,7 +20,13 @@ def clean_filename(name: str | None, default: str) -> str:
     Files are always stored under server-generated names."""
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = _CONTROL.sub("", base).strip()
-    return base[:255] or default
+    if base in (".", ".."):
+        base = ""
+    if len(base) > MAX_NAME:
+        # Keep the extension (it says what the file is meant to be) and cut the stem.
+        stem, dot, ext = base.rpartition(".")
+        base = f"{stem[: MAX_NAME - len(ext) - 1]}.{ext}" if dot and stem and len(ext) <= 16 else base[:MAX_NAME]
+    return base or default
 
 
 def is_uuid(value: str) -> bool:
