@@ -74,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # The embedded worker is the only one on this data directory, so a job left 'running' was
         # cut off when the previous server stopped: queue it again (or fail it after 3 tries).
         _recover_embedded_jobs(s)
+    _reconcile_queue(s)
     if not args.no_worker:
         queues = args.queues or "cpu,gpu"
         worker = subprocess.Popen(worker_argv(queues, s.worker_concurrency, s.uses_filesystem_broker))
@@ -110,6 +111,24 @@ def _recover_embedded_jobs(s: Any) -> None:
         if requeued or failed:
             print(f"lowbit: {len(requeued)} interrupted job(s) queued again, {len(failed)} failed after "
                   "repeated interruptions", file=sys.stderr)
+    finally:
+        engine.dispose()
+
+
+def _reconcile_queue(s: Any) -> None:
+    """Publish the queued jobs that no broker message carries (an API that died between committing a job and
+    publishing it, a broker that lost its data); workers keep doing this while they run."""
+    from app.db import make_engine, make_sessionmaker
+    from app.queue import CeleryQueue, reconcile
+
+    engine = make_engine(s.resolved_database_url)
+    try:
+        published = reconcile(make_sessionmaker(engine), CeleryQueue(s), s.job_reconcile_after_s)
+        if published:
+            print(f"lowbit: {len(published)} queued job(s) had no broker message; published again", file=sys.stderr)
+    except Exception as exc:  # the server still starts; the workers' sweepers will try again
+        print(f"lowbit: could not check the queue for unpublished jobs ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
     finally:
         engine.dispose()
 

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.examples import ERROR_EXAMPLES
@@ -91,6 +92,19 @@ def _describe(errors: list[Any]) -> str:
     return "; ".join(parts) or "the request is invalid"
 
 
+def database_unreachable(exc: BaseException) -> bool:
+    """The database cannot be reached (down, restarting, connection dropped), as opposed to a bad query."""
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or \
+        bool(getattr(exc, "connection_invalidated", False))
+
+
+def _database_unavailable() -> JSONResponse:
+    return JSONResponse(
+        _body("database_unavailable", "the database is unreachable for the moment (restarting or overloaded); "
+              "the request did not complete: try it again in a few seconds"),
+        status_code=503, headers={"Retry-After": "5"})
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(LowbitError)
     async def _lowbit(_: Request, exc: LowbitError) -> JSONResponse:
@@ -100,6 +114,16 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:
         return JSONResponse(_body(exc.code, exc.message), status_code=422)
+
+    @app.exception_handler(sa_exc.DBAPIError)
+    async def _database(_: Request, exc: sa_exc.DBAPIError) -> JSONResponse:
+        if database_unreachable(exc):
+            return _database_unavailable()
+        return await _unexpected(_, exc)
+
+    @app.exception_handler(sa_exc.TimeoutError)
+    async def _pool_timeout(_: Request, exc: sa_exc.TimeoutError) -> JSONResponse:
+        return _database_unavailable()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

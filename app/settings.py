@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     # (at most 3 attempts); workers report every job_heartbeat_s while a job runs.
     job_lease_s: float = 120.0
     job_heartbeat_s: float = 10.0
+    # The engine runs each job in a child process with these limits (0 = off): address space in MB, CPU
+    # seconds (all threads together) and wall-clock seconds. A job over a limit fails with out_of_memory,
+    # cpu_time_exceeded or job_timeout; the worker lives on.
+    job_memory_limit_mb: int = 16384
+    job_cpu_limit_s: int = 4 * 3600
+    job_timeout_s: float = 3 * 3600
+    # Queued jobs that no broker message carries (the API died between commit and publish, or the broker
+    # lost its data) are published again once they have waited this long; workers check every lease/3 s.
+    job_reconcile_after_s: float = 10.0
     # Server-sent events (GET /api/v1/jobs/{id}/events): how often the stream reads the job row, and how
     # long it may stay quiet before it sends a keep-alive comment.
     events_poll_s: float = 0.25

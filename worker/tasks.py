@@ -5,21 +5,34 @@ finds the row already claimed and does nothing. Run the engine with no transacti
 progress, stage start/end times and the result in short transactions of their own. Once the result is
 committed, deliver the job's webhook, if it has a callback_url (outside any transaction; a webhook never
 changes the job's outcome).
+
+The engine itself runs in a sandboxed child process (``run_engine``, ``worker/sandbox.py``): a model that
+crashes, hangs or balloons fails its own job and the worker lives on. Faults around it:
+- the pool process dies mid-job: the message comes back (``reject_on_worker_lost``) and the next attempt
+  takes the job over at once when the row names a process on this host that is gone, or its heartbeat
+  is older than two intervals (``claim``); after MAX_ATTEMPTS such losses the job fails;
+- the whole worker dies: another worker's sweeper re-queues the job once its lease runs out;
+- a queued job that no broker message carries (the API died before publishing it, the broker lost its
+  data) is published again by the sweeper's reconciler (``app/queue.py``);
+- SIGTERM (a deploy): the running job is stopped and handed back to the queue, not lost.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import socket
 import threading
 import time
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from celery.signals import worker_ready
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.datasets.models import Dataset
@@ -29,12 +42,21 @@ from app.models.models import ModelFile
 from app.settings import Settings, get_settings
 from app.storage import Storage
 from app.webhooks import notify
+from worker import sandbox
 from worker.celery_app import TASK_RUN_JOB, celery_app
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError, JobCancelled
 
+if TYPE_CHECKING:  # the engine's heavy imports stay out of the worker's main process
+    from worker.engine.pipeline import QuantizeResult
+
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
+# While the engine runs, the job row's cancel flag is read (and the heartbeat written) at least this often.
+CANCEL_POLL_S = 1.0
+# Set by SIGTERM in a pool process while it runs a job: stop the engine and hand the job back.
+_handing_back = threading.Event()
+_job_running = threading.Event()
 
 
 @lru_cache(maxsize=1)
@@ -76,18 +98,74 @@ class LeaseLost(Exception):
     re-queued): stop, and leave the job and its files to the attempt that owns them now."""
 
 
-def claim(factory: sessionmaker[Session], job_id: str, timer: StageTimer | None = None) -> int:
-    """queued -> running. Returns this attempt's number (the job's new ``attempts``), 0 if not claimable."""
+class HandedBack(Exception):
+    """The worker is shutting down (SIGTERM): the running job goes back to the queue for another worker."""
+
+
+def worker_id() -> str:
+    """This process, as the job row's ``worker`` names it: hostname:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _process_gone(worker: str | None) -> bool:
+    """True when ``worker`` names a process on this host that no longer exists."""
+    if not worker or ":" not in worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def claim(factory: sessionmaker[Session], job_id: str, timer: StageTimer | None = None,
+          heartbeat_s: float | None = None) -> int:
+    """queued -> running. Returns this attempt's number (the job's new ``attempts``), 0 if not claimable.
+
+    A job still 'running' under a worker that is gone (a process on this host that no longer exists, or a
+    heartbeat older than two intervals) is taken over with a conditional UPDATE on its attempt number: this
+    is a message redelivered after its pool process was killed, and waiting for the lease would only
+    delay it. After MAX_ATTEMPTS lost attempts the job fails instead."""
+    from app.jobs.service import MAX_ATTEMPTS
+
+    started = {"stage": "preparing", "progress": 0, "started_at": utcnow(), "attempts": Job.attempts + 1,
+               "heartbeat_at": utcnow(), "worker": worker_id(), "stage_times": timer.snapshot() if timer else None}
     with factory.begin() as s:
-        res = s.execute(
-            sa.update(Job)
-            .where(Job.id == job_id, Job.status == QUEUED)
-            .values(status=RUNNING, stage="preparing", progress=0, started_at=utcnow(), attempts=Job.attempts + 1,
-                    heartbeat_at=utcnow(), stage_times=timer.snapshot() if timer else None)
-        )
+        res = s.execute(sa.update(Job).where(Job.id == job_id, Job.status == QUEUED)
+                        .values(status=RUNNING, **started))
+        if res.rowcount:  # type: ignore[attr-defined]
+            return int(s.execute(sa.select(Job.attempts).where(Job.id == job_id)).scalar_one())
+    with factory() as s:
+        row = s.execute(sa.select(Job.status, Job.attempts, Job.worker, Job.heartbeat_at, Job.cancel_requested)
+                        .where(Job.id == job_id)).first()
+    if row is None or row.status != RUNNING:
+        return 0
+    stale = heartbeat_s is not None and (
+        row.heartbeat_at is None or row.heartbeat_at < utcnow() - timedelta(seconds=2 * heartbeat_s))
+    if not (stale or _process_gone(row.worker)):
+        return 0  # a live attempt runs it: this is a duplicate message
+    if row.cancel_requested:
+        _finish(factory, job_id, row.attempts, status=CANCELLED, stage=None)
+        return 0
+    if row.attempts >= MAX_ATTEMPTS:
+        _finish(factory, job_id, row.attempts, status=FAILED, stage=None, error_code="worker_lost",
+                error_message=f"the process running this job died {row.attempts} times before it finished "
+                "(killed, out of memory, or crashed by the model); submit it again, and check the workers' memory "
+                "and the model")
+        log.warning("job %s: its worker died %d times; failed", job_id, row.attempts)
+        return 0
+    with factory.begin() as s:
+        res = s.execute(sa.update(Job).where(_mine(job_id, row.attempts), Job.worker == row.worker).values(**started))
         if not res.rowcount:  # type: ignore[attr-defined]
-            return 0
-        return int(s.execute(sa.select(Job.attempts).where(Job.id == job_id)).scalar_one())
+            return 0  # another redelivery or a sweeper won
+    log.warning("job %s: attempt %d died with its process (%s); attempt %d takes over", job_id, row.attempts,
+                row.worker, row.attempts + 1)
+    return int(row.attempts) + 1
 
 
 def _mine(job_id: str, attempt: int) -> Any:
@@ -95,6 +173,16 @@ def _mine(job_id: str, attempt: int) -> Any:
 
 
 def _finish(factory: sessionmaker[Session], job_id: str, attempt: int, **values: Any) -> bool:
+    """Record the attempt's end (if the attempt still owns the job). The database may be briefly away (a
+    restart): keep trying for a while rather than leave a finished job 'running' for the sweeper."""
+    for delay in (0.5, 1, 2, 4, 8, 15, 30):
+        try:
+            with factory.begin() as s:
+                res = s.execute(sa.update(Job).where(_mine(job_id, attempt)).values(finished_at=utcnow(), **values))
+                return bool(res.rowcount)  # type: ignore[attr-defined]
+        except sa.exc.OperationalError:
+            log.warning("job %s: the database is unreachable; recording the result again in %s s", job_id, delay)
+            time.sleep(delay)
     with factory.begin() as s:
         res = s.execute(sa.update(Job).where(_mine(job_id, attempt)).values(finished_at=utcnow(), **values))
         return bool(res.rowcount)  # type: ignore[attr-defined]
@@ -157,7 +245,8 @@ def sweep_stale(factory: sessionmaker[Session], lease_s: float, enqueue: Any) ->
                       "it finished (killed, out of memory, or its machine went away); submit it again, and check "
                       "the workers' memory"}
         else:
-            values = {"status": QUEUED, "stage": None, "progress": 0, "started_at": None, "heartbeat_at": None}
+            values = {"status": QUEUED, "stage": None, "progress": 0, "started_at": None, "heartbeat_at": None,
+                      "enqueued_at": utcnow()}
         with factory.begin() as s:
             res = s.execute(sa.update(Job).where(_mine(job_id, attempts),
                                                  sa.or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None)))
@@ -201,6 +290,52 @@ class _Progress:
             raise JobCancelled()
 
 
+def run_engine(cfg: QuantizeConfig, progress: Any, settings: Settings | None = None) -> QuantizeResult:
+    """Run ``pipeline.run(cfg)`` in a sandboxed child process (memory, CPU-time and wall-clock limits from
+    ``settings``) and return its result. ``progress(stage, fraction)`` receives the engine's progress, and is
+    called again with the latest values at least every CANCEL_POLL_S so that it can notice a cancellation
+    (raise JobCancelled) or a lost lease: whatever it raises kills the child at once and propagates. A crash,
+    a limit or the timeout raises EngineError (engine_crashed, out_of_memory, cpu_time_exceeded,
+    job_timeout); an EngineError of the engine is raised as is. SIGTERM on this process while it runs
+    (a worker shutting down) stops the child and raises HandedBack."""
+    s = settings or get_settings()
+    # CUDA maps tens of GB of address space before it allocates anything: an address-space limit would stop
+    # every GPU job, so on a machine with an NVIDIA device a job that may use it runs without one.
+    gpu = cfg.device != "cpu" and Path("/dev/nvidiactl").exists()
+    limits = sandbox.Limits(memory_mb=0 if gpu else s.job_memory_limit_mb, cpu_s=s.job_cpu_limit_s,
+                            timeout_s=s.job_timeout_s)
+    latest: list[Any] = ["preparing", 0.0]
+    last_call = [time.monotonic()]
+
+    def report(stage: str, fraction: float) -> None:
+        latest[:] = [stage, fraction]
+        last_call[0] = time.monotonic()
+        try:
+            progress(stage, fraction)
+        except (JobCancelled, LeaseLost):
+            raise
+        except sa.exc.OperationalError:  # the database is away for a moment: the engine keeps going
+            log.warning("job %s: progress not recorded (database unreachable)", cfg.job_id)
+
+    def on_event(event: Any) -> None:
+        report(str(event[0]), float(event[1]))
+
+    def tick() -> None:
+        if _handing_back.is_set():
+            raise HandedBack()
+        if time.monotonic() - last_call[0] >= CANCEL_POLL_S:
+            report(latest[0], latest[1])
+
+    _job_running.set()
+    try:
+        if _handing_back.is_set():
+            raise HandedBack()
+        result: QuantizeResult = sandbox.run("worker.sandbox:quantize", cfg, limits, on_event, tick)
+        return result
+    finally:
+        _job_running.clear()
+
+
 def execute(job_id: str, settings: Settings | None = None, factory: sessionmaker[Session] | None = None) -> str:
     """Run job ``job_id`` to an end state; returns that state (or 'skipped' when not claimable). Then deliver
     its webhook: also for a job cancelled while queued, whose message still arrives here and is skipped."""
@@ -213,7 +348,7 @@ def execute(job_id: str, settings: Settings | None = None, factory: sessionmaker
 
 def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
     timer = StageTimer("preparing", time.time())
-    attempt = claim(factory, job_id, timer)
+    attempt = claim(factory, job_id, timer, s.job_heartbeat_s)
     if not attempt:
         log.info("job %s is not queued (already claimed, cancelled or deleted); nothing to do", job_id)
         return "skipped"
@@ -236,8 +371,6 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
     try:
         if model_path is None or not model_path.exists():
             raise EngineError("model_missing", "the job's model file is gone from storage; upload it again")
-        from worker.engine import pipeline
-
         cfg = QuantizeConfig(
             model_path=model_path,
             output_path=artifact,
@@ -253,7 +386,11 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
             export_cache_dir=s.data_dir / "cache" / "pt2-export",
         )
         with _Heartbeat(factory, job_id, attempt, s.job_heartbeat_s):
-            result = pipeline.run(cfg, _Progress(factory, job_id, timer, attempt))
+            result = run_engine(cfg, _Progress(factory, job_id, timer, attempt), s)
+    except HandedBack:
+        _hand_back(factory, s, job_id, attempt, queue)
+        artifact.unlink(missing_ok=True)
+        return "handed_back"
     except LeaseLost:
         log.warning("job %s: attempt %d lost its claim to a newer attempt; stopping", job_id, attempt)
         artifact.unlink(missing_ok=True)
@@ -270,8 +407,12 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
         return FAILED
     except Exception as exc:  # a bug or an environment problem: still a recorded, readable failure
         log.exception("job %s crashed", job_id)
+        if isinstance(exc, sandbox.ChildFailed):
+            log.error("job %s: the engine's traceback:\n%s", job_id, exc.trace)
+        kind, text = (exc.type_name, exc.message) if isinstance(exc, sandbox.ChildFailed) else \
+            (type(exc).__name__, str(exc))
         _finish(factory, job_id, attempt, status=FAILED, error_code="internal_error",
-                error_message=f"unexpected error while quantizing ({type(exc).__name__}: {str(exc)[:300]}); "
+                error_message=f"unexpected error while quantizing ({kind}: {text[:300]}); "
                 "this is a lowbit problem, not your model's, please report it", stage_times=timer.close())
         return FAILED
     finally:
@@ -302,6 +443,27 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
         storage.remove_job(job_id)
         return CANCELLED
     return SUCCEEDED
+
+
+def _hand_back(factory: sessionmaker[Session], s: Settings, job_id: str, attempt: int, queue: str) -> None:
+    """Put a job this worker stops running (it is shutting down) back in the queue, as if this attempt had
+    never started, and publish it again: the worker's own message is acked as the task returns."""
+    from app.queue import CeleryQueue
+
+    with factory.begin() as sess:
+        res = sess.execute(sa.update(Job).where(_mine(job_id, attempt)).values(
+            status=QUEUED, stage=None, progress=0, started_at=None, heartbeat_at=None, worker=None,
+            attempts=Job.attempts - 1, enqueued_at=None))
+    if not res.rowcount:  # type: ignore[attr-defined]
+        return  # cancelled, deleted or taken over meanwhile: nothing to hand back
+    try:
+        CeleryQueue(s).enqueue(job_id, queue)
+    except Exception:  # the reconciler publishes it once the broker is back (enqueued_at stays NULL)
+        log.warning("job %s: handed back, but publishing it failed", job_id, exc_info=True)
+        return
+    with factory.begin() as sess:
+        sess.execute(sa.update(Job).where(Job.id == job_id, Job.status == QUEUED).values(enqueued_at=utcnow()))
+    log.warning("job %s: worker shutting down; the job was handed back to the queue", job_id)
 
 
 def _cleanup_work(path: Path) -> None:
@@ -344,21 +506,63 @@ def run_job(job_id: str) -> str:
 
 
 def _start_sweeper(**_: Any) -> None:
-    """Each worker's main process re-queues jobs whose worker died (stale heartbeat), every lease/3 s."""
+    """Each worker's main process re-queues jobs whose worker died (stale heartbeat) and publishes queued
+    jobs that no broker message carries, every lease/3 s (or job_reconcile_after_s, if shorter)."""
     settings = get_settings()
 
     def loop() -> None:
-        from app.queue import CeleryQueue
+        from app.queue import CeleryQueue, reconcile
 
         queue = CeleryQueue(settings)
         while True:
-            time.sleep(max(1.0, settings.job_lease_s / 3))
+            time.sleep(max(1.0, min(settings.job_lease_s / 3, settings.job_reconcile_after_s)))
             try:
                 sweep_stale(_sessions(), settings.job_lease_s, queue.enqueue)
             except Exception:
                 log.warning("stale-job sweep failed", exc_info=True)
+            try:
+                reconcile(_sessions(), queue, settings.job_reconcile_after_s)
+            except Exception:
+                log.warning("queue reconciliation failed", exc_info=True)
 
     threading.Thread(target=loop, name="lowbit-sweeper", daemon=True).start()
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """A pool process told to stop: mid-job, hand the job back (the run loop sees the flag within a
+    fraction of a second); idle, stop as SIGTERM always did."""
+    if _job_running.is_set():
+        _handing_back.set()
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _init_pool_process(**_: Any) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _pool_processes() -> list[int]:
+    """This process's children (in a worker's main process: its pool processes)."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                found.append(int(entry))
+    return found
+
+
+def _on_worker_shutting_down(**_: Any) -> None:
+    """Celery's warm shutdown waits for running tasks to finish, which may take an hour: tell the pool
+    processes instead, so each hands its job back to the queue and the worker exits within seconds."""
+    for pid in _pool_processes():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+
+
 worker_ready.connect(_start_sweeper, weak=False)
+worker_process_init.connect(_init_pool_process, weak=False)
+worker_shutting_down.connect(_on_worker_shutting_down, weak=False)

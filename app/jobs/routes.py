@@ -18,6 +18,7 @@ from app.jobs import events, service
 from app.jobs.models import Job
 from app.jobs.schemas import JobCreate, JobList, JobOut
 from app.models import service as models
+from app.queue import mark_published
 from app.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,10 @@ async def enqueue_committed(request: Request, db: Session, job: Job) -> None:
         await run_in_threadpool(db.commit)
         raise Unavailable("the job queue is unreachable; the job was recorded as failed, try again shortly",
                           code="broker_unavailable") from exc
+    try:
+        await run_in_threadpool(mark_published, db, job.id)
+    except Exception:  # published all the same; the reconciler sees the message and leaves the job alone
+        log.warning("job %s: could not record that it was published", job.id, exc_info=True)
 
 
 @router.get("", response_model=JobList, responses=error_responses(422))

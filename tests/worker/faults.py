@@ -1,0 +1,112 @@
+"""Functions that misbehave on purpose, run by tests in the sandbox's child process."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from worker.engine.errors import EngineError
+
+
+def echo(payload: Any, emit: Any) -> Any:
+    for i in range(3):
+        emit(("calibrating", i / 2))
+    return {"doubled": payload * 2}
+
+
+def segfault(payload: Any, emit: Any) -> None:
+    import ctypes
+
+    ctypes.string_at(0)  # reads address 0: SIGSEGV
+
+
+def balloon(payload: Any, emit: Any) -> list[bytearray]:
+    chunks = []
+    for _ in range(1000):  # 64 GB in 64 MB steps: touches far more than any test limit
+        chunks.append(bytearray(64 * 1024 * 1024))
+    return chunks
+
+
+def spin(payload: Any, emit: Any) -> int:
+    n = 0
+    while True:
+        n += 1
+
+
+def sleep(payload: Any, emit: Any) -> None:
+    emit(("preparing", 0.0))
+    time.sleep(float(payload))
+
+
+def refuse(payload: Any, emit: Any) -> None:
+    raise EngineError("invalid_model", "this model is not one we can read")
+
+
+def bug(payload: Any, emit: Any) -> None:
+    raise KeyError("missing")
+
+
+def pid(payload: Any, emit: Any) -> None:
+    import os
+
+    emit(("pid", float(os.getpid())))
+    time.sleep(float(payload))
+
+
+def balloon_model(path: Any, gigabytes: int = 40) -> Any:
+    """A valid ONNX model whose ConstantOfShape asks for ``gigabytes`` of float32: y = x + sum(zeros(n))."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    n = int(gigabytes * 1024**3 / 4)
+    side = int(n**0.5)
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                             value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+            helper.make_node("ReduceSum", ["big"], ["total"], keepdims=0),
+            helper.make_node("Add", ["x", "total"], ["y"]),
+        ],
+        "balloon",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [side, side])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+def endless_loop_model(path: Any, trips: int = 2**62) -> Any:
+    """A valid ONNX model whose Loop runs ``trips`` times (for ever, in practice): y = x + loop count."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+        ],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["trips", "cond", "zero"], ["count"], body=body),
+            helper.make_node("Add", ["x", "count"], ["y"]),
+        ],
+        "endless",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor("trips", TensorProto.INT64, [], [trips]),
+         helper.make_tensor("cond", TensorProto.BOOL, [], [True]),
+         helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path

@@ -1,0 +1,145 @@
+"""The sandbox with real faults: a child that segfaults, balloons, spins, sleeps or is killed ends as a
+specific EngineError, and the calling process carries on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.settings import Settings
+from tests import builders
+from tests.worker import faults
+from worker import sandbox
+from worker.engine.config import QuantizeConfig, parse_options
+from worker.engine.errors import EngineError, JobCancelled
+from worker.tasks import run_engine
+
+F = "tests.worker.faults"
+
+
+def _fails(target: str, payload: Any, limits: sandbox.Limits) -> EngineError:
+    with pytest.raises(EngineError) as info:
+        sandbox.run(f"{F}:{target}", payload, limits)
+    return info.value
+
+
+def test_result_and_events_come_back() -> None:
+    seen: list[Any] = []
+    assert sandbox.run(f"{F}:echo", 21, sandbox.Limits(memory_mb=2048, cpu_s=30, timeout_s=30), seen.append) == \
+        {"doubled": 42}
+    assert seen[0] == ("calibrating", 0.0) and seen[-1] == ("calibrating", 1.0)
+
+
+def test_segfault_is_engine_crashed() -> None:
+    err = _fails("segfault", None, sandbox.Limits())
+    assert err.code == "engine_crashed" and "SIGSEGV" in err.message
+
+
+def test_memory_past_the_limit_is_out_of_memory() -> None:
+    err = _fails("balloon", None, sandbox.Limits(memory_mb=1024))
+    assert err.code == "out_of_memory" and "1024 MB" in err.message
+
+
+def test_cpu_past_the_limit_is_cpu_time_exceeded() -> None:
+    started = time.monotonic()
+    err = _fails("spin", None, sandbox.Limits(cpu_s=1))
+    assert err.code == "cpu_time_exceeded" and "LOWBIT_JOB_CPU_LIMIT_S" in err.message
+    assert time.monotonic() - started < 20
+
+
+def test_wall_clock_past_the_timeout_is_job_timeout() -> None:
+    started = time.monotonic()
+    err = _fails("sleep", 60, sandbox.Limits(timeout_s=1.5))
+    assert err.code == "job_timeout"
+    assert time.monotonic() - started < 10
+
+
+def test_engine_errors_and_bugs_cross_over() -> None:
+    err = _fails("refuse", None, sandbox.Limits())
+    assert (err.code, err.message) == ("invalid_model", "this model is not one we can read")
+    with pytest.raises(sandbox.ChildFailed) as info:
+        sandbox.run(f"{F}:bug", None, sandbox.Limits())
+    assert info.value.type_name == "KeyError" and "missing" in info.value.trace
+
+
+def test_an_exception_from_tick_kills_the_child_at_once() -> None:
+    pids: list[int] = []
+
+    def tick() -> None:
+        if pids:
+            raise JobCancelled()
+
+    started = time.monotonic()
+    with pytest.raises(JobCancelled):
+        sandbox.run(f"{F}:sleep", 60, sandbox.Limits(), tick=tick, on_start=pids.append)
+    assert time.monotonic() - started < 5
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[0], 0)
+
+
+def test_a_child_killed_from_outside_is_engine_crashed() -> None:
+    def kill(event: Any) -> None:
+        os.kill(int(event[1]), signal.SIGKILL)
+
+    with pytest.raises(EngineError) as info:
+        sandbox.run(f"{F}:pid", 60, sandbox.Limits(), on_event=kill)
+    assert info.value.code == "engine_crashed" and "SIGKILL" in info.value.message
+
+
+def test_the_child_gets_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOWBIT_DATABASE_URL", "postgresql://secret")
+    assert "LOWBIT_DATABASE_URL" not in sandbox._child_env()
+    assert "PATH" in sandbox._child_env()
+
+
+def _cfg(model: Path, data: Path, out: Path, recipe: str = "int8_dynamic") -> QuantizeConfig:
+    return QuantizeConfig(model_path=model, output_path=out, recipe=recipe,
+                          options=parse_options(recipe, {"latency_runs": 2}), calibration_path=data,
+                          work_dir=out.parent / "work", threads=1, device="cpu")
+
+
+def test_run_engine_fails_a_ballooning_model_and_runs_the_next(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, job_memory_limit_mb=2048, job_cpu_limit_s=60, job_timeout_s=120)
+    bad = faults.balloon_model(tmp_path / "balloon.onnx", gigabytes=40)
+    data = builders.save_npz(tmp_path / "x.npz", x=np.ones((16, 4), np.float32))
+    progress: list[tuple[str, float]] = []
+    with pytest.raises(EngineError) as info:
+        run_engine(_cfg(bad, data, tmp_path / "bad.onnx"), lambda s, f: progress.append((s, f)), settings)
+    assert info.value.code == "out_of_memory", info.value
+    mlp = builders.mlp(tmp_path / "mlp.onnx")
+    good = builders.mlp_data(tmp_path / "mlp.npz", n=24, model=mlp)
+    result = run_engine(_cfg(mlp, good, tmp_path / "good.onnx"), lambda s, f: progress.append((s, f)), settings)
+    assert result.artifact_path.is_file() and result.report["size"]["quantized_bytes"] > 0
+    assert ("validating", 0.0) in progress or any(s == "validating" for s, _ in progress)
+
+
+def test_run_engine_stops_an_endless_loop_at_the_cpu_limit(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, job_memory_limit_mb=0, job_cpu_limit_s=3, job_timeout_s=60)
+    model = faults.endless_loop_model(tmp_path / "loop.onnx")
+    data = builders.save_npz(tmp_path / "x.npz", x=np.ones((16, 4), np.float32))
+    with pytest.raises(EngineError) as info:
+        run_engine(_cfg(model, data, tmp_path / "loop.int8.onnx"), lambda s, f: None, settings)
+    assert info.value.code == "cpu_time_exceeded", info.value
+
+
+def test_run_engine_polls_progress_for_cancellation(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, job_memory_limit_mb=0, job_cpu_limit_s=0, job_timeout_s=60)
+    model = faults.endless_loop_model(tmp_path / "loop.onnx")
+    data = builders.save_npz(tmp_path / "x.npz", x=np.ones((16, 4), np.float32))
+    calls: list[float] = []
+
+    def progress(stage: str, fraction: float) -> None:
+        calls.append(time.monotonic())
+        if len(calls) >= 4:  # the engine is stuck in the loop: only the polls call us now
+            raise JobCancelled()
+
+    started = time.monotonic()
+    with pytest.raises(JobCancelled):
+        run_engine(_cfg(model, data, tmp_path / "loop.int8.onnx"), progress, settings)
+    assert time.monotonic() - started < 20

@@ -1,0 +1,293 @@
+"""Run untrusted work (parsing a model, ONNX Runtime sessions, quantization) in a child process with limits.
+
+The child is started fresh (``python -m worker.sandbox``), never forked: the worker holds database
+connections and threads that a fork would copy in a broken state. Before it imports anything heavy the
+child caps its own address space (RLIMIT_AS) and CPU time (RLIMIT_CPU), turns core dumps off and asks
+the kernel to kill it when its parent dies (so a killed worker leaves no orphan burning CPU). The parent
+enforces the wall clock. A model that segfaults, hangs or balloons then ends its own job with a specific
+error code, and the worker process lives on to run the next job.
+
+Parent and child talk over a pair of pipes carrying pickled messages: the request goes down; progress
+events, then exactly one outcome, come back. The child gets no secrets: untrusted files are parsed there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from worker.engine.errors import EngineError
+
+# How often the parent wakes up without news from the child, to run ``tick`` (cancel checks, heartbeats).
+TICK_S = 0.25
+# Progress events the child forwards at most this often per stage (the parent rate-limits database writes).
+EVENT_INTERVAL_S = 0.2
+# Environment variables the child keeps; everything else (database URL, webhook secret, ...) stays behind.
+_KEEP_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "VIRTUAL_ENV",
+             "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
+# Substrings of allocator failures as ONNX Runtime, numpy and C++ report them.
+_OOM_MARKERS = ("bad_alloc", "failed to allocate", "out of memory", "unable to allocate", "cannot allocate",
+                "memoryerror")
+
+Emit = Callable[[Any], None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """0 turns a limit off."""
+
+    memory_mb: int = 0
+    cpu_s: int = 0
+    timeout_s: float = 0.0
+
+
+class ChildFailed(Exception):
+    """The child raised something that is not an EngineError (a bug, or an environment problem)."""
+
+    def __init__(self, type_name: str, message: str, trace: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name, self.message, self.trace = type_name, message, trace
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
+def _project_root() -> str:
+    return str(Path(__file__).resolve().parents[1])
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in _KEEP_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), os.getcwd(), env.get("PYTHONPATH", "")) if p)
+    # glibc reserves 64 MB of address space per thread arena; with a few ONNX Runtime threads that alone would
+    # eat an address-space limit, so the limit would no longer say how much memory the model may use.
+    env["MALLOC_ARENA_MAX"] = "2"
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def run(target: str, payload: Any, limits: Limits, on_event: Emit | None = None,
+        tick: Callable[[], None] | None = None, on_start: Callable[[int], None] | None = None) -> Any:
+    """Call ``target`` ("module:function", called as ``function(payload, emit)``) in a limited child process
+    and return its result. An EngineError raised there is raised here; a crash, a limit or the timeout
+    becomes an EngineError with its own code. ``on_event`` receives what the child emits; ``tick`` runs
+    every TICK_S or so. Either may raise (e.g. JobCancelled): the child is killed at once and the
+    exception propagates. ``on_start`` gets the child's pid."""
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.sandbox", str(down_r), str(up_w), str(os.getpid())],
+            pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL, env=_child_env(), start_new_session=True,
+        )
+    finally:
+        os.close(down_r)
+        os.close(up_w)
+    down, up = Connection(down_w, readable=False), Connection(up_r, writable=False)
+    if on_start is not None:
+        on_start(proc.pid)
+    started = time.monotonic()
+    outcome: tuple[Any, ...] | None = None
+    try:
+        down.send((target, payload, limits))
+        while outcome is None:
+            if limits.timeout_s and time.monotonic() - started > limits.timeout_s:
+                raise EngineError(
+                    "job_timeout",
+                    f"the job did not finish within {limits.timeout_s:g} s (LOWBIT_JOB_TIMEOUT_S) and was stopped; "
+                    "the model may be too large or loop for a very long time: try fewer samples "
+                    "(max_calibration_samples, latency_runs) or a smaller model",
+                )
+            if wait([up], timeout=TICK_S):
+                try:
+                    msg = up.recv()
+                except (EOFError, OSError):
+                    break  # the child is gone without an outcome: see how it ended, below
+                if msg[0] == "event":
+                    if on_event is not None:
+                        on_event(msg[1])
+                else:
+                    outcome = msg
+            if tick is not None:
+                tick()
+    except BaseException:
+        _kill(proc)
+        raise
+    finally:
+        down.close()
+        up.close()
+    status, usage = _reap(proc)
+    if outcome is not None:
+        kind = outcome[0]
+        if kind == "ok":
+            return outcome[1]
+        if kind == "error":
+            raise EngineError(outcome[1], outcome[2])
+        raise ChildFailed(outcome[1], outcome[2], outcome[3])
+    raise _death(status, usage, limits)
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, Any]:
+    """Wait for the child; its exit status and resource usage (CPU seconds, peak memory)."""
+    while True:
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except ChildProcessError:  # already reaped (e.g. by Popen)
+            return (proc.returncode or 0) << 8, None
+        except InterruptedError:
+            continue
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return status, usage
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the child and anything it started
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    _reap(proc)
+
+
+def _death(status: int, usage: Any, limits: Limits) -> EngineError:
+    """Why the child ended without an outcome, as an error the user can act on."""
+    cpu = (usage.ru_utime + usage.ru_stime) if usage is not None else 0.0
+    peak_mb = usage.ru_maxrss / 1024 if usage is not None else 0.0
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGXCPU or (limits.cpu_s and sig == signal.SIGKILL and cpu >= limits.cpu_s):
+            return EngineError(
+                "cpu_time_exceeded",
+                f"the job used more than its {limits.cpu_s} s of CPU time (LOWBIT_JOB_CPU_LIMIT_S) and was stopped; "
+                "the model may loop for a very long time, or need fewer samples (max_calibration_samples, "
+                "latency_runs) to fit",
+            )
+        if sig == signal.SIGKILL:
+            return EngineError(
+                "engine_crashed",
+                f"the process quantizing the model was killed (SIGKILL) at {peak_mb:.0f} MB peak memory, most often "
+                "by the system's out-of-memory killer; try a smaller model or fewer samples, or submit it again",
+            )
+        return EngineError(
+            "engine_crashed",
+            f"the model crashed the process quantizing it ({_signal_name(sig)}); the file may be damaged or use "
+            "an operator the runtime cannot handle: check that it runs in ONNX Runtime, then submit it again",
+        )
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+    return EngineError(
+        "engine_crashed",
+        f"the process quantizing the model exited with status {code} without a result; check that the model "
+        "runs in ONNX Runtime, then submit it again",
+    )
+
+
+def out_of_memory(limits: Limits) -> EngineError:
+    return EngineError(
+        "out_of_memory",
+        f"the job needed more than its {limits.memory_mb} MB of memory (LOWBIT_JOB_MEMORY_LIMIT_MB) and was "
+        "stopped; the model may ask for huge tensors, or the batch may be too big: try a smaller batch_size "
+        "or a smaller model",
+    )
+
+
+# ---- the child side ----------------------------------------------------------------------------------------
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when the worker that started it dies (a SIGKILLed worker cannot clean up)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _apply(limits: Limits) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crashing model must not fill the disk with cores
+    if limits.memory_mb:
+        size = int(limits.memory_mb) * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+    if limits.cpu_s:
+        # The soft limit sends SIGXCPU (default: terminate); the hard one, a little later, SIGKILL.
+        resource.setrlimit(resource.RLIMIT_CPU, (int(limits.cpu_s), int(limits.cpu_s) + 5))
+
+
+def _looks_like_oom(text: str) -> bool:
+    low = text.lower()
+    return any(m in low for m in _OOM_MARKERS)
+
+
+def child_main(read_fd: int, write_fd: int, parent: int) -> None:
+    down, up = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    _die_with_parent(parent)
+    target, payload, limits = down.recv()
+    down.close()
+    _apply(limits)
+    last: dict[str, float] = {}
+
+    def emit(event: Any) -> None:
+        # Rate-limited per event key (a stage name): the parent only needs the latest, every so often.
+        key = str(event[0]) if isinstance(event, tuple) and event else ""
+        final = isinstance(event, tuple) and len(event) > 1 and isinstance(event[1], float) and event[1] >= 1.0
+        now = time.monotonic()
+        if key in last and now - last[key] < EVENT_INTERVAL_S and not final:
+            return
+        last[key] = now
+        up.send(("event", event))
+
+    try:
+        module, _, name = target.partition(":")
+        result = getattr(importlib.import_module(module), name)(payload, emit)
+        outcome: tuple[Any, ...] = ("ok", result)
+    except MemoryError:
+        outcome = ("error", *_as_pair(out_of_memory(limits)))
+    except EngineError as exc:
+        if limits.memory_mb and _looks_like_oom(exc.message):
+            exc = out_of_memory(limits)
+        outcome = ("error", exc.code, exc.message)
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"
+        if limits.memory_mb and _looks_like_oom(text):
+            outcome = ("error", *_as_pair(out_of_memory(limits)))
+        else:
+            outcome = ("failed", type(exc).__name__, str(exc)[:2000], traceback.format_exc()[-4000:])
+    try:
+        up.send(outcome)
+    except MemoryError:  # pickling a large result under the limit
+        up.send(("error", *_as_pair(out_of_memory(limits))))
+    up.close()
+
+
+def _as_pair(exc: EngineError) -> tuple[str, str]:
+    return exc.code, exc.message
+
+
+def quantize(cfg: Any, emit: Emit) -> Any:
+    """The engine's entry point in the child: ``pipeline.run(cfg)``, its progress sent to the parent."""
+    from worker.engine import pipeline
+
+    def progress(stage: str, fraction: float) -> None:
+        emit((stage, float(fraction)))
+
+    return pipeline.run(cfg, progress)
+
+
+if __name__ == "__main__":
+    child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
