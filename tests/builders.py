@@ -228,3 +228,106 @@ def token_labels(path: Path, model: Path, n: int = 32, vocab: int = 1000, seq: i
     tokens = np.load(token_data(path, n=n, vocab=vocab, seq=seq, seed=seed))
     feed = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
     return save_npz(path, **feed, labels=_labels_from_model(model, feed))
+
+
+def _matmul_chain(path: Path, name: str, weights: list[tuple[str, np.ndarray]], relu_after: set[str],
+                  in_name: str = "x", out_name: str = "y") -> Path:
+    """MatMul nodes named after their weights, applied in order, with a Relu after those in ``relu_after``."""
+    nodes, inits = [], []
+    cur = in_name
+    for i, (node, w) in enumerate(weights):
+        inits.append(numpy_helper.from_array(w.astype(np.float32), f"{node}.weight"))
+        last = i == len(weights) - 1
+        out = out_name if last else f"{node}.out"
+        nodes.append(helper.make_node("MatMul", [cur, f"{node}.weight"], [out], name=node))
+        cur = out
+        if node in relu_after and not last:
+            nodes.append(helper.make_node("Relu", [cur], [f"{node}.relu"], name=f"{node}_relu"))
+            cur = f"{node}.relu"
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info(in_name, TensorProto.FLOAT, ["batch", weights[0][1].shape[0]])],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, ["batch", weights[-1][1].shape[1]])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lowbit-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return path
+
+
+PLANTED_SENSITIVE = ("squeeze1", "squeeze2")
+
+
+def planted_outlier_mlp(path: Path, width: int = 256, seed: int = 0) -> Path:
+    """An MLP with two planted sensitive layers: ``expand1``/``expand2`` give a few output channels weights
+    300x larger (activations with huge outliers), and the MatMuls reading them, ``squeeze1``/``squeeze2``
+    (small: width x 16), barely use those channels. Quantizing their input per tensor spends the whole int8
+    range on the outliers; every other layer quantizes well. [N, 32] -> [N, 10]."""
+    rng = np.random.default_rng(seed)
+
+    def dense(i: int, o: int) -> np.ndarray:
+        return rng.standard_normal((i, o)) / np.sqrt(i)
+
+    def outliers(w: np.ndarray) -> np.ndarray:
+        w = w.copy()
+        w[:, :3] *= 300.0
+        return w
+
+    def ignore_outliers(w: np.ndarray) -> np.ndarray:
+        w = w.copy()
+        w[:3, :] *= 1e-3
+        return w
+
+    layers = [
+        ("fc1", dense(32, width)), ("expand1", outliers(dense(width, width))),
+        ("squeeze1", ignore_outliers(dense(width, 16))), ("fc2", dense(16, width)),
+        ("expand2", outliers(dense(width, width))), ("squeeze2", ignore_outliers(dense(width, 16))),
+        ("head", dense(16, 10)),
+    ]
+    return _matmul_chain(path, "planted_outliers", layers, {"fc1", "squeeze1", "fc2", "squeeze2"})
+
+
+def scale_free_mlp(path: Path, width: int = 128, seed: int = 0) -> Path:
+    """A bias-free ReLU MLP (f(a x) = a f(x)): with inputs whose scale varies 1000x between samples, one
+    calibrated int8 range cannot fit them all, while ranges measured at run time (dynamic) can. [N, 32] -> [N, 10]."""
+    rng = np.random.default_rng(seed)
+    layers = [("fc1", rng.standard_normal((32, width)) / np.sqrt(32)),
+              ("fc2", rng.standard_normal((width, width)) / np.sqrt(width)),
+              ("head", rng.standard_normal((width, 10)) / np.sqrt(width))]
+    return _matmul_chain(path, "scale_free", layers, {"fc1", "fc2"})
+
+
+def scale_varying_data(path: Path, n: int = 64, seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 32)) * 10.0 ** rng.uniform(-2, 1, (n, 1))
+    return save_npz(path, x=x.astype(np.float32))
+
+
+def spike_ignoring_mlp(path: Path, in_features: int = 512, width: int = 128, seed: int = 0) -> Path:
+    """An MLP whose input feature 0 carries rare huge spikes the model almost ignores (its weights are
+    1e-3 of the others): a percentile range clips the spikes at no cost, while a range measured on each
+    batch (dynamic) stretches to them and flattens every other feature. [N, in_features] -> [N, 10]."""
+    rng = np.random.default_rng(seed)
+    # Heavy-tailed weights: a few large ones per 4-bit block cost 4-bit weights more than int8 ones.
+    w1 = rng.standard_t(3, (in_features, width)) / np.sqrt(in_features)
+    w1[0, :] *= 1e-3
+    layers = [("fc1", w1), ("fc2", rng.standard_t(3, (width, width)) / np.sqrt(width)),
+              ("head", rng.standard_t(3, (width, 10)) / np.sqrt(width))]
+    return _matmul_chain(path, "spike_ignoring", layers, {"fc1", "fc2"})
+
+
+def spiky_data(path: Path, n: int = 64, spiky_share: float = 0.0, in_features: int = 512, seed: int = 1) -> Path:
+    """Inputs for ``spike_ignoring_mlp``: one spike of 3000 on feature 0 in one sample (rare enough for a
+    99.99th percentile to clip), or in ``spiky_share`` of the samples."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, in_features))
+    spiky = rng.random(n) < spiky_share if spiky_share else np.arange(n) == n // 2
+    x[spiky, 0] = 3000.0
+    return save_npz(path, x=x.astype(np.float32))
+
+
+def planted_data(path: Path, n: int = 80, seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    return save_npz(path, x=rng.standard_normal((n, 32)).astype(np.float32))

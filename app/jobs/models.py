@@ -51,6 +51,9 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # The worker (hostname:pid) running the current attempt.
     worker: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    # auto jobs: the search round in progress. Whichever candidate sub-task finishes a round last moves it on
+    # with a conditional UPDATE of this column, so exactly one of them plans the next round (or concludes).
+    auto_round: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
     deliveries: Mapped[list[WebhookDelivery]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin",
         order_by="WebhookDelivery.created_at",
@@ -79,3 +82,30 @@ class WebhookDelivery(Base):
     last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     job: Mapped[Job] = relationship(back_populates="deliveries")
+
+
+# States of an auto job's candidate.
+CANDIDATE_PENDING, CANDIDATE_RUNNING = "pending", "running"
+CANDIDATE_FINISHED = ("done", "failed", "skipped")
+
+
+class AutoCandidate(Base):
+    """One configuration an auto job tries, run as its own queue sub-task, with its measured result."""
+
+    __tablename__ = "auto_candidates"
+    __table_args__ = (sa.Index("ix_auto_candidates_job_attempt_idx", "job_id", "attempt", "idx", unique=True),)
+
+    id: Mapped[str] = mapped_column(sa.String(36), primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    # The job attempt that planned it: a re-queued job starts its search over, ignoring older rows.
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    idx: Mapped[int] = mapped_column(sa.Integer)
+    round: Mapped[int] = mapped_column(sa.Integer)
+    # {recipe, options, excluded_nodes}
+    candidate: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(sa.String(16), default=CANDIDATE_PENDING)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # hostname:pid of the worker process that ran it
+    worker: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

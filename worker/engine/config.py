@@ -9,7 +9,7 @@ from typing import Any
 from worker.engine.errors import EngineError
 
 RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "auto", "qat_int8")
-IMPLEMENTED_RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "qat_int8")
+IMPLEMENTED_RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "auto", "qat_int8")
 # Recipes that need the model as a PyTorch program (a .pt2 upload), not only as ONNX.
 RECIPES_NEEDING_PYTORCH = ("qat_int8",)
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
@@ -29,6 +29,8 @@ RECIPE_OPTIONS: dict[str, frozenset[str]] = {
     "int4_weight_only": frozenset(_COMMON | {"algorithm", "block_size", "symmetric", "accuracy_level",
                                              "quantize_embeddings", "max_calibration_samples"}),
     "fp16": frozenset(_COMMON | {"keep_io_types", "op_block_list"}),
+    # auto: the candidates take the common options (and max_calibration_samples where they calibrate).
+    "auto": frozenset(_COMMON | {"max_calibration_samples", "max_fallback_steps"}),
     "qat_int8": frozenset(_COMMON | {"steps", "learning_rate", "range_learning_rate", "train_weight_ranges",
                                      "train_activation_ranges", "task_loss", "max_calibration_samples"}),
 }
@@ -72,6 +74,8 @@ class RecipeOptions:
     train_weight_ranges: bool = False
     train_activation_ranges: bool = True
     task_loss: bool = False
+    # auto: at most this many layers kept in higher precision, one at a time, per candidate recipe.
+    max_fallback_steps: int = 8
 
     def to_dict(self, recipe: str = "int8_static") -> dict[str, Any]:
         """The options that apply to ``recipe``, defaults filled in (what a job records and reports)."""
@@ -185,6 +189,8 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
         kw["learning_rate"] = _float("learning_rate", raw["learning_rate"], 0.0, 1.0)
     if "range_learning_rate" in raw:
         kw["range_learning_rate"] = _float("range_learning_rate", raw["range_learning_rate"], 0.0, 1.0)
+    if "max_fallback_steps" in raw:
+        kw["max_fallback_steps"] = _int("max_fallback_steps", raw["max_fallback_steps"], 0, 64)
     if "accuracy_level" in raw:
         kw["accuracy_level"] = _int("accuracy_level", raw["accuracy_level"], 0, 4)
     for name in ("nodes_to_exclude", "op_types_to_quantize", "op_block_list"):
@@ -223,3 +229,8 @@ class QuantizeConfig:
     cache_dir: Path | None = None
     # Where ONNX exports of .pt2 uploads are cached across runs; None disables the cache.
     export_cache_dir: Path | None = None
+    # Validate on the samples int8_static would (the held-out share of the calibration set when there is
+    # no evaluation set), whatever the recipe: auto compares candidates of several recipes on equal terms.
+    validate_like_static: bool = False
+    # Measure every layer's sensitivity in int8_static runs (auto turns it off for all but one candidate).
+    layer_sensitivity: bool = True

@@ -38,6 +38,8 @@ from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
 from worker.engine.preflight import Split, plan_split
 from worker.engine.pt2 import Pt2Source
 from worker.engine.qat import QatResult, run_qat
+from worker.engine.sensitivity import SensitivityResult
+from worker.engine.sensitivity import analyse as analyse_sensitivity
 from worker.engine.validate import compare, latency_ms_p50, layer_sqnr
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,9 @@ class _Data:
 def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> _Data:
     calib: DatasetInfo | None = inspect_npz(cfg.calibration_path) if cfg.calibration_path else None
     ev: DatasetInfo | None = inspect_npz(cfg.eval_path) if cfg.eval_path else None
-    split = plan_split(cfg.recipe, cfg.options, info.inputs, calib, ev)
+    # auto's candidates all validate on the samples int8_static would, so their metrics compare.
+    split_recipe = "int8_static" if cfg.validate_like_static and calib is not None else cfg.recipe
+    split = plan_split(split_recipe, cfg.options, info.inputs, calib, ev)
     creader = NpzReader(cfg.calibration_path, calib) if calib is not None and cfg.calibration_path else None
     ereader = NpzReader(cfg.eval_path, ev) if ev is not None and cfg.eval_path else None
     if split.source == "synthetic":
@@ -208,6 +212,12 @@ def _layer_map(original: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[st
 def run(cfg: QuantizeConfig, progress: ProgressFn | None = None) -> QuantizeResult:
     """Run one quantization described by ``cfg``; writes the artifact to ``cfg.output_path``."""
     check_recipe(cfg.recipe)
+    if cfg.recipe == "auto":
+        raise EngineError(
+            "accuracy_target_required",
+            "recipe auto searches for the smallest model within an accuracy target; run it with "
+            "worker.engine.auto.search (the service and `lowbit quantize --accuracy-target` do)",
+        )
     opts: RecipeOptions = cfg.options
 
     def step(stage: str, fraction: float = 0.0) -> None:
@@ -249,6 +259,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     normalized = onnx.load(str(norm.path))
     quant_path = work / "quantized.onnx"
     calibration: dict[str, Any] | None = None
+    static_ranges: dict[str, tuple[float, float]] | None = None
     int4: Int4Result | None = None
     qat: QatResult | None = None
     if cfg.recipe == "qat_int8":
@@ -318,6 +329,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         }
         ranges_path = work / "ranges.json"
         write_ort_ranges(cal.ranges, ranges_path)
+        static_ranges = cal.ranges
         step("quantizing", 0.0)
         _warn_forced(_quantize_static(norm.path, quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
     elif cfg.recipe == "int4_weight_only":
@@ -394,17 +406,26 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     lmap = {k: v for k, v in _layer_map(normalized, quantized).items()}
     pairs = [(v[1], v[2]) for v in lmap.values() if v[2]]
     sqnr = layer_sqnr(normalized, quantized, pairs, layer_feeds, providers, cfg.threads)
+    sens: SensitivityResult | None = None
+    if static_ranges is not None and cfg.layer_sensitivity:
+        # Each layer quantized alone, with this run's calibrated ranges, on the same samples.
+        sens = analyse_sensitivity(normalized, static_ranges, layer_feeds, providers, cfg.threads, qops, n)
     layers = []
     for node in normalized.graph.node:
         if node.op_type not in qops or node.name not in lmap:
             continue
         precision, o, qt = lmap[node.name]
-        layers.append({
+        layer: dict[str, Any] = {
             "name": node.name,
             "op_type": node.op_type,
             "precision": precision,
             "sqnr_db": sqnr.get((o, qt)) if qt else None,
-        })
+        }
+        if sens is not None:
+            one = sens.layers.get(node.name)
+            layer["sensitivity"] = one.sensitivity if one else None
+            layer["isolated_sqnr_db"] = one.isolated_sqnr_db if one else None
+        layers.append(layer)
     step("validating", 1.0)
 
     step("reporting", 0.0)
@@ -463,6 +484,15 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     }
     if qat is not None:
         report["training"] = qat.training
+    if sens is not None:
+        report["sensitivity"] = {
+            "measure": "output noise-to-signal power ratio with only that layer in int8 (worst output)",
+            "samples": sens.samples,
+            "seconds": round(sens.seconds, 3),
+            "layers_analysed": len(sens.layers),
+            "layers_skipped": sens.skipped,
+            "ranking": sens.ranking(),
+        }
     _place(quant_path, Path(cfg.output_path))
     step("reporting", 1.0)
     return QuantizeResult(Path(cfg.output_path), artifact_sha, quantized_bytes, report, warnings)
@@ -587,7 +617,44 @@ def _quantize_static(
             f"ONNX Runtime's static quantizer failed on this model: {str(exc).strip()[:500]}. "
             "Excluding the node it names (option nodes_to_exclude) or trying int8_dynamic may help",
         ) from exc
+    if opts.nodes_to_exclude:
+        _float_inputs_for(dest, set(opts.nodes_to_exclude))
     return forced
+
+
+def _float_inputs_for(path: Path, excluded: set[str]) -> None:
+    """Excluded nodes read their inputs in float. ONNX Runtime's QDQ quantizer also quantizes the outputs
+    of the nodes it quantizes, so a node excluded after a quantized one would still see int8-rounded
+    inputs (and an excluded layer whose input has outliers would gain nothing): rewire such inputs to the
+    float tensor before its QuantizeLinear, and drop the Q/DQ pairs nothing reads any more."""
+    model = onnx.load(str(path))
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    changed = False
+    for node in nodes:
+        if node.name not in excluded:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                continue  # a quantized weight initializer: the quantizer left excluded weights alone anyway
+            node.input[i] = q.input[0]
+            changed = True
+    if not changed:
+        return
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        read = {i for n in model.graph.node for i in n.input} | outputs
+        dead = [n for n in model.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not set(n.output) & read]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    onnx.save(model, str(path))
 
 
 def _quantize_dynamic(src: Path, dest: Path, opts: RecipeOptions) -> list[str]:

@@ -1,0 +1,410 @@
+"""The ``auto`` recipe: find the smallest (then fastest) model that meets an accuracy target.
+
+1. Candidates: int8 dynamic, int8 static with each calibration method, 4-bit weight-only where the model
+   has MatMul weights, and fp16 (the safe fallback that bounds how large a useful candidate may be).
+   Each candidate is an ordinary recipe and options, run by the ordinary pipeline, so the chosen one
+   can be reproduced exactly from its config.
+2. One static candidate runs first: it calibrates once with histograms (later candidates reuse the
+   cached statistics, whatever their method) and measures every layer's sensitivity.
+3. Greedy fallback: for the best int8 static method, int8 dynamic and 4-bit, while the target is missed,
+   keep the next most sensitive layer in float and measure the real metric again; stop when the target is
+   met, when the candidate can no longer beat the smallest model that already meets it, or after
+   ``max_fallback_steps`` layers.
+4. Choose: the smallest model that meets the target, then the fastest; if none does, the closest one,
+   reported with its distance to the target.
+
+This module is the search itself, usable from a script. How candidates are run (in this process, or as
+queue sub-tasks on several workers) is up to the caller: ``search`` runs them here, ``next_candidates``
+and ``conclude`` let a distributed runner drive the same search round by round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from worker.engine.config import CALIBRATION_METHODS, QuantizeConfig, RecipeOptions, parse_options
+from worker.engine.errors import EngineError
+
+# The static candidate that runs first, calibrating with histograms (so every method's ranges can be
+# derived from the cached statistics) and measuring layer sensitivity for the fallback ranking.
+ANALYSIS_METHOD = "entropy"
+# Recipes whose missed targets are worth keeping layers in float for (fp16 is the float fallback itself).
+FALLBACK_RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only")
+
+RunFn = Callable[[QuantizeConfig], Any]  # QuantizeConfig -> pipeline.QuantizeResult
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration to try: an ordinary recipe with its options, plus the layers kept in float."""
+
+    recipe: str
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+    excluded_nodes: tuple[str, ...] = ()
+
+    @property
+    def branch(self) -> str:
+        """The candidate without its fallback layers: greedy steps extend one branch."""
+        method = self.options.get("method")
+        return f"{self.recipe}/{method}" if method else self.recipe
+
+    def config(self) -> dict[str, Any]:
+        """The recipe and options a user can submit (or feed to ``lowbit quantize --config``) as is."""
+        opts = dict(self.options)
+        if self.excluded_nodes:
+            opts["nodes_to_exclude"] = list(self.excluded_nodes)
+        return {"recipe": self.recipe, "options": opts}
+
+    def parsed(self) -> RecipeOptions:
+        return parse_options(self.recipe, self.config()["options"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "options": dict(self.options), "excluded_nodes": list(self.excluded_nodes)}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Candidate:
+        return Candidate(d["recipe"], dict(d.get("options") or {}), tuple(d.get("excluded_nodes") or ()))
+
+
+@dataclass
+class CandidateResult:
+    candidate: Candidate
+    # done: measured; failed: the recipe failed on this model; skipped: not started within the time budget
+    status: str
+    size_bytes: int | None = None
+    metric: float | None = None
+    met_target: bool | None = None
+    latency_ms_p50: float | None = None
+    seconds: float | None = None
+    error: dict[str, str] | None = None
+    worker: str | None = None
+    artifact_path: str | None = None
+    report: dict[str, Any] | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The report's row for this candidate (no artifact path, no full report)."""
+        return {
+            **self.candidate.to_dict(),
+            "status": self.status,
+            "size_bytes": self.size_bytes,
+            "metric": self.metric,
+            "met_target": self.met_target,
+            "latency_ms_p50": self.latency_ms_p50,
+            "seconds": self.seconds,
+            "error": self.error,
+            "worker": self.worker,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary(), "artifact_path": self.artifact_path, "report": self.report}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> CandidateResult:
+        return CandidateResult(
+            candidate=Candidate.from_dict(d), status=d["status"], size_bytes=d.get("size_bytes"),
+            metric=d.get("metric"), met_target=d.get("met_target"), latency_ms_p50=d.get("latency_ms_p50"),
+            seconds=d.get("seconds"), error=d.get("error"), worker=d.get("worker"),
+            artifact_path=d.get("artifact_path"), report=d.get("report"),
+        )
+
+
+# ---------------------------------------------------------------------------------------------- target
+
+
+def check_target(target: dict[str, Any] | None) -> dict[str, Any]:
+    if not target or not target.get("metric") or (target.get("min") is None) == (target.get("max_drop") is None):
+        raise EngineError(
+            "accuracy_target_required",
+            "recipe auto needs an accuracy_target: {\"metric\": \"label_accuracy|top1_agreement|cosine|sqnr_db\", "
+            "\"min\": x} or {\"metric\": ..., \"max_drop\": x}, optionally with \"time_budget_s\"",
+        )
+    return target
+
+
+def measure(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """The target's metric in a run's report: ``{value, original, met}``. Higher is better for every metric;
+    the worst output counts. An exact reproduction has no finite SQNR and meets any minimum."""
+    metric = target["metric"]
+    acc = report["accuracy"]
+    original: float | None
+    if metric == "label_accuracy":
+        labels = acc.get("labels")
+        value = labels["quantized"] if labels else None
+        original = labels["original"] if labels else None
+    else:
+        outputs = acc["outputs"]
+        if metric == "sqnr_db" and outputs and all(
+                o.get("sqnr_db") is None and o.get("max_abs_error") == 0 for o in outputs):
+            return {"value": None, "original": None, "met": True, "note": "every output reproduced exactly"}
+        vals = [o[metric] for o in outputs if o.get(metric) is not None]
+        value = min(vals) if vals else None
+        original = {"cosine": 1.0, "top1_agreement": 1.0}.get(metric)
+    met: bool | None = None
+    if value is not None:
+        if target.get("min") is not None:
+            met = value >= float(target["min"])
+        elif original is not None:
+            met = (original - value) <= float(target["max_drop"])
+    return {"value": value, "original": original, "met": met}
+
+
+def distance(target: dict[str, Any], value: float | None, original: float | None) -> float | None:
+    """How far ``value`` is from meeting the target, in the metric's units (0 when met)."""
+    if value is None:
+        return None
+    if target.get("min") is not None:
+        return round(max(0.0, float(target["min"]) - value), 6)
+    if original is None:
+        return None
+    return round(max(0.0, (original - value) - float(target["max_drop"])), 6)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def has_matmul_weights(model_path: Path) -> bool:
+    """Does 4-bit weight-only apply: a MatMul (or Gemm) with a constant 2-D weight?"""
+    model = onnx.load(str(model_path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
+            w = inits.get(node.input[1])
+            if w is not None and len(w.dims) == 2:
+                return True
+    return False
+
+
+def base_options(opts: RecipeOptions) -> dict[str, Any]:
+    """The auto job's options every candidate shares (only those a user set differently from the default)."""
+    default = RecipeOptions()
+    out: dict[str, Any] = {}
+    for name in ("batch_size", "holdout_fraction", "latency_runs"):
+        if getattr(opts, name) != getattr(default, name):
+            out[name] = getattr(opts, name)
+    return out
+
+
+def plan_candidates(model_path: Path, opts: RecipeOptions) -> list[Candidate]:
+    """The first round. The analysis candidate (static, histogram calibration) comes first."""
+    common = base_options(opts)
+    calibrated = dict(common)
+    if opts.max_calibration_samples != RecipeOptions().max_calibration_samples:
+        calibrated["max_calibration_samples"] = opts.max_calibration_samples
+    user_excluded = tuple(opts.nodes_to_exclude)
+    methods = [ANALYSIS_METHOD, *[m for m in CALIBRATION_METHODS if m != ANALYSIS_METHOD]]
+    out = [Candidate("int8_static", {**calibrated, "method": m}, user_excluded) for m in methods]
+    out.append(Candidate("int8_dynamic", dict(common), user_excluded))
+    if has_matmul_weights(model_path):
+        out.append(Candidate("int4_weight_only", dict(calibrated), user_excluded))
+    out.append(Candidate("fp16", dict(common), user_excluded))
+    return out
+
+
+def ranking_from(results: Sequence[CandidateResult]) -> list[str]:
+    """Layers by sensitivity, most sensitive first, from the analysis candidate's report."""
+    for r in results:
+        sens = (r.report or {}).get("sensitivity")
+        if sens and sens.get("ranking") is not None:
+            return list(sens["ranking"])
+    return []
+
+
+def _best_met(results: Sequence[CandidateResult]) -> CandidateResult | None:
+    met = [r for r in results if r.status == "done" and r.met_target and r.size_bytes is not None]
+    return min(met, key=lambda r: (r.size_bytes, r.latency_ms_p50 or 0.0)) if met else None
+
+
+def next_candidates(results: Sequence[CandidateResult], ranking: Sequence[str], max_steps: int,
+                    user_excluded: Sequence[str] = ()) -> list[Candidate]:
+    """The next greedy step of every branch still worth extending (empty: the search is over)."""
+    best = _best_met(results)
+    bound = best.size_bytes if best is not None and best.size_bytes is not None else None
+    tried = {(r.candidate.branch, r.candidate.excluded_nodes) for r in results}
+    done = [r for r in results if r.status == "done"]
+    # The static branch worth extending is the method that came closest on its own.
+    statics = [r for r in done if r.candidate.recipe == "int8_static" and
+               len(r.candidate.excluded_nodes) == len(user_excluded)]
+    best_static = max(statics, key=lambda r: _score(r.metric)) if statics else None
+    out: list[Candidate] = []
+    for recipe in FALLBACK_RECIPES:
+        keep = best_static.candidate.branch if recipe == "int8_static" and best_static is not None else None
+        branch = [r for r in done if r.candidate.recipe == recipe and (keep is None or r.candidate.branch == keep)]
+        if not branch:
+            continue
+        last = max(branch, key=lambda r: len(r.candidate.excluded_nodes))
+        if last.met_target or len(last.candidate.excluded_nodes) - len(user_excluded) >= max_steps:
+            continue
+        if bound is not None and last.size_bytes is not None and last.size_bytes >= bound:
+            continue  # keeping more layers in float only grows it: it cannot become the smallest
+        nxt = next((n for n in ranking if n not in last.candidate.excluded_nodes), None)
+        if nxt is None:
+            continue
+        cand = dataclasses.replace(last.candidate, excluded_nodes=(*last.candidate.excluded_nodes, nxt))
+        if (cand.branch, cand.excluded_nodes) not in tried:
+            out.append(cand)
+    return out
+
+
+def _score(v: float | None) -> float:
+    return float("-inf") if v is None else float(v)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def candidate_config(base: QuantizeConfig, cand: Candidate, output_path: Path, work_dir: Path | None,
+                     analysis: bool) -> QuantizeConfig:
+    return dataclasses.replace(
+        base, recipe=cand.recipe, options=cand.parsed(), output_path=output_path, work_dir=work_dir,
+        validate_like_static=True, layer_sensitivity=analysis,
+    )
+
+
+def evaluate(cand: Candidate, cfg: QuantizeConfig, target: dict[str, Any], run: RunFn,
+             worker: str | None = None) -> CandidateResult:
+    """Run one candidate through the ordinary pipeline and measure the target's metric on its report."""
+    started = time.monotonic()
+    try:
+        res = run(cfg)
+    except EngineError as exc:
+        return CandidateResult(cand, "failed", error={"code": exc.code, "message": exc.message},
+                               seconds=round(time.monotonic() - started, 3), worker=worker)
+    m = measure(target, res.report)
+    return CandidateResult(
+        cand, "done",
+        size_bytes=int(res.artifact_bytes),
+        metric=m["value"],
+        met_target=m["met"],
+        latency_ms_p50=res.report["latency"]["quantized_ms_p50"],
+        seconds=round(time.monotonic() - started, 3),
+        worker=worker,
+        artifact_path=str(res.artifact_path),
+        report=res.report,
+    )
+
+
+def skipped(cand: Candidate, why: str) -> CandidateResult:
+    return CandidateResult(cand, "skipped", error={"code": "time_budget_exceeded", "message": why})
+
+
+@dataclass
+class AutoOutcome:
+    chosen: CandidateResult | None
+    best: CandidateResult | None
+    report: dict[str, Any]
+
+
+def conclude(results: Sequence[CandidateResult], target: dict[str, Any], job_id: str | None,
+             job_options: dict[str, Any], seconds: float, rounds: int) -> AutoOutcome:
+    """Pick the smallest-then-fastest candidate that meets the target and write the auto report: the
+    chosen (or best) candidate's own report, plus the candidate table, the sensitivity ranking, the
+    layers kept in float and, when the target was missed, how far the best candidate is from it."""
+    chosen = _best_met(results)
+    done = [r for r in results if r.status == "done"]
+    best = chosen or (max(done, key=lambda r: (_score(r.metric), -(r.size_bytes or 0))) if done else None)
+    base: dict[str, Any] = dict(best.report) if best is not None and best.report else {}
+    analysis = next((r.report for r in results if r.report and r.report.get("sensitivity")), None)
+    sens_by_layer = {layer["name"]: layer for layer in (analysis or {}).get("layers", [])
+                     if layer.get("sensitivity") is not None}
+    if base.get("layers") is not None:
+        # The chosen model's layers, with the sensitivity the analysis measured for each.
+        base["layers"] = [{**layer, "sensitivity": sens_by_layer.get(layer["name"], {}).get("sensitivity"),
+                           "isolated_sqnr_db": sens_by_layer.get(layer["name"], {}).get("isolated_sqnr_db")}
+                          for layer in base["layers"]]
+    m = measure(target, best.report) if best is not None and best.report else {"value": None, "original": None}
+    pick = best.candidate if best is not None else None
+    kept = [{"name": n, "sensitivity": sens_by_layer.get(n, {}).get("sensitivity"),
+             "isolated_sqnr_db": sens_by_layer.get(n, {}).get("isolated_sqnr_db")}
+            for n in (pick.excluded_nodes if pick else ())]
+    report = {
+        **base,
+        "job_id": job_id,
+        "recipe": "auto",
+        "options": job_options,
+        "chosen": ({**pick.config(), "excluded_nodes": list(pick.excluded_nodes)} if chosen is not None and pick
+                   else None),
+        "best": ({**pick.config(), "excluded_nodes": list(pick.excluded_nodes), "metric": m["value"],
+                  "distance_to_target": distance(target, m["value"], m.get("original"))} if pick else None),
+        "candidates": [r.summary() for r in results],
+        "kept_in_float": kept,
+        "auto": {
+            "target": target,
+            "rounds": rounds,
+            "seconds": round(seconds, 3),
+            "evaluated": sum(1 for r in results if r.status == "done"),
+            "failed": sum(1 for r in results if r.status == "failed"),
+            "skipped": [r.candidate.to_dict() for r in results if r.status == "skipped"],
+            "workers": sorted({r.worker for r in results if r.worker}),
+            "sensitivity_ranking": ranking_from(results),
+        },
+    }
+    if analysis is not None:
+        report["sensitivity"] = analysis["sensitivity"]
+    return AutoOutcome(chosen, best, report)
+
+
+def failure_message(outcome: AutoOutcome, target: dict[str, Any]) -> str:
+    bound = f"at least {target['min']}" if target.get("min") is not None else f"a drop of at most {target['max_drop']}"
+    if outcome.best is None:
+        return ("no candidate could be measured on this model (every recipe failed; see the report's candidates), "
+                f"so the target {target['metric']} {bound} could not be checked")
+    best = outcome.report["best"]
+    return (f"no candidate met the target {target['metric']} {bound}: the closest was {best['recipe']} "
+            f"{_short(best['options'])} with {target['metric']} {best['metric']} "
+            f"({best['distance_to_target']} short). Loosen the target, allow more layers in float "
+            f"(option max_fallback_steps), or give a time budget large enough for every candidate")
+
+
+def _short(opts: dict[str, Any]) -> str:
+    keep = {k: v for k, v in opts.items() if k in ("method", "nodes_to_exclude")}
+    return str(keep) if keep else ""
+
+
+def search(base: QuantizeConfig, target: dict[str, Any], run: RunFn | None = None,
+           progress: Callable[[int, int], None] | None = None) -> AutoOutcome:
+    """The whole search in this process (candidates one after another). ``base`` is the auto job's
+    config; artifacts of the candidates go beside ``base.output_path``, and the chosen one is copied there."""
+    from worker.engine import pipeline
+
+    check_target(target)
+    run = run or pipeline.run
+    started = time.monotonic()
+    budget = target.get("time_budget_s")
+    out_dir = Path(base.output_path).parent / f".{Path(base.output_path).name}.candidates"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts = base.options
+    planned = plan_candidates(Path(base.model_path), opts)
+    results: list[CandidateResult] = []
+    rounds = 0
+    pending = planned
+    total = len(planned)
+    while pending:
+        rounds += 1
+        for cand in pending:
+            i = len(results)
+            if budget is not None and time.monotonic() - started > float(budget):
+                results.append(skipped(cand, f"not started: the time budget of {budget} s was spent"))
+            else:
+                cfg = candidate_config(base, cand, out_dir / f"candidate-{i}.onnx",
+                                       (Path(base.work_dir) / f"candidate-{i}") if base.work_dir else None,
+                                       analysis=i == 0)
+                results.append(evaluate(cand, cfg, target, run))
+            if progress:
+                progress(len(results), total)
+        if budget is not None and time.monotonic() - started > float(budget):
+            break
+        pending = next_candidates(results, ranking_from(results), opts.max_fallback_steps, opts.nodes_to_exclude)
+        total += len(pending)
+    outcome = conclude(results, target, base.job_id, opts.to_dict("auto"), time.monotonic() - started, rounds)
+    if outcome.chosen is not None and outcome.chosen.artifact_path:
+        from worker.engine.pipeline import _place
+
+        _place(Path(outcome.chosen.artifact_path), Path(base.output_path))
+    return outcome

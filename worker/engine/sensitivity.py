@@ -1,0 +1,214 @@
+"""Per-layer sensitivity: how much the model's outputs degrade when only one node is quantized.
+
+For each quantizable node, a copy of the float model gets that node alone in int8, the way the static
+recipe would quantize it: its activation inputs pass through QuantizeLinear/DequantizeLinear with the
+calibrated range (uint8, asymmetric, zero exactly representable) and its weights are rounded to int8 per
+output channel (symmetric, max|w|/127). Everything else stays in float. Two numbers come out per node:
+
+- ``sensitivity``: the noise-to-signal power ratio of the model's outputs (the worst output), 0 for a
+  node whose quantization changes nothing; ranking by it tells which layers to keep in float first;
+- ``isolated_sqnr_db``: the SQNR of the node's own output with everything upstream in float (cheap to
+  read off the same run, and what the node's quantization costs locally).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from worker.engine import runtime
+
+# Operators whose weight input is rounded to int8 per output channel: (input index, channel axis).
+WEIGHT_AXIS = {"MatMul": (1, 1), "Conv": (1, 0), "ConvTranspose": (1, 1)}
+# Nodes beyond this many are not analysed (one ONNX Runtime session each); the report says how many were.
+MAX_NODES = 256
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    name: str
+    op_type: str
+    sensitivity: float | None
+    output_sqnr_db: float | None
+    isolated_sqnr_db: float | None
+
+
+@dataclass
+class SensitivityResult:
+    layers: dict[str, LayerSensitivity]
+    samples: int
+    seconds: float
+    skipped: int
+
+    def ranking(self) -> list[str]:
+        """Node names, most sensitive first (nodes without a measurement left out)."""
+        scored = [s for s in self.layers.values() if s.sensitivity is not None]
+        return [s.name for s in sorted(scored, key=lambda s: (-float(s.sensitivity or 0.0), s.name))]
+
+
+def _weight_axis(node: onnx.NodeProto) -> tuple[int, int] | None:
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 1, 0 if trans_b else 1
+    return WEIGHT_AXIS.get(node.op_type)
+
+
+def fake_quant_weight(w: np.ndarray, axis: int) -> np.ndarray:
+    """Symmetric int8 per channel along ``axis`` (how the static recipe stores weights), back in float."""
+    if w.ndim < 2:
+        scale = np.maximum(np.abs(w).max(initial=0.0) / 127.0, 1e-12)
+        return (np.clip(np.round(w / scale), -127, 127) * scale).astype(w.dtype)
+    moved = np.moveaxis(w.astype(np.float64), axis, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    scale = np.maximum(np.abs(flat).max(axis=1, keepdims=True) / 127.0, 1e-12)
+    q = np.clip(np.round(flat / scale), -127, 127) * scale
+    return np.moveaxis(q.reshape(moved.shape), 0, axis).astype(w.dtype)
+
+
+def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """uint8 scale and zero point of a calibrated range, zero included (as ONNX Runtime computes them)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zp = int(np.clip(np.round(-lo / scale), 0, 255))
+    return float(scale), zp
+
+
+def analysable(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]], op_types: Iterable[str]) -> list[
+        onnx.NodeProto]:
+    """Nodes of ``op_types`` with at least one float input the static recipe would quantize."""
+    kinds = set(op_types)
+    inits = {t.name: t for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in kinds or not node.name or not node.output:
+            continue
+        wa = _weight_axis(node)
+        has_weight = wa is not None and len(node.input) > wa[0] and node.input[wa[0]] in inits and \
+            inits[node.input[wa[0]]].data_type == onnx.TensorProto.FLOAT
+        if has_weight or any(i in ranges for i in node.input if i):
+            out.append(node)
+    return out
+
+
+def quantize_one(model: onnx.ModelProto, node_name: str, ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
+    """A copy of ``model`` with only ``node_name`` quantized (and its output exposed as a graph output)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    node = next(n for n in m.graph.node if n.name == node_name)
+    inits = {t.name: t for t in m.graph.initializer}
+    wa = _weight_axis(node)
+    new_nodes: list[onnx.NodeProto] = []
+    for idx, name in enumerate(list(node.input)):
+        if not name:
+            continue
+        if wa is not None and idx == wa[0] and name in inits and inits[name].data_type == onnx.TensorProto.FLOAT:
+            w = numpy_helper.to_array(inits[name])
+            q = numpy_helper.from_array(fake_quant_weight(w, wa[1] if w.ndim > wa[1] else 0), f"{name}__fq_{node_name}")
+            m.graph.initializer.append(q)
+            node.input[idx] = q.name
+        elif name in ranges and name not in inits:
+            scale, zp = activation_qparams(*ranges[name])
+            tag = f"{name}__q_{node_name}"
+            m.graph.initializer.extend([
+                numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_scale"),
+                numpy_helper.from_array(np.array(zp, np.uint8), f"{tag}_zp"),
+            ])
+            new_nodes += [
+                onnx.helper.make_node("QuantizeLinear", [name, f"{tag}_scale", f"{tag}_zp"], [f"{tag}_q"]),
+                onnx.helper.make_node("DequantizeLinear", [f"{tag}_q", f"{tag}_scale", f"{tag}_zp"], [f"{tag}_dq"]),
+            ]
+            node.input[idx] = f"{tag}_dq"
+    if new_nodes:
+        # Insert the Q/DQ pairs right before the node, keeping the graph topologically sorted.
+        pos = list(m.graph.node).index(node)
+        for k, n in enumerate(new_nodes):
+            m.graph.node.insert(pos + k, n)
+    _expose(m, [node.output[0]])
+    return m
+
+
+def _expose(m: onnx.ModelProto, names: Sequence[str]) -> None:
+    have = {o.name for o in m.graph.output}
+    for t in names:
+        if t not in have:
+            m.graph.output.append(onnx.ValueInfoProto(name=t))
+
+
+def analyse(
+    model: onnx.ModelProto,
+    ranges: dict[str, tuple[float, float]],
+    feeds: Sequence[dict[str, np.ndarray]],
+    providers: list[str],
+    threads: int,
+    op_types: Iterable[str],
+    samples: int,
+) -> SensitivityResult:
+    """Sensitivity of every analysable node on ``feeds`` (a few batches are enough: it ranks layers)."""
+    started = time.perf_counter()
+    nodes = analysable(model, ranges, op_types)
+    skipped = max(0, len(nodes) - MAX_NODES)
+    nodes = nodes[:MAX_NODES]
+    out_names = [o.name for o in model.graph.output]
+    if not nodes or not feeds:
+        return SensitivityResult({}, 0, time.perf_counter() - started, skipped)
+    ref_model = onnx.ModelProto()
+    ref_model.CopyFrom(model)
+    _expose(ref_model, [n.output[0] for n in nodes])
+    ref_s = runtime.make_session(ref_model.SerializeToString(), providers, threads, "model (sensitivity)")
+    ref_names = [o.name for o in ref_s.get_outputs()]
+    refs = [dict(zip(ref_names, ref_s.run(None, f), strict=True)) for f in feeds]
+    del ref_s
+    layers: dict[str, LayerSensitivity] = {}
+    for node in nodes:
+        q_model = quantize_one(model, node.name, ranges)
+        s = runtime.make_session(q_model.SerializeToString(), providers, threads, "model (sensitivity)")
+        names = [o.name for o in s.get_outputs()]
+        sig = np.zeros(len(out_names))
+        err = np.zeros(len(out_names))
+        own_sig = own_err = 0.0
+        for feed, ref in zip(feeds, refs, strict=True):
+            got = dict(zip(names, s.run(None, feed), strict=True))
+            for k, o in enumerate(out_names):
+                a, b = _finite_pair(ref[o], got[o])
+                sig[k] += float(np.sum(a * a))
+                err[k] += float(np.sum((a - b) ** 2))
+            a, b = _finite_pair(ref[node.output[0]], got[node.output[0]])
+            own_sig += float(np.sum(a * a))
+            own_err += float(np.sum((a - b) ** 2))
+        del s
+        nsr = [e / g for e, g in zip(err, sig, strict=True) if g > 0]
+        worst = max(nsr) if nsr else None
+        layers[node.name] = LayerSensitivity(
+            name=node.name,
+            op_type=node.op_type,
+            sensitivity=_round(worst),
+            output_sqnr_db=_db(worst),
+            isolated_sqnr_db=_db(own_err / own_sig if own_sig > 0 else None),
+        )
+    return SensitivityResult(layers, samples, time.perf_counter() - started, skipped)
+
+
+def _finite_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        return np.zeros(0), np.zeros(0)
+    ok = np.isfinite(x) & np.isfinite(y)
+    return (x, y) if ok.all() else (x[ok], y[ok])
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(f"{v:.6g}")
+
+
+def _db(nsr: float | None) -> float | None:
+    """Noise-to-signal ratio as SQNR in dB; None for an exact result (infinite SQNR)."""
+    if nsr is None or nsr <= 0 or not np.isfinite(nsr):
+        return None
+    return round(float(-10.0 * np.log10(nsr)), 3)
+
