@@ -82,9 +82,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or s.host
     port = args.port or s.port
     print(f"lowbit: serving on http://{host}:{port} (data in {s.data_dir.resolve()})", file=sys.stderr)
+    # The bind address decides whether keys are required: the app must judge the address it really serves on.
+    served = s.model_copy(update={"host": host, "port": port})
+    if served.keys_required:
+        print("lowbit: API keys required (create one with 'lowbit keys create --tenant NAME'; browsers sign in "
+              "at /login)", file=sys.stderr)
+    else:
+        print(f"lowbit: keyless: bound to {host}, only this machine can connect; binding to any other address "
+              "(or LOWBIT_REQUIRE_KEYS=true) requires API keys", file=sys.stderr)
     try:
         # Open event streams (GET /api/v1/jobs/{id}/events) must not hold a shutdown up for ever.
-        uvicorn.run(create_app(s), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        uvicorn.run(create_app(served), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
@@ -193,6 +201,40 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from app.db import make_engine, make_sessionmaker
+    from app.errors import LowbitError
+    from app.migrate import upgrade
+    from app.tenants import service as tenants
+
+    s = _settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(s.resolved_database_url)
+    engine = make_engine(s.resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as db:
+            if args.keys_command == "create":
+                tenant, key = tenants.create_key(db, args.tenant, args.max_active_jobs, args.uploads_per_minute)
+                db.commit()
+                print(key)
+                print(f"new key for tenant '{tenant.name}'; it is shown only this once: keep it secret, send it as "
+                      "'Authorization: Bearer <key>' (or LOWBIT_API_KEY for the lowbit client)", file=sys.stderr)
+            elif args.keys_command == "list":
+                for key_row, tenant in tenants.list_keys(db):
+                    state = f"revoked {key_row.revoked_at:%Y-%m-%d %H:%M}" if key_row.revoked_at else "active"
+                    print(f"lb_{key_row.prefix}_...  {tenant.name:<20} {key_row.created_at:%Y-%m-%d %H:%M}  {state}")
+            else:
+                key_row = tenants.revoke_key(db, args.prefix)
+                db.commit()
+                print(f"revoked lb_{key_row.prefix}_...", file=sys.stderr)
+    except LowbitError as exc:
+        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    return 0
+
+
 def cmd_webhook_secret(_: argparse.Namespace) -> int:
     from app.webhooks import webhook_secret
 
@@ -219,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--concurrency", type=int)
     wp.add_argument("--loglevel", default="INFO")
     wp.set_defaults(func=cmd_worker)
+
+    kp = sub.add_parser("keys", help="create, list or revoke tenants' API keys (on the server)")
+    ksub = kp.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="print a new key for a tenant (created if new); shown once")
+    kc.add_argument("--tenant", required=True)
+    kc.add_argument("--max-active-jobs", type=int, help="jobs queued or running at once (default: server's)")
+    kc.add_argument("--uploads-per-minute", type=int, help="model and dataset uploads a minute (default: server's)")
+    ksub.add_parser("list", help="list keys (prefix, tenant, created, state); the keys themselves are not kept")
+    kr = ksub.add_parser("revoke", help="revoke a key by its prefix (lb_<prefix>)")
+    kr.add_argument("prefix")
+    kp.set_defaults(func=cmd_keys)
 
     mp = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     mp.set_defaults(func=cmd_migrate)

@@ -19,9 +19,11 @@ class LowbitError(Exception):
     status_code = 400
     code = "bad_request"
 
-    def __init__(self, message: str, code: str | None = None, status_code: int | None = None) -> None:
+    def __init__(self, message: str, code: str | None = None, status_code: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers
         if code:
             self.code = code
         if status_code:
@@ -36,6 +38,22 @@ class NotFound(LowbitError):
 class Invalid(LowbitError):
     status_code = 422
     code = "invalid_request"
+
+
+class Unauthorized(LowbitError):
+    status_code = 401
+    code = "authentication_required"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"WWW-Authenticate": 'Bearer realm="lowbit"'})
+
+
+class RateLimited(LowbitError):
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: int, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers={"Retry-After": str(max(1, int(retry_after_s)))})
 
 
 class Conflict(LowbitError):
@@ -108,7 +126,7 @@ def _database_unavailable() -> JSONResponse:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(LowbitError)
     async def _lowbit(_: Request, exc: LowbitError) -> JSONResponse:
-        headers = {"Retry-After": "5"} if exc.status_code == 503 else None
+        headers = exc.headers or ({"Retry-After": "5"} if exc.status_code == 503 else None)
         return JSONResponse(_body(exc.code, exc.message), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(EngineError)

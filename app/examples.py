@@ -168,9 +168,12 @@ def error_example(code: str, message: str) -> dict[str, Any]:
 
 ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
     400: error_example("bad_request", "the request is malformed"),
+    401: error_example("authentication_required",
+                       "this server requires an API key: send 'Authorization: Bearer <key>' (lowbit keys create)"),
     404: error_example("job_not_found", f"no job with id '{JOB_ID}'"),
     409: error_example("no_artifact", "the job is running; an artifact exists only for succeeded jobs"),
     413: error_example("upload_too_large", "the upload is larger than the limit of 2147483648 bytes"),
+    429: error_example("rate_limited", "tenant 'acme' may upload 30 files a minute; retry in 12 s"),
     415: error_example("unsupported_media_type",
                        "unsupported content type 'text/plain'; send application/json or multipart/form-data"),
     422: error_example("invalid_request", "recipe: Field required"),

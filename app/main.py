@@ -19,6 +19,7 @@ from app.queue import CeleryQueue, JobQueue
 from app.security import SecurityHeaders
 from app.settings import Settings, get_settings
 from app.storage import Storage
+from app.tenants.service import session_secret
 
 
 def create_app(settings: Settings | None = None, queue: JobQueue | None = None) -> FastAPI:
@@ -36,6 +37,8 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.storage = Storage(s.data_dir)
     app.state.queue = queue or CeleryQueue(s)
+    app.state.keys_required = s.keys_required
+    app.state.session_secret = session_secret(s)
     install_handlers(app)
     for r in (models_router, datasets_router, jobs_router, health_router, metrics_router, pages_router):
         app.include_router(r)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -50,6 +51,15 @@ class Settings(BaseSettings):
     # Queued jobs that no broker message carries (the API died between commit and publish, or the broker
     # lost its data) are published again once they have waited this long; workers check every lease/3 s.
     job_reconcile_after_s: float = 10.0
+    # Access. A server bound to a loopback address runs keyless unless require_keys is set (every request is
+    # the 'local' tenant); bound to any other address it always requires API keys (`lowbit keys create`).
+    require_keys: bool = False
+    # Browser sessions (after signing in with a key on /login): signed cookies valid this long.
+    session_ttl_s: int = 12 * 3600
+    # Per-tenant limits, unless the tenant has its own (0 = no limit): uploads (models and datasets) per
+    # rolling minute, and jobs queued or running at once.
+    uploads_per_minute: int = 0
+    max_active_jobs: int = 0
     # Server-sent events (GET /api/v1/jobs/{id}/events): how often the stream reads the job row, and how
     # long it may stay quiet before it sends a keep-alive comment.
     events_poll_s: float = 0.25
@@ -62,6 +72,10 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'lowbit.db').resolve()}"
 
     @property
+    def keys_required(self) -> bool:
+        return self.require_keys or not is_loopback(self.host)
+
+    @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
 
@@ -72,6 +86,16 @@ class Settings(BaseSettings):
     @property
     def uses_filesystem_broker(self) -> bool:
         return self.resolved_broker_url.startswith("filesystem://")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @lru_cache(maxsize=1)

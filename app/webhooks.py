@@ -23,8 +23,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import utcnow
 from app.jobs.models import DELIVERED, FINISHED, PENDING, UNDELIVERED, Job, WebhookDelivery
+from app.keyfile import data_dir_secret
 from app.settings import Settings
 from app.uploads import new_id
 
@@ -84,35 +83,7 @@ def webhook_secret(settings: Settings) -> str:
     needs it first; the file is created atomically, so the API and every worker agree on it)."""
     if settings.webhook_secret:
         return settings.webhook_secret
-    path = Path(settings.data_dir) / SECRET_FILE
-    existing = _read_secret(path)
-    if existing:
-        return existing
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(32) + "\n")
-    try:
-        os.link(tmp, path)  # fails if another process got there first: then theirs is the secret
-    except FileExistsError:
-        pass
-    except OSError:  # a filesystem without hard links
-        if not path.exists():
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    secret = _read_secret(path)
-    if not secret:
-        raise RuntimeError(f"could not read the webhook secret from {path}")
-    return secret
-
-
-def _read_secret(path: Path) -> str | None:
-    try:
-        return path.read_text().strip() or None
-    except FileNotFoundError:
-        return None
+    return data_dir_secret(Path(settings.data_dir), SECRET_FILE)
 
 
 def job_summary(job: Job, event: str, delivery_id: str) -> dict[str, Any]:

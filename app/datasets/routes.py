@@ -3,11 +3,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from sqlalchemy.orm import Session
 
+from app.auth import api_principal
 from app.datasets import service
 from app.datasets.schemas import DatasetList, DatasetOut
 from app.deps import get_db, get_storage
 from app.errors import error_responses
 from app.storage import Storage
+from app.tenants import service as tenants
+from app.tenants.service import Principal
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=error_responses(422))
 
@@ -20,9 +23,12 @@ def upload_dataset(
     file: UploadFile = File(..., description="An .npz with one array per model input (+ optional 'labels')"),
     db: Session = Depends(get_db),
     storage: Storage = Depends(get_storage),
+    who: Principal = Depends(api_principal),
 ) -> DatasetOut:
     """Upload a calibration or evaluation dataset (.npz, no pickles)."""
-    row = service.create_dataset(db, storage, file.file, file.filename, request.app.state.settings.max_upload_bytes)
+    tenants.check_upload_rate(db, who.tenant_id, request.app.state.settings)
+    row = service.create_dataset(db, storage, file.file, file.filename, request.app.state.settings.max_upload_bytes,
+                                who.tenant_id)
     db.commit()
     return DatasetOut.model_validate(row)
 
@@ -30,16 +36,18 @@ def upload_dataset(
 @router.get("", response_model=DatasetList, responses=error_responses(422))
 def find_datasets(
     db: Session = Depends(get_db),
+    who: Principal = Depends(api_principal),
     sha256: str = Query(pattern="^[0-9a-fA-F]{64}$", description="The file's SHA-256, hex",
                         examples=["5d41402abc4b2a76b9719d911017c592ae5fd9c1d2ae6f53a7b0e6c1d3b9f6a2"]),
 ) -> DatasetList:
     """The stored dataset with this SHA-256, if there is one (`items` is then one dataset, else empty): a client
     hashes its file first and uploads it only when the server does not have it yet."""
-    row = service.find_by_sha256(db, sha256)
+    row = service.find_by_sha256(db, sha256, who.tenant_id)
     return DatasetList(items=[DatasetOut.model_validate(row)] if row else [])
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
-def get_dataset(dataset_id: str, db: Session = Depends(get_db)) -> DatasetOut:
+def get_dataset(dataset_id: str, db: Session = Depends(get_db),
+                who: Principal = Depends(api_principal)) -> DatasetOut:
     """Describe an uploaded dataset: arrays, dtypes, shapes and sample count."""
-    return DatasetOut.model_validate(service.get_dataset(db, dataset_id))
+    return DatasetOut.model_validate(service.get_dataset(db, dataset_id, who.tenant_id))

@@ -14,7 +14,8 @@ from worker.engine.errors import EngineError
 from worker.engine.npz import ArrayInfo, DatasetInfo, inspect_npz
 
 
-def create_dataset(db: Session, storage: Storage, src: BinaryIO, filename: str | None, max_bytes: int) -> Dataset:
+def create_dataset(db: Session, storage: Storage, src: BinaryIO, filename: str | None, max_bytes: int,
+                   tenant_id: str) -> Dataset:
     """Store an uploaded .npz after reading its array headers (never unpickling anything)."""
     name = clean_filename(filename, "data.npz")
     stored = storage.receive(src, max_bytes)
@@ -30,6 +31,7 @@ def create_dataset(db: Session, storage: Storage, src: BinaryIO, filename: str |
         raise
     row = Dataset(
         id=dataset_id,
+        tenant_id=tenant_id,
         filename=name,
         size_bytes=stored.size_bytes,
         sha256=stored.sha256,
@@ -42,17 +44,18 @@ def create_dataset(db: Session, storage: Storage, src: BinaryIO, filename: str |
     return row
 
 
-def get_dataset(db: Session, dataset_id: str, role: str = "dataset") -> Dataset:
+def get_dataset(db: Session, dataset_id: str, tenant_id: str, role: str = "dataset") -> Dataset:
+    """The tenant's dataset; another tenant's answers exactly like a missing one."""
     row = db.get(Dataset, dataset_id) if is_uuid(dataset_id) else None
-    if row is None:
+    if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"no {role} with id '{dataset_id}'", code="dataset_not_found")
     return row
 
 
-def find_by_sha256(db: Session, sha256: str) -> Dataset | None:
+def find_by_sha256(db: Session, sha256: str, tenant_id: str) -> Dataset | None:
     """The newest stored dataset with exactly this content (its file still in storage), so a client can skip
     uploading a file the server already has."""
-    rows = db.scalars(sa.select(Dataset).where(Dataset.sha256 == sha256.lower())
+    rows = db.scalars(sa.select(Dataset).where(Dataset.sha256 == sha256.lower(), Dataset.tenant_id == tenant_id)
                       .order_by(Dataset.created_at.desc()).limit(10))
     return next((row for row in rows if Path(row.storage_path).is_file()), None)
 

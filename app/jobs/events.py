@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session, sessionmaker
@@ -72,8 +73,10 @@ def read(factory: sessionmaker[Session], job_id: str) -> Snapshot | None:
         return Snapshot(to_out(job).model_dump(mode="json"), stage_list(job.stage_times))
 
 
-def first_snapshot(factory: sessionmaker[Session], job_id: str) -> Snapshot:
-    snap = read(factory, job_id)
+def first_snapshot(factory: sessionmaker[Session], job_id: str, tenant_id: str) -> Snapshot:
+    with factory() as s:
+        owner = s.scalar(sa.select(Job.tenant_id).where(Job.id == job_id)) if is_uuid(job_id) else None
+    snap = read(factory, job_id) if owner == tenant_id else None
     if snap is None:
         raise NotFound(f"no job with id '{job_id}'", code="job_not_found")
     return snap

@@ -3,13 +3,15 @@ from __future__ import annotations
 import json
 import logging
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy.orm import Session
 
+from app.auth import api_principal
 from app.datasets import service as datasets
 from app.deps import get_db, get_storage
 from app.errors import Invalid, Unavailable, error_responses
@@ -19,9 +21,13 @@ from app.jobs.models import Job
 from app.jobs.schemas import JobCreate, JobList, JobOut
 from app.models import service as models
 from app.queue import mark_published
+from app.settings import Settings
 from app.storage import Storage
+from app.tenants import service as tenants
+from app.tenants.service import Principal
 
 log = logging.getLogger(__name__)
+PAGE_LINK_TTL_S = 300
 router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=error_responses(422))
 
 _SUBMIT_DOC: dict[str, Any] = {
@@ -52,7 +58,7 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
-def _submit_multipart(db: Session, storage: Storage, form: Any, max_bytes: int, default_queue: str) -> Any:
+def _submit_multipart(db: Session, storage: Storage, form: Any, settings: Settings, tenant_id: str) -> Any:
     model_file = form.get("model")
     if model_file is None or isinstance(model_file, str):
         raise Invalid("multipart submission needs a 'model' file field", code="missing_field")
@@ -69,23 +75,26 @@ def _submit_multipart(db: Session, storage: Storage, form: Any, max_bytes: int, 
         if key in config:
             raise Invalid(f"'{key}' cannot be given in a multipart submission; upload the file instead",
                           code="invalid_config")
+    files = sum(1 for f in ("model", "calibration", "eval") if not isinstance(form.get(f), str | None))
+    tenants.check_upload_rate(db, tenant_id, settings, files)
+    max_bytes = settings.max_upload_bytes
     # One request, one transaction: if anything below fails, the files stored so far go too.
     placed: list[str] = []
     try:
-        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes)
+        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes, tenant_id)
         placed.append(model.storage_path)
         ids: dict[str, str] = {"model_id": model.id}
         for field, key in (("calibration", "calibration_dataset_id"), ("eval", "eval_dataset_id")):
             f = form.get(field)
             if f is not None and not isinstance(f, str):
-                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes)
+                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes, tenant_id)
                 placed.append(ds.storage_path)
                 ids[key] = ds.id
         try:
             req = JobCreate.model_validate({**config, **ids})
         except ValidationError as exc:
             raise Invalid(_validation_message(exc)) from exc
-        return service.create_job(db, req, default_queue)
+        return service.create_job(db, req, settings, tenant_id)
     except BaseException:
         for path in placed:
             storage.discard(path)
@@ -97,8 +106,8 @@ def _submit_multipart(db: Session, storage: Storage, form: Any, max_bytes: int, 
                                                                            "stage": None, "progress": 0,
                                                                            "started_at": None}}}},
                         **error_responses(404, 413, 415, 422, 503)})
-async def submit_job(request: Request, db: Session = Depends(get_db),
-                     storage: Storage = Depends(get_storage)) -> JobOut:
+async def submit_job(request: Request, db: Session = Depends(get_db), storage: Storage = Depends(get_storage),
+                     who: Principal = Depends(api_principal)) -> JobOut:
     """Submit a job: JSON with uploaded ids, or multipart with the files themselves (model, calibration, eval,
     config)."""
     settings = request.app.state.settings
@@ -106,7 +115,7 @@ async def submit_job(request: Request, db: Session = Depends(get_db),
     if ctype.startswith("multipart/form-data"):
         form = await request.form(max_files=3, max_fields=10)
         job = await run_in_threadpool(
-            _submit_multipart, db, storage, form, settings.max_upload_bytes, settings.default_queue
+            _submit_multipart, db, storage, form, settings, who.tenant_id
         )
     elif ctype.startswith("application/json") or not ctype:
         try:
@@ -117,7 +126,7 @@ async def submit_job(request: Request, db: Session = Depends(get_db),
             req = JobCreate.model_validate(payload)
         except ValidationError as exc:
             raise Invalid(_validation_message(exc)) from exc
-        job = await run_in_threadpool(service.create_job, db, req, settings.default_queue)
+        job = await run_in_threadpool(service.create_job, db, req, settings, who.tenant_id)
     else:
         raise Invalid(f"unsupported content type '{ctype}'; send application/json or multipart/form-data",
                       code="unsupported_media_type", status_code=415)
@@ -149,33 +158,35 @@ def list_jobs(
     status: str | None = Query(default=None, description="queued|running|succeeded|failed|cancelled"),
     limit: int = Query(default=20, ge=1, le=200),
     cursor: str | None = Query(default=None, description="next_cursor from the previous page"),
+    who: Principal = Depends(api_principal),
 ) -> JobList:
     """List jobs, newest first, with cursor pagination."""
-    rows, next_cursor = service.list_jobs(db, status, limit, cursor)
+    rows, next_cursor = service.list_jobs(db, status, limit, cursor, who.tenant_id)
     return JobList(items=[service.to_out(j) for j in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
-def get_job(job_id: str, db: Session = Depends(get_db)) -> JobOut:
+def get_job(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> JobOut:
     """Job status, stage, progress and links."""
-    return service.to_out(service.get_job(db, job_id))
+    return service.to_out(service.get_job(db, job_id, who.tenant_id))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
              responses={202: {"content": {"application/json": {"example": {
                  **JOB_RUNNING_EXAMPLE, "status": "cancelled", "finished_at": "2026-11-27T10:15:20.500000Z"}}}},
                  **error_responses(404, 409)})
-def cancel_job(job_id: str, db: Session = Depends(get_db)) -> JobOut:
+def cancel_job(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> JobOut:
     """Cancel a queued or running job."""
-    job = service.cancel_job(db, job_id)
+    job = service.cancel_job(db, job_id, who.tenant_id)
     db.commit()
     return service.to_out(job)
 
 
 @router.delete("/{job_id}", status_code=204, responses=error_responses(404))
-def delete_job(job_id: str, db: Session = Depends(get_db), storage: Storage = Depends(get_storage)) -> Response:
+def delete_job(job_id: str, db: Session = Depends(get_db), storage: Storage = Depends(get_storage),
+               who: Principal = Depends(api_principal)) -> Response:
     """Delete a job with its artifact and report."""
-    service.delete_job(db, job_id)
+    service.delete_job(db, job_id, who.tenant_id)
     db.commit()
     storage.remove_job(job_id)
     return Response(status_code=204)
@@ -188,13 +199,14 @@ def delete_job(job_id: str, db: Session = Depends(get_db), storage: Storage = De
                                  "schema": {"type": "string", "format": "binary"},
                                  "example": "(the bytes of model.int8_static.onnx)"}}},
                        304: {"description": "If-None-Match matched the ETag"}, **error_responses(404, 409)})
-def download_artifact(job_id: str, request: Request, db: Session = Depends(get_db)) -> Response:
+def download_artifact(job_id: str, request: Request, db: Session = Depends(get_db),
+                      who: Principal = Depends(api_principal)) -> Response:
     """Download the quantized model."""
-    job = service.artifact_for(db, job_id)
+    job = service.artifact_for(db, job_id, who.tenant_id)
     etag = f'"{job.artifact_sha256}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
-    model = models.get_model(db, job.model_id)
+    model = models.get_model(db, job.model_id, who.tenant_id)
     stem = model.filename.rsplit(".", 1)[0] or "model"
     return FileResponse(
         job.artifact_path,  # type: ignore[arg-type]
@@ -204,12 +216,29 @@ def download_artifact(job_id: str, request: Request, db: Session = Depends(get_d
     )
 
 
+class PageLink(BaseModel):
+    url: str = Field(description="Open within expires_in_s seconds; it signs the browser in and shows the job")
+    expires_in_s: int
+
+
+@router.post("/{job_id}/page-link", response_model=PageLink,
+             responses={200: {"content": {"application/json": {"example": {
+                 "url": "/login/link?token=eyJ0IjoibG9jYWwi...Zx8", "expires_in_s": PAGE_LINK_TTL_S}}}},
+                 **error_responses(401, 404)})
+def page_link(job_id: str, request: Request, db: Session = Depends(get_db),
+              who: Principal = Depends(api_principal)) -> PageLink:
+    """A short-lived signed link that opens the job's page in a browser without putting the API key in a URL."""
+    job = service.get_job(db, job_id, who.tenant_id)
+    token = tenants.make_token(request.app.state.session_secret, "link", who, PAGE_LINK_TTL_S, job=job.id)
+    return PageLink(url=f"/login/link?{urlencode({'token': token})}", expires_in_s=PAGE_LINK_TTL_S)
+
+
 @router.get("/{job_id}/report",
             responses={200: {"content": {"application/json": {"example": REPORT_EXAMPLE}}},
                        **error_responses(404, 409)})
-def get_report(job_id: str, db: Session = Depends(get_db)) -> dict[str, Any]:
+def get_report(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> dict[str, Any]:
     """The job's report: size, accuracy, latency, layers, calibration, warnings, environment."""
-    return service.report_for(db, job_id)
+    return service.report_for(db, job_id, who.tenant_id)
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
@@ -217,13 +246,13 @@ def get_report(job_id: str, db: Session = Depends(get_db)) -> dict[str, Any]:
                              "content": {"text/event-stream": {"schema": {"type": "string"},
                                                                "example": EVENTS_EXAMPLE}}},
                        **error_responses(404)})
-async def job_events(job_id: str, request: Request) -> StreamingResponse:
+async def job_events(job_id: str, request: Request, who: Principal = Depends(api_principal)) -> StreamingResponse:
     """Follow a job as server-sent events: `stage` once per stage entered (in order), `job` (the job, as GET
     /jobs/{id} returns it) whenever status, stage or progress changes, and `end` with the finished job, after
     which the stream closes. Comments (`: keep-alive`) keep a quiet connection open."""
     factory = request.app.state.sessionmaker
     settings = request.app.state.settings
-    first = await run_in_threadpool(events.first_snapshot, factory, job_id)
+    first = await run_in_threadpool(events.first_snapshot, factory, job_id, who.tenant_id)
     return StreamingResponse(
         events.stream(request, factory, job_id, first, settings.events_poll_s, settings.events_heartbeat_s),
         media_type="text/event-stream",

@@ -14,6 +14,8 @@ from app.errors import Conflict, Invalid, NotFound, from_engine
 from app.jobs.models import CANCELLED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Job
 from app.jobs.schemas import DeliveryOut, JobCreate, JobError, JobLinks, JobOut
 from app.models import service as models
+from app.settings import Settings
+from app.tenants import service as tenants
 from app.uploads import is_uuid, new_id
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, parse_options
 from worker.engine.errors import EngineError
@@ -24,15 +26,15 @@ from worker.engine.pt2 import HOW_TO_MAKE_PT2
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
-def create_job(db: Session, req: JobCreate, default_queue: str) -> Job:
+def create_job(db: Session, req: JobCreate, settings: Settings, tenant_id: str) -> Job:
     """Pre-flight everything that can be known before running, then record a queued job.
 
     Nothing is enqueued here: the caller enqueues after its commit.
     """
-    model = models.get_model(db, req.model_id)
-    calib = datasets.get_dataset(db, req.calibration_dataset_id, "calibration dataset") \
+    model = models.get_model(db, req.model_id, tenant_id)
+    calib = datasets.get_dataset(db, req.calibration_dataset_id, tenant_id, "calibration dataset") \
         if req.calibration_dataset_id else None
-    ev = datasets.get_dataset(db, req.eval_dataset_id, "evaluation dataset") if req.eval_dataset_id else None
+    ev = datasets.get_dataset(db, req.eval_dataset_id, tenant_id, "evaluation dataset") if req.eval_dataset_id else None
     try:
         opts = parse_options(req.recipe, req.options)
         if req.recipe in RECIPES_NEEDING_PYTORCH and model.format != "pt2":
@@ -49,15 +51,17 @@ def create_job(db: Session, req: JobCreate, default_queue: str) -> Job:
         check_target(target, calib_info, eval_info)
     except EngineError as exc:
         raise from_engine(exc) from exc
+    tenants.check_active_jobs(db, tenant_id, settings)
     job = Job(
         id=new_id(),
+        tenant_id=tenant_id,
         model_id=model.id,
         calibration_dataset_id=calib.id if calib else None,
         eval_dataset_id=ev.id if ev else None,
         recipe=req.recipe,
         options=opts.to_dict(req.recipe),
         accuracy_target=target,
-        queue=req.device or default_queue,
+        queue=req.device or settings.default_queue,
         status=QUEUED,
         stage=None,
         progress=0,
@@ -72,9 +76,10 @@ def create_job(db: Session, req: JobCreate, default_queue: str) -> Job:
     return job
 
 
-def get_job(db: Session, job_id: str) -> Job:
+def get_job(db: Session, job_id: str, tenant_id: str) -> Job:
+    """The tenant's job; another tenant's answers exactly like a missing one."""
     job = db.get(Job, job_id) if is_uuid(job_id) else None
-    if job is None:
+    if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"no job with id '{job_id}'", code="job_not_found")
     return job
 
@@ -97,11 +102,12 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
             from exc
 
 
-def list_jobs(db: Session, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+def list_jobs(db: Session, status: str | None, limit: int, cursor: str | None,
+              tenant_id: str) -> tuple[list[Job], str | None]:
     """Newest first, keyset-paginated on (created_at, id) so pages stay stable while jobs are added."""
     if status is not None and status not in STATUSES:
         raise Invalid(f"unknown status '{status}'; one of {', '.join(STATUSES)}", code="invalid_status")
-    q = sa.select(Job)
+    q = sa.select(Job).where(Job.tenant_id == tenant_id)
     if status:
         q = q.where(Job.status == status)
     if cursor:
@@ -112,9 +118,9 @@ def list_jobs(db: Session, status: str | None, limit: int, cursor: str | None) -
     return rows[:limit], next_cursor
 
 
-def cancel_job(db: Session, job_id: str) -> Job:
+def cancel_job(db: Session, job_id: str, tenant_id: str) -> Job:
     """Queued jobs are cancelled at once; running ones stop at the worker's next progress check."""
-    job = get_job(db, job_id)
+    job = get_job(db, job_id, tenant_id)
     if job.status in FINISHED:
         raise Conflict(f"job is already {job.status}; only queued or running jobs can be cancelled",
                        code="job_finished")
@@ -127,9 +133,9 @@ def cancel_job(db: Session, job_id: str) -> Job:
     return job
 
 
-def delete_job(db: Session, job_id: str) -> None:
+def delete_job(db: Session, job_id: str, tenant_id: str) -> None:
     """Delete the row; the caller removes the files after its commit (a failed commit keeps both)."""
-    job = get_job(db, job_id)
+    job = get_job(db, job_id, tenant_id)
     if job.status == RUNNING:
         # The worker notices the missing row when it records its result and discards its output.
         job.cancel_requested = True
@@ -137,15 +143,15 @@ def delete_job(db: Session, job_id: str) -> None:
     db.flush()
 
 
-def artifact_for(db: Session, job_id: str) -> Job:
-    job = get_job(db, job_id)
+def artifact_for(db: Session, job_id: str, tenant_id: str) -> Job:
+    job = get_job(db, job_id, tenant_id)
     if job.status != SUCCEEDED or not job.artifact_path:
         raise Conflict(f"the job is {job.status}; an artifact exists only for succeeded jobs", code="no_artifact")
     return job
 
 
-def report_for(db: Session, job_id: str) -> dict[str, Any]:
-    job = get_job(db, job_id)
+def report_for(db: Session, job_id: str, tenant_id: str) -> dict[str, Any]:
+    job = get_job(db, job_id, tenant_id)
     if job.report is None:
         raise Conflict(f"the job is {job.status}; its report is written when it succeeds", code="no_report")
     return job.report
@@ -176,7 +182,9 @@ def to_out(job: Job) -> JobOut:
 
 
 def mark_enqueue_failed(db: Session, job_id: str, reason: str) -> None:
-    job = get_job(db, job_id)
+    job = db.get(Job, job_id)
+    if job is None:
+        return
     job.status = "failed"
     job.error_code = "broker_unavailable"
     job.error_message = f"the job could not be queued ({reason}); submit it again when the broker is back"

@@ -4,9 +4,11 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
+from app.auth import api_principal
 from app.deps import get_db
 from app.examples import METRICS_EXAMPLE
 from app.metrics import service
+from app.tenants.service import Principal
 
 router = APIRouter(tags=["metrics"])
 
@@ -14,7 +16,8 @@ router = APIRouter(tags=["metrics"])
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text format 0.0.4",
                              "content": {"text/plain": {"schema": {"type": "string"}, "example": METRICS_EXAMPLE}}}})
-def metrics(db: Session = Depends(get_db)) -> PlainTextResponse:
+def metrics(db: Session = Depends(get_db), _: Principal = Depends(api_principal)) -> PlainTextResponse:
     """Prometheus metrics, computed from the database: jobs by status and recipe, queue depth, job and stage
-    duration histograms, upload bytes, webhook deliveries."""
+    duration histograms, upload bytes, webhook deliveries. Server-wide totals (no ids or names); a server that
+    requires keys answers them to any valid key."""
     return PlainTextResponse(service.render(db), media_type=service.CONTENT_TYPE)

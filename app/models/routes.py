@@ -3,11 +3,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from sqlalchemy.orm import Session
 
+from app.auth import api_principal
 from app.deps import get_db, get_storage
 from app.errors import error_responses
 from app.models import service
 from app.models.schemas import ModelList, ModelOut
 from app.storage import Storage
+from app.tenants import service as tenants
+from app.tenants.service import Principal
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"], responses=error_responses(422))
 
@@ -20,10 +23,13 @@ def upload_model(
     file: UploadFile = File(..., description="A self-contained ONNX model (.onnx) or a torch.export archive (.pt2)"),
     db: Session = Depends(get_db),
     storage: Storage = Depends(get_storage),
+    who: Principal = Depends(api_principal),
 ) -> ModelOut:
     """Upload an ONNX model or a torch.export archive (.pt2); it is parsed and checked now, and refused if it
     is not loadable. Pickled PyTorch files (.pt, .pth) and TorchScript are refused."""
-    row = service.create_model(db, storage, file.file, file.filename, request.app.state.settings.max_upload_bytes)
+    tenants.check_upload_rate(db, who.tenant_id, request.app.state.settings)
+    row = service.create_model(db, storage, file.file, file.filename, request.app.state.settings.max_upload_bytes,
+                              who.tenant_id)
     db.commit()
     return ModelOut.model_validate(row)
 
@@ -31,16 +37,18 @@ def upload_model(
 @router.get("", response_model=ModelList, responses=error_responses(422))
 def find_models(
     db: Session = Depends(get_db),
+    who: Principal = Depends(api_principal),
     sha256: str = Query(pattern="^[0-9a-fA-F]{64}$", description="The file's SHA-256, hex",
                         examples=["e27d6365b184087e4d225e07f7c6cbd9609548dea34e6e7ef8329ef25176acad"]),
 ) -> ModelList:
     """The stored model with this SHA-256, if there is one (`items` is then one model, else empty): a client
     hashes its file first and uploads it only when the server does not have it yet."""
-    row = service.find_by_sha256(db, sha256)
+    row = service.find_by_sha256(db, sha256, who.tenant_id)
     return ModelList(items=[ModelOut.model_validate(row)] if row else [])
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))
-def get_model(model_id: str, db: Session = Depends(get_db)) -> ModelOut:
+def get_model(model_id: str, db: Session = Depends(get_db),
+              who: Principal = Depends(api_principal)) -> ModelOut:
     """Describe an uploaded model: inputs, outputs, size and hash."""
-    return ModelOut.model_validate(service.get_model(db, model_id))
+    return ModelOut.model_validate(service.get_model(db, model_id, who.tenant_id))

@@ -24,7 +24,8 @@ REFUSED_SUFFIXES = {
 }
 
 
-def create_model(db: Session, storage: Storage, src: BinaryIO, filename: str | None, max_bytes: int) -> ModelFile:
+def create_model(db: Session, storage: Storage, src: BinaryIO, filename: str | None, max_bytes: int,
+                 tenant_id: str) -> ModelFile:
     """Store an uploaded model after checking that it is a loadable, self-contained ONNX model or a
     torch.export archive (.pt2, checked without unpickling and loaded in a child process)."""
     name = clean_filename(filename, "model.onnx")
@@ -48,6 +49,7 @@ def create_model(db: Session, storage: Storage, src: BinaryIO, filename: str | N
         raise
     row = ModelFile(
         id=model_id,
+        tenant_id=tenant_id,
         filename=name,
         format=info.format,
         size_bytes=stored.size_bytes,
@@ -85,15 +87,17 @@ def _inspect_pt2(storage: Storage, path: Path) -> ModelInfo:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def get_model(db: Session, model_id: str) -> ModelFile:
+def get_model(db: Session, model_id: str, tenant_id: str) -> ModelFile:
+    """The tenant's model; another tenant's answers exactly like a missing one."""
     row = db.get(ModelFile, model_id) if is_uuid(model_id) else None
-    if row is None:
+    if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"no model with id '{model_id}'", code="model_not_found")
     return row
 
 
-def find_by_sha256(db: Session, sha256: str) -> ModelFile | None:
+def find_by_sha256(db: Session, sha256: str, tenant_id: str) -> ModelFile | None:
     """The newest stored model with exactly this content (its file still in storage), so a client can skip
     uploading a file the server already has."""
-    rows = db.query(ModelFile).filter(ModelFile.sha256 == sha256.lower()).order_by(ModelFile.created_at.desc())
+    rows = db.query(ModelFile).filter(ModelFile.sha256 == sha256.lower(), ModelFile.tenant_id == tenant_id) \
+        .order_by(ModelFile.created_at.desc())
     return next((row for row in rows.limit(10) if Path(row.storage_path).is_file()), None)

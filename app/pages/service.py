@@ -21,7 +21,9 @@ from app.jobs.schemas import JobCreate, JobOut
 from app.models import service as models
 from app.models.models import ModelFile
 from app.pages import charts, present
+from app.settings import Settings
 from app.storage import Storage
+from app.tenants import service as tenants
 from worker.engine.config import BLOCK_SIZES, CALIBRATION_METHODS, INT4_CALIBRATED, parse_options
 from worker.engine.errors import EngineError
 
@@ -74,9 +76,9 @@ class JobRow:
     created: str
 
 
-def list_context(db: Session, cursor: str | None, limit: int = PAGE_SIZE) -> dict[str, Any]:
+def list_context(db: Session, cursor: str | None, tenant_id: str, limit: int = PAGE_SIZE) -> dict[str, Any]:
     """The job list page: newest first, one page, with model names and size/accuracy at a glance."""
-    rows, next_cursor = jobs.list_jobs(db, None, limit, cursor)
+    rows, next_cursor = jobs.list_jobs(db, None, limit, cursor, tenant_id)
     ids = {j.model_id for j in rows}
     names: dict[str, str] = {}
     if ids:
@@ -106,10 +108,10 @@ def _dataset(db: Session, dataset_id: str | None) -> Dataset | None:
     return db.get(Dataset, dataset_id) if dataset_id else None
 
 
-def job_context(db: Session, job_id: str) -> dict[str, Any]:
+def job_context(db: Session, job_id: str, tenant_id: str) -> dict[str, Any]:
     """A job's page: status and progress while it runs; the report, charts and provenance when it is done."""
-    job = jobs.get_job(db, job_id)
-    model = models.get_model(db, job.model_id)
+    job = jobs.get_job(db, job_id, tenant_id)
+    model = models.get_model(db, job.model_id, tenant_id)
     calib, ev = _dataset(db, job.calibration_dataset_id), _dataset(db, job.eval_dataset_id)
     out = jobs.to_out(job)
     ctx: dict[str, Any] = {
@@ -241,7 +243,7 @@ def form_config(values: FormValues) -> dict[str, Any]:
     return config
 
 
-def submit_form(db: Session, storage: Storage, form: FormData, max_bytes: int, default_queue: str) -> Job:
+def submit_form(db: Session, storage: Storage, form: FormData, settings: Settings, tenant_id: str) -> Job:
     """Check the fields, store the uploaded files and record a queued job (the caller commits and enqueues)."""
     config = form_config(form_values(form))
     model_file = _file(form, "model")
@@ -254,17 +256,19 @@ def submit_form(db: Session, storage: Storage, form: FormData, max_bytes: int, d
     if config["options"].get("algorithm") in INT4_CALIBRATED and calib_file is None:
         raise Invalid(f"the 4-bit algorithm {config['options']['algorithm']} learns from your data: choose a "
                       "calibration file (.npz), or pick rtn", code="calibration_required")
+    tenants.check_upload_rate(db, tenant_id, settings, sum(f is not None for f in (model_file, calib_file, eval_file)))
+    max_bytes = settings.max_upload_bytes
     placed: list[str] = []  # removed again if the submission fails: the rows roll back, the files must too
     try:
-        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes)
+        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes, tenant_id)
         placed.append(model.storage_path)
         ids: dict[str, str] = {"model_id": model.id}
         for f, key in ((calib_file, "calibration_dataset_id"), (eval_file, "eval_dataset_id")):
             if f is not None:
-                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes)
+                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes, tenant_id)
                 placed.append(ds.storage_path)
                 ids[key] = ds.id
-        return jobs.create_job(db, JobCreate.model_validate({**config, **ids}), default_queue)
+        return jobs.create_job(db, JobCreate.model_validate({**config, **ids}), settings, tenant_id)
     except BaseException:
         for path in placed:
             storage.discard(path)

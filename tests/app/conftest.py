@@ -3,9 +3,12 @@ migrations applied), a queue that records what was enqueued, and the real worker
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -48,6 +51,12 @@ class Harness:
     factory: sessionmaker[Session]
     backend: str
 
+    def csrf(self) -> str:
+        """The CSRF token the pages' forms carry (read from the job list's upload form)."""
+        m = re.search(r'name="csrf_token" value="([^"]+)"', self.client.get("/").text)
+        assert m, "the job list has no CSRF token"
+        return m.group(1)
+
     def run_queued(self) -> list[str]:
         """Run every enqueued job through the worker's code path, as a worker process would."""
         from worker.tasks import execute
@@ -62,7 +71,8 @@ class Harness:
 def _truncate(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as c:
-        c.execute(sa.text("TRUNCATE jobs, datasets, models CASCADE"))
+        c.execute(sa.text("TRUNCATE jobs, datasets, models, api_keys CASCADE"))
+        c.execute(sa.text("DELETE FROM tenants WHERE id <> 'local'"))
     engine.dispose()
 
 
@@ -72,26 +82,43 @@ def migrated_postgres(postgres_url: str) -> str:
     return postgres_url
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
-    if request.param == "postgres":
+@contextmanager
+def harness(request: pytest.FixtureRequest, tmp_path: Path, backend: str,
+            **settings_overrides: Any) -> Iterator[Harness]:
+    """The real app on ``backend`` ('sqlite' or 'postgres', migrated), with a recording queue."""
+    if backend == "postgres":
         url = request.getfixturevalue("migrated_postgres")
     else:
         url = f"sqlite:///{tmp_path / 'lowbit.db'}"
         upgrade(url)
-    settings = Settings(data_dir=tmp_path / "data", database_url=url,
-                        worker_threads=1, worker_device="cpu", webhook_allow_private=True,
-                        max_upload_bytes=64 * 1024 * 1024)
+    settings = Settings(**{"data_dir": tmp_path / "data", "database_url": url, "worker_threads": 1,
+                           "worker_device": "cpu", "webhook_allow_private": True,
+                           "max_upload_bytes": 64 * 1024 * 1024, **settings_overrides})
     engine = make_engine(url)
     factory = make_sessionmaker(engine)
     queue = RecordingQueue(factory)
     app = create_app(settings, queue=queue)
-    with TestClient(app) as client:
-        yield Harness(client, settings, queue, factory, request.param)
-    app.state.engine.dispose()
-    engine.dispose()
-    if request.param == "postgres":
-        _truncate(url)
+    try:
+        with TestClient(app) as client:
+            yield Harness(client, settings, queue, factory, backend)
+    finally:
+        app.state.engine.dispose()
+        engine.dispose()
+        if backend == "postgres":
+            _truncate(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    with harness(request, tmp_path, request.param) as h:
+        yield h
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def keyed_api(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    """A server that requires API keys (as one bound to a public address does)."""
+    with harness(request, tmp_path, request.param, require_keys=True) as h:
+        yield h
 
 
 @pytest.fixture

@@ -42,7 +42,8 @@ def tags_of(html: str) -> list[tuple[str, dict[str, str | None]]]:
 
 
 def post_form(h: Harness, files: dict[str, tuple[str, bytes]], **fields: str) -> Any:
-    return h.client.post("/jobs/new", files=files, data={**FORM, **fields}, follow_redirects=False)
+    return h.client.post("/jobs/new", files=files, data={"csrf_token": h.csrf(), **FORM, **fields},
+                         follow_redirects=False)
 
 
 def submit_through_form(h: Harness, files: dict[str, tuple[str, bytes]], **fields: str) -> str:
@@ -272,13 +273,19 @@ def test_failed_job_page_says_what_went_wrong(sqlite_api: Harness, tmp_path: Pat
 def test_cancel_from_the_page(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
     m = upload_model(sqlite_api.client, zoo["mlp"])
     job_id = submit(sqlite_api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+    token = sqlite_api.csrf()
+    # Without the form's token (a cross-site form post) nothing is cancelled.
     r = sqlite_api.client.post(f"/jobs/{job_id}/cancel", follow_redirects=False)
+    assert r.status_code == 403 and "CSRF" in r.text
+    assert sqlite_api.client.get(f"/api/v1/jobs/{job_id}").json()["status"] == "queued"
+    r = sqlite_api.client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == f"/jobs/{job_id}"
     html = sqlite_api.client.get(f"/jobs/{job_id}").text
     assert "The job was cancelled" in html and "before a worker picked it up" in html
     assert 'data-field="status">Cancelled<' in html and "data-live-job" not in html
     # Cancelling again (it is finished) just shows the page.
-    assert sqlite_api.client.post(f"/jobs/{job_id}/cancel", follow_redirects=False).status_code == 303
+    assert sqlite_api.client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token},
+                                  follow_redirects=False).status_code == 303
 
 
 def test_running_job_page_shows_stage_and_progress(sqlite_api: Harness, zoo: dict[str, Path]) -> None:

@@ -22,7 +22,7 @@ def test_int4_job_through_the_form_shows_bits_per_weight_and_the_baseline(sqlite
     api = sqlite_api
     r = api.client.post(
         "/jobs/new",
-        data={"recipe": "int4_weight_only", "algorithm": "clip_search", "block_size": "16"},
+        data={"recipe": "int4_weight_only", "algorithm": "clip_search", "block_size": "16", "csrf_token": api.csrf()},
         files={"model": ("tf.onnx", zoo["tf"].read_bytes()), "calibration": ("tok.npz", zoo["tf_data"].read_bytes())},
         follow_redirects=False,
     )
@@ -41,7 +41,8 @@ def test_int4_job_through_the_form_shows_bits_per_weight_and_the_baseline(sqlite
 
 def test_form_refuses_calibrated_4bit_without_data(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
     r = sqlite_api.client.post(
-        "/jobs/new", data={"recipe": "int4_weight_only", "algorithm": "gptq", "block_size": "32"},
+        "/jobs/new", data={"recipe": "int4_weight_only", "algorithm": "gptq", "block_size": "32",
+                           "csrf_token": sqlite_api.csrf()},
         files={"model": ("tf.onnx", zoo["tf"].read_bytes())}, follow_redirects=False,
     )
     assert r.status_code == 422 and "learns from your data" in r.text

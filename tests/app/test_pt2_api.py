@@ -123,7 +123,8 @@ def test_hostile_pytorch_uploads_are_refused(api: Harness, pt2_zoo: dict[str, Pa
     assert 400 <= r.status_code < 500 and error_of(r) == code, r.text
     assert words in r.json()["error"]["message"]
     assert not canary.exists()
-    stored = [p for p in Path(api.settings.data_dir).rglob("*") if p.is_file() and "lowbit.db" not in p.name]
+    stored = [p for p in Path(api.settings.data_dir).rglob("*")
+              if p.is_file() and "lowbit.db" not in p.name and p.name != "session_secret"]
     assert stored == [], stored
 
 
