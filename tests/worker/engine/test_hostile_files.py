@@ -119,7 +119,7 @@ def declare_size(data: bytes, member_size: int) -> bytes:
     return bytes(out)
 
 
-def _code(fn, *args) -> str:  # type: ignore[no-untyped-def]
+def _code(fn, *args) -> str:
     with pytest.raises(EngineError) as e:
         fn(*args)
     assert e.value.message
