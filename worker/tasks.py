@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import worker_ready, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.datasets.models import Dataset
@@ -56,7 +56,6 @@ PROGRESS_INTERVAL_S = 0.5
 CANCEL_POLL_S = 1.0
 # Set by SIGTERM in a pool process while it runs a job: stop the engine and hand the job back.
 _handing_back = threading.Event()
-_job_running = threading.Event()
 
 
 @lru_cache(maxsize=1)
@@ -326,14 +325,18 @@ def run_engine(cfg: QuantizeConfig, progress: Any, settings: Settings | None = N
         if time.monotonic() - last_call[0] >= CANCEL_POLL_S:
             report(latest[0], latest[1])
 
-    _job_running.set()
+    # Billiard installs its own SIGTERM handler (exit at once) after the pool's initializer, so ours goes in
+    # for the length of the run, and only where signals can be handled: the main thread.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        _handing_back.clear()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if _handing_back.is_set():
-            raise HandedBack()
         result: QuantizeResult = sandbox.run("worker.sandbox:quantize", cfg, limits, on_event, tick)
         return result
     finally:
-        _job_running.clear()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def execute(job_id: str, settings: Settings | None = None, factory: sessionmaker[Session] | None = None) -> str:
@@ -364,6 +367,10 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
         model_path = Path(model.storage_path) if model else None
         calib_path = Path(calib.storage_path) if calib else None
         eval_path = Path(ev.storage_path) if ev else None
+    if recipe == "auto":  # its candidates run as sub-tasks of their own, on any worker (worker/auto_tasks.py)
+        from worker import auto_tasks
+
+        return auto_tasks.start(job_id, attempt, s, factory)
     job_dir = storage.job_dir(job_id)
     # Per attempt: a stale attempt that is still running somewhere can never overwrite a newer one's files.
     artifact = job_dir / f"model.quantized.{attempt}.onnx"
@@ -529,17 +536,9 @@ def _start_sweeper(**_: Any) -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """A pool process told to stop: mid-job, hand the job back (the run loop sees the flag within a
-    fraction of a second); idle, stop as SIGTERM always did."""
-    if _job_running.is_set():
-        _handing_back.set()
-        return
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _init_pool_process(**_: Any) -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """A pool process told to stop while the engine runs: hand the job back (the run loop sees the flag
+    within a fraction of a second) instead of dying with it."""
+    _handing_back.set()
 
 
 def _pool_processes() -> list[int]:
@@ -564,5 +563,4 @@ def _on_worker_shutting_down(**_: Any) -> None:
 
 
 worker_ready.connect(_start_sweeper, weak=False)
-worker_process_init.connect(_init_pool_process, weak=False)
 worker_shutting_down.connect(_on_worker_shutting_down, weak=False)
