@@ -14,7 +14,7 @@ TASK_RUN_JOB = "lowbit.run_job"
 
 def make_celery(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
-    app = Celery("lowbit", broker=s.resolved_broker_url, include=["worker.tasks"])
+    app = Celery("lowbit", broker=s.resolved_broker_url, include=["worker.tasks", "worker.auto_tasks"])
     conf: dict[str, object] = {
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

@@ -24,7 +24,10 @@ class AccuracyTarget(BaseModel):
     metric: Literal["label_accuracy", "top1_agreement", "cosine", "sqnr_db"]
     min: float | None = Field(default=None, description="The metric must be at least this value.")
     max_drop: float | None = Field(default=None, ge=0, description="The metric may drop at most this much.")
-    time_budget_s: float | None = Field(default=None, gt=0)
+    time_budget_s: float | None = Field(
+        default=None, gt=0,
+        description="recipe auto: candidates not started within this many seconds of the job's start are skipped "
+        "(and listed as such in the report)")
 
     @model_validator(mode="after")
     def _one_bound(self) -> AccuracyTarget:
@@ -75,6 +78,16 @@ class JobCreate(BaseModel):
     @classmethod
     def _callback_url(cls, value: str | None) -> str | None:
         return check_callback_url(value)
+
+    @model_validator(mode="after")
+    def _auto_needs_target(self) -> JobCreate:
+        if self.recipe == "auto" and self.accuracy_target is None:
+            # auto searches for the smallest model that meets the target: without one there is nothing to meet.
+            raise ValueError(
+                "recipe auto needs an accuracy_target, e.g. {\"metric\": \"cosine\", \"min\": 0.99} or "
+                "{\"metric\": \"label_accuracy\", \"max_drop\": 0.01}, optionally with \"time_budget_s\""
+            )
+        return self
 
 
 class JobError(BaseModel):

@@ -1,0 +1,117 @@
+"""An auto job through the API and the real worker code path: the job's task runs the analysis candidate
+and sends the others as sub-tasks; here they run in this process, one after another, as workers would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import builders
+from tests.app.conftest import Harness
+from tests.app.helpers import error_of, submit, upload_dataset, upload_model
+from worker import auto_tasks
+
+
+@pytest.fixture
+def subtasks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int, str]]:
+    from worker import tasks
+    from worker.engine import pipeline
+
+    # The engine runs in this process rather than a sandboxed child per candidate (a second of start-up each;
+    # tests/worker/test_sandbox.py covers the sandbox, tests/e2e/test_auto_workers.py runs auto through it).
+    monkeypatch.setattr(tasks, "run_engine", lambda cfg, progress, settings=None: pipeline.run(cfg, progress))
+    sent: list[tuple[str, int, int, str]] = []
+    monkeypatch.setattr(auto_tasks, "send", lambda job_id, attempt, idx, queue: sent.append((job_id, attempt, idx,
+                                                                                              queue)))
+    return sent
+
+
+def _run(api: Harness, sent: list[tuple[str, int, int, str]]) -> int:
+    """Run the job and every candidate sub-task it (and they) send; returns how many sub-tasks ran."""
+    api.run_queued()
+    ran = 0
+    while sent:
+        job_id, attempt, idx, _ = sent.pop(0)
+        auto_tasks.run_candidate(job_id, attempt, idx, api.settings, api.factory)
+        ran += 1
+    return ran
+
+
+def _submit_auto(api: Harness, tmp_path: Path, target: dict[str, Any], **options: Any) -> str:
+    model = upload_model(api.client, builders.planted_outlier_mlp(tmp_path / "planted.onnx"))
+    data = upload_dataset(api.client, builders.planted_data(tmp_path / "planted.npz"))
+    r = submit(api.client, model_id=model["id"], calibration_dataset_id=data["id"], recipe="auto",
+               options={"latency_runs": 3, **options}, accuracy_target=target)
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def test_auto_job_finds_the_planted_layers(api: Harness, tmp_path: Path,
+                                           subtasks: list[tuple[str, int, int, str]]) -> None:
+    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0})
+    ran = _run(api, subtasks)
+    job = api.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    assert report["recipe"] == "auto"
+    assert sorted(report["chosen"]["excluded_nodes"]) == sorted(builders.PLANTED_SENSITIVE)
+    assert report["accuracy_target"]["met"] is True and report["accuracy_target"]["value"] >= 21.0
+    rows = report["candidates"]
+    assert len(rows) == ran + 1  # the analysis candidate ran in the job's own task
+    assert all(r["status"] == "done" and r["worker"] for r in rows)
+    keys = {"recipe", "options", "excluded_nodes", "size_bytes", "metric", "latency_ms_p50", "met_target"}
+    assert keys <= set(rows[0])
+    # Calibrated once: the first candidate collected statistics, every later static one read the cache.
+    analysis = rows[0]
+    assert analysis["recipe"] == "int8_static" and not analysis["excluded_nodes"]
+    assert {k["name"] for k in report["kept_in_float"]} == set(builders.PLANTED_SENSITIVE)
+    assert any(layer.get("sensitivity") for layer in report["layers"])
+    # The artifact is the chosen candidate's, and the exported config reproduces it.
+    art = api.client.get(f"/api/v1/jobs/{job_id}/artifact")
+    assert art.status_code == 200
+    chosen = next(r for r in rows if r["met_target"] and sorted(r["excluded_nodes"]) == sorted(
+        builders.PLANTED_SENSITIVE) and r["recipe"] == report["chosen"]["recipe"])
+    assert len(art.content) == chosen["size_bytes"]
+    # The candidates' own files are gone; only the chosen artifact stays.
+    job_dir = api.settings.data_dir / "jobs" / job_id
+    assert not list(job_dir.glob("auto-*")) and not list(job_dir.glob("work-*"))
+
+
+def test_auto_job_that_misses_fails_with_its_report(sqlite_api: Harness, tmp_path: Path,
+                                                     subtasks: list[tuple[str, int, int, str]]) -> None:
+    api = sqlite_api
+    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 200.0}, max_fallback_steps=1)
+    _run(api, subtasks)
+    job = api.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "accuracy_target_not_met"
+    assert "fp16" in job["error"]["message"]
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    assert report["chosen"] is None and report["best"]["recipe"] == "fp16"
+    assert report["best"]["distance_to_target"] > 100
+    assert report["accuracy_target"]["met"] is False
+    assert api.client.get(f"/api/v1/jobs/{job_id}/artifact").status_code in (404, 409)
+
+
+def test_auto_time_budget_skips_candidates(sqlite_api: Harness, tmp_path: Path,
+                                           subtasks: list[tuple[str, int, int, str]]) -> None:
+    api = sqlite_api
+    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0, "time_budget_s": 0.001})
+    _run(api, subtasks)
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    assert report["auto"]["skipped"]
+    assert all(r["status"] == "skipped" for r in report["candidates"])
+    assert api.client.get(f"/api/v1/jobs/{job_id}").json()["status"] == "failed"
+
+
+def test_auto_needs_an_accuracy_target(sqlite_api: Harness, tmp_path: Path) -> None:
+    api = sqlite_api
+    model = upload_model(api.client, builders.mlp(tmp_path / "m.onnx"))
+    data = upload_dataset(api.client, builders.mlp_data(tmp_path / "d.npz"))
+    r = submit(api.client, model_id=model["id"], calibration_dataset_id=data["id"], recipe="auto")
+    assert r.status_code == 422
+    assert error_of(r) == "invalid_request"
+    assert "accuracy_target" in r.json()["error"]["message"]
+    assert not api.queue.enqueued

@@ -1,0 +1,343 @@
+"""The auto recipe on the queue: each candidate configuration is its own Celery sub-task, so every worker
+on the job's queue helps, and more workers finish an auto job sooner.
+
+There is no result backend (the broker only carries ids; the database row is the truth), so the fan-in goes
+through the database:
+
+1. ``start`` (the job's own task, once it has claimed the job) plans the first round, records one
+   ``auto_candidates`` row per candidate, and runs the first static candidate itself: it calibrates once with
+   histograms, so the other candidates read cached statistics whatever their method, and measures each
+   layer's sensitivity, which orders the fallback. Then it sends one sub-task per remaining candidate to the
+   job's queue and returns.
+2. ``run_candidate`` (a sub-task) claims its row with a conditional UPDATE (a duplicate message is a no-op),
+   runs the candidate through the same sandboxed engine entry point as any job (``tasks.run_engine``) with no
+   transaction open, records the result with the worker's hostname:pid, and refreshes the job's heartbeat
+   meanwhile. A candidate that would start after the job's time budget is recorded as skipped instead.
+3. The sub-task that finds no candidate of its round left unfinished moves ``jobs.auto_round`` on with a
+   conditional UPDATE: exactly one wins, and it plans the next greedy round (and sends it) or concludes:
+   the smallest-then-fastest candidate that met the target becomes the job's artifact, or the job fails with
+   ``accuracy_target_not_met`` and keeps a report showing the best candidate and its distance to the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.datasets.models import Dataset
+from app.db import utcnow
+from app.jobs.models import (
+    CANCELLED,
+    CANDIDATE_FINISHED,
+    CANDIDATE_PENDING,
+    CANDIDATE_RUNNING,
+    FAILED,
+    RUNNING,
+    SUCCEEDED,
+    AutoCandidate,
+    Job,
+)
+from app.models.models import ModelFile
+from app.settings import Settings, get_settings
+from app.storage import Storage
+from app.uploads import new_id
+from worker.celery_app import celery_app
+from worker.engine import auto
+from worker.engine.config import QuantizeConfig, parse_options
+from worker.engine.errors import EngineError, JobCancelled
+
+log = logging.getLogger(__name__)
+TASK_AUTO_CANDIDATE = "lowbit.auto_candidate"
+# How often a running candidate refreshes the job's heartbeat and looks for a cancellation.
+POLL_S = 1.0
+
+
+def _celery_send(job_id: str, attempt: int, idx: int, queue: str) -> None:
+    celery_app.send_task(TASK_AUTO_CANDIDATE, args=[job_id, attempt, idx], queue=queue)
+
+
+# How a candidate sub-task is sent: through the broker. Tests that run the worker code path in-process
+# replace it with a local queue.
+send: Callable[[str, int, int, str], None] = _celery_send
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class _Job:
+    job_id: str
+    attempt: int
+    queue: str
+    options: dict[str, Any]
+    target: dict[str, Any]
+    started_at: Any
+    model_path: Path | None
+    calib_path: Path | None
+    eval_path: Path | None
+
+
+def _load(factory: sessionmaker[Session], job_id: str, attempt: int) -> _Job | None:
+    with factory() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != RUNNING or job.attempts != attempt:
+            return None
+        model = s.get(ModelFile, job.model_id)
+        calib = s.get(Dataset, job.calibration_dataset_id) if job.calibration_dataset_id else None
+        ev = s.get(Dataset, job.eval_dataset_id) if job.eval_dataset_id else None
+        return _Job(job_id, attempt, job.queue, dict(job.options), dict(job.accuracy_target or {}), job.started_at,
+                    Path(model.storage_path) if model else None, Path(calib.storage_path) if calib else None,
+                    Path(ev.storage_path) if ev else None)
+
+
+def _paths(s: Settings, job_id: str, attempt: int) -> tuple[Path, Path, Path]:
+    """(the job's artifact, the candidates' artifacts folder, the candidates' work folder) of this attempt."""
+    job_dir = Storage(s.data_dir).job_dir(job_id)
+    return job_dir / f"model.quantized.{attempt}.onnx", job_dir / f"auto-{attempt}", job_dir / f"work-{attempt}"
+
+
+def _base_config(s: Settings, j: _Job) -> QuantizeConfig:
+    if j.model_path is None or not j.model_path.exists():
+        raise EngineError("model_missing", "the job's model file is gone from storage; upload it again")
+    artifact, _, work = _paths(s, j.job_id, j.attempt)
+    return QuantizeConfig(
+        model_path=j.model_path, output_path=artifact, recipe="auto", options=parse_options("auto", j.options),
+        calibration_path=j.calib_path, eval_path=j.eval_path, work_dir=work, threads=s.worker_threads,
+        device="cuda" if j.queue == "gpu" else s.worker_device, job_id=j.job_id,
+        cache_dir=s.data_dir / "cache" / "calibration", export_cache_dir=s.data_dir / "cache" / "pt2-export",
+    )
+
+
+def _deadline(j: _Job) -> float | None:
+    budget = j.target.get("time_budget_s")
+    if budget is None or j.started_at is None:
+        return None
+    return float((j.started_at + timedelta(seconds=float(budget))).timestamp())
+
+
+def _set_job(factory: sessionmaker[Session], j: _Job, **values: Any) -> bool:
+    from worker.tasks import _mine
+
+    with factory.begin() as s:
+        res = s.execute(sa.update(Job).where(_mine(j.job_id, j.attempt)).values(**values))
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+class _Watch:
+    """The engine's progress callback for one candidate: refreshes the job's heartbeat and stops the
+    candidate when the job is cancelled (JobCancelled) or no longer this attempt's (LeaseLost)."""
+
+    def __init__(self, factory: sessionmaker[Session], j: _Job) -> None:
+        self.factory, self.j, self.last = factory, j, 0.0
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        from worker.tasks import LeaseLost, _lost_to_another_attempt
+
+        now = time.monotonic()
+        if now - self.last < POLL_S:
+            return
+        self.last = now
+        alive = _set_job(self.factory, self.j, heartbeat_at=utcnow())
+        with self.factory() as s:
+            cancelled = s.execute(sa.select(Job.cancel_requested).where(Job.id == self.j.job_id)).scalar()
+        if not alive and _lost_to_another_attempt(self.factory, self.j.job_id, self.j.attempt):
+            raise LeaseLost()
+        if not alive or cancelled is None or cancelled:
+            raise JobCancelled()
+
+
+def start(job_id: str, attempt: int, s: Settings, factory: sessionmaker[Session]) -> str:
+    """The auto job's own task, after it claimed the job: plan, run the analysis candidate, fan out."""
+    j = _load(factory, job_id, attempt)
+    if j is None:
+        return "skipped"
+    try:
+        auto.check_target(j.target)
+        base = _base_config(s, j)
+        planned = auto.plan_candidates(Path(base.model_path), base.options)
+    except EngineError as exc:
+        _fail(factory, j, exc.code, exc.message)
+        return FAILED
+    with factory.begin() as sess:
+        for idx, cand in enumerate(planned):
+            sess.add(AutoCandidate(id=new_id(), job_id=job_id, attempt=attempt, idx=idx, round=1,
+                                   candidate=cand.to_dict(), status=CANDIDATE_PENDING))
+        sess.execute(sa.update(Job).where(Job.id == job_id).values(auto_round=1, stage="calibrating", progress=5))
+    # The first candidate runs here, before the others are sent: it fills the calibration cache they read.
+    state = run_candidate(job_id, attempt, 0, s, factory, analysis=True)
+    if state in ("cancelled", "lost"):
+        return state
+    _set_job(factory, j, stage="quantizing")
+    for idx in range(1, len(planned)):
+        send(job_id, attempt, idx, j.queue)
+    return RUNNING
+
+
+def run_candidate(job_id: str, attempt: int, idx: int, s: Settings | None = None,
+                  factory: sessionmaker[Session] | None = None, analysis: bool = False) -> str:
+    """One candidate sub-task: claim its row, run it (or skip it past the time budget), record the result,
+    and move the search on if it was the last of its round."""
+    from worker.tasks import LeaseLost, _sessions, run_engine
+
+    s = s or get_settings()
+    factory = factory or _sessions()
+    me = worker_name()
+    with factory.begin() as sess:
+        res = sess.execute(sa.update(AutoCandidate).where(
+            AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempt, AutoCandidate.idx == idx,
+            AutoCandidate.status == CANDIDATE_PENDING).values(status=CANDIDATE_RUNNING, worker=me,
+                                                               started_at=utcnow()))
+        if not res.rowcount:  # type: ignore[attr-defined]
+            return "skipped"  # a duplicate message, or a search that is over
+        row = sess.execute(sa.select(AutoCandidate.candidate, AutoCandidate.round).where(
+            AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempt, AutoCandidate.idx == idx)).one()
+    cand, rnd = auto.Candidate.from_dict(row.candidate), int(row.round)
+    j = _load(factory, job_id, attempt)
+    if j is None:  # cancelled, deleted or re-queued meanwhile
+        _record(factory, job_id, attempt, idx, auto.skipped(cand, "not started: the job is no longer running"), me)
+        return "skipped"
+    deadline = _deadline(j)
+    if deadline is not None and time.time() > deadline:
+        result = auto.skipped(cand, f"not started: the time budget of {j.target['time_budget_s']} s was spent")
+    else:
+        _, cand_dir, work = _paths(s, job_id, attempt)
+        try:
+            cfg = auto.candidate_config(_base_config(s, j), cand, cand_dir / f"candidate-{idx}.onnx",
+                                        work / f"candidate-{idx}", analysis=analysis)
+            result = auto.evaluate(cand, cfg, j.target, lambda c: run_engine(c, _Watch(factory, j), s), me)
+        except JobCancelled:
+            _cancel(factory, s, j)
+            return "cancelled"
+        except LeaseLost:
+            return "lost"
+        except EngineError as exc:  # the sandbox's own failures (crash, memory, time) fail the candidate only
+            result = auto.CandidateResult(cand, "failed", error={"code": exc.code, "message": exc.message}, worker=me)
+        finally:
+            shutil.rmtree(work / f"candidate-{idx}", ignore_errors=True)
+    _record(factory, job_id, attempt, idx, result, me)
+    _advance(job_id, attempt, rnd, s, factory)
+    return result.status
+
+
+def _record(factory: sessionmaker[Session], job_id: str, attempt: int, idx: int, result: auto.CandidateResult,
+            me: str) -> None:
+    from worker.engine.validate import finite_or_none
+
+    result.worker = result.worker or me
+    with factory.begin() as sess:
+        sess.execute(sa.update(AutoCandidate).where(
+            AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempt, AutoCandidate.idx == idx).values(
+            status=result.status, result=finite_or_none(result.to_dict()), finished_at=utcnow()))
+        done, total = sess.execute(sa.select(
+            sa.func.count().filter(AutoCandidate.status.in_(CANDIDATE_FINISHED)), sa.func.count()).where(
+            AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempt)).one()
+        # The job's progress counts finished candidates (of those planned so far).
+        sess.execute(sa.update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt).values(
+            progress=min(95, 5 + int(90 * done / max(1, total))), heartbeat_at=utcnow()))
+
+
+def _results(factory: sessionmaker[Session], job_id: str, attempt: int) -> list[auto.CandidateResult]:
+    with factory() as sess:
+        rows = sess.execute(sa.select(AutoCandidate.result).where(
+            AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempt,
+            AutoCandidate.status.in_(CANDIDATE_FINISHED)).order_by(AutoCandidate.idx)).scalars().all()
+    return [auto.CandidateResult.from_dict(r) for r in rows if r]
+
+
+def _advance(job_id: str, attempt: int, rnd: int, s: Settings, factory: sessionmaker[Session]) -> None:
+    """If this round is complete, exactly one caller (the conditional UPDATE's winner) moves the search on."""
+    with factory() as sess:
+        unfinished = sess.execute(sa.select(sa.func.count()).where(
+            AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempt,
+            AutoCandidate.status.in_((CANDIDATE_PENDING, CANDIDATE_RUNNING)))).scalar_one()
+    if unfinished:
+        return
+    with factory.begin() as sess:
+        won = sess.execute(sa.update(Job).where(
+            Job.id == job_id, Job.attempts == attempt, Job.status == RUNNING, Job.auto_round == rnd)
+            .values(auto_round=rnd + 1)).rowcount  # type: ignore[attr-defined]
+    if not won:
+        return
+    j = _load(factory, job_id, attempt)
+    if j is None:
+        return
+    results = _results(factory, job_id, attempt)
+    opts = parse_options("auto", j.options)
+    deadline = _deadline(j)
+    nxt = [] if deadline is not None and time.time() > deadline else \
+        auto.next_candidates(results, auto.ranking_from(results), opts.max_fallback_steps, opts.nodes_to_exclude)
+    if nxt:
+        first = len(results)
+        with factory.begin() as sess:
+            for k, cand in enumerate(nxt):
+                sess.add(AutoCandidate(id=new_id(), job_id=job_id, attempt=attempt, idx=first + k, round=rnd + 1,
+                                       candidate=cand.to_dict(), status=CANDIDATE_PENDING))
+        for k in range(len(nxt)):
+            send(job_id, attempt, first + k, j.queue)
+        return
+    _conclude(j, results, rnd, s, factory)
+
+
+def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Settings,
+              factory: sessionmaker[Session]) -> None:
+    from app.webhooks import notify
+    from worker.engine.pipeline import _place, sha256_file
+    from worker.engine.validate import finite_or_none
+
+    artifact, cand_dir, work = _paths(s, j.job_id, j.attempt)
+    started = j.started_at.timestamp() if j.started_at is not None else time.time()
+    outcome = auto.conclude(results, j.target, j.job_id, parse_options("auto", j.options).to_dict("auto"),
+                            time.time() - started, rounds)
+    report = outcome.report
+    _set_job(factory, j, stage="reporting", progress=98)
+    if outcome.chosen is not None and outcome.chosen.artifact_path:
+        _place(Path(outcome.chosen.artifact_path), artifact)
+        m = auto.measure(j.target, outcome.chosen.report or {})
+        report["accuracy_target"] = {**j.target, "value": m["value"], "met": m["met"]}
+        ok = _set_job(factory, j, status=SUCCEEDED, stage=None, progress=100, report=finite_or_none(report),
+                      artifact_path=str(artifact), artifact_sha256=sha256_file(artifact),
+                      artifact_bytes=artifact.stat().st_size, finished_at=utcnow())
+        if not ok:
+            artifact.unlink(missing_ok=True)
+    else:
+        best = report.get("best") or {}
+        report["accuracy_target"] = {**j.target, "value": best.get("metric"), "met": False,
+                                     "distance": best.get("distance_to_target")}
+        _set_job(factory, j, status=FAILED, stage=None, report=finite_or_none(report),
+                 error_code="accuracy_target_not_met", error_message=auto.failure_message(outcome, j.target),
+                 finished_at=utcnow())
+    shutil.rmtree(cand_dir, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("auto job %s concluded after %d round(s): %s", j.job_id, rounds,
+             outcome.chosen.candidate.config() if outcome.chosen else "target not met")
+    notify(factory, s, j.job_id)
+
+
+def _fail(factory: sessionmaker[Session], j: _Job, code: str, message: str) -> None:
+    _set_job(factory, j, status=FAILED, stage=None, error_code=code, error_message=message, finished_at=utcnow())
+
+
+def _cancel(factory: sessionmaker[Session], s: Settings, j: _Job) -> None:
+    from app.webhooks import notify
+
+    if _set_job(factory, j, status=CANCELLED, stage=None, finished_at=utcnow()):
+        Storage(s.data_dir).remove_job(j.job_id)
+        notify(factory, s, j.job_id)
+
+
+@celery_app.task(name=TASK_AUTO_CANDIDATE, acks_late=True, ignore_result=True)
+def auto_candidate(job_id: str, attempt: int, idx: int) -> str:
+    log.info("worker %s running candidate %d of auto job %s", worker_name(), idx, job_id)
+    return run_candidate(job_id, attempt, idx)
