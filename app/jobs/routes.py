@@ -105,7 +105,7 @@ def _submit_multipart(db: Session, storage: Storage, form: Any, settings: Settin
              responses={202: {"content": {"application/json": {"example": {**JOB_RUNNING_EXAMPLE, "status": "queued",
                                                                            "stage": None, "progress": 0,
                                                                            "started_at": None}}}},
-                        **error_responses(404, 413, 415, 422, 503)})
+                        **error_responses(400, 404, 413, 415, 422, 503)})
 async def submit_job(request: Request, db: Session = Depends(get_db), storage: Storage = Depends(get_storage),
                      who: Principal = Depends(api_principal)) -> JobOut:
     """Submit a job: JSON with uploaded ids, or multipart with the files themselves (model, calibration, eval,
