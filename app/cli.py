@@ -157,15 +157,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from worker.engine.errors import EngineError
     from worker.engine.pipeline import run
 
-    raw = dict(_parse_option(o) for o in args.option or [])
+    raw: dict[str, Any] = {}
+    recipe = args.recipe
+    if args.config:
+        # A configuration exported by the service (GET /api/v1/jobs/ID/config): its recipe and options exactly.
+        try:
+            conf = json.loads(Path(args.config).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"error [invalid_config]: cannot read {args.config} as JSON ({exc})", file=sys.stderr)
+            return 2
+        if not isinstance(conf, dict) or not isinstance(conf.get("recipe"), str) or \
+                not isinstance(conf.get("options", {}), dict):
+            print(f"error [invalid_config]: {args.config} must hold {{\"recipe\": ..., \"options\": {{...}}}}",
+                  file=sys.stderr)
+            return 2
+        recipe = recipe or conf["recipe"]
+        raw.update(conf.get("options") or {})
+    recipe = recipe or "int8_static"
+    raw.update(dict(_parse_option(o) for o in args.option or []))
     if args.method:
         raw["method"] = args.method
     try:
         cfg = QuantizeConfig(
             model_path=Path(args.model),
             output_path=Path(args.output),
-            recipe=args.recipe,
-            options=parse_options(args.recipe, raw),
+            recipe=recipe,
+            options=parse_options(recipe, raw),
             calibration_path=Path(args.calib) if args.calib else None,
             eval_path=Path(args.eval) if args.eval else None,
             threads=args.threads,
@@ -177,17 +194,37 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             if sys.stderr.isatty():
                 print(f"\r{stage:<12} {fraction * 100:5.1f}%", end="", file=sys.stderr, flush=True)
 
-        result = run(cfg, progress)
+        if recipe == "auto":
+            from worker.engine import auto
+
+            target = auto.check_target(json.loads(args.accuracy_target) if args.accuracy_target else None)
+            outcome = auto.search(cfg, target)
+            report = outcome.report
+            for c in report["candidates"]:
+                print(f"  candidate {c['recipe']} {c['options'].get('method', '')} float={c['excluded_nodes']}: "
+                      f"{c['status']}, {c['size_bytes']} bytes, {target['metric']} {c['metric']}, "
+                      f"met {c['met_target']}")
+            if outcome.chosen is None:
+                if args.report:
+                    Path(args.report).write_text(json.dumps(report, indent=2))
+                print(f"error [accuracy_target_not_met]: {auto.failure_message(outcome, target)}",
+                      file=sys.stderr)
+                return 1
+            print(f"chosen: {json.dumps(report['chosen'])}")
+        else:
+            report = run(cfg, progress).report
+    except ValueError as exc:  # an --accuracy-target that is not JSON
+        print(f"\nerror [invalid_accuracy_target]: {exc}", file=sys.stderr)
+        return 2
     except EngineError as exc:
         print(f"\nerror [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    report = result.report
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2))
     size, lat = report["size"], report["latency"]
-    print(f"wrote {result.artifact_path} ({size['quantized_bytes']} bytes, {size['ratio']:.3f} of "
+    print(f"wrote {cfg.output_path} ({size['quantized_bytes']} bytes, {size['ratio']:.3f} of "
           f"{size['original_bytes']})")
     for o in report["accuracy"]["outputs"]:
         print(f"  output {o['name']}: cosine {o['cosine']}, sqnr {o['sqnr_db']} dB, top-1 agreement "
@@ -282,7 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--eval", help="evaluation .npz (labels optional)")
     from worker.engine.config import IMPLEMENTED_RECIPES
 
-    qp.add_argument("--recipe", default="int8_static", choices=list(IMPLEMENTED_RECIPES))
+    qp.add_argument("--recipe", choices=list(IMPLEMENTED_RECIPES),
+                    help="default: the --config file's recipe, else int8_static")
+    qp.add_argument("--config", help="a JSON file {\"recipe\", \"options\"}, e.g. an auto job's chosen configuration "
+                    "(GET /api/v1/jobs/ID/config); --option and --method override its options")
+    qp.add_argument("--accuracy-target", help="recipe auto: JSON {\"metric\": ..., \"min\" or \"max_drop\": ...}")
     qp.add_argument("--method", choices=["minmax", "entropy", "percentile", "mse"])
     qp.add_argument("--option", action="append", help="recipe option KEY=VALUE (JSON value), repeatable")
     qp.add_argument("-o", "--output", required=True, help="where to write the quantized model")

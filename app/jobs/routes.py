@@ -241,6 +241,19 @@ def get_report(job_id: str, db: Session = Depends(get_db), who: Principal = Depe
     return service.report_for(db, job_id, who.tenant_id)
 
 
+@router.get("/{job_id}/config", responses=error_responses(404))
+def get_config(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> Response:
+    """The job's configuration as a file for `lowbit quantize --config`: for an auto job, the candidate it chose
+    (or, if none met the target, the closest one), with the layers it kept in float."""
+    job = service.get_job(db, job_id, who.tenant_id)
+    report = job.report or {}
+    pick = (report.get("chosen") or report.get("best")) if job.recipe == "auto" else None
+    body = {"recipe": pick["recipe"], "options": pick["options"]} if pick else \
+        {"recipe": job.recipe, "options": job.options}
+    return Response(json.dumps(body, indent=2), media_type="application/json",
+                    headers={"Content-Disposition": f'attachment; filename="{job.id}.config.json"'})
+
+
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"description": "A text/event-stream of `stage`, `job` and `end` events.",
                              "content": {"text/event-stream": {"schema": {"type": "string"},

@@ -13,7 +13,7 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
-from app.pages.present import fmt_bytes, fmt_db, fmt_ms, layers_worst_first
+from app.pages.present import fmt_bytes, fmt_db, fmt_ms, layers_worst_first, sensitivity_db
 
 ROW = 26
 DETAIL_ROW = 16
@@ -181,7 +181,10 @@ def layer_chart(layers: list[dict[str, Any]]) -> tuple[Markup, int]:
         kind = "fp32" if precision == "fp32" else "int8"
         text = f"{fmt_db(sqnr)} \u00b7 {precision}"
         tip = f"{layer.get('name', '')} ({layer.get('op_type', '')}, {precision}): {fmt_db(sqnr)}"
-        bars.append(Bar(str(layer.get("name", "")), sqnr, text, kind, tip))
+        sens = layer.get("sensitivity")
+        # Sensitivity (static reports): what this layer alone in int8 does to the model's outputs.
+        detail = f"alone in int8: outputs {fmt_db(sensitivity_db(sens))}" if isinstance(sens, (int, float)) else ""
+        bars.append(Bar(str(layer.get("name", "")), sqnr, text, kind, tip, detail))
     desc = "Signal-to-quantization-noise ratio of each layer's output, lowest (worst) first; higher is better."
     chart = bar_chart("Per-layer SQNR", desc, bars, css="chart chart-wide chart-layers",
                       legend=[("int8", "quantized (int8 / int4 / fp16)"), ("fp32", "kept in float (fp32)")],
@@ -233,3 +236,89 @@ def loss_chart(curve: list[dict[str, Any]], width: int = 640, height: int = 220)
               el("desc", "Distillation loss against training step; lower is closer to the float model."),
               axes, line, *labels, viewBox=f"0 0 {width} {height}", role="img", class_="chart chart-loss",
               width="100%")
+
+
+def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both size (smaller) and metric (higher), by size."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def pareto_chart(candidates: list[dict[str, Any]], target: dict[str, Any] | None, metric: str,
+                 chosen: dict[str, Any] | None, width: int = 640, height: int = 300) -> Markup:
+    """The auto search's candidates: accuracy metric against model size, the target as a dashed line, the
+    Pareto front (nothing both smaller and more accurate) joined, the chosen candidate ringed. Candidates
+    that met the target are filled; those that missed are hollow."""
+    pts = [c for c in candidates if isinstance(c.get("size_bytes"), (int, float)) and
+           isinstance(c.get("metric"), (int, float))]
+    if not pts:
+        return Markup("")
+    left, right, top, bottom = 64, 16, 16, 40
+    xs = [float(c["size_bytes"]) for c in pts]
+    ys = [float(c["metric"]) for c in pts]
+    line = target.get("min") if target else None
+    y_lo, y_hi = min(ys + ([line] if line is not None else [])), max(ys + ([line] if line is not None else []))
+    pad = (y_hi - y_lo) * 0.08 or abs(y_hi) * 0.01 or 1.0
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    x_hi = max(xs) * 1.05
+    sx = (width - left - right) / x_hi
+    sy = (height - top - bottom) / (y_hi - y_lo)
+
+    def px(x: float) -> float:
+        return left + x * sx
+
+    def py(y: float) -> float:
+        return height - bottom - (y - y_lo) * sy
+
+    body: list[Markup] = [
+        el("title", f"Candidates: {metric} against size"),
+        el("desc", f"Each candidate the auto search measured, {metric} (higher is better) against model size "
+           "(smaller is better); filled points met the target, the ringed one was chosen."),
+        el("path", d=f"M{left},{top} V{height - bottom} H{width - right}", fill="none", stroke="#555"),
+        el("text", "0", x=str(left), y=str(height - bottom + 16), text_anchor="middle", class_="tick"),
+        el("text", fmt_bytes(int(x_hi)), x=str(width - right), y=str(height - bottom + 16), text_anchor="end",
+           class_="tick"),
+        el("text", "model size", x=_num((left + width - right) / 2), y=str(height - 6), text_anchor="middle",
+           class_="tick"),
+        el("text", f"{y_hi:.4g}", x=str(left - 4), y=_num(top + 4), text_anchor="end", class_="tick"),
+        el("text", f"{y_lo:.4g}", x=str(left - 4), y=_num(height - bottom), text_anchor="end", class_="tick"),
+        el("text", metric, x=str(left + 4), y=_num(top + 10), class_="tick"),
+    ]
+    if line is not None:
+        body.append(el("path", d=f"M{left},{py(float(line)):.1f} H{width - right}", stroke="#c0661d",
+                       stroke_dasharray="5 4", fill="none", class_="target"))
+        body.append(el("text", f"target {line:g}", x=str(width - right - 4), y=_num(py(float(line)) - 4),
+                       text_anchor="end", class_="tick"))
+    front = _pareto_front(list(zip(xs, ys, strict=True)))
+    if len(front) > 1:
+        body.append(el("polyline", points=" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in front), fill="none",
+                       stroke="#7c8797", stroke_width="1.5", class_="front"))
+    chosen_key = (chosen.get("recipe"), chosen.get("options", {}).get("method"),
+                  tuple(chosen.get("excluded_nodes") or ())) if chosen else None
+    for c, x, y in zip(pts, xs, ys, strict=True):
+        met = bool(c.get("met_target"))
+        key = (c.get("recipe"), (c.get("options") or {}).get("method"), tuple(c.get("excluded_nodes") or ()))
+        label = candidate_label(c)
+        tip = f"{label}: {metric} {y:.6g}, {fmt_bytes(int(x))}" + ("" if met else " (missed the target)")
+        dot = el("circle", el("title", tip), cx=_num(px(x)), cy=_num(py(y)), r="5",
+                 fill=COLOURS["quantized"] if met else "#ffffff", stroke=COLOURS["quantized"], stroke_width="2",
+                 class_="point point-met" if met else "point point-missed")
+        body.append(dot)
+        if key == chosen_key:
+            body.append(el("circle", cx=_num(px(x)), cy=_num(py(y)), r="10", fill="none", stroke="#1d7a3a",
+                           stroke_width="2", class_="chosen"))
+            body.append(el("text", f"chosen: {shorten(label, 40)}", x=_num(min(px(x) + 14, width - right - 160)),
+                           y=_num(py(y) - 12), class_="label"))
+    return el("svg", *body, xmlns="http://www.w3.org/2000/svg", viewBox=f"0 0 {width} {height}", role="img",
+              class_="chart chart-pareto", preserveAspectRatio="xMinYMin meet")
+
+
+def candidate_label(c: dict[str, Any]) -> str:
+    """'int8_static (entropy) + 2 in float'."""
+    method = (c.get("options") or {}).get("method")
+    text = str(c.get("recipe", "?")) + (f" ({method})" if method else "")
+    kept = c.get("excluded_nodes") or []
+    return text + (f" + {len(kept)} in float" if kept else "")

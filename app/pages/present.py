@@ -7,6 +7,7 @@ the API can never disagree. Keys a report does not have yet (older or newer engi
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 from dataclasses import dataclass
@@ -234,6 +235,11 @@ FAILURE_HINTS = {
     "broker_unavailable": "The job queue could not be reached when the job was submitted. Submit it again.",
     "model_missing": "The model's file is gone from the server's storage. Upload it again.",
     "internal_error": "This is a lowbit problem, not your model's; please report it with the message above.",
+    "accuracy_target_not_met": "No candidate met the accuracy target; the report below shows every candidate and "
+    "the closest one. Loosen the target, allow more layers in float (option max_fallback_steps) or a longer "
+    "time budget, or download the closest configuration and decide yourself.",
+    "accuracy_target_required": "The auto recipe needs an accuracy target: give a metric and a minimum or an "
+    "allowed drop.",
 }
 
 
@@ -308,3 +314,65 @@ def list_summary(report: dict[str, Any] | None) -> tuple[str, str]:
     size = f"{ratio:.3f} ({size_phrase(ratio)})" if ratio else NA
     head = accuracy_headline(report)
     return size, head.phrase if head else NA
+
+
+def sensitivity_db(sensitivity: float | None) -> float | None:
+    """A layer's sensitivity (output noise-to-signal ratio with only that layer quantized) as the outputs' SQNR
+    in dB: 0.001 -> 30.0. None for no measurement or an exact result."""
+    if sensitivity is None or sensitivity <= 0:
+        return None
+    return round(-10.0 * math.log10(sensitivity), 2)
+
+
+@dataclass(frozen=True)
+class CandidateRow:
+    label: str
+    recipe: str
+    options: str
+    excluded: list[str]
+    status: str
+    size: str
+    size_bytes: int | None
+    metric: str
+    latency: str
+    met: str  # 'met' | 'missed' | 'skipped' | 'failed'
+    chosen: bool
+    worker: str
+    note: str
+
+
+def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
+    """The auto report's candidates as table rows, smallest first, the chosen one marked."""
+    chosen = report.get("chosen") or {}
+    ckey = (chosen.get("recipe"), (chosen.get("options") or {}).get("method"),
+            tuple(chosen.get("excluded_nodes") or ()))
+    rows = []
+    for c in report.get("candidates") or []:
+        opts = {k: v for k, v in (c.get("options") or {}).items() if k != "nodes_to_exclude"}
+        method = opts.get("method")
+        key = (c.get("recipe"), method, tuple(c.get("excluded_nodes") or ()))
+        status = str(c.get("status", "?"))
+        met = status if status in ("skipped", "failed") else ("met" if c.get("met_target") else "missed")
+        metric = c.get("metric")
+        rows.append(CandidateRow(
+            label=str(c.get("recipe", "?")) + (f" ({method})" if method else ""),
+            recipe=str(c.get("recipe", "?")),
+            options=json.dumps(opts, sort_keys=True) if opts else "",
+            excluded=[str(n) for n in c.get("excluded_nodes") or []],
+            status=status,
+            size=fmt_bytes(c.get("size_bytes")),
+            size_bytes=c.get("size_bytes"),
+            metric=NA if metric is None else f"{metric:.6g}",
+            latency=fmt_ms(c.get("latency_ms_p50")),
+            met=met,
+            chosen=bool(chosen) and key == ckey,
+            worker=str(c.get("worker") or ""),
+            note=clean_message((c.get("error") or {}).get("message")),
+        ))
+    return sorted(rows, key=lambda r: (r.size_bytes is None, r.size_bytes or 0))
+
+
+def chosen_config_json(report: dict[str, Any]) -> str:
+    """The chosen candidate as the config file ``lowbit quantize --config`` reads (recipe and options)."""
+    chosen = report.get("chosen") or report.get("best") or {}
+    return json.dumps({"recipe": chosen.get("recipe"), "options": chosen.get("options") or {}}, indent=2)

@@ -163,6 +163,27 @@ def report_context(report: dict[str, Any], model_name: str, calib_name: str | No
         "calibration_rows": present.calibration_rows(report.get("calibration")),
         "cli": present.cli_command(report.get("recipe", ""), report.get("options") or {}, model_name, calib_name,
                                    eval_name),
+        "has_sensitivity": any(layer.get("sensitivity") is not None for layer in layers),
+        "auto": _auto_context(report),
+    }
+
+
+def _auto_context(report: dict[str, Any]) -> dict[str, Any] | None:
+    """An auto job's search: every candidate (table and accuracy-against-size chart), the layers kept in float
+    with their sensitivity, and the chosen configuration as a file to reproduce it."""
+    if report.get("recipe") != "auto" or "candidates" not in report:
+        return None
+    target = (report.get("auto") or {}).get("target") or report.get("accuracy_target") or {}
+    metric = str(target.get("metric", "metric"))
+    return {
+        "rows": present.candidate_rows(report),
+        "pareto": charts.pareto_chart(report["candidates"], target, metric, report.get("chosen")),
+        "metric": metric,
+        "kept": [{**k, "output_db": present.sensitivity_db(k.get("sensitivity"))}
+                 for k in report.get("kept_in_float") or []],
+        "config": present.chosen_config_json(report),
+        "skipped": len((report.get("auto") or {}).get("skipped") or []),
+        "workers": (report.get("auto") or {}).get("workers") or [],
     }
 
 

@@ -115,3 +115,78 @@ def test_auto_needs_an_accuracy_target(sqlite_api: Harness, tmp_path: Path) -> N
     assert error_of(r) == "invalid_request"
     assert "accuracy_target" in r.json()["error"]["message"]
     assert not api.queue.enqueued
+
+
+def test_auto_page_config_export_and_cli_reproduce(sqlite_api: Harness, tmp_path: Path,
+                                                   subtasks: list[tuple[str, int, int, str]]) -> None:
+    import hashlib
+    import json
+    import re
+
+    from app.cli import main
+    from app.security import CSP
+
+    api = sqlite_api
+    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0})
+    _run(api, subtasks)
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    page = api.client.get(f"/jobs/{job_id}")
+    assert page.status_code == 200 and page.headers["content-security-policy"] == CSP
+    html = page.text
+    # The accuracy-against-size chart: one point per measured candidate, the chosen one ringed, the target line.
+    svg = html[html.index('class="chart chart-pareto"'):]
+    svg = svg[:svg.index("</svg>")]
+    measured = [c for c in report["candidates"] if c["metric"] is not None]
+    assert svg.count('class="point ') == len(measured)
+    assert svg.count('class="chosen"') == 1 and 'class="target"' in svg
+    # The candidate table: a row per candidate, one marked chosen; the layers kept in float with sensitivity.
+    assert html.count('data-field="candidate"') == len(report["candidates"])
+    assert html.count("(chosen)") == 1
+    kept = html[html.index('id="kept-in-float"'):]
+    kept = kept[:kept.index("</ul>")]
+    assert all(f"<code>{n}</code>" in kept for n in builders.PLANTED_SENSITIVE)
+    assert "Sensitivity</button>" in html  # the layer table's sensitivity column
+    assert "style=" not in html and "<script>" not in html
+    # The chosen configuration as a file, which the offline CLI reproduces byte for byte.
+    r = api.client.get(f"/api/v1/jobs/{job_id}/config")
+    assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
+    config = r.json()
+    assert config["recipe"] == report["chosen"]["recipe"]
+    assert sorted(config["options"]["nodes_to_exclude"]) == sorted(builders.PLANTED_SENSITIVE)
+    assert f'href="/api/v1/jobs/{job_id}/config"' in html
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(json.dumps(config))
+    out = tmp_path / "reproduced.onnx"
+    rc = main(["quantize", str(tmp_path / "planted.onnx"), "--calib", str(tmp_path / "planted.npz"),
+               "--config", str(cfg_file), "-o", str(out), "--threads", "1", "--device", "cpu"])
+    assert rc == 0
+    served = api.client.get(f"/api/v1/jobs/{job_id}/artifact").content
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(served).hexdigest()
+    assert re.search(r"Download the quantized model", html)
+
+
+def test_failed_auto_job_page_shows_the_closest_candidate(sqlite_api: Harness, tmp_path: Path,
+                                                          subtasks: list[tuple[str, int, int, str]]) -> None:
+    api = sqlite_api
+    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 200.0}, max_fallback_steps=0)
+    _run(api, subtasks)
+    html = api.client.get(f"/jobs/{job_id}").text
+    assert 'data-field="error-code">accuracy_target_not_met<' in html
+    assert "None met the target: the closest is fp16" in html
+    assert 'class="chart chart-pareto"' in html and "(chosen)" not in html
+    assert "Closest configuration" in html
+    assert 'data-field="download"' not in html  # no artifact to download
+    assert api.client.get(f"/api/v1/jobs/{job_id}/config").json()["recipe"] == "fp16"
+
+
+def test_pareto_chart_escapes_names_and_joins_the_front() -> None:
+    from app.pages.charts import _pareto_front, pareto_chart
+
+    assert _pareto_front([(3.0, 0.9), (1.0, 0.5), (2.0, 0.95), (2.5, 0.7)]) == [(1.0, 0.5), (2.0, 0.95)]
+    rows = [{"recipe": "int8_static", "options": {"method": "minmax"}, "excluded_nodes": [builders.SCRIPT_TAG],
+             "size_bytes": 1000, "metric": 0.99, "met_target": True},
+            {"recipe": "fp16", "options": {}, "excluded_nodes": [], "size_bytes": 2000, "metric": 0.999,
+             "met_target": True}]
+    svg = str(pareto_chart(rows, {"metric": "cosine", "min": 0.98}, "cosine", {**rows[0], "options": {
+        "method": "minmax"}}))
+    assert "<script>" not in svg and 'class="front"' in svg and svg.count('class="point point-met"') == 2
