@@ -476,6 +476,11 @@ def run_child(
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(max(1, threads))
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    # Whatever torch and the exporter write to temporary files stays in this folder (the job's, or the
+    # upload's scratch folder) and goes with it, instead of landing in the machine's shared /tmp.
+    tmp = work_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(tmp)
     started = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
