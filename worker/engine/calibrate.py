@@ -75,6 +75,8 @@ class CalibrationResult:
     cache_used: bool = False
     calibrator: str = "lowbit"
     nonfinite_tensors: list[str] = field(default_factory=list)
+    # Tensors the model ran for; the others' ranges followed from these (see plan_observation).
+    observed: int = 0
 
 
 class TensorStats:
@@ -217,11 +219,16 @@ def augment(model: onnx.ModelProto, tensors: list[str]) -> bytes:
     return m.SerializeToString()
 
 
-def augment_minmax(model: onnx.ModelProto, tensors: list[str]) -> tuple[bytes, dict[str, tuple[str, str]]]:
+def augment_minmax(model: onnx.ModelProto, tensors: list[str],
+                   inplace: bool = False) -> tuple[bytes, dict[str, tuple[str, str]]]:
     """The model with a ReduceMin and a ReduceMax per observed tensor, so that a run returns two
-    scalars per tensor instead of whole activations (min/max needs nothing else)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    scalars per tensor instead of whole activations (min/max needs nothing else). ``inplace`` edits
+    ``model`` itself (the caller's own copy) instead of copying its weights first."""
+    if inplace:
+        m = model
+    else:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
     vis = {vi.name: vi for vi in m.graph.value_info}
     vis.update({vi.name: vi for vi in m.graph.input})
     vis.update({vi.name: vi for vi in m.graph.output})
@@ -234,6 +241,96 @@ def augment_minmax(model: onnx.ModelProto, tensors: list[str]) -> tuple[bytes, d
             m.graph.output.append(onnx.helper.make_tensor_value_info(out, elem, []))
         names[t] = pair
     return m.SerializeToString(), names
+
+
+# Ops whose first output holds exactly the values of their first input, rearranged: its range (and its
+# histogram) is the input's, so the output need not be observed.
+SAME_VALUES = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+@dataclass(frozen=True)
+class ObservationPlan:
+    """Which tensors to run the model for, and how the others get their ranges:
+    ``same[t] = s``: t's range is s's; ``fixed[t]``: a range known without running anything."""
+
+    observe: list[str]
+    same: dict[str, str]
+    fixed: dict[str, tuple[float, float]]
+
+
+def plan_observation(model: onnx.ModelProto, tensors: Sequence[str],
+                     excluded_nodes: Iterable[str] = ()) -> ObservationPlan:
+    """Skip tensors whose range ONNX Runtime's quantizer would not use, or that equal another's:
+
+    - the input of a Relu or Clip that is its only consumer: the quantizer replaces its range by the
+      Relu's/Clip's output range (``adjust_tensor_ranges``), and even when that node stays in float,
+      clipping its input to its own output range changes nothing it computes;
+    - the output of a Softmax the quantizer quantizes: it fixes that range to [0, 1];
+    - the output of a Reshape, Transpose, Squeeze, Unsqueeze, Flatten or Identity of an observed tensor:
+      the same values, so the same range and histogram.
+
+    Skipping them also lets ONNX Runtime keep its fusions (Conv+Relu, attention) in the calibration run,
+    since an observed tensor is one more consumer that blocks fusing across it.
+    """
+    wanted = set(tensors)
+    excluded = set(excluded_nodes)
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    same: dict[str, str] = {}
+    fixed: dict[str, tuple[float, float]] = {}
+    for node in model.graph.node:
+        if not node.input or not node.output:
+            continue
+        src, out = node.input[0], node.output[0]
+        if node.op_type in ("Relu", "Clip") and src in wanted and out in wanted and consumers.get(src) == 1:
+            same[src] = out
+        elif node.op_type == "Softmax" and out in wanted and node.name not in excluded:
+            fixed[out] = (0.0, 1.0)
+        elif node.op_type in SAME_VALUES and src in wanted and out in wanted:
+            same[out] = src
+    # Follow chains (Transpose of a Reshape of ...) to a tensor that is observed or fixed.
+    resolved: dict[str, str] = {}
+    for t in same:
+        root, hops = t, 0
+        while root in same and hops <= len(same):
+            root, hops = same[root], hops + 1
+        if root in same or root == t:  # a cycle cannot happen in a graph, but never loop on a bad one
+            continue
+        resolved[t] = root
+    observe = [t for t in tensors if t not in resolved and t not in fixed]
+    return ObservationPlan(observe, resolved, fixed)
+
+
+def apply_plan(plan: ObservationPlan, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """Ranges for every planned tensor from those of the observed ones."""
+    out = dict(ranges)
+    out.update(plan.fixed)
+    for t, root in plan.same.items():
+        if root in out:
+            out[t] = out[root]
+    return out
+
+
+def effective_ranges(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """The ranges ONNX Runtime's QDQ quantizer actually uses, given a calibrator's raw ranges: its own
+    adjustment (a Relu/Clip input with no other consumer takes the output's range; Softmax outputs
+    [0, 1]). For comparing calibrators on what reaches the quantized model."""
+    consumers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    out = dict(ranges)
+    for node in model.graph.node:
+        if not node.input or not node.output:
+            continue
+        src, dst = node.input[0], node.output[0]
+        if node.op_type in ("Relu", "Clip") and src in ranges and dst in ranges and consumers.get(src) == 1:
+            out[src] = ranges[dst]
+        elif node.op_type == "Softmax" and dst in ranges:
+            out[dst] = (0.0, 1.0)
+    return out
 
 
 def range_from_histogram(
@@ -404,7 +501,7 @@ def _groups_by_bytes(sizes: dict[str, int], budget: int) -> list[list[str]]:
 
 
 def collect_stats(
-    model_path: Path,
+    model_path: Path | onnx.ModelProto,
     tensors: list[str],
     batches: Batches,
     settings: CalibrationSettings,
@@ -415,7 +512,9 @@ def collect_stats(
 ) -> tuple[dict[str, TensorStats], int, int]:
     """One streaming pass (or one per group of tensors for very wide models). Returns
     (stats, samples seen, passes)."""
-    model = onnx.load(str(model_path))
+    # A proto passed in is the caller's to give: the min/max augmentation edits it in place.
+    owned = isinstance(model_path, onnx.ModelProto)
+    model = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(str(model_path))
     with_hist = settings.method != "minmax"
     stats = {t: TensorStats(settings.num_bins, with_hist) for t in tensors}
     groups = [list(tensors)]
@@ -424,7 +523,7 @@ def collect_stats(
     g = 0
     if not with_hist:
         # min/max: reduce inside ONNX Runtime; only scalars cross into Python.
-        blob, pairs = augment_minmax(model, list(tensors))
+        blob, pairs = augment_minmax(model, list(tensors), inplace=owned)
         session = runtime.make_session(blob, providers, threads, "model for calibration")
         names = [o.name for o in session.get_outputs()]
         for feed, n in batches():
@@ -495,6 +594,7 @@ def calibrate(
     total_samples: int | None = None,
     cache: StatsCache | None = None,
     cache_key: dict[str, object] | None = None,
+    excluded_nodes: Iterable[str] = (),
 ) -> CalibrationResult:
     """Observe ``tensors`` over the calibration batches and return a range for each.
 
@@ -502,20 +602,23 @@ def calibrate(
     a key describing the model and data, statistics are reused across runs and methods.
     """
     started = time.perf_counter()
+    model = onnx.load(str(model_path))
+    plan = plan_observation(model, tensors, excluded_nodes)
     key = StatsCache.key(cache_key) if cache is not None and cache_key is not None else None
     need_hist = settings.method != "minmax"
-    cached = cache.load(key, tensors, need_hist, settings.num_bins) if cache is not None and key else None
+    cached = cache.load(key, plan.observe, need_hist, settings.num_bins) if cache is not None and key else None
     if cached is not None:
         (stats, samples), passes = cached, 0
         if progress:
             progress(1.0)
     else:
         stats, samples, passes = collect_stats(
-            model_path, tensors, batches, settings, providers, threads, progress, total_samples
+            model, plan.observe, batches, settings, providers, threads, progress, total_samples
         )
         if cache is not None and key and samples:
             cache.save(key, stats, samples)
-    ranges = ranges_from_stats(stats, settings)
+    ranges = apply_plan(plan, ranges_from_stats(stats, settings))
+    observed = {t: (st.lo, st.hi) for t, st in stats.items() if np.isfinite(st.lo)}
     return CalibrationResult(
         method=settings.method,
         ranges=ranges,
@@ -523,7 +626,8 @@ def calibrate(
         seconds=time.perf_counter() - started,
         tensors=len(ranges),
         passes=passes,
-        stats={t: (st.lo, st.hi) for t, st in stats.items() if np.isfinite(st.lo)},
+        stats=apply_plan(ObservationPlan([], plan.same, {}), observed),
+        observed=len(plan.observe),
         cache_used=cached is not None,
         nonfinite_tensors=sorted(t for t, st in stats.items() if st.nonfinite),
     )
@@ -589,7 +693,7 @@ def calibrate_with_ort(
     ranges = _nonempty(ranges)
     return CalibrationResult(
         method=settings.method, ranges=ranges, samples=reader.samples, seconds=time.perf_counter() - started,
-        tensors=len(ranges), passes=1, calibrator="ort",
+        tensors=len(ranges), passes=1, calibrator="ort", observed=len(ranges),
     )
 
 

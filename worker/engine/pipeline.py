@@ -304,6 +304,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
                 total_samples=c1 - c0,
                 cache=StatsCache(cfg.cache_dir) if cfg.cache_dir else None,
                 cache_key=cache_key,
+                excluded_nodes=opts.nodes_to_exclude,
             )
         if cal.samples == 0:
             raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
@@ -323,6 +324,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             "samples": cal.samples,
             "seconds": round(cal.seconds, 3),
             "tensors": cal.tensors,
+            "observed_tensors": cal.observed,
             "passes": cal.passes,
             "percentile": opts.percentile if cal.method == "percentile" else None,
             "symmetric_activations": opts.symmetric_activations,
