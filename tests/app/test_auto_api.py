@@ -190,3 +190,21 @@ def test_pareto_chart_escapes_names_and_joins_the_front() -> None:
     svg = str(pareto_chart(rows, {"metric": "cosine", "min": 0.98}, "cosine", {**rows[0], "options": {
         "method": "minmax"}}))
     assert "<script>" not in svg and 'class="front"' in svg and svg.count('class="point point-met"') == 2
+
+
+def test_cli_runs_auto_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    model = builders.mlp(tmp_path / "m.onnx")
+    data = builders.mlp_data(tmp_path / "d.npz")
+    common = ["quantize", str(model), "--calib", str(data), "--recipe", "auto", "--threads", "1", "--device", "cpu",
+              "--option", "max_fallback_steps=0", "--option", "latency_runs=2"]
+    out = tmp_path / "m.auto.onnx"
+    assert main([*common, "--accuracy-target", '{"metric": "cosine", "min": 0.99}', "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.stat().st_size < model.stat().st_size and "chosen:" in text and text.count("candidate ") >= 6
+    missed = tmp_path / "never.onnx"
+    assert main([*common, "--accuracy-target", '{"metric": "sqnr_db", "min": 500}', "-o", str(missed)]) == 1
+    assert "accuracy_target_not_met" in capsys.readouterr().err and not missed.exists()
+    assert main([*common, "-o", str(missed)]) == 2  # no target
+    assert "accuracy_target_required" in capsys.readouterr().err
