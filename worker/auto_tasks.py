@@ -170,6 +170,11 @@ def start(job_id: str, attempt: int, s: Settings, factory: sessionmaker[Session]
     except EngineError as exc:
         _fail(factory, j, exc.code, exc.message)
         return FAILED
+    except Exception as exc:  # e.g. a model file ONNX cannot parse: still a recorded, readable failure
+        log.exception("auto job %s could not be planned", job_id)
+        _fail(factory, j, "internal_error", f"unexpected error while planning the auto search "
+              f"({type(exc).__name__}: {str(exc)[:300]}); this is a lowbit problem, please report it")
+        return FAILED
     with factory.begin() as sess:
         for idx, cand in enumerate(planned):
             sess.add(AutoCandidate(id=new_id(), job_id=job_id, attempt=attempt, idx=idx, round=1,
@@ -224,6 +229,11 @@ def run_candidate(job_id: str, attempt: int, idx: int, s: Settings | None = None
             return "lost"
         except EngineError as exc:  # the sandbox's own failures (crash, memory, time) fail the candidate only
             result = auto.CandidateResult(cand, "failed", error={"code": exc.code, "message": exc.message}, worker=me)
+        except Exception as exc:  # a bug: this candidate fails, readably, and the search goes on without it
+            log.exception("auto job %s: candidate %d crashed", job_id, idx)
+            text = f"{getattr(exc, 'type_name', type(exc).__name__)}: {str(getattr(exc, 'message', exc))[:300]}"
+            result = auto.CandidateResult(cand, "failed", worker=me, error={
+                "code": "internal_error", "message": f"unexpected error in this candidate ({text})"})
         finally:
             shutil.rmtree(work / f"candidate-{idx}", ignore_errors=True)
     _record(factory, job_id, attempt, idx, result, me)

@@ -208,3 +208,26 @@ def test_cli_runs_auto_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "accuracy_target_not_met" in capsys.readouterr().err and not missed.exists()
     assert main([*common, "-o", str(missed)]) == 2  # no target
     assert "accuracy_target_required" in capsys.readouterr().err
+
+
+def test_a_crashing_candidate_fails_alone(sqlite_api: Harness, tmp_path: Path,
+                                          subtasks: list[tuple[str, int, int, str]],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import tasks
+
+    real = tasks.run_engine
+
+    def flaky(cfg: Any, progress: Any, settings: Any = None) -> Any:
+        if cfg.recipe == "int8_dynamic":
+            raise RuntimeError("boom")
+        return real(cfg, progress, settings)
+
+    monkeypatch.setattr(tasks, "run_engine", flaky)
+    api = sqlite_api
+    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0})
+    _run(api, subtasks)
+    assert api.client.get(f"/api/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    rows = api.client.get(f"/api/v1/jobs/{job_id}/report").json()["candidates"]
+    dynamic = [r for r in rows if r["recipe"] == "int8_dynamic"]
+    assert dynamic and all(r["status"] == "failed" and r["error"]["code"] == "internal_error" for r in dynamic)
+    assert "boom" in dynamic[0]["error"]["message"]
