@@ -8,7 +8,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
 
 from app.auth import api_principal
@@ -217,6 +217,9 @@ def download_artifact(job_id: str, request: Request, db: Session = Depends(get_d
 
 
 class PageLink(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"url": "/login/link?token=eyJ0IjoibG9jYWwi...Zx8", "expires_in_s": 300}]})
+
     url: str = Field(description="Open within expires_in_s seconds; it signs the browser in and shows the job")
     expires_in_s: int
 

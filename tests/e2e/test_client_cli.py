@@ -20,7 +20,7 @@ import pytest
 
 from app.client import Client
 from tests import builders
-from tests.e2e.conftest import Proc, free_port, lowbit_cmd, start_serve, wait_job
+from tests.e2e.conftest import Proc, env_for, free_port, lowbit_cmd, start_serve, wait_job
 from tests.httpd import proxy
 
 pytestmark = pytest.mark.slow
@@ -35,17 +35,20 @@ class Served:
     base: str
     home: Path
     files: dict[str, Path]
+    key: str  # a real key of the local tenant, whose jobs keyless requests see too
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, zoo: dict[str, Path]) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("client-cli")
     proc, client = start_serve(root / "lowbit-data", root / "serve.log")
+    key = subprocess.run(lowbit_cmd("keys", "create", "--tenant", "local"), env=env_for(root / "lowbit-data"),
+                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
     files = dict(zoo)
     files["mismatched"] = builders.mismatched_mlp(root / "mismatched.onnx")
     files["features"] = builders.save_npz(root / "features.npz", x=np.ones((20, 20), np.float32))
     try:
-        yield Served(proc, client, str(client.base_url).rstrip("/"), root / "home", files)
+        yield Served(proc, client, str(client.base_url).rstrip("/"), root / "home", files, key)
     finally:
         client.close()
         proc.stop()
@@ -95,7 +98,7 @@ def test_submit_follows_the_job_prints_the_summary_and_writes_the_verified_model
 def test_no_wait_then_status_download_report_and_jobs(served: Served, tmp_path: Path) -> None:
     s, f = served, served.files
     config = tmp_path / "client.toml"  # the server and key from the client's config file this time
-    config.write_text(f'server = "{s.base}"\napi_key = "k-123"\n')
+    config.write_text(f'server = "{s.base}"\napi_key = "{s.key}"\n')
     env = {"LOWBIT_CLIENT_CONFIG": str(config)}
     ids, jobs = [], []
     for _ in range(2):
@@ -182,18 +185,18 @@ def test_a_damaged_download_is_refused_and_polling_stands_in_for_events(served: 
     job = _finished_job(s, f["mlp"])
     with proxy(s.base) as px:
         # Through the proxy untouched, the download verifies...
-        p = lowbit(s, "download", job["id"], "-o", tmp_path / "ok.onnx", "--server", px.url, "--api-key", "sekrit",
+        p = lowbit(s, "download", job["id"], "-o", tmp_path / "ok.onnx", "--server", px.url, "--api-key", s.key,
                    cwd=tmp_path)
         assert p.returncode == 0, p.stderr
         assert sha256(tmp_path / "ok.onnx") == etag(s, job["id"])
         # ...with one byte flipped (and the real ETag), it is refused and nothing is left behind.
         px.corrupt = True
-        p = lowbit(s, "download", job["id"], "-o", tmp_path / "bad.onnx", "--server", px.url, "--api-key", "sekrit",
+        p = lowbit(s, "download", job["id"], "-o", tmp_path / "bad.onnx", "--server", px.url, "--api-key", s.key,
                    cwd=tmp_path)
         assert p.returncode == 3, p.stdout + p.stderr
         assert "[checksum_mismatch]" in p.stderr and etag(s, job["id"]) in p.stderr
         assert not (tmp_path / "bad.onnx").exists() and list(tmp_path.glob(".bad.onnx*")) == []
-        assert px.seen and all(h.get("authorization") == "Bearer sekrit" for _, _, h in px.seen)
+        assert px.seen and all(h.get("authorization") == f"Bearer {s.key}" for _, _, h in px.seen)
 
         # Without the event stream (a proxy that does not pass it), submit follows the job by polling.
         px.corrupt, px.hide_events = False, True
