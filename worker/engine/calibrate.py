@@ -258,14 +258,15 @@ class ObservationPlan:
     fixed: dict[str, tuple[float, float]]
 
 
-def plan_observation(model: onnx.ModelProto, tensors: Sequence[str],
-                     excluded_nodes: Iterable[str] = ()) -> ObservationPlan:
+def plan_observation(model: onnx.ModelProto, tensors: Sequence[str], excluded_nodes: Iterable[str] = (),
+                     op_types: Iterable[str] | None = None) -> ObservationPlan:
     """Skip tensors whose range ONNX Runtime's quantizer would not use, or that equal another's:
 
     - the input of a Relu or Clip that is its only consumer: the quantizer replaces its range by the
       Relu's/Clip's output range (``adjust_tensor_ranges``), and even when that node stays in float,
       clipping its input to its own output range changes nothing it computes;
-    - the output of a Softmax the quantizer quantizes: it fixes that range to [0, 1];
+    - the output of a Softmax the quantizer quantizes (listed in ``op_types``, the op types to quantize, and
+      not excluded): it fixes that range to [0, 1];
     - the output of a Reshape, Transpose, Squeeze, Unsqueeze, Flatten or Identity of an observed tensor:
       the same values, so the same range and histogram.
 
@@ -274,6 +275,8 @@ def plan_observation(model: onnx.ModelProto, tensors: Sequence[str],
     """
     wanted = set(tensors)
     excluded = set(excluded_nodes)
+    # QDQ quantizes Softmax only when asked to by name (it is not among ONNX Runtime's default QDQ op types).
+    softmax_quantized = op_types is not None and "Softmax" in set(op_types)
     consumers: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -286,7 +289,7 @@ def plan_observation(model: onnx.ModelProto, tensors: Sequence[str],
         src, out = node.input[0], node.output[0]
         if node.op_type in ("Relu", "Clip") and src in wanted and out in wanted and consumers.get(src) == 1:
             same[src] = out
-        elif node.op_type == "Softmax" and out in wanted and node.name not in excluded:
+        elif node.op_type == "Softmax" and softmax_quantized and out in wanted and node.name not in excluded:
             fixed[out] = (0.0, 1.0)
         elif node.op_type in SAME_VALUES and src in wanted and out in wanted:
             same[out] = src
@@ -595,6 +598,7 @@ def calibrate(
     cache: StatsCache | None = None,
     cache_key: dict[str, object] | None = None,
     excluded_nodes: Iterable[str] = (),
+    op_types: Iterable[str] | None = None,
 ) -> CalibrationResult:
     """Observe ``tensors`` over the calibration batches and return a range for each.
 
@@ -603,7 +607,7 @@ def calibrate(
     """
     started = time.perf_counter()
     model = onnx.load(str(model_path))
-    plan = plan_observation(model, tensors, excluded_nodes)
+    plan = plan_observation(model, tensors, excluded_nodes, op_types)
     key = StatsCache.key(cache_key) if cache is not None and cache_key is not None else None
     need_hist = settings.method != "minmax"
     cached = cache.load(key, plan.observe, need_hist, settings.num_bins) if cache is not None and key else None

@@ -305,6 +305,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
                 cache=StatsCache(cfg.cache_dir) if cfg.cache_dir else None,
                 cache_key=cache_key,
                 excluded_nodes=opts.nodes_to_exclude,
+                op_types=opts.op_types_to_quantize or None,
             )
         if cal.samples == 0:
             raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
