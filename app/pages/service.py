@@ -34,6 +34,7 @@ FORM_RECIPES = {
     "int4_weight_only": "int4_weight_only (4-bit MatMul weights)",
     "fp16": "fp16 (half-precision weights and compute)",
     "qat_int8": "qat_int8 (fine-tune, then int8; .pt2 models)",
+    "auto": "auto (the smallest model that meets the accuracy target)",
 }
 INT4_CHOICES = {
     "": "automatic (clip_search with calibration data, else rtn)",

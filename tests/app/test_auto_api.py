@@ -231,3 +231,17 @@ def test_a_crashing_candidate_fails_alone(sqlite_api: Harness, tmp_path: Path,
     dynamic = [r for r in rows if r["recipe"] == "int8_dynamic"]
     assert dynamic and all(r["status"] == "failed" and r["error"]["code"] == "internal_error" for r in dynamic)
     assert "boom" in dynamic[0]["error"]["message"]
+
+
+def test_auto_through_the_upload_form(sqlite_api: Harness, tmp_path: Path) -> None:
+    from tests.app.test_pages import submit_through_form
+
+    api = sqlite_api
+    assert '<option value="auto"' in api.client.get("/").text
+    files = {"model": ("m.onnx", builders.mlp(tmp_path / "m.onnx").read_bytes()),
+             "calibration": ("d.npz", builders.mlp_data(tmp_path / "d.npz").read_bytes())}
+    job_id = submit_through_form(api, files, recipe="auto", target_metric="cosine", target_bound="min",
+                                 target_value="0.99")
+    job = api.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["recipe"] == "auto" and job["accuracy_target"] == {"metric": "cosine", "min": 0.99}
+    assert api.queue.enqueued == [(job_id, "cpu")]

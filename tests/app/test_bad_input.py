@@ -123,7 +123,7 @@ def test_dataset_that_does_not_fit_the_model(api: Harness, mlp_ids: dict[str, st
     "body, status, code",
     [
         ({"recipe": "int3_magic"}, 422, "unknown_recipe"),
-        ({"recipe": "auto"}, 422, "recipe_not_available"),
+        ({"recipe": "auto"}, 422, "invalid_request"),  # auto without an accuracy_target
         ({"recipe": "int4_weight_only", "options": {"block_size": 48}}, 422, "invalid_option"),
         ({"recipe": "int4_weight_only", "options": {"method": "entropy"}}, 422, "unknown_option"),
         ({"recipe": "int4_weight_only", "options": {"algorithm": "gptq"}, "no_calibration": True}, 422,
