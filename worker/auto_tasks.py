@@ -287,7 +287,7 @@ def _advance(job_id: str, attempt: int, rnd: int, s: Settings, factory: sessionm
     opts = parse_options("auto", j.options)
     deadline = _deadline(j)
     nxt = [] if deadline is not None and time.time() > deadline else \
-        auto.next_candidates(results, auto.ranking_from(results), opts.max_fallback_steps, opts.nodes_to_exclude)
+        auto.next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude)
     if nxt:
         first = len(results)
         with factory.begin() as sess:

@@ -37,6 +37,12 @@ from worker.engine.errors import EngineError
 ANALYSIS_METHOD = "entropy"
 # Recipes whose missed targets are worth keeping layers in float for (fp16 is the float fallback itself).
 FALLBACK_RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only")
+# The operators each recipe actually lowers: keeping any other node in float changes nothing for it, so the
+# fallback skips them (int8_static quantizes every operator the sensitivity analysis measures).
+RECIPE_OPS: dict[str, frozenset[str]] = {
+    "int8_dynamic": frozenset({"MatMul", "Gemm", "Conv", "Attention", "LSTM", "GRU", "EmbedLayerNormalization"}),
+    "int4_weight_only": frozenset({"MatMul", "Gemm", "Gather"}),
+}
 
 RunFn = Callable[[QuantizeConfig], Any]  # QuantizeConfig -> pipeline.QuantizeResult
 
@@ -207,12 +213,18 @@ def plan_candidates(model_path: Path, opts: RecipeOptions) -> list[Candidate]:
     return out
 
 
-def ranking_from(results: Sequence[CandidateResult]) -> list[str]:
-    """Layers by sensitivity, most sensitive first, from the analysis candidate's report."""
+def ranking_from(results: Sequence[CandidateResult], recipe: str | None = None) -> list[str]:
+    """Layers by sensitivity, most sensitive first, from the analysis candidate's report; with ``recipe``,
+    only the layers that recipe quantizes."""
     for r in results:
-        sens = (r.report or {}).get("sensitivity")
+        report = r.report or {}
+        sens = report.get("sensitivity")
         if sens and sens.get("ranking") is not None:
-            return list(sens["ranking"])
+            ops = RECIPE_OPS.get(recipe or "")
+            if ops is None:
+                return list(sens["ranking"])
+            op_of = {layer["name"]: layer.get("op_type") for layer in report.get("layers") or []}
+            return [n for n in sens["ranking"] if op_of.get(n) in ops]
     return []
 
 
@@ -221,9 +233,10 @@ def _best_met(results: Sequence[CandidateResult]) -> CandidateResult | None:
     return min(met, key=lambda r: (r.size_bytes, r.latency_ms_p50 or 0.0)) if met else None
 
 
-def next_candidates(results: Sequence[CandidateResult], ranking: Sequence[str], max_steps: int,
+def next_candidates(results: Sequence[CandidateResult], max_steps: int,
                     user_excluded: Sequence[str] = ()) -> list[Candidate]:
-    """The next greedy step of every branch still worth extending (empty: the search is over)."""
+    """The next greedy step of every branch still worth extending (empty: the search is over). Each branch
+    keeps the next most sensitive layer its recipe quantizes in float."""
     best = _best_met(results)
     bound = best.size_bytes if best is not None and best.size_bytes is not None else None
     tried = {(r.candidate.branch, r.candidate.excluded_nodes) for r in results}
@@ -243,7 +256,7 @@ def next_candidates(results: Sequence[CandidateResult], ranking: Sequence[str], 
             continue
         if bound is not None and last.size_bytes is not None and last.size_bytes >= bound:
             continue  # keeping more layers in float only grows it: it cannot become the smallest
-        nxt = next((n for n in ranking if n not in last.candidate.excluded_nodes), None)
+        nxt = next((n for n in ranking_from(results, recipe) if n not in last.candidate.excluded_nodes), None)
         if nxt is None:
             continue
         cand = dataclasses.replace(last.candidate, excluded_nodes=(*last.candidate.excluded_nodes, nxt))
@@ -400,7 +413,7 @@ def search(base: QuantizeConfig, target: dict[str, Any], run: RunFn | None = Non
                 progress(len(results), total)
         if budget is not None and time.monotonic() - started > float(budget):
             break
-        pending = next_candidates(results, ranking_from(results), opts.max_fallback_steps, opts.nodes_to_exclude)
+        pending = next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude)
         total += len(pending)
     outcome = conclude(results, target, base.job_id, opts.to_dict("auto"), time.monotonic() - started, rounds)
     if outcome.chosen is not None and outcome.chosen.artifact_path:

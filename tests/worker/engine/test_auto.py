@@ -127,3 +127,22 @@ def test_candidate_config_round_trips() -> None:
     assert c.config() == {"recipe": "int8_static",
                           "options": {"method": "mse", "batch_size": 4, "nodes_to_exclude": ["a", "b"]}}
     assert c.parsed().nodes_to_exclude == ("a", "b")
+
+
+def test_fallback_ranking_skips_layers_a_recipe_does_not_quantize() -> None:
+    report = {"sensitivity": {"ranking": ["add", "mm1", "gather", "mm2"]},
+              "layers": [{"name": "add", "op_type": "Add"}, {"name": "mm1", "op_type": "MatMul"},
+                         {"name": "gather", "op_type": "Gather"}, {"name": "mm2", "op_type": "MatMul"}]}
+    results = [auto.CandidateResult(auto.Candidate("int8_static", {"method": "entropy"}), "done", report=report)]
+    assert auto.ranking_from(results) == ["add", "mm1", "gather", "mm2"]
+    assert auto.ranking_from(results, "int8_static") == ["add", "mm1", "gather", "mm2"]
+    assert auto.ranking_from(results, "int8_dynamic") == ["mm1", "mm2"]
+    assert auto.ranking_from(results, "int4_weight_only") == ["mm1", "gather", "mm2"]
+    # Missed targets: each branch keeps its own next layer in float; a met branch and fp16 do not go on.
+    rows = [*results,
+            auto.CandidateResult(auto.Candidate("int8_dynamic"), "done", size_bytes=10, metric=1.0, met_target=False),
+            auto.CandidateResult(auto.Candidate("fp16"), "done", size_bytes=40, metric=9.0, met_target=True)]
+    rows[0].size_bytes, rows[0].metric, rows[0].met_target = 10, 0.5, False
+    nxt = {c.recipe: c.excluded_nodes for c in auto.next_candidates(rows, max_steps=4)}
+    assert nxt == {"int8_static": ("add",), "int8_dynamic": ("mm1",)}
+    assert auto.next_candidates(rows, max_steps=0) == []
