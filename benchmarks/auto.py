@@ -1,7 +1,7 @@
 """The auto recipe through real workers: one auto job on a 21M-parameter transformer-style model, with one
 `lowbit worker` process and then with two, on PostgreSQL and Redis.
 
-    .venv/bin/python benchmarks/auto.py [--target-sqnr 30] [--workers 1 2]
+    .venv/bin/python benchmarks/auto.py [--target-sqnr 28] [--fallback-steps 3] [--workers 1 2]
 
 The model is benchmarks/int4.py's (hidden 768, MLP 3072, heavy-tailed weights, a few outlier activation
 channels) with 3 layers. It prints the candidate table of the job (recipe, layers kept in float, size,
@@ -135,14 +135,16 @@ def print_table(report: dict[str, Any], metric: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target-sqnr", type=float, default=30.0)
+    ap.add_argument("--target-sqnr", type=float, default=28.0)
+    ap.add_argument("--fallback-steps", type=int, default=3)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--postgres", default=os.environ.get("LOWBIT_BENCH_POSTGRES",
                                                          "postgresql+psycopg://postgres@127.0.0.1:5432"))
     ap.add_argument("--redis", default=os.environ.get("LOWBIT_BENCH_REDIS", "redis://127.0.0.1:6379/14"))
     args = ap.parse_args()
     target = {"metric": "sqnr_db", "min": args.target_sqnr}
-    options = {"batch_size": 4, "latency_runs": 10, "max_fallback_steps": 2, "max_calibration_samples": 16}
+    options = {"batch_size": 4, "latency_runs": 10, "max_fallback_steps": args.fallback_steps,
+               "max_calibration_samples": 16}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         model = build_model(tmp / "model.onnx")
