@@ -159,7 +159,7 @@ def fill_form(page: Any, model: Path | dict[str, Any], calibration: Path | dict[
             page.select_option(f"select[name={name}]", value)
         else:
             page.fill(f"input[name={name}]", value)
-    page.click("button[type=submit]")
+    page.click("form[action='/jobs/new'] button[type=submit]")
     page.wait_for_url(JOB_PAGE)
     return str(page.url.rsplit("/", 1)[-1])
 
@@ -386,3 +386,52 @@ def test_job_list_shows_every_state(served: Served, tabs: Any, shots: Path) -> N
     page.set_viewport_size(NARROW)
     page.reload()
     page.screenshot(path=str(shots / "09-job-list-narrow.png"), full_page=True)
+
+
+def test_keyed_server_sign_in_then_submit_and_watch_over_the_session_cookie(
+        tabs: Any, files: dict[str, Path], tmp_path: Path, shots: Path) -> None:
+    """A server that requires keys: the browser is sent to /login, signs in with a key (never in a URL), and
+    the upload form, the live progress (EventSource and polling, over the cookie) and the download all work."""
+    import subprocess
+
+    from tests.e2e.conftest import env_for, lowbit_cmd
+
+    data = tmp_path / "lowbit-data"
+    env = env_for(data, LOWBIT_REQUIRE_KEYS="true")
+    key = subprocess.run(lowbit_cmd("keys", "create", "--tenant", "acme"), env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout.strip()
+    proc, client = start_serve(data, tmp_path / "serve.log", env=env)
+    try:
+        base = str(client.base_url).rstrip("/")
+        tab = tabs()
+        page = tab.page
+        urls: list[str] = []
+        page.on("request", lambda r: urls.append(r.url))
+        page.goto(base + "/")
+        assert "/login?next=" in page.url
+        page.screenshot(path=str(shots / "10-sign-in.png"), full_page=True)
+        page.fill("input[name=api_key]", key)
+        page.click("button[type=submit]")
+        page.wait_for_url(base + "/")
+        assert "Sign out (acme)" in page.inner_text("header")
+        job_id = fill_form(page, files["clf"], files["clf_data"], files["clf_eval"], batch_size="4")
+        wait_finished(page, proc)
+        page.wait_for_selector("[data-field=verdict]")
+        job = client.get(f"/api/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}).json()
+        assert job["status"] == "succeeded"
+        with page.expect_download() as dl:
+            page.click("[data-field=download]")
+        saved = tmp_path / "artifact.onnx"
+        dl.value.save_as(saved)
+        auth = {"Authorization": f"Bearer {key}"}
+        etag = client.head(f"/api/v1/jobs/{job_id}/artifact", headers=auth).headers["etag"]
+        assert etag == f'"{hashlib.sha256(saved.read_bytes()).hexdigest()}"'
+        assert not [u for u in urls if key in u or key.split("_")[2] in u]
+        # Signing out ends the session: the pages ask for a key again.
+        page.click("text=Sign out")
+        page.wait_for_url(re.compile(r"/login"))
+        page.goto(base + f"/jobs/{job_id}")
+        assert "/login?next=" in page.url
+    finally:
+        client.close()
+        proc.stop()
