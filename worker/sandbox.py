@@ -20,6 +20,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -82,30 +83,87 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run(target: str, payload: Any, limits: Limits, on_event: Emit | None = None,
-        tick: Callable[[], None] | None = None, on_start: Callable[[int], None] | None = None) -> Any:
-    """Call ``target`` ("module:function", called as ``function(payload, emit)``) in a limited child process
-    and return its result. An EngineError raised there is raised here; a crash, a limit or the timeout
-    becomes an EngineError with its own code. ``on_event`` receives what the child emits; ``tick`` runs
-    every TICK_S or so. Either may raise (e.g. JobCancelled): the child is killed at once and the
-    exception propagates. ``on_start`` gets the child's pid."""
+@dataclass
+class _Child:
+    proc: subprocess.Popen[bytes]
+    down: Connection
+    up: Connection
+    preload: tuple[str, ...]
+
+
+# One idle child per preload list, started while the previous job ran: importing the engine (numpy, onnx,
+# ONNX Runtime, and torch, which ONNX Runtime's shape inference imports) takes seconds that would
+# otherwise be paid at the start of every job.
+_spares: dict[tuple[str, ...], _Child] = {}
+_spares_lock = threading.Lock()
+
+
+def _start(preload: tuple[str, ...]) -> _Child:
     down_r, down_w = os.pipe()
     up_r, up_w = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.sandbox", str(down_r), str(up_w), str(os.getpid())],
+            [sys.executable, "-m", "worker.sandbox", str(down_r), str(up_w), str(os.getpid()), *preload],
             pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL, env=_child_env(), start_new_session=True,
         )
     finally:
         os.close(down_r)
         os.close(up_w)
-    down, up = Connection(down_w, readable=False), Connection(up_r, writable=False)
+    return _Child(proc, Connection(down_w, readable=False), Connection(up_r, writable=False), preload)
+
+
+def _take(preload: tuple[str, ...]) -> _Child:
+    """A child for this run: the waiting spare if it is still alive, else a new one."""
+    with _spares_lock:
+        child = _spares.pop(preload, None)
+    if child is not None and child.proc.poll() is not None:
+        _discard(child)
+        child = None
+    return child or _start(preload)
+
+
+def _keep_spare(preload: tuple[str, ...]) -> None:
+    """Start the next run's child now, between runs, so that it does not compete with this one for CPU."""
+    with _spares_lock:
+        if preload not in _spares:
+            _spares[preload] = _start(preload)
+
+
+def _discard(child: _Child) -> None:
+    child.down.close()
+    child.up.close()
+    _kill(child.proc)
+
+
+def drop_spares() -> None:
+    """Stop the idle children (a worker shutting down, or a test that counts processes)."""
+    with _spares_lock:
+        while _spares:
+            _discard(_spares.popitem()[1])
+
+
+def run(target: str, payload: Any, limits: Limits, on_event: Emit | None = None,
+        tick: Callable[[], None] | None = None, on_start: Callable[[int], None] | None = None,
+        preload: tuple[str, ...] = (), spare: bool = False) -> Any:
+    """Call ``target`` ("module:function", called as ``function(payload, emit)``) in a limited child process
+    and return its result. An EngineError raised there is raised here; a crash, a limit or the timeout
+    becomes an EngineError with its own code. ``on_event`` receives what the child emits; ``tick`` runs
+    every TICK_S or so. Either may raise (e.g. JobCancelled): the child is killed at once and the
+    exception propagates. ``on_start`` gets the child's pid. The child imports the ``preload`` modules
+    before it is given the work; with ``spare``, a preloaded child waits for the next call."""
+    child = _take(tuple(preload))
+    try:
+        child.down.send((target, payload, limits))
+    except OSError:  # the spare died after all (its parent thread ended): a fresh child
+        _discard(child)
+        child = _start(child.preload)
+        child.down.send((target, payload, limits))
+    proc, down, up = child.proc, child.down, child.up
     if on_start is not None:
         on_start(proc.pid)
     started = time.monotonic()
     outcome: tuple[Any, ...] | None = None
     try:
-        down.send((target, payload, limits))
         while outcome is None:
             if limits.timeout_s and time.monotonic() - started > limits.timeout_s:
                 raise EngineError(
@@ -133,6 +191,8 @@ def run(target: str, payload: Any, limits: Limits, on_event: Emit | None = None,
         down.close()
         up.close()
     status, usage = _reap(proc)
+    if spare:
+        _keep_spare(child.preload)
     if outcome is not None:
         kind = outcome[0]
         if kind == "ok":
@@ -208,15 +268,23 @@ def out_of_memory(limits: Limits) -> EngineError:
 # ---- the child side ----------------------------------------------------------------------------------------
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: SIGKILL this process when the worker that started it dies (a SIGKILLed worker cannot clean up)."""
+def _prctl(option: int, arg: Any) -> None:
     with contextlib.suppress(Exception):
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when the worker that started it dies (a SIGKILLed worker cannot clean up)."""
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def _name(name: bytes) -> None:
+    """What ps and /proc/PID/comm show: ``lowbit-spare`` while waiting, ``lowbit-job`` once given work."""
+    _prctl(15, name)  # PR_SET_NAME
 
 
 def _apply(limits: Limits) -> None:
@@ -225,8 +293,11 @@ def _apply(limits: Limits) -> None:
         size = int(limits.memory_mb) * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (size, size))
     if limits.cpu_s:
+        # RLIMIT_CPU counts from the process's start: the job's budget starts after the preloaded imports.
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        soft = int(usage.ru_utime + usage.ru_stime) + 1 + int(limits.cpu_s)
         # The soft limit sends SIGXCPU (default: terminate); the hard one, a little later, SIGKILL.
-        resource.setrlimit(resource.RLIMIT_CPU, (int(limits.cpu_s), int(limits.cpu_s) + 5))
+        resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 5))
 
 
 def _looks_like_oom(text: str) -> bool:
@@ -234,10 +305,18 @@ def _looks_like_oom(text: str) -> bool:
     return any(m in low for m in _OOM_MARKERS)
 
 
-def child_main(read_fd: int, write_fd: int, parent: int) -> None:
+def child_main(read_fd: int, write_fd: int, parent: int, preload: list[str]) -> None:
     down, up = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     _die_with_parent(parent)
-    target, payload, limits = down.recv()
+    _name(b"lowbit-spare")
+    for module in preload:
+        with contextlib.suppress(Exception):  # only a head start: the job imports what it needs anyway
+            importlib.import_module(module)
+    try:
+        target, payload, limits = down.recv()
+    except EOFError:  # a spare that was never used
+        return
+    _name(b"lowbit-job")
     down.close()
     _apply(limits)
     last: dict[str, float] = {}
@@ -290,4 +369,4 @@ def quantize(cfg: Any, emit: Emit) -> Any:
 
 
 if __name__ == "__main__":
-    child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    child_main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_process_init, worker_ready, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.datasets.models import Dataset
@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
 # While the engine runs, the job row's cancel flag is read (and the heartbeat written) at least this often.
 CANCEL_POLL_S = 1.0
+# What the sandbox child imports before it is given a job (see sandbox._spares): the engine, and ONNX
+# Runtime's quantization tools (whose shape inference imports torch, seconds on its own).
+ENGINE_PRELOAD = ("worker.engine.pipeline", "onnxruntime.quantization", "onnxruntime.tools.symbolic_shape_infer")
 # Set by SIGTERM in a pool process while it runs a job: stop the engine and hand the job back.
 _handing_back = threading.Event()
 
@@ -119,7 +122,10 @@ def _process_gone(worker: str | None) -> bool:
         return True
     except PermissionError:  # alive, someone else's
         return False
-    return False
+    try:  # killed but not yet reaped by its parent (a zombie) is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def claim(factory: sessionmaker[Session], job_id: str, timer: StageTimer | None = None,
@@ -332,7 +338,8 @@ def run_engine(cfg: QuantizeConfig, progress: Any, settings: Settings | None = N
         _handing_back.clear()
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        result: QuantizeResult = sandbox.run("worker.sandbox:quantize", cfg, limits, on_event, tick)
+        result: QuantizeResult = sandbox.run("worker.sandbox:quantize", cfg, limits, on_event, tick,
+                                             preload=ENGINE_PRELOAD, spare=True)
         return result
     finally:
         if previous is not None:
@@ -375,6 +382,9 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
     # Per attempt: a stale attempt that is still running somewhere can never overwrite a newer one's files.
     artifact = job_dir / f"model.quantized.{attempt}.onnx"
     work_dir = job_dir / f"work-{attempt}"
+    for earlier in range(1, attempt):  # what attempts that died with their process left behind
+        _cleanup_work(job_dir / f"work-{earlier}")
+        (job_dir / f"model.quantized.{earlier}.onnx").unlink(missing_ok=True)
     try:
         if model_path is None or not model_path.exists():
             raise EngineError("model_missing", "the job's model file is gone from storage; upload it again")
@@ -562,5 +572,14 @@ def _on_worker_shutting_down(**_: Any) -> None:
             os.kill(pid, signal.SIGTERM)
 
 
+def _forget_inherited_connections(**_: Any) -> None:
+    """A pool process forked after the main process's sweeper opened database connections must not use
+    them (two processes on one socket corrupt each other's sessions): give it a pool of its own, leaving
+    the inherited connections untouched for the main process."""
+    if _sessions.cache_info().currsize:
+        _sessions().kw["bind"].dispose(close=False)
+
+
 worker_ready.connect(_start_sweeper, weak=False)
+worker_process_init.connect(_forget_inherited_connections, weak=False)
 worker_shutting_down.connect(_on_worker_shutting_down, weak=False)

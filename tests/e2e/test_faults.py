@@ -94,10 +94,11 @@ def children(pid: int) -> list[int]:
 
 
 def sandbox_children(pid: int) -> list[int]:
+    """The sandbox children of a pool process that run a job (not the idle spare, named lowbit-spare)."""
     found = []
     for child in children(pid):
         try:
-            if b"worker.sandbox" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if Path(f"/proc/{child}/comm").read_text().strip() == "lowbit-job":
                 found.append(child)
         except OSError:
             continue

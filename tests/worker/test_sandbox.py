@@ -92,6 +92,24 @@ def test_a_child_killed_from_outside_is_engine_crashed() -> None:
     assert info.value.code == "engine_crashed" and "SIGKILL" in info.value.message
 
 
+def test_a_spare_child_waits_preloaded_for_the_next_run() -> None:
+    first: list[int] = []
+    second: list[int] = []
+    try:
+        sandbox.run(f"{F}:echo", 1, sandbox.Limits(), on_start=first.append, preload=("numpy",), spare=True)
+        spare = sandbox._spares[("numpy",)].proc.pid
+        deadline = time.monotonic() + 20  # it names itself as soon as it has started
+        while Path(f"/proc/{spare}/comm").read_text().strip() != "lowbit-spare":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert sandbox.run(f"{F}:echo", 2, sandbox.Limits(), on_start=second.append, preload=("numpy",),
+                           spare=True) == {"doubled": 4}
+        assert second == [spare] != first
+    finally:
+        sandbox.drop_spares()
+    assert not sandbox._spares
+
+
 def test_the_child_gets_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOWBIT_DATABASE_URL", "postgresql://secret")
     assert "LOWBIT_DATABASE_URL" not in sandbox._child_env()
