@@ -12,10 +12,10 @@ from app.storage import Storage
 from app.tenants import service as tenants
 from app.tenants.service import Principal
 
-router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=error_responses(422))
+router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=error_responses(401, 422))
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(400, 413, 422),
+@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(400, 413, 422, 429),
              openapi_extra={"requestBody": {"content": {"multipart/form-data": {
                  "example": {"file": "(the bytes of calib.npz)"}}}}})
 def upload_dataset(

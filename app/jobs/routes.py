@@ -28,7 +28,7 @@ from app.tenants.service import Principal
 
 log = logging.getLogger(__name__)
 PAGE_LINK_TTL_S = 300
-router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=error_responses(422))
+router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"], responses=error_responses(401, 422))
 
 _SUBMIT_DOC: dict[str, Any] = {
     "requestBody": {
@@ -105,7 +105,7 @@ def _submit_multipart(db: Session, storage: Storage, form: Any, settings: Settin
              responses={202: {"content": {"application/json": {"example": {**JOB_RUNNING_EXAMPLE, "status": "queued",
                                                                            "stage": None, "progress": 0,
                                                                            "started_at": None}}}},
-                        **error_responses(400, 404, 413, 415, 422, 503)})
+                        **error_responses(400, 404, 413, 415, 422, 429, 503)})
 async def submit_job(request: Request, db: Session = Depends(get_db), storage: Storage = Depends(get_storage),
                      who: Principal = Depends(api_principal)) -> JobOut:
     """Submit a job: JSON with uploaded ids, or multipart with the files themselves (model, calibration, eval,

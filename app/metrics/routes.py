@@ -6,11 +6,12 @@ from sqlalchemy.orm import Session
 
 from app.auth import api_principal
 from app.deps import get_db
+from app.errors import error_responses
 from app.examples import METRICS_EXAMPLE
 from app.metrics import service
 from app.tenants.service import Principal
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], responses=error_responses(401))
 
 
 @router.get("/metrics", response_class=PlainTextResponse,
