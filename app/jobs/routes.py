@@ -244,7 +244,12 @@ def get_report(job_id: str, db: Session = Depends(get_db), who: Principal = Depe
     return service.report_for(db, job_id, who.tenant_id)
 
 
-@router.get("/{job_id}/config", responses=error_responses(404))
+@router.get("/{job_id}/config",
+            responses={200: {"description": "The configuration, as a JSON file (Content-Disposition: attachment).",
+                             "content": {"application/json": {"example": {
+                                 "recipe": "int8_static",
+                                 "options": {"method": "percentile", "nodes_to_exclude": ["/layers.0/up/MatMul"]}}}}},
+                       **error_responses(404)})
 def get_config(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> Response:
     """The job's configuration as a file for `lowbit quantize --config`: for an auto job, the candidate it chose
     (or, if none met the target, the closest one), with the layers it kept in float."""
