@@ -74,3 +74,15 @@ def test_redis_held_ids_cover_waiting_and_unacked_messages(redis_url: str) -> No
     finally:
         client.flushdb()
         client.close()
+
+
+def test_lowbit_serve_publishes_unpublished_jobs_when_it_starts(api: Harness, zoo: dict[str, Path]) -> None:
+    from app.cli import _reconcile_queue
+
+    m = upload_model(api.client, zoo["mlp"])
+    job_id = submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+    _age(api, job_id, enqueued=False)  # the previous server died between its commit and the publish
+    broker = CeleryQueue(api.settings)
+    assert job_id not in (broker.held_job_ids({"cpu"}) or set())
+    _reconcile_queue(api.settings)
+    assert broker.held_job_ids({"cpu"}) == {job_id}
