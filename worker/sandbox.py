@@ -7,14 +7,18 @@ the kernel to kill it when its parent dies (so a killed worker leaves no orphan 
 enforces the wall clock. A model that segfaults, hangs or balloons then ends its own job with a specific
 error code, and the worker process lives on to run the next job.
 
-Parent and child talk over a pair of pipes carrying pickled messages: the request goes down; progress
-events, then exactly one outcome, come back. The child gets no secrets: untrusted files are parsed there.
+Parent and child talk over a pair of pipes: the request goes down pickled (the parent is trusted); progress
+events, then exactly one outcome, come back as size-bounded JSON, never pickles, so that a child that an
+untrusted file has taken over cannot run code in the worker through what it sends back. The child gets no
+secrets: untrusted files are parsed there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
+import json
 import os
 import resource
 import signal
@@ -38,6 +42,8 @@ EVENT_INTERVAL_S = 0.2
 # Environment variables the child keeps; everything else (database URL, webhook secret, ...) stays behind.
 _KEEP_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "VIRTUAL_ENV",
              "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
+# The largest message the parent accepts from the child (a report is a few MB at most).
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # Substrings of allocator failures as ONNX Runtime, numpy and C++ report them.
 _OOM_MARKERS = ("bad_alloc", "failed to allocate", "out of memory", "unable to allocate", "cannot allocate",
                 "memoryerror")
@@ -174,14 +180,18 @@ def run(target: str, payload: Any, limits: Limits, on_event: Emit | None = None,
                 )
             if wait([up], timeout=TICK_S):
                 try:
-                    msg = up.recv()
+                    msg = _decode(up.recv_bytes(MAX_MESSAGE_BYTES))
                 except (EOFError, OSError):
                     break  # the child is gone without an outcome: see how it ended, below
+                except ValueError as exc:  # not our protocol: a broken or subverted child
+                    raise EngineError("engine_crashed", "the process quantizing the model sent back something "
+                                      "that is not a result; the model may be damaged: check that it runs in "
+                                      "ONNX Runtime, then submit it again") from exc
                 if msg[0] == "event":
                     if on_event is not None:
-                        on_event(msg[1])
+                        on_event(tuple(msg[1]) if isinstance(msg[1], list) else msg[1])
                 else:
-                    outcome = msg
+                    outcome = tuple(msg)
             if tick is not None:
                 tick()
     except BaseException:
@@ -201,6 +211,28 @@ def run(target: str, payload: Any, limits: Limits, on_event: Emit | None = None,
             raise EngineError(outcome[1], outcome[2])
         raise ChildFailed(outcome[1], outcome[2], outcome[3])
     raise _death(status, usage, limits)
+
+
+def _decode(raw: bytes) -> list[Any]:
+    msg = json.loads(raw)
+    if not isinstance(msg, list) or not msg or msg[0] not in ("event", "ok", "error", "failed"):
+        raise ValueError("unexpected message")
+    return msg
+
+
+def _jsonable(obj: Any) -> Any:
+    """What the child's results hold besides JSON types: paths, dataclasses, numpy scalars and arrays."""
+    if isinstance(obj, Path):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"cannot send a {type(obj).__name__} back to the worker")
+
+
+def _send(up: Connection, msg: tuple[Any, ...]) -> None:
+    up.send_bytes(json.dumps(msg, default=_jsonable).encode())
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> tuple[int, Any]:
@@ -329,7 +361,7 @@ def child_main(read_fd: int, write_fd: int, parent: int, preload: list[str]) -> 
         if key in last and now - last[key] < EVENT_INTERVAL_S and not final:
             return
         last[key] = now
-        up.send(("event", event))
+        _send(up, ("event", event))
 
     try:
         module, _, name = target.partition(":")
@@ -348,9 +380,11 @@ def child_main(read_fd: int, write_fd: int, parent: int, preload: list[str]) -> 
         else:
             outcome = ("failed", type(exc).__name__, str(exc)[:2000], traceback.format_exc()[-4000:])
     try:
-        up.send(outcome)
-    except MemoryError:  # pickling a large result under the limit
-        up.send(("error", *_as_pair(out_of_memory(limits))))
+        _send(up, outcome)
+    except MemoryError:  # encoding a large result under the limit
+        _send(up, ("error", *_as_pair(out_of_memory(limits))))
+    except TypeError as exc:  # a result that cannot travel: a bug of ours
+        _send(up, ("failed", "TypeError", str(exc), traceback.format_exc()[-4000:]))
     up.close()
 
 
@@ -359,13 +393,21 @@ def _as_pair(exc: EngineError) -> tuple[str, str]:
 
 
 def quantize(cfg: Any, emit: Emit) -> Any:
-    """The engine's entry point in the child: ``pipeline.run(cfg)``, its progress sent to the parent."""
+    """The engine's entry point in the child: ``pipeline.run(cfg)``, its progress sent to the parent, its
+    QuantizeResult returned as a dict (see ``result_from``)."""
     from worker.engine import pipeline
 
     def progress(stage: str, fraction: float) -> None:
         emit((stage, float(fraction)))
 
-    return pipeline.run(cfg, progress)
+    return dataclasses.asdict(pipeline.run(cfg, progress))
+
+
+def result_from(data: dict[str, Any]) -> Any:
+    """The QuantizeResult a ``quantize`` child sent back (as JSON)."""
+    from worker.engine.pipeline import QuantizeResult
+
+    return QuantizeResult(**{**data, "artifact_path": Path(data["artifact_path"])})
 
 
 if __name__ == "__main__":

@@ -338,8 +338,9 @@ def run_engine(cfg: QuantizeConfig, progress: Any, settings: Settings | None = N
         _handing_back.clear()
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        result: QuantizeResult = sandbox.run("worker.sandbox:quantize", cfg, limits, on_event, tick,
-                                             preload=ENGINE_PRELOAD, spare=True)
+        data = sandbox.run("worker.sandbox:quantize", cfg, limits, on_event, tick, preload=ENGINE_PRELOAD,
+                           spare=True)
+        result: QuantizeResult = sandbox.result_from(data)
         return result
     finally:
         if previous is not None:

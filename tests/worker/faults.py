@@ -110,3 +110,22 @@ def endless_loop_model(path: Any, trips: int = 2**62) -> Any:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, str(path))
     return path
+
+
+class _Canary:
+    """Unpickling this creates the file named in its state: the parent must never unpickle it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (open, (self.path, "w"))
+
+
+def forge(payload: Any, emit: Any) -> None:
+    """A child taken over by its input: writes a pickle with a payload straight into the pipe to the parent."""
+    import sys
+    from multiprocessing.connection import Connection
+
+    Connection(int(sys.argv[2]), readable=False).send(("ok", _Canary(str(payload))))
+    time.sleep(30)

@@ -161,3 +161,18 @@ def test_run_engine_polls_progress_for_cancellation(tmp_path: Path) -> None:
     with pytest.raises(JobCancelled):
         run_engine(_cfg(model, data, tmp_path / "loop.int8.onnx"), progress, settings)
     assert time.monotonic() - started < 20
+
+
+def test_a_subverted_child_cannot_run_code_in_the_worker(tmp_path: Path) -> None:
+    """What comes back from the child is JSON, never unpickled: a pickle payload sent up the pipe is refused."""
+    canary = tmp_path / "canary"
+    err = _fails("forge", str(canary), sandbox.Limits(timeout_s=20))
+    assert err.code == "engine_crashed" and "not a result" in err.message
+    assert not canary.exists()
+    # The payload is live: unpickled, it would have made the file.
+    import pickle
+
+    from tests.worker.faults import _Canary
+
+    pickle.loads(pickle.dumps(_Canary(str(tmp_path / "proof"))))
+    assert (tmp_path / "proof").exists()
