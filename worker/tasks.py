@@ -26,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -228,20 +229,36 @@ class _Heartbeat:
         self.thread.join(timeout=5)
 
 
-def sweep_stale(factory: sessionmaker[Session], lease_s: float, enqueue: Any) -> list[str]:
+def sweep_stale(factory: sessionmaker[Session], lease_s: float, enqueue: Any,
+                held: Callable[[set[str]], set[str] | None] | None = None) -> list[str]:
     """Re-queue running jobs whose heartbeat is older than ``lease_s`` (their worker died), or fail them
     after MAX_ATTEMPTS. Safe to run from several workers at once: each change is a conditional UPDATE
-    on (status, attempts), and only the one that wins it enqueues. Returns the re-queued job ids."""
+    on (status, attempts), and only the one that wins it enqueues. Returns the re-queued job ids.
+
+    An ``auto`` job has no process of its own while its candidates wait for a free worker: it is not
+    stale while candidates of its attempt are pending and the broker still carries messages for it
+    (``held``: the job ids the broker holds in the given queues, None if it cannot tell)."""
+    from app.jobs.models import CANDIDATE_PENDING, AutoCandidate
     from app.jobs.service import MAX_ATTEMPTS
 
     cutoff = utcnow() - timedelta(seconds=lease_s)
     with factory() as s:
         stale = s.execute(
-            sa.select(Job.id, Job.attempts, Job.queue, Job.cancel_requested)
+            sa.select(Job.id, Job.attempts, Job.queue, Job.cancel_requested, Job.recipe)
             .where(Job.status == RUNNING, sa.or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None)))
         ).all()
+        waiting = {
+            job_id for (job_id,) in s.execute(
+                sa.select(AutoCandidate.job_id).join(Job, Job.id == AutoCandidate.job_id)
+                .where(AutoCandidate.job_id.in_([row.id for row in stale if row.recipe == "auto"]),
+                       AutoCandidate.attempt == Job.attempts, AutoCandidate.status == CANDIDATE_PENDING)
+                .distinct())
+        } if any(row.recipe == "auto" for row in stale) else set()
+    carried = (held({row.queue for row in stale if row.id in waiting}) if held and waiting else None) or set()
     requeued: list[str] = []
-    for job_id, attempts, queue, cancel in stale:
+    for job_id, attempts, queue, cancel, _ in stale:
+        if job_id in waiting and job_id in carried and not cancel:
+            continue  # its candidates are queued behind other work, not lost
         if cancel:
             values: dict[str, Any] = {"status": CANCELLED, "stage": None, "finished_at": utcnow()}
         elif attempts >= MAX_ATTEMPTS:
@@ -535,7 +552,7 @@ def _start_sweeper(**_: Any) -> None:
         while True:
             time.sleep(max(1.0, min(settings.job_lease_s / 3, settings.job_reconcile_after_s)))
             try:
-                sweep_stale(_sessions(), settings.job_lease_s, queue.enqueue)
+                sweep_stale(_sessions(), settings.job_lease_s, queue.enqueue, queue.held_job_ids)
             except Exception:
                 log.warning("stale-job sweep failed", exc_info=True)
             try:

@@ -29,9 +29,9 @@ def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
 
 
 def _job(factory: sessionmaker[Session], **values: object) -> str:
-    values = {"heartbeat_at": utcnow(), **values}
+    values = {"heartbeat_at": utcnow(), "recipe": "int8_dynamic", **values}
     with factory.begin() as s:
-        job = Job(id="0" * 8 + "-0000-4000-8000-" + "0" * 12, model_id="m", recipe="int8_dynamic", options={},
+        job = Job(id="0" * 8 + "-0000-4000-8000-" + "0" * 12, model_id="m", options={},
                   queue="cpu", status="running", progress=10, attempts=1, cancel_requested=False,
                   created_at=utcnow(), **values)
         s.add(job)
@@ -81,3 +81,34 @@ def test_the_last_attempt_lost_fails_the_job(factory: sessionmaker[Session]) -> 
     row = _row(factory, job_id)
     assert (row.status, row.error_code) == ("failed", "worker_lost")
     assert f"died {MAX_ATTEMPTS} times" in (row.error_message or "")
+
+
+def test_an_auto_job_waiting_for_its_queued_candidates_is_not_stale(factory: sessionmaker[Session]) -> None:
+    from app.jobs.models import AutoCandidate
+    from worker.tasks import sweep_stale
+
+    old = utcnow() - timedelta(seconds=600)
+    job_id = _job(factory, recipe="auto", heartbeat_at=old)
+    with factory.begin() as s:
+        s.add(AutoCandidate(id="c" * 8 + "-0000-4000-8000-" + "0" * 12, job_id=job_id, attempt=1, idx=1, round=1,
+                            candidate={"recipe": "int8_dynamic"}, status="pending"))
+    enqueued: list[str] = []
+    asked: list[set[str]] = []
+
+    def held(queues: set[str]) -> set[str]:
+        asked.append(queues)
+        return {job_id}
+
+    # The broker still carries its candidates' messages: they wait for a free worker.
+    assert sweep_stale(factory, 120, lambda j, q: enqueued.append(j), held) == []
+    assert asked == [{"cpu"}] and _row(factory, job_id).status == "running"
+    # The messages are gone (a broker that lost its data): the job is queued again.
+    assert sweep_stale(factory, 120, lambda j, q: enqueued.append(j), lambda q: set()) == [job_id]
+    assert enqueued == [job_id] and _row(factory, job_id).status == "queued"
+
+
+def test_a_stale_job_of_another_recipe_is_requeued_whatever_the_broker_holds(factory: sessionmaker[Session]) -> None:
+    from worker.tasks import sweep_stale
+
+    job_id = _job(factory, heartbeat_at=utcnow() - timedelta(seconds=600))
+    assert sweep_stale(factory, 120, lambda j, q: None, lambda q: {job_id}) == [job_id]
