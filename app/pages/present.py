@@ -240,6 +240,16 @@ FAILURE_HINTS = {
     "time budget, or download the closest configuration and decide yourself.",
     "accuracy_target_required": "The auto recipe needs an accuracy target: give a metric and a minimum or an "
     "allowed drop.",
+    "out_of_memory": "The job hit the server's memory limit for one job. A smaller batch size or fewer samples "
+    "lower it; a model that asks for huge tensors needs a server with a higher LOWBIT_JOB_MEMORY_LIMIT_MB.",
+    "cpu_time_exceeded": "The job used up its CPU time. Fewer calibration samples or latency runs shorten it; a "
+    "model that loops for a very long time will not finish at all.",
+    "job_timeout": "The job ran past the server's time limit for one job. Fewer calibration samples or latency "
+    "runs shorten it.",
+    "engine_crashed": "The process quantizing the model died. Check that the model runs in ONNX Runtime on a "
+    "few samples; if it does, submit the job again (the server may have run short of memory).",
+    "worker_lost": "The workers running this job stopped several times (restarts or crashes). Submit it again; "
+    "if it keeps happening, the model may need more memory than the workers have.",
 }
 
 
