@@ -509,29 +509,11 @@ def _cleanup_work(path: Path) -> None:
 
 def evaluate_target(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     """Was the user's accuracy target met? Int8 recipes do not search for it; they report against it."""
-    metric = target["metric"]
-    acc = report["accuracy"]
-    original: float | None
-    if metric == "label_accuracy":
-        labels = acc.get("labels")
-        value = labels["quantized"] if labels else None
-        original = labels["original"] if labels else None
-    else:
-        vals = [o[metric] for o in acc["outputs"] if o.get(metric) is not None]
-        if metric == "sqnr_db":
-            # sqnr_db is null for an output reproduced exactly (infinite SQNR): it meets any minimum.
-            exact = [o for o in acc["outputs"] if o.get("sqnr_db") is None and o.get("max_abs_error") == 0]
-            if exact and len(exact) == len(acc["outputs"]):
-                return {**target, "value": None, "met": True, "note": "every output reproduced exactly"}
-        value = min(vals) if vals else None
-        original = {"cosine": 1.0, "top1_agreement": 1.0}.get(metric)
-    met: bool | None = None
-    if value is not None:
-        if target.get("min") is not None:
-            met = value >= float(target["min"])
-        elif target.get("max_drop") is not None and original is not None:
-            met = (original - value) <= float(target["max_drop"])
-    return {**target, "value": value, "met": met}
+    from worker.engine.auto import measure
+
+    measured = measure(target, report)
+    extra = {"note": measured["note"]} if "note" in measured else {}
+    return {**target, "value": measured["value"], "met": measured["met"], **extra}
 
 
 @celery_app.task(name=TASK_RUN_JOB, acks_late=True, ignore_result=True)
