@@ -141,14 +141,6 @@ def running_in(stack: Stack, job_id: str, worker: Proc) -> tuple[int, int]:
     return found
 
 
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
 def test_hostile_models_fail_their_own_jobs_and_the_worker_runs_the_next(stack: Stack, zoo: dict[str, Path],
                                                                         tmp_path: Path, procs: list[Proc]) -> None:
     worker = stack.worker("hostile", procs)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,6 @@ from tests.e2e.test_faults import SLOW, until
 
 pytestmark = pytest.mark.slow
 QUICK = '{"recipe": "int8_dynamic", "options": {"latency_runs": 2}}'
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def _submit(client: object, model: Path, data: Path, config: str) -> str:
