@@ -209,6 +209,9 @@ def plan_candidates(model_path: Path, opts: RecipeOptions) -> list[Candidate]:
     out.append(Candidate("int8_dynamic", dict(common), user_excluded))
     if has_matmul_weights(model_path):
         out.append(Candidate("int4_weight_only", dict(calibrated), user_excluded))
+        # 4-bit weights, and int8 for everything else the 4-bit recipe leaves in float.
+        out.append(Candidate("int4_weight_only", {**calibrated, "int8_activations": True,
+                                                  "method": ANALYSIS_METHOD}, user_excluded))
     out.append(Candidate("fp16", dict(common), user_excluded))
     return out
 
@@ -248,7 +251,9 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
     out: list[Candidate] = []
     for recipe in FALLBACK_RECIPES:
         keep = best_static.candidate.branch if recipe == "int8_static" and best_static is not None else None
-        branch = [r for r in done if r.candidate.recipe == recipe and (keep is None or r.candidate.branch == keep)]
+        # (The 4-bit + int8 hybrid is a first-round candidate only: the plain 4-bit branch is extended.)
+        branch = [r for r in done if r.candidate.recipe == recipe and (keep is None or r.candidate.branch == keep)
+                  and not r.candidate.options.get("int8_activations")]
         if not branch:
             continue
         last = max(branch, key=lambda r: len(r.candidate.excluded_nodes))

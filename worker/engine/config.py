@@ -27,7 +27,8 @@ RECIPE_OPTIONS: dict[str, frozenset[str]] = {
                                         "reduce_range", "max_calibration_samples", "op_types_to_quantize"}),
     "int8_dynamic": frozenset(_COMMON | {"per_channel", "reduce_range", "op_types_to_quantize"}),
     "int4_weight_only": frozenset(_COMMON | {"algorithm", "block_size", "symmetric", "accuracy_level",
-                                             "quantize_embeddings", "max_calibration_samples"}),
+                                             "quantize_embeddings", "max_calibration_samples", "int8_activations",
+                                             "method", "percentile", "per_channel"}),
     "fp16": frozenset(_COMMON | {"keep_io_types", "op_block_list"}),
     # auto: the candidates take the common options (and max_calibration_samples where they calibrate).
     "auto": frozenset(_COMMON | {"max_calibration_samples", "max_fallback_steps"}),
@@ -60,6 +61,9 @@ class RecipeOptions:
     symmetric: bool = True
     accuracy_level: int = 0
     quantize_embeddings: bool = False
+    # int4_weight_only: also run everything that stays outside the 4-bit MatMuls (activation x activation
+    # MatMuls, Conv, Add, embeddings...) in int8 QDQ, calibrated on the 4-bit model with ``method``.
+    int8_activations: bool = False
     # fp16
     keep_io_types: bool = True
     op_block_list: tuple[str, ...] | None = None
@@ -166,6 +170,7 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
                 "invalid_option", "ONNX Runtime's calibrators have no 'mse' method; use calibrator 'lowbit'"
             )
     for name in ("per_channel", "symmetric_activations", "reduce_range", "symmetric", "quantize_embeddings",
+                 "int8_activations",
                  "keep_io_types", "train_weight_ranges", "train_activation_ranges", "task_loss"):
         if name in raw:
             kw[name] = _bool(name, raw[name])
@@ -205,7 +210,7 @@ def calibrates(recipe: str, opts: RecipeOptions, has_calibration: bool) -> bool:
         return True
     if recipe == "int4_weight_only":
         algorithm = opts.algorithm or ("clip_search" if has_calibration else "rtn")
-        return algorithm in INT4_CALIBRATED
+        return algorithm in INT4_CALIBRATED or opts.int8_activations
     return False
 
 

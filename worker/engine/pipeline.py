@@ -251,7 +251,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     # Load the original model in ONNX Runtime first: a model it cannot run fails here, clearly.
     original_session = runtime.make_session(Path(cfg.model_path), providers, cfg.threads, "model")
     # Only int8 per-channel weights need opset 13; other recipes go on (with a warning) if it can't be had.
-    needs_13 = opts.per_channel and cfg.recipe in ("int8_static", "int8_dynamic")
+    needs_13 = opts.per_channel and (cfg.recipe in ("int8_static", "int8_dynamic") or opts.int8_activations)
     norm = normalize(Path(cfg.model_path), work / "prep", per_channel=needs_13)
     warnings.extend(norm.warnings)
     step("preparing", 1.0)
@@ -338,6 +338,9 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     elif cfg.recipe == "int4_weight_only":
         int4 = _run_int4(cfg, opts, info, split, data, norm.path, quant_path, providers, step, warnings)
         calibration = int4.calibration
+        if opts.int8_activations:
+            elsewhere = _int8_elsewhere(cfg, opts, info, split, data, quant_path, work, providers, step, warnings)
+            calibration = {**(calibration or {}), "int8_elsewhere": elsewhere}
     elif cfg.recipe == "fp16":
         step("quantizing", 0.0)
         kept = convert_fp16(norm.path, quant_path, opts)
@@ -526,6 +529,30 @@ def _prepare_pt2(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Pro
     warnings.extend(source.warnings)
     step("preparing", 0.6)
     return source, dataclasses.replace(cfg, model_path=source.onnx_path)
+
+
+def _int8_elsewhere(cfg: QuantizeConfig, opts: RecipeOptions, info: ModelInfo, split: Split, data: _Data,
+                   model: Path, work: Path, providers: list[str], step: ProgressFn,
+                   warnings: list[str]) -> dict[str, Any]:
+    """int4 weights plus int8 activations: calibrate the 4-bit model (its MatMulNBits stay as they are) and
+    quantize every other quantizable operator to int8 QDQ, in place of ``model``."""
+    assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+    c0, c1 = split.calib_range
+    int4_model = onnx.load(str(model))
+    tensors = select_tensors(int4_model, opts.op_types_to_quantize or None)
+    step("calibrating", 0.5)
+    settings = CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations)
+    cal = calibrate(model, tensors, batch_source(data.calib_reader, info.inputs, split.calib_plan, c0, c1),
+                    settings, providers, cfg.threads, op_types=opts.op_types_to_quantize or None,
+                    excluded_nodes=opts.nodes_to_exclude)
+    ranges_path = work / "int8-elsewhere-ranges.json"
+    write_ort_ranges(cal.ranges, ranges_path)
+    hybrid = work / "int4-int8.onnx"
+    step("quantizing", 0.5)
+    _warn_forced(_quantize_static(model, hybrid, ranges_path, opts, cal.nonfinite_tensors), warnings)
+    os.replace(hybrid, model)
+    return {"method": cal.method, "samples": cal.samples, "tensors": cal.tensors, "observed_tensors": cal.observed,
+            "seconds": round(cal.seconds, 3)}
 
 
 def _run_int4(

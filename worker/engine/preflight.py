@@ -47,6 +47,12 @@ def plan_split(
             f"int4 algorithm '{opts.algorithm}' learns from calibration data: give a calibration dataset, "
             "or use algorithm 'rtn' (round-to-nearest, no calibration) or 'hqq'",
         )
+    if recipe == "int4_weight_only" and opts.int8_activations and calib is None:
+        raise EngineError(
+            "calibration_required",
+            "int8_activations calibrates int8 ranges for the operators outside the 4-bit MatMuls: give a "
+            "calibration dataset, or leave int8_activations off",
+        )
     cplan = plan_feeds(inputs, calib, opts.batch_size, "calibration") if calib else None
     eplan = plan_feeds(inputs, ev, opts.batch_size, "evaluation") if ev else None
     learns = calibrates(recipe, opts, calib is not None)

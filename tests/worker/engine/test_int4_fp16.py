@@ -218,3 +218,23 @@ def test_gemm_rewrite_keeps_initializers_used_by_subgraphs() -> None:
     x = rng.standard_normal((2, 8)).astype(np.float32)
     (z,) = sess.run(None, {"x": x, "cond": np.array(True)})
     np.testing.assert_allclose(z, 2.0 * x @ w.T, rtol=1e-5)
+
+
+def test_int4_weights_with_int8_activations_elsewhere(zoo: dict[str, Path], tmp_path: Path) -> None:
+    plain = _run(zoo["tf"], tmp_path, zoo["tf_data"], algorithm="rtn")
+    hybrid = _run(zoo["tf"], tmp_path, zoo["tf_data"], algorithm="rtn", int8_activations=True)
+    artifact = onnx.load(str(max(tmp_path.glob("int4_weight_only-*.onnx"), key=lambda p: p.stat().st_mtime)))
+    ops = {n.op_type for n in artifact.graph.node}
+    # Weight MatMuls in 4 bits, the rest (attention's activation MatMuls, embeddings...) in int8 QDQ.
+    assert {"MatMulNBits", "QuantizeLinear", "DequantizeLinear"} <= ops
+    precisions = {x["precision"] for x in hybrid["layers"]}
+    assert {"int4", "int8"} <= precisions, hybrid["layers"]
+    assert hybrid["size"]["quantized_bytes"] < plain["size"]["quantized_bytes"]
+    assert hybrid["calibration"]["int8_elsewhere"]["samples"] > 0
+    assert hybrid["accuracy"]["outputs"][0]["cosine"] > 0.98
+
+
+def test_int8_activations_needs_calibration_data(zoo: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(EngineError) as info:
+        _run(zoo["mlp"], tmp_path, None, algorithm="rtn", int8_activations=True)
+    assert info.value.code == "calibration_required"
