@@ -13,8 +13,8 @@ and method runs, each in a fresh process so that peak memory is clean:
 
 It prints wall time and peak RSS of each, the lowbit/ORT ratios, and the quality of the result: for
 minmax the largest relative difference between the two calibrators' ranges as the quantizer uses them
-(should be ~0), for the other methods the SQNR (dB) against fp32 of the model quantized with each calibrator's ranges, on 64
-held-out samples. Ratios come from runs made in this same invocation, on this machine.
+(should be ~0), for the other methods the SQNR (dB) against fp32 of the model quantized with each
+calibrator's ranges, on 64 held-out samples. Ratios come from runs made in this same invocation, on this machine.
 """
 
 from __future__ import annotations
@@ -153,9 +153,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     elif spec["what"] == "lowbit":
         import onnx
 
-        tensors = select_tensors(onnx.load(str(model)))
+        proto = onnx.load(str(model))
+        tensors = select_tensors(proto)
         res = calibrate(model, tensors, _batches(model, data, 0, n), CalibrationSettings(spec["method"]), cpu,
-                        THREADS, total_samples=n)
+                        THREADS, total_samples=n, model=proto)
         out["ranges"] = res.ranges
     else:
         # ORT's histogram collectors need equal batch sizes; n is a multiple of BATCH here.

@@ -219,28 +219,28 @@ def augment(model: onnx.ModelProto, tensors: list[str]) -> bytes:
     return m.SerializeToString()
 
 
-def augment_minmax(model: onnx.ModelProto, tensors: list[str],
-                   inplace: bool = False) -> tuple[bytes, dict[str, tuple[str, str]]]:
+def augment_minmax(model_path: Path, model: onnx.ModelProto,
+                   tensors: list[str]) -> tuple[bytes, dict[str, tuple[str, str]]]:
     """The model with a ReduceMin and a ReduceMax per observed tensor, so that a run returns two
-    scalars per tensor instead of whole activations (min/max needs nothing else). ``inplace`` edits
-    ``model`` itself (the caller's own copy) instead of copying its weights first."""
-    if inplace:
-        m = model
-    else:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-    vis = {vi.name: vi for vi in m.graph.value_info}
-    vis.update({vi.name: vi for vi in m.graph.input})
-    vis.update({vi.name: vi for vi in m.graph.output})
+    scalars per tensor instead of whole activations (min/max needs nothing else).
+
+    Built without copying or re-serializing the weights: a serialized protobuf message followed by another
+    one parses as their merge (repeated fields appended), so the file's own bytes followed by a ModelProto
+    holding only the new nodes and outputs is the augmented model. ``model`` (the same file, parsed) only
+    supplies the observed tensors' element types."""
+    vis = {vi.name: vi for vi in model.graph.value_info}
+    vis.update({vi.name: vi for vi in model.graph.input})
+    vis.update({vi.name: vi for vi in model.graph.output})
+    delta = onnx.ModelProto()
     names: dict[str, tuple[str, str]] = {}
     for i, t in enumerate(tensors):
         elem = vis[t].type.tensor_type.elem_type if t in vis else TensorProto.FLOAT
         pair = (f"lowbit_calib_min_{i}", f"lowbit_calib_max_{i}")
         for op, out in zip(("ReduceMin", "ReduceMax"), pair, strict=True):
-            m.graph.node.append(onnx.helper.make_node(op, [t], [out], name=out, keepdims=0))
-            m.graph.output.append(onnx.helper.make_tensor_value_info(out, elem, []))
+            delta.graph.node.append(onnx.helper.make_node(op, [t], [out], name=out, keepdims=0))
+            delta.graph.output.append(onnx.helper.make_tensor_value_info(out, elem, []))
         names[t] = pair
-    return m.SerializeToString(), names
+    return Path(model_path).read_bytes() + delta.SerializeToString(), names
 
 
 # Ops whose first output holds exactly the values of their first input, rearranged: its range (and its
@@ -504,7 +504,7 @@ def _groups_by_bytes(sizes: dict[str, int], budget: int) -> list[list[str]]:
 
 
 def collect_stats(
-    model_path: Path | onnx.ModelProto,
+    model_path: Path,
     tensors: list[str],
     batches: Batches,
     settings: CalibrationSettings,
@@ -512,12 +512,11 @@ def collect_stats(
     threads: int,
     progress: Progress | None = None,
     total_samples: int | None = None,
+    model: onnx.ModelProto | None = None,
 ) -> tuple[dict[str, TensorStats], int, int]:
     """One streaming pass (or one per group of tensors for very wide models). Returns
-    (stats, samples seen, passes)."""
-    # A proto passed in is the caller's to give: the min/max augmentation edits it in place.
-    owned = isinstance(model_path, onnx.ModelProto)
-    model = model_path if isinstance(model_path, onnx.ModelProto) else onnx.load(str(model_path))
+    (stats, samples seen, passes). ``model``: the file at ``model_path``, already parsed by the caller."""
+    model = model if model is not None else onnx.load(str(model_path))
     with_hist = settings.method != "minmax"
     stats = {t: TensorStats(settings.num_bins, with_hist) for t in tensors}
     groups = [list(tensors)]
@@ -526,7 +525,7 @@ def collect_stats(
     g = 0
     if not with_hist:
         # min/max: reduce inside ONNX Runtime; only scalars cross into Python.
-        blob, pairs = augment_minmax(model, list(tensors), inplace=owned)
+        blob, pairs = augment_minmax(model_path, model, list(tensors))
         session = runtime.make_session(blob, providers, threads, "model for calibration")
         names = [o.name for o in session.get_outputs()]
         for feed, n in batches():
@@ -599,14 +598,17 @@ def calibrate(
     cache_key: dict[str, object] | None = None,
     excluded_nodes: Iterable[str] = (),
     op_types: Iterable[str] | None = None,
+    model: onnx.ModelProto | None = None,
 ) -> CalibrationResult:
     """Observe ``tensors`` over the calibration batches and return a range for each.
 
-    ``batches`` is called once per pass and must yield (feed, sample_count) pairs. With a cache and
+    ``batches`` is called once per pass and must yield (feed, sample_count) pairs. ``model``: the file at
+    ``model_path`` already parsed by the caller (it is only read), to save parsing it again. With a cache and
     a key describing the model and data, statistics are reused across runs and methods.
     """
     started = time.perf_counter()
-    model = onnx.load(str(model_path))
+    if model is None:
+        model = onnx.load(str(model_path))
     plan = plan_observation(model, tensors, excluded_nodes, op_types)
     key = StatsCache.key(cache_key) if cache is not None and cache_key is not None else None
     need_hist = settings.method != "minmax"
@@ -617,7 +619,7 @@ def calibrate(
             progress(1.0)
     else:
         stats, samples, passes = collect_stats(
-            model, plan.observe, batches, settings, providers, threads, progress, total_samples
+            model_path, plan.observe, batches, settings, providers, threads, progress, total_samples, model
         )
         if cache is not None and key and samples:
             cache.save(key, stats, samples)

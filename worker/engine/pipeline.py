@@ -306,6 +306,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
                 cache_key=cache_key,
                 excluded_nodes=opts.nodes_to_exclude,
                 op_types=opts.op_types_to_quantize or None,
+                model=normalized,
             )
         if cal.samples == 0:
             raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
@@ -544,7 +545,7 @@ def _int8_elsewhere(cfg: QuantizeConfig, opts: RecipeOptions, info: ModelInfo, s
     settings = CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations)
     cal = calibrate(model, tensors, batch_source(data.calib_reader, info.inputs, split.calib_plan, c0, c1),
                     settings, providers, cfg.threads, op_types=opts.op_types_to_quantize or None,
-                    excluded_nodes=opts.nodes_to_exclude)
+                    excluded_nodes=opts.nodes_to_exclude, model=int4_model)
     ranges_path = work / "int8-elsewhere-ranges.json"
     write_ort_ranges(cal.ranges, ranges_path)
     hybrid = work / "int4-int8.onnx"
