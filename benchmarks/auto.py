@@ -122,7 +122,8 @@ def print_table(report: dict[str, Any], metric: str) -> None:
           f"{'secs':>6}  worker")
     for i, c in enumerate(report["candidates"]):
         method = c["options"].get("method")
-        name = c["recipe"] + (f" ({method})" if method else "")
+        hybrid = " +int8 act" if c["options"].get("int8_activations") else ""
+        name = c["recipe"].replace("_weight_only", "") + hybrid + (f" ({method})" if method else "")
         kept = ", ".join(c["excluded_nodes"]) or "-"
         mark = " *" if chosen and c["recipe"] == chosen.get("recipe") and \
             c["excluded_nodes"] == chosen.get("excluded_nodes") and method == chosen["options"].get("method") else ""

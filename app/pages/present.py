@@ -351,6 +351,13 @@ class CandidateRow:
     note: str
 
 
+def candidate_label(recipe: str, options: dict[str, Any]) -> str:
+    """``int8_static (entropy)``, ``int4_weight_only + int8 activations (entropy)``..."""
+    method = options.get("method")
+    hybrid = " + int8 activations" if options.get("int8_activations") else ""
+    return recipe + hybrid + (f" ({method})" if method else "")
+
+
 def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
     """The auto report's candidates as table rows, smallest first, the chosen one marked."""
     chosen = report.get("chosen") or {}
@@ -365,7 +372,7 @@ def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
         met = status if status in ("skipped", "failed") else ("met" if c.get("met_target") else "missed")
         metric = c.get("metric")
         rows.append(CandidateRow(
-            label=str(c.get("recipe", "?")) + (f" ({method})" if method else ""),
+            label=candidate_label(str(c.get("recipe", "?")), opts),
             recipe=str(c.get("recipe", "?")),
             options=json.dumps(opts, sort_keys=True) if opts else "",
             excluded=[str(n) for n in c.get("excluded_nodes") or []],

@@ -245,3 +245,12 @@ def test_auto_through_the_upload_form(sqlite_api: Harness, tmp_path: Path) -> No
     job = api.client.get(f"/api/v1/jobs/{job_id}").json()
     assert job["recipe"] == "auto" and job["accuracy_target"] == {"metric": "cosine", "min": 0.99}
     assert api.queue.enqueued == [(job_id, "cpu")]
+
+
+def test_candidate_labels_name_the_hybrid() -> None:
+    from app.pages.present import candidate_label
+
+    assert candidate_label("int4_weight_only", {"int8_activations": True, "method": "entropy"}) == \
+        "int4_weight_only + int8 activations (entropy)"
+    assert candidate_label("int8_static", {"method": "minmax"}) == "int8_static (minmax)"
+    assert candidate_label("fp16", {}) == "fp16"
