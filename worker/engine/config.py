@@ -84,6 +84,8 @@ class RecipeOptions:
     def to_dict(self, recipe: str = "int8_static") -> dict[str, Any]:
         """The options that apply to ``recipe``, defaults filled in (what a job records and reports)."""
         keys = RECIPE_OPTIONS.get(recipe, frozenset(f.name for f in fields(self)))
+        if recipe == "int4_weight_only" and not self.int8_activations:
+            keys = keys - INT8_ELSEWHERE_OPTIONS
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.name not in keys:
@@ -145,6 +147,10 @@ def check_recipe(recipe: str) -> None:
         )
 
 
+# int4_weight_only options that only mean something with int8_activations (they calibrate the int8 part).
+INT8_ELSEWHERE_OPTIONS = frozenset({"method", "percentile", "per_channel"})
+
+
 def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
     """Validate user options for ``recipe``; raises EngineError('invalid_option'|'unknown_option')."""
     check_recipe(recipe)
@@ -201,6 +207,14 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
     for name in ("nodes_to_exclude", "op_types_to_quantize", "op_block_list"):
         if name in raw:
             kw[name] = _names(name, raw[name])
+    if recipe == "int4_weight_only" and not kw.get("int8_activations"):
+        stray = sorted(INT8_ELSEWHERE_OPTIONS & set(raw))
+        if stray:
+            raise EngineError(
+                "invalid_option",
+                f"{', '.join(stray)} only apply to int4_weight_only together with int8_activations: true (they "
+                "calibrate the int8 part); the 4-bit weights alone take algorithm and block_size",
+            )
     return RecipeOptions(**kw)
 
 
