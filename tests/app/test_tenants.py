@@ -234,3 +234,6 @@ def test_keyless_server_still_separates_keyed_tenants(api: Harness, zoo: dict[st
     local = api.client.post("/api/v1/models", files={"file": ("m.onnx", zoo["mlp"].read_bytes())}).json()
     assert api.client.get(f"/api/v1/models/{local['id']}", headers=bearer(key)).status_code == 404
     assert api.client.get(f"/api/v1/models/{mine['id']}", headers=bearer(key)).status_code == 200
+    # A key that is sent is checked even here: a wrong one is refused, not treated as keyless.
+    r = api.client.get("/api/v1/jobs", headers=bearer(key[:-2] + ("xx" if not key.endswith("xx") else "yy")))
+    assert r.status_code == 401 and error_of(r) == "invalid_api_key"
