@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
@@ -97,4 +99,13 @@ def csrf_for(request: Request) -> str:
 
 
 def csrf_ok(request: Request, presented: str | None) -> bool:
-    return service.check_csrf(_secret(request), session_id(request), presented)
+    return same_origin(request) and service.check_csrf(_secret(request), session_id(request), presented)
+
+
+def same_origin(request: Request) -> bool:
+    """A form post from a page of this server: browsers send Origin on posts, and one naming another site
+    is refused (this also covers /login, which has no session to bind a token to yet)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # not a browser, or an old one: the token (or, for /login, the key itself) decides
+    return origin != "null" and urlsplit(origin).netloc == request.headers.get("host", "")

@@ -158,6 +158,8 @@ def _signed_in(request: Request, who: Principal, next_path: str) -> RedirectResp
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request, db: Session = Depends(get_db)) -> Response:
     """Check the key and set the session cookie; the key itself is not stored in the browser."""
+    if not auth.same_origin(request):
+        return _csrf_refused(request)
     form = await request.form(max_files=0, max_fields=5)
     key, next_raw = form.get("api_key"), form.get("next")
     next_path = _safe_next(next_raw if isinstance(next_raw, str) else None)

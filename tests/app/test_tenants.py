@@ -237,3 +237,26 @@ def test_keyless_server_still_separates_keyed_tenants(api: Harness, zoo: dict[st
     # A key that is sent is checked even here: a wrong one is refused, not treated as keyless.
     r = api.client.get("/api/v1/jobs", headers=bearer(key[:-2] + ("xx" if not key.endswith("xx") else "yy")))
     assert r.status_code == 401 and error_of(r) == "invalid_api_key"
+
+
+def test_cross_site_form_posts_are_refused_even_at_sign_in(keyed_api: Harness, zoo: dict[str, Path]) -> None:
+    """Login CSRF (signing a victim into the attacker's tenant) and forms posted from another site: the
+    browser's Origin header names the other site, and the post is refused."""
+    h = keyed_api
+    key = new_key(h, "acme")
+    evil = {"Origin": "https://evil.example"}
+    r = h.client.post("/login", data={"api_key": key, "next": "/"}, headers=evil, follow_redirects=False)
+    assert r.status_code == 403 and SESSION not in r.headers.get("set-cookie", "")
+    own = {"Origin": str(h.client.base_url).rstrip("/")}
+    r = h.client.post("/login", data={"api_key": key, "next": "/"}, headers=own, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["set-cookie"].startswith(SESSION)
+    job_id = submit(h, key, model_id=upload(h, key, zoo["mlp"])["id"], recipe="int8_dynamic").json()["id"]
+    token = re.search(r'name="csrf_token" value="([^"]+)"', h.client.get(f"/jobs/{job_id}").text)
+    assert token is not None
+    r = h.client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token.group(1)}, headers=evil,
+                      follow_redirects=False)
+    assert r.status_code == 403
+    assert h.client.get(f"/api/v1/jobs/{job_id}").json()["status"] == "queued"
+    r = h.client.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token.group(1)}, headers=own,
+                      follow_redirects=False)
+    assert r.status_code == 303
