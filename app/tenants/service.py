@@ -181,6 +181,12 @@ def check_upload_rate(db: Session, tenant_id: str, settings: Settings, files: in
     limit, _ = _limits(db, tenant_id, settings)
     if limit <= 0:
         return
+    if files > limit:  # this request alone is over the limit: waiting would never help
+        raise Invalid(
+            f"this request uploads {files} files and tenant '{tenant_name(db, tenant_id)}' may upload {limit} a "
+            "minute: upload them one at a time (POST /api/v1/models, /api/v1/datasets), then submit the job with "
+            "their ids", code="upload_rate_limited",
+        )
     since = utcnow() - timedelta(seconds=RATE_WINDOW_S)
     times = sorted(
         t for t in [

@@ -213,6 +213,12 @@ def test_upload_rate_limit_is_per_tenant_with_retry_after(keyed_api: Harness, zo
                       data={"config": '{"recipe": "int8_dynamic"}'}, headers=bearer(slow))
     assert r.status_code == 429 and error_of(r) == "upload_rate_limited"
     upload(h, other, zoo["mlp"])  # another tenant is not slowed down
+    # A single request with more files than the limit allows can never pass: a 422 that says what to do.
+    one = new_key(h, "one-a-minute", uploads_per_minute=1)
+    r = h.client.post("/api/v1/jobs", files={"model": ("m.onnx", zoo["mlp"].read_bytes()),
+                                             "calibration": ("d.npz", zoo["mlp_data"].read_bytes())},
+                      data={"config": '{"recipe": "int8_static"}'}, headers=bearer(one))
+    assert r.status_code == 422 and error_of(r) == "upload_rate_limited" and "one at a time" in r.text
 
 
 def test_active_job_limit_per_tenant(keyed_api: Harness, zoo: dict[str, Path]) -> None:
