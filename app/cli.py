@@ -142,14 +142,14 @@ def _reconcile_queue(s: Any) -> None:
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise SystemExit(f"--option expects KEY=VALUE, got {text!r}")
-    key, raw = text.split("=", 1)
+    """The client's --option parser, its refusal turned into this command's exit message."""
+    from app.client.cli import parse_option
+    from app.client.errors import LowbitClientError
+
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+        return parse_option(text)
+    except LowbitClientError as exc:
+        raise SystemExit(exc.message) from exc
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -193,7 +193,8 @@ def _error(exc: LowbitClientError, as_json: bool, job: Job | None = None) -> int
     return EXIT_REFUSED
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
+def parse_option(text: str) -> tuple[str, Any]:
+    """``--option KEY=VALUE``: the value as JSON when it parses, else the text itself."""
     if "=" not in text:
         raise LowbitClientError(f"--option expects KEY=VALUE, got {text!r}", code="invalid_option")
     key, raw = text.split("=", 1)
@@ -227,7 +228,7 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 def cmd_submit(args: argparse.Namespace) -> int:
     progress = Progress(enabled=False if args.json else None)
-    options = dict(_parse_option(o) for o in args.option or [])
+    options = dict(parse_option(o) for o in args.option or [])
     target = None
     if args.accuracy_target:
         try:
