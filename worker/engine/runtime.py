@@ -26,6 +26,17 @@ def select_providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+# On CUDA, ONNX Runtime multiplies fp32 matrices in TF32 by default (10-bit mantissa) and lets cuDNN
+# pick any convolution algorithm; both would make a GPU worker's calibration ranges and accuracy
+# figures drift from a CPU worker's on the same model and data. Keep fp32 arithmetic.
+CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "DEFAULT"}
+
+
+def provider_options(providers: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """Each provider with the options lowbit runs it with."""
+    return [(p, dict(CUDA_OPTIONS) if p == "CUDAExecutionProvider" else {}) for p in providers]
+
+
 def make_session(model: Path | bytes, providers: list[str], threads: int, what: str = "model") -> Any:
     import onnxruntime as ort
 
@@ -33,9 +44,11 @@ def make_session(model: Path | bytes, providers: list[str], threads: int, what: 
     so.intra_op_num_threads = max(1, threads)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if "CUDAExecutionProvider" in providers:
+        so.use_deterministic_compute = True
     try:
         src = str(model) if isinstance(model, Path) else model
-        return ort.InferenceSession(src, sess_options=so, providers=providers)
+        return ort.InferenceSession(src, sess_options=so, providers=provider_options(providers))
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineError(

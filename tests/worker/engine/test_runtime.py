@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 
 from worker.engine.errors import EngineError
-from worker.engine.runtime import select_providers
+from worker.engine.runtime import provider_options, select_providers
 
 
 def test_cpu_only_machine() -> None:
@@ -25,3 +25,11 @@ def test_cuda_is_preferred_when_present(monkeypatch: pytest.MonkeyPatch) -> None
     assert select_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert select_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert select_providers("cpu") == ["CPUExecutionProvider"]
+
+
+def test_cuda_runs_in_plain_fp32() -> None:
+    # TF32 matrix products would make a GPU worker's ranges differ from a CPU worker's.
+    opts = dict(provider_options(["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    assert opts["CUDAExecutionProvider"]["use_tf32"] == "0"
+    assert opts["CPUExecutionProvider"] == {}
+    assert provider_options(["CPUExecutionProvider"]) == [("CPUExecutionProvider", {})]
