@@ -14,7 +14,9 @@ and method runs, each in a fresh process so that peak memory is clean:
 It prints wall time and peak RSS of each, the lowbit/ORT ratios, and the quality of the result: for
 minmax the largest relative difference between the two calibrators' ranges as the quantizer uses them
 (should be ~0), for the other methods the SQNR (dB) against fp32 of the model quantized with each
-calibrator's ranges, on 64 held-out samples. Ratios come from runs made in this same invocation, on this machine.
+calibrator's ranges, on 64 held-out samples. Ratios come from runs made in this same invocation, on this machine;
+runs shorter than 5 s are repeated three times and the fastest kept. Each child imports onnxruntime and its
+quantization tools before its clock starts, as a worker's preloaded job process has them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ SEQ = 128
 BATCH = 8
 THREADS = 2
 MEMORY_CAP = 14 << 30
+SHORT_S = 5.0
+REPEATS = 3
 
 
 # ---------------------------------------------------------------- models and data (main process)
@@ -139,6 +143,11 @@ def _batches(model: Path, data: Path, start: int, stop: int, per_run: int | None
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
+    # Every child imports what a worker's job process has preloaded (worker.tasks.ENGINE_PRELOAD) before
+    # the clock starts: module imports are process start-up, not calibration.
+    import onnxruntime  # noqa: F401
+    import onnxruntime.quantization  # noqa: F401
+
     from worker.engine import runtime
     from worker.engine.calibrate import CalibrationSettings, calibrate, calibrate_with_ort, select_tensors
 
@@ -178,6 +187,19 @@ def peak_rss_mb() -> float:
 
 
 def measure(spec: dict[str, Any], work: Path) -> dict[str, Any]:
+    """One fresh process per run. A run under SHORT_S seconds is repeated and the fastest kept (its peak
+    memory too), so that sub-second timings are not one scheduling hiccup; all three columns alike."""
+    best = measure_once(spec, work)
+    for _ in range(REPEATS - 1):
+        if "seconds" not in best or best["seconds"] >= SHORT_S:
+            break
+        again = measure_once(spec, work)
+        if "seconds" in again and again["seconds"] < best["seconds"]:
+            best = again
+    return best
+
+
+def measure_once(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     spec_path = work / "spec.json"
     result_path = work / "result.json"
     result_path.unlink(missing_ok=True)

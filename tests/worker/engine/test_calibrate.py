@@ -322,3 +322,54 @@ def test_skipping_tensors_changes_nothing_in_the_quantized_model(zoo: dict[str, 
         m = onnx.load(str(tmp_path / f"{name}.onnx"))
         outputs.append({t.name: onnx.numpy_helper.to_array(t).tobytes() for t in m.graph.initializer})
     assert outputs[0] == outputs[1]  # every scale and zero point the same
+
+
+def test_minmax_reads_only_the_maximum_of_a_relu_output(tmp_path: Path) -> None:
+    # x + 4 then Relu: almost every value is positive, so the measured minimum is well above 0. The
+    # quantizer widens every range to include 0, so lowbit skips that tensor's ReduceMin (taking 0)
+    # and the quantized model must come out byte for byte the same as with ONNX Runtime's ranges.
+    from onnx import TensorProto, helper, numpy_helper
+
+    from worker.engine.calibrate import augment_minmax
+    from worker.engine.config import RecipeOptions
+    from worker.engine.pipeline import _quantize_static
+
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")
+    four = numpy_helper.from_array(np.full((16,), 4.0, np.float32), "four")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "four"], ["shifted"], name="add"),
+         helper.make_node("Relu", ["shifted"], ["act"], name="relu"),
+         helper.make_node("MatMul", ["act", "w"], ["y"], name="mm")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], [w, four],
+        value_info=[helper.make_tensor_value_info(t, TensorProto.FLOAT, ["n", 16]) for t in ("shifted", "act")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, str(path))
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+
+    def batches():  # type: ignore[no-untyped-def]
+        for i in range(0, 64, 16):
+            yield {"x": x[i:i + 16]}, 16
+
+    blob, pairs = augment_minmax(path, model, ["x", "act"])
+    assert pairs["act"][0] == "" and pairs["x"][0]  # only the Relu output skips its minimum
+    reduce_ops = [n.op_type for n in onnx.load_from_string(blob).graph.node if n.op_type.startswith("Reduce")]
+    assert sorted(reduce_ops) == ["ReduceMax", "ReduceMax", "ReduceMin"]
+
+    cpu = ["CPUExecutionProvider"]
+    tensors = select_tensors(model)
+    assert {"x", "shifted", "act"} <= set(tensors)
+    ours = calibrate(path, tensors, batches, CalibrationSettings("minmax"), cpu, 1)
+    theirs = calibrate_with_ort(path, batches, CalibrationSettings("minmax"), cpu, tmp_path / "ort")
+    assert ours.ranges["act"][0] == 0.0 and theirs.ranges["act"][0] > 0.5
+    assert ours.ranges["act"][1] == pytest.approx(theirs.ranges["act"][1], rel=1e-6)
+    initializers = []
+    for name, ranges in (("ours", ours.ranges), ("theirs", theirs.ranges)):
+        write_ort_ranges(ranges, tmp_path / f"{name}.json")
+        _quantize_static(path, tmp_path / f"{name}.onnx", tmp_path / f"{name}.json", RecipeOptions())
+        m = onnx.load(str(tmp_path / f"{name}.onnx"))
+        initializers.append({t.name: t.SerializeToString() for t in m.graph.initializer})
+    assert any("act" in k and k.endswith("_scale") for k in initializers[0])
+    assert initializers[0] == initializers[1]
