@@ -357,11 +357,14 @@ def range_from_histogram(
         return lo, hi
     nonneg = edges[0] >= 0.0
     if method == "percentile":
+        # The range keeps the central ``percentile`` % of the values: (100 - percentile) / 2 % is cut from
+        # each end (ONNX Runtime's definition). A tensor that cannot go negative keeps 0 as its low end
+        # (every range includes 0), so only its top end is cut, by that same half.
         cdf = np.cumsum(hist) / total
-        if nonneg:
-            idx = int(np.searchsorted(cdf, percentile / 100.0))
-            return 0.0, float(min(edges[min(idx + 1, len(edges) - 1)], hi))
         tail = (100.0 - percentile) / 200.0
+        if nonneg:
+            idx = int(np.searchsorted(cdf, 1.0 - tail))
+            return 0.0, float(min(edges[min(idx + 1, len(edges) - 1)], hi))
         i_lo = int(np.searchsorted(cdf, tail))
         i_hi = int(np.searchsorted(cdf, 1.0 - tail))
         return float(max(edges[i_lo], lo)), float(min(edges[min(i_hi + 1, len(edges) - 1)], hi))

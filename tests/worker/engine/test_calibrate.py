@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -265,7 +266,8 @@ def test_all_zero_first_batches_do_not_collapse_the_histogram() -> None:
         st.update(x)
     assert st.hist is not None and st.hist.sum() == 1000 + 40_000
     lo, hi = range_from_histogram(st.hist, st.edges(), "percentile", 99.9, st.lo, st.hi)
-    truth = float(np.quantile(np.concatenate([np.zeros(1000), *later]), 0.999))
+    # 99.9 % kept centrally: 0.05 % cut from the top (the bottom cut falls in the zeros).
+    truth = float(np.quantile(np.concatenate([np.zeros(1000), *later]), 0.9995))
     assert lo == 0.0 and hi == pytest.approx(truth, rel=0.05)
 
 
@@ -324,15 +326,9 @@ def test_skipping_tensors_changes_nothing_in_the_quantized_model(zoo: dict[str, 
     assert outputs[0] == outputs[1]  # every scale and zero point the same
 
 
-def test_minmax_reads_only_the_maximum_of_a_relu_output(tmp_path: Path) -> None:
-    # x + 4 then Relu: almost every value is positive, so the measured minimum is well above 0. The
-    # quantizer widens every range to include 0, so lowbit skips that tensor's ReduceMin (taking 0)
-    # and the quantized model must come out byte for byte the same as with ONNX Runtime's ranges.
+def _shifted_relu(tmp_path: Path) -> tuple[Path, onnx.ModelProto, Any]:
+    """x + 4, Relu, MatMul: almost every Relu output is positive, so its measured minimum is well above 0."""
     from onnx import TensorProto, helper, numpy_helper
-
-    from worker.engine.calibrate import augment_minmax
-    from worker.engine.config import RecipeOptions
-    from worker.engine.pipeline import _quantize_static
 
     rng = np.random.default_rng(3)
     w = numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w")
@@ -347,12 +343,23 @@ def test_minmax_reads_only_the_maximum_of_a_relu_output(tmp_path: Path) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "relu.onnx"
     onnx.save(model, str(path))
-    x = rng.standard_normal((64, 16)).astype(np.float32)
+    x = rng.standard_normal((2048, 16)).astype(np.float32)
 
     def batches():  # type: ignore[no-untyped-def]
-        for i in range(0, 64, 16):
-            yield {"x": x[i:i + 16]}, 16
+        for i in range(0, 2048, 256):
+            yield {"x": x[i:i + 256]}, 256
 
+    return path, model, batches
+
+
+def test_minmax_reads_only_the_maximum_of_a_relu_output(tmp_path: Path) -> None:
+    # The quantizer widens every range to include 0, so lowbit skips a Relu output's ReduceMin (taking 0)
+    # and the quantized model must come out byte for byte the same as with ONNX Runtime's ranges.
+    from worker.engine.calibrate import augment_minmax
+    from worker.engine.config import RecipeOptions
+    from worker.engine.pipeline import _quantize_static
+
+    path, model, batches = _shifted_relu(tmp_path)
     blob, pairs = augment_minmax(path, model, ["x", "act"])
     assert pairs["act"][0] == "" and pairs["x"][0]  # only the Relu output skips its minimum
     reduce_ops = [n.op_type for n in onnx.load_from_string(blob).graph.node if n.op_type.startswith("Reduce")]
@@ -363,7 +370,7 @@ def test_minmax_reads_only_the_maximum_of_a_relu_output(tmp_path: Path) -> None:
     assert {"x", "shifted", "act"} <= set(tensors)
     ours = calibrate(path, tensors, batches, CalibrationSettings("minmax"), cpu, 1)
     theirs = calibrate_with_ort(path, batches, CalibrationSettings("minmax"), cpu, tmp_path / "ort")
-    assert ours.ranges["act"][0] == 0.0 and theirs.ranges["act"][0] > 0.5
+    assert ours.ranges["act"][0] == 0.0 and theirs.ranges["act"][0] > 0.1
     assert ours.ranges["act"][1] == pytest.approx(theirs.ranges["act"][1], rel=1e-6)
     initializers = []
     for name, ranges in (("ours", ours.ranges), ("theirs", theirs.ranges)):
@@ -373,3 +380,20 @@ def test_minmax_reads_only_the_maximum_of_a_relu_output(tmp_path: Path) -> None:
         initializers.append({t.name: t.SerializeToString() for t in m.graph.initializer})
     assert any("act" in k and k.endswith("_scale") for k in initializers[0])
     assert initializers[0] == initializers[1]
+
+
+def test_percentile_keeps_the_central_share_as_onnxruntimes_does(tmp_path: Path) -> None:
+    # 99 % kept centrally: 0.5 % cut from each end. For the non-negative Relu output the bottom cut falls
+    # below its minimum, so only the top 0.5 % goes, as in ONNX Runtime's percentile calibrator.
+    path, model, batches = _shifted_relu(tmp_path)
+    settings = CalibrationSettings("percentile", percentile=99.0)
+    cpu = ["CPUExecutionProvider"]
+    ours = calibrate(path, select_tensors(model), batches, settings, cpu, 1)
+    theirs = calibrate_with_ort(path, batches, settings, cpu, tmp_path / "ort")
+    x = np.concatenate([f["x"] for f, _ in batches()])
+    act = np.maximum(x + 4.0, 0.0)
+    assert ours.ranges["act"][0] == 0.0
+    top = float(np.quantile(act, 0.995))
+    width = float(act.max()) / 1024  # ONNX Runtime's bins: 2048 over [-max, max]
+    assert abs(ours.ranges["act"][1] - top) < 2 * width
+    assert abs(ours.ranges["act"][1] - float(theirs.ranges["act"][1])) < 2 * width
