@@ -24,6 +24,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -397,10 +398,24 @@ def quantize(cfg: Any, emit: Emit) -> Any:
     QuantizeResult returned as a dict (see ``result_from``)."""
     from worker.engine import pipeline
 
+    temp_in(cfg.work_dir)
+
     def progress(stage: str, fraction: float) -> None:
         emit((stage, float(fraction)))
 
     return dataclasses.asdict(pipeline.run(cfg, progress))
+
+
+def temp_in(work_dir: Path | None) -> None:
+    """Send this process's temporary files into the job's work folder. ONNX Runtime's quantizer writes
+    whole copies of the model to the temp folder; the worker removes the work folder after every attempt,
+    also one whose child was killed at a limit, whereas files in the system temp folder would stay."""
+    if work_dir is None:
+        return
+    tmp = Path(work_dir) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(tmp)
+    os.environ["TMPDIR"] = str(tmp)  # for processes the engine starts (the .pt2 export child)
 
 
 def result_from(data: dict[str, Any]) -> Any:

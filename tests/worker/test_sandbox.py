@@ -176,3 +176,20 @@ def test_a_subverted_child_cannot_run_code_in_the_worker(tmp_path: Path) -> None
 
     pickle.loads(pickle.dumps(_Canary(str(tmp_path / "proof"))))
     assert (tmp_path / "proof").exists()
+
+
+def test_the_engines_temporary_files_go_in_the_work_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ONNX Runtime's quantizer writes model copies to the temp folder; in the work folder, the worker's
+    # cleanup removes them even after a child killed at a limit.
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "system-tmp"))
+    mlp = builders.mlp(tmp_path / "mlp.onnx")
+    data = builders.mlp_data(tmp_path / "mlp.npz", n=24, model=mlp)
+    cfg = _cfg(mlp, data, tmp_path / "out" / "q.onnx", recipe="int8_static")
+    seen: set[str] = set()
+    result = sandbox.quantize(cfg, lambda event: seen.add(tempfile.gettempdir()))
+    assert Path(result["artifact_path"]).is_file()
+    assert seen == {str(tmp_path / "out" / "work" / "tmp")}
+    assert os.environ["TMPDIR"] == str(tmp_path / "out" / "work" / "tmp")
