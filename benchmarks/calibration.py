@@ -14,9 +14,10 @@ and method runs, each in a fresh process so that peak memory is clean:
 It prints wall time and peak RSS of each, the lowbit/ORT ratios, and the quality of the result: for
 minmax the largest relative difference between the two calibrators' ranges as the quantizer uses them
 (should be ~0), for the other methods the SQNR (dB) against fp32 of the model quantized with each
-calibrator's ranges, on 64 held-out samples. Ratios come from runs made in this same invocation, on this machine;
-runs shorter than 5 s are repeated three times and the fastest kept. Each child imports onnxruntime and its
-quantization tools before its clock starts, as a worker's preloaded job process has them.
+calibrator's ranges, on 64 held-out samples (for percentile, which both define alike, also how far apart the
+two sets of ranges are, as a share of the range's width). Ratios come from runs made in this same invocation,
+on this machine; runs shorter than 5 s are repeated three times and the fastest kept. Each child imports
+onnxruntime and its quantization tools before its clock starts, as a worker's preloaded job process has them.
 """
 
 from __future__ import annotations
@@ -317,6 +318,19 @@ def row(n: int, method: str, base: dict[str, Any], ours: dict[str, Any], theirs:
         s_ours = sqnr_with(model, data, n_total, ours["ranges"], work)
         s_ort = f"{sqnr_with(model, data, n_total, theirs['ranges'], work):.2f}" if "ranges" in theirs else "-"
         quality = f"SQNR dB lowbit {s_ours:.2f} ORT {s_ort}"
+        if method == "percentile" and "ranges" in theirs:
+            # The same definition on both sides: how far apart the ranges are, as a share of each range's width
+            # (one 2048-bin histogram bin is 0.05 %), says how much of an SQNR difference is rounding noise.
+            import onnx
+
+            from worker.engine.calibrate import effective_ranges
+
+            proto = onnx.load(str(model), load_external_data=False)
+            mine = effective_ranges(proto, {k: tuple(v) for k, v in ours["ranges"].items()})
+            ort = effective_ranges(proto, {k: tuple(v) for k, v in theirs["ranges"].items()})
+            gap = max(abs(mine[t][i] - ort[t][i]) / max(ort[t][1] - ort[t][0], 1e-12)
+                      for t in set(mine) & set(ort) for i in (0, 1))
+            quality += f"; ranges {100 * gap:.2f}% apart"
     ort_s = f(theirs, "seconds", "7.2f") if "seconds" in theirs else theirs.get("error", "-")[:8]
     return (f"{n:>7} {method:<10} {f(base, 'seconds', '7.2f'):>7} {f(ours, 'seconds', '8.2f'):>8} {ort_s:>7} "
             f"{t_ratio:>8} {fp:>6} {f(ours, 'peak_rss_mb', '9.0f'):>9} {f(theirs, 'peak_rss_mb', '8.0f'):>8} "

@@ -360,14 +360,9 @@ def range_from_histogram(
         # The range keeps the central ``percentile`` % of the values: (100 - percentile) / 2 % is cut from
         # each end (ONNX Runtime's definition). A tensor that cannot go negative keeps 0 as its low end
         # (every range includes 0), so only its top end is cut, by that same half.
-        cdf = np.cumsum(hist) / total
         tail = (100.0 - percentile) / 200.0
-        if nonneg:
-            idx = int(np.searchsorted(cdf, 1.0 - tail))
-            return 0.0, float(min(edges[min(idx + 1, len(edges) - 1)], hi))
-        i_lo = int(np.searchsorted(cdf, tail))
-        i_hi = int(np.searchsorted(cdf, 1.0 - tail))
-        return float(max(edges[i_lo], lo)), float(min(edges[min(i_hi + 1, len(edges) - 1)], hi))
+        top = min(_quantile(hist, edges, total, 1.0 - tail), hi)
+        return (0.0 if nonneg else max(_quantile(hist, edges, total, tail), lo)), top
     # entropy and mse work on the magnitude histogram.
     if nonneg:
         mag, width, levels = hist.astype(np.float64), float(edges[1] - edges[0]), 255
@@ -389,6 +384,18 @@ def range_from_histogram(
     if nonneg:
         return 0.0, float(min(t, hi))
     return float(max(-t, lo)), float(min(t, hi))
+
+
+def _quantile(hist: np.ndarray, edges: np.ndarray, total: float, q: float) -> float:
+    """The q-quantile of the histogrammed values, interpolated linearly inside the bin it falls in (values
+    taken as spread evenly across their bin), rather than snapped to one of the bin's edges."""
+    cum = np.cumsum(hist, dtype=np.float64)
+    target = q * total
+    i = min(int(np.searchsorted(cum, target)), len(hist) - 1)
+    before = float(cum[i - 1]) if i > 0 else 0.0
+    inside = float(hist[i])
+    frac = min(max((target - before) / inside, 0.0), 1.0) if inside > 0 else 0.0
+    return float(edges[i] + frac * (edges[i + 1] - edges[i]))
 
 
 def _entropy_threshold(mag: np.ndarray, levels: int) -> int:

@@ -87,6 +87,15 @@ def test_percentile_follows_its_parameter(outlier_data: np.ndarray) -> None:
     assert 2.3 < r99 < 2.9
 
 
+def test_percentile_is_the_quantile_to_a_fraction_of_a_bin(outlier_data: np.ndarray) -> None:
+    # Interpolated inside the bin, not snapped to an edge: far closer than one bin to the exact quantile.
+    h, e = _hist(outlier_data)
+    width = float(e[1] - e[0])
+    lo, hi = range_from_histogram(h, e, "percentile", 99.9, float(outlier_data.min()), float(outlier_data.max()))
+    assert abs(lo - float(np.quantile(outlier_data, 0.0005))) < 0.25 * width
+    assert abs(hi - float(np.quantile(outlier_data, 0.9995))) < 0.25 * width
+
+
 def test_entropy_is_not_dragged_down_by_the_zeros_of_a_relu() -> None:
     """Half the values of a ReLU output are exact zeros. Zero is exact at any threshold, so the
     threshold must follow the positive part (half-normal: 99.9% below ~3.3), not collapse."""
