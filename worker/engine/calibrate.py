@@ -219,23 +219,31 @@ def augment(model: onnx.ModelProto, tensors: list[str]) -> bytes:
     return m.SerializeToString()
 
 
+NONNEGATIVE_OPS = frozenset({"Relu", "Softmax", "Sigmoid"})
+
+
 def nonnegative_outputs(model: onnx.ModelProto) -> set[str]:
-    """Tensors that cannot hold a negative value (Relu outputs). Their quantization range starts at 0
-    whatever their measured minimum: ONNX Runtime's quantizer widens every activation range to include 0."""
-    return {n.output[0] for n in model.graph.node if n.op_type == "Relu" and n.output}
+    """Tensors that cannot hold a negative value (outputs of Relu, Softmax, Sigmoid). Their quantization
+    range starts at 0 whatever their measured minimum: ONNX Runtime's quantizer widens every activation
+    range to include 0."""
+    return {n.output[0] for n in model.graph.node if n.op_type in NONNEGATIVE_OPS and n.output}
 
 
-def augment_minmax(model_path: Path, model: onnx.ModelProto,
-                   tensors: list[str]) -> tuple[bytes, dict[str, tuple[str, str]]]:
-    """The model with a ReduceMin and a ReduceMax per observed tensor, so that a run returns two
-    scalars per tensor instead of whole activations (min/max needs nothing else). A tensor that cannot
-    be negative gets only the ReduceMax (its minimum is taken as 0, see ``nonnegative_outputs``): each
-    reduction reads the whole activation, which on a small conv net is a third of the pass.
+def write_minmax_model(model_path: Path, model: onnx.ModelProto, tensors: list[str],
+                       dest: Path) -> dict[str, tuple[str, str]]:
+    """Write to ``dest`` the model with a ReduceMin and a ReduceMax per observed tensor, so that a run
+    returns two scalars per tensor instead of whole activations (min/max needs nothing else). A tensor
+    that cannot be negative gets only the ReduceMax (its minimum is taken as 0, see
+    ``nonnegative_outputs``): each reduction reads the whole activation. Returns, per tensor, the names
+    of its (min, max) outputs; "" for a minimum not computed.
 
-    Built without copying or re-serializing the weights: a serialized protobuf message followed by another
-    one parses as their merge (repeated fields appended), so the file's own bytes followed by a ModelProto
-    holding only the new nodes and outputs is the augmented model. ``model`` (the same file, parsed) only
-    supplies the observed tensors' element types."""
+    Built without copying the weights through Python: a serialized protobuf message followed by another
+    one parses as their merge (repeated fields appended), so the file's own bytes (copied by the kernel)
+    followed by a ModelProto holding only the new nodes and outputs is the augmented model, and ONNX
+    Runtime reads it from disk as it would the original. ``model`` (the same file, parsed) only supplies
+    the graph: the observed tensors' element types and the ops that produce them."""
+    import shutil
+
     vis = {vi.name: vi for vi in model.graph.value_info}
     vis.update({vi.name: vi for vi in model.graph.input})
     vis.update({vi.name: vi for vi in model.graph.output})
@@ -251,7 +259,10 @@ def augment_minmax(model_path: Path, model: onnx.ModelProto,
             delta.graph.node.append(onnx.helper.make_node(op, [t], [out], name=out, keepdims=0))
             delta.graph.output.append(onnx.helper.make_tensor_value_info(out, elem, []))
         names[t] = pair
-    return Path(model_path).read_bytes() + delta.SerializeToString(), names
+    shutil.copyfile(model_path, dest)  # sendfile(2) on Linux: no pass through this process's memory
+    with open(dest, "ab") as f:
+        f.write(delta.SerializeToString())
+    return names
 
 
 # Ops whose first output holds exactly the values of their first input, rearranged: its range (and its
@@ -546,9 +557,12 @@ def collect_stats(
     samples = 0
     g = 0
     if not with_hist:
-        # min/max: reduce inside ONNX Runtime; only scalars cross into Python.
-        blob, pairs = augment_minmax(model_path, model, list(tensors))
-        session = runtime.make_session(blob, providers, threads, "model for calibration")
+        # min/max: reduce inside ONNX Runtime; only scalars cross into Python. Models are self-contained
+        # (no external data), so the augmented copy can live anywhere; ONNX Runtime has read it once the
+        # session exists.
+        with tempfile.TemporaryDirectory(prefix="lowbit-minmax-") as tmp:
+            pairs = write_minmax_model(model_path, model, list(tensors), Path(tmp) / "minmax.onnx")
+            session = runtime.make_session(Path(tmp) / "minmax.onnx", providers, threads, "model for calibration")
         names = [o.name for o in session.get_outputs()]
         for feed, n in batches():
             got = dict(zip(names, runtime.run(session, feed, "model during calibration"), strict=True))

@@ -335,8 +335,9 @@ def test_skipping_tensors_changes_nothing_in_the_quantized_model(zoo: dict[str, 
     assert outputs[0] == outputs[1]  # every scale and zero point the same
 
 
-def _shifted_relu(tmp_path: Path) -> tuple[Path, onnx.ModelProto, Any]:
-    """x + 4, Relu, MatMul: almost every Relu output is positive, so its measured minimum is well above 0."""
+def _shifted_relu(tmp_path: Path, op: str = "Relu") -> tuple[Path, onnx.ModelProto, Any]:
+    """x + 4, Relu, MatMul: almost every Relu output is positive, so its measured minimum is well above 0.
+    With ``op`` Sigmoid or Softmax in the Relu's place, every output is."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)
@@ -344,7 +345,7 @@ def _shifted_relu(tmp_path: Path) -> tuple[Path, onnx.ModelProto, Any]:
     four = numpy_helper.from_array(np.full((16,), 4.0, np.float32), "four")
     graph = helper.make_graph(
         [helper.make_node("Add", ["x", "four"], ["shifted"], name="add"),
-         helper.make_node("Relu", ["shifted"], ["act"], name="relu"),
+         helper.make_node(op, ["shifted"], ["act"], name="act"),
          helper.make_node("MatMul", ["act", "w"], ["y"], name="mm")],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])], [w, four],
@@ -361,17 +362,19 @@ def _shifted_relu(tmp_path: Path) -> tuple[Path, onnx.ModelProto, Any]:
     return path, model, batches
 
 
-def test_minmax_reads_only_the_maximum_of_a_relu_output(tmp_path: Path) -> None:
+@pytest.mark.parametrize("op", ["Relu", "Sigmoid", "Softmax"])
+def test_minmax_reads_only_the_maximum_of_a_nonnegative_output(tmp_path: Path, op: str) -> None:
     # The quantizer widens every range to include 0, so lowbit skips a Relu output's ReduceMin (taking 0)
     # and the quantized model must come out byte for byte the same as with ONNX Runtime's ranges.
-    from worker.engine.calibrate import augment_minmax
+    from worker.engine.calibrate import write_minmax_model
     from worker.engine.config import RecipeOptions
     from worker.engine.pipeline import _quantize_static
 
-    path, model, batches = _shifted_relu(tmp_path)
-    blob, pairs = augment_minmax(path, model, ["x", "act"])
-    assert pairs["act"][0] == "" and pairs["x"][0]  # only the Relu output skips its minimum
-    reduce_ops = [n.op_type for n in onnx.load_from_string(blob).graph.node if n.op_type.startswith("Reduce")]
+    path, model, batches = _shifted_relu(tmp_path, op)
+    pairs = write_minmax_model(path, model, ["x", "act"], tmp_path / "minmax.onnx")
+    assert pairs["act"][0] == "" and pairs["x"][0]  # only the non-negative output skips its minimum
+    augmented = onnx.load(str(tmp_path / "minmax.onnx"))
+    reduce_ops = [n.op_type for n in augmented.graph.node if n.op_type.startswith("Reduce")]
     assert sorted(reduce_ops) == ["ReduceMax", "ReduceMax", "ReduceMin"]
 
     cpu = ["CPUExecutionProvider"]
@@ -379,7 +382,7 @@ def test_minmax_reads_only_the_maximum_of_a_relu_output(tmp_path: Path) -> None:
     assert {"x", "shifted", "act"} <= set(tensors)
     ours = calibrate(path, tensors, batches, CalibrationSettings("minmax"), cpu, 1)
     theirs = calibrate_with_ort(path, batches, CalibrationSettings("minmax"), cpu, tmp_path / "ort")
-    assert ours.ranges["act"][0] == 0.0 and theirs.ranges["act"][0] > 0.1
+    assert ours.ranges["act"][0] == 0.0 and theirs.ranges["act"][0] > (0.1 if op == "Relu" else 0.0)
     assert ours.ranges["act"][1] == pytest.approx(theirs.ranges["act"][1], rel=1e-6)
     initializers = []
     for name, ranges in (("ours", ours.ranges), ("theirs", theirs.ranges)):
