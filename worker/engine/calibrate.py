@@ -206,17 +206,25 @@ def select_tensors(model: onnx.ModelProto, op_types: Iterable[str] | None = None
     return out
 
 
-def augment(model: onnx.ModelProto, tensors: list[str]) -> bytes:
-    """The model with every observed tensor exposed as a graph output."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    vis = {vi.name: vi for vi in m.graph.value_info}
-    vis.update({vi.name: vi for vi in m.graph.input})
-    present = {o.name for o in m.graph.output}
+def write_with_outputs(model_path: Path, model: onnx.ModelProto, tensors: list[str], dest: Path) -> None:
+    """Write to ``dest`` the model with every observed tensor exposed as a graph output (built like
+    ``write_minmax_model``: the file's bytes, then a ModelProto holding only the new outputs)."""
+    vis = {vi.name: vi for vi in model.graph.value_info}
+    vis.update({vi.name: vi for vi in model.graph.input})
+    present = {o.name for o in model.graph.output}
+    delta = onnx.ModelProto()
     for name in tensors:
         if name not in present:
-            m.graph.output.append(vis[name])
-    return m.SerializeToString()
+            delta.graph.output.append(vis[name])
+    _write_merged(model_path, delta, dest)
+
+
+def _write_merged(model_path: Path, delta: onnx.ModelProto, dest: Path) -> None:
+    import shutil
+
+    shutil.copyfile(model_path, dest)  # sendfile(2) on Linux: no pass through this process's memory
+    with open(dest, "ab") as f:
+        f.write(delta.SerializeToString())
 
 
 NONNEGATIVE_OPS = frozenset({"Relu", "Softmax", "Sigmoid"})
@@ -242,8 +250,6 @@ def write_minmax_model(model_path: Path, model: onnx.ModelProto, tensors: list[s
     followed by a ModelProto holding only the new nodes and outputs is the augmented model, and ONNX
     Runtime reads it from disk as it would the original. ``model`` (the same file, parsed) only supplies
     the graph: the observed tensors' element types and the ops that produce them."""
-    import shutil
-
     vis = {vi.name: vi for vi in model.graph.value_info}
     vis.update({vi.name: vi for vi in model.graph.input})
     vis.update({vi.name: vi for vi in model.graph.output})
@@ -259,9 +265,7 @@ def write_minmax_model(model_path: Path, model: onnx.ModelProto, tensors: list[s
             delta.graph.node.append(onnx.helper.make_node(op, [t], [out], name=out, keepdims=0))
             delta.graph.output.append(onnx.helper.make_tensor_value_info(out, elem, []))
         names[t] = pair
-    shutil.copyfile(model_path, dest)  # sendfile(2) on Linux: no pass through this process's memory
-    with open(dest, "ab") as f:
-        f.write(delta.SerializeToString())
+    _write_merged(model_path, delta, dest)
     return names
 
 
@@ -574,7 +578,9 @@ def collect_stats(
         return stats, samples, 1
     while g < len(groups):
         group = groups[g]
-        session = runtime.make_session(augment(model, group), providers, threads, "model for calibration")
+        with tempfile.TemporaryDirectory(prefix="lowbit-calib-") as tmp:
+            write_with_outputs(model_path, model, group, Path(tmp) / "observed.onnx")
+            session = runtime.make_session(Path(tmp) / "observed.onnx", providers, threads, "model for calibration")
         names = [o.name for o in session.get_outputs()]
         index = {name: names.index(name) for name in group}
         samples = 0
