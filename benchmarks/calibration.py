@@ -15,9 +15,11 @@ It prints wall time and peak RSS of each, the lowbit/ORT ratios, and the quality
 minmax the largest relative difference between the two calibrators' ranges as the quantizer uses them
 (should be ~0), for the other methods the SQNR (dB) against fp32 of the model quantized with each
 calibrator's ranges, on 64 held-out samples (for percentile, which both define alike, also how far apart the
-two sets of ranges are, as a share of the range's width). Ratios come from runs made in this same invocation,
-on this machine; runs shorter than 5 s are repeated three times and the fastest kept. Each child imports
-onnxruntime and its quantization tools before its clock starts, as a worker's preloaded job process has them.
+two sets of ranges are, as a share of the range's width, and the SQNR spread of ORT's ranges with each end
+moved at random by up to that much: how much SQNR moves with range differences that small). Ratios come
+from runs made in this same invocation, on this machine; runs shorter than 5 s are repeated three times and
+the fastest kept. Each child imports onnxruntime and its quantization tools before its clock starts, as a
+worker's preloaded job process has them.
 """
 
 from __future__ import annotations
@@ -331,6 +333,15 @@ def row(n: int, method: str, base: dict[str, Any], ours: dict[str, Any], theirs:
             gap = max(abs(mine[t][i] - ort[t][i]) / max(ort[t][1] - ort[t][0], 1e-12)
                       for t in set(mine) & set(ort) for i in (0, 1))
             quality += f"; ranges {100 * gap:.2f}% apart"
+            # The noise floor of that comparison: ORT's own ranges with each end moved at random by up to that
+            # same share of the width, four times: the SQNR spread of range sets as far from ORT's as lowbit's.
+            rng = np.random.default_rng(0)
+            band = []
+            for _ in range(4):
+                moved = {t: [lo + rng.uniform(-gap, gap) * (hi - lo), hi + rng.uniform(-gap, gap) * (hi - lo)]
+                         for t, (lo, hi) in theirs["ranges"].items()}
+                band.append(sqnr_with(model, data, n_total, moved, work))
+            quality += f"; ORT's moved as far: {min(band):.2f}..{max(band):.2f}"
     ort_s = f(theirs, "seconds", "7.2f") if "seconds" in theirs else theirs.get("error", "-")[:8]
     return (f"{n:>7} {method:<10} {f(base, 'seconds', '7.2f'):>7} {f(ours, 'seconds', '8.2f'):>8} {ort_s:>7} "
             f"{t_ratio:>8} {fp:>6} {f(ours, 'peak_rss_mb', '9.0f'):>9} {f(theirs, 'peak_rss_mb', '8.0f'):>8} "
