@@ -13,6 +13,7 @@ request body is small JSON or a form and gets ``MAX_SMALL_BODY``.
 
 from __future__ import annotations
 
+import html
 import json
 from typing import Any
 
@@ -42,6 +43,24 @@ def body_limit(path: str, content_type: str, max_upload_bytes: int) -> int:
     if files and content_type.lower().startswith("multipart/form-data"):
         return files * max_upload_bytes + MULTIPART_OVERHEAD
     return MAX_SMALL_BODY
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MB"
+
+
+def _too_large_page(max_upload_bytes: int) -> bytes:
+    """The 413 for a browser's form post: a page, not JSON. Self-contained (no script, no inline style)."""
+    limit = html.escape(_mb(max_upload_bytes))
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>lowbit: upload too large</title>'
+        '<link rel="stylesheet" href="/static/style.css"></head><body><main><section class="card">'
+        '<h1>Upload too large</h1><div class="notice notice-bad" role="alert" id="size-error">'
+        f'<strong>The job was not created:</strong> <span data-field="size-error">this server takes files of at '
+        f'most {limit} each (its LOWBIT_MAX_UPLOAD_BYTES). Choose smaller files.</span> '
+        '<span class="muted">(<code>upload_too_large</code>)</span></div>'
+        '<p><a href="/">Back to the upload form</a></p></section></main></body></html>'
+    ).encode()
 
 
 def _too_large_message(limit: int) -> bytes:
@@ -75,10 +94,15 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        limit = body_limit(scope.get("path", ""), headers.get("content-type", ""), self._max_upload(scope))
+        max_upload = self._max_upload(scope)
+        path = scope.get("path", "")
+        limit = body_limit(path, headers.get("content-type", ""), max_upload)
+        # A browser posting a page form gets a page; API clients get the JSON error.
+        page = None if path.startswith("/api/") or "text/html" not in headers.get("accept", "") \
+            else _too_large_page(max_upload)
         declared = headers.get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            await _refuse(send, limit)
+            await _refuse(send, limit, page)
             return
 
         received = 0
@@ -111,16 +135,16 @@ class BodyLimit:
             if not tripped:
                 raise
         if tripped and not started:
-            await _refuse(send, limit)
+            await _refuse(send, limit, page)
 
 
-async def _refuse(send: Send, limit: int) -> None:
-    body = _too_large_message(limit)
+async def _refuse(send: Send, limit: int, page: bytes | None = None) -> None:
+    body = page if page is not None else _too_large_message(limit)
     await send({
         "type": "http.response.start",
         "status": 413,
         "headers": [
-            (b"content-type", b"application/json"),
+            (b"content-type", b"text/html; charset=utf-8" if page is not None else b"application/json"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
         ],

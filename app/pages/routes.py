@@ -39,12 +39,14 @@ def _error_page(request: Request, exc: LowbitError) -> HTMLResponse:
 
 
 def _common(request: Request, ctx: dict[str, Any]) -> dict[str, Any]:
-    """What every page's layout needs: the forms' CSRF token, and who is signed in (keyed servers)."""
+    """What every page's layout needs: the forms' CSRF token, who is signed in (keyed servers), and the
+    per-file upload limit (the upload form checks it before sending anything)."""
     who = getattr(request.state, "principal", None)
     signed_in = request.app.state.keys_required and who is not None and auth.session_id(request) != \
         auth.KEYLESS_SESSION
     ctx.update(csrf_token=auth.csrf_for(request), signed_in_as=ctx.get("signed_in_as") or
-               (who.tenant_name if signed_in and who else None))
+               (who.tenant_name if signed_in and who else None),
+               max_upload_bytes=request.app.state.settings.max_upload_bytes)
     return ctx
 
 

@@ -134,6 +134,25 @@ def test_declared_content_length_over_the_limit_is_refused_before_reading(api: H
     assert _incoming_files(api) == [] and _stored_files(api) == []
 
 
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_browser_posting_the_page_form_gets_a_page_not_json(api: Harness, declared: bool) -> None:
+    _small_limit(api)
+    counter = Counter()
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}", "accept": "text/html,*/*;q=0.8"}
+    if declared:
+        headers["content-length"] = str(512 * LIMIT + 200)
+    r = _post_streaming(api, "/jobs/new", _endless_multipart("model", counter, total=512 * LIMIT), headers)
+    assert r.status_code == 413 and r.headers["content-type"].startswith("text/html")
+    assert r.headers["connection"] == "close"
+    assert r.headers["x-content-type-options"] == "nosniff" and r.headers["content-security-policy"] == CSP
+    assert "upload_too_large" in r.text and "<script" not in r.text and 'href="/"' in r.text
+    assert f"at most {LIMIT / 2**20:.1f} MB each" in r.text
+    assert _incoming_files(api) == [] and _stored_files(api) == []
+    # The API answers JSON whatever the client accepts.
+    r = _post_streaming(api, "/api/v1/models", _endless_multipart("file", Counter(), total=512 * LIMIT), headers)
+    _assert_too_large(r)
+
+
 def test_endless_json_body_is_cut_off(api: Harness) -> None:
     counter = Counter()
     r = _post_streaming(api, "/api/v1/jobs", _endless_json(counter, total=512 * LIMIT),

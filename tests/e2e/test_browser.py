@@ -22,7 +22,7 @@ import pytest
 
 from tests import builders
 from tests.conftest import REQUIRE, SCREENSHOTS
-from tests.e2e.conftest import Proc, start_serve
+from tests.e2e.conftest import Proc, env_for, start_serve
 from tests.reports import at, expected_verdict, shown_as
 
 # The browser first: without chromium, skip before starting a server.
@@ -64,10 +64,15 @@ class Served:
     base: str
 
 
+# Per-file upload limit of the module's server: far above the test files, low enough to exceed cheaply.
+UPLOAD_LIMIT = 40 * 2**20
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     data = tmp_path_factory.mktemp("browser") / "lowbit-data"
-    proc, client = start_serve(data, data.parent / "serve.log")
+    proc, client = start_serve(data, data.parent / "serve.log",
+                               env=env_for(data, LOWBIT_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT)))
     try:
         yield Served(proc, client, str(client.base_url).rstrip("/"))
     finally:
@@ -369,6 +374,26 @@ def test_hostile_model_executes_nothing(served: Served, tabs: Any, files: dict[s
     assert builders.IMG_TAG in page.text_content("svg.chart-layers")
     page.screenshot(path=str(shots / "07-hostile-model.png"), full_page=True)
     assert tab.dialogs == []
+
+
+def test_a_file_over_the_upload_limit_is_refused_before_sending(served: Served, tabs: Any,
+                                                                tmp_path: Path, shots: Path) -> None:
+    # The server would refuse it unread; a browser still sending often shows that as a dropped connection.
+    big = tmp_path / "big.onnx"
+    with open(big, "wb") as f:
+        f.truncate(45 * 2**20)  # sparse: its size is all the form looks at
+    page = tabs().page
+    page.goto(served.base + "/")
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.set_input_files("input[name=model]", big)
+    page.click("form[action='/jobs/new'] button[type=submit]")
+    page.wait_for_selector("#size-error", state="visible")
+    assert page.inner_text("[data-field=size-error]") == (
+        "big.onnx is 45 MB; this server takes files of at most 40 MB (its LOWBIT_MAX_UPLOAD_BYTES). "
+        "Choose a smaller file.")
+    assert posts == [] and page.url.rstrip("/") == served.base
+    page.screenshot(path=str(shots / "07b-upload-too-large.png"), full_page=True)
 
 
 def test_job_list_shows_every_state(served: Served, tabs: Any, shots: Path) -> None:
