@@ -384,6 +384,7 @@ def test_a_file_over_the_upload_limit_is_refused_before_sending(served: Served, 
         f.truncate(45 * 2**20)  # sparse: its size is all the form looks at
     page = tabs().page
     page.goto(served.base + "/")
+    assert not page.is_visible("#size-error")  # hidden until a file is too large
     posts: list[str] = []
     page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
     page.set_input_files("input[name=model]", big)
