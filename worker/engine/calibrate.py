@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -206,25 +207,22 @@ def select_tensors(model: onnx.ModelProto, op_types: Iterable[str] | None = None
     return out
 
 
-def write_with_outputs(model_path: Path, model: onnx.ModelProto, tensors: list[str], dest: Path) -> None:
-    """Write to ``dest`` the model with every observed tensor exposed as a graph output (built like
-    ``write_minmax_model``: the file's bytes, then a ModelProto holding only the new outputs)."""
+def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     vis = {vi.name: vi for vi in model.graph.value_info}
     vis.update({vi.name: vi for vi in model.graph.input})
+    vis.update({vi.name: vi for vi in model.graph.output})
+    return vis
+
+
+def outputs_delta(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """What to add to the model to expose every observed tensor as a graph output (see ``session_with``)."""
+    vis = _value_infos(model)
     present = {o.name for o in model.graph.output}
     delta = onnx.ModelProto()
     for name in tensors:
         if name not in present:
             delta.graph.output.append(vis[name])
-    _write_merged(model_path, delta, dest)
-
-
-def _write_merged(model_path: Path, delta: onnx.ModelProto, dest: Path) -> None:
-    import shutil
-
-    shutil.copyfile(model_path, dest)  # sendfile(2) on Linux: no pass through this process's memory
-    with open(dest, "ab") as f:
-        f.write(delta.SerializeToString())
+    return delta
 
 
 NONNEGATIVE_OPS = frozenset({"Relu", "Softmax", "Sigmoid"})
@@ -237,22 +235,13 @@ def nonnegative_outputs(model: onnx.ModelProto) -> set[str]:
     return {n.output[0] for n in model.graph.node if n.op_type in NONNEGATIVE_OPS and n.output}
 
 
-def write_minmax_model(model_path: Path, model: onnx.ModelProto, tensors: list[str],
-                       dest: Path) -> dict[str, tuple[str, str]]:
-    """Write to ``dest`` the model with a ReduceMin and a ReduceMax per observed tensor, so that a run
-    returns two scalars per tensor instead of whole activations (min/max needs nothing else). A tensor
-    that cannot be negative gets only the ReduceMax (its minimum is taken as 0, see
-    ``nonnegative_outputs``): each reduction reads the whole activation. Returns, per tensor, the names
-    of its (min, max) outputs; "" for a minimum not computed.
-
-    Built without copying the weights through Python: a serialized protobuf message followed by another
-    one parses as their merge (repeated fields appended), so the file's own bytes (copied by the kernel)
-    followed by a ModelProto holding only the new nodes and outputs is the augmented model, and ONNX
-    Runtime reads it from disk as it would the original. ``model`` (the same file, parsed) only supplies
-    the graph: the observed tensors' element types and the ops that produce them."""
-    vis = {vi.name: vi for vi in model.graph.value_info}
-    vis.update({vi.name: vi for vi in model.graph.input})
-    vis.update({vi.name: vi for vi in model.graph.output})
+def minmax_delta(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
+    """What to add to the model for a ReduceMin and a ReduceMax per observed tensor, so that a run returns
+    two scalars per tensor instead of whole activations (min/max needs nothing else). A tensor that cannot
+    be negative gets only the ReduceMax (its minimum is taken as 0, see ``nonnegative_outputs``): each
+    reduction reads the whole activation. Also returns, per tensor, the names of its (min, max) outputs;
+    "" for a minimum not computed."""
+    vis = _value_infos(model)
     delta = onnx.ModelProto()
     names: dict[str, tuple[str, str]] = {}
     nonneg = nonnegative_outputs(model)
@@ -265,8 +254,25 @@ def write_minmax_model(model_path: Path, model: onnx.ModelProto, tensors: list[s
             delta.graph.node.append(onnx.helper.make_node(op, [t], [out], name=out, keepdims=0))
             delta.graph.output.append(onnx.helper.make_tensor_value_info(out, elem, []))
         names[t] = pair
-    _write_merged(model_path, delta, dest)
-    return names
+    return delta, names
+
+
+def session_with(model_path: Path, delta: onnx.ModelProto, providers: list[str], threads: int) -> Any:
+    """An ONNX Runtime session on the model at ``model_path`` plus ``delta`` (nodes and outputs to add).
+
+    Built without copying the weights through Python: a serialized protobuf message followed by another
+    one parses as their merge (repeated fields appended), so the file's own bytes (copied by the kernel,
+    sendfile(2) on Linux) followed by ``delta`` serialized is the augmented model, and ONNX Runtime reads it
+    from disk as it would the original. Models are self-contained (no external data), so the copy can live
+    anywhere; ONNX Runtime has read it once the session exists."""
+    import shutil
+
+    with tempfile.TemporaryDirectory(prefix="lowbit-calib-") as tmp:
+        dest = Path(tmp) / "observed.onnx"
+        shutil.copyfile(model_path, dest)
+        with open(dest, "ab") as f:
+            f.write(delta.SerializeToString())
+        return runtime.make_session(dest, providers, threads, "model for calibration")
 
 
 # Ops whose first output holds exactly the values of their first input, rearranged: its range (and its
@@ -561,12 +567,9 @@ def collect_stats(
     samples = 0
     g = 0
     if not with_hist:
-        # min/max: reduce inside ONNX Runtime; only scalars cross into Python. Models are self-contained
-        # (no external data), so the augmented copy can live anywhere; ONNX Runtime has read it once the
-        # session exists.
-        with tempfile.TemporaryDirectory(prefix="lowbit-minmax-") as tmp:
-            pairs = write_minmax_model(model_path, model, list(tensors), Path(tmp) / "minmax.onnx")
-            session = runtime.make_session(Path(tmp) / "minmax.onnx", providers, threads, "model for calibration")
+        # min/max: reduce inside ONNX Runtime; only scalars cross into Python.
+        delta, pairs = minmax_delta(model, list(tensors))
+        session = session_with(model_path, delta, providers, threads)
         names = [o.name for o in session.get_outputs()]
         for feed, n in batches():
             got = dict(zip(names, runtime.run(session, feed, "model during calibration"), strict=True))
@@ -578,9 +581,7 @@ def collect_stats(
         return stats, samples, 1
     while g < len(groups):
         group = groups[g]
-        with tempfile.TemporaryDirectory(prefix="lowbit-calib-") as tmp:
-            write_with_outputs(model_path, model, group, Path(tmp) / "observed.onnx")
-            session = runtime.make_session(Path(tmp) / "observed.onnx", providers, threads, "model for calibration")
+        session = session_with(model_path, outputs_delta(model, group), providers, threads)
         names = [o.name for o in session.get_outputs()]
         index = {name: names.index(name) for name in group}
         samples = 0
