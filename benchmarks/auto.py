@@ -117,13 +117,16 @@ def run_once(workers: int, model: Path, calib: Path, ev: Path, target: dict[str,
 
 
 def print_table(report: dict[str, Any], metric: str) -> None:
+    from app.pages.present import candidate_label
+
     chosen = report.get("chosen") or {}
     print(f"{'#':>2} {'recipe':<26} {'kept in float':<34} {'size MB':>8} {metric:>9} {'p50 ms':>8} {'met':>5} "
           f"{'secs':>6}  worker")
     for i, c in enumerate(report["candidates"]):
         method = c["options"].get("method")
-        hybrid = " +int8 act" if c["options"].get("int8_activations") else ""
-        name = c["recipe"].replace("_weight_only", "") + hybrid + (f" ({method})" if method else "")
+        # The page's label, shortened to fit the column.
+        name = candidate_label(c["recipe"], c["options"]).replace("_weight_only", "").replace(
+            " + int8 activations", " +int8 act")
         kept = ", ".join(c["excluded_nodes"]) or "-"
         mark = " *" if chosen and c["recipe"] == chosen.get("recipe") and \
             c["excluded_nodes"] == chosen.get("excluded_nodes") and method == chosen["options"].get("method") else ""

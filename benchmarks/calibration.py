@@ -288,6 +288,18 @@ def main() -> None:
     print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
 
 
+def as_quantized(model: Path, *sets: dict[str, list[float]]) -> list[dict[str, tuple[float, float]]]:
+    """Each set of ranges as the quantizer uses them: it gives a Relu's input the Relu's output range and a
+    Softmax's output [0, 1] itself (which is why lowbit does not observe those tensors at all), and widens
+    every range to include 0."""
+    import onnx
+
+    from worker.engine.calibrate import effective_ranges
+
+    proto = onnx.load(str(model), load_external_data=False)
+    return [effective_ranges(proto, {k: (float(v[0]), float(v[1])) for k, v in r.items()}) for r in sets]
+
+
 def row(n: int, method: str, base: dict[str, Any], ours: dict[str, Any], theirs: dict[str, Any], model: Path,
         data: Path, n_total: int, work: Path) -> str:
     def f(d: dict[str, Any], k: str, fmt: str) -> str:
@@ -304,15 +316,7 @@ def row(n: int, method: str, base: dict[str, Any], ours: dict[str, Any], theirs:
     if "ranges" not in ours:
         quality = f"lowbit failed: {ours.get('error')}"
     elif method == "minmax" and "ranges" in theirs:
-        import onnx
-
-        from worker.engine.calibrate import effective_ranges
-
-        # As the quantizer uses them: it gives a Relu's input the Relu's output range and a Softmax's output
-        # [0, 1] itself, which is why lowbit does not observe those tensors at all.
-        proto = onnx.load(str(model), load_external_data=False)
-        mine = effective_ranges(proto, {k: tuple(v) for k, v in ours["ranges"].items()})
-        ort = effective_ranges(proto, {k: tuple(v) for k, v in theirs["ranges"].items()})
+        mine, ort = as_quantized(model, ours["ranges"], theirs["ranges"])
         common = set(mine) & set(ort)
         diff = max(abs(mine[t][i] - ort[t][i]) / max(abs(ort[t][i]), 1e-12) for t in common for i in (0, 1))
         quality = f"max rel range diff {diff:.1e} ({len(common)} t)"
@@ -323,13 +327,7 @@ def row(n: int, method: str, base: dict[str, Any], ours: dict[str, Any], theirs:
         if method == "percentile" and "ranges" in theirs:
             # The same definition on both sides: how far apart the ranges are, as a share of each range's width
             # (one 2048-bin histogram bin is 0.05 %), says how much of an SQNR difference is rounding noise.
-            import onnx
-
-            from worker.engine.calibrate import effective_ranges
-
-            proto = onnx.load(str(model), load_external_data=False)
-            mine = effective_ranges(proto, {k: tuple(v) for k, v in ours["ranges"].items()})
-            ort = effective_ranges(proto, {k: tuple(v) for k, v in theirs["ranges"].items()})
+            mine, ort = as_quantized(model, ours["ranges"], theirs["ranges"])
             gap = max(abs(mine[t][i] - ort[t][i]) / max(ort[t][1] - ort[t][0], 1e-12)
                       for t in set(mine) & set(ort) for i in (0, 1))
             quality += f"; ranges {100 * gap:.2f}% apart"
