@@ -172,8 +172,10 @@ def _check_tensor(where: str, t: TensorProto) -> None:
 def _check_declared_shape(vi: onnx.ValueInfoProto) -> None:
     if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
         return
-    dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value")]
-    if any(d > MAX_DIM or d < 0 for d in dims) or _elements(dims) > MAX_DECLARED_ELEMENTS:
+    # A dim_value of 0 or below is how some exporters (Paddle2ONNX: -1) spell a dynamic dimension, as
+    # inspect_model_file reads it; only positive sizes are declarations to check.
+    dims = [d.dim_value for d in vi.type.tensor_type.shape.dim if d.HasField("dim_value") and d.dim_value > 0]
+    if any(d > MAX_DIM for d in dims) or _elements(dims) > MAX_DECLARED_ELEMENTS:
         raise EngineError(
             "model_too_large",
             f"tensor '{_short(vi.name)}' declares shape {dims[:8]}{'...' if len(dims) > 8 else ''}, more than "

@@ -151,6 +151,13 @@ def test_graph_input_declaring_a_huge_shape_is_refused(shape: list[int | str]) -
     assert _code(check_model, model) == "model_too_large"
 
 
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_a_non_positive_dim_value_is_a_dynamic_dimension(dim: int) -> None:
+    # Paddle2ONNX declares its dynamic batch as dim_value -1: a dynamic axis, not 2^32 elements.
+    info = check_model(small_model(input_shape=[dim, 3]))
+    assert info.inputs[0].shape == ("?", 3)
+
+
 def test_initializer_declaring_more_than_it_holds_is_refused() -> None:
     # 2^40 float32 elements declared, 16 bytes stored: anything that trusted the dims would allocate 4 TiB.
     t = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[2**20, 2**20], raw_data=b"\0" * 16)
