@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,15 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return 0
 
 
-def worker_argv(queues: str, concurrency: int, embedded: bool, loglevel: str = "INFO") -> list[str]:
+def worker_argv(queues: str, concurrency: int, embedded: bool, loglevel: str = "INFO",
+                name: str | None = None) -> list[str]:
     argv = [
         sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
         "-Q", queues, "--concurrency", str(concurrency), "--loglevel", loglevel,
         "--without-mingle", "--without-gossip",
     ]
+    if name:  # several workers on one host need distinct node names
+        argv += ["--hostname", f"{name}@%h"]
     if embedded:
         argv.append("--without-heartbeat")
     return argv
@@ -58,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     s.data_dir.mkdir(parents=True, exist_ok=True)
     if not args.no_migrate:
         upgrade(s.resolved_database_url)
-    worker: subprocess.Popen[bytes] | None = None
+    supervisor = None
     lock = None
     if not args.no_worker and s.uses_filesystem_broker:
         # One embedded server per data directory: a second would re-queue the first one's running jobs.
@@ -75,10 +77,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # cut off when the previous server stopped: queue it again (or fail it after 3 tries).
         _recover_embedded_jobs(s)
     _reconcile_queue(s)
+    # SIGTERM (kill, systemd, docker stop) ends the server like Ctrl-C does: through the finally below, which
+    # stops the workers. (uvicorn re-raises the signal it caught once it has shut down; with the default
+    # action that would end this process on the spot and orphan the workers.)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     if not args.no_worker:
+        from app.supervisor import Supervisor
+
         queues = args.queues or "cpu,gpu"
-        worker = subprocess.Popen(worker_argv(queues, s.worker_concurrency, s.uses_filesystem_broker))
-        print(f"lowbit: embedded worker pid {worker.pid} on queues {queues}", file=sys.stderr)
+        count = max(1, args.workers)
+        supervisor = Supervisor(
+            lambda i: worker_argv(queues, s.worker_concurrency, s.uses_filesystem_broker,
+                                  name=f"lowbit{i + 1}" if count > 1 else None),
+            count, lambda dead: _hand_back_lost(s, dead))
     host = args.host or s.host
     port = args.port or s.port
     print(f"lowbit: serving on http://{host}:{port} (data in {s.data_dir.resolve()})", file=sys.stderr)
@@ -91,16 +102,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lowbit: keyless: bound to {host}, only this machine can connect; binding to any other address "
               "(or LOWBIT_REQUIRE_KEYS=true) requires API keys", file=sys.stderr)
     try:
+        if supervisor is not None:
+            supervisor.start()
+            print(f"lowbit: {len(supervisor.slots)} embedded worker process(es) on queues {queues}, each restarted "
+                  "if it dies", file=sys.stderr)
+        app = create_app(served)
+        app.state.supervisor = supervisor
         # Open event streams (GET /api/v1/jobs/{id}/events) must not hold a shutdown up for ever.
-        uvicorn.run(create_app(served), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    except (_Stopped, KeyboardInterrupt):
+        pass
     finally:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the workers' stop short
+        if supervisor is not None:
+            print("lowbit: stopping the embedded workers (running jobs go back to the queue)", file=sys.stderr)
+            supervisor.stop()
     return 0
+
+
+class _Stopped(Exception):
+    """SIGTERM reached `lowbit serve`."""
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise _Stopped()
+
+
+def _hand_back_lost(s: Any, dead: set[int]) -> None:
+    """The embedded supervisor saw these processes of its workers die: their running jobs go back to the queue
+    now (the next attempt takes over), not after the lease."""
+    import socket
+
+    from app.db import make_engine, make_sessionmaker
+    from app.jobs.service import requeue_lost
+    from app.procs import process_gone
+    from app.queue import CeleryQueue
+
+    host = socket.gethostname()
+    ours = {f"{host}:{pid}" for pid in dead}
+
+    def gone(worker: str | None) -> bool:
+        return worker in ours and process_gone(worker)
+
+    engine = make_engine(s.resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as db:
+            requeued, failed = requeue_lost(db, gone)
+            db.commit()
+        queue = CeleryQueue(s)
+        for job_id, queue_name in requeued:
+            queue.enqueue(job_id, queue_name)
+        if requeued or failed:
+            print(f"lowbit: {len(requeued)} job(s) of the dead worker queued again, {len(failed)} failed after "
+                  "repeated losses", file=sys.stderr)
+    finally:
+        engine.dispose()
+    _reconcile_queue(s)  # messages the dead worker had taken but not started are gone with it
 
 
 def _recover_embedded_jobs(s: Any) -> None:
@@ -291,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-worker", action="store_true", help="do not start the embedded worker process")
     sp.add_argument("--no-migrate", action="store_true", help="do not upgrade the database on start")
     sp.add_argument("--queues", help="queues of the embedded worker (default cpu,gpu)")
+    sp.add_argument("--workers", type=int, default=1,
+                    help="embedded worker processes (default 1); each is restarted if it dies")
     sp.set_defaults(func=cmd_serve)
 
     wp = sub.add_parser("worker", help="run a Celery worker")

@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from celery.signals import worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.datasets.models import Dataset
 from app.db import make_engine, make_sessionmaker, utcnow
 from app.jobs.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from app.models.models import ModelFile
+from app.procs import children, process_gone
 from app.settings import Settings, get_settings
 from app.storage import Storage
 from app.webhooks import notify
@@ -112,21 +113,7 @@ def worker_id() -> str:
 
 def _process_gone(worker: str | None) -> bool:
     """True when ``worker`` names a process on this host that no longer exists."""
-    if not worker or ":" not in worker:
-        return False
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    try:  # killed but not yet reaped by its parent (a zombie) is gone too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    return process_gone(worker)
 
 
 def claim(factory: sessionmaker[Session], job_id: str, timer: StageTimer | None = None,
@@ -553,20 +540,33 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def _pool_processes() -> list[int]:
     """This process's children (in a worker's main process: its pool processes)."""
-    me, found = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
-                found.append(int(entry))
-    return found
+    return children(os.getpid())
+
+
+# The worker's consumer (set when the worker is ready): a worker shutting down stops taking messages through it.
+_consumer: list[Any] = []
+
+
+def _keep_consumer(sender: Any = None, **_: Any) -> None:
+    _consumer[:] = [sender]
+
+
+def _stop_consuming() -> None:
+    """Stop taking messages: the filesystem transport keeps delivering through a warm shutdown, and this
+    worker would otherwise take back the very job it just handed back, or start another one, only to be
+    killed with it."""
+    for consumer in _consumer:
+        try:
+            for queue in list(consumer.task_consumer.queues):
+                consumer.cancel_task_queue(queue.name)
+        except Exception:  # best effort: a job it still takes is handed back or re-queued like any other
+            log.warning("could not stop consuming before shutdown", exc_info=True)
 
 
 def _on_worker_shutting_down(**_: Any) -> None:
     """Celery's warm shutdown waits for running tasks to finish, which may take an hour: tell the pool
     processes instead, so each hands its job back to the queue and the worker exits within seconds."""
+    _stop_consuming()
     for pid in _pool_processes():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
@@ -580,6 +580,19 @@ def _forget_inherited_connections(**_: Any) -> None:
         _sessions().kw["bind"].dispose(close=False)
 
 
+def _stop_with_supervisor(**_: Any) -> None:
+    """A worker started by `lowbit serve` (LOWBIT_SUPERVISOR_PID) gets SIGTERM when the server dies, even by
+    SIGKILL: it hands its running job back and exits instead of living on unsupervised."""
+    parent = os.environ.get("LOWBIT_SUPERVISOR_PID", "")
+    if not parent.isdigit():
+        return
+    sandbox._prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # the server died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+worker_init.connect(_stop_with_supervisor, weak=False)
 worker_ready.connect(_start_sweeper, weak=False)
+worker_ready.connect(_keep_consumer, weak=False)
 worker_process_init.connect(_forget_inherited_connections, weak=False)
 worker_shutting_down.connect(_on_worker_shutting_down, weak=False)

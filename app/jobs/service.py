@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -213,5 +214,52 @@ def recover_interrupted(db: Session) -> tuple[list[tuple[str, str]], list[str]]:
         else:
             job.status, job.stage, job.progress, job.started_at = QUEUED, None, 0, None
             requeued.append((job.id, job.queue))
+    db.flush()
+    return requeued, failed
+
+
+def requeue_lost(db: Session, gone: Callable[[str | None], bool]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Running jobs whose process ``gone`` says is dead (`lowbit serve` saw its embedded worker die, and it is
+    the only one on its data directory): back to 'queued' at once instead of after the lease (the caller
+    enqueues them after committing; the next attempt takes over), cancelled if asked, failed after
+    MAX_ATTEMPTS. Each change is a conditional UPDATE on (status, attempts, worker), so a job that a worker
+    moved on meanwhile is left alone. An auto job is lost when its own task died before it planned candidates,
+    or a candidate of its attempt was running in a process that is gone; candidates waiting in the broker are
+    not lost (the stale-job sweep covers the rest)."""
+    from app.jobs.models import CANDIDATE_RUNNING, AutoCandidate
+
+    requeued: list[tuple[str, str]] = []
+    failed: list[str] = []
+    rows = db.execute(sa.select(Job.id, Job.attempts, Job.worker, Job.queue, Job.recipe, Job.cancel_requested)
+                      .where(Job.status == RUNNING)).all()
+    for job_id, attempts, worker, queue, recipe, cancel in rows:
+        if recipe == "auto":
+            candidates = db.execute(sa.select(AutoCandidate.status, AutoCandidate.worker).where(
+                AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempts)).all()
+            lost = any(st == CANDIDATE_RUNNING and gone(w) for st, w in candidates) or \
+                (not candidates and gone(worker))
+        else:
+            lost = gone(worker)
+        if not lost:
+            continue
+        if cancel:
+            values: dict[str, Any] = {"status": CANCELLED, "stage": None, "finished_at": utcnow()}
+        elif attempts >= MAX_ATTEMPTS:
+            values = {"status": "failed", "stage": None, "finished_at": utcnow(), "error_code": "worker_lost",
+                      "error_message": f"the worker running this job died {attempts} times before it finished "
+                      "(killed, out of memory, or crashed by the model); submit it again, and check the "
+                      "server's memory and the model"}
+        else:
+            values = {"status": QUEUED, "stage": None, "progress": 0, "started_at": None, "heartbeat_at": None,
+                      "enqueued_at": utcnow()}
+        same_worker = Job.worker.is_(None) if worker is None else Job.worker == worker
+        res = db.execute(sa.update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempts,
+                                              same_worker).values(**values))
+        if not res.rowcount:  # type: ignore[attr-defined]
+            continue
+        if values["status"] == QUEUED:
+            requeued.append((job_id, queue))
+        elif values["status"] == "failed":
+            failed.append(job_id)
     db.flush()
     return requeued, failed

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
@@ -17,8 +17,12 @@ router = APIRouter(tags=["metrics"], responses=error_responses(401))
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text format 0.0.4",
                              "content": {"text/plain": {"schema": {"type": "string"}, "example": METRICS_EXAMPLE}}}})
-def metrics(db: Session = Depends(get_db), _: Principal = Depends(api_principal)) -> PlainTextResponse:
+def metrics(request: Request, db: Session = Depends(get_db),
+            _: Principal = Depends(api_principal)) -> PlainTextResponse:
     """Prometheus metrics, computed from the database: jobs by status and recipe, queue depth, job and stage
     duration histograms, upload bytes, webhook deliveries. Server-wide totals (no ids or names); a server that
     requires keys answers them to any valid key."""
-    return PlainTextResponse(service.render(db), media_type=service.CONTENT_TYPE)
+    # `lowbit serve`'s supervisor counts the embedded workers it restarted (None: this server supervises none).
+    supervisor = getattr(request.app.state, "supervisor", None)
+    restarts = supervisor.restarts if supervisor is not None else None
+    return PlainTextResponse(service.render(db, restarts), media_type=service.CONTENT_TYPE)

@@ -62,6 +62,10 @@ class Exposition:
             self.lines.append(f"{name}_sum{_labels(labels)} {_num(sum(values))}")
             self.lines.append(f"{name}_count{_labels(labels)} {_num(len(values))}")
 
+    def counter(self, name: str, help_text: str, value: float) -> None:
+        self._head(name, "counter", help_text)
+        self.lines.append(f"{name} {_num(value)}")
+
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
 
@@ -74,7 +78,7 @@ def _stage_seconds(stage_times: Any) -> Iterable[tuple[str, float]]:
             yield stage, max(0.0, float(t["finished"]) - float(t["started"]))
 
 
-def render(db: Session) -> str:
+def render(db: Session, worker_restarts: int | None = None) -> str:
     out = Exposition()
 
     by_status: dict[tuple[str, str], int] = {
@@ -121,4 +125,7 @@ def render(db: Session) -> str:
     out.gauge("lowbit_webhook_deliveries", "Webhook deliveries, by status (pending, delivered, failed).",
               [((("status", s),), deliveries.get(s, 0)) for s in sorted({"pending", "delivered", "failed",
                                                                          *deliveries})])
+    if worker_restarts is not None:
+        out.counter("lowbit_worker_restarts_total",
+                    "Embedded worker processes that died and were restarted by this lowbit serve.", worker_restarts)
     return out.text()
