@@ -50,6 +50,37 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover
 
 
+def cmd_worker_health(_: argparse.Namespace) -> int:
+    """Exit 0 when a worker on this host has a live heartbeat row (a container's health check), else 1."""
+    import socket
+
+    import sqlalchemy as sa
+
+    from app.db import make_engine, make_sessionmaker, utcnow
+    from app.jobs.models import Worker
+
+    s = _settings()
+    host = socket.gethostname()
+    engine = make_engine(s.resolved_database_url)
+    try:
+        with make_sessionmaker(engine)() as db:
+            rows = db.execute(sa.select(Worker.id, Worker.queues, Worker.heartbeat_at)
+                              .where(Worker.hostname == host, Worker.expires_at > utcnow())).all()
+    except sa.exc.SQLAlchemyError as exc:
+        print(f"lowbit: worker-health: cannot read the workers table ({type(exc).__name__}); is the database "
+              "reachable and migrated ('lowbit migrate')?", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    if not rows:
+        print(f"lowbit: worker-health: no worker on {host} has sent a heartbeat within its last three intervals "
+              f"(LOWBIT_WORKER_HEARTBEAT_S={s.worker_heartbeat_s:g})", file=sys.stderr)
+        return 1
+    for worker_id, queues, beat in rows:
+        print(f"{worker_id} alive on queues {queues}, last heartbeat {beat:%Y-%m-%d %H:%M:%S} UTC")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -133,6 +164,7 @@ def _hand_back_lost(s: Any, dead: set[int]) -> None:
     now (the next attempt takes over), not after the lease."""
     import socket
 
+    from app import workers
     from app.db import make_engine, make_sessionmaker
     from app.jobs.service import requeue_lost
     from app.procs import process_gone
@@ -149,6 +181,7 @@ def _hand_back_lost(s: Any, dead: set[int]) -> None:
         with make_sessionmaker(engine)() as db:
             requeued, failed = requeue_lost(db, gone)
             db.commit()
+        workers.forget(make_sessionmaker(engine), sorted(ours))  # dead: no longer counted as live
         queue = CeleryQueue(s)
         for job_id, queue_name in requeued:
             queue.enqueue(job_id, queue_name)
@@ -357,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--concurrency", type=int)
     wp.add_argument("--loglevel", default="INFO")
     wp.set_defaults(func=cmd_worker)
+
+    hp = sub.add_parser("worker-health", help="exit 0 if a worker on this host has a live heartbeat (for a "
+                        "container's health check), else 1")
+    hp.set_defaults(func=cmd_worker_health)
 
     kp = sub.add_parser("keys", help="create, list or revoke tenants' API keys (on the server)")
     ksub = kp.add_subparsers(dest="keys_command", required=True)

@@ -153,6 +153,10 @@ lowbit_jobs{recipe="int8_static",status="failed"} 1.0
 # HELP lowbit_queue_depth Jobs waiting for a worker (status queued), by queue.
 # TYPE lowbit_queue_depth gauge
 lowbit_queue_depth{queue="cpu"} 2.0
+# HELP lowbit_live_workers Workers alive now (heartbeat not expired) that consume each queue.
+# TYPE lowbit_live_workers gauge
+lowbit_live_workers{queue="cpu"} 1.0
+lowbit_live_workers{queue="gpu"} 0.0
 # HELP lowbit_job_duration_seconds Time from a worker starting a job to its end, by recipe and final status.
 # TYPE lowbit_job_duration_seconds histogram
 lowbit_job_duration_seconds_bucket{le="1.0",recipe="int8_static",status="succeeded"} 0.0

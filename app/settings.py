@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # (at most 3 attempts); workers report every job_heartbeat_s while a job runs.
     job_lease_s: float = 120.0
     job_heartbeat_s: float = 10.0
+    # Each worker's main process refreshes its row in the workers table this often; it counts as alive for three
+    # intervals (/readyz fails while jobs wait on a queue with no live worker).
+    worker_heartbeat_s: float = 5.0
     # The engine runs each job in a child process with these limits (0 = off): address space in MB, CPU
     # seconds (all threads together) and wall-clock seconds. A job over a limit fails with out_of_memory,
     # cpu_time_exceeded or job_timeout; the worker lives on.

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.datasets.models import Dataset
@@ -551,6 +551,42 @@ def _keep_consumer(sender: Any = None, **_: Any) -> None:
     _consumer[:] = [sender]
 
 
+# Set when the worker stops: its heartbeat row goes, and no beat may put it back.
+_beat_stopped = threading.Event()
+
+
+def _start_beat(sender: Any = None, **_: Any) -> None:
+    """The main process keeps its row in ``workers`` fresh (app/workers.py): what /readyz, /metrics and a queued
+    job's waiting_reason read to tell whether anyone consumes a queue."""
+    from app import workers
+
+    settings = get_settings()
+    try:
+        queues = sorted({q.name for q in sender.task_consumer.queues})
+    except AttributeError:
+        queues = [q.strip() for q in settings.worker_queues.split(",") if q.strip()]
+    me = worker_id()
+
+    def loop() -> None:
+        while not _beat_stopped.is_set():
+            try:
+                workers.beat(_sessions(), me, queues, settings.worker_heartbeat_s)
+            except Exception:  # the database may be away: the next beat tries again
+                log.warning("worker heartbeat failed", exc_info=True)
+            _beat_stopped.wait(settings.worker_heartbeat_s)
+
+    threading.Thread(target=loop, name="lowbit-worker-beat", daemon=True).start()
+
+
+def _stop_beat(**_: Any) -> None:
+    """A worker shutting down stops counting as one at once (it takes no more jobs)."""
+    from app import workers
+
+    _beat_stopped.set()
+    with contextlib.suppress(Exception):
+        workers.forget(_sessions(), [worker_id()])
+
+
 def _stop_consuming() -> None:
     """Stop taking messages: the filesystem transport keeps delivering through a warm shutdown, and this
     worker would otherwise take back the very job it just handed back, or start another one, only to be
@@ -567,6 +603,7 @@ def _on_worker_shutting_down(**_: Any) -> None:
     """Celery's warm shutdown waits for running tasks to finish, which may take an hour: tell the pool
     processes instead, so each hands its job back to the queue and the worker exits within seconds."""
     _stop_consuming()
+    _stop_beat()
     for pid in _pool_processes():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
@@ -594,5 +631,7 @@ def _stop_with_supervisor(**_: Any) -> None:
 worker_init.connect(_stop_with_supervisor, weak=False)
 worker_ready.connect(_start_sweeper, weak=False)
 worker_ready.connect(_keep_consumer, weak=False)
+worker_ready.connect(_start_beat, weak=False)
+worker_shutdown.connect(_stop_beat, weak=False)
 worker_process_init.connect(_forget_inherited_connections, weak=False)
 worker_shutting_down.connect(_on_worker_shutting_down, weak=False)

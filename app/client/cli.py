@@ -87,7 +87,9 @@ class Progress:
 
     def job(self, job: Job) -> None:
         if job.status == "queued":
-            what = "queued, waiting for a worker"
+            # No live worker on its queue (the server says why): it will not start by waiting.
+            what = f"queued, no live worker on {job.raw.get('queue')}" if job.raw.get("waiting_reason") \
+                else "queued, waiting for a worker"
         elif job.status == "running":
             what = job.stage or "running"
         else:
@@ -290,6 +292,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     line = f"{job.id}  {job.status}"
     if job.status == "running":
         line += f"  {job.stage or ''} {job.progress} %"
+    if job.raw.get("waiting_reason"):
+        line += f"  ({job.raw['waiting_reason']})"
     if job.error:
         line += f"  [{job.error.code}] {job.error.message}"
     print(line)

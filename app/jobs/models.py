@@ -109,3 +109,21 @@ class AutoCandidate(Base):
     worker: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Worker(Base):
+    """A worker's main process and the queues it consumes, alive until ``expires_at``: it refreshes the row every
+    LOWBIT_WORKER_HEARTBEAT_S and deletes it when it stops. The API reads it to tell whether a queue with jobs
+    waiting has anyone to run them (/readyz, /metrics, a queued job's ``waiting_reason``)."""
+
+    __tablename__ = "workers"
+
+    # hostname:pid of the main process
+    id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    hostname: Mapped[str] = mapped_column(sa.String(255))
+    # comma-separated queue names
+    queues: Mapped[str] = mapped_column(sa.String(255))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The worker declares how long its last beat holds (three intervals), so readers need none of its settings.
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

@@ -145,6 +145,9 @@ class JobOut(BaseModel):
     callback_url: str | None = None
     deliveries: list[DeliveryOut] = Field(default_factory=list,
                                           description="Webhook deliveries to callback_url, oldest first")
+    waiting_reason: str | None = Field(
+        default=None, description="A queued job that no live worker can run: 'waiting for a worker on queue gpu: "
+        "...' (null otherwise)")
 
 
 class JobList(BaseModel):

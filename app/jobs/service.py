@@ -158,6 +158,18 @@ def report_for(db: Session, job_id: str, tenant_id: str) -> dict[str, Any]:
     return job.report
 
 
+def waiting_reason(job: Job) -> str | None:
+    """Why a queued job is not running, when the answer is that no live worker consumes its queue."""
+    from sqlalchemy.orm import object_session
+
+    from app import workers
+
+    db = object_session(job)
+    if job.status != QUEUED or db is None or job.queue in workers.live_queues(db):
+        return None
+    return workers.waiting_reason(job.queue)
+
+
 def to_out(job: Job) -> JobOut:
     base = f"/api/v1/jobs/{job.id}"
     return JobOut(
@@ -179,6 +191,7 @@ def to_out(job: Job) -> JobOut:
         links=JobLinks(self=base, artifact=f"{base}/artifact", report=f"{base}/report", page=f"/jobs/{job.id}"),
         callback_url=job.callback_url,
         deliveries=[DeliveryOut.model_validate(d) for d in job.deliveries],
+        waiting_reason=waiting_reason(job),
     )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from app import workers
 from app.datasets.models import Dataset
 from app.jobs.models import FINISHED, QUEUED, Job, WebhookDelivery
 from app.jobs.service import STATUSES
@@ -94,6 +95,10 @@ def render(db: Session, worker_restarts: int | None = None) -> str:
         sa.select(Job.queue, sa.func.count()).where(Job.status == QUEUED).group_by(Job.queue))}
     out.gauge("lowbit_queue_depth", "Jobs waiting for a worker (status queued), by queue.",
               [((("queue", q),), depth.get(q, 0)) for q in sorted({*KNOWN_QUEUES, *depth})])
+
+    live = workers.live_per_queue(db)
+    out.gauge("lowbit_live_workers", "Workers alive now (heartbeat not expired) that consume each queue.",
+              [((("queue", q),), live.get(q, 0)) for q in sorted({*KNOWN_QUEUES, *live, *depth})])
 
     durations: dict[Labels, list[float]] = defaultdict(list)
     stages: dict[Labels, list[float]] = defaultdict(list)

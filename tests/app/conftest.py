@@ -71,7 +71,7 @@ class Harness:
 def _truncate(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as c:
-        c.execute(sa.text("TRUNCATE jobs, datasets, models, api_keys CASCADE"))
+        c.execute(sa.text("TRUNCATE jobs, datasets, models, api_keys, workers CASCADE"))
         c.execute(sa.text("DELETE FROM tenants WHERE id <> 'local'"))
     engine.dispose()
 

@@ -18,7 +18,7 @@ from tests.reports import assert_report_complete, recompute_cosines
 def test_health_and_readiness(api: Harness) -> None:
     assert api.client.get("/healthz").json() == {"status": "ok"}
     r = api.client.get("/readyz")
-    assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "broker": "ok"}
+    assert r.status_code == 200 and r.json()["checks"] == {"database": "ok", "workers": "ok", "broker": "ok"}
     api.queue.fail = True
     r = api.client.get("/readyz")
     assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("unreachable")

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from app.jobs.models import Job
 from tests.app.conftest import Harness
 from tests.app.helpers import submit, upload_model
@@ -107,3 +109,80 @@ def test_supervisor_restarts_a_dead_worker_and_stops_everything() -> None:
     assert out["deaths"][0] == ["killed by SIGKILL"] and out["deaths"][1] == []
     assert out["left"] == [] and out["children"] == []  # stop: every worker and its children gone, and reaped
     assert "embedded worker 1" in proc.stderr and "restarted as pid" in proc.stderr
+
+
+def test_readiness_and_jobs_say_when_no_live_worker_consumes_a_queue(
+        api: Harness, zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import time
+
+    from app import workers
+    from app.client import cli as client_cli
+    from app.client.core import Client
+
+    r = api.client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"]["workers"] == "ok"  # nothing waits: nothing to serve
+    m = upload_model(api.client, zoo["mlp"])
+    job_id = submit(api.client, model_id=m["id"], recipe="int8_dynamic", device="gpu").json()["id"]
+    r = api.client.get("/readyz")
+    assert r.status_code == 503, r.text
+    assert r.json()["checks"]["workers"] == "no live worker consumes queue gpu (1 job(s) waiting)"
+    job = api.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "queued" and job["waiting_reason"].startswith("waiting for a worker on queue gpu")
+    assert 'lowbit_live_workers{queue="gpu"} 0.0' in api.client.get("/metrics").text
+    assert "waiting for a worker on queue gpu" in api.client.get(f"/jobs/{job_id}").text
+    # `lowbit status` says it too.
+    monkeypatch.setattr(client_cli, "_client",
+                        lambda args: Client("http://testserver", transport=api.client._transport))
+    ns = argparse.Namespace(job_id=job_id, json=False, server=None, api_key=None)
+    assert client_cli.cmd_status(ns) == 0
+    assert "waiting for a worker on queue gpu" in capsys.readouterr().out
+
+    # A CPU-only worker changes nothing for the gpu queue; one that consumes it does.
+    workers.beat(api.factory, "box:11", ["cpu"], 5)
+    assert api.client.get("/readyz").status_code == 503
+    workers.beat(api.factory, "box:12", ["cpu", "gpu"], 5)
+    r = api.client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"]["workers"] == "ok", r.text
+    assert api.client.get(f"/api/v1/jobs/{job_id}").json()["waiting_reason"] is None
+    text = api.client.get("/metrics").text
+    assert 'lowbit_live_workers{queue="gpu"} 1.0' in text and 'lowbit_live_workers{queue="cpu"} 2.0' in text
+    assert client_cli.cmd_status(ns) == 0 and "waiting for a worker" not in capsys.readouterr().out
+    # A worker that stops beating stops counting after three intervals; one that stops removes itself.
+    workers.beat(api.factory, "box:12", ["cpu", "gpu"], 0.05)
+    time.sleep(0.3)
+    assert api.client.get("/readyz").json()["checks"]["workers"].startswith("no live worker consumes queue gpu")
+    workers.forget(api.factory, ["box:11"])
+    assert 'lowbit_live_workers{queue="cpu"} 0.0' in api.client.get("/metrics").text
+    # A cancelled job waits for nothing.
+    assert api.client.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 202
+    assert api.client.get("/readyz").status_code == 200
+
+
+def test_worker_health_checks_this_hosts_heartbeat(tmp_path: Path) -> None:
+    from app import workers
+    from app.db import make_engine, make_sessionmaker
+    from app.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'lowbit.db'}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOWBIT_")},
+           "LOWBIT_DATA_DIR": str(tmp_path), "LOWBIT_DATABASE_URL": url}
+
+    def health() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", "worker-health"], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    unmigrated = health()
+    assert unmigrated.returncode == 1 and "cannot read the workers table" in unmigrated.stderr
+    assert "Traceback" not in unmigrated.stderr
+    upgrade(url)
+    none = health()
+    assert none.returncode == 1 and f"no worker on {socket.gethostname()}" in none.stderr
+    engine = make_engine(url)
+    workers.beat(make_sessionmaker(engine), "some-other-host:7", ["cpu"], 30)
+    assert health().returncode == 1  # another machine's worker does not make this one healthy
+    workers.beat(make_sessionmaker(engine), f"{socket.gethostname()}:7", ["cpu"], 30)
+    engine.dispose()
+    ok = health()
+    assert ok.returncode == 0 and f"{socket.gethostname()}:7 alive on queues cpu" in ok.stdout

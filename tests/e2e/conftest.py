@@ -82,9 +82,11 @@ def wait_job(client: httpx.Client, job_id: str, proc: Proc, timeout: float = 240
 
 
 def start_serve(data: Path, log: Path, *args: str, env: dict[str, str] | None = None,
-                timeout: float = 60.0) -> tuple[Proc, httpx.Client]:
+                timeout: float = 120.0) -> tuple[Proc, httpx.Client]:
     """`lowbit serve ARGS` on a free port, once /readyz says ready. By default the embedded setup (worker,
-    SQLite, filesystem broker) under ``data``; ``env`` replaces the environment (e.g. PostgreSQL + Redis)."""
+    SQLite, filesystem broker) under ``data``; ``env`` replaces the environment (e.g. PostgreSQL + Redis).
+    With jobs waiting (a restart), ready means the embedded worker is up too, which takes longer on a busy
+    machine."""
     port = free_port()
     proc = Proc(lowbit_cmd("serve", "--port", str(port), *args), env or env_for(data), log)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,10 +18,11 @@ import pytest
 import sqlalchemy as sa
 
 from app.queue import _filesystem_held
-from tests.e2e.conftest import Proc, env_for, start_serve, wait_job
+from tests.e2e.conftest import Proc, env_for, lowbit_cmd, start_serve, wait_job
 from tests.e2e.test_faults import SLOW, alive, children, sandbox_children, until
 
 pytestmark = pytest.mark.slow
+LIVE_CPU = 'lowbit_live_workers{{queue="cpu"}} {}.0'
 
 
 def descendants(pid: int) -> set[int]:
@@ -47,8 +49,8 @@ def worker_mains(serve: Proc) -> list[int]:
 
 
 class Embedded:
-    def __init__(self, data: Path, proc: Proc, client: httpx.Client) -> None:
-        self.data, self.proc, self.client = data, proc, client
+    def __init__(self, data: Path, proc: Proc, client: httpx.Client, env: dict[str, str]) -> None:
+        self.data, self.proc, self.client, self.env = data, proc, client, env
         self.db = sa.create_engine(f"sqlite:///{data / 'lowbit.db'}")
 
     def row(self, job_id: str) -> Any:
@@ -80,9 +82,9 @@ class Embedded:
 def embedded(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Embedded]:
     data = tmp_path / "lowbit-data"
     args = getattr(request, "param", ())
-    proc, client = start_serve(data, tmp_path / "serve.log", *args,
-                               env=env_for(data, LOWBIT_JOB_HEARTBEAT_S="0.5"))
-    e = Embedded(data, proc, client)
+    env = env_for(data, LOWBIT_JOB_HEARTBEAT_S="0.5", LOWBIT_WORKER_HEARTBEAT_S="1")
+    proc, client = start_serve(data, tmp_path / "serve.log", *args, env=env)
+    e = Embedded(data, proc, client, env)
     try:
         yield e
     finally:
@@ -95,6 +97,10 @@ def embedded(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Embedde
 def test_a_killed_worker_is_restarted_and_its_job_taken_over(embedded: Embedded, big: dict[str, Path]) -> None:
     e = embedded
     until("two worker processes", lambda: len(worker_mains(e.proc)) == 2, 30, e.proc)
+    # Both publish a heartbeat: /metrics counts them, and `lowbit worker-health` finds one on this host.
+    until("two live workers", lambda: LIVE_CPU.format(2) in e.client.get("/metrics").text, 60, e.proc)
+    health = subprocess.run(lowbit_cmd("worker-health"), env=e.env, capture_output=True, text=True, timeout=60)
+    assert health.returncode == 0 and health.stdout.count("alive on queues cpu,gpu") == 2, health
     job_id = e.submit(big["tf"], big["tf_data"])
     pool, child = e.running_in(job_id)
     main = int(Path(f"/proc/{pool}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -118,6 +124,7 @@ def test_a_killed_worker_is_restarted_and_its_job_taken_over(embedded: Embedded,
     assert other[0] in worker_mains(e.proc)  # the other worker was left alone
     metrics = e.client.get("/metrics").text
     assert "lowbit_worker_restarts_total 1.0" in metrics, metrics
+    assert LIVE_CPU.format(2) in metrics  # the dead one's row went with it; the restarted one beats
     log = e.proc.tail(200_000)
     assert "killed by SIGKILL" in log and "restarted as pid" in log and "queued again" in log
 
@@ -138,3 +145,5 @@ def test_sigterm_stops_every_worker_process_and_hands_the_job_back(embedded: Emb
     assert row.enqueued_at is not None  # published again before the worker went
     assert job_id in _filesystem_held(e.data / "broker" / "queue")  # its message waits for the next start
     assert "handed back" in e.proc.tail(200_000)
+    with e.db.connect() as c:  # each worker removed its heartbeat row as it stopped
+        assert c.execute(sa.text("SELECT count(*) FROM workers")).scalar_one() == 0

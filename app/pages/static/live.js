@@ -41,7 +41,7 @@
     function show(job) {
       box.setAttribute("data-status", job.status);
       setBadge(badge, job.status);
-      stageText.textContent = job.status === "queued" ? "waiting for a worker" : (job.stage || job.status);
+      stageText.textContent = job.status === "queued" ? (job.waiting_reason || "waiting for a worker") : (job.stage || job.status);
       pctText.textContent = job.progress + " %";
       bar.value = job.progress;
       bar.textContent = job.progress + " %";
