@@ -4,19 +4,21 @@ on the job's queue helps, and more workers finish an auto job sooner.
 There is no result backend (the broker only carries ids; the database row is the truth), so the fan-in goes
 through the database:
 
-1. ``start`` (the job's own task, once it has claimed the job) plans the first round, records one
-   ``auto_candidates`` row per candidate, and runs the first static candidate itself: it calibrates once with
-   histograms, so the other candidates read cached statistics whatever their method, and measures each
-   layer's sensitivity, which orders the fallback. Then it sends one sub-task per remaining candidate to the
-   job's queue and returns.
+1. ``start`` (the job's own task, once it has claimed the job) plans the first round in a sandboxed child
+   (it reads the upload, and exports a .pt2 to ONNX to see what its candidates will quantize; the export is
+   cached for the candidates' runs), records one ``auto_candidates`` row per candidate, and runs the first
+   static candidate itself: it calibrates once with histograms, so the other candidates read cached
+   statistics whatever their method, and measures each layer's sensitivity, which orders the fallback.
+   Then it sends one sub-task per remaining candidate to the job's queue and returns.
 2. ``run_candidate`` (a sub-task) claims its row with a conditional UPDATE (a duplicate message is a no-op),
    runs the candidate through the same sandboxed engine entry point as any job (``tasks.run_engine``) with no
    transaction open, records the result with the worker's hostname:pid, and refreshes the job's heartbeat
    meanwhile. A candidate that would start after the job's time budget is recorded as skipped instead.
 3. The sub-task that finds no candidate of its round left unfinished moves ``jobs.auto_round`` on with a
    conditional UPDATE: exactly one wins, and it plans the next greedy round (and sends it) or concludes:
-   the smallest-then-fastest candidate that met the target becomes the job's artifact, or the job fails with
-   ``accuracy_target_not_met`` and keeps a report showing the best candidate and its distance to the target.
+   the candidate ``auto.choose`` picks among those that met the target becomes the job's artifact, or the
+   job fails with ``accuracy_target_not_met`` and keeps a report showing the best candidate and its distance
+   to the target.
 """
 
 from __future__ import annotations
@@ -158,19 +160,46 @@ class _Watch:
             raise JobCancelled()
 
 
+def _plan(s: Settings, factory: sessionmaker[Session], j: _Job, base: QuantizeConfig) -> list[auto.Candidate]:
+    """``auto.plan`` in a sandboxed child with a job's limits (as ``tasks.run_engine`` sets them), refreshing the
+    job's heartbeat meanwhile: it parses the upload, and a .pt2's export runs PyTorch on it."""
+    from worker import sandbox
+    from worker.tasks import ENGINE_PRELOAD
+
+    # CUDA maps far more address space than it uses: no memory limit where a GPU may be used (as run_engine).
+    gpu = base.device != "cpu" and Path("/dev/nvidiactl").exists()
+    limits = sandbox.Limits(memory_mb=0 if gpu else s.job_memory_limit_mb, cpu_s=s.job_cpu_limit_s,
+                            timeout_s=s.job_timeout_s)
+    watch = _Watch(factory, j)
+    rows = sandbox.run("worker.engine.auto:plan_in_child", base, limits, tick=lambda: watch("preparing", 0.0),
+                       preload=ENGINE_PRELOAD, spare=True)
+    return [auto.Candidate.from_dict(r) for r in rows]
+
+
 def start(job_id: str, attempt: int, s: Settings, factory: sessionmaker[Session]) -> str:
     """The auto job's own task, after it claimed the job: plan, run the analysis candidate, fan out."""
+    from worker.tasks import LeaseLost
+
     j = _load(factory, job_id, attempt)
     if j is None:
         return "skipped"
+    work = _paths(s, job_id, attempt)[2]
     try:
         auto.check_target(j.target)
         base = _base_config(s, j)
-        planned = auto.plan_candidates(Path(base.model_path), base.options)
+        planned = _plan(s, factory, j, base)
+    except JobCancelled:
+        _cancel(factory, s, j)
+        return "cancelled"
+    except LeaseLost:
+        shutil.rmtree(work, ignore_errors=True)  # what a killed planning child left there
+        return "lost"
     except EngineError as exc:
+        shutil.rmtree(work, ignore_errors=True)
         _fail(factory, j, exc.code, exc.message)
         return FAILED
-    except Exception as exc:  # e.g. a model file ONNX cannot parse: still a recorded, readable failure
+    except Exception as exc:  # a bug: still a recorded, readable failure
+        shutil.rmtree(work, ignore_errors=True)
         log.exception("auto job %s could not be planned", job_id)
         _fail(factory, j, "internal_error", f"unexpected error while planning the auto search "
               f"({type(exc).__name__}: {str(exc)[:300]}); this is a lowbit problem, please report it")
@@ -287,7 +316,7 @@ def _advance(job_id: str, attempt: int, rnd: int, s: Settings, factory: sessionm
     opts = parse_options("auto", j.options)
     deadline = _deadline(j)
     nxt = [] if deadline is not None and time.time() > deadline else \
-        auto.next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude)
+        auto.next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude, opts.prefer)
     if nxt:
         first = len(results)
         with factory.begin() as sess:
@@ -308,8 +337,9 @@ def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Sett
 
     artifact, cand_dir, work = _paths(s, j.job_id, j.attempt)
     started = j.started_at.timestamp() if j.started_at is not None else time.time()
-    outcome = auto.conclude(results, j.target, j.job_id, parse_options("auto", j.options).to_dict("auto"),
-                            time.time() - started, rounds)
+    opts = parse_options("auto", j.options)
+    outcome = auto.conclude(results, j.target, j.job_id, opts.to_dict("auto"), time.time() - started, rounds,
+                            opts.prefer)
     report = outcome.report
     _set_job(factory, j, stage="reporting", progress=98)
     if outcome.chosen is not None and outcome.chosen.artifact_path:

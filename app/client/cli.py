@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeGuard
 
 from app.client.core import Client, Job
 from app.client.errors import (
@@ -122,31 +122,81 @@ def _seconds(job: dict[str, Any]) -> str:
     return f" in {(end - start).total_seconds():.1f} s"
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """A report section, or {} where a partial report lacks it (or holds something else there)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _num(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _candidate_name(c: dict[str, Any]) -> str:
+    """'int8_static (minmax) + 2 in float' for an auto report's candidate row (or its chosen/best entry)."""
+    options = _dict(c.get("options"))
+    method = options.get("method")
+    kept = len(c.get("excluded_nodes") or [])
+    return (str(c.get("recipe", "?")) + (" + int8 activations" if options.get("int8_activations") else "")
+            + (f" ({method})" if method else "") + (f" + {kept} in float" if kept else ""))
+
+
+def _speed(speedup: Any) -> str:
+    if not _num(speedup) or speedup <= 0:
+        return "speed not measured"
+    return f"{speedup:.2f}x faster than fp32" if speedup >= 1 else f"{1 / speedup:.2f}x slower than fp32"
+
+
+def _auto_lines(report: dict[str, Any]) -> list[str]:
+    """An auto job's search: what was chosen (and how fast it is against fp32), or why nothing was."""
+    search = _dict(report.get("auto"))
+    rows = [c for c in report.get("candidates") or [] if isinstance(c, dict)]
+    failed = [c for c in rows if c.get("status") == "failed"]
+    done = sum(1 for c in rows if c.get("status") == "done")
+    lines = [f"  auto: {len(rows)} candidates, {done} measured, {len(failed)} failed, "
+             f"{sum(1 for c in rows if c.get('status') == 'skipped')} skipped"]
+    chosen, best = _dict(report.get("chosen")), _dict(report.get("best"))
+    if chosen:
+        slower = " (SLOWER than the fp32 model)" if search.get("chosen_slower_than_fp32") else ""
+        lines.append(f"  chosen: {_candidate_name(chosen)}, {_speed(search.get('chosen_speedup'))}{slower}")
+    elif best:
+        lines.append(f"  no candidate met the target; closest: {_candidate_name(best)}, "
+                     f"{best.get('distance_to_target')} short")
+    else:
+        lines.append("  no candidate could be measured")
+    for c in failed:
+        error = _dict(c.get("error"))
+        lines.append(f"  candidate {_candidate_name(c)} failed: [{error.get('code', '?')}] {error.get('message', '')}")
+    return lines
+
+
 def summary_lines(job: dict[str, Any], report: dict[str, Any]) -> list[str]:
-    """The before → after table of a finished job: size, accuracy, latency."""
+    """The before → after table of a finished job: size, accuracy, latency (each only when the report has it:
+    an auto job whose every candidate failed has none of them), and an auto job's choice."""
     lines = [f"job {job['id']} {job['status']}: {report.get('recipe') or job.get('recipe')}{_seconds(job)}", ""]
     rows: list[tuple[str, str, str, str]] = []
-    size = report.get("size") or {}
-    if size.get("original_bytes") and size.get("quantized_bytes"):
+    size = _dict(report.get("size"))
+    if _num(size.get("original_bytes")) and _num(size.get("quantized_bytes")) and size["original_bytes"] > 0 \
+            and size["quantized_bytes"] > 0:
         ratio = size["quantized_bytes"] / size["original_bytes"]
         rows.append(("size", fmt_bytes(size["original_bytes"]), fmt_bytes(size["quantized_bytes"]),
                      f"{1 / ratio:.2f}x smaller" if ratio <= 1 else f"{ratio:.2f}x larger"))
-    acc = report.get("accuracy") or {}
-    labels = acc.get("labels")
+    acc = _dict(report.get("accuracy"))
+    labels = _dict(acc.get("labels"))
     if labels:
         delta = labels.get("delta")
         rows.append(("label accuracy", _pct(labels.get("original")), _pct(labels.get("quantized")),
-                     "" if delta is None else f"{delta * 100:+.2f} pt"))
-    lat = report.get("latency") or {}
-    if lat.get("original_ms_p50") is not None and lat.get("quantized_ms_p50") is not None:
+                     f"{delta * 100:+.2f} pt" if _num(delta) else ""))
+    lat = _dict(report.get("latency"))
+    if _num(lat.get("original_ms_p50")) and _num(lat.get("quantized_ms_p50")):
         speed = lat.get("speedup")
-        change = "" if not speed else (f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower")
+        change = "" if not _num(speed) or speed <= 0 else \
+            (f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower")
         rows.append(("latency p50", f"{lat['original_ms_p50']:.4g} ms", f"{lat['quantized_ms_p50']:.4g} ms", change))
     if rows:
         lines.append(f"  {'':<16}{'before':>12}      {'after':<12}  change")
         for name, before, after, change in rows:
             lines.append(f"  {name:<16}{before:>12}  ->  {after:<12}  {change}")
-    for out in acc.get("outputs") or []:
+    for out in [o for o in acc.get("outputs") or [] if isinstance(o, dict)]:
         parts = []
         if out.get("cosine") is not None:
             parts.append(f"cosine {out['cosine']}")
@@ -155,11 +205,14 @@ def summary_lines(job: dict[str, Any], report: dict[str, Any]) -> list[str]:
         if out.get("top1_agreement") is not None:
             parts.append(f"top-1 agreement {_pct(out['top1_agreement'])}")
         lines.append(f"  output {out.get('name')}: " + ", ".join(parts) + " (quantized vs original)")
-    target = report.get("accuracy_target")
+    target = _dict(report.get("accuracy_target"))
     if target:
         bound = f"min {target['min']}" if target.get("min") is not None else f"max_drop {target.get('max_drop')}"
-        met = {True: "met", False: "NOT met", None: "not measurable"}[target.get("met")]
+        met = {True: "met", False: "NOT met"}.get(target["met"], "not measurable") \
+            if isinstance(target.get("met"), bool) else "not measurable"
         lines.append(f"  accuracy target {target.get('metric')} {bound}: {met} (value {target.get('value')})")
+    if report.get("recipe") == "auto" and "candidates" in report:
+        lines.extend(_auto_lines(report))
     if acc:
         source = {"eval_set": "samples of the evaluation set",
                   "calibration_holdout": "held-out calibration samples"}.get(str(acc.get("source")), "samples")

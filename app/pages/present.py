@@ -12,7 +12,9 @@ import re
 import shlex
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
+
+from jinja2 import Undefined
 
 from worker.engine.config import RecipeOptions
 
@@ -30,9 +32,15 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
+def _number(x: Any) -> TypeGuard[int | float]:
+    """A value the number formatters can format: a report missing a key (None, or a template's Undefined) is
+    shown as n/a instead of failing the page."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def fmt_bytes(n: int | None) -> str:
     """Bytes in SI units with one decimal: 59906 -> '59.9 kB'."""
-    if n is None:
+    if not _number(n):
         return NA
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
@@ -42,7 +50,7 @@ def fmt_bytes(n: int | None) -> str:
 
 def fmt_ms(ms: float | None) -> str:
     """Milliseconds with three significant digits: '0.0404 ms', '12.3 ms', '1234 ms'."""
-    if ms is None:
+    if not _number(ms):
         return NA
     if ms >= 100:
         return f"{ms:.0f} ms"
@@ -80,8 +88,9 @@ def fmt_time(t: datetime | None) -> str:
 
 
 def fmt_raw(value: Any) -> str:
-    """A report value shown exactly as the JSON has it (numbers unrounded); None as an em dash."""
-    if value is None:
+    """A report value shown exactly as the JSON has it (numbers unrounded); None (or a key the report lacks) as
+    an em dash."""
+    if value is None or isinstance(value, Undefined):
         return "\u2014"
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -345,6 +354,9 @@ class CandidateRow:
     size_bytes: int | None
     metric: str
     latency: str
+    speedup: str  # '2.1× faster', '4.3× slower'
+    speedup_value: float | None  # fp32 p50 / this candidate's p50
+    slower: bool  # slower than fp32 beyond the search's noise tolerance
     met: str  # 'met' | 'missed' | 'skipped' | 'failed'
     chosen: bool
     worker: str
@@ -358,9 +370,30 @@ def candidate_label(recipe: str, options: dict[str, Any]) -> str:
     return recipe + hybrid + (f" ({method})" if method else "")
 
 
+def candidate_brief(c: dict[str, Any]) -> str:
+    """'int8_dynamic + 1 in float, 1.8 MB, 4.3× slower': a candidate in one line."""
+    label = candidate_label(str(c.get("recipe", "?")), c.get("options") or {})
+    kept = len(c.get("excluded_nodes") or [])
+    speedup = candidate_speedup(c)
+    return (label + (f" + {kept} in float" if kept else "") + f", {fmt_bytes(c.get('size_bytes'))}, "
+            + (speed_phrase(speedup) if speedup else "speed not measured"))
+
+
+def candidate_speedup(c: dict[str, Any]) -> float | None:
+    """A candidate row's speed-up over the fp32 model (reports before it was recorded: from its two p50s)."""
+    speedup = c.get("speedup")
+    if _number(speedup):
+        return float(speedup)
+    fp32, own = c.get("fp32_latency_ms_p50"), c.get("latency_ms_p50")
+    return round(fp32 / own, 4) if _number(fp32) and _number(own) and own else None
+
+
 def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
     """The auto report's candidates as table rows, smallest first, the chosen one marked."""
     chosen = report.get("chosen") or {}
+    # The search's own tolerance for calling a candidate slower (a report without one: any speed-up below 1).
+    tolerance = (report.get("auto") or {}).get("speed_tolerance")
+    tolerance = float(tolerance) if _number(tolerance) else 0.0
     ckey = (chosen.get("recipe"), (chosen.get("options") or {}).get("method"),
             tuple(chosen.get("excluded_nodes") or ()))
     rows = []
@@ -371,6 +404,7 @@ def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
         status = str(c.get("status", "?"))
         met = status if status in ("skipped", "failed") else ("met" if c.get("met_target") else "missed")
         metric = c.get("metric")
+        speedup = candidate_speedup(c)
         rows.append(CandidateRow(
             label=candidate_label(str(c.get("recipe", "?")), opts),
             recipe=str(c.get("recipe", "?")),
@@ -379,8 +413,11 @@ def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
             status=status,
             size=fmt_bytes(c.get("size_bytes")),
             size_bytes=c.get("size_bytes"),
-            metric=NA if metric is None else f"{metric:.6g}",
+            metric=f"{metric:.6g}" if _number(metric) else NA,
             latency=fmt_ms(c.get("latency_ms_p50")),
+            speedup=speed_phrase(speedup) if speedup else NA,
+            speedup_value=speedup,
+            slower=speedup is not None and speedup < 1.0 - tolerance,
             met=met,
             chosen=bool(chosen) and key == ckey,
             worker=str(c.get("worker") or ""),

@@ -174,17 +174,25 @@ def _auto_context(report: dict[str, Any]) -> dict[str, Any] | None:
     with their sensitivity, and the chosen configuration as a file to reproduce it."""
     if report.get("recipe") != "auto" or "candidates" not in report:
         return None
-    target = (report.get("auto") or {}).get("target") or report.get("accuracy_target") or {}
+    search = report.get("auto") or {}
+    target = search.get("target") or report.get("accuracy_target") or {}
     metric = str(target.get("metric", "metric"))
+    chosen_speedup = search.get("chosen_speedup")
     return {
         "rows": present.candidate_rows(report),
-        "pareto": charts.pareto_chart(report["candidates"], target, metric, report.get("chosen")),
+        # Reports from before the choice weighed speed have no "prefer": they chose by size alone.
+        "prefer": search.get("prefer") or "size",
+        "chosen_slower": bool(search.get("chosen_slower_than_fp32")),
+        "chosen_speed": present.speed_phrase(chosen_speedup) if isinstance(chosen_speedup, (int, float)) else "",
+        "passed_over": [present.candidate_brief(c) for c in search.get("passed_over_as_slower") or []
+                        if isinstance(c, dict)],
+        "pareto": charts.pareto_chart(report.get("candidates") or [], target, metric, report.get("chosen")),
         "metric": metric,
         "kept": [{**k, "output_db": present.sensitivity_db(k.get("sensitivity"))}
                  for k in report.get("kept_in_float") or []],
         "config": present.chosen_config_json(report),
-        "skipped": len((report.get("auto") or {}).get("skipped") or []),
-        "workers": (report.get("auto") or {}).get("workers") or [],
+        "skipped": len(search.get("skipped") or []),
+        "workers": search.get("workers") or [],
     }
 
 

@@ -40,6 +40,8 @@ def _run(api: Harness, sent: list[tuple[str, int, int, str]]) -> int:
 
 
 def _submit_auto(api: Harness, tmp_path: Path, target: dict[str, Any], **options: Any) -> str:
+    """An auto job on the planted-outlier model. The tests that check which layers are kept in float choose by
+    size only (prefer: size): on a model this small every quantized candidate is slower than fp32."""
     model = upload_model(api.client, builders.planted_outlier_mlp(tmp_path / "planted.onnx"))
     data = upload_dataset(api.client, builders.planted_data(tmp_path / "planted.npz"))
     r = submit(api.client, model_id=model["id"], calibration_dataset_id=data["id"], recipe="auto",
@@ -50,7 +52,7 @@ def _submit_auto(api: Harness, tmp_path: Path, target: dict[str, Any], **options
 
 def test_auto_job_finds_the_planted_layers(api: Harness, tmp_path: Path,
                                            subtasks: list[tuple[str, int, int, str]]) -> None:
-    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0})
+    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0}, prefer="size")
     ran = _run(api, subtasks)
     job = api.client.get(f"/api/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job["error"]
@@ -127,7 +129,7 @@ def test_auto_page_config_export_and_cli_reproduce(sqlite_api: Harness, tmp_path
     from app.security import CSP
 
     api = sqlite_api
-    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0})
+    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0}, prefer="size")
     _run(api, subtasks)
     report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
     page = api.client.get(f"/jobs/{job_id}")
@@ -224,7 +226,7 @@ def test_a_crashing_candidate_fails_alone(sqlite_api: Harness, tmp_path: Path,
 
     monkeypatch.setattr(tasks, "run_engine", flaky)
     api = sqlite_api
-    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0})
+    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0}, prefer="size")
     _run(api, subtasks)
     assert api.client.get(f"/api/v1/jobs/{job_id}").json()["status"] == "succeeded"
     rows = api.client.get(f"/api/v1/jobs/{job_id}/report").json()["candidates"]
@@ -254,3 +256,94 @@ def test_candidate_labels_name_the_hybrid() -> None:
         "int4_weight_only + int8 activations (entropy)"
     assert candidate_label("int8_static", {"method": "minmax"}) == "int8_static (minmax)"
     assert candidate_label("fp16", {}) == "fp16"
+
+
+def test_auto_job_whose_every_candidate_failed_renders_everywhere(sqlite_api: Harness, tmp_path: Path,
+                                                                 subtasks: list[tuple[str, int, int, str]],
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """No candidate measured: the report has the candidate table and nothing else (no size, latency,
+    accuracy, layers). The job page, the job list, the API and the client's summary still show it."""
+    from app.cli import main
+    from app.client import Client
+    from app.client import cli as client_cli
+    from worker import tasks
+    from worker.engine.errors import EngineError
+
+    def failing(cfg: Any, progress: Any, settings: Any = None) -> Any:
+        raise EngineError("quantization_failed", f"{cfg.recipe} cannot quantize this model (a test double)")
+
+    monkeypatch.setattr(tasks, "run_engine", failing)
+    api = sqlite_api
+    job_id = _submit_auto(api, tmp_path, {"metric": "cosine", "min": 0.99}, max_fallback_steps=0)
+    _run(api, subtasks)
+    r = api.client.get(f"/api/v1/jobs/{job_id}")
+    assert r.status_code == 200
+    job = r.json()
+    assert job["status"] == "failed" and job["error"]["code"] == "accuracy_target_not_met"
+    assert "no candidate could be measured" in job["error"]["message"]
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    assert report["chosen"] is None and report["best"] is None
+    assert not {"size", "latency", "accuracy", "layers"} & set(report)
+    rows = report["candidates"]
+    assert len(rows) >= 7 and all(c["status"] == "failed" for c in rows)
+
+    page = api.client.get(f"/jobs/{job_id}", headers={"accept": "text/html"})
+    assert page.status_code == 200, page.text[-2000:]
+    html = page.text
+    assert 'data-field="error-code">accuracy_target_not_met<' in html
+    assert "No candidate could be measured" in html
+    assert html.count('data-field="candidate"') == len(rows)
+    assert html.count("cannot quantize this model (a test double)") == len(rows)  # each row's reason
+    assert 'aria-label="verdict"' not in html and 'id="card-size"' not in html and 'id="layers"' not in html
+    assert "configuration</h3>" not in html  # neither a chosen nor a closest one to offer
+    assert api.client.get("/").status_code == 200  # the job list, with this job in it
+
+    # `lowbit report` (the summary `lowbit submit` prints too), through this server.
+    monkeypatch.setattr(client_cli, "_client",
+                        lambda args: Client("http://testserver", None, transport=api.client._transport))
+    assert main(["report", job_id]) == 0
+    out = capsys.readouterr().out
+    assert "no candidate could be measured" in out
+    assert f"auto: {len(rows)} candidates, 0 measured, {len(rows)} failed, 0 skipped" in out
+    assert "candidate int8_static (minmax) failed: [quantization_failed]" in out
+    assert "accuracy target cosine min 0.99: NOT met" in out
+
+
+def test_auto_job_on_a_pt2_upload_plans_4bit_from_its_export(sqlite_api: Harness, tmp_path: Path,
+                                                             subtasks: list[tuple[str, int, int, str]],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .pt2 upload used to fail planning with internal_error (its zip was parsed as ONNX). Planning now runs
+    in the sandbox on the upload's ONNX export, which the candidates' runs then read from the export cache.
+    Only the analysis candidate runs for real here; the others fail at once, to keep the test short."""
+    import numpy as np
+
+    from tests import pt2_builders as pb
+    from worker import tasks
+    from worker.engine.errors import EngineError
+
+    real = tasks.run_engine
+
+    def first_only(cfg: Any, progress: Any, settings: Any = None) -> Any:
+        if not cfg.layer_sensitivity:
+            raise EngineError("quantization_failed", "not run in this test")
+        return real(cfg, progress, settings)
+
+    monkeypatch.setattr(tasks, "run_engine", first_only)
+    api = sqlite_api
+    model = upload_model(api.client, pb.outlier_mlp(tmp_path / "mlp.pt2"))
+    feats = np.random.default_rng(0).standard_normal((48, 32)).astype(np.float32)
+    data = upload_dataset(api.client, builders.save_npz(tmp_path / "f.npz", features=feats))
+    r = submit(api.client, model_id=model["id"], calibration_dataset_id=data["id"], recipe="auto",
+               options={"latency_runs": 3, "max_fallback_steps": 0}, accuracy_target={"metric": "cosine", "min": 0.9})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    _run(api, subtasks)
+    job = api.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    four_bit = [c for c in report["candidates"] if c["recipe"] == "int4_weight_only"]
+    assert len(four_bit) == 2  # planned from the export's Linear weights
+    assert report["model"]["source_format"] == "pt2"
+    assert report["model"]["export"]["cache_used"] is True  # the export planning made, reused
+    assert api.client.get(f"/jobs/{job_id}").status_code == 200

@@ -20,6 +20,7 @@ from tests import builders
 from tests.app.conftest import Harness
 from tests.app.helpers import submit, upload_model
 from tests.reports import at, expected_verdict, shown_as
+from worker.engine.config import parse_options
 
 FORM = {"recipe": "int8_static", "method": "entropy", "per_channel": "on", "batch_size": "4"}
 
@@ -395,3 +396,72 @@ def test_verdict_tone(ratio: float, speedup: float, target: dict[str, Any] | Non
 
 def test_axis_ticks_are_round() -> None:
     assert [charts.tick_step(t) for t in (26.8, 40.1, 102.0, 3.2, 0.5)] == [5.0, 10.0, 20.0, 1.0, 0.1]
+
+
+def _partial_reports(tmp: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    """(what, job status, report): the example report with each section (and each key of each section)
+    missing, null or empty, and the auto reports of searches that measured nothing or predate speed-ups."""
+    import copy
+
+    from app.examples import REPORT_EXAMPLE
+    from worker.engine import auto
+
+    full = copy.deepcopy(REPORT_EXAMPLE)
+    out: list[tuple[str, str, dict[str, Any]]] = [("full", "succeeded", full)]
+    for key, value in full.items():
+        if key in ("job_id", "recipe"):
+            continue
+        out.append((f"no {key}", "succeeded", {k: v for k, v in full.items() if k != key}))
+        out.append((f"{key} null", "succeeded", {**full, key: None}))
+        if isinstance(value, dict):
+            out.append((f"{key} empty", "succeeded", {**full, key: {}}))
+            for inner in value:
+                out.append((f"{key} without {inner}", "succeeded",
+                            {**full, key: {k: v for k, v in value.items() if k != inner}}))
+                out.append((f"{key}.{inner} null", "succeeded", {**full, key: {**value, inner: None}}))
+    out.append(("bare outputs and layers", "succeeded",
+                {**full, "accuracy": {"outputs": [{"name": "y"}]}, "layers": [{"name": "a"}]}))
+    target = {"metric": "cosine", "min": 0.99}
+    failed = [auto.CandidateResult(c, "failed", error={"code": "quantization_failed", "message": "no"})
+              for c in auto.plan_candidates(builders.mlp(tmp / "m.onnx"), parse_options("auto", {}))]
+    out.append(("auto, every candidate failed", "failed",
+                {**auto.conclude(failed, target, "j", {}, 1.0, 1).report, "accuracy_target": {**target, "met": False}}))
+    skipped = [auto.skipped(r.candidate, "not started") for r in failed]
+    out.append(("auto, every candidate skipped", "failed", auto.conclude(skipped, target, "j", {}, 1.0, 1).report))
+    # An auto report from before candidates carried speed-ups (and from before "prefer").
+    older = [{"recipe": "int8_static", "options": {"method": "minmax"}, "excluded_nodes": [], "status": "done",
+              "size_bytes": 100, "metric": 0.995, "met_target": True, "latency_ms_p50": 1.0}]
+    out.append(("auto, older report", "succeeded",
+                {**full, "recipe": "auto", "candidates": older, "chosen": {**older[0], "options": {"method": "minmax"}},
+                 "auto": {"target": target}, "kept_in_float": []}))
+    out.append(("auto, candidates null", "failed", {"recipe": "auto", "candidates": None, "auto": None}))
+    return out
+
+
+def test_every_partial_report_shape_renders(sqlite_api: Harness, zoo: dict[str, Path], tmp_path: Path) -> None:
+    """A report missing any section or key (a failed auto search has no size, latency or accuracy; older
+    engines wrote fewer keys) still gives the job page, the job list and the client summary, never a 500."""
+    from app.client.cli import summary_lines
+
+    m = upload_model(sqlite_api.client, zoo["mlp"])
+    job_id = submit(sqlite_api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+    for what, status, report in _partial_reports(tmp_path):
+        with sqlite_api.factory.begin() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            job.status, job.report = status, report
+            job.error_code, job.error_message = ("accuracy_target_not_met", "missed") if status == "failed" else \
+                (None, None)
+        page = sqlite_api.client.get(f"/jobs/{job_id}")
+        assert page.status_code == 200, (what, page.text[-3000:])
+        assert "Reproducibility" in page.text, what
+        assert sqlite_api.client.get("/").status_code == 200, what
+        api_job = sqlite_api.client.get(f"/api/v1/jobs/{job_id}")
+        assert api_job.status_code == 200, what
+        lines = summary_lines(api_job.json(), report)
+        assert lines[0].startswith(f"job {job_id} {status}"), what
+        if report.get("size") and report["size"].get("quantized_bytes") and report["size"].get("original_bytes"):
+            assert 'id="card-size"' in page.text, what
+        if what.startswith("auto, every"):
+            assert "No candidate could be measured" in page.text, what
+            assert "  no candidate could be measured" in lines, what

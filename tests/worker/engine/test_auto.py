@@ -3,13 +3,17 @@ dynamic int8 quantizes well, one only a percentile-calibrated static int8 does, 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from tests import builders
-from worker.engine import auto
+from worker.engine import auto, pipeline
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError
 
@@ -34,7 +38,9 @@ def test_planted_sensitive_layers_are_kept_in_float(tmp_path: Path) -> None:
     model = builders.planted_outlier_mlp(tmp_path / "planted.onnx")
     data = builders.planted_data(tmp_path / "planted.npz")
     target = {"metric": "sqnr_db", "min": 21.0}
-    outcome = auto.search(_base(tmp_path, model, data), target)
+    # These searches are about accuracy; speed (on models this small every quantized one is slower than fp32,
+    # by noise-sized margins) is left out of the choice: the speed tests below cover it.
+    outcome = auto.search(_base(tmp_path, model, data, prefer="size"), target)
     rows = _by_branch(outcome)
     # Plain static int8 misses the target with every calibration method; so does dynamic.
     for method in ("minmax", "entropy", "percentile", "mse"):
@@ -66,7 +72,7 @@ def test_dynamic_wins_when_input_scales_vary(tmp_path: Path) -> None:
     model = builders.scale_free_mlp(tmp_path / "scale.onnx")
     calib = builders.scale_varying_data(tmp_path / "calib.npz")
     ev = builders.scale_varying_data(tmp_path / "eval.npz", n=32, seed=2)
-    outcome = auto.search(_base(tmp_path, model, calib, ev, batch_size=1, max_fallback_steps=2),
+    outcome = auto.search(_base(tmp_path, model, calib, ev, batch_size=1, max_fallback_steps=2, prefer="size"),
                           {"metric": "sqnr_db", "min": 20.0})
     assert outcome.chosen is not None, outcome.report["candidates"]
     assert outcome.chosen.candidate.recipe == "int8_dynamic"
@@ -79,7 +85,8 @@ def test_static_percentile_wins_when_rare_spikes_defeat_dynamic(tmp_path: Path) 
     model = builders.spike_ignoring_mlp(tmp_path / "spike.onnx")
     calib = builders.spiky_data(tmp_path / "calib.npz")
     ev = builders.spiky_data(tmp_path / "eval.npz", n=32, spiky_share=0.25, seed=2)
-    outcome = auto.search(_base(tmp_path, model, calib, ev, max_fallback_steps=2), {"metric": "sqnr_db", "min": 20.0})
+    outcome = auto.search(_base(tmp_path, model, calib, ev, max_fallback_steps=2, prefer="size"),
+                          {"metric": "sqnr_db", "min": 20.0})
     assert outcome.chosen is not None, outcome.report["candidates"]
     assert outcome.chosen.candidate.recipe == "int8_static"
     assert outcome.chosen.candidate.options["method"] == "percentile"
@@ -146,3 +153,187 @@ def test_fallback_ranking_skips_layers_a_recipe_does_not_quantize() -> None:
     nxt = {c.recipe: c.excluded_nodes for c in auto.next_candidates(rows, max_steps=4)}
     assert nxt == {"int8_static": ("add",), "int8_dynamic": ("mm1",)}
     assert auto.next_candidates(rows, max_steps=0) == []
+
+
+# ---------------------------------------------------------------------------------------------- speed in the choice
+
+
+def _measured(recipe: str, size: int, speedup: float | None, met: bool = True, method: str | None = None,
+              fp32_ms: float = 10.0) -> auto.CandidateResult:
+    """A candidate as the search records it: its size, whether it met the target, and the two p50 latencies."""
+    options = {"method": method} if method else {}
+    return auto.CandidateResult(
+        auto.Candidate(recipe, options), "done", size_bytes=size, metric=0.995 if met else 0.9, met_target=met,
+        latency_ms_p50=None if speedup is None else fp32_ms / speedup, fp32_latency_ms_p50=fp32_ms,
+        report={"latency": {"provider": "CPUExecutionProvider", "batch_size": 1}, "warnings": ["from the run"],
+                "accuracy": {"outputs": [{"name": "y", "cosine": 0.995 if met else 0.9}]}},
+    )
+
+
+def test_the_choice_passes_over_candidates_slower_than_fp32() -> None:
+    dynamic = _measured("int8_dynamic", 1_760_000, 0.23)  # the smallest, but 4x slower than fp32
+    static = _measured("int8_static", 1_900_000, 1.8, method="minmax")
+    fp16 = _measured("fp16", 3_400_000, 0.5)
+    missed = _measured("int4_weight_only", 900_000, 2.0, met=False)  # smaller and faster, but missed the target
+    rows = [dynamic, static, fp16, missed]
+    assert dynamic.speedup == pytest.approx(0.23) and dynamic.slower_than_fp32 and not static.slower_than_fp32
+    assert auto.choose(rows) is static
+    assert auto.choose(rows, "size") is dynamic  # size only: the smallest, however slow
+    # Within the noise tolerance a candidate counts as fast as fp32; beyond it, as slower.
+    edge = 1.0 - auto.SPEED_TOLERANCE
+    near = _measured("int8_dynamic", 1_000_000, edge + 0.01)
+    assert not near.slower_than_fp32 and auto.choose([static, near]) is near
+    far = _measured("int8_dynamic", 1_000_000, edge - 0.01)
+    assert far.slower_than_fp32 and auto.choose([static, far]) is static
+    # Every candidate that met the target is slower: the least slow (then the smallest).
+    assert auto.choose([dynamic, fp16]) is fp16
+    # A speed that was not measured does not count against a candidate.
+    unmeasured = _measured("int8_dynamic", 1_000_000, None)
+    assert unmeasured.speedup is None and auto.choose([static, unmeasured]) is unmeasured
+    assert auto.choose([missed]) is None
+
+
+def test_the_report_says_when_the_chosen_model_is_slower() -> None:
+    target = {"metric": "cosine", "min": 0.99}
+    dynamic = _measured("int8_dynamic", 1_760_000, 0.23)
+    static = _measured("int8_static", 1_900_000, 1.8, method="minmax")
+    fp16 = _measured("fp16", 3_400_000, 0.5)
+
+    fast = auto.conclude([dynamic, static, fp16], target, "j", {}, 1.0, 1)
+    assert fast.chosen is static
+    search = fast.report["auto"]
+    assert search["prefer"] == "size_and_speed" and search["chosen_slower_than_fp32"] is False
+    assert search["chosen_speedup"] == pytest.approx(1.8)
+    assert [(c["recipe"], c["speedup"]) for c in search["passed_over_as_slower"]] == [("int8_dynamic", 0.23)]
+    assert fast.report["warnings"] == ["from the run"]  # no auto warning: the chosen model is not slower
+    rows = {c["recipe"]: c for c in fast.report["candidates"]}
+    assert rows["int8_dynamic"]["speedup"] == pytest.approx(0.23) and rows["fp16"]["fp32_latency_ms_p50"] == 10.0
+
+    sized = auto.conclude([dynamic, static, fp16], target, "j", {}, 1.0, 1, prefer="size")
+    assert sized.chosen is dynamic and sized.report["auto"]["chosen_slower_than_fp32"] is True
+    warning = sized.report["warnings"][-1]
+    assert "int8_dynamic" in warning and "0.23x" in warning and "prefer: size" in warning
+    assert "int8_static (minmax) also met the target" in warning  # the faster alternative is named
+    assert sized.report["auto"]["passed_over_as_slower"] == []
+
+    slow = auto.conclude([dynamic, fp16], target, "j", {}, 1.0, 1)
+    assert slow.chosen is fp16 and slow.report["auto"]["chosen_slower_than_fp32"] is True
+    assert "every candidate that met the target is slower" in slow.report["warnings"][-1]
+    assert "0.50x" in slow.report["warnings"][-1]
+
+    nothing = auto.conclude([_measured("fp16", 3_400_000, 0.5, met=False)], target, "j", {}, 1.0, 1)
+    assert nothing.chosen is None and nothing.report["auto"]["chosen_slower_than_fp32"] is None
+
+
+def test_fallback_goes_on_while_the_choice_is_slower_than_fp32() -> None:
+    report = {"sensitivity": {"ranking": ["mm1", "mm2"]},
+              "layers": [{"name": "mm1", "op_type": "MatMul"}, {"name": "mm2", "op_type": "MatMul"}]}
+    analysis = _measured("int8_static", 2_000_000, 1.5, met=False, method="entropy")
+    analysis.report = report
+    slow_dynamic = _measured("int8_dynamic", 1_000_000, 0.3)  # met, but slower than fp32
+    rows = [analysis, slow_dynamic]
+    # The static branch is larger than the slow dynamic model, yet may still become the choice: it goes on.
+    assert [c.recipe for c in auto.next_candidates(rows, max_steps=4)] == ["int8_static"]
+    # Choosing by size only, nothing larger than the dynamic model can win: the search stops.
+    assert auto.next_candidates(rows, max_steps=4, prefer="size") == []
+
+
+def test_prefer_is_an_auto_option_with_two_choices() -> None:
+    assert parse_options("auto", {}).prefer == "size_and_speed"
+    assert parse_options("auto", {"prefer": "size"}).to_dict("auto")["prefer"] == "size"
+    with pytest.raises(EngineError) as e:
+        parse_options("auto", {"prefer": "speed"})
+    assert e.value.code == "invalid_option" and "size_and_speed" in e.value.message
+    with pytest.raises(EngineError):
+        parse_options("int8_static", {"prefer": "size"})
+
+
+def test_auto_run_weighs_each_candidates_measured_speed(tmp_path: Path) -> None:
+    """End to end on a small model: every candidate's speed-up is its run's fp32 p50 over its own, and the
+    choice and the report follow the rule on those measured numbers (whatever this machine's speeds are)."""
+    model = builders.mlp(tmp_path / "mlp.onnx")
+    data = builders.mlp_data(tmp_path / "mlp.npz")
+    target = {"metric": "cosine", "min": 0.99}
+    outcome = auto.search(_base(tmp_path, model, data, max_fallback_steps=0), target)
+    rows = outcome.report["candidates"]
+    done = [r for r in rows if r["status"] == "done"]
+    assert len(done) == len(rows) >= 7  # 4 static methods, dynamic, two 4-bit, fp16
+    for r in done:
+        assert r["fp32_latency_ms_p50"] > 0 and r["latency_ms_p50"] > 0
+        assert r["speedup"] == pytest.approx(r["fp32_latency_ms_p50"] / r["latency_ms_p50"], rel=1e-3)
+    assert outcome.chosen is not None
+    results = [auto.CandidateResult.from_dict(r) for r in rows]
+    met = [r for r in results if r.met_target]
+    fast = [r for r in met if not r.slower_than_fp32]
+    expected = min(fast or met, key=lambda r: (r.size_bytes or 0, r.latency_ms_p50 or 0.0)) if fast else \
+        max(met, key=lambda r: (r.speedup or 0.0, -(r.size_bytes or 0)))
+    assert outcome.chosen.candidate == expected.candidate
+    search = outcome.report["auto"]
+    assert search["chosen_slower_than_fp32"] is outcome.chosen.slower_than_fp32
+    assert search["chosen_speedup"] == outcome.chosen.speedup
+    assert outcome.report["latency"]["speedup"] == pytest.approx(outcome.chosen.speedup, rel=1e-3)
+    assert any("auto chose" in w for w in outcome.report["warnings"]) is outcome.chosen.slower_than_fp32
+    # The same measurements, chosen by size only: the smallest model that met the target.
+    by_size = auto.conclude(results, target, None, {}, 1.0, 1, prefer="size")
+    assert by_size.chosen is not None and by_size.chosen.size_bytes == min(r.size_bytes or 0 for r in met)
+
+
+# ---------------------------------------------------------------------------------------------- 4-bit planning
+
+
+def test_constant_node_matmul_weights_get_a_4bit_candidate(tmp_path: Path) -> None:
+    model = builders.constant_weights_opset11(tmp_path / "const.onnx")
+    loaded = onnx.load(str(model))
+    assert not loaded.graph.initializer and sum(n.op_type == "Constant" for n in loaded.graph.node) == 3
+    assert auto.has_matmul_weights(model)
+    planned = auto.plan_candidates(model, parse_options("auto", {}))
+    assert [c.options.get("int8_activations", False) for c in planned if c.recipe == "int4_weight_only"] == \
+        [False, True]
+    # And the 4-bit quantizer really quantizes Constant-node weights (the pipeline moves them to initializers).
+    data = builders.save_npz(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((40, 16)).astype(
+        np.float32))
+    res = pipeline.run(QuantizeConfig(model_path=model, output_path=tmp_path / "int4.onnx",
+                                      recipe="int4_weight_only", options=parse_options("int4_weight_only", {}),
+                                      calibration_path=data, threads=1, device="cpu"))
+    quantized = onnx.load(str(res.artifact_path))
+    assert sum(n.op_type == "MatMulNBits" for n in quantized.graph.node) == 2
+    assert res.report["accuracy"]["outputs"][0]["cosine"] > 0.99  # 0.9966 measured
+
+
+def test_weights_the_4bit_quantizer_skips_do_not_count(tmp_path: Path) -> None:
+    """Activation x activation MatMuls and tied weights: the quantizer leaves them, so no 4-bit candidate."""
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    both = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["a"], name="mm1"),
+                              helper.make_node("MatMul", ["a", "w"], ["y"], name="mm2")], "tied", [x], [y], [w])
+    squared = helper.make_graph([helper.make_node("Transpose", ["x"], ["xt"], name="t"),
+                                 helper.make_node("MatMul", ["xt", "x"], ["y"], name="mm")], "act", [x], [y])
+    for graph in (both, squared):
+        path = tmp_path / f"{graph.name}.onnx"
+        onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        assert not auto.has_matmul_weights(path), graph.name
+    # A MatMul the user keeps in float (nodes_to_exclude) is not the 4-bit recipe's either.
+    single = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "one", [x], [y], [w])
+    path = tmp_path / "one.onnx"
+    onnx.save_model(helper.make_model(single, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert auto.has_matmul_weights(path) and not auto.has_matmul_weights(path, ["mm"])
+
+
+def test_pt2_upload_is_planned_on_its_onnx_export(tmp_path: Path) -> None:
+    """A .pt2 is a zip, not ONNX: planning exports it (as each candidate's run will, into the same cache) and
+    finds its Linear weights for the 4-bit candidates."""
+    import torch
+
+    from tests import pt2_builders as pb
+
+    model = pb.outlier_mlp(tmp_path / "mlp.pt2")
+    data = builders.save_npz(tmp_path / "f.npz", features=torch.randn(16, 32).numpy())
+    cache = tmp_path / "export-cache"
+    base = dataclasses.replace(_base(tmp_path, model, data), export_cache_dir=cache)
+    planned = auto.plan(base)
+    assert [c.recipe for c in planned].count("int4_weight_only") == 2
+    assert len(list(cache.glob("*.onnx"))) == 1  # the export the candidates' runs read
+    exported = auto.model_to_check(base, tmp_path / "again")
+    assert exported.suffix == ".onnx" and auto.has_matmul_weights(exported)
+    assert not list((tmp_path / "work").glob("auto-plan-*"))  # planning's scratch folder is gone
