@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from markupsafe import escape
 
+from app.examples import REPORT_EXAMPLE
 from app.jobs.models import Job
 from app.pages import charts, present
 from app.security import CSP
@@ -403,7 +404,6 @@ def _partial_reports(tmp: Path) -> list[tuple[str, str, dict[str, Any]]]:
     missing, null or empty, and the auto reports of searches that measured nothing or predate speed-ups."""
     import copy
 
-    from app.examples import REPORT_EXAMPLE
     from worker.engine import auto
 
     full = copy.deepcopy(REPORT_EXAMPLE)
@@ -465,3 +465,47 @@ def test_every_partial_report_shape_renders(sqlite_api: Harness, zoo: dict[str, 
         if what.startswith("auto, every"):
             assert "No candidate could be measured" in page.text, what
             assert "  no candidate could be measured" in lines, what
+
+
+def test_auto_page_and_summary_show_speed_against_fp32(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    """Each candidate's speed against fp32 in the table; a chosen model slower than fp32 is called out on the
+    page (notice and warning) and in the client summary; smaller candidates passed over for speed are named."""
+    from app.client.cli import summary_lines
+    from worker.engine import auto
+
+    def measured(recipe: str, size: int, speedup: float, method: str | None = None) -> auto.CandidateResult:
+        report = {**json.loads(json.dumps(REPORT_EXAMPLE)), "warnings": []}
+        report["latency"] = {**report["latency"], "original_ms_p50": 10.0, "quantized_ms_p50": 10.0 / speedup,
+                             "speedup": speedup}
+        return auto.CandidateResult(auto.Candidate(recipe, {"method": method} if method else {}), "done",
+                                    size_bytes=size, metric=0.995, met_target=True, latency_ms_p50=10.0 / speedup,
+                                    fp32_latency_ms_p50=10.0, report=report)
+
+    rows = [measured("int8_dynamic", 1_760_000, 0.23), measured("int8_static", 1_900_000, 1.8, "minmax")]
+    target = {"metric": "cosine", "min": 0.99}
+    m = upload_model(sqlite_api.client, zoo["mlp"])
+    job_id = submit(sqlite_api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+
+    def show(report: dict[str, Any]) -> tuple[str, list[str]]:
+        with sqlite_api.factory.begin() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            job.status, job.report = "succeeded", {**report, "accuracy_target": {**target, "met": True}}
+        html = sqlite_api.client.get(f"/jobs/{job_id}").text
+        return html, summary_lines(sqlite_api.client.get(f"/api/v1/jobs/{job_id}").json(), report)
+
+    html, lines = show(auto.conclude(rows, target, job_id, {}, 1.0, 1).report)  # size and speed
+    speeds = re.findall(r'<td class="num( slower)?" data-field="speedup" data-value="([^"]*)">([^<]*)</td>', html)
+    assert sorted(speeds) == [("", "1.8", "1.8\u00d7 faster"), (" slower", "0.23", "4.3\u00d7 slower")]
+    assert "the smallest that is not slower than\n    the fp32 model is chosen" in html
+    assert 'data-field="chosen-slower"' not in html
+    assert re.search(r'data-field="passed-over">Smaller, but passed over for being slower than the fp32 model:\s+'
+                     r'int8_dynamic, 1.8 MB, 4.3\u00d7 slower', html)
+    assert "  chosen: int8_static (minmax), 1.80x faster than fp32" in lines
+
+    html, lines = show(auto.conclude(rows, target, job_id, {}, 1.0, 1, prefer="size").report)
+    assert 'data-field="chosen-slower"' in html and "(4.3\u00d7 slower)" in html
+    warnings = html[html.index('id="warnings"'):]
+    assert "auto chose int8_dynamic for its size only" in warnings[:warnings.index("</section>")]
+    assert "  chosen: int8_dynamic, 4.35x slower than fp32 (SLOWER than the fp32 model)" in lines
+    assert any(line.startswith("  warning: auto chose int8_dynamic") for line in lines)
