@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,93 +13,9 @@ import onnx
 
 from worker.engine import runtime
 from worker.engine.feeds import Batch
+from worker.engine.metrics import LabelMetrics, OutputMetrics, infer_role, speedup_interval
 
 Progress = Callable[[float], None]
-
-
-def _is_class_scores(a: np.ndarray) -> bool:
-    """Scores over classes: [batch, classes] or per-token [batch, tokens, classes]. Images, feature
-    maps ([N, C, H, W]) and box coordinates ([N, 4]) are not."""
-    return a.dtype.kind == "f" and a.ndim in (2, 3) and a.shape[-1] >= 2 and not (a.ndim == 2 and a.shape[-1] == 4)
-
-
-@dataclass
-class OutputStats:
-    name: str
-    dot: float = 0.0
-    ref_sq: float = 0.0
-    q_sq: float = 0.0
-    err_sq: float = 0.0
-    max_abs: float = 0.0
-    top1_match: int = 0
-    top1_total: int = 0
-    class_scores: bool = True
-    nonfinite: int = 0
-    ref_nonfinite: int = 0
-
-    def add(self, ref: np.ndarray, q: np.ndarray) -> None:
-        r = ref.astype(np.float64).ravel()
-        d = q.astype(np.float64).ravel()
-        # Compare where the original is finite (masks use -inf on purpose); count what the quantized
-        # model alone made non-finite.
-        r_ok = np.isfinite(r)
-        d_ok = np.isfinite(d)
-        if not (r_ok.all() and d_ok.all()):
-            self.ref_nonfinite += int((~r_ok).sum())
-            self.nonfinite += int((r_ok & ~d_ok).sum())
-            keep = r_ok & d_ok
-            r, d = r[keep], d[keep]
-        self.dot += float(r @ d)
-        self.ref_sq += float(r @ r)
-        self.q_sq += float(d @ d)
-        e = r - d
-        self.err_sq += float(e @ e)
-        if e.size:
-            self.max_abs = max(self.max_abs, float(np.max(np.abs(e))))
-        if self.class_scores and _is_class_scores(ref) and ref.shape == q.shape:
-            self.top1_match += int((ref.argmax(-1) == q.argmax(-1)).sum())
-            self.top1_total += int(np.prod(ref.shape[:-1]))
-        else:
-            self.class_scores = False
-
-    def to_dict(self) -> dict[str, Any]:
-        denom = np.sqrt(self.ref_sq) * np.sqrt(self.q_sq)
-        # Two all-zero outputs agree perfectly; one all-zero output against a non-zero one does not.
-        cosine = self.dot / denom if denom > 0 else (1.0 if self.ref_sq == self.q_sq else 0.0)
-        if self.err_sq == 0:
-            sqnr: float | None = None  # identical outputs: infinite SQNR, JSON has no infinity
-        elif self.ref_sq == 0:
-            sqnr = float("-inf")
-        else:
-            sqnr = 10.0 * np.log10(self.ref_sq / self.err_sq)
-        return {
-            "name": self.name,
-            "cosine": round(float(cosine), 6),
-            "sqnr_db": None if sqnr is None or not np.isfinite(sqnr) else round(float(sqnr), 3),
-            "max_abs_error": float(self.max_abs),
-            "top1_agreement": (
-                round(self.top1_match / self.top1_total, 6) if self.class_scores and self.top1_total else None
-            ),
-        }
-
-
-@dataclass
-class LabelStats:
-    output: str
-    correct_ref: int = 0
-    correct_q: int = 0
-    total: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        o = self.correct_ref / self.total
-        q = self.correct_q / self.total
-        return {
-            "output": self.output,
-            "samples": self.total,
-            "original": round(o, 6),
-            "quantized": round(q, 6),
-            "delta": round(q - o, 6),
-        }
 
 
 @dataclass
@@ -109,6 +26,16 @@ class AccuracyResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def _label_output(metrics: Sequence[OutputMetrics], ref: Sequence[np.ndarray], count: int) -> int | None:
+    """The output labels are scored against: a classification output with one row of scores per sample
+    (declared before inferred)."""
+    fits = [i for i, (m, r) in enumerate(zip(metrics, ref, strict=True))
+            if m.role == "classification" and r.ndim == 2 and r.shape[0] == count]
+    declared = [i for i in fits if metrics[i].role_source == "declared"]
+    chosen = declared or fits
+    return chosen[0] if chosen else None
+
+
 def compare(
     original: Any,
     quantized: Any,
@@ -116,42 +43,46 @@ def compare(
     output_names: Sequence[str],
     total: int,
     progress: Progress | None = None,
+    roles: dict[str, str] | None = None,
 ) -> AccuracyResult:
-    """Stream the evaluation batches through both sessions and accumulate the metrics."""
-    stats = [OutputStats(n) for n in output_names]
-    label_stats: LabelStats | None = None
-    label_problem: str | None = None
+    """Stream the evaluation batches through both sessions and accumulate the metrics per sample.
+
+    ``roles`` are the user's declared output roles; the other outputs' roles are inferred from the first
+    batch (and the report says so)."""
+    declared = roles or {}
+    stats = [OutputMetrics(n) for n in output_names]
+    label_stats: LabelMetrics | None = None
+    label_idx: int | None = None
     samples = 0
     warnings: list[str] = []
     for batch in batches:
         ref = runtime.run(original, batch.feed, "original model")
         got = runtime.run(quantized, batch.feed, "quantized model")
+        if stats and stats[0].role is None:
+            for s, r in zip(stats, ref, strict=True):
+                if s.name in declared:
+                    s.role, s.role_source, s.role_reason = declared[s.name], "declared", "declared in options.outputs"
+                else:
+                    s.role, s.role_reason = infer_role(s.name, np.asarray(r), batch.count, batch.labels)
+            if batch.labels is not None:
+                label_idx = _label_output(stats, ref, batch.count)
+                if label_idx is None:
+                    warnings.append(
+                        "labels were given but no output is a classification output with one row of scores per "
+                        "sample ([samples, classes]); label accuracy was not computed (declare an output's role "
+                        "with options.outputs if it was misread)"
+                    )
         for s, r, q in zip(stats, ref, got, strict=True):
             if r.shape != q.shape:
                 raise_shape(s.name, r.shape, q.shape)
-            s.add(r, q)
-        if batch.labels is not None and label_problem is None:
-            idx = next(
-                (i for i, r in enumerate(ref) if _is_class_scores(r) and r.ndim == 2 and r.shape[0] == batch.count),
-                None,
-            )
-            if idx is None:
-                label_problem = (
-                    "labels were given but no model output has the shape [samples, classes]; "
-                    "label accuracy was not computed"
-                )
-            else:
-                if label_stats is None:
-                    label_stats = LabelStats(output_names[idx])
-                lab = batch.labels.astype(np.int64)
-                label_stats.correct_ref += int((ref[idx].argmax(-1) == lab).sum())
-                label_stats.correct_q += int((got[idx].argmax(-1) == lab).sum())
-                label_stats.total += batch.count
+            s.add(np.asarray(r), np.asarray(q), batch.count)
+        if batch.labels is not None and label_idx is not None and ref[label_idx].shape[0] == batch.count:
+            if label_stats is None:
+                label_stats = LabelMetrics(output_names[label_idx])
+            label_stats.add(ref[label_idx], got[label_idx], batch.labels)
         samples += batch.count
         if progress and total:
             progress(min(1.0, samples / total))
-    if label_problem:
-        warnings.append(label_problem)
     for s in stats:
         if s.nonfinite:
             warnings.append(f"the quantized model produced {s.nonfinite} non-finite value(s) in output '{s.name}'")
@@ -161,7 +92,7 @@ def compare(
     return AccuracyResult(
         samples=samples,
         outputs=[s.to_dict() for s in stats],
-        labels=label_stats.to_dict() if label_stats and label_stats.total else None,
+        labels=label_stats.to_dict() if label_stats and label_stats.ref_correct else None,
         warnings=warnings,
     )
 
@@ -175,67 +106,167 @@ def raise_shape(name: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
     )
 
 
-def latency_ms_p50(session: Any, feed: dict[str, np.ndarray], runs: int, warmup: int = 3) -> float:
+def latency_pair(original: Any, quantized: Any, feed: dict[str, np.ndarray], runs: int,
+                 warmup: int = 3) -> dict[str, Any]:
+    """Latency of both models on one feed, runs interleaved (original, quantized, original, ...) after a
+    warm-up of each, so drift and contention from other work fall on both alike. p50 of each, the
+    speed-up's bootstrap interval over run pairs, and the number of runs."""
     for _ in range(warmup):
-        runtime.run(session, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1000.0)
-    return float(np.median(times))
+        runtime.run(original, feed)
+        runtime.run(quantized, feed)
+    o_ms: list[float] = []
+    q_ms: list[float] = []
+    for i in range(runs):
+        # Alternate which goes first, so neither always runs with the other's data in the caches.
+        order = ((original, o_ms), (quantized, q_ms)) if i % 2 == 0 else ((quantized, q_ms), (original, o_ms))
+        for session, times in order:
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times.append((time.perf_counter() - t0) * 1000.0)
+    return speedup_interval(o_ms, q_ms)
+
+
+# Elements per chunk when summing powers in float64: the temporaries stay a few MB whatever the tensor.
+_CHUNK = 1 << 20
+# Layer outputs fetched per model run, both models together; more layers than fit take more passes.
+LAYER_BYTES_PER_RUN = 256 << 20
+# Layer outputs fetched per model over all passes and samples: a model with huge activations (a detector at
+# 640x640) is analysed on fewer samples (at least one batch) rather than in dozens of passes.
+LAYER_BYTES_TOTAL = 1 << 30
+
+
+def power_sums(ref: Any, got: Any) -> tuple[float, float]:
+    """(sum of ref^2, sum of (ref - got)^2) in float64 over the elements finite in both, chunk by chunk so
+    that no float64 copy of a large activation is made; (0, 0) when the shapes differ."""
+    a = np.asarray(ref)
+    b = np.asarray(got)
+    if a.shape != b.shape:
+        return 0.0, 0.0
+    a, b = a.reshape(-1), b.reshape(-1)
+    sig = err = 0.0
+    for i in range(0, a.size, _CHUNK):
+        x = a[i:i + _CHUNK].astype(np.float64)
+        y = b[i:i + _CHUNK].astype(np.float64)
+        ok = np.isfinite(x) & np.isfinite(y)
+        if not ok.all():
+            x, y = x[ok], y[ok]
+        d = x - y
+        sig += float(x @ x)
+        err += float(d @ d)
+    return sig, err
+
+
+@dataclass
+class LayerSqnr:
+    """Per-pair SQNR and what it took: samples, passes (one session per model each) and tensors compared."""
+
+    sqnr: dict[tuple[str, str], float | None]
+    samples: int = 0
+    passes: int = 0
+    seconds: float = 0.0
+
+
+def _pair_groups(sizes: dict[tuple[str, str], int], budget: int) -> list[list[tuple[str, str]]]:
+    groups: list[list[tuple[str, str]]] = [[]]
+    used = 0
+    for pair, size in sizes.items():
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(pair)
+        used += size
+    return groups
 
 
 def layer_sqnr(
+    original_path: Path,
+    quantized_path: Path,
     original_model: onnx.ModelProto,
     quantized_model: onnx.ModelProto,
     pairs: Sequence[tuple[str, str]],
-    feeds: Iterable[dict[str, np.ndarray]],
+    feeds: Sequence[tuple[dict[str, np.ndarray], int]],
     providers: list[str],
     threads: int,
-) -> dict[tuple[str, str], float | None]:
-    """SQNR (dB) of each (original tensor, quantized tensor) pair, end to end: the error of
-    everything upstream is included, as the layer sees it in the quantized model."""
+    bytes_per_run: int = LAYER_BYTES_PER_RUN,
+    bytes_total: int = LAYER_BYTES_TOTAL,
+) -> LayerSqnr:
+    """SQNR (dB) of each (original tensor, quantized tensor) pair, end to end: the error of everything
+    upstream is included, as the layer sees it in the quantized model. ``feeds``: (feed, samples) batches.
+
+    Memory is bounded, not proportional to the model's activations: the pairs are observed in groups whose
+    outputs (sizes from shape inference on the first batch) fit ``bytes_per_run`` per run, one pass over the
+    batches per group, and only sums cross passes; batches beyond the first are used only while all passes
+    together fetch at most ``bytes_total`` per model."""
+    from worker.engine.calibrate import activation_bytes, session_with
+
+    started = time.perf_counter()
     o_names = {o for n in original_model.graph.node for o in n.output}
     q_names = {o for n in quantized_model.graph.node for o in n.output}
     pairs = [(a, b) for a, b in pairs if a in o_names and b in q_names]
-    if not pairs:
-        return {}
-
-    def exposed(model: onnx.ModelProto, tensors: set[str]) -> bytes:
-        m = onnx.ModelProto()
-        m.CopyFrom(model)
-        have = {o.name for o in m.graph.output}
-        for t in sorted(tensors - have):
-            m.graph.output.append(onnx.ValueInfoProto(name=t))
-        return m.SerializeToString()
-
-    ref_s = runtime.make_session(exposed(original_model, {a for a, _ in pairs}), providers, threads,
-                                 "original model (layer analysis)")
-    q_s = runtime.make_session(exposed(quantized_model, {b for _, b in pairs}), providers, threads,
-                               "quantized model (layer analysis)")
-    ref_names = [o.name for o in ref_s.get_outputs()]
-    q_out_names = [o.name for o in q_s.get_outputs()]
+    if not pairs or not feeds:
+        return LayerSqnr({})
+    est = activation_bytes(original_model, feeds[0][0], [a for a, _ in pairs])
+    known = [v for v in est.values() if v is not None]
+    # A tensor inference cannot size counts as the largest one it can (or a 16th of a run when none).
+    fallback = max(known) if known else max(1, bytes_per_run // 32)
+    # Both models' copy of each tensor is fetched in the same run.
+    sizes = {p: 2 * (est.get(p[0]) or fallback) for p in pairs}
+    per_batch = sum(sizes.values()) // 2
+    kept = 1
+    while kept < len(feeds) and (kept + 1) * per_batch <= bytes_total:
+        kept += 1
+    feeds = feeds[:kept]
+    groups = _pair_groups(sizes, bytes_per_run)
     sig = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
-    for feed in feeds:
-        r = dict(zip(ref_names, ref_s.run(None, feed), strict=True))
-        q = dict(zip(q_out_names, q_s.run(None, feed), strict=True))
-        for a_name, b_name in pairs:
-            a = np.asarray(r[a_name], dtype=np.float64)
-            b = np.asarray(q[b_name], dtype=np.float64)
-            if a.shape != b.shape:
-                continue
-            ok = np.isfinite(a) & np.isfinite(b)
-            if not ok.all():
-                a, b = a[ok], b[ok]
-            sig[(a_name, b_name)] += float(np.sum(a * a))
-            noise[(a_name, b_name)] += float(np.sum((a - b) ** 2))
+    passes = 0
+    g = 0
+
+    def exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+        have = {o.name for o in model.graph.output}
+        delta = onnx.ModelProto()
+        delta.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(tensors) if t not in have)
+        return delta
+
+    while g < len(groups):
+        group = groups[g]
+        ref_s = session_with(original_path, exposing(original_model, [a for a, _ in group]), providers, threads,
+                             "original model (layer analysis)")
+        q_s = session_with(quantized_path, exposing(quantized_model, [b for _, b in group]), providers, threads,
+                           "quantized model (layer analysis)")
+        ref_names = [o.name for o in ref_s.get_outputs()]
+        q_out_names = [o.name for o in q_s.get_outputs()]
+        part_sig = dict.fromkeys(group, 0.0)
+        part_noise = dict.fromkeys(group, 0.0)
+        regrouped = False
+        for k, (feed, _) in enumerate(feeds):
+            r = dict(zip(ref_names, runtime.run(ref_s, feed, "original model (layer analysis)"), strict=True))
+            q = dict(zip(q_out_names, runtime.run(q_s, feed, "quantized model (layer analysis)"), strict=True))
+            if k == 0 and len(group) > 1:
+                actual = {p: int(np.asarray(r[p[0]]).nbytes + np.asarray(q[p[1]]).nbytes) for p in group}
+                if sum(actual.values()) > 2 * bytes_per_run:
+                    # Shape inference was wrong by a lot: split the group by the real sizes and start it over.
+                    groups[g: g + 1] = _pair_groups(actual, bytes_per_run)
+                    regrouped = True
+                    break
+            for p in group:
+                a, e = power_sums(r[p[0]], q[p[1]])
+                part_sig[p] += a
+                part_noise[p] += e
+            del r, q
+        del ref_s, q_s
+        if regrouped:
+            continue
+        for p in group:
+            sig[p] += part_sig[p]
+            noise[p] += part_noise[p]
+        passes += 1
+        g += 1
     out: dict[tuple[str, str], float | None] = {}
     for p in pairs:
         usable = bool(noise[p] > 0 and sig[p] > 0 and np.isfinite(sig[p]) and np.isfinite(noise[p]))
         out[p] = round(float(10.0 * np.log10(sig[p] / noise[p])), 3) if usable else None
-    return out
+    return LayerSqnr(out, sum(n for _, n in feeds), passes, time.perf_counter() - started)
 
 
 def finite_or_none(obj: Any) -> Any:
