@@ -24,6 +24,10 @@ class AccuracyTarget(BaseModel):
     metric: Literal["label_accuracy", "top1_agreement", "cosine", "sqnr_db"]
     min: float | None = Field(default=None, description="The metric must be at least this value.")
     max_drop: float | None = Field(default=None, ge=0, description="The metric may drop at most this much.")
+    confidence: float | None = Field(
+        default=None, ge=0.95, le=0.95,
+        description="Met only when the 95% bootstrap interval's lower bound meets the target, not just the "
+        "point estimate (reports carry 95% intervals, so 0.95 is the one level)")
     time_budget_s: float | None = Field(
         default=None, gt=0,
         description="recipe auto: candidates not started within this many seconds of the job's start are skipped "
@@ -145,6 +149,9 @@ class JobOut(BaseModel):
     callback_url: str | None = None
     deliveries: list[DeliveryOut] = Field(default_factory=list,
                                           description="Webhook deliveries to callback_url, oldest first")
+    artifact_expired_at: datetime | None = Field(
+        default=None, description="When the retention (LOWBIT_RETENTION_DAYS) removed the artifact; the report stays "
+        "and the artifact answers 410 artifact_expired")
     waiting_reason: str | None = Field(
         default=None, description="A queued job that no live worker can run: 'waiting for a worker on queue gpu: "
         "...' (null otherwise)")

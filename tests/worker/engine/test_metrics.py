@@ -188,3 +188,22 @@ def test_compare_through_onnx_runtime_matches_a_hand_computation(tmp_path) -> No
     d = declared.outputs[0]
     assert d["role"] == "regression" and d["role_source"] == "declared" and d["top1_agreement"] is None
     assert declared.labels is None and any("label accuracy was not computed" in w for w in declared.warnings)
+
+
+def test_a_confident_target_is_met_only_when_the_interval_bound_meets_it() -> None:
+    from worker.engine import auto
+
+    report = {"accuracy": {"outputs": [{"name": "y", "cosine": 0.995, "cosine_ci": [0.985, 0.998]}],
+                           "labels": {"original": 0.9, "quantized": 0.89, "delta": -0.01,
+                                      "quantized_ci": [0.85, 0.92], "delta_ci": [-0.03, 0.01]}}}
+    point = auto.measure({"metric": "cosine", "min": 0.99}, report)
+    assert point["met"] is True
+    sure = auto.measure({"metric": "cosine", "min": 0.99, "confidence": 0.95}, report)
+    assert sure["met"] is False and sure["bound"] == 0.985 and sure["value"] == 0.995
+    assert auto.measure({"metric": "cosine", "min": 0.98, "confidence": 0.95}, report)["met"] is True
+    drop = {"metric": "label_accuracy", "max_drop": 0.02}
+    assert auto.measure(drop, report)["met"] is True
+    assert auto.measure({**drop, "confidence": 0.95}, report)["met"] is False  # the drop may be 3 pt
+    assert auto.measure({"metric": "label_accuracy", "max_drop": 0.031, "confidence": 0.95}, report)["met"] is True
+    no_ci = {"accuracy": {"outputs": [{"name": "y", "cosine": 0.999, "cosine_ci": None}], "labels": None}}
+    assert auto.measure({"metric": "cosine", "min": 0.99, "confidence": 0.95}, no_ci)["met"] is False
