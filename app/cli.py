@@ -81,6 +81,28 @@ def cmd_worker_health(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Apply the retention now and remove stray files (what workers do every LOWBIT_GC_INTERVAL_S)."""
+    from app import gc
+    from app.db import make_engine, make_sessionmaker
+    from app.storage import Storage
+
+    s = _settings()
+    if args.retention_days is not None:
+        s = s.model_copy(update={"retention_days": args.retention_days})
+    engine = make_engine(s.resolved_database_url)
+    try:
+        out = gc.collect(make_sessionmaker(engine), Storage(s.data_dir), s)
+    finally:
+        engine.dispose()
+    if s.retention_days > 0:
+        print(f"retention {s.retention_days:g} day(s): removed the files of {len(out.expired_jobs)} finished job(s)")
+    else:
+        print("retention off (LOWBIT_RETENTION_DAYS=0): finished jobs keep their files")
+    print(f"removed {len(out.stray_paths)} stray file(s) that no job or upload owns; {out.freed_bytes} bytes freed")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -341,7 +363,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     try:
         with make_sessionmaker(engine)() as db:
             if args.keys_command == "create":
-                tenant, key = tenants.create_key(db, args.tenant, args.max_active_jobs, args.uploads_per_minute)
+                tenant, key = tenants.create_key(db, args.tenant, args.max_active_jobs, args.uploads_per_minute,
+                                                 args.storage_quota_bytes)
                 db.commit()
                 print(key)
                 print(f"new key for tenant '{tenant.name}'; it is shown only this once: keep it secret, send it as "
@@ -401,10 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--tenant", required=True)
     kc.add_argument("--max-active-jobs", type=int, help="jobs queued or running at once (default: server's)")
     kc.add_argument("--uploads-per-minute", type=int, help="model and dataset uploads a minute (default: server's)")
+    kc.add_argument("--storage-quota-bytes", type=int, help="bytes of uploads and artifacts the tenant may keep, 0 for "
+                    "no limit (default: LOWBIT_TENANT_STORAGE_QUOTA_BYTES)")
     ksub.add_parser("list", help="list keys (prefix, tenant, created, state); the keys themselves are not kept")
     kr = ksub.add_parser("revoke", help="revoke a key by its prefix (lb_<prefix>)")
     kr.add_argument("prefix")
     kp.set_defaults(func=cmd_keys)
+
+    gp = sub.add_parser("gc", help="remove finished jobs' files older than LOWBIT_RETENTION_DAYS, and stray files, "
+                        "now (workers do it every LOWBIT_GC_INTERVAL_S)")
+    gp.add_argument("--retention-days", type=float, help="this retention instead of LOWBIT_RETENTION_DAYS")
+    gp.set_defaults(func=cmd_gc)
 
     mp = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     mp.set_defaults(func=cmd_migrate)

@@ -20,10 +20,12 @@ class LowbitError(Exception):
     code = "bad_request"
 
     def __init__(self, message: str, code: str | None = None, status_code: int | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers
+        # Machine-readable details beside code and message (e.g. a quota's used and allowed bytes).
+        self.extra = extra or {}
         if code:
             self.code = code
         if status_code:
@@ -64,6 +66,22 @@ class Conflict(LowbitError):
 class TooLarge(LowbitError):
     status_code = 413
     code = "upload_too_large"
+
+
+class Gone(LowbitError):
+    status_code = 410
+    code = "gone"
+
+
+class StorageQuotaExceeded(LowbitError):
+    """507: the tenant keeps as many bytes as it may; ``used_bytes`` and ``quota_bytes`` say how many."""
+
+    status_code = 507
+    code = "storage_quota_exceeded"
+
+    def __init__(self, message: str, used_bytes: int, quota_bytes: int, adding_bytes: int = 0) -> None:
+        super().__init__(message, extra={"used_bytes": used_bytes, "quota_bytes": quota_bytes,
+                                         "adding_bytes": adding_bytes})
 
 
 class Unavailable(LowbitError):
@@ -127,7 +145,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(LowbitError)
     async def _lowbit(_: Request, exc: LowbitError) -> JSONResponse:
         headers = exc.headers or ({"Retry-After": "5"} if exc.status_code == 503 else None)
-        return JSONResponse(_body(exc.code, exc.message), status_code=exc.status_code, headers=headers)
+        return JSONResponse(_body(exc.code, exc.message, **exc.extra), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(EngineError)
     async def _engine(_: Request, exc: EngineError) -> JSONResponse:

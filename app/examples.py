@@ -180,7 +180,14 @@ ERROR_EXAMPLES: dict[int, dict[str, Any]] = {
     429: error_example("rate_limited", "tenant 'acme' may upload 30 files a minute; retry in 12 s"),
     415: error_example("unsupported_media_type",
                        "unsupported content type 'text/plain'; send application/json or multipart/form-data"),
+    410: error_example("artifact_expired", "the job's files were removed on 2026-12-30 after the 30-day "
+                       "retention (LOWBIT_RETENTION_DAYS); its report stays: submit the job again for a new artifact"),
     422: error_example("invalid_request", "recipe: Field required"),
+    507: {"error": {"code": "storage_quota_exceeded",
+                    "message": "tenant 'acme' keeps 980.0 MB of uploads and artifacts and may keep 1.0 GB "
+                    "(LOWBIT_TENANT_STORAGE_QUOTA_BYTES); this upload adds 52.4 MB: delete finished jobs "
+                    "(DELETE /api/v1/jobs/ID) to free their artifacts, or ask for a larger quota",
+                    "used_bytes": 980000000, "quota_bytes": 1000000000, "adding_bytes": 52400000}},
     503: error_example("broker_unavailable",
                        "the job queue is unreachable; the job was recorded as failed, try again shortly"),
 }

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # seconds (all threads together) and wall-clock seconds. A job over a limit fails with out_of_memory,
     # cpu_time_exceeded or job_timeout; the worker lives on.
     job_memory_limit_mb: int = 16384
+    # The largest file a job's engine may write, in MB (0 = no limit): a job past it fails with disk_full
+    # instead of filling the disk.
+    job_file_limit_mb: int = 0
     job_cpu_limit_s: int = 4 * 3600
     job_timeout_s: float = 3 * 3600
     # Queued jobs that no broker message carries (the API died between commit and publish, or the broker
@@ -63,6 +66,14 @@ class Settings(BaseSettings):
     # rolling minute, and jobs queued or running at once.
     uploads_per_minute: int = 0
     max_active_jobs: int = 0
+    # Bytes of uploads (models, datasets) and job artifacts a tenant may keep, unless the tenant has its own
+    # (`lowbit keys create --storage-quota-bytes`); 0 = no limit. Over it: 507 storage_quota_exceeded.
+    tenant_storage_quota_bytes: int = 0
+    # Finished jobs' files (the artifact, work files) are removed this many days after the job ended; the row,
+    # its report and metadata stay, and the artifact answers 410 artifact_expired. 0 = keep them for ever.
+    retention_days: float = 0
+    # How often workers apply the retention (and remove stray temporary files): `lowbit gc` does it at once.
+    gc_interval_s: float = 3600.0
     # Server-sent events (GET /api/v1/jobs/{id}/events): how often the stream reads the job row, and how
     # long it may stay quiet before it sends a keep-alive comment.
     events_poll_s: float = 0.25

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import importlib
 import json
 import os
@@ -59,6 +60,9 @@ class Limits:
     memory_mb: int = 0
     cpu_s: int = 0
     timeout_s: float = 0.0
+    # The largest file the child may write (RLIMIT_FSIZE): a write past it fails (EFBIG) and the job with
+    # disk_full, like a full disk (ENOSPC), instead of filling the disk.
+    file_mb: int = 0
 
 
 class ChildFailed(Exception):
@@ -270,6 +274,8 @@ def _death(status: int, usage: Any, limits: Limits) -> EngineError:
                 "the model may loop for a very long time, or need fewer samples (max_calibration_samples, "
                 "latency_runs) to fit",
             )
+        if sig == signal.SIGXFSZ:  # a process the engine started, past the file-size limit
+            return disk_full(OSError(errno.EFBIG, "File too large"), limits) or EngineError("disk_full", "")
         if sig == signal.SIGKILL:
             return EngineError(
                 "engine_crashed",
@@ -331,6 +337,42 @@ def _apply(limits: Limits) -> None:
         soft = int(usage.ru_utime + usage.ru_stime) + 1 + int(limits.cpu_s)
         # The soft limit sends SIGXCPU (default: terminate); the hard one, a little later, SIGKILL.
         resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 5))
+    if limits.file_mb:
+        # A write past the limit then fails with EFBIG (reported as disk_full) instead of killing the process.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        size = int(limits.file_mb) * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+# errno values and messages of a write that found no room: a full disk or quota, or the file-size limit.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_MARKERS = ("no space left on device", "disk quota exceeded", "file too large")
+
+
+def disk_full(exc: BaseException, limits: Limits) -> EngineError | None:
+    """The job's error if ``exc`` (or what caused it) is a write that found no room, else None. Libraries wrap
+    the OSError (ONNX Runtime and protobuf raise their own types with the OS message), so the text counts too."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        text = str(seen).lower()
+        code = seen.errno if isinstance(seen, OSError) else None
+        if code in _DISK_ERRNOS or any(m in text for m in _DISK_MARKERS):
+            if code == errno.EFBIG or "file too large" in text:
+                return EngineError(
+                    "disk_full",
+                    f"a file the job wrote grew past the {limits.file_mb} MB a job may write "
+                    "(LOWBIT_JOB_FILE_LIMIT_MB) and the job was stopped; nothing of it was kept: try a smaller model, "
+                    "or ask for a higher limit" if limits.file_mb else
+                    "a file the job wrote grew past the largest file this system allows; nothing of it was kept")
+            return EngineError(
+                "disk_full",
+                "the disk ran out of space while the job wrote its files (No space left on device); nothing of it "
+                "was kept: free space where the server keeps its data (LOWBIT_DATA_DIR), or shorten the retention "
+                "of old jobs' files (LOWBIT_RETENTION_DAYS, lowbit gc), then submit the job again")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _looks_like_oom(text: str) -> bool:
@@ -373,10 +415,13 @@ def child_main(read_fd: int, write_fd: int, parent: int, preload: list[str]) -> 
     except EngineError as exc:
         if limits.memory_mb and _looks_like_oom(exc.message):
             exc = out_of_memory(limits)
-        outcome = ("error", exc.code, exc.message)
+        outcome = ("error", *_as_pair(disk_full(exc, limits) or exc))
     except Exception as exc:
         text = f"{type(exc).__name__}: {exc}"
-        if limits.memory_mb and _looks_like_oom(text):
+        full = disk_full(exc, limits)
+        if full is not None:
+            outcome = ("error", *_as_pair(full))
+        elif limits.memory_mb and _looks_like_oom(text):
             outcome = ("error", *_as_pair(out_of_memory(limits)))
         else:
             outcome = ("failed", type(exc).__name__, str(exc)[:2000], traceback.format_exc()[-4000:])

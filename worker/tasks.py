@@ -312,7 +312,7 @@ def run_engine(cfg: QuantizeConfig, progress: Any, settings: Settings | None = N
     # every GPU job, so on a machine with an NVIDIA device a job that may use it runs without one.
     gpu = cfg.device != "cpu" and Path("/dev/nvidiactl").exists()
     limits = sandbox.Limits(memory_mb=0 if gpu else s.job_memory_limit_mb, cpu_s=s.job_cpu_limit_s,
-                            timeout_s=s.job_timeout_s)
+                            timeout_s=s.job_timeout_s, file_mb=s.job_file_limit_mb)
     latest: list[Any] = ["preparing", 0.0]
     last_call = [time.monotonic()]
 
@@ -424,11 +424,13 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
         return CANCELLED
     except EngineError as exc:
         log.info("job %s failed: %s", job_id, exc)
+        artifact.unlink(missing_ok=True)  # a failed job keeps no artifact, whole or partial (disk_full)
         _finish(factory, job_id, attempt, status=FAILED, error_code=exc.code, error_message=exc.message,
                 stage_times=timer.close())
         return FAILED
     except Exception as exc:  # a bug or an environment problem: still a recorded, readable failure
         log.exception("job %s crashed", job_id)
+        artifact.unlink(missing_ok=True)
         if isinstance(exc, sandbox.ChildFailed):
             log.error("job %s: the engine's traceback:\n%s", job_id, exc.trace)
         kind, text = (exc.type_name, exc.message) if isinstance(exc, sandbox.ChildFailed) else \
@@ -445,6 +447,12 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
         report = result.report
         if target:
             report["accuracy_target"] = evaluate_target(target, report)
+        over = _over_quota(factory, s, job_id, int(result.artifact_bytes))
+        if over is not None:  # keeping the artifact would take its tenant past the storage quota
+            artifact.unlink(missing_ok=True)
+            _finish(factory, job_id, attempt, status=FAILED, stage=None, error_code="storage_quota_exceeded",
+                    error_message=over, stage_times=timer.close())
+            return FAILED
         recorded = _finish(
             factory, job_id, attempt, status=SUCCEEDED, stage=None, progress=100, report=finite_or_none(report),
             artifact_path=str(result.artifact_path), artifact_sha256=result.artifact_sha256,
@@ -465,6 +473,22 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
         storage.remove_job(job_id)
         return CANCELLED
     return SUCCEEDED
+
+
+def _over_quota(factory: sessionmaker[Session], s: Settings, job_id: str, artifact_bytes: int) -> str | None:
+    """Why the job's artifact may not be kept (its tenant's storage quota), or None."""
+    from app.errors import StorageQuotaExceeded
+    from app.tenants.service import check_storage_quota
+
+    with factory() as db:
+        tenant_id = db.scalar(sa.select(Job.tenant_id).where(Job.id == job_id))
+        if tenant_id is None:
+            return None
+        try:
+            check_storage_quota(db, tenant_id, s, artifact_bytes, "this job's artifact")
+        except StorageQuotaExceeded as exc:
+            return exc.message
+    return None
 
 
 def _hand_back(factory: sessionmaker[Session], s: Settings, job_id: str, attempt: int, queue: str) -> None:
@@ -511,14 +535,23 @@ def run_job(job_id: str) -> str:
 
 def _start_sweeper(**_: Any) -> None:
     """Each worker's main process re-queues jobs whose worker died (stale heartbeat) and publishes queued
-    jobs that no broker message carries, every lease/3 s (or job_reconcile_after_s, if shorter)."""
+    jobs that no broker message carries, every lease/3 s (or job_reconcile_after_s, if shorter); and applies
+    the retention of finished jobs' files and removes stray files (app/gc.py) at start and every gc_interval_s."""
     settings = get_settings()
 
     def loop() -> None:
+        from app import gc
         from app.queue import CeleryQueue, reconcile
 
         queue = CeleryQueue(settings)
+        next_gc = time.monotonic()  # once at start, then every gc_interval_s
         while True:
+            if time.monotonic() >= next_gc:
+                next_gc = time.monotonic() + settings.gc_interval_s
+                try:
+                    gc.collect(_sessions(), Storage(settings.data_dir), settings)
+                except Exception:
+                    log.warning("retention / stray-file collection failed", exc_info=True)
             time.sleep(max(1.0, min(settings.job_lease_s / 3, settings.job_reconcile_after_s)))
             try:
                 sweep_stale(_sessions(), settings.job_lease_s, queue.enqueue, queue.held_job_ids)

@@ -15,7 +15,7 @@ from app.tenants.service import Principal
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=error_responses(401, 422))
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(400, 413, 422, 429),
+@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(400, 413, 422, 429, 507),
              openapi_extra={"requestBody": {"content": {"multipart/form-data": {
                  "example": {"file": "(the bytes of calib.npz)"}}}}})
 def upload_dataset(
@@ -28,7 +28,7 @@ def upload_dataset(
     """Upload a calibration or evaluation dataset (.npz, no pickles)."""
     tenants.check_upload_rate(db, who.tenant_id, request.app.state.settings)
     row = service.create_dataset(db, storage, file.file, file.filename, request.app.state.settings.max_upload_bytes,
-                                who.tenant_id)
+                                who.tenant_id, request.app.state.settings)
     db.commit()
     return DatasetOut.model_validate(row)
 

@@ -8,18 +8,23 @@ from sqlalchemy.orm import Session
 
 from app.datasets.models import Dataset
 from app.errors import NotFound, from_engine
+from app.settings import Settings
 from app.storage import Storage
+from app.tenants import service as tenants
 from app.uploads import clean_filename, is_uuid, new_id
 from worker.engine.errors import EngineError
 from worker.engine.npz import ArrayInfo, DatasetInfo, inspect_npz
 
 
 def create_dataset(db: Session, storage: Storage, src: BinaryIO, filename: str | None, max_bytes: int,
-                   tenant_id: str) -> Dataset:
-    """Store an uploaded .npz after reading its array headers (never unpickling anything)."""
+                   tenant_id: str, settings: Settings | None = None) -> Dataset:
+    """Store an uploaded .npz after reading its array headers (never unpickling anything). With ``settings``,
+    refused (507) if it would take the tenant past its storage quota."""
     name = clean_filename(filename, "data.npz")
     stored = storage.receive(src, max_bytes)
     try:
+        if settings is not None:
+            tenants.check_storage_quota(db, tenant_id, settings, stored.size_bytes, "this upload")
         try:
             info = inspect_npz(stored.path)
         except EngineError as exc:

@@ -37,6 +37,8 @@ class Job(Base):
     artifact_path: Mapped[str | None] = mapped_column(sa.String(512), nullable=True)
     artifact_sha256: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
     artifact_bytes: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
+    # When the retention (LOWBIT_RETENTION_DAYS) removed the job's files; the report and metadata stay.
+    artifact_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -81,13 +81,14 @@ def _submit_multipart(db: Session, storage: Storage, form: Any, settings: Settin
     # One request, one transaction: if anything below fails, the files stored so far go too.
     placed: list[str] = []
     try:
-        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes, tenant_id)
+        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes, tenant_id,
+                                    settings)
         placed.append(model.storage_path)
         ids: dict[str, str] = {"model_id": model.id}
         for field, key in (("calibration", "calibration_dataset_id"), ("eval", "eval_dataset_id")):
             f = form.get(field)
             if f is not None and not isinstance(f, str):
-                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes, tenant_id)
+                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes, tenant_id, settings)
                 placed.append(ds.storage_path)
                 ids[key] = ds.id
         try:
@@ -105,7 +106,7 @@ def _submit_multipart(db: Session, storage: Storage, form: Any, settings: Settin
              responses={202: {"content": {"application/json": {"example": {**JOB_RUNNING_EXAMPLE, "status": "queued",
                                                                            "stage": None, "progress": 0,
                                                                            "started_at": None}}}},
-                        **error_responses(400, 404, 413, 415, 422, 429, 503)})
+                        **error_responses(400, 404, 413, 415, 422, 429, 503, 507)})
 async def submit_job(request: Request, db: Session = Depends(get_db), storage: Storage = Depends(get_storage),
                      who: Principal = Depends(api_principal)) -> JobOut:
     """Submit a job: JSON with uploaded ids, or multipart with the files themselves (model, calibration, eval,
@@ -198,7 +199,7 @@ def delete_job(job_id: str, db: Session = Depends(get_db), storage: Storage = De
                              "content": {"application/octet-stream": {
                                  "schema": {"type": "string", "format": "binary"},
                                  "example": "(the bytes of model.int8_static.onnx)"}}},
-                       304: {"description": "If-None-Match matched the ETag"}, **error_responses(404, 409)})
+                       304: {"description": "If-None-Match matched the ETag"}, **error_responses(404, 409, 410)})
 def download_artifact(job_id: str, request: Request, db: Session = Depends(get_db),
                       who: Principal = Depends(api_principal)) -> Response:
     """Download the quantized model."""

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets import service as datasets
 from app.db import utcnow
-from app.errors import Conflict, Invalid, NotFound, from_engine
+from app.errors import Conflict, Gone, Invalid, NotFound, from_engine
 from app.jobs.models import CANCELLED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Job
 from app.jobs.schemas import DeliveryOut, JobCreate, JobError, JobLinks, JobOut
 from app.models import service as models
@@ -53,6 +53,7 @@ def create_job(db: Session, req: JobCreate, settings: Settings, tenant_id: str) 
     except EngineError as exc:
         raise from_engine(exc) from exc
     tenants.check_active_jobs(db, tenant_id, settings)
+    tenants.check_storage_quota(db, tenant_id, settings, 0, "this job's artifact")
     job = Job(
         id=new_id(),
         tenant_id=tenant_id,
@@ -148,7 +149,15 @@ def artifact_for(db: Session, job_id: str, tenant_id: str) -> Job:
     job = get_job(db, job_id, tenant_id)
     if job.status != SUCCEEDED or not job.artifact_path:
         raise Conflict(f"the job is {job.status}; an artifact exists only for succeeded jobs", code="no_artifact")
+    if job.artifact_expired_at is not None:
+        raise Gone(expired_message(job), code="artifact_expired")
     return job
+
+
+def expired_message(job: Job) -> str:
+    when = job.artifact_expired_at
+    return (f"the job's files were removed on {when:%Y-%m-%d} by the retention (LOWBIT_RETENTION_DAYS); its report "
+            "and settings stay: submit the job again for a new artifact")
 
 
 def report_for(db: Session, job_id: str, tenant_id: str) -> dict[str, Any]:
@@ -192,6 +201,7 @@ def to_out(job: Job) -> JobOut:
         callback_url=job.callback_url,
         deliveries=[DeliveryOut.model_validate(d) for d in job.deliveries],
         waiting_reason=waiting_reason(job),
+        artifact_expired_at=job.artifact_expired_at,
     )
 
 

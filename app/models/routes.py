@@ -15,7 +15,7 @@ from app.tenants.service import Principal
 router = APIRouter(prefix="/api/v1/models", tags=["models"], responses=error_responses(401, 422))
 
 
-@router.post("", status_code=201, response_model=ModelOut, responses=error_responses(400, 413, 422, 429),
+@router.post("", status_code=201, response_model=ModelOut, responses=error_responses(400, 413, 422, 429, 507),
              openapi_extra={"requestBody": {"content": {"multipart/form-data": {
                  "example": {"file": "(the bytes of model.onnx)"}}}}})
 def upload_model(
@@ -29,7 +29,7 @@ def upload_model(
     is not loadable. Pickled PyTorch files (.pt, .pth) and TorchScript are refused."""
     tenants.check_upload_rate(db, who.tenant_id, request.app.state.settings)
     row = service.create_model(db, storage, file.file, file.filename, request.app.state.settings.max_upload_bytes,
-                              who.tenant_id)
+                              who.tenant_id, request.app.state.settings)
     db.commit()
     return ModelOut.model_validate(row)
 

@@ -9,7 +9,9 @@ from sqlalchemy.orm import Session
 
 from app.errors import Invalid, NotFound, from_engine
 from app.models.models import ModelFile
+from app.settings import Settings
 from app.storage import Storage
+from app.tenants import service as tenants
 from app.uploads import clean_filename, is_uuid, new_id
 from worker.engine import pt2
 from worker.engine.errors import EngineError
@@ -25,9 +27,10 @@ REFUSED_SUFFIXES = {
 
 
 def create_model(db: Session, storage: Storage, src: BinaryIO, filename: str | None, max_bytes: int,
-                 tenant_id: str) -> ModelFile:
+                 tenant_id: str, settings: Settings | None = None) -> ModelFile:
     """Store an uploaded model after checking that it is a loadable, self-contained ONNX model or a
-    torch.export archive (.pt2, checked without unpickling and loaded in a child process)."""
+    torch.export archive (.pt2, checked without unpickling and loaded in a child process). With ``settings``,
+    refused (507) if it would take the tenant past its storage quota."""
     name = clean_filename(filename, "model.onnx")
     suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
     if suffix in REFUSED_SUFFIXES:
@@ -38,6 +41,8 @@ def create_model(db: Session, storage: Storage, src: BinaryIO, filename: str | N
         )
     stored = storage.receive(src, max_bytes)
     try:
+        if settings is not None:
+            tenants.check_storage_quota(db, tenant_id, settings, stored.size_bytes, "this upload")
         try:
             info = _inspect(storage, stored.path, suffix)
         except EngineError as exc:

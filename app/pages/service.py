@@ -290,12 +290,13 @@ def submit_form(db: Session, storage: Storage, form: FormData, settings: Setting
     max_bytes = settings.max_upload_bytes
     placed: list[str] = []  # removed again if the submission fails: the rows roll back, the files must too
     try:
-        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes, tenant_id)
+        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes, tenant_id,
+                                    settings)
         placed.append(model.storage_path)
         ids: dict[str, str] = {"model_id": model.id}
         for f, key in ((calib_file, "calibration_dataset_id"), (eval_file, "eval_dataset_id")):
             if f is not None:
-                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes, tenant_id)
+                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes, tenant_id, settings)
                 placed.append(ds.storage_path)
                 ids[key] = ds.id
         return jobs.create_job(db, JobCreate.model_validate({**config, **ids}), settings, tenant_id)

@@ -19,6 +19,7 @@ class Tenant(Base):
     # Per-tenant limits; None: the server's defaults (settings).
     max_active_jobs: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
     uploads_per_minute: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)
+    storage_quota_bytes: Mapped[int | None] = mapped_column(sa.BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.datasets.models import Dataset
 from app.db import utcnow
-from app.errors import Invalid, NotFound, RateLimited, Unauthorized
+from app.errors import Invalid, NotFound, RateLimited, StorageQuotaExceeded, Unauthorized
 from app.jobs.models import QUEUED, RUNNING, Job
 from app.keyfile import data_dir_secret
 from app.models.models import ModelFile
@@ -55,7 +55,7 @@ def _hash(key: str) -> str:
 
 
 def create_key(db: Session, tenant_name: str, max_active_jobs: int | None = None,
-               uploads_per_minute: int | None = None) -> tuple[Tenant, str]:
+               uploads_per_minute: int | None = None, storage_quota_bytes: int | None = None) -> tuple[Tenant, str]:
     """A new key for ``tenant_name`` (the tenant is created if new; limits given here replace its own).
     Returns the tenant and the key, which is shown this once and never stored."""
     if not TENANT_NAME.match(tenant_name):
@@ -71,6 +71,10 @@ def create_key(db: Session, tenant_name: str, max_active_jobs: int | None = None
         tenant.max_active_jobs = max_active_jobs
     if uploads_per_minute is not None:
         tenant.uploads_per_minute = uploads_per_minute
+    if storage_quota_bytes is not None:
+        if storage_quota_bytes < 0:
+            raise Invalid("a storage quota is a number of bytes, 0 for none", code="invalid_storage_quota")
+        tenant.storage_quota_bytes = storage_quota_bytes
     prefix = secrets.token_hex(6)
     key = f"lb_{prefix}_{secrets.token_urlsafe(32)}"
     db.add(ApiKey(id=new_id(), tenant_id=tenant.id, prefix=prefix, key_hash=_hash(key), created_at=utcnow()))
@@ -220,3 +224,46 @@ def check_active_jobs(db: Session, tenant_id: str, settings: Settings) -> None:
             f"{active}; wait for one to finish (or cancel one), then submit again",
             retry_after_s=30, code="too_many_active_jobs",
         )
+
+
+def storage_quota(db: Session, tenant_id: str, settings: Settings) -> int:
+    """The bytes of uploads and artifacts the tenant may keep (0: no limit)."""
+    tenant = db.get(Tenant, tenant_id)
+    if tenant is not None and tenant.storage_quota_bytes is not None:
+        return int(tenant.storage_quota_bytes)
+    return int(settings.tenant_storage_quota_bytes)
+
+
+def storage_used(db: Session, tenant_id: str) -> int:
+    """Bytes the tenant keeps: its uploaded models and datasets, and the artifacts of its jobs that still have
+    them (not expired). Work files of running jobs are temporary and not counted."""
+    models_b = db.scalar(sa.select(sa.func.coalesce(sa.func.sum(ModelFile.size_bytes), 0))
+                         .where(ModelFile.tenant_id == tenant_id)) or 0
+    data_b = db.scalar(sa.select(sa.func.coalesce(sa.func.sum(Dataset.size_bytes), 0))
+                       .where(Dataset.tenant_id == tenant_id)) or 0
+    artifacts_b = db.scalar(sa.select(sa.func.coalesce(sa.func.sum(Job.artifact_bytes), 0)).where(
+        Job.tenant_id == tenant_id, Job.artifact_path.is_not(None), Job.artifact_expired_at.is_(None))) or 0
+    return int(models_b) + int(data_b) + int(artifacts_b)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_storage_quota(db: Session, tenant_id: str, settings: Settings, adding: int, what: str) -> None:
+    """507 when keeping ``adding`` more bytes (``what``: 'this upload', 'this job's artifact') would take the
+    tenant past its storage quota; with ``adding`` 0, when it is already at or past it (a new job's artifact
+    could not be kept)."""
+    quota = storage_quota(db, tenant_id, settings)
+    if quota <= 0:
+        return
+    used = storage_used(db, tenant_id)
+    if (used + adding <= quota) if adding else (used < quota):
+        return
+    raise StorageQuotaExceeded(
+        f"tenant '{tenant_name(db, tenant_id)}' keeps {_mb(used)} ({used} bytes) of uploads and artifacts and may "
+        f"keep {_mb(quota)} ({quota} bytes){'' if adding else ', all of it'}"
+        + (f"; {what} adds {_mb(adding)} ({adding} bytes)" if adding else f", so {what} could not be kept")
+        + ": delete finished jobs (DELETE /api/v1/jobs/ID) to free their artifacts, or ask for a larger quota "
+        "(lowbit keys create --storage-quota-bytes, LOWBIT_TENANT_STORAGE_QUOTA_BYTES)",
+        used_bytes=used, quota_bytes=quota, adding_bytes=adding)
