@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -264,11 +269,58 @@ def _parse_option(text: str) -> tuple[str, Any]:
         raise SystemExit(exc.message) from exc
 
 
+def _user_path(text: str | None) -> Path | None:
+    """A path the user typed, made absolute now: the engine runs in a private working directory."""
+    return Path(os.path.abspath(os.path.expanduser(text))) if text else None
+
+
+def _input_problem(flag: str, path: Path | None) -> str | None:
+    if path is None or path.is_file():
+        return None
+    return f"{flag} {path}: " + ("is a folder, not a file" if path.is_dir() else "no such file")
+
+
+@contextlib.contextmanager
+def _private_scratch() -> Iterator[Path]:
+    """Run the engine with a private, fresh folder as its working directory and temp folder, removed afterwards.
+
+    ONNX Runtime writes some files relative to the working directory (symbolic shape inference that stops early
+    saves sym_shape_infer_temp.onnx and a <uuid1>.data file as large as the model's weights), and its quantizer
+    writes model copies to the temp folder: none of it may land in the user's folder or stay in /tmp."""
+    scratch = Path(tempfile.mkdtemp(prefix="lowbit-quantize-"))
+    cwd, tempdir, tmpdir_env = os.getcwd(), tempfile.tempdir, os.environ.get("TMPDIR")
+    os.chdir(scratch)
+    tempfile.tempdir = str(scratch)
+    os.environ["TMPDIR"] = str(scratch)  # for the child processes the engine starts (the .pt2 export)
+    try:
+        yield scratch
+    finally:
+        os.chdir(cwd)
+        tempfile.tempdir = tempdir
+        if tmpdir_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = tmpdir_env
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
+    # Before anything imports ONNX Runtime, whose telemetry otherwise writes $TMPDIR/.ses when it is imported.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     from worker.engine.config import QuantizeConfig, parse_options
     from worker.engine.errors import EngineError
-    from worker.engine.pipeline import run
 
+    model, calib, evalset = _user_path(args.model), _user_path(args.calib), _user_path(args.eval)
+    output, report_path = _user_path(args.output), _user_path(args.report)
+    assert model is not None and output is not None  # required arguments
+    problems = [p for p in (_input_problem("model", model), _input_problem("--calib", calib),
+                            _input_problem("--eval", evalset)) if p]
+    for flag, dest in (("-o", output), ("--report", report_path)):
+        if dest is not None and not dest.parent.is_dir():
+            problems.append(f"{flag} {dest}: the folder {dest.parent} does not exist")
+    if problems:
+        print(f"lowbit: error [invalid_path]: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     raw: dict[str, Any] = {}
     recipe = args.recipe
     if args.config:
@@ -290,51 +342,32 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.method:
         raw["method"] = args.method
     try:
-        cfg = QuantizeConfig(
-            model_path=Path(args.model),
-            output_path=Path(args.output),
-            recipe=recipe,
-            options=parse_options(recipe, raw),
-            calibration_path=Path(args.calib) if args.calib else None,
-            eval_path=Path(args.eval) if args.eval else None,
-            threads=args.threads,
-            device=args.device,
-            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-        )
-
-        def progress(stage: str, fraction: float) -> None:
-            if sys.stderr.isatty():
-                print(f"\r{stage:<12} {fraction * 100:5.1f}%", end="", file=sys.stderr, flush=True)
-
-        if recipe == "auto":
-            from worker.engine import auto
-
-            target = auto.check_target(json.loads(args.accuracy_target) if args.accuracy_target else None)
-            outcome = auto.search(cfg, target)
-            report = outcome.report
-            for c in report["candidates"]:
-                print(f"  candidate {c['recipe']} {c['options'].get('method', '')} float={c['excluded_nodes']}: "
-                      f"{c['status']}, {c['size_bytes']} bytes, {target['metric']} {c['metric']}, "
-                      f"met {c['met_target']}")
-            if outcome.chosen is None:
-                if args.report:
-                    Path(args.report).write_text(json.dumps(report, indent=2))
-                print(f"error [accuracy_target_not_met]: {auto.failure_message(outcome, target)}",
-                      file=sys.stderr)
-                return 1
-            print(f"chosen: {json.dumps(report['chosen'])}")
-        else:
-            report = run(cfg, progress).report
+        with _private_scratch() as scratch:
+            cfg = QuantizeConfig(
+                model_path=model,
+                output_path=output,
+                recipe=recipe,
+                options=parse_options(recipe, raw),
+                calibration_path=calib,
+                eval_path=evalset,
+                work_dir=scratch / "work",
+                threads=args.threads,
+                device=args.device,
+                cache_dir=_user_path(args.cache_dir),
+            )
+            report = _quantize(cfg, recipe, args, report_path)
+        if report is None:
+            return 1
     except ValueError as exc:  # an --accuracy-target that is not JSON
-        print(f"\nerror [invalid_accuracy_target]: {exc}", file=sys.stderr)
+        print(f"\nlowbit: error [invalid_accuracy_target]: {exc}", file=sys.stderr)
         return 2
     except EngineError as exc:
-        print(f"\nerror [{exc.code}]: {exc.message}", file=sys.stderr)
+        print(f"\nlowbit: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report, indent=2))
+    if report_path:
+        report_path.write_text(json.dumps(report, indent=2))
     size, lat = report["size"], report["latency"]
     print(f"wrote {cfg.output_path} ({size['quantized_bytes']} bytes, {size['ratio']:.3f} of "
           f"{size['original_bytes']})")
@@ -348,6 +381,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     for w in report["warnings"]:
         print(f"  warning: {w}")
     return 0
+
+
+def _quantize(cfg: Any, recipe: str, args: argparse.Namespace, report_path: Path | None) -> dict[str, Any] | None:
+    """Run the engine (or the auto search) in-process; the report, or None when auto met no target."""
+    from worker.engine.pipeline import run
+
+    def progress(stage: str, fraction: float) -> None:
+        if sys.stderr.isatty():
+            print(f"\r{stage:<12} {fraction * 100:5.1f}%", end="", file=sys.stderr, flush=True)
+
+    if recipe != "auto":
+        report: dict[str, Any] = run(cfg, progress).report
+        return report
+    from worker.engine import auto
+
+    target = auto.check_target(json.loads(args.accuracy_target) if args.accuracy_target else None)
+    outcome = auto.search(cfg, target)
+    report = outcome.report
+    for c in report["candidates"]:
+        print(f"  candidate {c['recipe']} {c['options'].get('method', '')} float={c['excluded_nodes']}: "
+              f"{c['status']}, {c['size_bytes']} bytes, {target['metric']} {c['metric']}, "
+              f"met {c['met_target']}")
+    if outcome.chosen is None:
+        if report_path:
+            report_path.write_text(json.dumps(report, indent=2))
+        print(f"lowbit: error [accuracy_target_not_met]: {auto.failure_message(outcome, target)}", file=sys.stderr)
+        return None
+    print(f"chosen: {json.dumps(report['chosen'])}")
+    return report
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -468,8 +530,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    """Every ``lowbit`` command. Whatever goes wrong ends as one ``lowbit: error [CODE]: ...`` line on stderr and a
+    non-zero exit status, never a Python traceback (LOWBIT_DEBUG=1 prints it too)."""
+    from app.client.cli import EXIT_INTERNAL, EXIT_UNREACHABLE, internal_error
+
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("\nlowbit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `lowbit ... | head`: the reader is gone, and that is fine
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as exc:
+        if _database_unreachable(exc):
+            if os.environ.get("LOWBIT_DEBUG"):
+                traceback.print_exc()
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            print(f"lowbit: error [database_unavailable]: cannot reach the database ({first}); check "
+                  "LOWBIT_DATABASE_URL and that the database server is up", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        internal_error(exc)
+        return EXIT_INTERNAL
+
+
+def _database_unreachable(exc: BaseException) -> bool:
+    if "sqlalchemy" not in sys.modules:  # not loaded: not a database error (and no need to import it here)
+        return False
+    import sqlalchemy as sa
+
+    return isinstance(exc, sa.exc.OperationalError)
 
 
 if __name__ == "__main__":

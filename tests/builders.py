@@ -223,6 +223,39 @@ def mismatched_mlp(path: Path) -> Path:
     return path
 
 
+def unmerged_dims_mlp(path: Path, width: int = 256, seed: int = 0) -> Path:
+    """``y = relu(x @ w1 + skip) @ w2`` whose inputs name their batch axes differently (x [batch, width], skip
+    [rows, width]): ONNX Runtime's symbolic shape inference cannot merge the two without auto_merge and stops,
+    and on the way out saves ``sym_shape_infer_temp.onnx`` and a ``<uuid1>.data`` file holding every weight
+    of 1 KB or more (here 2 x width² floats, 512 KB) in the working directory. Jobs still succeed (the
+    pre-processing falls back to ONNX shape inference)."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.standard_normal((width, 8)) / np.sqrt(width)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("Add", ["h", "skip"], ["hs"], name="skip_add"),
+         helper.make_node("Relu", ["hs"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+        "unmerged_dims",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width]),
+         helper.make_tensor_value_info("skip", TensorProto.FLOAT, ["rows", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lowbit-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def unmerged_dims_data(path: Path, n: int = 40, width: int = 256, seed: int = 1) -> Path:
+    rng = np.random.default_rng(seed)
+    return save_npz(path, x=rng.standard_normal((n, width)).astype(np.float32),
+                    skip=(0.5 * rng.standard_normal((n, width))).astype(np.float32))
+
+
 def token_labels(path: Path, model: Path, n: int = 32, vocab: int = 1000, seq: int = 64, seed: int = 1) -> Path:
     """Token data with a labels array the classifier ``model`` mostly gets right."""
     tokens = np.load(token_data(path, n=n, vocab=vocab, seq=seq, seed=seed))

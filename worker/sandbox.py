@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,8 @@ EVENT_INTERVAL_S = 0.2
 # Environment variables the child keeps; everything else (database URL, webhook secret, ...) stays behind.
 _KEEP_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "VIRTUAL_ENV",
              "OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH")
+# ONNX Runtime's telemetry (1.32 on Linux) writes a session file, $TMPDIR/.ses, as soon as it is imported: off.
+ORT_TELEMETRY_OFF = "1"
 # The largest message the parent accepts from the child (a report is a few MB at most).
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # Substrings of allocator failures as ONNX Runtime, numpy and C++ report them.
@@ -91,6 +94,7 @@ def _child_env() -> dict[str, str]:
     # eat an address-space limit, so the limit would no longer say how much memory the model may use.
     env["MALLOC_ARENA_MAX"] = "2"
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["ORT_DISABLE_TELEMETRY"] = ORT_TELEMETRY_OFF
     return env
 
 
@@ -163,6 +167,7 @@ def run(target: str, payload: Any, limits: Limits, on_event: Emit | None = None,
     exception propagates. ``on_start`` gets the child's pid. The child imports the ``preload`` modules
     before it is given the work; with ``spare``, a preloaded child waits for the next call."""
     child = _take(tuple(preload))
+    payload = absolute_paths(payload)
     try:
         child.down.send((target, payload, limits))
     except OSError:  # the spare died after all (its parent thread ended): a fresh child
@@ -394,6 +399,7 @@ def child_main(read_fd: int, write_fd: int, parent: int, preload: list[str]) -> 
     _name(b"lowbit-job")
     down.close()
     _apply(limits)
+    owned = _enter_scratch(payload)
     last: dict[str, float] = {}
 
     def emit(event: Any) -> None:
@@ -432,6 +438,9 @@ def child_main(read_fd: int, write_fd: int, parent: int, preload: list[str]) -> 
     except TypeError as exc:  # a result that cannot travel: a bug of ours
         _send(up, ("failed", "TypeError", str(exc), traceback.format_exc()[-4000:]))
     up.close()
+    if owned is not None:
+        os.chdir(owned.parent)
+        shutil.rmtree(owned, ignore_errors=True)
 
 
 def _as_pair(exc: EngineError) -> tuple[str, str]:
@@ -451,16 +460,46 @@ def quantize(cfg: Any, emit: Emit) -> Any:
     return dataclasses.asdict(pipeline.run(cfg, progress))
 
 
-def temp_in(work_dir: Path | None) -> None:
-    """Send this process's temporary files into the job's work folder. ONNX Runtime's quantizer writes
-    whole copies of the model to the temp folder; the worker removes the work folder after every attempt,
-    also one whose child was killed at a limit, whereas files in the system temp folder would stay."""
+def absolute_paths(payload: Any) -> Any:
+    """``payload`` with every relative Path field (of a dataclass payload) made absolute against this process's
+    working directory: the child runs in another one, and the worker's data directory may be relative."""
+    if not dataclasses.is_dataclass(payload) or isinstance(payload, type):
+        return payload
+    changes = {f.name: Path(os.path.abspath(v)) for f in dataclasses.fields(payload)
+               if isinstance(v := getattr(payload, f.name), Path) and not v.is_absolute()}
+    return dataclasses.replace(payload, **changes) if changes else payload
+
+
+def temp_in(work_dir: Path | None) -> Path | None:
+    """Send this process's temporary files into the job's work folder (returned: ``work_dir/tmp``). ONNX
+    Runtime's quantizer writes whole copies of the model to the temp folder; the worker removes the work
+    folder after every attempt, also one whose child was killed at a limit, whereas files in the system temp
+    folder would stay."""
     if work_dir is None:
-        return
-    tmp = Path(work_dir) / "tmp"
+        return None
+    tmp = Path(os.path.abspath(work_dir)) / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(tmp)
     os.environ["TMPDIR"] = str(tmp)  # for processes the engine starts (the .pt2 export child)
+    return tmp
+
+
+def _enter_scratch(payload: Any) -> Path | None:
+    """Make the job's scratch folder this child's working directory and temp folder: ``work_dir/tmp`` of a
+    payload that has a work folder, else a private temporary folder (returned, for removal at the end).
+
+    ONNX Runtime writes some files relative to the working directory: symbolic shape inference that stops
+    early saves ``sym_shape_infer_temp.onnx`` and a ``<uuid1>.data`` file as large as the model's weights
+    there, on every such job. In the work folder they go with it; in the worker's directory they piled up."""
+    work_dir = getattr(payload, "work_dir", None)
+    scratch = temp_in(Path(work_dir)) if isinstance(work_dir, str | Path) else None
+    owned = None
+    if scratch is None:
+        owned = scratch = Path(tempfile.mkdtemp(prefix="lowbit-job-"))
+        tempfile.tempdir = str(owned)
+        os.environ["TMPDIR"] = str(owned)
+    os.chdir(scratch)
+    return owned
 
 
 def result_from(data: dict[str, Any]) -> Any:

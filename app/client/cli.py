@@ -3,7 +3,8 @@
 Results go to stdout (a table, or JSON with ``--json``); progress bars go to stderr, and only when stderr is a
 terminal, so the output fits pipes. Exit status: 0 done; 1 the job failed or was cancelled (its error code and
 message on stderr); 2 the server refused the request, or a usage mistake; 3 the server could not be reached,
-a download did not match its checksum, or ``--timeout`` passed.
+a download did not match its checksum, or ``--timeout`` passed; 4 an unexpected error inside lowbit
+(``lowbit: error [internal_error]: ...``; LOWBIT_DEBUG=1 prints the traceback too).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from app.client.errors import (
     WaitTimeout,
 )
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INTERNAL = 0, 1, 2, 3, 4
 # Uploads and downloads smaller than this finish too fast for a bar to help.
 BAR_MIN_BYTES = 1 << 20
 RECIPE_TAGS = {"int8_static": "int8", "int8_dynamic": "int8", "qat_int8": "int8", "int4_weight_only": "int4",
@@ -248,6 +249,25 @@ def _error(exc: LowbitClientError, as_json: bool, job: Job | None = None) -> int
     return EXIT_REFUSED
 
 
+def internal_error(exc: BaseException, as_json: bool = False) -> int:
+    """An exception nobody expected (a lowbit bug, or an environment problem): one line on stderr instead of a
+    traceback, which LOWBIT_DEBUG=1 prints as well."""
+    if os.environ.get("LOWBIT_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc)
+        hint = ""
+    else:
+        hint = " (set LOWBIT_DEBUG=1 to see the traceback)"
+    text = " ".join(str(exc).split())[:500]
+    message = f"unexpected {type(exc).__name__}" + (f": {text}" if text else "") + \
+        f"; this is a lowbit problem, please report it{hint}"
+    print(f"lowbit: error [internal_error]: {message}", file=sys.stderr)
+    if as_json:
+        _print_json({"error": {"code": "internal_error", "message": message}, "job": None})
+    return EXIT_INTERNAL
+
+
 def parse_option(text: str) -> tuple[str, Any]:
     """``--option KEY=VALUE``: the value as JSON when it parses, else the text itself."""
     if "=" not in text:
@@ -276,6 +296,8 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
         except BrokenPipeError:  # `lowbit jobs | head`: the reader is gone, and that is fine
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 141
+        except Exception as exc:  # a bug of ours, or a server answer we did not expect: no traceback
+            return internal_error(exc, args.json)
     return run
 
 
@@ -338,7 +360,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        job = client.job(args.job_id)
+        job = client.job(client.resolve_job_id(args.job_id))
     if args.json:
         _print_json(job.raw)
         return EXIT_OK
@@ -356,7 +378,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     progress = Progress(enabled=False if args.json else None)
     with _client(args) as client:
-        dl = client.download(args.job_id, Path(args.output) if args.output else Path.cwd(),
+        dl = client.download(client.resolve_job_id(args.job_id), Path(args.output) if args.output else Path.cwd(),
                              on_progress=lambda label, d, t: progress.transfer(f"downloading {label}", d, t))
     progress.end()
     if args.json:
@@ -368,8 +390,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        report = client.report(args.job_id)
-        job = client.job(args.job_id) if not args.json else None
+        job_id = client.resolve_job_id(args.job_id)
+        report = client.report(job_id)
+        job = client.job(job_id) if not args.json else None
     if args.json:
         _print_json(report)
     else:
@@ -396,12 +419,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        job = client.cancel(args.job_id)
+        job = client.cancel(client.resolve_job_id(args.job_id))
     if args.json:
         _print_json(job.raw)
     else:
         print(f"{job.id}  {job.status}" + ("" if job.finished else " (stops at its next progress check)"))
     return EXIT_OK
+
+
+JOB_ID_HELP = "the job's id, or its first 8 characters or more (as the job pages show it)"
 
 
 def add_commands(sub: Any) -> None:
@@ -436,16 +462,16 @@ def add_commands(sub: Any) -> None:
     sp.set_defaults(func=_guarded(cmd_submit))
 
     st = sub.add_parser("status", parents=[common], help="a job's status, stage and progress")
-    st.add_argument("job_id")
+    st.add_argument("job_id", help=JOB_ID_HELP)
     st.set_defaults(func=_guarded(cmd_status))
 
     dp = sub.add_parser("download", parents=[common], help="download a job's quantized model (sha256-verified)")
-    dp.add_argument("job_id")
+    dp.add_argument("job_id", help=JOB_ID_HELP)
     dp.add_argument("-o", "--output", help="file or folder (default: the server's file name, here)")
     dp.set_defaults(func=_guarded(cmd_download))
 
     rp = sub.add_parser("report", parents=[common], help="a finished job's report (summary, or all of it as JSON)")
-    rp.add_argument("job_id")
+    rp.add_argument("job_id", help=JOB_ID_HELP)
     rp.set_defaults(func=_guarded(cmd_report))
 
     jp = sub.add_parser("jobs", parents=[common], help="list jobs, newest first")
@@ -455,5 +481,5 @@ def add_commands(sub: Any) -> None:
     jp.set_defaults(func=_guarded(cmd_jobs))
 
     cp = sub.add_parser("cancel", parents=[common], help="cancel a queued or running job")
-    cp.add_argument("job_id")
+    cp.add_argument("job_id", help=JOB_ID_HELP)
     cp.set_defaults(func=_guarded(cmd_cancel))

@@ -156,6 +156,10 @@ def _raise_unless_succeeded(job: Job) -> None:
 
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# The pages and `lowbit jobs` show a job's first 8 characters; that much (or more) of an id names a job.
+JOB_ID_MIN_PREFIX = 8
+_JOB_ID_PREFIX = re.compile(r"^[0-9a-f]{8}[0-9a-f-]{0,28}$")
 
 
 def etag_sha256(etag: str | None) -> str | None:
@@ -341,6 +345,29 @@ class Client:
 
     def job(self, job_id: str) -> Job:
         return Job.from_json(self._json("GET", f"/api/v1/jobs/{job_id}"))
+
+    def resolve_job_id(self, job_id: str) -> str:
+        """The full id of the job whose id is ``job_id`` or starts with it (at least 8 characters, as the pages
+        show ids). Raises ApiError ``job_not_found`` when no job matches, LowbitClientError ``ambiguous_job_id``
+        when several do, and ``invalid_job_id`` for text that cannot begin an id."""
+        text = job_id.strip().lower()
+        if _JOB_ID.match(text):
+            return text
+        if not _JOB_ID_PREFIX.match(text):
+            raise LowbitClientError(
+                f"'{job_id}' is not a job id: give the whole id or its first {JOB_ID_MIN_PREFIX} characters or more "
+                "(as the job pages and 'lowbit jobs' show it)", code="invalid_job_id")
+        page = self._json("GET", "/api/v1/jobs", params={"id_prefix": text, "limit": 5})
+        # Filtered here too: a server without the id_prefix filter answers with its newest jobs.
+        matches = [str(j["id"]) for j in page.get("items") or [] if str(j.get("id", "")).startswith(text)]
+        if not matches:
+            raise ApiError(f"no job id starts with '{text}' (lowbit jobs lists them)", code="job_not_found",
+                           status_code=404)
+        if len(matches) > 1:
+            more = " and more" if page.get("next_cursor") else ""
+            raise LowbitClientError(f"'{text}' is the beginning of several job ids ({', '.join(matches)}{more}); "
+                                    "give more characters", code="ambiguous_job_id")
+        return matches[0]
 
     def jobs(self, status: str | None = None, limit: int = 20, cursor: str | None = None) -> tuple[list[Job],
                                                                                                    str | None]:

@@ -159,10 +159,12 @@ def list_jobs(
     status: str | None = Query(default=None, description="queued|running|succeeded|failed|cancelled"),
     limit: int = Query(default=20, ge=1, le=200),
     cursor: str | None = Query(default=None, description="next_cursor from the previous page"),
+    id_prefix: str | None = Query(default=None, description="only jobs whose id starts with this (e.g. the "
+                                  "8 characters the pages show)"),
     who: Principal = Depends(api_principal),
 ) -> JobList:
     """List jobs, newest first, with cursor pagination."""
-    rows, next_cursor = service.list_jobs(db, status, limit, cursor, who.tenant_id)
+    rows, next_cursor = service.list_jobs(db, status, limit, cursor, who.tenant_id, id_prefix)
     return JobList(items=[service.to_out(j) for j in rows], next_cursor=next_cursor)
 
 

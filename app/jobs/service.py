@@ -105,13 +105,20 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def list_jobs(db: Session, status: str | None, limit: int, cursor: str | None,
-              tenant_id: str) -> tuple[list[Job], str | None]:
-    """Newest first, keyset-paginated on (created_at, id) so pages stay stable while jobs are added."""
+              tenant_id: str, id_prefix: str | None = None) -> tuple[list[Job], str | None]:
+    """Newest first, keyset-paginated on (created_at, id) so pages stay stable while jobs are added. With
+    ``id_prefix``, only the jobs whose id starts with it (the client resolves the pages' short ids so)."""
     if status is not None and status not in STATUSES:
         raise Invalid(f"unknown status '{status}'; one of {', '.join(STATUSES)}", code="invalid_status")
     q = sa.select(Job).where(Job.tenant_id == tenant_id)
     if status:
         q = q.where(Job.status == status)
+    if id_prefix is not None:
+        prefix = id_prefix.lower()
+        if not prefix or len(prefix) > 36 or set(prefix) - set("0123456789abcdef-"):
+            raise Invalid(f"id_prefix '{id_prefix}' cannot begin a job id (hex digits and '-', at most 36)",
+                          code="invalid_id_prefix")
+        q = q.where(Job.id.startswith(prefix, autoescape=True))
     if cursor:
         ts, last_id = _decode_cursor(cursor)
         q = q.where(sa.or_(Job.created_at < ts, sa.and_(Job.created_at == ts, Job.id < last_id)))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from worker.engine.errors import EngineError
@@ -12,6 +16,20 @@ def echo(payload: Any, emit: Any) -> Any:
     for i in range(3):
         emit(("calibrating", i / 2))
     return {"doubled": payload * 2}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A payload shaped like the engine's QuantizeConfig where it matters to the sandbox: paths, a work folder."""
+
+    source: Path
+    work_dir: Path | None = None
+
+
+def where(payload: Job, emit: Any) -> dict[str, Any]:
+    """Where the child runs (working directory, temp folder), and whether the payload's path still names its file."""
+    return {"cwd": os.getcwd(), "tmp": tempfile.gettempdir(), "tmpdir_env": os.environ.get("TMPDIR"),
+            "source": payload.source.read_text(), "source_path": str(payload.source)}
 
 
 def segfault(payload: Any, emit: Any) -> None:

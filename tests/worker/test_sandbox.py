@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +194,82 @@ def test_the_engines_temporary_files_go_in_the_work_folder(tmp_path: Path, monke
     assert Path(result["artifact_path"]).is_file()
     assert seen == {str(tmp_path / "out" / "work" / "tmp")}
     assert os.environ["TMPDIR"] == str(tmp_path / "out" / "work" / "tmp")
+
+
+def test_the_child_runs_in_the_work_folder_with_the_parents_paths(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A relative path in the payload names the file the worker means (its data directory may be relative), even
+    # though the child works elsewhere: the parent makes it absolute before sending.
+    monkeypatch.chdir(tmp_path)
+    Path("model.txt").write_text("the model")
+    work = tmp_path / "job" / "work-1"
+    out = sandbox.run(f"{F}:where", faults.Job(Path("model.txt"), Path("job/work-1")), sandbox.Limits(timeout_s=30))
+    assert out["cwd"] == out["tmp"] == out["tmpdir_env"] == str(work / "tmp")
+    assert (out["source"], out["source_path"]) == ("the model", str(tmp_path / "model.txt"))
+    # Without a work folder: a private temporary one, removed when the child is done.
+    out = sandbox.run(f"{F}:where", faults.Job(tmp_path / "model.txt"), sandbox.Limits(timeout_s=30))
+    assert out["cwd"] == out["tmp"] and Path(out["cwd"]).name.startswith("lowbit-job-")
+    assert not Path(out["cwd"]).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job", "model.txt"]
+
+
+@pytest.fixture(scope="module")
+def unmerged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("unmerged")
+    return {"model": builders.unmerged_dims_mlp(d / "model.onnx"), "data": builders.unmerged_dims_data(d / "data.npz")}
+
+
+@pytest.fixture
+def empty_cwd_and_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    """An empty working directory, and an empty folder standing in for the system temp folder (TMPDIR)."""
+    import tempfile
+
+    cwd, systmp = tmp_path / "cwd", tmp_path / "systmp"
+    cwd.mkdir()
+    systmp.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("TMPDIR", str(systmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    sandbox.drop_spares()  # children started before would keep the real TMPDIR
+    yield cwd, systmp
+    sandbox.drop_spares()
+
+
+@pytest.mark.parametrize("recipe, options", [
+    ("int8_static", {}),
+    ("int8_dynamic", {}),
+    ("int4_weight_only", {"algorithm": "rtn"}),
+    ("int4_weight_only", {"algorithm": "clip_search"}),
+    ("fp16", {}),
+])
+def test_a_job_writes_nothing_outside_its_work_folder(recipe: str, options: dict[str, Any], unmerged: dict[str, Path],
+                                                      empty_cwd_and_tmp: tuple[Path, Path], tmp_path: Path) -> None:
+    # The model's two inputs name their batch axes differently, so ONNX Runtime's symbolic shape inference stops
+    # and saves sym_shape_infer_temp.onnx + <uuid1>.data (512 kB of weights) in the working directory: the
+    # worker's, where 51 of them (3.2 GB) once piled up. They must land in the job's work folder, which the
+    # worker removes after every attempt.
+    cwd, systmp = empty_cwd_and_tmp
+    work = tmp_path / "job" / "work-1"
+    cfg = QuantizeConfig(model_path=Path(os.path.relpath(unmerged["model"])), output_path=tmp_path / "job" / "q.onnx",
+                         recipe=recipe, options=parse_options(recipe, {"latency_runs": 2, **options}),
+                         calibration_path=unmerged["data"], work_dir=work, threads=1, device="cpu")
+    settings = Settings(data_dir=tmp_path / "data", job_memory_limit_mb=0, job_cpu_limit_s=0, job_timeout_s=300)
+    result = run_engine(cfg, lambda stage, fraction: None, settings)
+    assert result.artifact_path.is_file()
+    assert list(cwd.iterdir()) == [] and list(systmp.iterdir()) == []
+    stray = sorted(p.name for p in (work / "tmp").iterdir())  # ORT's files did get written: here
+    assert "sym_shape_infer_temp.onnx" in stray and any(n.endswith(".data") for n in stray), stray
+
+
+def test_a_pt2_job_writes_nothing_outside_its_work_folder(pt2_zoo: dict[str, Path],
+                                                          empty_cwd_and_tmp: tuple[Path, Path], tmp_path: Path) -> None:
+    # qat_int8: the export and the training run in PyTorch child processes of the sandbox child.
+    cwd, systmp = empty_cwd_and_tmp
+    cfg = QuantizeConfig(model_path=pt2_zoo["outlier"], output_path=tmp_path / "job" / "q.onnx", recipe="qat_int8",
+                         options=parse_options("qat_int8", {"latency_runs": 2, "steps": 3}),
+                         calibration_path=Path(os.path.relpath(pt2_zoo["outlier_cal"])),
+                         work_dir=tmp_path / "job" / "work-1", threads=1, device="cpu")
+    settings = Settings(data_dir=tmp_path / "data", job_memory_limit_mb=0, job_cpu_limit_s=0, job_timeout_s=600)
+    result = run_engine(cfg, lambda stage, fraction: None, settings)
+    assert result.artifact_path.is_file() and result.report["recipe"] == "qat_int8"
+    assert list(cwd.iterdir()) == [] and list(systmp.iterdir()) == []

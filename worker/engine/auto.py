@@ -550,14 +550,17 @@ def _short(opts: dict[str, Any]) -> str:
 def search(base: QuantizeConfig, target: dict[str, Any], run: RunFn | None = None,
            progress: Callable[[int, int], None] | None = None) -> AutoOutcome:
     """The whole search in this process (candidates one after another). ``base`` is the auto job's
-    config; artifacts of the candidates go beside ``base.output_path``, and the chosen one is copied there."""
+    config; artifacts of the candidates go in its work folder (else beside ``base.output_path``), and the chosen
+    one is copied to ``base.output_path``."""
     from worker.engine import pipeline
 
     check_target(target)
     run = run or pipeline.run
     started = time.monotonic()
     budget = target.get("time_budget_s")
-    out_dir = Path(base.output_path).parent / f".{Path(base.output_path).name}.candidates"
+    # In the work folder when there is one (`lowbit quantize` removes it at the end), else beside the output.
+    out_dir = Path(base.work_dir) / "candidates" if base.work_dir else \
+        Path(base.output_path).parent / f".{Path(base.output_path).name}.candidates"
     out_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if base.export_cache_dir is None:

@@ -462,7 +462,8 @@ def run_child(
     output goes to a log file whose tail explains a crash. ``on_event`` may raise (e.g. JobCancelled): the
     child is killed and the exception propagates.
     """
-    work_dir = Path(work_dir)
+    # The child runs in work_dir: every path it is given (this folder's, and the request's) must be absolute.
+    work_dir = Path(os.path.abspath(work_dir))
     work_dir.mkdir(parents=True, exist_ok=True)
     req_path = work_dir / f"{command}.request.json"
     res_path = work_dir / f"{command}.result.json"
@@ -476,6 +477,7 @@ def run_child(
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(max(1, threads))
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["ORT_DISABLE_TELEMETRY"] = "1"  # else ONNX Runtime's import writes $TMPDIR/.ses (its telemetry session)
     # Whatever torch and the exporter write to temporary files stays in this folder (the job's, or the
     # upload's scratch folder) and goes with it, instead of landing in the machine's shared /tmp.
     tmp = work_dir / "tmp"
@@ -569,7 +571,7 @@ def _tensor_infos(items: list[dict[str, Any]]) -> tuple[TensorInfo, ...]:
 def inspect_pt2(path: Path, work_dir: Path, threads: int = 1) -> ModelInfo:
     """Check an uploaded .pt2 and describe its inputs and outputs (loads it in a child process)."""
     arc = check_archive(path)
-    safe = sanitize(arc, Path(path), Path(work_dir) / "sanitized.pt2")
+    safe = sanitize(arc, Path(path), Path(os.path.abspath(work_dir)) / "sanitized.pt2")
     result = run_child("inspect", {"model": str(safe), "threads": threads}, Path(work_dir), INSPECT_TIMEOUT_S,
                        threads=threads)
     return ModelInfo(
@@ -613,11 +615,13 @@ def export_for_run(
 
     from worker.engine.pipeline import environment, sha256_file
 
-    work_dir = Path(work_dir)
+    # Absolute: the export child runs in its work folder, where a relative path would name nothing.
+    work_dir = Path(os.path.abspath(work_dir))
     arc = check_archive(model_path)
     safe = sanitize(arc, Path(model_path), work_dir / "sanitized.pt2")
     onnx_path = work_dir / "exported.onnx"
     data = calibration_path or eval_path
+    data = Path(os.path.abspath(data)) if data else None
     uploaded_sha = sha256_file(Path(model_path))
     env = environment()
     key_parts = {"pt2": uploaded_sha, "data": sha256_file(Path(data)) if data else None, "batch_size": batch_size,
