@@ -1,4 +1,4 @@
-"""Checks of the report contract (DESIGN.md, "Report") shared by engine, API and end-to-end tests."""
+"""Checks of the report contract (README.md, "The report") shared by engine, API and end-to-end tests."""
 
 from __future__ import annotations
 

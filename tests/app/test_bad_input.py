@@ -212,3 +212,82 @@ def test_unknown_ids_are_404(api: Harness, path: str) -> None:
 def test_unknown_route_is_a_json_404(api: Harness) -> None:
     r = api.client.get("/api/v1/nothing-here")
     assert r.status_code == 404 and error_of(r) == "not_found"
+
+
+def _stateful_model(path: Path) -> Path:
+    """silero-VAD-like inputs: audio x [batch, 4], a recurrent state h [2, batch, 8] and a 0-d int64 sample rate sr;
+    y = x @ w + mean(h) + sr (as float)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((4, 8), 0.1, np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"], name="fc"),
+         helper.make_node("ReduceMean", ["h"], ["hm"], keepdims=0, name="state_mean"),
+         helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT, name="rate"),
+         helper.make_node("Add", ["xw", "hm"], ["a"], name="add_state"),
+         helper.make_node("Add", ["a", "srf"], ["y"], name="add_rate")],
+        "stateful",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, "batch", 8]),
+         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lowbit-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        # sr missing
+        {"x": np.zeros((16, 4), np.float32), "h": np.zeros((16, 2, 1, 8), np.float32)},
+        # sr as float: wrong dtype
+        {"x": np.zeros((16, 4), np.float32), "h": np.zeros((16, 2, 1, 8), np.float32),
+         "sr": np.full(16, 16000.0, np.float32)},
+        # h with a fixed dim that does not fit (3 layers where the model has 2), and x of the wrong rank
+        {"x": np.zeros((16, 4, 1), np.float32), "h": np.zeros((16, 3, 1, 8), np.float32),
+         "sr": np.full(16, 16000, np.int64)},
+        # sr as [samples, 2]: neither one value per sample ([samples]) nor anything else a 0-d input takes
+        {"x": np.zeros((16, 4), np.float32), "h": np.zeros((16, 2, 1, 8), np.float32),
+         "sr": np.full((16, 2), 16000, np.int64)},
+    ],
+)
+def test_a_dataset_that_cannot_feed_state_and_scalar_inputs_is_refused_at_submit(
+        api: Harness, tmp_path: Path, arrays: dict[str, np.ndarray]) -> None:
+    # Refused by the job-creation API with exactly the message the worker's engine would fail the job with, so
+    # nothing waits in the queue to fail later.
+    from worker.engine.errors import EngineError
+    from worker.engine.feeds import plan_feeds
+    from worker.engine.inspect import inspect_model_file
+    from worker.engine.npz import inspect_npz
+
+    model = _stateful_model(tmp_path / "stateful.onnx")
+    data = builders.save_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(EngineError) as engine:
+        plan_feeds(inspect_model_file(model).inputs, inspect_npz(data), 8, "calibration")
+    m = upload_model(api.client, model)
+    r = submit(api.client, model_id=m["id"], calibration_dataset_id=upload_dataset(api.client, data)["id"],
+               recipe="int8_static")
+    assert r.status_code == 422 and error_of(r) == engine.value.code == "dataset_mismatch"
+    assert r.json()["error"]["message"] == engine.value.message
+    assert api.queue.enqueued == [] and api.client.get("/api/v1/jobs").json()["items"] == []
+
+
+def test_complete_feeds_for_state_and_one_value_per_sample_for_a_0d_input_are_accepted(
+        api: Harness, tmp_path: Path) -> None:
+    # The README's dataset format: h [samples, 2, 1, 8] holds one complete feed per sample (its rank is the
+    # input's + 1), sr [samples] one value per sample.
+    model = upload_model(api.client, _stateful_model(tmp_path / "stateful.onnx"))
+    rng = np.random.default_rng(0)
+    data = builders.save_npz(tmp_path / "good.npz", x=rng.standard_normal((16, 4)).astype(np.float32),
+                             h=rng.standard_normal((16, 2, 1, 8)).astype(np.float32),
+                             sr=np.full(16, 16000, np.int64))
+    r = submit(api.client, model_id=model["id"], calibration_dataset_id=upload_dataset(api.client, data)["id"],
+               recipe="int8_dynamic")
+    assert r.status_code == 202, r.text
+    assert api.queue.enqueued == [(r.json()["id"], "cpu")]

@@ -1,4 +1,4 @@
-"""How a dataset's arrays feed a model's inputs (DESIGN.md, "Datasets").
+"""How a dataset's arrays feed a model's inputs (README.md, "Datasets: the .npz format").
 
 An array whose rank is the input's rank + 1 holds complete feeds: sample i is fed as ``array[i]``.
 An array of the input's own rank is stacked along the input's batch axis (axis 0) and fed in
