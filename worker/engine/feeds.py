@@ -37,6 +37,41 @@ def _fmt(shape: Sequence[int | str]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
+def _shape_problem(inp: TensorInfo, arr: ArrayInfo) -> str:
+    """Why an array fits the input neither way, naming the shapes it could have and what to change."""
+    complete: list[int | str] = ["N", *inp.shape]
+    if not inp.shape:
+        forms = f"{_fmt(complete)} (one value per sample: the input is a scalar, shape [])"
+        candidates = [complete]
+    else:
+        stacked: list[int | str] = ["N", *inp.shape[1:]]
+        forms = (f"{_fmt(stacked)} (N samples stacked along its batch axis) or {_fmt(complete)} (one complete "
+                 "input per sample)")
+        candidates = [stacked, complete]
+    text = (f"array '{inp.name}' has shape {_fmt(arr.shape)}, but the model input is {_fmt(inp.shape)}, so the "
+            f"array must be {forms}")
+    for want in candidates:
+        if len(want) != len(arr.shape):
+            continue
+        off = [f"axis {k} is {g} where the model wants {w}"
+               for k, (w, g) in enumerate(zip(want, arr.shape, strict=True)) if k and isinstance(w, int) and w != g]
+        if off:
+            return text + " (" + "; ".join(off) + ")"
+    for want in candidates:
+        fixed = [w for w in want[1:] if isinstance(w, int)]
+        if len(fixed) == len(want) - 1 and _product(arr.shape[1:]) == _product(fixed):
+            dims = ", ".join(str(d) for d in (arr.shape[0], *fixed))
+            return text + f" (the sizes agree: arr.reshape({dims}) fits)"
+    return text
+
+
+def _product(dims: Sequence[int]) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
 def plan_feeds(
     inputs: Sequence[TensorInfo], dataset: DatasetInfo, batch_size: int = 8, role: str = "calibration"
 ) -> FeedPlan:
@@ -72,11 +107,7 @@ def plan_feeds(
         elif len(arr.shape) == rank and _dims_match(inp.shape[1:], arr.shape[1:]):
             modes[inp.name] = STACKED
         else:
-            problems.append(
-                f"array '{inp.name}' has shape {_fmt(arr.shape)}, which fits neither the model input's shape "
-                f"{_fmt(inp.shape)} stacked along the batch axis nor [samples, {_fmt(inp.shape)[1:]} "
-                "as one complete feed per sample"
-            )
+            problems.append(_shape_problem(inp, arr))
     if problems:
         raise EngineError("dataset_mismatch", f"{role} dataset does not match the model: " + "; ".join(problems))
 
@@ -84,12 +115,18 @@ def plan_feeds(
         inp.shape[0] for inp in inputs if modes[inp.name] == STACKED and inp.shape and isinstance(inp.shape[0], int)
     }
     if any(m == COMPLETE for m in modes.values()):
-        bad = sorted(b for b in fixed_batches if b != 1)
+        bad = [i for i in inputs if modes[i.name] == STACKED and i.shape and isinstance(i.shape[0], int)
+               and i.shape[0] != 1]
         if bad:
+            complete = [i.name for i in inputs if modes[i.name] == COMPLETE]
+            detail = "; ".join(
+                f"'{i.name}' {_fmt(arrays[i.name].shape)} reads as samples stacked along the input's first "
+                f"axis, which the model fixes at {i.shape[0]}: give it as {_fmt(['N', *i.shape])}" for i in bad
+            )
             raise EngineError(
                 "dataset_mismatch",
-                f"{role} dataset mixes complete feeds with inputs of fixed batch size {bad[0]}; "
-                "give every input as complete feeds ([samples, *input_shape])",
+                f"{role} dataset mixes one complete feed per sample ({', '.join(complete)}) with stacked arrays; "
+                f"{detail} (one complete input per sample, like the others)",
             )
         per_run = 1
     elif len(fixed_batches) > 1:
@@ -148,7 +185,10 @@ def iter_batches(
         feed: dict[str, Any] = {}
         for inp in inputs:
             chunk = next(iters[inp.name])
-            feed[inp.name] = chunk[0] if plan.modes[inp.name] == COMPLETE else chunk
+            # A complete feed is one sample with its leading axis dropped; reshape (not chunk[0]) keeps a
+            # 0-d input (silero's int64 sample rate) a 0-d ndarray, where indexing gives a numpy scalar
+            # that ONNX Runtime refuses as a feed.
+            feed[inp.name] = chunk.reshape(chunk.shape[1:]) if plan.modes[inp.name] == COMPLETE else chunk
         n = min(per, stop - pos)
         labels = next(label_iter) if label_iter is not None else None
         yield Batch(feed, pos, n, labels)

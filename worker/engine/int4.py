@@ -263,10 +263,14 @@ def quantize_int4(
     if rewritten:
         warnings.insert(0, f"rewrote {rewritten} Gemm node(s) as MatMul (+Add) so their weights can be 4-bit")
     if not targets:
+        from worker.engine.normalize import subgraph_op_types
+
+        inside = " outside If/Loop/Scan bodies (which 4-bit quantization does not reach, and where this " \
+            "model's MatMuls are)" if "MatMul" in subgraph_op_types(model) else ""
         raise EngineError(
             "nothing_to_quantize",
-            "the model has no MatMul with a constant 2-D weight, so there is nothing for 4-bit weight-only "
-            "quantization to do; try int8_dynamic or fp16",
+            f"the model has no MatMul with a constant 2-D weight{inside}, so there is nothing for 4-bit "
+            "weight-only quantization to do; try int8_dynamic or fp16",
         )
     calibration: dict[str, Any] | None = None
     started = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,204 @@ def _name_nodes(model: onnx.ModelProto) -> int:
     return count
 
 
+# Ops whose input 2 ONNX Runtime's static quantizer turns into an int32 bias scaled by that node's own
+# input and weight scales.
+BIAS_OPS = ("Conv", "ConvTranspose", "Gemm", "InstanceNormalization", "LayerNormalization", "BatchNormalization")
+
+
+def prepare_for_static(model: onnx.ModelProto) -> list[str]:
+    """Work around two ONNX Runtime static-quantizer bugs that real exports hit; returns what was done.
+    Run on the pre-processed model: ONNX Runtime's optimiser shares equal single-element initializers
+    and fuses MatMul + Add into a Gemm whose bias is [1, N]."""
+    done = []
+    flat = flatten_gemm_biases(model)
+    if flat:
+        done.append(f"reshaped {flat} Gemm bias(es) of shape [1, N] to [N]")
+    copied = unshare_biases(model)
+    if copied:
+        done.append(f"gave {copied} node(s) sharing a bias initializer a copy of their own")
+    return done
+
+
+def flatten_gemm_biases(model: onnx.ModelProto) -> int:
+    """Store each Gemm bias of shape [1, ..., 1, N] as [N] (the same values, broadcast the same way).
+
+    Per channel, ONNX Runtime's static quantizer checks the bias scale of output channel i against
+    ``bias[i]``, which for a [1, N] bias (tf2onnx and jax2tf dense layers, ONNX Runtime's own MatMul + Add
+    fusion) is a whole row: "The truth value of an array with more than one element is ambiguous".
+    A bias some other node also reads gets a reshaped copy of its own. Returns how many were reshaped."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    taken = set(inits) | {o for n in model.graph.node for o in n.output} | {v.name for v in model.graph.input}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        bias = inits[node.input[2]]
+        dims = list(bias.dims)
+        if len(dims) < 2 or any(d != 1 for d in dims[:-1]):
+            continue
+        if readers[bias.name] > 1 or any(o.name == bias.name for o in model.graph.output):
+            k = 1
+            while f"{bias.name}_lowbit_flat{k}" in taken:
+                k += 1
+            readers[bias.name] -= 1
+            model.graph.initializer.append(bias)  # appends a copy, renamed and reshaped below
+            bias = model.graph.initializer[-1]
+            bias.name = f"{bias.name}_lowbit_flat{k}"
+            taken.add(bias.name)
+            node.input[2] = bias.name
+        del bias.dims[:]
+        bias.dims.append(dims[-1])
+        stale = [v for v in model.graph.value_info if v.name == bias.name]
+        for v in stale:
+            model.graph.value_info.remove(v)
+        done += 1
+    return done
+
+
+def unshare_biases(model: onnx.ModelProto) -> int:
+    """Give every node that shares a float bias initializer with an earlier one a copy of its own.
+
+    A bias's int32 scale depends on its node, so ONNX Runtime's static quantizer copies a shared bias per
+    node, naming the copy after it plus a number (``b`` -> ``b2``) checked only against initializer names:
+    tf2onnx names tensors ``<op>;<op>`` and ``<op>;<op>2`` (basic_pitch's nmp.onnx shares one bias among 18
+    Conv nodes), so the copy took an activation's name and the quantized model fed a bias into a
+    Transpose. Copies made here get names no tensor of the graph has. Returns how many were made."""
+    floats = {t.name: t for t in model.graph.initializer
+              if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+    taken = set(floats) | {t.name for t in model.graph.initializer} | {v.name for v in model.graph.input}
+    taken |= {o for n in model.graph.node for o in n.output} | {v.name for v in model.graph.value_info}
+    seen: set[str] = set()
+    copies: list[onnx.TensorProto] = []
+    for node in model.graph.node:
+        if node.op_type not in BIAS_OPS or len(node.input) < 3 or node.input[2] not in floats:
+            continue
+        bias = node.input[2]
+        if bias not in seen:
+            seen.add(bias)
+            continue
+        k = 1
+        while f"{bias}_lowbit_bias{k}" in taken:
+            k += 1
+        copy = onnx.TensorProto()
+        copy.CopyFrom(floats[bias])
+        copy.name = f"{bias}_lowbit_bias{k}"
+        taken.add(copy.name)
+        copies.append(copy)
+        node.input[2] = copy.name
+    model.graph.initializer.extend(copies)
+    return len(copies)
+
+
+def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held by ``graph``'s nodes (If branches, Loop and Scan bodies), nested ones too."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield attr.g
+                yield from _subgraphs(attr.g)
+            for sub in attr.graphs:
+                yield sub
+                yield from _subgraphs(sub)
+
+
+def has_subgraphs(model: onnx.ModelProto) -> bool:
+    return next(_subgraphs(model.graph), None) is not None
+
+
+def subgraph_op_types(model: onnx.ModelProto) -> set[str]:
+    """Op types of the nodes inside If/Loop/Scan bodies."""
+    return {n.op_type for g in _subgraphs(model.graph) for n in g.node}
+
+
+def initializers_into_subgraphs(model: onnx.ModelProto) -> int:
+    """Move each main-graph initializer read by the nodes of exactly one subgraph (and nowhere else)
+    into that subgraph.
+
+    Exporters of models with If/Loop (silero_vad keeps its 8 kHz and 16 kHz networks in the two branches
+    of an If) leave every weight in the main graph, where ONNX Runtime's quantizer, quantizing a
+    subgraph as a model of its own, cannot find it (ValueError "Expected ... to be an initializer").
+    The model computes the same: a subgraph sees its own initializers as it saw the outer ones."""
+    readers: dict[str, set[int]] = {}
+    graphs = [model.graph, *_subgraphs(model.graph)]
+    for k, g in enumerate(graphs):
+        for node in g.node:
+            for name in node.input:
+                readers.setdefault(name, set()).add(k)
+        for out in g.output:
+            readers.setdefault(out.name, set()).add(k)
+    keep: list[onnx.TensorProto] = []
+    moved = 0
+    for t in model.graph.initializer:
+        where = readers.get(t.name, set())
+        if len(where) == 1 and 0 not in where:
+            graphs[next(iter(where))].initializer.append(t)
+            moved += 1
+        else:
+            keep.append(t)
+    if moved:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return moved
+
+
+def unique_initializer_names(model: onnx.ModelProto) -> int:
+    """Rename subgraph initializers whose name another graph's initializer also has.
+
+    ONNX Runtime's graph optimiser copies an outer weight into each sibling branch that reads it under
+    the same name (legal: sibling scopes are separate), but its float16 converter tracks initializers by
+    name across all graphs and stops on an AssertionError. Each renamed copy is renamed in its own graph
+    and the graphs nested in it, the only places that can refer to it."""
+    seen = {t.name for t in model.graph.initializer}
+    taken = set(seen)
+    for g in [model.graph, *_subgraphs(model.graph)]:
+        taken.update(n for node in g.node for n in node.output)
+        taken.update(v.name for v in g.input)
+        taken.update(t.name for t in g.initializer)
+    renamed = 0
+
+    def rename_in(g: onnx.GraphProto, old: str, new: str) -> None:
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+        for v in [*g.output, *g.value_info]:
+            if v.name == old:
+                v.name = new
+        for sub in _direct_subgraphs(g):
+            rename_in(sub, old, new)
+
+    def visit(g: onnx.GraphProto) -> None:
+        nonlocal renamed
+        for sub in _direct_subgraphs(g):
+            for t in sub.initializer:
+                if t.name in seen:
+                    new = t.name
+                    while new in taken:
+                        new += "_"
+                    rename_in(sub, t.name, new)
+                    t.name = new
+                    taken.add(new)
+                    renamed += 1
+                seen.add(t.name)
+            visit(sub)
+
+    visit(model.graph)
+    return renamed
+
+
+def _direct_subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield attr.g
+            yield from attr.graphs
+
+
 def normalize(model_path: Path, out_dir: Path, per_channel: bool) -> NormalizeResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = onnx.load(str(model_path))
@@ -85,6 +284,10 @@ def normalize(model_path: Path, out_dir: Path, per_channel: bool) -> NormalizeRe
     named = _name_nodes(model)
     if named:
         res.steps.append(f"named {named} unnamed node(s)")
+    subgraphs = has_subgraphs(model)
+    hoisted = initializers_into_subgraphs(model) if subgraphs else 0
+    if hoisted:
+        res.steps.append(f"moved {hoisted} initializer(s) read only inside an If/Loop/Scan body into that body")
     opset = default_opset(model)
     if opset < PER_CHANNEL_MIN_OPSET:
         try:
@@ -103,6 +306,12 @@ def normalize(model_path: Path, out_dir: Path, per_channel: bool) -> NormalizeRe
     onnx.save_model(model, str(staged))
     del model
     _preprocess(staged, res)
+    if subgraphs:  # (reloaded only then: most models have none, and some are large)
+        model = onnx.load(str(res.path))
+        renamed = unique_initializer_names(model)
+        if renamed:
+            res.steps.append(f"renamed {renamed} subgraph initializer(s) that shared a name with another graph's")
+            onnx.save_model(model, str(res.path))
     return res
 
 

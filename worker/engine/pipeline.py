@@ -29,11 +29,11 @@ from worker.engine.calibrate import (
 )
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.errors import EngineError
-from worker.engine.feeds import Batch, FeedPlan, batch_source, fixed_batch, iter_batches
-from worker.engine.fp16 import convert_fp16
+from worker.engine.feeds import Batch, FeedPlan, batch_source, fixed_batch, iter_batches, plan_feeds
+from worker.engine.fp16 import RangeCheck, convert_fp16, float16_in_subgraphs, range_check
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
 from worker.engine.int4 import Int4Result, quantize_int4
-from worker.engine.normalize import nonfinite_constant_nodes, normalize
+from worker.engine.normalize import nonfinite_constant_nodes, normalize, prepare_for_static, subgraph_op_types
 from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
 from worker.engine.preflight import Split, plan_split
 from worker.engine.pt2 import Pt2Source
@@ -270,6 +270,8 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     elif cfg.recipe == "int8_static":
         assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
         tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
+        if not tensors:
+            _refuse_subgraphs_only(normalized, opts)
         c0, c1 = split.calib_range
         reader, plan = data.calib_reader, split.calib_plan
         calib_batches = batch_source(reader, info.inputs, plan, c0, c1)
@@ -344,9 +346,19 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             calibration = {**(calibration or {}), "int8_elsewhere": elsewhere}
     elif cfg.recipe == "fp16":
         step("quantizing", 0.0)
-        kept = convert_fp16(norm.path, quant_path, opts)
+        ranged = _fp16_range_check(cfg, opts, info, data, norm.path, normalized, providers)
+        kept = convert_fp16(norm.path, quant_path, opts, ranged.nodes if ranged else ())
         if kept:
             warnings.append(f"kept in float32 (unsafe or slow in float16): {', '.join(kept)}")
+        if ranged is not None:
+            calibration = {"method": "minmax", "purpose": "float16 range check", "samples": ranged.samples,
+                           "seconds": round(ranged.seconds, 3), "float32_nodes": len(ranged.nodes)}
+            if ranged.nodes:
+                warnings.append(
+                    f"{len(ranged.nodes)} node(s) kept in float32 because their values on the calibration data "
+                    f"reach {ranged.peak:.3g}, too close to or beyond float16's largest value (65504): "
+                    f"{', '.join(ranged.nodes[:5])}"
+                )
     else:
         step("quantizing", 0.0)
         _warn_forced(_quantize_dynamic(norm.path, quant_path, opts), warnings)
@@ -354,7 +366,10 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
 
     quantized = onnx.load(str(quant_path))
     if cfg.recipe == "fp16":
-        quantized = onnx.shape_inference.infer_shapes(quantized)
+        try:
+            quantized = onnx.shape_inference.infer_shapes(quantized)
+        except Exception as exc:  # only the per-layer precision column reads the inferred types
+            log.info("shape inference of the float16 model failed: %s", exc)
     quant_session = runtime.make_session(quant_path, providers, cfg.threads, "quantized model")
 
     step("validating", 0.0)
@@ -437,7 +452,14 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
 
     step("reporting", 0.0)
     if all(layer["precision"] == "fp32" for layer in layers):
-        warnings.append("no layer was quantized: the model has no operators this recipe quantizes")
+        inner = sorted(subgraph_op_types(quantized) & (INT8_OPS | set(LOW_BIT_OPS) | {"DequantizeLinear"}))
+        if not inner and float16_in_subgraphs(quantized):
+            inner = ["float16 weights"]
+        warnings.append(
+            f"the quantized layers ({', '.join(inner)}) are inside If/Loop/Scan bodies, which the per-layer "
+            "table does not list" if inner else
+            "no layer was quantized: the model has no operators this recipe quantizes"
+        )
     original_bytes = os.path.getsize(cfg.model_path)
     quantized_bytes = os.path.getsize(quant_path)
     speedup = orig_ms / quant_ms if quant_ms > 0 else None
@@ -603,11 +625,11 @@ def _place(src: Path, dest: Path) -> None:
 
 
 def _excluded(
-    src: Path, opts: RecipeOptions, float_tensors: list[str] | None = None
+    src: Path, opts: RecipeOptions, float_tensors: list[str] | None = None, model: onnx.ModelProto | None = None
 ) -> tuple[list[str] | None, list[str]]:
     """The user's exclusions plus nodes fed by NaN/infinite constants (which would quantize to garbage)
     and nodes that read or write ``float_tensors`` (activations that held infinity or NaN)."""
-    model = onnx.load(str(src))
+    model = model if model is not None else onnx.load(str(src))
     forced = nonfinite_constant_nodes(model)
     if float_tensors:
         keep = set(float_tensors)
@@ -622,11 +644,15 @@ def _quantize_static(
     """Returns the nodes that had to stay in float (beyond the user's exclusions)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    exclude, forced = _excluded(src, opts, float_tensors)
+    model = onnx.load(str(src))
+    exclude, forced = _excluded(src, opts, float_tensors, model)
+    # Shared and [1, N] biases trip ONNX Runtime's quantizer (see prepare_for_static); the file is
+    # handed over as is when neither occurs.
+    prepared = bool(prepare_for_static(model))
     act = QuantType.QInt8 if opts.symmetric_activations else QuantType.QUInt8
     try:
         quantize_static(
-            str(src),
+            model if prepared else str(src),
             str(dest),
             calibration_data_reader=None,
             quant_format=QuantFormat.QDQ,
@@ -692,7 +718,8 @@ def _quantize_dynamic(src: Path, dest: Path, opts: RecipeOptions) -> list[str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     exclude, forced = _excluded(src, opts)
-    try:
+
+    def quantize(subgraphs: bool) -> None:
         quantize_dynamic(
             str(src),
             str(dest),
@@ -701,13 +728,52 @@ def _quantize_dynamic(src: Path, dest: Path, opts: RecipeOptions) -> list[str]:
             reduce_range=opts.reduce_range,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
+            extra_options={"EnableSubgraph": subgraphs},
         )
+
+    try:
+        try:
+            # Reach into If/Loop/Scan bodies too (silero_vad has all its layers in If branches); normalize
+            # moved the weights those bodies read into them, where the quantizer looks for them.
+            quantize(True)
+        except Exception:
+            # ONNX Runtime's subgraph support is partial: the main graph alone is still worth quantizing.
+            log.info("dynamic quantization with subgraphs failed; retrying on the main graph only", exc_info=True)
+            quantize(False)
     except Exception as exc:
         raise EngineError(
             "quantization_failed",
             f"ONNX Runtime's dynamic quantizer failed on this model: {str(exc).strip()[:500]}",
         ) from exc
     return forced
+
+
+def _fp16_range_check(cfg: QuantizeConfig, opts: RecipeOptions, info: ModelInfo, data: _Data, model_path: Path,
+                      model: onnx.ModelProto, providers: list[str]) -> RangeCheck | None:
+    """With a calibration set, the nodes whose values overflow float16 (see fp16.range_check)."""
+    if data.calib_reader is None:
+        return None
+    reader = data.calib_reader
+    plan = plan_feeds(info.inputs, reader.info, opts.batch_size, "calibration")
+    stop = min(reader.info.num_samples, opts.max_calibration_samples)
+    return range_check(model_path, model, batch_source(reader, info.inputs, plan, 0, stop), providers, cfg.threads)
+
+
+def _refuse_subgraphs_only(model: onnx.ModelProto, opts: RecipeOptions) -> None:
+    """int8_static's QDQ quantizer works on the main graph only: a model whose quantizable layers all sit
+    in If/Loop/Scan bodies would come out unchanged, so say so instead of delivering a float copy."""
+    from worker.engine.calibrate import quantizable_op_types
+
+    wanted = set(opts.op_types_to_quantize) if opts.op_types_to_quantize else quantizable_op_types()
+    inner = subgraph_op_types(model) & wanted
+    if inner:
+        weighted = inner & {"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "Attention"}
+        raise EngineError(
+            "nothing_to_quantize",
+            f"every quantizable layer of this model ({', '.join(sorted(weighted or inner)[:8])}) is inside an "
+            "If/Loop/Scan body, which int8_static's quantizer does not reach, so nothing would be quantized; use "
+            "int8_dynamic (which quantizes inside those bodies) or fp16",
+        )
 
 
 def _warn_forced(forced: list[str], warnings: list[str]) -> None:

@@ -114,6 +114,9 @@ def quantize_one(model: onnx.ModelProto, node_name: str, ranges: dict[str, tuple
         elif name in ranges and name not in inits:
             scale, zp = activation_qparams(*ranges[name])
             tag = f"{name}__q_{node_name}"
+            if any(f"{tag}_dq" in n.output for n in new_nodes):  # the same tensor twice (Mul(x, x))
+                node.input[idx] = f"{tag}_dq"
+                continue
             m.graph.initializer.extend([
                 numpy_helper.from_array(np.array(scale, np.float32), f"{tag}_scale"),
                 numpy_helper.from_array(np.array(zp, np.uint8), f"{tag}_zp"),
