@@ -15,6 +15,9 @@
    ``1 - SPEED_TOLERANCE``), then the fastest; a slower one only when no other meets the target, and then the
    least slow, with a warning. Option ``prefer: "size"`` chooses the smallest however slow (also warned). If
    none meets the target, the closest one is reported with its distance to the target.
+5. Confirm: candidates validate on the selection part of the evaluation samples only; the chosen one is
+   validated again on the confirmation part (the last 40%, which no candidate saw), and those are the figures
+   reported and the ones that decide ``accuracy_target.met`` (``confirm``; preflight.split_eval_range).
 
 This module is the search itself, usable from a script. How candidates are run (in this process, or as
 queue sub-tasks on several workers) is up to the caller: ``search`` runs them here, ``next_candidates``
@@ -161,19 +164,36 @@ def check_target(target: dict[str, Any] | None) -> dict[str, Any]:
             "recipe auto needs an accuracy_target: {\"metric\": \"label_accuracy|top1_agreement|cosine|sqnr_db\", "
             "\"min\": x} or {\"metric\": ..., \"max_drop\": x}, optionally with \"time_budget_s\"",
         )
+    if target.get("confidence") is not None and target["confidence"] != 0.95:
+        raise EngineError(
+            "invalid_accuracy_target",
+            "accuracy_target.confidence can only be 0.95 (reports carry 95% bootstrap intervals)",
+        )
     return target
 
 
 def measure(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     """The target's metric in a run's report: ``{value, original, met}``. Higher is better for every metric;
-    the worst output counts. An exact reproduction has no finite SQNR and meets any minimum."""
+    the worst output counts. An exact reproduction has no finite SQNR and meets any minimum.
+
+    With ``"confidence": 0.95`` the target is met only when the 95% interval's lower bound meets it (for
+    max_drop on label accuracy: the lower bound of the change's interval), and ``bound`` says which value
+    decided."""
     metric = target["metric"]
     acc = report["accuracy"]
+    confident = target.get("confidence") is not None
     original: float | None
+    bound: float | None = None
     if metric == "label_accuracy":
         labels = acc.get("labels")
         value = labels["quantized"] if labels else None
         original = labels["original"] if labels else None
+        if confident and labels:
+            if target.get("min") is not None:
+                bound = (labels.get("quantized_ci") or [None])[0]
+            elif labels.get("delta_ci"):
+                # the drop's upper end, expressed as the quantized value it implies
+                bound = None if original is None else original + labels["delta_ci"][0]
     else:
         outputs = acc["outputs"]
         if metric == "sqnr_db" and outputs and all(
@@ -182,13 +202,22 @@ def measure(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
         vals = [o[metric] for o in outputs if o.get(metric) is not None]
         value = min(vals) if vals else None
         original = {"cosine": 1.0, "top1_agreement": 1.0}.get(metric)
+        if confident:
+            lows = [o[f"{metric}_ci"][0] for o in outputs if o.get(f"{metric}_ci")]
+            bound = min(lows) if lows and len(lows) == len(vals) else None
+    decide = bound if confident else value
     met: bool | None = None
-    if value is not None:
+    if decide is not None:
         if target.get("min") is not None:
-            met = value >= float(target["min"])
+            met = decide >= float(target["min"])
         elif original is not None:
-            met = (original - value) <= float(target["max_drop"])
-    return {"value": value, "original": original, "met": met}
+            met = (original - decide) <= float(target["max_drop"])
+    elif confident and value is not None:
+        met = False  # no interval (too few samples): a confident claim cannot be made
+    out: dict[str, Any] = {"value": value, "original": original, "met": met}
+    if confident:
+        out.update(confidence=float(target["confidence"]), bound=bound)
+    return out
 
 
 def distance(target: dict[str, Any], value: float | None, original: float | None) -> float | None:
@@ -390,10 +419,12 @@ def _score(v: float | None) -> float:
 
 
 def candidate_config(base: QuantizeConfig, cand: Candidate, output_path: Path, work_dir: Path | None,
-                     analysis: bool) -> QuantizeConfig:
+                     analysis: bool, part: str = "selection") -> QuantizeConfig:
+    """A candidate's run: it validates on the selection part of the evaluation samples only (``part``
+    "confirmation" is the chosen candidate's run again, see ``confirm``)."""
     return dataclasses.replace(
         base, recipe=cand.recipe, options=cand.parsed(), output_path=output_path, work_dir=work_dir,
-        validate_like_static=True, layer_sensitivity=analysis,
+        validate_like_static=True, layer_sensitivity=analysis, eval_part=part,
     )
 
 
@@ -430,6 +461,9 @@ class AutoOutcome:
     chosen: CandidateResult | None
     best: CandidateResult | None
     report: dict[str, Any]
+    # The file the job delivers (set by ``confirm``): the chosen candidate's artifact, or the confirmation run's
+    # when its bytes differ (the reported figures are that file's).
+    artifact: Path | None = None
 
 
 def _name(c: Candidate) -> str:
@@ -530,6 +564,92 @@ def conclude(results: Sequence[CandidateResult], target: dict[str, Any], job_id:
     return AutoOutcome(chosen, best, report)
 
 
+def target_result(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``accuracy_target``: the target, the measured value, whether it was met (and the interval's
+    bound that decided, with a confidence level)."""
+    m = measure(target, report)
+    return {**target, **{k: v for k, v in m.items() if k not in ("original", "confidence")}}
+
+
+def _figures(report: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """One run's accuracy figures on the part of the evaluation samples it validated on."""
+    acc = report.get("accuracy") or {}
+    part = acc.get("part") or {}
+    rng = part.get(f"{part.get('name')}_range") if part.get("applied") else part.get("whole")
+    return {"samples": acc.get("samples"), "source": acc.get("source"), "range": rng,
+            "outputs": acc.get("outputs"), "labels": acc.get("labels"), "target": target_result(target, report)}
+
+
+def confirm(outcome: AutoOutcome, target: dict[str, Any], base: QuantizeConfig, run: RunFn, output_path: Path,
+            work_dir: Path | None) -> None:
+    """Validate the chosen candidate on the confirmation samples, which no candidate's run saw, and make those
+    figures the report's: ``accuracy``, ``accuracy_target`` (``met`` decided on them), ``auto.selection`` and
+    ``auto.confirmation`` (the chosen model's figures on each part). The run repeats the chosen candidate's
+    configuration (cached calibration statistics, deterministic quantization: the same bytes, which
+    ``confirmation.same_artifact`` checks), validating on the confirmation part only.
+
+    A chosen model that met the target on the selection samples but misses it on the confirmation samples is
+    still delivered, with ``met: false`` and a warning giving both figures: trying the next candidate on the
+    same confirmation samples would make them selection samples again and bring the bias back. With too few
+    evaluation samples to split (preflight.MIN_SPLIT_SAMPLES) there is no confirmation (``auto.confirmation``
+    None) and a warning says the figure is optimistic. Sets ``outcome.artifact``, the file to deliver."""
+    from worker.engine.pipeline import sha256_file
+    from worker.engine.preflight import MIN_SPLIT_SAMPLES
+
+    chosen = outcome.chosen
+    if chosen is None or chosen.report is None:
+        return
+    report, section = outcome.report, outcome.report["auto"]
+    outcome.artifact = Path(chosen.artifact_path) if chosen.artifact_path else None
+    selection = _figures(chosen.report, target)
+    section["selection"] = selection
+    section["evaluation_split"] = (chosen.report.get("accuracy") or {}).get("part")
+    warnings = list(report.get("warnings") or [])
+    report["warnings"] = warnings
+    sel_target = selection["target"]
+    report["accuracy_target"] = {**sel_target, "confirmed": False}
+    part = section["evaluation_split"] or {}
+    optimistic = ("so the reported accuracy is optimistic: it was measured on the samples the search ranked layers "
+                  "and chose the candidate on")
+    if not part.get("applied"):
+        section["confirmation"] = None
+        why = part.get("reason") or "the evaluation samples were not split"
+        warnings.append(f"no confirmation samples were held out ({why}), {optimistic}; give an evaluation set of "
+                        f"at least {MIN_SPLIT_SAMPLES} samples for a figure the choice did not see")
+        return
+    cfg = candidate_config(base, chosen.candidate, output_path, work_dir, analysis=False, part="confirmation")
+    try:
+        res = run(cfg)
+    except EngineError as exc:
+        section["confirmation"] = {"error": {"code": exc.code, "message": exc.message}}
+        warnings.append(f"the chosen model could not be validated on the confirmation samples ({exc.code}: "
+                        f"{exc.message}), {optimistic}")
+        return
+    confirmation = _figures(res.report, target)
+    chosen_sha = sha256_file(Path(chosen.artifact_path)) if chosen.artifact_path else None
+    same = chosen_sha is not None and res.artifact_sha256 == chosen_sha
+    confirmation.update(artifact_sha256=res.artifact_sha256, same_artifact=same)
+    section["confirmation"] = confirmation
+    report["accuracy"] = res.report["accuracy"]
+    conf_target = confirmation["target"]
+    report["accuracy_target"] = {**conf_target, "confirmed": True,
+                                 "selection": {"value": sel_target["value"], "met": sel_target["met"],
+                                               "samples": selection["samples"]}}
+    if not same:
+        # The figures reported are the confirmation run's, so its file is the one delivered.
+        outcome.artifact = Path(res.artifact_path)
+        report["size"] = res.report.get("size", report.get("size"))
+        warnings.append("re-running the chosen configuration for the confirmation did not reproduce the same bytes "
+                        "(sha256 differs); the delivered model is the one validated on the confirmation samples")
+    if sel_target["met"] and conf_target["met"] is not True:
+        metric = target["metric"]
+        warnings.append(
+            f"{_name(chosen.candidate)} met the target on the {selection['samples']} selection samples ({metric} "
+            f"{sel_target['value']}) but misses it on the {confirmation['samples']} confirmation samples the search "
+            f"never saw ({metric} {conf_target['value']}): the target is not met. The model is delivered anyway; "
+            "its selection figure was lucky. Loosen the target, or give more evaluation samples")
+
+
 def failure_message(outcome: AutoOutcome, target: dict[str, Any]) -> str:
     bound = f"at least {target['min']}" if target.get("min") is not None else f"a drop of at most {target['max_drop']}"
     if outcome.best is None:
@@ -597,8 +717,10 @@ def _search(base: QuantizeConfig, target: dict[str, Any], run: RunFn, progress: 
         total += len(pending)
     outcome = conclude(results, target, base.job_id, opts.to_dict("auto"), time.monotonic() - started, rounds,
                        opts.prefer)
-    if outcome.chosen is not None and outcome.chosen.artifact_path:
+    confirm(outcome, target, base, run, out_dir / "confirmation.onnx",
+            (Path(base.work_dir) / "confirmation") if base.work_dir else None)
+    if outcome.artifact is not None:
         from worker.engine.pipeline import _place
 
-        _place(Path(outcome.chosen.artifact_path), Path(base.output_path))
+        _place(outcome.artifact, Path(base.output_path))
     return outcome

@@ -46,10 +46,16 @@ NUM_BINS = 2048
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16}
 # Bound on the bytes of observed activations fetched per model run; more means several passes.
 DEFAULT_MAX_BYTES_PER_RUN = 1 << 30
-CACHE_VERSION = 3
-# Activations with more values than this per batch are histogrammed on an evenly strided subset
-# (min/max stay exact): a 2M-value subset per batch pins down thresholds far finer than int8 needs.
+CACHE_VERSION = 4  # 4: histograms from strided subsets (hist_delta)
+# Activations handed to TensorStats.update whole with more values than this are histogrammed on an evenly
+# strided subset (min/max stay exact): a 2M-value subset pins down thresholds far finer than int8 needs.
 HIST_MAX_VALUES = 1 << 21
+# In the histogram pass, ONNX Runtime reduces each observed activation to its exact min and max and hands
+# back only an evenly strided subset of about this many of its values per batch (see hist_delta): copying
+# whole activations into Python and binning every value cost ~20x the min/max pass on a transformer, and
+# held a batch's activations at once. 128k values a batch over a few dozen batches still places a 99.99th
+# percentile within a bin or two of the full data's (measured: benchmarks/zoo.py, README).
+HIST_SUBSET = 1 << 17
 
 Progress = Callable[[float], None]
 Batches = Callable[[], Iterable[tuple[dict[str, np.ndarray], int]]]
@@ -96,6 +102,7 @@ class TensorStats:
         self.nonfinite = False  # held an infinity or NaN at some point (e.g. a -inf attention mask)
 
     def update(self, x: np.ndarray) -> None:
+        """Add a whole activation (min/max exact; a huge one is histogrammed on an evenly strided subset)."""
         if x.size == 0:
             return
         lo, hi = float(x.min()), float(x.max())
@@ -105,12 +112,35 @@ class TensorStats:
             if x.size == 0:
                 return
             lo, hi = float(x.min()), float(x.max())
+        flat = x.reshape(-1)
+        weight = 1
+        if self.hist is not None and flat.size > HIST_MAX_VALUES:
+            # Evenly strided subset of a huge activation: the histogram only needs its shape.
+            weight = -(-flat.size // HIST_MAX_VALUES)
+            flat = flat[::weight]
+        self._add(flat, lo, hi, weight)
+
+    def update_sampled(self, sub: np.ndarray, lo: float, hi: float, weight: int) -> None:
+        """Add an activation known by its exact min and max and an evenly strided subset of its values, every
+        ``weight``-th one (what ONNX Runtime hands back in the histogram pass, see ``hist_delta``)."""
+        flat = np.asarray(sub).reshape(-1)
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            self.nonfinite = True
+            flat = flat[np.isfinite(flat)]
+            if flat.size == 0:
+                return
+            lo, hi = float(flat.min()), float(flat.max())
+        if flat.size == 0:
+            return
+        self._add(flat, float(lo), float(hi), weight)
+
+    def _add(self, flat: np.ndarray, lo: float, hi: float, weight: int) -> None:
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         if self.hist is None:
             return
         need = max(abs(lo), abs(hi))
         if need == 0.0 and self.a == 0.0:
-            self.zeros += int(x.size)  # an all-zero batch fixes no range; bin it once one exists
+            self.zeros += int(flat.size) * weight  # an all-zero batch fixes no range; bin it once one exists
             return
         if self.a == 0.0:
             self.signed = lo < 0
@@ -121,14 +151,6 @@ class TensorStats:
             if need > self.a:
                 self._grow(need)
         n = self.bins
-        flat = x.reshape(-1)
-        if flat.size > HIST_MAX_VALUES:
-            # Evenly strided subset of a huge activation: the histogram only needs its shape.
-            stride = -(-flat.size // HIST_MAX_VALUES)
-            flat = flat[::stride]
-            weight = stride
-        else:
-            weight = 1
         scale = n / (2 * self.a) if self.signed else n / self.a
         # float32 arithmetic on one temporary: about twice as fast as float64 index math.
         t = np.multiply(flat, np.float32(scale), dtype=np.float32)
@@ -257,7 +279,8 @@ def minmax_delta(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.Model
     return delta, names
 
 
-def session_with(model_path: Path, delta: onnx.ModelProto, providers: list[str], threads: int) -> Any:
+def session_with(model_path: Path, delta: onnx.ModelProto, providers: list[str], threads: int,
+                 what: str = "model for calibration") -> Any:
     """An ONNX Runtime session on the model at ``model_path`` plus ``delta`` (nodes and outputs to add).
 
     Built without copying the weights through Python: a serialized protobuf message followed by another
@@ -272,7 +295,142 @@ def session_with(model_path: Path, delta: onnx.ModelProto, providers: list[str],
         shutil.copyfile(model_path, dest)
         with open(dest, "ab") as f:
             f.write(delta.SerializeToString())
-        return runtime.make_session(dest, providers, threads, "model for calibration")
+        return runtime.make_session(dest, providers, threads, what, observing=True)
+
+
+def activation_shapes(model: onnx.ModelProto, feed: dict[str, np.ndarray], tensors: Sequence[str]) -> dict[
+        str, tuple[list[int], int] | None]:
+    """(shape, bytes per element) of each of ``tensors`` when the model runs on ``feed``, from ONNX shape
+    inference with the feed's own shapes (None where inference cannot tell), to plan what a run may fetch
+    without running it. The weights are left out of the copy that is inferred (declared as inputs of their
+    shape), except small integer ones, which may be shapes that inference needs to read."""
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    g = m.graph
+    g.node.extend(model.graph.node)
+    inits = set()
+    for t in model.graph.initializer:
+        inits.add(t.name)
+        if t.data_type in (TensorProto.INT64, TensorProto.INT32) and int(np.prod(t.dims)) <= 64:
+            g.initializer.append(t)
+        else:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        if inp.name in feed:
+            elem = inp.type.tensor_type.elem_type
+            g.input.append(onnx.helper.make_tensor_value_info(inp.name, elem, list(np.shape(feed[inp.name]))))
+        else:
+            g.input.append(inp)
+    g.output.extend(onnx.ValueInfoProto(name=o.name) for o in model.graph.output)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # inference refusing an odd model only means no estimate
+        return dict.fromkeys(tensors)
+    infos = {vi.name: vi for vi in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]}
+    out: dict[str, tuple[list[int], int] | None] = {}
+    for t in tensors:
+        vi = infos.get(t)
+        out[t] = None
+        if vi is None or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
+            continue
+        try:
+            item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue
+        out[t] = ([int(d.dim_value) for d in dims], item)
+    return out
+
+
+def activation_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], tensors: Sequence[str]) -> dict[
+        str, int | None]:
+    """Bytes of each of ``tensors`` when the model runs on ``feed`` (None where shape inference cannot tell)."""
+    return {t: None if v is None else int(np.prod(v[0], dtype=np.int64)) * v[1]
+            for t, v in activation_shapes(model, feed, tensors).items()}
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    k = 2
+    while k * k <= n:
+        if n % k == 0:
+            return False
+        k += 1
+    return True
+
+
+def subset_step(shape: Sequence[int], limit: int = HIST_SUBSET) -> int:
+    """The step of the strided subset of a tensor of ``shape`` (flattened) that keeps about ``limit`` values:
+    1 when it has no more, else the smallest prime at least size/limit that divides no dimension after the
+    first, so that the subset visits every channel and position alike instead of aliasing with one."""
+    size = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    need = -(-size // limit)
+    if need <= 1:
+        return 1
+    dims = [int(d) for d in shape[1:] if d > 1]
+    p = need
+    while not (_is_prime(p) and all(d % p for d in dims)):
+        p += 1
+    return p
+
+
+@dataclass(frozen=True)
+class HistOutputs:
+    """Names in the histogram pass's model for one observed tensor: its min ("" when it cannot be negative
+    and is taken as 0), max, strided subset and shape outputs, and the subset's step input."""
+
+    min: str
+    max: str
+    subset: str
+    shape: str
+    step: str
+
+
+# A step for tensors that shape inference could not size, on the first batch only (then set from the real
+# shape): large, so that a huge activation is not fetched whole even once.
+UNKNOWN_STEP = 1009
+
+
+def hist_delta(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, dict[str, HistOutputs]]:
+    """What to add to the model so that a run returns, per observed tensor, its exact min and max (reduced
+    in ONNX Runtime), its shape, and every k-th value of it flattened, k being a graph input fed with each
+    batch. Only those cross into Python, whatever the activation's size."""
+    vis = _value_infos(model)
+    nonneg = nonnegative_outputs(model)
+    delta = onnx.ModelProto()
+    g = delta.graph
+    g.initializer.extend([
+        onnx.numpy_helper.from_array(np.array([-1], np.int64), "lowbit_hist_flat"),
+        onnx.numpy_helper.from_array(np.array([0], np.int64), "lowbit_hist_zero"),
+        onnx.numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "lowbit_hist_end"),
+    ])
+    names: dict[str, HistOutputs] = {}
+    for i, t in enumerate(tensors):
+        elem = vis[t].type.tensor_type.elem_type if t in vis else TensorProto.FLOAT
+        o = HistOutputs("" if t in nonneg else f"lowbit_hist_min_{i}", f"lowbit_hist_max_{i}",
+                        f"lowbit_hist_sub_{i}", f"lowbit_hist_shape_{i}", f"lowbit_hist_step_{i}")
+        flat = f"lowbit_hist_flat_{i}"
+        g.input.append(onnx.helper.make_tensor_value_info(o.step, TensorProto.INT64, [1]))
+        if o.min:
+            g.node.append(onnx.helper.make_node("ReduceMin", [t], [o.min], name=o.min, keepdims=0))
+            g.output.append(onnx.helper.make_tensor_value_info(o.min, elem, []))
+        g.node.append(onnx.helper.make_node("ReduceMax", [t], [o.max], name=o.max, keepdims=0))
+        g.node.append(onnx.helper.make_node("Reshape", [t, "lowbit_hist_flat"], [flat], name=flat))
+        g.node.append(onnx.helper.make_node(
+            "Slice", [flat, "lowbit_hist_zero", "lowbit_hist_end", "lowbit_hist_zero", o.step], [o.subset],
+            name=o.subset))
+        g.node.append(onnx.helper.make_node("Shape", [t], [o.shape], name=o.shape))
+        g.output.extend([onnx.helper.make_tensor_value_info(o.max, elem, []),
+                         onnx.helper.make_tensor_value_info(o.subset, elem, [None]),
+                         onnx.helper.make_tensor_value_info(o.shape, TensorProto.INT64, [None])])
+        names[t] = o
+    return delta, names
 
 
 # Ops whose first output holds exactly the values of their first input, rearranged: its range (and its
@@ -348,17 +506,27 @@ def apply_plan(plan: ObservationPlan, ranges: dict[str, tuple[float, float]]) ->
     return out
 
 
-def effective_ranges(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+def effective_ranges(
+    model: onnx.ModelProto,
+    ranges: dict[str, tuple[float, float]],
+    op_types: Iterable[str] | None = None,
+    nodes_to_exclude: Iterable[str] = (),
+) -> dict[str, tuple[float, float]]:
     """The ranges ONNX Runtime's QDQ quantizer actually uses, given a calibrator's raw ranges: its own
     adjustment (a Relu/Clip input with no other consumer takes the output's range; Softmax outputs
-    [0, 1]; every range includes 0). For comparing calibrators on what reaches the quantized model."""
+    [0, 1]; every range includes 0). For comparing calibrators on what reaches the quantized model.
+
+    The quantizer adjusts only nodes it quantizes: of ``op_types`` (None: its default, every op type it
+    can quantize) and not in ``nodes_to_exclude``, so a Softmax it leaves in float keeps its range."""
+    wanted = set(op_types) if op_types else quantizable_op_types()
+    excluded = set(nodes_to_exclude)
     consumers: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
     out = dict(ranges)
     for node in model.graph.node:
-        if not node.input or not node.output:
+        if not node.input or not node.output or node.op_type not in wanted or node.name in excluded:
             continue
         src, dst = node.input[0], node.output[0]
         if node.op_type in ("Relu", "Clip") and src in ranges and dst in ranges and consumers.get(src) == 1:
@@ -562,10 +730,8 @@ def collect_stats(
     model = model if model is not None else onnx.load(str(model_path))
     with_hist = settings.method != "minmax"
     stats = {t: TensorStats(settings.num_bins, with_hist) for t in tensors}
-    groups = [list(tensors)]
     passes = 0
     samples = 0
-    g = 0
     if not with_hist:
         # min/max: reduce inside ONNX Runtime; only scalars cross into Python.
         delta, pairs = minmax_delta(model, list(tensors))
@@ -579,33 +745,52 @@ def collect_stats(
             if progress and total_samples:
                 progress(min(1.0, samples / total_samples))
         return stats, samples, 1
-    while g < len(groups):
-        group = groups[g]
-        session = session_with(model_path, outputs_delta(model, group), providers, threads)
+    first = next(iter(batches()), None)
+    if first is None:
+        return stats, 0, 0
+    steps: dict[str, int] = {}
+    # What one run hands back per tensor: its subset (the scalars and shapes are nothing next to it).
+    fetched: dict[str, int] = {}
+    for t, known in activation_shapes(model, first[0], tensors).items():
+        if known is None:
+            steps[t], fetched[t] = UNKNOWN_STEP, HIST_SUBSET * 4
+        else:
+            steps[t] = subset_step(known[0])
+            fetched[t] = -(-int(np.prod(known[0], dtype=np.int64)) // steps[t]) * known[1]
+    groups = _groups_by_bytes(fetched, settings.max_bytes_per_run)
+    for g, group in enumerate(groups):
+        delta, outs = hist_delta(model, group)
+        session = session_with(model_path, delta, providers, threads)
         names = [o.name for o in session.get_outputs()]
-        index = {name: names.index(name) for name in group}
         samples = 0
-        regrouped = False
-        for feed, n in batches():
-            outs = runtime.run(session, feed, "model during calibration")
-            if samples == 0 and len(group) > 1:
-                sizes = {t: int(outs[index[t]].nbytes) for t in group}
-                if sum(sizes.values()) > settings.max_bytes_per_run:
-                    # Too wide to observe at once: split this group and start it over.
-                    groups[g: g + 1] = _groups_by_bytes(sizes, settings.max_bytes_per_run)
-                    regrouped = True
-                    break
+        for k, (feed, n) in enumerate(batches()):
+            got = _hist_run(session, names, feed, outs, steps)
+            if k == 0:
+                # The real shapes set each step (shape inference may have missed some); steps stay fixed after,
+                # so that every batch's values weigh alike.
+                real = {t: subset_step([int(d) for d in got[outs[t].shape]]) for t in group}
+                if any(real[t] != steps[t] for t in group):
+                    steps.update(real)
+                    got = _hist_run(session, names, feed, outs, steps)
             for t in group:
-                stats[t].update(outs[index[t]])
+                o = outs[t]
+                lo = float(got[o.min]) if o.min else 0.0
+                stats[t].update_sampled(got[o.subset], lo, float(got[o.max]), steps[t])
+            del got
             samples += n
             if progress and total_samples:
                 progress(min(1.0, (g + samples / total_samples) / len(groups)))
         del session
-        if regrouped:
-            continue
         passes += 1
-        g += 1
     return stats, samples, passes
+
+
+def _hist_run(session: Any, names: list[str], feed: dict[str, np.ndarray], outs: dict[str, HistOutputs],
+              steps: dict[str, int]) -> dict[str, Any]:
+    run_feed = dict(feed)
+    for t, o in outs.items():
+        run_feed[o.step] = np.array([steps[t]], np.int64)
+    return dict(zip(names, runtime.run(session, run_feed, "model during calibration"), strict=True))
 
 
 def ranges_from_stats(stats: dict[str, TensorStats], settings: CalibrationSettings) -> dict[str, tuple[float, float]]:

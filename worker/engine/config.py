@@ -22,11 +22,14 @@ BLOCK_SIZES = (16, 32, 64, 128)
 # auto: what the choice among candidates that meet the target optimises (see worker/engine/auto.py).
 AUTO_PREFERENCES = ("size_and_speed", "size")
 
-_COMMON = {"batch_size", "holdout_fraction", "nodes_to_exclude", "latency_runs"}
+_COMMON = {"batch_size", "holdout_fraction", "nodes_to_exclude", "latency_runs", "outputs"}
+# What an output is for, which decides the figures it gets (declared in options.outputs, else inferred).
+OUTPUT_ROLES = ("classification", "embedding", "detection", "regression", "other")
 # The options each recipe accepts; every other key is refused.
 RECIPE_OPTIONS: dict[str, frozenset[str]] = {
     "int8_static": frozenset(_COMMON | {"method", "calibrator", "per_channel", "symmetric_activations", "percentile",
-                                        "reduce_range", "max_calibration_samples", "op_types_to_quantize"}),
+                                        "reduce_range", "max_calibration_samples", "op_types_to_quantize",
+                                        "layer_sensitivity"}),
     "int8_dynamic": frozenset(_COMMON | {"per_channel", "reduce_range", "op_types_to_quantize"}),
     "int4_weight_only": frozenset(_COMMON | {"algorithm", "block_size", "symmetric", "accuracy_level",
                                              "quantize_embeddings", "max_calibration_samples", "int8_activations",
@@ -57,6 +60,9 @@ class RecipeOptions:
     nodes_to_exclude: tuple[str, ...] = ()
     op_types_to_quantize: tuple[str, ...] = ()
     latency_runs: int = 30
+    # int8_static: also measure every layer's sensitivity (each layer alone in int8; one model run per layer
+    # and batch, so off unless asked for; auto measures it on its analysis candidate).
+    layer_sensitivity: bool = False
     # int4_weight_only. algorithm None: clip_search when calibration data is given, else rtn.
     algorithm: str | None = None
     block_size: int = 32
@@ -70,12 +76,14 @@ class RecipeOptions:
     keep_io_types: bool = True
     op_block_list: tuple[str, ...] | None = None
     # qat_int8: Adam steps on the calibration samples (batch_size per step), the learning rate of the
-    # model's weights and of the learned quantization ranges (their logarithms), which ranges are learned
+    # model's weights (relative: each tensor's rate is this times its own int8 step, max|w|/127, so an Adam step
+    # moves a weight by about that share of one quantization level; see qat_torch.learning_rates) and of the
+    # learned quantization ranges (their logarithms), which ranges are learned
     # (otherwise: weights max|w|/127 per channel, activations fixed at their calibrated min/max), and
     # whether `labels` add a cross-entropy term to the distillation loss (off: it trades fidelity to the
     # float model for label fit).
     steps: int = 200
-    learning_rate: float = 1e-4
+    learning_rate: float = 0.05
     range_learning_rate: float = 0.1
     train_weight_ranges: bool = False
     train_activation_ranges: bool = True
@@ -85,6 +93,8 @@ class RecipeOptions:
     # auto: "size_and_speed" chooses the smallest candidate that is not slower than the fp32 model (a slower one
     # only when no other meets the target); "size" the smallest, however slow.
     prefer: str = "size_and_speed"
+    # Declared output roles, (output name, role) pairs; outputs not named get an inferred role.
+    outputs: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self, recipe: str = "int8_static") -> dict[str, Any]:
         """The options that apply to ``recipe``, defaults filled in (what a job records and reports)."""
@@ -96,6 +106,9 @@ class RecipeOptions:
             if f.name not in keys:
                 continue
             value = getattr(self, f.name)
+            if f.name == "outputs":
+                out[f.name] = dict(value)  # as the mapping the user wrote ({} when none was declared)
+                continue
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -129,6 +142,21 @@ def _names(name: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise EngineError("invalid_option", f"option '{name}' must be a list of strings, got {value!r}")
     return tuple(value)
+
+
+def _roles(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise EngineError(
+            "invalid_option",
+            f"option 'outputs' must map output names to roles ({', '.join(OUTPUT_ROLES)}), got {value!r}",
+        )
+    for name, role in value.items():
+        if role not in OUTPUT_ROLES:
+            raise EngineError(
+                "invalid_option",
+                f"option 'outputs': output '{name}' has role {role!r}; choose one of {', '.join(OUTPUT_ROLES)}",
+            )
+    return tuple(sorted(value.items()))
 
 
 def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
@@ -181,7 +209,7 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
                 "invalid_option", "ONNX Runtime's calibrators have no 'mse' method; use calibrator 'lowbit'"
             )
     for name in ("per_channel", "symmetric_activations", "reduce_range", "symmetric", "quantize_embeddings",
-                 "int8_activations",
+                 "int8_activations", "layer_sensitivity",
                  "keep_io_types", "train_weight_ranges", "train_activation_ranges", "task_loss"):
         if name in raw:
             kw[name] = _bool(name, raw[name])
@@ -202,9 +230,9 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
     if "steps" in raw:
         kw["steps"] = _int("steps", raw["steps"], 1, 100_000)
     if "learning_rate" in raw:
-        kw["learning_rate"] = _float("learning_rate", raw["learning_rate"], 0.0, 1.0)
+        kw["learning_rate"] = _float("learning_rate", raw["learning_rate"], 0.0, 1000.0)
     if "range_learning_rate" in raw:
-        kw["range_learning_rate"] = _float("range_learning_rate", raw["range_learning_rate"], 0.0, 1.0)
+        kw["range_learning_rate"] = _float("range_learning_rate", raw["range_learning_rate"], 0.0, 100.0)
     if "max_fallback_steps" in raw:
         kw["max_fallback_steps"] = _int("max_fallback_steps", raw["max_fallback_steps"], 0, 64)
     if "prefer" in raw:
@@ -214,6 +242,8 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
     for name in ("nodes_to_exclude", "op_types_to_quantize", "op_block_list"):
         if name in raw:
             kw[name] = _names(name, raw[name])
+    if "outputs" in raw:
+        kw["outputs"] = _roles(raw["outputs"])
     if recipe == "int4_weight_only" and not kw.get("int8_activations"):
         stray = sorted(INT8_ELSEWHERE_OPTIONS & set(raw))
         if stray:
@@ -258,5 +288,10 @@ class QuantizeConfig:
     # Validate on the samples int8_static would (the held-out share of the calibration set when there is
     # no evaluation set), whatever the recipe: auto compares candidates of several recipes on equal terms.
     validate_like_static: bool = False
-    # Measure every layer's sensitivity in int8_static runs (auto turns it off for all but one candidate).
-    layer_sensitivity: bool = True
+    # Measure every layer's sensitivity in int8_static runs: None follows options.layer_sensitivity; auto sets
+    # it (on for its analysis candidate only) without touching the candidates' options.
+    layer_sensitivity: bool | None = None
+    # Validate on one part of the evaluation samples only: "selection" (what auto's search ranks layers and
+    # chooses candidates on) or "confirmation" (the share it never sees, for the chosen model's reported
+    # figures); None validates on all of them. See preflight.split_eval_range.
+    eval_part: str | None = None

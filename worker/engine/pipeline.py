@@ -31,16 +31,18 @@ from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, Recipe
 from worker.engine.errors import EngineError
 from worker.engine.feeds import Batch, FeedPlan, batch_source, fixed_batch, iter_batches, plan_feeds
 from worker.engine.fp16 import RangeCheck, convert_fp16, float16_in_subgraphs, range_check
+from worker.engine.hygiene import Overlap, overlap
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
 from worker.engine.int4 import Int4Result, quantize_int4
 from worker.engine.normalize import nonfinite_constant_nodes, normalize, prepare_for_static, subgraph_op_types
 from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
 from worker.engine.preflight import Split, plan_split
 from worker.engine.pt2 import Pt2Source
-from worker.engine.qat import QatResult, run_qat
+from worker.engine.qat import QatResult, choose_artifact, kept_warning, run_qat
+from worker.engine.sensitivity import MAX_SAMPLES as SENSITIVITY_SAMPLES
 from worker.engine.sensitivity import SensitivityResult
 from worker.engine.sensitivity import analyse as analyse_sensitivity
-from worker.engine.validate import compare, latency_ms_p50, layer_sqnr
+from worker.engine.validate import compare, latency_pair, layer_sqnr
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ STAGE_SPAN = {
     "validating": (60, 95),
     "reporting": (95, 100),
 }
+# Validation samples the per-layer SQNR is measured on, at most (fewer when the model's activations are large,
+# see validate.LAYER_BYTES_TOTAL).
 LAYER_SAMPLES = 16
 
 
@@ -102,6 +106,8 @@ class _Data:
     split: Split
     calib_reader: NpzReader | None
     eval_reader: NpzReader | None
+    # Evaluation samples that also calibrated (eval_set runs of calibrating recipes only).
+    overlap: Overlap | None = None
 
 
 def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> _Data:
@@ -109,7 +115,7 @@ def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> _Da
     ev: DatasetInfo | None = inspect_npz(cfg.eval_path) if cfg.eval_path else None
     # auto's candidates all validate on the samples int8_static would, so their metrics compare.
     split_recipe = "int8_static" if cfg.validate_like_static and calib is not None else cfg.recipe
-    split = plan_split(split_recipe, cfg.options, info.inputs, calib, ev)
+    split = plan_split(split_recipe, cfg.options, info.inputs, calib, ev, part=cfg.eval_part)
     creader = NpzReader(cfg.calibration_path, calib) if calib is not None and cfg.calibration_path else None
     ereader = NpzReader(cfg.eval_path, ev) if ev is not None and cfg.eval_path else None
     if split.source == "synthetic":
@@ -121,7 +127,13 @@ def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> _Da
         warnings.append(
             "no evaluation set was given: validated on the calibration set (this recipe does not calibrate)"
         )
-    return _Data(split, creader, ereader if split.source == "eval_set" else creader)
+    shared: Overlap | None = None
+    if split.source == "eval_set" and creader is not None and ereader is not None and split.calib_range:
+        shared = overlap(creader, split.calib_range, ereader, split.eval_range)
+        note = shared.warning()
+        if note:
+            warnings.append(note)
+    return _Data(split, creader, ereader if split.source == "eval_set" else creader, shared)
 
 
 def _synthetic_batches(inputs: tuple[TensorInfo, ...], count: int) -> Iterator[Batch]:
@@ -155,6 +167,29 @@ def _first_sample_feed(feed: dict[str, np.ndarray], inputs: tuple[TensorInfo, ..
         else:
             out[inp.name] = a
     return out, batch
+
+
+def _sample_feeds(batches: Iterator[Batch], inputs: tuple[TensorInfo, ...], plan: FeedPlan | None,
+                  limit: int) -> list[tuple[dict[str, np.ndarray], int]]:
+    """The first ``limit`` samples of ``batches`` as (feed, samples) pairs, one sample per feed where the
+    model's batch axis is dynamic (whole batches where it is fixed): the per-layer analyses then take as
+    many samples as their memory bound allows, and hold one sample's activations per run."""
+    from worker.engine.feeds import STACKED
+
+    out: list[tuple[dict[str, np.ndarray], int]] = []
+    total = 0
+    split = plan is not None and not fixed_batch(plan, inputs)
+    for b in batches:
+        parts = [(b.feed, b.count)]
+        if split and plan is not None and b.count > 1:
+            parts = [({name: a[k:k + 1] if plan.modes.get(name) == STACKED else a for name, a in b.feed.items()}, 1)
+                     for k in range(b.count)]
+        for feed, count in parts:
+            if total >= limit:
+                return out
+            out.append((feed, count))
+            total += count
+    return out
 
 
 INT8_OPS = {
@@ -384,9 +419,17 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             return _synthetic_batches(info.inputs, e1 - e0)
 
     out_names = [o.name for o in original_session.get_outputs()]
+    roles = dict(opts.outputs)
+    unknown_outputs = sorted(set(roles) - set(out_names))
+    if unknown_outputs:
+        raise EngineError(
+            "invalid_option",
+            f"options.outputs names {', '.join(unknown_outputs)}, which the model does not have (outputs: "
+            f"{', '.join(out_names)})",
+        )
     acc = compare(
         original_session, quant_session, eval_batches(), out_names, e1 - e0,
-        progress=lambda f: step("validating", 0.6 * f),
+        progress=lambda f: step("validating", 0.6 * f), roles=roles,
     )
     warnings.extend(acc.warnings)
     if acc.samples == 0:
@@ -397,41 +440,52 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         rtn_path = work / "rtn.onnx"
         quantize_int4(norm.path, rtn_path, opts, "rtn", None, providers, cfg.threads)
         rtn_session = runtime.make_session(rtn_path, providers, cfg.threads, "round-to-nearest baseline")
-        base = compare(original_session, rtn_session, eval_batches(), out_names, e1 - e0)
+        base = compare(original_session, rtn_session, eval_batches(), out_names, e1 - e0, roles=roles)
         baselines = [{"algorithm": "rtn", "block_size": opts.block_size, "outputs": base.outputs,
                       "labels": base.labels}]
         del rtn_session
     if qat is not None:
         # What training bought: post-training int8 of the float model, same samples and quantizer.
         ptq_session = runtime.make_session(qat.ptq_path, providers, cfg.threads, "post-training int8 baseline")
-        base = compare(original_session, ptq_session, eval_batches(), out_names, e1 - e0)
+        base = compare(original_session, ptq_session, eval_batches(), out_names, e1 - e0, roles=roles)
         baselines = [{"recipe": "int8_static", "method": "minmax", "per_channel": opts.per_channel,
                       "outputs": base.outputs, "labels": base.labels}]
+        # Training must not make the job's result worse: below the baseline, the baseline is the artifact.
+        choice = choose_artifact(acc.outputs, acc.labels, base.outputs, base.labels)
+        qat.training.update(result=choice["result"], comparison=choice)
+        if choice["result"] == "ptq_baseline_kept":
+            warnings.append(kept_warning(choice))
+            shutil.copyfile(qat.ptq_path, quant_path)
+            quantized, quant_session, acc = onnx.load(str(quant_path)), ptq_session, base
         del ptq_session
 
     first = next(iter(eval_batches()))
     lat_feed, lat_batch = _first_sample_feed(first.feed, info.inputs, split.eval_plan)
-    orig_ms = latency_ms_p50(original_session, lat_feed, opts.latency_runs)
-    quant_ms = latency_ms_p50(quant_session, lat_feed, opts.latency_runs)
+    lat = latency_pair(original_session, quant_session, lat_feed, opts.latency_runs)
+    orig_ms, quant_ms = lat["original_ms_p50"], lat["quantized_ms_p50"]
     step("validating", 0.8)
 
-    layer_feeds = []
-    n = 0
-    for b in eval_batches():
-        layer_feeds.append(b.feed)
-        n += b.count
-        if n >= LAYER_SAMPLES:
-            break
+    layer_feeds = _sample_feeds(eval_batches(), info.inputs, split.eval_plan, LAYER_SAMPLES)
     from worker.engine.calibrate import quantizable_op_types
 
     qops = quantizable_op_types()
     lmap = {k: v for k, v in _layer_map(normalized, quantized).items()}
     pairs = [(v[1], v[2]) for v in lmap.values() if v[2]]
-    sqnr = layer_sqnr(normalized, quantized, pairs, layer_feeds, providers, cfg.threads)
+    # Streamed in groups of layers that fit a fixed number of bytes per run, on a few samples.
+    lsq = layer_sqnr(norm.path, quant_path, normalized, quantized, pairs, layer_feeds, providers, cfg.threads)
+    sqnr = lsq.sqnr
     sens: SensitivityResult | None = None
-    if static_ranges is not None and cfg.layer_sensitivity:
-        # Each layer quantized alone, with this run's calibrated ranges, on the same samples.
-        sens = analyse_sensitivity(normalized, static_ranges, layer_feeds, providers, cfg.threads, qops, n)
+    want_sensitivity = cfg.layer_sensitivity if cfg.layer_sensitivity is not None else opts.layer_sensitivity
+    if static_ranges is not None and want_sensitivity:
+        # Each layer quantized alone, with this run's calibrated ranges, on the first few of the same samples.
+        sens_feeds: list[dict[str, np.ndarray]] = []
+        sens_n = 0
+        for feed, count in layer_feeds:
+            if sens_n >= SENSITIVITY_SAMPLES:
+                break
+            sens_feeds.append(feed)
+            sens_n += count
+        sens = analyse_sensitivity(normalized, static_ranges, sens_feeds, providers, cfg.threads, qops, sens_n)
     layers = []
     for node in normalized.graph.node:
         if node.op_type not in qops or node.name not in lmap:
@@ -484,6 +538,9 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         "accuracy": {
             "samples": acc.samples,
             "source": split.source,
+            "overlap": data.overlap.to_dict() if data.overlap is not None else None,
+            # auto's candidates and its confirmation run validate on one part of the evaluation samples.
+            "part": split.part_report(),
             "outputs": acc.outputs,
             "labels": acc.labels,
             "baselines": baselines,
@@ -495,6 +552,11 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             "original_ms_p50": round(orig_ms, 6),
             "quantized_ms_p50": round(quant_ms, 6),
             "speedup": round(speedup, 4) if speedup is not None else None,
+            # Bootstrap interval over the interleaved run pairs; "measurable" is false when it holds 1.0.
+            "speedup_ci": lat["speedup_ci"],
+            "speedup_measurable": lat["measurable"],
+            "runs": lat["runs"],
+            "order": "interleaved",
         },
         "layers": layers,
         "calibration": calibration,
@@ -513,14 +575,26 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     }
     if qat is not None:
         report["training"] = qat.training
+    report["layer_sqnr"] = {"samples": lsq.samples, "passes": lsq.passes, "seconds": round(lsq.seconds, 3)}
     if sens is not None:
         report["sensitivity"] = {
+            "computed": True,
             "measure": "output noise-to-signal power ratio with only that layer in int8 (worst output)",
             "samples": sens.samples,
             "seconds": round(sens.seconds, 3),
             "layers_analysed": len(sens.layers),
             "layers_skipped": sens.skipped,
             "ranking": sens.ranking(),
+        }
+        if sens.skipped:
+            report["sensitivity"]["note"] = (
+                f"{len(sens.layers)} of {len(sens.layers) + sens.skipped} layers analysed (spread evenly over the "
+                "graph); the others have no sensitivity")
+    elif cfg.recipe == "int8_static":
+        report["sensitivity"] = {
+            "computed": False,
+            "note": "per-layer sensitivity was not measured: it costs one model run per layer and batch; set "
+                    "option layer_sensitivity: true to measure it",
         }
     _place(quant_path, Path(cfg.output_path))
     step("reporting", 1.0)

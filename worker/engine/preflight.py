@@ -6,17 +6,26 @@ Uses only dataset header summaries, so the API can run it without reading files 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from worker.engine.config import INT4_CALIBRATED, RECIPES_NEEDING_CALIBRATION, RecipeOptions, calibrates
 from worker.engine.errors import EngineError
-from worker.engine.feeds import FeedPlan, plan_feeds
+from worker.engine.feeds import FeedPlan, fixed_batch, plan_feeds
 from worker.engine.inspect import TensorInfo
 from worker.engine.npz import DatasetInfo
 
 SYNTHETIC_SAMPLES = 8
 TARGET_METRICS = ("label_accuracy", "top1_agreement", "cosine", "sqnr_db")
+# auto splits its evaluation samples in two: it ranks layers and chooses among candidates on the selection part,
+# then reports the chosen model's figures on the confirmation part, which the search never saw (figures measured
+# on the samples a choice was made on are biased upward by the choice). The confirmation part is the last 40%
+# of the evaluation range (deterministic, whole model runs when the batch axis is fixed); below 16 evaluation
+# samples there is no split (each part would be too small to say anything) and the report says so.
+EVAL_PARTS = ("selection", "confirmation")
+CONFIRMATION_SHARE = 0.4
+MIN_SPLIT_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -27,9 +36,70 @@ class Split:
     eval_range: tuple[int, int]
     calib_plan: FeedPlan | None
     eval_plan: FeedPlan | None
+    # A part of the evaluation samples was asked for (auto): which one, and the ranges of both parts within
+    # ``whole`` (the evaluation range before the split); ``parts`` is None when there were too few to split,
+    # and ``eval_range`` is then the whole range.
+    part: str | None = None
+    whole: tuple[int, int] | None = None
+    parts: dict[str, tuple[int, int]] | None = None
 
+    def part_report(self) -> dict[str, object] | None:
+        """The report's ``accuracy.part``: None when the run validated on its whole evaluation range by design."""
+        if self.part is None or self.whole is None:
+            return None
+        total = self.whole[1] - self.whole[0]
+        out: dict[str, object] = {"name": self.part, "applied": self.parts is not None, "whole": list(self.whole),
+                                  "total_samples": total, "confirmation_share": CONFIRMATION_SHARE,
+                                  "min_split_samples": MIN_SPLIT_SAMPLES}
+        if self.parts is not None:
+            out.update({f"{name}_range": list(rng) for name, rng in self.parts.items()})
+        else:
+            out["reason"] = (f"only {total} evaluation sample(s): at least {MIN_SPLIT_SAMPLES} are needed to hold "
+                             "out a confirmation part")
+        return out
+
+
+def split_eval_range(eval_range: tuple[int, int], per: int) -> dict[str, tuple[int, int]] | None:
+    """The selection and confirmation parts of ``eval_range`` (the confirmation part is the last
+    CONFIRMATION_SHARE of it), or None when it holds fewer than MIN_SPLIT_SAMPLES samples. ``per`` is the number
+    of samples one model run must hold (1 when any count will do): the selection part is a whole number of
+    runs, and each part holds at least one run."""
+    e0, e1 = eval_range
+    n = e1 - e0
+    per = max(1, per)
+    if n < MIN_SPLIT_SAMPLES:
+        return None
+    sel = max(per, int(round(n * (1.0 - CONFIRMATION_SHARE))) // per * per)
+    if n - sel < per:
+        return None
+    return {"selection": (e0, e0 + sel), "confirmation": (e0 + sel, e1)}
+
+
+def _restrict(split: Split, part: str | None, inputs: Sequence[TensorInfo]) -> Split:
+    if part is None:
+        return split
+    if part not in EVAL_PARTS:
+        raise ValueError(f"unknown evaluation part {part!r}; one of {EVAL_PARTS}")
+    plan = split.eval_plan
+    per = plan.samples_per_run if plan is not None and fixed_batch(plan, inputs) else 1
+    parts = split_eval_range(split.eval_range, per)
+    rng = parts[part] if parts is not None else split.eval_range
+    return dataclasses.replace(split, eval_range=rng, part=part, whole=split.eval_range, parts=parts)
 
 def plan_split(
+    recipe: str,
+    opts: RecipeOptions,
+    inputs: Sequence[TensorInfo],
+    calib: DatasetInfo | None,
+    ev: DatasetInfo | None,
+    part: str | None = None,
+) -> Split:
+    """Which samples calibrate and which validate. ``part`` ("selection" or "confirmation", see EVAL_PARTS)
+    restricts validation to that part of the evaluation samples."""
+    return _restrict(_plan_split(recipe, opts, inputs, calib, ev), part, inputs)
+
+
+def _plan_split(
     recipe: str,
     opts: RecipeOptions,
     inputs: Sequence[TensorInfo],

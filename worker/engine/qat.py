@@ -10,10 +10,17 @@
 3. The fine-tuned float model is exported to ONNX, calibrated like any model, its learned activation
    ranges replace the calibrated ones, and the same quantizer writes the artifact: a plain QDQ ONNX model
    that is validated like every recipe's.
+4. The pipeline validates both models on the same evaluation samples; when the QAT model scores below the
+   PTQ baseline on the report's headline metric (``headline_metric``), the PTQ model is the artifact
+   (``choose_artifact``): training never makes a job's result worse than not training.
+
+Tensors that hold an attention mask's huge negative values (``mask_tensors``) or infinities stay in float
+in both models: no uint8 grid holds -3.4e38 and a score of 0.1 at once.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +41,10 @@ ProgressFn = Callable[[str, float], None]
 # Calibrating-stage shares: PTQ calibration, training (by steps), calibration of the fine-tuned model.
 PTQ_SHARE, TRAIN_SHARE = 0.1, 0.8
 SECONDS_PER_STEP_LIMIT = 30.0
+# A range reaching below -MASK_FLOOR and MASK_RATIO times further down than up belongs to a tensor carrying an
+# additive attention mask (-1e4, -1e9, finfo.min): one uint8 step of it would exceed every real score.
+MASK_FLOOR = 1e3
+MASK_RATIO = 100.0
 
 
 @dataclass
@@ -53,6 +64,69 @@ def quantized_activations(model: onnx.ModelProto) -> set[str]:
             if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
 
 
+def mask_tensors(ranges: dict[str, tuple[float, float]]) -> list[str]:
+    """Tensors whose calibrated range is dominated by large negative values, as an additive attention mask's
+    are (the mask itself, scores + mask): quantizing them per tensor would round every score to one level."""
+    return sorted(t for t, (lo, hi) in ranges.items() if lo <= -MASK_FLOOR and -lo >= MASK_RATIO * max(hi, 0.0))
+
+
+def training_points(model: onnx.ModelProto, quantized: set[str], ranges: dict[str, tuple[float, float]],
+                    excluded: set[str]) -> tuple[dict[str, tuple[float, float]], list[str]]:
+    """The activations to fake-quantize in training, with the ranges ONNX Runtime's quantizer will give them,
+    and those of them whose range it fixes (not learned). Like ``BaseQuantizer.adjust_tensor_ranges``: a
+    Softmax output gets [0, 1]; the input of a Relu or Clip it alone reads gets the output's range, which
+    is the same grid as quantizing the output, so training quantizes only the output and the learned range
+    reaches the input through the quantizer."""
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    points = {t: ranges[t] for t in quantized if t in ranges}
+    fixed = []
+    for n in model.graph.node:
+        if n.name in excluded or not n.input or not n.output:
+            continue
+        if n.op_type == "Softmax" and n.output[0] in points:
+            points[n.output[0]] = (0.0, 1.0)
+            fixed.append(n.output[0])
+        elif n.op_type in ("Relu", "Clip") and readers.get(n.input[0]) == 1 and n.output[0] in points:
+            points.pop(n.input[0], None)
+    return points, sorted(fixed)
+
+
+def headline_metric(outputs: list[dict[str, Any]], labels: dict[str, Any] | None) -> tuple[str, float] | None:
+    """The figure a report leads with (as the job page shows it): label accuracy when labels were given, else
+    the worst output's top-1 agreement, else its cosine similarity, else its SQNR."""
+    if labels and labels.get("quantized") is not None:
+        return "label_accuracy", float(labels["quantized"])
+    for key in ("top1_agreement", "cosine", "sqnr_db"):
+        values = [float(o[key]) for o in outputs if o.get(key) is not None]
+        if values:
+            return key, min(values)
+    return None
+
+
+def choose_artifact(qat_outputs: list[dict[str, Any]], qat_labels: dict[str, Any] | None,
+                    ptq_outputs: list[dict[str, Any]], ptq_labels: dict[str, Any] | None) -> dict[str, Any]:
+    """Whether the QAT model or its PTQ baseline is the job's artifact: the baseline when the QAT model's
+    headline metric is lower on the same samples (a tie goes to the worst output's SQNR, then to QAT)."""
+    qat, ptq = headline_metric(qat_outputs, qat_labels), headline_metric(ptq_outputs, ptq_labels)
+    if qat is None or ptq is None:
+        return {"result": "qat", "metric": None, "qat": None, "ptq": None}
+    worse = qat[1] < ptq[1]
+    if qat[1] == ptq[1]:
+        q_sqnr, p_sqnr = (min((float(o["sqnr_db"]) for o in outs if o.get("sqnr_db") is not None), default=math.nan)
+                          for outs in (qat_outputs, ptq_outputs))
+        worse = q_sqnr < p_sqnr
+    return {"result": "ptq_baseline_kept" if worse else "qat", "metric": qat[0], "qat": qat[1], "ptq": ptq[1]}
+
+
+def kept_warning(choice: dict[str, Any]) -> str:
+    return (f"the QAT model scored below its post-training baseline on the evaluation samples ({choice['metric']} "
+            f"{choice['qat']:.6g} vs {choice['ptq']:.6g}), so the artifact is the post-training int8 model; the "
+            "report's accuracy is that model's (training.result: ptq_baseline_kept)")
+
+
 def run_qat(
     cfg: QuantizeConfig,
     opts: RecipeOptions,
@@ -67,7 +141,7 @@ def run_qat(
     step: ProgressFn,
     environment: dict[str, Any],
 ) -> QatResult:
-    from worker.engine.pipeline import _quantize_static, sha256_file
+    from worker.engine.pipeline import _excluded, _quantize_static, sha256_file
 
     assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
     reader, plan = data.calib_reader, split.calib_plan
@@ -93,21 +167,36 @@ def run_qat(
     )
     if base.samples == 0:
         raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
+    masks = mask_tensors(base.ranges)
+    float_tensors = sorted({*base.nonfinite_tensors, *masks})
+    if masks:
+        warnings.append(
+            f"{len(masks)} tensor(s) carry an attention mask's large negative values (down to "
+            f"{min(base.ranges[t][0] for t in masks):.3g}), which no int8 range shares with the scores; they stay in "
+            f"float in the post-training baseline and the trained model: {', '.join(masks[:6])}"
+        )
     ptq_ranges = work / "ptq-ranges.json"
-    write_ort_ranges(base.ranges, ptq_ranges)
+    write_ort_ranges({t: r for t, r in base.ranges.items() if t not in float_tensors}, ptq_ranges)
     ptq_path = work / "ptq.onnx"
-    _quantize_static(norm_path, ptq_path, ptq_ranges, opts)
-    points = {t: base.ranges[t] for t in sorted(quantized_activations(onnx.load(str(ptq_path)))) if t in base.ranges}
+    forced = _quantize_static(norm_path, ptq_path, ptq_ranges, opts, float_tensors)
+    excluded = set(_excluded(norm_path, opts, float_tensors)[0] or [])
+    points, fixed = training_points(onnx.load(str(norm_path)), quantized_activations(onnx.load(str(ptq_path))),
+                                    base.ranges, excluded)
+    progress = [0.0]
 
     def on_event(event: dict[str, Any]) -> None:
         if event.get("event") == "step" and event.get("steps"):
-            step("calibrating", PTQ_SHARE + TRAIN_SHARE * float(event["step"]) / float(event["steps"]))
+            share = float(event.get("progress", float(event["step"]) / float(event["steps"])))
+            progress[0] = max(progress[0], min(1.0, share))  # a restarted training never moves the bar back
+            step("calibrating", PTQ_SHARE + TRAIN_SHARE * progress[0])
 
     request = {
         "model": str(source.sanitized),
         "data": {"path": str(cfg.calibration_path), "start": c0, "stop": c1, "modes": plan.modes,
                  "samples_per_run": plan.samples_per_run},
-        "points": {k: [float(lo), float(hi)] for k, (lo, hi) in points.items()},
+        "points": {k: [float(lo), float(hi)] for k, (lo, hi) in sorted(points.items())},
+        "fixed": fixed,
+        "onnx": str(norm_path),
         "options": {
             "steps": opts.steps, "learning_rate": opts.learning_rate, "range_learning_rate": opts.range_learning_rate,
             "train_weight_ranges": opts.train_weight_ranges, "train_activation_ranges": opts.train_activation_ranges,
@@ -135,10 +224,11 @@ def run_qat(
     if not_applied:
         warnings.append(f"{len(not_applied)} learned activation range(s) match no tensor of the exported fine-tuned "
                         f"model and were not used: {', '.join(not_applied[:8])}")
+    tuned_float = sorted({*tuned.nonfinite_tensors, *mask_tensors(ranges)})
     ranges_path = work / "qat-ranges.json"
-    write_ort_ranges(ranges, ranges_path)
+    write_ort_ranges({t: r for t, r in ranges.items() if t not in tuned_float}, ranges_path)
     step("quantizing", 0.0)
-    _quantize_static(qnorm.path, dest, ranges_path, opts)
+    _quantize_static(qnorm.path, dest, ranges_path, opts, tuned_float)
     calibration = {
         "method": "minmax",
         "calibrator": "lowbit",
@@ -149,6 +239,8 @@ def run_qat(
         "passes": base.passes + tuned.passes,
         "symmetric_activations": False,
         "learned_ranges": len(applied),
+        "float_tensors": tuned_float,
+        "forced_float_nodes": forced,
         "note": "activation ranges: learned in training where the int8 model quantizes a tensor of the PyTorch "
                 "program, min/max of the fine-tuned model on the calibration samples elsewhere",
     }

@@ -6,19 +6,28 @@ that what the model trains against is what it will run as:
 - the weight of every ``aten.linear`` / ``aten.conv{1,2,3}d`` / non-transposed ``aten.convolution`` is
   quantized per output channel, symmetric int8 in [-127, 127] with scale ``max|w| / 127`` (ONNX Runtime's
   per-channel weight scale), or, with ``train_weight_ranges``, a learned scale initialised to that;
-- every activation the int8 ONNX model quantizes (the parent passes their ONNX tensor names, which are the
-  program's node names, with min/max ranges from calibrating the float model on the same samples) is
-  quantized per tensor, asymmetric uint8, scale ``(hi - lo) / 255`` and zero point ``round(-lo / scale)``
-  exactly as ONNX Runtime derives them from a range. With ``train_activation_ranges`` the scale (as its
-  logarithm) and the zero point are learned, LSQ-style.
+- every activation the int8 ONNX model quantizes is quantized per tensor, asymmetric uint8, scale
+  ``(hi - lo) / 255`` and zero point ``round(-lo / scale)`` exactly as ONNX Runtime derives them from a
+  range. With ``train_activation_ranges`` the scale (as its logarithm) and the zero point are learned,
+  LSQ-style, except where ONNX Runtime fixes the range itself (Softmax outputs: [0, 1]).
+
+Which node of the program is which ONNX tensor is found by value, not by name (``match_points``): the
+exporter decomposes the program before it names ONNX tensors, so a name like ``add_13`` means one tensor in
+the ONNX model and an unrelated one in ``ep.module()``. Both models run on the same calibration samples and
+each quantized ONNX activation goes to the program node whose values agree (count, min, max, mean, mean
+absolute value and RMS within ``MATCH_TOL`` of the tensor's range); activations that match nothing, or
+several different tensors, are not simulated and are reported.
 
 Rounding passes gradients straight through (STE). The fake-quantized copy of the program's graph module
 (``ep.module()``: ATen operators, parameters as attributes, batch-norm statistics and dropout as exported,
 i.e. in inference behaviour) is fine-tuned with Adam to match the float model's own outputs (normalised
 mean squared error, averaged over the float outputs), plus cross-entropy against ``labels`` when the data
-has them and an output is [N, classes]. The fine-tuned float weights (clipped to learned weight ranges) go
-back into the exported program, which is exported to ONNX; the learned activation ranges go back to the
-parent, which gives them to ONNX Runtime's quantizer.
+has them and an output is [N, classes]. Each parameter tensor's learning rate is ``learning_rate`` times
+its own int8 step (see ``learning_rates``), so one setting suits models whose weights differ in scale by
+orders of magnitude. A non-finite loss restarts training from the initial weights at a tenth of the rates,
+at most ``RETRIES`` times. The fine-tuned float weights (clipped to learned weight ranges) go back into the
+exported program, which is exported to ONNX; the learned activation ranges go back to the parent, which
+gives them to ONNX Runtime's quantizer.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,17 @@ Emit = Callable[[dict[str, Any]], None]
 TASK_LOSS_WEIGHT = 0.1
 MAX_CURVE_POINTS = 50
 CHECK_SAMPLES = 64
+# Samples both models run to match ONNX tensors to program nodes by value.
+MATCH_SAMPLES = 16
+# Largest disagreement (relative to the ONNX tensor's largest magnitude) of any statistic for a match; ONNX
+# Runtime and PyTorch agree to ~1e-6 on the same tensor. Candidates within SAME_TOL of the best are the same
+# values (views, copies); a different tensor within AMBIGUOUS_FACTOR of the best makes the match ambiguous.
+MATCH_TOL = 1e-3
+SAME_TOL = 1e-6
+AMBIGUOUS_FACTOR = 10.0
+# A non-finite loss restarts training at the rates divided by RETRY_FACTOR, at most RETRIES times.
+RETRIES = 2
+RETRY_FACTOR = 10.0
 
 
 def _torch() -> Any:
@@ -71,8 +92,12 @@ def _modules() -> tuple[type, type]:
         def forward(self, x: Any) -> Any:
             s = self.log_scale.exp()
             z = torch.clamp(_round_ste(self.zero_point), 0.0, 255.0)
-            q = torch.clamp(_round_ste(x / s) + z, 0.0, 255.0)
-            return (q - z) * s
+            # Clamp to the grid's ends in float before dividing: an infinity (a -inf attention mask) becomes
+            # the lowest level instead of inf - inf = NaN in the rounding, and no gradient multiplies it.
+            # round(x / s) * s on [-z s, (255 - z) s] is (clamp(round(x / s) + z, 0, 255) - z) * s, with
+            # LSQ's gradients for s and z (clipped values pass theirs to the range's ends).
+            x = torch.maximum(torch.minimum(x, (255.0 - z) * s), -z * s)
+            return _round_ste(x / s) * s
 
         def range(self) -> tuple[float, float]:
             s = float(self.log_scale.detach().exp())
@@ -106,37 +131,207 @@ def _modules() -> tuple[type, type]:
     return ActFakeQuant, WeightFakeQuant
 
 
-def insert_fake_quant(gm: Any, points: dict[str, tuple[float, float]], train_acts: bool, train_weights: bool,
-                      aliases: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """Rewrite ``gm`` in place. ``aliases`` maps program names to ``gm``'s where they differ (``ep.module()``
-    renames inputs that shadow Python builtins, e.g. ``input`` -> ``input_1``). Returns (activation
-    quantizers by tensor name, weight quantizers by parameter name, point names with no float32 node of
-    that name in the graph)."""
+# --- which program node is which ONNX tensor ------------------------------------------------------------------
+
+
+@dataclass
+class Moments:
+    """Layout-free statistics of a tensor over several batches (float64), to recognise it in another model."""
+
+    count: int = 0
+    nonfinite: int = 0
+    lo: float = math.inf
+    hi: float = -math.inf
+    total: float = 0.0
+    total_abs: float = 0.0
+    total_sq: float = 0.0
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+    def add(self, x: np.ndarray) -> None:
+        v = np.asarray(x, dtype=np.float64).reshape(-1)
+        self.shapes.append(tuple(int(d) for d in np.shape(x)))
+        finite = np.isfinite(v)
+        if not finite.all():
+            self.nonfinite += int(v.size - finite.sum())
+            v = v[finite]
+        self.count += int(v.size)
+        if v.size:
+            self.lo, self.hi = min(self.lo, float(v.min())), max(self.hi, float(v.max()))
+            self.total += float(v.sum())
+            self.total_abs += float(np.abs(v).sum())
+            self.total_sq += float(np.dot(v, v))
+
+    def vector(self) -> np.ndarray:
+        n = max(self.count, 1)
+        return np.array([self.lo, self.hi, self.total / n, self.total_abs / n, math.sqrt(self.total_sq / n)])
+
+    def distance(self, other: Moments) -> float:
+        """How far ``other``'s statistics are from these, relative to this tensor's largest magnitude."""
+        if other.count != self.count or other.nonfinite != self.nonfinite or not self.count:
+            return math.inf
+        scale = max(abs(self.lo), abs(self.hi), 1e-30)
+        return float(np.max(np.abs(self.vector() - other.vector()))) / scale
+
+
+@dataclass
+class Matching:
+    nodes: dict[str, str]  # ONNX tensor -> program node
+    unmatched: dict[str, str]  # ONNX tensor -> why it has no program node
+
+
+def onnx_moments(onnx_path: Path, names: list[str], feeds: list[dict[str, np.ndarray]],
+                 threads: int) -> dict[str, Moments]:
+    """Statistics of the ONNX model's tensors ``names`` on ``feeds`` (each made an extra graph output)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(onnx_path))
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, threads)
+    so.log_severity_level = 3
+    # Graph optimisations could fuse a tensor away; the names must be the quantizer's.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+    del model
+    wanted = {i.name for i in sess.get_inputs()}
+    out = {n: Moments() for n in names}
+    for feed in feeds:
+        values = sess.run(names, {k: v for k, v in feed.items() if k in wanted})
+        for n, v in zip(names, values, strict=True):
+            out[n].add(v)
+    return out
+
+
+def program_moments(gm: Any, program: Any, inputs: list[Any], feeds: list[dict[str, np.ndarray]],
+                    device: str) -> tuple[dict[str, Moments], list[str]]:
+    """Statistics of every float32 node of ``gm`` on ``feeds``, and the nodes in graph order."""
+    from torch.utils import _pytree as pytree
+
+    from worker.engine.pt2_child import torch_args
+
+    torch = _torch()
+    stats: dict[str, Moments] = {}
+
+    interpreter: Any = torch.fx.Interpreter
+
+    class Observer(interpreter):
+        def run_node(self, n: Any) -> Any:
+            out = super().run_node(n)
+            if n.op in ("placeholder", "call_function", "call_module") and isinstance(out, torch.Tensor) \
+                    and out.dtype == torch.float32:
+                stats.setdefault(n.name, Moments()).add(out.detach().cpu().numpy())
+            return out
+
+    observer = Observer(gm, garbage_collect_values=True)
+    with torch.no_grad():
+        for feed in feeds:
+            args, kwargs = torch_args(program, inputs, feed, device)
+            observer.run(*pytree.tree_leaves((args, kwargs)))
+    order = [n.name for n in gm.graph.nodes if n.name in stats]
+    return stats, order
+
+
+def match_points(onnx_stats: dict[str, Moments], program_stats: dict[str, Moments], order: list[str]) -> Matching:
+    """Each ONNX tensor's program node: the one whose statistics agree best, within MATCH_TOL. Among nodes
+    holding the same values (a view, a copy) the one of the same shape, then of the same name, then the
+    earliest (quantizing a tensor in ONNX reaches all its readers, as quantizing the first copy does here)."""
+    rank = {name: i for i, name in enumerate(order)}
+    nodes: dict[str, str] = {}
+    unmatched: dict[str, str] = {}
+    for name, ref in sorted(onnx_stats.items()):
+        if not ref.count:
+            unmatched[name] = "no finite values on the matching samples"
+            continue
+        if ref.lo == ref.hi:
+            unmatched[name] = "constant: any program node holding that constant would match"
+            continue
+        scored = sorted((ref.distance(st), cand) for cand, st in program_stats.items())
+        scored = [(d, c) for d, c in scored if d <= MATCH_TOL]
+        if not scored:
+            unmatched[name] = "no node of the PyTorch program holds the same values"
+            continue
+        best = scored[0][0]
+        same = [c for d, c in scored if d <= best + SAME_TOL]
+        others = [d for d, c in scored if d > best + SAME_TOL]
+        if others and others[0] <= AMBIGUOUS_FACTOR * max(best, SAME_TOL):
+            unmatched[name] = "several different nodes of the PyTorch program hold nearly the same values"
+            continue
+        shape = ref.shapes
+        nodes[name] = min(same, key=lambda c: (program_stats[c].shapes != shape, c != name, rank.get(c, 1 << 30)))
+    return Matching(nodes, unmatched)
+
+
+def split_linear_bias(gm: Any) -> int:
+    """Rewrite each ``aten.linear(x, w, b)`` of ``gm`` as ``aten.linear(x, w) + b`` (the same values): the ONNX
+    export computes a linear layer over 3-D inputs as MatMul then Add, and ONNX Runtime's quantizer quantizes
+    the MatMul's output as an input of the Add, a tensor the fused PyTorch operator never holds. Split, the
+    program has a node for it, so it is matched and simulated like any other. Returns how many were split."""
+    torch = _torch()
+    aten = torch.ops.aten
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.linear.default:
+            continue
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if bias is None:
+            continue
+        with gm.graph.inserting_before(node):
+            plain = gm.graph.call_function(aten.linear.default, (node.args[0], node.args[1]))
+            plain.meta = dict(node.meta)
+        with gm.graph.inserting_after(plain):
+            total = gm.graph.call_function(aten.add.Tensor, (plain, bias))
+            total.meta = dict(node.meta)
+        node.replace_all_uses_with(total)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+# --- fake quantization in the graph ---------------------------------------------------------------------------
+
+
+@dataclass
+class Placement:
+    """One activation fake quantizer: the program node it follows and the ONNX tensors it stands for."""
+
+    node: str
+    tensors: list[str]
+    lo: float
+    hi: float
+    learn: bool
+
+
+def insert_fake_quant(gm: Any, placements: list[Placement], train_weights: bool) -> tuple[
+    dict[str, Any], dict[str, Any]
+]:
+    """Rewrite ``gm`` in place. Returns (activation quantizers by program node, weight quantizers by parameter
+    name)."""
     torch = _torch()
     ActFakeQuant, WeightFakeQuant = _modules()
     aten = torch.ops.aten
     weight_ops = {aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
     graph = gm.graph
     by_name = {n.name: n for n in graph.nodes}
-    nodes = {**by_name, **{k: by_name[v] for k, v in (aliases or {}).items() if v in by_name}}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     after_inputs = placeholders[-1].next if placeholders else None
     acts: dict[str, Any] = {}
-    missing: list[str] = []
-    for i, (name, (lo, hi)) in enumerate(sorted(points.items())):
-        node = nodes.get(name)
-        val = node.meta.get("val") if node is not None else None
-        if node is None or node.op == "output" or not isinstance(val, torch.Tensor) or val.dtype != torch.float32:
-            missing.append(name)
-            continue
-        mod = ActFakeQuant(lo, hi, train_acts)
+    for i, p in enumerate(placements):
+        node = by_name[p.node]
+        mod = ActFakeQuant(p.lo, p.hi, p.learn)
         attr = f"lowbit_act_fq_{i}"
         gm.add_module(attr, mod)
         where = after_inputs if node.op == "placeholder" else node.next
         with graph.inserting_before(where):
             q = graph.call_module(attr, (node,))
         node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
-        acts[name] = mod
+        acts[p.node] = mod
     weights: dict[str, Any] = {}
     by_param: dict[str, tuple[str, Any]] = {}
     for node in list(graph.nodes):
@@ -164,7 +359,7 @@ def insert_fake_quant(gm: Any, points: dict[str, tuple[float, float]], train_act
         node.replace_input_with(w, wq)
     graph.lint()
     gm.recompile()
-    return acts, weights, missing
+    return acts, weights
 
 
 def _attr(module: Any, target: str) -> Any:
@@ -191,7 +386,6 @@ class _Data:
         self.samples = sum(b.count for b in self.batches)
         self.per = plan.samples_per_run
         self.inputs = inputs
-        self.rng = np.random.default_rng(seed)
         # Re-batch across samples only when every input is stacked along a dynamic batch axis; complete
         # per-sample feeds (e.g. an RNN state [2, 1, H]) are used batch by batch as given.
         self.resample = not fixed_batch(plan, inputs) and all(m == "stacked" for m in plan.modes.values())
@@ -200,26 +394,28 @@ class _Data:
             labs = [b.labels for b in self.batches if b.labels is not None]
             self.labels: np.ndarray | None = np.concatenate(labs) if len(labs) == len(self.batches) else None
 
-    def __iter__(self) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+    def stream(self, seed: int) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """Endless shuffled batches; the same ``seed`` gives the same sequence (a retry sees the same data)."""
+        rng = np.random.default_rng(seed)
         while True:
             if self.resample:
                 n = self.samples
-                idx = self.rng.permutation(n)
+                idx = rng.permutation(n)
                 for s in range(0, n - self.per + 1 if n >= self.per else 1, self.per):
                     take = np.sort(idx[s:s + self.per])
                     yield ({k: v[take] for k, v in self.arrays.items()},
                            self.labels[take] if self.labels is not None else None)
             else:
-                for j in self.rng.permutation(len(self.batches)):
+                for j in rng.permutation(len(self.batches)):
                     b = self.batches[int(j)]
                     yield b.feed, b.labels
 
-    def check_feeds(self) -> list[tuple[dict[str, np.ndarray], int]]:
+    def check_feeds(self, limit: int = CHECK_SAMPLES) -> list[tuple[dict[str, np.ndarray], int]]:
         out, n = [], 0
         for b in self.batches:
             out.append((b.feed, b.count))
             n += b.count
-            if n >= CHECK_SAMPLES:
+            if n >= limit:
                 break
         return out
 
@@ -233,15 +429,122 @@ def pick_device(requested: str) -> tuple[str, list[str]]:
     return "cpu", []
 
 
+
+
+def learning_rates(named: list[tuple[str, Any]], weights: dict[str, Any], relative: float) -> dict[str, float]:
+    """Adam's rate for each parameter tensor: ``relative`` times the tensor's own int8 step, i.e. how far
+    (in quantization levels) one Adam step may move it. A quantized weight's step is ``max|w| / 127`` of each
+    output channel, averaged over channels (ONNX Runtime's per-channel scale); any other float parameter
+    (bias, norm, embedding) uses ``max|p| / 127`` as if it were quantized per tensor; an all-zero one the
+    median step of the others. Adam's update is scale-free, so a fixed absolute rate would move a BERT
+    weight (int8 step ~0.002) by many levels per step and a convolution with steps of 0.05 by almost none."""
+    torch = _torch()
+    steps: dict[str, float] = {}
+    for name, p in named:
+        with torch.no_grad():
+            if name in weights and p.dim() >= 2:
+                step = float(p.abs().flatten(1).amax(1).mean()) / 127.0
+            else:
+                step = float(p.abs().max()) / 127.0 if p.numel() else 0.0
+        steps[name] = step
+    positive = sorted(v for v in steps.values() if v > 0 and math.isfinite(v))
+    fallback = positive[len(positive) // 2] if positive else 1e-3
+    return {n: relative * (v if v > 0 and math.isfinite(v) else fallback) for n, v in steps.items()}
+
+
+@dataclass
+class Attempt:
+    learning_rate: float
+    range_learning_rate: float
+    steps_run: int = 0
+    diverged_at: int | None = None
+    loss: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"learning_rate": self.learning_rate, "range_learning_rate": self.range_learning_rate,
+                "steps_run": self.steps_run, "diverged_at_step": self.diverged_at, "loss": self.loss}
+
+
+class Diverged(Exception):
+    pass
+
+
+def train_with_retries(first: Attempt, train: Callable[[Attempt], Any], restart: Callable[[Attempt], None]) -> tuple[
+    Any, list[Attempt]
+]:
+    """``train(first)``; when it raises Diverged, ``restart`` (back to the initial weights) and train again at a
+    tenth of both rates, at most RETRIES times, then fail with every attempt named."""
+    attempts = [first]
+    while True:
+        run = attempts[-1]
+        try:
+            return train(run), attempts
+        except Diverged:
+            if len(attempts) > RETRIES:
+                tried = "; ".join(
+                    f"learning_rate {a.learning_rate:g} and range_learning_rate {a.range_learning_rate:g}: loss "
+                    f"{a.loss} at step {a.diverged_at}" for a in attempts)
+                raise EngineError(
+                    "training_diverged",
+                    f"the training loss stopped being finite in all {len(attempts)} attempts, each restarted from the "
+                    f"original weights at a tenth of the previous rates ({tried}). Try fewer steps, a lower "
+                    "learning_rate, train_activation_ranges=false, or the int8_static recipe",
+                ) from None
+            restart(run)
+            attempts.append(Attempt(run.learning_rate / RETRY_FACTOR, run.range_learning_rate / RETRY_FACTOR))
+
+
+def _distill_terms(out: list[Any], ref: list[Any]) -> list[Any]:
+    """Normalised MSE per float output, over the positions where the float model's output is finite (a model
+    may output -inf by design; the same -inf from the student is then no error)."""
+    torch = _torch()
+    terms = []
+    for o, r in zip(out, ref, strict=True):
+        if not r.is_floating_point():
+            continue
+        finite = torch.isfinite(r)
+        if bool(finite.all()):
+            d, rr = o - r, r
+        else:
+            d = torch.where(finite, o - torch.where(finite, r, 0.0), 0.0)
+            rr = torch.where(finite, r, 0.0)
+        terms.append((d ** 2).mean() / (rr.pow(2).mean() + 1e-12))
+    return terms
+
+
+def _first_nonfinite(student: Any, acts: dict[str, Any], placements: dict[str, Placement], forward: Callable[
+        [Any, dict[str, np.ndarray]], list[Any]], feed: dict[str, np.ndarray]) -> str:
+    """Where the fake-quantized model's first batch turns non-finite, for the error message."""
+    torch = _torch()
+    seen: list[str] = []
+    hooks = []
+    for node, mod in acts.items():
+        def hook(m: Any, args: Any, out: Any, node: str = node) -> None:
+            if not seen and not bool(torch.isfinite(out).all()):
+                seen.append(node)
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            forward(student, feed)
+    finally:
+        for h in hooks:
+            h.remove()
+    if seen:
+        return (f"the fake quantization of activation {', '.join(placements[seen[0]].tensors)} (program node "
+                f"{seen[0]}) already outputs non-finite values")
+    return "no fake-quantized activation outputs a non-finite value; the float computation after one does"
+
+
 def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    from torch.utils import _pytree as pytree
+
     from worker.engine.pt2_child import export_onnx, tensor_infos, torch_args
 
     torch = _torch()
-    from torch.utils import _pytree as pytree
-
     opts = req["options"]
     steps = int(opts["steps"])
     seed = int(req.get("seed", 0))
+    threads = int(req.get("threads", 1))
     torch.manual_seed(seed)
     inputs = tensor_infos(desc["inputs"])
     data = _Data(req, inputs, seed)
@@ -252,31 +555,46 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
 
         program = move_to_device_pass(copy.deepcopy(ep), device)
     teacher = program.module()
-    student = copy.deepcopy(teacher)
     for p in teacher.parameters():
         p.requires_grad_(False)
+
+    # Which program node is each activation the int8 ONNX model quantizes: by value, on the same samples.
     points = {k: (float(v[0]), float(v[1])) for k, v in req["points"].items()}
-    placeholders = [n.name for n in student.graph.nodes if n.op == "placeholder"]
-    aliases = dict(zip([i.name for i in inputs], placeholders, strict=False)) \
-        if len(placeholders) == len(inputs) else {}
-    acts, weights, missing = insert_fake_quant(student, points, bool(opts["train_activation_ranges"]),
-                                               bool(opts["train_weight_ranges"]), aliases)
+    fixed = set(req.get("fixed", []))
+    emit({"event": "matching"})
+    match_feeds = [f for f, _ in data.check_feeds(MATCH_SAMPLES)]
+    o_stats = onnx_moments(Path(req["onnx"]), sorted(points), match_feeds, threads) if points else {}
+    student = copy.deepcopy(teacher)
+    split_linear_bias(student)
+    p_stats, order = program_moments(student, program, inputs, match_feeds, device)
+    matching = match_points(o_stats, p_stats, order)
+    by_node: dict[str, list[str]] = {}
+    for tensor, node in sorted(matching.nodes.items()):
+        by_node.setdefault(node, []).append(tensor)
+    learn_acts = bool(opts["train_activation_ranges"])
+    placements = []
+    for node in sorted(by_node, key=order.index):
+        tensors = by_node[node]
+        # Tensors holding the same values have the same calibrated range; the widest keeps them all covered.
+        lo, hi = min(points[t][0] for t in tensors), max(points[t][1] for t in tensors)
+        placements.append(Placement(node, tensors, lo, hi, learn_acts and not (fixed & set(tensors))))
+    placed = {p.node: p for p in placements}
+
+    acts, weights = insert_fake_quant(student, placements, bool(opts["train_weight_ranges"]))
     if not weights and not acts:
         raise EngineError(
             "nothing_to_quantize",
             "the model has no Linear or Conv layer and none of the activations the int8 model quantizes could be "
             "found in the PyTorch program, so quantization-aware training has nothing to train for",
         )
+    model_named = [(n, p) for n, p in student.named_parameters()
+                   if not n.startswith("lowbit_") and p.is_floating_point()]
+    for _, p in model_named:
+        p.requires_grad_(True)
     range_params = [p for n, p in student.named_parameters() if n.startswith("lowbit_") and p.requires_grad]
-    model_params = []
-    for n, p in student.named_parameters():
-        if not n.startswith("lowbit_") and p.is_floating_point():
-            p.requires_grad_(True)
-            model_params.append(p)
-    groups = [{"params": model_params, "lr": float(opts["learning_rate"])}]
-    if range_params:
-        groups.append({"params": range_params, "lr": float(opts["range_learning_rate"])})
-    optimizer = torch.optim.Adam(groups)
+    relative = float(opts["learning_rate"])
+    base_lrs = learning_rates(model_named, weights, 1.0)
+    initial = copy.deepcopy(student.state_dict())
     use_labels = bool(opts.get("task_loss", False))
 
     def forward(module: Any, feed: dict[str, np.ndarray]) -> list[Any]:
@@ -285,49 +603,87 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
 
     window = max(1, steps // MAX_CURVE_POINTS)
     report_every = max(1, steps // 100)
-    curve: list[dict[str, Any]] = []
-    acc_loss, acc_distill, acc_n = 0.0, 0.0, 0
+    started = time.perf_counter()
+    last_emit = started
+    done = 0.0  # share of the progress bar used by diverged attempts (it never goes back)
     task_used = False
-    started = last_emit = time.perf_counter()
-    it = iter(data)
-    for step in range(1, steps + 1):
-        feed, labels = next(it)
-        with torch.no_grad():
-            ref = forward(teacher, feed)
-        out = forward(student, feed)
-        terms = [((o - r) ** 2).mean() / (r.pow(2).mean() + 1e-12)
-                 for o, r in zip(out, ref, strict=True) if r.is_floating_point()]
-        if not terms:
-            raise EngineError("training_failed", "the model has no float output to train against")
-        loss = distill = sum(terms) / len(terms)
-        if use_labels and labels is not None:
-            idx = next((i for i, o in enumerate(out) if o.is_floating_point() and o.dim() == 2
-                        and o.shape[0] == len(labels) and o.shape[1] >= 2), None)
-            if idx is not None:
-                target = torch.as_tensor(labels.astype(np.int64), device=device)
-                if int(target.max()) < out[idx].shape[1] and int(target.min()) >= 0:
-                    loss = loss + TASK_LOSS_WEIGHT * torch.nn.functional.cross_entropy(out[idx], target)
-                    task_used = True
-        if not torch.isfinite(loss):
-            raise EngineError(
-                "training_diverged",
-                f"the training loss became {float(loss)} at step {step}; lower learning_rate or range_learning_rate",
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        acc_loss += float(loss.detach())
-        acc_distill += float(distill.detach())
-        acc_n += 1
-        if step % window == 0 or step == steps:
-            curve.append({"step": step, "loss": round(acc_loss / acc_n, 6),
-                          "distill_loss": round(acc_distill / acc_n, 6)})
-            acc_loss, acc_distill, acc_n = 0.0, 0.0, 0
-        # Often enough for the progress bar, and at least every half second so that a cancelled job stops soon.
-        if step % report_every == 0 or step == steps or time.perf_counter() - last_emit >= 0.5:
-            emit({"event": "step", "step": step, "steps": steps, "loss": curve[-1]["loss"] if curve else None})
-            last_emit = time.perf_counter()
+
+    def attempt(run: Attempt) -> list[dict[str, Any]]:
+        nonlocal last_emit, task_used
+        groups: list[dict[str, Any]] = [{"params": [p], "lr": run.learning_rate * base_lrs[n]} for n, p in model_named]
+        if range_params:
+            groups.append({"params": range_params, "lr": run.range_learning_rate})
+        optimizer = torch.optim.Adam(groups)
+        curve: list[dict[str, Any]] = []
+        acc_loss, acc_distill, acc_n = 0.0, 0.0, 0
+        it = data.stream(seed)
+        for step in range(1, steps + 1):
+            feed, labels = next(it)
+            with torch.no_grad():
+                ref = forward(teacher, feed)
+            out = forward(student, feed)
+            terms = _distill_terms(out, ref)
+            if not terms:
+                raise EngineError("training_failed", "the model has no float output to train against")
+            loss = distill = sum(terms) / len(terms)
+            if use_labels and labels is not None:
+                idx = next((i for i, o in enumerate(out) if o.is_floating_point() and o.dim() == 2
+                            and o.shape[0] == len(labels) and o.shape[1] >= 2), None)
+                if idx is not None:
+                    target = torch.as_tensor(labels.astype(np.int64), device=device)
+                    if int(target.max()) < out[idx].shape[1] and int(target.min()) >= 0:
+                        loss = loss + TASK_LOSS_WEIGHT * torch.nn.functional.cross_entropy(out[idx], target)
+                        task_used = True
+            run.steps_run = step
+            if not bool(torch.isfinite(loss)):
+                run.diverged_at, run.loss = step, str(float(loss))
+                if step == 1:
+                    raise EngineError(
+                        "training_failed",
+                        f"the loss of the fake-quantized model is {float(loss)} on the first batch, before any "
+                        f"update, so lower learning rates cannot help: "
+                        f"{_first_nonfinite(student, acts, placed, forward, feed)}. Please report it with the model",
+                    )
+                raise Diverged
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            acc_loss += float(loss.detach())
+            acc_distill += float(distill.detach())
+            acc_n += 1
+            if step % window == 0 or step == steps:
+                curve.append({"step": step, "loss": round(acc_loss / acc_n, 6),
+                              "distill_loss": round(acc_distill / acc_n, 6)})
+                acc_loss, acc_distill, acc_n = 0.0, 0.0, 0
+            # Often enough for the progress bar, and at least every half second so that a cancelled job stops
+            # soon.
+            if step % report_every == 0 or step == steps or time.perf_counter() - last_emit >= 0.5:
+                emit({"event": "step", "step": step, "steps": steps, "progress": done + (1 - done) * step / steps,
+                      "loss": curve[-1]["loss"] if curve else None})
+                last_emit = time.perf_counter()
+        bad = [n for n, p in student.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:  # the last update made a weight non-finite: the loss would be next
+            run.diverged_at, run.loss = steps, f"finite, but parameter {bad[0]} became non-finite"
+            raise Diverged
+        return curve
+
+    def restart(failed: Attempt) -> None:
+        nonlocal done
+        done += (1 - done) * (failed.steps_run / steps)
+        emit({"event": "retry", "after_step": failed.diverged_at})
+        student.load_state_dict(initial)
+        torch.manual_seed(seed)
+
+    curve, attempts = train_with_retries(Attempt(relative, float(opts["range_learning_rate"])), attempt, restart)
+    run = attempts[-1]
     seconds = time.perf_counter() - started
+    if len(attempts) > 1:
+        first = attempts[0]
+        warnings.append(
+            f"training diverged (loss {first.loss} at step {first.diverged_at}) and was restarted "
+            f"{len(attempts) - 1} time(s) at a tenth of the rates; it finished with learning_rate "
+            f"{run.learning_rate:g} and range_learning_rate {run.range_learning_rate:g}"
+        )
 
     # The fine-tuned float weights, clipped to learned weight ranges, back into the exported program.
     trained = dict(student.named_parameters())
@@ -339,14 +695,18 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
             value = weights[name].clip(p) if name in weights else p
             tensor.copy_(value.detach().to(tensor.device, tensor.dtype))
     emit({"event": "exporting"})
-    check = export_onnx(ep, desc, data.check_feeds(), Path(req["output"]), int(req["opset"]),
-                        int(req.get("threads", 1)))
-    if missing:
+    check = export_onnx(ep, desc, data.check_feeds(), Path(req["output"]), int(req["opset"]), threads)
+    if matching.unmatched:
         warnings.append(
-            f"{len(missing)} of the {len(points)} activation(s) the int8 model quantizes have no counterpart in the "
-            "PyTorch program (renamed or fused on export); they were not simulated in training and keep ranges "
-            f"calibrated after it: {', '.join(missing[:8])}"
+            f"{len(matching.unmatched)} of the {len(points)} activation(s) the int8 model quantizes match no node "
+            "of the PyTorch program by value (fused or split on export); they were not simulated in training and "
+            f"keep ranges calibrated after it: {', '.join(sorted(matching.unmatched)[:8])}"
         )
+    abs_lrs = sorted(run.learning_rate * v for v in base_lrs.values())
+    ranges = {}
+    for node, mod in acts.items():
+        for tensor in placed[node].tensors:
+            ranges[tensor] = list(mod.range())
     return {
         "training": {
             "steps": steps,
@@ -354,17 +714,32 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
             "device": device,
             "samples": data.samples,
             "batch_size": data.per,
-            "learning_rate": float(opts["learning_rate"]),
-            "range_learning_rate": float(opts["range_learning_rate"]),
+            "learning_rate": run.learning_rate,
+            "learning_rate_basis": "per parameter tensor, learning_rate x its int8 step (max|w|/127 per output "
+                                   "channel, averaged; max|p|/127 for other parameters)",
+            "weight_learning_rates": {"min": abs_lrs[0], "median": abs_lrs[len(abs_lrs) // 2], "max": abs_lrs[-1]}
+            if abs_lrs else None,
+            "range_learning_rate": run.range_learning_rate,
+            "attempts": [a.to_dict() for a in attempts],
             "loss": "normalised MSE to the float model's outputs"
                     + (f" + {TASK_LOSS_WEIGHT} x cross-entropy on labels" if task_used else ""),
             "initial_loss": curve[0]["loss"] if curve else None,
             "final_loss": curve[-1]["loss"] if curve else None,
             "loss_curve": curve,
-            "fake_quantized": {"weights": sorted(weights), "activations": sorted(acts),
-                               "activations_not_found": sorted(missing)},
+            "fake_quantized": {
+                "weights": sorted(weights),
+                "activations": sorted(t for p in placements for t in p.tensors),
+                "activations_not_found": sorted(matching.unmatched),
+                "fixed_ranges": sorted(t for p in placements if not p.learn for t in p.tensors) if learn_acts else [],
+            },
+            "activation_mapping": {
+                "method": "by value: ONNX Runtime and PyTorch on the same calibration samples",
+                "samples": sum(int(np.shape(next(iter(f.values())))[0]) for f in match_feeds) if match_feeds else 0,
+                "program_nodes": {t: n for n, ts in by_node.items() for t in ts},
+                "unmatched": dict(sorted(matching.unmatched.items())),
+            },
         },
-        "ranges": {name: list(mod.range()) for name, mod in acts.items()},
+        "ranges": ranges,
         "check": check,
         "warnings": warnings,
     }

@@ -7,26 +7,38 @@ output channel (symmetric, max|w|/127). Everything else stays in float. Two numb
 
 - ``sensitivity``: the noise-to-signal power ratio of the model's outputs (the worst output), 0 for a
   node whose quantization changes nothing; ranking by it tells which layers to keep in float first;
-- ``isolated_sqnr_db``: the SQNR of the node's own output with everything upstream in float (cheap to
-  read off the same run, and what the node's quantization costs locally).
+- ``isolated_sqnr_db``: the SQNR of the node's own output with everything upstream in float (read off
+  the same run, against a float twin of the node: what the node's quantization costs locally).
+
+It costs one ONNX Runtime session and one model run per batch for every analysed node, so static jobs
+measure it only when asked (option ``layer_sensitivity``; ``auto`` asks for it on its analysis candidate),
+on at most ``MAX_SAMPLES`` samples and ``MAX_NODES`` nodes, and never keeps intermediate activations.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from worker.engine import runtime
+from worker.engine.calibrate import session_with
+from worker.engine.validate import power_sums
 
 # Operators whose weight input is rounded to int8 per output channel: (input index, channel axis).
 WEIGHT_AXIS = {"MatMul": (1, 1), "Conv": (1, 0), "ConvTranspose": (1, 1)}
-# Nodes beyond this many are not analysed (one ONNX Runtime session each); the report says how many were.
-MAX_NODES = 256
+# At most this many nodes are analysed (one ONNX Runtime session and one run per batch each), spread over
+# the graph when it has more; the report says how many were. A 100-conv detector at 640x640 then costs
+# minutes, not the best part of an hour.
+MAX_NODES = 128
+# Samples the analysis runs on: it ranks layers, which a few batches do as well as many.
+MAX_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,69 @@ def _expose(m: onnx.ModelProto, names: Sequence[str]) -> None:
             m.graph.output.append(onnx.ValueInfoProto(name=t))
 
 
+def _selection(nodes: list[onnx.NodeProto], limit: int) -> list[onnx.NodeProto]:
+    """At most ``limit`` nodes, spread evenly over the graph (first and last included) when there are more:
+    a deterministic sample of every depth of the model rather than only its first layers."""
+    if len(nodes) <= limit:
+        return nodes
+    if limit <= 1:
+        return nodes[:limit]
+    picks = sorted({round(i * (len(nodes) - 1) / (limit - 1)) for i in range(limit)})
+    return [nodes[i] for i in picks]
+
+
+def _base_file(model: onnx.ModelProto, path: Path) -> None:
+    """``model`` without its nodes and outputs, written once: every analysed variant is this file plus a
+    small delta (nodes, outputs, the few new initializers), see ``calibrate.session_with``. The weights
+    are never re-serialized per layer."""
+    base = onnx.ModelProto()
+    base.CopyFrom(model)
+    del base.graph.node[:]
+    del base.graph.output[:]
+    with open(path, "wb") as f:
+        f.write(base.SerializeToString())
+
+
+def _variant(model: onnx.ModelProto, node: onnx.NodeProto | None,
+             ranges: dict[str, tuple[float, float]]) -> tuple[onnx.ModelProto, str, str]:
+    """The delta for the float model (``node`` None) or for ``node`` alone in int8. For a node, a float
+    twin of it (same inputs as in the float model, outputs renamed) runs in the same session, so that the
+    node's own error is measured without keeping any reference activation: returns (delta, quantized
+    output, float twin output)."""
+    delta = onnx.ModelProto()
+    delta.graph.output.extend(model.graph.output)
+    if node is None:
+        delta.graph.node.extend(model.graph.node)
+        return delta, "", ""
+    q = quantize_one(_nodes_only(model, node), node.name, ranges)
+    twin = onnx.NodeProto()
+    twin.CopyFrom(node)
+    twin.name = f"{node.name}__float_twin"
+    del twin.output[:]
+    twin.output.extend([f"{o}__float_twin" if o else "" for o in node.output])
+    delta.graph.node.extend(q.graph.node)
+    delta.graph.node.append(twin)
+    delta.graph.initializer.extend(q.graph.initializer)
+    have = {o.name for o in delta.graph.output}
+    for name in (node.output[0], twin.output[0]):
+        if name not in have:
+            delta.graph.output.append(onnx.ValueInfoProto(name=name))
+    return delta, node.output[0], twin.output[0]
+
+
+def _nodes_only(model: onnx.ModelProto, node: onnx.NodeProto) -> onnx.ModelProto:
+    """The graph's nodes and outputs, and of the initializers only the weight ``node`` reads (which
+    ``quantize_one`` rounds): a light model for it to edit, since the weights stay in the base file."""
+    m = onnx.ModelProto()
+    m.graph.node.extend(model.graph.node)
+    wa = _weight_axis(node)
+    if wa is not None and len(node.input) > wa[0]:
+        w = next((t for t in model.graph.initializer if t.name == node.input[wa[0]]), None)
+        if w is not None:
+            m.graph.initializer.append(w)
+    return m
+
+
 def analyse(
     model: onnx.ModelProto,
     ranges: dict[str, tuple[float, float]],
@@ -150,59 +225,55 @@ def analyse(
     threads: int,
     op_types: Iterable[str],
     samples: int,
+    max_nodes: int = MAX_NODES,
 ) -> SensitivityResult:
-    """Sensitivity of every analysable node on ``feeds`` (a few batches are enough: it ranks layers)."""
+    """Sensitivity of the analysable nodes on ``feeds`` (a few batches are enough: it ranks layers).
+
+    Memory does not grow with the model's depth: only the float model's outputs on ``feeds`` are kept
+    (the reference), and each node's run brings back the model's outputs plus that node's output and its
+    float twin's, compared and dropped at once. Time is one ONNX Runtime session and one run per feed for
+    each of at most ``max_nodes`` nodes (spread over the graph when there are more)."""
     started = time.perf_counter()
     nodes = analysable(model, ranges, op_types)
-    skipped = max(0, len(nodes) - MAX_NODES)
-    nodes = nodes[:MAX_NODES]
+    chosen = _selection(nodes, max_nodes)
     out_names = [o.name for o in model.graph.output]
-    if not nodes or not feeds:
-        return SensitivityResult({}, 0, time.perf_counter() - started, skipped)
-    ref_model = onnx.ModelProto()
-    ref_model.CopyFrom(model)
-    _expose(ref_model, [n.output[0] for n in nodes])
-    ref_s = runtime.make_session(ref_model.SerializeToString(), providers, threads, "model (sensitivity)")
-    ref_names = [o.name for o in ref_s.get_outputs()]
-    refs = [dict(zip(ref_names, ref_s.run(None, f), strict=True)) for f in feeds]
-    del ref_s
-    layers: dict[str, LayerSensitivity] = {}
-    for node in nodes:
-        q_model = quantize_one(model, node.name, ranges)
-        s = runtime.make_session(q_model.SerializeToString(), providers, threads, "model (sensitivity)")
-        names = [o.name for o in s.get_outputs()]
-        sig = np.zeros(len(out_names))
-        err = np.zeros(len(out_names))
-        own_sig = own_err = 0.0
-        for feed, ref in zip(feeds, refs, strict=True):
-            got = dict(zip(names, s.run(None, feed), strict=True))
-            for k, o in enumerate(out_names):
-                a, b = _finite_pair(ref[o], got[o])
-                sig[k] += float(np.sum(a * a))
-                err[k] += float(np.sum((a - b) ** 2))
-            a, b = _finite_pair(ref[node.output[0]], got[node.output[0]])
-            own_sig += float(np.sum(a * a))
-            own_err += float(np.sum((a - b) ** 2))
-        del s
-        nsr = [e / g for e, g in zip(err, sig, strict=True) if g > 0]
-        worst = max(nsr) if nsr else None
-        layers[node.name] = LayerSensitivity(
-            name=node.name,
-            op_type=node.op_type,
-            sensitivity=_round(worst),
-            output_sqnr_db=_db(worst),
-            isolated_sqnr_db=_db(own_err / own_sig if own_sig > 0 else None),
-        )
-    return SensitivityResult(layers, samples, time.perf_counter() - started, skipped)
-
-
-def _finite_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(a, dtype=np.float64)
-    y = np.asarray(b, dtype=np.float64)
-    if x.shape != y.shape:
-        return np.zeros(0), np.zeros(0)
-    ok = np.isfinite(x) & np.isfinite(y)
-    return (x, y) if ok.all() else (x[ok], y[ok])
+    if not chosen or not feeds:
+        return SensitivityResult({}, 0, time.perf_counter() - started, len(nodes) - len(chosen))
+    with tempfile.TemporaryDirectory(prefix="lowbit-sensitivity-") as tmp:
+        base = Path(tmp) / "base.onnx"
+        _base_file(model, base)
+        ref_s = session_with(base, _variant(model, None, ranges)[0], providers, threads)
+        refs = [dict(zip(out_names, runtime.run(ref_s, f, "model (sensitivity)"), strict=True)) for f in feeds]
+        del ref_s
+        layers: dict[str, LayerSensitivity] = {}
+        for node in chosen:
+            delta, q_out, twin_out = _variant(model, node, ranges)
+            s = session_with(base, delta, providers, threads)
+            names = [o.name for o in s.get_outputs()]
+            sig = np.zeros(len(out_names))
+            err = np.zeros(len(out_names))
+            own_sig = own_err = 0.0
+            for feed, ref in zip(feeds, refs, strict=True):
+                got = dict(zip(names, runtime.run(s, feed, "model (sensitivity)"), strict=True))
+                for k, o in enumerate(out_names):
+                    a, e = power_sums(ref[o], got[o])
+                    sig[k] += a
+                    err[k] += e
+                a, e = power_sums(got[twin_out], got[q_out])
+                own_sig += a
+                own_err += e
+                del got
+            del s
+            nsr = [e / g for e, g in zip(err, sig, strict=True) if g > 0]
+            worst = max(nsr) if nsr else None
+            layers[node.name] = LayerSensitivity(
+                name=node.name,
+                op_type=node.op_type,
+                sensitivity=_round(worst),
+                output_sqnr_db=_db(worst),
+                isolated_sqnr_db=_db(own_err / own_sig if own_sig > 0 else None),
+            )
+    return SensitivityResult(layers, samples, time.perf_counter() - started, len(nodes) - len(chosen))
 
 
 def _round(v: float | None) -> float | None:

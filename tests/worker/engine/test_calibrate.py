@@ -263,7 +263,12 @@ def test_onnxruntimes_default_entropy_is_just_minmax_and_ours_is_not(
     common = sorted(set(mm) & set(ort_ent))
     same_as_minmax = [t for t in common if ort_ent[t][1] == pytest.approx(max(abs(mm[t][0]), abs(mm[t][1])), rel=1e-3)]
     assert len(same_as_minmax) >= len(common) // 2
-    assert sum(ours[t][1] < mm[t][1] * 0.99 for t in common) >= 2
+    # Counted per physical tensor (a Conv output and the Relu reading it share one range in the quantized
+    # model): on these 40 random images ours clips 1 of the 6 (/3/Conv -> /4/Relu, 1.138 -> 0.919), ORT's
+    # entropy none.
+    ours_clipped = {mm[t] for t in common if ours[t][1] < mm[t][1] * 0.99}
+    theirs_clipped = {mm[t] for t in common if ort_ent[t][1] < mm[t][1] * 0.99}
+    assert len(ours_clipped) >= 1 and not theirs_clipped
 
 
 def test_all_zero_first_batches_do_not_collapse_the_histogram() -> None:
@@ -408,3 +413,21 @@ def test_percentile_keeps_the_central_share_as_onnxruntimes_does(tmp_path: Path)
     width = float(act.max()) / 1024  # ONNX Runtime's bins: 2048 over [-max, max]
     assert abs(ours.ranges["act"][1] - top) < 2 * width
     assert abs(ours.ranges["act"][1] - float(theirs.ranges["act"][1])) < 2 * width
+
+
+def test_effective_ranges_fix_softmax_only_where_the_quantizer_quantizes_it() -> None:
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["h"], name="r"), helper.make_node("Softmax", ["h"], ["p"], name="sm"),
+         helper.make_node("Identity", ["p"], ["y"], name="i")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(g)
+    raw = {"x": (-3.0, 2.0), "h": (0.0, 2.0), "p": (0.01, 0.7), "y": (0.01, 0.7)}
+    assert effective_ranges(model, raw)["p"] == (0.0, 1.0)  # ORT's default op types include Softmax
+    assert effective_ranges(model, raw, op_types=["MatMul", "Relu"])["p"] == (0.0, 0.7)
+    assert effective_ranges(model, raw, nodes_to_exclude=["sm"])["p"] == (0.0, 0.7)
+    # The same rule holds for the Relu input adjustment.
+    assert effective_ranges(model, raw)["x"] == (0.0, 2.0)
+    assert effective_ranges(model, raw, nodes_to_exclude=["r"])["x"] == (-3.0, 2.0)
