@@ -409,6 +409,15 @@ def _quantize(cfg: Any, recipe: str, args: argparse.Namespace, report_path: Path
         print(f"lowbit: error [accuracy_target_not_met]: {auto.failure_message(outcome, target)}", file=sys.stderr)
         return None
     print(f"chosen: {json.dumps(report['chosen'])}")
+    # The figure the choice was made on, and the one on samples the search never saw (the reported one).
+    section = report["auto"]
+    for name in ("selection", "confirmation"):
+        part = section.get(name)
+        if part and part.get("target"):
+            t = part["target"]
+            print(f"  {name}: {target['metric']} {t['value']} on {part['samples']} samples, met {t['met']}")
+    if section.get("confirmation") is None:
+        print("  confirmation: none (too few evaluation samples to hold some out; see the warning)")
     return report
 
 

@@ -341,11 +341,29 @@ def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Sett
     outcome = auto.conclude(results, j.target, j.job_id, opts.to_dict("auto"), time.time() - started, rounds,
                             opts.prefer)
     report = outcome.report
-    _set_job(factory, j, stage="reporting", progress=98)
+    _set_job(factory, j, stage="validating", progress=96)
     if outcome.chosen is not None and outcome.chosen.artifact_path:
-        _place(Path(outcome.chosen.artifact_path), artifact)
-        m = auto.measure(j.target, outcome.chosen.report or {})
-        report["accuracy_target"] = {**j.target, "value": m["value"], "met": m["met"]}
+        # The chosen candidate again, validated on the confirmation samples no candidate saw, through the same
+        # sandboxed runner as the candidates (auto.confirm sets report.accuracy and accuracy_target from it).
+        from worker.tasks import LeaseLost, run_engine
+
+        try:
+            auto.confirm(outcome, j.target, _base_config(s, j),
+                         lambda c: run_engine(c, _Watch(factory, j), s), cand_dir / "confirmation.onnx",
+                         work / "confirmation")
+        except JobCancelled:
+            _cancel(factory, s, j)
+            return
+        except LeaseLost:
+            return
+        except EngineError as exc:  # the job's files went missing meanwhile: a readable failure
+            _fail(factory, j, exc.code, exc.message)
+            shutil.rmtree(cand_dir, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+            return
+    _set_job(factory, j, stage="reporting", progress=98)
+    if outcome.chosen is not None and outcome.artifact is not None:
+        _place(outcome.artifact, artifact)
         ok = _set_job(factory, j, status=SUCCEEDED, stage=None, progress=100, report=finite_or_none(report),
                       artifact_path=str(artifact), artifact_sha256=sha256_file(artifact),
                       artifact_bytes=artifact.stat().st_size, finished_at=utcnow())

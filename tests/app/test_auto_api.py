@@ -347,3 +347,62 @@ def test_auto_job_on_a_pt2_upload_plans_4bit_from_its_export(sqlite_api: Harness
     assert report["model"]["source_format"] == "pt2"
     assert report["model"]["export"]["cache_used"] is True  # the export planning made, reused
     assert api.client.get(f"/jobs/{job_id}").status_code == 200
+
+
+def test_auto_job_reports_selection_and_confirmation(sqlite_api: Harness, tmp_path: Path,
+                                                      subtasks: list[tuple[str, int, int, str]],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's fan-out behaves as the in-process search: candidates validate on the selection part of
+    the evaluation samples, the chosen model once more (through the same runner) on the confirmation part,
+    and the report carries both; with too few samples there is no confirmation and a warning says so."""
+    import hashlib
+
+    from worker import tasks
+
+    api = sqlite_api
+    runner = tasks.run_engine
+    parts: list[tuple[str | None, int]] = []
+
+    def recording(cfg: Any, progress: Any, settings: Any = None) -> Any:
+        res = runner(cfg, progress, settings)
+        parts.append((cfg.eval_part, res.report["accuracy"]["samples"]))
+        return res
+
+    monkeypatch.setattr(tasks, "run_engine", recording)
+    model = upload_model(api.client, builders.mlp(tmp_path / "m.onnx"))
+    calib = upload_dataset(api.client, builders.mlp_data(tmp_path / "c.npz"))
+    ev = upload_dataset(api.client, builders.mlp_data(tmp_path / "e.npz", n=40, seed=3))
+    target = {"metric": "cosine", "min": 0.99}
+    options = {"latency_runs": 2, "max_fallback_steps": 0, "prefer": "size"}
+    r = submit(api.client, model_id=model["id"], calibration_dataset_id=calib["id"], eval_dataset_id=ev["id"],
+               recipe="auto", options=options, accuracy_target=target)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    _run(api, subtasks)
+    assert api.client.get(f"/api/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    *candidates, last = parts
+    assert len(candidates) == len(report["candidates"]) and set(candidates) == {("selection", 24)}
+    assert last == ("confirmation", 16)
+    sel, conf = report["auto"]["selection"], report["auto"]["confirmation"]
+    assert (sel["samples"], sel["range"], conf["samples"], conf["range"]) == (24, [0, 24], 16, [24, 40])
+    assert conf["same_artifact"] is True and report["accuracy"]["samples"] == 16
+    assert report["accuracy"]["part"]["name"] == "confirmation"
+    assert report["accuracy_target"]["value"] == conf["target"]["value"] == report["accuracy"]["outputs"][0]["cosine"]
+    assert report["accuracy_target"]["confirmed"] is True
+    assert report["accuracy_target"]["selection"]["samples"] == 24
+    assert conf["outputs"][0]["cosine_ci"] and sel["outputs"][0]["cosine_ci"]  # the 95% intervals, both parts
+    served = api.client.get(f"/api/v1/jobs/{job_id}/artifact").content
+    assert hashlib.sha256(served).hexdigest() == conf["artifact_sha256"]
+
+    # No evaluation set: 13 held-out calibration samples, too few to split.
+    parts.clear()
+    r = submit(api.client, model_id=model["id"], calibration_dataset_id=calib["id"], recipe="auto",
+               options=options, accuracy_target=target)
+    job_id = r.json()["id"]
+    _run(api, subtasks)
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    assert set(parts) == {("selection", 13)}  # no confirmation run
+    assert report["auto"]["confirmation"] is None and report["auto"]["selection"]["samples"] == 13
+    assert report["accuracy_target"]["confirmed"] is False
+    assert any("optimistic" in w for w in report["warnings"]), report["warnings"]

@@ -27,18 +27,25 @@ def test_candidates_run_on_two_workers(postgres_url: str, redis_url: str, tmp_pa
         # One round of candidates (no fallback steps): which model wins is the engine tests' business.
         model = builders.mlp(tmp_path / "mlp.onnx")
         calib = builders.mlp_data(tmp_path / "mlp.npz")
+        # 40 evaluation samples: the candidates see the first 24, the chosen model is confirmed on the last 16 in
+        # a sandboxed run of its own on the worker that concludes the search.
+        ev = builders.mlp_data(tmp_path / "eval.npz", n=40, seed=3)
         # (By size only: on a model this small every quantized candidate is slower than fp32.)
         config = {"recipe": "auto", "options": {"latency_runs": 3, "max_fallback_steps": 0, "prefer": "size"},
                   "accuracy_target": {"metric": "cosine", "min": 0.99}}
         r = client.post("/api/v1/jobs", files={"model": ("mlp.onnx", model.read_bytes()),
-                                               "calibration": ("mlp.npz", calib.read_bytes())},
+                                               "calibration": ("mlp.npz", calib.read_bytes()),
+                                               "eval": ("eval.npz", ev.read_bytes())},
                         data={"config": json.dumps(config)})
         assert r.status_code == 202, r.text
         job = wait_job(client, r.json()["id"], workers[0], timeout=240)
         assert job["status"] == "succeeded", (job["error"], workers[0].tail(), workers[1].tail())
         report = client.get(f"/api/v1/jobs/{job['id']}/report").json()
         assert report["chosen"]["recipe"] in ("int8_static", "int8_dynamic", "int4_weight_only")
-        assert report["accuracy_target"]["met"] is True
+        assert report["accuracy_target"]["met"] is True and report["accuracy_target"]["confirmed"] is True
+        conf = report["auto"]["confirmation"]
+        assert (report["auto"]["selection"]["samples"], conf["samples"], conf["same_artifact"]) == (24, 16, True)
+        assert report["accuracy"]["samples"] == 16
         ran_by = {row["worker"] for row in report["candidates"]}
         assert len(ran_by) >= 2, report["candidates"]
         assert report["auto"]["workers"] == sorted(ran_by)
