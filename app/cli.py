@@ -368,19 +368,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     if report_path:
         report_path.write_text(json.dumps(report, indent=2))
-    size, lat = report["size"], report["latency"]
+    size = report["size"]
     print(f"wrote {cfg.output_path} ({size['quantized_bytes']} bytes, {size['ratio']:.3f} of "
           f"{size['original_bytes']})")
-    for o in report["accuracy"]["outputs"]:
-        print(f"  output {o['name']}: cosine {o['cosine']}, sqnr {o['sqnr_db']} dB, top-1 agreement "
-              f"{o['top1_agreement']}")
-    if report["accuracy"]["labels"]:
-        lab = report["accuracy"]["labels"]
-        print(f"  label accuracy {lab['original']} -> {lab['quantized']} ({lab['delta']:+})")
-    print(f"  latency p50 {lat['original_ms_p50']} ms -> {lat['quantized_ms_p50']} ms on {lat['provider']}")
+    print_figures(report)
     for w in report["warnings"]:
         print(f"  warning: {w}")
     return 0
+
+
+def print_figures(report: dict[str, Any]) -> None:
+    """The offline run's figures, with the 95% intervals the report has, as the client's summary writes them:
+    each output, label accuracy and its change, latency and its speed-up."""
+    from app.client.cli import ci_text, latency_change, output_line, signed_end
+
+    acc, lat = report.get("accuracy") or {}, report.get("latency") or {}
+    for o in acc.get("outputs") or []:
+        print(output_line(o))
+    lab = acc.get("labels")
+    if lab:
+        print(f"  label accuracy {lab['original'] * 100:.2f} % -> {lab['quantized'] * 100:.2f} %  "
+              f"{lab['delta'] * 100:+.2f} pt" + ci_text(lab.get("delta_ci"), lambda x: signed_end(x * 100)))
+    if lat:
+        runs = f", {lat['runs']} runs" if lat.get("runs") else ""
+        print(f"  latency p50 {lat['original_ms_p50']:.4g} ms -> {lat['quantized_ms_p50']:.4g} ms on "
+              f"{lat['provider']}: {latency_change(lat) or 'speed-up not measured'}{runs}")
 
 
 def _quantize(cfg: Any, recipe: str, args: argparse.Namespace, report_path: Path | None) -> dict[str, Any] | None:

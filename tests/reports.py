@@ -64,10 +64,13 @@ def recompute_cosines(original: Path, quantized: Path, feeds: list[dict[str, np.
 
 def expected_verdict(report: dict[str, Any]) -> str:
     """The report page's verdict line for a job with labels, worked out independently of app.pages:
-    size factor, speed factor, label accuracy change in points."""
+    size factor, speed factor (or 'no measurable speed-up' when the speed-up's 95% interval holds 1.0),
+    label accuracy change in points."""
     ratio, speed = report["size"]["ratio"], report["latency"]["speedup"]
     size = f"{1 / ratio:.1f}\u00d7 smaller" if ratio <= 1 else f"{ratio:.1f}\u00d7 larger"
     faster = f"{speed:.1f}\u00d7 faster" if speed >= 1 else f"{1 / speed:.1f}\u00d7 slower"
+    if report["latency"].get("speedup_measurable") is False:
+        faster = "no measurable speed-up"
     pt = report["accuracy"]["labels"]["delta"] * 100
     sign = "\u00b1" if f"{abs(pt):.1f}" == "0.0" else ("\u2212" if pt < 0 else "+")
     return f"{size}, {faster}, {sign}{abs(pt):.1f} pt label accuracy"

@@ -132,6 +132,64 @@ def _num(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def ci_text(value: Any, fmt: Callable[[float], str]) -> str:
+    """' (lo … hi)' for a report's 95% interval ``[lo, hi]``; '' where the report has none (older servers)."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_num(x) for x in value):
+        return f" ({fmt(float(value[0]))} \u2026 {fmt(float(value[1]))})"
+    return ""
+
+
+def signed_end(x: float) -> str:
+    """'+1.6', '-3.1', and '0.0' for an end that rounds to zero."""
+    text = f"{x:+.1f}"
+    return text[1:] if float(text) == 0 else text
+
+
+def latency_change(lat: dict[str, Any]) -> str:
+    """'2.57x faster (2.4 … 2.7)', '1.40x slower (1.3 … 1.5)', or 'no measurable speed-up (0.93 … 1.08)' when
+    the speed-up's interval holds 1.0."""
+    speed = lat.get("speedup")
+    if not _num(speed) or speed <= 0:
+        return ""
+    ci = lat.get("speedup_ci")
+    if lat.get("speedup_measurable") is False:
+        return "no measurable speed-up" + ci_text(ci, lambda x: f"{x:.2f}")
+    # one decimal, or two where an end would print as 1.0 (a measured 1.02x must not read as 'no change')
+    def factor(ends: Any) -> str:
+        if not ci_text(ends, str):
+            return ""
+        digits = 2 if any(f"{float(x):.1f}" == "1.0" for x in ends) else 1
+        return ci_text(ends, lambda x: f"{x:.{digits}f}")
+
+    if speed >= 1:
+        return f"{speed:.2f}x faster" + factor(ci)
+    # a slow-down's interval as slow-down factors: the ends swap
+    slow = [1 / ci[1], 1 / ci[0]] if isinstance(ci, list) and ci_text(ci, str) and min(ci) > 0 else None
+    return f"{1 / speed:.2f}x slower" + factor(slow)
+
+
+def output_line(out: dict[str, Any]) -> str:
+    """One output's figures with their intervals, then its role: 'output logits: cosine 0.9994 (…), …; a
+    classification output (inferred)'."""
+    parts = []
+    if _num(out.get("cosine")):
+        parts.append(f"cosine {out['cosine']}" + ci_text(out.get("cosine_ci"), lambda x: f"{x:.4f}"))
+    if out.get("identical") is True:
+        parts.append("SQNR inf (bit-identical)")
+    elif _num(out.get("sqnr_db")):
+        parts.append(f"SQNR {out['sqnr_db']} dB" + ci_text(out.get("sqnr_db_ci"), lambda x: f"{x:.1f}"))
+    elif out.get("sqnr_note"):
+        parts.append(f"SQNR {out['sqnr_note']}")
+    for key, label in (("top1_agreement", "top-1 agreement"), ("sequence_agreement", "sequence agreement"),
+                       ("ctc_sequence_agreement", "CTC sequence agreement"),
+                       ("neighbour_agreement", "neighbour agreement")):
+        if _num(out.get(key)):
+            parts.append(f"{label} {_pct(out[key])}" + ci_text(out.get(key + "_ci"), lambda x: f"{x * 100:.1f}"))
+    article = "an" if str(out.get("role"))[:1] in "aeiou" else "a"
+    role = f"; {article} {out['role']} output ({out.get('role_source') or '?'})" if out.get("role") else ""
+    return f"  output {out.get('name')}: " + ", ".join(parts) + " (quantized vs original)" + role
+
+
 def _candidate_name(c: dict[str, Any]) -> str:
     """'int8_static (minmax) + 2 in float' for an auto report's candidate row (or its chosen/best entry)."""
     options = _dict(c.get("options"))
@@ -186,32 +244,26 @@ def summary_lines(job: dict[str, Any], report: dict[str, Any]) -> list[str]:
     if labels:
         delta = labels.get("delta")
         rows.append(("label accuracy", _pct(labels.get("original")), _pct(labels.get("quantized")),
-                     f"{delta * 100:+.2f} pt" if _num(delta) else ""))
+                     f"{delta * 100:+.2f} pt" + ci_text(labels.get("delta_ci"), lambda x: signed_end(x * 100))
+                     if _num(delta) else ""))
     lat = _dict(report.get("latency"))
     if _num(lat.get("original_ms_p50")) and _num(lat.get("quantized_ms_p50")):
-        speed = lat.get("speedup")
-        change = "" if not _num(speed) or speed <= 0 else \
-            (f"{speed:.2f}x faster" if speed >= 1 else f"{1 / speed:.2f}x slower")
-        rows.append(("latency p50", f"{lat['original_ms_p50']:.4g} ms", f"{lat['quantized_ms_p50']:.4g} ms", change))
+        rows.append(("latency p50", f"{lat['original_ms_p50']:.4g} ms", f"{lat['quantized_ms_p50']:.4g} ms",
+                     latency_change(lat)))
     if rows:
         lines.append(f"  {'':<16}{'before':>12}      {'after':<12}  change")
         for name, before, after, change in rows:
             lines.append(f"  {name:<16}{before:>12}  ->  {after:<12}  {change}")
     for out in [o for o in acc.get("outputs") or [] if isinstance(o, dict)]:
-        parts = []
-        if out.get("cosine") is not None:
-            parts.append(f"cosine {out['cosine']}")
-        if out.get("sqnr_db") is not None:
-            parts.append(f"SQNR {out['sqnr_db']} dB")
-        if out.get("top1_agreement") is not None:
-            parts.append(f"top-1 agreement {_pct(out['top1_agreement'])}")
-        lines.append(f"  output {out.get('name')}: " + ", ".join(parts) + " (quantized vs original)")
+        lines.append(output_line(out))
     target = _dict(report.get("accuracy_target"))
     if target:
         bound = f"min {target['min']}" if target.get("min") is not None else f"max_drop {target.get('max_drop')}"
         met = {True: "met", False: "NOT met"}.get(target["met"], "not measurable") \
             if isinstance(target.get("met"), bool) else "not measurable"
-        lines.append(f"  accuracy target {target.get('metric')} {bound}: {met} (value {target.get('value')})")
+        decided = f", {target['confidence'] * 100:g}% interval's lower end {target['bound']}" \
+            if _num(target.get("confidence")) and _num(target.get("bound")) else ""
+        lines.append(f"  accuracy target {target.get('metric')} {bound}: {met} (value {target.get('value')}{decided})")
     if report.get("recipe") == "auto" and "candidates" in report:
         lines.extend(_auto_lines(report))
     if acc:
@@ -220,7 +272,11 @@ def summary_lines(job: dict[str, Any], report: dict[str, Any]) -> list[str]:
         threads = lat.get("threads")
         lines.append(f"  accuracy measured on {acc.get('samples')} {source}"
                      + (f"; latency on {lat.get('provider')}, batch {lat.get('batch_size')}, "
-                        f"{threads} thread{'' if threads == 1 else 's'}" if lat else ""))
+                        f"{threads} thread{'' if threads == 1 else 's'}" if lat else "")
+                     + (f", {lat['runs']} {'interleaved ' if lat.get('order') == 'interleaved' else ''}runs"
+                        if _num(lat.get("runs")) and lat["runs"] > 0 else "")
+                     + ("; intervals are 95%" if ci_text(labels.get("delta_ci"), str)
+                        or ci_text(lat.get("speedup_ci"), str) else ""))
     for w in report.get("warnings") or []:
         lines.append(f"  warning: {w}")
     return lines

@@ -13,7 +13,7 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
-from app.pages.present import fmt_bytes, fmt_db, fmt_ms, layers_worst_first, sensitivity_db
+from app.pages.present import fmt_bytes, fmt_db, fmt_interval, fmt_ms, layers_worst_first, sensitivity_db
 
 ROW = 26
 DETAIL_ROW = 16
@@ -199,7 +199,12 @@ def output_chart(outputs: list[dict[str, Any]]) -> Markup:
         detail = f"cosine {o['cosine']:.5f} \u00b7 max abs error {o['max_abs_error']:.3g}" \
             if o.get("cosine") is not None and o.get("max_abs_error") is not None else ""
         name = str(o.get("name", ""))
-        bars.append(Bar(name, o.get("sqnr_db"), fmt_db(o.get("sqnr_db")), "quantized", name, detail))
+        # Bit-identical outputs have no finite SQNR: say so instead of 'n/a', which reads as 'not measured'.
+        text = "\u221e (identical)" if o.get("identical") is True else fmt_db(o.get("sqnr_db"))
+        ci = fmt_interval(o.get("sqnr_db_ci"), lambda x: f"{x:.1f}")
+        tip = f"{name}: {text}" + (f" {ci} dB, 95% interval" if ci else "") + (f"; {o['role']} output"
+                                                                                if o.get("role") else "")
+        bars.append(Bar(name, o.get("sqnr_db"), text, "quantized", tip, detail))
     desc = "Error of each model output, quantized against original: SQNR (higher is better), cosine, max abs error."
     return bar_chart("Per-output error", desc, bars, css="chart chart-wide chart-outputs", axis="dB")
 

@@ -116,13 +116,98 @@ def size_phrase(ratio: float | None) -> str:
     return f"{fmt_factor(ratio)} larger"
 
 
-def speed_phrase(speedup: float | None) -> str:
-    """'2.1× faster' or '1.4× slower' from original/quantized latency."""
+def speed_phrase(speedup: float | None, measurable: bool | None = None) -> str:
+    """'2.1× faster' or '1.4× slower' from original/quantized latency; 'no measurable speed-up' when the
+    speed-up's interval holds 1.0 (``latency.speedup_measurable`` false), since a factor then claims too much."""
     if not speedup:
         return "latency not measured"
+    if measurable is False:
+        return "no measurable speed-up"
     if speedup >= 1:
         return f"{fmt_factor(speedup)} faster"
     return f"{fmt_factor(1 / speedup)} slower"
+
+
+ELLIPSIS = "\u2026"
+
+
+def interval(ci: Any) -> tuple[float, float] | None:
+    """A report's ``*_ci`` value as (low, high); None for a missing, null or malformed one (older reports)."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_number(x) for x in ci):
+        return float(ci[0]), float(ci[1])
+    return None
+
+
+def fmt_interval(ci: Any, fmt: Any) -> str:
+    """'(lo … hi)' with each end through ``fmt``; '' when there is no interval."""
+    lo_hi = interval(ci)
+    return "" if lo_hi is None else f"({fmt(lo_hi[0])} {ELLIPSIS} {fmt(lo_hi[1])})"
+
+
+def _digits(value: float, ci: tuple[float, float] | None, least: int) -> int:
+    """Decimals enough that the value and its interval's ends do not all print alike (cosines near 1)."""
+    if ci is None:
+        return least
+    for d in range(least, 8):
+        if len({f"{x:.{d}f}" for x in (ci[0], value, ci[1])}) == 3 or ci[0] == ci[1]:
+            return d
+    return 8
+
+
+def fmt_fraction_ci(value: Any, ci: Any, least: int = 4) -> str:
+    """A cosine-like fraction's interval: '(0.9921 … 0.9957)', more decimals where four would print alike."""
+    lo_hi = interval(ci)
+    if lo_hi is None:
+        return ""
+    d = _digits(float(value), lo_hi, least) if _number(value) else least
+    return fmt_interval(lo_hi, lambda x: f"{x:.{d}f}")
+
+
+def fmt_pct_ci(ci: Any) -> str:
+    """A share's interval in percent: '(96.9 … 100.0 %)'."""
+    text = fmt_interval(ci, lambda x: f"{x * 100:.1f}")
+    return text[:-1] + " %)" if text else ""
+
+
+def fmt_end(x: float, digits: int = 1) -> str:
+    """An interval's end or a bound in prose: signed like :func:`fmt_signed`, but zero is plain '0.0' (an end
+    of exactly zero is a value, not a change that rounds away)."""
+    text = fmt_signed(x, digits)
+    return text[1:] if text.startswith("\u00b1") else text
+
+
+def fmt_points_ci(ci: Any) -> str:
+    """A change's interval in percentage points, signed: '(−3.1 … −0.2)', '(−4.7 … 0.0)'."""
+    return fmt_interval(ci, lambda x: fmt_end(x * 100))
+
+
+def factor_interval(ci: tuple[float, float]) -> str:
+    """A speed factor's interval with one decimal, or two where an end would print as 1.0 (a measured
+    1.02× must not read as 'no change')."""
+    digits = 2 if any(f"{x:.1f}" == "1.0" for x in ci) else 1
+    return fmt_interval(ci, lambda x: f"{x:.{digits}f}")
+
+
+def speed_text(latency: dict[str, Any] | None, runs: bool = True) -> str:
+    """The speed-up with its interval and how it was measured: '1.7× faster (1.5 … 1.9), 30 interleaved runs',
+    '1.4× slower (1.3 … 1.5), …', or 'no measurable speed-up (0.93 … 1.08), …'. Older reports: the factor alone."""
+    lat = latency or {}
+    speedup = lat.get("speedup")
+    measurable = lat.get("speedup_measurable")
+    text = speed_phrase(speedup if _number(speedup) else None, measurable)
+    ci = interval(lat.get("speedup_ci"))
+    if ci is not None and _number(speedup) and speedup > 0:
+        if measurable is False:
+            text += " " + fmt_interval(ci, lambda x: f"{x:.2f}")
+        elif speedup >= 1:
+            text += " " + factor_interval(ci)
+        elif ci[0] > 0:  # a slow-down's interval, as slow-down factors (the interval's ends swap)
+            text += " " + factor_interval((1 / ci[1], 1 / ci[0]))
+    count = lat.get("runs")
+    if runs and _number(count) and count > 0 and _number(speedup):
+        order = "interleaved " if lat.get("order") == "interleaved" else ""
+        text += f", {count} {order}run{'' if count == 1 else 's'}"
+    return text
 
 
 @dataclass(frozen=True)
@@ -136,6 +221,8 @@ class Headline:
     delta: str
     phrase: str  # as it appears in the verdict line
     note: str
+    after_ci: str = ""  # the 95% interval of ``after``, '(96.9 … 100.0 %)'; '' when the report has none
+    delta_ci: str = ""  # the 95% interval of ``delta``, '(−3.1 … −0.2)'
 
 
 def accuracy_headline(report: dict[str, Any]) -> Headline | None:
@@ -148,20 +235,112 @@ def accuracy_headline(report: dict[str, Any]) -> Headline | None:
         delta = fmt_signed(labels["delta"] * 100)
         return Headline("labels", "Label accuracy", fmt_pct(labels["original"]), fmt_pct(labels["quantized"]),
                         f"{delta} pt", f"{delta} pt label accuracy",
-                        f"top-1 against the given labels, {labels.get('samples', samples)} samples")
+                        f"top-1 against the given labels, {labels.get('samples', samples)} samples",
+                        fmt_pct_ci(labels.get("quantized_ci")), fmt_points_ci(labels.get("delta_ci")))
     several = f" (worst of {len(outputs)} outputs)" if len(outputs) > 1 else ""
-    top1 = [o["top1_agreement"] for o in outputs if o.get("top1_agreement") is not None]
+    top1 = [o for o in outputs if _number(o.get("top1_agreement"))]
     if top1:
-        worst = min(top1)
+        w = min(top1, key=lambda o: o["top1_agreement"])
+        worst, ci = w["top1_agreement"], interval(w.get("top1_agreement_ci"))
         return Headline("top1_agreement", "Top-1 agreement", "100.0 %", fmt_pct(worst),
                         f"{fmt_signed((worst - 1) * 100)} pt", f"{fmt_pct(worst)} top-1 agreement",
-                        f"same top class as the original model{several}, {samples} samples")
-    cosines = [o["cosine"] for o in outputs if o.get("cosine") is not None]
+                        f"same top class as the original model{several}, {samples} samples",
+                        fmt_pct_ci(ci), fmt_points_ci(None if ci is None else (ci[0] - 1, ci[1] - 1)))
+    cosines = [o for o in outputs if _number(o.get("cosine"))]
     if cosines:
-        worst = min(cosines)
+        w = min(cosines, key=lambda o: o["cosine"])
+        worst = w["cosine"]
         return Headline("cosine", "Cosine similarity", "1.00000", f"{worst:.5f}", fmt_signed(worst - 1, 5),
-                        f"cosine {worst:.5f}", f"outputs compared with the original's{several}, {samples} samples")
+                        f"cosine {worst:.5f}", f"outputs compared with the original's{several}, {samples} samples",
+                        fmt_fraction_ci(worst, w.get("cosine_ci")))
     return None
+
+
+ROLE_WORDS = {"classification": "classification", "embedding": "embedding", "detection": "detection",
+              "regression": "regression", "other": "other"}
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    """What the accuracy table shows beside an output's exact figures: its role and the intervals."""
+
+    role: str  # '' for reports from before roles
+    role_source: str  # 'declared' | 'inferred' | ''
+    role_reason: str
+    cosine_ci: str
+    sqnr: str  # '' (the exact figure stands), '∞ (identical)', or why it is undefined
+    sqnr_ci: str
+    top1_ci: str
+    extra: list[str]  # sequence, CTC and neighbour agreement, each with its interval
+
+
+def _share_text(label: str, value: Any, ci: Any) -> str:
+    return f"{label} {fmt_pct(value)}" + (f" {fmt_pct_ci(ci)}" if interval(ci) else "")
+
+
+def output_rows(outputs: list[dict[str, Any]]) -> list[OutputRow]:
+    """One row per output of ``accuracy.outputs``; keys an older report lacks give empty cells."""
+    rows = []
+    for o in outputs:
+        sqnr = ""
+        if o.get("identical") is True:
+            sqnr = "\u221e (identical)"
+        elif o.get("sqnr_db") is None and o.get("sqnr_note"):
+            sqnr = str(o["sqnr_note"])
+        extra = []
+        for key, label in (("sequence_agreement", "whole sequence"), ("ctc_sequence_agreement", "CTC-decoded")):
+            if _number(o.get(key)):
+                extra.append(_share_text(label, o[key], o.get(key + "_ci")))
+        if _number(o.get("neighbour_agreement")):
+            among = o.get("neighbour_samples")
+            extra.append(_share_text("nearest neighbour", o["neighbour_agreement"], o.get("neighbour_agreement_ci"))
+                         + (f" among {among} samples" if _number(among) else ""))
+        role = str(o.get("role") or "")
+        rows.append(OutputRow(
+            role=ROLE_WORDS.get(role, role),
+            role_source=str(o.get("role_source") or ""),
+            role_reason=str(o.get("role_reason") or ""),
+            cosine_ci=fmt_fraction_ci(o.get("cosine"), o.get("cosine_ci")),
+            sqnr=sqnr,
+            sqnr_ci=fmt_interval(o.get("sqnr_db_ci"), lambda x: f"{x:.1f}"),
+            top1_ci=fmt_pct_ci(o.get("top1_agreement_ci")),
+            extra=extra,
+        ))
+    return rows
+
+
+def label_intervals(labels: dict[str, Any] | None) -> dict[str, str]:
+    """The label-accuracy figures' intervals: original and quantized in percent, the change in points."""
+    lab = labels or {}
+    return {"original": fmt_pct_ci(lab.get("original_ci")), "quantized": fmt_pct_ci(lab.get("quantized_ci")),
+            "delta": fmt_points_ci(lab.get("delta_ci"))}
+
+
+def overlap_text(accuracy: dict[str, Any] | None) -> str:
+    """Evaluation samples that were also calibrated on, in words; '' when none were (or nobody checked)."""
+    ov = (accuracy or {}).get("overlap") or {}
+    if ov.get("identical_to_calibration"):
+        return ("The evaluation set is the calibration set: every figure was measured on the samples the ranges "
+                "were fitted to, so they are optimistic.")
+    shared, total = ov.get("shared_with_calibration"), ov.get("evaluation_samples")
+    if _number(shared) and shared > 0:
+        of = f" of the {total}" if _number(total) else ""
+        return (f"{shared}{of} evaluation samples also occur in the calibration set: the figures on them are "
+                "optimistic.")
+    return ""
+
+
+def target_bound_text(target: dict[str, Any] | None) -> str:
+    """How a confident target was decided: 'decided by the 95% interval's lower end, 0.8781'."""
+    t = target or {}
+    conf = t.get("confidence")
+    if not _number(conf):
+        return ""
+    level = f"{conf * 100:g}%"
+    bound = t.get("bound")
+    if not _number(bound):
+        return f"needs the {level} interval, which could not be computed (too few samples)"
+    return f"decided by the {level} interval's lower end, {bound:.6g}, not the measured value"
 
 
 def target_text(target: dict[str, Any]) -> str:
@@ -190,7 +369,8 @@ def verdict(report: dict[str, Any]) -> str:
     """One line to decide on: '2.6× smaller, 1.4× slower, ±0.0 pt label accuracy; meets the target …'."""
     parts = [
         size_phrase((report.get("size") or {}).get("ratio")),
-        speed_phrase((report.get("latency") or {}).get("speedup")),
+        speed_phrase((report.get("latency") or {}).get("speedup"),
+                     (report.get("latency") or {}).get("speedup_measurable")),
     ]
     head = accuracy_headline(report)
     if head:
@@ -212,8 +392,11 @@ def verdict_tone(report: dict[str, Any]) -> str:
     if tv and tv[1] != "good":
         return tv[1]
     ratio = (report.get("size") or {}).get("ratio")
-    speedup = (report.get("latency") or {}).get("speedup")
-    if (ratio is not None and ratio > 1) or (speedup is not None and speedup < 1):
+    lat = report.get("latency") or {}
+    speedup = lat.get("speedup")
+    # A slow-down inside timing noise (its interval holds 1.0) is no reason to warn.
+    slower = speedup is not None and speedup < 1 and lat.get("speedup_measurable") is not False
+    if (ratio is not None and ratio > 1) or slower:
         return "warn"
     return "good"
 

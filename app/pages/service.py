@@ -20,7 +20,7 @@ from app.jobs.models import Job
 from app.jobs.schemas import JobCreate, JobOut
 from app.models import service as models
 from app.models.models import ModelFile
-from app.pages import charts, present
+from app.pages import charts, explain, present
 from app.settings import Settings
 from app.storage import Storage
 from app.tenants import service as tenants
@@ -149,7 +149,13 @@ def report_context(report: dict[str, Any], model_name: str, calib_name: str | No
         "target_text": present.target_text(report["accuracy_target"]) if report.get("accuracy_target") else "",
         "target_verdict": present.target_verdict(report.get("accuracy_target")),
         "size_phrase": present.size_phrase((report.get("size") or {}).get("ratio")),
-        "speed_phrase": present.speed_phrase((report.get("latency") or {}).get("speedup")),
+        "speed_phrase": present.speed_text(report.get("latency")),
+        "speedup_ci": present.fmt_interval((report.get("latency") or {}).get("speedup_ci"), lambda x: f"{x:.2f}"),
+        "output_rows": present.output_rows((report.get("accuracy") or {}).get("outputs") or []),
+        "label_ci": present.label_intervals((report.get("accuracy") or {}).get("labels")),
+        "overlap_text": present.overlap_text(report.get("accuracy")),
+        "target_bound": present.target_bound_text(report.get("accuracy_target")),
+        "how_to_read": explain.how_to_read(report),
         "charts": {
             "size": charts.size_chart(report.get("size") or {}),
             "latency": charts.latency_chart(report.get("latency") or {}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,11 @@ def test_quantize_command(zoo: dict[str, Path], tmp_path: Path) -> None:
     assert report["options"]["percentile"] == 99.9 and report["calibration"]["method"] == "percentile"
     assert report["accuracy"]["source"] == "eval_set"
     assert f"wrote {out}" in proc.stdout and "label accuracy" in proc.stdout
+    # the figures come with their 95% intervals (the change in points, the speed-up over interleaved runs)
+    assert re.search(r"label accuracy [\d.]+ % -> [\d.]+ %  [+-][\d.]+ pt \([+-]?[\d.]+ \u2026 [+-]?[\d.]+\)",
+                     proc.stdout), proc.stdout
+    assert re.search(r"latency p50 .* \(([\d.]+) \u2026 ([\d.]+)\), \d+ runs", proc.stdout), proc.stdout
+    assert re.search(r"output \S+: cosine [\d.]+ \([\d.]+ \u2026 [\d.]+\)", proc.stdout), proc.stdout
     ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
 
 

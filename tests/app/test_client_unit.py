@@ -71,13 +71,64 @@ def test_summary_table_and_default_output() -> None:
     text = "\n".join(summary_lines(JOB_EXAMPLE, REPORT_EXAMPLE))
     assert f"job {JOB_EXAMPLE['id']} succeeded: int8_static in 37.6 s" in text
     assert "1.8 MB  ->  478.9 kB" in text and "3.85x smaller" in text
-    assert "92.19 %  ->  90.62 %" in text and "-1.56 pt" in text
-    assert "1.912 ms  ->  0.744 ms" in text and "2.57x faster" in text
+    assert "92.19 %  ->  90.62 %       -1.56 pt (-4.7 \u2026 0.0)" in text
+    assert "1.912 ms  ->  0.744 ms      2.57x faster (2.4 \u2026 2.7)" in text
+    assert "  output logits: cosine 0.999412 (0.9992 \u2026 0.9996), SQNR 29.31 dB (27.9 \u2026 30.8), top-1 " \
+           "agreement 98.44 % (95.3 \u2026 100.0) (quantized vs original); a classification output (inferred)" in text
+    assert "4 threads, 30 interleaved runs; intervals are 95%" in text
     assert "accuracy target label_accuracy max_drop 0.01: NOT met" in text
     assert "64 samples of the evaluation set" in text
     assert default_output(Path("/data/model.onnx"), "int8_static") == Path.cwd() / "model.int8.onnx"
     assert default_output(Path("net.onnx"), "int4_weight_only").name == "net.int4.onnx"
     assert default_output(Path("net.onnx"), "new_recipe").name == "net.new_recipe.onnx"
+
+
+def test_summary_intervals_speed_noise_and_older_reports() -> None:
+    """No factor for a speed-up inside the timing noise; a slow-down's interval as slow-down factors; every
+    kind of output figure with its interval; a report from before intervals prints its figures alone."""
+    import copy
+
+    report = copy.deepcopy(REPORT_EXAMPLE)
+    report["latency"].update(speedup=0.98, speedup_ci=[0.93, 1.08], speedup_measurable=False)
+    report["accuracy"]["outputs"].append(
+        {"name": "emb", "role": "embedding", "role_source": "declared", "cosine": 1.0, "cosine_ci": [1.0, 1.0],
+         "sqnr_db": None, "identical": True, "neighbour_agreement": 1.0, "neighbour_agreement_ci": [1.0, 1.0]})
+    report["accuracy"]["outputs"].append(
+        {"name": "zeros", "cosine": 1.0, "sqnr_db": None, "identical": False,
+         "sqnr_note": "undefined: the original output is all zeros", "sequence_agreement": 0.5,
+         "sequence_agreement_ci": [0.25, 0.75], "ctc_sequence_agreement": 0.75})
+    report["accuracy_target"].update(confidence=0.95, bound=0.875)
+    text = "\n".join(summary_lines(JOB_EXAMPLE, report))
+    assert "0.744 ms      no measurable speed-up (0.93 \u2026 1.08)" in text and "faster" not in text
+    assert "  output emb: cosine 1.0 (1.0000 \u2026 1.0000), SQNR inf (bit-identical), neighbour agreement 100.00 % " \
+           "(100.0 \u2026 100.0) (quantized vs original); an embedding output (declared)" in text
+    assert "SQNR undefined: the original output is all zeros, sequence agreement 50.00 % (25.0 \u2026 75.0), CTC " \
+           "sequence agreement 75.00 % (quantized vs original)" in text
+    assert "NOT met (value 0.90625, 95% interval's lower end 0.875)" in text
+
+    report["latency"].update(speedup=0.7, speedup_ci=[0.65, 0.75], speedup_measurable=True)
+    assert "1.43x slower (1.3 \u2026 1.5)" in "\n".join(summary_lines(JOB_EXAMPLE, report))
+
+    old = copy.deepcopy(REPORT_EXAMPLE)
+    for k in ("speedup_ci", "speedup_measurable", "runs", "order"):
+        del old["latency"][k]
+    old["accuracy"]["labels"] = {k: v for k, v in old["accuracy"]["labels"].items() if not k.endswith("_ci")}
+    old["accuracy"]["outputs"] = [{k: v for k, v in o.items() if not k.endswith("_ci") and not k.startswith("role")}
+                                  for o in old["accuracy"]["outputs"]]
+    lines = summary_lines(JOB_EXAMPLE, old)
+    assert any(line.endswith("-1.56 pt") for line in lines) and any(line.endswith("2.57x faster") for line in lines)
+    assert "\u2026" not in "\n".join(lines) and "intervals" not in "\n".join(lines)
+    assert "  output logits: cosine 0.999412, SQNR 29.31 dB, top-1 agreement 98.44 % (quantized vs original)" in lines
+
+
+def test_offline_quantize_prints_the_intervals(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import print_figures
+
+    print_figures(REPORT_EXAMPLE)
+    out = capsys.readouterr().out
+    assert "  label accuracy 92.19 % -> 90.62 %  -1.56 pt (-4.7 \u2026 0.0)" in out
+    assert "  latency p50 1.912 ms -> 0.744 ms on CPUExecutionProvider: 2.57x faster (2.4 \u2026 2.7), 30 runs" in out
+    assert "  output logits: cosine 0.999412 (0.9992 \u2026 0.9996)" in out
 
 
 def test_progress_is_drawn_on_a_terminal_only() -> None:

@@ -362,6 +362,10 @@ def test_layer_chart_puts_the_worst_layers_first_and_marks_float_ones() -> None:
       "accuracy": {"samples": 9, "outputs": [{"cosine": 0.999871, "top1_agreement": None},
                                              {"cosine": 0.99, "top1_agreement": None}], "labels": None}},
      "3.3\u00d7 smaller, latency not measured, cosine 0.99000"),
+    # a speed-up whose 95% interval holds 1.0 claims no factor, faster or slower
+    ({"size": {"ratio": 0.25}, "latency": {"speedup": 0.97, "speedup_ci": [0.9, 1.05], "speedup_measurable": False},
+      "accuracy": {"samples": 9, "outputs": [{"cosine": 0.99, "top1_agreement": 0.997}], "labels": None}},
+     "4.0\u00d7 smaller, no measurable speed-up, 99.7 % top-1 agreement"),
 ])
 def test_verdict_line(report: dict[str, Any], verdict: str) -> None:
     assert present.verdict(report) == verdict
@@ -393,6 +397,9 @@ def test_verdict_tone(ratio: float, speedup: float, target: dict[str, Any] | Non
     if target:
         report["accuracy_target"] = target
     assert present.verdict_tone(report) == tone
+    # a slow-down inside the timing noise (its interval holds 1.0) is no reason to warn; a measured one is
+    report["latency"]["speedup_measurable"] = False
+    assert present.verdict_tone(report) == ("good" if tone == "warn" and ratio <= 1 and not target else tone)
 
 
 def test_axis_ticks_are_round() -> None:
@@ -509,3 +516,144 @@ def test_auto_page_and_summary_show_speed_against_fp32(sqlite_api: Harness, zoo:
     assert "auto chose int8_dynamic for its size only" in warnings[:warnings.index("</section>")]
     assert "  chosen: int8_dynamic, 4.35x slower than fp32 (SLOWER than the fp32 model)" in lines
     assert any(line.startswith("  warning: auto chose int8_dynamic") for line in lines)
+
+
+def _report_with_intervals() -> dict[str, Any]:
+    """The example report (one classification output with labels) plus an embedding, a bit-identical and a
+    CTC sequence output, an evaluation set sharing samples with the calibration set, and a confident target."""
+    report: dict[str, Any] = json.loads(json.dumps(REPORT_EXAMPLE))
+    acc = report["accuracy"]
+    acc["outputs"] += [
+        {"name": "embedding", "role": "embedding", "role_source": "declared", "role_reason": "declared in "
+         "options.outputs", "samples": 64, "cosine": 0.998765, "cosine_ci": [0.998112, 0.999301], "sqnr_db": 26.2,
+         "sqnr_db_ci": [25.1, 27.4], "identical": False, "max_abs_error": 0.03, "top1_agreement": None,
+         "top1_agreement_ci": None, "neighbour_agreement": 0.96875, "neighbour_agreement_ci": [0.921875, 1.0],
+         "neighbour_samples": 64},
+        {"name": "boxes", "role": "regression", "role_source": "inferred", "role_reason": "4 values per sample "
+         "(box-like)", "samples": 64, "cosine": 1.0, "cosine_ci": [1.0, 1.0], "sqnr_db": None, "sqnr_db_ci": None,
+         "identical": True, "max_abs_error": 0.0, "top1_agreement": None, "top1_agreement_ci": None},
+        {"name": "ctc", "role": "classification", "role_source": "inferred", "role_reason": "[samples, steps, 37] "
+         "scores per step", "samples": 64, "cosine": 0.9991, "cosine_ci": [0.9987, 0.9994], "sqnr_db": 27.0,
+         "sqnr_db_ci": [26.0, 28.1], "identical": False, "max_abs_error": 0.2, "top1_agreement": 0.9921875,
+         "top1_agreement_ci": [0.984375, 0.998047], "sequence_agreement": 0.90625,
+         "sequence_agreement_ci": [0.828125, 0.96875], "ctc_sequence_agreement": 0.953125,
+         "ctc_sequence_agreement_ci": [0.90625, 1.0]},
+    ]
+    acc["overlap"] = {"evaluation_samples": 64, "shared_with_calibration": 12, "identical_to_calibration": False}
+    report["warnings"] = ["12 of the 64 evaluation samples also occur in the calibration set: figures on them "
+                          "are optimistic; give an evaluation set of other samples"]
+    report["accuracy_target"] = {**report["accuracy_target"], "confidence": 0.95, "bound": 0.875}
+    return report
+
+
+def _without_intervals(report: dict[str, Any]) -> dict[str, Any]:
+    """The same report as an engine from before intervals and roles wrote it."""
+    old: dict[str, Any] = json.loads(json.dumps(report))
+    new_keys = ("_ci", "role", "identical", "sqnr_note", "samples", "sequence_agreement", "neighbour")
+    for o in old["accuracy"]["outputs"]:
+        for k in [k for k in o if k != "name" and any(x in k for x in new_keys)]:
+            del o[k]
+    for k in ("original_ci", "quantized_ci", "delta_ci"):
+        del old["accuracy"]["labels"][k]
+    del old["accuracy"]["overlap"]
+    for k in ("speedup_ci", "speedup_measurable", "runs", "order"):
+        del old["latency"][k]
+    old["accuracy_target"] = {k: v for k, v in old["accuracy_target"].items() if k not in ("confidence", "bound")}
+    return old
+
+
+def _field(html: str, name: str) -> list[str]:
+    """The text of every element with data-field=name (tags inside removed, entities decoded, space folded)."""
+    import html as html_lib
+
+    found = re.findall(rf'<(\w+)[^>]* data-field="{name}"[^>]*>(.*?)</\1>', html, re.S)
+    return [" ".join(html_lib.unescape(re.sub(r"<[^>]+>", "", inner)).split()) for _, inner in found]
+
+
+def test_report_page_shows_intervals_roles_and_how_to_read(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    """Each figure with its 95% interval, each output's role (declared or inferred, the reason as its title),
+    the overlap warning, and a how-to-read section carrying this job's numbers; a slow-down inside the timing
+    noise reads 'no measurable speed-up'; a report from before intervals renders without them."""
+    m = upload_model(sqlite_api.client, zoo["mlp"])
+    job_id = submit(sqlite_api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+
+    def page(report: dict[str, Any]) -> str:
+        with sqlite_api.factory.begin() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            job.status, job.report = "succeeded", report
+        r = sqlite_api.client.get(f"/jobs/{job_id}")
+        assert r.status_code == 200, r.text[-2000:]
+        return r.text
+
+    report = _report_with_intervals()
+    html = page(report)
+    assert _field(html, "verdict")[0].startswith(expected_verdict(report))
+    assert _field(html, "headline-delta") == ["\u22121.6 pt (\u22124.7 \u2026 0.0)"]
+    assert _field(html, "headline-after-ci") == ["after: 90.6 % (82.8 \u2026 96.9 %), 95% interval"]
+    assert _field(html, "speed") == ["2.6\u00d7 faster (2.4 \u2026 2.7), 30 interleaved runs"]
+    assert _field(html, "speedup-ci") == ["(2.45 \u2026 2.69)"]
+    assert _field(html, "target-bound") == ["decided by the 95% interval's lower end, 0.875, not the measured value"]
+    assert _field(html, "cosine-ci")[:2] == ["(0.9992 \u2026 0.9996)", "(0.9981 \u2026 0.9993)"]
+    assert _field(html, "sqnr-ci")[0] == "(27.9 \u2026 30.8)" and _field(html, "top1-ci")[0] == "(95.3 \u2026 100.0 %)"
+    assert _field(html, "sqnr-note") == ["\u221e (identical)"]
+    assert _field(html, "labels-delta-ci") == ["(\u22124.7 \u2026 0.0) pt"]
+    assert _field(html, "role") == ["classification", "embedding", "regression", "classification"]
+    assert _field(html, "role-source") == ["(inferred)", "(declared)", "(inferred)", "(inferred)"]
+    assert 'title="labels in [0, 10) were given">classification</span>' in html
+    assert _field(html, "output-extra") == [
+        "nearest neighbour 96.9 % (92.2 \u2026 100.0 %) among 64 samples",
+        "whole sequence 90.6 % (82.8 \u2026 96.9 %)", "CTC-decoded 95.3 % (90.6 \u2026 100.0 %)"]
+    assert _field(html, "overlap") == ["12 of the 64 evaluation samples also occur in the calibration set: the "
+                                       "figures on them are optimistic."]
+    # The exact figures stay exact beside their intervals (the identical output's SQNR is written out instead).
+    for key, text in keyed_values(html).items():
+        assert text == shown_as(at(report, key)), key
+    assert "accuracy.outputs.2.sqnr_db" not in keyed_values(html)
+
+    read = {p: " ".join(_field(html, f"read-{p}")) for p in (
+        "calibration", "recipe", "figures", "trust-0", "trust-1", "trust-2", "trust-3", "intervals", "overlap")}
+    assert "entropy method on 192 samples (2.41 s)" in read["calibration"]
+    assert "post-training quantization (PTQ, recipe int8_static)" in read["recipe"]
+    assert "on the same 64 samples, from the evaluation set" in read["figures"]
+    assert "26.2 dB (embedding), means an error about 4.9 % of the output's size" in read["figures"]
+    assert "boxes: bit-identical" in read["figures"]
+    assert "trust label accuracy" in read["trust-0"]
+    assert "92.2 % before, 90.6 % after (\u22121.6 pt, between \u22124.7 and 0.0 pt)" in read["trust-0"]
+    assert "(inferred: labels in [0, 10) were given)" in read["trust-0"]
+    assert "trust nearest-neighbour agreement" in read["trust-1"] and "96.9 % (92.2 \u2026 100.0 %) among 64" \
+        in read["trust-1"] and "declared in the job's options" in read["trust-1"]
+    assert "Output boxes is a regression output (inferred: 4 values per sample (box-like)): bit-identical" \
+        in read["trust-2"]
+    assert "Output embedding is an embedding output" in read["trust-1"]
+    assert "trust CTC-decoded sequence agreement, 95.3 % (90.6 \u2026 100.0 %)" in read["trust-3"]
+    assert "with 64 evaluation samples the label-accuracy change is between \u22124.7 and 0.0 points with 95% " \
+           "confidence" in read["intervals"]
+    assert "cannot be told apart from chance" in read["intervals"]
+    assert "30 timed runs" in read["intervals"] and "(0.875)" in read["intervals"]
+    assert "12 of the 64 evaluation samples also occur in the calibration set" in read["overlap"]
+
+    # A speed-up whose interval holds 1.0 is no speed-up, in the verdict and the card, and no reason to warn.
+    report["latency"].update(speedup=0.98, speedup_ci=[0.93, 1.08], speedup_measurable=False,
+                             quantized_ms_p50=1.912 / 0.98)
+    html = page(report)
+    verdict = _field(html, "verdict")[0]
+    assert verdict.startswith(expected_verdict(report)) and "no measurable speed-up, \u22121.6 pt" in verdict
+    assert 'class="verdict verdict-bad"' in html  # the target, not the speed, decides the tone
+    assert _field(html, "speed") == ["no measurable speed-up (0.93 \u2026 1.08), 30 interleaved runs"]
+    assert "includes 1.0: on this machine the two models' speeds cannot be told apart" in \
+        " ".join(_field(html, "read-intervals"))
+
+    # An older report: the same figures, no intervals, no roles, and still a how-to-read from its numbers.
+    old = _without_intervals(_report_with_intervals())
+    html = page(old)
+    assert _field(html, "verdict")[0].startswith(expected_verdict(old))
+    assert _field(html, "headline-delta") == ["\u22121.6 pt"] and not _field(html, "headline-after-ci")
+    assert _field(html, "speed") == ["2.6\u00d7 faster"] and _field(html, "speedup-ci") == ["n/a"]
+    for name in ("cosine-ci", "sqnr-ci", "top1-ci", "role", "overlap", "output-extra", "target-bound",
+                 "sqnr-note", "read-overlap"):
+        assert not _field(html, name), name
+    assert 'class="ci"' not in html
+    assert "entropy method on 192 samples" in " ".join(_field(html, "read-calibration"))
+    assert "trust SQNR 29.3 dB and cosine 0.99941" in " ".join(_field(html, "read-trust-0"))
+    assert not _field(html, "read-intervals")

@@ -1,0 +1,346 @@
+"""'How to read this report': a few paragraphs for an ML engineer who is not a quantization specialist, built
+from one job's report so that every sentence carries that job's numbers (method, samples, intervals, roles).
+
+Pure functions of the report JSON, like :mod:`app.pages.present`; a key an older report lacks drops the
+sentence that needs it instead of failing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from app.pages.present import (
+    _number,
+    fmt_end,
+    fmt_pct,
+    fmt_pct_ci,
+    fmt_signed,
+    interval,
+    overlap_text,
+    source_text,
+    speed_text,
+)
+
+
+@dataclass(frozen=True)
+class Point:
+    key: str  # the paragraph's data-field suffix: calibration, recipe, figures, trust-N, intervals, int4, ...
+    title: str
+    text: str
+
+
+METHOD_WORDS = {
+    "minmax": "the range from the smallest to the largest value seen, so a single outlier widens it and coarsens "
+    "every step",
+    "entropy": "the range whose clipped histogram keeps the most information (smallest KL divergence), so rare "
+    "outliers are clipped instead of widening the range",
+    "percentile": "the range holding {percentile} % of the values seen, clipping the rest",
+    "mse": "the range with the smallest squared error, rounding and clipping together",
+}
+INT4_WORDS = {
+    "rtn": "rounds each weight to the nearest of 16 levels of its block of {block} weights, from the weights alone",
+    "hqq": "fits each block's scale and zero point to the weights alone (half-quadratic optimisation), without data",
+    "clip_search": "used {samples} calibration samples to choose, block by block, how far to clip the weights so "
+    "that each layer's output on real inputs changes least",
+    "gptq": "used {samples} calibration samples to round the weights a column at a time, correcting the columns "
+    "not yet rounded for the error on real inputs so far",
+}
+
+
+def _num(x: Any, fmt: str = "g") -> str:
+    return format(x, fmt) if _number(x) else "?"
+
+
+def effective(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The recipe and options that made this model: an auto job's chosen candidate, else the job's own."""
+    recipe = str(report.get("recipe") or "")
+    options = report.get("options") or {}
+    if recipe == "auto":
+        chosen = report.get("chosen") or {}
+        return str(chosen.get("recipe") or recipe), chosen.get("options") or {}
+    return recipe, options
+
+
+def int4_algorithm(report: dict[str, Any]) -> str | None:
+    """The int4 algorithm that ran: the calibration section names it; without one the options do, and a
+    recipe given no algorithm and no calibration data rounds to nearest (the engine's default)."""
+    recipe, options = effective(report)
+    if recipe != "int4_weight_only":
+        return None
+    cal = report.get("calibration") or {}
+    return str(cal.get("algorithm") or options.get("algorithm") or ("rtn" if not cal else "clip_search"))
+
+
+def calibration_point(report: dict[str, Any]) -> Point | None:
+    recipe, options = effective(report)
+    cal = report.get("calibration") or {}
+    samples, seconds = cal.get("samples"), cal.get("seconds")
+    took = f" ({_num(seconds)} s)" if _number(seconds) else ""
+    what = ("Calibration runs the original model on sample inputs and records the range of values each activation "
+            "takes; int8 then spreads its 256 levels over that range. Too wide a range wastes levels, too narrow "
+            "clips values.")
+    if recipe == "int8_static" and cal:
+        method = str(cal.get("method") or "?")
+        words = METHOD_WORDS.get(method, "").format(percentile=_num(cal.get("percentile") or options.get("percentile")))
+        tensors = f" {cal['tensors']} tensors" if _number(cal.get("tensors")) else ""
+        text = (f"{what} This job calibrated{tensors} with the {method} method on {_num(samples)} samples{took}"
+                + (f": {words}." if words else "."))
+        return Point("calibration", "Calibration", text)
+    if recipe == "int8_dynamic":
+        return Point("calibration", "Calibration", "This job did not calibrate: int8_dynamic stores int8 weights "
+                     "and measures each activation's range at run time, on every input, so no range is fitted in "
+                     "advance (the measuring costs some speed).")
+    if recipe == "int4_weight_only":
+        algorithm = int4_algorithm(report) or "?"
+        block = options.get("block_size")
+        words = INT4_WORDS.get(algorithm, "").format(block=_num(block), samples=_num(samples))
+        calibrated = algorithm in ("clip_search", "gptq")
+        head = "Calibration" if calibrated else "No calibration"
+        text = (f"{head}: int4_weight_only stores the weights in 4 bits and computes in float; algorithm "
+                f"{algorithm} {words or 'chose the 4-bit weights'}{took if calibrated else ''}.")
+        if cal.get("int8_elsewhere"):
+            text += " The other layers' activations were calibrated for int8 as well."
+        return Point("calibration", "Calibration", text)
+    if recipe == "fp16":
+        text = ("No calibration is needed: float16 keeps about three significant digits over a wide range, so "
+                "weights and activations are converted as they are.")
+        if cal:
+            kept = cal.get("float32_nodes")
+            text += (f" This job still ran {_num(samples)} samples through the model to find values too large for "
+                     f"float16" + (f"; {kept} node(s) stay in float32." if _number(kept) else "."))
+        return Point("calibration", "Calibration", text)
+    if recipe == "qat_int8":
+        training = report.get("training") or {}
+        text = what + (f" This job calibrated with the {cal.get('method', '?')} method on {_num(samples)} samples"
+                       if cal else "")
+        if _number(training.get("steps")):
+            text += (f"{'; then' if cal else ' Then'} {training['steps']} training steps"
+                     f"{' (' + _num(training.get('seconds')) + ' s)' if _number(training.get('seconds')) else ''} "
+                     "adjusted the weights and ranges together.")
+        elif cal:
+            text += "."
+        return Point("calibration", "Calibration", text)
+    return None
+
+
+def recipe_point(report: dict[str, Any]) -> Point | None:
+    recipe, _ = effective(report)
+    if not recipe:
+        return None
+    if recipe == "qat_int8":
+        steps = (report.get("training") or {}).get("steps")
+        return Point("recipe", "PTQ or QAT", (
+            "This job used quantization-aware training (QAT): the model was fine-tuned"
+            + (f" for {steps} steps" if _number(steps) else "")
+            + " with the int8 rounding simulated in its forward pass, so the weights learned to live with it. "
+            "Post-training quantization (PTQ, every other recipe) only converts the trained weights; the "
+            "\u201cwhat training bought\u201d table below compares the two on the same samples."))
+    return Point("recipe", "PTQ or QAT", (
+        f"This job used post-training quantization (PTQ, recipe {recipe}): the trained weights were converted as "
+        "they are, with no further training. If the figures below lose too much, quantization-aware training "
+        "(recipe qat_int8, for .pt2 models) fine-tunes the model with the rounding simulated so that the weights "
+        "adapt to it, at the cost of a training run."))
+
+
+def _rms_error_pct(sqnr_db: float) -> str:
+    """SQNR as the error's size relative to the output's: 30 dB -> '3.2 %' (root-mean-square amplitudes)."""
+    return f"{100 * 10 ** (-sqnr_db / 20):.2g} %"
+
+
+def figures_point(report: dict[str, Any]) -> Point | None:
+    acc = report.get("accuracy") or {}
+    outputs = [o for o in acc.get("outputs") or [] if isinstance(o, dict)]
+    if not outputs:
+        return None
+    cos = [o for o in outputs if _number(o.get("cosine"))]
+    sq = [o for o in outputs if _number(o.get("sqnr_db"))]
+    parts = [f"Every figure compares the quantized model's outputs with the original's on the same "
+             f"{_num(acc.get('samples'))} samples, from {source_text(acc.get('source'))}."]
+    if cos:
+        w = min(cos, key=lambda o: o["cosine"])
+        parts.append(f"Cosine similarity says how closely an output points the same way, ignoring scale: 1 is the "
+                     f"same direction; the worst here is {w['cosine']:.5f} ({w.get('name')}).")
+    if sq:
+        w = min(sq, key=lambda o: o["sqnr_db"])
+        parts.append(f"SQNR is the output's power over the error's, in dB: every 10 dB is ten times less error "
+                     f"power. The worst here, {w['sqnr_db']:.1f} dB ({w.get('name')}), means an error about "
+                     f"{_rms_error_pct(w['sqnr_db'])} of the output's size.")
+    same = [o.get("name") for o in outputs if o.get("identical") is True]
+    if same:
+        parts.append(f"{', '.join(str(n) for n in same)}: bit-identical to the original, so SQNR is infinite.")
+    return Point("figures", "What the figures measure", " ".join(parts))
+
+
+def _role_words(o: dict[str, Any]) -> str:
+    role, source, reason = o.get("role"), o.get("role_source"), o.get("role_reason")
+    if not role:
+        return ""
+    how = "declared in the job's options" if source == "declared" else ("inferred" + (f": {reason}" if reason else ""))
+    article = "an" if str(role)[:1] in "aeiou" else "a"
+    return f" is {article} {role} output ({how})"
+
+
+def trust_point(report: dict[str, Any], index: int, o: dict[str, Any]) -> Point:
+    """Which figure to trust for one output, by its role, with this job's value and interval."""
+    acc = report.get("accuracy") or {}
+    labels = acc.get("labels") or {}
+    name = str(o.get("name", "?"))
+    head = f"Output {name}{_role_words(o)}"
+    role = o.get("role")
+    if _number(o.get("ctc_sequence_agreement")) or _number(o.get("sequence_agreement")):
+        bits = []
+        if _number(o.get("ctc_sequence_agreement")):
+            bits.append(f"CTC-decoded sequence agreement, {fmt_pct(o['ctc_sequence_agreement'])} "
+                        f"{fmt_pct_ci(o.get('ctc_sequence_agreement_ci'))}".rstrip()
+                        + " (the decoded text or label string, repeats and blanks removed, is unchanged)")
+        if _number(o.get("sequence_agreement")):
+            bits.append(f"whole-sequence agreement, {fmt_pct(o['sequence_agreement'])} "
+                        f"{fmt_pct_ci(o.get('sequence_agreement_ci'))}".rstrip()
+                        + " (every step's top class is unchanged, which is stricter)")
+        return Point(f"trust-{index}", "Which figure to trust", f"{head}: trust " + "; then ".join(bits) + ".")
+    if role == "classification" and labels and labels.get("output") in (None, name) and _number(
+            labels.get("original")) and _number(labels.get("quantized")) and _number(labels.get("delta")):
+        ci = interval(labels.get("delta_ci"))
+        change = f"{fmt_signed(labels['delta'] * 100)} pt"
+        if ci is not None:
+            change += f", between {fmt_end(ci[0] * 100)} and {fmt_end(ci[1] * 100)} pt"
+        return Point(f"trust-{index}", "Which figure to trust", (
+            f"{head}: trust label accuracy, the share of samples whose top class is the right label: "
+            f"{fmt_pct(labels['original'])} before, {fmt_pct(labels['quantized'])} after ({change}). Top-1 "
+            "agreement and cosine only say how much the outputs moved, not whether the answers got worse."))
+    if role == "classification" and _number(o.get("top1_agreement")):
+        shown = fmt_pct_ci(o.get("top1_agreement_ci"))
+        return Point(f"trust-{index}", "Which figure to trust", (
+            f"{head}: trust top-1 agreement, the share of samples whose top class is the same as the original "
+            f"model's: {fmt_pct(o['top1_agreement'])}{' ' + shown if shown else ''}. It does not say whether either "
+            "answer was right; an evaluation set with labels adds label accuracy."))
+    if role == "embedding" and _number(o.get("neighbour_agreement")):
+        shown = fmt_pct_ci(o.get("neighbour_agreement_ci"))
+        among = o.get("neighbour_samples")
+        cos = f", and cosine {o['cosine']:.5f}" if _number(o.get("cosine")) else ""
+        return Point(f"trust-{index}", "Which figure to trust", (
+            f"{head}: trust nearest-neighbour agreement, the share of samples whose closest other sample is the "
+            f"same among the quantized embeddings as among the original ones: {fmt_pct(o['neighbour_agreement'])}"
+            f"{' ' + shown if shown else ''}{f' among {among} samples' if _number(among) else ''}{cos}. Search and "
+            "clustering depend on who is close to whom, which this measures directly."))
+    if o.get("identical") is True:
+        return Point(f"trust-{index}", "Which figure to trust",
+                     f"{head}: bit-identical to the original's on every sample, so nothing was lost.")
+    figure = f"SQNR {o['sqnr_db']:.1f} dB and cosine" if _number(o.get("sqnr_db")) else "cosine"
+    cos = f" {o['cosine']:.5f}" if _number(o.get("cosine")) else ""
+    why = {"embedding": "too few samples to compare neighbours",
+           "classification": "no top class was measured for it"}.get(str(role), "it has no classes to agree on")
+    return Point(f"trust-{index}", "Which figure to trust",
+                 f"{head}: trust {figure}{cos}, since {why}; judge them against how precise this output must be.")
+
+
+def _rule_of_three(count: int | float, what: str) -> str:
+    """What a clean run on ``count`` samples still allows: none seen in n samples bounds the true rate at about
+    3/n with 95% confidence (the rule of three)."""
+    return (f"With {count} samples, a true rate of {what} up to about {min(100.0, 300 / count):.2g} % could "
+            "still go unseen (the rule of three).")
+
+
+def intervals_point(report: dict[str, Any]) -> Point | None:
+    acc = report.get("accuracy") or {}
+    labels = acc.get("labels") or {}
+    outputs = [o for o in acc.get("outputs") or [] if isinstance(o, dict)]
+    n = labels.get("samples") or acc.get("samples")
+    parts: list[str] = []
+    ci = interval(labels.get("delta_ci"))
+    if ci is not None and ci[0] == ci[1] == 0 and _number(n) and n > 0:
+        parts.append(f"on these {n} evaluation samples no answer went from right to wrong or back, so the "
+                     "label-accuracy change's interval is the single point 0.0: resampling cannot produce a change "
+                     f"that never occurred. {_rule_of_three(n, 'changed answers')}")
+    elif ci is not None:
+        parts.append(f"with {_num(n)} evaluation samples the label-accuracy change is between "
+                     f"{fmt_end(ci[0] * 100)} and {fmt_end(ci[1] * 100)} points with 95% confidence.")
+        if ci[1] < 0:
+            parts.append("The whole interval is below zero: the drop is real, not an accident of which samples "
+                         "were picked.")
+        elif ci[0] > 0:
+            parts.append("The whole interval is above zero: the gain is not an accident of the sample.")
+        else:
+            parts.append("The interval includes zero: on this many samples the change cannot be told apart from "
+                         "chance.")
+    else:
+        with_ci = [o for o in outputs if interval(o.get("top1_agreement_ci"))] or \
+            [o for o in outputs if interval(o.get("cosine_ci"))]
+        if with_ci:
+            # the worst output's interval: the one a reader should worry about
+            o = min(with_ci, key=lambda x: x["top1_agreement"] if _number(x.get("top1_agreement")) else
+                    x["cosine"] if _number(x.get("cosine")) else 1.0)
+            count = o.get("samples", n)
+            if interval(o.get("top1_agreement_ci")):
+                lo, hi = interval(o.get("top1_agreement_ci")) or (0.0, 0.0)
+                if lo == hi == 1.0 and _number(count) and count > 0:
+                    parts.append(f"all {count} evaluation samples keep their top class in {o.get('name')}, so its "
+                                 "interval is the single point 100 %: resampling cannot produce a disagreement "
+                                 f"that never occurred. {_rule_of_three(count, 'disagreements')}")
+                else:
+                    parts.append(f"with {_num(count)} evaluation samples the top-1 agreement of {o.get('name')} is "
+                                 f"between {lo * 100:.1f} % and {hi * 100:.1f} % with 95% confidence.")
+            else:
+                lo, hi = interval(o.get("cosine_ci")) or (0.0, 0.0)
+                parts.append(f"with {_num(count)} evaluation samples the cosine of {o.get('name')} "
+                             f"is between {lo:.5f} and {hi:.5f} with 95% confidence.")
+    if parts:
+        parts.append("More evaluation samples narrow the intervals.")
+    lat = report.get("latency") or {}
+    if interval(lat.get("speedup_ci")):
+        runs = lat.get("runs")
+        sentence = (f"The speed-up comes from {_num(runs)} timed runs of each model, interleaved (original, "
+                    "quantized, original, ...) so that a machine getting busier slows both alike: "
+                    f"{speed_text(lat, runs=False)}.")
+        if lat.get("speedup_measurable") is False:
+            sentence += (" That interval includes 1.0: on this machine the two models' speeds cannot be told "
+                         "apart.")
+        parts.append(sentence)
+    if not parts:
+        return None
+    text = ("Figures in brackets are 95% intervals, found by resampling the measured samples (a bootstrap): "
+            + parts[0][0].lower() + parts[0][1:] + " " + " ".join(parts[1:]))
+    target = report.get("accuracy_target") or {}
+    if _number(target.get("confidence")):
+        bound = target.get("bound")
+        text += (" The accuracy target was checked against the interval's pessimistic end"
+                 + (f" ({bound:.6g})" if _number(bound) else " (none could be computed, so it was not met)")
+                 + ", not the measured value.")
+    return Point("intervals", "What the ranges in brackets mean", text.strip())
+
+
+def int4_risk_point(report: dict[str, Any]) -> Point | None:
+    algorithm = int4_algorithm(report)
+    if algorithm not in ("rtn", "hqq"):
+        return None
+    source = (report.get("accuracy") or {}).get("source")
+    text = (f"4-bit without calibration is risky: each weight keeps one of only 16 levels, and {algorithm} chose "
+            "them from the weights alone, never seeing the inputs the layers get, so a rounding error that "
+            "matters on real data goes unnoticed until the model meets such data.")
+    if source == "synthetic":
+        text += (" This job's figures come from synthetic inputs, which say little about that; give an evaluation "
+                 "set of real samples.")
+    text += " Calibration data (algorithm clip_search or gptq) lets the rounding take real inputs into account."
+    return Point("int4", "Why 4-bit without calibration is risky", text)
+
+
+def overlap_point(report: dict[str, Any]) -> Point | None:
+    text = overlap_text(report.get("accuracy"))
+    if not text:
+        return None
+    return Point("overlap", "Evaluation shares samples with calibration",
+                 text + " The ranges were fitted to those samples, so the model does better on them than it will "
+                 "on new data; give an evaluation set of samples the calibration never saw.")
+
+
+def how_to_read(report: dict[str, Any]) -> list[Point]:
+    """The section's paragraphs for this report, in reading order; empty for a report with nothing measured."""
+    if not report.get("accuracy") and not report.get("latency"):
+        return []
+    outputs = [o for o in (report.get("accuracy") or {}).get("outputs") or [] if isinstance(o, dict)]
+    points = [calibration_point(report), recipe_point(report), figures_point(report)]
+    points += [trust_point(report, i, o) for i, o in enumerate(outputs[:8])]
+    points += [intervals_point(report), int4_risk_point(report), overlap_point(report)]
+    return [p for p in points if p is not None]
+
