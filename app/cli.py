@@ -147,7 +147,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         supervisor = Supervisor(
             lambda i: worker_argv(queues, s.worker_concurrency, s.uses_filesystem_broker,
                                   name=f"lowbit{i + 1}" if count > 1 else None),
-            count, lambda dead: _hand_back_lost(s, dead))
+            count, lambda dead: _hand_back_lost(s, dead),
+            # Embedded (the lock is ours): every running job of a process on this host that is gone is lost.
+            sweep=(lambda: _hand_back_lost(s, set(), any_gone=True)) if lock is not None else None)
     host = args.host or s.host
     port = args.port or s.port
     print(f"lowbit: serving on http://{host}:{port} (data in {s.data_dir.resolve()})", file=sys.stderr)
@@ -186,9 +188,10 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise _Stopped()
 
 
-def _hand_back_lost(s: Any, dead: set[int]) -> None:
-    """The embedded supervisor saw these processes of its workers die: their running jobs go back to the queue
-    now (the next attempt takes over), not after the lease."""
+def _hand_back_lost(s: Any, dead: set[int], any_gone: bool = False) -> None:
+    """The embedded supervisor saw these processes of its workers die (with ``any_gone``: any process on this
+    host, which only the embedded server, alone on its data directory, may assume): their running jobs go back
+    to the queue now (the next attempt takes over), not after the lease."""
     import socket
 
     from app import workers
@@ -201,7 +204,7 @@ def _hand_back_lost(s: Any, dead: set[int]) -> None:
     ours = {f"{host}:{pid}" for pid in dead}
 
     def gone(worker: str | None) -> bool:
-        return worker in ours and process_gone(worker)
+        return (any_gone or worker in ours) and process_gone(worker)
 
     engine = make_engine(s.resolved_database_url)
     try:
@@ -209,15 +212,17 @@ def _hand_back_lost(s: Any, dead: set[int]) -> None:
             requeued, failed = requeue_lost(db, gone)
             db.commit()
         workers.forget(make_sessionmaker(engine), sorted(ours))  # dead: no longer counted as live
-        queue = CeleryQueue(s)
-        for job_id, queue_name in requeued:
-            queue.enqueue(job_id, queue_name)
+        if requeued:
+            queue = CeleryQueue(s)
+            for job_id, queue_name in requeued:
+                queue.enqueue(job_id, queue_name)
         if requeued or failed:
-            print(f"lowbit: {len(requeued)} job(s) of the dead worker queued again, {len(failed)} failed after "
+            print(f"lowbit: {len(requeued)} job(s) of a dead worker process queued again, {len(failed)} failed after "
                   "repeated losses", file=sys.stderr)
     finally:
         engine.dispose()
-    _reconcile_queue(s)  # messages the dead worker had taken but not started are gone with it
+    if dead:
+        _reconcile_queue(s)  # messages the dead worker had taken but not started are gone with it
 
 
 def _recover_embedded_jobs(s: Any) -> None:

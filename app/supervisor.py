@@ -10,6 +10,9 @@ The supervisor:
   workers keep dying within STABLE_S of their start), counting restarts for /metrics;
 - on stop, sends each worker SIGTERM (a worker hands its running job back to the queue and exits), kills what
   is left after ``timeout`` and reaps it.
+With ``sweep`` (the embedded mode, where this server's workers are the only ones on its data directory), it also
+hands back, every SWEEP_S, the jobs of any process that is gone: a pool process killed inside a live worker,
+whose message the filesystem broker cannot redeliver, would otherwise wait for the lease.
 Each worker sets itself to receive SIGTERM when the server dies (``LOWBIT_SUPERVISOR_PID``, see
 ``worker/tasks.py``), so a server killed outright does not leave its workers running either.
 """
@@ -33,6 +36,8 @@ STABLE_S = 30.0
 FIRST_DELAY_S = 1.0
 MAX_DELAY_S = 60.0
 POLL_S = 0.25
+# How often ``sweep`` looks for running jobs whose process died inside a live worker (a pool process killed).
+SWEEP_S = 2.0
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -74,8 +79,8 @@ class Supervisor:
     the processes in ``pids``, which are dead: a worker's main process and everything it left behind."""
 
     def __init__(self, argv: Callable[[int], list[str]], count: int, on_lost: Callable[[set[int]], None],
-                 env: dict[str, str] | None = None) -> None:
-        self.argv, self.on_lost = argv, on_lost
+                 env: dict[str, str] | None = None, sweep: Callable[[], None] | None = None) -> None:
+        self.argv, self.on_lost, self.sweep = argv, on_lost, sweep
         self.env = dict(env if env is not None else os.environ)
         self.env["LOWBIT_SUPERVISOR_PID"] = str(os.getpid())
         self.slots = [_Slot(i) for i in range(count)]
@@ -113,8 +118,15 @@ class Supervisor:
             self._spawn(slot)
             assert slot.proc is not None
             _say(f"embedded worker {slot.index + 1} pid {slot.proc.pid}")
+        next_sweep = time.monotonic() + SWEEP_S
         while not self._stopping.wait(POLL_S):
             self._reap_orphans()
+            if self.sweep is not None and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + SWEEP_S
+                try:
+                    self.sweep()
+                except Exception as exc:  # the database may be away for a moment: the next sweep tries again
+                    _say(f"could not look for jobs of dead worker processes ({type(exc).__name__}: {exc})")
             for slot in self.slots:
                 proc = slot.proc
                 if self._stopping.is_set() or proc is None or proc.poll() is None:

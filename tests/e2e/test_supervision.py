@@ -147,3 +147,21 @@ def test_sigterm_stops_every_worker_process_and_hands_the_job_back(embedded: Emb
     assert "handed back" in e.proc.tail(200_000)
     with e.db.connect() as c:  # each worker removed its heartbeat row as it stopped
         assert c.execute(sa.text("SELECT count(*) FROM workers")).scalar_one() == 0
+
+
+def test_a_killed_pool_process_is_taken_over_without_the_lease(embedded: Embedded, big: dict[str, Path]) -> None:
+    """The filesystem broker cannot redeliver the message of a pool process killed inside a live worker: the
+    supervisor notices the job's process is gone and queues it again (the lease is 120 s)."""
+    e = embedded
+    job_id = e.submit(big["tf"], big["tf_data"])
+    pool, child = e.running_in(job_id)
+    killed_at = time.monotonic()
+    os.kill(pool, signal.SIGKILL)
+    until("attempt 2", lambda: e.row(job_id).attempts == 2, 30, e.proc)
+    assert time.monotonic() - killed_at < 30
+    job = wait_job(e.client, job_id, e.proc, timeout=240)
+    assert job["status"] == "succeeded", (job["error"], e.proc.tail())
+    assert sorted(p.name for p in (e.data / "jobs" / job_id).iterdir()) == ["model.quantized.2.onnx"]
+    log = e.proc.tail(200_000)
+    assert "of a dead worker process queued again" in log and "no heartbeat for" not in log
+    assert "lowbit_worker_restarts_total 0.0" in e.client.get("/metrics").text  # the worker itself lived on
