@@ -108,15 +108,21 @@ def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
     if rate_in == rate_out:
         return x.astype(np.float32)
     n_out = int(round(len(x) * rate_out / rate_in))
-    pad = int(0.05 * rate_in)
-    xp = np.concatenate([np.zeros(pad), x, np.zeros(pad)])
+    # Zero-pad to a length whose FFT is fast and which maps to a whole number of output samples (the
+    # leading pad too, so the output starts exactly on an input sample).
+    g = math.gcd(rate_in, rate_out)
+    step = rate_in // g
+    pad = step * math.ceil(0.05 * rate_in / step)
+    blocks = 1 << max(0, math.ceil(math.log2((len(x) + 2 * pad) / step)))
+    xp = np.zeros(step * blocks)
+    xp[pad : pad + len(x)] = x
     spec = np.fft.rfft(xp)
-    m = int(round(len(xp) * rate_out / rate_in))
+    m = (rate_out // g) * blocks
     keep = min(len(spec), m // 2 + 1)
     out_spec = np.zeros(m // 2 + 1, dtype=complex)
     out_spec[:keep] = spec[:keep]
     y = np.fft.irfft(out_spec, m) * (m / len(xp))
-    start = int(round(pad * rate_out / rate_in))
+    start = pad * rate_out // rate_in
     return y[start : start + n_out].astype(np.float32)
 
 

