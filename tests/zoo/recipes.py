@@ -129,13 +129,18 @@ def save_pt2(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dynamic: t
              path: Path, input_names: Sequence[str], output_names: Sequence[str]) -> dict[str, Any]:
     with torch.no_grad():
         ep = torch.export.export(module.eval(), args, dynamic_shapes=dynamic)
+        res = module(*args)
     torch.export.save(ep, path)
     ins = []
     for name, a, dyn in zip(input_names, args, dynamic, strict=True):
         shape: list[int | str] = [_dimname(dyn[i]) if i in dyn else int(s) for i, s in enumerate(a.shape)]
         ins.append({"name": name, "dtype": str(a.dtype).removeprefix("torch."), "shape": shape})
-    return {"inputs": ins, "outputs": [{"name": n} for n in output_names], "input_names": list(input_names),
-            "output_names": list(output_names)}
+    outs = []
+    for name, o in zip(output_names, res if isinstance(res, tuple) else (res,), strict=True):
+        # Shapes for the example input; axis 0 follows the batch.
+        outs.append({"name": name, "dtype": str(o.dtype).removeprefix("torch."),
+                     "shape": ["batch", *(int(s) for s in o.shape[1:])], "for_example_input": list(args[0].shape)})
+    return {"inputs": ins, "outputs": outs, "input_names": list(input_names), "output_names": list(output_names)}
 
 
 def _dimname(d: Any) -> str:

