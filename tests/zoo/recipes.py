@@ -310,7 +310,7 @@ def build_mtcnn_onet(ctx: Ctx, name: str, out: Path) -> dict[str, Any]:
     if lfw is None:
         rng = rng_for(name, "faces")
         # No face photos without scikit-image: drawn blobs stand in (the task figures mean little then).
-        faces = np.stack([images.resize(images._drawn_scene(int(s), 64, 64)[:, :, 0], 25, 25)
+        faces = np.stack([images.resize(images.drawn_scene(int(s), 64, 64)[:, :, 0], 25, 25)
                           for s in rng.integers(0, 1 << 30, 64)])
         nonfaces = faces[32:]
         faces = faces[:32]
