@@ -736,9 +736,10 @@ def collect_stats(
         # min/max: reduce inside ONNX Runtime; only scalars cross into Python.
         delta, pairs = minmax_delta(model, list(tensors))
         session = session_with(model_path, delta, providers, threads)
-        names = [o.name for o in session.get_outputs()]
+        # Only the reductions: the model's own outputs are not fetched.
+        names = [o for pair in pairs.values() for o in pair if o]
         for feed, n in batches():
-            got = dict(zip(names, runtime.run(session, feed, "model during calibration"), strict=True))
+            got = dict(zip(names, runtime.run(session, feed, "model during calibration", names), strict=True))
             for t, (mn, mx) in pairs.items():
                 stats[t].update(np.array([got[mn] if mn else 0.0, got[mx]], dtype=np.float64))
             samples += n
@@ -761,7 +762,7 @@ def collect_stats(
     for g, group in enumerate(groups):
         delta, outs = hist_delta(model, group)
         session = session_with(model_path, delta, providers, threads)
-        names = [o.name for o in session.get_outputs()]
+        names = [name for o in outs.values() for name in (o.min, o.max, o.subset, o.shape) if name]
         samples = 0
         for k, (feed, n) in enumerate(batches()):
             got = _hist_run(session, names, feed, outs, steps)
@@ -790,7 +791,7 @@ def _hist_run(session: Any, names: list[str], feed: dict[str, np.ndarray], outs:
     run_feed = dict(feed)
     for t, o in outs.items():
         run_feed[o.step] = np.array([steps[t]], np.int64)
-    return dict(zip(names, runtime.run(session, run_feed, "model during calibration"), strict=True))
+    return dict(zip(names, runtime.run(session, run_feed, "model during calibration", names), strict=True))
 
 
 def ranges_from_stats(stats: dict[str, TensorStats], settings: CalibrationSettings) -> dict[str, tuple[float, float]]:

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
 from worker.engine.errors import EngineError
+
+
+def _ort_tools_without_torch() -> None:
+    """Register the package ``onnxruntime.tools`` without running its ``__init__``, which imports torch whenever
+    torch is installed (for a PyTorch export helper lowbit never calls). The quantization pre-processing imports
+    ``onnxruntime.tools.symbolic_shape_infer``, so every ONNX job paid for importing torch: 3-9 s, more than the
+    whole job on a small model, and a few hundred MB of RSS. Its submodules still import normally."""
+    if "onnxruntime.tools" in sys.modules:
+        return
+    try:
+        spec = importlib.util.find_spec("onnxruntime.tools")
+    except (ImportError, ValueError):
+        return
+    if spec is None or not spec.submodule_search_locations:
+        return
+    package = types.ModuleType("onnxruntime.tools")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    package.__package__ = "onnxruntime.tools"
+    sys.modules["onnxruntime.tools"] = package
+
+
+_ort_tools_without_torch()
 
 
 def select_providers(device: str = "auto") -> list[str]:
@@ -64,9 +90,12 @@ def make_session(model: Path | bytes, providers: list[str], threads: int, what: 
         ) from exc
 
 
-def run(session: Any, feed: dict[str, Any], what: str = "model") -> list[Any]:
+def run(session: Any, feed: dict[str, Any], what: str = "model", outputs: list[str] | None = None) -> list[Any]:
+    """The session's outputs on ``feed`` (only ``outputs``, in that order, when given)."""
+    if outputs is not None and not outputs:
+        return []  # nothing asked for (ONNX Runtime would read an empty list as "every output")
     try:
-        return list(session.run(None, feed))
+        return list(session.run(outputs, feed))
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EngineError("model_run_failed", f"ONNX Runtime failed to run the {what}: {msg[:600]}") from exc

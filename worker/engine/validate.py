@@ -242,14 +242,17 @@ def layer_sqnr(
                              "original model (layer analysis)")
         q_s = session_with(quantized_path, exposing(quantized_model, [b for _, b in group]), providers, threads,
                            "quantized model (layer analysis)")
-        ref_names = [o.name for o in ref_s.get_outputs()]
-        q_out_names = [o.name for o in q_s.get_outputs()]
+        # Only the group's tensors are fetched, not the model's own outputs.
+        ref_names = list(dict.fromkeys(a for a, _ in group))
+        q_out_names = list(dict.fromkeys(b for _, b in group))
         part_sig = dict.fromkeys(group, 0.0)
         part_noise = dict.fromkeys(group, 0.0)
         regrouped = False
         for k, (feed, _) in enumerate(feeds):
-            r = dict(zip(ref_names, runtime.run(ref_s, feed, "original model (layer analysis)"), strict=True))
-            q = dict(zip(q_out_names, runtime.run(q_s, feed, "quantized model (layer analysis)"), strict=True))
+            r = dict(zip(ref_names, runtime.run(ref_s, feed, "original model (layer analysis)", ref_names),
+                         strict=True))
+            q = dict(zip(q_out_names, runtime.run(q_s, feed, "quantized model (layer analysis)", q_out_names),
+                         strict=True))
             if k == 0 and len(group) > 1:
                 actual = {p: int(np.asarray(r[p[0]]).nbytes + np.asarray(q[p[1]]).nbytes) for p in group}
                 if sum(actual.values()) > 2 * bytes_per_run:

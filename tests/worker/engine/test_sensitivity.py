@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from tests import builders
-from worker.engine import pipeline
+from worker.engine import pipeline, runtime
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.sensitivity import activation_qparams, analyse, fake_quant_weight, quantize_one
+from worker.engine.validate import layer_sqnr
 
 
 def test_static_report_ranks_the_planted_layers_first(tmp_path: Path) -> None:
     model = builders.planted_outlier_mlp(tmp_path / "p.onnx")
     data = builders.planted_data(tmp_path / "p.npz")
     cfg = QuantizeConfig(model_path=model, output_path=tmp_path / "q.onnx", recipe="int8_static",
-                         options=parse_options("int8_static", {"latency_runs": 2}), calibration_path=data,
-                         threads=1, device="cpu")
+                         options=parse_options("int8_static", {"latency_runs": 2, "layer_sensitivity": True}),
+                         calibration_path=data, threads=1, device="cpu")
     report = pipeline.run(cfg).report
+    assert report["sensitivity"]["computed"] is True
     layers = {layer["name"]: layer for layer in report["layers"]}
     assert set(report["sensitivity"]["ranking"][:2]) == set(builders.PLANTED_SENSITIVE)
     for name in builders.PLANTED_SENSITIVE:
@@ -30,9 +33,29 @@ def test_static_report_ranks_the_planted_layers_first(tmp_path: Path) -> None:
     for name in ("fc1", "expand1", "head"):
         assert layers[name]["sensitivity"] < 1e-3
         assert layers[name]["isolated_sqnr_db"] > 30
-    # Turned off, the report carries no sensitivity (auto's later candidates skip the cost).
+    # Switched off by the run (auto's later candidates skip the cost), whatever the option says: the report
+    # says it was not computed, and no layer carries a sensitivity.
     off = pipeline.run(QuantizeConfig(**{**cfg.__dict__, "layer_sensitivity": False})).report
-    assert "sensitivity" not in off and "sensitivity" not in off["layers"][0]
+    assert off["sensitivity"]["computed"] is False and "ranking" not in off["sensitivity"]
+    assert all("sensitivity" not in layer for layer in off["layers"])
+
+
+def test_static_sensitivity_is_opt_in(tmp_path: Path) -> None:
+    """A default int8_static job does not pay for the analysis, and says so; the option turns it on."""
+    model = builders.planted_outlier_mlp(tmp_path / "p.onnx")
+    data = builders.planted_data(tmp_path / "p.npz")
+    cfg = QuantizeConfig(model_path=model, output_path=tmp_path / "q.onnx", recipe="int8_static",
+                         options=parse_options("int8_static", {"latency_runs": 2}), calibration_path=data,
+                         threads=1, device="cpu")
+    assert cfg.options.layer_sensitivity is False
+    report = pipeline.run(cfg).report
+    assert report["sensitivity"]["computed"] is False
+    assert "layer_sensitivity: true" in report["sensitivity"]["note"]
+    assert report["options"]["layer_sensitivity"] is False
+    assert all("sensitivity" not in layer for layer in report["layers"])
+    # The per-layer SQNR is still measured, and the report says on how many samples and passes.
+    assert any(layer["sqnr_db"] is not None for layer in report["layers"])
+    assert report["layer_sqnr"]["samples"] >= 1 and report["layer_sqnr"]["passes"] >= 1
 
 
 def test_other_recipes_do_not_report_sensitivity(tmp_path: Path) -> None:
@@ -72,3 +95,100 @@ def test_activation_qparams_keep_zero_exact() -> None:
     scale, zp = activation_qparams(-1.0, 1.0)
     assert abs(-1.0 + scale * zp) < scale  # zero maps to an integer level
     assert analyse(onnx.ModelProto(), {}, [], ["CPUExecutionProvider"], 1, ["MatMul"], 0).layers == {}
+
+
+def _conv_chain(path: Path, layers: int = 24, ch: int = 8, noise: float = 0.0, seed: int = 0) -> Path:
+    """x [N, ch, 32, 32] through ``layers`` 1x1 convolutions, outputs c0..c{layers-1}; ``noise`` perturbs the
+    weights (a stand-in for a quantized copy with the same tensor names)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    prev = "x"
+    for i in range(layers):
+        w = (np.eye(ch) + 0.1 * rng.standard_normal((ch, ch))).astype(np.float32)
+        if noise:
+            w = w + noise * np.random.default_rng(100 + i).standard_normal(w.shape).astype(np.float32)
+        inits.append(onnx.numpy_helper.from_array(w.reshape(ch, ch, 1, 1), f"w{i}"))
+        nodes.append(onnx.helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], name=f"conv{i}"))
+        prev = f"c{i}"
+    graph = onnx.helper.make_graph(
+        nodes, "chain", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", ch, 32, 32])],
+        [onnx.helper.make_tensor_value_info(prev, onnx.TensorProto.FLOAT, ["N", ch, 32, 32])], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _fetch_spy(monkeypatch: Any) -> list[list[int]]:
+    """Records the byte size of every array each model run hands back to Python."""
+    fetched: list[list[int]] = []
+    real = runtime.run
+
+    def spy(session: Any, feed: dict[str, np.ndarray], what: str = "model",
+            outputs: list[str] | None = None) -> list[Any]:
+        out = real(session, feed, what, outputs)
+        fetched.append([int(np.asarray(o).nbytes) for o in out])
+        return out
+
+    monkeypatch.setattr(runtime, "run", spy)
+    return fetched
+
+
+def test_layer_sqnr_fetches_a_bounded_group_of_activations_per_run(tmp_path: Path, monkeypatch: Any) -> None:
+    a_path, b_path = _conv_chain(tmp_path / "a.onnx", 12), _conv_chain(tmp_path / "b.onnx", 12, noise=0.02)
+    a, b = onnx.load(str(a_path)), onnx.load(str(b_path))
+    rng = np.random.default_rng(0)
+    feeds = [({"x": rng.standard_normal((4, 8, 32, 32)).astype(np.float32)}, 4) for _ in range(3)]
+    pairs = [(f"c{i}", f"c{i}") for i in range(12)]
+    tensor = 4 * 8 * 32 * 32 * 4  # 128 kB: one layer's output for one batch
+    whole = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1,
+                       bytes_per_run=1 << 40, bytes_total=1 << 40)
+    assert whole.passes == 1 and whole.samples == 12
+    fetched = _fetch_spy(monkeypatch)
+    budget = 4 * tensor  # both models' outputs of two layers per run
+    bounded = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1,
+                         bytes_per_run=budget, bytes_total=1 << 40)
+    # Each run of either model fetched at most half the budget: two layers' outputs, nothing else.
+    assert max(sum(run) for run in fetched) <= budget // 2
+    assert bounded.passes == 6 and bounded.samples == 12
+    assert len(fetched) == 2 * 6 * 3  # two models, 6 passes, 3 batches: no run was repeated
+    # Streaming changes what is held, not what is measured.
+    assert bounded.sqnr.keys() == whole.sqnr.keys()
+    for p, v in whole.sqnr.items():
+        assert v is not None and abs(v - (bounded.sqnr[p] or 0.0)) < 1e-6
+    # With a total budget of one batch's activations, only the first batch is analysed.
+    fetched.clear()
+    few = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1,
+                     bytes_per_run=1 << 40, bytes_total=12 * tensor)
+    assert few.samples == 4 and few.passes == 1 and len(fetched) == 2
+
+
+def test_sensitivity_keeps_no_intermediate_activations(tmp_path: Path, monkeypatch: Any) -> None:
+    path = _conv_chain(tmp_path / "a.onnx", layers=12)
+    model = onnx.load(str(path))
+    feeds = [{"x": np.random.default_rng(s).standard_normal((2, 8, 32, 32)).astype(np.float32)} for s in range(2)]
+    # Min/max ranges of every activation on these feeds, as calibration would give them.
+    seen = onnx.ModelProto()
+    seen.CopyFrom(model)
+    seen.graph.output.extend(onnx.ValueInfoProto(name=f"c{i}") for i in range(11))
+    sess = ort.InferenceSession(seen.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = [dict(zip(names, sess.run(None, f), strict=True)) for f in feeds]
+    ranges = {t: (float(min(o[t].min() for o in outs)), float(max(o[t].max() for o in outs))) for t in names}
+    ranges["x"] = (float(min(f["x"].min() for f in feeds)), float(max(f["x"].max() for f in feeds)))
+    fetched = _fetch_spy(monkeypatch)
+    res = analyse(model, ranges, feeds, ["CPUExecutionProvider"], 1, ["Conv"], 4, max_nodes=5)
+    # Reference runs return the model's one output; each layer's run that output plus the layer's own output
+    # and its float twin's: never every layer's activations.
+    assert len(fetched) == 2 + 5 * 2
+    assert [len(run) for run in fetched[:2]] == [1, 1]
+    assert [len(run) for run in fetched[2:]] == [3] * 8 + [2] * 2  # conv11's output is the model's output
+    # Five of twelve layers, spread over the graph (first and last included); the rest are counted as skipped.
+    assert sorted(res.layers, key=lambda n: int(n[4:])) == ["conv0", "conv3", "conv6", "conv8", "conv11"]
+    assert res.skipped == 7 and res.samples == 4
+    for one in res.layers.values():
+        # An int8 1x1 conv with min/max ranges: measured 1.2e-4 to 2.4e-4, own output 35.4 to 39.4 dB.
+        assert one.sensitivity is not None and 5e-5 < one.sensitivity < 5e-4
+        assert one.isolated_sqnr_db is not None and 33 < one.isolated_sqnr_db < 42
+    # The last layer's output is the model's: its own error (against its float twin) is the output's error.
+    assert res.layers["conv11"].isolated_sqnr_db == res.layers["conv11"].output_sqnr_db
