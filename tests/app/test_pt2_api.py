@@ -39,7 +39,7 @@ def test_pt2_conv_net_and_transformer_through_int8_static_and_qat_int8(sqlite_ap
             jobs[(name, recipe)] = r.json()["id"]
             if recipe == "qat_int8":  # recorded with every default filled in
                 recorded = r.json()["options"]
-                assert recorded["steps"] == 20 and recorded["learning_rate"] == 1e-4
+                assert recorded["steps"] == 20 and recorded["learning_rate"] == 0.05
                 assert recorded["train_activation_ranges"] is True and recorded["train_weight_ranges"] is False
     assert api.run_queued() == ["succeeded"] * 4, [
         api.client.get(f"/api/v1/jobs/{j}").json()["error"] for j in jobs.values()]

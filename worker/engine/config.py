@@ -78,13 +78,14 @@ class RecipeOptions:
     # qat_int8: Adam steps on the calibration samples (batch_size per step), the learning rate of the
     # model's weights (relative: each tensor's rate is this times its own int8 step, max|w|/127, so an Adam step
     # moves a weight by about that share of one quantization level; see qat_torch.learning_rates) and of the
-    # learned quantization ranges (their logarithms), which ranges are learned
+    # learned quantization ranges (momentum SGD on their log-scales and zero points, against a scale-free loss),
+    # which ranges are learned
     # (otherwise: weights max|w|/127 per channel, activations fixed at their calibrated min/max), and
     # whether `labels` add a cross-entropy term to the distillation loss (off: it trades fidelity to the
     # float model for label fit).
     steps: int = 200
     learning_rate: float = 0.05
-    range_learning_rate: float = 0.1
+    range_learning_rate: float = 0.05
     train_weight_ranges: bool = False
     train_activation_ranges: bool = True
     task_loss: bool = False
@@ -232,7 +233,7 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
     if "learning_rate" in raw:
         kw["learning_rate"] = _float("learning_rate", raw["learning_rate"], 0.0, 1000.0)
     if "range_learning_rate" in raw:
-        kw["range_learning_rate"] = _float("range_learning_rate", raw["range_learning_rate"], 0.0, 100.0)
+        kw["range_learning_rate"] = _float("range_learning_rate", raw["range_learning_rate"], 0.0, 1000.0)
     if "max_fallback_steps" in raw:
         kw["max_fallback_steps"] = _int("max_fallback_steps", raw["max_fallback_steps"], 0, 64)
     if "prefer" in raw:

@@ -29,7 +29,15 @@ from typing import Any
 
 import onnx
 
-from worker.engine.calibrate import CalibrationSettings, StatsCache, calibrate, select_tensors, write_ort_ranges
+from worker.engine.calibrate import (
+    CalibrationSettings,
+    StatsCache,
+    calibrate,
+    effective_ranges,
+    quantizable_op_types,
+    select_tensors,
+    write_ort_ranges,
+)
 from worker.engine.config import QuantizeConfig, RecipeOptions
 from worker.engine.errors import EngineError
 from worker.engine.feeds import batch_source
@@ -64,6 +72,45 @@ def quantized_activations(model: onnx.ModelProto) -> set[str]:
             if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
 
 
+def quantization_owners(model: onnx.ModelProto) -> dict[str, str]:
+    """Each activation the int8 model quantizes (by its float name) -> the tensor whose scale and zero point
+    its QuantizeLinear uses: itself, or, for the output of a Transpose, Reshape, Split, Gather (ONNX Runtime's
+    data-movement operators), the input's. ``param:NAME`` is an initializer (a Gather's table). Read from
+    the scale's name, ``<tensor>_scale`` in ONNX Runtime's QDQ models."""
+    inits = {t.name for t in model.graph.initializer}
+    quantized = {n.input[0].removesuffix("_QuantizeLinear_Input") for n in model.graph.node
+                 if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    owners: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear" or n.input[0] in inits or len(n.input) < 2:
+            continue
+        t = n.input[0].removesuffix("_QuantizeLinear_Input")
+        owner = n.input[1].removesuffix("_scale")
+        if f"{owner}_quantized" in inits or owner in inits:
+            owners[t] = f"param:{owner}"
+        else:
+            owners[t] = owner if owner in quantized else t
+    return owners
+
+
+def quantized_parameters(model: onnx.ModelProto) -> dict[str, str]:
+    """Initializers the int8 model quantizes per tensor (a bias read by an Add, a LayerNorm scale, an embedding
+    table), by their float name, with the scheme it used: ``int8`` (symmetric) or ``uint8`` (asymmetric, as an
+    activation). Per-channel weights are left out (training quantizes them per channel anyway), and so are
+    int32 biases (in the accumulator's scale: a rounding far below the others)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    out: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits or n.input[1] not in inits:
+            continue
+        if len(inits[n.input[1]].dims) and max(inits[n.input[1]].dims) > 1:
+            continue
+        scheme = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}.get(inits[n.input[0]].data_type)
+        if scheme:
+            out[n.input[0].removesuffix("_quantized")] = scheme
+    return out
+
+
 def mask_tensors(ranges: dict[str, tuple[float, float]]) -> list[str]:
     """Tensors whose calibrated range is dominated by large negative values, as an additive attention mask's
     are (the mask itself, scores + mask): quantizing them per tensor would round every score to one level."""
@@ -71,23 +118,26 @@ def mask_tensors(ranges: dict[str, tuple[float, float]]) -> list[str]:
 
 
 def training_points(model: onnx.ModelProto, quantized: set[str], ranges: dict[str, tuple[float, float]],
-                    excluded: set[str]) -> tuple[dict[str, tuple[float, float]], list[str]]:
-    """The activations to fake-quantize in training, with the ranges ONNX Runtime's quantizer will give them,
-    and those of them whose range it fixes (not learned). Like ``BaseQuantizer.adjust_tensor_ranges``: a
-    Softmax output gets [0, 1]; the input of a Relu or Clip it alone reads gets the output's range, which
-    is the same grid as quantizing the output, so training quantizes only the output and the learned range
-    reaches the input through the quantizer."""
+                    excluded: set[str], op_types: list[str] | None = None) -> tuple[
+    dict[str, tuple[float, float]], list[str]
+]:
+    """The activations to fake-quantize in training, with the ranges ONNX Runtime's quantizer will give them
+    (``effective_ranges``), and those of them whose range it fixes (not learned): a Softmax output is
+    [0, 1]. The input of a Relu or Clip that alone reads it takes the output's range, the same grid as
+    quantizing the output, so training quantizes only the output and the learned range reaches the input
+    through the quantizer."""
+    raw = {t: ranges[t] for t in quantized if t in ranges}
+    points = effective_ranges(model, raw, op_types or None, excluded)
+    wanted = set(op_types) if op_types else quantizable_op_types()
     readers: dict[str, int] = {}
     for n in model.graph.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
-    points = {t: ranges[t] for t in quantized if t in ranges}
     fixed = []
     for n in model.graph.node:
-        if n.name in excluded or not n.input or not n.output:
+        if n.name in excluded or n.op_type not in wanted or not n.input or not n.output:
             continue
         if n.op_type == "Softmax" and n.output[0] in points:
-            points[n.output[0]] = (0.0, 1.0)
             fixed.append(n.output[0])
         elif n.op_type in ("Relu", "Clip") and readers.get(n.input[0]) == 1 and n.output[0] in points:
             points.pop(n.input[0], None)
@@ -180,8 +230,15 @@ def run_qat(
     ptq_path = work / "ptq.onnx"
     forced = _quantize_static(norm_path, ptq_path, ptq_ranges, opts, float_tensors)
     excluded = set(_excluded(norm_path, opts, float_tensors)[0] or [])
-    points, fixed = training_points(onnx.load(str(norm_path)), quantized_activations(onnx.load(str(ptq_path))),
-                                    base.ranges, excluded)
+    ptq_model = onnx.load(str(ptq_path))
+    points, fixed = training_points(onnx.load(str(norm_path)), quantized_activations(ptq_model), base.ranges,
+                                    excluded, list(opts.op_types_to_quantize))
+    parameters = quantized_parameters(ptq_model)
+    owners = quantization_owners(ptq_model)
+    del ptq_model
+    # A tensor quantized with another's parameters has no range of its own to train.
+    shared = {t: o for t, o in owners.items() if o != t}
+    points = {t: r for t, r in points.items() if t not in shared}
     progress = [0.0]
 
     def on_event(event: dict[str, Any]) -> None:
@@ -196,6 +253,8 @@ def run_qat(
                  "samples_per_run": plan.samples_per_run},
         "points": {k: [float(lo), float(hi)] for k, (lo, hi) in sorted(points.items())},
         "fixed": fixed,
+        "parameters": parameters,
+        "shared": shared,
         "onnx": str(norm_path),
         "options": {
             "steps": opts.steps, "learning_rate": opts.learning_rate, "range_learning_rate": opts.range_learning_rate,

@@ -48,6 +48,8 @@ Emit = Callable[[dict[str, Any]], None]
 TASK_LOSS_WEIGHT = 0.1
 MAX_CURVE_POINTS = 50
 CHECK_SAMPLES = 64
+# The loss before and after training is measured on this many of the first calibration samples.
+PROBE_SAMPLES = 32
 # Samples both models run to match ONNX tensors to program nodes by value.
 MATCH_SAMPLES = 16
 # Largest disagreement (relative to the ONNX tensor's largest magnitude) of any statistic for a match; ONNX
@@ -59,6 +61,8 @@ AMBIGUOUS_FACTOR = 10.0
 # A non-finite loss restarts training at the rates divided by RETRY_FACTOR, at most RETRIES times.
 RETRIES = 2
 RETRY_FACTOR = 10.0
+WARMUP_SHARE = 0.1
+RANGE_MOMENTUM = 0.9
 
 
 def _torch() -> Any:
@@ -129,6 +133,33 @@ def _modules() -> tuple[type, type]:
             return torch.maximum(torch.minimum(w, bound), -bound)
 
     return ActFakeQuant, WeightFakeQuant
+
+
+def _param_module() -> type:
+    torch = _torch()
+    module: Any = torch.nn.Module
+
+    class ParamFakeQuant(module):
+        """A parameter ONNX Runtime quantizes per tensor though it is no Linear/Conv weight (a bias read by an
+        Add, a LayerNorm scale, an embedding table read by a Gather), with the scheme the post-training model
+        shows for it: ``int8`` symmetric (max|p| / 127) or ``uint8`` asymmetric over [min(p, 0), max(p, 0)].
+        The range follows the parameter as it trains, as the quantizer will derive it from the trained value."""
+
+        def __init__(self, scheme: str) -> None:
+            super().__init__()
+            self.scheme = scheme
+
+        def forward(self, p: Any) -> Any:
+            d = p.detach()
+            if self.scheme == "int8":
+                s = d.abs().max().clamp(min=1e-12) / 127.0
+                return torch.clamp(_round_ste(p / s), -127.0, 127.0) * s
+            lo, hi = d.min().clamp(max=0.0), d.max().clamp(min=0.0)
+            s = ((hi - lo) / 255.0).clamp(min=1e-12)
+            z = torch.round(-lo / s)
+            return (torch.clamp(_round_ste(p / s) + z, 0.0, 255.0) - z) * s
+
+    return ParamFakeQuant
 
 
 # --- which program node is which ONNX tensor ------------------------------------------------------------------
@@ -294,25 +325,91 @@ def split_linear_bias(gm: Any) -> int:
     return count
 
 
+def embedding_tables(gm: Any) -> set[str]:
+    """Parameters read as embedding tables. Training leaves them alone: only the rows of tokens in the
+    calibration samples would get a gradient, so they would fit those samples and nothing else (and the
+    table's quantization range, shared by every row, would follow them)."""
+    torch = _torch()
+    return {n.args[0].target for n in gm.graph.nodes
+            if n.op == "call_function" and n.target == torch.ops.aten.embedding.default
+            and getattr(n.args[0], "op", None) == "get_attr"}
+
+
+def parameter_schemes(onnx_path: Path, schemes: dict[str, str], named: dict[str, Any]) -> dict[str, str]:
+    """The program's parameters that hold the values of the ONNX initializers ``schemes`` names (a bias, a
+    LayerNorm scale, an embedding table the int8 model quantizes per tensor), with their scheme. Found by value:
+    the exporter names most initializers after parameters, but merges equal ones (every LayerNorm scale of an
+    untrained model is one initializer of ones) and the normalization may copy one under a new name."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in schemes}
+    del model
+    out: dict[str, str] = {}
+    for pname, p in named.items():
+        if not p.is_floating_point() or pname.startswith("lowbit_"):
+            continue
+        arr = p.detach().cpu().numpy()
+        for iname, v in values.items():
+            if v.shape == arr.shape and v.dtype == arr.dtype and np.array_equal(v, arr):
+                out[pname] = schemes[iname]
+                break
+    return out
+
+
+def spell_out_gelu(gm: Any) -> int:
+    """Rewrite each exact ``aten.gelu(x)`` of ``gm`` as the ONNX export computes it at opset 18,
+    ``x * (0.5 * (erf(x / sqrt(2)) + 1))``, one node per step: ONNX Runtime's quantizer quantizes the
+    Add's and the Muls' tensors in there, so the program needs nodes for them to simulate it. Returns how
+    many were rewritten (tanh-approximated GELUs are left alone)."""
+    torch = _torch()
+    aten = torch.ops.aten
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != aten.gelu.default:
+            continue
+        if node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none") != "none":
+            continue
+        x = node.args[0]
+        with gm.graph.inserting_before(node):
+            prev = gm.graph.call_function(aten.div.Tensor, (x, math.sqrt(2.0)))
+            prev = gm.graph.call_function(aten.erf.default, (prev,))
+            prev = gm.graph.call_function(aten.add.Tensor, (prev, 1.0))
+            prev = gm.graph.call_function(aten.mul.Tensor, (prev, 0.5))
+            prev = gm.graph.call_function(aten.mul.Tensor, (x, prev))
+        prev.meta = dict(node.meta)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
+
+
 # --- fake quantization in the graph ---------------------------------------------------------------------------
 
 
 @dataclass
 class Placement:
-    """One activation fake quantizer: the program node it follows and the ONNX tensors it stands for."""
+    """One activation fake quantizer (one scale and zero point): the program nodes it follows and the ONNX
+    tensors it stands for. Several nodes share one when ONNX Runtime quantizes several tensors with the same
+    parameters (the output of a Transpose, Reshape or Split with its input's)."""
 
-    node: str
+    nodes: list[str]
     tensors: list[str]
     lo: float
     hi: float
     learn: bool
 
 
-def insert_fake_quant(gm: Any, placements: list[Placement], train_weights: bool) -> tuple[
-    dict[str, Any], dict[str, Any]
-]:
-    """Rewrite ``gm`` in place. Returns (activation quantizers by program node, weight quantizers by parameter
-    name)."""
+def insert_fake_quant(gm: Any, placements: list[Placement], train_weights: bool,
+                      params: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Rewrite ``gm`` in place: activation quantizers after ``placements``' nodes, a per-channel quantizer on
+    every Linear/Conv weight, and a per-tensor one on each other parameter of ``params`` (name -> scheme, see
+    ParamFakeQuant). Returns (activation quantizers by program node (shared modules where nodes share
+    parameters), weight quantizers by parameter name, the other parameters quantized)."""
     torch = _torch()
     ActFakeQuant, WeightFakeQuant = _modules()
     aten = torch.ops.aten
@@ -323,15 +420,16 @@ def insert_fake_quant(gm: Any, placements: list[Placement], train_weights: bool)
     after_inputs = placeholders[-1].next if placeholders else None
     acts: dict[str, Any] = {}
     for i, p in enumerate(placements):
-        node = by_name[p.node]
         mod = ActFakeQuant(p.lo, p.hi, p.learn)
         attr = f"lowbit_act_fq_{i}"
         gm.add_module(attr, mod)
-        where = after_inputs if node.op == "placeholder" else node.next
-        with graph.inserting_before(where):
-            q = graph.call_module(attr, (node,))
-        node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
-        acts[p.node] = mod
+        for name in p.nodes:
+            node = by_name[name]
+            where = after_inputs if node.op == "placeholder" else node.next
+            with graph.inserting_before(where):
+                q = graph.call_module(attr, (node,))
+            node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+            acts[name] = mod
     weights: dict[str, Any] = {}
     by_param: dict[str, tuple[str, Any]] = {}
     for node in list(graph.nodes):
@@ -357,9 +455,20 @@ def insert_fake_quant(gm: Any, placements: list[Placement], train_weights: bool)
         with graph.inserting_before(node):
             wq = graph.call_module(attr, (w,))
         node.replace_input_with(w, wq)
+    quantized_params: list[str] = []
+    ParamFakeQuant = _param_module()
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.target in weights or node.target not in (params or {}):
+            continue
+        attr = f"lowbit_param_fq_{len(quantized_params)}"
+        gm.add_module(attr, ParamFakeQuant((params or {})[node.target]))
+        with graph.inserting_after(node):
+            q = graph.call_module(attr, (node,))
+        node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+        quantized_params.append(node.target)
     graph.lint()
     gm.recompile()
-    return acts, weights
+    return acts, weights, sorted(quantized_params)
 
 
 def _attr(module: Any, target: str) -> Any:
@@ -469,6 +578,19 @@ class Diverged(Exception):
     pass
 
 
+def _round(v: float) -> float | None:
+    return float(f"{v:.6g}") if math.isfinite(v) else None
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """The learning rates' multiplier at optimizer step ``step`` (0-based) of ``steps``: linear warm-up over the
+    first WARMUP_SHARE of the steps, then a cosine decay to zero."""
+    warm = max(1, int(WARMUP_SHARE * steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
 def train_with_retries(first: Attempt, train: Callable[[Attempt], Any], restart: Callable[[Attempt], None]) -> tuple[
     Any, list[Attempt]
 ]:
@@ -561,26 +683,45 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
     # Which program node is each activation the int8 ONNX model quantizes: by value, on the same samples.
     points = {k: (float(v[0]), float(v[1])) for k, v in req["points"].items()}
     fixed = set(req.get("fixed", []))
+    # Tensors quantized with another tensor's parameters; those of a parameter's (a Gather's table) hold
+    # values on that parameter's grid already and need no quantizer of their own.
+    shared = {t: o for t, o in dict(req.get("shared", {})).items() if not o.startswith("param:") and t not in points}
     emit({"event": "matching"})
     match_feeds = [f for f, _ in data.check_feeds(MATCH_SAMPLES)]
-    o_stats = onnx_moments(Path(req["onnx"]), sorted(points), match_feeds, threads) if points else {}
+    wanted = sorted({*points, *shared})
+    o_stats = onnx_moments(Path(req["onnx"]), wanted, match_feeds, threads) if wanted else {}
     student = copy.deepcopy(teacher)
     split_linear_bias(student)
+    spell_out_gelu(student)
     p_stats, order = program_moments(student, program, inputs, match_feeds, device)
     matching = match_points(o_stats, p_stats, order)
-    by_node: dict[str, list[str]] = {}
-    for tensor, node in sorted(matching.nodes.items()):
-        by_node.setdefault(node, []).append(tensor)
+    members: dict[str, list[str]] = {o: [o] for o in points}
+    for t, o in sorted(shared.items()):
+        if o in members:
+            members[o].append(t)
     learn_acts = bool(opts["train_activation_ranges"])
     placements = []
-    for node in sorted(by_node, key=order.index):
-        tensors = by_node[node]
-        # Tensors holding the same values have the same calibrated range; the widest keeps them all covered.
-        lo, hi = min(points[t][0] for t in tensors), max(points[t][1] for t in tensors)
-        placements.append(Placement(node, tensors, lo, hi, learn_acts and not (fixed & set(tensors))))
-    placed = {p.node: p for p in placements}
+    taken: set[str] = set()
+    for owner in sorted(members, key=lambda o: min((order.index(matching.nodes[t]) for t in members[o]
+                                                     if t in matching.nodes), default=len(order))):
+        tensors = [t for t in members[owner] if t in matching.nodes and matching.nodes[t] not in taken]
+        nodes = sorted({matching.nodes[t] for t in tensors}, key=order.index)
+        if not nodes:
+            continue
+        taken.update(nodes)
+        lo, hi = points[owner]
+        placements.append(Placement(nodes, tensors, lo, hi, learn_acts and owner not in fixed))
+    placed = {n: p for p in placements for n in p.nodes}
+    by_node: dict[str, list[str]] = {}
+    for p in placements:
+        for t in p.tensors:
+            by_node.setdefault(matching.nodes[t], []).append(t)
 
-    acts, weights = insert_fake_quant(student, placements, bool(opts["train_weight_ranges"]))
+    frozen = embedding_tables(student)
+    param_schemes = parameter_schemes(Path(req["onnx"]), dict(req.get("parameters", {})),
+                                      dict(student.named_parameters())) if req.get("parameters") else {}
+    acts, weights, quantized_params = insert_fake_quant(student, placements, bool(opts["train_weight_ranges"]),
+                                                        param_schemes)
     if not weights and not acts:
         raise EngineError(
             "nothing_to_quantize",
@@ -588,7 +729,7 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
             "found in the PyTorch program, so quantization-aware training has nothing to train for",
         )
     model_named = [(n, p) for n, p in student.named_parameters()
-                   if not n.startswith("lowbit_") and p.is_floating_point()]
+                   if not n.startswith("lowbit_") and p.is_floating_point() and n not in frozen]
     for _, p in model_named:
         p.requires_grad_(True)
     range_params = [p for n, p in student.named_parameters() if n.startswith("lowbit_") and p.requires_grad]
@@ -611,9 +752,15 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
     def attempt(run: Attempt) -> list[dict[str, Any]]:
         nonlocal last_emit, task_used
         groups: list[dict[str, Any]] = [{"params": [p], "lr": run.learning_rate * base_lrs[n]} for n, p in model_named]
+        optimizers: list[Any] = [torch.optim.Adam(groups)]
         if range_params:
-            groups.append({"params": range_params, "lr": run.range_learning_rate})
-        optimizer = torch.optim.Adam(groups)
+            # Plain momentum SGD for the ranges: the loss is normalised (scale-free), so its gradient in log-scale
+            # and zero-point units is too, and a step follows how much a range costs. Adam would turn the ~1e-7
+            # gradients of ranges that are already right into full-size steps of noise, every step.
+            optimizers.append(torch.optim.SGD(range_params, lr=run.range_learning_rate, momentum=RANGE_MOMENTUM))
+        # A warm-up lets Adam's moment estimates form before its steps reach full size; the cosine decay lets
+        # weights and ranges settle on the grid at the end instead of stopping mid-jump.
+        schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_factor(i, steps)) for o in optimizers]
         curve: list[dict[str, Any]] = []
         acc_loss, acc_distill, acc_n = 0.0, 0.0, 0
         it = data.stream(seed)
@@ -645,9 +792,12 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
                         f"{_first_nonfinite(student, acts, placed, forward, feed)}. Please report it with the model",
                     )
                 raise Diverged
-            optimizer.zero_grad(set_to_none=True)
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            for o, sched in zip(optimizers, schedules, strict=True):
+                o.step()
+                sched.step()
             acc_loss += float(loss.detach())
             acc_distill += float(distill.detach())
             acc_n += 1
@@ -667,6 +817,19 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
             raise Diverged
         return curve
 
+    probe = [f for f, _ in data.check_feeds(PROBE_SAMPLES)]
+
+    def probe_loss() -> float:
+        """The distillation loss on the same first calibration samples, before and after training."""
+        values = []
+        with torch.no_grad():
+            for feed in probe:
+                terms = _distill_terms(forward(student, feed), forward(teacher, feed))
+                values.append(float(sum(terms) / max(1, len(terms))))
+        return float(np.mean(values)) if values else math.nan
+
+    loss_before = probe_loss()
+
     def restart(failed: Attempt) -> None:
         nonlocal done
         done += (1 - done) * (failed.steps_run / steps)
@@ -676,6 +839,7 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
 
     curve, attempts = train_with_retries(Attempt(relative, float(opts["range_learning_rate"])), attempt, restart)
     run = attempts[-1]
+    loss_after = probe_loss()
     seconds = time.perf_counter() - started
     if len(attempts) > 1:
         first = attempts[0]
@@ -723,6 +887,8 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
             "attempts": [a.to_dict() for a in attempts],
             "loss": "normalised MSE to the float model's outputs"
                     + (f" + {TASK_LOSS_WEIGHT} x cross-entropy on labels" if task_used else ""),
+            "probe_loss": {"samples": sum(int(np.shape(next(iter(f.values())))[0]) for f in probe) if probe else 0,
+                           "before": _round(loss_before), "after": _round(loss_after)},
             "initial_loss": curve[0]["loss"] if curve else None,
             "final_loss": curve[-1]["loss"] if curve else None,
             "loss_curve": curve,
@@ -730,6 +896,8 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
                 "weights": sorted(weights),
                 "activations": sorted(t for p in placements for t in p.tensors),
                 "activations_not_found": sorted(matching.unmatched),
+                "other_parameters": quantized_params,
+                "not_trained": sorted(frozen),
                 "fixed_ranges": sorted(t for p in placements if not p.learn for t in p.tensors) if learn_acts else [],
             },
             "activation_mapping": {
