@@ -57,8 +57,9 @@ STAGE_SPAN = {
     "reporting": (95, 100),
 }
 # Validation samples the per-layer SQNR is measured on, at most (fewer when the model's activations are large,
-# see validate.LAYER_BYTES_TOTAL).
-LAYER_SAMPLES = 16
+# see validate.LAYER_BYTES_TOTAL): each is one run of both models, with their layers' outputs fetched (an LSTM
+# embedder at batch 1: 70 ms a run, so 16 samples took as long as the whole calibration).
+LAYER_SAMPLES = 8
 
 
 @dataclass
@@ -464,6 +465,10 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     lat = latency_pair(original_session, quant_session, lat_feed, opts.latency_runs)
     orig_ms, quant_ms = lat["original_ms_p50"], lat["quantized_ms_p50"]
     step("validating", 0.8)
+    # Neither session is needed any more: release them before the layer analyses open their own observing ones
+    # (a 90 MB transformer's pair held ~200 MB through the job's peak).
+    provider = quant_session.get_providers()[0]
+    del original_session, quant_session
 
     layer_feeds = _sample_feeds(eval_batches(), info.inputs, split.eval_plan, LAYER_SAMPLES)
     from worker.engine.calibrate import quantizable_op_types
@@ -546,7 +551,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             "baselines": baselines,
         },
         "latency": {
-            "provider": quant_session.get_providers()[0],
+            "provider": provider,
             "batch_size": lat_batch,
             "threads": cfg.threads,
             "original_ms_p50": round(orig_ms, 6),
