@@ -193,6 +193,20 @@ def _sample_feeds(batches: Iterator[Batch], inputs: tuple[TensorInfo, ...], plan
     return out
 
 
+def _merger(inputs: tuple[TensorInfo, ...], plan: FeedPlan | None) -> tuple[
+        Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]] | None, int]:
+    """How to join ``_sample_feeds``' single samples back into batches of at most the job's batch size (None
+    when the model's batch axis is fixed or a feed holds one complete sample), so that the layer analyses run
+    several samples at once where their memory bound allows."""
+    if plan is None or fixed_batch(plan, inputs) or plan.samples_per_run <= 1:
+        return None, 1
+
+    def merge(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+
+    return merge, plan.samples_per_run
+
+
 INT8_OPS = {
     "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearConv",
     "QLinearMatMul", "DynamicQuantizeLSTM", "QAttention", "QGemm", "QLinearAdd", "QLinearMul",
@@ -477,7 +491,9 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     lmap = {k: v for k, v in _layer_map(normalized, quantized).items()}
     pairs = [(v[1], v[2]) for v in lmap.values() if v[2]]
     # Streamed in groups of layers that fit a fixed number of bytes per run, on a few samples.
-    lsq = layer_sqnr(norm.path, quant_path, normalized, quantized, pairs, layer_feeds, providers, cfg.threads)
+    merge, per_run = _merger(info.inputs, split.eval_plan)
+    lsq = layer_sqnr(norm.path, quant_path, normalized, quantized, pairs, layer_feeds, providers, cfg.threads,
+                     merge=merge, max_per_run=per_run)
     sqnr = lsq.sqnr
     sens: SensitivityResult | None = None
     want_sensitivity = cfg.layer_sensitivity if cfg.layer_sensitivity is not None else opts.layer_sensitivity
@@ -490,7 +506,8 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
                 break
             sens_feeds.append(feed)
             sens_n += count
-        sens = analyse_sensitivity(normalized, static_ranges, sens_feeds, providers, cfg.threads, qops, sens_n)
+        sens = analyse_sensitivity(normalized, static_ranges, sens_feeds, providers, cfg.threads, qops, sens_n,
+                                   merge=merge, max_per_run=per_run)
     layers = []
     for node in normalized.graph.node:
         if node.op_type not in qops or node.name not in lmap:

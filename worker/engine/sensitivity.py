@@ -29,7 +29,7 @@ from onnx import numpy_helper
 
 from worker.engine import runtime
 from worker.engine.calibrate import session_with
-from worker.engine.validate import power_sums
+from worker.engine.validate import Merge, power_sums
 
 # Operators whose weight input is rounded to int8 per output channel: (input index, channel axis).
 WEIGHT_AXIS = {"MatMul": (1, 1), "Conv": (1, 0), "ConvTranspose": (1, 1)}
@@ -226,19 +226,25 @@ def analyse(
     op_types: Iterable[str],
     samples: int,
     max_nodes: int = MAX_NODES,
+    merge: Merge | None = None,
+    max_per_run: int = 1,
 ) -> SensitivityResult:
     """Sensitivity of the analysable nodes on ``feeds`` (a few batches are enough: it ranks layers).
 
     Memory does not grow with the model's depth: only the float model's outputs on ``feeds`` are kept
     (the reference), and each node's run brings back the model's outputs plus that node's output and its
     float twin's, compared and dropped at once. Time is one ONNX Runtime session and one run per feed for
-    each of at most ``max_nodes`` nodes (spread over the graph when there are more)."""
+    each of at most ``max_nodes`` nodes (spread over the graph when there are more). With ``merge`` (joining
+    single-sample feeds into one batch), up to ``max_per_run`` samples go through each run."""
     started = time.perf_counter()
     nodes = analysable(model, ranges, op_types)
     chosen = _selection(nodes, max_nodes)
     out_names = [o.name for o in model.graph.output]
     if not chosen or not feeds:
         return SensitivityResult({}, 0, time.perf_counter() - started, len(nodes) - len(chosen))
+    if merge is not None and max_per_run > 1:
+        feeds = [merge(list(feeds[i:i + max_per_run])) if len(feeds[i:i + max_per_run]) > 1 else feeds[i]
+                 for i in range(0, len(feeds), max_per_run)]
     with tempfile.TemporaryDirectory(prefix="lowbit-sensitivity-") as tmp:
         base = Path(tmp) / "base.onnx"
         _base_file(model, base)

@@ -164,6 +164,10 @@ def power_sums(ref: Any, got: Any) -> tuple[float, float]:
     return sig, err
 
 
+# Joins single-sample feeds into one batch feed (given by the caller, who knows which inputs are stacked).
+Merge = Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]]
+
+
 @dataclass
 class LayerSqnr:
     """Per-pair SQNR and what it took: samples, passes (one session per model each) and tensors compared."""
@@ -197,6 +201,8 @@ def layer_sqnr(
     threads: int,
     bytes_per_run: int = LAYER_BYTES_PER_RUN,
     bytes_total: int = LAYER_BYTES_TOTAL,
+    merge: Merge | None = None,
+    max_per_run: int = 1,
 ) -> LayerSqnr:
     """SQNR (dB) of each (original tensor, quantized tensor) pair, end to end: the error of everything
     upstream is included, as the layer sees it in the quantized model. ``feeds``: (feed, samples) batches.
@@ -204,7 +210,9 @@ def layer_sqnr(
     Memory is bounded, not proportional to the model's activations: the pairs are observed in groups whose
     outputs (sizes from shape inference on the first batch) fit ``bytes_per_run`` per run, one pass over the
     batches per group, and only sums cross passes; batches beyond the first are used only while all passes
-    together fetch at most ``bytes_total`` per model."""
+    together fetch at most ``bytes_total`` per model. With ``merge`` (which joins single-sample feeds into one
+    batch), a group whose outputs are small runs up to ``max_per_run`` samples at a time, within the same
+    bound, instead of one run per sample."""
     from worker.engine.calibrate import activation_bytes, session_with
 
     started = time.perf_counter()
@@ -248,16 +256,23 @@ def layer_sqnr(
         part_sig = dict.fromkeys(group, 0.0)
         part_noise = dict.fromkeys(group, 0.0)
         regrouped = False
-        for k, (feed, _) in enumerate(feeds):
+        per_run = 1
+        if merge is not None and max_per_run > 1 and all(n == 1 for _, n in feeds):
+            per_run = max(1, min(max_per_run, bytes_per_run // max(1, sum(sizes[p] for p in group))))
+        chunks = [[f for f, _ in feeds[i:i + per_run]] for i in range(0, len(feeds), per_run)]
+        for k, chunk in enumerate(chunks):
+            feed = chunk[0] if len(chunk) == 1 or merge is None else merge(chunk)
             r = dict(zip(ref_names, runtime.run(ref_s, feed, "original model (layer analysis)", ref_names),
                          strict=True))
             q = dict(zip(q_out_names, runtime.run(q_s, feed, "quantized model (layer analysis)", q_out_names),
                          strict=True))
-            if k == 0 and len(group) > 1:
+            if k == 0 and (len(group) > 1 or len(chunk) > 1):
                 actual = {p: int(np.asarray(r[p[0]]).nbytes + np.asarray(q[p[1]]).nbytes) for p in group}
                 if sum(actual.values()) > 2 * bytes_per_run:
-                    # Shape inference was wrong by a lot: split the group by the real sizes and start it over.
-                    groups[g: g + 1] = _pair_groups(actual, bytes_per_run)
+                    # Shape inference was wrong by a lot: size the group's pairs by what one feed really fetched,
+                    # split it accordingly and start it over.
+                    sizes.update({p: max(1, v // len(chunk)) for p, v in actual.items()})
+                    groups[g: g + 1] = _pair_groups({p: sizes[p] for p in group}, bytes_per_run)
                     regrouped = True
                     break
             for p in group:

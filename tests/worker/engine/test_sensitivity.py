@@ -156,6 +156,20 @@ def test_layer_sqnr_fetches_a_bounded_group_of_activations_per_run(tmp_path: Pat
     assert bounded.sqnr.keys() == whole.sqnr.keys()
     for p, v in whole.sqnr.items():
         assert v is not None and abs(v - (bounded.sqnr[p] or 0.0)) < 1e-6
+    # Single samples joined back into batches (up to 4 a run here) where the budget allows: fewer runs, same SQNR.
+    singles = [({"x": f["x"][k:k + 1]}, 1) for f, _ in feeds for k in range(4)]
+    fetched.clear()
+    merged = layer_sqnr(a_path, b_path, a, b, pairs, singles, ["CPUExecutionProvider"], 1, bytes_per_run=1 << 40,
+                        bytes_total=1 << 40, merge=lambda fs: {"x": np.concatenate([f["x"] for f in fs])},
+                        max_per_run=4)
+    assert merged.samples == 12 and merged.passes == 1 and len(fetched) == 2 * 3
+    for p, v in whole.sqnr.items():
+        assert v is not None and abs(v - (merged.sqnr[p] or 0.0)) < 0.01
+    # ...but never more per run than the byte budget allows: two samples of all 12 layers here.
+    fetched.clear()
+    layer_sqnr(a_path, b_path, a, b, pairs, singles, ["CPUExecutionProvider"], 1, bytes_per_run=12 * tensor,
+               bytes_total=1 << 40, merge=lambda fs: {"x": np.concatenate([f["x"] for f in fs])}, max_per_run=4)
+    assert len(fetched) == 2 * 6 and max(sum(run) for run in fetched) <= 6 * tensor
     # With a total budget of one batch's activations, only the first batch is analysed.
     fetched.clear()
     few = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1,
