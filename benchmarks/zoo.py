@@ -1,56 +1,433 @@
-"""Quantize the test models with every int8 recipe and print what the reports say.
+"""Every recipe on every real-model corpus entry, against ONNX Runtime's own quantizers, in one table.
 
-    .venv/bin/python benchmarks/zoo.py
+    .venv/bin/python benchmarks/zoo.py [--models a,b] [--recipes int8_static,fp16] [--json out.json]
 
-Builds its own models (a conv net at 32x32 and a 20 MB+ transformer with int64 token inputs), runs
-each through the same engine the service uses, and prints size, accuracy and latency before/after.
-Latencies are p50 at batch 1 on this machine's CPU, original and quantized measured in the same run.
+Models come from the real-model corpus (``tests.zoo.corpus.build_corpus``: published weights, realistic
+calibration and evaluation data; built once into its cache). Each job is ``lowbit quantize`` in a child process,
+timed from start to exit and measured for peak RSS (``os.wait4`` on that child): the job's whole cost, Python
+start-up and imports included. ONNX Runtime's ``quantize_static`` (minmax, QDQ, per-channel int8 weights, uint8
+activations) and ``quantize_dynamic`` run the same way on the same file (a ``.pt2`` entry's ONNX export, made once
+beforehand) and, for ``quantize_static``, the same calibration samples in the same batches: those rows are the
+baselines. lowbit's ``int8_static`` runs with default options, so it validates (on the evaluation set) and
+measures latency, which ONNX Runtime's quantizer does not; its time and peak are still held to at most 3x and 1x
+ONNX Runtime's (``vs ORT`` column; ``!`` marks a row over either bound). For a ``.pt2`` entry, which ONNX Runtime
+cannot read, the baseline is the export (its own row: lowbit's exporter, checked against PyTorch, as a lowbit
+job on a ``.pt2`` runs it) followed by ``quantize_static``: their times add, the larger peak counts.
+
+The metric column is the entry's own task figure (``tests.zoo.corpus.task_metric``: accuracy against labels, or
+agreement, cosine, F1, IoU...), fp32 model -> quantized model, on the evaluation set, computed here from both
+models' outputs; speed-up is fp32 p50 latency / quantized p50 latency at batch 1 (lowbit's report for lowbit
+rows, measured here the same way for ONNX Runtime's). Recipes: int8_static, int8_dynamic, int4_weight_only,
+fp16, auto (accuracy target ``cosine >= --auto-cosine``), qat_int8 (``.pt2`` entries only).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from tests import builders  # noqa: E402
-from worker.engine.config import QuantizeConfig, parse_options  # noqa: E402
-from worker.engine.pipeline import run  # noqa: E402
+RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "auto", "qat_int8")
+# The task figure shown per entry, first present wins; (name, higher is better).
+HEADLINE = (("accuracy", True), ("note_f1", True), ("recall_iou50", True), ("face_cell_iou", True),
+            ("decision_agreement", True), ("raw_pitch_accuracy", True), ("nn_agreement", True),
+            ("cosine_mean", True), ("top1_agreement", True), ("label_agreement", True), ("snr_db", True),
+            ("relative_error", False))
+TIME_BOUND = 3.0  # lowbit int8_static may take at most this many times ONNX Runtime's quantize_static
 
 
-def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        conv = builders.conv_net(d / "conv.onnx", width=64)
-        models = {
-            "conv net (64-128 ch, 32x32)": (conv, builders.image_data(d / "img.npz", n=64, labels=True, model=conv)),
-            "transformer (2 layers, vocab 8000, int64 ids)": (
-                builders.tiny_transformer(d / "tf.onnx", vocab=8000, dim=256, seq=32, layers=2),
-                builders.token_data(d / "tok.npz", n=48, vocab=8000, seq=32),
-            ),
-        }
-        print(f"{'model':<46} {'recipe':<22} {'fp32 MB':>8} {'int8 MB':>8} {'ratio':>6} {'cosine':>8} "
-              f"{'SQNR dB':>8} {'top1 agr':>8} {'labels':>15} {'fp32 ms':>8} {'int8 ms':>8} {'speedup':>7}")
-        for name, (model, data) in models.items():
-            for recipe, opts in (("int8_static", {"method": "minmax"}), ("int8_static", {"method": "entropy"}),
-                                 ("int8_static", {"method": "percentile"}), ("int8_static", {"method": "mse"}),
-                                 ("int8_dynamic", {})):
-                cfg = QuantizeConfig(model_path=model, output_path=d / "out.onnx", recipe=recipe,
-                                     options=parse_options(recipe, {**opts, "batch_size": 4, "latency_runs": 100}),
-                                     calibration_path=data, threads=2, device="cpu")
-                r = run(cfg).report
-                o = r["accuracy"]["outputs"][0]
-                lab = r["accuracy"]["labels"]
-                labs = f"{lab['original']:.3f}->{lab['quantized']:.3f}" if lab else "-"
-                label = f"{recipe} {opts.get('method', '')}".strip()
-                print(f"{name:<46} {label:<22} {r['size']['original_bytes'] / 1e6:8.2f} "
-                      f"{r['size']['quantized_bytes'] / 1e6:8.2f} {r['size']['ratio']:6.3f} {o['cosine']:8.5f} "
-                      f"{o['sqnr_db']:8.2f} {o['top1_agreement']:8.3f} {labs:>15} "
-                      f"{r['latency']['original_ms_p50']:8.3f} {r['latency']['quantized_ms_p50']:8.3f} "
-                      f"{r['latency']['speedup']:7.2f}")
+@dataclass
+class Row:
+    model: str
+    recipe: str
+    status: str
+    size_ratio: float | None = None
+    metric: str | None = None
+    metric_fp32: float | None = None
+    metric_quantized: float | None = None
+    speedup: float | None = None
+    seconds: float | None = None
+    peak_mb: float | None = None
+    time_vs_ort: float | None = None
+    peak_vs_ort: float | None = None
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ children
+
+
+def run_child(cmd: list[str], log: Path, timeout_s: float) -> tuple[int, float, float]:
+    """Run ``cmd``; (exit status, wall seconds, peak RSS in MB). 124: it ran past ``timeout_s``.
+
+    Started through a small launcher process (``--run-measured``) that waits for it with ``os.wait4``: Linux
+    carries a process's peak RSS across fork and exec, so a child forked straight from this process (which has
+    loaded models) would report at least this process's own size."""
+    result = log.with_suffix(".measured.json")
+    result.unlink(missing_ok=True)
+    launcher = [sys.executable, str(Path(__file__).resolve()), "--run-measured", str(result), "--", *cmd]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(launcher, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                env={**os.environ, "ORT_DISABLE_TELEMETRY": "1", "LOWBIT_ZOO_TIMEOUT": str(timeout_s)})
+        try:
+            proc.wait(timeout_s + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    if not result.is_file():
+        return 124, timeout_s, 0.0
+    got = json.loads(result.read_text())
+    return int(got["code"]), float(got["seconds"]), float(got["peak_mb"])
+
+
+def run_measured(result: Path, cmd: list[str], timeout_s: float) -> int:
+    """The launcher: run ``cmd``, then write its exit status, wall time and peak RSS (``os.wait4``)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    code: int | None = None
+    while code is None:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            code = os.waitstatus_to_exitcode(status)
+        elif time.perf_counter() - started > timeout_s:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            code = 124
+        else:
+            time.sleep(0.02)
+    proc.returncode = code  # already reaped
+    result.write_text(json.dumps({"code": code, "seconds": time.perf_counter() - started,
+                                  "peak_mb": usage.ru_maxrss / 1024}))
+    return 0
+
+
+def ort_child(args: argparse.Namespace) -> int:
+    """In a child process: ONNX Runtime's quantizer on one model (what the baseline rows time)."""
+    spec = json.loads(args.ort_child)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if spec["mode"] == "dynamic":
+        quantize_dynamic(spec["model"], spec["out"], per_channel=True, weight_type=QuantType.QInt8)
+        return 0
+    from worker.engine.feeds import iter_batches, plan_feeds
+    from worker.engine.inspect import inspect_model_file
+    from worker.engine.npz import NpzReader, inspect_npz
+
+    info = inspect_model_file(Path(spec["model"]))
+    data = inspect_npz(Path(spec["calib"]))
+    # The batches lowbit's int8_static calibrates on: the same plan, batch size and sample range.
+    plan = plan_feeds(info.inputs, data, spec["batch_size"])
+    reader = NpzReader(Path(spec["calib"]), data)
+    batches = iter_batches(reader, info.inputs, plan, 0, min(data.num_samples, spec["max_samples"]))
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, Any] | None:
+            b = next(batches, None)
+            return None if b is None else b.feed
+
+    quantize_static(spec["model"], spec["out"], Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return 0
+
+
+def export_child(args: argparse.Namespace) -> int:
+    """In a child process: the ONNX export lowbit makes of a .pt2 entry (the file the baselines quantize)."""
+    spec = json.loads(args.export_child)
+    from worker.engine import pt2
+
+    source = pt2.export_for_run(Path(spec["model"]), Path(spec["work"]), calibration_path=Path(spec["calib"]),
+                                eval_path=Path(spec["eval"]), batch_size=8, threads=spec["threads"], device="cpu")
+    shutil.copyfile(source.onnx_path, spec["out"])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def error_code(log: Path) -> str:
+    text = log.read_text(errors="replace")
+    found = re.findall(r"error \[([a-z_]+)\]", text)
+    if found:
+        return found[-1]
+    tail = [line for line in text.strip().splitlines() if line.strip()]
+    return f"failed: {tail[-1][:80]}" if tail else "failed"
+
+
+# Figures that compare against the fp32 model's own outputs and have no meaningful fp32 value (the fp32 model
+# against itself has infinite SNR and zero error).
+RELATIVE_ONLY = ("snr_db", "relative_error")
+
+
+def headline(entry: Any, ref: dict[str, Any], out: dict[str, Any], labels: Any) -> tuple[str, float | None,
+                                                                                           float] | None:
+    from tests.zoo.corpus import task_metric
+
+    got = task_metric(entry, ref, out, labels)
+    base = task_metric(entry, ref, ref, labels)  # the fp32 model against itself: agreement figures at their best
+    if "accuracy" in got and "accuracy_fp32" in got:
+        return "accuracy", got["accuracy_fp32"], got["accuracy"]
+    for name, _ in HEADLINE:
+        if name in got:
+            return name, None if name in RELATIVE_ONLY else base[name], got[name]
+    return None
+
+
+def outputs_of(path: Path, npz: Path) -> dict[str, Any]:
+    from tests.zoo.corpus import run_model
+
+    return run_model(path, npz)
+
+
+def labels_of(npz: Path) -> Any:
+    import numpy as np
+
+    with np.load(npz) as z:
+        return z["labels"] if "labels" in z.files else None
+
+
+def latency_speedup(fp32: Path, quantized: Path, eval_npz: Path, threads: int) -> float | None:
+    """fp32 p50 / quantized p50 at batch 1, interleaved, as lowbit's report measures it."""
+    from worker.engine import runtime
+    from worker.engine.feeds import iter_batches, plan_feeds
+    from worker.engine.inspect import inspect_model_file
+    from worker.engine.npz import NpzReader, inspect_npz
+    from worker.engine.validate import latency_pair
+
+    info = inspect_model_file(fp32)
+    data = inspect_npz(eval_npz)
+    plan = plan_feeds(info.inputs, data, 1, "evaluation")
+    first = next(iter_batches(NpzReader(eval_npz, data), info.inputs, plan, 0, data.num_samples))
+    cpu = ["CPUExecutionProvider"]
+    lat = latency_pair(runtime.make_session(fp32, cpu, threads), runtime.make_session(quantized, cpu, threads),
+                       first.feed, 30)
+    q = lat["quantized_ms_p50"]
+    return round(lat["original_ms_p50"] / q, 3) if q > 0 else None
+
+
+def lowbit_cmd(entry: Any, recipe: str, out: Path, report: Path, args: argparse.Namespace) -> list[str]:
+    lowbit = str(Path(sys.executable).with_name("lowbit"))
+    cmd = [lowbit, "quantize", str(entry.model), "--calib", str(entry.calib), "--eval", str(entry.eval),
+           "--recipe", recipe, "-o", str(out), "--report", str(report), "--threads", str(args.threads),
+           "--device", "cpu"]
+    if recipe == "auto":
+        cmd += ["--accuracy-target", json.dumps({"metric": "cosine", "min": args.auto_cosine})]
+    return cmd
+
+
+def measure(entry: Any, label: str, artifact: Path | None, code: int, log: Path, seconds: float, peak: float,
+            ref: dict[str, Any] | None, labels: Any, fp32_onnx: Path, report: dict[str, Any] | None,
+            args: argparse.Namespace) -> Row:
+    row = Row(entry.name, label, "ok" if code == 0 else ("timeout" if code == 124 else error_code(log)),
+              seconds=round(seconds, 1), peak_mb=round(peak))
+    if code != 0 or artifact is None or not artifact.is_file():
+        return row
+    if report is not None:
+        row.size_ratio = report["size"]["ratio"]
+        row.speedup = report["latency"]["speedup"]
+        met = (report.get("accuracy_target") or {}).get("met")
+        if label == "auto":
+            chosen = report.get("chosen") or {}
+            row.note = f"chose {chosen.get('recipe')} {json.dumps(chosen.get('options', {}))}"[:60]
+            row.status = "met" if met else "missed"
+    else:
+        row.size_ratio = round(artifact.stat().st_size / fp32_onnx.stat().st_size, 6)
+        try:
+            import onnxruntime as ort
+
+            ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime's quantizer wrote a model ONNX Runtime itself cannot load
+            row.status = "artifact does not load"
+            row.note = str(exc).strip().splitlines()[0][:70]
+            return row
+        row.speedup = latency_speedup(fp32_onnx, artifact, entry.eval, args.threads)
+    if ref is not None:
+        try:
+            got = headline(entry, ref, outputs_of(artifact, entry.eval), labels)
+        except Exception as exc:
+            row.note = (row.note + f" metric not computed: {str(exc).splitlines()[0][:80]}").strip()
+        else:
+            if got is not None:
+                row.metric, row.metric_quantized = got[0], round(got[2], 4)
+                row.metric_fp32 = None if got[1] is None else round(got[1], 4)
+    return row
+
+
+def bench_entry(entry: Any, recipes: list[str], args: argparse.Namespace, work: Path) -> list[Row]:
+    rows: list[Row] = []
+    d = work / entry.name
+    d.mkdir(parents=True, exist_ok=True)
+    labels = labels_of(entry.eval)
+    try:
+        ref = outputs_of(entry.model, entry.eval)
+    except Exception as exc:
+        print(f"  {entry.name}: fp32 outputs not computed ({str(exc).splitlines()[0][:100]})", file=sys.stderr)
+        ref = None
+    py = sys.executable
+    me = str(Path(__file__).resolve())
+    fp32_onnx = Path(entry.model)
+    export: Row | None = None
+    if fp32_onnx.suffix == ".pt2":
+        # ONNX Runtime cannot read a .pt2: its baselines quantize lowbit's ONNX export, and since a lowbit job on
+        # a .pt2 pays for that export (and its check against PyTorch), the comparison adds the export's cost.
+        fp32_onnx = d / "export.onnx"
+        spec = {"model": str(entry.model), "calib": str(entry.calib), "eval": str(entry.eval), "work": str(d / "pt2"),
+                "out": str(fp32_onnx), "threads": args.threads}
+        code, secs, peak = run_child([py, me, "--export-child", json.dumps(spec)], d / "export.log", args.timeout)
+        export = Row(entry.name, "export to ONNX (for ORT)", "ok" if code == 0 else error_code(d / "export.log"),
+                     seconds=round(secs, 1), peak_mb=round(peak))
+        rows.append(export)
+        print_row(export)
+        if code != 0:
+            fp32_onnx = Path(entry.model)
+    ort: dict[str, Row] = {}
+    for mode in ("static", "dynamic"):
+        label = f"ort quantize_{mode}"
+        out = d / f"ort_{mode}.onnx"
+        if fp32_onnx.suffix != ".onnx":
+            rows.append(Row(entry.name, label, "no ONNX file"))
+            continue
+        spec = {"mode": mode, "model": str(fp32_onnx), "calib": str(entry.calib), "out": str(out),
+                "batch_size": 8, "max_samples": 512}
+        code, secs, peak = run_child([py, me, "--ort-child", json.dumps(spec)], d / f"ort_{mode}.log", args.timeout)
+        row = measure(entry, label, out, code, d / f"ort_{mode}.log", secs, peak, ref, labels, fp32_onnx, None, args)
+        ort[mode] = row
+        rows.append(row)
+        print_row(row)
+    for recipe in recipes:
+        if recipe == "qat_int8" and Path(entry.model).suffix != ".pt2":
+            continue
+        out, rep, log = d / f"{recipe}.onnx", d / f"{recipe}.json", d / f"{recipe}.log"
+        code, secs, peak = run_child(lowbit_cmd(entry, recipe, out, rep, args), log, args.timeout)
+        report = json.loads(rep.read_text()) if code == 0 and rep.is_file() else None
+        row = measure(entry, recipe, out, code, log, secs, peak, ref, labels, fp32_onnx, report, args)
+        base = ort.get("static")
+        # (A baseline whose artifact does not load still took its time and memory: it is compared all the same.)
+        if recipe == "int8_static" and base is not None and base.seconds and base.peak_mb and \
+                base.status in ("ok", "artifact does not load"):
+            secs, peak = base.seconds, base.peak_mb
+            if export is not None and export.seconds and export.peak_mb:
+                secs, peak = secs + export.seconds, max(peak, export.peak_mb)
+            row.time_vs_ort = round((row.seconds or 0) / secs, 2)
+            row.peak_vs_ort = round((row.peak_mb or 0) / peak, 2)
+        rows.append(row)
+        print_row(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def _num(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def flagged(row: Row) -> bool:
+    return (row.time_vs_ort is not None and row.time_vs_ort > TIME_BOUND) or \
+        (row.peak_vs_ort is not None and row.peak_vs_ort > 1.0)
+
+
+def markdown(rows: list[Row]) -> str:
+    out = ["| model | recipe | status | size ratio | task metric: fp32 -> quantized | speed-up | wall s | peak MB "
+           "| vs ORT static: time, peak |",
+           "|---|---|---|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        fp32 = "ref" if r.metric_fp32 is None else f"{r.metric_fp32:.4g}"
+        metric = "-" if r.metric is None else f"{r.metric}: {fp32} -> {r.metric_quantized:.4g}"
+        vs = "-" if r.time_vs_ort is None else \
+            f"{r.time_vs_ort:.2f}x, {r.peak_vs_ort:.2f}x" + (" !" if flagged(r) else "")
+        status = r.status + (f" ({r.note})" if r.note else "")
+        out.append(f"| {r.model} | {r.recipe} | {status} | {_num(r.size_ratio, '.3f')} | {metric} | "
+                   f"{_num(r.speedup, '.2f')} | {_num(r.seconds, '.1f')} | {_num(r.peak_mb, '.0f')} | {vs} |")
+    return "\n".join(out)
+
+
+def print_row(r: Row) -> None:
+    print(f"  {r.model:22s} {r.recipe:24s} {r.status:28.28s} ratio {_num(r.size_ratio, '.3f'):>6} "
+          f"{r.metric or '':>16} {_num(r.metric_fp32, '.4g'):>7} -> {_num(r.metric_quantized, '.4g'):<7} "
+          f"x{_num(r.speedup, '.2f'):>5} {_num(r.seconds, '.1f'):>7} s {_num(r.peak_mb, '.0f'):>6} MB", flush=True,
+          file=sys.stderr)
+
+
+def summary(rows: list[Row]) -> str:
+    static = [r for r in rows if r.recipe == "int8_static" and r.time_vs_ort is not None]
+    if not static:
+        return "no int8_static row has an ONNX Runtime quantize_static baseline to compare with"
+    lines = [f"lowbit int8_static (default options) vs ONNX Runtime quantize_static: bound {TIME_BOUND:.0f}x time, "
+             "1x peak RSS"]
+    for r in static:
+        flag = "  OVER " + " and ".join(
+            w for w, bad in (("time", (r.time_vs_ort or 0) > TIME_BOUND), ("peak", (r.peak_vs_ort or 0) > 1.0))
+            if bad) if flagged(r) else ""
+        lines.append(f"  {r.model:22s} time {r.time_vs_ort:5.2f}x  peak {r.peak_vs_ort:5.2f}x{flag}")
+    worst = max(static, key=lambda r: r.time_vs_ort or 0.0)
+    lines.append(f"  worst time ratio {worst.time_vs_ort:.2f}x ({worst.model}); "
+                 f"{sum(flagged(r) for r in static)} of {len(static)} over a bound")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", help="comma-separated corpus entries (default: all)")
+    p.add_argument("--recipes", help=f"comma-separated recipes (default: {','.join(RECIPES)})")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    p.add_argument("--auto-cosine", type=float, default=0.99, help="auto's accuracy target: cosine >= this")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per job")
+    p.add_argument("--cache", type=Path, help="the corpus cache (default: $LOWBIT_ZOO_DIR or ~/.cache/lowbit/zoo)")
+    p.add_argument("--keep", type=Path, help="keep artifacts, reports and logs in this folder")
+    p.add_argument("--ort-child", help=argparse.SUPPRESS)
+    p.add_argument("--export-child", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--run-measured":
+        return run_measured(Path(argv[1]), argv[3:], float(os.environ.get("LOWBIT_ZOO_TIMEOUT", "3600")))
+    args = p.parse_args(argv)
+    if args.ort_child:
+        return ort_child(args)
+    if args.export_child:
+        return export_child(args)
+    recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown:
+        p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    from tests.zoo.corpus import NAMES, build_corpus
+
+    names = args.models.split(",") if args.models else None
+    missing = sorted(set(names or []) - set(NAMES))
+    if missing:
+        p.error(f"unknown model(s) {', '.join(missing)}; the corpus has {', '.join(NAMES)}")
+    entries = build_corpus(args.cache, names)
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="lowbit-zoo-") as tmp:
+        work = args.keep or Path(tmp)
+        for entry in entries:
+            print(f"{entry.name} ({entry.task}, {entry.expect})", file=sys.stderr, flush=True)
+            rows.extend(bench_entry(entry, recipes, args, work))
+    print(markdown(rows))
+    print()
+    print(summary(rows))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
