@@ -5,8 +5,10 @@
    activations. This is the PTQ result the report compares against, and it says which activations the
    int8 model quantizes and their min/max ranges.
 2. Fine-tuning, in the .pt2 child process (``worker.engine.qat_torch``): fake quantization at those
-   activations (ranges initialised from step 1) and on every Linear/Conv weight, trained on the same
-   calibration samples (never the held-out ones) by distillation from the float model.
+   activations (ranges initialised from step 1; ``training_points``, with the parameters they share,
+   ``quantization_owners``), on every Linear/Conv weight and on the other parameters the int8 model
+   quantizes (``quantized_parameters``), trained on the same calibration samples (never the held-out
+   ones) by distillation from the float model.
 3. The fine-tuned float model is exported to ONNX, calibrated like any model, its learned activation
    ranges replace the calibrated ones, and the same quantizer writes the artifact: a plain QDQ ONNX model
    that is validated like every recipe's.

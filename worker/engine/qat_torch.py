@@ -8,26 +8,33 @@ that what the model trains against is what it will run as:
   per-channel weight scale), or, with ``train_weight_ranges``, a learned scale initialised to that;
 - every activation the int8 ONNX model quantizes is quantized per tensor, asymmetric uint8, scale
   ``(hi - lo) / 255`` and zero point ``round(-lo / scale)`` exactly as ONNX Runtime derives them from a
-  range. With ``train_activation_ranges`` the scale (as its logarithm) and the zero point are learned,
-  LSQ-style, except where ONNX Runtime fixes the range itself (Softmax outputs: [0, 1]).
+  range, one quantizer for all the tensors ONNX Runtime quantizes with the same parameters (the output of a
+  Transpose, Reshape or Split takes its input's; a Gather's output its table's, which needs none of its
+  own). With ``train_activation_ranges`` the scale (as its logarithm) and the zero point are learned,
+  LSQ-style, except where ONNX Runtime fixes the range itself (Softmax outputs: [0, 1]);
+- every other parameter the int8 model quantizes per tensor (biases read by an Add, LayerNorm scales,
+  embedding tables, ``ParamFakeQuant``) with the scheme it uses for it.
 
 Which node of the program is which ONNX tensor is found by value, not by name (``match_points``): the
-exporter decomposes the program before it names ONNX tensors, so a name like ``add_13`` means one tensor in
+exporter decomposes the program before it names ONNX tensors, so a name like ``add_4`` means one tensor in
 the ONNX model and an unrelated one in ``ep.module()``. Both models run on the same calibration samples and
 each quantized ONNX activation goes to the program node whose values agree (count, min, max, mean, mean
 absolute value and RMS within ``MATCH_TOL`` of the tensor's range); activations that match nothing, or
-several different tensors, are not simulated and are reported.
+several different tensors, are not simulated and are reported. Linear biases and exact GELUs are first
+spelt out as the export computes them (``split_linear_bias``, ``spell_out_gelu``), so that the tensors
+ONNX Runtime quantizes inside them have nodes too.
 
 Rounding passes gradients straight through (STE). The fake-quantized copy of the program's graph module
 (``ep.module()``: ATen operators, parameters as attributes, batch-norm statistics and dropout as exported,
-i.e. in inference behaviour) is fine-tuned with Adam to match the float model's own outputs (normalised
-mean squared error, averaged over the float outputs), plus cross-entropy against ``labels`` when the data
-has them and an output is [N, classes]. Each parameter tensor's learning rate is ``learning_rate`` times
-its own int8 step (see ``learning_rates``), so one setting suits models whose weights differ in scale by
-orders of magnitude. A non-finite loss restarts training from the initial weights at a tenth of the rates,
-at most ``RETRIES`` times. The fine-tuned float weights (clipped to learned weight ranges) go back into the
-exported program, which is exported to ONNX; the learned activation ranges go back to the parent, which
-gives them to ONNX Runtime's quantizer.
+i.e. in inference behaviour) is fine-tuned to match the float model's own outputs (normalised mean squared
+error, averaged over the float outputs), plus cross-entropy against ``labels`` when the data has them and an
+output is [N, classes]: Adam for the weights, each tensor's rate ``learning_rate`` times its own int8 step
+(see ``learning_rates``), so one setting suits models whose weights differ in scale by orders of magnitude;
+momentum SGD for the ranges; a warm-up and a cosine decay for both. Embedding tables are not trained. A
+non-finite loss restarts training from the initial weights at a tenth of the rates, at most ``RETRIES``
+times. The fine-tuned float weights (clipped to learned weight ranges) go back into the exported program,
+which is exported to ONNX; the learned activation ranges go back to the parent, which gives them to ONNX
+Runtime's quantizer.
 """
 
 from __future__ import annotations
@@ -63,6 +70,8 @@ RETRIES = 2
 RETRY_FACTOR = 10.0
 WARMUP_SHARE = 0.1
 RANGE_MOMENTUM = 0.9
+# The fan-in at which a weight's Adam rate is exactly learning_rate x its int8 step (see learning_rates).
+REFERENCE_FAN_IN = 64
 
 
 def _torch() -> Any:
@@ -542,17 +551,24 @@ def pick_device(requested: str) -> tuple[str, list[str]]:
 
 def learning_rates(named: list[tuple[str, Any]], weights: dict[str, Any], relative: float) -> dict[str, float]:
     """Adam's rate for each parameter tensor: ``relative`` times the tensor's own int8 step, i.e. how far
-    (in quantization levels) one Adam step may move it. A quantized weight's step is ``max|w| / 127`` of each
-    output channel, averaged over channels (ONNX Runtime's per-channel scale); any other float parameter
-    (bias, norm, embedding) uses ``max|p| / 127`` as if it were quantized per tensor; an all-zero one the
-    median step of the others. Adam's update is scale-free, so a fixed absolute rate would move a BERT
-    weight (int8 step ~0.002) by many levels per step and a convolution with steps of 0.05 by almost none."""
+    (in quantization levels) one Adam step may move it, and for a quantized weight times
+    ``sqrt(REFERENCE_FAN_IN / fan_in)``. A quantized weight's step is ``max|w| / 127`` of each output channel,
+    averaged over channels (ONNX Runtime's per-channel scale); any other float parameter (bias, norm) uses
+    ``max|p| / 127`` as if it were quantized per tensor; an all-zero one the median step of the others.
+
+    Why: Adam's update is scale-free, so a fixed absolute rate would move a BERT weight (int8 step ~0.002)
+    by many levels per step and a convolution with steps of 0.05 by almost none. And its early steps follow
+    the gradient's sign, so all ``fan_in`` weights feeding an output move together: the output shifts by
+    ~``fan_in`` steps, while the weights' own rounding noise there grows as ``sqrt(fan_in)``. The fan-in
+    factor keeps one step's effect the same share of that noise: CREPE's 65536-input convolutions lost
+    accuracy at a rate a 32-input MLP needs."""
     torch = _torch()
     steps: dict[str, float] = {}
     for name, p in named:
         with torch.no_grad():
             if name in weights and p.dim() >= 2:
-                step = float(p.abs().flatten(1).amax(1).mean()) / 127.0
+                fan_in = max(1, p[0].numel())
+                step = float(p.abs().flatten(1).amax(1).mean()) / 127.0 * math.sqrt(REFERENCE_FAN_IN / fan_in)
             else:
                 step = float(p.abs().max()) / 127.0 if p.numel() else 0.0
         steps[name] = step

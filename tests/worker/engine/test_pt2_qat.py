@@ -295,7 +295,8 @@ def test_qat_finds_activations_by_value_where_names_mislead(masked: dict[str, Pa
     name with the program node holding the second block's scores + mask (-3.4e38). Looking activations up by
     name put add_4's range on the mask and the loss was NaN before the first update (measured with the
     previous lookup: "training_diverged: the training loss became nan at step 1"). Matched by value, training
-    stays finite, the mask stays in float, and the QAT model beats post-training int8."""
+    stays finite and lowers the loss, the mask stays in float, and the job ends no worse than post-training
+    int8."""
     cfg = QuantizeConfig(model_path=masked["model"], output_path=tmp_path / "q.onnx", recipe="qat_int8",
                          options=parse_options("qat_int8", {"steps": 30}), calibration_path=masked["cal"],
                          eval_path=masked["eval"], threads=1, device="cpu", export_cache_dir=tmp_path / "exports")
@@ -330,10 +331,15 @@ def test_qat_finds_activations_by_value_where_names_mislead(masked: dict[str, Pa
     print(f"\nmasked encoder: cosine post-training {ptq_cos}, QAT {qat_cos}, loss {training['probe_loss']}")
     assert all(np.isfinite(curve)) and np.mean(curve[-10:]) < np.mean(curve[:10])
     probe = training["probe_loss"]
-    assert probe["after"] < 0.95 * probe["before"]  # measured: 0.000413 -> 0.000328 on the first 32 samples
-    # Measured: cosine 0.999796 against post-training 0.999786 (the random model leaves int8 little to lose).
-    assert training["result"] == "qat" and qat_cos > ptq_cos
-    assert qat_cos > ptq_cos
+    assert probe["after"] < 0.95 * probe["before"]  # measured: 0.000413 -> 0.000350 on the first 32 samples
+    # This random-weight model loses almost nothing to int8 (cosine 0.999786), so on held-out samples the
+    # QAT model lands within 1e-5 of it either way (measured 0.999796 above it, or just below with other
+    # rates); whichever is better ships, and the job never ends below post-training int8.
+    comparison = training["comparison"]
+    assert comparison["metric"] == "cosine" and comparison["ptq"] == ptq_cos
+    if comparison["qat"] != comparison["ptq"]:  # a tie is settled by SQNR
+        assert training["result"] == ("qat" if comparison["qat"] > comparison["ptq"] else "ptq_baseline_kept")
+    assert qat_cos == max(comparison["qat"], comparison["ptq"]) >= ptq_cos
 
 
 def test_qat_restarts_a_diverging_run_at_lower_rates(pt2_zoo: dict[str, Path], tmp_path: Path) -> None:
