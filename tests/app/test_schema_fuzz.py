@@ -21,6 +21,9 @@ from tests.app.conftest import Harness
 from tests.app.helpers import submit, upload_dataset, upload_model
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+# /readyz answers 503 by design while jobs wait on a queue no live worker consumes (this harness queues a job
+# and runs no worker): that answer is documented, so status_code_conformance still checks it.
+READINESS_CHECKS = [c for c in CHECKS if c is not not_a_server_error]
 # Small and bounded: a few dozen operations x this many examples stay well under a minute.
 EXAMPLES = 20
 
@@ -51,7 +54,7 @@ def test_fuzz_every_operation(api: Harness, zoo: dict[str, Path]) -> None:
         @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         def run(case: Any) -> None:
-            case.call_and_validate(checks=CHECKS)
+            case.call_and_validate(checks=READINESS_CHECKS if case.operation.path == "/readyz" else CHECKS)
 
         try:
             run()
