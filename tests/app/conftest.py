@@ -73,6 +73,9 @@ def _truncate(url: str) -> None:
     with engine.begin() as c:
         c.execute(sa.text("TRUNCATE jobs, datasets, models, api_keys, workers CASCADE"))
         c.execute(sa.text("DELETE FROM tenants WHERE id <> 'local'"))
+        # A test that set the local tenant's limits must not leave them to later tests on this database.
+        c.execute(sa.text("UPDATE tenants SET max_active_jobs = NULL, uploads_per_minute = NULL, "
+                          "storage_quota_bytes = NULL WHERE id = 'local'"))
     engine.dispose()
 
 

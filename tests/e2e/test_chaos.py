@@ -100,12 +100,18 @@ class Chaos:
     def _run(self) -> None:
         rng = random.Random(self.seed)
         started = time.monotonic()
-        while not self.stop.wait(self.period) and len(self.kills) < self.max_kills and \
+        wait = self.period
+        while not self.stop.wait(wait) and len(self.kills) < self.max_kills and \
                 time.monotonic() - started < self.max_s:
             targets = self._targets()
             kinds = [k for k in ("engine", "pool", "main") if targets[k]]
             if not kinds:
+                # Nothing is mid-job right now: look again soon rather than a whole period later (a job's
+                # engine child may live only a few seconds, and a run that mostly looks between jobs kills
+                # too seldom to test anything).
+                wait = 0.25
                 continue
+            wait = self.period
             kind = rng.choice(kinds)
             pid = rng.choice(targets[kind])
             try:
