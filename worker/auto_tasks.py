@@ -211,6 +211,18 @@ def start(job_id: str, attempt: int, s: Settings, factory: sessionmaker[Session]
         sess.execute(sa.update(Job).where(Job.id == job_id).values(auto_round=1, stage="calibrating", progress=5))
     # The first candidate runs here, before the others are sent: it fills the calibration cache they read.
     state = run_candidate(job_id, attempt, 0, s, factory, analysis=True)
+    if state == "handed_back":
+        # The whole job goes back to the queue as if this attempt had never started: the next claim gets the
+        # same attempt number, so this attempt's candidate rows and files go first.
+        from worker.tasks import _hand_back
+
+        with factory.begin() as sess:
+            sess.execute(sa.delete(AutoCandidate).where(AutoCandidate.job_id == job_id,
+                                                        AutoCandidate.attempt == attempt))
+        for path in _paths(s, job_id, attempt)[1:]:
+            shutil.rmtree(path, ignore_errors=True)
+        _hand_back(factory, s, job_id, attempt, j.queue)
+        return state
     if state in ("cancelled", "lost"):
         return state
     _set_job(factory, j, stage="quantizing")
@@ -223,7 +235,7 @@ def run_candidate(job_id: str, attempt: int, idx: int, s: Settings | None = None
                   factory: sessionmaker[Session] | None = None, analysis: bool = False) -> str:
     """One candidate sub-task: claim its row, run it (or skip it past the time budget), record the result,
     and move the search on if it was the last of its round."""
-    from worker.tasks import LeaseLost, _sessions, run_engine
+    from worker.tasks import HandedBack, LeaseLost, _sessions, run_engine
 
     s = s or get_settings()
     factory = factory or _sessions()
@@ -256,6 +268,15 @@ def run_candidate(job_id: str, attempt: int, idx: int, s: Settings | None = None
             return "cancelled"
         except LeaseLost:
             return "lost"
+        except HandedBack:
+            # This worker is shutting down (SIGTERM): the candidate has not failed, it goes back to pending
+            # for another worker, as a plain job is handed back (the analysis candidate is the job's own
+            # task: start() hands the whole job back).
+            _unclaim(factory, job_id, attempt, idx, me)
+            if not analysis:
+                send(job_id, attempt, idx, j.queue)
+                log.warning("auto job %s: worker shutting down; candidate %d was handed back", job_id, idx)
+            return "handed_back"
         except EngineError as exc:  # the sandbox's own failures (crash, memory, time) fail the candidate only
             result = auto.CandidateResult(cand, "failed", error={"code": exc.code, "message": exc.message}, worker=me)
         except Exception as exc:  # a bug: this candidate fails, readably, and the search goes on without it
@@ -268,6 +289,14 @@ def run_candidate(job_id: str, attempt: int, idx: int, s: Settings | None = None
     _record(factory, job_id, attempt, idx, result, me)
     _advance(job_id, attempt, rnd, s, factory)
     return result.status
+
+
+def _unclaim(factory: sessionmaker[Session], job_id: str, attempt: int, idx: int, me: str) -> None:
+    with factory.begin() as sess:
+        sess.execute(sa.update(AutoCandidate).where(
+            AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempt, AutoCandidate.idx == idx,
+            AutoCandidate.status == CANDIDATE_RUNNING, AutoCandidate.worker == me).values(
+            status=CANDIDATE_PENDING, worker=None, started_at=None))
 
 
 def _record(factory: sessionmaker[Session], job_id: str, attempt: int, idx: int, result: auto.CandidateResult,

@@ -280,3 +280,51 @@ def test_a_job_committed_but_never_published_runs(stack: Stack, zoo: dict[str, P
     assert stack.row(other).enqueued_at is not None
     republished = [line for line in worker.tail(200_000).splitlines() if "no broker message" in line]
     assert len(republished) == 1 and job_id in republished[0]
+
+
+def test_sigterm_hands_auto_candidates_back(stack: Stack, zoo: dict[str, Path], procs: list[Proc]) -> None:
+    """SIGTERM while an auto job's first (analysis) candidate runs hands the whole job back; while a later
+    candidate runs, only that candidate goes back to pending and is sent again: neither counts as a failure."""
+    config = ('{"recipe": "auto", "options": {"latency_runs": 300, "max_fallback_steps": 0, "prefer": "size"}, '
+              '"accuracy_target": {"metric": "cosine", "min": 0.9}}')
+    job_id = stack.submit(zoo["mlp"], zoo["mlp_data"], config)
+
+    def candidate_running(first: bool) -> Callable[[], Any]:
+        def check() -> Any:
+            with stack.db.connect() as c:
+                rows = c.execute(sa.text("SELECT idx, worker FROM auto_candidates WHERE job_id = :i AND "
+                                         "status = 'running'"), {"i": job_id}).all()
+            for idx, worker in rows:
+                if (idx == 0) == first and worker and sandbox_children(int(worker.rsplit(":", 1)[1])):
+                    return (idx,)  # a tuple: candidate 0 must count as found
+            return None
+        return check
+
+    def candidates() -> list[Any]:
+        with stack.db.connect() as c:
+            return c.execute(sa.text("SELECT idx, status, worker, result FROM auto_candidates WHERE job_id = :i "
+                                     "ORDER BY idx"), {"i": job_id}).all()
+
+    first = stack.worker("auto-old", procs)
+    until("the analysis candidate", candidate_running(True), 90, first)
+    first.p.send_signal(signal.SIGTERM)
+    first.p.wait(timeout=30)
+    row = stack.row(job_id)
+    assert (row.status, row.attempts, row.worker) == ("queued", 0, None), first.tail()
+    assert row.enqueued_at is not None and candidates() == []
+    second = stack.worker("auto-middle", procs)
+    (idx,) = until("a later candidate", candidate_running(False), 120, second)
+    second.p.send_signal(signal.SIGTERM)
+    second.p.wait(timeout=30)
+    assert stack.row(job_id).status == "running"  # the job goes on; its candidate waits for a worker
+    handed = {r.idx: r for r in candidates()}[idx]
+    assert (handed.status, handed.worker, handed.result) == ("pending", None, None), second.tail()
+    assert f"candidate {idx} was handed back" in second.tail(200_000)
+    third = stack.worker("auto-new", procs)
+    job = wait_job(stack.client, job_id, third, timeout=240)
+    assert job["status"] == "succeeded", (job["error"], third.tail())
+    rows = candidates()
+    assert {r.status for r in rows} == {"done"}, rows
+    report = stack.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    assert not [c for c in report["candidates"] if (c.get("error") or {}).get("code") == "internal_error"]
+    assert stack.row(job_id).attempts == 1
