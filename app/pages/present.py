@@ -425,6 +425,8 @@ FAILURE_HINTS = {
     "int8_dynamic recipe may get past this.",
     "not_enough_samples": "Upload more samples, or choose a smaller batch size.",
     "broker_unavailable": "The job queue could not be reached when the job was submitted. Submit it again.",
+    "already_quantized": "The model is quantized already. Upload the float model it was made from and quantize "
+    "that.",
     "model_missing": "The model's file is gone from the server's storage. Upload it again.",
     "internal_error": "This is a lowbit problem, not your model's; please report it with the message above.",
     "accuracy_target_not_met": "No candidate met the accuracy target; the report below shows every candidate and "

