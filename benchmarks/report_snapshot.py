@@ -53,8 +53,8 @@ def build(d: Path) -> dict[str, Path]:
     z["mlp_data"] = builders.mlp_data(d / "mlp.npz", n=48, labels=True, model=z["mlp"])
     z["conv_data"] = builders.image_data(d / "conv.npz", n=32)
     z["tf_data"] = builders.token_data(d / "tf.npz", n=32)
-    x = np.random.default_rng(5).standard_normal((32, 3, 16, 16)).astype(np.float32)
-    z["pt2_data"] = builders.save_npz(d / "pt2.npz", x=x)
+    image = np.random.default_rng(5).standard_normal((32, 3, 32, 32)).astype(np.float32)
+    z["pt2_data"] = builders.save_npz(d / "pt2.npz", image=image)
     return z
 
 
