@@ -41,8 +41,12 @@ JOBS: list[tuple[str, str, str, str, dict[str, Any], dict[str, Any] | None]] = [
     ("pt2-static", "pt2", "pt2_data", "int8_static", {}, None),
     ("pt2-qat", "pt2", "pt2_data", "qat_int8", {"steps": 10}, None),
 ]
-TIMING = ("latency", "seconds", "speedup", "elapsed", "duration", "_ms", "_s", "environment", "started",
-          "finished", "workers", "worker")
+TIMING = ("latency", "seconds", "speedup", "elapsed", "duration", "environment", "started", "finished", "worker")
+
+
+def _timing(key: str) -> bool:
+    k = key.lower()
+    return any(t in k for t in TIMING) or k.endswith(("_s", "_ms"))
 
 
 def build(d: Path) -> dict[str, Path]:
@@ -61,7 +65,7 @@ def build(d: Path) -> dict[str, Path]:
 def strip(value: Any) -> Any:
     """The report without fields that measure time."""
     if isinstance(value, dict):
-        return {k: strip(v) for k, v in value.items() if not any(t in k.lower() for t in TIMING)}
+        return {k: strip(v) for k, v in value.items() if not _timing(k)}
     if isinstance(value, list):
         return [strip(v) for v in value]
     return value
