@@ -7,39 +7,32 @@ from pathlib import Path
 from typing import Any
 
 from worker.engine.errors import EngineError
+from worker.engine.recipes import RECIPE_NAMES, REGISTRY, get_recipe
+from worker.engine.recipes.int4_weight_only import default_algorithm
+from worker.engine.recipes.options import (
+    AUTO_PREFERENCES,
+    BLOCK_SIZES,
+    CALIBRATION_METHODS,
+    CALIBRATORS,
+    INT4_ALGORITHMS,
+    INT4_CALIBRATED,
+    ORDER,
+    OUTPUT_ROLES,
+)
 
-RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "auto", "qat_int8")
-IMPLEMENTED_RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "auto", "qat_int8")
+__all__ = ["AUTO_PREFERENCES", "BLOCK_SIZES", "CALIBRATION_METHODS", "CALIBRATORS", "IMPLEMENTED_RECIPES",
+           "INT4_ALGORITHMS", "INT4_CALIBRATED", "INT8_ELSEWHERE_OPTIONS", "OUTPUT_ROLES", "RECIPES",
+           "RECIPES_NEEDING_CALIBRATION", "RECIPES_NEEDING_PYTORCH", "RECIPE_OPTIONS", "QuantizeConfig",
+           "RecipeOptions", "calibrates", "check_recipe", "parse_options"]
+
+RECIPES: tuple[str, ...] = RECIPE_NAMES
+# Every registered recipe runs on every server (kept for the callers that import this name).
+IMPLEMENTED_RECIPES: tuple[str, ...] = RECIPE_NAMES
 # Recipes that need the model as a PyTorch program (a .pt2 upload), not only as ONNX.
-RECIPES_NEEDING_PYTORCH = ("qat_int8",)
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
-RECIPES_NEEDING_CALIBRATION = ("int8_static", "auto", "qat_int8")
-CALIBRATORS = ("lowbit", "ort")
-INT4_ALGORITHMS = ("rtn", "hqq", "gptq", "clip_search")
-# Algorithms that learn from the calibration set (so its samples never validate).
-INT4_CALIBRATED = ("gptq", "clip_search")
-BLOCK_SIZES = (16, 32, 64, 128)
-# auto: what the choice among candidates that meet the target optimises (see worker/engine/auto.py).
-AUTO_PREFERENCES = ("size_and_speed", "size")
-
-_COMMON = {"batch_size", "holdout_fraction", "nodes_to_exclude", "latency_runs", "outputs"}
-# What an output is for, which decides the figures it gets (declared in options.outputs, else inferred).
-OUTPUT_ROLES = ("classification", "embedding", "detection", "regression", "other")
+RECIPES_NEEDING_PYTORCH = tuple(r.name for r in REGISTRY.values() if r.needs_pytorch)
+RECIPES_NEEDING_CALIBRATION = tuple(r.name for r in REGISTRY.values() if r.needs_calibration)
 # The options each recipe accepts; every other key is refused.
-RECIPE_OPTIONS: dict[str, frozenset[str]] = {
-    "int8_static": frozenset(_COMMON | {"method", "calibrator", "per_channel", "symmetric_activations", "percentile",
-                                        "reduce_range", "max_calibration_samples", "op_types_to_quantize",
-                                        "layer_sensitivity"}),
-    "int8_dynamic": frozenset(_COMMON | {"per_channel", "reduce_range", "op_types_to_quantize"}),
-    "int4_weight_only": frozenset(_COMMON | {"algorithm", "block_size", "symmetric", "accuracy_level",
-                                             "quantize_embeddings", "max_calibration_samples", "int8_activations",
-                                             "method", "percentile", "per_channel"}),
-    "fp16": frozenset(_COMMON | {"keep_io_types", "op_block_list"}),
-    # auto: the candidates take the common options (and max_calibration_samples where they calibrate).
-    "auto": frozenset(_COMMON | {"max_calibration_samples", "max_fallback_steps", "prefer"}),
-    "qat_int8": frozenset(_COMMON | {"steps", "learning_rate", "range_learning_rate", "train_weight_ranges",
-                                     "train_activation_ranges", "task_loss", "max_calibration_samples"}),
-}
+RECIPE_OPTIONS: dict[str, frozenset[str]] = {r.name: r.option_names for r in REGISTRY.values()}
 
 
 @dataclass(frozen=True)
@@ -100,8 +93,9 @@ class RecipeOptions:
     def to_dict(self, recipe: str = "int8_static") -> dict[str, Any]:
         """The options that apply to ``recipe``, defaults filled in (what a job records and reports)."""
         keys = RECIPE_OPTIONS.get(recipe, frozenset(f.name for f in fields(self)))
-        if recipe == "int4_weight_only" and not self.int8_activations:
-            keys = keys - INT8_ELSEWHERE_OPTIONS
+        if recipe in REGISTRY:
+            # An option that needs another one on (int4's int8 calibration options) is not recorded without it.
+            keys = keys - {o.name for o in REGISTRY[recipe].options if o.requires and not getattr(self, o.requires)}
         out: dict[str, Any] = {}
         for f in fields(self):
             if f.name not in keys:
@@ -114,84 +108,30 @@ class RecipeOptions:
         return out
 
 
-def _bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise EngineError("invalid_option", f"option '{name}' must be true or false, got {value!r}")
-
-
-def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise EngineError(
-            "invalid_option", f"option '{name}' must be an integer from {lo} to {hi}, got {value!r}"
-        )
-    return value
-
-
-def _float(name: str, value: Any, lo: float, hi: float, *, open_hi: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = lo < float(value) < hi if open_hi else lo <= float(value) <= hi
-    if not ok:
-        raise EngineError(
-            "invalid_option", f"option '{name}' must be a number between {lo} and {hi}, got {value!r}"
-        )
-    return float(value)
-
-
-def _names(name: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise EngineError("invalid_option", f"option '{name}' must be a list of strings, got {value!r}")
-    return tuple(value)
-
-
-def _roles(value: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise EngineError(
-            "invalid_option",
-            f"option 'outputs' must map output names to roles ({', '.join(OUTPUT_ROLES)}), got {value!r}",
-        )
-    for name, role in value.items():
-        if role not in OUTPUT_ROLES:
-            raise EngineError(
-                "invalid_option",
-                f"option 'outputs': output '{name}' has role {role!r}; choose one of {', '.join(OUTPUT_ROLES)}",
-            )
-    return tuple(sorted(value.items()))
-
-
-def _choice(name: str, value: Any, choices: tuple[Any, ...]) -> Any:
-    if value not in choices or isinstance(value, bool):
-        raise EngineError(
-            "invalid_option", f"option '{name}' must be one of {', '.join(map(str, choices))}, got {value!r}"
-        )
-    return value
-
-
 def check_recipe(recipe: str) -> None:
-    if recipe not in RECIPES:
-        raise EngineError(
-            "unknown_recipe", f"unknown recipe '{recipe}'; choose one of: {', '.join(IMPLEMENTED_RECIPES)}"
-        )
-    if recipe not in IMPLEMENTED_RECIPES:
-        raise EngineError(
-            "recipe_not_available",
-            f"recipe '{recipe}' is not available on this server yet; choose one of: "
-            f"{', '.join(IMPLEMENTED_RECIPES)}",
-        )
+    """EngineError('unknown_recipe') unless ``recipe`` is registered."""
+    get_recipe(recipe)
 
 
 # int4_weight_only options that only mean something with int8_activations (they calibrate the int8 part).
-INT8_ELSEWHERE_OPTIONS = frozenset({"method", "percentile", "per_channel"})
+INT8_ELSEWHERE_OPTIONS = frozenset(
+    o.name for o in REGISTRY["int4_weight_only"].options if o.requires == "int8_activations"
+)
+
+
+_NULL_IS_DEFAULT = frozenset(o.name for r in REGISTRY.values() for o in r.options if o.nullable)
 
 
 def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
-    """Validate user options for ``recipe``; raises EngineError('invalid_option'|'unknown_option')."""
-    check_recipe(recipe)
+    """Validate user options for ``recipe`` against its option table (worker/engine/recipes);
+    raises EngineError('unknown_recipe'|'invalid_option'|'unknown_option')."""
+    spec = get_recipe(recipe)
+    table = {o.name: o for o in spec.options}
     raw = dict(raw or {})
-    allowed = RECIPE_OPTIONS[recipe]
-    # None means "the default" for the options whose default is decided at run time.
-    for name in ("algorithm", "op_block_list"):
+    allowed = spec.option_names
+    # None means "the default" for the options whose default is decided at run time, whichever recipe the
+    # request names (a recorded {"algorithm": null} was always accepted by every recipe).
+    for name in _NULL_IS_DEFAULT:
         if name in raw and raw[name] is None:
             del raw[name]
     unknown = sorted(set(raw) - allowed)
@@ -201,58 +141,24 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
             f"unknown option(s) for recipe '{recipe}': {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}",
         )
     kw: dict[str, Any] = {}
-    if "method" in raw:
-        kw["method"] = _choice("method", raw["method"], CALIBRATION_METHODS)
-    if "calibrator" in raw:
-        kw["calibrator"] = _choice("calibrator", raw["calibrator"], CALIBRATORS)
-        if raw["calibrator"] == "ort" and kw.get("method") == "mse":
-            raise EngineError(
-                "invalid_option", "ONNX Runtime's calibrators have no 'mse' method; use calibrator 'lowbit'"
-            )
-    for name in ("per_channel", "symmetric_activations", "reduce_range", "symmetric", "quantize_embeddings",
-                 "int8_activations", "layer_sensitivity",
-                 "keep_io_types", "train_weight_ranges", "train_activation_ranges", "task_loss"):
-        if name in raw:
-            kw[name] = _bool(name, raw[name])
-    if "percentile" in raw:
-        kw["percentile"] = _float("percentile", raw["percentile"], 90.0, 100.0, open_hi=True)
-    if "batch_size" in raw:
-        kw["batch_size"] = _int("batch_size", raw["batch_size"], 1, 1024)
-    if "max_calibration_samples" in raw:
-        kw["max_calibration_samples"] = _int("max_calibration_samples", raw["max_calibration_samples"], 1, 100_000)
-    if "holdout_fraction" in raw:
-        kw["holdout_fraction"] = _float("holdout_fraction", raw["holdout_fraction"], 0.05, 0.5)
-    if "latency_runs" in raw:
-        kw["latency_runs"] = _int("latency_runs", raw["latency_runs"], 1, 1000)
-    if "algorithm" in raw:
-        kw["algorithm"] = _choice("algorithm", raw["algorithm"], INT4_ALGORITHMS)
-    if "block_size" in raw:
-        kw["block_size"] = _choice("block_size", raw["block_size"], BLOCK_SIZES)
-    if "steps" in raw:
-        kw["steps"] = _int("steps", raw["steps"], 1, 100_000)
-    if "learning_rate" in raw:
-        kw["learning_rate"] = _float("learning_rate", raw["learning_rate"], 0.0, 1000.0)
-    if "range_learning_rate" in raw:
-        kw["range_learning_rate"] = _float("range_learning_rate", raw["range_learning_rate"], 0.0, 1000.0)
-    if "max_fallback_steps" in raw:
-        kw["max_fallback_steps"] = _int("max_fallback_steps", raw["max_fallback_steps"], 0, 64)
-    if "prefer" in raw:
-        kw["prefer"] = _choice("prefer", raw["prefer"], AUTO_PREFERENCES)
-    if "accuracy_level" in raw:
-        kw["accuracy_level"] = _int("accuracy_level", raw["accuracy_level"], 0, 4)
-    for name in ("nodes_to_exclude", "op_types_to_quantize", "op_block_list"):
-        if name in raw:
-            kw[name] = _names(name, raw[name])
-    if "outputs" in raw:
-        kw["outputs"] = _roles(raw["outputs"])
-    if recipe == "int4_weight_only" and not kw.get("int8_activations"):
-        stray = sorted(INT8_ELSEWHERE_OPTIONS & set(raw))
-        if stray:
-            raise EngineError(
-                "invalid_option",
-                f"{', '.join(stray)} only apply to int4_weight_only together with int8_activations: true (they "
-                "calibrate the int8 part); the 4-bit weights alone take algorithm and block_size",
-            )
+    # One fixed order for every recipe: with several bad options, the same one is reported as always.
+    for name in ORDER:
+        if name not in raw:
+            continue
+        opt = table[name]
+        kw[name] = opt.parse(raw[name], OUTPUT_ROLES)
+        for c in opt.conflicts:
+            if kw[name] == c.value and kw.get(c.other) == c.other_value:
+                raise EngineError("invalid_option", c.message)
+    by_requirement: dict[str, list[str]] = {}
+    for opt in spec.options:
+        if opt.requires and opt.name in raw and not kw.get(opt.requires):
+            by_requirement.setdefault(opt.requires, []).append(opt.name)
+    for needed, stray in by_requirement.items():
+        raise EngineError(
+            "invalid_option",
+            f"{', '.join(sorted(stray))} only apply to {recipe} together with {needed}: true {spec.requires_note}",
+        )
     return RecipeOptions(**kw)
 
 
@@ -261,7 +167,7 @@ def calibrates(recipe: str, opts: RecipeOptions, has_calibration: bool) -> bool:
     if recipe in RECIPES_NEEDING_CALIBRATION:
         return True
     if recipe == "int4_weight_only":
-        algorithm = opts.algorithm or ("clip_search" if has_calibration else "rtn")
+        algorithm = opts.algorithm or default_algorithm(has_calibration)
         return algorithm in INT4_CALIBRATED or opts.int8_activations
     return False
 
@@ -296,3 +202,7 @@ class QuantizeConfig:
     # chooses candidates on) or "confirmation" (the share it never sees, for the chosen model's reported
     # figures); None validates on all of them. See preflight.split_eval_range.
     eval_part: str | None = None
+    # The job's accuracy target ({"metric", "min" | "max_drop", "confidence"?, ...}, as the API stores it): the
+    # run measures it and reports report.accuracy_target, so the CLI and the service write the same report. auto
+    # searches for it (auto.search) and its candidates' runs do not report it. Not hashed: a dict.
+    accuracy_target: dict[str, Any] | None = field(default=None, hash=False)

@@ -21,16 +21,14 @@ import onnx
 from worker.engine import pt2, runtime
 from worker.engine.calibrate import (
     CalibrationSettings,
-    StatsCache,
     calibrate,
-    calibrate_with_ort,
     select_tensors,
     write_ort_ranges,
 )
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.errors import EngineError
 from worker.engine.feeds import Batch, FeedPlan, batch_source, fixed_batch, iter_batches, plan_feeds
-from worker.engine.fp16 import RangeCheck, convert_fp16, float16_in_subgraphs, range_check
+from worker.engine.fp16 import RangeCheck, float16_in_subgraphs, range_check
 from worker.engine.hygiene import Overlap, overlap
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
 from worker.engine.int4 import Int4Result, quantize_int4
@@ -38,7 +36,8 @@ from worker.engine.normalize import nonfinite_constant_nodes, normalize, prepare
 from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
 from worker.engine.preflight import Split, plan_split
 from worker.engine.pt2 import Pt2Source
-from worker.engine.qat import QatResult, choose_artifact, kept_warning, run_qat
+from worker.engine.qat import choose_artifact, kept_warning
+from worker.engine.recipes import RecipeContext, get_recipe
 from worker.engine.sensitivity import MAX_SAMPLES as SENSITIVITY_SAMPLES
 from worker.engine.sensitivity import SensitivityResult
 from worker.engine.sensitivity import analyse as analyse_sensitivity
@@ -309,110 +308,15 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     normalized = onnx.load(str(norm.path))
     _refuse_already_quantized(normalized)
     quant_path = work / "quantized.onnx"
-    calibration: dict[str, Any] | None = None
-    static_ranges: dict[str, tuple[float, float]] | None = None
-    int4: Int4Result | None = None
-    qat: QatResult | None = None
-    if cfg.recipe == "qat_int8":
-        assert source is not None
-        qat = run_qat(cfg, opts, info, split, data, norm.path, quant_path, source, providers, work, step, env)
-        calibration = qat.calibration
-        warnings.extend(qat.warnings)
-    elif cfg.recipe == "int8_static":
-        assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
-        tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
-        if not tensors:
-            _refuse_subgraphs_only(normalized, opts)
-        c0, c1 = split.calib_range
-        reader, plan = data.calib_reader, split.calib_plan
-        calib_batches = batch_source(reader, info.inputs, plan, c0, c1)
-        step("calibrating", 0.0)
-        settings = CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations)
-        if opts.calibrator == "ort":
-            # ONNX Runtime's histogram collectors stack batches into one array, so every batch must
-            # have the same size: feed one sample at a time unless the model fixes its batch size.
-            ort_plan = plan if fixed_batch(plan, info.inputs) else dataclasses.replace(plan, samples_per_run=1)
-            ort_source = batch_source(reader, info.inputs, ort_plan, c0, c1)
-            cal = calibrate_with_ort(norm.path, ort_source, settings, providers, work / "ort-calibration",
-                                     opts.op_types_to_quantize or None)
-        else:
-            assert cfg.calibration_path is not None
-            cache_key = {
-                "model_sha256": model_sha,
-                "data_sha256": sha256_file(cfg.calibration_path),
-                "samples": [c0, c1],
-                "per_run": plan.samples_per_run,
-                "modes": plan.modes,
-                "onnxruntime": env["onnxruntime"],
-                "lowbit": env["lowbit"],
-            }
-            cal = calibrate(
-                norm.path,
-                tensors,
-                calib_batches,
-                settings,
-                providers,
-                cfg.threads,
-                progress=lambda f: step("calibrating", f),
-                total_samples=c1 - c0,
-                cache=StatsCache(cfg.cache_dir) if cfg.cache_dir else None,
-                cache_key=cache_key,
-                excluded_nodes=opts.nodes_to_exclude,
-                op_types=opts.op_types_to_quantize or None,
-                model=normalized,
-            )
-        if cal.samples == 0:
-            raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
-        if cal.nonfinite_tensors:
-            warnings.append(
-                f"{len(cal.nonfinite_tensors)} activation(s) held infinity or NaN on the calibration data and stay "
-                f"in float (no int8 range can hold them): {', '.join(cal.nonfinite_tensors[:5])}"
-            )
-        if c1 - c0 > cal.samples and not cal.cache_used:
-            warnings.append(
-                f"{c1 - c0 - cal.samples} calibration sample(s) did not fill a whole batch and were skipped"
-            )
-        calibration = {
-            "method": cal.method,
-            "calibrator": cal.calibrator,
-            "cache_used": cal.cache_used,
-            "samples": cal.samples,
-            "seconds": round(cal.seconds, 3),
-            "tensors": cal.tensors,
-            "observed_tensors": cal.observed,
-            "passes": cal.passes,
-            "percentile": opts.percentile if cal.method == "percentile" else None,
-            "symmetric_activations": opts.symmetric_activations,
-        }
-        ranges_path = work / "ranges.json"
-        write_ort_ranges(cal.ranges, ranges_path)
-        static_ranges = cal.ranges
-        step("quantizing", 0.0)
-        _warn_forced(_quantize_static(norm.path, quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
-    elif cfg.recipe == "int4_weight_only":
-        int4 = _run_int4(cfg, opts, info, split, data, norm.path, quant_path, providers, step, warnings)
-        calibration = int4.calibration
-        if opts.int8_activations:
-            elsewhere = _int8_elsewhere(cfg, opts, info, split, data, quant_path, work, providers, step, warnings)
-            calibration = {**(calibration or {}), "int8_elsewhere": elsewhere}
-    elif cfg.recipe == "fp16":
-        step("quantizing", 0.0)
-        ranged = _fp16_range_check(cfg, opts, info, data, norm.path, normalized, providers)
-        kept = convert_fp16(norm.path, quant_path, opts, ranged.nodes if ranged else ())
-        if kept:
-            warnings.append(f"kept in float32 (unsafe or slow in float16): {', '.join(kept)}")
-        if ranged is not None:
-            calibration = {"method": "minmax", "purpose": "float16 range check", "samples": ranged.samples,
-                           "seconds": round(ranged.seconds, 3), "float32_nodes": len(ranged.nodes)}
-            if ranged.nodes:
-                warnings.append(
-                    f"{len(ranged.nodes)} node(s) kept in float32 because their values on the calibration data "
-                    f"reach {ranged.peak:.3g}, too close to or beyond float16's largest value (65504): "
-                    f"{', '.join(ranged.nodes[:5])}"
-                )
-    else:
-        step("quantizing", 0.0)
-        _warn_forced(_quantize_dynamic(norm.path, quant_path, opts), warnings)
+    # The recipe's own step (worker/engine/recipes/<name>.py); run() refused auto, which has none.
+    handler = get_recipe(cfg.recipe).quantize
+    assert handler is not None
+    out = handler(RecipeContext(
+        cfg=cfg, opts=opts, info=info, split=split, data=data, norm_path=norm.path, normalized=normalized,
+        quant_path=quant_path, work=work, providers=providers, step=step, warnings=warnings, env=env,
+        model_sha=model_sha, source=source,
+    ))
+    calibration, static_ranges, int4, qat = out.calibration, out.static_ranges, out.int4, out.qat
     step("quantizing", 1.0)
 
     quantized = onnx.load(str(quant_path))

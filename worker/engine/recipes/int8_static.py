@@ -1,0 +1,114 @@
+"""int8_static: QDQ int8, per-channel int8 weights, uint8 activations with ranges from calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from worker.engine.recipes import options as o
+from worker.engine.recipes.base import FormField, Recipe, RecipeContext, RecipeOutput
+
+OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVATIONS, o.PERCENTILE, o.REDUCE_RANGE,
+           o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY)
+
+
+def quantize(ctx: RecipeContext) -> RecipeOutput:
+    """Calibrate activation ranges (lowbit's streaming calibrator or ONNX Runtime's), then write QDQ int8."""
+    from worker.engine.calibrate import (
+        CalibrationSettings,
+        StatsCache,
+        calibrate,
+        calibrate_with_ort,
+        select_tensors,
+        write_ort_ranges,
+    )
+    from worker.engine.errors import EngineError
+    from worker.engine.feeds import batch_source, fixed_batch
+    from worker.engine.pipeline import _quantize_static, _refuse_subgraphs_only, _warn_forced, sha256_file
+
+    cfg, opts, info, split, data, step, warnings = (ctx.cfg, ctx.opts, ctx.info, ctx.split, ctx.data, ctx.step,
+                                                    ctx.warnings)
+    normalized, work, providers = ctx.normalized, ctx.work, ctx.providers
+    assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+    tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
+    if not tensors:
+        _refuse_subgraphs_only(normalized, opts)
+    c0, c1 = split.calib_range
+    reader, plan = data.calib_reader, split.calib_plan
+    calib_batches = batch_source(reader, info.inputs, plan, c0, c1)
+    step("calibrating", 0.0)
+    settings = CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations)
+    if opts.calibrator == "ort":
+        # ONNX Runtime's histogram collectors stack batches into one array, so every batch must
+        # have the same size: feed one sample at a time unless the model fixes its batch size.
+        ort_plan = plan if fixed_batch(plan, info.inputs) else dataclasses.replace(plan, samples_per_run=1)
+        ort_source = batch_source(reader, info.inputs, ort_plan, c0, c1)
+        cal = calibrate_with_ort(ctx.norm_path, ort_source, settings, providers, work / "ort-calibration",
+                                 opts.op_types_to_quantize or None)
+    else:
+        assert cfg.calibration_path is not None
+        cache_key = {
+            "model_sha256": ctx.model_sha,
+            "data_sha256": sha256_file(cfg.calibration_path),
+            "samples": [c0, c1],
+            "per_run": plan.samples_per_run,
+            "modes": plan.modes,
+            "onnxruntime": ctx.env["onnxruntime"],
+            "lowbit": ctx.env["lowbit"],
+        }
+        cal = calibrate(
+            ctx.norm_path,
+            tensors,
+            calib_batches,
+            settings,
+            providers,
+            cfg.threads,
+            progress=lambda f: step("calibrating", f),
+            total_samples=c1 - c0,
+            cache=StatsCache(cfg.cache_dir) if cfg.cache_dir else None,
+            cache_key=cache_key,
+            excluded_nodes=opts.nodes_to_exclude,
+            op_types=opts.op_types_to_quantize or None,
+            model=normalized,
+        )
+    if cal.samples == 0:
+        raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
+    if cal.nonfinite_tensors:
+        warnings.append(
+            f"{len(cal.nonfinite_tensors)} activation(s) held infinity or NaN on the calibration data and stay "
+            f"in float (no int8 range can hold them): {', '.join(cal.nonfinite_tensors[:5])}"
+        )
+    if c1 - c0 > cal.samples and not cal.cache_used:
+        warnings.append(
+            f"{c1 - c0 - cal.samples} calibration sample(s) did not fill a whole batch and were skipped"
+        )
+    calibration = {
+        "method": cal.method,
+        "calibrator": cal.calibrator,
+        "cache_used": cal.cache_used,
+        "samples": cal.samples,
+        "seconds": round(cal.seconds, 3),
+        "tensors": cal.tensors,
+        "observed_tensors": cal.observed,
+        "passes": cal.passes,
+        "percentile": opts.percentile if cal.method == "percentile" else None,
+        "symmetric_activations": opts.symmetric_activations,
+    }
+    ranges_path = work / "ranges.json"
+    write_ort_ranges(cal.ranges, ranges_path)
+    step("quantizing", 0.0)
+    _warn_forced(_quantize_static(ctx.norm_path, ctx.quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
+    return RecipeOutput(calibration=calibration, static_ranges=cal.ranges)
+
+
+RECIPE = Recipe(
+    name="int8_static",
+    label="int8_static (calibrated)",
+    help="QDQ int8: per-channel int8 weights, uint8 activations with ranges from calibration",
+    options=OPTIONS,
+    calibration="required",
+    quantize=quantize,
+    file_tag="int8",
+    # In the order the form always set them (the job records its options in this order).
+    form_fields=(FormField("per_channel", "per_channel"), FormField("method", "method"),
+                 FormField("batch_size", "batch_size")),
+)

@@ -1,0 +1,95 @@
+"""The options recipes share, declared once; each recipe's table picks from these (and may change a default,
+the help or a requirement with ``Option.with_``).
+
+``ORDER`` is the order options are checked in, whatever the recipe: when a request has several bad options,
+the first one in this order is the one reported, as it always was.
+"""
+
+from __future__ import annotations
+
+from worker.engine.recipes.base import Conflict, Option
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
+CALIBRATORS = ("lowbit", "ort")
+INT4_ALGORITHMS = ("rtn", "hqq", "gptq", "clip_search")
+# Algorithms that learn from the calibration set (so its samples never validate).
+INT4_CALIBRATED = ("gptq", "clip_search")
+BLOCK_SIZES = (16, 32, 64, 128)
+# auto: what the choice among candidates that meet the target optimises (see worker/engine/auto.py).
+AUTO_PREFERENCES = ("size_and_speed", "size")
+# What an output is for, which decides the figures it gets (declared in options.outputs, else inferred).
+OUTPUT_ROLES = ("classification", "embedding", "detection", "regression", "other")
+
+# -- every recipe --------------------------------------------------------------------------------------------
+BATCH_SIZE = Option("batch_size", "int", 8, "samples per model run, for models with a dynamic batch axis",
+                    lo=1, hi=1024)
+HOLDOUT_FRACTION = Option("holdout_fraction", "float", 0.2, "share of the calibration set held out to validate "
+                          "when there is no evaluation set", lo=0.05, hi=0.5)
+NODES_TO_EXCLUDE = Option("nodes_to_exclude", "names", (), "node names kept in float")
+LATENCY_RUNS = Option("latency_runs", "int", 30, "timed runs of each model for the latency figures", lo=1, hi=1000)
+OUTPUTS = Option("outputs", "roles", (), "declared output roles ({name: role}); outputs not named get an inferred "
+                 f"role ({', '.join(OUTPUT_ROLES)})")
+COMMON = (BATCH_SIZE, HOLDOUT_FRACTION, NODES_TO_EXCLUDE, LATENCY_RUNS, OUTPUTS)
+
+# -- calibration ---------------------------------------------------------------------------------------------
+METHOD = Option("method", "choice", "minmax", "how activation ranges are chosen from the calibration data",
+                choices=CALIBRATION_METHODS)
+CALIBRATOR = Option(
+    "calibrator", "choice", "lowbit", "lowbit's streaming calibrator, or ort (ONNX Runtime's own, to compare)",
+    choices=CALIBRATORS,
+    conflicts=(Conflict("ort", "method", "mse",
+                        "ONNX Runtime's calibrators have no 'mse' method; use calibrator 'lowbit'"),),
+)
+PERCENTILE = Option("percentile", "float", 99.99, "method percentile: the central share of values kept",
+                    lo=90.0, hi=100.0, open_hi=True)
+SYMMETRIC_ACTIVATIONS = Option("symmetric_activations", "bool", False, "symmetric activation ranges")
+MAX_CALIBRATION_SAMPLES = Option("max_calibration_samples", "int", 512, "calibration samples used, at most",
+                                 lo=1, hi=100_000)
+
+# -- int8 weights --------------------------------------------------------------------------------------------
+PER_CHANNEL = Option("per_channel", "bool", True, "one int8 weight scale per output channel")
+REDUCE_RANGE = Option("reduce_range", "bool", False, "7-bit weights, for CPUs whose int8 kernels overflow")
+OP_TYPES_TO_QUANTIZE = Option("op_types_to_quantize", "names", (), "only these operator types (default: all "
+                              "the quantizer takes)")
+LAYER_SENSITIVITY = Option("layer_sensitivity", "bool", False, "also measure each layer's sensitivity (one model "
+                           "run per layer and sample)")
+
+# -- int4 ----------------------------------------------------------------------------------------------------
+ALGORITHM = Option("algorithm", "choice", None, "4-bit algorithm (default clip_search with calibration data, "
+                   "else rtn)", choices=INT4_ALGORITHMS, nullable=True)
+BLOCK_SIZE = Option("block_size", "choice", 32, "weights per 4-bit block", choices=BLOCK_SIZES)
+SYMMETRIC = Option("symmetric", "bool", True, "symmetric 4-bit weights (no zero points)")
+ACCURACY_LEVEL = Option("accuracy_level", "int", 0, "MatMulNBits' compute precision", lo=0, hi=4)
+QUANTIZE_EMBEDDINGS = Option("quantize_embeddings", "bool", False, "also 4-bit Gather tables")
+INT8_ACTIVATIONS = Option("int8_activations", "bool", False, "also quantize everything outside the 4-bit MatMuls "
+                          "to int8 QDQ, calibrated on the 4-bit model (needs calibration data)")
+
+# -- fp16 ----------------------------------------------------------------------------------------------------
+KEEP_IO_TYPES = Option("keep_io_types", "bool", True, "float32 inputs and outputs")
+OP_BLOCK_LIST = Option("op_block_list", "names", None, "op types kept in float32 (default: the converter's "
+                       "unsafe list)", nullable=True)
+
+# -- qat_int8 ------------------------------------------------------------------------------------------------
+STEPS = Option("steps", "int", 200, "Adam steps on the calibration samples", lo=1, hi=100_000)
+LEARNING_RATE = Option("learning_rate", "float", 0.05, "weights' learning rate, relative to each tensor's int8 "
+                       "step", lo=0.0, hi=1000.0)
+RANGE_LEARNING_RATE = Option("range_learning_rate", "float", 0.05, "learning rate of the quantization ranges",
+                             lo=0.0, hi=1000.0)
+TRAIN_WEIGHT_RANGES = Option("train_weight_ranges", "bool", False, "learn the weights' ranges")
+TRAIN_ACTIVATION_RANGES = Option("train_activation_ranges", "bool", True, "learn the activations' ranges")
+TASK_LOSS = Option("task_loss", "bool", False, "add a cross-entropy term on the labels to the distillation loss")
+
+# -- auto ----------------------------------------------------------------------------------------------------
+MAX_FALLBACK_STEPS = Option("max_fallback_steps", "int", 8, "layers kept in float per candidate recipe, at most",
+                            lo=0, hi=64)
+PREFER = Option("prefer", "choice", "size_and_speed", "size_and_speed: the smallest not slower than fp32; size: "
+                "the smallest however slow", choices=AUTO_PREFERENCES)
+
+ORDER = (
+    "method", "calibrator",
+    "per_channel", "symmetric_activations", "reduce_range", "symmetric", "quantize_embeddings", "int8_activations",
+    "layer_sensitivity", "keep_io_types", "train_weight_ranges", "train_activation_ranges", "task_loss",
+    "percentile", "batch_size", "max_calibration_samples", "holdout_fraction", "latency_runs", "algorithm",
+    "block_size", "steps", "learning_rate", "range_learning_rate", "max_fallback_steps", "prefer", "accuracy_level",
+    "nodes_to_exclude", "op_types_to_quantize", "op_block_list", "outputs",
+)
