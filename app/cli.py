@@ -527,18 +527,22 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     mp.set_defaults(func=cmd_migrate)
 
-    qp = sub.add_parser("quantize", help="quantize a model offline, without the service")
+    from worker.engine.recipes import RECIPE_NAMES, describe_recipes
+    from worker.engine.recipes.options import CALIBRATION_METHODS
+
+    # Recipe choices and their options come from the registry (worker/engine/recipes).
+    qp = sub.add_parser("quantize", help="quantize a model offline, without the service",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="recipes:\n" + describe_recipes())
     qp.add_argument("model", help="ONNX model file")
     qp.add_argument("--calib", help="calibration .npz")
     qp.add_argument("--eval", help="evaluation .npz (labels optional)")
-    from worker.engine.config import IMPLEMENTED_RECIPES
-
-    qp.add_argument("--recipe", choices=list(IMPLEMENTED_RECIPES),
+    qp.add_argument("--recipe", choices=list(RECIPE_NAMES),
                     help="default: the --config file's recipe, else int8_static")
     qp.add_argument("--config", help="a JSON file {\"recipe\", \"options\"}, e.g. an auto job's chosen configuration "
                     "(GET /api/v1/jobs/ID/config); --option and --method override its options")
     qp.add_argument("--accuracy-target", help="recipe auto: JSON {\"metric\": ..., \"min\" or \"max_drop\": ...}")
-    qp.add_argument("--method", choices=["minmax", "entropy", "percentile", "mse"])
+    qp.add_argument("--method", choices=list(CALIBRATION_METHODS))
     qp.add_argument("--option", action="append", help="recipe option KEY=VALUE (JSON value), repeatable")
     qp.add_argument("-o", "--output", required=True, help="where to write the quantized model")
     qp.add_argument("--report", help="where to write the report JSON")

@@ -51,4 +51,5 @@ def test_client_imports_nothing_of_the_server_engine_or_ml() -> None:
              "onnx", "numpy", "worker"}
     assert not _top(mods) & heavy, _top(mods) & heavy
     assert {m for m in mods if m.startswith("app.")} <= {"app.client", "app.client.cli", "app.client.config",
-                                                        "app.client.core", "app.client.errors"}
+                                                        "app.client.core", "app.client.errors",
+                                                        "app.client.recipes"}

@@ -28,12 +28,11 @@ from app.client.errors import (
     ServerUnreachable,
     WaitTimeout,
 )
+from app.client.recipes import RECIPE_NAMES, RECIPE_TAGS
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INTERNAL = 0, 1, 2, 3, 4
 # Uploads and downloads smaller than this finish too fast for a bar to help.
 BAR_MIN_BYTES = 1 << 20
-RECIPE_TAGS = {"int8_static": "int8", "int8_dynamic": "int8", "qat_int8": "int8", "int4_weight_only": "int4",
-               "fp16": "fp16"}
 
 
 # -- progress on stderr ------------------------------------------------------------------------------------------
@@ -503,8 +502,9 @@ def add_commands(sub: Any) -> None:
     sp.add_argument("model", help="the model file (.onnx)")
     sp.add_argument("--calib", help="calibration data (.npz, one array per model input)")
     sp.add_argument("--eval", help="evaluation data (.npz, labels optional)")
-    sp.add_argument("--recipe", default="int8_static", help="int8_static (default), int8_dynamic, int4_weight_only, "
-                                                            "fp16, ...")
+    # Not argparse choices: the server decides which recipes it runs (and refuses others with unknown_recipe).
+    sp.add_argument("--recipe", default="int8_static",
+                    help=f"one of {', '.join(RECIPE_NAMES)} (default int8_static)")
     sp.add_argument("--option", action="append", metavar="KEY=VALUE",
                     help="recipe option (JSON value), repeatable, e.g. --option method=entropy")
     sp.add_argument("--accuracy-target", metavar="JSON",

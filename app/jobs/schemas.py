@@ -14,6 +14,15 @@ from app.examples import (
     JOB_FAILED_EXAMPLE,
     JOB_LINKS_EXAMPLE,
 )
+from worker.engine.recipes import REGISTRY, describe_recipes
+
+# Generated from the recipe registry (worker/engine/recipes), so the OpenAPI text lists every recipe.
+RECIPE_DESCRIPTION = "One of " + " | ".join(REGISTRY) + ":\n" + describe_recipes()
+OPTIONS_DESCRIPTION = (
+    "The recipe's options (all optional; each recipe refuses the ones it does not take):\n"
+    + "\n".join(f"- {r.name}: " + "; ".join(f"{o.name} ({o.describe()})" for o in r.options)
+                for r in REGISTRY.values())
+)
 
 
 class AccuracyTarget(BaseModel):
@@ -66,8 +75,8 @@ class JobCreate(BaseModel):
     model_id: str
     calibration_dataset_id: str | None = None
     eval_dataset_id: str | None = None
-    recipe: str = Field(description="int8_static | int8_dynamic")
-    options: dict[str, Any] = Field(default_factory=dict)
+    recipe: str = Field(description=RECIPE_DESCRIPTION)
+    options: dict[str, Any] = Field(default_factory=dict, description=OPTIONS_DESCRIPTION)
     accuracy_target: AccuracyTarget | None = None
     device: Literal["cpu", "gpu"] | None = Field(
         default=None, description="Queue to run on: 'gpu' workers use CUDA. Default: the server's default queue."
@@ -85,10 +94,12 @@ class JobCreate(BaseModel):
 
     @model_validator(mode="after")
     def _auto_needs_target(self) -> JobCreate:
-        if self.recipe == "auto" and self.accuracy_target is None:
+        recipe = REGISTRY.get(self.recipe)
+        if recipe is not None and recipe.needs_accuracy_target and self.accuracy_target is None:
             # auto searches for the smallest model that meets the target: without one there is nothing to meet.
             raise ValueError(
-                "recipe auto needs an accuracy_target, e.g. {\"metric\": \"cosine\", \"min\": 0.99} or "
+                f"recipe {self.recipe} needs an accuracy_target, e.g. "
+                "{\"metric\": \"cosine\", \"min\": 0.99} or "
                 "{\"metric\": \"label_accuracy\", \"max_drop\": 0.01}, optionally with \"time_budget_s\""
             )
         return self

@@ -26,16 +26,16 @@ from app.storage import Storage
 from app.tenants import service as tenants
 from worker.engine.config import BLOCK_SIZES, CALIBRATION_METHODS, INT4_CALIBRATED, parse_options
 from worker.engine.errors import EngineError
+from worker.engine.recipes import REGISTRY
 
 PAGE_SIZE = 25
-FORM_RECIPES = {
-    "int8_static": "int8_static (calibrated)",
-    "int8_dynamic": "int8_dynamic (no calibration)",
-    "int4_weight_only": "int4_weight_only (4-bit MatMul weights)",
-    "fp16": "fp16 (half-precision weights and compute)",
-    "qat_int8": "qat_int8 (fine-tune, then int8; .pt2 models)",
-    "auto": "auto (the smallest model that meets the accuracy target)",
-}
+# The recipe list and which form inputs each recipe reads come from the registry (worker/engine/recipes).
+FORM_RECIPES = {r.name: r.label for r in REGISTRY.values()}
+# form input -> the recipes whose options it sets (the page shows which recipes a field is for).
+FORM_FIELD_RECIPES: dict[str, tuple[str, ...]] = {}
+for _r in REGISTRY.values():
+    for _f in _r.form_fields:
+        FORM_FIELD_RECIPES[_f.input] = (*FORM_FIELD_RECIPES.get(_f.input, ()), _r.name)
 INT4_CHOICES = {
     "": "automatic (clip_search with calibration data, else rtn)",
     "clip_search": "clip_search (calibrated)",
@@ -100,7 +100,7 @@ def list_context(db: Session, cursor: str | None, tenant_id: str, limit: int = P
         "form_error": None,
         "choices": {"recipes": FORM_RECIPES, "methods": CALIBRATION_METHODS, "metrics": TARGET_METRICS,
                     "algorithms": INT4_CHOICES, "block_sizes": BLOCK_SIZES,
-                    "bounds": TARGET_BOUNDS},
+                    "bounds": TARGET_BOUNDS, "field_recipes": FORM_FIELD_RECIPES},
         "status_words": present.STATUS_WORDS,
     }
 
@@ -234,30 +234,41 @@ def _validation_message(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'form'}: {e['msg']}" for e in exc.errors())
 
 
+def _form_option(values: FormValues, name: str) -> Any:
+    """The option value of one form input, None when the input was left empty (the option's default)."""
+    if name == "per_channel":
+        return values.per_channel
+    if name == "method":
+        return values.method
+    if name == "algorithm":
+        return values.algorithm or None
+    if name == "block_size":
+        try:
+            return int(values.block_size)
+        except ValueError:
+            raise Invalid(f"block size must be 16, 32, 64 or 128, got '{values.block_size}'",
+                          code="invalid_option") from None
+    if name == "batch_size":
+        if not values.batch_size:
+            return None
+        try:
+            return int(values.batch_size)
+        except ValueError:
+            raise Invalid(f"batch size must be a whole number from 1 to 1024, got '{values.batch_size}'",
+                          code="invalid_option") from None
+    raise ValueError(f"the upload form has no input '{name}'")  # a recipe's form_fields names a missing input
+
+
 def form_config(values: FormValues) -> dict[str, Any]:
     """The form's fields as a job configuration (recipe, options, accuracy_target); Invalid if a field is wrong."""
     if values.recipe not in FORM_RECIPES:
         raise Invalid(f"unknown recipe '{values.recipe}'; choose one of {', '.join(FORM_RECIPES)}",
                       code="unknown_recipe")
     options: dict[str, Any] = {}
-    if values.recipe in ("int8_static", "int8_dynamic"):
-        options["per_channel"] = values.per_channel
-    if values.recipe == "int8_static":
-        options["method"] = values.method
-    if values.recipe == "int4_weight_only":
-        if values.algorithm:
-            options["algorithm"] = values.algorithm
-        try:
-            options["block_size"] = int(values.block_size)
-        except ValueError:
-            raise Invalid(f"block size must be 16, 32, 64 or 128, got '{values.block_size}'",
-                          code="invalid_option") from None
-    if values.batch_size:
-        try:
-            options["batch_size"] = int(values.batch_size)
-        except ValueError:
-            raise Invalid(f"batch size must be a whole number from 1 to 1024, got '{values.batch_size}'",
-                          code="invalid_option") from None
+    for form_field in REGISTRY[values.recipe].form_fields:
+        value = _form_option(values, form_field.input)
+        if value is not None:
+            options[form_field.option] = value
     config: dict[str, Any] = {"recipe": values.recipe, "options": options}
     if values.target_metric:
         if values.target_bound not in TARGET_BOUNDS:

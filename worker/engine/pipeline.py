@@ -300,7 +300,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     # Load the original model in ONNX Runtime first: a model it cannot run fails here, clearly.
     original_session = runtime.make_session(Path(cfg.model_path), providers, cfg.threads, "model")
     # Only int8 per-channel weights need opset 13; other recipes go on (with a warning) if it can't be had.
-    needs_13 = opts.per_channel and (cfg.recipe in ("int8_static", "int8_dynamic") or opts.int8_activations)
+    needs_13 = opts.per_channel and (get_recipe(cfg.recipe).per_channel_needs_opset13 or opts.int8_activations)
     norm = normalize(Path(cfg.model_path), work / "prep", per_channel=needs_13)
     warnings.extend(norm.warnings)
     step("preparing", 1.0)

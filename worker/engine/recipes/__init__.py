@@ -35,7 +35,8 @@ def describe_recipes() -> str:
     for r in REGISTRY.values():
         calib = "needs calibration data" if r.needs_calibration else "calibration data optional"
         pt = "; needs a .pt2 model" if r.needs_pytorch else ""
-        lines.append(f"- {r.name}: {r.help} ({calib}{pt}); options: {', '.join(sorted(r.option_names))}")
+        target = "; needs an accuracy_target" if r.needs_accuracy_target else ""
+        lines.append(f"- {r.name}: {r.help} ({calib}{pt}{target}); options: {', '.join(sorted(r.option_names))}")
     return "\n".join(lines)
 
 

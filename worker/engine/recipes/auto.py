@@ -12,9 +12,10 @@ OPTIONS = (*o.COMMON, o.MAX_CALIBRATION_SAMPLES, o.MAX_FALLBACK_STEPS, o.PREFER)
 RECIPE = Recipe(
     name="auto",
     label="auto (the smallest model that meets the accuracy target)",
-    help="the smallest candidate recipe that meets an accuracy_target (needs one) and is not slower than fp32",
+    help="the smallest candidate recipe that meets an accuracy_target and is not slower than fp32",
     options=OPTIONS,
     calibration="required",
     quantize=None,
+    needs_accuracy_target=True,
     form_fields=(FormField("batch_size", "batch_size"),),
 )

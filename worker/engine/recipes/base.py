@@ -211,6 +211,11 @@ class Recipe:
     # Short tag for artifact file names (MODEL.int8.onnx); None: the recipe's name.
     file_tag: str | None = None
     needs_pytorch: bool = False
+    # auto searches for the smallest model that meets the target: without one there is nothing to meet.
+    needs_accuracy_target: bool = False
+    # ONNX Runtime's quantizer writes this recipe's per-channel int8 weights, which need opset 13: the model is
+    # normalized to it when per_channel is on (other recipes go on, with a warning, if it cannot be had).
+    per_channel_needs_opset13: bool = False
     form_fields: tuple[FormField, ...] = ()
     # Said after "X only apply to RECIPE together with OPTION: true" when a ``requires`` is not met.
     requires_note: str = ""

@@ -25,5 +25,6 @@ RECIPE = Recipe(
     calibration="optional",
     quantize=quantize,
     file_tag="int8",
+    per_channel_needs_opset13=True,
     form_fields=(FormField("per_channel", "per_channel"), FormField("batch_size", "batch_size")),
 )

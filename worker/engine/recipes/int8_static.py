@@ -108,6 +108,7 @@ RECIPE = Recipe(
     calibration="required",
     quantize=quantize,
     file_tag="int8",
+    per_channel_needs_opset13=True,
     # In the order the form always set them (the job records its options in this order).
     form_fields=(FormField("per_channel", "per_channel"), FormField("method", "method"),
                  FormField("batch_size", "batch_size")),
