@@ -320,7 +320,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     step("quantizing", 1.0)
 
     quantized = onnx.load(str(quant_path))
-    if cfg.recipe == "fp16":
+    if out.infer_shapes:
         try:
             quantized = onnx.shape_inference.infer_shapes(quantized)
         except Exception as exc:  # only the per-layer precision column reads the inferred types

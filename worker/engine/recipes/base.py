@@ -190,6 +190,9 @@ class RecipeOutput:
     static_ranges: dict[str, tuple[float, float]] | None = None
     int4: Int4Result | None = None
     qat: QatResult | None = None
+    # Run ONNX shape inference on the quantized model before the layer table (fp16: the per-layer precision
+    # column reads the inferred float16 types).
+    infer_shapes: bool = False
 
 
 Handler = Callable[[RecipeContext], RecipeOutput]

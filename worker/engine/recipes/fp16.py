@@ -30,7 +30,7 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
                 f"reach {ranged.peak:.3g}, too close to or beyond float16's largest value (65504): "
                 f"{', '.join(ranged.nodes[:5])}"
             )
-    return RecipeOutput(calibration=calibration)
+    return RecipeOutput(calibration=calibration, infer_shapes=True)
 
 
 RECIPE = Recipe(
