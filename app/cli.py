@@ -347,6 +347,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.method:
         raw["method"] = args.method
     try:
+        target = accuracy_target(args.accuracy_target)
         with _private_scratch() as scratch:
             cfg = QuantizeConfig(
                 model_path=model,
@@ -359,11 +360,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 threads=args.threads,
                 device=args.device,
                 cache_dir=_user_path(args.cache_dir),
+                # auto searches for it (its own argument); every other recipe reports against it.
+                accuracy_target=target if recipe != "auto" else None,
             )
-            report = _quantize(cfg, recipe, args, report_path)
+            report = _quantize(cfg, recipe, target, report_path)
         if report is None:
             return 1
-    except ValueError as exc:  # an --accuracy-target that is not JSON
+    except ValueError as exc:  # an --accuracy-target that is not JSON, or not a target
         print(f"\nlowbit: error [invalid_accuracy_target]: {exc}", file=sys.stderr)
         return 2
     except EngineError as exc:
@@ -373,11 +376,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     if report_path:
         report_path.write_text(json.dumps(report, indent=2))
-    size = report["size"]
-    print(f"wrote {cfg.output_path} ({size['quantized_bytes']} bytes, {size['ratio']:.3f} of "
-          f"{size['original_bytes']})")
+    from worker.engine.report import Report
+
+    typed = Report.model_validate(report)  # what the engine just checked, read through the contract
+    assert typed.size is not None and typed.warnings is not None  # a measured report has both
+    print(f"wrote {cfg.output_path} ({typed.size.quantized_bytes} bytes, {typed.size.ratio:.3f} of "
+          f"{typed.size.original_bytes})")
     print_figures(report)
-    for w in report["warnings"]:
+    for w in typed.warnings:
         print(f"  warning: {w}")
     return 0
 
@@ -400,7 +406,20 @@ def print_figures(report: dict[str, Any]) -> None:
               f"{lat['provider']}: {latency_change(lat) or 'speed-up not measured'}{runs}")
 
 
-def _quantize(cfg: Any, recipe: str, args: argparse.Namespace, report_path: Path | None) -> dict[str, Any] | None:
+def accuracy_target(text: str | None) -> dict[str, Any] | None:
+    """``--accuracy-target``, checked as the API checks a job's (app.jobs.schemas.AccuracyTarget) and stored as it
+    stores it (unset keys left out), so that the report's accuracy_target is the same as a service job's.
+    Raises ValueError (pydantic's ValidationError is one) for text that is not JSON or not a target."""
+    if not text:
+        return None
+    from app.jobs.schemas import AccuracyTarget
+
+    target: dict[str, Any] = AccuracyTarget.model_validate(json.loads(text)).model_dump(exclude_none=True)
+    return target
+
+
+def _quantize(cfg: Any, recipe: str, target: dict[str, Any] | None,
+              report_path: Path | None) -> dict[str, Any] | None:
     """Run the engine (or the auto search) in-process; the report, or None when auto met no target."""
     from worker.engine.pipeline import run
 
@@ -413,13 +432,15 @@ def _quantize(cfg: Any, recipe: str, args: argparse.Namespace, report_path: Path
         return report
     from worker.engine import auto
 
-    target = auto.check_target(json.loads(args.accuracy_target) if args.accuracy_target else None)
+    target = auto.check_target(target)
+    from worker.engine.report import Figures, Report
+
     outcome = auto.search(cfg, target)
     report = outcome.report
-    for c in report["candidates"]:
-        print(f"  candidate {c['recipe']} {c['options'].get('method', '')} float={c['excluded_nodes']}: "
-              f"{c['status']}, {c['size_bytes']} bytes, {target['metric']} {c['metric']}, "
-              f"met {c['met_target']}")
+    typed = Report.model_validate(report)
+    for c in typed.candidates or []:
+        print(f"  candidate {c.recipe} {c.options.get('method', '')} float={c.excluded_nodes}: "
+              f"{c.status}, {c.size_bytes} bytes, {target['metric']} {c.metric}, met {c.met_target}")
     if outcome.chosen is None:
         if report_path:
             report_path.write_text(json.dumps(report, indent=2))
@@ -427,13 +448,13 @@ def _quantize(cfg: Any, recipe: str, args: argparse.Namespace, report_path: Path
         return None
     print(f"chosen: {json.dumps(report['chosen'])}")
     # The figure the choice was made on, and the one on samples the search never saw (the reported one).
-    section = report["auto"]
-    for name in ("selection", "confirmation"):
-        part = section.get(name)
-        if part and part.get("target"):
-            t = part["target"]
-            print(f"  {name}: {target['metric']} {t['value']} on {part['samples']} samples, met {t['met']}")
-    if section.get("confirmation") is None:
+    section = typed.auto
+    assert section is not None  # every auto report has it
+    for name, part in (("selection", section.selection), ("confirmation", section.confirmation)):
+        if isinstance(part, Figures):  # not a confirmation that failed to run
+            print(f"  {name}: {target['metric']} {part.target.value} on {part.samples} samples, "
+                  f"met {part.target.met}")
+    if section.confirmation is None:
         print("  confirmation: none (too few evaluation samples to hold some out; see the warning)")
     return report
 
@@ -541,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: the --config file's recipe, else int8_static")
     qp.add_argument("--config", help="a JSON file {\"recipe\", \"options\"}, e.g. an auto job's chosen configuration "
                     "(GET /api/v1/jobs/ID/config); --option and --method override its options")
-    qp.add_argument("--accuracy-target", help="recipe auto: JSON {\"metric\": ..., \"min\" or \"max_drop\": ...}")
+    qp.add_argument("--accuracy-target", help="JSON {\"metric\": ..., \"min\" or \"max_drop\": ...}: recipe auto "
+                    "searches for it; other recipes report whether they meet it (report.accuracy_target)")
     qp.add_argument("--method", choices=list(CALIBRATION_METHODS))
     qp.add_argument("--option", action="append", help="recipe option KEY=VALUE (JSON value), repeatable")
     qp.add_argument("-o", "--output", required=True, help="where to write the quantized model")

@@ -108,6 +108,7 @@ JOB_FAILED_EXAMPLE: dict[str, Any] = {
 }
 
 REPORT_EXAMPLE: dict[str, Any] = {
+    "report_version": 1,
     "job_id": JOB_ID,
     "recipe": "int8_static",
     "options": {"method": "entropy", "per_channel": True, "batch_size": 8, "holdout_fraction": 0.2},
@@ -135,6 +136,10 @@ REPORT_EXAMPLE: dict[str, Any] = {
     "warnings": [],
     "environment": {"lowbit": "0.1.0", "onnxruntime": "1.20.1", "onnx": "1.17.0", "torch": "2.13.0+cpu",
                     "python": "3.11.7"},
+    "model": {"inputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 3, 32, 32]}],
+              "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}], "opset": 17,
+              "original_sha256": "5f0c" + "0" * 60, "quantized_sha256": "9a1e" + "0" * 60,
+              "preprocessing": [], "source_format": "onnx", "export": None},
 }
 
 EVENTS_EXAMPLE = (

@@ -10,6 +10,7 @@ from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers
 from app.health.routes import router as health_router
 from app.jobs.routes import router as jobs_router
+from app.jobs.routes import schemas_router
 from app.limits import BodyLimit
 from app.metrics.routes import router as metrics_router
 from app.models.routes import router as models_router
@@ -40,7 +41,8 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.keys_required = s.keys_required
     app.state.session_secret = session_secret(s)
     install_handlers(app)
-    for r in (models_router, datasets_router, jobs_router, health_router, metrics_router, pages_router):
+    for r in (models_router, datasets_router, jobs_router, schemas_router, health_router, metrics_router,
+              pages_router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     docs = tuple(p for p in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p)

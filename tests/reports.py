@@ -7,11 +7,20 @@ from typing import Any
 
 import numpy as np
 
-TOP_KEYS = {"job_id", "recipe", "options", "size", "accuracy", "latency", "layers", "calibration", "warnings",
-            "environment"}
+TOP_KEYS = {"report_version", "job_id", "recipe", "options", "size", "accuracy", "latency", "layers", "calibration",
+            "warnings", "environment"}
+
+
+def assert_report_valid(report: dict[str, Any]) -> None:
+    """The typed contract (worker/engine/report.py): every section's keys and types, and the version."""
+    from worker.engine.report import REPORT_VERSION, Report
+
+    Report.model_validate(report)
+    assert report["report_version"] == REPORT_VERSION
 
 
 def assert_report_complete(report: dict[str, Any], recipe: str) -> None:
+    assert_report_valid(report)
     assert set(report) >= TOP_KEYS, TOP_KEYS - set(report)
     assert report["recipe"] == recipe
     size = report["size"]

@@ -399,9 +399,7 @@ def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Sett
         if not ok:
             artifact.unlink(missing_ok=True)
     else:
-        best = report.get("best") or {}
-        report["accuracy_target"] = {**j.target, "value": best.get("metric"), "met": False,
-                                     "distance": best.get("distance_to_target")}
+        # auto.conclude wrote report.accuracy_target (met: false, the best candidate's distance).
         _set_job(factory, j, status=FAILED, stage=None, report=finite_or_none(report),
                  error_code="accuracy_target_not_met", error_message=auto.failure_message(outcome, j.target),
                  finished_at=utcnow())

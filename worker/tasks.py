@@ -406,6 +406,7 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
             job_id=job_id,
             cache_dir=s.data_dir / "cache" / "calibration",
             export_cache_dir=s.data_dir / "cache" / "pt2-export",
+            accuracy_target=target,  # the engine reports against it (report.accuracy_target)
         )
         with _Heartbeat(factory, job_id, attempt, s.job_heartbeat_s):
             result = run_engine(cfg, _Progress(factory, job_id, timer, attempt), s)
@@ -445,8 +446,6 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
         from worker.engine.validate import finite_or_none
 
         report = result.report
-        if target:
-            report["accuracy_target"] = evaluate_target(target, report)
         over = _over_quota(factory, s, job_id, int(result.artifact_bytes))
         if over is not None:  # keeping the artifact would take its tenant past the storage quota
             artifact.unlink(missing_ok=True)
@@ -516,15 +515,6 @@ def _cleanup_work(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
-
-
-def evaluate_target(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
-    """Was the user's accuracy target met? Int8 recipes do not search for it; they report against it."""
-    from worker.engine.auto import measure
-
-    measured = measure(target, report)
-    extra = {"note": measured["note"]} if "note" in measured else {}
-    return {**target, "value": measured["value"], "met": measured["met"], **extra}
 
 
 @celery_app.task(name=TASK_RUN_JOB, acks_late=True, ignore_result=True)

@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,7 @@ from app.settings import Settings
 from app.storage import Storage
 from app.tenants import service as tenants
 from app.tenants.service import Principal
+from worker.engine.report import Report, report_schema
 
 log = logging.getLogger(__name__)
 PAGE_LINK_TTL_S = 300
@@ -239,12 +240,25 @@ def page_link(job_id: str, request: Request, db: Session = Depends(get_db),
     return PageLink(url=f"/login/link?{urlencode({'token': token})}", expires_in_s=PAGE_LINK_TTL_S)
 
 
-@router.get("/{job_id}/report",
+@router.get("/{job_id}/report", response_model=Report,
             responses={200: {"content": {"application/json": {"example": REPORT_EXAMPLE}}},
                        **error_responses(404, 409)})
-def get_report(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> dict[str, Any]:
-    """The job's report: size, accuracy, latency, layers, calibration, warnings, environment."""
-    return service.report_for(db, job_id, who.tenant_id)
+def get_report(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> JSONResponse:
+    """The job's report: size, accuracy, latency, layers, calibration, warnings, environment. Its JSON Schema is
+    also at /api/v1/schemas/report.json."""
+    # Served as stored: the engine checked it against Report when it wrote it, and a report stored before
+    # report_version existed (or by an older version) is still served whole rather than refused or trimmed.
+    return JSONResponse(service.report_for(db, job_id, who.tenant_id))
+
+
+schemas_router = APIRouter(prefix="/api/v1/schemas", tags=["schemas"])
+
+
+@schemas_router.get("/report.json", responses={200: {"description": "The report's JSON Schema (draft 2020-12)."}})
+def get_report_schema() -> JSONResponse:
+    """The JSON Schema of `GET /api/v1/jobs/{id}/report`, at a stable URL for clients that validate reports;
+    its `report_version` field says which version of the format a report follows."""
+    return JSONResponse(report_schema())
 
 
 @router.get("/{job_id}/config",

@@ -65,7 +65,18 @@ class Harness:
         while self.queue.enqueued:
             job_id, _ = self.queue.enqueued.pop(0)
             states.append(execute(job_id, self.settings, self.factory))
+            self.check_report(job_id)
         return states
+
+    def check_report(self, job_id: str) -> None:
+        """Every report a job stores follows the typed contract (worker/engine/report.py), as stored."""
+        from tests.reports import assert_report_valid
+
+        with self.factory() as s:
+            job = s.get(Job, job_id)
+            report = job.report if job is not None else None
+        if report is not None:
+            assert_report_valid(report)
 
 
 def _truncate(url: str) -> None:

@@ -39,6 +39,7 @@ import onnx
 
 from worker.engine.config import CALIBRATION_METHODS, QuantizeConfig, RecipeOptions, parse_options
 from worker.engine.errors import EngineError
+from worker.engine.report import REPORT_VERSION, validate_report
 
 # The static candidate that runs first, calibrating with histograms (so every method's ranges can be
 # derived from the cached statistics) and measuring layer sensitivity for the fallback ranking.
@@ -425,6 +426,8 @@ def candidate_config(base: QuantizeConfig, cand: Candidate, output_path: Path, w
     return dataclasses.replace(
         base, recipe=cand.recipe, options=cand.parsed(), output_path=output_path, work_dir=work_dir,
         validate_like_static=True, layer_sensitivity=analysis, eval_part=part,
+        # The job's target is the search's (conclude, confirm), not each candidate's report's.
+        accuracy_target=None,
     )
 
 
@@ -534,6 +537,7 @@ def conclude(results: Sequence[CandidateResult], target: dict[str, Any], job_id:
             for n in (pick.excluded_nodes if pick else ())]
     report = {
         **base,
+        "report_version": REPORT_VERSION,
         "job_id": job_id,
         "recipe": "auto",
         "options": job_options,
@@ -561,7 +565,30 @@ def conclude(results: Sequence[CandidateResult], target: dict[str, Any], job_id:
     }
     if analysis is not None:
         report["sensitivity"] = analysis["sensitivity"]
+    if chosen is None:
+        # The same report from `lowbit quantize` and the service's auto job (which then fails with
+        # accuracy_target_not_met); with a chosen candidate, confirm() decides the target.
+        report["accuracy_target"] = missed_target(target, report)
+    # Candidate reports from the pipeline carry report_version; a table of hand-made rows (the unit tests'
+    # stand-ins for runs) has no whole report to check.
+    if best is None or (best.report or {}).get("report_version") is not None:
+        validate_report(report)
     return AutoOutcome(chosen, best, report)
+
+
+def evaluate_target(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """A single recipe's ``accuracy_target`` (pipeline.run, with ``QuantizeConfig.accuracy_target``): the target,
+    the measured value and whether it was met. Those recipes do not search for the target; they report against
+    it. (auto reports ``target_result`` instead, decided on its confirmation samples.)"""
+    measured = measure(target, report)
+    extra = {"note": measured["note"]} if "note" in measured else {}
+    return {**target, "value": measured["value"], "met": measured["met"], **extra}
+
+
+def missed_target(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """auto's ``accuracy_target`` when no candidate met it: the best candidate's value and its distance."""
+    best = report.get("best") or {}
+    return {**target, "value": best.get("metric"), "met": False, "distance": best.get("distance_to_target")}
 
 
 def target_result(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
@@ -582,6 +609,14 @@ def _figures(report: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
 
 def confirm(outcome: AutoOutcome, target: dict[str, Any], base: QuantizeConfig, run: RunFn, output_path: Path,
             work_dir: Path | None) -> None:
+    """``_confirm``, then the finished report is checked against the contract (worker/engine/report.py)."""
+    _confirm(outcome, target, base, run, output_path, work_dir)
+    if outcome.chosen is not None and outcome.chosen.report is not None:
+        validate_report(outcome.report)
+
+
+def _confirm(outcome: AutoOutcome, target: dict[str, Any], base: QuantizeConfig, run: RunFn, output_path: Path,
+             work_dir: Path | None) -> None:
     """Validate the chosen candidate on the confirmation samples, which no candidate's run saw, and make those
     figures the report's: ``accuracy``, ``accuracy_target`` (``met`` decided on them), ``auto.selection`` and
     ``auto.confirmation`` (the chosen model's figures on each part). The run repeats the chosen candidate's

@@ -38,6 +38,7 @@ from worker.engine.preflight import Split, plan_split
 from worker.engine.pt2 import Pt2Source
 from worker.engine.qat import choose_artifact, kept_warning
 from worker.engine.recipes import RecipeContext, get_recipe
+from worker.engine.report import REPORT_VERSION, validate_report
 from worker.engine.sensitivity import MAX_SAMPLES as SENSITIVITY_SAMPLES
 from worker.engine.sensitivity import SensitivityResult
 from worker.engine.sensitivity import analyse as analyse_sensitivity
@@ -451,6 +452,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
         )
     artifact_sha = sha256_file(quant_path)
     report: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
         "job_id": cfg.job_id,
         "recipe": cfg.recipe,
         "options": opts.to_dict(cfg.recipe),
@@ -523,6 +525,12 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             "note": "per-layer sensitivity was not measured: it costs one model run per layer and batch; set "
                     "option layer_sensitivity: true to measure it",
         }
+    if cfg.accuracy_target:
+        from worker.engine.auto import evaluate_target
+
+        report["accuracy_target"] = evaluate_target(cfg.accuracy_target, report)
+    # The contract (worker/engine/report.py): a report that breaks it fails the run here, not in a reader.
+    validate_report(report)
     _place(quant_path, Path(cfg.output_path))
     step("reporting", 1.0)
     return QuantizeResult(Path(cfg.output_path), artifact_sha, quantized_bytes, report, warnings)

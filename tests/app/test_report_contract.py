@@ -1,0 +1,111 @@
+"""The report's typed contract (worker/engine/report.py): the API declares and serves its JSON Schema, and
+`lowbit quantize` writes the same report as a service job for the same input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.cli import main
+from app.examples import REPORT_EXAMPLE
+from tests.app.conftest import Harness
+from tests.app.helpers import submit, upload_dataset, upload_model
+from tests.reports import assert_report_complete, assert_report_valid
+from worker.engine.report import REPORT_VERSION, Report, report_schema
+
+TARGET = {"metric": "label_accuracy", "max_drop": 0.05}
+
+
+def test_report_schema_is_served_at_a_stable_url_and_in_the_openapi_document(sqlite_api: Harness) -> None:
+    r = sqlite_api.client.get("/api/v1/schemas/report.json")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    schema = r.json()
+    assert schema == json.loads(json.dumps(report_schema()))
+    assert schema["title"] == "Report" and "report_version" in schema["required"]
+    assert {"size", "accuracy", "latency", "layers", "accuracy_target", "auto"} <= set(schema["properties"])
+    doc = sqlite_api.client.get("/openapi.json").json()
+    ok = doc["paths"]["/api/v1/jobs/{job_id}/report"]["get"]["responses"]["200"]["content"]["application/json"]
+    assert ok["schema"] == {"$ref": "#/components/schemas/Report"}
+    assert doc["components"]["schemas"]["Report"]["properties"]["report_version"]["type"] == "integer"
+    assert "/api/v1/schemas/report.json" in doc["paths"]
+
+
+def test_the_documented_example_follows_the_contract() -> None:
+    Report.model_validate(REPORT_EXAMPLE)
+    assert REPORT_EXAMPLE["report_version"] == REPORT_VERSION
+
+
+def test_the_contract_refuses_a_broken_report() -> None:
+    from pydantic import ValidationError
+
+    broken = copy.deepcopy(REPORT_EXAMPLE)
+    del broken["latency"]
+    with pytest.raises(ValidationError, match="latency"):
+        Report.model_validate(broken)
+    renamed = copy.deepcopy(REPORT_EXAMPLE)
+    renamed["size"]["quantised_bytes"] = renamed["size"].pop("quantized_bytes")
+    with pytest.raises(ValidationError):
+        Report.model_validate(renamed)
+    wrong = copy.deepcopy(REPORT_EXAMPLE)
+    wrong["layers"][0]["precision"] = "int7"
+    with pytest.raises(ValidationError):
+        Report.model_validate(wrong)
+    # auto with no candidate measured: the candidate table alone is a whole report.
+    Report.model_validate({"report_version": 1, "job_id": None, "recipe": "auto", "options": {}, "chosen": None,
+                           "best": None, "candidates": [], "kept_in_float": [], "auto": {
+                               "target": {"metric": "cosine", "min": 0.99}, "rounds": 1, "seconds": 0.5,
+                               "evaluated": 0, "failed": 0, "skipped": [], "workers": [],
+                               "sensitivity_ranking": [], "prefer": "size_and_speed", "speed_tolerance": 0.1,
+                               "chosen_speedup": None, "chosen_slower_than_fp32": None,
+                               "passed_over_as_slower": []}})
+
+
+# Measured times, which differ between any two runs; everything else must match.
+TIMING = {("latency", "original_ms_p50"), ("latency", "quantized_ms_p50"), ("latency", "speedup"),
+          ("latency", "speedup_ci"), ("latency", "speedup_measurable"), ("calibration", "seconds"),
+          ("layer_sqnr", "seconds")}
+
+
+def _without_timing(report: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(report)
+    for section, key in TIMING:
+        (out.get(section) or {}).pop(key, None)
+    # The slow-down warning quotes both latencies.
+    out["warnings"] = [w for w in out["warnings"] if "is slower than the original here" not in w]
+    out["job_id"] = None  # the service's job id; `lowbit quantize` has none
+    return out
+
+
+def test_lowbit_quantize_and_a_service_job_write_the_same_report(sqlite_api: Harness, zoo: dict[str, Path],
+                                                                 tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    api = sqlite_api
+    options = {"method": "percentile", "percentile": 99.9, "latency_runs": 3}
+    m = upload_model(api.client, zoo["mlp"])
+    cal = upload_dataset(api.client, zoo["mlp_data"])
+    ev = upload_dataset(api.client, zoo["mlp_data"], name="eval.npz")
+    r = submit(api.client, model_id=m["id"], calibration_dataset_id=cal["id"], eval_dataset_id=ev["id"],
+               recipe="int8_static", options=options, accuracy_target=TARGET)
+    assert r.status_code == 202, r.text
+    assert api.run_queued() == ["succeeded"]
+    served = api.client.get(f"/api/v1/jobs/{r.json()['id']}/report").json()
+
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    rc = main(["quantize", str(zoo["mlp"]), "--calib", str(zoo["mlp_data"]), "--eval", str(zoo["mlp_data"]),
+               "--recipe", "int8_static", "--method", "percentile", "--option", "percentile=99.9",
+               "--option", "latency_runs=3", "--accuracy-target", json.dumps(TARGET),
+               "--threads", str(api.settings.worker_threads), "--device", "cpu", "-o", str(out), "--report", str(rep)])
+    assert rc == 0, capsys.readouterr().err
+    offline = json.loads(rep.read_text())
+
+    for report in (served, offline):
+        assert_report_complete(report, "int8_static")
+        assert_report_valid(report)
+    # The target is measured by the engine, so the offline run reports it too.
+    assert offline["accuracy_target"]["metric"] == "label_accuracy" and "met" in offline["accuracy_target"]
+    assert list(offline) == list(served)
+    assert _without_timing(offline) == _without_timing(served)

@@ -1,0 +1,408 @@
+"""The report's contract as a typed model (README.md, "The report").
+
+The engine builds each report as a plain dict (``pipeline.run``, ``auto.conclude``/``auto.confirm``) and
+validates it here before handing it over, so a change that drops, renames or mistypes a key fails where it is
+made, in the engine's own tests, instead of in a reader. The API declares ``Report`` as the response model of
+``GET /api/v1/jobs/{id}/report`` and serves its JSON Schema at ``/api/v1/schemas/report.json``.
+
+This module imports pydantic only: the API process reads it, and must not load onnxruntime or torch.
+
+Sections are closed (``extra="forbid"``) unless a comment says why one is open: a key the engine adds without
+adding it here is a contract change, and should be one on purpose (with ``REPORT_VERSION`` raised when it
+breaks readers). Keys that only some recipes or runs write are optional (absent or null).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Raised when a reader of version N could misread a version N+1 report (a key removed, renamed or retyped);
+# adding an optional key does not need it. Reports stored before versioning carry no report_version.
+REPORT_VERSION = 1
+
+# [low, high] of a 95% bootstrap interval; null where it cannot be computed (one sample).
+Interval = tuple[float, float]
+Role = Literal["classification", "embedding", "detection", "regression", "other"]
+Metric = Literal["label_accuracy", "top1_agreement", "cosine", "sqnr_db"]
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Size(_Closed):
+    original_bytes: int
+    quantized_bytes: int
+    ratio: float = Field(description="quantized_bytes / original_bytes")
+    bits_per_weight: float | None = Field(default=None, description="4-bit recipes: scales and zero points counted")
+    quantized_weight_bytes: int | None = None
+    fp32_weight_bytes: int | None = None
+
+
+class Overlap(_Closed):
+    evaluation_samples: int
+    shared_with_calibration: int
+    identical_to_calibration: bool
+
+
+class EvalPart(_Closed):
+    """Which part of the evaluation samples a run validated on (auto's candidates and confirmation run)."""
+
+    name: Literal["selection", "confirmation"]
+    applied: bool
+    whole: list[int]
+    total_samples: int
+    confirmation_share: float
+    min_split_samples: int
+    selection_range: list[int] | None = None
+    confirmation_range: list[int] | None = None
+    reason: str | None = Field(default=None, description="why the samples were not split")
+
+
+class OutputAccuracy(_Closed):
+    """One model output, original against quantized, on the evaluation samples."""
+
+    name: str
+    role: Role | None = None
+    role_source: Literal["declared", "inferred"]
+    role_reason: str | None = None
+    samples: int
+    cosine: float
+    cosine_ci: Interval | None = None
+    max_abs_error: float
+    sqnr_db: float | None = Field(description="null when identical (infinite) or undefined (sqnr_note)")
+    sqnr_db_ci: Interval | None = None
+    identical: bool
+    sqnr_note: str | None = None
+    top1_agreement: float | None = None
+    top1_agreement_ci: Interval | None = None
+    # [samples, steps, classes] outputs only.
+    sequence_agreement: float | None = None
+    sequence_agreement_ci: Interval | None = None
+    ctc_sequence_agreement: float | None = None
+    ctc_sequence_agreement_ci: Interval | None = None
+    # Embedding outputs only.
+    neighbour_agreement: float | None = None
+    neighbour_agreement_ci: Interval | None = None
+    neighbour_samples: int | None = None
+
+
+class LabelAccuracy(_Closed):
+    output: str = Field(description="the classification output scored against the labels")
+    samples: int
+    original: float
+    quantized: float
+    delta: float
+    original_ci: Interval | None = None
+    quantized_ci: Interval | None = None
+    delta_ci: Interval | None = None
+
+
+class Baseline(_Closed):
+    """A reference model on the same samples: round-to-nearest for calibrated 4-bit (algorithm, block_size),
+    post-training int8 for qat_int8 (recipe, method, per_channel)."""
+
+    algorithm: str | None = None
+    block_size: int | None = None
+    recipe: str | None = None
+    method: str | None = None
+    per_channel: bool | None = None
+    outputs: list[OutputAccuracy]
+    labels: LabelAccuracy | None = None
+
+
+class Accuracy(_Closed):
+    samples: int
+    source: Literal["eval_set", "calibration_holdout", "calibration_set", "synthetic"]
+    overlap: Overlap | None = None
+    part: EvalPart | None = None
+    outputs: list[OutputAccuracy]
+    labels: LabelAccuracy | None = None
+    baselines: list[Baseline] | None = None
+
+
+class Latency(_Closed):
+    provider: str
+    batch_size: int
+    threads: int
+    original_ms_p50: float
+    quantized_ms_p50: float
+    speedup: float | None = Field(description="original_ms_p50 / quantized_ms_p50")
+    speedup_ci: Interval | None = None
+    speedup_measurable: bool | None = Field(default=None, description="false when speedup_ci holds 1.0")
+    runs: int
+    order: Literal["interleaved"]
+
+
+class Layer(_Closed):
+    name: str
+    op_type: str
+    precision: Literal["int4", "int8", "fp16", "fp32"]
+    sqnr_db: float | None
+    # With layer sensitivity measured (int8_static option layer_sensitivity, auto's analysis).
+    sensitivity: float | None = None
+    isolated_sqnr_db: float | None = None
+
+
+class LayerSqnr(_Closed):
+    samples: int
+    passes: int
+    seconds: float
+
+
+class Calibration(BaseModel):
+    """How the run calibrated. Open: each recipe records what its own calibration did (static ranges, the 4-bit
+    clip search or GPTQ, the int8 part of int4 + int8 activations, fp16's range check, QAT's learned ranges),
+    and these records grow with the calibrators; the keys every one of them has are typed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: str | None = None
+    samples: int | None = None
+    seconds: float | None = None
+
+
+class Sensitivity(_Closed):
+    computed: bool
+    note: str | None = None
+    measure: str | None = None
+    samples: int | None = None
+    seconds: float | None = None
+    layers_analysed: int | None = None
+    layers_skipped: int | None = None
+    ranking: list[str] | None = Field(default=None, description="layer names, most sensitive first")
+
+
+class Environment(_Closed):
+    lowbit: str | None
+    onnxruntime: str | None
+    onnx: str | None
+    torch: str | None
+    python: str | None
+    numpy: str | None = None
+    platform: str | None = None
+
+
+class TensorDesc(_Closed):
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+class ModelSection(_Closed):
+    inputs: list[TensorDesc]
+    outputs: list[TensorDesc]
+    opset: int
+    original_sha256: str
+    quantized_sha256: str
+    preprocessing: list[str]
+    source_format: Literal["onnx", "pt2"]
+    # Open: the .pt2 exporter's own record (its check against PyTorch, dynamic dimensions, what sanitising
+    # dropped), which follows the exporter rather than this contract.
+    export: dict[str, Any] | None = None
+
+
+class Training(BaseModel):
+    """qat_int8's training record. Open: it is the trainer's log (loss curve, attempts, which tensors were fake
+    quantized and how activations were matched), whose detail follows the trainer; the keys readers use are
+    typed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    steps: int
+    seconds: float
+    result: Literal["qat", "ptq_baseline_kept"] | None = None
+    # Open: the headline metric of the QAT model and its post-training baseline (qat.choose_artifact).
+    comparison: dict[str, Any] | None = None
+
+
+class TargetSelection(_Closed):
+    value: float | None
+    met: bool | None
+    samples: int | None
+
+
+class AccuracyTargetResult(_Closed):
+    """The job's accuracy target, echoed, with the measured value and whether it was met."""
+
+    metric: Metric
+    min: float | None = None
+    max_drop: float | None = None
+    confidence: float | None = None
+    time_budget_s: float | None = None
+    value: float | None = Field(description="the worst output's metric (or label accuracy)")
+    met: bool | None
+    note: str | None = None
+    bound: float | None = Field(default=None, description="with confidence: the interval bound that decided")
+    # auto only.
+    distance: float | None = Field(default=None, description="auto, target missed: the best candidate's distance")
+    confirmed: bool | None = Field(default=None, description="auto: decided on the confirmation samples")
+    selection: TargetSelection | None = None
+
+
+class ErrorInfo(_Closed):
+    code: str
+    message: str
+
+
+class CandidateConfig(_Closed):
+    recipe: str
+    # Open: a recipe's own options (RecipeOptions.to_dict), as a user would submit them.
+    options: dict[str, Any]
+    excluded_nodes: list[str]
+
+
+class Best(CandidateConfig):
+    metric: float | None
+    distance_to_target: float | None
+
+
+class Candidate(CandidateConfig):
+    status: Literal["done", "failed", "skipped"]
+    size_bytes: int | None
+    metric: float | None
+    met_target: bool | None
+    latency_ms_p50: float | None
+    fp32_latency_ms_p50: float | None
+    speedup: float | None
+    seconds: float | None
+    error: ErrorInfo | None
+    worker: str | None
+
+
+class PassedOver(CandidateConfig):
+    size_bytes: int | None
+    speedup: float | None
+
+
+class KeptLayer(_Closed):
+    name: str
+    sensitivity: float | None
+    isolated_sqnr_db: float | None
+
+
+class TargetCheck(_Closed):
+    metric: Metric
+    min: float | None = None
+    max_drop: float | None = None
+    confidence: float | None = None
+    time_budget_s: float | None = None
+    value: float | None
+    met: bool | None
+    note: str | None = None
+    bound: float | None = None
+
+
+class Figures(_Closed):
+    """The chosen model's figures on one part of the evaluation samples."""
+
+    samples: int | None
+    source: str | None
+    range: list[int] | None
+    outputs: list[OutputAccuracy] | None
+    labels: LabelAccuracy | None
+    target: TargetCheck
+    # confirmation only
+    artifact_sha256: str | None = None
+    same_artifact: bool | None = None
+
+
+class ConfirmationFailed(_Closed):
+    error: ErrorInfo
+
+
+class AccuracyTargetSpec(_Closed):
+    metric: Metric
+    min: float | None = None
+    max_drop: float | None = None
+    confidence: float | None = None
+    time_budget_s: float | None = None
+
+
+class AutoSection(_Closed):
+    target: AccuracyTargetSpec
+    rounds: int
+    seconds: float
+    evaluated: int
+    failed: int
+    skipped: list[CandidateConfig]
+    workers: list[str]
+    sensitivity_ranking: list[str]
+    prefer: Literal["size_and_speed", "size"]
+    speed_tolerance: float
+    chosen_speedup: float | None
+    chosen_slower_than_fp32: bool | None
+    passed_over_as_slower: list[PassedOver]
+    # Set by auto.confirm when a candidate was chosen.
+    selection: Figures | None = None
+    evaluation_split: EvalPart | None = None
+    confirmation: Figures | ConfirmationFailed | None = None
+
+
+# The sections every measured report has (README.md); an auto job whose every candidate failed has none.
+MEASURED = ("size", "accuracy", "latency", "layers", "calibration", "warnings", "environment", "model")
+AUTO_ONLY = ("chosen", "best", "candidates", "kept_in_float", "auto")
+
+
+class Report(_Closed):
+    """A job's report: ``GET /api/v1/jobs/{id}/report``, ``lowbit quantize --report``."""
+
+    model_config = ConfigDict(extra="forbid", title="Report")
+
+    report_version: int = Field(ge=1, description=f"the report format's version ({REPORT_VERSION} today)")
+    job_id: str | None = Field(description="null for `lowbit quantize`")
+    recipe: str
+    # Open: the recipe's own options with their defaults filled in (RecipeOptions.to_dict); each recipe has
+    # its own set, documented under "Recipes and options".
+    options: dict[str, Any]
+    size: Size | None = None
+    accuracy: Accuracy | None = None
+    latency: Latency | None = None
+    layers: list[Layer] | None = None
+    layer_sqnr: LayerSqnr | None = None
+    calibration: Calibration | None = None
+    warnings: list[str] | None = None
+    environment: Environment | None = None
+    model: ModelSection | None = None
+    sensitivity: Sensitivity | None = None
+    training: Training | None = None
+    accuracy_target: AccuracyTargetResult | None = None
+    chosen: CandidateConfig | None = None
+    best: Best | None = None
+    candidates: list[Candidate] | None = None
+    kept_in_float: list[KeptLayer] | None = None
+    auto: AutoSection | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Report:
+        if self.recipe == "auto":
+            missing = [k for k in AUTO_ONLY if k not in self.model_fields_set]
+            if missing:
+                raise ValueError(f"an auto report needs {', '.join(missing)}")
+        if self.recipe == "auto" and self.best is None:
+            return self  # no candidate could be measured: only the candidate table
+        missing = [k for k in MEASURED if k not in self.model_fields_set]
+        if missing:
+            raise ValueError(f"a measured report needs {', '.join(missing)}")
+        for k in ("size", "accuracy", "latency", "layers", "warnings", "environment", "model"):
+            if getattr(self, k) is None:
+                raise ValueError(f"a measured report's {k} cannot be null")
+        return self
+
+
+def validate_report(report: dict[str, Any]) -> dict[str, Any]:
+    """Check ``report`` against the contract; returns it unchanged (the engine hands over the dict it built, so
+    no key is added, dropped or reordered by the check). Raises pydantic.ValidationError."""
+    Report.model_validate(report)
+    return report
+
+
+def report_schema() -> dict[str, Any]:
+    """The report's JSON Schema (what ``/api/v1/schemas/report.json`` serves)."""
+    schema: dict[str, Any] = Report.model_json_schema(mode="serialization")
+    schema["$id"] = "/api/v1/schemas/report.json"
+    schema["description"] = (f"lowbit's job report, report_version {REPORT_VERSION}. README.md, 'The report', "
+                             "explains every figure.")
+    return schema
