@@ -121,6 +121,7 @@ def reconcile(factory: sessionmaker[Session], queue: CeleryQueue, after_s: float
     ``enqueued_at`` is moved with a conditional UPDATE first, and only the winner publishes. Returns the
     ids published."""
     from app.db import utcnow
+    from app.jobs import lifecycle
     from app.jobs.models import QUEUED, Job
 
     cutoff = utcnow() - timedelta(seconds=after_s)
@@ -139,11 +140,9 @@ def reconcile(factory: sessionmaker[Session], queue: CeleryQueue, after_s: float
     for job_id, queue_name, seen in waiting:
         if job_id in held:
             continue
-        same = Job.enqueued_at.is_(None) if seen is None else Job.enqueued_at == seen
         with factory.begin() as s:
-            res = s.execute(sa.update(Job).where(Job.id == job_id, Job.status == QUEUED, same)
-                            .values(enqueued_at=utcnow()))
-        if not res.rowcount:  # type: ignore[attr-defined]
+            moved = lifecycle.republish(s, job_id, seen)
+        if moved is not lifecycle.Transition.APPLIED:
             continue  # claimed, cancelled or published by someone else meanwhile
         queue.enqueue(job_id, queue_name)
         published.append(job_id)
@@ -155,8 +154,7 @@ def reconcile(factory: sessionmaker[Session], queue: CeleryQueue, after_s: float
 def mark_published(db: Session, job_id: str) -> None:
     """Record that the broker has the job's message (a short transaction of its own, after the publish):
     a queued job without it is one whose API died before publishing, which ``reconcile`` then publishes."""
-    from app.db import utcnow
-    from app.jobs.models import QUEUED, Job
+    from app.jobs import lifecycle
 
-    db.execute(sa.update(Job).where(Job.id == job_id, Job.status == QUEUED).values(enqueued_at=utcnow()))
+    lifecycle.mark_published(db, job_id)
     db.commit()

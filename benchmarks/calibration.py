@@ -146,7 +146,7 @@ def _batches(model: Path, data: Path, start: int, stop: int, per_run: int | None
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
-    # Every child imports what a worker's job process has preloaded (worker.tasks.ENGINE_PRELOAD) before
+    # Every child imports what a worker's job process has preloaded (worker.runner.ENGINE_PRELOAD) before
     # the clock starts: module imports are process start-up, not calibration.
     import onnxruntime  # noqa: F401
     import onnxruntime.quantization  # noqa: F401

@@ -11,7 +11,7 @@ through the database:
    statistics whatever their method, and measures each layer's sensitivity, which orders the fallback.
    Then it sends one sub-task per remaining candidate to the job's queue and returns.
 2. ``run_candidate`` (a sub-task) claims its row with a conditional UPDATE (a duplicate message is a no-op),
-   runs the candidate through the same sandboxed engine entry point as any job (``tasks.run_engine``) with no
+   runs the candidate through the same sandboxed engine entry point as any job (``runner.run_engine``) with no
    transaction open, records the result with the worker's hostname:pid, and refreshes the job's heartbeat
    meanwhile. A candidate that would start after the job's time budget is recorded as skipped instead.
 3. The sub-task that finds no candidate of its round left unfinished moves ``jobs.auto_round`` on with a
@@ -24,9 +24,7 @@ through the database:
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,14 +37,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.datasets.models import Dataset
 from app.db import utcnow
+from app.jobs import lifecycle
+from app.jobs.lifecycle import Transition
 from app.jobs.models import (
-    CANCELLED,
     CANDIDATE_FINISHED,
     CANDIDATE_PENDING,
     CANDIDATE_RUNNING,
     FAILED,
     RUNNING,
-    SUCCEEDED,
     AutoCandidate,
     Job,
 )
@@ -54,15 +52,15 @@ from app.models.models import ModelFile
 from app.settings import Settings, get_settings
 from app.storage import Storage
 from app.uploads import new_id
+from worker import runner, sandbox
 from worker.celery_app import celery_app
 from worker.engine import auto
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError, JobCancelled
+from worker.runner import HandedBack, LeaseLost, Watch, worker_id
 
 log = logging.getLogger(__name__)
 TASK_AUTO_CANDIDATE = "lowbit.auto_candidate"
-# How often a running candidate refreshes the job's heartbeat and looks for a cancellation.
-POLL_S = 1.0
 
 
 def _celery_send(job_id: str, attempt: int, idx: int, queue: str) -> None:
@@ -72,10 +70,6 @@ def _celery_send(job_id: str, attempt: int, idx: int, queue: str) -> None:
 # How a candidate sub-task is sent: through the broker. Tests that run the worker code path in-process
 # replace it with a local queue.
 send: Callable[[str, int, int, str], None] = _celery_send
-
-
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass
@@ -129,57 +123,32 @@ def _deadline(j: _Job) -> float | None:
     return float((j.started_at + timedelta(seconds=float(budget))).timestamp())
 
 
-def _set_job(factory: sessionmaker[Session], j: _Job, **values: Any) -> bool:
-    from worker.tasks import _mine
+def _watch(factory: sessionmaker[Session], j: _Job) -> Watch:
+    """The engine's progress callback for one candidate (or the planning) of the job: it refreshes the job's
+    heartbeat and stops the candidate when the job is cancelled or no longer this attempt's; the job's stage
+    and progress count candidates, not one candidate's stages."""
+    return Watch(factory, j.job_id, j.attempt, record_progress=False)
 
+
+def _progress(factory: sessionmaker[Session], j: _Job, stage: str | None = None,
+              percent: int | None = None) -> Transition:
     with factory.begin() as s:
-        res = s.execute(sa.update(Job).where(_mine(j.job_id, j.attempt)).values(**values))
-        return bool(res.rowcount)  # type: ignore[attr-defined]
-
-
-class _Watch:
-    """The engine's progress callback for one candidate: refreshes the job's heartbeat and stops the
-    candidate when the job is cancelled (JobCancelled) or no longer this attempt's (LeaseLost)."""
-
-    def __init__(self, factory: sessionmaker[Session], j: _Job) -> None:
-        self.factory, self.j, self.last = factory, j, 0.0
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        from worker.tasks import LeaseLost, _lost_to_another_attempt
-
-        now = time.monotonic()
-        if now - self.last < POLL_S:
-            return
-        self.last = now
-        alive = _set_job(self.factory, self.j, heartbeat_at=utcnow())
-        with self.factory() as s:
-            cancelled = s.execute(sa.select(Job.cancel_requested).where(Job.id == self.j.job_id)).scalar()
-        if not alive and _lost_to_another_attempt(self.factory, self.j.job_id, self.j.attempt):
-            raise LeaseLost()
-        if not alive or cancelled is None or cancelled:
-            raise JobCancelled()
+        return lifecycle.progress(s, j.job_id, j.attempt, stage=stage, percent=percent)
 
 
 def _plan(s: Settings, factory: sessionmaker[Session], j: _Job, base: QuantizeConfig) -> list[auto.Candidate]:
-    """``auto.plan`` in a sandboxed child with a job's limits (as ``tasks.run_engine`` sets them), refreshing the
+    """``auto.plan`` in a sandboxed child with a job's limits (as ``runner.run_engine`` sets them), refreshing the
     job's heartbeat meanwhile: it parses the upload, and a .pt2's export runs PyTorch on it."""
-    from worker import sandbox
-    from worker.tasks import ENGINE_PRELOAD
-
-    # CUDA maps far more address space than it uses: no memory limit where a GPU may be used (as run_engine).
-    gpu = base.device != "cpu" and Path("/dev/nvidiactl").exists()
-    limits = sandbox.Limits(memory_mb=0 if gpu else s.job_memory_limit_mb, cpu_s=s.job_cpu_limit_s,
-                            timeout_s=s.job_timeout_s)
-    watch = _Watch(factory, j)
+    # Planning writes no artifact, only the export cache: no file-size limit.
+    limits = runner.job_limits(base.device, s, file_limit=False)
+    watch = _watch(factory, j)
     rows = sandbox.run("worker.engine.auto:plan_in_child", base, limits, tick=lambda: watch("preparing", 0.0),
-                       preload=ENGINE_PRELOAD, spare=True)
+                       preload=runner.ENGINE_PRELOAD, spare=True)
     return [auto.Candidate.from_dict(r) for r in rows]
 
 
 def start(job_id: str, attempt: int, s: Settings, factory: sessionmaker[Session]) -> str:
     """The auto job's own task, after it claimed the job: plan, run the analysis candidate, fan out."""
-    from worker.tasks import LeaseLost
-
     j = _load(factory, job_id, attempt)
     if j is None:
         return "skipped"
@@ -208,24 +177,22 @@ def start(job_id: str, attempt: int, s: Settings, factory: sessionmaker[Session]
         for idx, cand in enumerate(planned):
             sess.add(AutoCandidate(id=new_id(), job_id=job_id, attempt=attempt, idx=idx, round=1,
                                    candidate=cand.to_dict(), status=CANDIDATE_PENDING))
-        sess.execute(sa.update(Job).where(Job.id == job_id).values(auto_round=1, stage="calibrating", progress=5))
+        lifecycle.start_search(sess, job_id, attempt)
     # The first candidate runs here, before the others are sent: it fills the calibration cache they read.
     state = run_candidate(job_id, attempt, 0, s, factory, analysis=True)
     if state == "handed_back":
         # The whole job goes back to the queue as if this attempt had never started: the next claim gets the
         # same attempt number, so this attempt's candidate rows and files go first.
-        from worker.tasks import _hand_back
-
         with factory.begin() as sess:
             sess.execute(sa.delete(AutoCandidate).where(AutoCandidate.job_id == job_id,
                                                         AutoCandidate.attempt == attempt))
         for path in _paths(s, job_id, attempt)[1:]:
             shutil.rmtree(path, ignore_errors=True)
-        _hand_back(factory, s, job_id, attempt, j.queue)
+        runner.hand_back(factory, s, job_id, attempt, j.queue)
         return state
     if state in ("cancelled", "lost"):
         return state
-    _set_job(factory, j, stage="quantizing")
+    _progress(factory, j, stage="quantizing")
     for idx in range(1, len(planned)):
         send(job_id, attempt, idx, j.queue)
     return RUNNING
@@ -235,11 +202,9 @@ def run_candidate(job_id: str, attempt: int, idx: int, s: Settings | None = None
                   factory: sessionmaker[Session] | None = None, analysis: bool = False) -> str:
     """One candidate sub-task: claim its row, run it (or skip it past the time budget), record the result,
     and move the search on if it was the last of its round."""
-    from worker.tasks import HandedBack, LeaseLost, _sessions, run_engine
-
     s = s or get_settings()
-    factory = factory or _sessions()
-    me = worker_name()
+    factory = factory or runner.sessions()
+    me = worker_id()
     with factory.begin() as sess:
         res = sess.execute(sa.update(AutoCandidate).where(
             AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempt, AutoCandidate.idx == idx,
@@ -262,7 +227,7 @@ def run_candidate(job_id: str, attempt: int, idx: int, s: Settings | None = None
         try:
             cfg = auto.candidate_config(_base_config(s, j), cand, cand_dir / f"candidate-{idx}.onnx",
                                         work / f"candidate-{idx}", analysis=analysis)
-            result = auto.evaluate(cand, cfg, j.target, lambda c: run_engine(c, _Watch(factory, j), s), me)
+            result = auto.evaluate(cand, cfg, j.target, lambda c: runner.run_engine(c, _watch(factory, j), s), me)
         except JobCancelled:
             _cancel(factory, s, j)
             return "cancelled"
@@ -312,8 +277,7 @@ def _record(factory: sessionmaker[Session], job_id: str, attempt: int, idx: int,
             sa.func.count().filter(AutoCandidate.status.in_(CANDIDATE_FINISHED)), sa.func.count()).where(
             AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempt)).one()
         # The job's progress counts finished candidates (of those planned so far).
-        sess.execute(sa.update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempt).values(
-            progress=min(95, 5 + int(90 * done / max(1, total))), heartbeat_at=utcnow()))
+        lifecycle.progress(sess, job_id, attempt, percent=min(95, 5 + int(90 * done / max(1, total))))
 
 
 def _results(factory: sessionmaker[Session], job_id: str, attempt: int) -> list[auto.CandidateResult]:
@@ -333,10 +297,8 @@ def _advance(job_id: str, attempt: int, rnd: int, s: Settings, factory: sessionm
     if unfinished:
         return
     with factory.begin() as sess:
-        won = sess.execute(sa.update(Job).where(
-            Job.id == job_id, Job.attempts == attempt, Job.status == RUNNING, Job.auto_round == rnd)
-            .values(auto_round=rnd + 1)).rowcount  # type: ignore[attr-defined]
-    if not won:
+        won = lifecycle.advance_round(sess, job_id, attempt, rnd)
+    if won is not Transition.APPLIED:
         return
     j = _load(factory, job_id, attempt)
     if j is None:
@@ -370,15 +332,13 @@ def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Sett
     outcome = auto.conclude(results, j.target, j.job_id, opts.to_dict("auto"), time.time() - started, rounds,
                             opts.prefer)
     report = outcome.report
-    _set_job(factory, j, stage="validating", progress=96)
+    _progress(factory, j, stage="validating", percent=96)
     if outcome.chosen is not None and outcome.chosen.artifact_path:
         # The chosen candidate again, validated on the confirmation samples no candidate saw, through the same
         # sandboxed runner as the candidates (auto.confirm sets report.accuracy and accuracy_target from it).
-        from worker.tasks import LeaseLost, run_engine
-
         try:
             auto.confirm(outcome, j.target, _base_config(s, j),
-                         lambda c: run_engine(c, _Watch(factory, j), s), cand_dir / "confirmation.onnx",
+                         lambda c: runner.run_engine(c, _watch(factory, j), s), cand_dir / "confirmation.onnx",
                          work / "confirmation")
         except JobCancelled:
             _cancel(factory, s, j)
@@ -390,19 +350,20 @@ def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Sett
             shutil.rmtree(cand_dir, ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)
             return
-    _set_job(factory, j, stage="reporting", progress=98)
+    _progress(factory, j, stage="reporting", percent=98)
     if outcome.chosen is not None and outcome.artifact is not None:
         _place(outcome.artifact, artifact)
-        ok = _set_job(factory, j, status=SUCCEEDED, stage=None, progress=100, report=finite_or_none(report),
-                      artifact_path=str(artifact), artifact_sha256=sha256_file(artifact),
-                      artifact_bytes=artifact.stat().st_size, finished_at=utcnow())
-        if not ok:
+        with factory.begin() as sess:
+            ok = lifecycle.succeed(sess, j.job_id, j.attempt, report=finite_or_none(report),
+                                   artifact_path=str(artifact), artifact_sha256=sha256_file(artifact),
+                                   artifact_bytes=artifact.stat().st_size)
+        if ok is not Transition.APPLIED:
             artifact.unlink(missing_ok=True)
     else:
         # auto.conclude wrote report.accuracy_target (met: false, the best candidate's distance).
-        _set_job(factory, j, status=FAILED, stage=None, report=finite_or_none(report),
-                 error_code="accuracy_target_not_met", error_message=auto.failure_message(outcome, j.target),
-                 finished_at=utcnow())
+        with factory.begin() as sess:
+            lifecycle.fail(sess, j.job_id, j.attempt, "accuracy_target_not_met",
+                           auto.failure_message(outcome, j.target), keep_stage=False, report=finite_or_none(report))
     shutil.rmtree(cand_dir, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     log.info("auto job %s concluded after %d round(s): %s", j.job_id, rounds,
@@ -411,18 +372,21 @@ def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Sett
 
 
 def _fail(factory: sessionmaker[Session], j: _Job, code: str, message: str) -> None:
-    _set_job(factory, j, status=FAILED, stage=None, error_code=code, error_message=message, finished_at=utcnow())
+    with factory.begin() as s:
+        lifecycle.fail(s, j.job_id, j.attempt, code, message, keep_stage=False)
 
 
 def _cancel(factory: sessionmaker[Session], s: Settings, j: _Job) -> None:
     from app.webhooks import notify
 
-    if _set_job(factory, j, status=CANCELLED, stage=None, finished_at=utcnow()):
+    with factory.begin() as sess:
+        ended = lifecycle.finish_cancelled(sess, j.job_id, j.attempt)
+    if ended is Transition.APPLIED:
         Storage(s.data_dir).remove_job(j.job_id)
         notify(factory, s, j.job_id)
 
 
 @celery_app.task(name=TASK_AUTO_CANDIDATE, acks_late=True, ignore_result=True)
 def auto_candidate(job_id: str, attempt: int, idx: int) -> str:
-    log.info("worker %s running candidate %d of auto job %s", worker_name(), idx, job_id)
+    log.info("worker %s running candidate %d of auto job %s", worker_id(), idx, job_id)
     return run_candidate(job_id, attempt, idx)

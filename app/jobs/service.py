@@ -12,7 +12,8 @@ from sqlalchemy.orm import Session
 from app.datasets import service as datasets
 from app.db import utcnow
 from app.errors import Conflict, Gone, Invalid, NotFound, from_engine
-from app.jobs.models import CANCELLED, FINISHED, QUEUED, RUNNING, SUCCEEDED, Job
+from app.jobs import lifecycle
+from app.jobs.models import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from app.jobs.schemas import DeliveryOut, JobCreate, JobError, JobLinks, JobOut
 from app.models import service as models
 from app.settings import Settings
@@ -130,15 +131,12 @@ def list_jobs(db: Session, status: str | None, limit: int, cursor: str | None,
 def cancel_job(db: Session, job_id: str, tenant_id: str) -> Job:
     """Queued jobs are cancelled at once; running ones stop at the worker's next progress check."""
     job = get_job(db, job_id, tenant_id)
-    if job.status in FINISHED:
+    db.flush()  # the conditional UPDATE below reads the row, not this session's object
+    done = lifecycle.cancel(db, job_id)
+    db.refresh(job)
+    if done is lifecycle.Transition.WRONG_STATE:
         raise Conflict(f"job is already {job.status}; only queued or running jobs can be cancelled",
                        code="job_finished")
-    if job.status == QUEUED:
-        job.status = CANCELLED
-        job.finished_at = utcnow()
-        job.stage = None
-    job.cancel_requested = True
-    db.flush()
     return job
 
 
@@ -213,57 +211,35 @@ def to_out(job: Job) -> JobOut:
 
 
 def mark_enqueue_failed(db: Session, job_id: str, reason: str) -> None:
-    job = db.get(Job, job_id)
-    if job is None:
-        return
-    job.status = "failed"
-    job.error_code = "broker_unavailable"
-    job.error_message = f"the job could not be queued ({reason}); submit it again when the broker is back"
-    job.finished_at = utcnow()
-    db.flush()
-
-
-MAX_ATTEMPTS = 3
+    lifecycle.enqueue_failed(db, job_id, reason)
 
 
 def recover_interrupted(db: Session) -> tuple[list[tuple[str, str]], list[str]]:
     """Jobs left 'running' by a worker that is known to be gone: back to 'queued' (the caller enqueues
     them after committing), or 'failed' once they have been interrupted MAX_ATTEMPTS times."""
-    requeued: list[tuple[str, str]] = []
-    failed: list[str] = []
-    for job in db.scalars(sa.select(Job).where(Job.status == RUNNING)):
-        if job.cancel_requested:
-            job.status, job.stage, job.finished_at = CANCELLED, None, utcnow()
-            continue
-        if job.attempts >= MAX_ATTEMPTS:
-            job.status, job.stage, job.finished_at = "failed", None, utcnow()
-            job.error_code = "worker_lost"
-            job.error_message = (f"the worker running this job stopped {job.attempts} times before it finished "
-                                 "(server restarts or crashes); submit it again, and check the server's memory")
-            failed.append(job.id)
-        else:
-            job.status, job.stage, job.progress, job.started_at = QUEUED, None, 0, None
-            requeued.append((job.id, job.queue))
-    db.flush()
-    return requeued, failed
+    return requeue_lost(db, lambda worker: True, whole_jobs=True)
 
 
-def requeue_lost(db: Session, gone: Callable[[str | None], bool]) -> tuple[list[tuple[str, str]], list[str]]:
+def requeue_lost(db: Session, gone: Callable[[str | None], bool],
+                 whole_jobs: bool = False) -> tuple[list[tuple[str, str]], list[str]]:
     """Running jobs whose process ``gone`` says is dead (`lowbit serve` saw its embedded worker die, and it is
     the only one on its data directory): back to 'queued' at once instead of after the lease (the caller
     enqueues them after committing; the next attempt takes over), cancelled if asked, failed after
     MAX_ATTEMPTS. Each change is a conditional UPDATE on (status, attempts, worker), so a job that a worker
     moved on meanwhile is left alone. An auto job is lost when its own task died before it planned candidates,
     or a candidate of its attempt was running in a process that is gone; candidates waiting in the broker are
-    not lost (the stale-job sweep covers the rest)."""
+    not lost (the stale-job sweep covers the rest). ``whole_jobs``: every running job is lost, whatever its
+    candidates (`lowbit serve` starting again, its workers gone with the server before it)."""
     from app.jobs.models import CANDIDATE_RUNNING, AutoCandidate
 
     requeued: list[tuple[str, str]] = []
     failed: list[str] = []
     rows = db.execute(sa.select(Job.id, Job.attempts, Job.worker, Job.queue, Job.recipe, Job.cancel_requested)
-                      .where(Job.status == RUNNING)).all()
+                      .where(Job.status == RUNNING).order_by(Job.created_at, Job.id)).all()
     for job_id, attempts, worker, queue, recipe, cancel in rows:
-        if recipe == "auto":
+        if whole_jobs:
+            lost = True
+        elif recipe == "auto":
             candidates = db.execute(sa.select(AutoCandidate.status, AutoCandidate.worker).where(
                 AutoCandidate.job_id == job_id, AutoCandidate.attempt == attempts)).all()
             lost = any(st == CANDIDATE_RUNNING and gone(w) for st, w in candidates) or \
@@ -272,24 +248,13 @@ def requeue_lost(db: Session, gone: Callable[[str | None], bool]) -> tuple[list[
             lost = gone(worker)
         if not lost:
             continue
-        if cancel:
-            values: dict[str, Any] = {"status": CANCELLED, "stage": None, "finished_at": utcnow()}
-        elif attempts >= MAX_ATTEMPTS:
-            values = {"status": "failed", "stage": None, "finished_at": utcnow(), "error_code": "worker_lost",
-                      "error_message": f"the worker running this job died {attempts} times before it finished "
-                      "(killed, out of memory, or crashed by the model); submit it again, and check the "
-                      "server's memory and the model"}
-        else:
-            values = {"status": QUEUED, "stage": None, "progress": 0, "started_at": None, "heartbeat_at": None,
-                      "enqueued_at": utcnow()}
-        same_worker = Job.worker.is_(None) if worker is None else Job.worker == worker
-        res = db.execute(sa.update(Job).where(Job.id == job_id, Job.status == RUNNING, Job.attempts == attempts,
-                                              same_worker).values(**values))
-        if not res.rowcount:  # type: ignore[attr-defined]
+        moved = lifecycle.worker_lost(db, job_id, attempts, cancel_requested=bool(cancel), worker=worker)
+        if moved is not lifecycle.Transition.APPLIED:
             continue
-        if values["status"] == QUEUED:
+        status = lifecycle.after_worker_lost(attempts, bool(cancel))
+        if status == QUEUED:
             requeued.append((job_id, queue))
-        elif values["status"] == "failed":
+        elif status == FAILED:
             failed.append(job_id)
     db.flush()
     return requeued, failed

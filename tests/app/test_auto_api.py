@@ -16,12 +16,12 @@ from worker import auto_tasks
 
 @pytest.fixture
 def subtasks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int, str]]:
-    from worker import tasks
+    from worker import runner
     from worker.engine import pipeline
 
     # The engine runs in this process rather than a sandboxed child per candidate (a second of start-up each;
     # tests/worker/test_sandbox.py covers the sandbox, tests/e2e/test_auto_workers.py runs auto through it).
-    monkeypatch.setattr(tasks, "run_engine", lambda cfg, progress, settings=None: pipeline.run(cfg, progress))
+    monkeypatch.setattr(runner, "run_engine", lambda cfg, progress, settings=None: pipeline.run(cfg, progress))
     sent: list[tuple[str, int, int, str]] = []
     monkeypatch.setattr(auto_tasks, "send", lambda job_id, attempt, idx, queue: sent.append((job_id, attempt, idx,
                                                                                               queue)))
@@ -215,16 +215,16 @@ def test_cli_runs_auto_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_a_crashing_candidate_fails_alone(sqlite_api: Harness, tmp_path: Path,
                                           subtasks: list[tuple[str, int, int, str]],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker import tasks
+    from worker import runner
 
-    real = tasks.run_engine
+    real = runner.run_engine
 
     def flaky(cfg: Any, progress: Any, settings: Any = None) -> Any:
         if cfg.recipe == "int8_dynamic":
             raise RuntimeError("boom")
         return real(cfg, progress, settings)
 
-    monkeypatch.setattr(tasks, "run_engine", flaky)
+    monkeypatch.setattr(runner, "run_engine", flaky)
     api = sqlite_api
     job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0}, prefer="size")
     _run(api, subtasks)
@@ -267,13 +267,13 @@ def test_auto_job_whose_every_candidate_failed_renders_everywhere(sqlite_api: Ha
     from app.cli import main
     from app.client import Client
     from app.client import cli as client_cli
-    from worker import tasks
+    from worker import runner
     from worker.engine.errors import EngineError
 
     def failing(cfg: Any, progress: Any, settings: Any = None) -> Any:
         raise EngineError("quantization_failed", f"{cfg.recipe} cannot quantize this model (a test double)")
 
-    monkeypatch.setattr(tasks, "run_engine", failing)
+    monkeypatch.setattr(runner, "run_engine", failing)
     api = sqlite_api
     job_id = _submit_auto(api, tmp_path, {"metric": "cosine", "min": 0.99}, max_fallback_steps=0)
     _run(api, subtasks)
@@ -319,17 +319,17 @@ def test_auto_job_on_a_pt2_upload_plans_4bit_from_its_export(sqlite_api: Harness
     import numpy as np
 
     from tests import pt2_builders as pb
-    from worker import tasks
+    from worker import runner
     from worker.engine.errors import EngineError
 
-    real = tasks.run_engine
+    real = runner.run_engine
 
     def first_only(cfg: Any, progress: Any, settings: Any = None) -> Any:
         if not cfg.layer_sensitivity:
             raise EngineError("quantization_failed", "not run in this test")
         return real(cfg, progress, settings)
 
-    monkeypatch.setattr(tasks, "run_engine", first_only)
+    monkeypatch.setattr(runner, "run_engine", first_only)
     api = sqlite_api
     model = upload_model(api.client, pb.outlier_mlp(tmp_path / "mlp.pt2"))
     feats = np.random.default_rng(0).standard_normal((48, 32)).astype(np.float32)
@@ -357,18 +357,18 @@ def test_auto_job_reports_selection_and_confirmation(sqlite_api: Harness, tmp_pa
     and the report carries both; with too few samples there is no confirmation and a warning says so."""
     import hashlib
 
-    from worker import tasks
+    from worker import runner
 
     api = sqlite_api
-    runner = tasks.run_engine
+    real = runner.run_engine
     parts: list[tuple[str | None, int]] = []
 
     def recording(cfg: Any, progress: Any, settings: Any = None) -> Any:
-        res = runner(cfg, progress, settings)
+        res = real(cfg, progress, settings)
         parts.append((cfg.eval_part, res.report["accuracy"]["samples"]))
         return res
 
-    monkeypatch.setattr(tasks, "run_engine", recording)
+    monkeypatch.setattr(runner, "run_engine", recording)
     model = upload_model(api.client, builders.mlp(tmp_path / "m.onnx"))
     calib = upload_dataset(api.client, builders.mlp_data(tmp_path / "c.npz"))
     ev = upload_dataset(api.client, builders.mlp_data(tmp_path / "e.npz", n=40, seed=3))

@@ -287,7 +287,9 @@ def test_a_stale_heartbeat_requeues_the_job_and_the_old_attempt_steps_aside(api:
     from datetime import timedelta
 
     from app.db import utcnow
-    from worker.tasks import LeaseLost, _Progress, claim, sweep_stale
+    from worker.runner import LeaseLost, Watch
+    from worker.sweeper import sweep_stale
+    from worker.tasks import claim
 
     m = upload_model(api.client, zoo["mlp"])
     job_id = submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
@@ -307,7 +309,7 @@ def test_a_stale_heartbeat_requeues_the_job_and_the_old_attempt_steps_aside(api:
     assert api.client.get(f"/api/v1/jobs/{job_id}").json()["status"] == "queued"
     # The old attempt wakes up: it must stop without touching the job's files.
     with pytest.raises(LeaseLost):
-        _Progress(api.factory, job_id, attempt=1)("validating", 0.5)
+        Watch(api.factory, job_id, attempt=1)("validating", 0.5)
     assert (job_dir / "keep").exists()
     api.queue.enqueued.extend(requeued)
     assert api.run_queued() == ["succeeded"]
@@ -320,7 +322,7 @@ def test_a_job_that_keeps_losing_its_worker_fails_after_three_attempts(api: Harn
     from datetime import timedelta
 
     from app.db import utcnow
-    from worker.tasks import sweep_stale
+    from worker.sweeper import sweep_stale
 
     m = upload_model(api.client, zoo["mlp"])
     job_id = submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]

@@ -25,7 +25,8 @@ def _dead_pid() -> int:
 
 
 def test_jobs_of_dead_processes_are_queued_again_at_once(api: Harness, zoo: dict[str, Path]) -> None:
-    from app.jobs.service import MAX_ATTEMPTS, requeue_lost
+    from app.jobs.lifecycle import MAX_ATTEMPTS
+    from app.jobs.service import requeue_lost
     from app.procs import process_gone
 
     host = socket.gethostname()

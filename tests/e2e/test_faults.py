@@ -202,7 +202,7 @@ def test_a_killed_pool_process_is_taken_over_at_once_and_succeeds_once(stack: St
 
 def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(stack: Stack, big: dict[str, Path],
                                                                           procs: list[Proc]) -> None:
-    from app.jobs.service import MAX_ATTEMPTS
+    from app.jobs.lifecycle import MAX_ATTEMPTS
 
     worker = stack.worker("every-time", procs)
     job_id = stack.submit(big["tf"], big["tf_data"])

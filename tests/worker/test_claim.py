@@ -13,10 +13,11 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import utcnow
+from app.jobs.lifecycle import MAX_ATTEMPTS
 from app.jobs.models import Job
-from app.jobs.service import MAX_ATTEMPTS
 from app.migrate import upgrade
-from worker.tasks import claim, worker_id
+from worker.runner import worker_id
+from worker.tasks import claim
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def test_the_last_attempt_lost_fails_the_job(factory: sessionmaker[Session]) -> 
 
 def test_an_auto_job_waiting_for_its_queued_candidates_is_not_stale(factory: sessionmaker[Session]) -> None:
     from app.jobs.models import AutoCandidate
-    from worker.tasks import sweep_stale
+    from worker.sweeper import sweep_stale
 
     old = utcnow() - timedelta(seconds=600)
     job_id = _job(factory, recipe="auto", heartbeat_at=old)
@@ -108,7 +109,7 @@ def test_an_auto_job_waiting_for_its_queued_candidates_is_not_stale(factory: ses
 
 
 def test_a_stale_job_of_another_recipe_is_requeued_whatever_the_broker_holds(factory: sessionmaker[Session]) -> None:
-    from worker.tasks import sweep_stale
+    from worker.sweeper import sweep_stale
 
     job_id = _job(factory, heartbeat_at=utcnow() - timedelta(seconds=600))
     assert sweep_stale(factory, 120, lambda j, q: None, lambda q: {job_id}) == [job_id]

@@ -19,7 +19,7 @@ from tests.worker import faults
 from worker import sandbox
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError, JobCancelled
-from worker.tasks import run_engine
+from worker.runner import run_engine
 
 F = "tests.worker.faults"
 
