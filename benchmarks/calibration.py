@@ -230,12 +230,12 @@ def sqnr_with(model: Path, data: Path, n_total: int, ranges: dict[str, list[floa
 
     from worker.engine.calibrate import write_ort_ranges
     from worker.engine.config import RecipeOptions
-    from worker.engine.pipeline import _quantize_static
+    from worker.engine.ort_quant import quantize_static
 
     rp = work / "ranges.json"
     write_ort_ranges({k: (float(v[0]), float(v[1])) for k, v in ranges.items()}, rp)
     q = work / "q.onnx"
-    _quantize_static(model, q, rp, RecipeOptions())
+    quantize_static(model, q, rp, RecipeOptions())
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS
     a = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])

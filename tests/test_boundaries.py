@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +56,131 @@ def test_client_imports_nothing_of_the_server_engine_or_ml() -> None:
     assert {m for m in mods if m.startswith("app.")} <= {"app.client", "app.client.cli", "app.client.config",
                                                         "app.client.core", "app.client.errors",
                                                         "app.client.recipes"}
+
+
+# The engine's own import graph, read from the source with ast (no import runs): every ``import`` and
+# ``from ... import`` of a worker.engine module, at module level or inside a function. Imports under
+# ``if TYPE_CHECKING:`` never run, so they make no cycle; they still may not reach for another module's
+# private names.
+ENGINE = Path(__file__).resolve().parents[1] / "worker" / "engine"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ENGINE.parents[1]).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _engine_modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(ENGINE.rglob("*.py"))}
+
+
+def _type_checking_only(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.Module) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every import statement of the module with whether it runs (False: under ``if TYPE_CHECKING``)."""
+
+    def walk(node: ast.AST, runs: bool) -> Iterator[tuple[ast.Import | ast.ImportFrom, bool]]:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                yield child, runs
+            elif isinstance(child, ast.If) and _type_checking_only(child):
+                for stmt in child.body:
+                    yield from walk(ast.Module(body=[stmt], type_ignores=[]), False)
+                for stmt in child.orelse:
+                    yield from walk(ast.Module(body=[stmt], type_ignores=[]), runs)
+            else:
+                yield from walk(child, runs)
+
+    yield from walk(tree, True)
+
+
+def _resolve(module: str, stmt: ast.ImportFrom) -> str:
+    if not stmt.level:
+        return stmt.module or ""
+    base = module.split(".")[: len(module.split(".")) - stmt.level]
+    return ".".join([*base, *([stmt.module] if stmt.module else [])])
+
+
+def _engine_graph() -> tuple[dict[str, set[str]], list[str]]:
+    """(module -> engine modules it imports at run time, cross-module imports of underscore names)."""
+    modules = _engine_modules()
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    private: list[str] = []
+    for name, path in modules.items():
+        for stmt, runs in _imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(stmt, ast.Import):
+                targets = [a.name for a in stmt.names if a.name in modules]
+            else:
+                source = _resolve(name, stmt)
+                if source not in modules:
+                    continue
+                # ``from package import module`` imports that module; ``from module import name`` the module.
+                targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in stmt.names]
+                private += [f"{name} imports {source}.{a.name}" for a in stmt.names
+                            if a.name.startswith("_") and f"{source}.{a.name}" not in modules]
+            if runs:
+                graph[name].update(t for t in targets if t != name)
+    return graph, private
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component that has one (Tarjan's algorithm, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work: list[tuple[str, Iterator[str]]] = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, edges = work[-1]
+            nxt = next(edges, None)
+            if nxt is not None:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on_stack.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                elif nxt in on_stack:
+                    low[node] = min(low[node], index[nxt])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    components.append(sorted(component))
+    return components
+
+
+def test_the_engine_graph_reader_sees_imports_inside_functions() -> None:
+    graph, _ = _engine_graph()
+    assert "worker.engine.calibrate" in graph["worker.engine.recipes.int8_static"]  # imported in its handler
+    assert "worker.engine.recipes.options" in graph["worker.engine.recipes.int8_static"]  # from package import mod
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_engine_modules_import_no_cycle() -> None:
+    graph, _ = _engine_graph()
+    assert _cycles(graph) == []
+
+
+def test_engine_modules_import_no_private_name_of_another() -> None:
+    _, private = _engine_graph()
+    assert private == []

@@ -323,7 +323,7 @@ def _advance(job_id: str, attempt: int, rnd: int, s: Settings, factory: sessionm
 def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Settings,
               factory: sessionmaker[Session]) -> None:
     from app.webhooks import notify
-    from worker.engine.pipeline import _place, sha256_file
+    from worker.engine.files import place, sha256_file
     from worker.engine.validate import finite_or_none
 
     artifact, cand_dir, work = _paths(s, j.job_id, j.attempt)
@@ -352,7 +352,7 @@ def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Sett
             return
     _progress(factory, j, stage="reporting", percent=98)
     if outcome.chosen is not None and outcome.artifact is not None:
-        _place(outcome.artifact, artifact)
+        place(outcome.artifact, artifact)
         with factory.begin() as sess:
             ok = lifecycle.succeed(sess, j.job_id, j.attempt, report=finite_or_none(report),
                                    artifact_path=str(artifact), artifact_sha256=sha256_file(artifact),

@@ -40,6 +40,7 @@ import onnx
 from worker.engine.config import CALIBRATION_METHODS, QuantizeConfig, RecipeOptions, parse_options
 from worker.engine.errors import EngineError
 from worker.engine.report import REPORT_VERSION, validate_report
+from worker.engine.target import check_target, distance, measure
 
 # The static candidate that runs first, calibrating with histograms (so every method's ranges can be
 # derived from the cached statistics) and measuring layer sensitivity for the fallback ranking.
@@ -155,83 +156,6 @@ class CandidateResult:
         )
 
 
-# ---------------------------------------------------------------------------------------------- target
-
-
-def check_target(target: dict[str, Any] | None) -> dict[str, Any]:
-    if not target or not target.get("metric") or (target.get("min") is None) == (target.get("max_drop") is None):
-        raise EngineError(
-            "accuracy_target_required",
-            "recipe auto needs an accuracy_target: {\"metric\": \"label_accuracy|top1_agreement|cosine|sqnr_db\", "
-            "\"min\": x} or {\"metric\": ..., \"max_drop\": x}, optionally with \"time_budget_s\"",
-        )
-    if target.get("confidence") is not None and target["confidence"] != 0.95:
-        raise EngineError(
-            "invalid_accuracy_target",
-            "accuracy_target.confidence can only be 0.95 (reports carry 95% bootstrap intervals)",
-        )
-    return target
-
-
-def measure(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
-    """The target's metric in a run's report: ``{value, original, met}``. Higher is better for every metric;
-    the worst output counts. An exact reproduction has no finite SQNR and meets any minimum.
-
-    With ``"confidence": 0.95`` the target is met only when the 95% interval's lower bound meets it (for
-    max_drop on label accuracy: the lower bound of the change's interval), and ``bound`` says which value
-    decided."""
-    metric = target["metric"]
-    acc = report["accuracy"]
-    confident = target.get("confidence") is not None
-    original: float | None
-    bound: float | None = None
-    if metric == "label_accuracy":
-        labels = acc.get("labels")
-        value = labels["quantized"] if labels else None
-        original = labels["original"] if labels else None
-        if confident and labels:
-            if target.get("min") is not None:
-                bound = (labels.get("quantized_ci") or [None])[0]
-            elif labels.get("delta_ci"):
-                # the drop's upper end, expressed as the quantized value it implies
-                bound = None if original is None else original + labels["delta_ci"][0]
-    else:
-        outputs = acc["outputs"]
-        if metric == "sqnr_db" and outputs and all(
-                o.get("sqnr_db") is None and o.get("max_abs_error") == 0 for o in outputs):
-            return {"value": None, "original": None, "met": True, "note": "every output reproduced exactly"}
-        vals = [o[metric] for o in outputs if o.get(metric) is not None]
-        value = min(vals) if vals else None
-        original = {"cosine": 1.0, "top1_agreement": 1.0}.get(metric)
-        if confident:
-            lows = [o[f"{metric}_ci"][0] for o in outputs if o.get(f"{metric}_ci")]
-            bound = min(lows) if lows and len(lows) == len(vals) else None
-    decide = bound if confident else value
-    met: bool | None = None
-    if decide is not None:
-        if target.get("min") is not None:
-            met = decide >= float(target["min"])
-        elif original is not None:
-            met = (original - decide) <= float(target["max_drop"])
-    elif confident and value is not None:
-        met = False  # no interval (too few samples): a confident claim cannot be made
-    out: dict[str, Any] = {"value": value, "original": original, "met": met}
-    if confident:
-        out.update(confidence=float(target["confidence"]), bound=bound)
-    return out
-
-
-def distance(target: dict[str, Any], value: float | None, original: float | None) -> float | None:
-    """How far ``value`` is from meeting the target, in the metric's units (0 when met)."""
-    if value is None:
-        return None
-    if target.get("min") is not None:
-        return round(max(0.0, float(target["min"]) - value), 6)
-    if original is None:
-        return None
-    return round(max(0.0, (original - value) - float(target["max_drop"])), 6)
-
-
 # ---------------------------------------------------------------------------------------------- planning
 
 
@@ -244,7 +168,7 @@ def has_matmul_weights(model_path: Path, excluded: Sequence[str] = ()) -> bool:
     a node ONNX Runtime's pre-processing later fuses under another name still counts (at worst a 4-bit
     candidate that finds nothing fails, and the search goes on without it)."""
     from worker.engine.int4 import find_targets
-    from worker.engine.normalize import _name_nodes, constants_to_initializers
+    from worker.engine.normalize import constants_to_initializers, name_nodes
 
     try:
         model = onnx.load(str(model_path), load_external_data=False)
@@ -253,7 +177,7 @@ def has_matmul_weights(model_path: Path, excluded: Sequence[str] = ()) -> bool:
                           "check that it loads with onnx.load and export it again if not") from exc
     # As normalize() prepares the model: node names (which nodes_to_exclude uses) are given after the move.
     constants_to_initializers(model)
-    _name_nodes(model)
+    name_nodes(model)
     if find_targets(model, RecipeOptions(nodes_to_exclude=tuple(excluded)))[0]:
         return True
     inits = {t.name: t for t in model.graph.initializer}
@@ -576,15 +500,6 @@ def conclude(results: Sequence[CandidateResult], target: dict[str, Any], job_id:
     return AutoOutcome(chosen, best, report)
 
 
-def evaluate_target(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
-    """A single recipe's ``accuracy_target`` (pipeline.run, with ``QuantizeConfig.accuracy_target``): the target,
-    the measured value and whether it was met. Those recipes do not search for the target; they report against
-    it. (auto reports ``target_result`` instead, decided on its confirmation samples.)"""
-    measured = measure(target, report)
-    extra = {"note": measured["note"]} if "note" in measured else {}
-    return {**target, "value": measured["value"], "met": measured["met"], **extra}
-
-
 def missed_target(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     """auto's ``accuracy_target`` when no candidate met it: the best candidate's value and its distance."""
     best = report.get("best") or {}
@@ -628,7 +543,7 @@ def _confirm(outcome: AutoOutcome, target: dict[str, Any], base: QuantizeConfig,
     same confirmation samples would make them selection samples again and bring the bias back. With too few
     evaluation samples to split (preflight.MIN_SPLIT_SAMPLES) there is no confirmation (``auto.confirmation``
     None) and a warning says the figure is optimistic. Sets ``outcome.artifact``, the file to deliver."""
-    from worker.engine.pipeline import sha256_file
+    from worker.engine.files import sha256_file
     from worker.engine.preflight import MIN_SPLIT_SAMPLES
 
     chosen = outcome.chosen
@@ -755,7 +670,7 @@ def _search(base: QuantizeConfig, target: dict[str, Any], run: RunFn, progress: 
     confirm(outcome, target, base, run, out_dir / "confirmation.onnx",
             (Path(base.work_dir) / "confirmation") if base.work_dir else None)
     if outcome.artifact is not None:
-        from worker.engine.pipeline import _place
+        from worker.engine.files import place
 
-        _place(outcome.artifact, Path(base.output_path))
+        place(outcome.artifact, Path(base.output_path))
     return outcome

@@ -5,12 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
 from worker.engine.calibrate import Batches
-from worker.engine.config import RecipeOptions
 from worker.engine.errors import EngineError
+from worker.engine.feeds import batch_source, plan_feeds
+
+if TYPE_CHECKING:  # annotations only: the option tables import the recipes, whose fp16 handler imports this module
+    from worker.engine.config import QuantizeConfig, RecipeOptions
+    from worker.engine.context import RunData
+    from worker.engine.inspect import ModelInfo
 
 # Kept in float32 on top of ONNX Runtime's default list: ops whose fp16 results overflow or lose too
 # much (large reductions, exponentials, normalisation statistics) or that have no fp16 CPU kernel.
@@ -60,6 +66,17 @@ def range_check(model_path: Path, model: onnx.ModelProto, batches: Batches, prov
     big = {t for t, v in peaks.items() if limit < v < float("inf")}
     nodes = [n.name for n in model.graph.node if big & {*n.input, *n.output}]
     return RangeCheck(nodes, max((peaks[t] for t in big), default=0.0), cal.samples, cal.seconds)
+
+
+def calibration_range_check(cfg: QuantizeConfig, opts: RecipeOptions, info: ModelInfo, data: RunData,
+                            model_path: Path, model: onnx.ModelProto, providers: list[str]) -> RangeCheck | None:
+    """With a calibration set, the nodes whose values overflow float16 (see range_check)."""
+    if data.calib_reader is None:
+        return None
+    reader = data.calib_reader
+    plan = plan_feeds(info.inputs, reader.info, opts.batch_size, "calibration")
+    stop = min(reader.info.num_samples, opts.max_calibration_samples)
+    return range_check(model_path, model, batch_source(reader, info.inputs, plan, 0, stop), providers, cfg.threads)
 
 
 def convert_fp16(src: Path, dest: Path, opts: RecipeOptions, keep_nodes: Sequence[str] = ()) -> list[str]:

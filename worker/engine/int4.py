@@ -16,15 +16,17 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from worker.engine import runtime
-from worker.engine.config import RecipeOptions
 from worker.engine.errors import EngineError
+
+if TYPE_CHECKING:  # annotations only: the option tables import the recipes, whose int4 handler imports this module
+    from worker.engine.config import RecipeOptions
 
 log = logging.getLogger(__name__)
 Batches = Callable[[], Iterable[tuple[dict[str, np.ndarray], int]]]

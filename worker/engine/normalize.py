@@ -60,7 +60,7 @@ def _ensure_initializers_not_inputs(model: onnx.ModelProto) -> None:
         model.graph.input.extend(inputs)
 
 
-def _name_nodes(model: onnx.ModelProto) -> int:
+def name_nodes(model: onnx.ModelProto) -> int:
     # Reports and exclusion lists refer to nodes by name; some exporters leave names empty.
     taken = {n.name for n in model.graph.node if n.name}
     count = 0
@@ -281,7 +281,7 @@ def normalize(model_path: Path, out_dir: Path, per_channel: bool) -> NormalizeRe
     if n:
         res.steps.append(f"moved {n} Constant-node tensor(s) to initializers")
     _ensure_initializers_not_inputs(model)
-    named = _name_nodes(model)
+    named = name_nodes(model)
     if named:
         res.steps.append(f"named {named} unnamed node(s)")
     subgraphs = has_subgraphs(model)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +16,18 @@ import numpy as np
 import onnx
 
 from worker.engine import pt2, runtime
-from worker.engine.calibrate import (
-    CalibrationSettings,
-    calibrate,
-    select_tensors,
-    write_ort_ranges,
-)
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
+from worker.engine.context import ProgressFn, RunData
 from worker.engine.errors import EngineError
-from worker.engine.feeds import Batch, FeedPlan, batch_source, fixed_batch, iter_batches, plan_feeds
-from worker.engine.fp16 import RangeCheck, float16_in_subgraphs, range_check
+from worker.engine.feeds import Batch, FeedPlan, fixed_batch, iter_batches
+from worker.engine.files import environment, place, sha256_file
+from worker.engine.fp16 import float16_in_subgraphs
 from worker.engine.hygiene import Overlap, overlap
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
-from worker.engine.int4 import Int4Result, quantize_int4
-from worker.engine.normalize import nonfinite_constant_nodes, normalize, prepare_for_static, subgraph_op_types
+from worker.engine.int4 import quantize_int4
+from worker.engine.normalize import normalize, subgraph_op_types
 from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
-from worker.engine.preflight import Split, plan_split
+from worker.engine.preflight import plan_split
 from worker.engine.pt2 import Pt2Source
 from worker.engine.qat import choose_artifact, kept_warning
 from worker.engine.recipes import RecipeContext, get_recipe
@@ -45,9 +38,6 @@ from worker.engine.sensitivity import analyse as analyse_sensitivity
 from worker.engine.validate import compare, latency_pair, layer_sqnr
 
 log = logging.getLogger(__name__)
-
-# (stage, fraction in [0, 1]) -> None. May raise JobCancelled to stop the run.
-ProgressFn = Callable[[str, float], None]
 
 STAGE_SPAN = {
     "preparing": (0, 10),
@@ -76,42 +66,7 @@ def progress_percent(stage: str, fraction: float) -> int:
     return int(lo + (hi - lo) * max(0.0, min(1.0, fraction)))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def environment() -> dict[str, str | None]:
-    def v(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "lowbit": v("lowbit"),
-        "onnxruntime": v("onnxruntime") or v("onnxruntime-gpu"),
-        "onnx": v("onnx"),
-        "torch": v("torch"),
-        "python": platform.python_version(),
-        "numpy": v("numpy"),
-        "platform": platform.platform(),
-    }
-
-
-@dataclass
-class _Data:
-    split: Split
-    calib_reader: NpzReader | None
-    eval_reader: NpzReader | None
-    # Evaluation samples that also calibrated (eval_set runs of calibrating recipes only).
-    overlap: Overlap | None = None
-
-
-def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> _Data:
+def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> RunData:
     calib: DatasetInfo | None = inspect_npz(cfg.calibration_path) if cfg.calibration_path else None
     ev: DatasetInfo | None = inspect_npz(cfg.eval_path) if cfg.eval_path else None
     # auto's candidates all validate on the samples int8_static would, so their metrics compare.
@@ -134,7 +89,7 @@ def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> _Da
         note = shared.warning()
         if note:
             warnings.append(note)
-    return _Data(split, creader, ereader if split.source == "eval_set" else creader, shared)
+    return RunData(split, creader, ereader if split.source == "eval_set" else creader, shared)
 
 
 def _synthetic_batches(inputs: tuple[TensorInfo, ...], count: int) -> Iterator[Batch]:
@@ -526,12 +481,12 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
                     "option layer_sensitivity: true to measure it",
         }
     if cfg.accuracy_target:
-        from worker.engine.auto import evaluate_target
+        from worker.engine.target import evaluate_target
 
         report["accuracy_target"] = evaluate_target(cfg.accuracy_target, report)
     # The contract (worker/engine/report.py): a report that breaks it fails the run here, not in a reader.
     validate_report(report)
-    _place(quant_path, Path(cfg.output_path))
+    place(quant_path, Path(cfg.output_path))
     step("reporting", 1.0)
     return QuantizeResult(Path(cfg.output_path), artifact_sha, quantized_bytes, report, warnings)
 
@@ -561,211 +516,6 @@ def _prepare_pt2(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Pro
     warnings.extend(source.warnings)
     step("preparing", 0.6)
     return source, dataclasses.replace(cfg, model_path=source.onnx_path)
-
-
-def _int8_elsewhere(cfg: QuantizeConfig, opts: RecipeOptions, info: ModelInfo, split: Split, data: _Data,
-                   model: Path, work: Path, providers: list[str], step: ProgressFn,
-                   warnings: list[str]) -> dict[str, Any]:
-    """int4 weights plus int8 activations: calibrate the 4-bit model (its MatMulNBits stay as they are) and
-    quantize every other quantizable operator to int8 QDQ, in place of ``model``."""
-    assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
-    c0, c1 = split.calib_range
-    int4_model = onnx.load(str(model))
-    tensors = select_tensors(int4_model, opts.op_types_to_quantize or None)
-    step("calibrating", 0.5)
-    settings = CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations)
-    cal = calibrate(model, tensors, batch_source(data.calib_reader, info.inputs, split.calib_plan, c0, c1),
-                    settings, providers, cfg.threads, op_types=opts.op_types_to_quantize or None,
-                    excluded_nodes=opts.nodes_to_exclude, model=int4_model)
-    ranges_path = work / "int8-elsewhere-ranges.json"
-    write_ort_ranges(cal.ranges, ranges_path)
-    hybrid = work / "int4-int8.onnx"
-    step("quantizing", 0.5)
-    _warn_forced(_quantize_static(model, hybrid, ranges_path, opts, cal.nonfinite_tensors), warnings)
-    os.replace(hybrid, model)
-    return {"method": cal.method, "samples": cal.samples, "tensors": cal.tensors, "observed_tensors": cal.observed,
-            "seconds": round(cal.seconds, 3)}
-
-
-def _run_int4(
-    cfg: QuantizeConfig,
-    opts: RecipeOptions,
-    info: ModelInfo,
-    split: Split,
-    data: _Data,
-    src: Path,
-    dest: Path,
-    providers: list[str],
-    step: ProgressFn,
-    warnings: list[str],
-) -> Int4Result:
-    algorithm = opts.algorithm or ("clip_search" if data.calib_reader is not None else "rtn")
-    batches = None
-    if algorithm in ("clip_search", "gptq"):
-        assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
-        c0, c1 = split.calib_range
-        batches = batch_source(data.calib_reader, info.inputs, split.calib_plan, c0, c1)
-        step("calibrating", 0.0)
-    elif cfg.calibration_path is None:
-        warnings.append(
-            "no calibration data: the 4-bit weights were rounded to nearest without seeing any real input, and "
-            "the accuracy above was measured on synthetic inputs. Round-to-nearest 4-bit can lose accuracy on "
-            "inputs unlike the training data; give a calibration set to calibrate and to measure on real data"
-        )
-    step("quantizing", 0.0)
-    res = quantize_int4(src, dest, opts, algorithm, batches, providers, cfg.threads)
-    warnings.extend(res.warnings)
-    if res.calibration is not None:
-        res.calibration["algorithm"] = algorithm
-    return res
-
-
-def _place(src: Path, dest: Path) -> None:
-    """Write to a temp file beside the destination, then rename: readers never see half a file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _excluded(
-    src: Path, opts: RecipeOptions, float_tensors: list[str] | None = None, model: onnx.ModelProto | None = None
-) -> tuple[list[str] | None, list[str]]:
-    """The user's exclusions plus nodes fed by NaN/infinite constants (which would quantize to garbage)
-    and nodes that read or write ``float_tensors`` (activations that held infinity or NaN)."""
-    model = model if model is not None else onnx.load(str(src))
-    forced = nonfinite_constant_nodes(model)
-    if float_tensors:
-        keep = set(float_tensors)
-        forced += [n.name for n in model.graph.node if keep & {*n.input, *n.output}]
-    forced = list(dict.fromkeys(n for n in forced if n not in opts.nodes_to_exclude))
-    return (list(opts.nodes_to_exclude) + forced) or None, forced
-
-
-def _quantize_static(
-    src: Path, dest: Path, ranges_path: Path, opts: RecipeOptions, float_tensors: list[str] | None = None
-) -> list[str]:
-    """Returns the nodes that had to stay in float (beyond the user's exclusions)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    model = onnx.load(str(src))
-    exclude, forced = _excluded(src, opts, float_tensors, model)
-    # Shared and [1, N] biases trip ONNX Runtime's quantizer (see prepare_for_static); the file is
-    # handed over as is when neither occurs.
-    prepared = bool(prepare_for_static(model))
-    act = QuantType.QInt8 if opts.symmetric_activations else QuantType.QUInt8
-    try:
-        quantize_static(
-            model if prepared else str(src),
-            str(dest),
-            calibration_data_reader=None,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(opts.op_types_to_quantize) or None,
-            per_channel=opts.per_channel,
-            reduce_range=opts.reduce_range,
-            activation_type=act,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude,
-            calibrate_method=CalibrationMethod.MinMax,
-            calibration_cache_path=str(ranges_path),
-            extra_options={"ActivationSymmetric": opts.symmetric_activations, "WeightSymmetric": True},
-        )
-    except EngineError:
-        raise
-    except Exception as exc:
-        raise EngineError(
-            "quantization_failed",
-            f"ONNX Runtime's static quantizer failed on this model: {str(exc).strip()[:500]}. "
-            "Excluding the node it names (option nodes_to_exclude) or trying int8_dynamic may help",
-        ) from exc
-    if opts.nodes_to_exclude:
-        _float_inputs_for(dest, set(opts.nodes_to_exclude))
-    return forced
-
-
-def _float_inputs_for(path: Path, excluded: set[str]) -> None:
-    """Excluded nodes read their inputs in float. ONNX Runtime's QDQ quantizer also quantizes the outputs
-    of the nodes it quantizes, so a node excluded after a quantized one would still see int8-rounded
-    inputs (and an excluded layer whose input has outliers would gain nothing): rewire such inputs to the
-    float tensor before its QuantizeLinear, and drop the Q/DQ pairs nothing reads any more."""
-    model = onnx.load(str(path))
-    nodes = list(model.graph.node)
-    producer = {o: n for n in nodes for o in n.output}
-    changed = False
-    for node in nodes:
-        if node.name not in excluded:
-            continue
-        for i, name in enumerate(node.input):
-            dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = producer.get(dq.input[0])
-            if q is None or q.op_type != "QuantizeLinear":
-                continue  # a quantized weight initializer: the quantizer left excluded weights alone anyway
-            node.input[i] = q.input[0]
-            changed = True
-    if not changed:
-        return
-    outputs = {o.name for o in model.graph.output}
-    while True:
-        read = {i for n in model.graph.node for i in n.input} | outputs
-        dead = [n for n in model.graph.node
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not set(n.output) & read]
-        if not dead:
-            break
-        for n in dead:
-            model.graph.node.remove(n)
-    onnx.save(model, str(path))
-
-
-def _quantize_dynamic(src: Path, dest: Path, opts: RecipeOptions) -> list[str]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    exclude, forced = _excluded(src, opts)
-
-    def quantize(subgraphs: bool) -> None:
-        quantize_dynamic(
-            str(src),
-            str(dest),
-            op_types_to_quantize=list(opts.op_types_to_quantize) or None,
-            per_channel=opts.per_channel,
-            reduce_range=opts.reduce_range,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude,
-            extra_options={"EnableSubgraph": subgraphs},
-        )
-
-    try:
-        try:
-            # Reach into If/Loop/Scan bodies too (silero_vad has all its layers in If branches); normalize
-            # moved the weights those bodies read into them, where the quantizer looks for them.
-            quantize(True)
-        except Exception:
-            # ONNX Runtime's subgraph support is partial: the main graph alone is still worth quantizing.
-            log.info("dynamic quantization with subgraphs failed; retrying on the main graph only", exc_info=True)
-            quantize(False)
-    except Exception as exc:
-        raise EngineError(
-            "quantization_failed",
-            f"ONNX Runtime's dynamic quantizer failed on this model: {str(exc).strip()[:500]}",
-        ) from exc
-    return forced
-
-
-def _fp16_range_check(cfg: QuantizeConfig, opts: RecipeOptions, info: ModelInfo, data: _Data, model_path: Path,
-                      model: onnx.ModelProto, providers: list[str]) -> RangeCheck | None:
-    """With a calibration set, the nodes whose values overflow float16 (see fp16.range_check)."""
-    if data.calib_reader is None:
-        return None
-    reader = data.calib_reader
-    plan = plan_feeds(info.inputs, reader.info, opts.batch_size, "calibration")
-    stop = min(reader.info.num_samples, opts.max_calibration_samples)
-    return range_check(model_path, model, batch_source(reader, info.inputs, plan, 0, stop), providers, cfg.threads)
 
 
 # Operators that hold or compute with integer weights: a model built from them is quantized already.
@@ -812,28 +562,3 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
                 for g in attr.graphs:
                     out.extend(_all_nodes(g))
     return out
-
-
-def _refuse_subgraphs_only(model: onnx.ModelProto, opts: RecipeOptions) -> None:
-    """int8_static's QDQ quantizer works on the main graph only: a model whose quantizable layers all sit
-    in If/Loop/Scan bodies would come out unchanged, so say so instead of delivering a float copy."""
-    from worker.engine.calibrate import quantizable_op_types
-
-    wanted = set(opts.op_types_to_quantize) if opts.op_types_to_quantize else quantizable_op_types()
-    inner = subgraph_op_types(model) & wanted
-    if inner:
-        weighted = inner & {"Conv", "ConvTranspose", "MatMul", "Gemm", "Gather", "Attention"}
-        raise EngineError(
-            "nothing_to_quantize",
-            f"every quantizable layer of this model ({', '.join(sorted(weighted or inner)[:8])}) is inside an "
-            "If/Loop/Scan body, which int8_static's quantizer does not reach, so nothing would be quantized; use "
-            "int8_dynamic (which quantizes inside those bodies) or fp16",
-        )
-
-
-def _warn_forced(forced: list[str], warnings: list[str]) -> None:
-    if forced:
-        warnings.append(
-            f"{len(forced)} node(s) touch a constant or activation holding infinity or NaN (e.g. an attention "
-            f"mask) and stay in float, since quantizing it would break the model: {', '.join(forced[:5])}"
-        )

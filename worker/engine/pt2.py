@@ -613,7 +613,7 @@ def export_for_run(
     on the same data is reused."""
     import hashlib
 
-    from worker.engine.pipeline import environment, sha256_file
+    from worker.engine.files import environment, sha256_file
 
     # Absolute: the export child runs in its work folder, where a relative path would name nothing.
     work_dir = Path(os.path.abspath(work_dir))

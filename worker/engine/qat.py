@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
@@ -40,12 +40,14 @@ from worker.engine.calibrate import (
     select_tensors,
     write_ort_ranges,
 )
-from worker.engine.config import QuantizeConfig, RecipeOptions
 from worker.engine.errors import EngineError
 from worker.engine.feeds import batch_source
 from worker.engine.inspect import ModelInfo
 from worker.engine.normalize import normalize
 from worker.engine.pt2 import EXPORT_OPSET, Pt2Source, run_child
+
+if TYPE_CHECKING:  # annotations only: the option tables import the recipes, whose qat_int8 handler imports this
+    from worker.engine.config import QuantizeConfig, RecipeOptions
 
 ProgressFn = Callable[[str, float], None]
 # Calibrating-stage shares: PTQ calibration, training (by steps), calibration of the fine-tuned model.
@@ -193,7 +195,8 @@ def run_qat(
     step: ProgressFn,
     environment: dict[str, Any],
 ) -> QatResult:
-    from worker.engine.pipeline import _excluded, _quantize_static, sha256_file
+    from worker.engine.files import sha256_file
+    from worker.engine.ort_quant import excluded_nodes, quantize_static
 
     assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
     reader, plan = data.calib_reader, split.calib_plan
@@ -230,8 +233,8 @@ def run_qat(
     ptq_ranges = work / "ptq-ranges.json"
     write_ort_ranges({t: r for t, r in base.ranges.items() if t not in float_tensors}, ptq_ranges)
     ptq_path = work / "ptq.onnx"
-    forced = _quantize_static(norm_path, ptq_path, ptq_ranges, opts, float_tensors)
-    excluded = set(_excluded(norm_path, opts, float_tensors)[0] or [])
+    forced = quantize_static(norm_path, ptq_path, ptq_ranges, opts, float_tensors)
+    excluded = set(excluded_nodes(norm_path, opts, float_tensors)[0] or [])
     ptq_model = onnx.load(str(ptq_path))
     points, fixed = training_points(onnx.load(str(norm_path)), quantized_activations(ptq_model), base.ranges,
                                     excluded, list(opts.op_types_to_quantize))
@@ -289,7 +292,7 @@ def run_qat(
     ranges_path = work / "qat-ranges.json"
     write_ort_ranges({t: r for t, r in ranges.items() if t not in tuned_float}, ranges_path)
     step("quantizing", 0.0)
-    _quantize_static(qnorm.path, dest, ranges_path, opts, tuned_float)
+    quantize_static(qnorm.path, dest, ranges_path, opts, tuned_float)
     calibration = {
         "method": "minmax",
         "calibrator": "lowbit",

@@ -251,7 +251,7 @@ def program_moments(gm: Any, program: Any, inputs: list[Any], feeds: list[dict[s
     """Statistics of every float32 node of ``gm`` on ``feeds``, and the nodes in graph order."""
     from torch.utils import _pytree as pytree
 
-    from worker.engine.pt2_child import torch_args
+    from worker.engine.torch_export import torch_args
 
     torch = _torch()
     stats: dict[str, Moments] = {}
@@ -676,7 +676,7 @@ def _first_nonfinite(student: Any, acts: dict[str, Any], placements: dict[str, P
 def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> dict[str, Any]:
     from torch.utils import _pytree as pytree
 
-    from worker.engine.pt2_child import export_onnx, tensor_infos, torch_args
+    from worker.engine.torch_export import export_onnx, tensor_infos, torch_args
 
     torch = _torch()
     opts = req["options"]

@@ -320,7 +320,7 @@ def test_the_plan_skips_tensors_whose_range_follows_from_others(zoo: dict[str, P
 def test_skipping_tensors_changes_nothing_in_the_quantized_model(zoo: dict[str, Path], tmp_path: Path,
                                                                  method: str) -> None:
     from worker.engine.config import RecipeOptions
-    from worker.engine.pipeline import _quantize_static
+    from worker.engine.ort_quant import quantize_static
 
     path = normalize(zoo["conv"], tmp_path / "n", per_channel=True).path
     tensors = select_tensors(onnx.load(str(path)))
@@ -334,7 +334,7 @@ def test_skipping_tensors_changes_nothing_in_the_quantized_model(zoo: dict[str, 
     outputs = []
     for name, ranges in (("planned", planned.ranges), ("full", full)):
         write_ort_ranges(ranges, tmp_path / f"{name}.json")
-        _quantize_static(path, tmp_path / f"{name}.onnx", tmp_path / f"{name}.json", RecipeOptions())
+        quantize_static(path, tmp_path / f"{name}.onnx", tmp_path / f"{name}.json", RecipeOptions())
         m = onnx.load(str(tmp_path / f"{name}.onnx"))
         outputs.append({t.name: onnx.numpy_helper.to_array(t).tobytes() for t in m.graph.initializer})
     assert outputs[0] == outputs[1]  # every scale and zero point the same
@@ -373,7 +373,7 @@ def test_minmax_reads_only_the_maximum_of_a_nonnegative_output(tmp_path: Path, o
     # and the quantized model must come out byte for byte the same as with ONNX Runtime's ranges.
     from worker.engine.calibrate import minmax_delta
     from worker.engine.config import RecipeOptions
-    from worker.engine.pipeline import _quantize_static
+    from worker.engine.ort_quant import quantize_static
 
     path, model, batches = _shifted_relu(tmp_path, op)
     delta, pairs = minmax_delta(model, ["x", "act"])
@@ -391,7 +391,7 @@ def test_minmax_reads_only_the_maximum_of_a_nonnegative_output(tmp_path: Path, o
     initializers = []
     for name, ranges in (("ours", ours.ranges), ("theirs", theirs.ranges)):
         write_ort_ranges(ranges, tmp_path / f"{name}.json")
-        _quantize_static(path, tmp_path / f"{name}.onnx", tmp_path / f"{name}.json", RecipeOptions())
+        quantize_static(path, tmp_path / f"{name}.onnx", tmp_path / f"{name}.json", RecipeOptions())
         m = onnx.load(str(tmp_path / f"{name}.onnx"))
         initializers.append({t.name: t.SerializeToString() for t in m.graph.initializer})
     assert any("act" in k and k.endswith("_scale") for k in initializers[0])

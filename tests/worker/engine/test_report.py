@@ -14,6 +14,7 @@ from tests.reports import assert_report_complete, assert_report_valid
 from worker.engine import auto, pipeline
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.report import REPORT_VERSION
+from worker.engine.target import evaluate_target
 
 
 def _cfg(zoo: dict[str, Path], tmp: Path, recipe: str, **options: object) -> QuantizeConfig:
@@ -48,7 +49,7 @@ def test_the_engine_reports_the_accuracy_target(zoo: dict[str, Path], tmp_path: 
     report = pipeline.run(cfg).report
     assert_report_valid(report)
     got = report["accuracy_target"]
-    assert got == auto.evaluate_target(target, report)
+    assert got == evaluate_target(target, report)
     assert {k: got[k] for k in target} == target
     if target["metric"] == "label_accuracy":
         labels = report["accuracy"]["labels"]

@@ -16,9 +16,9 @@ from worker.engine.errors import EngineError
 
 if TYPE_CHECKING:  # the handlers' types only: importing these at run time would pull in ONNX Runtime
     from worker.engine.config import QuantizeConfig, RecipeOptions
+    from worker.engine.context import ProgressFn, RunData
     from worker.engine.inspect import ModelInfo
     from worker.engine.int4 import Int4Result
-    from worker.engine.pipeline import ProgressFn, _Data
     from worker.engine.preflight import Split
     from worker.engine.pt2 import Pt2Source
     from worker.engine.qat import QatResult
@@ -168,7 +168,7 @@ class RecipeContext:
     opts: RecipeOptions
     info: ModelInfo
     split: Split
-    data: _Data
+    data: RunData
     norm_path: Path
     normalized: Any  # onnx.ModelProto (typed loosely so this module needs no onnx import)
     quant_path: Path

@@ -11,12 +11,11 @@ OPTIONS = (*o.COMMON, o.KEEP_IO_TYPES, o.OP_BLOCK_LIST)
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """Range-check on the calibration data (when given), then convert to float16."""
-    from worker.engine.fp16 import convert_fp16
-    from worker.engine.pipeline import _fp16_range_check
+    from worker.engine.fp16 import calibration_range_check, convert_fp16
 
     opts, warnings = ctx.opts, ctx.warnings
     ctx.step("quantizing", 0.0)
-    ranged = _fp16_range_check(ctx.cfg, opts, ctx.info, ctx.data, ctx.norm_path, ctx.normalized, ctx.providers)
+    ranged = calibration_range_check(ctx.cfg, opts, ctx.info, ctx.data, ctx.norm_path, ctx.normalized, ctx.providers)
     kept = convert_fp16(ctx.norm_path, ctx.quant_path, opts, ranged.nodes if ranged else ())
     if kept:
         warnings.append(f"kept in float32 (unsafe or slow in float16): {', '.join(kept)}")

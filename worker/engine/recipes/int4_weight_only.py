@@ -16,15 +16,15 @@ OPTIONS = (*o.COMMON, o.ALGORITHM, o.BLOCK_SIZE, o.SYMMETRIC, o.ACCURACY_LEVEL, 
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """4-bit weights (calibrated by clip_search/gptq when asked), then optionally int8 everywhere else."""
-    from worker.engine.pipeline import _int8_elsewhere, _run_int4
+    from worker.engine.ort_quant import int8_elsewhere, run_int4
 
     cfg, opts, info, split, data = ctx.cfg, ctx.opts, ctx.info, ctx.split, ctx.data
-    int4 = _run_int4(cfg, opts, info, split, data, ctx.norm_path, ctx.quant_path, ctx.providers, ctx.step,
+    int4 = run_int4(cfg, opts, info, split, data, ctx.norm_path, ctx.quant_path, ctx.providers, ctx.step,
                      ctx.warnings)
     calibration = int4.calibration
     if opts.int8_activations:
-        elsewhere = _int8_elsewhere(cfg, opts, info, split, data, ctx.quant_path, ctx.work, ctx.providers, ctx.step,
-                                    ctx.warnings)
+        elsewhere = int8_elsewhere(cfg, opts, info, split, data, ctx.quant_path, ctx.work, ctx.providers, ctx.step,
+                                   ctx.warnings)
         calibration = {**(calibration or {}), "int8_elsewhere": elsewhere}
     return RecipeOutput(calibration=calibration, int4=int4)
 

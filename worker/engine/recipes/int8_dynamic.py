@@ -10,10 +10,10 @@ OPTIONS = (*o.COMMON, o.PER_CHANNEL, o.REDUCE_RANGE, o.OP_TYPES_TO_QUANTIZE)
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """ONNX Runtime's dynamic quantizer, also inside If/Loop/Scan bodies."""
-    from worker.engine.pipeline import _quantize_dynamic, _warn_forced
+    from worker.engine.ort_quant import quantize_dynamic, warn_forced
 
     ctx.step("quantizing", 0.0)
-    _warn_forced(_quantize_dynamic(ctx.norm_path, ctx.quant_path, ctx.opts), ctx.warnings)
+    warn_forced(quantize_dynamic(ctx.norm_path, ctx.quant_path, ctx.opts), ctx.warnings)
     return RecipeOutput()
 
 

@@ -23,7 +23,8 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     )
     from worker.engine.errors import EngineError
     from worker.engine.feeds import batch_source, fixed_batch
-    from worker.engine.pipeline import _quantize_static, _refuse_subgraphs_only, _warn_forced, sha256_file
+    from worker.engine.files import sha256_file
+    from worker.engine.ort_quant import quantize_static, refuse_subgraphs_only, warn_forced
 
     cfg, opts, info, split, data, step, warnings = (ctx.cfg, ctx.opts, ctx.info, ctx.split, ctx.data, ctx.step,
                                                     ctx.warnings)
@@ -31,7 +32,7 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
     tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
     if not tensors:
-        _refuse_subgraphs_only(normalized, opts)
+        refuse_subgraphs_only(normalized, opts)
     c0, c1 = split.calib_range
     reader, plan = data.calib_reader, split.calib_plan
     calib_batches = batch_source(reader, info.inputs, plan, c0, c1)
@@ -96,7 +97,7 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     ranges_path = work / "ranges.json"
     write_ort_ranges(cal.ranges, ranges_path)
     step("quantizing", 0.0)
-    _warn_forced(_quantize_static(ctx.norm_path, ctx.quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
+    warn_forced(quantize_static(ctx.norm_path, ctx.quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
     return RecipeOutput(calibration=calibration, static_ranges=cal.ranges)
 
 

@@ -1,0 +1,51 @@
+"""File and environment helpers every part of the engine uses: content hashes, atomic placement of a finished
+file, and the library versions a report and a cache key record."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def environment() -> dict[str, str | None]:
+    def v(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "lowbit": v("lowbit"),
+        "onnxruntime": v("onnxruntime") or v("onnxruntime-gpu"),
+        "onnx": v("onnx"),
+        "torch": v("torch"),
+        "python": platform.python_version(),
+        "numpy": v("numpy"),
+        "platform": platform.platform(),
+    }
+
+
+def place(src: Path, dest: Path) -> None:
+    """Write to a temp file beside the destination, then rename: readers never see half a file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
