@@ -64,6 +64,21 @@ def test_the_contract_refuses_a_broken_report() -> None:
                                "passed_over_as_slower": []}})
 
 
+def test_a_report_stored_before_versioning_is_served_as_stored(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    from app.jobs.models import Job
+
+    m = upload_model(sqlite_api.client, zoo["mlp"])
+    job_id = submit(sqlite_api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+    old = {k: v for k, v in REPORT_EXAMPLE.items() if k not in ("report_version", "model")}
+    old["latency"] = {**old["latency"], "since_removed": 1}
+    with sqlite_api.factory.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.status, job.report = "succeeded", old
+    r = sqlite_api.client.get(f"/api/v1/jobs/{job_id}/report")
+    assert r.status_code == 200 and r.json() == json.loads(json.dumps(old))
+
+
 # Measured times, which differ between any two runs; everything else must match.
 TIMING = {("latency", "original_ms_p50"), ("latency", "quantized_ms_p50"), ("latency", "speedup"),
           ("latency", "speedup_ci"), ("latency", "speedup_measurable"), ("calibration", "seconds"),

@@ -4,6 +4,9 @@ accuracy target itself."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,14 @@ def test_a_report_that_breaks_the_contract_fails_the_run(zoo: dict[str, Path], t
     with pytest.raises(ValidationError, match="gpu_driver"):
         pipeline.run(_cfg(zoo, tmp_path, "int8_dynamic"))
     assert not (tmp_path / "mlp.int8_dynamic.onnx").exists()  # nothing delivered
+
+
+def test_the_contract_imports_no_ml_library() -> None:
+    # The API process reads it (the report endpoint's response model), and must not load torch or onnxruntime.
+    code = "import sys, json\nimport worker.engine.report\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    top = {m.split(".")[0] for m in json.loads(out.stdout)}
+    assert not top & {"torch", "onnxruntime", "onnx", "numpy"}, top & {"torch", "onnxruntime", "onnx", "numpy"}
 
 
 def test_auto_with_no_candidate_measured_reports_the_missed_target() -> None:
