@@ -13,7 +13,7 @@ from app.datasets import service as datasets
 from app.db import utcnow
 from app.errors import Conflict, Gone, Invalid, NotFound, from_engine
 from app.jobs import lifecycle
-from app.jobs.models import FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from app.jobs.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from app.jobs.schemas import DeliveryOut, JobCreate, JobError, JobLinks, JobOut
 from app.models import service as models
 from app.settings import Settings
@@ -25,7 +25,7 @@ from worker.engine.inspect import TensorInfo
 from worker.engine.preflight import check_target, plan_split
 from worker.engine.pt2 import HOW_TO_MAKE_PT2
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 
 def create_job(db: Session, req: JobCreate, settings: Settings, tenant_id: str) -> Job:
@@ -131,9 +131,8 @@ def list_jobs(db: Session, status: str | None, limit: int, cursor: str | None,
 def cancel_job(db: Session, job_id: str, tenant_id: str) -> Job:
     """Queued jobs are cancelled at once; running ones stop at the worker's next progress check."""
     job = get_job(db, job_id, tenant_id)
-    db.flush()  # the conditional UPDATE below reads the row, not this session's object
     done = lifecycle.cancel(db, job_id)
-    db.refresh(job)
+    db.refresh(job)  # the UPDATE changed the row, not this session's copy of it
     if done is lifecycle.Transition.WRONG_STATE:
         raise Conflict(f"job is already {job.status}; only queued or running jobs can be cancelled",
                        code="job_finished")
