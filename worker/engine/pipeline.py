@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from worker.engine import pt2, runtime
+from worker.engine.calibrate import quantizable_op_types
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.context import ProgressFn, RunData
 from worker.engine.errors import EngineError
@@ -24,18 +25,19 @@ from worker.engine.files import environment, place, sha256_file
 from worker.engine.fp16 import float16_in_subgraphs
 from worker.engine.hygiene import Overlap, overlap
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
-from worker.engine.int4 import quantize_int4
-from worker.engine.normalize import normalize, subgraph_op_types
+from worker.engine.int4 import Int4Result, quantize_int4
+from worker.engine.normalize import NormalizeResult, normalize, subgraph_op_types
 from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
 from worker.engine.preflight import plan_split
 from worker.engine.pt2 import Pt2Source
 from worker.engine.qat import choose_artifact, kept_warning
-from worker.engine.recipes import RecipeContext, get_recipe
+from worker.engine.recipes import RecipeContext, RecipeOutput, get_recipe
 from worker.engine.report import REPORT_VERSION, validate_report
 from worker.engine.sensitivity import MAX_SAMPLES as SENSITIVITY_SAMPLES
 from worker.engine.sensitivity import SensitivityResult
 from worker.engine.sensitivity import analyse as analyse_sensitivity
-from worker.engine.validate import compare, latency_pair, layer_sqnr
+from worker.engine.target import evaluate_target
+from worker.engine.validate import AccuracyResult, LayerSqnr, Merge, compare, latency_pair, layer_sqnr
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +245,79 @@ def run(cfg: QuantizeConfig, progress: ProgressFn | None = None) -> QuantizeResu
             tmp_owner.cleanup()
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The prepare stage's output: the model the recipes read and what the run knows about it."""
+
+    cfg: QuantizeConfig  # a .pt2 upload's config points at its ONNX export
+    source: Pt2Source | None
+    env: dict[str, str | None]
+    model_sha: str
+    info: ModelInfo
+    providers: list[str]
+    data: RunData
+    norm: NormalizeResult
+    normalized: onnx.ModelProto
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """The quantize stage's output: what the recipe's step returned and the model it wrote."""
+
+    path: Path
+    output: RecipeOutput
+    model: onnx.ModelProto
+
+
+@dataclass(frozen=True)
+class Validated:
+    """The validate stage's output: accuracy against the original, the baseline, and both models' latency."""
+
+    acc: AccuracyResult
+    baselines: list[dict[str, Any]] | None
+    # The delivered model (qat_int8 delivers its post-training baseline when training made things worse).
+    quantized: onnx.ModelProto
+    latency: dict[str, Any]
+    latency_batch: int
+    provider: str
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """The layers stage's output: the report's per-layer rows and what measuring them took."""
+
+    layers: list[dict[str, Any]]
+    sqnr: LayerSqnr
+    sensitivity: SensitivityResult | None
+
+
+@dataclass(frozen=True)
+class _QatBaseline:
+    baselines: list[dict[str, Any]]
+    acc: AccuracyResult
+    # The baseline's session when the baseline is delivered instead of the trained model, else None.
+    kept_session: Any
+
+
 def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn) -> QuantizeResult:
+    """The run's stages in order. ``warnings`` collects every stage's warnings as they arise (the report lists
+    them in that order)."""
     warnings: list[str] = []
+    prep, original_session = _prepare(cfg, opts, work, step, warnings)
+    made = _quantize(prep, opts, work, step, warnings)
+    checked = _validate(prep, made, original_session, opts, work, step, warnings)
+    # Release the original model's session before the layer analyses open their own observing ones (a 90 MB
+    # transformer's pair held ~200 MB through the job's peak); _validate released the quantized one.
+    del original_session
+    table = _layers(prep, made, checked, opts, step)
+    return _report(prep, made, checked, table, opts, step, warnings)
+
+
+def _prepare(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn,
+             warnings: list[str]) -> tuple[Prepared, Any]:
+    """Export a .pt2, inspect the model, plan the data, open the original model in ONNX Runtime and normalize
+    it for the recipes. Returns the prepared run and the original model's session (apart, so that it can be
+    released before the layer analyses)."""
     step("preparing", 0.0)
     source, cfg = _prepare_pt2(cfg, opts, work, step, warnings)
     env = environment()
@@ -252,7 +325,6 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     info = inspect_model_file(cfg.model_path)
     providers = runtime.select_providers(cfg.device)
     data = _plan_data(cfg, info, warnings)
-    split = data.split
     # Load the original model in ONNX Runtime first: a model it cannot run fails here, clearly.
     original_session = runtime.make_session(Path(cfg.model_path), providers, cfg.threads, "model")
     # Only int8 per-channel weights need opset 13; other recipes go on (with a warning) if it can't be had.
@@ -263,16 +335,21 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
 
     normalized = onnx.load(str(norm.path))
     _refuse_already_quantized(normalized)
+    return Prepared(cfg, source, env, model_sha, info, providers, data, norm, normalized), original_session
+
+
+def _quantize(prep: Prepared, opts: RecipeOptions, work: Path, step: ProgressFn, warnings: list[str]) -> Quantized:
+    """The recipe's own step (worker/engine/recipes/<name>.py), then the model it wrote."""
+    cfg = prep.cfg
     quant_path = work / "quantized.onnx"
-    # The recipe's own step (worker/engine/recipes/<name>.py); run() refused auto, which has none.
+    # run() refused auto, which has no step of its own.
     handler = get_recipe(cfg.recipe).quantize
     assert handler is not None
     out = handler(RecipeContext(
-        cfg=cfg, opts=opts, info=info, split=split, data=data, norm_path=norm.path, normalized=normalized,
-        quant_path=quant_path, work=work, providers=providers, step=step, warnings=warnings, env=env,
-        model_sha=model_sha, source=source,
+        cfg=cfg, opts=opts, info=prep.info, split=prep.data.split, data=prep.data, norm_path=prep.norm.path,
+        normalized=prep.normalized, quant_path=quant_path, work=work, providers=prep.providers, step=step,
+        warnings=warnings, env=prep.env, model_sha=prep.model_sha, source=prep.source,
     ))
-    calibration, static_ranges, int4, qat = out.calibration, out.static_ranges, out.int4, out.qat
     step("quantizing", 1.0)
 
     quantized = onnx.load(str(quant_path))
@@ -281,28 +358,38 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             quantized = onnx.shape_inference.infer_shapes(quantized)
         except Exception as exc:  # only the per-layer precision column reads the inferred types
             log.info("shape inference of the float16 model failed: %s", exc)
-    quant_session = runtime.make_session(quant_path, providers, cfg.threads, "quantized model")
+    return Quantized(quant_path, out, quantized)
 
-    step("validating", 0.0)
-    e0, e1 = split.eval_range
-    if data.eval_reader is not None and split.eval_plan is not None:
-        ereader, eplan = data.eval_reader, split.eval_plan
+
+def _eval_batches(prep: Prepared) -> Callable[[], Iterator[Batch]]:
+    """The evaluation samples, read afresh on each call: from the evaluation (or calibration) set, or synthetic
+    inputs without one."""
+    data, info = prep.data, prep.info
+    e0, e1 = data.split.eval_range
+    if data.eval_reader is not None and data.split.eval_plan is not None:
+        ereader, eplan = data.eval_reader, data.split.eval_plan
 
         def eval_batches() -> Iterator[Batch]:
             return iter_batches(ereader, info.inputs, eplan, e0, e1, with_labels=True)
     else:
         def eval_batches() -> Iterator[Batch]:
             return _synthetic_batches(info.inputs, e1 - e0)
+    return eval_batches
 
+
+def _validate(prep: Prepared, made: Quantized, original_session: Any, opts: RecipeOptions, work: Path,
+              step: ProgressFn, warnings: list[str]) -> Validated:
+    """The quantized model against the original on the evaluation samples, the baseline that shows what
+    calibration or training bought, and both models' latency."""
+    cfg, info, split = prep.cfg, prep.info, prep.data.split
+    quant_session = runtime.make_session(made.path, prep.providers, cfg.threads, "quantized model")
+
+    step("validating", 0.0)
+    e0, e1 = split.eval_range
+    eval_batches = _eval_batches(prep)
     out_names = [o.name for o in original_session.get_outputs()]
     roles = dict(opts.outputs)
-    unknown_outputs = sorted(set(roles) - set(out_names))
-    if unknown_outputs:
-        raise EngineError(
-            "invalid_option",
-            f"options.outputs names {', '.join(unknown_outputs)}, which the model does not have (outputs: "
-            f"{', '.join(out_names)})",
-        )
+    _check_output_roles(roles, out_names)
     acc = compare(
         original_session, quant_session, eval_batches(), out_names, e1 - e0,
         progress=lambda f: step("validating", 0.6 * f), roles=roles,
@@ -311,64 +398,81 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     if acc.samples == 0:
         raise EngineError("not_enough_samples", "no evaluation batch could be formed from the dataset")
     baselines: list[dict[str, Any]] | None = None
+    quantized = made.model
+    int4, qat = made.output.int4, made.output.qat
     if int4 is not None and int4.algorithm != "rtn":
-        # What calibration bought: the uncalibrated round-to-nearest model on the very same samples.
-        rtn_path = work / "rtn.onnx"
-        quantize_int4(norm.path, rtn_path, opts, "rtn", None, providers, cfg.threads)
-        rtn_session = runtime.make_session(rtn_path, providers, cfg.threads, "round-to-nearest baseline")
-        base = compare(original_session, rtn_session, eval_batches(), out_names, e1 - e0, roles=roles)
-        baselines = [{"algorithm": "rtn", "block_size": opts.block_size, "outputs": base.outputs,
-                      "labels": base.labels}]
-        del rtn_session
+        baselines = _rtn_baseline(prep, opts, work, original_session, eval_batches, out_names, roles)
     if qat is not None:
-        # What training bought: post-training int8 of the float model, same samples and quantizer.
-        ptq_session = runtime.make_session(qat.ptq_path, providers, cfg.threads, "post-training int8 baseline")
-        base = compare(original_session, ptq_session, eval_batches(), out_names, e1 - e0, roles=roles)
-        baselines = [{"recipe": "int8_static", "method": "minmax", "per_channel": opts.per_channel,
-                      "outputs": base.outputs, "labels": base.labels}]
-        # Training must not make the job's result worse: below the baseline, the baseline is the artifact.
-        choice = choose_artifact(acc.outputs, acc.labels, base.outputs, base.labels)
-        qat.training.update(result=choice["result"], comparison=choice)
-        if choice["result"] == "ptq_baseline_kept":
-            warnings.append(kept_warning(choice))
-            shutil.copyfile(qat.ptq_path, quant_path)
-            quantized, quant_session, acc = onnx.load(str(quant_path)), ptq_session, base
-        del ptq_session
+        ptq = _qat_baseline(prep, made, opts, original_session, acc, eval_batches, out_names, roles, warnings)
+        baselines = ptq.baselines
+        if ptq.kept_session is not None:
+            quantized, quant_session, acc = onnx.load(str(made.path)), ptq.kept_session, ptq.acc
 
     first = next(iter(eval_batches()))
     lat_feed, lat_batch = _first_sample_feed(first.feed, info.inputs, split.eval_plan)
     lat = latency_pair(original_session, quant_session, lat_feed, opts.latency_runs)
-    orig_ms, quant_ms = lat["original_ms_p50"], lat["quantized_ms_p50"]
     step("validating", 0.8)
-    # Neither session is needed any more: release them before the layer analyses open their own observing ones
-    # (a 90 MB transformer's pair held ~200 MB through the job's peak).
-    provider = quant_session.get_providers()[0]
-    del original_session, quant_session
+    return Validated(acc, baselines, quantized, lat, lat_batch, quant_session.get_providers()[0])
 
-    layer_feeds = _sample_feeds(eval_batches(), info.inputs, split.eval_plan, LAYER_SAMPLES)
-    from worker.engine.calibrate import quantizable_op_types
 
+def _check_output_roles(roles: dict[str, str], out_names: list[str]) -> None:
+    unknown_outputs = sorted(set(roles) - set(out_names))
+    if unknown_outputs:
+        raise EngineError(
+            "invalid_option",
+            f"options.outputs names {', '.join(unknown_outputs)}, which the model does not have (outputs: "
+            f"{', '.join(out_names)})",
+        )
+
+
+def _rtn_baseline(prep: Prepared, opts: RecipeOptions, work: Path, original_session: Any,
+                  eval_batches: Callable[[], Iterator[Batch]], out_names: list[str],
+                  roles: dict[str, str]) -> list[dict[str, Any]]:
+    """What calibration bought: the uncalibrated round-to-nearest model on the very same samples."""
+    e0, e1 = prep.data.split.eval_range
+    rtn_path = work / "rtn.onnx"
+    quantize_int4(prep.norm.path, rtn_path, opts, "rtn", None, prep.providers, prep.cfg.threads)
+    rtn_session = runtime.make_session(rtn_path, prep.providers, prep.cfg.threads, "round-to-nearest baseline")
+    base = compare(original_session, rtn_session, eval_batches(), out_names, e1 - e0, roles=roles)
+    return [{"algorithm": "rtn", "block_size": opts.block_size, "outputs": base.outputs, "labels": base.labels}]
+
+
+def _qat_baseline(prep: Prepared, made: Quantized, opts: RecipeOptions, original_session: Any,
+                  acc: AccuracyResult, eval_batches: Callable[[], Iterator[Batch]], out_names: list[str],
+                  roles: dict[str, str], warnings: list[str]) -> _QatBaseline:
+    """What training bought: post-training int8 of the float model, same samples and quantizer. Training must
+    not make the job's result worse: below the baseline, the baseline is the artifact."""
+    qat = made.output.qat
+    assert qat is not None
+    e0, e1 = prep.data.split.eval_range
+    ptq_session = runtime.make_session(qat.ptq_path, prep.providers, prep.cfg.threads, "post-training int8 baseline")
+    base = compare(original_session, ptq_session, eval_batches(), out_names, e1 - e0, roles=roles)
+    baselines = [{"recipe": "int8_static", "method": "minmax", "per_channel": opts.per_channel,
+                  "outputs": base.outputs, "labels": base.labels}]
+    choice = choose_artifact(acc.outputs, acc.labels, base.outputs, base.labels)
+    qat.training.update(result=choice["result"], comparison=choice)
+    if choice["result"] == "ptq_baseline_kept":
+        warnings.append(kept_warning(choice))
+        shutil.copyfile(qat.ptq_path, made.path)
+        return _QatBaseline(baselines, base, ptq_session)
+    return _QatBaseline(baselines, acc, None)
+
+
+def _layers(prep: Prepared, made: Quantized, checked: Validated, opts: RecipeOptions,
+            step: ProgressFn) -> LayerTable:
+    """The per-layer table: each quantizable layer's precision and SQNR against the original, and (int8_static,
+    when asked) its sensitivity."""
+    cfg, info, split = prep.cfg, prep.info, prep.data.split
+    normalized, quantized = prep.normalized, checked.quantized
+    layer_feeds = _sample_feeds(_eval_batches(prep)(), info.inputs, split.eval_plan, LAYER_SAMPLES)
     qops = quantizable_op_types()
-    lmap = {k: v for k, v in _layer_map(normalized, quantized).items()}
+    lmap = _layer_map(normalized, quantized)
     pairs = [(v[1], v[2]) for v in lmap.values() if v[2]]
     # Streamed in groups of layers that fit a fixed number of bytes per run, on a few samples.
     merge, per_run = _merger(info.inputs, split.eval_plan)
-    lsq = layer_sqnr(norm.path, quant_path, normalized, quantized, pairs, layer_feeds, providers, cfg.threads,
-                     merge=merge, max_per_run=per_run)
-    sqnr = lsq.sqnr
-    sens: SensitivityResult | None = None
-    want_sensitivity = cfg.layer_sensitivity if cfg.layer_sensitivity is not None else opts.layer_sensitivity
-    if static_ranges is not None and want_sensitivity:
-        # Each layer quantized alone, with this run's calibrated ranges, on the first few of the same samples.
-        sens_feeds: list[dict[str, np.ndarray]] = []
-        sens_n = 0
-        for feed, count in layer_feeds:
-            if sens_n >= SENSITIVITY_SAMPLES:
-                break
-            sens_feeds.append(feed)
-            sens_n += count
-        sens = analyse_sensitivity(normalized, static_ranges, sens_feeds, providers, cfg.threads, qops, sens_n,
-                                   merge=merge, max_per_run=per_run)
+    lsq = layer_sqnr(prep.norm.path, made.path, normalized, quantized, pairs, layer_feeds, prep.providers,
+                     cfg.threads, merge=merge, max_per_run=per_run)
+    sens = _sensitivity(prep, made, opts, layer_feeds, qops, merge, per_run)
     layers = []
     for node in normalized.graph.node:
         if node.op_type not in qops or node.name not in lmap:
@@ -378,7 +482,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             "name": node.name,
             "op_type": node.op_type,
             "precision": precision,
-            "sqnr_db": sqnr.get((o, qt)) if qt else None,
+            "sqnr_db": lsq.sqnr.get((o, qt)) if qt else None,
         }
         if sens is not None:
             one = sens.layers.get(node.name)
@@ -386,8 +490,78 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             layer["isolated_sqnr_db"] = one.isolated_sqnr_db if one else None
         layers.append(layer)
     step("validating", 1.0)
+    return LayerTable(layers, lsq, sens)
 
+
+def _sensitivity(prep: Prepared, made: Quantized, opts: RecipeOptions,
+                 layer_feeds: list[tuple[dict[str, np.ndarray], int]], qops: set[str], merge: Merge | None,
+                 per_run: int) -> SensitivityResult | None:
+    """Each layer quantized alone, with this run's calibrated ranges, on the first few of the layer samples
+    (int8_static with option layer_sensitivity, or the run's own layer_sensitivity)."""
+    cfg, static_ranges = prep.cfg, made.output.static_ranges
+    want_sensitivity = cfg.layer_sensitivity if cfg.layer_sensitivity is not None else opts.layer_sensitivity
+    if static_ranges is None or not want_sensitivity:
+        return None
+    sens_feeds: list[dict[str, np.ndarray]] = []
+    sens_n = 0
+    for feed, count in layer_feeds:
+        if sens_n >= SENSITIVITY_SAMPLES:
+            break
+        sens_feeds.append(feed)
+        sens_n += count
+    return analyse_sensitivity(prep.normalized, static_ranges, sens_feeds, prep.providers, cfg.threads, qops, sens_n,
+                               merge=merge, max_per_run=per_run)
+
+
+def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTable, opts: RecipeOptions,
+            step: ProgressFn, warnings: list[str]) -> QuantizeResult:
+    """The report, checked against its contract (worker/engine/report.py), then the artifact put in place: a
+    report that breaks the contract fails the run here, not in a reader, and delivers nothing."""
+    cfg, quant_path = prep.cfg, made.path
     step("reporting", 0.0)
+    _warn_unlisted_layers(table.layers, checked.quantized, warnings)
+    original_bytes = os.path.getsize(cfg.model_path)
+    quantized_bytes = os.path.getsize(quant_path)
+    orig_ms, quant_ms = checked.latency["original_ms_p50"], checked.latency["quantized_ms_p50"]
+    speedup = orig_ms / quant_ms if quant_ms > 0 else None
+    if speedup is not None and speedup < 1.0:
+        warnings.append(
+            f"the quantized model is slower than the original here ({quant_ms:.3f} ms vs {orig_ms:.3f} ms at "
+            f"batch {checked.latency_batch}); speed-ups from low precision depend on the CPU's kernels and the "
+            "model's size"
+        )
+    artifact_sha = sha256_file(quant_path)
+    report: dict[str, Any] = {
+        "report_version": REPORT_VERSION,
+        "job_id": cfg.job_id,
+        "recipe": cfg.recipe,
+        "options": opts.to_dict(cfg.recipe),
+        "size": _size_section(original_bytes, quantized_bytes, made.output.int4),
+        "accuracy": _accuracy_section(prep.data, checked),
+        "latency": _latency_section(checked, cfg.threads, speedup),
+        "layers": table.layers,
+        "calibration": made.output.calibration,
+        "warnings": warnings,
+        "environment": prep.env,
+        "model": _model_section(prep, artifact_sha),
+    }
+    if made.output.qat is not None:
+        report["training"] = made.output.qat.training
+    lsq = table.sqnr
+    report["layer_sqnr"] = {"samples": lsq.samples, "passes": lsq.passes, "seconds": round(lsq.seconds, 3)}
+    sensitivity = _sensitivity_section(table.sensitivity, cfg.recipe)
+    if sensitivity is not None:
+        report["sensitivity"] = sensitivity
+    if cfg.accuracy_target:
+        report["accuracy_target"] = evaluate_target(cfg.accuracy_target, report)
+    validate_report(report)
+    place(quant_path, Path(cfg.output_path))
+    step("reporting", 1.0)
+    return QuantizeResult(Path(cfg.output_path), artifact_sha, quantized_bytes, report, warnings)
+
+
+def _warn_unlisted_layers(layers: list[dict[str, Any]], quantized: onnx.ModelProto, warnings: list[str]) -> None:
+    """A table with no quantized layer: say whether they sit in If/Loop/Scan bodies, or there were none."""
     if all(layer["precision"] == "fp32" for layer in layers):
         inner = sorted(subgraph_op_types(quantized) & (INT8_OPS | set(LOW_BIT_OPS) | {"DequantizeLinear"}))
         if not inner and float16_in_subgraphs(quantized):
@@ -397,71 +571,69 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             "table does not list" if inner else
             "no layer was quantized: the model has no operators this recipe quantizes"
         )
-    original_bytes = os.path.getsize(cfg.model_path)
-    quantized_bytes = os.path.getsize(quant_path)
-    speedup = orig_ms / quant_ms if quant_ms > 0 else None
-    if speedup is not None and speedup < 1.0:
-        warnings.append(
-            f"the quantized model is slower than the original here ({quant_ms:.3f} ms vs {orig_ms:.3f} ms at "
-            f"batch {lat_batch}); speed-ups from low precision depend on the CPU's kernels and the model's size"
-        )
-    artifact_sha = sha256_file(quant_path)
-    report: dict[str, Any] = {
-        "report_version": REPORT_VERSION,
-        "job_id": cfg.job_id,
-        "recipe": cfg.recipe,
-        "options": opts.to_dict(cfg.recipe),
-        "size": {
-            "original_bytes": original_bytes,
-            "quantized_bytes": quantized_bytes,
-            "ratio": round(quantized_bytes / original_bytes, 6),
-            "bits_per_weight": round(int4.bits_per_weight, 4) if int4 and int4.bits_per_weight else None,
-            "quantized_weight_bytes": int4.weight_bytes_quantized if int4 else None,
-            "fp32_weight_bytes": int4.weight_bytes_fp32 if int4 else None,
-        },
-        "accuracy": {
-            "samples": acc.samples,
-            "source": split.source,
-            "overlap": data.overlap.to_dict() if data.overlap is not None else None,
-            # auto's candidates and its confirmation run validate on one part of the evaluation samples.
-            "part": split.part_report(),
-            "outputs": acc.outputs,
-            "labels": acc.labels,
-            "baselines": baselines,
-        },
-        "latency": {
-            "provider": provider,
-            "batch_size": lat_batch,
-            "threads": cfg.threads,
-            "original_ms_p50": round(orig_ms, 6),
-            "quantized_ms_p50": round(quant_ms, 6),
-            "speedup": round(speedup, 4) if speedup is not None else None,
-            # Bootstrap interval over the interleaved run pairs; "measurable" is false when it holds 1.0.
-            "speedup_ci": lat["speedup_ci"],
-            "speedup_measurable": lat["measurable"],
-            "runs": lat["runs"],
-            "order": "interleaved",
-        },
-        "layers": layers,
-        "calibration": calibration,
-        "warnings": warnings,
-        "environment": env,
-        "model": {
-            "inputs": [i.to_dict() for i in info.inputs],
-            "outputs": [o.to_dict() for o in info.outputs],
-            "opset": info.opset,
-            "original_sha256": model_sha,
-            "quantized_sha256": artifact_sha,
-            "preprocessing": norm.steps,
-            "source_format": "pt2" if source is not None else "onnx",
-            "export": source.report if source is not None else None,
-        },
+
+
+def _size_section(original_bytes: int, quantized_bytes: int, int4: Int4Result | None) -> dict[str, Any]:
+    return {
+        "original_bytes": original_bytes,
+        "quantized_bytes": quantized_bytes,
+        "ratio": round(quantized_bytes / original_bytes, 6),
+        "bits_per_weight": round(int4.bits_per_weight, 4) if int4 and int4.bits_per_weight else None,
+        "quantized_weight_bytes": int4.weight_bytes_quantized if int4 else None,
+        "fp32_weight_bytes": int4.weight_bytes_fp32 if int4 else None,
     }
-    if qat is not None:
-        report["training"] = qat.training
-    report["layer_sqnr"] = {"samples": lsq.samples, "passes": lsq.passes, "seconds": round(lsq.seconds, 3)}
+
+
+def _accuracy_section(data: RunData, checked: Validated) -> dict[str, Any]:
+    acc = checked.acc
+    return {
+        "samples": acc.samples,
+        "source": data.split.source,
+        "overlap": data.overlap.to_dict() if data.overlap is not None else None,
+        # auto's candidates and its confirmation run validate on one part of the evaluation samples.
+        "part": data.split.part_report(),
+        "outputs": acc.outputs,
+        "labels": acc.labels,
+        "baselines": checked.baselines,
+    }
+
+
+def _latency_section(checked: Validated, threads: int, speedup: float | None) -> dict[str, Any]:
+    lat = checked.latency
+    return {
+        "provider": checked.provider,
+        "batch_size": checked.latency_batch,
+        "threads": threads,
+        "original_ms_p50": round(lat["original_ms_p50"], 6),
+        "quantized_ms_p50": round(lat["quantized_ms_p50"], 6),
+        "speedup": round(speedup, 4) if speedup is not None else None,
+        # Bootstrap interval over the interleaved run pairs; "measurable" is false when it holds 1.0.
+        "speedup_ci": lat["speedup_ci"],
+        "speedup_measurable": lat["measurable"],
+        "runs": lat["runs"],
+        "order": "interleaved",
+    }
+
+
+def _model_section(prep: Prepared, artifact_sha: str) -> dict[str, Any]:
+    info, source = prep.info, prep.source
+    return {
+        "inputs": [i.to_dict() for i in info.inputs],
+        "outputs": [o.to_dict() for o in info.outputs],
+        "opset": info.opset,
+        "original_sha256": prep.model_sha,
+        "quantized_sha256": artifact_sha,
+        "preprocessing": prep.norm.steps,
+        "source_format": "pt2" if source is not None else "onnx",
+        "export": source.report if source is not None else None,
+    }
+
+
+def _sensitivity_section(sens: SensitivityResult | None, recipe: str) -> dict[str, Any] | None:
+    """The report's sensitivity section: the ranking when measured, a note where int8_static did not measure
+    it, and none for the other recipes."""
     if sens is not None:
-        report["sensitivity"] = {
+        section: dict[str, Any] = {
             "computed": True,
             "measure": "output noise-to-signal power ratio with only that layer in int8 (worst output)",
             "samples": sens.samples,
@@ -471,24 +643,17 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
             "ranking": sens.ranking(),
         }
         if sens.skipped:
-            report["sensitivity"]["note"] = (
+            section["note"] = (
                 f"{len(sens.layers)} of {len(sens.layers) + sens.skipped} layers analysed (spread evenly over the "
                 "graph); the others have no sensitivity")
-    elif cfg.recipe == "int8_static":
-        report["sensitivity"] = {
+        return section
+    if recipe == "int8_static":
+        return {
             "computed": False,
             "note": "per-layer sensitivity was not measured: it costs one model run per layer and batch; set "
                     "option layer_sensitivity: true to measure it",
         }
-    if cfg.accuracy_target:
-        from worker.engine.target import evaluate_target
-
-        report["accuracy_target"] = evaluate_target(cfg.accuracy_target, report)
-    # The contract (worker/engine/report.py): a report that breaks it fails the run here, not in a reader.
-    validate_report(report)
-    place(quant_path, Path(cfg.output_path))
-    step("reporting", 1.0)
-    return QuantizeResult(Path(cfg.output_path), artifact_sha, quantized_bytes, report, warnings)
+    return None
 
 
 def _prepare_pt2(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn,
