@@ -218,25 +218,34 @@ class Training(BaseModel):
     comparison: dict[str, Any] | None = None
 
 
-class TargetSelection(_Closed):
-    value: float | None
-    met: bool | None
-    samples: int | None
-
-
-class AccuracyTargetResult(_Closed):
-    """The job's accuracy target, echoed, with the measured value and whether it was met."""
+class AccuracyTargetSpec(_Closed):
+    """The target as the job was given it (app.jobs.schemas.AccuracyTarget, unset keys left out)."""
 
     metric: Metric
     min: float | None = None
     max_drop: float | None = None
     confidence: float | None = None
     time_budget_s: float | None = None
+
+
+class TargetCheck(AccuracyTargetSpec):
+    """The target, echoed, with the measured value and whether it was met."""
+
     value: float | None = Field(description="the worst output's metric (or label accuracy)")
     met: bool | None
     note: str | None = None
     bound: float | None = Field(default=None, description="with confidence: the interval bound that decided")
-    # auto only.
+
+
+class TargetSelection(_Closed):
+    value: float | None
+    met: bool | None
+    samples: int | None
+
+
+class AccuracyTargetResult(TargetCheck):
+    """The report's accuracy_target; auto adds how it was decided."""
+
     distance: float | None = Field(default=None, description="auto, target missed: the best candidate's distance")
     confirmed: bool | None = Field(default=None, description="auto: decided on the confirmation samples")
     selection: TargetSelection | None = None
@@ -283,18 +292,6 @@ class KeptLayer(_Closed):
     isolated_sqnr_db: float | None
 
 
-class TargetCheck(_Closed):
-    metric: Metric
-    min: float | None = None
-    max_drop: float | None = None
-    confidence: float | None = None
-    time_budget_s: float | None = None
-    value: float | None
-    met: bool | None
-    note: str | None = None
-    bound: float | None = None
-
-
 class Figures(_Closed):
     """The chosen model's figures on one part of the evaluation samples."""
 
@@ -311,14 +308,6 @@ class Figures(_Closed):
 
 class ConfirmationFailed(_Closed):
     error: ErrorInfo
-
-
-class AccuracyTargetSpec(_Closed):
-    metric: Metric
-    min: float | None = None
-    max_drop: float | None = None
-    confidence: float | None = None
-    time_budget_s: float | None = None
 
 
 class AutoSection(_Closed):
