@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,26 @@ def notify(factory: sessionmaker[Session], settings: Settings, job_id: str,
     except Exception:
         log.exception("webhook delivery for job %s crashed", job_id)
         return None
+
+
+def notify_missed(factory: sessionmaker[Session], settings: Settings, older_than_s: float,
+                  window_s: float = 86400.0) -> list[str]:
+    """Deliver the webhooks that a worker recorded a job's end for but died before sending (it was killed
+    between the two): finished jobs with a callback and no delivery row for their final event, that ended
+    more than ``older_than_s`` ago (their own worker had its chance) and less than ``window_s`` ago (a
+    notification days late is noise). The delivery row's unique (job, event) keeps it at most once when
+    several sweepers find the same job. Returns the job ids it delivered for."""
+    now = utcnow()
+    with factory() as s:
+        delivered = sa.select(WebhookDelivery.id).where(
+            WebhookDelivery.job_id == Job.id, WebhookDelivery.event == sa.literal("job.") + Job.status)
+        missed = s.execute(sa.select(Job.id).where(
+            Job.status.in_(FINISHED), Job.callback_url.is_not(None),
+            Job.finished_at < now - timedelta(seconds=older_than_s),
+            Job.finished_at > now - timedelta(seconds=window_s), ~sa.exists(delivered))).scalars().all()
+    sent = []
+    for job_id in missed:
+        if notify(factory, settings, job_id) is not None:
+            sent.append(job_id)
+            log.warning("job %s: its worker ended before sending the webhook; sent now", job_id)
+    return sent

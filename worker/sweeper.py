@@ -1,6 +1,7 @@
 """What each worker's main process does in the background for every job, not only its own: queue again the
 running jobs whose worker died (their heartbeat went stale), publish again the queued jobs that no broker
-message carries (``app/queue.py``'s reconciler), and apply the retention of finished jobs' files (``app/gc.py``).
+message carries (``app/queue.py``'s reconciler), send the webhooks of jobs whose worker died between recording
+the end and sending it (``app/webhooks.py``), and apply the retention of finished jobs' files (``app/gc.py``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def start(**_: Any) -> None:
     settings = get_settings()
 
     def loop() -> None:
-        from app import gc
+        from app import gc, webhooks
         from app.queue import CeleryQueue, reconcile
 
         queue = CeleryQueue(settings)
@@ -89,5 +90,9 @@ def start(**_: Any) -> None:
                 reconcile(sessions(), queue, settings.job_reconcile_after_s)
             except Exception:
                 log.warning("queue reconciliation failed", exc_info=True)
+            try:
+                webhooks.notify_missed(sessions(), settings, settings.job_reconcile_after_s)
+            except Exception:
+                log.warning("delivering missed webhooks failed", exc_info=True)
 
     threading.Thread(target=loop, name="lowbit-sweeper", daemon=True).start()

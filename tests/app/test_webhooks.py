@@ -157,3 +157,32 @@ def test_callbacks_to_internal_addresses_are_refused_by_default(api: Harness, zo
     (delivery,) = api.client.get(f"/api/v1/jobs/{job['id']}").json()["deliveries"]
     assert delivery["status"] == "failed" and delivery["attempts"] == 0
     assert "non-public address" in delivery["last_error"]
+
+
+def test_a_webhook_whose_worker_died_before_sending_is_sent_by_the_sweep(
+        api: Harness, zoo: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    from app.db import utcnow
+    from app.jobs.models import Job
+    from app.webhooks import notify_missed
+    from worker import tasks
+
+    m = upload_model(api.client, zoo["mlp"])
+    with receiver() as rec:
+        job_id = submit(api.client, model_id=m["id"], recipe="int8_dynamic", callback_url=rec.url + "/h").json()["id"]
+        # The worker records the end, then dies before its webhook goes out (the chaos test's SIGKILL).
+        monkeypatch.setattr(tasks, "notify", lambda *a, **k: None)
+        assert api.run_queued() == ["succeeded"]
+        assert rec.received == []
+        assert notify_missed(api.factory, api.settings, older_than_s=30) == []  # its own worker's turn still
+        with api.factory.begin() as s:
+            row = s.get(Job, job_id)
+            assert row is not None
+            row.finished_at = utcnow() - timedelta(seconds=60)
+        assert notify_missed(api.factory, api.settings, older_than_s=30) == [job_id]
+        assert notify_missed(api.factory, api.settings, older_than_s=30) == []  # once only
+        received = list(rec.received)
+    assert [json.loads(r.body)["event"] for r in received] == ["job.succeeded"]
+    [d] = api.client.get(f"/api/v1/jobs/{job_id}").json()["deliveries"]
+    assert d["status"] == "delivered" and d["event"] == "job.succeeded"
