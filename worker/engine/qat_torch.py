@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from worker.engine.errors import EngineError
+from worker.engine.torch_export import export_onnx, tensor_infos, torch_args
 
 Emit = Callable[[dict[str, Any]], None]
 TASK_LOSS_WEIGHT = 0.1
@@ -250,8 +251,6 @@ def program_moments(gm: Any, program: Any, inputs: list[Any], feeds: list[dict[s
                     device: str) -> tuple[dict[str, Moments], list[str]]:
     """Statistics of every float32 node of ``gm`` on ``feeds``, and the nodes in graph order."""
     from torch.utils import _pytree as pytree
-
-    from worker.engine.torch_export import torch_args
 
     torch = _torch()
     stats: dict[str, Moments] = {}
@@ -673,30 +672,36 @@ def _first_nonfinite(student: Any, acts: dict[str, Any], placements: dict[str, P
     return "no fake-quantized activation outputs a non-finite value; the float computation after one does"
 
 
-def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> dict[str, Any]:
-    from torch.utils import _pytree as pytree
+@dataclass(frozen=True)
+class _Found:
+    """Where the int8 model's activations are in the student program, by value (see match_points)."""
 
-    from worker.engine.torch_export import export_onnx, tensor_infos, torch_args
+    points: dict[str, tuple[float, float]]
+    matching: Matching
+    placements: list[Placement]
+    placed: dict[str, Placement]
+    # program node -> the ONNX tensors it stands for
+    by_node: dict[str, list[str]]
+    match_feeds: list[dict[str, np.ndarray]]
+    learn_acts: bool
 
-    torch = _torch()
-    opts = req["options"]
-    steps = int(opts["steps"])
-    seed = int(req.get("seed", 0))
-    threads = int(req.get("threads", 1))
-    torch.manual_seed(seed)
-    inputs = tensor_infos(desc["inputs"])
-    data = _Data(req, inputs, seed)
-    device, warnings = pick_device(str(req.get("device", "auto")))
-    program = ep
-    if device != "cpu":
-        from torch.export.passes import move_to_device_pass
 
-        program = move_to_device_pass(copy.deepcopy(ep), device)
-    teacher = program.module()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+@dataclass(frozen=True)
+class _FakeQuant:
+    """The student's fake quantizers and the parameters training updates."""
 
-    # Which program node is each activation the int8 ONNX model quantizes: by value, on the same samples.
+    frozen: set[str]
+    acts: dict[str, Any]
+    weights: dict[str, Any]
+    quantized_params: Any
+    model_named: list[tuple[str, Any]]
+    range_params: list[Any]
+
+
+def _find_activations(req: dict[str, Any], opts: dict[str, Any], data: _Data, inputs: list[Any], program: Any,
+                      teacher: Any, device: str, threads: int, emit: Emit) -> tuple[Any, _Found]:
+    """The student (a copy of the teacher with biases split off and GELU spelled out) and which of its nodes is
+    each activation the int8 ONNX model quantizes: by value, on the same samples."""
     points = {k: (float(v[0]), float(v[1])) for k, v in req["points"].items()}
     fixed = set(req.get("fixed", []))
     # Tensors quantized with another tensor's parameters; those of a parameter's (a Gather's table) hold
@@ -732,11 +737,16 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
     for p in placements:
         for t in p.tensors:
             by_node.setdefault(matching.nodes[t], []).append(t)
+    return student, _Found(points, matching, placements, placed, by_node, match_feeds, learn_acts)
 
+
+def _fake_quantize(student: Any, found: _Found, opts: dict[str, Any], req: dict[str, Any]) -> _FakeQuant:
+    """Fake quantizers into the student (weights, the matched activations, other parameters), and the
+    parameters training updates (embedding tables stay as they are)."""
     frozen = embedding_tables(student)
     param_schemes = parameter_schemes(Path(req["onnx"]), dict(req.get("parameters", {})),
                                       dict(student.named_parameters())) if req.get("parameters") else {}
-    acts, weights, quantized_params = insert_fake_quant(student, placements, bool(opts["train_weight_ranges"]),
+    acts, weights, quantized_params = insert_fake_quant(student, found.placements, bool(opts["train_weight_ranges"]),
                                                         param_schemes)
     if not weights and not acts:
         raise EngineError(
@@ -749,54 +759,80 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
     for _, p in model_named:
         p.requires_grad_(True)
     range_params = [p for n, p in student.named_parameters() if n.startswith("lowbit_") and p.requires_grad]
-    relative = float(opts["learning_rate"])
-    base_lrs = learning_rates(model_named, weights, 1.0)
-    initial = copy.deepcopy(student.state_dict())
-    use_labels = bool(opts.get("task_loss", False))
+    return _FakeQuant(frozen, acts, weights, quantized_params, model_named, range_params)
 
-    def forward(module: Any, feed: dict[str, np.ndarray]) -> list[Any]:
-        args, kwargs = torch_args(program, inputs, feed, device)
+
+class _Training:
+    """The training loop's state across attempts: the teacher and the student, the data, the progress bar's
+    position (it never goes back) and whether the task loss was used."""
+
+    def __init__(self, torch: Any, program: Any, inputs: list[Any], device: str, teacher: Any, student: Any,
+                 data: _Data, fq: _FakeQuant, found: _Found, opts: dict[str, Any], seed: int, emit: Emit) -> None:
+        self.torch, self.program, self.inputs, self.device = torch, program, inputs, device
+        self.teacher, self.student, self.data, self.fq, self.found = teacher, student, data, fq, found
+        self.steps, self.seed, self.emit = int(opts["steps"]), seed, emit
+        self.base_lrs = learning_rates(fq.model_named, fq.weights, 1.0)
+        self.initial = copy.deepcopy(student.state_dict())
+        self.use_labels = bool(opts.get("task_loss", False))
+        self.window = max(1, self.steps // MAX_CURVE_POINTS)
+        self.report_every = max(1, self.steps // 100)
+        self.started = time.perf_counter()
+        self.last_emit = self.started
+        self.done = 0.0  # share of the progress bar used by diverged attempts (it never goes back)
+        self.task_used = False
+        self.probe: list[dict[str, np.ndarray]] = []
+
+    def forward(self, module: Any, feed: dict[str, np.ndarray]) -> list[Any]:
+        from torch.utils import _pytree as pytree
+
+        args, kwargs = torch_args(self.program, self.inputs, feed, self.device)
         return list(pytree.tree_leaves(module(*args, **kwargs)))
 
-    window = max(1, steps // MAX_CURVE_POINTS)
-    report_every = max(1, steps // 100)
-    started = time.perf_counter()
-    last_emit = started
-    done = 0.0  # share of the progress bar used by diverged attempts (it never goes back)
-    task_used = False
-
-    def attempt(run: Attempt) -> list[dict[str, Any]]:
-        nonlocal last_emit, task_used
-        groups: list[dict[str, Any]] = [{"params": [p], "lr": run.learning_rate * base_lrs[n]} for n, p in model_named]
+    def optimizers(self, run: Attempt) -> tuple[list[Any], list[Any]]:
+        torch, steps = self.torch, self.steps
+        groups: list[dict[str, Any]] = [{"params": [p], "lr": run.learning_rate * self.base_lrs[n]}
+                                        for n, p in self.fq.model_named]
         optimizers: list[Any] = [torch.optim.Adam(groups)]
-        if range_params:
+        if self.fq.range_params:
             # Plain momentum SGD for the ranges: the loss is normalised (scale-free), so its gradient in log-scale
             # and zero-point units is too, and a step follows how much a range costs. Adam would turn the ~1e-7
             # gradients of ranges that are already right into full-size steps of noise, every step.
-            optimizers.append(torch.optim.SGD(range_params, lr=run.range_learning_rate, momentum=RANGE_MOMENTUM))
+            optimizers.append(torch.optim.SGD(self.fq.range_params, lr=run.range_learning_rate,
+                                              momentum=RANGE_MOMENTUM))
         # A warm-up lets Adam's moment estimates form before its steps reach full size; the cosine decay lets
         # weights and ranges settle on the grid at the end instead of stopping mid-jump.
         schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_factor(i, steps)) for o in optimizers]
+        return optimizers, schedules
+
+    def loss(self, feed: dict[str, np.ndarray], labels: np.ndarray | None) -> tuple[Any, Any]:
+        """(training loss, distillation loss) of the student on one batch."""
+        torch = self.torch
+        with torch.no_grad():
+            ref = self.forward(self.teacher, feed)
+        out = self.forward(self.student, feed)
+        terms = _distill_terms(out, ref)
+        if not terms:
+            raise EngineError("training_failed", "the model has no float output to train against")
+        loss = distill = sum(terms) / len(terms)
+        if self.use_labels and labels is not None:
+            idx = next((i for i, o in enumerate(out) if o.is_floating_point() and o.dim() == 2
+                        and o.shape[0] == len(labels) and o.shape[1] >= 2), None)
+            if idx is not None:
+                target = torch.as_tensor(labels.astype(np.int64), device=self.device)
+                if int(target.max()) < out[idx].shape[1] and int(target.min()) >= 0:
+                    loss = loss + TASK_LOSS_WEIGHT * torch.nn.functional.cross_entropy(out[idx], target)
+                    self.task_used = True
+        return loss, distill
+
+    def attempt(self, run: Attempt) -> list[dict[str, Any]]:
+        torch, steps, student = self.torch, self.steps, self.student
+        optimizers, schedules = self.optimizers(run)
         curve: list[dict[str, Any]] = []
         acc_loss, acc_distill, acc_n = 0.0, 0.0, 0
-        it = data.stream(seed)
+        it = self.data.stream(self.seed)
         for step in range(1, steps + 1):
             feed, labels = next(it)
-            with torch.no_grad():
-                ref = forward(teacher, feed)
-            out = forward(student, feed)
-            terms = _distill_terms(out, ref)
-            if not terms:
-                raise EngineError("training_failed", "the model has no float output to train against")
-            loss = distill = sum(terms) / len(terms)
-            if use_labels and labels is not None:
-                idx = next((i for i, o in enumerate(out) if o.is_floating_point() and o.dim() == 2
-                            and o.shape[0] == len(labels) and o.shape[1] >= 2), None)
-                if idx is not None:
-                    target = torch.as_tensor(labels.astype(np.int64), device=device)
-                    if int(target.max()) < out[idx].shape[1] and int(target.min()) >= 0:
-                        loss = loss + TASK_LOSS_WEIGHT * torch.nn.functional.cross_entropy(out[idx], target)
-                        task_used = True
+            loss, distill = self.loss(feed, labels)
             run.steps_run = step
             if not bool(torch.isfinite(loss)):
                 run.diverged_at, run.loss = step, str(float(loss))
@@ -805,7 +841,8 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
                         "training_failed",
                         f"the loss of the fake-quantized model is {float(loss)} on the first batch, before any "
                         f"update, so lower learning rates cannot help: "
-                        f"{_first_nonfinite(student, acts, placed, forward, feed)}. Please report it with the model",
+                        f"{_first_nonfinite(student, self.fq.acts, self.found.placed, self.forward, feed)}. Please "
+                        "report it with the model",
                     )
                 raise Diverged
             for o in optimizers:
@@ -817,46 +854,67 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
             acc_loss += float(loss.detach())
             acc_distill += float(distill.detach())
             acc_n += 1
-            if step % window == 0 or step == steps:
+            if step % self.window == 0 or step == steps:
                 curve.append({"step": step, "loss": round(acc_loss / acc_n, 6),
                               "distill_loss": round(acc_distill / acc_n, 6)})
                 acc_loss, acc_distill, acc_n = 0.0, 0.0, 0
             # Often enough for the progress bar, and at least every half second so that a cancelled job stops
             # soon.
-            if step % report_every == 0 or step == steps or time.perf_counter() - last_emit >= 0.5:
-                emit({"event": "step", "step": step, "steps": steps, "progress": done + (1 - done) * step / steps,
-                      "loss": curve[-1]["loss"] if curve else None})
-                last_emit = time.perf_counter()
+            if step % self.report_every == 0 or step == steps or time.perf_counter() - self.last_emit >= 0.5:
+                self.emit({"event": "step", "step": step, "steps": steps,
+                           "progress": self.done + (1 - self.done) * step / steps,
+                           "loss": curve[-1]["loss"] if curve else None})
+                self.last_emit = time.perf_counter()
         bad = [n for n, p in student.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:  # the last update made a weight non-finite: the loss would be next
             run.diverged_at, run.loss = steps, f"finite, but parameter {bad[0]} became non-finite"
             raise Diverged
         return curve
 
-    probe = [f for f, _ in data.check_feeds(PROBE_SAMPLES)]
-
-    def probe_loss() -> float:
+    def probe_loss(self) -> float:
         """The distillation loss on the same first calibration samples, before and after training."""
         values = []
-        with torch.no_grad():
-            for feed in probe:
-                terms = _distill_terms(forward(student, feed), forward(teacher, feed))
+        with self.torch.no_grad():
+            for feed in self.probe:
+                terms = _distill_terms(self.forward(self.student, feed), self.forward(self.teacher, feed))
                 values.append(float(sum(terms) / max(1, len(terms))))
         return float(np.mean(values)) if values else math.nan
 
-    loss_before = probe_loss()
+    def restart(self, failed: Attempt) -> None:
+        self.done += (1 - self.done) * (failed.steps_run / self.steps)
+        self.emit({"event": "retry", "after_step": failed.diverged_at})
+        self.student.load_state_dict(self.initial)
+        self.torch.manual_seed(self.seed)
 
-    def restart(failed: Attempt) -> None:
-        nonlocal done
-        done += (1 - done) * (failed.steps_run / steps)
-        emit({"event": "retry", "after_step": failed.diverged_at})
-        student.load_state_dict(initial)
-        torch.manual_seed(seed)
 
-    curve, attempts = train_with_retries(Attempt(relative, float(opts["range_learning_rate"])), attempt, restart)
+def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    torch = _torch()
+    opts = req["options"]
+    seed = int(req.get("seed", 0))
+    threads = int(req.get("threads", 1))
+    torch.manual_seed(seed)
+    inputs = tensor_infos(desc["inputs"])
+    data = _Data(req, inputs, seed)
+    device, warnings = pick_device(str(req.get("device", "auto")))
+    program = ep
+    if device != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(copy.deepcopy(ep), device)
+    teacher = program.module()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    student, found = _find_activations(req, opts, data, inputs, program, teacher, device, threads, emit)
+    fq = _fake_quantize(student, found, opts, req)
+    training = _Training(torch, program, inputs, device, teacher, student, data, fq, found, opts, seed, emit)
+    training.probe = [f for f, _ in data.check_feeds(PROBE_SAMPLES)]
+    loss_before = training.probe_loss()
+    curve, attempts = train_with_retries(Attempt(float(opts["learning_rate"]), float(opts["range_learning_rate"])),
+                                         training.attempt, training.restart)
     run = attempts[-1]
-    loss_after = probe_loss()
-    seconds = time.perf_counter() - started
+    loss_after = training.probe_loss()
+    seconds = time.perf_counter() - training.started
     if len(attempts) > 1:
         first = attempts[0]
         warnings.append(
@@ -864,8 +922,25 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
             f"{len(attempts) - 1} time(s) at a tenth of the rates; it finished with learning_rate "
             f"{run.learning_rate:g} and range_learning_rate {run.range_learning_rate:g}"
         )
+    _write_back(torch, ep, student, fq.weights)
+    emit({"event": "exporting"})
+    check = export_onnx(ep, desc, data.check_feeds(), Path(req["output"]), int(req["opset"]), threads)
+    if found.matching.unmatched:
+        warnings.append(
+            f"{len(found.matching.unmatched)} of the {len(found.points)} activation(s) the int8 model quantizes "
+            "match no node of the PyTorch program by value (fused or split on export); they were not simulated in "
+            f"training and keep ranges calibrated after it: {', '.join(sorted(found.matching.unmatched)[:8])}"
+        )
+    ranges = {}
+    for node, mod in fq.acts.items():
+        for tensor in found.placed[node].tensors:
+            ranges[tensor] = list(mod.range())
+    report = _training_report(training, attempts, curve, seconds, (loss_before, loss_after))
+    return {"training": report, "ranges": ranges, "check": check, "warnings": warnings}
 
-    # The fine-tuned float weights, clipped to learned weight ranges, back into the exported program.
+
+def _write_back(torch: Any, ep: Any, student: Any, weights: dict[str, Any]) -> None:
+    """The fine-tuned float weights, clipped to learned weight ranges, back into the exported program."""
     trained = dict(student.named_parameters())
     with torch.no_grad():
         for name, tensor in ep.state_dict.items():
@@ -874,56 +949,46 @@ def run_qat(ep: Any, desc: dict[str, Any], req: dict[str, Any], emit: Emit) -> d
                 continue
             value = weights[name].clip(p) if name in weights else p
             tensor.copy_(value.detach().to(tensor.device, tensor.dtype))
-    emit({"event": "exporting"})
-    check = export_onnx(ep, desc, data.check_feeds(), Path(req["output"]), int(req["opset"]), threads)
-    if matching.unmatched:
-        warnings.append(
-            f"{len(matching.unmatched)} of the {len(points)} activation(s) the int8 model quantizes match no node "
-            "of the PyTorch program by value (fused or split on export); they were not simulated in training and "
-            f"keep ranges calibrated after it: {', '.join(sorted(matching.unmatched)[:8])}"
-        )
-    abs_lrs = sorted(run.learning_rate * v for v in base_lrs.values())
-    ranges = {}
-    for node, mod in acts.items():
-        for tensor in placed[node].tensors:
-            ranges[tensor] = list(mod.range())
+
+
+def _training_report(training: _Training, attempts: list[Attempt], curve: list[dict[str, Any]], seconds: float,
+                     probe_losses: tuple[float, float]) -> dict[str, Any]:
+    """The report's training section (see worker/engine/report.py)."""
+    run, data, fq, found, probe = attempts[-1], training.data, training.fq, training.found, training.probe
+    abs_lrs = sorted(run.learning_rate * v for v in training.base_lrs.values())
+    match_feeds, learn_acts = found.match_feeds, found.learn_acts
     return {
-        "training": {
-            "steps": steps,
-            "seconds": round(seconds, 3),
-            "device": device,
-            "samples": data.samples,
-            "batch_size": data.per,
-            "learning_rate": run.learning_rate,
-            "learning_rate_basis": "per parameter tensor, learning_rate x its int8 step (max|w|/127 per output "
-                                   "channel, averaged; max|p|/127 for other parameters)",
-            "weight_learning_rates": {"min": abs_lrs[0], "median": abs_lrs[len(abs_lrs) // 2], "max": abs_lrs[-1]}
-            if abs_lrs else None,
-            "range_learning_rate": run.range_learning_rate,
-            "attempts": [a.to_dict() for a in attempts],
-            "loss": "normalised MSE to the float model's outputs"
-                    + (f" + {TASK_LOSS_WEIGHT} x cross-entropy on labels" if task_used else ""),
-            "probe_loss": {"samples": sum(int(np.shape(next(iter(f.values())))[0]) for f in probe) if probe else 0,
-                           "before": _round(loss_before), "after": _round(loss_after)},
-            "initial_loss": curve[0]["loss"] if curve else None,
-            "final_loss": curve[-1]["loss"] if curve else None,
-            "loss_curve": curve,
-            "fake_quantized": {
-                "weights": sorted(weights),
-                "activations": sorted(t for p in placements for t in p.tensors),
-                "activations_not_found": sorted(matching.unmatched),
-                "other_parameters": quantized_params,
-                "not_trained": sorted(frozen),
-                "fixed_ranges": sorted(t for p in placements if not p.learn for t in p.tensors) if learn_acts else [],
-            },
-            "activation_mapping": {
-                "method": "by value: ONNX Runtime and PyTorch on the same calibration samples",
-                "samples": sum(int(np.shape(next(iter(f.values())))[0]) for f in match_feeds) if match_feeds else 0,
-                "program_nodes": {t: n for n, ts in by_node.items() for t in ts},
-                "unmatched": dict(sorted(matching.unmatched.items())),
-            },
+        "steps": training.steps,
+        "seconds": round(seconds, 3),
+        "device": training.device,
+        "samples": data.samples,
+        "batch_size": data.per,
+        "learning_rate": run.learning_rate,
+        "learning_rate_basis": "per parameter tensor, learning_rate x its int8 step (max|w|/127 per output "
+                               "channel, averaged; max|p|/127 for other parameters)",
+        "weight_learning_rates": {"min": abs_lrs[0], "median": abs_lrs[len(abs_lrs) // 2], "max": abs_lrs[-1]}
+        if abs_lrs else None,
+        "range_learning_rate": run.range_learning_rate,
+        "attempts": [a.to_dict() for a in attempts],
+        "loss": "normalised MSE to the float model's outputs"
+                + (f" + {TASK_LOSS_WEIGHT} x cross-entropy on labels" if training.task_used else ""),
+        "probe_loss": {"samples": sum(int(np.shape(next(iter(f.values())))[0]) for f in probe) if probe else 0,
+                       "before": _round(probe_losses[0]), "after": _round(probe_losses[1])},
+        "initial_loss": curve[0]["loss"] if curve else None,
+        "final_loss": curve[-1]["loss"] if curve else None,
+        "loss_curve": curve,
+        "fake_quantized": {
+            "weights": sorted(fq.weights),
+            "activations": sorted(t for p in found.placements for t in p.tensors),
+            "activations_not_found": sorted(found.matching.unmatched),
+            "other_parameters": fq.quantized_params,
+            "not_trained": sorted(fq.frozen),
+            "fixed_ranges": sorted(t for p in found.placements if not p.learn for t in p.tensors) if learn_acts else [],
         },
-        "ranges": ranges,
-        "check": check,
-        "warnings": warnings,
+        "activation_mapping": {
+            "method": "by value: ONNX Runtime and PyTorch on the same calibration samples",
+            "samples": sum(int(np.shape(next(iter(f.values())))[0]) for f in match_feeds) if match_feeds else 0,
+            "program_nodes": {t: n for n, ts in found.by_node.items() for t in ts},
+            "unmatched": dict(sorted(found.matching.unmatched.items())),
+        },
     }
