@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.engine.errors import EngineError
+from worker.engine.files import temp_in
 
 # How often the parent wakes up without news from the child, to run ``tick`` (cancel checks, heartbeats).
 TICK_S = 0.25
@@ -468,20 +469,6 @@ def absolute_paths(payload: Any) -> Any:
     changes = {f.name: Path(os.path.abspath(v)) for f in dataclasses.fields(payload)
                if isinstance(v := getattr(payload, f.name), Path) and not v.is_absolute()}
     return dataclasses.replace(payload, **changes) if changes else payload
-
-
-def temp_in(work_dir: Path | None) -> Path | None:
-    """Send this process's temporary files into the job's work folder (returned: ``work_dir/tmp``). ONNX
-    Runtime's quantizer writes whole copies of the model to the temp folder; the worker removes the work
-    folder after every attempt, also one whose child was killed at a limit, whereas files in the system temp
-    folder would stay."""
-    if work_dir is None:
-        return None
-    tmp = Path(os.path.abspath(work_dir)) / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    tempfile.tempdir = str(tmp)
-    os.environ["TMPDIR"] = str(tmp)  # for processes the engine starts (the .pt2 export child)
-    return tmp
 
 
 def _enter_scratch(payload: Any) -> Path | None:

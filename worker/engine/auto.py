@@ -224,7 +224,7 @@ def plan(cfg: QuantizeConfig) -> list[Candidate]:
 
 def plan_in_child(cfg: QuantizeConfig, emit: Callable[[Any], None]) -> list[dict[str, Any]]:
     """``plan`` as a sandbox entry point (``worker.sandbox.run``): the worker never parses an upload itself."""
-    from worker.sandbox import temp_in
+    from worker.engine.files import temp_in
 
     temp_in(cfg.work_dir)
     return [c.to_dict() for c in plan(cfg)]

@@ -49,3 +49,17 @@ def place(src: Path, dest: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_in(work_dir: Path | None) -> Path | None:
+    """Send this process's temporary files into the job's work folder (returned: ``work_dir/tmp``). ONNX
+    Runtime's quantizer writes whole copies of the model to the temp folder; the worker removes the work
+    folder after every attempt, also one whose child was killed at a limit, whereas files in the system temp
+    folder would stay."""
+    if work_dir is None:
+        return None
+    tmp = Path(os.path.abspath(work_dir)) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(tmp)
+    os.environ["TMPDIR"] = str(tmp)  # for processes the engine starts (the .pt2 export child)
+    return tmp
