@@ -18,6 +18,7 @@ from typing import Protocol
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.broker import TASK_RUN_JOB, make_celery
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,10 @@ class JobQueue(Protocol):
 
 class CeleryQueue:
     def __init__(self, settings: Settings) -> None:
-        from worker.celery_app import make_celery
-
         self.settings = settings
         self.celery = make_celery(settings)
 
     def enqueue(self, job_id: str, queue: str) -> None:
-        from worker.celery_app import TASK_RUN_JOB
-
         self.celery.send_task(TASK_RUN_JOB, args=[job_id], queue=queue, retry=True,
                               retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5})
 

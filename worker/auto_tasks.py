@@ -35,6 +35,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.broker import TASK_AUTO_CANDIDATE
 from app.datasets.models import Dataset
 from app.db import utcnow
 from app.jobs import lifecycle
@@ -60,7 +61,6 @@ from worker.engine.errors import EngineError, JobCancelled
 from worker.runner import HandedBack, LeaseLost, Watch, worker_id
 
 log = logging.getLogger(__name__)
-TASK_AUTO_CANDIDATE = "lowbit.auto_candidate"
 
 
 def _celery_send(job_id: str, attempt: int, idx: int, queue: str) -> None:

@@ -36,6 +36,7 @@ import sqlalchemy as sa
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.broker import TASK_RUN_JOB
 from app.datasets.models import Dataset
 from app.db import utcnow
 from app.jobs import lifecycle
@@ -47,7 +48,7 @@ from app.settings import Settings, get_settings
 from app.storage import Storage
 from app.webhooks import notify
 from worker import auto_tasks, runner, sandbox, sweeper
-from worker.celery_app import TASK_RUN_JOB, celery_app
+from worker.celery_app import celery_app
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError, JobCancelled
 from worker.runner import HandedBack, LeaseLost, StageTimer, worker_id

@@ -59,8 +59,8 @@ def test_20mb_transformer_with_int64_inputs(stack: tuple, big: dict[str, Path], 
 
 
 def test_duplicate_delivery_runs_the_job_once(stack: tuple, big: dict[str, Path]) -> None:
+    from app.broker import TASK_RUN_JOB, make_celery
     from app.settings import Settings
-    from worker.celery_app import TASK_RUN_JOB, make_celery
 
     client, worker, db_url, _ = stack
     job = one_shot(client, worker, big["conv"], big["conv_data"], {"recipe": "int8_dynamic"})
