@@ -252,80 +252,107 @@ def quantize_int4(
     threads: int,
 ) -> Int4Result:
     """Quantize the MatMul weights of ``src`` to 4 bits and write the model to ``dest``."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        GPTQWeightOnlyQuantConfig,
-        HQQWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-
     model = onnx.load(str(src))
     rewritten = gemm_to_matmul(model)
     targets, warnings = find_targets(model, opts)
     if rewritten:
         warnings.insert(0, f"rewrote {rewritten} Gemm node(s) as MatMul (+Add) so their weights can be 4-bit")
     if not targets:
-        from worker.engine.normalize import subgraph_op_types
-
-        inside = " outside If/Loop/Scan bodies (which 4-bit quantization does not reach, and where this " \
-            "model's MatMuls are)" if "MatMul" in subgraph_op_types(model) else ""
-        raise EngineError(
-            "nothing_to_quantize",
-            f"the model has no MatMul with a constant 2-D weight{inside}, so there is nothing for 4-bit "
-            "weight-only quantization to do; try int8_dynamic or fp16",
-        )
+        _refuse_no_targets(model)
     calibration: dict[str, Any] | None = None
     started = time.perf_counter()
-    quant_axes = (("MatMul", 0), ("Gather", 1))
     op_types = ("MatMul", "Gather") if opts.quantize_embeddings else ("MatMul",)
-    level = opts.accuracy_level or None
     if algorithm == "clip_search":
         assert batches is not None
-        moments, samples = activation_moments(model, targets, batches, providers, threads)
-        inits = {t.name: t for t in model.graph.initializer}
-        ratios = []
-        for name, wname in targets.items():
-            w = numpy_helper.to_array(inits[wname]).astype(np.float32)
-            h = moments.get(name)
-            if h is None or h.shape[0] != w.shape[0]:
-                h = np.ones(w.shape[0])
-            clipped, ratio = clip_search(w, h + 1e-12, opts.block_size, opts.symmetric)
-            ratios.append(ratio)
-            inits[wname].CopyFrom(numpy_helper.from_array(clipped, wname))
-        calibration = {"method": "clip_search", "samples": samples, "seconds": round(time.perf_counter() - started, 3),
-                       "mean_clip_ratio": round(float(np.mean(ratios)), 4)}
-        config: Any = DefaultWeightOnlyQuantConfig(
-            block_size=opts.block_size, is_symmetric=opts.symmetric, accuracy_level=level,
-            op_types_to_quantize=op_types, quant_axes=quant_axes,
-        )
-    elif algorithm == "rtn":
-        config = DefaultWeightOnlyQuantConfig(
-            block_size=opts.block_size, is_symmetric=opts.symmetric, accuracy_level=level,
-            op_types_to_quantize=op_types, quant_axes=quant_axes,
-        )
-    elif algorithm == "hqq":
-        config = HQQWeightOnlyQuantConfig(block_size=opts.block_size, op_types_to_quantize=op_types,
-                                          quant_axes=quant_axes)
-    elif algorithm == "gptq":
-        assert batches is not None
-        reader = _reader(batches)
-        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=opts.block_size,
-                                           op_types_to_quantize=op_types)
-    else:  # pragma: no cover - parse_options refuses it
-        raise EngineError("invalid_option", f"unknown int4 algorithm {algorithm}")
+        calibration = _clip_weights(model, targets, batches, opts, providers, threads, started)
+    config, reader = _algorithm_config(algorithm, opts, op_types, batches)
     include = list(targets)
     if opts.quantize_embeddings:
         include += [n.name for n in model.graph.node if n.op_type == "Gather"]
     # ONNX Runtime's nodes_to_include adds to its op-type selection rather than restricting it, so
     # everything else of those op types is excluded explicitly.
     exclude = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in set(include)]
+    out_model = _run_quantizer(model, opts, algorithm, config, exclude)
+    if reader is not None:
+        calibration = {"method": "gptq", "samples": reader.samples, "seconds": round(time.perf_counter() - started, 3)}
+    res = Int4Result(algorithm=algorithm, quantized_layers=[], warnings=warnings, calibration=calibration)
+    _account(model, out_model, res)
+    onnx.save_model(out_model, str(dest))
+    return res
+
+
+def _refuse_no_targets(model: onnx.ModelProto) -> None:
+    from worker.engine.normalize import subgraph_op_types
+
+    inside = " outside If/Loop/Scan bodies (which 4-bit quantization does not reach, and where this " \
+        "model's MatMuls are)" if "MatMul" in subgraph_op_types(model) else ""
+    raise EngineError(
+        "nothing_to_quantize",
+        f"the model has no MatMul with a constant 2-D weight{inside}, so there is nothing for 4-bit "
+        "weight-only quantization to do; try int8_dynamic or fp16",
+    )
+
+
+def _clip_weights(model: onnx.ModelProto, targets: dict[str, str], batches: Batches, opts: RecipeOptions,
+                  providers: list[str], threads: int, started: float) -> dict[str, Any]:
+    """clip_search: each target's weights clipped, in place in ``model``, to the ratio that minimises the
+    error weighted by its input's second moments on the calibration data; returns the calibration record."""
+    moments, samples = activation_moments(model, targets, batches, providers, threads)
+    inits = {t.name: t for t in model.graph.initializer}
+    ratios = []
+    for name, wname in targets.items():
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+        h = moments.get(name)
+        if h is None or h.shape[0] != w.shape[0]:
+            h = np.ones(w.shape[0])
+        clipped, ratio = clip_search(w, h + 1e-12, opts.block_size, opts.symmetric)
+        ratios.append(ratio)
+        inits[wname].CopyFrom(numpy_helper.from_array(clipped, wname))
+    return {"method": "clip_search", "samples": samples, "seconds": round(time.perf_counter() - started, 3),
+            "mean_clip_ratio": round(float(np.mean(ratios)), 4)}
+
+
+def _algorithm_config(algorithm: str, opts: RecipeOptions, op_types: tuple[str, ...],
+                      batches: Batches | None) -> tuple[Any, Any]:
+    """ONNX Runtime's configuration for ``algorithm``, and GPTQ's calibration reader (None for the others)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+    )
+
+    quant_axes = (("MatMul", 0), ("Gather", 1))
+    level = opts.accuracy_level or None
+    if algorithm in ("clip_search", "rtn"):
+        # clip_search has clipped the weights already: they are rounded to nearest like rtn's.
+        return DefaultWeightOnlyQuantConfig(
+            block_size=opts.block_size, is_symmetric=opts.symmetric, accuracy_level=level,
+            op_types_to_quantize=op_types, quant_axes=quant_axes,
+        ), None
+    if algorithm == "hqq":
+        return HQQWeightOnlyQuantConfig(block_size=opts.block_size, op_types_to_quantize=op_types,
+                                        quant_axes=quant_axes), None
+    if algorithm == "gptq":
+        assert batches is not None
+        reader = _reader(batches)
+        return GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, block_size=opts.block_size,
+                                         op_types_to_quantize=op_types), reader
+    # parse_options refuses any other algorithm
+    raise EngineError("invalid_option", f"unknown int4 algorithm {algorithm}")  # pragma: no cover
+
+
+def _run_quantizer(model: onnx.ModelProto, opts: RecipeOptions, algorithm: str, config: Any,
+                   exclude: list[str]) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    level = opts.accuracy_level or None
     try:
         quantizer = MatMulNBitsQuantizer(
             model, block_size=opts.block_size, is_symmetric=opts.symmetric, accuracy_level=level,
             nodes_to_exclude=exclude, algo_config=config,
         )
         quantizer.process()
-        out_model = quantizer.model.model
+        out_model: onnx.ModelProto = quantizer.model.model
     except EngineError:
         raise
     except Exception as exc:
@@ -333,12 +360,7 @@ def quantize_int4(
             "quantization_failed",
             f"ONNX Runtime's 4-bit quantizer ({algorithm}) failed on this model: {str(exc).strip()[:400]}",
         ) from exc
-    if algorithm == "gptq":
-        calibration = {"method": "gptq", "samples": reader.samples, "seconds": round(time.perf_counter() - started, 3)}
-    res = Int4Result(algorithm=algorithm, quantized_layers=[], warnings=warnings, calibration=calibration)
-    _account(model, out_model, res)
-    onnx.save_model(out_model, str(dest))
-    return res
+    return out_model
 
 
 def _account(before: onnx.ModelProto, after: onnx.ModelProto, res: Int4Result) -> None:

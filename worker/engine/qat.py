@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from worker.engine.calibrate import (
+    Batches,
+    CalibrationResult,
     CalibrationSettings,
     StatsCache,
     calibrate,
@@ -42,8 +44,10 @@ from worker.engine.calibrate import (
 )
 from worker.engine.errors import EngineError
 from worker.engine.feeds import batch_source
+from worker.engine.files import sha256_file
 from worker.engine.inspect import ModelInfo
 from worker.engine.normalize import normalize
+from worker.engine.ort_quant import excluded_nodes, quantize_static
 from worker.engine.pt2 import EXPORT_OPSET, Pt2Source, run_child
 
 if TYPE_CHECKING:  # annotations only: the option tables import the recipes, whose qat_int8 handler imports this
@@ -181,6 +185,32 @@ def kept_warning(choice: dict[str, Any]) -> str:
             "report's accuracy is that model's (training.result: ptq_baseline_kept)")
 
 
+@dataclass(frozen=True)
+class _Baseline:
+    """Post-training int8 of the float model (the baseline QAT must beat) and the training points it gives."""
+
+    calibration: CalibrationResult
+    ptq_path: Path
+    # Nodes that had to stay in float (beyond the user's exclusions).
+    forced: list[str]
+    points: dict[str, tuple[float, float]]
+    fixed: list[str]
+    parameters: dict[str, Any]
+    # tensor -> the tensor whose quantization parameters it shares
+    shared: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Tuned:
+    """The fine-tuned model's activation ranges: learned in training where they could be, calibrated elsewhere."""
+
+    calibration: CalibrationResult
+    ranges: dict[str, tuple[float, float]]
+    learned: dict[str, tuple[float, float]]
+    applied: list[str]
+    float_tensors: list[str]
+
+
 def run_qat(
     cfg: QuantizeConfig,
     opts: RecipeOptions,
@@ -195,16 +225,12 @@ def run_qat(
     step: ProgressFn,
     environment: dict[str, Any],
 ) -> QatResult:
-    from worker.engine.files import sha256_file
-    from worker.engine.ort_quant import excluded_nodes, quantize_static
-
     assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
     reader, plan = data.calib_reader, split.calib_plan
     c0, c1 = split.calib_range
 
     batches = batch_source(reader, info.inputs, plan, c0, c1)
 
-    settings = CalibrationSettings("minmax")
     warnings: list[str] = []
     step("calibrating", 0.0)
     started = time.perf_counter()
@@ -215,9 +241,41 @@ def run_qat(
         "samples": [c0, c1], "per_run": plan.samples_per_run, "modes": plan.modes,
         "onnxruntime": environment.get("onnxruntime"), "lowbit": environment.get("lowbit"),
     }
+    base = _ptq_baseline(cfg, opts, norm_path, batches, c1 - c0, providers, work, step, cache_key, warnings)
+    result = _train_in_child(cfg, opts, source, norm_path, plan, (c0, c1), base, work, step)
+    warnings.extend(result.get("warnings", []))
+    tuned = _quantize_tuned(cfg, opts, result, batches, c1 - c0, providers, work, dest, step, warnings)
+    calibration = {
+        "method": "minmax",
+        "calibrator": "lowbit",
+        "cache_used": base.calibration.cache_used,
+        "samples": base.calibration.samples,
+        "seconds": round(time.perf_counter() - started, 3),
+        "tensors": len(tuned.ranges),
+        "passes": base.calibration.passes + tuned.calibration.passes,
+        "symmetric_activations": False,
+        "learned_ranges": len(tuned.applied),
+        "float_tensors": tuned.float_tensors,
+        "forced_float_nodes": base.forced,
+        "note": "activation ranges: learned in training where the int8 model quantizes a tensor of the PyTorch "
+                "program, min/max of the fine-tuned model on the calibration samples elsewhere",
+    }
+    learned = tuned.learned
+    training = dict(result["training"])
+    training["learned_activation_ranges"] = {k: [round(learned[k][0], 6), round(learned[k][1], 6)]
+                                             for k in tuned.applied}
+    training["export_check"] = result.get("check")
+    return QatResult(calibration, training, base.ptq_path, warnings)
+
+
+def _ptq_baseline(cfg: QuantizeConfig, opts: RecipeOptions, norm_path: Path, batches: Batches, samples: int,
+                  providers: list[str], work: Path, step: ProgressFn, cache_key: dict[str, Any],
+                  warnings: list[str]) -> _Baseline:
+    """Calibrate the float model (min/max), quantize it to int8 as int8_static would, and read off which
+    activations and parameters the int8 model quantizes: those are what training simulates."""
     base = calibrate(
-        norm_path, select_tensors(onnx.load(str(norm_path))), batches, settings, providers, cfg.threads,
-        progress=lambda f: step("calibrating", PTQ_SHARE * f), total_samples=c1 - c0,
+        norm_path, select_tensors(onnx.load(str(norm_path))), batches, CalibrationSettings("minmax"), providers,
+        cfg.threads, progress=lambda f: step("calibrating", PTQ_SHARE * f), total_samples=samples,
         cache=StatsCache(cfg.cache_dir) if cfg.cache_dir else None, cache_key=cache_key,
     )
     if base.samples == 0:
@@ -244,6 +302,14 @@ def run_qat(
     # A tensor quantized with another's parameters has no range of its own to train.
     shared = {t: o for t, o in owners.items() if o != t}
     points = {t: r for t, r in points.items() if t not in shared}
+    return _Baseline(base, ptq_path, forced, points, fixed, parameters, shared)
+
+
+def _train_in_child(cfg: QuantizeConfig, opts: RecipeOptions, source: Pt2Source, norm_path: Path, plan: Any,
+                    calib_range: tuple[int, int], base: _Baseline, work: Path, step: ProgressFn) -> dict[str, Any]:
+    """Fine-tune the PyTorch program with fake quantization in the .pt2 child process (qat_torch.run_qat), which
+    exports the fine-tuned float model to ``work/qat-float.onnx``; returns the child's result."""
+    c0, c1 = calib_range
     progress = [0.0]
 
     def on_event(event: dict[str, Any]) -> None:
@@ -256,10 +322,10 @@ def run_qat(
         "model": str(source.sanitized),
         "data": {"path": str(cfg.calibration_path), "start": c0, "stop": c1, "modes": plan.modes,
                  "samples_per_run": plan.samples_per_run},
-        "points": {k: [float(lo), float(hi)] for k, (lo, hi) in sorted(points.items())},
-        "fixed": fixed,
-        "parameters": parameters,
-        "shared": shared,
+        "points": {k: [float(lo), float(hi)] for k, (lo, hi) in sorted(base.points.items())},
+        "fixed": base.fixed,
+        "parameters": base.parameters,
+        "shared": base.shared,
         "onnx": str(norm_path),
         "options": {
             "steps": opts.steps, "learning_rate": opts.learning_rate, "range_learning_rate": opts.range_learning_rate,
@@ -270,14 +336,20 @@ def run_qat(
         "opset": EXPORT_OPSET, "seed": 0,
     }
     timeout = 600.0 + SECONDS_PER_STEP_LIMIT * opts.steps
-    result = run_child("qat", request, work / "qat", timeout, on_event=on_event, threads=cfg.threads)
-    warnings.extend(result.get("warnings", []))
+    return run_child("qat", request, work / "qat", timeout, on_event=on_event, threads=cfg.threads)
 
+
+def _quantize_tuned(cfg: QuantizeConfig, opts: RecipeOptions, result: dict[str, Any], batches: Batches,
+                    samples: int, providers: list[str], work: Path, dest: Path, step: ProgressFn,
+                    warnings: list[str]) -> _Tuned:
+    """The fine-tuned model to int8 at ``dest``: the learned activation ranges where they match a tensor of
+    the exported model, min/max ranges on the calibration samples elsewhere."""
     qnorm = normalize(work / "qat-float.onnx", work / "qat-prep", per_channel=opts.per_channel)
     tuned = calibrate(
-        qnorm.path, select_tensors(onnx.load(str(qnorm.path))), batches, settings, providers, cfg.threads,
+        qnorm.path, select_tensors(onnx.load(str(qnorm.path))), batches, CalibrationSettings("minmax"), providers,
+        cfg.threads,
         progress=lambda f: step("calibrating", PTQ_SHARE + TRAIN_SHARE + (1 - PTQ_SHARE - TRAIN_SHARE) * f),
-        total_samples=c1 - c0,
+        total_samples=samples,
     )
     ranges = dict(tuned.ranges)
     learned = {k: (float(v[0]), float(v[1])) for k, v in result["ranges"].items()}
@@ -293,22 +365,4 @@ def run_qat(
     write_ort_ranges({t: r for t, r in ranges.items() if t not in tuned_float}, ranges_path)
     step("quantizing", 0.0)
     quantize_static(qnorm.path, dest, ranges_path, opts, tuned_float)
-    calibration = {
-        "method": "minmax",
-        "calibrator": "lowbit",
-        "cache_used": base.cache_used,
-        "samples": base.samples,
-        "seconds": round(time.perf_counter() - started, 3),
-        "tensors": len(ranges),
-        "passes": base.passes + tuned.passes,
-        "symmetric_activations": False,
-        "learned_ranges": len(applied),
-        "float_tensors": tuned_float,
-        "forced_float_nodes": forced,
-        "note": "activation ranges: learned in training where the int8 model quantizes a tensor of the PyTorch "
-                "program, min/max of the fine-tuned model on the calibration samples elsewhere",
-    }
-    training = dict(result["training"])
-    training["learned_activation_ranges"] = {k: [round(learned[k][0], 6), round(learned[k][1], 6)] for k in applied}
-    training["export_check"] = result.get("check")
-    return QatResult(calibration, training, ptq_path, warnings)
+    return _Tuned(tuned, ranges, learned, applied, tuned_float)

@@ -190,6 +190,86 @@ def _pair_groups(sizes: dict[tuple[str, str], int], budget: int) -> list[list[tu
     return groups
 
 
+def _exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A model delta that adds ``tensors`` to ``model``'s outputs (see calibrate.session_with)."""
+    have = {o.name for o in model.graph.output}
+    delta = onnx.ModelProto()
+    delta.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(tensors) if t not in have)
+    return delta
+
+
+def _pair_sizes(original_model: onnx.ModelProto, pairs: list[tuple[str, str]],
+                feeds: Sequence[tuple[dict[str, np.ndarray], int]], bytes_per_run: int,
+                bytes_total: int) -> tuple[dict[tuple[str, str], int], Sequence[tuple[dict[str, np.ndarray], int]]]:
+    """Bytes both models fetch per pair and batch (from shape inference on the first batch), and the batches
+    whose fetches fit ``bytes_total``."""
+    from worker.engine.calibrate import activation_bytes
+
+    est = activation_bytes(original_model, feeds[0][0], [a for a, _ in pairs])
+    known = [v for v in est.values() if v is not None]
+    # A tensor inference cannot size counts as the largest one it can (or a 16th of a run when none).
+    fallback = max(known) if known else max(1, bytes_per_run // 32)
+    # Both models' copy of each tensor is fetched in the same run.
+    sizes = {p: 2 * (est.get(p[0]) or fallback) for p in pairs}
+    per_batch = sum(sizes.values()) // 2
+    kept = 1
+    while kept < len(feeds) and (kept + 1) * per_batch <= bytes_total:
+        kept += 1
+    return sizes, feeds[:kept]
+
+
+def _observe_group(
+    original_path: Path,
+    quantized_path: Path,
+    original_model: onnx.ModelProto,
+    quantized_model: onnx.ModelProto,
+    group: list[tuple[str, str]],
+    feeds: Sequence[tuple[dict[str, np.ndarray], int]],
+    sizes: dict[tuple[str, str], int],
+    providers: list[str],
+    threads: int,
+    bytes_per_run: int,
+    merge: Merge | None,
+    max_per_run: int,
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]] | None:
+    """One pass over ``feeds`` observing ``group``'s pairs: each pair's signal and noise power sums. None when
+    the first run fetched far more than shape inference said: ``sizes`` then holds what it really fetched, and
+    the group must be split and started over."""
+    from worker.engine.calibrate import session_with
+
+    ref_s = session_with(original_path, _exposing(original_model, [a for a, _ in group]), providers, threads,
+                         "original model (layer analysis)")
+    q_s = session_with(quantized_path, _exposing(quantized_model, [b for _, b in group]), providers, threads,
+                       "quantized model (layer analysis)")
+    # Only the group's tensors are fetched, not the model's own outputs.
+    ref_names = list(dict.fromkeys(a for a, _ in group))
+    q_out_names = list(dict.fromkeys(b for _, b in group))
+    part_sig = dict.fromkeys(group, 0.0)
+    part_noise = dict.fromkeys(group, 0.0)
+    per_run = 1
+    if merge is not None and max_per_run > 1 and all(n == 1 for _, n in feeds):
+        per_run = max(1, min(max_per_run, bytes_per_run // max(1, sum(sizes[p] for p in group))))
+    chunks = [[f for f, _ in feeds[i:i + per_run]] for i in range(0, len(feeds), per_run)]
+    for k, chunk in enumerate(chunks):
+        feed = chunk[0] if len(chunk) == 1 or merge is None else merge(chunk)
+        r = dict(zip(ref_names, runtime.run(ref_s, feed, "original model (layer analysis)", ref_names),
+                     strict=True))
+        q = dict(zip(q_out_names, runtime.run(q_s, feed, "quantized model (layer analysis)", q_out_names),
+                     strict=True))
+        if k == 0 and (len(group) > 1 or len(chunk) > 1):
+            actual = {p: int(np.asarray(r[p[0]]).nbytes + np.asarray(q[p[1]]).nbytes) for p in group}
+            if sum(actual.values()) > 2 * bytes_per_run:
+                # Shape inference was wrong by a lot: size the group's pairs by what one feed really fetched.
+                sizes.update({p: max(1, v // len(chunk)) for p, v in actual.items()})
+                return None
+        for p in group:
+            a, e = power_sums(r[p[0]], q[p[1]])
+            part_sig[p] += a
+            part_noise[p] += e
+        del r, q
+    return part_sig, part_noise
+
+
 def layer_sqnr(
     original_path: Path,
     quantized_path: Path,
@@ -213,76 +293,27 @@ def layer_sqnr(
     together fetch at most ``bytes_total`` per model. With ``merge`` (which joins single-sample feeds into one
     batch), a group whose outputs are small runs up to ``max_per_run`` samples at a time, within the same
     bound, instead of one run per sample."""
-    from worker.engine.calibrate import activation_bytes, session_with
-
     started = time.perf_counter()
     o_names = {o for n in original_model.graph.node for o in n.output}
     q_names = {o for n in quantized_model.graph.node for o in n.output}
     pairs = [(a, b) for a, b in pairs if a in o_names and b in q_names]
     if not pairs or not feeds:
         return LayerSqnr({})
-    est = activation_bytes(original_model, feeds[0][0], [a for a, _ in pairs])
-    known = [v for v in est.values() if v is not None]
-    # A tensor inference cannot size counts as the largest one it can (or a 16th of a run when none).
-    fallback = max(known) if known else max(1, bytes_per_run // 32)
-    # Both models' copy of each tensor is fetched in the same run.
-    sizes = {p: 2 * (est.get(p[0]) or fallback) for p in pairs}
-    per_batch = sum(sizes.values()) // 2
-    kept = 1
-    while kept < len(feeds) and (kept + 1) * per_batch <= bytes_total:
-        kept += 1
-    feeds = feeds[:kept]
+    sizes, feeds = _pair_sizes(original_model, pairs, feeds, bytes_per_run, bytes_total)
     groups = _pair_groups(sizes, bytes_per_run)
     sig = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
     passes = 0
     g = 0
-
-    def exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-        have = {o.name for o in model.graph.output}
-        delta = onnx.ModelProto()
-        delta.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(tensors) if t not in have)
-        return delta
-
     while g < len(groups):
         group = groups[g]
-        ref_s = session_with(original_path, exposing(original_model, [a for a, _ in group]), providers, threads,
-                             "original model (layer analysis)")
-        q_s = session_with(quantized_path, exposing(quantized_model, [b for _, b in group]), providers, threads,
-                           "quantized model (layer analysis)")
-        # Only the group's tensors are fetched, not the model's own outputs.
-        ref_names = list(dict.fromkeys(a for a, _ in group))
-        q_out_names = list(dict.fromkeys(b for _, b in group))
-        part_sig = dict.fromkeys(group, 0.0)
-        part_noise = dict.fromkeys(group, 0.0)
-        regrouped = False
-        per_run = 1
-        if merge is not None and max_per_run > 1 and all(n == 1 for _, n in feeds):
-            per_run = max(1, min(max_per_run, bytes_per_run // max(1, sum(sizes[p] for p in group))))
-        chunks = [[f for f, _ in feeds[i:i + per_run]] for i in range(0, len(feeds), per_run)]
-        for k, chunk in enumerate(chunks):
-            feed = chunk[0] if len(chunk) == 1 or merge is None else merge(chunk)
-            r = dict(zip(ref_names, runtime.run(ref_s, feed, "original model (layer analysis)", ref_names),
-                         strict=True))
-            q = dict(zip(q_out_names, runtime.run(q_s, feed, "quantized model (layer analysis)", q_out_names),
-                         strict=True))
-            if k == 0 and (len(group) > 1 or len(chunk) > 1):
-                actual = {p: int(np.asarray(r[p[0]]).nbytes + np.asarray(q[p[1]]).nbytes) for p in group}
-                if sum(actual.values()) > 2 * bytes_per_run:
-                    # Shape inference was wrong by a lot: size the group's pairs by what one feed really fetched,
-                    # split it accordingly and start it over.
-                    sizes.update({p: max(1, v // len(chunk)) for p, v in actual.items()})
-                    groups[g: g + 1] = _pair_groups({p: sizes[p] for p in group}, bytes_per_run)
-                    regrouped = True
-                    break
-            for p in group:
-                a, e = power_sums(r[p[0]], q[p[1]])
-                part_sig[p] += a
-                part_noise[p] += e
-            del r, q
-        del ref_s, q_s
-        if regrouped:
+        sums = _observe_group(original_path, quantized_path, original_model, quantized_model, group, feeds, sizes,
+                              providers, threads, bytes_per_run, merge, max_per_run)
+        if sums is None:
+            # Split the group by the sizes its first run measured and start it over.
+            groups[g: g + 1] = _pair_groups({p: sizes[p] for p in group}, bytes_per_run)
             continue
+        part_sig, part_noise = sums
         for p in group:
             sig[p] += part_sig[p]
             noise[p] += part_noise[p]
