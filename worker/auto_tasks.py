@@ -111,7 +111,7 @@ def _base_config(s: Settings, j: _Job) -> QuantizeConfig:
     return QuantizeConfig(
         model_path=j.model_path, output_path=artifact, recipe="auto", options=parse_options("auto", j.options),
         calibration_path=j.calib_path, eval_path=j.eval_path, work_dir=work, threads=s.worker_threads,
-        device="cuda" if j.queue == "gpu" else s.worker_device, job_id=j.job_id,
+        device=runner.engine_device(j.queue, s), job_id=j.job_id,
         cache_dir=s.data_dir / "cache" / "calibration", export_cache_dir=s.data_dir / "cache" / "pt2-export",
     )
 

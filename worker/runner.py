@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.broker import GPU_QUEUE
 from app.db import make_engine, make_sessionmaker
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Transition
@@ -155,6 +156,14 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
+
+
+def engine_device(queue: str, s: Settings) -> str:
+    """The device the engine runs a job on (``QuantizeConfig.device``: ONNX Runtime's execution providers,
+    PyTorch's device for qat_int8), from the queue the job came on: a job sent to the gpu queue asks for CUDA
+    (ONNX Runtime without it refuses, gpu_unavailable, rather than run on the CPU unasked); any other queue
+    runs on the worker's LOWBIT_WORKER_DEVICE ('auto': CUDA when present, else the CPU)."""
+    return "cuda" if queue == GPU_QUEUE else s.worker_device
 
 
 def job_limits(device: str, s: Settings, *, file_limit: bool = True) -> sandbox.Limits:

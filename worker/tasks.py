@@ -157,7 +157,7 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
             eval_path=eval_path,
             work_dir=work_dir,
             threads=s.worker_threads,
-            device="cuda" if queue == "gpu" else s.worker_device,
+            device=runner.engine_device(queue, s),
             job_id=job_id,
             cache_dir=s.data_dir / "cache" / "calibration",
             export_cache_dir=s.data_dir / "cache" / "pt2-export",

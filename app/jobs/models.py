@@ -6,6 +6,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from app.broker import CPU_QUEUE
 from app.db import Base, JSONType, UTCDateTime, utcnow
 from app.tenants.models import LOCAL_TENANT
 
@@ -26,7 +27,7 @@ class Job(Base):
     recipe: Mapped[str] = mapped_column(sa.String(32))
     options: Mapped[dict[str, Any]] = mapped_column(JSONType)
     accuracy_target: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
-    queue: Mapped[str] = mapped_column(sa.String(32), default="cpu")
+    queue: Mapped[str] = mapped_column(sa.String(32), default=CPU_QUEUE)
     status: Mapped[str] = mapped_column(sa.String(16), default=QUEUED)
     stage: Mapped[str | None] = mapped_column(sa.String(16), nullable=True)
     progress: Mapped[int] = mapped_column(sa.Integer, default=0)

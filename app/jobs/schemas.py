@@ -78,8 +78,12 @@ class JobCreate(BaseModel):
     recipe: str = Field(description=RECIPE_DESCRIPTION)
     options: dict[str, Any] = Field(default_factory=dict, description=OPTIONS_DESCRIPTION)
     accuracy_target: AccuracyTarget | None = None
+    # A queue name (stored as the job's `queue`), called `device` in the API because the queue decides the
+    # hardware: the worker derives the engine's device from it (worker.runner.engine_device).
     device: Literal["cpu", "gpu"] | None = Field(
-        default=None, description="Queue to run on: 'gpu' workers use CUDA. Default: the server's default queue."
+        default=None,
+        description="The queue the job goes to, which picks the hardware: 'cpu' workers run on the CPU, 'gpu' "
+        "workers on CUDA. Default: the server's default queue (LOWBIT_DEFAULT_QUEUE).",
     )
     callback_url: str | None = Field(
         default=None,

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from app import workers
+from app.broker import QUEUES
 from app.datasets.models import Dataset
 from app.jobs.models import FINISHED, QUEUED, Job, WebhookDelivery
 from app.jobs.service import STATUSES
@@ -20,7 +21,6 @@ from app.models.models import ModelFile
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 JOB_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 10800.0)
 STAGE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-KNOWN_QUEUES = ("cpu", "gpu")
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -94,11 +94,11 @@ def render(db: Session, worker_restarts: int | None = None) -> str:
     depth: dict[str, int] = {q: n for q, n in db.execute(
         sa.select(Job.queue, sa.func.count()).where(Job.status == QUEUED).group_by(Job.queue))}
     out.gauge("lowbit_queue_depth", "Jobs waiting for a worker (status queued), by queue.",
-              [((("queue", q),), depth.get(q, 0)) for q in sorted({*KNOWN_QUEUES, *depth})])
+              [((("queue", q),), depth.get(q, 0)) for q in sorted({*QUEUES, *depth})])
 
     live = workers.live_per_queue(db)
     out.gauge("lowbit_live_workers", "Workers alive now (heartbeat not expired) that consume each queue.",
-              [((("queue", q),), live.get(q, 0)) for q in sorted({*KNOWN_QUEUES, *live, *depth})])
+              [((("queue", q),), live.get(q, 0)) for q in sorted({*QUEUES, *live, *depth})])
 
     durations: dict[Labels, list[float]] = defaultdict(list)
     stages: dict[Labels, list[float]] = defaultdict(list)
