@@ -35,7 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import utcnow
-from app.jobs.models import DELIVERED, FINISHED, PENDING, UNDELIVERED, Job, WebhookDelivery
+from app.jobs.models import DELIVERED, DELIVERY_FAILED, FINISHED, PENDING, Job, WebhookDelivery
 from app.keyfile import data_dir_secret
 from app.settings import Settings
 from app.uploads import new_id
@@ -168,8 +168,8 @@ def notify(factory: sessionmaker[Session], settings: Settings, job_id: str,
         refused = None if settings.webhook_allow_private else _non_public(url)
         if refused:
             _record(factory, delivery_id, attempts=0, last_status_code=None, last_error=refused,
-                    last_attempt_at=utcnow(), status=UNDELIVERED, delivered_at=None)
-            return UNDELIVERED
+                    last_attempt_at=utcnow(), status=DELIVERY_FAILED, delivered_at=None)
+            return DELIVERY_FAILED
         secret = webhook_secret(settings)
         event = json.loads(body)["event"]
         delays = list(settings.webhook_retry_delays_s) or [0.0]
@@ -194,14 +194,14 @@ def notify(factory: sessionmaker[Session], settings: Settings, job_id: str,
                 except httpx.HTTPError as exc:
                     error = f"{type(exc).__name__}: {exc}"[:500]
                 ok = error is None
-                status = DELIVERED if ok else (UNDELIVERED if attempt == len(delays) else PENDING)
+                status = DELIVERED if ok else (DELIVERY_FAILED if attempt == len(delays) else PENDING)
                 now = utcnow()
                 _record(factory, delivery_id, attempts=attempt, last_status_code=code, last_error=error,
                         last_attempt_at=now, status=status, delivered_at=now if ok else None)
                 if ok:
                     return DELIVERED
                 log.info("webhook %s for job %s: attempt %d failed (%s)", delivery_id, job_id, attempt, error)
-        return UNDELIVERED
+        return DELIVERY_FAILED
     except Exception:
         log.exception("webhook delivery for job %s crashed", job_id)
         return None

@@ -63,8 +63,9 @@ class Job(Base):
     )
 
 
-# Delivery states of a webhook.
-PENDING, DELIVERED, UNDELIVERED = "pending", "delivered", "failed"
+# Delivery states of a webhook (stored in webhook_deliveries.status): still being tried, delivered, and given up
+# on after its last attempt ("failed", as rows and the API's deliveries have always said).
+PENDING, DELIVERED, DELIVERY_FAILED = "pending", "delivered", "failed"
 
 
 class WebhookDelivery(Base):
