@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,3 +185,28 @@ def test_engine_modules_import_no_cycle() -> None:
 def test_engine_modules_import_no_private_name_of_another() -> None:
     _, private = _engine_graph()
     assert private == []
+
+
+# The import contracts in pyproject.toml ([tool.importlinter]): import-linter is a dev dependency, so a missing
+# lint-imports fails here rather than skipping the check.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_contracts_hold() -> None:
+    lint_imports = Path(sys.executable).parent / "lint-imports"
+    assert lint_imports.exists(), f"{lint_imports} is missing: pip install -e '.[dev]' installs import-linter"
+    run = subprocess.run([str(lint_imports), "--no-logo", "--no-cache"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 broken" in run.stdout, run.stdout
+
+
+def test_import_contracts_name_every_worker_service_module() -> None:
+    """The contracts list the worker's modules outside the engine one by one: a new one must join them, or the
+    engine could import it and app could import it unchecked."""
+    contracts = {c["id"]: c for c in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"][
+        "contracts"]}
+    service = {f"worker.{p.stem}" for p in (ROOT / "worker").glob("*.py") if p.stem != "__init__"}
+    assert set(contracts["engine-is-a-library"]["forbidden_modules"]) == {"app", *service}
+    top_layer = contracts["worker-over-app-over-engine"]["layers"][0]
+    assert {m.strip() for m in top_layer.split(":")} == service
