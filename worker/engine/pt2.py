@@ -146,21 +146,7 @@ ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError,
 
 
 def _check_archive(path: Path) -> Pt2Archive:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        raise EngineError("invalid_model", "the model file is empty")
-    if head[:1] == b"\x80":
-        raise EngineError(
-            "unsupported_model_format",
-            "the file is a Python pickle (a torch.save checkpoint or a pickled module), which lowbit never loads: "
-            f"unpickling can run arbitrary code. {HOW_TO_MAKE_PT2}",
-        )
-    if head != b"PK\x03\x04":
-        raise EngineError(
-            "invalid_model",
-            f"the file is neither an ONNX model nor a torch.export archive (.pt2 is a zip file); {HOW_TO_MAKE_PT2}",
-        )
+    _check_head(path)
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -169,24 +155,7 @@ def _check_archive(path: Path) -> Pt2Archive:
         infos = zf.infolist()
         if len(infos) > MAX_MEMBERS:
             raise EngineError("invalid_model", f"the archive has {len(infos)} members; at most {MAX_MEMBERS}")
-        names = [i.filename for i in infos]
-        tops = {n.split("/", 1)[0] for n in names}
-        rel = {n.split("/", 1)[1] for n in names if "/" in n}
-        if rel & {"data.pkl", "constants.pkl"} or any(r.startswith("code/") for r in rel):
-            kind = "a TorchScript archive (torch.jit.save)" if any(r.startswith("code/") for r in rel) \
-                else "a torch.save checkpoint"
-            raise EngineError(
-                "unsupported_model_format",
-                f"the file is {kind}: its weights and code are pickled, and lowbit never unpickles uploads. "
-                f"{HOW_TO_MAKE_PT2}",
-            )
-        if len(tops) != 1 or any("/" not in n for n in names):
-            raise EngineError(
-                "invalid_model",
-                "the zip file is not a torch.export archive (its files are not under one top-level folder); "
-                f"{HOW_TO_MAKE_PT2}",
-            )
-        prefix = tops.pop() + "/"
+        prefix = _top_folder([i.filename for i in infos])
         members = {i.filename[len(prefix):]: i for i in infos if not i.is_dir()}
         models = sorted(r for r in members if r.startswith("models/") and r.endswith(".json"))
         fmt = _read(zf, members, "archive_format", 64) if "archive_format" in members else b""
@@ -196,23 +165,7 @@ def _check_archive(path: Path) -> Pt2Archive:
                 "the zip file is not a torch.export archive (no archive_format 'pt2' or no models/*.json); "
                 f"{HOW_TO_MAKE_PT2}",
             )
-        for r in members:
-            if any(r.startswith(d) for d in ("data/aotinductor/", "data/executorch/", "data/mtia")) \
-                    or r.endswith((".so", ".dll", ".dylib")):
-                raise _unsafe(
-                    f"the archive contains compiled code ('{r[:120]}', e.g. AOTInductor output), which lowbit does "
-                    "not load; save the exported program alone with torch.export.save"
-                )
-            if r in ("data/weights/model.pt", "data/constants/model.pt") or r.startswith("xl_model_weights/"):
-                raise _unsafe(
-                    f"the archive stores weights in the legacy pickled format ('{r}'), which lowbit does not "
-                    "unpickle; save it again with a current torch.export.save"
-                )
-        if models != ["models/model.json"]:
-            raise _unsupported(
-                f"the archive holds {len(models)} programs ({', '.join(m[7:-5] for m in models[:5])}); lowbit takes "
-                "an archive of one exported program, as torch.export.save writes it"
-            )
+        _check_member_names(members, models)
         program = _json(zf, members, "models/model.json")
         weights = _json(zf, members, "data/weights/model_weights_config.json") \
             if "data/weights/model_weights_config.json" in members else {"config": {}}
@@ -239,6 +192,67 @@ def _check_archive(path: Path) -> Pt2Archive:
     if total > 64 * (1 << 30):
         raise EngineError("invalid_model", "the archive unpacks to more than 64 GiB")
     return arc
+
+
+def _check_head(path: Path) -> None:
+    """The file's first bytes: not empty, not a pickle, a zip file."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise EngineError("invalid_model", "the model file is empty")
+    if head[:1] == b"\x80":
+        raise EngineError(
+            "unsupported_model_format",
+            "the file is a Python pickle (a torch.save checkpoint or a pickled module), which lowbit never loads: "
+            f"unpickling can run arbitrary code. {HOW_TO_MAKE_PT2}",
+        )
+    if head != b"PK\x03\x04":
+        raise EngineError(
+            "invalid_model",
+            f"the file is neither an ONNX model nor a torch.export archive (.pt2 is a zip file); {HOW_TO_MAKE_PT2}",
+        )
+
+
+def _top_folder(names: list[str]) -> str:
+    """The archive's one top-level folder ("name/"); refuses pickled checkpoints and TorchScript archives."""
+    tops = {n.split("/", 1)[0] for n in names}
+    rel = {n.split("/", 1)[1] for n in names if "/" in n}
+    if rel & {"data.pkl", "constants.pkl"} or any(r.startswith("code/") for r in rel):
+        kind = "a TorchScript archive (torch.jit.save)" if any(r.startswith("code/") for r in rel) \
+            else "a torch.save checkpoint"
+        raise EngineError(
+            "unsupported_model_format",
+            f"the file is {kind}: its weights and code are pickled, and lowbit never unpickles uploads. "
+            f"{HOW_TO_MAKE_PT2}",
+        )
+    if len(tops) != 1 or any("/" not in n for n in names):
+        raise EngineError(
+            "invalid_model",
+            "the zip file is not a torch.export archive (its files are not under one top-level folder); "
+            f"{HOW_TO_MAKE_PT2}",
+        )
+    return tops.pop() + "/"
+
+
+def _check_member_names(members: dict[str, zipfile.ZipInfo], models: list[str]) -> None:
+    """No compiled code, no legacy pickled weights, one program."""
+    for r in members:
+        if any(r.startswith(d) for d in ("data/aotinductor/", "data/executorch/", "data/mtia")) \
+                or r.endswith((".so", ".dll", ".dylib")):
+            raise _unsafe(
+                f"the archive contains compiled code ('{r[:120]}', e.g. AOTInductor output), which lowbit does "
+                "not load; save the exported program alone with torch.export.save"
+            )
+        if r in ("data/weights/model.pt", "data/constants/model.pt") or r.startswith("xl_model_weights/"):
+            raise _unsafe(
+                f"the archive stores weights in the legacy pickled format ('{r}'), which lowbit does not "
+                "unpickle; save it again with a current torch.export.save"
+            )
+    if models != ["models/model.json"]:
+        raise _unsupported(
+            f"the archive holds {len(models)} programs ({', '.join(m[7:-5] for m in models[:5])}); lowbit takes "
+            "an archive of one exported program, as torch.export.save writes it"
+        )
 
 
 def _read(zf: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], name: str, limit: int) -> bytes:
@@ -470,19 +484,7 @@ def run_child(
     log_path = work_dir / f"{command}.log"
     res_path.unlink(missing_ok=True)
     req_path.write_text(json.dumps({**request, "result": str(res_path)}))
-    # The child parses an untrusted upload: it gets no secrets (database URL, webhook secret) from us.
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH", "")) if p)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(max(1, threads))
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env["ORT_DISABLE_TELEMETRY"] = "1"  # else ONNX Runtime's import writes $TMPDIR/.ses (its telemetry session)
-    # Whatever torch and the exporter write to temporary files stays in this folder (the job's, or the
-    # upload's scratch folder) and goes with it, instead of landing in the machine's shared /tmp.
-    tmp = work_dir / "tmp"
-    tmp.mkdir(exist_ok=True)
-    env["TMPDIR"] = str(tmp)
+    env = _child_env(work_dir, threads)
     started = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -490,41 +492,8 @@ def run_child(
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, cwd=work_dir, env=env,
             start_new_session=True,
         )
-        lines: queue.Queue[bytes | None] = queue.Queue()
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
         try:
-            while True:
-                left = timeout_s - (time.monotonic() - started)
-                if left <= 0:
-                    raise EngineError(
-                        "torch_timeout",
-                        f"PyTorch did not finish '{command}' within {int(timeout_s)} s; the model may be too large "
-                        "for this worker, or the run too long (for qat_int8, fewer steps)",
-                    )
-                try:
-                    line = lines.get(timeout=min(left, 1.0))
-                except queue.Empty:
-                    continue
-                if line is None:
-                    break
-                if on_event is not None:
-                    try:
-                        event = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(event, dict):
-                        on_event(event)
-            try:
-                proc.wait(timeout=max(1.0, timeout_s - (time.monotonic() - started)))
-            except subprocess.TimeoutExpired as exc:
-                raise EngineError("torch_timeout", f"PyTorch did not finish '{command}' in time") from exc
+            _follow(proc, command, timeout_s, started, on_event)
         except BaseException:
             _kill(proc)
             raise
@@ -543,6 +512,63 @@ def run_child(
         f"the PyTorch process for '{command}' exited with status {proc.returncode} without a result"
         + (f": {tail}" if tail else ""),
     )
+
+
+def _child_env(work_dir: Path, threads: int) -> dict[str, str]:
+    """The child's environment: the parent's basics only, its threads, and its temporary files in work_dir."""
+    # The child parses an untrusted upload: it gets no secrets (database URL, webhook secret) from us.
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH", "")) if p)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(max(1, threads))
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["ORT_DISABLE_TELEMETRY"] = "1"  # else ONNX Runtime's import writes $TMPDIR/.ses (its telemetry session)
+    # Whatever torch and the exporter write to temporary files stays in this folder (the job's, or the
+    # upload's scratch folder) and goes with it, instead of landing in the machine's shared /tmp.
+    tmp = work_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(tmp)
+    return env
+
+
+def _follow(proc: subprocess.Popen[bytes], command: str, timeout_s: float, started: float,
+            on_event: Callable[[dict[str, Any]], None] | None) -> None:
+    """Hand the child's progress events to ``on_event`` until it exits, within ``timeout_s`` of ``started``."""
+    lines: queue.Queue[bytes | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        left = timeout_s - (time.monotonic() - started)
+        if left <= 0:
+            raise EngineError(
+                "torch_timeout",
+                f"PyTorch did not finish '{command}' within {int(timeout_s)} s; the model may be too large "
+                "for this worker, or the run too long (for qat_int8, fewer steps)",
+            )
+        try:
+            line = lines.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        if on_event is not None:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                on_event(event)
+    try:
+        proc.wait(timeout=max(1.0, timeout_s - (time.monotonic() - started)))
+    except subprocess.TimeoutExpired as exc:
+        raise EngineError("torch_timeout", f"PyTorch did not finish '{command}' in time") from exc
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:

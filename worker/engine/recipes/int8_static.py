@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from worker.engine.recipes import options as o
 from worker.engine.recipes.base import FormField, Recipe, RecipeContext, RecipeOutput
+
+if TYPE_CHECKING:  # annotations only: the registry stays light (no onnx or ONNX Runtime at import)
+    from worker.engine.calibrate import CalibrationResult
 
 OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVATIONS, o.PERCENTILE, o.REDUCE_RANGE,
            o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY)
@@ -13,64 +17,18 @@ OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVAT
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """Calibrate activation ranges (lowbit's streaming calibrator or ONNX Runtime's), then write QDQ int8."""
-    from worker.engine.calibrate import (
-        CalibrationSettings,
-        StatsCache,
-        calibrate,
-        calibrate_with_ort,
-        select_tensors,
-        write_ort_ranges,
-    )
+    from worker.engine.calibrate import select_tensors, write_ort_ranges
     from worker.engine.errors import EngineError
-    from worker.engine.feeds import batch_source, fixed_batch
-    from worker.engine.files import sha256_file
     from worker.engine.ort_quant import quantize_static, refuse_subgraphs_only, warn_forced
 
-    cfg, opts, info, split, data, step, warnings = (ctx.cfg, ctx.opts, ctx.info, ctx.split, ctx.data, ctx.step,
-                                                    ctx.warnings)
-    normalized, work, providers = ctx.normalized, ctx.work, ctx.providers
-    assert data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+    opts, split, step, warnings = ctx.opts, ctx.split, ctx.step, ctx.warnings
+    normalized, work = ctx.normalized, ctx.work
+    assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
     tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
     if not tensors:
         refuse_subgraphs_only(normalized, opts)
     c0, c1 = split.calib_range
-    reader, plan = data.calib_reader, split.calib_plan
-    calib_batches = batch_source(reader, info.inputs, plan, c0, c1)
-    step("calibrating", 0.0)
-    settings = CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations)
-    if opts.calibrator == "ort":
-        # ONNX Runtime's histogram collectors stack batches into one array, so every batch must
-        # have the same size: feed one sample at a time unless the model fixes its batch size.
-        ort_plan = plan if fixed_batch(plan, info.inputs) else dataclasses.replace(plan, samples_per_run=1)
-        ort_source = batch_source(reader, info.inputs, ort_plan, c0, c1)
-        cal = calibrate_with_ort(ctx.norm_path, ort_source, settings, providers, work / "ort-calibration",
-                                 opts.op_types_to_quantize or None)
-    else:
-        assert cfg.calibration_path is not None
-        cache_key = {
-            "model_sha256": ctx.model_sha,
-            "data_sha256": sha256_file(cfg.calibration_path),
-            "samples": [c0, c1],
-            "per_run": plan.samples_per_run,
-            "modes": plan.modes,
-            "onnxruntime": ctx.env["onnxruntime"],
-            "lowbit": ctx.env["lowbit"],
-        }
-        cal = calibrate(
-            ctx.norm_path,
-            tensors,
-            calib_batches,
-            settings,
-            providers,
-            cfg.threads,
-            progress=lambda f: step("calibrating", f),
-            total_samples=c1 - c0,
-            cache=StatsCache(cfg.cache_dir) if cfg.cache_dir else None,
-            cache_key=cache_key,
-            excluded_nodes=opts.nodes_to_exclude,
-            op_types=opts.op_types_to_quantize or None,
-            model=normalized,
-        )
+    cal = _calibrate(ctx, tensors)
     if cal.samples == 0:
         raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
     if cal.nonfinite_tensors:
@@ -99,6 +57,54 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     step("quantizing", 0.0)
     warn_forced(quantize_static(ctx.norm_path, ctx.quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
     return RecipeOutput(calibration=calibration, static_ranges=cal.ranges)
+
+
+def _calibrate(ctx: RecipeContext, tensors: list[str]) -> CalibrationResult:
+    """The activation ranges of ``tensors`` on the calibration samples, by the calibrator the options name
+    (lowbit's through the statistics cache when the run has one)."""
+    from worker.engine.calibrate import CalibrationSettings, StatsCache, calibrate, calibrate_with_ort
+    from worker.engine.feeds import batch_source, fixed_batch
+    from worker.engine.files import sha256_file
+
+    cfg, opts, info, split, step = ctx.cfg, ctx.opts, ctx.info, ctx.split, ctx.step
+    assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+    c0, c1 = split.calib_range
+    reader, plan = ctx.data.calib_reader, split.calib_plan
+    calib_batches = batch_source(reader, info.inputs, plan, c0, c1)
+    step("calibrating", 0.0)
+    settings = CalibrationSettings(opts.method, opts.percentile, opts.symmetric_activations)
+    if opts.calibrator == "ort":
+        # ONNX Runtime's histogram collectors stack batches into one array, so every batch must
+        # have the same size: feed one sample at a time unless the model fixes its batch size.
+        ort_plan = plan if fixed_batch(plan, info.inputs) else dataclasses.replace(plan, samples_per_run=1)
+        ort_source = batch_source(reader, info.inputs, ort_plan, c0, c1)
+        return calibrate_with_ort(ctx.norm_path, ort_source, settings, ctx.providers, ctx.work / "ort-calibration",
+                                  opts.op_types_to_quantize or None)
+    assert cfg.calibration_path is not None
+    cache_key = {
+        "model_sha256": ctx.model_sha,
+        "data_sha256": sha256_file(cfg.calibration_path),
+        "samples": [c0, c1],
+        "per_run": plan.samples_per_run,
+        "modes": plan.modes,
+        "onnxruntime": ctx.env["onnxruntime"],
+        "lowbit": ctx.env["lowbit"],
+    }
+    return calibrate(
+        ctx.norm_path,
+        tensors,
+        calib_batches,
+        settings,
+        ctx.providers,
+        cfg.threads,
+        progress=lambda f: step("calibrating", f),
+        total_samples=c1 - c0,
+        cache=StatsCache(cfg.cache_dir) if cfg.cache_dir else None,
+        cache_key=cache_key,
+        excluded_nodes=opts.nodes_to_exclude,
+        op_types=opts.op_types_to_quantize or None,
+        model=ctx.normalized,
+    )
 
 
 RECIPE = Recipe(
