@@ -1,11 +1,13 @@
 """Reports of a fixed set of jobs (every recipe on the test models), without their timing fields: run it on two
 versions of the code and compare, to show that a refactor changed no number and no key.
 
-    .venv/bin/python benchmarks/report_snapshot.py run OUT.json     # every job through `lowbit quantize`
+    .venv/bin/python benchmarks/report_snapshot.py run OUT.json [--models DIR]  # every job via `lowbit quantize`
     .venv/bin/python benchmarks/report_snapshot.py compare A.json B.json
 
 The jobs run with one thread each, so the figures are deterministic; fields that measure time (latency,
-seconds, speed-up and the environment's versions) are dropped before the comparison.
+seconds, speed-up and the environment's versions) and warnings that quote timings are dropped before the
+comparison. Give both runs the same ``--models`` folder (built by the first run): a ``.pt2`` that torch.export
+writes records the path of the code that built it, so models built from two checkouts differ in bytes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ JOBS: list[tuple[str, str, str, str, dict[str, Any], dict[str, Any] | None]] = [
     ("mlp-int4-gptq", "mlp", "mlp_data", "int4_weight_only", {"algorithm": "gptq"}, None),
     ("mlp-int4-a8", "mlp", "mlp_data", "int4_weight_only", {"int8_activations": True}, None),
     ("conv-fp16", "conv", "conv_data", "fp16", {}, None),
-    ("mlp-auto", "mlp", "mlp_data", "auto", {"max_fallback_steps": 1},
+    # By size only: which candidate is "not slower than fp32" on a 0.01 ms model is timing noise.
+    ("mlp-auto", "mlp", "mlp_data", "auto", {"max_fallback_steps": 1, "prefer": "size"},
      {"metric": "cosine", "min": 0.99}),
     ("pt2-static", "pt2", "pt2_data", "int8_static", {}, None),
     ("pt2-qat", "pt2", "pt2_data", "qat_int8", {"steps": 10}, None),
@@ -53,12 +56,12 @@ def build(d: Path) -> dict[str, Path]:
     import numpy as np
 
     z = {"mlp": builders.mlp(d / "mlp.onnx"), "conv": builders.conv_net(d / "conv.onnx"),
-         "tf": builders.tiny_transformer(d / "tf.onnx"), "pt2": pt2_builders.conv_net(d / "conv.pt2")}
-    z["mlp_data"] = builders.mlp_data(d / "mlp.npz", n=48, labels=True, model=z["mlp"])
-    z["conv_data"] = builders.image_data(d / "conv.npz", n=32)
-    z["tf_data"] = builders.token_data(d / "tf.npz", n=32)
+         "tf": builders.tiny_transformer(d / "tf.onnx"), "pt2": pt2_builders.conv_net(d / "pt2.pt2")}
+    z["mlp_data"] = builders.mlp_data(d / "mlp_data.npz", n=48, labels=True, model=z["mlp"])
+    z["conv_data"] = builders.image_data(d / "conv_data.npz", n=32)
+    z["tf_data"] = builders.token_data(d / "tf_data.npz", n=32)
     image = np.random.default_rng(5).standard_normal((32, 3, 32, 32)).astype(np.float32)
-    z["pt2_data"] = builders.save_npz(d / "pt2.npz", image=image)
+    z["pt2_data"] = builders.save_npz(d / "pt2_data.npz", image=image)
     return z
 
 
@@ -67,15 +70,21 @@ def strip(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: strip(v) for k, v in value.items() if not _timing(k)}
     if isinstance(value, list):
-        return [strip(v) for v in value]
+        return [strip(v) for v in value if not (isinstance(v, str) and " slower than " in v)]
     return value
 
 
-def run(out: Path) -> None:
+def run(out: Path, models: Path | None) -> None:
     reports: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="lowbit-snapshot-") as tmp:
         d = Path(tmp)
-        z = build(d)
+        if models is None:
+            z = build(d)
+        else:
+            if not (models / "pt2_data.npz").exists():
+                models.mkdir(parents=True, exist_ok=True)
+                build(models)
+            z = {p.stem: p for p in models.iterdir()}  # build() names each file by its key
         for name, model, data, recipe, options, target in JOBS:
             cmd = [sys.executable, "-m", "app.cli", "quantize", str(z[model]), "--calib", str(z[data]),
                    "--recipe", recipe, "--threads", "1", "-o", str(d / f"{name}.onnx"),
@@ -110,13 +119,15 @@ def diff(a: Any, b: Any, path: str = "") -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("run").add_argument("out", type=Path)
+    r = sub.add_parser("run")
+    r.add_argument("out", type=Path)
+    r.add_argument("--models", type=Path, help="build the test models here once and reuse them")
     c = sub.add_parser("compare")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     args = ap.parse_args()
     if args.cmd == "run":
-        run(args.out)
+        run(args.out, args.models)
         return 0
     found = diff(json.loads(args.a.read_text()), json.loads(args.b.read_text()))
     for line in found:
