@@ -254,7 +254,12 @@ def get_report(job_id: str, db: Session = Depends(get_db), who: Principal = Depe
 schemas_router = APIRouter(prefix="/api/v1/schemas", tags=["schemas"])
 
 
-@schemas_router.get("/report.json", responses={200: {"description": "The report's JSON Schema (draft 2020-12)."}})
+@schemas_router.get("/report.json", responses={200: {
+    "description": "The report's JSON Schema (draft 2020-12).",
+    # The head of the real schema (the whole one is long): its title, required keys and the version field.
+    "content": {"application/json": {"example": {
+        **{k: report_schema()[k] for k in ("title", "type", "required")},
+        "properties": {"report_version": report_schema()["properties"]["report_version"], "...": {}}}}}}})
 def get_report_schema() -> JSONResponse:
     """The JSON Schema of `GET /api/v1/jobs/{id}/report`, at a stable URL for clients that validate reports;
     its `report_version` field says which version of the format a report follows."""

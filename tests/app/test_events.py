@@ -120,8 +120,26 @@ def test_openapi_has_an_example_for_every_request_and_response(api: Harness) -> 
                         missing.append(f"{method} {path} {status} {ctype}")
     assert missing == []
     # Every named schema carries its own example, except FastAPI's multipart form bodies (their operations
-    # carry one instead).
-    assert [n for n, s in schemas.items() if "examples" not in s and not n.startswith("Body_")] == []
+    # carry one instead) and the report's model and its sections: GET /api/v1/jobs/{id}/report carries one
+    # whole report as its example (app.examples.REPORT_EXAMPLE, which tests/app/test_report_contract.py
+    # validates against that model), which shows every section in place.
+    def refs(node: Any) -> set[str]:
+        if isinstance(node, dict):
+            found = {node["$ref"].rsplit("/", 1)[1]} if isinstance(node.get("$ref"), str) else set()
+            return found.union(*(refs(v) for v in node.values()))
+        if isinstance(node, list):
+            return set().union(*(refs(v) for v in node))
+        return set()
+
+    report_parts, todo = {"Report"}, ["Report"]
+    while todo:
+        for name in refs(schemas[todo.pop()]) - report_parts:
+            report_parts.add(name)
+            todo.append(name)
+    report_op = doc["paths"]["/api/v1/jobs/{job_id}/report"]["get"]["responses"]["200"]["content"]
+    assert report_op["application/json"]["example"]["report_version"] == 1
+    assert [n for n, s in schemas.items()
+            if "examples" not in s and not n.startswith("Body_") and n not in report_parts] == []
     assert {"/api/v1/jobs/{job_id}/events", "/metrics", "/api/v1/models", "/api/v1/datasets"} <= set(doc["paths"])
     assert "HTTPValidationError" not in schemas  # errors are documented as they are: {"error": {code, message}}
     assert api.client.get("/docs").status_code == 200
