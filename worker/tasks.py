@@ -28,9 +28,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
@@ -52,6 +53,9 @@ from worker.celery_app import celery_app
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError, JobCancelled
 from worker.runner import HandedBack, LeaseLost, StageTimer, worker_id
+
+if TYPE_CHECKING:  # the engine's heavy imports stay out of the worker's main process
+    from worker.engine.pipeline import QuantizeResult
 
 log = logging.getLogger(__name__)
 
@@ -120,86 +124,156 @@ def execute(job_id: str, settings: Settings | None = None, factory: sessionmaker
 
 def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
     timer = StageTimer("preparing", time.time())
-    attempt = claim(factory, job_id, timer, s.job_heartbeat_s)
-    if not attempt:
+    number = claim(factory, job_id, timer, s.job_heartbeat_s)
+    if not number:
         log.info("job %s is not queued (already claimed, cancelled or deleted); nothing to do", job_id)
         return "skipped"
     storage = Storage(s.data_dir)
+    job = _read_job(factory, job_id)
+    if job is None:
+        return "skipped"
+    if job.recipe == "auto":  # its candidates run as sub-tasks of their own, on any worker (worker/auto_tasks.py)
+        return auto_tasks.start(job_id, number, s, factory)
+    attempt = _start_attempt(factory, job_id, number, timer, storage)
+    result = _quantize(attempt, job, s)
+    if isinstance(result, str):  # the attempt ended without a model to keep
+        return result
+    return _keep(attempt, result, s)
+
+
+@dataclass(frozen=True)
+class _JobInputs:
+    """What an attempt reads from the job's rows, in one short session: none stays open while the engine runs."""
+
+    recipe: str
+    options: dict[str, Any]
+    target: dict[str, Any] | None
+    queue: str
+    model_path: Path | None
+    calib_path: Path | None
+    eval_path: Path | None
+
+
+def _read_job(factory: sessionmaker[Session], job_id: str) -> _JobInputs | None:
+    """The job's recipe, options, queue and file paths; None when the job is gone."""
     with factory() as sess:
         job = sess.get(Job, job_id)
         if job is None:
-            return "skipped"
+            return None
         model = sess.get(ModelFile, job.model_id)
         calib = sess.get(Dataset, job.calibration_dataset_id) if job.calibration_dataset_id else None
         ev = sess.get(Dataset, job.eval_dataset_id) if job.eval_dataset_id else None
-        recipe, options, target, queue = job.recipe, dict(job.options), job.accuracy_target, job.queue
-        model_path = Path(model.storage_path) if model else None
-        calib_path = Path(calib.storage_path) if calib else None
-        eval_path = Path(ev.storage_path) if ev else None
-    if recipe == "auto":  # its candidates run as sub-tasks of their own, on any worker (worker/auto_tasks.py)
-        return auto_tasks.start(job_id, attempt, s, factory)
+        return _JobInputs(
+            recipe=job.recipe, options=dict(job.options), target=job.accuracy_target, queue=job.queue,
+            model_path=Path(model.storage_path) if model else None,
+            calib_path=Path(calib.storage_path) if calib else None,
+            eval_path=Path(ev.storage_path) if ev else None,
+        )
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One attempt at a plain (not auto) job: what its steps share."""
+
+    factory: sessionmaker[Session]
+    job_id: str
+    number: int
+    timer: StageTimer
+    storage: Storage
+    artifact: Path
+    work_dir: Path
+
+    def fail(self, code: str, message: str, *, keep_stage: bool = True) -> Transition:
+        """Record running -> failed, with the stage times up to now."""
+        times = self.timer.close()
+        return _record(self.factory, self.job_id, lambda db: lifecycle.fail(
+            db, self.job_id, self.number, code, message, keep_stage=keep_stage, stage_times=times))
+
+
+def _start_attempt(factory: sessionmaker[Session], job_id: str, number: int, timer: StageTimer,
+                   storage: Storage) -> _Attempt:
+    """The attempt's files, after removing what attempts that died with their process left behind."""
     job_dir = storage.job_dir(job_id)
     # Per attempt: a stale attempt that is still running somewhere can never overwrite a newer one's files.
-    artifact = job_dir / f"model.quantized.{attempt}.onnx"
-    work_dir = job_dir / f"work-{attempt}"
-    for earlier in range(1, attempt):  # what attempts that died with their process left behind
+    artifact = job_dir / f"model.quantized.{number}.onnx"
+    work_dir = job_dir / f"work-{number}"
+    for earlier in range(1, number):
         _cleanup_work(job_dir / f"work-{earlier}")
         (job_dir / f"model.quantized.{earlier}.onnx").unlink(missing_ok=True)
+    return _Attempt(factory, job_id, number, timer, storage, artifact, work_dir)
+
+
+def _config(attempt: _Attempt, job: _JobInputs, s: Settings) -> QuantizeConfig:
+    """The engine's configuration for this attempt; model_missing when the model file is gone."""
+    if job.model_path is None or not job.model_path.exists():
+        raise EngineError("model_missing", "the job's model file is gone from storage; upload it again")
+    return QuantizeConfig(
+        model_path=job.model_path,
+        output_path=attempt.artifact,
+        recipe=job.recipe,
+        options=parse_options(job.recipe, job.options),
+        calibration_path=job.calib_path,
+        eval_path=job.eval_path,
+        work_dir=attempt.work_dir,
+        threads=s.worker_threads,
+        device=runner.engine_device(job.queue, s),
+        job_id=attempt.job_id,
+        cache_dir=s.data_dir / "cache" / "calibration",
+        export_cache_dir=s.data_dir / "cache" / "pt2-export",
+        accuracy_target=job.target,  # the engine reports against it (report.accuracy_target)
+    )
+
+
+def _quantize(attempt: _Attempt, job: _JobInputs, s: Settings) -> QuantizeResult | str:
+    """Run the engine: its result, or the end state of an attempt that has none (recorded here)."""
+    factory, job_id, number = attempt.factory, attempt.job_id, attempt.number
     try:
-        if model_path is None or not model_path.exists():
-            raise EngineError("model_missing", "the job's model file is gone from storage; upload it again")
-        cfg = QuantizeConfig(
-            model_path=model_path,
-            output_path=artifact,
-            recipe=recipe,
-            options=parse_options(recipe, options),
-            calibration_path=calib_path,
-            eval_path=eval_path,
-            work_dir=work_dir,
-            threads=s.worker_threads,
-            device=runner.engine_device(queue, s),
-            job_id=job_id,
-            cache_dir=s.data_dir / "cache" / "calibration",
-            export_cache_dir=s.data_dir / "cache" / "pt2-export",
-            accuracy_target=target,  # the engine reports against it (report.accuracy_target)
-        )
-        with runner.Heartbeat(factory, job_id, attempt, s.job_heartbeat_s):
-            result = runner.run_engine(cfg, runner.Watch(factory, job_id, attempt, timer), s)
+        cfg = _config(attempt, job, s)
+        with runner.Heartbeat(factory, job_id, number, s.job_heartbeat_s):
+            return runner.run_engine(cfg, runner.Watch(factory, job_id, number, attempt.timer), s)
     except HandedBack:
-        runner.hand_back(factory, s, job_id, attempt, queue)
-        artifact.unlink(missing_ok=True)
+        runner.hand_back(factory, s, job_id, number, job.queue)
+        attempt.artifact.unlink(missing_ok=True)
         return "handed_back"
     except LeaseLost:
-        log.warning("job %s: attempt %d lost its claim to a newer attempt; stopping", job_id, attempt)
-        artifact.unlink(missing_ok=True)
+        log.warning("job %s: attempt %d lost its claim to a newer attempt; stopping", job_id, number)
+        attempt.artifact.unlink(missing_ok=True)
         return "lost"
     except JobCancelled:
-        times = timer.close()
-        ended = _record(factory, job_id, lambda db: lifecycle.finish_cancelled(db, job_id, attempt, times))
+        times = attempt.timer.close()
+        ended = _record(factory, job_id, lambda db: lifecycle.finish_cancelled(db, job_id, number, times))
         if ended is not Transition.LOST_TO_ANOTHER_ATTEMPT:  # the files are this attempt's to remove
-            storage.remove_job(job_id)
+            attempt.storage.remove_job(job_id)
         return CANCELLED
     except EngineError as exc:
         log.info("job %s failed: %s", job_id, exc)
-        artifact.unlink(missing_ok=True)  # a failed job keeps no artifact, whole or partial (disk_full)
-        code, message, times = exc.code, exc.message, timer.close()
-        _record(factory, job_id, lambda db: lifecycle.fail(db, job_id, attempt, code, message, stage_times=times))
+        attempt.artifact.unlink(missing_ok=True)  # a failed job keeps no artifact, whole or partial (disk_full)
+        attempt.fail(exc.code, exc.message)
         return FAILED
     except Exception as exc:  # a bug or an environment problem: still a recorded, readable failure
-        log.exception("job %s crashed", job_id)
-        artifact.unlink(missing_ok=True)
-        if isinstance(exc, sandbox.ChildFailed):
-            log.error("job %s: the engine's traceback:\n%s", job_id, exc.trace)
-        kind, text = (exc.type_name, exc.message) if isinstance(exc, sandbox.ChildFailed) else \
-            (type(exc).__name__, str(exc))
-        message = (f"unexpected error while quantizing ({kind}: {text[:300]}); "
-                   "this is a lowbit problem, not your model's, please report it")
-        times = timer.close()
-        _record(factory, job_id, lambda db: lifecycle.fail(db, job_id, attempt, "internal_error", message,
-                                                           stage_times=times))
-        return FAILED
+        return _crashed(attempt, exc)
     finally:
-        _cleanup_work(work_dir)
+        _cleanup_work(attempt.work_dir)
+
+
+def _crashed(attempt: _Attempt, exc: Exception) -> str:
+    """Record an unexpected error around the engine as the job's failure (internal_error)."""
+    log.exception("job %s crashed", attempt.job_id)
+    attempt.artifact.unlink(missing_ok=True)
+    if isinstance(exc, sandbox.ChildFailed):
+        log.error("job %s: the engine's traceback:\n%s", attempt.job_id, exc.trace)
+    kind, text = (exc.type_name, exc.message) if isinstance(exc, sandbox.ChildFailed) else \
+        (type(exc).__name__, str(exc))
+    message = (f"unexpected error while quantizing ({kind}: {text[:300]}); "
+               "this is a lowbit problem, not your model's, please report it")
+    attempt.fail("internal_error", message)
+    return FAILED
+
+
+def _keep(attempt: _Attempt, result: QuantizeResult, s: Settings) -> str:
+    """Record the quantized model as the job's result, unless the tenant's storage quota or a newer attempt,
+    a cancellation or a deletion since the engine started says otherwise."""
+    factory, job_id, number, artifact = attempt.factory, attempt.job_id, attempt.number, attempt.artifact
     try:
         from worker.engine.validate import finite_or_none
 
@@ -207,29 +281,24 @@ def _run(job_id: str, s: Settings, factory: sessionmaker[Session]) -> str:
         over = _over_quota(factory, s, job_id, int(result.artifact_bytes))
         if over is not None:  # keeping the artifact would take its tenant past the storage quota
             artifact.unlink(missing_ok=True)
-            quota, times = over, timer.close()
-            _record(factory, job_id, lambda db: lifecycle.fail(db, job_id, attempt, "storage_quota_exceeded", quota,
-                                                               keep_stage=False, stage_times=times))
+            attempt.fail("storage_quota_exceeded", over, keep_stage=False)
             return FAILED
-        kept, times = finite_or_none(report), timer.close()
+        kept, times = finite_or_none(report), attempt.timer.close()
         recorded = _record(factory, job_id, lambda db: lifecycle.succeed(
-            db, job_id, attempt, report=kept, artifact_path=str(result.artifact_path),
+            db, job_id, number, report=kept, artifact_path=str(result.artifact_path),
             artifact_sha256=result.artifact_sha256, artifact_bytes=result.artifact_bytes, stage_times=times))
     except Exception as exc:  # recording the result failed: the job must still end, readably
         log.exception("job %s: recording the result failed", job_id)
         artifact.unlink(missing_ok=True)
-        message = (f"the model was quantized but the result could not be recorded ({type(exc).__name__}: "
-                   f"{str(exc)[:300]}); submit the job again")
-        times = timer.close()
-        _record(factory, job_id, lambda db: lifecycle.fail(db, job_id, attempt, "internal_error", message,
-                                                           stage_times=times))
+        attempt.fail("internal_error", f"the model was quantized but the result could not be recorded "
+                                       f"({type(exc).__name__}: {str(exc)[:300]}); submit the job again")
         return FAILED
     if recorded is not Transition.APPLIED:
         if recorded is Transition.LOST_TO_ANOTHER_ATTEMPT:
             artifact.unlink(missing_ok=True)  # a newer attempt owns the job now
             return "lost"
         # Deleted or cancelled while the engine ran: do not leave an orphaned artifact behind.
-        storage.remove_job(job_id)
+        attempt.storage.remove_job(job_id)
         return CANCELLED
     return SUCCEEDED
 
