@@ -44,7 +44,8 @@ JOBS: list[tuple[str, str, str, str, dict[str, Any], dict[str, Any] | None]] = [
     ("pt2-static", "pt2", "pt2_data", "int8_static", {}, None),
     ("pt2-qat", "pt2", "pt2_data", "qat_int8", {"steps": 10}, None),
 ]
-TIMING = ("latency", "seconds", "speedup", "elapsed", "duration", "environment", "started", "finished", "worker")
+TIMING = ("latency", "seconds", "speedup", "elapsed", "duration", "environment", "started", "finished", "worker",
+          "slower", "faster")
 
 
 def _timing(key: str) -> bool:
@@ -70,7 +71,7 @@ def strip(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: strip(v) for k, v in value.items() if not _timing(k)}
     if isinstance(value, list):
-        return [strip(v) for v in value if not (isinstance(v, str) and " slower than " in v)]
+        return [strip(v) for v in value if not (isinstance(v, str) and (" slower than " in v or " ms " in v))]
     return value
 
 
