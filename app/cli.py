@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     mp.set_defaults(func=cmd_migrate)
 
-    from worker.engine.recipes import RECIPE_NAMES, describe_recipes
+    from worker.engine.recipes import REGISTRY, describe_recipes
     from worker.engine.recipes.options import CALIBRATION_METHODS
 
     # Recipe choices and their options come from the registry (worker/engine/recipes).
@@ -558,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("model", help="ONNX model file")
     qp.add_argument("--calib", help="calibration .npz")
     qp.add_argument("--eval", help="evaluation .npz (labels optional)")
-    qp.add_argument("--recipe", choices=list(RECIPE_NAMES),
+    qp.add_argument("--recipe", choices=list(REGISTRY),
                     help="default: the --config file's recipe, else int8_static")
     qp.add_argument("--config", help="a JSON file {\"recipe\", \"options\"}, e.g. an auto job's chosen configuration "
                     "(GET /api/v1/jobs/ID/config); --option and --method override its options")

@@ -16,13 +16,24 @@ from app.examples import (
 )
 from worker.engine.recipes import REGISTRY, describe_recipes
 
-# Generated from the recipe registry (worker/engine/recipes), so the OpenAPI text lists every recipe.
-RECIPE_DESCRIPTION = "One of " + " | ".join(REGISTRY) + ":\n" + describe_recipes()
-OPTIONS_DESCRIPTION = (
-    "The recipe's options (all optional; each recipe refuses the ones it does not take):\n"
-    + "\n".join(f"- {r.name}: " + "; ".join(f"{o.name} ({o.describe()})" for o in r.options)
-                for r in REGISTRY.values())
-)
+
+def recipe_description() -> str:
+    """JobCreate.recipe's OpenAPI text, generated from the recipe registry (worker/engine/recipes)."""
+    return "One of " + " | ".join(REGISTRY) + ":\n" + describe_recipes()
+
+
+def options_description() -> str:
+    """JobCreate.options' OpenAPI text: every recipe's options, from the registry."""
+    return (
+        "The recipe's options (all optional; each recipe refuses the ones it does not take):\n"
+        + "\n".join(f"- {r.name}: " + "; ".join(f"{o.name} ({o.describe()})" for o in r.options)
+                    for r in REGISTRY.values())
+    )
+
+
+# Built once, when JobCreate is defined: the registry a process imports is the one its schema documents.
+RECIPE_DESCRIPTION = recipe_description()
+OPTIONS_DESCRIPTION = options_description()
 
 
 class AccuracyTarget(BaseModel):

@@ -29,13 +29,6 @@ from worker.engine.errors import EngineError
 from worker.engine.recipes import REGISTRY
 
 PAGE_SIZE = 25
-# The recipe list and which form inputs each recipe reads come from the registry (worker/engine/recipes).
-FORM_RECIPES = {r.name: r.label for r in REGISTRY.values()}
-# form input -> the recipes whose options it sets (the page shows which recipes a field is for).
-FORM_FIELD_RECIPES: dict[str, tuple[str, ...]] = {}
-for _r in REGISTRY.values():
-    for _f in _r.form_fields:
-        FORM_FIELD_RECIPES[_f.input] = (*FORM_FIELD_RECIPES.get(_f.input, ()), _r.name)
 INT4_CHOICES = {
     "": "automatic (clip_search with calibration data, else rtn)",
     "clip_search": "clip_search (calibrated)",
@@ -51,6 +44,28 @@ TARGET_METRICS = {
     "sqnr_db": "SQNR (dB)",
 }
 TARGET_BOUNDS = {"max_drop": "may drop at most", "min": "must be at least"}
+
+
+def form_recipes() -> dict[str, str]:
+    """The upload form's recipes (name -> label), read from the registry (worker/engine/recipes) when a page
+    is built or a form is read."""
+    return {r.name: r.label for r in REGISTRY.values()}
+
+
+def form_field_recipes() -> dict[str, tuple[str, ...]]:
+    """Form input -> the recipes whose options it sets (the page shows which recipes a field is for)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for r in REGISTRY.values():
+        for f in r.form_fields:
+            out[f.input] = (*out.get(f.input, ()), r.name)
+    return out
+
+
+def form_choices() -> dict[str, Any]:
+    """The upload form's choices (index.html's ``choices``): recipes and their fields from the registry."""
+    return {"recipes": form_recipes(), "methods": CALIBRATION_METHODS, "metrics": TARGET_METRICS,
+            "algorithms": INT4_CHOICES, "block_sizes": BLOCK_SIZES, "bounds": TARGET_BOUNDS,
+            "field_recipes": form_field_recipes()}
 
 
 @dataclass
@@ -98,9 +113,7 @@ def list_context(db: Session, cursor: str | None, tenant_id: str, limit: int = P
         "api_url": f"/api/v1/jobs?{urlencode(query)}",
         "form": FormValues(),
         "form_error": None,
-        "choices": {"recipes": FORM_RECIPES, "methods": CALIBRATION_METHODS, "metrics": TARGET_METRICS,
-                    "algorithms": INT4_CHOICES, "block_sizes": BLOCK_SIZES,
-                    "bounds": TARGET_BOUNDS, "field_recipes": FORM_FIELD_RECIPES},
+        "choices": form_choices(),
         "status_words": present.STATUS_WORDS,
     }
 
@@ -261,8 +274,9 @@ def _form_option(values: FormValues, name: str) -> Any:
 
 def form_config(values: FormValues) -> dict[str, Any]:
     """The form's fields as a job configuration (recipe, options, accuracy_target); Invalid if a field is wrong."""
-    if values.recipe not in FORM_RECIPES:
-        raise Invalid(f"unknown recipe '{values.recipe}'; choose one of {', '.join(FORM_RECIPES)}",
+    recipes = form_recipes()
+    if values.recipe not in recipes:
+        raise Invalid(f"unknown recipe '{values.recipe}'; choose one of {', '.join(recipes)}",
                       code="unknown_recipe")
     options: dict[str, Any] = {}
     for form_field in REGISTRY[values.recipe].form_fields:

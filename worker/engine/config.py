@@ -92,7 +92,8 @@ class RecipeOptions:
 
     def to_dict(self, recipe: str = "int8_static") -> dict[str, Any]:
         """The options that apply to ``recipe``, defaults filled in (what a job records and reports)."""
-        keys = RECIPE_OPTIONS.get(recipe, frozenset(f.name for f in fields(self)))
+        # Read from REGISTRY when called (not RECIPE_OPTIONS' import-time snapshot), like parse_options.
+        keys = REGISTRY[recipe].option_names if recipe in REGISTRY else frozenset(f.name for f in fields(self))
         if recipe in REGISTRY:
             # An option that needs another one on (int4's int8 calibration options) is not recorded without it.
             keys = keys - {o.name for o in REGISTRY[recipe].options if o.requires and not getattr(self, o.requires)}
@@ -164,7 +165,7 @@ def parse_options(recipe: str, raw: dict[str, Any] | None) -> RecipeOptions:
 
 def calibrates(recipe: str, opts: RecipeOptions, has_calibration: bool) -> bool:
     """Does this run learn from the calibration set (which then never validates)?"""
-    if recipe in RECIPES_NEEDING_CALIBRATION:
+    if recipe in REGISTRY and REGISTRY[recipe].needs_calibration:
         return True
     if recipe == "int4_weight_only":
         algorithm = opts.algorithm or default_algorithm(has_calibration)

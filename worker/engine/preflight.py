@@ -10,11 +10,12 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker.engine.config import INT4_CALIBRATED, RECIPES_NEEDING_CALIBRATION, RecipeOptions, calibrates
+from worker.engine.config import INT4_CALIBRATED, RecipeOptions, calibrates
 from worker.engine.errors import EngineError
 from worker.engine.feeds import FeedPlan, fixed_batch, plan_feeds
 from worker.engine.inspect import TensorInfo
 from worker.engine.npz import DatasetInfo
+from worker.engine.recipes import get_recipe
 
 SYNTHETIC_SAMPLES = 8
 TARGET_METRICS = ("label_accuracy", "top1_agreement", "cosine", "sqnr_db")
@@ -106,7 +107,7 @@ def _plan_split(
     calib: DatasetInfo | None,
     ev: DatasetInfo | None,
 ) -> Split:
-    if recipe in RECIPES_NEEDING_CALIBRATION and calib is None:
+    if get_recipe(recipe).needs_calibration and calib is None:
         raise EngineError(
             "calibration_required",
             f"recipe {recipe} needs a calibration dataset (an .npz of a few hundred representative inputs)",

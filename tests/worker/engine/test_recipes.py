@@ -101,9 +101,9 @@ def test_the_readme_option_table_is_current_and_names_every_option_under_its_rec
 def test_the_form_the_cli_and_the_schema_offer_the_registry() -> None:
     from app.cli import build_parser
     from app.jobs.schemas import JobCreate
-    from app.pages.service import FORM_RECIPES, FormValues, _form_option
+    from app.pages.service import FormValues, _form_option, form_recipes
 
-    assert {r.name: r.label for r in REGISTRY.values()} == FORM_RECIPES
+    assert {r.name: r.label for r in REGISTRY.values()} == form_recipes()
     for r in REGISTRY.values():
         for f in r.form_fields:
             _form_option(FormValues(), f.input)  # every input a recipe names exists on the form
