@@ -210,3 +210,37 @@ def test_import_contracts_name_every_worker_service_module() -> None:
     assert set(contracts["engine-is-a-library"]["forbidden_modules"]) == {"app", *service}
     top_layer = contracts["worker-over-app-over-engine"]["layers"][0]
     assert {m.strip() for m in top_layer.split(":")} == service
+
+
+# Code style across the service and the engine (issue #16): short functions, and no reaching into another
+# module's private names (the engine's own check above also sees its cycles; this one covers app and worker).
+MAX_FUNCTION_LINES = 80
+
+
+def _source_modules() -> dict[str, Path]:
+    return {_module_name(p): p for top in ("app", "worker") for p in sorted((ROOT / top).rglob("*.py"))}
+
+
+def test_app_and_worker_have_short_functions_and_import_no_private_name_of_another() -> None:
+    modules = _source_modules()
+    assert {"app.main", "app.pages.present", "worker.tasks", "worker.engine.pipeline"} <= set(modules)
+    long: list[str] = []
+    private: list[str] = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):  # nested functions and methods too
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {length} lines")
+        for stmt, _ in _imports(tree):  # function-level and TYPE_CHECKING imports included
+            if not isinstance(stmt, ast.ImportFrom):
+                continue
+            source = _resolve(name, stmt)
+            if source.split(".")[0] not in ("app", "worker"):
+                continue  # other libraries' private modules (torch.utils._pytree) are theirs to name
+            private += [f"{name} imports {source}.{a.name}" for a in stmt.names
+                        if a.name.startswith("_") and not a.name.startswith("__")
+                        and f"{source}.{a.name}" not in modules]
+    assert long == [], f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+    assert private == []

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.pages.present import (
-    _number,
     fmt_end,
     fmt_pct,
     fmt_pct_ci,
     fmt_signed,
     interval,
+    is_number,
     overlap_text,
     source_text,
     speed_text,
@@ -49,7 +49,7 @@ INT4_WORDS = {
 
 
 def _num(x: Any, fmt: str = "g") -> str:
-    return format(x, fmt) if _number(x) else "?"
+    return format(x, fmt) if is_number(x) else "?"
 
 
 def effective(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -76,14 +76,14 @@ def calibration_point(report: dict[str, Any]) -> Point | None:
     recipe, options = effective(report)
     cal = report.get("calibration") or {}
     samples, seconds = cal.get("samples"), cal.get("seconds")
-    took = f" ({_num(seconds)} s)" if _number(seconds) else ""
+    took = f" ({_num(seconds)} s)" if is_number(seconds) else ""
     what = ("Calibration runs the original model on sample inputs and records the range of values each activation "
             "takes; int8 then spreads its 256 levels over that range. Too wide a range wastes levels, too narrow "
             "clips values.")
     if recipe == "int8_static" and cal:
         method = str(cal.get("method") or "?")
         words = METHOD_WORDS.get(method, "").format(percentile=_num(cal.get("percentile") or options.get("percentile")))
-        tensors = f" {cal['tensors']} tensors" if _number(cal.get("tensors")) else ""
+        tensors = f" {cal['tensors']} tensors" if is_number(cal.get("tensors")) else ""
         text = (f"{what} This job calibrated{tensors} with the {method} method on {_num(samples)} samples{took}"
                 + (f": {words}." if words else "."))
         return Point("calibration", "Calibration", text)
@@ -108,15 +108,15 @@ def calibration_point(report: dict[str, Any]) -> Point | None:
         if cal:
             kept = cal.get("float32_nodes")
             text += (f" This job still ran {_num(samples)} samples through the model to find values too large for "
-                     f"float16" + (f"; {kept} node(s) stay in float32." if _number(kept) else "."))
+                     f"float16" + (f"; {kept} node(s) stay in float32." if is_number(kept) else "."))
         return Point("calibration", "Calibration", text)
     if recipe == "qat_int8":
         training = report.get("training") or {}
         text = what + (f" This job calibrated with the {cal.get('method', '?')} method on {_num(samples)} samples"
                        if cal else "")
-        if _number(training.get("steps")):
+        if is_number(training.get("steps")):
             text += (f"{'; then' if cal else ' Then'} {training['steps']} training steps"
-                     f"{' (' + _num(training.get('seconds')) + ' s)' if _number(training.get('seconds')) else ''} "
+                     f"{' (' + _num(training.get('seconds')) + ' s)' if is_number(training.get('seconds')) else ''} "
                      "adjusted the weights and ranges together.")
         elif cal:
             text += "."
@@ -132,7 +132,7 @@ def recipe_point(report: dict[str, Any]) -> Point | None:
         steps = (report.get("training") or {}).get("steps")
         return Point("recipe", "PTQ or QAT", (
             "This job used quantization-aware training (QAT): the model was fine-tuned"
-            + (f" for {steps} steps" if _number(steps) else "")
+            + (f" for {steps} steps" if is_number(steps) else "")
             + " with the int8 rounding simulated in its forward pass, so the weights learned to live with it. "
             "Post-training quantization (PTQ, every other recipe) only converts the trained weights; the "
             "\u201cwhat training bought\u201d table below compares the two on the same samples."))
@@ -153,8 +153,8 @@ def figures_point(report: dict[str, Any]) -> Point | None:
     outputs = [o for o in acc.get("outputs") or [] if isinstance(o, dict)]
     if not outputs:
         return None
-    cos = [o for o in outputs if _number(o.get("cosine"))]
-    sq = [o for o in outputs if _number(o.get("sqnr_db"))]
+    cos = [o for o in outputs if is_number(o.get("cosine"))]
+    sq = [o for o in outputs if is_number(o.get("sqnr_db"))]
     parts = [f"Every figure compares the quantized model's outputs with the original's on the same "
              f"{_num(acc.get('samples'))} samples, from {source_text(acc.get('source'))}."]
     if cos:
@@ -188,19 +188,19 @@ def trust_point(report: dict[str, Any], index: int, o: dict[str, Any]) -> Point:
     name = str(o.get("name", "?"))
     head = f"Output {name}{_role_words(o)}"
     role = o.get("role")
-    if _number(o.get("ctc_sequence_agreement")) or _number(o.get("sequence_agreement")):
+    if is_number(o.get("ctc_sequence_agreement")) or is_number(o.get("sequence_agreement")):
         bits = []
-        if _number(o.get("ctc_sequence_agreement")):
+        if is_number(o.get("ctc_sequence_agreement")):
             bits.append(f"CTC-decoded sequence agreement, {fmt_pct(o['ctc_sequence_agreement'])} "
                         f"{fmt_pct_ci(o.get('ctc_sequence_agreement_ci'))}".rstrip()
                         + " (the decoded text or label string, repeats and blanks removed, is unchanged)")
-        if _number(o.get("sequence_agreement")):
+        if is_number(o.get("sequence_agreement")):
             bits.append(f"whole-sequence agreement, {fmt_pct(o['sequence_agreement'])} "
                         f"{fmt_pct_ci(o.get('sequence_agreement_ci'))}".rstrip()
                         + " (every step's top class is unchanged, which is stricter)")
         return Point(f"trust-{index}", "Which figure to trust", f"{head}: trust " + "; then ".join(bits) + ".")
-    if role == "classification" and labels and labels.get("output") in (None, name) and _number(
-            labels.get("original")) and _number(labels.get("quantized")) and _number(labels.get("delta")):
+    if role == "classification" and labels and labels.get("output") in (None, name) and is_number(
+            labels.get("original")) and is_number(labels.get("quantized")) and is_number(labels.get("delta")):
         ci = interval(labels.get("delta_ci"))
         change = f"{fmt_signed(labels['delta'] * 100)} pt"
         if ci is not None:
@@ -209,26 +209,26 @@ def trust_point(report: dict[str, Any], index: int, o: dict[str, Any]) -> Point:
             f"{head}: trust label accuracy, the share of samples whose top class is the right label: "
             f"{fmt_pct(labels['original'])} before, {fmt_pct(labels['quantized'])} after ({change}). Top-1 "
             "agreement and cosine only say how much the outputs moved, not whether the answers got worse."))
-    if role == "classification" and _number(o.get("top1_agreement")):
+    if role == "classification" and is_number(o.get("top1_agreement")):
         shown = fmt_pct_ci(o.get("top1_agreement_ci"))
         return Point(f"trust-{index}", "Which figure to trust", (
             f"{head}: trust top-1 agreement, the share of samples whose top class is the same as the original "
             f"model's: {fmt_pct(o['top1_agreement'])}{' ' + shown if shown else ''}. It does not say whether either "
             "answer was right; an evaluation set with labels adds label accuracy."))
-    if role == "embedding" and _number(o.get("neighbour_agreement")):
+    if role == "embedding" and is_number(o.get("neighbour_agreement")):
         shown = fmt_pct_ci(o.get("neighbour_agreement_ci"))
         among = o.get("neighbour_samples")
-        cos = f", and cosine {o['cosine']:.5f}" if _number(o.get("cosine")) else ""
+        cos = f", and cosine {o['cosine']:.5f}" if is_number(o.get("cosine")) else ""
         return Point(f"trust-{index}", "Which figure to trust", (
             f"{head}: trust nearest-neighbour agreement, the share of samples whose closest other sample is the "
             f"same among the quantized embeddings as among the original ones: {fmt_pct(o['neighbour_agreement'])}"
-            f"{' ' + shown if shown else ''}{f' among {among} samples' if _number(among) else ''}{cos}. Search and "
+            f"{' ' + shown if shown else ''}{f' among {among} samples' if is_number(among) else ''}{cos}. Search and "
             "clustering depend on who is close to whom, which this measures directly."))
     if o.get("identical") is True:
         return Point(f"trust-{index}", "Which figure to trust",
                      f"{head}: bit-identical to the original's on every sample, so nothing was lost.")
-    figure = f"SQNR {o['sqnr_db']:.1f} dB and cosine" if _number(o.get("sqnr_db")) else "cosine"
-    cos = f" {o['cosine']:.5f}" if _number(o.get("cosine")) else ""
+    figure = f"SQNR {o['sqnr_db']:.1f} dB and cosine" if is_number(o.get("sqnr_db")) else "cosine"
+    cos = f" {o['cosine']:.5f}" if is_number(o.get("cosine")) else ""
     why = {"embedding": "too few samples to compare neighbours",
            "classification": "no top class was measured for it"}.get(str(role), "it has no classes to agree on")
     return Point(f"trust-{index}", "Which figure to trust",
@@ -249,7 +249,7 @@ def intervals_point(report: dict[str, Any]) -> Point | None:
     n = labels.get("samples") or acc.get("samples")
     parts: list[str] = []
     ci = interval(labels.get("delta_ci"))
-    if ci is not None and ci[0] == ci[1] == 0 and _number(n) and n > 0:
+    if ci is not None and ci[0] == ci[1] == 0 and is_number(n) and n > 0:
         parts.append(f"on these {n} evaluation samples no answer went from right to wrong or back, so the "
                      "label-accuracy change's interval is the single point 0.0: resampling cannot produce a change "
                      f"that never occurred. {_rule_of_three(n, 'changed answers')}")
@@ -269,12 +269,12 @@ def intervals_point(report: dict[str, Any]) -> Point | None:
             [o for o in outputs if interval(o.get("cosine_ci"))]
         if with_ci:
             # the worst output's interval: the one a reader should worry about
-            o = min(with_ci, key=lambda x: x["top1_agreement"] if _number(x.get("top1_agreement")) else
-                    x["cosine"] if _number(x.get("cosine")) else 1.0)
+            o = min(with_ci, key=lambda x: x["top1_agreement"] if is_number(x.get("top1_agreement")) else
+                    x["cosine"] if is_number(x.get("cosine")) else 1.0)
             count = o.get("samples", n)
             if interval(o.get("top1_agreement_ci")):
                 lo, hi = interval(o.get("top1_agreement_ci")) or (0.0, 0.0)
-                if lo == hi == 1.0 and _number(count) and count > 0:
+                if lo == hi == 1.0 and is_number(count) and count > 0:
                     parts.append(f"all {count} evaluation samples keep their top class in {o.get('name')}, so its "
                                  "interval is the single point 100 %: resampling cannot produce a disagreement "
                                  f"that never occurred. {_rule_of_three(count, 'disagreements')}")
@@ -302,10 +302,10 @@ def intervals_point(report: dict[str, Any]) -> Point | None:
     text = ("Figures in brackets are 95% intervals, found by resampling the measured samples (a bootstrap): "
             + parts[0][0].lower() + parts[0][1:] + " " + " ".join(parts[1:]))
     target = report.get("accuracy_target") or {}
-    if _number(target.get("confidence")):
+    if is_number(target.get("confidence")):
         bound = target.get("bound")
         text += (" The accuracy target was checked against the interval's pessimistic end"
-                 + (f" ({bound:.6g})" if _number(bound) else " (none could be computed, so it was not met)")
+                 + (f" ({bound:.6g})" if is_number(bound) else " (none could be computed, so it was not met)")
                  + ", not the measured value.")
     return Point("intervals", "What the ranges in brackets mean", text.strip())
 

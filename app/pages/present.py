@@ -32,7 +32,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
-def _number(x: Any) -> TypeGuard[int | float]:
+def is_number(x: Any) -> TypeGuard[int | float]:
     """A value the number formatters can format: a report missing a key (None, or a template's Undefined) is
     shown as n/a instead of failing the page."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -40,7 +40,7 @@ def _number(x: Any) -> TypeGuard[int | float]:
 
 def fmt_bytes(n: int | None) -> str:
     """Bytes in SI units with one decimal: 59906 -> '59.9 kB'."""
-    if not _number(n):
+    if not is_number(n):
         return NA
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
@@ -50,7 +50,7 @@ def fmt_bytes(n: int | None) -> str:
 
 def fmt_ms(ms: float | None) -> str:
     """Milliseconds with three significant digits: '0.0404 ms', '12.3 ms', '1234 ms'."""
-    if not _number(ms):
+    if not is_number(ms):
         return NA
     if ms >= 100:
         return f"{ms:.0f} ms"
@@ -133,7 +133,7 @@ ELLIPSIS = "\u2026"
 
 def interval(ci: Any) -> tuple[float, float] | None:
     """A report's ``*_ci`` value as (low, high); None for a missing, null or malformed one (older reports)."""
-    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_number(x) for x in ci):
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(is_number(x) for x in ci):
         return float(ci[0]), float(ci[1])
     return None
 
@@ -159,7 +159,7 @@ def fmt_fraction_ci(value: Any, ci: Any, least: int = 4) -> str:
     lo_hi = interval(ci)
     if lo_hi is None:
         return ""
-    d = _digits(float(value), lo_hi, least) if _number(value) else least
+    d = _digits(float(value), lo_hi, least) if is_number(value) else least
     return fmt_interval(lo_hi, lambda x: f"{x:.{d}f}")
 
 
@@ -194,9 +194,9 @@ def speed_text(latency: dict[str, Any] | None, runs: bool = True) -> str:
     lat = latency or {}
     speedup = lat.get("speedup")
     measurable = lat.get("speedup_measurable")
-    text = speed_phrase(speedup if _number(speedup) else None, measurable)
+    text = speed_phrase(speedup if is_number(speedup) else None, measurable)
     ci = interval(lat.get("speedup_ci"))
-    if ci is not None and _number(speedup) and speedup > 0:
+    if ci is not None and is_number(speedup) and speedup > 0:
         if measurable is False:
             text += " " + fmt_interval(ci, lambda x: f"{x:.2f}")
         elif speedup >= 1:
@@ -204,7 +204,7 @@ def speed_text(latency: dict[str, Any] | None, runs: bool = True) -> str:
         elif ci[0] > 0:  # a slow-down's interval, as slow-down factors (the interval's ends swap)
             text += " " + factor_interval((1 / ci[1], 1 / ci[0]))
     count = lat.get("runs")
-    if runs and _number(count) and count > 0 and _number(speedup):
+    if runs and is_number(count) and count > 0 and is_number(speedup):
         order = "interleaved " if lat.get("order") == "interleaved" else ""
         text += f", {count} {order}run{'' if count == 1 else 's'}"
     return text
@@ -238,7 +238,7 @@ def accuracy_headline(report: dict[str, Any]) -> Headline | None:
                         f"top-1 against the given labels, {labels.get('samples', samples)} samples",
                         fmt_pct_ci(labels.get("quantized_ci")), fmt_points_ci(labels.get("delta_ci")))
     several = f" (worst of {len(outputs)} outputs)" if len(outputs) > 1 else ""
-    top1 = [o for o in outputs if _number(o.get("top1_agreement"))]
+    top1 = [o for o in outputs if is_number(o.get("top1_agreement"))]
     if top1:
         w = min(top1, key=lambda o: o["top1_agreement"])
         worst, ci = w["top1_agreement"], interval(w.get("top1_agreement_ci"))
@@ -246,7 +246,7 @@ def accuracy_headline(report: dict[str, Any]) -> Headline | None:
                         f"{fmt_signed((worst - 1) * 100)} pt", f"{fmt_pct(worst)} top-1 agreement",
                         f"same top class as the original model{several}, {samples} samples",
                         fmt_pct_ci(ci), fmt_points_ci(None if ci is None else (ci[0] - 1, ci[1] - 1)))
-    cosines = [o for o in outputs if _number(o.get("cosine"))]
+    cosines = [o for o in outputs if is_number(o.get("cosine"))]
     if cosines:
         w = min(cosines, key=lambda o: o["cosine"])
         worst = w["cosine"]
@@ -289,12 +289,12 @@ def output_rows(outputs: list[dict[str, Any]]) -> list[OutputRow]:
             sqnr = str(o["sqnr_note"])
         extra = []
         for key, label in (("sequence_agreement", "whole sequence"), ("ctc_sequence_agreement", "CTC-decoded")):
-            if _number(o.get(key)):
+            if is_number(o.get(key)):
                 extra.append(_share_text(label, o[key], o.get(key + "_ci")))
-        if _number(o.get("neighbour_agreement")):
+        if is_number(o.get("neighbour_agreement")):
             among = o.get("neighbour_samples")
             extra.append(_share_text("nearest neighbour", o["neighbour_agreement"], o.get("neighbour_agreement_ci"))
-                         + (f" among {among} samples" if _number(among) else ""))
+                         + (f" among {among} samples" if is_number(among) else ""))
         role = str(o.get("role") or "")
         rows.append(OutputRow(
             role=ROLE_WORDS.get(role, role),
@@ -323,8 +323,8 @@ def overlap_text(accuracy: dict[str, Any] | None) -> str:
         return ("The evaluation set is the calibration set: every figure was measured on the samples the ranges "
                 "were fitted to, so they are optimistic.")
     shared, total = ov.get("shared_with_calibration"), ov.get("evaluation_samples")
-    if _number(shared) and shared > 0:
-        of = f" of the {total}" if _number(total) else ""
+    if is_number(shared) and shared > 0:
+        of = f" of the {total}" if is_number(total) else ""
         return (f"{shared}{of} evaluation samples also occur in the calibration set: the figures on them are "
                 "optimistic.")
     return ""
@@ -334,11 +334,11 @@ def target_bound_text(target: dict[str, Any] | None) -> str:
     """How a confident target was decided: 'decided by the 95% interval's lower end, 0.8781'."""
     t = target or {}
     conf = t.get("confidence")
-    if not _number(conf):
+    if not is_number(conf):
         return ""
     level = f"{conf * 100:g}%"
     bound = t.get("bound")
-    if not _number(bound):
+    if not is_number(bound):
         return f"needs the {level} interval, which could not be computed (too few samples)"
     return f"decided by the {level} interval's lower end, {bound:.6g}, not the measured value"
 
@@ -567,10 +567,10 @@ def candidate_brief(c: dict[str, Any]) -> str:
 def candidate_speedup(c: dict[str, Any]) -> float | None:
     """A candidate row's speed-up over the fp32 model (reports before it was recorded: from its two p50s)."""
     speedup = c.get("speedup")
-    if _number(speedup):
+    if is_number(speedup):
         return float(speedup)
     fp32, own = c.get("fp32_latency_ms_p50"), c.get("latency_ms_p50")
-    return round(fp32 / own, 4) if _number(fp32) and _number(own) and own else None
+    return round(fp32 / own, 4) if is_number(fp32) and is_number(own) and own else None
 
 
 def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
@@ -578,7 +578,7 @@ def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
     chosen = report.get("chosen") or {}
     # The search's own tolerance for calling a candidate slower (a report without one: any speed-up below 1).
     tolerance = (report.get("auto") or {}).get("speed_tolerance")
-    tolerance = float(tolerance) if _number(tolerance) else 0.0
+    tolerance = float(tolerance) if is_number(tolerance) else 0.0
     ckey = (chosen.get("recipe"), (chosen.get("options") or {}).get("method"),
             tuple(chosen.get("excluded_nodes") or ()))
     rows = []
@@ -598,7 +598,7 @@ def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
             status=status,
             size=fmt_bytes(c.get("size_bytes")),
             size_bytes=c.get("size_bytes"),
-            metric=f"{metric:.6g}" if _number(metric) else NA,
+            metric=f"{metric:.6g}" if is_number(metric) else NA,
             latency=fmt_ms(c.get("latency_ms_p50")),
             speedup=speed_phrase(speedup) if speedup else NA,
             speedup_value=speedup,
