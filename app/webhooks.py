@@ -87,6 +87,10 @@ def webhook_secret(settings: Settings) -> str:
     return data_dir_secret(Path(settings.data_dir), SECRET_FILE)
 
 
+# The report's sections a webhook's summary carries (fields of worker.engine.report.Report; a test checks it).
+SUMMARY_KEYS = ("size", "accuracy", "latency", "accuracy_target", "warnings")
+
+
 def job_summary(job: Job, event: str, delivery_id: str) -> dict[str, Any]:
     """The webhook body: the job as the API shows it (without its deliveries) and its report's headline."""
     from app.jobs.service import to_out
@@ -94,7 +98,9 @@ def job_summary(job: Job, event: str, delivery_id: str) -> dict[str, Any]:
     report = job.report or None
     summary = None
     if report:
-        summary = {k: report.get(k) for k in ("size", "accuracy", "latency", "accuracy_target", "warnings")}
+        # Copied as stored, not parsed with Report: the summary must say what GET /report serves (a parse would
+        # coerce values, e.g. an integer ratio to 1.0), and reports stored before report_version do not parse.
+        summary = {k: report.get(k) for k in SUMMARY_KEYS}
     return {
         "event": event,
         "delivery_id": delivery_id,

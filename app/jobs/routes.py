@@ -266,6 +266,19 @@ def get_report_schema() -> JSONResponse:
     return JSONResponse(report_schema())
 
 
+def _auto_pick(report: dict[str, Any]) -> dict[str, Any] | None:
+    """An auto report's chosen candidate, else the closest one (``best``), as {"recipe", "options"}; None when
+    it has neither. Read through the Report model; a report that does not fit it (one stored before
+    report_version existed) is read as stored, as GET /report serves it."""
+    try:
+        parsed = Report.model_validate(report)
+    except ValidationError:
+        raw = report.get("chosen") or report.get("best")
+        return {"recipe": raw["recipe"], "options": raw["options"]} if raw else None
+    pick = parsed.chosen or parsed.best
+    return {"recipe": pick.recipe, "options": pick.options} if pick else None
+
+
 @router.get("/{job_id}/config",
             responses={200: {"description": "The configuration, as a JSON file (Content-Disposition: attachment).",
                              "content": {"application/json": {"example": {
@@ -276,10 +289,8 @@ def get_config(job_id: str, db: Session = Depends(get_db), who: Principal = Depe
     """The job's configuration as a file for `lowbit quantize --config`: for an auto job, the candidate it chose
     (or, if none met the target, the closest one), with the layers it kept in float."""
     job = service.get_job(db, job_id, who.tenant_id)
-    report = job.report or {}
-    pick = (report.get("chosen") or report.get("best")) if job.recipe == "auto" else None
-    body = {"recipe": pick["recipe"], "options": pick["options"]} if pick else \
-        {"recipe": job.recipe, "options": job.options}
+    pick = _auto_pick(job.report or {}) if job.recipe == "auto" else None
+    body = pick or {"recipe": job.recipe, "options": job.options}
     return Response(json.dumps(body, indent=2), media_type="application/json",
                     headers={"Content-Disposition": f'attachment; filename="{job.id}.config.json"'})
 

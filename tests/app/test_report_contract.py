@@ -18,6 +18,11 @@ from tests.reports import assert_report_complete, assert_report_valid
 from worker.engine.report import REPORT_VERSION, Report, report_schema
 
 TARGET = {"metric": "label_accuracy", "max_drop": 0.05}
+# An auto report's own section, for hand-made auto reports.
+AUTO_SECTION: dict[str, Any] = {
+    "target": {"metric": "cosine", "min": 0.99}, "rounds": 1, "seconds": 0.5, "evaluated": 0, "failed": 0,
+    "skipped": [], "workers": [], "sensitivity_ranking": [], "prefer": "size_and_speed", "speed_tolerance": 0.1,
+    "chosen_speedup": None, "chosen_slower_than_fp32": None, "passed_over_as_slower": []}
 
 
 def test_report_schema_is_served_at_a_stable_url_and_in_the_openapi_document(sqlite_api: Harness) -> None:
@@ -56,12 +61,7 @@ def test_the_contract_refuses_a_broken_report() -> None:
         Report.model_validate(wrong)
     # auto with no candidate measured: the candidate table alone is a whole report.
     Report.model_validate({"report_version": 1, "job_id": None, "recipe": "auto", "options": {}, "chosen": None,
-                           "best": None, "candidates": [], "kept_in_float": [], "auto": {
-                               "target": {"metric": "cosine", "min": 0.99}, "rounds": 1, "seconds": 0.5,
-                               "evaluated": 0, "failed": 0, "skipped": [], "workers": [],
-                               "sensitivity_ranking": [], "prefer": "size_and_speed", "speed_tolerance": 0.1,
-                               "chosen_speedup": None, "chosen_slower_than_fp32": None,
-                               "passed_over_as_slower": []}})
+                           "best": None, "candidates": [], "kept_in_float": [], "auto": AUTO_SECTION})
 
 
 def test_a_report_stored_before_versioning_is_served_as_stored(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
@@ -124,3 +124,35 @@ def test_lowbit_quantize_and_a_service_job_write_the_same_report(sqlite_api: Har
     assert offline["accuracy_target"]["metric"] == "label_accuracy" and "met" in offline["accuracy_target"]
     assert list(offline) == list(served)
     assert _without_timing(offline) == _without_timing(served)
+
+
+def test_the_webhook_summary_names_report_sections() -> None:
+    from app.webhooks import SUMMARY_KEYS
+
+    assert set(SUMMARY_KEYS) <= set(Report.model_fields)
+
+
+@pytest.mark.parametrize("versioned", [True, False])
+def test_an_auto_jobs_config_comes_from_its_report_with_or_without_report_version(
+        sqlite_api: Harness, zoo: dict[str, Path], versioned: bool) -> None:
+    """GET /config reads chosen (else best) through the Report model, and a report stored before report_version
+    (here: no version, and a chosen without excluded_nodes) as stored."""
+    from app.jobs.models import Job
+
+    m = upload_model(sqlite_api.client, zoo["mlp"])
+    job_id = submit(sqlite_api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+    chosen = {"recipe": "int8_static", "options": {"method": "entropy", "nodes_to_exclude": ["/0/Gemm"]}}
+    if versioned:
+        report = {**copy.deepcopy(REPORT_EXAMPLE), "recipe": "auto", "options": {},
+                  "chosen": {**chosen, "excluded_nodes": ["/0/Gemm"]},
+                  "best": {**chosen, "excluded_nodes": ["/0/Gemm"], "metric": 0.99, "distance_to_target": 0.0},
+                  "candidates": [], "kept_in_float": [], "auto": AUTO_SECTION}
+        Report.model_validate(report)  # so the model, not the fallback, reads it
+    else:
+        report = {"recipe": "auto", "options": {}, "chosen": chosen, "best": None}
+    with sqlite_api.factory.begin() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.status, job.recipe, job.report = "succeeded", "auto", report
+    r = sqlite_api.client.get(f"/api/v1/jobs/{job_id}/config")
+    assert r.status_code == 200 and r.json() == chosen
