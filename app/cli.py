@@ -586,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     non-zero exit status, never a Python traceback (LOWBIT_DEBUG=1 prints it too)."""
     from app.client.cli import EXIT_INTERNAL, EXIT_UNREACHABLE, internal_error
 
+    # Before anything imports ONNX Runtime, in this process or the workers it starts: its telemetry otherwise
+    # writes $TMPDIR/.ses and ~/.cache/Microsoft/DeveloperTools/.onnxruntime/ (a device id and a database)
+    # when a session is made, outside the data directory.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args))
