@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
 from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from app.deps import get_db
+from app.deps import SessionDep
 from app.errors import Unauthorized
 from app.settings import Settings
 from app.tenants import service
@@ -75,7 +76,7 @@ def _resolve(request: Request, db: Session, cookie_ok: bool) -> Principal | None
     return who
 
 
-def api_principal(request: Request, db: Session = Depends(get_db)) -> Principal:
+def api_principal(request: Request, db: SessionDep) -> Principal:
     """The tenant of an API request; 401 without valid credentials on a server that requires keys."""
     who = _resolve(request, db, cookie_ok=request.method in SAFE_METHODS)
     if who is None:
@@ -84,9 +85,20 @@ def api_principal(request: Request, db: Session = Depends(get_db)) -> Principal:
     return who
 
 
-def page_principal(request: Request, db: Session = Depends(get_db)) -> Principal | None:
-    """The tenant of a page request, or None: the page then sends the browser to /login."""
-    return _resolve(request, db, cookie_ok=True)
+class SignInRequired(Exception):
+    """A page request without a signed-in tenant: the pages' handler sends the browser to /login (and back)."""
+
+
+def page_principal(request: Request, db: SessionDep) -> Principal:
+    """The tenant of a page request; SignInRequired without one."""
+    who = _resolve(request, db, cookie_ok=True)
+    if who is None:
+        raise SignInRequired
+    return who
+
+
+ApiPrincipal = Annotated[Principal, Depends(api_principal)]
+PagePrincipal = Annotated[Principal, Depends(page_principal)]
 
 
 def session_id(request: Request) -> str:

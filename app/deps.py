@@ -1,10 +1,12 @@
-"""FastAPI dependencies: the request's database session and the storage."""
+"""FastAPI dependencies: the request's database session and the storage, and the annotated types routes declare
+them with (``db: SessionDep``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.storage import Storage
@@ -24,3 +26,7 @@ def get_db(request: Request) -> Iterator[Session]:
 def get_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
+
+
+SessionDep = Annotated[Session, Depends(get_db)]
+StorageDep = Annotated[Storage, Depends(get_storage)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from app.auth import SignInRequired
 from app.datasets.routes import router as datasets_router
 from app.db import make_engine, make_sessionmaker
 from app.errors import install_handlers
@@ -14,7 +15,7 @@ from app.jobs.routes import schemas_router
 from app.limits import BodyLimit
 from app.metrics.routes import router as metrics_router
 from app.models.routes import router as models_router
-from app.pages.routes import STATIC_DIR
+from app.pages.routes import STATIC_DIR, sign_in_first
 from app.pages.routes import router as pages_router
 from app.queue import CeleryQueue, JobQueue
 from app.security import SecurityHeaders
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.keys_required = s.keys_required
     app.state.session_secret = session_secret(s)
     install_handlers(app)
+    app.add_exception_handler(SignInRequired, sign_in_first)  # the pages' sign-in redirect
     for r in (models_router, datasets_router, jobs_router, schemas_router, health_router, metrics_router,
               pages_router):
         app.include_router(r)

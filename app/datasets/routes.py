@@ -1,16 +1,13 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, File, Query, Request, UploadFile
 
-from app.auth import api_principal
+from app.auth import ApiPrincipal
 from app.datasets import service
 from app.datasets.schemas import DatasetList, DatasetOut
-from app.deps import get_db, get_storage
+from app.deps import SessionDep, StorageDep
 from app.errors import error_responses
-from app.storage import Storage
 from app.tenants import service as tenants
-from app.tenants.service import Principal
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=error_responses(401, 422))
 
@@ -20,10 +17,10 @@ router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=error
                  "example": {"file": "(the bytes of calib.npz)"}}}}})
 def upload_dataset(
     request: Request,
+    db: SessionDep,
+    storage: StorageDep,
+    who: ApiPrincipal,
     file: UploadFile = File(..., description="An .npz with one array per model input (+ optional 'labels')"),
-    db: Session = Depends(get_db),
-    storage: Storage = Depends(get_storage),
-    who: Principal = Depends(api_principal),
 ) -> DatasetOut:
     """Upload a calibration or evaluation dataset (.npz, no pickles)."""
     tenants.check_upload_rate(db, who.tenant_id, request.app.state.settings)
@@ -35,8 +32,8 @@ def upload_dataset(
 
 @router.get("", response_model=DatasetList, responses=error_responses(422))
 def find_datasets(
-    db: Session = Depends(get_db),
-    who: Principal = Depends(api_principal),
+    db: SessionDep,
+    who: ApiPrincipal,
     sha256: str = Query(pattern="^[0-9a-fA-F]{64}$", description="The file's SHA-256, hex",
                         examples=["5d41402abc4b2a76b9719d911017c592ae5fd9c1d2ae6f53a7b0e6c1d3b9f6a2"]),
 ) -> DatasetList:
@@ -47,7 +44,6 @@ def find_datasets(
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
-def get_dataset(dataset_id: str, db: Session = Depends(get_db),
-                who: Principal = Depends(api_principal)) -> DatasetOut:
+def get_dataset(dataset_id: str, db: SessionDep, who: ApiPrincipal) -> DatasetOut:
     """Describe an uploaded dataset: arrays, dtypes, shapes and sample count."""
     return DatasetOut.model_validate(service.get_dataset(db, dataset_id, who.tenant_id))

@@ -5,15 +5,15 @@ import logging
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
 
-from app.auth import api_principal
+from app.auth import ApiPrincipal
 from app.datasets import service as datasets
-from app.deps import get_db, get_storage
+from app.deps import SessionDep, StorageDep
 from app.errors import Invalid, Unavailable, error_responses
 from app.examples import EVENTS_EXAMPLE, JOB_CREATE_EXAMPLE, JOB_RUNNING_EXAMPLE, REPORT_EXAMPLE
 from app.jobs import events, service
@@ -24,7 +24,6 @@ from app.queue import mark_published
 from app.settings import Settings
 from app.storage import Storage
 from app.tenants import service as tenants
-from app.tenants.service import Principal
 from worker.engine.report import Report, report_schema
 
 log = logging.getLogger(__name__)
@@ -108,8 +107,7 @@ def _submit_multipart(db: Session, storage: Storage, form: Any, settings: Settin
                                                                            "stage": None, "progress": 0,
                                                                            "started_at": None}}}},
                         **error_responses(400, 404, 413, 415, 422, 429, 503, 507)})
-async def submit_job(request: Request, db: Session = Depends(get_db), storage: Storage = Depends(get_storage),
-                     who: Principal = Depends(api_principal)) -> JobOut:
+async def submit_job(request: Request, db: SessionDep, storage: StorageDep, who: ApiPrincipal) -> JobOut:
     """Submit a job: JSON with uploaded ids, or multipart with the files themselves (model, calibration, eval,
     config)."""
     settings = request.app.state.settings
@@ -156,13 +154,13 @@ async def enqueue_committed(request: Request, db: Session, job: Job) -> None:
 
 @router.get("", response_model=JobList, responses=error_responses(422))
 def list_jobs(
-    db: Session = Depends(get_db),
+    db: SessionDep,
+    who: ApiPrincipal,
     status: str | None = Query(default=None, description="queued|running|succeeded|failed|cancelled"),
     limit: int = Query(default=20, ge=1, le=200),
     cursor: str | None = Query(default=None, description="next_cursor from the previous page"),
     id_prefix: str | None = Query(default=None, description="only jobs whose id starts with this (e.g. the "
                                   "8 characters the pages show)"),
-    who: Principal = Depends(api_principal),
 ) -> JobList:
     """List jobs, newest first, with cursor pagination."""
     rows, next_cursor = service.list_jobs(db, status, limit, cursor, who.tenant_id, id_prefix)
@@ -170,7 +168,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
-def get_job(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> JobOut:
+def get_job(job_id: str, db: SessionDep, who: ApiPrincipal) -> JobOut:
     """Job status, stage, progress and links."""
     return service.to_out(service.get_job(db, job_id, who.tenant_id))
 
@@ -179,7 +177,7 @@ def get_job(job_id: str, db: Session = Depends(get_db), who: Principal = Depends
              responses={202: {"content": {"application/json": {"example": {
                  **JOB_RUNNING_EXAMPLE, "status": "cancelled", "finished_at": "2026-11-27T10:15:20.500000Z"}}}},
                  **error_responses(404, 409)})
-def cancel_job(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> JobOut:
+def cancel_job(job_id: str, db: SessionDep, who: ApiPrincipal) -> JobOut:
     """Cancel a queued or running job."""
     job = service.cancel_job(db, job_id, who.tenant_id)
     db.commit()
@@ -187,8 +185,7 @@ def cancel_job(job_id: str, db: Session = Depends(get_db), who: Principal = Depe
 
 
 @router.delete("/{job_id}", status_code=204, responses=error_responses(404))
-def delete_job(job_id: str, db: Session = Depends(get_db), storage: Storage = Depends(get_storage),
-               who: Principal = Depends(api_principal)) -> Response:
+def delete_job(job_id: str, db: SessionDep, storage: StorageDep, who: ApiPrincipal) -> Response:
     """Delete a job with its artifact and report."""
     service.delete_job(db, job_id, who.tenant_id)
     db.commit()
@@ -203,8 +200,7 @@ def delete_job(job_id: str, db: Session = Depends(get_db), storage: Storage = De
                                  "schema": {"type": "string", "format": "binary"},
                                  "example": "(the bytes of model.int8_static.onnx)"}}},
                        304: {"description": "If-None-Match matched the ETag"}, **error_responses(404, 409, 410)})
-def download_artifact(job_id: str, request: Request, db: Session = Depends(get_db),
-                      who: Principal = Depends(api_principal)) -> Response:
+def download_artifact(job_id: str, request: Request, db: SessionDep, who: ApiPrincipal) -> Response:
     """Download the quantized model."""
     job = service.artifact_for(db, job_id, who.tenant_id)
     etag = f'"{job.artifact_sha256}"'
@@ -232,8 +228,7 @@ class PageLink(BaseModel):
              responses={200: {"content": {"application/json": {"example": {
                  "url": "/login/link?token=eyJ0IjoibG9jYWwi...Zx8", "expires_in_s": PAGE_LINK_TTL_S}}}},
                  **error_responses(401, 404)})
-def page_link(job_id: str, request: Request, db: Session = Depends(get_db),
-              who: Principal = Depends(api_principal)) -> PageLink:
+def page_link(job_id: str, request: Request, db: SessionDep, who: ApiPrincipal) -> PageLink:
     """A short-lived signed link that opens the job's page in a browser without putting the API key in a URL."""
     job = service.get_job(db, job_id, who.tenant_id)
     token = tenants.make_token(request.app.state.session_secret, "link", who, PAGE_LINK_TTL_S, job=job.id)
@@ -243,7 +238,7 @@ def page_link(job_id: str, request: Request, db: Session = Depends(get_db),
 @router.get("/{job_id}/report", response_model=Report,
             responses={200: {"content": {"application/json": {"example": REPORT_EXAMPLE}}},
                        **error_responses(404, 409)})
-def get_report(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> JSONResponse:
+def get_report(job_id: str, db: SessionDep, who: ApiPrincipal) -> JSONResponse:
     """The job's report: size, accuracy, latency, layers, calibration, warnings, environment. Its JSON Schema is
     also at /api/v1/schemas/report.json."""
     # Served as stored: the engine checked it against Report when it wrote it, and a report stored before
@@ -285,7 +280,7 @@ def _auto_pick(report: dict[str, Any]) -> dict[str, Any] | None:
                                  "recipe": "int8_static",
                                  "options": {"method": "percentile", "nodes_to_exclude": ["/layers.0/up/MatMul"]}}}}},
                        **error_responses(404)})
-def get_config(job_id: str, db: Session = Depends(get_db), who: Principal = Depends(api_principal)) -> Response:
+def get_config(job_id: str, db: SessionDep, who: ApiPrincipal) -> Response:
     """The job's configuration as a file for `lowbit quantize --config`: for an auto job, the candidate it chose
     (or, if none met the target, the closest one), with the layers it kept in float."""
     job = service.get_job(db, job_id, who.tenant_id)
@@ -300,7 +295,7 @@ def get_config(job_id: str, db: Session = Depends(get_db), who: Principal = Depe
                              "content": {"text/event-stream": {"schema": {"type": "string"},
                                                                "example": EVENTS_EXAMPLE}}},
                        **error_responses(404)})
-async def job_events(job_id: str, request: Request, who: Principal = Depends(api_principal)) -> StreamingResponse:
+async def job_events(job_id: str, request: Request, who: ApiPrincipal) -> StreamingResponse:
     """Follow a job as server-sent events: `stage` once per stage entered (in order), `job` (the job, as GET
     /jobs/{id} returns it) whenever status, stage or progress changes, and `end` with the finished job, after
     which the stream closes. Comments (`: keep-alive`) keep a quiet connection open."""

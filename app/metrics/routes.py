@@ -1,15 +1,13 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
-from sqlalchemy.orm import Session
 
-from app.auth import api_principal
-from app.deps import get_db
+from app.auth import ApiPrincipal
+from app.deps import SessionDep
 from app.errors import error_responses
 from app.examples import METRICS_EXAMPLE
 from app.metrics import service
-from app.tenants.service import Principal
 
 router = APIRouter(tags=["metrics"], responses=error_responses(401))
 
@@ -17,8 +15,7 @@ router = APIRouter(tags=["metrics"], responses=error_responses(401))
 @router.get("/metrics", response_class=PlainTextResponse,
             responses={200: {"description": "Prometheus text format 0.0.4",
                              "content": {"text/plain": {"schema": {"type": "string"}, "example": METRICS_EXAMPLE}}}})
-def metrics(request: Request, db: Session = Depends(get_db),
-            _: Principal = Depends(api_principal)) -> PlainTextResponse:
+def metrics(request: Request, db: SessionDep, _: ApiPrincipal) -> PlainTextResponse:
     """Prometheus metrics, computed from the database: jobs by status and recipe, queue depth, job and stage
     duration histograms, upload bytes, webhook deliveries. Server-wide totals (no ids or names); a server that
     requires keys answers them to any valid key."""

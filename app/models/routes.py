@@ -1,16 +1,13 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, File, Query, Request, UploadFile
 
-from app.auth import api_principal
-from app.deps import get_db, get_storage
+from app.auth import ApiPrincipal
+from app.deps import SessionDep, StorageDep
 from app.errors import error_responses
 from app.models import service
 from app.models.schemas import ModelList, ModelOut
-from app.storage import Storage
 from app.tenants import service as tenants
-from app.tenants.service import Principal
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"], responses=error_responses(401, 422))
 
@@ -20,10 +17,10 @@ router = APIRouter(prefix="/api/v1/models", tags=["models"], responses=error_res
                  "example": {"file": "(the bytes of model.onnx)"}}}}})
 def upload_model(
     request: Request,
+    db: SessionDep,
+    storage: StorageDep,
+    who: ApiPrincipal,
     file: UploadFile = File(..., description="A self-contained ONNX model (.onnx) or a torch.export archive (.pt2)"),
-    db: Session = Depends(get_db),
-    storage: Storage = Depends(get_storage),
-    who: Principal = Depends(api_principal),
 ) -> ModelOut:
     """Upload an ONNX model or a torch.export archive (.pt2); it is parsed and checked now, and refused if it
     is not loadable. Pickled PyTorch files (.pt, .pth) and TorchScript are refused."""
@@ -36,8 +33,8 @@ def upload_model(
 
 @router.get("", response_model=ModelList, responses=error_responses(422))
 def find_models(
-    db: Session = Depends(get_db),
-    who: Principal = Depends(api_principal),
+    db: SessionDep,
+    who: ApiPrincipal,
     sha256: str = Query(pattern="^[0-9a-fA-F]{64}$", description="The file's SHA-256, hex",
                         examples=["e27d6365b184087e4d225e07f7c6cbd9609548dea34e6e7ef8329ef25176acad"]),
 ) -> ModelList:
@@ -48,7 +45,6 @@ def find_models(
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))
-def get_model(model_id: str, db: Session = Depends(get_db),
-              who: Principal = Depends(api_principal)) -> ModelOut:
+def get_model(model_id: str, db: SessionDep, who: ApiPrincipal) -> ModelOut:
     """Describe an uploaded model: inputs, outputs, size and hash."""
     return ModelOut.model_validate(service.get_model(db, model_id, who.tenant_id))

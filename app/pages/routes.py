@@ -6,19 +6,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy.orm import Session
 
 from app import auth
-from app.deps import get_db, get_storage
+from app.auth import PagePrincipal
+from app.deps import SessionDep, StorageDep
 from app.errors import Conflict, LowbitError, NotFound, Unauthorized
 from app.jobs import service as jobs
 from app.jobs.routes import enqueue_committed
 from app.pages import present, service
-from app.storage import Storage
 from app.tenants import service as tenants
 from app.tenants.service import Principal
 
@@ -57,7 +56,9 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
-def _to_login(request: Request) -> RedirectResponse:
+async def sign_in_first(request: Request, _: Exception) -> RedirectResponse:
+    """The handler of auth.SignInRequired (a page asked for without a signed-in tenant, app/main.py installs it):
+    to /login, which comes back to the page asked for."""
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return RedirectResponse(f"/login?{urlencode({'next': path})}", status_code=303)
 
@@ -69,11 +70,8 @@ def _csrf_refused(request: Request) -> HTMLResponse:
 
 
 @router.get("/", response_class=HTMLResponse)
-def index(request: Request, cursor: str | None = Query(default=None), db: Session = Depends(get_db),
-          who: Principal | None = Depends(auth.page_principal)) -> Response:
+def index(request: Request, db: SessionDep, who: PagePrincipal, cursor: str | None = Query(default=None)) -> Response:
     """The job list, newest first, and the upload form."""
-    if who is None:
-        return _to_login(request)
     try:
         ctx = service.list_context(db, cursor, who.tenant_id)
     except LowbitError as exc:
@@ -82,11 +80,8 @@ def index(request: Request, cursor: str | None = Query(default=None), db: Sessio
 
 
 @router.post("/jobs/new", response_class=HTMLResponse)
-async def submit_form(request: Request, db: Session = Depends(get_db), storage: Storage = Depends(get_storage),
-                      who: Principal | None = Depends(auth.page_principal)) -> Response:
+async def submit_form(request: Request, db: SessionDep, storage: StorageDep, who: PagePrincipal) -> Response:
     """Create a job from the upload form and go to its page; a mistake shows the form again with the reason."""
-    if who is None:
-        return _to_login(request)
     settings = request.app.state.settings
     async with request.form(max_files=3, max_fields=20) as form:
         token = form.get("csrf_token")
@@ -106,11 +101,8 @@ async def submit_form(request: Request, db: Session = Depends(get_db), storage: 
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(job_id: str, request: Request, db: Session = Depends(get_db),
-             who: Principal | None = Depends(auth.page_principal)) -> Response:
+def job_page(job_id: str, request: Request, db: SessionDep, who: PagePrincipal) -> Response:
     """A job's page: live stage and progress while it runs, then its report, error or cancellation."""
-    if who is None:
-        return _to_login(request)
     try:
         ctx = service.job_context(db, job_id, who.tenant_id)
     except NotFound as exc:
@@ -119,11 +111,8 @@ def job_page(job_id: str, request: Request, db: Session = Depends(get_db),
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def cancel_from_page(job_id: str, request: Request, db: Session = Depends(get_db),
-                           who: Principal | None = Depends(auth.page_principal)) -> Response:
+async def cancel_from_page(job_id: str, request: Request, db: SessionDep, who: PagePrincipal) -> Response:
     """Cancel a queued or running job from its page, then show the page again."""
-    if who is None:
-        return _to_login(request)
     form = await request.form(max_files=0, max_fields=5)
     token = form.get("csrf_token")
     if not auth.csrf_ok(request, token if isinstance(token, str) else None):
@@ -158,7 +147,7 @@ def _signed_in(request: Request, who: Principal, next_path: str) -> RedirectResp
 
 
 @router.post("/login", response_class=HTMLResponse)
-async def login(request: Request, db: Session = Depends(get_db)) -> Response:
+async def login(request: Request, db: SessionDep) -> Response:
     """Check the key and set the session cookie; the key itself is not stored in the browser."""
     if not auth.same_origin(request):
         return _csrf_refused(request)
@@ -175,7 +164,7 @@ async def login(request: Request, db: Session = Depends(get_db)) -> Response:
 
 
 @router.get("/login/link")
-def login_link(request: Request, token: str = Query(default=""), db: Session = Depends(get_db)) -> Response:
+def login_link(request: Request, db: SessionDep, token: str = Query(default="")) -> Response:
     """A short-lived signed link (from POST /api/v1/jobs/{id}/page-link) that opens a job page in a browser."""
     found = tenants.read_token(request.app.state.session_secret, "link", token)
     if found is None or (found[0].key_id and not tenants.key_is_active(db, found[0].key_id, found[0].tenant_id)):
