@@ -56,11 +56,11 @@ def session_principal(request: Request, db: Session) -> Principal | None:
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return None
-    found = service.read_token(_secret(request), "session", cookie)
+    found = service.read_token(_secret(request), "session", token=cookie)
     if found is None:
         return None
     who, _ = found
-    if who.key_id is not None and not service.key_is_active(db, who.key_id, who.tenant_id):
+    if who.key_id is not None and not service.key_is_active(db, who.key_id, tenant_id=who.tenant_id):
         return None
     return who
 
@@ -111,7 +111,7 @@ def csrf_for(request: Request) -> str:
 
 
 def csrf_ok(request: Request, presented: str | None) -> bool:
-    return same_origin(request) and service.check_csrf(_secret(request), session_id(request), presented)
+    return same_origin(request) and service.check_csrf(_secret(request), session_id(request), presented=presented)
 
 
 def same_origin(request: Request) -> bool:

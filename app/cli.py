@@ -472,8 +472,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
     try:
         with make_sessionmaker(engine)() as db:
             if args.keys_command == "create":
-                tenant, key = tenants.create_key(db, args.tenant, args.max_active_jobs, args.uploads_per_minute,
-                                                 args.storage_quota_bytes)
+                tenant, key = tenants.create_key(db, args.tenant, max_active_jobs=args.max_active_jobs,
+                                                 uploads_per_minute=args.uploads_per_minute,
+                                                 storage_quota_bytes=args.storage_quota_bytes)
                 db.commit()
                 print(key)
                 print(f"new key for tenant '{tenant.name}'; it is shown only this once: keep it secret, send it as "

@@ -244,3 +244,17 @@ def test_app_and_worker_have_short_functions_and_import_no_private_name_of_anoth
                         and f"{source}.{a.name}" not in modules]
     assert long == [], f"functions over {MAX_FUNCTION_LINES} lines: {long}"
     assert private == []
+
+
+def test_service_functions_take_what_follows_their_first_two_parameters_by_keyword() -> None:
+    """A service function with more than two parameters makes the rest keyword-only (``*,``): a call such as
+    ``get_job(db, job_id, tenant_id=...)`` cannot pass a tenant where another id belongs."""
+    positional: list[str] = []
+    for path in sorted((ROOT / "app").glob("*/service.py")):
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                named = [*args.posonlyargs, *args.args]
+                if len(named) + len(args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg) > 2 and len(named) > 2:
+                    positional.append(f"{_module_name(path)}.{node.name}")
+    assert positional == []

@@ -313,7 +313,7 @@ def _over_quota(factory: sessionmaker[Session], s: Settings, job_id: str, artifa
         if tenant_id is None:
             return None
         try:
-            check_storage_quota(db, tenant_id, s, artifact_bytes, "this job's artifact")
+            check_storage_quota(db, tenant_id, settings=s, adding=artifact_bytes, what="this job's artifact")
         except StorageQuotaExceeded as exc:
             return exc.message
     return None

@@ -23,9 +23,10 @@ def upload_dataset(
     file: UploadFile = File(..., description="An .npz with one array per model input (+ optional 'labels')"),
 ) -> DatasetOut:
     """Upload a calibration or evaluation dataset (.npz, no pickles)."""
-    tenants.check_upload_rate(db, who.tenant_id, request.app.state.settings)
-    row = service.create_dataset(db, storage, file.file, file.filename, request.app.state.settings.max_upload_bytes,
-                                who.tenant_id, request.app.state.settings)
+    tenants.check_upload_rate(db, who.tenant_id, settings=request.app.state.settings)
+    row = service.create_dataset(db, storage, src=file.file, filename=file.filename,
+                                 max_bytes=request.app.state.settings.max_upload_bytes, tenant_id=who.tenant_id,
+                                 settings=request.app.state.settings)
     db.commit()
     return DatasetOut.model_validate(row)
 
@@ -39,11 +40,11 @@ def find_datasets(
 ) -> DatasetList:
     """The stored dataset with this SHA-256, if there is one (`items` is then one dataset, else empty): a client
     hashes its file first and uploads it only when the server does not have it yet."""
-    row = service.find_by_sha256(db, sha256, who.tenant_id)
+    row = service.find_by_sha256(db, sha256, tenant_id=who.tenant_id)
     return DatasetList(items=[DatasetOut.model_validate(row)] if row else [])
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
 def get_dataset(dataset_id: str, db: SessionDep, who: ApiPrincipal) -> DatasetOut:
     """Describe an uploaded dataset: arrays, dtypes, shapes and sample count."""
-    return DatasetOut.model_validate(service.get_dataset(db, dataset_id, who.tenant_id))
+    return DatasetOut.model_validate(service.get_dataset(db, dataset_id, tenant_id=who.tenant_id))

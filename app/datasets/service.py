@@ -16,7 +16,7 @@ from worker.engine.errors import EngineError
 from worker.engine.npz import ArrayInfo, DatasetInfo, inspect_npz
 
 
-def create_dataset(db: Session, storage: Storage, src: BinaryIO, filename: str | None, max_bytes: int,
+def create_dataset(db: Session, storage: Storage, *, src: BinaryIO, filename: str | None, max_bytes: int,
                    tenant_id: str, settings: Settings | None = None) -> Dataset:
     """Store an uploaded .npz after reading its array headers (never unpickling anything). With ``settings``,
     refused (507) if it would take the tenant past its storage quota."""
@@ -24,7 +24,7 @@ def create_dataset(db: Session, storage: Storage, src: BinaryIO, filename: str |
     stored = storage.receive(src, max_bytes)
     try:
         if settings is not None:
-            tenants.check_storage_quota(db, tenant_id, settings, stored.size_bytes, "this upload")
+            tenants.check_storage_quota(db, tenant_id, settings=settings, adding=stored.size_bytes, what="this upload")
         try:
             info = inspect_npz(stored.path)
         except EngineError as exc:
@@ -49,7 +49,7 @@ def create_dataset(db: Session, storage: Storage, src: BinaryIO, filename: str |
     return row
 
 
-def get_dataset(db: Session, dataset_id: str, tenant_id: str, role: str = "dataset") -> Dataset:
+def get_dataset(db: Session, dataset_id: str, *, tenant_id: str, role: str = "dataset") -> Dataset:
     """The tenant's dataset; another tenant's answers exactly like a missing one."""
     row = db.get(Dataset, dataset_id) if is_uuid(dataset_id) else None
     if row is None or row.tenant_id != tenant_id:
@@ -57,7 +57,7 @@ def get_dataset(db: Session, dataset_id: str, tenant_id: str, role: str = "datas
     return row
 
 
-def find_by_sha256(db: Session, sha256: str, tenant_id: str) -> Dataset | None:
+def find_by_sha256(db: Session, sha256: str, *, tenant_id: str) -> Dataset | None:
     """The newest stored dataset with exactly this content (its file still in storage), so a client can skip
     uploading a file the server already has."""
     rows = db.scalars(sa.select(Dataset).where(Dataset.sha256 == sha256.lower(), Dataset.tenant_id == tenant_id)

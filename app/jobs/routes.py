@@ -76,26 +76,27 @@ def _submit_multipart(db: Session, storage: Storage, form: Any, settings: Settin
             raise Invalid(f"'{key}' cannot be given in a multipart submission; upload the file instead",
                           code="invalid_config")
     files = sum(1 for f in ("model", "calibration", "eval") if not isinstance(form.get(f), str | None))
-    tenants.check_upload_rate(db, tenant_id, settings, files)
+    tenants.check_upload_rate(db, tenant_id, settings=settings, files=files)
     max_bytes = settings.max_upload_bytes
     # One request, one transaction: if anything below fails, the files stored so far go too.
     placed: list[str] = []
     try:
-        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes, tenant_id,
-                                    settings)
+        model = models.create_model(db, storage, src=model_file.file, filename=model_file.filename, max_bytes=max_bytes,
+                                    tenant_id=tenant_id, settings=settings)
         placed.append(model.storage_path)
         ids: dict[str, str] = {"model_id": model.id}
         for field, key in (("calibration", "calibration_dataset_id"), ("eval", "eval_dataset_id")):
             f = form.get(field)
             if f is not None and not isinstance(f, str):
-                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes, tenant_id, settings)
+                ds = datasets.create_dataset(db, storage, src=f.file, filename=f.filename, max_bytes=max_bytes,
+                                             tenant_id=tenant_id, settings=settings)
                 placed.append(ds.storage_path)
                 ids[key] = ds.id
         try:
             req = JobCreate.model_validate({**config, **ids})
         except ValidationError as exc:
             raise Invalid(_validation_message(exc)) from exc
-        return service.create_job(db, req, settings, tenant_id)
+        return service.create_job(db, req, settings=settings, tenant_id=tenant_id)
     except BaseException:
         for path in placed:
             storage.discard(path)
@@ -126,7 +127,7 @@ async def submit_job(request: Request, db: SessionDep, storage: StorageDep, who:
             req = JobCreate.model_validate(payload)
         except ValidationError as exc:
             raise Invalid(_validation_message(exc)) from exc
-        job = await run_in_threadpool(service.create_job, db, req, settings, who.tenant_id)
+        job = await run_in_threadpool(service.create_job, db, req, settings=settings, tenant_id=who.tenant_id)
     else:
         raise Invalid(f"unsupported content type '{ctype}'; send application/json or multipart/form-data",
                       code="unsupported_media_type", status_code=415)
@@ -142,7 +143,7 @@ async def enqueue_committed(request: Request, db: Session, job: Job) -> None:
         await run_in_threadpool(request.app.state.queue.enqueue, job.id, job.queue)
     except Exception as exc:  # the broker is down: the job must not sit in 'queued' forever
         log.exception("enqueue failed for job %s", job.id)
-        await run_in_threadpool(service.mark_enqueue_failed, db, job.id, type(exc).__name__)
+        await run_in_threadpool(service.mark_enqueue_failed, db, job.id, reason=type(exc).__name__)
         await run_in_threadpool(db.commit)
         raise Unavailable("the job queue is unreachable; the job was recorded as failed, try again shortly",
                           code="broker_unavailable") from exc
@@ -163,14 +164,15 @@ def list_jobs(
                                   "8 characters the pages show)"),
 ) -> JobList:
     """List jobs, newest first, with cursor pagination."""
-    rows, next_cursor = service.list_jobs(db, status, limit, cursor, who.tenant_id, id_prefix)
+    rows, next_cursor = service.list_jobs(db, status, limit=limit, cursor=cursor, tenant_id=who.tenant_id,
+                                          id_prefix=id_prefix)
     return JobList(items=[service.to_out(j) for j in rows], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
 def get_job(job_id: str, db: SessionDep, who: ApiPrincipal) -> JobOut:
     """Job status, stage, progress and links."""
-    return service.to_out(service.get_job(db, job_id, who.tenant_id))
+    return service.to_out(service.get_job(db, job_id, tenant_id=who.tenant_id))
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobOut,
@@ -179,7 +181,7 @@ def get_job(job_id: str, db: SessionDep, who: ApiPrincipal) -> JobOut:
                  **error_responses(404, 409)})
 def cancel_job(job_id: str, db: SessionDep, who: ApiPrincipal) -> JobOut:
     """Cancel a queued or running job."""
-    job = service.cancel_job(db, job_id, who.tenant_id)
+    job = service.cancel_job(db, job_id, tenant_id=who.tenant_id)
     db.commit()
     return service.to_out(job)
 
@@ -187,7 +189,7 @@ def cancel_job(job_id: str, db: SessionDep, who: ApiPrincipal) -> JobOut:
 @router.delete("/{job_id}", status_code=204, responses=error_responses(404))
 def delete_job(job_id: str, db: SessionDep, storage: StorageDep, who: ApiPrincipal) -> Response:
     """Delete a job with its artifact and report."""
-    service.delete_job(db, job_id, who.tenant_id)
+    service.delete_job(db, job_id, tenant_id=who.tenant_id)
     db.commit()
     storage.remove_job(job_id)
     return Response(status_code=204)
@@ -202,11 +204,11 @@ def delete_job(job_id: str, db: SessionDep, storage: StorageDep, who: ApiPrincip
                        304: {"description": "If-None-Match matched the ETag"}, **error_responses(404, 409, 410)})
 def download_artifact(job_id: str, request: Request, db: SessionDep, who: ApiPrincipal) -> Response:
     """Download the quantized model."""
-    job = service.artifact_for(db, job_id, who.tenant_id)
+    job = service.artifact_for(db, job_id, tenant_id=who.tenant_id)
     etag = f'"{job.artifact_sha256}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
-    model = models.get_model(db, job.model_id, who.tenant_id)
+    model = models.get_model(db, job.model_id, tenant_id=who.tenant_id)
     stem = model.filename.rsplit(".", 1)[0] or "model"
     return FileResponse(
         job.artifact_path,  # type: ignore[arg-type]
@@ -230,8 +232,8 @@ class PageLink(BaseModel):
                  **error_responses(401, 404)})
 def page_link(job_id: str, request: Request, db: SessionDep, who: ApiPrincipal) -> PageLink:
     """A short-lived signed link that opens the job's page in a browser without putting the API key in a URL."""
-    job = service.get_job(db, job_id, who.tenant_id)
-    token = tenants.make_token(request.app.state.session_secret, "link", who, PAGE_LINK_TTL_S, job=job.id)
+    job = service.get_job(db, job_id, tenant_id=who.tenant_id)
+    token = tenants.make_token(request.app.state.session_secret, "link", who=who, ttl_s=PAGE_LINK_TTL_S, job=job.id)
     return PageLink(url=f"/login/link?{urlencode({'token': token})}", expires_in_s=PAGE_LINK_TTL_S)
 
 
@@ -243,7 +245,7 @@ def get_report(job_id: str, db: SessionDep, who: ApiPrincipal) -> JSONResponse:
     also at /api/v1/schemas/report.json."""
     # Served as stored: the engine checked it against Report when it wrote it, and a report stored before
     # report_version existed (or by an older version) is still served whole rather than refused or trimmed.
-    return JSONResponse(service.report_for(db, job_id, who.tenant_id))
+    return JSONResponse(service.report_for(db, job_id, tenant_id=who.tenant_id))
 
 
 schemas_router = APIRouter(prefix="/api/v1/schemas", tags=["schemas"])
@@ -283,7 +285,7 @@ def _auto_pick(report: dict[str, Any]) -> dict[str, Any] | None:
 def get_config(job_id: str, db: SessionDep, who: ApiPrincipal) -> Response:
     """The job's configuration as a file for `lowbit quantize --config`: for an auto job, the candidate it chose
     (or, if none met the target, the closest one), with the layers it kept in float."""
-    job = service.get_job(db, job_id, who.tenant_id)
+    job = service.get_job(db, job_id, tenant_id=who.tenant_id)
     pick = _auto_pick(job.report or {}) if job.recipe == "auto" else None
     body = pick or {"recipe": job.recipe, "options": job.options}
     return Response(json.dumps(body, indent=2), media_type="application/json",

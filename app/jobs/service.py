@@ -28,15 +28,16 @@ from worker.engine.pt2 import HOW_TO_MAKE_PT2
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 
-def create_job(db: Session, req: JobCreate, settings: Settings, tenant_id: str) -> Job:
+def create_job(db: Session, req: JobCreate, *, settings: Settings, tenant_id: str) -> Job:
     """Pre-flight everything that can be known before running, then record a queued job.
 
     Nothing is enqueued here: the caller enqueues after its commit.
     """
-    model = models.get_model(db, req.model_id, tenant_id)
-    calib = datasets.get_dataset(db, req.calibration_dataset_id, tenant_id, "calibration dataset") \
+    model = models.get_model(db, req.model_id, tenant_id=tenant_id)
+    calib = datasets.get_dataset(db, req.calibration_dataset_id, tenant_id=tenant_id, role="calibration dataset") \
         if req.calibration_dataset_id else None
-    ev = datasets.get_dataset(db, req.eval_dataset_id, tenant_id, "evaluation dataset") if req.eval_dataset_id else None
+    ev = datasets.get_dataset(db, req.eval_dataset_id, tenant_id=tenant_id, role="evaluation dataset") \
+        if req.eval_dataset_id else None
     try:
         opts = parse_options(req.recipe, req.options)
         if req.recipe in RECIPES_NEEDING_PYTORCH and model.format != "pt2":
@@ -53,8 +54,8 @@ def create_job(db: Session, req: JobCreate, settings: Settings, tenant_id: str) 
         check_target(target, calib_info, eval_info)
     except EngineError as exc:
         raise from_engine(exc) from exc
-    tenants.check_active_jobs(db, tenant_id, settings)
-    tenants.check_storage_quota(db, tenant_id, settings, 0, "this job's artifact")
+    tenants.check_active_jobs(db, tenant_id, settings=settings)
+    tenants.check_storage_quota(db, tenant_id, settings=settings, adding=0, what="this job's artifact")
     job = Job(
         id=new_id(),
         tenant_id=tenant_id,
@@ -79,7 +80,7 @@ def create_job(db: Session, req: JobCreate, settings: Settings, tenant_id: str) 
     return job
 
 
-def get_job(db: Session, job_id: str, tenant_id: str) -> Job:
+def get_job(db: Session, job_id: str, *, tenant_id: str) -> Job:
     """The tenant's job; another tenant's answers exactly like a missing one."""
     job = db.get(Job, job_id) if is_uuid(job_id) else None
     if job is None or job.tenant_id != tenant_id:
@@ -105,7 +106,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
             from exc
 
 
-def list_jobs(db: Session, status: str | None, limit: int, cursor: str | None,
+def list_jobs(db: Session, status: str | None, *, limit: int, cursor: str | None,
               tenant_id: str, id_prefix: str | None = None) -> tuple[list[Job], str | None]:
     """Newest first, keyset-paginated on (created_at, id) so pages stay stable while jobs are added. With
     ``id_prefix``, only the jobs whose id starts with it (the client resolves the pages' short ids so)."""
@@ -128,9 +129,9 @@ def list_jobs(db: Session, status: str | None, limit: int, cursor: str | None,
     return rows[:limit], next_cursor
 
 
-def cancel_job(db: Session, job_id: str, tenant_id: str) -> Job:
+def cancel_job(db: Session, job_id: str, *, tenant_id: str) -> Job:
     """Queued jobs are cancelled at once; running ones stop at the worker's next progress check."""
-    job = get_job(db, job_id, tenant_id)
+    job = get_job(db, job_id, tenant_id=tenant_id)
     done = lifecycle.cancel(db, job_id)
     db.refresh(job)  # the UPDATE changed the row, not this session's copy of it
     if done is lifecycle.Transition.WRONG_STATE:
@@ -139,9 +140,9 @@ def cancel_job(db: Session, job_id: str, tenant_id: str) -> Job:
     return job
 
 
-def delete_job(db: Session, job_id: str, tenant_id: str) -> None:
+def delete_job(db: Session, job_id: str, *, tenant_id: str) -> None:
     """Delete the row; the caller removes the files after its commit (a failed commit keeps both)."""
-    job = get_job(db, job_id, tenant_id)
+    job = get_job(db, job_id, tenant_id=tenant_id)
     if job.status == RUNNING:
         # The worker notices the missing row when it records its result and discards its output.
         job.cancel_requested = True
@@ -149,8 +150,8 @@ def delete_job(db: Session, job_id: str, tenant_id: str) -> None:
     db.flush()
 
 
-def artifact_for(db: Session, job_id: str, tenant_id: str) -> Job:
-    job = get_job(db, job_id, tenant_id)
+def artifact_for(db: Session, job_id: str, *, tenant_id: str) -> Job:
+    job = get_job(db, job_id, tenant_id=tenant_id)
     if job.status != SUCCEEDED or not job.artifact_path:
         raise Conflict(f"the job is {job.status}; an artifact exists only for succeeded jobs", code="no_artifact")
     if job.artifact_expired_at is not None:
@@ -164,8 +165,8 @@ def expired_message(job: Job) -> str:
             "and settings stay: submit the job again for a new artifact")
 
 
-def report_for(db: Session, job_id: str, tenant_id: str) -> dict[str, Any]:
-    job = get_job(db, job_id, tenant_id)
+def report_for(db: Session, job_id: str, *, tenant_id: str) -> dict[str, Any]:
+    job = get_job(db, job_id, tenant_id=tenant_id)
     if job.report is None:
         raise Conflict(f"the job is {job.status}; its report is written when it succeeds", code="no_report")
     return job.report
@@ -209,7 +210,7 @@ def to_out(job: Job) -> JobOut:
     )
 
 
-def mark_enqueue_failed(db: Session, job_id: str, reason: str) -> None:
+def mark_enqueue_failed(db: Session, job_id: str, *, reason: str) -> None:
     lifecycle.enqueue_failed(db, job_id, reason)
 
 
@@ -220,7 +221,7 @@ def recover_interrupted(db: Session) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 def requeue_lost(db: Session, gone: Callable[[str | None], bool],
-                 whole_jobs: bool = False) -> tuple[list[tuple[str, str]], list[str]]:
+                 *, whole_jobs: bool = False) -> tuple[list[tuple[str, str]], list[str]]:
     """Running jobs whose process ``gone`` says is dead (`lowbit serve` saw its embedded worker die, and it is
     the only one on its data directory): back to 'queued' at once instead of after the lease (the caller
     enqueues them after committing; the next attempt takes over), cancelled if asked, failed after

@@ -24,9 +24,10 @@ def upload_model(
 ) -> ModelOut:
     """Upload an ONNX model or a torch.export archive (.pt2); it is parsed and checked now, and refused if it
     is not loadable. Pickled PyTorch files (.pt, .pth) and TorchScript are refused."""
-    tenants.check_upload_rate(db, who.tenant_id, request.app.state.settings)
-    row = service.create_model(db, storage, file.file, file.filename, request.app.state.settings.max_upload_bytes,
-                              who.tenant_id, request.app.state.settings)
+    tenants.check_upload_rate(db, who.tenant_id, settings=request.app.state.settings)
+    row = service.create_model(db, storage, src=file.file, filename=file.filename,
+                               max_bytes=request.app.state.settings.max_upload_bytes, tenant_id=who.tenant_id,
+                               settings=request.app.state.settings)
     db.commit()
     return ModelOut.model_validate(row)
 
@@ -40,11 +41,11 @@ def find_models(
 ) -> ModelList:
     """The stored model with this SHA-256, if there is one (`items` is then one model, else empty): a client
     hashes its file first and uploads it only when the server does not have it yet."""
-    row = service.find_by_sha256(db, sha256, who.tenant_id)
+    row = service.find_by_sha256(db, sha256, tenant_id=who.tenant_id)
     return ModelList(items=[ModelOut.model_validate(row)] if row else [])
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))
 def get_model(model_id: str, db: SessionDep, who: ApiPrincipal) -> ModelOut:
     """Describe an uploaded model: inputs, outputs, size and hash."""
-    return ModelOut.model_validate(service.get_model(db, model_id, who.tenant_id))
+    return ModelOut.model_validate(service.get_model(db, model_id, tenant_id=who.tenant_id))

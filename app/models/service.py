@@ -26,7 +26,7 @@ REFUSED_SUFFIXES = {
 }
 
 
-def create_model(db: Session, storage: Storage, src: BinaryIO, filename: str | None, max_bytes: int,
+def create_model(db: Session, storage: Storage, *, src: BinaryIO, filename: str | None, max_bytes: int,
                  tenant_id: str, settings: Settings | None = None) -> ModelFile:
     """Store an uploaded model after checking that it is a loadable, self-contained ONNX model or a
     torch.export archive (.pt2, checked without unpickling and loaded in a child process). With ``settings``,
@@ -42,9 +42,9 @@ def create_model(db: Session, storage: Storage, src: BinaryIO, filename: str | N
     stored = storage.receive(src, max_bytes)
     try:
         if settings is not None:
-            tenants.check_storage_quota(db, tenant_id, settings, stored.size_bytes, "this upload")
+            tenants.check_storage_quota(db, tenant_id, settings=settings, adding=stored.size_bytes, what="this upload")
         try:
-            info = _inspect(storage, stored.path, suffix)
+            info = _inspect(storage, stored.path, suffix=suffix)
         except EngineError as exc:
             raise from_engine(exc) from exc
         model_id = new_id()
@@ -69,7 +69,7 @@ def create_model(db: Session, storage: Storage, src: BinaryIO, filename: str | N
     return row
 
 
-def _inspect(storage: Storage, path: Path, suffix: str) -> ModelInfo:
+def _inspect(storage: Storage, path: Path, *, suffix: str) -> ModelInfo:
     """A zip is a torch.export archive or nothing; a .pt2 that is not a zip gets the .pt2 explanation unless it
     is, after all, an ONNX model."""
     if pt2.looks_like_zip(path):
@@ -92,7 +92,7 @@ def _inspect_pt2(storage: Storage, path: Path) -> ModelInfo:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def get_model(db: Session, model_id: str, tenant_id: str) -> ModelFile:
+def get_model(db: Session, model_id: str, *, tenant_id: str) -> ModelFile:
     """The tenant's model; another tenant's answers exactly like a missing one."""
     row = db.get(ModelFile, model_id) if is_uuid(model_id) else None
     if row is None or row.tenant_id != tenant_id:
@@ -100,7 +100,7 @@ def get_model(db: Session, model_id: str, tenant_id: str) -> ModelFile:
     return row
 
 
-def find_by_sha256(db: Session, sha256: str, tenant_id: str) -> ModelFile | None:
+def find_by_sha256(db: Session, sha256: str, *, tenant_id: str) -> ModelFile | None:
     """The newest stored model with exactly this content (its file still in storage), so a client can skip
     uploading a file the server already has."""
     rows = db.query(ModelFile).filter(ModelFile.sha256 == sha256.lower(), ModelFile.tenant_id == tenant_id) \

@@ -73,7 +73,7 @@ def _csrf_refused(request: Request) -> HTMLResponse:
 def index(request: Request, db: SessionDep, who: PagePrincipal, cursor: str | None = Query(default=None)) -> Response:
     """The job list, newest first, and the upload form."""
     try:
-        ctx = service.list_context(db, cursor, who.tenant_id)
+        ctx = service.list_context(db, cursor, tenant_id=who.tenant_id)
     except LowbitError as exc:
         return _error_page(request, exc)
     return templates.TemplateResponse(request, "index.html", _common(request, ctx))
@@ -88,12 +88,13 @@ async def submit_form(request: Request, db: SessionDep, storage: StorageDep, who
         if not auth.csrf_ok(request, token if isinstance(token, str) else None):
             return _csrf_refused(request)
         try:
-            job = await run_in_threadpool(service.submit_form, db, storage, form, settings, who.tenant_id)
+            job = await run_in_threadpool(service.submit_form, db, storage, form=form, settings=settings,
+                                          tenant_id=who.tenant_id)
             await run_in_threadpool(db.commit)
             await enqueue_committed(request, db, job)
         except LowbitError as exc:
             await run_in_threadpool(db.rollback)
-            ctx = await run_in_threadpool(service.list_context, db, None, who.tenant_id)
+            ctx = await run_in_threadpool(service.list_context, db, None, tenant_id=who.tenant_id)
             ctx.update(form=service.form_values(form), form_error=exc)
             return templates.TemplateResponse(request, "index.html", _common(request, ctx),
                                               status_code=exc.status_code, headers=exc.headers)
@@ -104,7 +105,7 @@ async def submit_form(request: Request, db: SessionDep, storage: StorageDep, who
 def job_page(job_id: str, request: Request, db: SessionDep, who: PagePrincipal) -> Response:
     """A job's page: live stage and progress while it runs, then its report, error or cancellation."""
     try:
-        ctx = service.job_context(db, job_id, who.tenant_id)
+        ctx = service.job_context(db, job_id, tenant_id=who.tenant_id)
     except NotFound as exc:
         return _error_page(request, exc)
     return templates.TemplateResponse(request, "job.html", _common(request, ctx))
@@ -118,7 +119,7 @@ async def cancel_from_page(job_id: str, request: Request, db: SessionDep, who: P
     if not auth.csrf_ok(request, token if isinstance(token, str) else None):
         return _csrf_refused(request)
     try:
-        await run_in_threadpool(jobs.cancel_job, db, job_id, who.tenant_id)
+        await run_in_threadpool(jobs.cancel_job, db, job_id, tenant_id=who.tenant_id)
         await run_in_threadpool(db.commit)
     except (Conflict, NotFound):
         pass  # finished meanwhile, or gone: its page says which
@@ -139,7 +140,7 @@ def _login_form(request: Request, next_path: str, error: str | None, status: int
 
 def _signed_in(request: Request, who: Principal, next_path: str) -> RedirectResponse:
     settings = request.app.state.settings
-    token = tenants.make_token(request.app.state.session_secret, "session", who, settings.session_ttl_s)
+    token = tenants.make_token(request.app.state.session_secret, "session", who=who, ttl_s=settings.session_ttl_s)
     resp = RedirectResponse(next_path, status_code=303)
     resp.set_cookie(auth.SESSION_COOKIE, token, max_age=settings.session_ttl_s, httponly=True, samesite="lax",
                     secure=request.url.scheme == "https", path="/")
@@ -166,8 +167,9 @@ async def login(request: Request, db: SessionDep) -> Response:
 @router.get("/login/link")
 def login_link(request: Request, db: SessionDep, token: str = Query(default="")) -> Response:
     """A short-lived signed link (from POST /api/v1/jobs/{id}/page-link) that opens a job page in a browser."""
-    found = tenants.read_token(request.app.state.session_secret, "link", token)
-    if found is None or (found[0].key_id and not tenants.key_is_active(db, found[0].key_id, found[0].tenant_id)):
+    found = tenants.read_token(request.app.state.session_secret, "link", token=token)
+    if found is None or (found[0].key_id and
+                         not tenants.key_is_active(db, found[0].key_id, tenant_id=found[0].tenant_id)):
         return _login_form(request, "/", "the link has expired or is not valid; sign in with your API key", 401)
     who, body = found
     return _signed_in(request, who, _safe_next(f"/jobs/{body.get('job', '')}" if body.get("job") else "/"))

@@ -92,9 +92,9 @@ class JobRow:
     created: str
 
 
-def list_context(db: Session, cursor: str | None, tenant_id: str, limit: int = PAGE_SIZE) -> dict[str, Any]:
+def list_context(db: Session, cursor: str | None, *, tenant_id: str, limit: int = PAGE_SIZE) -> dict[str, Any]:
     """The job list page: newest first, one page, with model names and size/accuracy at a glance."""
-    rows, next_cursor = jobs.list_jobs(db, None, limit, cursor, tenant_id)
+    rows, next_cursor = jobs.list_jobs(db, None, limit=limit, cursor=cursor, tenant_id=tenant_id)
     ids = {j.model_id for j in rows}
     names: dict[str, str] = {}
     if ids:
@@ -122,10 +122,10 @@ def _dataset(db: Session, dataset_id: str | None) -> Dataset | None:
     return db.get(Dataset, dataset_id) if dataset_id else None
 
 
-def job_context(db: Session, job_id: str, tenant_id: str) -> dict[str, Any]:
+def job_context(db: Session, job_id: str, *, tenant_id: str) -> dict[str, Any]:
     """A job's page: status and progress while it runs; the report, charts and provenance when it is done."""
-    job = jobs.get_job(db, job_id, tenant_id)
-    model = models.get_model(db, job.model_id, tenant_id)
+    job = jobs.get_job(db, job_id, tenant_id=tenant_id)
+    model = models.get_model(db, job.model_id, tenant_id=tenant_id)
     calib, ev = _dataset(db, job.calibration_dataset_id), _dataset(db, job.eval_dataset_id)
     out = jobs.to_out(job)
     ctx: dict[str, Any] = {
@@ -143,12 +143,12 @@ def job_context(db: Session, job_id: str, tenant_id: str) -> dict[str, Any]:
         "config_json": present.config_json(job.recipe, job.options, job.accuracy_target),
     }
     if job.report:
-        ctx.update(report_context(job.report, model.filename, calib.filename if calib else None,
-                                  ev.filename if ev else None))
+        ctx.update(report_context(job.report, model.filename, calib_name=calib.filename if calib else None,
+                                  eval_name=ev.filename if ev else None))
     return ctx
 
 
-def report_context(report: dict[str, Any], model_name: str, calib_name: str | None,
+def report_context(report: dict[str, Any], model_name: str, *, calib_name: str | None,
                    eval_name: str | None) -> dict[str, Any]:
     """Everything the finished report renders, computed from the report JSON alone."""
     layers = report.get("layers") or []
@@ -215,7 +215,7 @@ def _auto_context(report: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _text(form: FormData, name: str, default: str = "") -> str:
+def _text(form: FormData, name: str, *, default: str = "") -> str:
     value = form.get(name)
     return value.strip() if isinstance(value, str) else default
 
@@ -231,15 +231,15 @@ def _file(form: FormData, name: str) -> UploadFile | None:
 def form_values(form: FormData) -> FormValues:
     """What was submitted, to fill the form in again next to an error message."""
     return FormValues(
-        recipe=_text(form, "recipe", "int8_static"),
-        method=_text(form, "method", "minmax"),
+        recipe=_text(form, "recipe", default="int8_static"),
+        method=_text(form, "method", default="minmax"),
         per_channel=_text(form, "per_channel") in ("on", "true", "1"),
         batch_size=_text(form, "batch_size"),
         target_metric=_text(form, "target_metric"),
-        target_bound=_text(form, "target_bound", "max_drop"),
+        target_bound=_text(form, "target_bound", default="max_drop"),
         target_value=_text(form, "target_value"),
         algorithm=_text(form, "algorithm"),
-        block_size=_text(form, "block_size", "32"),
+        block_size=_text(form, "block_size", default="32"),
     )
 
 
@@ -304,7 +304,7 @@ def form_config(values: FormValues) -> dict[str, Any]:
     return config
 
 
-def submit_form(db: Session, storage: Storage, form: FormData, settings: Settings, tenant_id: str) -> Job:
+def submit_form(db: Session, storage: Storage, *, form: FormData, settings: Settings, tenant_id: str) -> Job:
     """Check the fields, store the uploaded files and record a queued job (the caller commits and enqueues)."""
     config = form_config(form_values(form))
     model_file = _file(form, "model")
@@ -317,20 +317,22 @@ def submit_form(db: Session, storage: Storage, form: FormData, settings: Setting
     if config["options"].get("algorithm") in INT4_CALIBRATED and calib_file is None:
         raise Invalid(f"the 4-bit algorithm {config['options']['algorithm']} learns from your data: choose a "
                       "calibration file (.npz), or pick rtn", code="calibration_required")
-    tenants.check_upload_rate(db, tenant_id, settings, sum(f is not None for f in (model_file, calib_file, eval_file)))
+    tenants.check_upload_rate(db, tenant_id, settings=settings,
+                              files=sum(f is not None for f in (model_file, calib_file, eval_file)))
     max_bytes = settings.max_upload_bytes
     placed: list[str] = []  # removed again if the submission fails: the rows roll back, the files must too
     try:
-        model = models.create_model(db, storage, model_file.file, model_file.filename, max_bytes, tenant_id,
-                                    settings)
+        model = models.create_model(db, storage, src=model_file.file, filename=model_file.filename, max_bytes=max_bytes,
+                                    tenant_id=tenant_id, settings=settings)
         placed.append(model.storage_path)
         ids: dict[str, str] = {"model_id": model.id}
         for f, key in ((calib_file, "calibration_dataset_id"), (eval_file, "eval_dataset_id")):
             if f is not None:
-                ds = datasets.create_dataset(db, storage, f.file, f.filename, max_bytes, tenant_id, settings)
+                ds = datasets.create_dataset(db, storage, src=f.file, filename=f.filename, max_bytes=max_bytes,
+                                             tenant_id=tenant_id, settings=settings)
                 placed.append(ds.storage_path)
                 ids[key] = ds.id
-        return jobs.create_job(db, JobCreate.model_validate({**config, **ids}), settings, tenant_id)
+        return jobs.create_job(db, JobCreate.model_validate({**config, **ids}), settings=settings, tenant_id=tenant_id)
     except BaseException:
         for path in placed:
             storage.discard(path)

@@ -54,7 +54,7 @@ def _hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(db: Session, tenant_name: str, max_active_jobs: int | None = None,
+def create_key(db: Session, tenant_name: str, *, max_active_jobs: int | None = None,
                uploads_per_minute: int | None = None, storage_quota_bytes: int | None = None) -> tuple[Tenant, str]:
     """A new key for ``tenant_name`` (the tenant is created if new; limits given here replace its own).
     Returns the tenant and the key, which is shown this once and never stored."""
@@ -111,7 +111,7 @@ def authenticate(db: Session, key: str) -> Principal:
     return Principal(row.tenant_id, row.id, name)
 
 
-def key_is_active(db: Session, key_id: str, tenant_id: str) -> bool:
+def key_is_active(db: Session, key_id: str, *, tenant_id: str) -> bool:
     row = db.get(ApiKey, key_id)
     return row is not None and row.revoked_at is None and row.tenant_id == tenant_id
 
@@ -130,21 +130,21 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _sign(secret: bytes, purpose: str, payload: str) -> str:
+def _sign(secret: bytes, purpose: str, *, payload: str) -> str:
     return _b64(hmac.new(secret, f"{purpose}|{payload}".encode(), hashlib.sha256).digest())
 
 
-def make_token(secret: bytes, purpose: str, who: Principal, ttl_s: float, **extra: str) -> str:
+def make_token(secret: bytes, purpose: str, *, who: Principal, ttl_s: float, **extra: str) -> str:
     """A signed, expiring token for ``purpose`` ('session' cookies, 'link' one-click page links)."""
     body = {"t": who.tenant_id, "k": who.key_id, "n": who.tenant_name, "exp": int(time.time() + ttl_s), **extra}
     payload = _b64(json.dumps(body, separators=(",", ":")).encode())
-    return f"{payload}.{_sign(secret, purpose, payload)}"
+    return f"{payload}.{_sign(secret, purpose, payload=payload)}"
 
 
-def read_token(secret: bytes, purpose: str, token: str) -> tuple[Principal, dict[str, str]] | None:
+def read_token(secret: bytes, purpose: str, *, token: str) -> tuple[Principal, dict[str, str]] | None:
     """The principal a token names, or None if it is forged, for another purpose, expired or malformed."""
     payload, _, sig = token.partition(".")
-    if not payload or not sig or not hmac.compare_digest(_sign(secret, purpose, payload), sig):
+    if not payload or not sig or not hmac.compare_digest(_sign(secret, purpose, payload=payload), sig):
         return None
     try:
         body = json.loads(_unb64(payload))
@@ -158,16 +158,16 @@ def read_token(secret: bytes, purpose: str, token: str) -> tuple[Principal, dict
 
 def csrf_token(secret: bytes, session: str) -> str:
     """The token the pages' forms carry: bound to the session cookie (or, keyless, to the server)."""
-    return _sign(secret, "csrf", session)
+    return _sign(secret, "csrf", payload=session)
 
 
-def check_csrf(secret: bytes, session: str, presented: str | None) -> bool:
+def check_csrf(secret: bytes, session: str, *, presented: str | None) -> bool:
     return bool(presented) and hmac.compare_digest(csrf_token(secret, session), presented or "")
 
 
 # --- limits -----------------------------------------------------------------------------------------------
 
-def _limits(db: Session, tenant_id: str, settings: Settings) -> tuple[int, int]:
+def _limits(db: Session, tenant_id: str, *, settings: Settings) -> tuple[int, int]:
     tenant = db.get(Tenant, tenant_id)
     uploads = tenant.uploads_per_minute if tenant and tenant.uploads_per_minute is not None \
         else settings.uploads_per_minute
@@ -180,9 +180,9 @@ def tenant_name(db: Session, tenant_id: str) -> str:
     return tenant.name if tenant else tenant_id
 
 
-def check_upload_rate(db: Session, tenant_id: str, settings: Settings, files: int = 1) -> None:
+def check_upload_rate(db: Session, tenant_id: str, *, settings: Settings, files: int = 1) -> None:
     """429 when ``files`` more uploads would pass the tenant's uploads per rolling minute."""
-    limit, _ = _limits(db, tenant_id, settings)
+    limit, _ = _limits(db, tenant_id, settings=settings)
     if limit <= 0:
         return
     if files > limit:  # this request alone is over the limit: waiting would never help
@@ -211,9 +211,9 @@ def check_upload_rate(db: Session, tenant_id: str, settings: Settings, files: in
         )
 
 
-def check_active_jobs(db: Session, tenant_id: str, settings: Settings) -> None:
+def check_active_jobs(db: Session, tenant_id: str, *, settings: Settings) -> None:
     """429 when the tenant already has as many queued or running jobs as it may."""
-    _, limit = _limits(db, tenant_id, settings)
+    _, limit = _limits(db, tenant_id, settings=settings)
     if limit <= 0:
         return
     active = db.scalar(sa.select(sa.func.count()).select_from(Job)
@@ -226,7 +226,7 @@ def check_active_jobs(db: Session, tenant_id: str, settings: Settings) -> None:
         )
 
 
-def storage_quota(db: Session, tenant_id: str, settings: Settings) -> int:
+def storage_quota(db: Session, tenant_id: str, *, settings: Settings) -> int:
     """The bytes of uploads and artifacts the tenant may keep (0: no limit)."""
     tenant = db.get(Tenant, tenant_id)
     if tenant is not None and tenant.storage_quota_bytes is not None:
@@ -250,11 +250,11 @@ def _mb(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def check_storage_quota(db: Session, tenant_id: str, settings: Settings, adding: int, what: str) -> None:
+def check_storage_quota(db: Session, tenant_id: str, *, settings: Settings, adding: int, what: str) -> None:
     """507 when keeping ``adding`` more bytes (``what``: 'this upload', 'this job's artifact') would take the
     tenant past its storage quota; with ``adding`` 0, when it is already at or past it (a new job's artifact
     could not be kept)."""
-    quota = storage_quota(db, tenant_id, settings)
+    quota = storage_quota(db, tenant_id, settings=settings)
     if quota <= 0:
         return
     used = storage_used(db, tenant_id)

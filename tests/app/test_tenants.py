@@ -23,7 +23,8 @@ SESSION = "lowbit_session"
 
 def new_key(h: Harness, tenant: str, **limits: int) -> str:
     with h.factory() as db:
-        _, key = tenants.create_key(db, tenant, limits.get("max_active_jobs"), limits.get("uploads_per_minute"))
+        _, key = tenants.create_key(db, tenant, max_active_jobs=limits.get("max_active_jobs"),
+                                    uploads_per_minute=limits.get("uploads_per_minute"))
         db.commit()
     return key
 
