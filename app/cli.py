@@ -431,8 +431,9 @@ def _quantize(cfg: Any, recipe: str, target: dict[str, Any] | None,
         report: dict[str, Any] = run(cfg, progress).report
         return report
     from worker.engine import auto
+    from worker.engine.target import check_target
 
-    target = auto.check_target(target)
+    target = check_target(target)
     from worker.engine.report import Figures, Report
 
     outcome = auto.search(cfg, target)

@@ -58,6 +58,7 @@ from worker.celery_app import celery_app
 from worker.engine import auto
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError, JobCancelled
+from worker.engine.target import check_target
 from worker.runner import HandedBack, LeaseLost, Watch, worker_id
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def start(job_id: str, attempt: int, s: Settings, factory: sessionmaker[Session]
         return "skipped"
     work = _paths(s, job_id, attempt)[2]
     try:
-        auto.check_target(j.target)
+        check_target(j.target)
         base = _base_config(s, j)
         planned = _plan(s, factory, j, base)
     except JobCancelled:

@@ -892,7 +892,7 @@ def calibrate_with_ort(
             f"{', '.join(ORT_METHODS)}",
         )
 
-    class Reader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type information: its reader class is Any
         def __init__(self) -> None:
             self.it = iter(batches())
             self.samples = 0

@@ -225,7 +225,7 @@ def _reader(batches: Batches) -> Any:
     pairs = list(batches())
     feeds = [feed for feed, _ in pairs]
 
-    class Reader(CalibrationDataReader):
+    class Reader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type information: its reader class is Any
         def __init__(self) -> None:
             self.pos = 0
             self.samples = sum(n for _, n in pairs)

@@ -90,7 +90,7 @@ def _modules() -> tuple[type, type]:
     nn = torch.nn
     module: Any = nn.Module
 
-    class ActFakeQuant(module):
+    class ActFakeQuant(module):  # type: ignore[misc]  # torch is imported lazily, as Any
         """Per-tensor asymmetric uint8, as ONNX Runtime quantizes an activation with range [lo, hi]."""
 
         def __init__(self, lo: float, hi: float, learn: bool) -> None:
@@ -118,7 +118,7 @@ def _modules() -> tuple[type, type]:
             z = float(min(255.0, max(0.0, round(float(self.zero_point.detach())))))
             return -z * s, (255.0 - z) * s
 
-    class WeightFakeQuant(module):
+    class WeightFakeQuant(module):  # type: ignore[misc]  # torch is imported lazily, as Any
         """Per-output-channel symmetric int8 in [-127, 127], ONNX Runtime's per-channel weight scheme."""
 
         def __init__(self, w: Any, learn: bool) -> None:
@@ -149,7 +149,7 @@ def _param_module() -> type:
     torch = _torch()
     module: Any = torch.nn.Module
 
-    class ParamFakeQuant(module):
+    class ParamFakeQuant(module):  # type: ignore[misc]  # torch is imported lazily, as Any
         """A parameter ONNX Runtime quantizes per tensor though it is no Linear/Conv weight (a bias read by an
         Add, a LayerNorm scale, an embedding table read by a Gather), with the scheme the post-training model
         shows for it: ``int8`` symmetric (max|p| / 127) or ``uint8`` asymmetric over [min(p, 0), max(p, 0)].
@@ -257,7 +257,7 @@ def program_moments(gm: Any, program: Any, inputs: list[Any], feeds: list[dict[s
 
     interpreter: Any = torch.fx.Interpreter
 
-    class Observer(interpreter):
+    class Observer(interpreter):  # type: ignore[misc]  # torch is imported lazily, as Any
         def run_node(self, n: Any) -> Any:
             out = super().run_node(n)
             if n.op in ("placeholder", "call_function", "call_module") and isinstance(out, torch.Tensor) \

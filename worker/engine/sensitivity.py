@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnx
@@ -74,12 +75,13 @@ def fake_quant_weight(w: np.ndarray, axis: int) -> np.ndarray:
     """Symmetric int8 per channel along ``axis`` (how the static recipe stores weights), back in float."""
     if w.ndim < 2:
         scale = np.maximum(np.abs(w).max(initial=0.0) / 127.0, 1e-12)
-        return (np.clip(np.round(w / scale), -127, 127) * scale).astype(w.dtype)
+        # numpy types a reduction's result as Any, and so what is computed from it
+        return cast(np.ndarray, (np.clip(np.round(w / scale), -127, 127) * scale).astype(w.dtype))
     moved = np.moveaxis(w.astype(np.float64), axis, 0)
     flat = moved.reshape(moved.shape[0], -1)
     scale = np.maximum(np.abs(flat).max(axis=1, keepdims=True) / 127.0, 1e-12)
     q = np.clip(np.round(flat / scale), -127, 127) * scale
-    return np.moveaxis(q.reshape(moved.shape), 0, axis).astype(w.dtype)
+    return cast(np.ndarray, np.moveaxis(q.reshape(moved.shape), 0, axis).astype(w.dtype))
 
 
 def activation_qparams(lo: float, hi: float) -> tuple[float, int]:
