@@ -24,7 +24,7 @@ def test_public_bind_requires_keys_and_keys_create_makes_one(tmp_path: Path, zoo
         assert key.startswith("lb_") and "shown only this once" in made.stderr
         listed = subprocess.run(lowbit_cmd("keys", "list"), env=env_for(data), capture_output=True, text=True,
                                 timeout=60, check=True).stdout
-        assert "acme" in listed and key not in listed and key.split("_")[2] not in listed
+        assert "acme" in listed and key not in listed and key.split("_", 2)[2] not in listed
 
         auth = {"Authorization": f"Bearer {key}"}
         up = client.post("/api/v1/models", files={"file": ("mlp.onnx", zoo["mlp"].read_bytes())}, headers=auth)
