@@ -445,7 +445,8 @@ def _quantize(cfg: Any, recipe: str, target: dict[str, Any] | None,
     if outcome.chosen is None:
         if report_path:
             report_path.write_text(json.dumps(report, indent=2))
-        print(f"lowbit: error [accuracy_target_not_met]: {auto.failure_message(outcome, target)}", file=sys.stderr)
+        code, message = auto.failure(outcome, target)
+        print(f"lowbit: error [{code}]: {message}", file=sys.stderr)
         return None
     print(f"chosen: {json.dumps(report['chosen'])}")
     # The figure the choice was made on, and the one on samples the search never saw (the reported one).

@@ -362,9 +362,9 @@ def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Sett
             artifact.unlink(missing_ok=True)
     else:
         # auto.conclude wrote report.accuracy_target (met: false, the best candidate's distance).
+        code, message = auto.failure(outcome, j.target)
         with factory.begin() as sess:
-            lifecycle.fail(sess, j.job_id, j.attempt, "accuracy_target_not_met",
-                           auto.failure_message(outcome, j.target), keep_stage=False, report=finite_or_none(report))
+            lifecycle.fail(sess, j.job_id, j.attempt, code, message, keep_stage=False, report=finite_or_none(report))
     shutil.rmtree(cand_dir, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     log.info("auto job %s concluded after %d round(s): %s", j.job_id, rounds,

@@ -600,6 +600,23 @@ def _confirm(outcome: AutoOutcome, target: dict[str, Any], base: QuantizeConfig,
             "its selection figure was lucky. Loosen the target, or give more evaluation samples")
 
 
+# Failures that are about the model, not about one recipe: when every candidate ends with the same one, it is
+# the job's error.
+MODEL_REFUSALS = frozenset({"already_quantized", "unsupported_model", "nothing_to_quantize"})
+
+
+def failure(outcome: AutoOutcome, target: dict[str, Any]) -> tuple[str, str]:
+    """The (error code, message) of an auto job that chose nothing. When no candidate could be measured and
+    every one failed with the same refusal of the model (already quantized, unsupported, nothing to
+    quantize), that is what is wrong with the job and its own code says so; else the target was missed."""
+    if outcome.best is None:
+        errors = [c.get("error") or {} for c in outcome.report.get("candidates") or [] if c.get("status") == "failed"]
+        codes = {e.get("code") for e in errors}
+        if errors and len(codes) == 1 and codes <= MODEL_REFUSALS:
+            return str(errors[0]["code"]), f"every auto candidate failed the same way: {errors[0].get('message')}"
+    return "accuracy_target_not_met", failure_message(outcome, target)
+
+
 def failure_message(outcome: AutoOutcome, target: dict[str, Any]) -> str:
     bound = f"at least {target['min']}" if target.get("min") is not None else f"a drop of at most {target['max_drop']}"
     if outcome.best is None:

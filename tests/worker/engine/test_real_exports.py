@@ -386,3 +386,21 @@ def test_an_already_quantized_model_is_refused_by_every_recipe_and_a_partly_quan
     quantize_dynamic(str(model), str(partly), nodes_to_quantize=names[:1])
     report = _run(partly, tmp_path, data, "int8_dynamic")
     assert report["size"]["quantized_bytes"] < report["size"]["original_bytes"]
+
+
+def test_auto_on_an_already_quantized_model_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every auto candidate refuses the model the same way: the job's error is that refusal, not a missed
+    accuracy target (the corpus's voicefilter models said accuracy_target_not_met)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    from app.cli import main
+
+    model = builders.mlp(tmp_path / "mlp.onnx")
+    data = builders.mlp_data(tmp_path / "mlp.npz")
+    int8 = tmp_path / "mlp.int8.onnx"
+    quantize_dynamic(str(model), str(int8))
+    status = main(["quantize", str(int8), "--calib", str(data), "--recipe", "auto", "--accuracy-target",
+                   '{"metric": "cosine", "min": 0.99}', "--option", "latency_runs=2", "-o", str(tmp_path / "o.onnx")])
+    err = capsys.readouterr().err
+    assert status != 0 and "[already_quantized]" in err and "every auto candidate failed" in err, err
+    assert "MatMulInteger" in err
