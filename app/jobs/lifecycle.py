@@ -115,8 +115,11 @@ def _running(attempt: int) -> list[sa.ColumnElement[bool]]:
 
 def mark_published(db: Session, job_id: str) -> Transition:
     """A queued job's message is in the broker: a queued job without ``enqueued_at`` is one whose publisher
-    died before publishing, which the reconciler then publishes."""
-    return _apply(db, job_id, None, [Job.status == QUEUED], {"enqueued_at": utcnow()})
+    died before publishing, which the reconciler then publishes. A worker may claim the job between the
+    publish and this call: the message was published all the same, so a job that moved on with no
+    ``enqueued_at`` gets it too (what it says stays true), and one that has it keeps it."""
+    return _apply(db, job_id, None, [sa.or_(Job.status == QUEUED, Job.enqueued_at.is_(None))],
+                  {"enqueued_at": utcnow()})
 
 
 def republish(db: Session, job_id: str, seen: datetime | None) -> Transition:
