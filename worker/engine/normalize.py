@@ -180,6 +180,12 @@ def _subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                 yield from _subgraphs(sub)
 
 
+def all_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """The main graph, then every If/Loop/Scan body in it, nested ones too."""
+    yield model.graph
+    yield from _subgraphs(model.graph)
+
+
 def has_subgraphs(model: onnx.ModelProto) -> bool:
     return next(_subgraphs(model.graph), None) is not None
 

@@ -26,7 +26,7 @@ from worker.engine.fp16 import float16_in_subgraphs
 from worker.engine.hygiene import Overlap, overlap
 from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
 from worker.engine.int4 import Int4Result, quantize_int4
-from worker.engine.normalize import NormalizeResult, normalize, subgraph_op_types
+from worker.engine.normalize import NormalizeResult, all_graphs, normalize, subgraph_op_types
 from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
 from worker.engine.preflight import plan_split
 from worker.engine.pt2 import Pt2Source
@@ -697,10 +697,12 @@ def _refuse_already_quantized(model: onnx.ModelProto) -> None:
     """A model whose weighted layers are all integer already (e.g. ONNX Runtime's dynamic quantizer's output)
     has nothing left for any recipe to shrink; quantizing it again fails deep in a quantizer or only
     re-wraps integer arithmetic, so say what it is. A partly quantized model (float weights left) goes on."""
-    inits = {i.name: i for i in model.graph.initializer}
+    graphs = list(all_graphs(model))
+    # A body reads its own initializers and the main graph's (normalize moves some weights into bodies).
+    inits = {i.name: i for g in graphs for i in g.initializer}
     quantized: set[str] = set()
     float_weights = 0
-    for node in _all_nodes(model.graph):
+    for node in (n for g in graphs for n in g.node):
         if node.op_type in QUANTIZED_OPS:
             quantized.add(node.op_type)
         elif node.op_type in WEIGHTED_OPS and any(
@@ -714,16 +716,3 @@ def _refuse_already_quantized(model: onnx.ModelProto) -> None:
             f"this model is already quantized (it uses {', '.join(sorted(quantized)[:6])}) and has no float "
             "weight matrix left for a recipe to shrink; upload the float (fp32/fp16) model it was made from",
         )
-
-
-def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    out: list[onnx.NodeProto] = []
-    for node in graph.node:
-        out.append(node)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                out.extend(_all_nodes(attr.g))
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    out.extend(_all_nodes(g))
-    return out
