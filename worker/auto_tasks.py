@@ -36,7 +36,6 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.broker import TASK_AUTO_CANDIDATE
-from app.datasets.models import Dataset
 from app.db import utcnow
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Transition
@@ -49,7 +48,6 @@ from app.jobs.models import (
     AutoCandidate,
     Job,
 )
-from app.models.models import ModelFile
 from app.settings import Settings, get_settings
 from app.storage import Storage
 from app.uploads import new_id
@@ -91,12 +89,8 @@ def _load(factory: sessionmaker[Session], job_id: str, attempt: int) -> _Job | N
         job = s.get(Job, job_id)
         if job is None or job.status != RUNNING or job.attempts != attempt:
             return None
-        model = s.get(ModelFile, job.model_id)
-        calib = s.get(Dataset, job.calibration_dataset_id) if job.calibration_dataset_id else None
-        ev = s.get(Dataset, job.eval_dataset_id) if job.eval_dataset_id else None
         return _Job(job_id, attempt, job.queue, dict(job.options), dict(job.accuracy_target or {}), job.started_at,
-                    Path(model.storage_path) if model else None, Path(calib.storage_path) if calib else None,
-                    Path(ev.storage_path) if ev else None)
+                    *runner.job_files(s, job))
 
 
 def _paths(s: Settings, job_id: str, attempt: int) -> tuple[Path, Path, Path]:

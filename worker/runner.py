@@ -20,9 +20,12 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.broker import GPU_QUEUE
+from app.datasets.models import Dataset
 from app.db import make_engine, make_sessionmaker
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Transition
+from app.jobs.models import Job
+from app.models.models import ModelFile
 from app.settings import Settings, get_settings
 from worker import sandbox
 from worker.engine.errors import JobCancelled
@@ -156,6 +159,16 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
+
+
+def job_files(sess: Session, job: Job) -> tuple[Path | None, Path | None, Path | None]:
+    """Where the job's model, calibration set and evaluation set are stored (None: not given, or the row is
+    gone)."""
+    model = sess.get(ModelFile, job.model_id)
+    calib = sess.get(Dataset, job.calibration_dataset_id) if job.calibration_dataset_id else None
+    ev = sess.get(Dataset, job.eval_dataset_id) if job.eval_dataset_id else None
+    m, c, e = (Path(row.storage_path) if row else None for row in (model, calib, ev))
+    return m, c, e
 
 
 def engine_device(queue: str, s: Settings) -> str:

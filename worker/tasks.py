@@ -38,12 +38,10 @@ from celery.signals import worker_init, worker_process_init, worker_ready, worke
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.broker import TASK_RUN_JOB
-from app.datasets.models import Dataset
 from app.db import utcnow
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Transition
 from app.jobs.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
-from app.models.models import ModelFile
 from app.procs import children, process_gone
 from app.settings import Settings, get_settings
 from app.storage import Storage
@@ -160,15 +158,9 @@ def _read_job(factory: sessionmaker[Session], job_id: str) -> _JobInputs | None:
         job = sess.get(Job, job_id)
         if job is None:
             return None
-        model = sess.get(ModelFile, job.model_id)
-        calib = sess.get(Dataset, job.calibration_dataset_id) if job.calibration_dataset_id else None
-        ev = sess.get(Dataset, job.eval_dataset_id) if job.eval_dataset_id else None
-        return _JobInputs(
-            recipe=job.recipe, options=dict(job.options), target=job.accuracy_target, queue=job.queue,
-            model_path=Path(model.storage_path) if model else None,
-            calib_path=Path(calib.storage_path) if calib else None,
-            eval_path=Path(ev.storage_path) if ev else None,
-        )
+        model_path, calib_path, eval_path = runner.job_files(sess, job)
+        return _JobInputs(recipe=job.recipe, options=dict(job.options), target=job.accuracy_target,
+                          queue=job.queue, model_path=model_path, calib_path=calib_path, eval_path=eval_path)
 
 
 @dataclass(frozen=True)
