@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.datasets.models import Dataset
 from app.db import utcnow
 from app.jobs.models import FINISHED, Job
-from app.models.models import ModelFile
+from app.modelfiles.models import ModelFile
 from app.settings import Settings
 from app.storage import Storage
 

@@ -14,7 +14,7 @@ from app.jobs.routes import router as jobs_router
 from app.jobs.routes import schemas_router
 from app.limits import BodyLimit
 from app.metrics.routes import router as metrics_router
-from app.models.routes import router as models_router
+from app.modelfiles.routes import router as models_router
 from app.pages.routes import STATIC_DIR, sign_in_first
 from app.pages.routes import router as pages_router
 from app.queue import CeleryQueue, JobQueue

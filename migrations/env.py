@@ -5,7 +5,7 @@ from alembic import context
 from app.datasets import models as _datasets  # noqa: F401  (registers tables)
 from app.db import Base, make_engine
 from app.jobs import models as _jobs  # noqa: F401
-from app.models import models as _models  # noqa: F401
+from app.modelfiles import models as _modelfiles  # noqa: F401
 from app.tenants import models as _tenants  # noqa: F401
 
 config = context.config

@@ -14,7 +14,7 @@ from app.datasets import models as _d  # noqa: F401
 from app.db import Base
 from app.jobs import models as _j  # noqa: F401
 from app.migrate import downgrade, upgrade
-from app.models import models as _m  # noqa: F401
+from app.modelfiles import models as _m  # noqa: F401
 
 
 def _fresh_postgres(postgres_url: str) -> tuple[str, sa.Engine]:

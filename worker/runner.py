@@ -25,7 +25,7 @@ from app.db import make_engine, make_sessionmaker
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Transition
 from app.jobs.models import Job
-from app.models.models import ModelFile
+from app.modelfiles.models import ModelFile
 from app.settings import Settings, get_settings
 from worker import sandbox
 from worker.engine.errors import JobCancelled

@@ -19,7 +19,7 @@ from app.examples import EVENTS_EXAMPLE, JOB_CREATE_EXAMPLE, JOB_RUNNING_EXAMPLE
 from app.jobs import events, service
 from app.jobs.models import Job
 from app.jobs.schemas import JobCreate, JobList, JobOut
-from app.models import service as models
+from app.modelfiles import service as models
 from app.queue import mark_published
 from app.settings import Settings
 from app.storage import Storage

@@ -15,7 +15,7 @@ from app.errors import Conflict, Gone, Invalid, NotFound, from_engine
 from app.jobs import lifecycle
 from app.jobs.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from app.jobs.schemas import DeliveryOut, JobCreate, JobError, JobLinks, JobOut
-from app.models import service as models
+from app.modelfiles import service as models
 from app.settings import Settings
 from app.tenants import service as tenants
 from app.uploads import is_uuid, new_id

@@ -16,7 +16,7 @@ from app.broker import QUEUES
 from app.datasets.models import Dataset
 from app.jobs.models import FINISHED, QUEUED, Job, WebhookDelivery
 from app.jobs.service import STATUSES
-from app.models.models import ModelFile
+from app.modelfiles.models import ModelFile
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 JOB_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 10800.0)

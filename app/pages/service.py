@@ -18,8 +18,8 @@ from app.errors import Invalid, from_engine
 from app.jobs import service as jobs
 from app.jobs.models import Job
 from app.jobs.schemas import JobCreate, JobOut
-from app.models import service as models
-from app.models.models import ModelFile
+from app.modelfiles import service as models
+from app.modelfiles.models import ModelFile
 from app.pages import charts, explain, present
 from app.settings import Settings
 from app.storage import Storage

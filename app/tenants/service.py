@@ -26,7 +26,7 @@ from app.db import utcnow
 from app.errors import Invalid, NotFound, RateLimited, StorageQuotaExceeded, Unauthorized
 from app.jobs.models import QUEUED, RUNNING, Job
 from app.keyfile import data_dir_secret
-from app.models.models import ModelFile
+from app.modelfiles.models import ModelFile
 from app.settings import Settings
 from app.tenants.models import LOCAL_TENANT, ApiKey, Tenant
 from app.uploads import new_id

@@ -26,7 +26,7 @@ import pytest
 
 from app.datasets.models import Dataset
 from app.limits import MULTIPART_OVERHEAD, UPLOAD_ROUTES
-from app.models.models import ModelFile
+from app.modelfiles.models import ModelFile
 from app.security import CSP
 from tests import pt2_builders as pb
 from tests.app.conftest import Harness

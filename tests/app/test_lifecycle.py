@@ -20,7 +20,7 @@ from app.jobs import lifecycle
 from app.jobs.lifecycle import MAX_ATTEMPTS, Requeue, Transition
 from app.jobs.models import Job
 from app.migrate import upgrade
-from app.models.models import ModelFile
+from app.modelfiles.models import ModelFile
 
 # A value the row must have, whatever it is (a timestamp the change wrote).
 SET = object()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.datasets.models import Dataset
-from app.models.models import ModelFile
+from app.modelfiles.models import ModelFile
 from tests.app.conftest import Harness
 from tests.app.helpers import error_of, upload_dataset, upload_model
 

@@ -254,7 +254,7 @@ def test_cancel_stops_the_running_engine_within_seconds(stack: Stack, big: dict[
 def test_a_job_committed_but_never_published_runs(stack: Stack, zoo: dict[str, Path], procs: list[Proc]) -> None:
     """The API died between its commit and the publish: the worker's reconciler publishes the job."""
     import app.datasets.models
-    import app.models.models  # noqa: F401 - the tables jobs refers to
+    import app.modelfiles.models  # noqa: F401 - the tables jobs refers to
     from app.jobs.models import Job
 
     model = stack.client.post("/api/v1/models", files={"file": ("m.onnx", zoo["mlp"].read_bytes())}).json()

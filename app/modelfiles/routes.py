@@ -5,8 +5,8 @@ from fastapi import APIRouter, File, Query, Request, UploadFile
 from app.auth import ApiPrincipal
 from app.deps import SessionDep, StorageDep
 from app.errors import error_responses
-from app.models import service
-from app.models.schemas import ModelList, ModelOut
+from app.modelfiles import service
+from app.modelfiles.schemas import ModelList, ModelOut
 from app.tenants import service as tenants
 
 router = APIRouter(prefix="/api/v1/models", tags=["models"], responses=error_responses(401, 422))

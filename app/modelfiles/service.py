@@ -8,7 +8,7 @@ from typing import BinaryIO
 from sqlalchemy.orm import Session
 
 from app.errors import Invalid, NotFound, from_engine
-from app.models.models import ModelFile
+from app.modelfiles.models import ModelFile
 from app.settings import Settings
 from app.storage import Storage
 from app.tenants import service as tenants
