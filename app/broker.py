@@ -29,7 +29,7 @@ TASK_AUTO_CANDIDATE = "lowbit.auto_candidate"
 def make_celery(settings: Settings, include: Sequence[str] = ()) -> Celery:
     """A Celery app for ``settings``' broker. ``include``: the modules that define tasks (the worker's; a
     publisher needs none)."""
-    from celery import Celery
+    from celery import Celery  # lazy: see the TYPE_CHECKING import above
 
     app = Celery("lowbit", broker=settings.resolved_broker_url, include=list(include))
     conf: dict[str, object] = {

@@ -18,12 +18,14 @@ from typing import Any
 
 
 def _settings() -> Any:
+    # lazy: pydantic settings load only for the commands that read them (the CLI's fast start)
     from app.settings import get_settings
 
     return get_settings()
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:
+    # lazy: keeps `import app.cli` light (the CLI's fast start) (alembic, sqlalchemy)
     from app.migrate import upgrade
 
     s = _settings()
@@ -57,6 +59,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_worker_health(_: argparse.Namespace) -> int:
     """Exit 0 when a worker on this host has a live heartbeat row (a container's health check), else 1."""
+    # lazy: keeps `import app.cli` light (the CLI's fast start) (sqlalchemy, the tables)
     import socket
 
     import sqlalchemy as sa
@@ -88,6 +91,7 @@ def cmd_worker_health(_: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     """Apply the retention now and remove stray files (what workers do every LOWBIT_GC_INTERVAL_S)."""
+    # lazy: keeps `import app.cli` light (the CLI's fast start) (sqlalchemy, the tables)
     from app import gc
     from app.db import make_engine, make_sessionmaker
     from app.storage import Storage
@@ -109,6 +113,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # lazy: keeps `import app.cli` light (the CLI's fast start) (uvicorn, the API)
     import uvicorn
 
     from app.main import create_app
@@ -140,6 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # action that would end this process on the spot and orphan the workers.)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     if not args.no_worker:
+        # lazy: keeps `import app.cli` light (the CLI's fast start) (uvicorn, the API)
         from app.supervisor import Supervisor
 
         queues = args.queues or "cpu,gpu"
@@ -192,6 +198,7 @@ def _hand_back_lost(s: Any, dead: set[int], any_gone: bool = False) -> None:
     """The embedded supervisor saw these processes of its workers die (with ``any_gone``: any process on this
     host, which only the embedded server, alone on its data directory, may assume): their running jobs go back
     to the queue now (the next attempt takes over), not after the lease."""
+    # lazy: keeps `import app.cli` light (the CLI's fast start) (sqlalchemy, Celery)
     import socket
 
     from app import workers
@@ -226,6 +233,7 @@ def _hand_back_lost(s: Any, dead: set[int], any_gone: bool = False) -> None:
 
 
 def _recover_embedded_jobs(s: Any) -> None:
+    # lazy: keeps `import app.cli` light (the CLI's fast start) (sqlalchemy, Celery)
     from app.db import make_engine, make_sessionmaker
     from app.jobs.service import recover_interrupted
     from app.queue import CeleryQueue
@@ -248,6 +256,7 @@ def _recover_embedded_jobs(s: Any) -> None:
 def _reconcile_queue(s: Any) -> None:
     """Publish the queued jobs that no broker message carries (an API that died between committing a job and
     publishing it, a broker that lost its data); workers keep doing this while they run."""
+    # lazy: keeps `import app.cli` light (the CLI's fast start) (sqlalchemy, Celery)
     from app.db import make_engine, make_sessionmaker
     from app.queue import CeleryQueue, reconcile
 
@@ -312,6 +321,7 @@ def _private_scratch() -> Iterator[Path]:
 def cmd_quantize(args: argparse.Namespace) -> int:
     # Before anything imports ONNX Runtime, whose telemetry otherwise writes $TMPDIR/.ses when it is imported.
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    # lazy: the engine (onnx, ONNX Runtime) loads only for this command, after main() set ORT_DISABLE_TELEMETRY
     from worker.engine.config import QuantizeConfig, parse_options
     from worker.engine.errors import EngineError
 
@@ -376,6 +386,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     if report_path:
         report_path.write_text(json.dumps(report, indent=2))
+    # lazy: keeps `import app.cli` light (the CLI's fast start)
     from worker.engine.report import Report
 
     typed = Report.model_validate(report)  # what the engine just checked, read through the contract
@@ -412,6 +423,7 @@ def accuracy_target(text: str | None) -> dict[str, Any] | None:
     Raises ValueError (pydantic's ValidationError is one) for text that is not JSON or not a target."""
     if not text:
         return None
+    # lazy: keeps `import app.cli` light (the CLI's fast start) (pydantic, the API's schemas)
     from app.jobs.schemas import AccuracyTarget
 
     target: dict[str, Any] = AccuracyTarget.model_validate(json.loads(text)).model_dump(exclude_none=True)
@@ -421,6 +433,7 @@ def accuracy_target(text: str | None) -> dict[str, Any] | None:
 def _quantize(cfg: Any, recipe: str, target: dict[str, Any] | None,
               report_path: Path | None) -> dict[str, Any] | None:
     """Run the engine (or the auto search) in-process; the report, or None when auto met no target."""
+    # lazy: the engine (onnx, ONNX Runtime) loads only for this command, after main() set ORT_DISABLE_TELEMETRY
     from worker.engine.pipeline import run
 
     def progress(stage: str, fraction: float) -> None:
@@ -430,10 +443,12 @@ def _quantize(cfg: Any, recipe: str, target: dict[str, Any] | None,
     if recipe != "auto":
         report: dict[str, Any] = run(cfg, progress).report
         return report
+    # lazy: the engine (onnx, ONNX Runtime) loads only for this command, after main() set ORT_DISABLE_TELEMETRY
     from worker.engine import auto
     from worker.engine.target import check_target
 
     target = check_target(target)
+    # lazy: keeps `import app.cli` light (the CLI's fast start)
     from worker.engine.report import Figures, Report
 
     outcome = auto.search(cfg, target)
@@ -462,6 +477,7 @@ def _quantize(cfg: Any, recipe: str, target: dict[str, Any] | None,
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
+    # lazy: keeps `import app.cli` light (the CLI's fast start) (sqlalchemy, the tables)
     from app.db import make_engine, make_sessionmaker
     from app.errors import LowbitError
     from app.migrate import upgrade
@@ -498,6 +514,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook_secret(_: argparse.Namespace) -> int:
+    # lazy: keeps `import app.cli` light (the CLI's fast start) (sqlalchemy, the tables)
     from app.webhooks import webhook_secret
 
     print(webhook_secret(_settings()))
@@ -618,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
 def _database_unreachable(exc: BaseException) -> bool:
     if "sqlalchemy" not in sys.modules:  # not loaded: not a database error (and no need to import it here)
         return False
+    # lazy: loaded already when the error came from it (checked above)
     import sqlalchemy as sa
 
     return isinstance(exc, sa.exc.OperationalError)

@@ -19,6 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.broker import TASK_RUN_JOB, make_celery
+from app.db import utcnow
+from app.jobs import lifecycle
+from app.jobs.models import QUEUED, Job
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,7 @@ def _filesystem_held(folder: Path) -> set[str]:
 
 
 def _redis_held(url: str, queues: set[str]) -> set[str]:
+    # lazy: the Redis client (~0.2 s) is needed only with a Redis broker, not with the filesystem one
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
@@ -117,10 +121,6 @@ def reconcile(factory: sessionmaker[Session], queue: CeleryQueue, after_s: float
     since they were committed or last published. Safe from several processes at once: each job's
     ``enqueued_at`` is moved with a conditional UPDATE first, and only the winner publishes. Returns the
     ids published."""
-    from app.db import utcnow
-    from app.jobs import lifecycle
-    from app.jobs.models import QUEUED, Job
-
     cutoff = utcnow() - timedelta(seconds=after_s)
     with factory() as s:
         waiting = s.execute(
@@ -151,7 +151,5 @@ def reconcile(factory: sessionmaker[Session], queue: CeleryQueue, after_s: float
 def mark_published(db: Session, job_id: str) -> None:
     """Record that the broker has the job's message (a short transaction of its own, after the publish):
     a queued job without it is one whose API died before publishing, which ``reconcile`` then publishes."""
-    from app.jobs import lifecycle
-
     lifecycle.mark_published(db, job_id)
     db.commit()

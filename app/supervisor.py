@@ -20,6 +20,7 @@ Each worker sets itself to receive SIGTERM when the server dies (``LOWBIT_SUPERV
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -57,8 +58,6 @@ def describe_exit(code: int) -> str:
 def become_subreaper() -> bool:
     """Orphans of our descendants are re-parented to this process instead of init (Linux 3.4+)."""
     try:
-        import ctypes
-
         return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1) == 0)
     except (OSError, AttributeError):
         return False

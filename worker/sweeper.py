@@ -16,9 +16,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import gc, webhooks
 from app.db import utcnow
 from app.jobs import lifecycle
 from app.jobs.models import CANDIDATE_PENDING, QUEUED, RUNNING, AutoCandidate, Job
+from app.queue import CeleryQueue, reconcile
 from app.settings import get_settings
 from app.storage import Storage
 from worker.runner import sessions
@@ -69,9 +71,6 @@ def start(**_: Any) -> None:
     settings = get_settings()
 
     def loop() -> None:
-        from app import gc, webhooks
-        from app.queue import CeleryQueue, reconcile
-
         queue = CeleryQueue(settings)
         next_gc = time.monotonic()  # once at start, then every gc_interval_s
         while True:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -37,14 +38,17 @@ import sqlalchemy as sa
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import workers
 from app.broker import TASK_RUN_JOB
 from app.db import utcnow
+from app.errors import StorageQuotaExceeded
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Transition
 from app.jobs.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
 from app.procs import children, process_gone
 from app.settings import Settings, get_settings
 from app.storage import Storage
+from app.tenants.service import check_storage_quota
 from app.webhooks import notify
 from worker import auto_tasks, runner, sandbox, sweeper
 from worker.celery_app import celery_app
@@ -267,6 +271,7 @@ def _keep(attempt: _Attempt, result: QuantizeResult, s: Settings) -> str:
     a cancellation or a deletion since the engine started says otherwise."""
     factory, job_id, number, artifact = attempt.factory, attempt.job_id, attempt.number, attempt.artifact
     try:
+        # lazy: validate loads ONNX Runtime, kept out of the worker's main process (the sandbox child runs the engine)
         from worker.engine.validate import finite_or_none
 
         report = result.report
@@ -297,9 +302,6 @@ def _keep(attempt: _Attempt, result: QuantizeResult, s: Settings) -> str:
 
 def _over_quota(factory: sessionmaker[Session], s: Settings, job_id: str, artifact_bytes: int) -> str | None:
     """Why the job's artifact may not be kept (its tenant's storage quota), or None."""
-    from app.errors import StorageQuotaExceeded
-    from app.tenants.service import check_storage_quota
-
     with factory() as db:
         tenant_id = db.scalar(sa.select(Job.tenant_id).where(Job.id == job_id))
         if tenant_id is None:
@@ -312,8 +314,6 @@ def _over_quota(factory: sessionmaker[Session], s: Settings, job_id: str, artifa
 
 
 def _cleanup_work(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -343,8 +343,6 @@ _beat_stopped = threading.Event()
 def _start_beat(sender: Any = None, **_: Any) -> None:
     """The main process keeps its row in ``workers`` fresh (app/workers.py): what /readyz, /metrics and a queued
     job's waiting_reason read to tell whether anyone consumes a queue."""
-    from app import workers
-
     settings = get_settings()
     try:
         queues = sorted({q.name for q in sender.task_consumer.queues})
@@ -365,8 +363,6 @@ def _start_beat(sender: Any = None, **_: Any) -> None:
 
 def _stop_beat(**_: Any) -> None:
     """A worker shutting down stops counting as one at once (it takes no more jobs)."""
-    from app import workers
-
     _beat_stopped.set()
     with contextlib.suppress(Exception):
         workers.forget(runner.sessions(), [worker_id()])

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import NotFound
 from app.jobs.models import FINISHED, Job
+from app.jobs.service import to_out
 from app.uploads import is_uuid
 
 # A stream ends after this long even if the job has not (a client reconnects; EventSource does by itself).
@@ -64,8 +65,6 @@ def stage_list(stage_times: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def read(factory: sessionmaker[Session], job_id: str) -> Snapshot | None:
-    from app.jobs.service import to_out
-
     with factory() as s:
         job = s.get(Job, job_id) if is_uuid(job_id) else None
         if job is None:

@@ -37,8 +37,12 @@ from typing import Any
 
 import onnx
 
+from worker.engine import pt2
 from worker.engine.config import CALIBRATION_METHODS, QuantizeConfig, RecipeOptions, parse_options
 from worker.engine.errors import EngineError
+from worker.engine.files import place, sha256_file, temp_in
+from worker.engine.normalize import constants_to_initializers, name_nodes
+from worker.engine.preflight import MIN_SPLIT_SAMPLES
 from worker.engine.report import REPORT_VERSION, validate_report
 from worker.engine.target import check_target, distance, measure
 
@@ -167,8 +171,8 @@ def has_matmul_weights(model_path: Path, excluded: Sequence[str] = ()) -> bool:
     Paddle2ONNX and tf2onnx among them, keep weights there). ``excluded`` names nodes as normalize() names them;
     a node ONNX Runtime's pre-processing later fuses under another name still counts (at worst a 4-bit
     candidate that finds nothing fails, and the search goes on without it)."""
+    # lazy: int4 loads ONNX Runtime; the worker's main process imports this module (worker.auto_tasks) without it
     from worker.engine.int4 import find_targets
-    from worker.engine.normalize import constants_to_initializers, name_nodes
 
     try:
         model = onnx.load(str(model_path), load_external_data=False)
@@ -201,8 +205,6 @@ def has_matmul_weights(model_path: Path, excluded: Sequence[str] = ()) -> bool:
 def model_to_check(cfg: QuantizeConfig, work_dir: Path) -> Path:
     """The ONNX model the candidates will really quantize: the upload itself, or a .pt2's ONNX export, made
     exactly as each candidate's run makes it (so, with ``cfg.export_cache_dir``, they reuse this one)."""
-    from worker.engine import pt2
-
     path = Path(cfg.model_path)
     if not pt2.is_pt2(path):
         return path
@@ -224,8 +226,6 @@ def plan(cfg: QuantizeConfig) -> list[Candidate]:
 
 def plan_in_child(cfg: QuantizeConfig, emit: Callable[[Any], None]) -> list[dict[str, Any]]:
     """``plan`` as a sandbox entry point (``worker.sandbox.run``): the worker never parses an upload itself."""
-    from worker.engine.files import temp_in
-
     temp_in(cfg.work_dir)
     return [c.to_dict() for c in plan(cfg)]
 
@@ -543,9 +543,6 @@ def _confirm(outcome: AutoOutcome, target: dict[str, Any], base: QuantizeConfig,
     same confirmation samples would make them selection samples again and bring the bias back. With too few
     evaluation samples to split (preflight.MIN_SPLIT_SAMPLES) there is no confirmation (``auto.confirmation``
     None) and a warning says the figure is optimistic. Sets ``outcome.artifact``, the file to deliver."""
-    from worker.engine.files import sha256_file
-    from worker.engine.preflight import MIN_SPLIT_SAMPLES
-
     chosen = outcome.chosen
     if chosen is None or chosen.report is None:
         return
@@ -639,6 +636,7 @@ def search(base: QuantizeConfig, target: dict[str, Any], run: RunFn | None = Non
     """The whole search in this process (candidates one after another). ``base`` is the auto job's
     config; artifacts of the candidates go in its work folder (else beside ``base.output_path``), and the chosen
     one is copied to ``base.output_path``."""
+    # lazy: the pipeline loads ONNX Runtime and the whole engine, kept out of the worker's main process
     from worker.engine import pipeline
 
     check_target(target)
@@ -687,7 +685,5 @@ def _search(base: QuantizeConfig, target: dict[str, Any], run: RunFn, progress: 
     confirm(outcome, target, base, run, out_dir / "confirmation.onnx",
             (Path(base.work_dir) / "confirmation") if base.work_dir else None)
     if outcome.artifact is not None:
-        from worker.engine.files import place
-
         place(outcome.artifact, Path(base.output_path))
     return outcome

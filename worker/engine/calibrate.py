@@ -29,6 +29,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +42,10 @@ import onnx
 from onnx import TensorProto
 
 from worker.engine import runtime
+from worker.engine.errors import EngineError
+
+# onnxruntime.quantization (~0.3 s and 15 MB on top of onnxruntime) is imported inside the functions that use ONNX
+# Runtime's calibrator or op registry: the pipeline imports this module, and a run that needs neither skips it.
 
 NUM_BINS = 2048
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16}
@@ -288,8 +293,6 @@ def session_with(model_path: Path, delta: onnx.ModelProto, providers: list[str],
     sendfile(2) on Linux) followed by ``delta`` serialized is the augmented model, and ONNX Runtime reads it
     from disk as it would the original. Models are self-contained (no external data), so the copy can live
     anywhere; ONNX Runtime has read it once the session exists."""
-    import shutil
-
     with tempfile.TemporaryDirectory(prefix="lowbit-calib-") as tmp:
         dest = Path(tmp) / "observed.onnx"
         shutil.copyfile(model_path, dest)
@@ -882,8 +885,6 @@ def calibrate_with_ort(
     """ONNX Runtime's own calibrators (create_calibrator, collect_data, compute_data), for comparison.
     They hold every observed activation of every sample in memory."""
     from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
-
-    from worker.engine.errors import EngineError
 
     if settings.method not in ORT_METHODS:
         raise EngineError(

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import onnx
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-from worker.engine.calibrate import Batches
+from worker.engine.calibrate import Batches, CalibrationSettings, calibrate
 from worker.engine.errors import EngineError
 from worker.engine.feeds import batch_source, plan_feeds
 
@@ -56,8 +57,6 @@ def range_check(model_path: Path, model: onnx.ModelProto, batches: Batches, prov
     ONNX Runtime's converter decides by op type only; a mel-spectrogram front end fed int16-scale audio
     squares STFT outputs of ~1e5 into ~1e10, which is infinity in float16, and every output became
     infinite or NaN. Keeping those nodes in float32 is what makes such a model convertible."""
-    from worker.engine.calibrate import CalibrationSettings, calibrate
-
     cal = calibrate(model_path, float_tensors(model), batches, CalibrationSettings("minmax"), providers, threads,
                     model=model)
     limit = FP16_MAX / FP16_HEADROOM
@@ -82,8 +81,6 @@ def calibration_range_check(cfg: QuantizeConfig, opts: RecipeOptions, info: Mode
 def convert_fp16(src: Path, dest: Path, opts: RecipeOptions, keep_nodes: Sequence[str] = ()) -> list[str]:
     """Convert ``src`` to float16, ``keep_nodes`` (and the user's excluded nodes) staying in float32;
     returns the op types kept in float32."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
     block = list(opts.op_block_list) if opts.op_block_list is not None else [*DEFAULT_OP_BLOCK_LIST, *FP16_UNSAFE]
     model = onnx.load(str(src))
     try:

@@ -24,9 +24,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from worker.engine import runtime
 from worker.engine.errors import EngineError
+from worker.engine.normalize import subgraph_op_types
 
 if TYPE_CHECKING:  # annotations only: the option tables import the recipes, whose int4 handler imports this module
     from worker.engine.config import RecipeOptions
+
+# onnxruntime.quantization and its matmul_nbits_quantizer (~0.7 s and 50 MB) are imported inside the functions that
+# run ONNX Runtime's 4-bit quantizer: the pipeline, and auto for find_targets, import this module without them.
 
 log = logging.getLogger(__name__)
 Batches = Callable[[], Iterable[tuple[dict[str, np.ndarray], int]]]
@@ -282,8 +286,6 @@ def quantize_int4(
 
 
 def _refuse_no_targets(model: onnx.ModelProto) -> None:
-    from worker.engine.normalize import subgraph_op_types
-
     inside = " outside If/Loop/Scan bodies (which 4-bit quantization does not reach, and where this " \
         "model's MatMuls are)" if "MatMul" in subgraph_op_types(model) else ""
     raise EngineError(

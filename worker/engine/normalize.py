@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from worker.engine.errors import EngineError
 from worker.engine.inspect import default_opset
@@ -324,6 +325,7 @@ def normalize(model_path: Path, out_dir: Path, per_channel: bool) -> NormalizeRe
 def _preprocess(staged: Path, res: NormalizeResult) -> None:
     """ORT's quantization pre-processing (symbolic shape inference + graph optimisation), falling
     back to plain ONNX shape inference when a model defeats it."""
+    # lazy: onnxruntime.quantization (~0.3 s, 15 MB); auto, in the worker's main process, imports this module
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     attempts: tuple[tuple[str, dict[str, bool]], ...] = (
@@ -357,8 +359,6 @@ def _preprocess(staged: Path, res: NormalizeResult) -> None:
 def nonfinite_constant_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes fed by a constant holding NaN or infinity (attention masks often use -inf). Quantizing
     such a constant gives an infinite scale and a broken model, so these nodes stay in float."""
-    from onnx import numpy_helper
-
     bad_inits = set()
     for t in model.graph.initializer:
         if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):

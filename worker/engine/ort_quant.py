@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
-from worker.engine.calibrate import CalibrationSettings, calibrate, select_tensors, write_ort_ranges
+from worker.engine.calibrate import (
+    CalibrationSettings,
+    calibrate,
+    quantizable_op_types,
+    select_tensors,
+    write_ort_ranges,
+)
 from worker.engine.errors import EngineError
 from worker.engine.feeds import batch_source
 from worker.engine.int4 import Int4Result, quantize_int4
@@ -22,6 +28,9 @@ if TYPE_CHECKING:  # annotations only: the option tables import the recipes, who
     from worker.engine.context import ProgressFn, RunData
     from worker.engine.inspect import ModelInfo
     from worker.engine.preflight import Split
+
+# onnxruntime.quantization (~0.3 s and 15 MB) is imported inside the quantizers that call it: the pipeline imports
+# this module, and an fp16 run, which uses neither, skips it.
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +172,6 @@ def warn_forced(forced: list[str], warnings: list[str]) -> None:
 def refuse_subgraphs_only(model: onnx.ModelProto, opts: RecipeOptions) -> None:
     """int8_static's QDQ quantizer works on the main graph only: a model whose quantizable layers all sit
     in If/Loop/Scan bodies would come out unchanged, so say so instead of delivering a float copy."""
-    from worker.engine.calibrate import quantizable_op_types
-
     wanted = set(opts.op_types_to_quantize) if opts.op_types_to_quantize else quantizable_op_types()
     inner = subgraph_op_types(model) & wanted
     if inner:

@@ -48,9 +48,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from worker.engine.errors import EngineError
+from worker.engine.feeds import FeedPlan, fixed_batch, iter_batches
+from worker.engine.npz import NpzReader, inspect_npz
 from worker.engine.torch_export import export_onnx, tensor_infos, torch_args
+
+# torch and onnxruntime are imported inside the functions, as in torch_export. Only the .pt2 child imports this
+# module, after its main() has loaded torch, so there it changes nothing; importing it elsewhere (its tests) does not
+# load PyTorch.
 
 Emit = Callable[[dict[str, Any]], None]
 TASK_LOSS_WEIGHT = 0.1
@@ -223,7 +231,6 @@ class Matching:
 def onnx_moments(onnx_path: Path, names: list[str], feeds: list[dict[str, np.ndarray]],
                  threads: int) -> dict[str, Moments]:
     """Statistics of the ONNX model's tensors ``names`` on ``feeds`` (each made an extra graph output)."""
-    import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(onnx_path))
@@ -348,9 +355,6 @@ def parameter_schemes(onnx_path: Path, schemes: dict[str, str], named: dict[str,
     LayerNorm scale, an embedding table the int8 model quantizes per tensor), with their scheme. Found by value:
     the exporter names most initializers after parameters, but merges equal ones (every LayerNorm scale of an
     untrained model is one initializer of ones) and the normalization may copy one under a new name."""
-    import onnx
-    from onnx import numpy_helper
-
     model = onnx.load(str(onnx_path))
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name in schemes}
     del model
@@ -490,9 +494,6 @@ class _Data:
     """Training batches from the calibration samples (never the held-out ones)."""
 
     def __init__(self, req: dict[str, Any], inputs: list[Any], seed: int) -> None:
-        from worker.engine.feeds import FeedPlan, fixed_batch, iter_batches
-        from worker.engine.npz import NpzReader, inspect_npz
-
         d = req["data"]
         ds = inspect_npz(Path(d["path"]))
         plan = FeedPlan(dict(d["modes"]), int(d["samples_per_run"]), ds.num_samples, ds.has_labels)

@@ -8,6 +8,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+import onnxruntime as ort
+
 from worker.engine.errors import EngineError
 
 
@@ -36,8 +38,6 @@ _ort_tools_without_torch()
 
 def select_providers(device: str = "auto") -> list[str]:
     """CUDA when asked for or available (device='auto'), else CPU. CPU is always the fallback."""
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -69,8 +69,6 @@ def make_session(model: Path | bytes, providers: list[str], threads: int, what: 
     analysis). ONNX Runtime's default node order then runs those readers late and keeps every activation
     they read alive until they do (a transformer at batch 8: 1.2 GB instead of 0.4 GB); its priority-based
     order runs each as soon as its input exists. Same kernels, same results."""
-    import onnxruntime as ort
-
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, threads)
     so.inter_op_num_threads = 1

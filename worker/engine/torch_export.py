@@ -9,9 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from worker.engine.errors import EngineError
+from worker.engine.feeds import iter_batches, plan_feeds
 from worker.engine.inspect import TensorInfo
+from worker.engine.npz import NpzReader, inspect_npz
+
+# torch and onnxruntime are imported inside the functions: worker.engine.pt2_child imports this module before it
+# moves stdout aside and imports torch inside its own error handling, and its inspect command needs no ONNX Runtime.
 
 # ONNX Runtime must reproduce PyTorch within these (relative L2 error, or absolute error for tiny outputs).
 CHECK_REL_L2 = 1e-3
@@ -90,9 +96,6 @@ def sample_feeds(inputs: list[TensorInfo], data: str | None, batch_size: int, li
 ]:
     """Up to ``limit`` samples as model feeds: from the dataset, or random inputs of batch 2 without one."""
     if data:
-        from worker.engine.feeds import iter_batches, plan_feeds
-        from worker.engine.npz import NpzReader, inspect_npz
-
         ds = inspect_npz(Path(data))
         plan = plan_feeds(inputs, ds, batch_size, "calibration")
         reader = NpzReader(Path(data), ds)
@@ -135,7 +138,6 @@ def export_onnx(ep: Any, desc: dict[str, Any], feeds: list[tuple[dict[str, np.nd
                 opset: int, threads: int) -> dict[str, Any]:
     """torch.onnx.export (dynamo) of the program, symbolic sizes renamed as ``describe`` names them, then a
     check of ONNX Runtime against PyTorch on ``feeds``."""
-    import onnx
     import torch
 
     inputs = tensor_infos(desc["inputs"])

@@ -11,6 +11,7 @@ OPTIONS = (*o.COMMON, o.KEEP_IO_TYPES, o.OP_BLOCK_LIST)
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """Range-check on the calibration data (when given), then convert to float16."""
+    # lazy: keeps the registry light (the API and `lowbit --help` import it); this loads ONNX Runtime
     from worker.engine.fp16 import calibration_range_check, convert_fp16
 
     opts, warnings = ctx.opts, ctx.warnings

@@ -16,6 +16,7 @@ OPTIONS = (*o.COMMON, o.ALGORITHM, o.BLOCK_SIZE, o.SYMMETRIC, o.ACCURACY_LEVEL, 
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """4-bit weights (calibrated by clip_search/gptq when asked), then optionally int8 everywhere else."""
+    # lazy: keeps the registry light (the API and `lowbit --help` import it); this loads ONNX Runtime
     from worker.engine.ort_quant import int8_elsewhere, run_int4
 
     cfg, opts, info, split, data = ctx.cfg, ctx.opts, ctx.info, ctx.split, ctx.data

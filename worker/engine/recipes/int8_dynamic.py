@@ -10,6 +10,7 @@ OPTIONS = (*o.COMMON, o.PER_CHANNEL, o.REDUCE_RANGE, o.OP_TYPES_TO_QUANTIZE)
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """ONNX Runtime's dynamic quantizer, also inside If/Loop/Scan bodies."""
+    # lazy: keeps the registry light (the API and `lowbit --help` import it); this loads ONNX Runtime
     from worker.engine.ort_quant import quantize_dynamic, warn_forced
 
     ctx.step("quantizing", 0.0)

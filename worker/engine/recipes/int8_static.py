@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from worker.engine.errors import EngineError
 from worker.engine.recipes import options as o
 from worker.engine.recipes.base import FormField, Recipe, RecipeContext, RecipeOutput
 
@@ -17,8 +18,8 @@ OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVAT
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """Calibrate activation ranges (lowbit's streaming calibrator or ONNX Runtime's), then write QDQ int8."""
+    # lazy: keeps the registry light (the API and `lowbit --help` import it); this loads ONNX Runtime
     from worker.engine.calibrate import select_tensors, write_ort_ranges
-    from worker.engine.errors import EngineError
     from worker.engine.ort_quant import quantize_static, refuse_subgraphs_only, warn_forced
 
     opts, split, step, warnings = ctx.opts, ctx.split, ctx.step, ctx.warnings
@@ -62,6 +63,7 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
 def _calibrate(ctx: RecipeContext, tensors: list[str]) -> CalibrationResult:
     """The activation ranges of ``tensors`` on the calibration samples, by the calibrator the options name
     (lowbit's through the statistics cache when the run has one)."""
+    # lazy, as in quantize: the registry stays light (files adds importlib.metadata to `lowbit --help`)
     from worker.engine.calibrate import CalibrationSettings, StatsCache, calibrate, calibrate_with_ort
     from worker.engine.feeds import batch_source, fixed_batch
     from worker.engine.files import sha256_file

@@ -11,6 +11,7 @@ OPTIONS = (*o.COMMON, o.STEPS, o.LEARNING_RATE, o.RANGE_LEARNING_RATE, o.TRAIN_W
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """Fine-tune the PyTorch program with fake quantization (worker/engine/qat.py) and export it."""
+    # lazy: keeps the registry light (the API and `lowbit --help` import it); this loads ONNX Runtime
     from worker.engine.qat import run_qat
 
     assert ctx.source is not None
