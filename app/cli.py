@@ -14,7 +14,10 @@ import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.engine.report import Report
 
 
 def _settings() -> Any:
@@ -393,28 +396,31 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     assert typed.size is not None and typed.warnings is not None  # a measured report has both
     print(f"wrote {cfg.output_path} ({typed.size.quantized_bytes} bytes, {typed.size.ratio:.3f} of "
           f"{typed.size.original_bytes})")
-    print_figures(report)
+    print_figures(typed)
     for w in typed.warnings:
         print(f"  warning: {w}")
     return 0
 
 
-def print_figures(report: dict[str, Any]) -> None:
+def print_figures(report: Report) -> None:
     """The offline run's figures, with the 95% intervals the report has, as the client's summary writes them:
     each output, label accuracy and its change, latency and its speed-up."""
     from app.client.cli import ci_text, latency_change, output_line, signed_end
 
-    acc, lat = report.get("accuracy") or {}, report.get("latency") or {}
-    for o in acc.get("outputs") or []:
-        print(output_line(o))
-    lab = acc.get("labels")
+    acc, lat = report.accuracy, report.latency
+    # The client's formatters read the report's JSON (the client imports no pydantic), so they get each
+    # section's JSON form, as GET /report would serve it.
+    for o in acc.outputs if acc else []:
+        print(output_line(o.model_dump(mode="json", exclude_unset=True)))
+    lab = acc.labels if acc else None
     if lab:
-        print(f"  label accuracy {lab['original'] * 100:.2f} % -> {lab['quantized'] * 100:.2f} %  "
-              f"{lab['delta'] * 100:+.2f} pt" + ci_text(lab.get("delta_ci"), lambda x: signed_end(x * 100)))
+        print(f"  label accuracy {lab.original * 100:.2f} % -> {lab.quantized * 100:.2f} %  "
+              f"{lab.delta * 100:+.2f} pt" + ci_text(lab.delta_ci, lambda x: signed_end(x * 100)))
     if lat:
-        runs = f", {lat['runs']} runs" if lat.get("runs") else ""
-        print(f"  latency p50 {lat['original_ms_p50']:.4g} ms -> {lat['quantized_ms_p50']:.4g} ms on "
-              f"{lat['provider']}: {latency_change(lat) or 'speed-up not measured'}{runs}")
+        runs = f", {lat.runs} runs" if lat.runs else ""
+        change = latency_change(lat.model_dump(mode="json", exclude_unset=True)) or "speed-up not measured"
+        print(f"  latency p50 {lat.original_ms_p50:.4g} ms -> {lat.quantized_ms_p50:.4g} ms on "
+              f"{lat.provider}: {change}{runs}")
 
 
 def accuracy_target(text: str | None) -> dict[str, Any] | None:
@@ -463,7 +469,8 @@ def _quantize(cfg: Any, recipe: str, target: dict[str, Any] | None,
         code, message = auto.failure(outcome, target)
         print(f"lowbit: error [{code}]: {message}", file=sys.stderr)
         return None
-    print(f"chosen: {json.dumps(report['chosen'])}")
+    assert typed.chosen is not None  # outcome.chosen is set: the report names it
+    print(f"chosen: {json.dumps(typed.chosen.model_dump(mode='json'))}")
     # The figure the choice was made on, and the one on samples the search never saw (the reported one).
     section = typed.auto
     assert section is not None  # every auto report has it

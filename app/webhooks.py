@@ -39,6 +39,7 @@ from app.jobs.models import DELIVERED, DELIVERY_FAILED, FINISHED, PENDING, Job, 
 from app.keyfile import data_dir_secret
 from app.settings import Settings
 from app.uploads import new_id
+from worker.engine.report import stored_sections
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,9 @@ def job_summary(job: Job, event: str, delivery_id: str) -> dict[str, Any]:
     """The webhook body: the job as the API shows it (without its deliveries) and its report's headline."""
     from app.jobs.service import to_out
 
-    report = job.report or None
-    summary = None
-    if report:
-        # Copied as stored, not parsed with Report: the summary must say what GET /report serves (a parse would
-        # coerce values, e.g. an integer ratio to 1.0), and reports stored before report_version do not parse.
-        summary = {k: report.get(k) for k in SUMMARY_KEYS}
+    # Copied as stored, not read through Report.from_stored: the summary must say what GET /report serves (a
+    # parse would coerce values, e.g. an integer target bound to 1.0, and drop keys an older engine wrote).
+    summary = stored_sections(job.report, SUMMARY_KEYS) if job.report else None
     return {
         "event": event,
         "delivery_id": delivery_id,

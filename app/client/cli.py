@@ -15,7 +15,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeGuard
 
@@ -127,6 +128,41 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+@dataclass(frozen=True)
+class ReportSections:
+    """The report's sections the summary reads, each of the right kind ({} or [] where a report lacks it).
+
+    The client reads the report as the JSON GET /report serves, not through worker.engine.report.Report: it
+    imports httpx only (no pydantic, nothing of the server or engine: tests/test_boundaries.py), so that it
+    installs and starts light. This is its one reader of the report's top level; the names are Report's
+    fields (tests/app/test_report_contract.py checks it), so a renamed section fails a test, not a user."""
+
+    recipe: str | None
+    size: dict[str, Any]
+    accuracy: dict[str, Any]
+    latency: dict[str, Any]
+    accuracy_target: dict[str, Any]
+    auto: dict[str, Any]
+    chosen: dict[str, Any]
+    best: dict[str, Any]
+    candidates: list[dict[str, Any]] | None  # None: not an auto search's report
+    warnings: list[str]
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> ReportSections:
+        """``body``: a report's JSON; a partial one (older server, failed auto search) reads as empty sections."""
+        candidates = body.get("candidates")
+        recipe = body.get("recipe")
+        return cls(
+            recipe=recipe if isinstance(recipe, str) else None,
+            size=_dict(body.get("size")), accuracy=_dict(body.get("accuracy")), latency=_dict(body.get("latency")),
+            accuracy_target=_dict(body.get("accuracy_target")), auto=_dict(body.get("auto")),
+            chosen=_dict(body.get("chosen")), best=_dict(body.get("best")),
+            candidates=[c for c in candidates or [] if isinstance(c, dict)] if "candidates" in body else None,
+            warnings=[str(w) for w in body.get("warnings") or []],
+        )
+
+
 def _num(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -204,15 +240,15 @@ def _speed(speedup: Any) -> str:
     return f"{speedup:.2f}x faster than fp32" if speedup >= 1 else f"{1 / speedup:.2f}x slower than fp32"
 
 
-def _auto_lines(report: dict[str, Any]) -> list[str]:
+def _auto_lines(report: ReportSections) -> list[str]:
     """An auto job's search: what was chosen (and how fast it is against fp32), or why nothing was."""
-    search = _dict(report.get("auto"))
-    rows = [c for c in report.get("candidates") or [] if isinstance(c, dict)]
+    search = report.auto
+    rows = report.candidates or []
     failed = [c for c in rows if c.get("status") == "failed"]
     done = sum(1 for c in rows if c.get("status") == "done")
     lines = [f"  auto: {len(rows)} candidates, {done} measured, {len(failed)} failed, "
              f"{sum(1 for c in rows if c.get('status') == 'skipped')} skipped"]
-    chosen, best = _dict(report.get("chosen")), _dict(report.get("best"))
+    chosen, best = report.chosen, report.best
     if chosen:
         slower = " (SLOWER than the fp32 model)" if search.get("chosen_slower_than_fp32") else ""
         lines.append(f"  chosen: {_candidate_name(chosen)}, {_speed(search.get('chosen_speedup'))}{slower}")
@@ -227,25 +263,27 @@ def _auto_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def summary_lines(job: dict[str, Any], report: dict[str, Any]) -> list[str]:
+def summary_lines(job: dict[str, Any], body: Mapping[str, Any]) -> list[str]:
     """The before → after table of a finished job: size, accuracy, latency (each only when the report has it:
-    an auto job whose every candidate failed has none of them), and an auto job's choice."""
-    lines = [f"job {job['id']} {job['status']}: {report.get('recipe') or job.get('recipe')}{_seconds(job)}", ""]
+    an auto job whose every candidate failed has none of them), and an auto job's choice. ``body``: the report's
+    JSON."""
+    report = ReportSections.of(body)
+    lines = [f"job {job['id']} {job['status']}: {report.recipe or job.get('recipe')}{_seconds(job)}", ""]
     rows: list[tuple[str, str, str, str]] = []
-    size = _dict(report.get("size"))
+    size = report.size
     if _num(size.get("original_bytes")) and _num(size.get("quantized_bytes")) and size["original_bytes"] > 0 \
             and size["quantized_bytes"] > 0:
         ratio = size["quantized_bytes"] / size["original_bytes"]
         rows.append(("size", fmt_bytes(size["original_bytes"]), fmt_bytes(size["quantized_bytes"]),
                      f"{1 / ratio:.2f}x smaller" if ratio <= 1 else f"{ratio:.2f}x larger"))
-    acc = _dict(report.get("accuracy"))
+    acc = report.accuracy
     labels = _dict(acc.get("labels"))
     if labels:
         delta = labels.get("delta")
         rows.append(("label accuracy", _pct(labels.get("original")), _pct(labels.get("quantized")),
                      f"{delta * 100:+.2f} pt" + ci_text(labels.get("delta_ci"), lambda x: signed_end(x * 100))
                      if _num(delta) else ""))
-    lat = _dict(report.get("latency"))
+    lat = report.latency
     if _num(lat.get("original_ms_p50")) and _num(lat.get("quantized_ms_p50")):
         rows.append(("latency p50", f"{lat['original_ms_p50']:.4g} ms", f"{lat['quantized_ms_p50']:.4g} ms",
                      latency_change(lat)))
@@ -255,7 +293,7 @@ def summary_lines(job: dict[str, Any], report: dict[str, Any]) -> list[str]:
             lines.append(f"  {name:<16}{before:>12}  ->  {after:<12}  {change}")
     for out in [o for o in acc.get("outputs") or [] if isinstance(o, dict)]:
         lines.append(output_line(out))
-    target = _dict(report.get("accuracy_target"))
+    target = report.accuracy_target
     if target:
         bound = f"min {target['min']}" if target.get("min") is not None else f"max_drop {target.get('max_drop')}"
         met = {True: "met", False: "NOT met"}.get(target["met"], "not measurable") \
@@ -263,7 +301,7 @@ def summary_lines(job: dict[str, Any], report: dict[str, Any]) -> list[str]:
         decided = f", {target['confidence'] * 100:g}% interval's lower end {target['bound']}" \
             if _num(target.get("confidence")) and _num(target.get("bound")) else ""
         lines.append(f"  accuracy target {target.get('metric')} {bound}: {met} (value {target.get('value')}{decided})")
-    if report.get("recipe") == "auto" and "candidates" in report:
+    if report.recipe == "auto" and report.candidates is not None:
         lines.extend(_auto_lines(report))
     if acc:
         source = {"eval_set": "samples of the evaluation set",
@@ -276,7 +314,7 @@ def summary_lines(job: dict[str, Any], report: dict[str, Any]) -> list[str]:
                         if _num(lat.get("runs")) and lat["runs"] > 0 else "")
                      + ("; intervals are 95%" if ci_text(labels.get("delta_ci"), str)
                         or ci_text(lat.get("speedup_ci"), str) else ""))
-    for w in report.get("warnings") or []:
+    for w in report.warnings:
         lines.append(f"  warning: {w}")
     return lines
 

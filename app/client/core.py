@@ -1,10 +1,11 @@
 """A small typed client for the lowbit API (httpx only: no server, engine or ML imports).
 
     from app.client import Client
+    from app.client.cli import ReportSections
 
     with Client("http://127.0.0.1:8000") as client:
         result = client.quantize("model.onnx", calib="calib.npz", recipe="int8_static")
-        print(result.report["size"]["ratio"])
+        print(ReportSections.of(result.report or {}).size.get("ratio"))
         result.download("model.int8.onnx")
 """
 

@@ -265,13 +265,9 @@ def get_report_schema() -> JSONResponse:
 
 def _auto_pick(report: dict[str, Any]) -> dict[str, Any] | None:
     """An auto report's chosen candidate, else the closest one (``best``), as {"recipe", "options"}; None when
-    it has neither. Read through the Report model; a report that does not fit it (one stored before
-    report_version existed) is read as stored, as GET /report serves it."""
-    try:
-        parsed = Report.model_validate(report)
-    except ValidationError:
-        raw = report.get("chosen") or report.get("best")
-        return {"recipe": raw["recipe"], "options": raw["options"]} if raw else None
+    it has neither. Read through the Report model (Report.from_stored also reads a report stored before
+    report_version existed); options are an open dict, so they come back as stored."""
+    parsed = Report.from_stored(report)
     pick = parsed.chosen or parsed.best
     return {"recipe": pick.recipe, "options": pick.options} if pick else None
 

@@ -13,7 +13,16 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
-from app.pages.present import fmt_bytes, fmt_db, fmt_interval, fmt_ms, layers_worst_first, sensitivity_db
+from app.pages.present import (
+    candidate_key,
+    fmt_bytes,
+    fmt_db,
+    fmt_interval,
+    fmt_ms,
+    layers_worst_first,
+    sensitivity_db,
+)
+from worker.engine.report import AccuracyTargetSpec, Candidate, CandidateConfig, Latency, Layer, OutputAccuracy, Size
 
 ROW = 26
 DETAIL_ROW = 16
@@ -150,9 +159,9 @@ def bar_chart(title: str, desc: str, bars: list[Bar], layout: Layout = WIDE, *, 
               role="img", aria_labelledby=f"{uid}-t {uid}-d", class_=css, preserveAspectRatio="xMinYMin meet")
 
 
-def size_chart(size: dict[str, Any]) -> Markup:
+def size_chart(size: Size | None) -> Markup:
     """Original and quantized file size."""
-    o, q = size.get("original_bytes"), size.get("quantized_bytes")
+    o, q = (size.original_bytes, size.quantized_bytes) if size else (None, None)
     return bar_chart(
         "Model size", f"original {fmt_bytes(o)}, quantized {fmt_bytes(q)}",
         [Bar("original", o, fmt_bytes(o), "original"), Bar("quantized", q, fmt_bytes(q), "quantized")],
@@ -160,9 +169,9 @@ def size_chart(size: dict[str, Any]) -> Markup:
     )
 
 
-def latency_chart(latency: dict[str, Any]) -> Markup:
+def latency_chart(latency: Latency | None) -> Markup:
     """Original and quantized p50 latency."""
-    o, q = latency.get("original_ms_p50"), latency.get("quantized_ms_p50")
+    o, q = (latency.original_ms_p50, latency.quantized_ms_p50) if latency else (None, None)
     return bar_chart(
         "Latency (p50)", f"original {fmt_ms(o)}, quantized {fmt_ms(q)}",
         [Bar("original", o, fmt_ms(o), "original"), Bar("quantized", q, fmt_ms(q), "quantized")],
@@ -170,21 +179,21 @@ def latency_chart(latency: dict[str, Any]) -> Markup:
     )
 
 
-def layer_chart(layers: list[dict[str, Any]]) -> tuple[Markup, int]:
+def layer_chart(layers: list[Layer]) -> tuple[Markup, int]:
     """Per-layer SQNR, worst first, layers kept in float hatched; returns the chart and how many it shows."""
     ordered = layers_worst_first(layers)[:MAX_LAYERS]
     bars = []
     for layer in ordered:
-        precision = str(layer.get("precision", "?"))
-        sqnr = layer.get("sqnr_db")
+        precision = str(layer.precision)
+        sqnr = layer.sqnr_db
         # Every lower precision is "quantized" blue; only layers left in fp32 are hatched.
         kind = "fp32" if precision == "fp32" else "int8"
         text = f"{fmt_db(sqnr)} \u00b7 {precision}"
-        tip = f"{layer.get('name', '')} ({layer.get('op_type', '')}, {precision}): {fmt_db(sqnr)}"
-        sens = layer.get("sensitivity")
+        tip = f"{layer.name} ({layer.op_type}, {precision}): {fmt_db(sqnr)}"
+        sens = layer.sensitivity
         # Sensitivity (static reports): what this layer alone in int8 does to the model's outputs.
         detail = f"alone in int8: outputs {fmt_db(sensitivity_db(sens))}" if isinstance(sens, (int, float)) else ""
-        bars.append(Bar(str(layer.get("name", "")), sqnr, text, kind, tip, detail))
+        bars.append(Bar(str(layer.name), sqnr, text, kind, tip, detail))
     desc = "Signal-to-quantization-noise ratio of each layer's output, lowest (worst) first; higher is better."
     chart = bar_chart("Per-layer SQNR", desc, bars, css="chart chart-wide chart-layers",
                       legend=[("int8", "quantized (int8 / int4 / fp16)"), ("fp32", "kept in float (fp32)")],
@@ -192,19 +201,19 @@ def layer_chart(layers: list[dict[str, Any]]) -> tuple[Markup, int]:
     return chart, len(ordered)
 
 
-def output_chart(outputs: list[dict[str, Any]]) -> Markup:
+def output_chart(outputs: list[OutputAccuracy]) -> Markup:
     """Per-output SQNR, with cosine and max abs error in words under each bar."""
     bars = []
     for o in outputs:
-        detail = f"cosine {o['cosine']:.5f} \u00b7 max abs error {o['max_abs_error']:.3g}" \
-            if o.get("cosine") is not None and o.get("max_abs_error") is not None else ""
-        name = str(o.get("name", ""))
+        detail = f"cosine {o.cosine:.5f} \u00b7 max abs error {o.max_abs_error:.3g}" \
+            if o.cosine is not None and o.max_abs_error is not None else ""
+        name = str(o.name)
         # Bit-identical outputs have no finite SQNR: say so instead of 'n/a', which reads as 'not measured'.
-        text = "\u221e (identical)" if o.get("identical") is True else fmt_db(o.get("sqnr_db"))
-        ci = fmt_interval(o.get("sqnr_db_ci"), lambda x: f"{x:.1f}")
-        tip = f"{name}: {text}" + (f" {ci} dB, 95% interval" if ci else "") + (f"; {o['role']} output"
-                                                                                if o.get("role") else "")
-        bars.append(Bar(name, o.get("sqnr_db"), text, "quantized", tip, detail))
+        text = "\u221e (identical)" if o.identical is True else fmt_db(o.sqnr_db)
+        ci = fmt_interval(o.sqnr_db_ci, lambda x: f"{x:.1f}")
+        tip = f"{name}: {text}" + (f" {ci} dB, 95% interval" if ci else "") + (f"; {o.role} output"
+                                                                                if o.role else "")
+        bars.append(Bar(name, o.sqnr_db, text, "quantized", tip, detail))
     desc = "Error of each model output, quantized against original: SQNR (higher is better), cosine, max abs error."
     return bar_chart("Per-output error", desc, bars, css="chart chart-wide chart-outputs", axis="dB")
 
@@ -252,19 +261,18 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
     return front
 
 
-def pareto_chart(candidates: list[dict[str, Any]], target: dict[str, Any] | None, metric: str,
-                 chosen: dict[str, Any] | None, width: int = 640, height: int = 300) -> Markup:
+def pareto_chart(candidates: list[Candidate], target: AccuracyTargetSpec | None, metric: str,
+                 chosen: CandidateConfig | None, width: int = 640, height: int = 300) -> Markup:
     """The auto search's candidates: accuracy metric against model size, the target as a dashed line, the
     Pareto front (nothing both smaller and more accurate) joined, the chosen candidate ringed. Candidates
     that met the target are filled; those that missed are hollow."""
-    pts = [c for c in candidates if isinstance(c.get("size_bytes"), (int, float)) and
-           isinstance(c.get("metric"), (int, float))]
+    pts = [c for c in candidates if c.size_bytes is not None and c.metric is not None]
     if not pts:
         return Markup("")
     left, right, top, bottom = 64, 16, 16, 40
-    xs = [float(c["size_bytes"]) for c in pts]
-    ys = [float(c["metric"]) for c in pts]
-    line = target.get("min") if target else None
+    xs = [float(c.size_bytes or 0) for c in pts]
+    ys = [float(c.metric or 0.0) for c in pts]
+    line = target.min if target else None
     y_lo, y_hi = min(ys + ([line] if line is not None else [])), max(ys + ([line] if line is not None else []))
     pad = (y_hi - y_lo) * 0.08 or abs(y_hi) * 0.01 or 1.0
     y_lo, y_hi = y_lo - pad, y_hi + pad
@@ -301,11 +309,10 @@ def pareto_chart(candidates: list[dict[str, Any]], target: dict[str, Any] | None
     if len(front) > 1:
         body.append(el("polyline", points=" ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in front), fill="none",
                        stroke="#7c8797", stroke_width="1.5", class_="front"))
-    chosen_key = (chosen.get("recipe"), chosen.get("options", {}).get("method"),
-                  tuple(chosen.get("excluded_nodes") or ())) if chosen else None
+    chosen_key = candidate_key(chosen) if chosen else None
     for c, x, y in zip(pts, xs, ys, strict=True):
-        met = bool(c.get("met_target"))
-        key = (c.get("recipe"), (c.get("options") or {}).get("method"), tuple(c.get("excluded_nodes") or ()))
+        met = bool(c.met_target)
+        key = candidate_key(c)
         label = candidate_label(c)
         tip = f"{label}: {metric} {y:.6g}, {fmt_bytes(int(x))}" + ("" if met else " (missed the target)")
         dot = el("circle", el("title", tip), cx=_num(px(x)), cy=_num(py(y)), r="5",
@@ -321,9 +328,9 @@ def pareto_chart(candidates: list[dict[str, Any]], target: dict[str, Any] | None
               class_="chart chart-pareto", preserveAspectRatio="xMinYMin meet")
 
 
-def candidate_label(c: dict[str, Any]) -> str:
+def candidate_label(c: CandidateConfig) -> str:
     """'int8_static (entropy) + 2 in float'."""
-    method = (c.get("options") or {}).get("method")
-    text = str(c.get("recipe", "?")) + (f" ({method})" if method else "")
-    kept = c.get("excluded_nodes") or []
+    method = c.options.get("method")
+    text = str(c.recipe) + (f" ({method})" if method else "")
+    kept = c.excluded_nodes
     return text + (f" + {len(kept)} in float" if kept else "")

@@ -1,8 +1,8 @@
 """'How to read this report': a few paragraphs for an ML engineer who is not a quantization specialist, built
 from one job's report so that every sentence carries that job's numbers (method, samples, intervals, roles).
 
-Pure functions of the report JSON, like :mod:`app.pages.present`; a key an older report lacks drops the
-sentence that needs it instead of failing.
+Pure functions of the typed report, like :mod:`app.pages.present`; a figure an older report lacks (None once
+``Report.from_stored`` read it) drops the sentence that needs it instead of failing.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from app.pages.present import (
     source_text,
     speed_text,
 )
+from worker.engine.report import OutputAccuracy, Report
 
 
 @dataclass(frozen=True)
@@ -52,29 +53,34 @@ def _num(x: Any, fmt: str = "g") -> str:
     return format(x, fmt) if is_number(x) else "?"
 
 
-def effective(report: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def effective(report: Report) -> tuple[str, dict[str, Any]]:
     """The recipe and options that made this model: an auto job's chosen candidate, else the job's own."""
-    recipe = str(report.get("recipe") or "")
-    options = report.get("options") or {}
+    recipe = str(report.recipe or "")
     if recipe == "auto":
-        chosen = report.get("chosen") or {}
-        return str(chosen.get("recipe") or recipe), chosen.get("options") or {}
-    return recipe, options
+        chosen = report.chosen
+        return (str(chosen.recipe or recipe), chosen.options) if chosen else (recipe, {})
+    return recipe, report.options
 
 
-def int4_algorithm(report: dict[str, Any]) -> str | None:
+def _calibration(report: Report) -> dict[str, Any]:
+    """The calibration section as stored: it is open (each calibrator records its own details), so the
+    sentences below read its keys, typed or not, alike."""
+    return report.calibration.model_dump(exclude_unset=True) if report.calibration else {}
+
+
+def int4_algorithm(report: Report) -> str | None:
     """The int4 algorithm that ran: the calibration section names it; without one the options do, and a
     recipe given no algorithm and no calibration data rounds to nearest (the engine's default)."""
     recipe, options = effective(report)
     if recipe != "int4_weight_only":
         return None
-    cal = report.get("calibration") or {}
+    cal = _calibration(report)
     return str(cal.get("algorithm") or options.get("algorithm") or ("rtn" if not cal else "clip_search"))
 
 
-def calibration_point(report: dict[str, Any]) -> Point | None:
+def calibration_point(report: Report) -> Point | None:
     recipe, options = effective(report)
-    cal = report.get("calibration") or {}
+    cal = _calibration(report)
     samples, seconds = cal.get("samples"), cal.get("seconds")
     took = f" ({_num(seconds)} s)" if is_number(seconds) else ""
     what = ("Calibration runs the original model on sample inputs and records the range of values each activation "
@@ -111,12 +117,13 @@ def calibration_point(report: dict[str, Any]) -> Point | None:
                      f"float16" + (f"; {kept} node(s) stay in float32." if is_number(kept) else "."))
         return Point("calibration", "Calibration", text)
     if recipe == "qat_int8":
-        training = report.get("training") or {}
+        training = report.training
+        steps, took_s = (training.steps, training.seconds) if training else (None, None)
         text = what + (f" This job calibrated with the {cal.get('method', '?')} method on {_num(samples)} samples"
                        if cal else "")
-        if is_number(training.get("steps")):
-            text += (f"{'; then' if cal else ' Then'} {training['steps']} training steps"
-                     f"{' (' + _num(training.get('seconds')) + ' s)' if is_number(training.get('seconds')) else ''} "
+        if is_number(steps):
+            text += (f"{'; then' if cal else ' Then'} {steps} training steps"
+                     f"{' (' + _num(took_s) + ' s)' if is_number(took_s) else ''} "
                      "adjusted the weights and ranges together.")
         elif cal:
             text += "."
@@ -124,12 +131,12 @@ def calibration_point(report: dict[str, Any]) -> Point | None:
     return None
 
 
-def recipe_point(report: dict[str, Any]) -> Point | None:
+def recipe_point(report: Report) -> Point | None:
     recipe, _ = effective(report)
     if not recipe:
         return None
     if recipe == "qat_int8":
-        steps = (report.get("training") or {}).get("steps")
+        steps = report.training.steps if report.training else None
         return Point("recipe", "PTQ or QAT", (
             "This job used quantization-aware training (QAT): the model was fine-tuned"
             + (f" for {steps} steps" if is_number(steps) else "")
@@ -148,32 +155,36 @@ def _rms_error_pct(sqnr_db: float) -> str:
     return f"{100 * 10 ** (-sqnr_db / 20):.2g} %"
 
 
-def figures_point(report: dict[str, Any]) -> Point | None:
-    acc = report.get("accuracy") or {}
-    outputs = [o for o in acc.get("outputs") or [] if isinstance(o, dict)]
-    if not outputs:
+def _sqnr(o: OutputAccuracy) -> float:
+    return o.sqnr_db if o.sqnr_db is not None else 0.0
+
+
+def figures_point(report: Report) -> Point | None:
+    acc = report.accuracy
+    if acc is None or not acc.outputs:
         return None
-    cos = [o for o in outputs if is_number(o.get("cosine"))]
-    sq = [o for o in outputs if is_number(o.get("sqnr_db"))]
+    outputs = acc.outputs
+    cos = [o for o in outputs if is_number(o.cosine)]
+    sq = [o for o in outputs if is_number(o.sqnr_db)]
     parts = [f"Every figure compares the quantized model's outputs with the original's on the same "
-             f"{_num(acc.get('samples'))} samples, from {source_text(acc.get('source'))}."]
+             f"{_num(acc.samples)} samples, from {source_text(acc.source)}."]
     if cos:
-        w = min(cos, key=lambda o: o["cosine"])
+        w = min(cos, key=lambda o: o.cosine)
         parts.append(f"Cosine similarity says how closely an output points the same way, ignoring scale: 1 is the "
-                     f"same direction; the worst here is {w['cosine']:.5f} ({w.get('name')}).")
+                     f"same direction; the worst here is {w.cosine:.5f} ({w.name}).")
     if sq:
-        w = min(sq, key=lambda o: o["sqnr_db"])
+        w = min(sq, key=_sqnr)
         parts.append(f"SQNR is the output's power over the error's, in dB: every 10 dB is ten times less error "
-                     f"power. The worst here, {w['sqnr_db']:.1f} dB ({w.get('name')}), means an error about "
-                     f"{_rms_error_pct(w['sqnr_db'])} of the output's size.")
-    same = [o.get("name") for o in outputs if o.get("identical") is True]
+                     f"power. The worst here, {_sqnr(w):.1f} dB ({w.name}), means an error about "
+                     f"{_rms_error_pct(_sqnr(w))} of the output's size.")
+    same = [o.name for o in outputs if o.identical is True]
     if same:
         parts.append(f"{', '.join(str(n) for n in same)}: bit-identical to the original, so SQNR is infinite.")
     return Point("figures", "What the figures measure", " ".join(parts))
 
 
-def _role_words(o: dict[str, Any]) -> str:
-    role, source, reason = o.get("role"), o.get("role_source"), o.get("role_reason")
+def _role_words(o: OutputAccuracy) -> str:
+    role, source, reason = o.role, o.role_source, o.role_reason
     if not role:
         return ""
     how = "declared in the job's options" if source == "declared" else ("inferred" + (f": {reason}" if reason else ""))
@@ -181,54 +192,53 @@ def _role_words(o: dict[str, Any]) -> str:
     return f" is {article} {role} output ({how})"
 
 
-def trust_point(report: dict[str, Any], index: int, o: dict[str, Any]) -> Point:
+def trust_point(report: Report, index: int, o: OutputAccuracy) -> Point:
     """Which figure to trust for one output, by its role, with this job's value and interval."""
-    acc = report.get("accuracy") or {}
-    labels = acc.get("labels") or {}
-    name = str(o.get("name", "?"))
+    labels = report.accuracy.labels if report.accuracy else None
+    name = str(o.name)
     head = f"Output {name}{_role_words(o)}"
-    role = o.get("role")
-    if is_number(o.get("ctc_sequence_agreement")) or is_number(o.get("sequence_agreement")):
+    role = o.role
+    if is_number(o.ctc_sequence_agreement) or is_number(o.sequence_agreement):
         bits = []
-        if is_number(o.get("ctc_sequence_agreement")):
-            bits.append(f"CTC-decoded sequence agreement, {fmt_pct(o['ctc_sequence_agreement'])} "
-                        f"{fmt_pct_ci(o.get('ctc_sequence_agreement_ci'))}".rstrip()
+        if is_number(o.ctc_sequence_agreement):
+            bits.append(f"CTC-decoded sequence agreement, {fmt_pct(o.ctc_sequence_agreement)} "
+                        f"{fmt_pct_ci(o.ctc_sequence_agreement_ci)}".rstrip()
                         + " (the decoded text or label string, repeats and blanks removed, is unchanged)")
-        if is_number(o.get("sequence_agreement")):
-            bits.append(f"whole-sequence agreement, {fmt_pct(o['sequence_agreement'])} "
-                        f"{fmt_pct_ci(o.get('sequence_agreement_ci'))}".rstrip()
+        if is_number(o.sequence_agreement):
+            bits.append(f"whole-sequence agreement, {fmt_pct(o.sequence_agreement)} "
+                        f"{fmt_pct_ci(o.sequence_agreement_ci)}".rstrip()
                         + " (every step's top class is unchanged, which is stricter)")
         return Point(f"trust-{index}", "Which figure to trust", f"{head}: trust " + "; then ".join(bits) + ".")
-    if role == "classification" and labels and labels.get("output") in (None, name) and is_number(
-            labels.get("original")) and is_number(labels.get("quantized")) and is_number(labels.get("delta")):
-        ci = interval(labels.get("delta_ci"))
-        change = f"{fmt_signed(labels['delta'] * 100)} pt"
+    if role == "classification" and labels and labels.output in (None, name) and is_number(
+            labels.original) and is_number(labels.quantized) and is_number(labels.delta):
+        ci = interval(labels.delta_ci)
+        change = f"{fmt_signed(labels.delta * 100)} pt"
         if ci is not None:
             change += f", between {fmt_end(ci[0] * 100)} and {fmt_end(ci[1] * 100)} pt"
         return Point(f"trust-{index}", "Which figure to trust", (
             f"{head}: trust label accuracy, the share of samples whose top class is the right label: "
-            f"{fmt_pct(labels['original'])} before, {fmt_pct(labels['quantized'])} after ({change}). Top-1 "
+            f"{fmt_pct(labels.original)} before, {fmt_pct(labels.quantized)} after ({change}). Top-1 "
             "agreement and cosine only say how much the outputs moved, not whether the answers got worse."))
-    if role == "classification" and is_number(o.get("top1_agreement")):
-        shown = fmt_pct_ci(o.get("top1_agreement_ci"))
+    if role == "classification" and is_number(o.top1_agreement):
+        shown = fmt_pct_ci(o.top1_agreement_ci)
         return Point(f"trust-{index}", "Which figure to trust", (
             f"{head}: trust top-1 agreement, the share of samples whose top class is the same as the original "
-            f"model's: {fmt_pct(o['top1_agreement'])}{' ' + shown if shown else ''}. It does not say whether either "
+            f"model's: {fmt_pct(o.top1_agreement)}{' ' + shown if shown else ''}. It does not say whether either "
             "answer was right; an evaluation set with labels adds label accuracy."))
-    if role == "embedding" and is_number(o.get("neighbour_agreement")):
-        shown = fmt_pct_ci(o.get("neighbour_agreement_ci"))
-        among = o.get("neighbour_samples")
-        cos = f", and cosine {o['cosine']:.5f}" if is_number(o.get("cosine")) else ""
+    if role == "embedding" and is_number(o.neighbour_agreement):
+        shown = fmt_pct_ci(o.neighbour_agreement_ci)
+        among = o.neighbour_samples
+        cos = f", and cosine {o.cosine:.5f}" if is_number(o.cosine) else ""
         return Point(f"trust-{index}", "Which figure to trust", (
             f"{head}: trust nearest-neighbour agreement, the share of samples whose closest other sample is the "
-            f"same among the quantized embeddings as among the original ones: {fmt_pct(o['neighbour_agreement'])}"
+            f"same among the quantized embeddings as among the original ones: {fmt_pct(o.neighbour_agreement)}"
             f"{' ' + shown if shown else ''}{f' among {among} samples' if is_number(among) else ''}{cos}. Search and "
             "clustering depend on who is close to whom, which this measures directly."))
-    if o.get("identical") is True:
+    if o.identical is True:
         return Point(f"trust-{index}", "Which figure to trust",
                      f"{head}: bit-identical to the original's on every sample, so nothing was lost.")
-    figure = f"SQNR {o['sqnr_db']:.1f} dB and cosine" if is_number(o.get("sqnr_db")) else "cosine"
-    cos = f" {o['cosine']:.5f}" if is_number(o.get("cosine")) else ""
+    figure = f"SQNR {o.sqnr_db:.1f} dB and cosine" if o.sqnr_db is not None else "cosine"
+    cos = f" {o.cosine:.5f}" if is_number(o.cosine) else ""
     why = {"embedding": "too few samples to compare neighbours",
            "classification": "no top class was measured for it"}.get(str(role), "it has no classes to agree on")
     return Point(f"trust-{index}", "Which figure to trust",
@@ -242,13 +252,17 @@ def _rule_of_three(count: int | float, what: str) -> str:
             "still go unseen (the rule of three).")
 
 
-def intervals_point(report: dict[str, Any]) -> Point | None:
-    acc = report.get("accuracy") or {}
-    labels = acc.get("labels") or {}
-    outputs = [o for o in acc.get("outputs") or [] if isinstance(o, dict)]
-    n = labels.get("samples") or acc.get("samples")
+def _worst_first(o: OutputAccuracy) -> float:
+    return o.top1_agreement if o.top1_agreement is not None else o.cosine if is_number(o.cosine) else 1.0
+
+
+def intervals_point(report: Report) -> Point | None:
+    acc = report.accuracy
+    labels = acc.labels if acc else None
+    outputs = acc.outputs if acc else []
+    n = (labels.samples if labels else None) or (acc.samples if acc else None)
     parts: list[str] = []
-    ci = interval(labels.get("delta_ci"))
+    ci = interval(labels.delta_ci if labels else None)
     if ci is not None and ci[0] == ci[1] == 0 and is_number(n) and n > 0:
         parts.append(f"on these {n} evaluation samples no answer went from right to wrong or back, so the "
                      "label-accuracy change's interval is the single point 0.0: resampling cannot produce a change "
@@ -265,35 +279,34 @@ def intervals_point(report: dict[str, Any]) -> Point | None:
             parts.append("The interval includes zero: on this many samples the change cannot be told apart from "
                          "chance.")
     else:
-        with_ci = [o for o in outputs if interval(o.get("top1_agreement_ci"))] or \
-            [o for o in outputs if interval(o.get("cosine_ci"))]
+        with_ci = [o for o in outputs if interval(o.top1_agreement_ci)] or \
+            [o for o in outputs if interval(o.cosine_ci)]
         if with_ci:
             # the worst output's interval: the one a reader should worry about
-            o = min(with_ci, key=lambda x: x["top1_agreement"] if is_number(x.get("top1_agreement")) else
-                    x["cosine"] if is_number(x.get("cosine")) else 1.0)
-            count = o.get("samples", n)
-            if interval(o.get("top1_agreement_ci")):
-                lo, hi = interval(o.get("top1_agreement_ci")) or (0.0, 0.0)
+            o = min(with_ci, key=_worst_first)
+            count = o.samples if o.samples is not None else n
+            if interval(o.top1_agreement_ci):
+                lo, hi = interval(o.top1_agreement_ci) or (0.0, 0.0)
                 if lo == hi == 1.0 and is_number(count) and count > 0:
-                    parts.append(f"all {count} evaluation samples keep their top class in {o.get('name')}, so its "
+                    parts.append(f"all {count} evaluation samples keep their top class in {o.name}, so its "
                                  "interval is the single point 100 %: resampling cannot produce a disagreement "
                                  f"that never occurred. {_rule_of_three(count, 'disagreements')}")
                 else:
-                    parts.append(f"with {_num(count)} evaluation samples the top-1 agreement of {o.get('name')} is "
+                    parts.append(f"with {_num(count)} evaluation samples the top-1 agreement of {o.name} is "
                                  f"between {lo * 100:.1f} % and {hi * 100:.1f} % with 95% confidence.")
             else:
-                lo, hi = interval(o.get("cosine_ci")) or (0.0, 0.0)
-                parts.append(f"with {_num(count)} evaluation samples the cosine of {o.get('name')} "
+                lo, hi = interval(o.cosine_ci) or (0.0, 0.0)
+                parts.append(f"with {_num(count)} evaluation samples the cosine of {o.name} "
                              f"is between {lo:.5f} and {hi:.5f} with 95% confidence.")
     if parts:
         parts.append("More evaluation samples narrow the intervals.")
-    lat = report.get("latency") or {}
-    if interval(lat.get("speedup_ci")):
-        runs = lat.get("runs")
+    lat = report.latency
+    if lat is not None and interval(lat.speedup_ci):
+        runs = lat.runs
         sentence = (f"The speed-up comes from {_num(runs)} timed runs of each model, interleaved (original, "
                     "quantized, original, ...) so that a machine getting busier slows both alike: "
                     f"{speed_text(lat, runs=False)}.")
-        if lat.get("speedup_measurable") is False:
+        if lat.speedup_measurable is False:
             sentence += (" That interval includes 1.0: on this machine the two models' speeds cannot be told "
                          "apart.")
         parts.append(sentence)
@@ -301,20 +314,20 @@ def intervals_point(report: dict[str, Any]) -> Point | None:
         return None
     text = ("Figures in brackets are 95% intervals, found by resampling the measured samples (a bootstrap): "
             + parts[0][0].lower() + parts[0][1:] + " " + " ".join(parts[1:]))
-    target = report.get("accuracy_target") or {}
-    if is_number(target.get("confidence")):
-        bound = target.get("bound")
+    target = report.accuracy_target
+    if target is not None and is_number(target.confidence):
+        bound = target.bound
         text += (" The accuracy target was checked against the interval's pessimistic end"
                  + (f" ({bound:.6g})" if is_number(bound) else " (none could be computed, so it was not met)")
                  + ", not the measured value.")
     return Point("intervals", "What the ranges in brackets mean", text.strip())
 
 
-def int4_risk_point(report: dict[str, Any]) -> Point | None:
+def int4_risk_point(report: Report) -> Point | None:
     algorithm = int4_algorithm(report)
     if algorithm not in ("rtn", "hqq"):
         return None
-    source = (report.get("accuracy") or {}).get("source")
+    source = report.accuracy.source if report.accuracy else None
     text = (f"4-bit without calibration is risky: each weight keeps one of only 16 levels, and {algorithm} chose "
             "them from the weights alone, never seeing the inputs the layers get, so a rounding error that "
             "matters on real data goes unnoticed until the model meets such data.")
@@ -325,8 +338,8 @@ def int4_risk_point(report: dict[str, Any]) -> Point | None:
     return Point("int4", "Why 4-bit without calibration is risky", text)
 
 
-def overlap_point(report: dict[str, Any]) -> Point | None:
-    text = overlap_text(report.get("accuracy"))
+def overlap_point(report: Report) -> Point | None:
+    text = overlap_text(report.accuracy)
     if not text:
         return None
     return Point("overlap", "Evaluation shares samples with calibration",
@@ -334,11 +347,11 @@ def overlap_point(report: dict[str, Any]) -> Point | None:
                  "on new data; give an evaluation set of samples the calibration never saw.")
 
 
-def how_to_read(report: dict[str, Any]) -> list[Point]:
+def how_to_read(report: Report) -> list[Point]:
     """The section's paragraphs for this report, in reading order; empty for a report with nothing measured."""
-    if not report.get("accuracy") and not report.get("latency"):
+    if not report.accuracy and not report.latency:
         return []
-    outputs = [o for o in (report.get("accuracy") or {}).get("outputs") or [] if isinstance(o, dict)]
+    outputs = report.accuracy.outputs if report.accuracy else []
     points = [calibration_point(report), recipe_point(report), figures_point(report)]
     points += [trust_point(report, i, o) for i, o in enumerate(outputs[:8])]
     points += [intervals_point(report), int4_risk_point(report), overlap_point(report)]

@@ -1,7 +1,8 @@
 """Presentation of a report: number formatting, the headline accuracy figure, summary cards and the verdict.
 
-Pure functions of the report JSON (the same dict ``GET /api/v1/jobs/{id}/report`` returns), so the page and
-the API can never disagree. Keys a report does not have yet (older or newer engines) degrade to "n/a".
+Pure functions of the report (``GET /api/v1/jobs/{id}/report``, read through the typed model with
+``Report.from_stored``), so the page and the API can never disagree. Figures a report does not have (older
+engines, auto jobs with nothing measured) degrade to "n/a".
 """
 
 from __future__ import annotations
@@ -17,6 +18,20 @@ from typing import Any, TypeGuard
 from jinja2 import Undefined
 
 from worker.engine.config import RecipeOptions
+from worker.engine.report import (
+    Accuracy,
+    AccuracyTargetSpec,
+    Calibration,
+    Candidate,
+    CandidateConfig,
+    LabelAccuracy,
+    Latency,
+    Layer,
+    OutputAccuracy,
+    PassedOver,
+    Report,
+    TargetCheck,
+)
 
 MINUS = "\u2212"
 NA = "n/a"
@@ -188,14 +203,15 @@ def factor_interval(ci: tuple[float, float]) -> str:
     return fmt_interval(ci, lambda x: f"{x:.{digits}f}")
 
 
-def speed_text(latency: dict[str, Any] | None, runs: bool = True) -> str:
+def speed_text(lat: Latency | None, runs: bool = True) -> str:
     """The speed-up with its interval and how it was measured: '1.7× faster (1.5 … 1.9), 30 interleaved runs',
     '1.4× slower (1.3 … 1.5), …', or 'no measurable speed-up (0.93 … 1.08), …'. Older reports: the factor alone."""
-    lat = latency or {}
-    speedup = lat.get("speedup")
-    measurable = lat.get("speedup_measurable")
+    if lat is None:
+        return speed_phrase(None)
+    speedup = lat.speedup
+    measurable = lat.speedup_measurable
     text = speed_phrase(speedup if is_number(speedup) else None, measurable)
-    ci = interval(lat.get("speedup_ci"))
+    ci = interval(lat.speedup_ci)
     if ci is not None and is_number(speedup) and speedup > 0:
         if measurable is False:
             text += " " + fmt_interval(ci, lambda x: f"{x:.2f}")
@@ -203,9 +219,9 @@ def speed_text(latency: dict[str, Any] | None, runs: bool = True) -> str:
             text += " " + factor_interval(ci)
         elif ci[0] > 0:  # a slow-down's interval, as slow-down factors (the interval's ends swap)
             text += " " + factor_interval((1 / ci[1], 1 / ci[0]))
-    count = lat.get("runs")
+    count = lat.runs
     if runs and is_number(count) and count > 0 and is_number(speedup):
-        order = "interleaved " if lat.get("order") == "interleaved" else ""
+        order = "interleaved " if lat.order == "interleaved" else ""
         text += f", {count} {order}run{'' if count == 1 else 's'}"
     return text
 
@@ -225,34 +241,42 @@ class Headline:
     delta_ci: str = ""  # the 95% interval of ``delta``, '(−3.1 … −0.2)'
 
 
-def accuracy_headline(report: dict[str, Any]) -> Headline | None:
+def _top1(o: OutputAccuracy) -> float:
+    return o.top1_agreement if o.top1_agreement is not None else 1.0
+
+
+def _cosine(o: OutputAccuracy) -> float:
+    return o.cosine
+
+
+def accuracy_headline(report: Report) -> Headline | None:
     """Label accuracy when labels were given, else top-1 agreement, else cosine similarity (worst output)."""
-    acc = report.get("accuracy") or {}
-    outputs = acc.get("outputs") or []
-    samples = acc.get("samples")
-    labels = acc.get("labels")
+    acc = report.accuracy
+    if acc is None:
+        return None
+    outputs, samples, labels = acc.outputs, acc.samples, acc.labels
     if labels:
-        delta = fmt_signed(labels["delta"] * 100)
-        return Headline("labels", "Label accuracy", fmt_pct(labels["original"]), fmt_pct(labels["quantized"]),
+        delta = fmt_signed(labels.delta * 100)
+        return Headline("labels", "Label accuracy", fmt_pct(labels.original), fmt_pct(labels.quantized),
                         f"{delta} pt", f"{delta} pt label accuracy",
-                        f"top-1 against the given labels, {labels.get('samples', samples)} samples",
-                        fmt_pct_ci(labels.get("quantized_ci")), fmt_points_ci(labels.get("delta_ci")))
+                        f"top-1 against the given labels, {labels.samples} samples",
+                        fmt_pct_ci(labels.quantized_ci), fmt_points_ci(labels.delta_ci))
     several = f" (worst of {len(outputs)} outputs)" if len(outputs) > 1 else ""
-    top1 = [o for o in outputs if is_number(o.get("top1_agreement"))]
+    top1 = [o for o in outputs if is_number(o.top1_agreement)]
     if top1:
-        w = min(top1, key=lambda o: o["top1_agreement"])
-        worst, ci = w["top1_agreement"], interval(w.get("top1_agreement_ci"))
+        w = min(top1, key=_top1)
+        worst, ci = _top1(w), interval(w.top1_agreement_ci)
         return Headline("top1_agreement", "Top-1 agreement", "100.0 %", fmt_pct(worst),
                         f"{fmt_signed((worst - 1) * 100)} pt", f"{fmt_pct(worst)} top-1 agreement",
                         f"same top class as the original model{several}, {samples} samples",
                         fmt_pct_ci(ci), fmt_points_ci(None if ci is None else (ci[0] - 1, ci[1] - 1)))
-    cosines = [o for o in outputs if is_number(o.get("cosine"))]
+    cosines = [o for o in outputs if is_number(o.cosine)]
     if cosines:
-        w = min(cosines, key=lambda o: o["cosine"])
-        worst = w["cosine"]
+        w = min(cosines, key=_cosine)
+        worst = w.cosine
         return Headline("cosine", "Cosine similarity", "1.00000", f"{worst:.5f}", fmt_signed(worst - 1, 5),
                         f"cosine {worst:.5f}", f"outputs compared with the original's{several}, {samples} samples",
-                        fmt_fraction_ci(worst, w.get("cosine_ci")))
+                        fmt_fraction_ci(worst, w.cosine_ci))
     return None
 
 
@@ -278,51 +302,55 @@ def _share_text(label: str, value: Any, ci: Any) -> str:
     return f"{label} {fmt_pct(value)}" + (f" {fmt_pct_ci(ci)}" if interval(ci) else "")
 
 
-def output_rows(outputs: list[dict[str, Any]]) -> list[OutputRow]:
-    """One row per output of ``accuracy.outputs``; keys an older report lacks give empty cells."""
+def output_rows(outputs: list[OutputAccuracy]) -> list[OutputRow]:
+    """One row per output of ``accuracy.outputs``; figures an older report lacks give empty cells."""
     rows = []
     for o in outputs:
         sqnr = ""
-        if o.get("identical") is True:
+        if o.identical is True:
             sqnr = "\u221e (identical)"
-        elif o.get("sqnr_db") is None and o.get("sqnr_note"):
-            sqnr = str(o["sqnr_note"])
+        elif o.sqnr_db is None and o.sqnr_note:
+            sqnr = str(o.sqnr_note)
         extra = []
-        for key, label in (("sequence_agreement", "whole sequence"), ("ctc_sequence_agreement", "CTC-decoded")):
-            if is_number(o.get(key)):
-                extra.append(_share_text(label, o[key], o.get(key + "_ci")))
-        if is_number(o.get("neighbour_agreement")):
-            among = o.get("neighbour_samples")
-            extra.append(_share_text("nearest neighbour", o["neighbour_agreement"], o.get("neighbour_agreement_ci"))
+        for label, value, ci in (("whole sequence", o.sequence_agreement, o.sequence_agreement_ci),
+                                 ("CTC-decoded", o.ctc_sequence_agreement, o.ctc_sequence_agreement_ci)):
+            if is_number(value):
+                extra.append(_share_text(label, value, ci))
+        if is_number(o.neighbour_agreement):
+            among = o.neighbour_samples
+            extra.append(_share_text("nearest neighbour", o.neighbour_agreement, o.neighbour_agreement_ci)
                          + (f" among {among} samples" if is_number(among) else ""))
-        role = str(o.get("role") or "")
+        role = str(o.role or "")
         rows.append(OutputRow(
             role=ROLE_WORDS.get(role, role),
-            role_source=str(o.get("role_source") or ""),
-            role_reason=str(o.get("role_reason") or ""),
-            cosine_ci=fmt_fraction_ci(o.get("cosine"), o.get("cosine_ci")),
+            role_source=str(o.role_source or ""),
+            role_reason=str(o.role_reason or ""),
+            cosine_ci=fmt_fraction_ci(o.cosine, o.cosine_ci),
             sqnr=sqnr,
-            sqnr_ci=fmt_interval(o.get("sqnr_db_ci"), lambda x: f"{x:.1f}"),
-            top1_ci=fmt_pct_ci(o.get("top1_agreement_ci")),
+            sqnr_ci=fmt_interval(o.sqnr_db_ci, lambda x: f"{x:.1f}"),
+            top1_ci=fmt_pct_ci(o.top1_agreement_ci),
             extra=extra,
         ))
     return rows
 
 
-def label_intervals(labels: dict[str, Any] | None) -> dict[str, str]:
+def label_intervals(labels: LabelAccuracy | None) -> dict[str, str]:
     """The label-accuracy figures' intervals: original and quantized in percent, the change in points."""
-    lab = labels or {}
-    return {"original": fmt_pct_ci(lab.get("original_ci")), "quantized": fmt_pct_ci(lab.get("quantized_ci")),
-            "delta": fmt_points_ci(lab.get("delta_ci"))}
+    if labels is None:
+        return {"original": "", "quantized": "", "delta": ""}
+    return {"original": fmt_pct_ci(labels.original_ci), "quantized": fmt_pct_ci(labels.quantized_ci),
+            "delta": fmt_points_ci(labels.delta_ci)}
 
 
-def overlap_text(accuracy: dict[str, Any] | None) -> str:
+def overlap_text(accuracy: Accuracy | None) -> str:
     """Evaluation samples that were also calibrated on, in words; '' when none were (or nobody checked)."""
-    ov = (accuracy or {}).get("overlap") or {}
-    if ov.get("identical_to_calibration"):
+    ov = accuracy.overlap if accuracy else None
+    if ov is None:
+        return ""
+    if ov.identical_to_calibration:
         return ("The evaluation set is the calibration set: every figure was measured on the samples the ranges "
                 "were fitted to, so they are optimistic.")
-    shared, total = ov.get("shared_with_calibration"), ov.get("evaluation_samples")
+    shared, total = ov.shared_with_calibration, ov.evaluation_samples
     if is_number(shared) and shared > 0:
         of = f" of the {total}" if is_number(total) else ""
         return (f"{shared}{of} evaluation samples also occur in the calibration set: the figures on them are "
@@ -330,34 +358,33 @@ def overlap_text(accuracy: dict[str, Any] | None) -> str:
     return ""
 
 
-def target_bound_text(target: dict[str, Any] | None) -> str:
+def target_bound_text(target: TargetCheck | None) -> str:
     """How a confident target was decided: 'decided by the 95% interval's lower end, 0.8781'."""
-    t = target or {}
-    conf = t.get("confidence")
-    if not is_number(conf):
+    conf = target.confidence if target else None
+    if target is None or not is_number(conf):
         return ""
     level = f"{conf * 100:g}%"
-    bound = t.get("bound")
+    bound = target.bound
     if not is_number(bound):
         return f"needs the {level} interval, which could not be computed (too few samples)"
     return f"decided by the {level} interval's lower end, {bound:.6g}, not the measured value"
 
 
-def target_text(target: dict[str, Any]) -> str:
+def target_text(target: AccuracyTargetSpec) -> str:
     """'label_accuracy drop ≤ 0.05' or 'cosine ≥ 0.99'."""
-    metric = str(target.get("metric", "?"))
-    if target.get("min") is not None:
-        return f"{metric} \u2265 {target['min']}"
-    if target.get("max_drop") is not None:
-        return f"{metric} drop \u2264 {target['max_drop']}"
+    metric = str(target.metric)
+    if target.min is not None:
+        return f"{metric} \u2265 {target.min}"
+    if target.max_drop is not None:
+        return f"{metric} drop \u2264 {target.max_drop}"
     return metric
 
 
-def target_verdict(target: dict[str, Any] | None) -> tuple[str, str] | None:
+def target_verdict(target: TargetCheck | None) -> tuple[str, str] | None:
     """(word, tone) for a job's accuracy target: ('met', 'good'), ('not met', 'bad') or ('not measurable', ...)."""
     if not target:
         return None
-    met = target.get("met")
+    met = target.met
     if met is True:
         return "met", "good"
     if met is False:
@@ -365,18 +392,18 @@ def target_verdict(target: dict[str, Any] | None) -> tuple[str, str] | None:
     return "could not be measured", "warn"
 
 
-def verdict(report: dict[str, Any]) -> str:
+def verdict(report: Report) -> str:
     """One line to decide on: '2.6× smaller, 1.4× slower, ±0.0 pt label accuracy; meets the target …'."""
+    lat = report.latency
     parts = [
-        size_phrase((report.get("size") or {}).get("ratio")),
-        speed_phrase((report.get("latency") or {}).get("speedup"),
-                     (report.get("latency") or {}).get("speedup_measurable")),
+        size_phrase(report.size.ratio if report.size else None),
+        speed_phrase(lat.speedup if lat else None, lat.speedup_measurable if lat else None),
     ]
     head = accuracy_headline(report)
     if head:
         parts.append(head.phrase)
     line = ", ".join(parts)
-    target = report.get("accuracy_target")
+    target = report.accuracy_target
     tv = target_verdict(target)
     if target and tv:
         word = {"met": "meets", "not met": "misses"}.get(tv[0])
@@ -385,17 +412,17 @@ def verdict(report: dict[str, Any]) -> str:
     return line
 
 
-def verdict_tone(report: dict[str, Any]) -> str:
+def verdict_tone(report: Report) -> str:
     """'bad' when the accuracy target was missed; 'warn' when the model got larger or slower or the target could
     not be measured; else 'good'."""
-    tv = target_verdict(report.get("accuracy_target"))
+    tv = target_verdict(report.accuracy_target)
     if tv and tv[1] != "good":
         return tv[1]
-    ratio = (report.get("size") or {}).get("ratio")
-    lat = report.get("latency") or {}
-    speedup = lat.get("speedup")
+    ratio = report.size.ratio if report.size else None
+    lat = report.latency
+    speedup = lat.speedup if lat else None
     # A slow-down inside timing noise (its interval holds 1.0) is no reason to warn.
-    slower = speedup is not None and speedup < 1 and lat.get("speedup_measurable") is not False
+    slower = lat is not None and speedup is not None and speedup < 1 and lat.speedup_measurable is not False
     if (ratio is not None and ratio > 1) or slower:
         return "warn"
     return "good"
@@ -452,9 +479,9 @@ def failure_hint(code: str | None) -> str:
     return FAILURE_HINTS.get(code or "", "Fix what the message names, then submit the job again.")
 
 
-def layers_worst_first(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def layers_worst_first(layers: list[Layer]) -> list[Layer]:
     """Layers by SQNR, lowest first; layers without a measurement last."""
-    return sorted(layers, key=lambda layer: (layer.get("sqnr_db") is None, layer.get("sqnr_db") or 0.0))
+    return sorted(layers, key=lambda layer: (layer.sqnr_db is None, layer.sqnr_db or 0.0))
 
 
 CALIBRATION_LABELS = {
@@ -470,8 +497,12 @@ CALIBRATION_LABELS = {
 }
 
 
-def calibration_rows(calibration: dict[str, Any] | None) -> list[tuple[str, str, Any]]:
+def calibration_rows(section: Calibration | None) -> list[tuple[str, str, Any]]:
     """(label, key, value) for every calibration detail the report has, known keys first, new keys too."""
+    if section is None:
+        return []
+    # The section is open (each calibrator records its own details): its keys as stored, typed ones included.
+    calibration = section.model_dump(exclude_unset=True)
     if not calibration:
         return []
     rows = [(label, k, calibration[k]) for k, label in CALIBRATION_LABELS.items() if k in calibration]
@@ -510,11 +541,11 @@ def cli_command(recipe: str, options: dict[str, Any], model_name: str, calib_nam
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def list_summary(report: dict[str, Any] | None) -> tuple[str, str]:
+def list_summary(report: Report | None) -> tuple[str, str]:
     """(size, accuracy) cells of the job list for a finished job: '0.381 (2.6× smaller)', '±0.0 pt label acc.'."""
     if not report:
         return "", ""
-    ratio = (report.get("size") or {}).get("ratio")
+    ratio = report.size.ratio if report.size else None
     size = f"{ratio:.3f} ({size_phrase(ratio)})" if ratio else NA
     head = accuracy_headline(report)
     return size, head.phrase if head else NA
@@ -555,63 +586,65 @@ def candidate_label(recipe: str, options: dict[str, Any]) -> str:
     return recipe + hybrid + (f" ({method})" if method else "")
 
 
-def candidate_brief(c: dict[str, Any]) -> str:
+def candidate_brief(c: PassedOver) -> str:
     """'int8_dynamic + 1 in float, 1.8 MB, 4.3× slower': a candidate in one line."""
-    label = candidate_label(str(c.get("recipe", "?")), c.get("options") or {})
-    kept = len(c.get("excluded_nodes") or [])
+    label = candidate_label(c.recipe, c.options)
+    kept = len(c.excluded_nodes)
     speedup = candidate_speedup(c)
-    return (label + (f" + {kept} in float" if kept else "") + f", {fmt_bytes(c.get('size_bytes'))}, "
+    return (label + (f" + {kept} in float" if kept else "") + f", {fmt_bytes(c.size_bytes)}, "
             + (speed_phrase(speedup) if speedup else "speed not measured"))
 
 
-def candidate_speedup(c: dict[str, Any]) -> float | None:
+def candidate_speedup(c: Candidate | PassedOver) -> float | None:
     """A candidate row's speed-up over the fp32 model (reports before it was recorded: from its two p50s)."""
-    speedup = c.get("speedup")
-    if is_number(speedup):
-        return float(speedup)
-    fp32, own = c.get("fp32_latency_ms_p50"), c.get("latency_ms_p50")
+    if is_number(c.speedup):
+        return float(c.speedup)
+    if not isinstance(c, Candidate):
+        return None
+    fp32, own = c.fp32_latency_ms_p50, c.latency_ms_p50
     return round(fp32 / own, 4) if is_number(fp32) and is_number(own) and own else None
 
 
-def candidate_rows(report: dict[str, Any]) -> list[CandidateRow]:
+def candidate_key(c: CandidateConfig) -> tuple[str, Any, tuple[str, ...]]:
+    """What tells candidates apart on the page: recipe, calibration method and the layers kept in float."""
+    return c.recipe, c.options.get("method"), tuple(c.excluded_nodes)
+
+
+def _candidate_row(c: Candidate, chosen: CandidateConfig | None, tolerance: float) -> CandidateRow:
+    opts = {k: v for k, v in c.options.items() if k != "nodes_to_exclude"}
+    met = c.status if c.status in ("skipped", "failed") else ("met" if c.met_target else "missed")
+    metric = c.metric
+    speedup = candidate_speedup(c)
+    return CandidateRow(
+        label=candidate_label(c.recipe, opts),
+        recipe=c.recipe,
+        options=json.dumps(opts, sort_keys=True) if opts else "",
+        excluded=[str(n) for n in c.excluded_nodes],
+        status=c.status,
+        size=fmt_bytes(c.size_bytes),
+        size_bytes=c.size_bytes,
+        metric=f"{metric:.6g}" if is_number(metric) else NA,
+        latency=fmt_ms(c.latency_ms_p50),
+        speedup=speed_phrase(speedup) if speedup else NA,
+        speedup_value=speedup,
+        slower=speedup is not None and speedup < 1.0 - tolerance,
+        met=met,
+        chosen=chosen is not None and candidate_key(c) == candidate_key(chosen),
+        worker=str(c.worker or ""),
+        note=clean_message(c.error.message if c.error else None),
+    )
+
+
+def candidate_rows(report: Report) -> list[CandidateRow]:
     """The auto report's candidates as table rows, smallest first, the chosen one marked."""
-    chosen = report.get("chosen") or {}
     # The search's own tolerance for calling a candidate slower (a report without one: any speed-up below 1).
-    tolerance = (report.get("auto") or {}).get("speed_tolerance")
-    tolerance = float(tolerance) if is_number(tolerance) else 0.0
-    ckey = (chosen.get("recipe"), (chosen.get("options") or {}).get("method"),
-            tuple(chosen.get("excluded_nodes") or ()))
-    rows = []
-    for c in report.get("candidates") or []:
-        opts = {k: v for k, v in (c.get("options") or {}).items() if k != "nodes_to_exclude"}
-        method = opts.get("method")
-        key = (c.get("recipe"), method, tuple(c.get("excluded_nodes") or ()))
-        status = str(c.get("status", "?"))
-        met = status if status in ("skipped", "failed") else ("met" if c.get("met_target") else "missed")
-        metric = c.get("metric")
-        speedup = candidate_speedup(c)
-        rows.append(CandidateRow(
-            label=candidate_label(str(c.get("recipe", "?")), opts),
-            recipe=str(c.get("recipe", "?")),
-            options=json.dumps(opts, sort_keys=True) if opts else "",
-            excluded=[str(n) for n in c.get("excluded_nodes") or []],
-            status=status,
-            size=fmt_bytes(c.get("size_bytes")),
-            size_bytes=c.get("size_bytes"),
-            metric=f"{metric:.6g}" if is_number(metric) else NA,
-            latency=fmt_ms(c.get("latency_ms_p50")),
-            speedup=speed_phrase(speedup) if speedup else NA,
-            speedup_value=speedup,
-            slower=speedup is not None and speedup < 1.0 - tolerance,
-            met=met,
-            chosen=bool(chosen) and key == ckey,
-            worker=str(c.get("worker") or ""),
-            note=clean_message((c.get("error") or {}).get("message")),
-        ))
+    tolerance = report.auto.speed_tolerance if report.auto else 0.0
+    rows = [_candidate_row(c, report.chosen, tolerance) for c in report.candidates or []]
     return sorted(rows, key=lambda r: (r.size_bytes is None, r.size_bytes or 0))
 
 
-def chosen_config_json(report: dict[str, Any]) -> str:
+def chosen_config_json(report: Report) -> str:
     """The chosen candidate as the config file ``lowbit quantize --config`` reads (recipe and options)."""
-    chosen = report.get("chosen") or report.get("best") or {}
-    return json.dumps({"recipe": chosen.get("recipe"), "options": chosen.get("options") or {}}, indent=2)
+    chosen = report.chosen or report.best
+    return json.dumps({"recipe": chosen.recipe if chosen else None, "options": chosen.options if chosen else {}},
+                      indent=2)

@@ -27,6 +27,7 @@ from app.tenants import service as tenants
 from worker.engine.config import BLOCK_SIZES, CALIBRATION_METHODS, INT4_CALIBRATED, parse_options
 from worker.engine.errors import EngineError
 from worker.engine.recipes import REGISTRY
+from worker.engine.report import Report, Training
 
 PAGE_SIZE = 25
 INT4_CHOICES = {
@@ -102,7 +103,7 @@ def list_context(db: Session, cursor: str | None, *, tenant_id: str, limit: int 
             names[model_id] = filename
     items = []
     for j in rows:
-        size, accuracy = present.list_summary(j.report)
+        size, accuracy = present.list_summary(Report.from_stored(j.report) if j.report else None)
         items.append(JobRow(jobs.to_out(j), names.get(j.model_id, "?"), size, accuracy,
                             present.fmt_time(j.created_at)))
     query = {"limit": limit, **({"cursor": cursor} if cursor else {})}
@@ -128,6 +129,7 @@ def job_context(db: Session, job_id: str, *, tenant_id: str) -> dict[str, Any]:
     model = models.get_model(db, job.model_id, tenant_id=tenant_id)
     calib, ev = _dataset(db, job.calibration_dataset_id), _dataset(db, job.eval_dataset_id)
     out = jobs.to_out(job)
+    report = Report.from_stored(job.report) if job.report else None
     ctx: dict[str, Any] = {
         "job": out,
         "model": model,
@@ -139,79 +141,87 @@ def job_context(db: Session, job_id: str, *, tenant_id: str) -> dict[str, Any]:
         "error_message": present.clean_message(job.error_message),
         "failure_hint": present.failure_hint(job.error_code),
         "times": {k: present.fmt_time(getattr(job, k)) for k in ("created_at", "started_at", "finished_at")},
-        "report": job.report,
+        # The typed report (Report.from_stored: reports stored before report_version load too); the template
+        # reads its attributes, and the open sections' (calibration, environment) keys through *_rows below.
+        "report": report,
         "config_json": present.config_json(job.recipe, job.options, job.accuracy_target),
     }
-    if job.report:
-        ctx.update(report_context(job.report, model.filename, calib_name=calib.filename if calib else None,
+    if report:
+        ctx.update(report_context(report, model.filename, calib_name=calib.filename if calib else None,
                                   eval_name=ev.filename if ev else None))
     return ctx
 
 
-def report_context(report: dict[str, Any], model_name: str, *, calib_name: str | None,
+def _loss_curve(training: Training | None) -> list[dict[str, Any]]:
+    """qat_int8's loss curve: a key of the trainer's own log, which the open Training section keeps as written."""
+    curve = (training.model_extra or {}).get("loss_curve") if training else None
+    return curve if isinstance(curve, list) else []
+
+
+def report_context(report: Report, model_name: str, *, calib_name: str | None,
                    eval_name: str | None) -> dict[str, Any]:
-    """Everything the finished report renders, computed from the report JSON alone."""
-    layers = report.get("layers") or []
+    """Everything the finished report renders, computed from the report alone."""
+    layers = report.layers or []
+    acc, lat, target = report.accuracy, report.latency, report.accuracy_target
     layer_svg, layers_shown = charts.layer_chart(layers)
     return {
         "verdict": present.verdict(report),
         "verdict_tone": present.verdict_tone(report),
         "headline": present.accuracy_headline(report),
-        "source_text": present.source_text((report.get("accuracy") or {}).get("source")),
-        "target": report.get("accuracy_target"),
-        "target_text": present.target_text(report["accuracy_target"]) if report.get("accuracy_target") else "",
-        "target_verdict": present.target_verdict(report.get("accuracy_target")),
-        "size_phrase": present.size_phrase((report.get("size") or {}).get("ratio")),
-        "speed_phrase": present.speed_text(report.get("latency")),
-        "speedup_ci": present.fmt_interval((report.get("latency") or {}).get("speedup_ci"), lambda x: f"{x:.2f}"),
-        "output_rows": present.output_rows((report.get("accuracy") or {}).get("outputs") or []),
-        "label_ci": present.label_intervals((report.get("accuracy") or {}).get("labels")),
-        "overlap_text": present.overlap_text(report.get("accuracy")),
-        "target_bound": present.target_bound_text(report.get("accuracy_target")),
+        "source_text": present.source_text(acc.source if acc else None),
+        "target": target,
+        "target_text": present.target_text(target) if target else "",
+        "target_verdict": present.target_verdict(target),
+        "size_phrase": present.size_phrase(report.size.ratio if report.size else None),
+        "speed_phrase": present.speed_text(lat),
+        "speedup_ci": present.fmt_interval(lat.speedup_ci if lat else None, lambda x: f"{x:.2f}"),
+        "output_rows": present.output_rows(acc.outputs if acc else []),
+        "label_ci": present.label_intervals(acc.labels if acc else None),
+        "overlap_text": present.overlap_text(acc),
+        "target_bound": present.target_bound_text(target),
         "how_to_read": explain.how_to_read(report),
         "charts": {
-            "size": charts.size_chart(report.get("size") or {}),
-            "latency": charts.latency_chart(report.get("latency") or {}),
+            "size": charts.size_chart(report.size),
+            "latency": charts.latency_chart(lat),
             "layers": layer_svg,
-            "outputs": charts.output_chart((report.get("accuracy") or {}).get("outputs") or []),
-            "loss": charts.loss_chart((report.get("training") or {}).get("loss_curve") or []),
+            "outputs": charts.output_chart(acc.outputs if acc else []),
+            "loss": charts.loss_chart(_loss_curve(report.training)),
         },
-        "baseline_title": "What training bought" if report.get("recipe") == "qat_int8"
-        else "What calibration bought",
+        "baseline_title": "What training bought" if report.recipe == "qat_int8" else "What calibration bought",
         "layers_shown": layers_shown,
-        "fp32_layers": sum(1 for layer in layers if layer.get("precision") == "fp32"),
-        "calibration_rows": present.calibration_rows(report.get("calibration")),
-        "cli": present.cli_command(report.get("recipe", ""), report.get("options") or {}, model_name, calib_name,
-                                   eval_name),
-        "has_sensitivity": any(layer.get("sensitivity") is not None for layer in layers),
+        "fp32_layers": sum(1 for layer in layers if layer.precision == "fp32"),
+        "calibration_rows": present.calibration_rows(report.calibration),
+        # As stored (keys an older engine did not write are not shown as empty rows).
+        "environment_rows": report.environment.model_dump(exclude_unset=True) if report.environment else {},
+        "cli": present.cli_command(report.recipe, report.options, model_name, calib_name, eval_name),
+        "has_sensitivity": any(layer.sensitivity is not None for layer in layers),
         "auto": _auto_context(report),
     }
 
 
-def _auto_context(report: dict[str, Any]) -> dict[str, Any] | None:
+def _auto_context(report: Report) -> dict[str, Any] | None:
     """An auto job's search: every candidate (table and accuracy-against-size chart), the layers kept in float
     with their sensitivity, and the chosen configuration as a file to reproduce it."""
-    if report.get("recipe") != "auto" or "candidates" not in report:
+    if report.recipe != "auto" or report.candidates is None:
         return None
-    search = report.get("auto") or {}
-    target = search.get("target") or report.get("accuracy_target") or {}
-    metric = str(target.get("metric", "metric"))
-    chosen_speedup = search.get("chosen_speedup")
+    search = report.auto
+    target = (search.target if search else None) or report.accuracy_target
+    metric = str(target.metric) if target else "metric"
+    chosen_speedup = search.chosen_speedup if search else None
     return {
         "rows": present.candidate_rows(report),
         # Reports from before the choice weighed speed have no "prefer": they chose by size alone.
-        "prefer": search.get("prefer") or "size",
-        "chosen_slower": bool(search.get("chosen_slower_than_fp32")),
+        "prefer": (search.prefer if search else None) or "size",
+        "chosen_slower": bool(search and search.chosen_slower_than_fp32),
         "chosen_speed": present.speed_phrase(chosen_speedup) if isinstance(chosen_speedup, (int, float)) else "",
-        "passed_over": [present.candidate_brief(c) for c in search.get("passed_over_as_slower") or []
-                        if isinstance(c, dict)],
-        "pareto": charts.pareto_chart(report.get("candidates") or [], target, metric, report.get("chosen")),
+        "passed_over": [present.candidate_brief(c) for c in (search.passed_over_as_slower if search else [])],
+        "pareto": charts.pareto_chart(report.candidates, target, metric, report.chosen),
         "metric": metric,
-        "kept": [{**k, "output_db": present.sensitivity_db(k.get("sensitivity"))}
-                 for k in report.get("kept_in_float") or []],
+        "kept": [{**k.model_dump(exclude_unset=True), "output_db": present.sensitivity_db(k.sensitivity)}
+                 for k in report.kept_in_float or []],
         "config": present.chosen_config_json(report),
-        "skipped": len(search.get("skipped") or []),
-        "workers": search.get("workers") or [],
+        "skipped": len(search.skipped) if search else 0,
+        "workers": search.workers if search else [],
     }
 
 

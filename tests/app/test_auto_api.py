@@ -183,14 +183,18 @@ def test_failed_auto_job_page_shows_the_closest_candidate(sqlite_api: Harness, t
 
 def test_pareto_chart_escapes_names_and_joins_the_front() -> None:
     from app.pages.charts import _pareto_front, pareto_chart
+    from worker.engine.report import STORED, AccuracyTargetSpec, Candidate, CandidateConfig
 
     assert _pareto_front([(3.0, 0.9), (1.0, 0.5), (2.0, 0.95), (2.5, 0.7)]) == [(1.0, 0.5), (2.0, 0.95)]
     rows = [{"recipe": "int8_static", "options": {"method": "minmax"}, "excluded_nodes": [builders.SCRIPT_TAG],
              "size_bytes": 1000, "metric": 0.99, "met_target": True},
             {"recipe": "fp16", "options": {}, "excluded_nodes": [], "size_bytes": 2000, "metric": 0.999,
              "met_target": True}]
-    svg = str(pareto_chart(rows, {"metric": "cosine", "min": 0.98}, "cosine", {**rows[0], "options": {
-        "method": "minmax"}}))
+    # Hand-made partial candidates, read as a stored report's are (context STORED: missing keys are None).
+    candidates = [Candidate.model_validate(r, context={STORED: True}) for r in rows]
+    svg = str(pareto_chart(candidates, AccuracyTargetSpec(metric="cosine", min=0.98), "cosine",
+                           CandidateConfig.model_validate({k: rows[0][k] for k in ("recipe", "options",
+                                                                                   "excluded_nodes")})))
     assert "<script>" not in svg and 'class="front"' in svg and svg.count('class="point point-met"') == 2
 
 

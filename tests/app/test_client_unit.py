@@ -123,8 +123,9 @@ def test_summary_intervals_speed_noise_and_older_reports() -> None:
 
 def test_offline_quantize_prints_the_intervals(capsys: pytest.CaptureFixture[str]) -> None:
     from app.cli import print_figures
+    from worker.engine.report import Report
 
-    print_figures(REPORT_EXAMPLE)
+    print_figures(Report.from_stored(REPORT_EXAMPLE))
     out = capsys.readouterr().out
     assert "  label accuracy 92.19 % -> 90.62 %  -1.56 pt (-4.7 \u2026 0.0)" in out
     assert "  latency p50 1.912 ms -> 0.744 ms on CPUExecutionProvider: 2.57x faster (2.4 \u2026 2.7), 30 runs" in out

@@ -10,10 +10,17 @@ import pytest
 
 from app.examples import REPORT_EXAMPLE
 from app.pages import explain, present
+from worker.engine.report import STORED, Latency, Report
 
 
 def _read(report: dict[str, Any]) -> dict[str, str]:
-    return {p.key: p.text for p in explain.how_to_read(report)}
+    # Hand-made reports, often partial: read as a stored report is (Report.from_stored).
+    return {p.key: p.text for p in explain.how_to_read(Report.from_stored(report))}
+
+
+def _lat(latency: dict[str, Any]) -> Latency:
+    """A hand-made latency section, read as a stored one (keys it lacks are None)."""
+    return Latency.model_validate(latency, context={STORED: True})
 
 
 def _report(**changes: Any) -> dict[str, Any]:
@@ -121,8 +128,9 @@ def test_speed_interval_and_overlap_paragraphs() -> None:
 
 
 def test_reports_with_nothing_to_explain() -> None:
-    assert explain.how_to_read({}) == []
-    assert explain.how_to_read({"recipe": "auto", "candidates": [], "accuracy": None, "latency": None}) == []
+    assert explain.how_to_read(Report.from_stored({})) == []
+    assert explain.how_to_read(Report.from_stored({"recipe": "auto", "candidates": [], "accuracy": None,
+                                                   "latency": None})) == []
     bare = _read({"recipe": "int8_static", "accuracy": {"outputs": [{"name": "y"}]}})
     assert set(bare) == {"recipe", "figures", "trust-0"}  # no calibration section, no intervals: nothing made up
 
@@ -137,12 +145,12 @@ def test_interval_formatting() -> None:
     for missing in (None, [], [0.9], ["a", "b"], "0.9"):
         assert present.fmt_pct_ci(missing) == "" and present.interval(missing) is None
     lat = {"speedup": 1.7, "speedup_ci": [1.52, 1.9], "speedup_measurable": True, "runs": 30, "order": "interleaved"}
-    assert present.speed_text(lat) == "1.7\u00d7 faster (1.5 \u2026 1.9), 30 interleaved runs"
+    assert present.speed_text(_lat(lat)) == "1.7\u00d7 faster (1.5 \u2026 1.9), 30 interleaved runs"
     slow = {"speedup": 0.7, "speedup_ci": [0.65, 0.75], "speedup_measurable": True, "runs": 30}
-    assert present.speed_text(slow) == "1.4\u00d7 slower (1.3 \u2026 1.5), 30 runs"  # 1/0.75 … 1/0.65
+    assert present.speed_text(_lat(slow)) == "1.4\u00d7 slower (1.3 \u2026 1.5), 30 runs"  # 1/0.75 … 1/0.65
     flat = {"speedup": 0.98, "speedup_ci": [0.93, 1.08], "speedup_measurable": False, "runs": 30}
-    assert present.speed_text(flat) == "no measurable speed-up (0.93 \u2026 1.08), 30 runs"
-    assert present.speed_text({"speedup": 2.1}) == "2.1\u00d7 faster" and present.speed_text(None) == \
+    assert present.speed_text(_lat(flat)) == "no measurable speed-up (0.93 \u2026 1.08), 30 runs"
+    assert present.speed_text(_lat({"speedup": 2.1})) == "2.1\u00d7 faster" and present.speed_text(None) == \
         "latency not measured"
 
 
@@ -167,7 +175,7 @@ def test_an_interval_of_one_point_is_explained_not_trusted() -> None:
 def test_a_speed_interval_near_one_keeps_two_decimals() -> None:
     """A measured slow-down of 1.05 to 1.37 must not print as '(1.0 … 1.4)', which reads as 'maybe no change'."""
     lat = {"speedup": 0.8726, "speedup_ci": [0.7322, 0.955], "speedup_measurable": True, "runs": 30}
-    assert present.speed_text(lat) == "1.1\u00d7 slower (1.05 \u2026 1.37), 30 runs"
+    assert present.speed_text(_lat(lat)) == "1.1\u00d7 slower (1.05 \u2026 1.37), 30 runs"
     from app.client.cli import latency_change
 
     assert latency_change(lat) == "1.15x slower (1.05 \u2026 1.37)"

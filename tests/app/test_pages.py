@@ -22,6 +22,7 @@ from tests.app.conftest import Harness
 from tests.app.helpers import submit, upload_model
 from tests.reports import at, expected_verdict, shown_as
 from worker.engine.config import parse_options
+from worker.engine.report import Layer, Report
 
 FORM = {"recipe": "int8_static", "method": "entropy", "per_channel": "on", "batch_size": "4"}
 
@@ -338,14 +339,14 @@ def test_layer_chart_puts_the_worst_layers_first_and_marks_float_ones() -> None:
         {"name": "c", "op_type": "Conv", "precision": "int8", "sqnr_db": 12.5},
         {"name": "d", "op_type": "Gemm", "precision": "fp32", "sqnr_db": 50.0},
     ]
-    svg, shown = charts.layer_chart(layers)
+    svg, shown = charts.layer_chart([Layer.model_validate(layer) for layer in layers])
     assert shown == 4
     labels = re.findall(r'class="label">([^<]*)<', str(svg))
     assert labels == ["c", "a", "d", "b"]
     assert len(re.findall(r'fill="url\(#c\d+-hatch\)" class="bar bar-fp32"', str(svg))) == 1
     assert "n/a \u00b7 fp32" in str(svg) and "12.5 dB \u00b7 int8" in str(svg)
     many = [{"name": f"l{i}", "op_type": "Conv", "precision": "int8", "sqnr_db": float(i)} for i in range(100)]
-    assert charts.layer_chart(many)[1] == charts.MAX_LAYERS
+    assert charts.layer_chart([Layer.model_validate(layer) for layer in many])[1] == charts.MAX_LAYERS
 
 
 @pytest.mark.parametrize(("report", "verdict"), [
@@ -368,7 +369,8 @@ def test_layer_chart_puts_the_worst_layers_first_and_marks_float_ones() -> None:
      "4.0\u00d7 smaller, no measurable speed-up, 99.7 % top-1 agreement"),
 ])
 def test_verdict_line(report: dict[str, Any], verdict: str) -> None:
-    assert present.verdict(report) == verdict
+    # Hand-made partial reports: read as a stored report is (Report.from_stored tolerates what they lack).
+    assert present.verdict(Report.from_stored(report)) == verdict
 
 
 def test_number_formatting() -> None:
@@ -396,10 +398,11 @@ def test_verdict_tone(ratio: float, speedup: float, target: dict[str, Any] | Non
     report: dict[str, Any] = {"size": {"ratio": ratio}, "latency": {"speedup": speedup}}
     if target:
         report["accuracy_target"] = target
-    assert present.verdict_tone(report) == tone
+    assert present.verdict_tone(Report.from_stored(report)) == tone
     # a slow-down inside the timing noise (its interval holds 1.0) is no reason to warn; a measured one is
     report["latency"]["speedup_measurable"] = False
-    assert present.verdict_tone(report) == ("good" if tone == "warn" and ratio <= 1 and not target else tone)
+    expected = "good" if tone == "warn" and ratio <= 1 and not target else tone
+    assert present.verdict_tone(Report.from_stored(report)) == expected
 
 
 def test_axis_ticks_are_round() -> None:

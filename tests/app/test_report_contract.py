@@ -156,3 +156,68 @@ def test_an_auto_jobs_config_comes_from_its_report_with_or_without_report_versio
         job.status, job.recipe, job.report = "succeeded", "auto", report
     r = sqlite_api.client.get(f"/api/v1/jobs/{job_id}/config")
     assert r.status_code == 200 and r.json() == chosen
+
+
+def _pre_version_reports() -> list[tuple[str, str, dict[str, Any]]]:
+    """(what, job status, report) as engines before report_version stored them: no version, no model section,
+    latency without runs/order, outputs without role_source, a key since removed; and an auto search that
+    failed, without size, latency or accuracy, and without the auto section's later keys."""
+    old = {k: v for k, v in copy.deepcopy(REPORT_EXAMPLE).items() if k not in ("report_version", "model")}
+    old["latency"] = {k: v for k, v in old["latency"].items() if k not in ("runs", "order")}
+    old["latency"]["since_removed"] = 1
+    for o in old["accuracy"]["outputs"]:
+        o.pop("role_source", None)
+    auto_failed = {"job_id": "j", "recipe": "auto", "options": {}, "chosen": None, "best": None,
+                   "candidates": [{"recipe": "int8_static", "options": {"method": "minmax"}, "status": "failed",
+                                   "size_bytes": None, "metric": None, "met_target": None,
+                                   "error": {"code": "quantization_failed", "message": "no"}}],
+                   "kept_in_float": [], "warnings": [],
+                   "auto": {"target": {"metric": "cosine", "min": 0.99}, "rounds": 1, "seconds": 0.5,
+                            "evaluated": 0, "failed": 1, "skipped": [], "workers": []}}
+    return [("pre-version measured", "succeeded", old), ("pre-version auto failure", "failed", auto_failed)]
+
+
+def test_a_report_stored_before_versioning_loads_typed_and_renders(sqlite_api: Harness, zoo: dict[str, Path],
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Report.from_stored upgrades a pre-version report (version filled in, keys since removed dropped, keys it
+    lacks read as None), and the job page, the job list, `lowbit status`'s summary and the offline CLI's
+    figures show it."""
+    from app.cli import print_figures
+    from app.client.cli import summary_lines
+    from app.jobs.models import Job
+
+    m = upload_model(sqlite_api.client, zoo["mlp"])
+    job_id = submit(sqlite_api.client, model_id=m["id"], recipe="int8_dynamic").json()["id"]
+    for what, status, stored in _pre_version_reports():
+        typed = Report.from_stored(stored)
+        assert typed.report_version == REPORT_VERSION, what
+        with sqlite_api.factory.begin() as s:
+            job = s.get(Job, job_id)
+            assert job is not None
+            job.status, job.report = status, stored
+            job.error_code, job.error_message = ("accuracy_target_not_met", "missed") if status == "failed" else \
+                (None, None)
+        page = sqlite_api.client.get(f"/jobs/{job_id}")
+        assert page.status_code == 200 and "Reproducibility" in page.text, what
+        assert sqlite_api.client.get("/").status_code == 200, what
+        lines = summary_lines(sqlite_api.client.get(f"/api/v1/jobs/{job_id}").json(), stored)
+        assert lines[0].startswith(f"job {job_id} {status}"), what
+        print_figures(typed)
+        out = capsys.readouterr().out
+        if typed.size is not None:
+            assert 'id="card-size"' in page.text and 'id="card-latency"' in page.text
+            assert typed.latency is not None and typed.latency.runs is None and typed.model is None
+            assert "latency p50" in out and "interleaved" not in " ".join(lines)
+        else:
+            assert "candidate int8_static (minmax) failed: [quantization_failed] no" in " ".join(lines)
+            assert 'id="card-size"' not in page.text and out == ""
+            assert typed.auto is not None and typed.auto.prefer is None  # before "prefer": chose by size
+
+
+def test_the_clients_report_reader_names_report_sections() -> None:
+    """The client reads the report's JSON (it imports no pydantic); its one reader uses Report's field names."""
+    import dataclasses
+
+    from app.client.cli import ReportSections
+
+    assert {f.name for f in dataclasses.fields(ReportSections)} <= set(Report.model_fields)

@@ -14,9 +14,20 @@ breaks readers). Keys that only some recipes or runs write are optional (absent 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import types
+from collections.abc import Mapping
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 # Raised when a reader of version N could misread a version N+1 report (a key removed, renamed or retyped);
 # adding an optional key does not need it. Reports stored before versioning carry no report_version.
@@ -28,7 +39,60 @@ Role = Literal["classification", "embedding", "detection", "regression", "other"
 Metric = Literal["label_accuracy", "top1_agreement", "cosine", "sqnr_db"]
 
 
-class _Closed(BaseModel):
+# Validation context under which Report.from_stored reads a stored report: every section then upgrades what an
+# older engine wrote (see _Section) instead of refusing it, and Report skips its completeness check.
+STORED = "stored"
+
+
+def _admits_none(annotation: Any) -> bool:
+    return get_origin(annotation) in (Union, types.UnionType) and type(None) in get_args(annotation)
+
+
+# Stands in for a required key an older engine did not write; _Section reads it as None without validating it.
+_ABSENT = object()
+
+
+def _upgraded(cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as this version reads it: keys the section no longer has dropped (closed sections only; open ones
+    keep every key), and required keys an older engine did not write, or wrote as null, read as their empty
+    value ([] or {}) or else None, so that a reader sees "not measured" rather than the whole report failing.
+    None also for a key whose type has no null (e.g. latency.runs and latency.order, outputs' role_source, auto's
+    prefer and speed_tolerance came after the first stored reports): readers of a stored report check such
+    keys, as they did when they read the dict."""
+    closed = cls.model_config.get("extra") == "forbid"
+    out = {k: v for k, v in data.items() if not closed or k in cls.model_fields}
+    for name, field in cls.model_fields.items():
+        if out.get(name) is not None:
+            continue  # written: validated as it is
+        if _admits_none(field.annotation):
+            if field.is_required():
+                out[name] = None
+            continue
+        if name not in out and not field.is_required():
+            continue  # absent, with a default
+        origin = get_origin(field.annotation)
+        out[name] = [] if origin is list else {} if origin is dict else _ABSENT
+    return out
+
+
+class _Section(BaseModel):
+    """Every model of the report: strict about keys when the engine checks what it wrote, tolerant of what an
+    older engine wrote when a stored report is read (context STORED, Report.from_stored)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, dict) and isinstance(info.context, dict) and info.context.get(STORED):
+            return _upgraded(cls, data)
+        return data
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _absent(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return None if value is _ABSENT else handler(value)
+
+
+class _Closed(_Section):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -152,7 +216,7 @@ class LayerSqnr(_Closed):
     seconds: float
 
 
-class Calibration(BaseModel):
+class Calibration(_Section):
     """How the run calibrated. Open: each recipe records what its own calibration did (static ranges, the 4-bit
     clip search or GPTQ, the int8 part of int4 + int8 activations, fp16's range check, QAT's learned ranges),
     and these records grow with the calibrators; the keys every one of them has are typed."""
@@ -204,7 +268,7 @@ class ModelSection(_Closed):
     export: dict[str, Any] | None = None
 
 
-class Training(BaseModel):
+class Training(_Section):
     """qat_int8's training record. Open: it is the trainer's log (loss curve, attempts, which tensors were fake
     quantized and how activations were matched), whose detail follows the trainer; the keys readers use are
     typed."""
@@ -365,7 +429,9 @@ class Report(_Closed):
     auto: AutoSection | None = None
 
     @model_validator(mode="after")
-    def _complete(self) -> Report:
+    def _complete(self, info: ValidationInfo) -> Report:
+        if isinstance(info.context, dict) and info.context.get(STORED):
+            return self  # a stored report shows the sections it has (from_stored)
         if self.recipe == "auto":
             missing = [k for k in AUTO_ONLY if k not in self.model_fields_set]
             if missing:
@@ -379,6 +445,37 @@ class Report(_Closed):
             if getattr(self, k) is None:
                 raise ValueError(f"a measured report's {k} cannot be null")
         return self
+
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any]) -> Report:
+        """A stored report (``Job.report``, a ``--report`` file) as the typed model, for readers (pages, CLI,
+        routes). Reports written before report_version existed still load: the version is filled in, keys since
+        removed are dropped, required keys they lack read as null/empty, and a section that still does not fit is
+        left out (read as not measured) rather than failing the page that shows the rest. A current report loads
+        as it is; ``validate_report`` is the strict check the engine applies when writing one."""
+        data = dict(stored)
+        if not isinstance(data.get("report_version"), int):
+            data["report_version"] = REPORT_VERSION  # stored before versioning: what this version reads
+        while True:
+            try:
+                return cls.model_validate(data, context={STORED: True})
+            except ValidationError as exc:
+                # A key whose value does not fit is left out and read as absent (a section: not measured).
+                bad = {e["loc"][0] for e in exc.errors() if e["loc"]} & set(data)
+                if not bad:
+                    raise
+                data = {k: v for k, v in data.items() if k not in bad}
+
+
+def stored_sections(stored: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Sections of a stored report exactly as stored (null where absent), for a copy that must match what
+    ``GET /report`` serves byte for byte (the webhook summary): parsing would coerce values, e.g. an integer
+    target bound to a float, and drop keys an older engine wrote. ``keys`` must be Report fields."""
+    unknown = [k for k in keys if k not in Report.model_fields]
+    if unknown:
+        raise ValueError(f"not report sections: {', '.join(unknown)}")
+    return {k: stored.get(k) for k in keys}
 
 
 def validate_report(report: dict[str, Any]) -> dict[str, Any]:
