@@ -404,7 +404,7 @@ def _stop_with_supervisor(**_: Any) -> None:
     parent = os.environ.get("LOWBIT_SUPERVISOR_PID", "")
     if not parent.isdigit():
         return
-    sandbox._prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    sandbox.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() != int(parent):  # the server died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
 

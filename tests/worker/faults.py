@@ -147,3 +147,18 @@ def forge(payload: Any, emit: Any) -> None:
 
     Connection(int(sys.argv[2]), readable=False).send(("ok", _Canary(str(payload))))
     time.sleep(30)
+
+
+def last_words_then_segfault(payload: Any, emit: Any) -> None:
+    import sys
+
+    print("last words before the crash", file=sys.stderr, flush=True)
+    segfault(payload, emit)
+
+
+def nest(payload: Any, emit: Any) -> None:
+    """Start a child of its own through the shared runner (as a job's engine starts a .pt2 child), tell its pid."""
+    from worker.engine import subprocess_runner
+
+    subprocess_runner.run("tests.worker.faults:sleep", 60, subprocess_runner.Limits(),
+                          on_start=lambda pid: emit(("grandchild", float(pid))))

@@ -98,7 +98,7 @@ def test_a_spare_child_waits_preloaded_for_the_next_run() -> None:
     second: list[int] = []
     try:
         sandbox.run(f"{F}:echo", 1, sandbox.Limits(), on_start=first.append, preload=("numpy",), spare=True)
-        spare = sandbox._spares[("numpy",)].proc.pid
+        spare = sandbox.spare_pids()[("numpy",)]
         deadline = time.monotonic() + 20  # it names itself as soon as it has started
         while Path(f"/proc/{spare}/comm").read_text().strip() != "lowbit-spare":
             assert time.monotonic() < deadline
@@ -108,13 +108,13 @@ def test_a_spare_child_waits_preloaded_for_the_next_run() -> None:
         assert second == [spare] != first
     finally:
         sandbox.drop_spares()
-    assert not sandbox._spares
+    assert not sandbox.spare_pids()
 
 
 def test_the_child_gets_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOWBIT_DATABASE_URL", "postgresql://secret")
-    assert "LOWBIT_DATABASE_URL" not in sandbox._child_env()
-    assert "PATH" in sandbox._child_env()
+    assert "LOWBIT_DATABASE_URL" not in sandbox.child_env()
+    assert "PATH" in sandbox.child_env()
 
 
 def _cfg(model: Path, data: Path, out: Path, recipe: str = "int8_dynamic") -> QuantizeConfig:
@@ -273,3 +273,93 @@ def test_a_pt2_job_writes_nothing_outside_its_work_folder(pt2_zoo: dict[str, Pat
     result = run_engine(cfg, lambda stage, fraction: None, settings)
     assert result.artifact_path.is_file() and result.report["recipe"] == "qat_int8"
     assert list(cwd.iterdir()) == [] and list(systmp.iterdir()) == []
+
+
+def test_there_is_one_child_runner() -> None:
+    """Engine children and .pt2 children start, limit and kill the same way (issue #16): no worker module but
+    worker.engine.subprocess_runner starts a Python child, keeps an environment allow-list, sets limits or
+    kills a process group."""
+    root = Path(__file__).resolve().parents[2] / "worker"
+    marks = ("sys.executable", "start_new_session", "killpg", "setrlimit", '"LD_LIBRARY_PATH"', "PDEATHSIG")
+    found = {f"{p.relative_to(root)}: {m}" for p in root.rglob("*.py") for m in marks if m in p.read_text()}
+    others = {f for f in found if not f.startswith("engine/subprocess_runner.py")}
+    # tasks.py asks for SIGTERM when `lowbit serve` dies (the worker itself, not a child it starts).
+    assert others == {"tasks.py: PDEATHSIG"}, others
+    assert "engine/subprocess_runner.py: start_new_session" in found
+
+
+def test_pt2_children_run_through_the_shared_runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from worker.engine import pt2, subprocess_runner
+
+    calls: list[tuple[str, subprocess_runner.Limits, dict[str, Any]]] = []
+
+    def fake_run(target: str, payload: Any, limits: subprocess_runner.Limits, *args: Any, **kwargs: Any) -> Any:
+        calls.append((target, limits, kwargs))
+        return {"ok": True}
+
+    monkeypatch.setattr(subprocess_runner, "run", fake_run)
+    assert pt2.run_child("inspect", {"model": "m.pt2"}, tmp_path, 5.0, threads=3) == {"ok": True}
+    [(target, limits, kwargs)] = calls
+    assert target == "worker.engine.pt2_child:inspect" and limits.timeout_s == 5.0
+    spawn = kwargs["spawn"]
+    assert dict(spawn.env) == {"OMP_NUM_THREADS": "3", "MKL_NUM_THREADS": "3"}  # no environment of its own
+    assert spawn.log == tmp_path / "inspect.log" and kwargs["work_dir"] == tmp_path
+    assert kwargs["timed_out"](limits).code == "torch_timeout"
+
+
+def test_a_child_that_dies_is_explained_by_its_log(tmp_path: Path) -> None:
+    from worker.engine import pt2, subprocess_runner
+
+    log = tmp_path / "child.log"
+    seen: list[subprocess_runner.Ended] = []
+
+    def ended(end: subprocess_runner.Ended) -> EngineError:
+        seen.append(end)
+        return EngineError("mine", end.log_tail)
+
+    with pytest.raises(EngineError) as info:
+        subprocess_runner.run(f"{F}:last_words_then_segfault", None, sandbox.Limits(timeout_s=30),
+                              spawn=subprocess_runner.Spawn(log=log), ended=ended)
+    assert info.value.code == "mine" and "last words before the crash" in info.value.message
+    assert seen[0].returncode == -signal.SIGSEGV
+    # A real .pt2 child, on a file torch cannot load: torch's words, through the same runner.
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(EngineError) as info:
+        pt2.run_child("inspect", {"model": str(bad)}, tmp_path / "work", 120.0)
+    assert info.value.code == "invalid_model" and "PyTorch could not load" in info.value.message
+
+
+def test_a_pt2_child_past_its_time_is_torch_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from worker.engine import pt2
+
+    with pytest.raises(EngineError) as info:
+        pt2.run_child("inspect", {"model": str(tmp_path / "none.pt2")}, tmp_path, 0.5)
+    assert info.value.code == "torch_timeout" and "within 0 s" in info.value.message
+
+
+def test_a_grandchild_dies_with_the_child_that_started_it() -> None:
+    # A .pt2 child started inside a job's engine child has its own session, so killing the engine child's group
+    # misses it: its parent-death signal must end it.
+    grandchildren: list[int] = []
+
+    def on_event(event: Any) -> None:
+        if event[0] == "grandchild":
+            grandchildren.append(int(event[1]))
+            raise JobCancelled()
+
+    with pytest.raises(JobCancelled):
+        sandbox.run(f"{F}:nest", None, sandbox.Limits(timeout_s=60), on_event=on_event)
+    [pid] = grandchildren
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the grandchild outlived its parent"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -19,24 +19,19 @@ import modules by name, ``guards_code`` is compiled and run by ``ExportedProgram
   only, and running them means ``exec``), the weight and constant files the configs name, and an empty
   sample-inputs file (an empty payload deserializes to ``{}`` without ``torch.load``).
 
-Only that copy is ever loaded, and only in a child process (``python -m worker.engine.pt2_child``) with a
-time limit, so neither the API server nor the worker imports torch for it, and a crash or a hang in torch's
-deserializer, exporter or training loop fails one request or job instead of the server.
+Only that copy is ever loaded, and only in a child process (``worker.engine.pt2_child``, run by the one
+child runner, ``worker.engine.subprocess_runner``: no secrets, a time limit, dies with its parent) so neither
+the API server nor the worker imports torch for it, and a crash or a hang in torch's deserializer, exporter
+or training loop fails one request or job instead of the server.
 """
 
 from __future__ import annotations
 
 import ast
-import contextlib
 import json
 import os
-import queue
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
 import zipfile
 import zlib
@@ -45,8 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from worker.engine import subprocess_runner
 from worker.engine.errors import EngineError
 from worker.engine.inspect import ModelInfo, TensorInfo
+from worker.engine.subprocess_runner import ChildFailed, Ended, Limits, Spawn
 
 # The ONNX opset lowbit exports .pt2 programs to (torch.onnx's own opset: no version conversion).
 EXPORT_OPSET = 18
@@ -54,6 +51,8 @@ INSPECT_TIMEOUT_S = 180.0
 EXPORT_TIMEOUT_S = 1800.0
 MAX_JSON_BYTES = 256 << 20
 MAX_MEMBERS = 200_000
+# The largest file a .pt2 child may write (RLIMIT_FSIZE): far above any real export, below a filled disk.
+CHILD_FILE_LIMIT_MB = 64 << 10
 
 HOW_TO_MAKE_PT2 = (
     "save the model as a torch.export archive instead: "
@@ -396,8 +395,12 @@ def _check_program(program: dict[str, Any]) -> None:
     if not isinstance(program.get("graph_module"), dict):
         raise EngineError("invalid_model", "models/model.json is not a serialized exported program")
     for name in (program.get("range_constraints") or {}):
-        if not isinstance(name, str) or not _SYMBOL.match(name):
+        if not isinstance(name, str):
             raise _unsafe(f"the program has a shape symbol with an unexpected name: {str(name)[:100]!r}")
+        if not _SYMBOL.match(name):
+            # A derived dimension is keyed by its expression (a ceil-mode max-pool gives 2*s87): the same check
+            # as every other shape expression, since sympy evaluates these too.
+            _check_sym_expr(name)
     stack: list[Any] = [program]
     while stack:
         o = stack.pop()
@@ -458,10 +461,6 @@ def _sanitize(arc: Pt2Archive, src: Path, dest: Path) -> Path:
 # The child process
 
 
-def _project_root() -> str:
-    return str(Path(__file__).resolve().parents[2])
-
-
 def run_child(
     command: str,
     request: dict[str, Any],
@@ -470,124 +469,50 @@ def run_child(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Run ``python -m worker.engine.pt2_child COMMAND REQUEST`` and return its result.
+    """Run ``worker.engine.pt2_child``'s ``command`` on ``request`` in a child process (through the one child
+    runner, ``worker.engine.subprocess_runner``: no secrets, its own session, dies with its parent, results
+    as bounded JSON) and return its result.
 
-    The child writes its result to a JSON file and reports progress as JSON lines on its stdout; its own
-    output goes to a log file whose tail explains a crash. ``on_event`` may raise (e.g. JobCancelled): the
-    child is killed and the exception propagates.
+    The child's own output goes to ``work_dir/COMMAND.log``, whose tail explains a crash; it runs with its
+    temporary files in ``work_dir/tmp``. ``on_event`` receives its progress events and may raise (e.g.
+    JobCancelled): the child is killed and the exception propagates.
     """
     # The child runs in work_dir: every path it is given (this folder's, and the request's) must be absolute.
     work_dir = Path(os.path.abspath(work_dir))
     work_dir.mkdir(parents=True, exist_ok=True)
-    req_path = work_dir / f"{command}.request.json"
-    res_path = work_dir / f"{command}.result.json"
     log_path = work_dir / f"{command}.log"
-    res_path.unlink(missing_ok=True)
-    req_path.write_text(json.dumps({**request, "result": str(res_path)}))
-    env = _child_env(work_dir, threads)
-    started = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.engine.pt2_child", command, str(req_path)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, cwd=work_dir, env=env,
-            start_new_session=True,
+    log_path.unlink(missing_ok=True)
+    n = str(max(1, threads))
+    spawn = Spawn(env=(("OMP_NUM_THREADS", n), ("MKL_NUM_THREADS", n)), log=log_path)
+    # No memory or CPU limit of its own: inside a job's engine child it inherits the job's; the file limit
+    # stops an archive that would write without end.
+    limits = Limits(timeout_s=timeout_s, file_mb=CHILD_FILE_LIMIT_MB)
+
+    def timed_out(_: Limits) -> EngineError:
+        return EngineError(
+            "torch_timeout",
+            f"PyTorch did not finish '{command}' within {int(timeout_s)} s; the model may be too large "
+            "for this worker, or the run too long (for qat_int8, fewer steps)",
         )
-        try:
-            _follow(proc, command, timeout_s, started, on_event)
-        except BaseException:
-            _kill(proc)
-            raise
-    if res_path.is_file():
-        try:
-            result = json.loads(res_path.read_text())
-        except ValueError:
-            result = None
-        if isinstance(result, dict):
-            if result.get("ok"):
-                return result
-            raise EngineError(str(result.get("code") or "torch_failed"), str(result.get("message") or "failed"))
-    tail = _tail(log_path)
-    raise EngineError(
-        "torch_process_failed",
-        f"the PyTorch process for '{command}' exited with status {proc.returncode} without a result"
-        + (f": {tail}" if tail else ""),
-    )
 
+    def ended(end: Ended) -> EngineError:
+        return EngineError(
+            "torch_process_failed",
+            f"the PyTorch process for '{command}' exited with status {end.returncode} without a result"
+            + (f": {end.log_tail}" if end.log_tail else ""),
+        )
 
-def _child_env(work_dir: Path, threads: int) -> dict[str, str]:
-    """The child's environment: the parent's basics only, its threads, and its temporary files in work_dir."""
-    # The child parses an untrusted upload: it gets no secrets (database URL, webhook secret) from us.
-    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
-    env = {k: v for k, v in os.environ.items() if k in keep}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_project_root(), os.environ.get("PYTHONPATH", "")) if p)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(max(1, threads))
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env["ORT_DISABLE_TELEMETRY"] = "1"  # else ONNX Runtime's import writes $TMPDIR/.ses (its telemetry session)
-    # Whatever torch and the exporter write to temporary files stays in this folder (the job's, or the
-    # upload's scratch folder) and goes with it, instead of landing in the machine's shared /tmp.
-    tmp = work_dir / "tmp"
-    tmp.mkdir(exist_ok=True)
-    env["TMPDIR"] = str(tmp)
-    return env
-
-
-def _follow(proc: subprocess.Popen[bytes], command: str, timeout_s: float, started: float,
-            on_event: Callable[[dict[str, Any]], None] | None) -> None:
-    """Hand the child's progress events to ``on_event`` until it exits, within ``timeout_s`` of ``started``."""
-    lines: queue.Queue[bytes | None] = queue.Queue()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    while True:
-        left = timeout_s - (time.monotonic() - started)
-        if left <= 0:
-            raise EngineError(
-                "torch_timeout",
-                f"PyTorch did not finish '{command}' within {int(timeout_s)} s; the model may be too large "
-                "for this worker, or the run too long (for qat_int8, fewer steps)",
-            )
-        try:
-            line = lines.get(timeout=min(left, 1.0))
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        if on_event is not None:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                on_event(event)
     try:
-        proc.wait(timeout=max(1.0, timeout_s - (time.monotonic() - started)))
-    except subprocess.TimeoutExpired as exc:
-        raise EngineError("torch_timeout", f"PyTorch did not finish '{command}' in time") from exc
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            proc.kill()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
-
-
-def _tail(path: Path, limit: int = 600) -> str:
-    try:
-        text = path.read_text(errors="replace").strip()
-    except OSError:
-        return ""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return " | ".join(lines[-4:])[-limit:]
+        result: dict[str, Any] = subprocess_runner.run(
+            f"worker.engine.pt2_child:{command}", request, limits, on_event, spawn=spawn, work_dir=work_dir,
+            timed_out=timed_out, ended=ended, event_interval_s=0.0,  # every training step counts in progress
+        )
+    except ChildFailed as exc:  # pt2_child words torch's failures itself: this one came before it could
+        raise EngineError(
+            "torch_process_failed",
+            f"the PyTorch process for '{command}' failed without a result: {exc.type_name}: {exc.message[:400]}",
+        ) from exc
+    return result
 
 
 def _tensor_infos(items: list[dict[str, Any]]) -> tuple[TensorInfo, ...]:

@@ -1,4 +1,5 @@
-"""The child process that loads .pt2 archives: ``python -m worker.engine.pt2_child COMMAND REQUEST.json``.
+"""What runs in the child process that loads .pt2 archives (``run_child`` in ``worker.engine.pt2`` starts it
+through ``worker.engine.subprocess_runner``, as ``worker.engine.pt2_child:COMMAND``).
 
 Runs only on copies that ``worker.engine.pt2.sanitize`` wrote after ``check_archive`` passed. Commands:
 
@@ -6,15 +7,13 @@ Runs only on copies that ``worker.engine.pt2.sanitize`` wrote after ``check_arch
 - ``export``: export it to ONNX (dynamic axes kept) and check ONNX Runtime against PyTorch on real samples;
 - ``qat``: quantization-aware fine-tuning (``worker.engine.qat_torch``), then the same export and check.
 
-The result is written as JSON to the request's ``result`` path; progress events are JSON lines on stdout.
-Everything the process prints itself goes to stderr, which the parent keeps in a log file.
+Each takes the request (a dict) and an ``emit`` for progress events (dicts), and returns its result as a
+JSON-ready dict. A failure of torch's becomes an EngineError with the command's own code; its traceback goes
+to the child's log (stderr), whose tail the parent reads when the process dies instead.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -26,17 +25,6 @@ from worker.engine.torch_export import describe, export_onnx, sample_feeds, tens
 
 Emit = Callable[[dict[str, Any]], None]
 FAILURE_CODES = {"inspect": "invalid_model", "export": "export_failed", "qat": "training_failed"}
-
-
-def _limits() -> None:
-    try:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        soft = 64 * (1 << 30)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, soft))
-    except (ImportError, ValueError, OSError):  # pragma: no cover - not POSIX, or limits already lower
-        pass
 
 
 def load(path: str) -> Any:
@@ -90,39 +78,33 @@ COMMANDS: dict[str, Callable[[dict[str, Any], Emit], dict[str, Any]]] = {
 }
 
 
-def main(argv: list[str]) -> int:
-    # Events go to the real stdout; anything else printed (by torch, too) goes to stderr.
-    events = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    _limits()
-    command, req_path = argv[1], argv[2]
-    req = json.loads(Path(req_path).read_text())
-    result_path = Path(req["result"])
-
-    def emit(event: dict[str, Any]) -> None:
-        events.write(json.dumps(event) + "\n")
-
+def _command(command: str, req: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    """``command`` on ``req`` with torch's threads set; its result with ``ok`` and the seconds it took."""
     started = time.perf_counter()
     try:
         import torch
 
         torch.set_num_threads(max(1, int(req.get("threads", 1))))
         out = {"ok": True, **COMMANDS[command](req, emit)}
-    except EngineError as exc:
-        out = {"ok": False, "code": exc.code, "message": exc.message}
+    except EngineError:
+        raise
     except Exception as exc:
-        traceback.print_exc()
+        traceback.print_exc()  # to the child's log
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        out = {"ok": False, "code": FAILURE_CODES.get(command, "torch_failed"),
-               "message": f"PyTorch failed during '{command}' ({type(exc).__name__}: {msg[:400]})"}
+        raise EngineError(FAILURE_CODES.get(command, "torch_failed"),
+                          f"PyTorch failed during '{command}' ({type(exc).__name__}: {msg[:400]})") from exc
     out["seconds"] = round(time.perf_counter() - started, 3)
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, result_path)
-    events.close()
-    return 0
+    return out
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+# The entry points ``run_child`` names (``worker.engine.pt2_child:COMMAND``).
+def inspect(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    return _command("inspect", req, emit)
+
+
+def export(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    return _command("export", req, emit)
+
+
+def qat(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    return _command("qat", req, emit)
