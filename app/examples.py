@@ -79,6 +79,7 @@ JOB_EXAMPLE: dict[str, Any] = {
     "model_id": MODEL_ID,
     "calibration_dataset_id": DATASET_ID,
     "eval_dataset_id": EVAL_ID,
+    "device": "cpu",
     "queue": "cpu",
     "created_at": T0,
     "started_at": "2026-11-27T10:15:03.410000Z",

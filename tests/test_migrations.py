@@ -69,3 +69,35 @@ def test_jobs_table_accepts_a_row(tmp_path: Path, status: str) -> None:
                           ":s, 0, false, 0, CURRENT_TIMESTAMP)"), {"s": status})
         assert c.execute(sa.text("SELECT status FROM jobs")).scalar() == status
     engine.dispose()
+
+
+def _backfill(url: str) -> None:
+    upgrade(url, "0007_storage_bounds")
+    engine = sa.create_engine(url)
+    with engine.begin() as c:
+        c.execute(sa.text("INSERT INTO models (id, filename, format, size_bytes, sha256, opset, inputs, outputs, "
+                          "storage_path, created_at) VALUES ('m', 'f', 'onnx', 1, 's', 17, '[]', '[]', 'p', "
+                          "CURRENT_TIMESTAMP)"))
+        for job_id, queue in (("on-cpu", "cpu"), ("on-gpu", "gpu")):
+            c.execute(sa.text("INSERT INTO jobs (id, tenant_id, model_id, recipe, options, queue, status, progress, "
+                              "cancel_requested, attempts, created_at) VALUES (:id, 'local', 'm', 'int8_static', "
+                              "'{}', :q, 'queued', 0, false, 0, CURRENT_TIMESTAMP)"), {"id": job_id, "q": queue})
+    upgrade(url)
+    with engine.connect() as c:
+        rows = dict(c.execute(sa.text("SELECT id, device FROM jobs")).tuples().all())
+    assert rows == {"on-cpu": "cpu", "on-gpu": "gpu"}  # a gpu-queue job asked for the gpu
+    engine.dispose()
+
+
+def test_job_device_is_backfilled_from_the_queue_on_sqlite(tmp_path: Path) -> None:
+    _backfill(f"sqlite:///{tmp_path / 'b.db'}")
+
+
+def test_job_device_is_backfilled_from_the_queue_on_postgres(postgres_url: str) -> None:
+    url, admin = _fresh_postgres(postgres_url)
+    try:
+        _backfill(url)
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
+        admin.dispose()

@@ -75,7 +75,8 @@ send: Callable[[str, int, int, str], None] = _celery_send
 class _Job:
     job_id: str
     attempt: int
-    queue: str
+    queue: str  # where its candidates' sub-tasks go
+    device: str  # the hardware it asked for (Job.device)
     options: dict[str, Any]
     target: dict[str, Any]
     started_at: Any
@@ -89,8 +90,8 @@ def _load(factory: sessionmaker[Session], job_id: str, attempt: int) -> _Job | N
         job = s.get(Job, job_id)
         if job is None or job.status != RUNNING or job.attempts != attempt:
             return None
-        return _Job(job_id, attempt, job.queue, dict(job.options), dict(job.accuracy_target or {}), job.started_at,
-                    *runner.job_files(s, job))
+        return _Job(job_id, attempt, job.queue, job.device, dict(job.options), dict(job.accuracy_target or {}),
+                    job.started_at, *runner.job_files(s, job))
 
 
 def _paths(s: Settings, job_id: str, attempt: int) -> tuple[Path, Path, Path]:
@@ -106,7 +107,7 @@ def _base_config(s: Settings, j: _Job) -> QuantizeConfig:
     return QuantizeConfig(
         model_path=j.model_path, output_path=artifact, recipe="auto", options=parse_options("auto", j.options),
         calibration_path=j.calib_path, eval_path=j.eval_path, work_dir=work, threads=s.worker_threads,
-        device=runner.engine_device(j.queue, s), job_id=j.job_id,
+        device=runner.engine_device(j.device, s), job_id=j.job_id,
         cache_dir=s.data_dir / "cache" / "calibration", export_cache_dir=s.data_dir / "cache" / "pt2-export",
     )
 

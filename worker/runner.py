@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.broker import GPU_QUEUE
 from app.datasets.models import Dataset
 from app.db import make_engine, make_sessionmaker
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Transition
-from app.jobs.models import Job
+from app.jobs.models import GPU_DEVICE, Job
 from app.modelfiles.models import ModelFile
 from app.settings import Settings, get_settings
 from worker import sandbox
@@ -171,12 +170,13 @@ def job_files(sess: Session, job: Job) -> tuple[Path | None, Path | None, Path |
     return m, c, e
 
 
-def engine_device(queue: str, s: Settings) -> str:
+def engine_device(device: str, s: Settings) -> str:
     """The device the engine runs a job on (``QuantizeConfig.device``: ONNX Runtime's execution providers,
-    PyTorch's device for qat_int8), from the queue the job came on: a job sent to the gpu queue asks for CUDA
-    (ONNX Runtime without it refuses, gpu_unavailable, rather than run on the CPU unasked); any other queue
-    runs on the worker's LOWBIT_WORKER_DEVICE ('auto': CUDA when present, else the CPU)."""
-    return "cuda" if queue == GPU_QUEUE else s.worker_device
+    PyTorch's device for qat_int8), from the hardware the job asked for (``Job.device``, not the queue that
+    carried it): a job that asked for the gpu gets CUDA (ONNX Runtime without it refuses, gpu_unavailable,
+    rather than run on the CPU unasked); a cpu job runs on the worker's LOWBIT_WORKER_DEVICE ('auto': CUDA
+    when present, else the CPU)."""
+    return "cuda" if device == GPU_DEVICE else s.worker_device
 
 
 def job_limits(device: str, s: Settings, *, file_limit: bool = True) -> sandbox.Limits:

@@ -150,7 +150,8 @@ class _JobInputs:
     recipe: str
     options: dict[str, Any]
     target: dict[str, Any] | None
-    queue: str
+    queue: str  # where it is handed back to
+    device: str  # the hardware it asked for (Job.device)
     model_path: Path | None
     calib_path: Path | None
     eval_path: Path | None
@@ -164,7 +165,8 @@ def _read_job(factory: sessionmaker[Session], job_id: str) -> _JobInputs | None:
             return None
         model_path, calib_path, eval_path = runner.job_files(sess, job)
         return _JobInputs(recipe=job.recipe, options=dict(job.options), target=job.accuracy_target,
-                          queue=job.queue, model_path=model_path, calib_path=calib_path, eval_path=eval_path)
+                          queue=job.queue, device=job.device, model_path=model_path, calib_path=calib_path,
+                          eval_path=eval_path)
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ def _config(attempt: _Attempt, job: _JobInputs, s: Settings) -> QuantizeConfig:
         eval_path=job.eval_path,
         work_dir=attempt.work_dir,
         threads=s.worker_threads,
-        device=runner.engine_device(job.queue, s),
+        device=runner.engine_device(job.device, s),
         job_id=attempt.job_id,
         cache_dir=s.data_dir / "cache" / "calibration",
         export_cache_dir=s.data_dir / "cache" / "pt2-export",

@@ -13,6 +13,11 @@ from app.tenants.models import LOCAL_TENANT
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 
+# The hardware a job asks for (Job.device): 'gpu' runs its engine on CUDA, 'cpu' on the worker's own device
+# (LOWBIT_WORKER_DEVICE). Which queue carries it is a separate choice (Job.queue, made by the API's service).
+CPU_DEVICE, GPU_DEVICE = "cpu", "gpu"
+DEVICES = (CPU_DEVICE, GPU_DEVICE)
+
 
 class Job(Base):
     __tablename__ = "jobs"
@@ -27,7 +32,10 @@ class Job(Base):
     recipe: Mapped[str] = mapped_column(sa.String(32))
     options: Mapped[dict[str, Any]] = mapped_column(JSONType)
     accuracy_target: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # The broker queue the job's messages are routed to (workers consume queues by name).
     queue: Mapped[str] = mapped_column(sa.String(32), default=CPU_QUEUE)
+    # The hardware the job asked for (CPU_DEVICE or GPU_DEVICE); the worker picks the engine's device from it.
+    device: Mapped[str] = mapped_column(sa.String(8), default=CPU_DEVICE, server_default=CPU_DEVICE)
     status: Mapped[str] = mapped_column(sa.String(16), default=QUEUED)
     stage: Mapped[str | None] = mapped_column(sa.String(16), nullable=True)
     progress: Mapped[int] = mapped_column(sa.Integer, default=0)

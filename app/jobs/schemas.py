@@ -89,12 +89,13 @@ class JobCreate(BaseModel):
     recipe: str = Field(description=RECIPE_DESCRIPTION)
     options: dict[str, Any] = Field(default_factory=dict, description=OPTIONS_DESCRIPTION)
     accuracy_target: AccuracyTarget | None = None
-    # A queue name (stored as the job's `queue`), called `device` in the API because the queue decides the
-    # hardware: the worker derives the engine's device from it (worker.runner.engine_device).
+    # The hardware asked for (stored as the job's `device`); the service picks the queue from it (jobs.service.route).
     device: Literal["cpu", "gpu"] | None = Field(
         default=None,
-        description="The queue the job goes to, which picks the hardware: 'cpu' workers run on the CPU, 'gpu' "
-        "workers on CUDA. Default: the server's default queue (LOWBIT_DEFAULT_QUEUE).",
+        description="The hardware the job asks for: 'gpu' runs the engine on CUDA (ONNX Runtime's CUDA provider, "
+        "PyTorch on CUDA for qat_int8), 'cpu' on the worker's own device (LOWBIT_WORKER_DEVICE). The job is "
+        "routed to the queue of that name ('cpu' or 'gpu'; the job's `queue`). Default: the server's default "
+        "queue (LOWBIT_DEFAULT_QUEUE), and the device 'gpu' if that queue is 'gpu', else 'cpu'.",
     )
     callback_url: str | None = Field(
         default=None,
@@ -166,7 +167,10 @@ class JobOut(BaseModel):
     model_id: str
     calibration_dataset_id: str | None
     eval_dataset_id: str | None
-    queue: str
+    device: str = Field(description="The hardware the job asked for: 'cpu' (the worker's own device) or 'gpu' "
+                        "(CUDA)")
+    queue: str = Field(description="The broker queue the job was routed to; workers consume queues by name "
+                       "(lowbit worker --queues)")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

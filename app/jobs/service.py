@@ -9,11 +9,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from app.broker import CPU_QUEUE, GPU_QUEUE
 from app.datasets import service as datasets
 from app.db import utcnow
 from app.errors import Conflict, Gone, Invalid, NotFound, from_engine
 from app.jobs import lifecycle
-from app.jobs.models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job
+from app.jobs.models import CANCELLED, CPU_DEVICE, FAILED, GPU_DEVICE, QUEUED, RUNNING, SUCCEEDED, Job
 from app.jobs.schemas import DeliveryOut, JobCreate, JobError, JobLinks, JobOut
 from app.modelfiles import service as models
 from app.settings import Settings
@@ -56,6 +57,7 @@ def create_job(db: Session, req: JobCreate, *, settings: Settings, tenant_id: st
         raise from_engine(exc) from exc
     tenants.check_active_jobs(db, tenant_id, settings=settings)
     tenants.check_storage_quota(db, tenant_id, settings=settings, adding=0, what="this job's artifact")
+    device, queue = route(req.device, settings=settings)
     job = Job(
         id=new_id(),
         tenant_id=tenant_id,
@@ -65,7 +67,8 @@ def create_job(db: Session, req: JobCreate, *, settings: Settings, tenant_id: st
         recipe=req.recipe,
         options=opts.to_dict(req.recipe),
         accuracy_target=target,
-        queue=req.device or settings.default_queue,
+        device=device,
+        queue=queue,
         status=QUEUED,
         stage=None,
         progress=0,
@@ -184,6 +187,20 @@ def waiting_reason(job: Job) -> str | None:
     return workers.waiting_reason(job.queue)
 
 
+# The queue that carries a job asking for each device.
+QUEUE_FOR_DEVICE = {CPU_DEVICE: CPU_QUEUE, GPU_DEVICE: GPU_QUEUE}
+
+
+def route(device: str | None, *, settings: Settings) -> tuple[str, str]:
+    """(device, queue) of a new job: the hardware it asks for, and the queue its messages go to. The one place
+    a job's queue is chosen: today the queue named after the device (the server's default queue when the job
+    names none), so routing can change later (e.g. by memory) without changing what a job asked for."""
+    if device is None:
+        queue = settings.default_queue
+        return (GPU_DEVICE if queue == GPU_QUEUE else CPU_DEVICE), queue
+    return device, QUEUE_FOR_DEVICE[device]
+
+
 def to_out(job: Job) -> JobOut:
     base = f"/api/v1/jobs/{job.id}"
     return JobOut(
@@ -197,6 +214,7 @@ def to_out(job: Job) -> JobOut:
         model_id=job.model_id,
         calibration_dataset_id=job.calibration_dataset_id,
         eval_dataset_id=job.eval_dataset_id,
+        device=job.device,
         queue=job.queue,
         created_at=job.created_at,
         started_at=job.started_at,

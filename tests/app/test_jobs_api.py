@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.jobs.models import Job
+from app.jobs.schemas import JobCreate
 from tests.app.conftest import Harness
 from tests.app.helpers import error_of, submit, upload_dataset, upload_model
 from tests.reports import assert_report_complete, recompute_cosines
@@ -333,3 +334,54 @@ def test_a_job_that_keeps_losing_its_worker_fails_after_three_attempts(api: Harn
     assert sweep_stale(api.factory, 60, lambda *a: None) == []
     job = api.client.get(f"/api/v1/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+
+
+def test_device_and_queue_are_separate_fields(api: Harness, zoo: dict[str, Path]) -> None:
+    m = upload_model(api.client, zoo["mlp"])
+    gpu = submit(api.client, model_id=m["id"], recipe="int8_dynamic", device="gpu").json()
+    assert (gpu["device"], gpu["queue"]) == ("gpu", "gpu")
+    plain = submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()
+    assert (plain["device"], plain["queue"]) == ("cpu", "cpu")  # LOWBIT_DEFAULT_QUEUE, and the device it means
+    assert api.queue.enqueued == [(gpu["id"], "gpu"), (plain["id"], "cpu")]
+    with api.factory() as s:
+        row = s.get(Job, gpu["id"])
+        assert row is not None and (row.device, row.queue) == ("gpu", "gpu")
+    out = api.client.get("/openapi.json").json()["components"]["schemas"]["JobOut"]["properties"]
+    assert "hardware" in out["device"]["description"] and "queue" in out["queue"]["description"]
+    assert "hardware" in JobCreate.model_json_schema()["properties"]["device"]["description"]
+
+
+def test_route_picks_the_queue_from_the_device_in_one_place() -> None:
+    from app.jobs.service import route
+    from app.settings import Settings
+
+    s = Settings(default_queue="gpu")
+    assert route("cpu", settings=s) == ("cpu", "cpu")
+    assert route("gpu", settings=s) == ("gpu", "gpu")
+    assert route(None, settings=s) == ("gpu", "gpu")
+    assert route(None, settings=Settings(default_queue="cpu")) == ("cpu", "cpu")
+
+
+# None: the worker's own device (LOWBIT_WORKER_DEVICE).
+@pytest.mark.parametrize("device, queue, engine", [("gpu", "big-memory", "cuda"), ("cpu", "gpu", None)])
+def test_the_engine_device_comes_from_the_jobs_device_not_its_queue(api: Harness, zoo: dict[str, Path],
+                                                                    monkeypatch: pytest.MonkeyPatch, device: str,
+                                                                    queue: str, engine: str | None) -> None:
+    from worker import runner
+    from worker.engine.errors import EngineError
+
+    asked: list[str] = []
+
+    def fake_engine(cfg: object, *args: object, **kwargs: object) -> object:
+        asked.append(getattr(cfg, "device"))
+        raise EngineError("invalid_model", "stopped by the test once the device was seen")
+
+    monkeypatch.setattr(runner, "run_engine", fake_engine)
+    m = upload_model(api.client, zoo["mlp"])
+    job_id = submit(api.client, model_id=m["id"], recipe="int8_dynamic", device=device).json()["id"]
+    with api.factory.begin() as s:  # routed elsewhere later (e.g. by memory): what it asked for stays
+        row = s.get(Job, job_id)
+        assert row is not None
+        row.queue = queue
+    assert api.run_queued() == ["failed"]
+    assert asked == [engine or api.settings.worker_device] and api.settings.worker_device != "cuda"
