@@ -368,12 +368,13 @@ def test_the_engine_device_comes_from_the_jobs_device_not_its_queue(api: Harness
                                                                     monkeypatch: pytest.MonkeyPatch, device: str,
                                                                     queue: str, engine: str | None) -> None:
     from worker import runner
+    from worker.engine.config import QuantizeConfig
     from worker.engine.errors import EngineError
 
     asked: list[str] = []
 
-    def fake_engine(cfg: object, *args: object, **kwargs: object) -> object:
-        asked.append(getattr(cfg, "device"))
+    def fake_engine(cfg: QuantizeConfig, *args: object, **kwargs: object) -> object:
+        asked.append(cfg.device)
         raise EngineError("invalid_model", "stopped by the test once the device was seen")
 
     monkeypatch.setattr(runner, "run_engine", fake_engine)
