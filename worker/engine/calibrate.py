@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,9 @@ HIST_MAX_VALUES = 1 << 21
 # held a batch's activations at once. 128k values a batch over a few dozen batches still places a 99.99th
 # percentile within a bin or two of the full data's (measured: benchmarks/zoo.py, README).
 HIST_SUBSET = 1 << 17
+# Bound on the observed activations (bytes, from shape inference) of one min/max calibration run: a batch
+# whose activations are larger runs in parts (see minmax_samples_per_run).
+MINMAX_BYTES_PER_RUN = 32 << 20
 
 Progress = Callable[[float], None]
 Batches = Callable[[], Iterable[tuple[dict[str, np.ndarray], int]]]
@@ -705,6 +708,45 @@ class StatsCache:
             raise
 
 
+def minmax_samples_per_run(model: onnx.ModelProto, feed: dict[str, np.ndarray], n: int,
+                           tensors: list[str]) -> int:
+    """How many of a batch's ``n`` samples one min/max run takes. ONNX Runtime keeps an observed activation
+    alive until its reductions have run, which in practice held nearly all of them at once: PP-LCNet at batch 8
+    peaked at 593 MB against 180 MB one sample at a time. So a batch is run in parts whose observed
+    activations (sizes from shape inference) fit MINMAX_BYTES_PER_RUN; the min and max of the parts are those of
+    the batch, so the ranges are the same. A batch that cannot be cut (a fixed batch axis, complete feeds)
+    runs whole."""
+    if n <= 1 or not splittable(model, feed, n):
+        return n
+    known = [v for v in activation_bytes(model, feed, tensors).values() if v]
+    if not known:
+        return n
+    per_sample = max(1, sum(known) // n)
+    return max(1, min(n, MINMAX_BYTES_PER_RUN // per_sample))
+
+
+def splittable(model: onnx.ModelProto, feed: dict[str, np.ndarray], n: int) -> bool:
+    """Whether ``feed`` holds ``n`` samples stacked on the first axis of every input, which the model declares
+    dynamic (so that a part of the batch is a valid feed)."""
+    declared = {i.name: i for i in model.graph.input}
+    for name, arr in feed.items():
+        if arr.ndim == 0 or arr.shape[0] != n or name not in declared:
+            return False
+        dims = declared[name].type.tensor_type.shape.dim
+        if not dims or dims[0].dim_value > 0:
+            return False
+    return True
+
+
+def split_feed(feed: dict[str, np.ndarray], n: int, per_run: int) -> Iterator[dict[str, np.ndarray]]:
+    """``feed`` in parts of ``per_run`` samples (views, no copies); whole when ``per_run`` >= ``n``."""
+    if per_run >= n:
+        yield feed
+        return
+    for i in range(0, n, per_run):
+        yield {k: v[i:i + per_run] for k, v in feed.items()}
+
+
 def _groups_by_bytes(sizes: dict[str, int], budget: int) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     used = 0
@@ -741,10 +783,14 @@ def collect_stats(
         session = session_with(model_path, delta, providers, threads)
         # Only the reductions: the model's own outputs are not fetched.
         names = [o for pair in pairs.values() for o in pair if o]
+        per_run: int | None = None
         for feed, n in batches():
-            got = dict(zip(names, runtime.run(session, feed, "model during calibration", names), strict=True))
-            for t, (mn, mx) in pairs.items():
-                stats[t].update(np.array([got[mn] if mn else 0.0, got[mx]], dtype=np.float64))
+            if per_run is None:
+                per_run = minmax_samples_per_run(model, feed, n, list(tensors))
+            for part in split_feed(feed, n, per_run):
+                got = dict(zip(names, runtime.run(session, part, "model during calibration", names), strict=True))
+                for t, (mn, mx) in pairs.items():
+                    stats[t].update(np.array([got[mn] if mn else 0.0, got[mx]], dtype=np.float64))
             samples += n
             if progress and total_samples:
                 progress(min(1.0, samples / total_samples))

@@ -15,10 +15,13 @@ from worker.engine.calibrate import (
     calibrate_with_ort,
     collect_stats,
     effective_ranges,
+    minmax_samples_per_run,
     plan_observation,
     range_from_histogram,
     ranges_from_stats,
     select_tensors,
+    split_feed,
+    splittable,
     write_ort_ranges,
 )
 from worker.engine.feeds import iter_batches, plan_feeds
@@ -248,6 +251,47 @@ def test_minmax_ranges_equal_onnxruntimes(
     assert len(common) >= len(tensors) - 1
     for t in common:
         assert mine[t] == pytest.approx(ort[t], rel=1e-6, abs=1e-7), t
+
+
+def test_minmax_runs_a_large_batch_in_parts_with_the_same_ranges(
+    zoo: dict[str, Path], conv_prepared: tuple[Path, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose observed activations exceed the per-run bound runs in parts (ONNX Runtime keeps observed
+    activations alive until their reductions run); min and max over the parts are the batch's."""
+    import worker.engine.calibrate as cal
+
+    path, tensors = conv_prepared
+    cpu = ["CPUExecutionProvider"]
+    model = onnx.load(str(path))
+    feed, n = next(iter(_conv_batches(zoo)()))
+    assert n > 1 and splittable(model, feed, n)
+    whole = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("minmax"), cpu, 1)
+    assert minmax_samples_per_run(model, feed, n, tensors) == n  # the test net's activations fit one run
+    runs: list[int] = []
+    real_run = cal.runtime.run
+    monkeypatch.setattr(cal, "MINMAX_BYTES_PER_RUN", 1)  # below one sample: one sample a run
+    monkeypatch.setattr(cal.runtime, "run", lambda s, f, *a: runs.append(next(iter(f.values())).shape[0])
+                        or real_run(s, f, *a))
+    parts = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("minmax"), cpu, 1)
+    assert runs and set(runs) == {1} and parts.samples == whole.samples
+    assert parts.ranges == whole.ranges
+
+
+def test_a_feed_is_cut_only_on_a_dynamic_batch_axis() -> None:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 4])
+    fixed = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [8, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4])
+    relu = onnx.helper.make_node("Relu", ["x"], ["y"])
+    dynamic_m = onnx.helper.make_model(onnx.helper.make_graph([relu], "g", [x], [y]))
+    fixed_m = onnx.helper.make_model(onnx.helper.make_graph([relu], "g", [fixed], [y]))
+    feed = {"x": np.arange(32, dtype=np.float32).reshape(8, 4)}
+    assert splittable(dynamic_m, feed, 8)
+    assert not splittable(fixed_m, feed, 8)
+    assert not splittable(dynamic_m, feed, 4)  # the feed does not hold 4 samples on its first axis
+    parts = list(split_feed(feed, 8, 3))
+    assert [p["x"].shape[0] for p in parts] == [3, 3, 2]
+    assert np.array_equal(np.concatenate([p["x"] for p in parts]), feed["x"])
+    assert list(split_feed(feed, 8, 8)) == [feed]
 
 
 def test_onnxruntimes_default_entropy_is_just_minmax_and_ours_is_not(
