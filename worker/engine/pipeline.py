@@ -530,6 +530,13 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
             f"batch {checked.latency_batch}); speed-ups from low precision depend on the CPU's kernels and the "
             "model's size"
         )
+    if quantized_bytes > original_bytes:
+        warnings.append(
+            f"the quantized model is larger than the original ({quantized_bytes} bytes vs {original_bytes}, "
+            f"{quantized_bytes / original_bytes:.2f}x): the nodes and parameters it added outweigh what its "
+            "weights saved, as in a model with few weights and many layers; int8_dynamic or fp16 may suit it "
+            "better, or keep the original"
+        )
     artifact_sha = sha256_file(quant_path)
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,

@@ -292,3 +292,28 @@ def test_masks_with_infinities_give_finite_honest_numbers(tmp_path: Path) -> Non
     masked = next(o for o in rep["accuracy"]["outputs"] if o["name"] == "masked")
     assert masked["cosine"] > 0.99
     assert any("non-finite" in w and "masked" in w for w in rep["warnings"])
+
+
+def test_an_artifact_larger_than_the_original_draws_a_warning(tmp_path: Path) -> None:
+    """A model with few weights and many layers (basic-pitch's CQT front end is one) grows under QDQ: each
+    quantized layer adds its nodes and scales, more than its 8-bit weights save. The report says so."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 16, 16])
+    nodes, inits, prev = [], [], "x"
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        w = f"a_rather_long_weight_name_as_converters_write_them_{i}"
+        inits.append(helper.make_tensor(w, TensorProto.FLOAT, [1, 1, 1, 1], [float(rng.uniform(0.5, 1.5))]))
+        out = f"a_rather_long_activation_name_as_converters_write_them_{i}"
+        nodes.append(helper.make_node("Conv", [prev, w], [out], name=f"conv_{i}"))
+        prev = out
+    y = helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["n", 1, 16, 16])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((16, 1, 16, 16)).astype(np.float32))
+    res = run(QuantizeConfig(model_path=tmp_path / "m.onnx", output_path=tmp_path / "q.onnx", recipe="int8_static",
+                             options=parse_options("int8_static", {}), calibration_path=tmp_path / "c.npz",
+                             work_dir=tmp_path / "w", threads=1))
+    size = res.report["size"]
+    assert size["quantized_bytes"] > size["original_bytes"]
+    assert any("larger than the original" in w and f"{size['ratio']:.2f}x" in w for w in res.report["warnings"])
