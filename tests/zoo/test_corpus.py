@@ -214,13 +214,7 @@ def test_onnx_datasets_fit_the_engine_feed_plan(real_models: dict[str, CorpusMod
             assert plan.num_samples >= 32, e.name
 
 
-PT2_ENTRIES = [
-    pytest.param(n, marks=pytest.mark.xfail(
-        reason="lowbit's archive check refuses the derived dims 2*half_height / 2*half_width that the ceil-mode "
-               "max-pool makes torch.export use ('shape symbol with an unexpected name: 2*s87')", strict=False))
-    if n == "mtcnn_pnet_pt2" else n
-    for n in NAMES if n.endswith("_pt2")
-]
+PT2_ENTRIES = [n for n in NAMES if n.endswith("_pt2")]
 
 
 @pytest.mark.slow

@@ -58,7 +58,7 @@ def cmd_export(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
                                  int(req.get("check_samples", 64)))
     check = export_onnx(ep, desc, feeds, Path(req["output"]), int(req["opset"]), int(req.get("threads", 1)))
     check["source"] = "calibration samples" if source == "dataset" else "random inputs (no dataset given)"
-    warnings = []
+    warnings = list(desc.get("warnings", []))  # export_onnx's, e.g. sizes it had to fix
     if source != "dataset":
         warnings.append("the ONNX export was checked against PyTorch on random inputs only (no dataset was given)")
     return {"check": check, "dynamic_dims": desc["dim_names"], "torch": torch.__version__,

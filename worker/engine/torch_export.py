@@ -147,9 +147,15 @@ def export_onnx(ep: Any, desc: dict[str, Any], feeds: list[tuple[dict[str, np.nd
         torch.onnx.export(ep, args, str(tmp), kwargs=kwargs or None, dynamo=True, opset_version=opset,
                           external_data=False, verbose=False)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EngineError("export_failed", f"torch.onnx.export could not export the program to ONNX: {msg[:500]}") \
-            from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's ONNX exporter fails on sizes derived from others (a ceil-mode max-pool's 2*s87 in
+        # facenet-pytorch's MTCNN: "expected sympy.Symbol"). The program re-traced with every size but the
+        # batch fixed at the samples' own exports; the warning says what the artifact then accepts.
+        fixed = _export_fixed_sizes(ep, args, kwargs, inputs, tmp, opset)
+        if fixed is None:
+            raise EngineError("export_failed",
+                              f"torch.onnx.export could not export the program to ONNX: {first[:500]}") from exc
+        desc.setdefault("warnings", []).append(fixed)
     model = onnx.load(str(tmp))
     names = desc["dim_names"]
     for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
@@ -167,6 +173,31 @@ def export_onnx(ep: Any, desc: dict[str, Any], feeds: list[tuple[dict[str, np.nd
     onnx.save_model(model, str(dest))
     tmp.unlink(missing_ok=True)
     return check_onnx(ep.module(), ep, inputs, feeds, dest, threads)
+
+
+def _export_fixed_sizes(ep: Any, args: tuple[Any, ...], kwargs: dict[str, Any], inputs: list[TensorInfo],
+                        dest: Path, opset: int) -> str | None:
+    """Export the program re-traced with the sample's sizes fixed, except a dynamic batch axis that every input
+    shares (when the sample has at least two, which torch does not specialize). A warning naming the fixed
+    sizes, or None when this fails too."""
+    import torch
+
+    batch = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], str)}
+    flat_positional = not kwargs and len(args) == len(inputs) and all(isinstance(a, torch.Tensor) for a in args)
+    dynamic_batch = (flat_positional and len(batch) == 1 and all(i.shape and isinstance(i.shape[0], str)
+                                                                  for i in inputs) and int(args[0].shape[0]) >= 2)
+    shapes = tuple({0: torch.export.Dim("batch")} for _ in args) if dynamic_batch else None
+    try:
+        program = torch.export.export(ep.module(), args, kwargs or None, dynamic_shapes=shapes)
+        torch.onnx.export(program, args, str(dest), kwargs=kwargs or None, dynamo=True, opset_version=opset,
+                          external_data=False, verbose=False)
+    except Exception:
+        return None
+    sizes = ", ".join(f"{i.name} {'x'.join(str(d) for d in a.shape[1 if dynamic_batch else 0:])}"
+                      for i, a in zip(inputs, args, strict=False))
+    return (f"the program's sizes other than the batch could not be exported as symbols, so the ONNX model and "
+            f"the artifact take fixed sizes ({sizes}{' after the batch' if dynamic_batch else ''}): those of the "
+            "calibration samples")
 
 
 def check_onnx(module: Any, ep: Any, inputs: list[TensorInfo], feeds: list[tuple[dict[str, np.ndarray], int]],

@@ -481,3 +481,38 @@ def test_training_points_follow_onnx_runtimes_range_rules() -> None:
     # output is [0, 1] unless the Softmax is excluded (here: it reads the mask, which stays float).
     assert points == {"x": (-1.0, 1.0), "r": (0.0, 2.0), "p": (0.0, 0.7), "p2": (0.0, 1.0)}
     assert fixed == ["p2"]
+
+
+def test_derived_sizes_the_exporter_refuses_are_fixed_to_the_samples_with_a_warning(tmp_path: Path) -> None:
+    """A ceil-mode max-pool over dynamic height and width gives torch.export derived sizes (2*s87, as in
+    facenet-pytorch's MTCNN) that torch's ONNX exporter cannot handle; the job exports the program with those
+    sizes fixed to the samples', keeps the batch dynamic, says so, and quantizes."""
+    import torch
+
+    class Pool(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.pool = torch.nn.MaxPool2d(2, 2, ceil_mode=True)
+            self.head = torch.nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(self.head(self.pool(torch.relu(self.conv(x)))), dim=1)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 22, 28)
+    # Even heights and widths, as the corpus exports MTCNN (the ceil-mode pool guards on parity).
+    hh, ww = 2 * torch.export.Dim("half_h", min=5, max=256), 2 * torch.export.Dim("half_w", min=5, max=256)
+    ep = torch.export.export(Pool().eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64),
+                                                                   2: hh, 3: ww},))
+    assert any(not str(k).isidentifier() for k in ep.range_constraints)  # a derived size, e.g. 2*s1
+    torch.export.save(ep, tmp_path / "pool.pt2")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(0).standard_normal((16, 3, 22, 28)).astype(np.float32))
+    res = run(QuantizeConfig(model_path=tmp_path / "pool.pt2", output_path=tmp_path / "q.onnx",
+                             recipe="int8_static", options=parse_options("int8_static", {}),
+                             calibration_path=tmp_path / "c.npz", work_dir=tmp_path / "w", threads=1))
+    assert any("fixed sizes (x 3x22x28 after the batch)" in w for w in res.report["warnings"])
+    sess = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    dims = sess.get_inputs()[0].shape
+    assert isinstance(dims[0], str) and dims[1:] == [3, 22, 28]
+    assert sess.run(None, {"x": np.zeros((5, 3, 22, 28), np.float32)})[0].shape[0] == 5
