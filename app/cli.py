@@ -16,6 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from app.client.cli import (
+    EXIT_INTERNAL,
+    EXIT_UNREACHABLE,
+    add_commands,
+    ci_text,
+    internal_error,
+    latency_change,
+    output_line,
+    parse_option,
+    signed_end,
+)
+from app.client.errors import LowbitClientError
+from worker.engine.recipes import REGISTRY, describe_recipes
+from worker.engine.recipes.options import CALIBRATION_METHODS
+
 if TYPE_CHECKING:
     from worker.engine.report import Report
 
@@ -277,8 +292,6 @@ def _reconcile_queue(s: Any) -> None:
 
 def _parse_option(text: str) -> tuple[str, Any]:
     """The client's --option parser, its refusal turned into this command's exit message."""
-    from app.client.cli import parse_option
-    from app.client.errors import LowbitClientError
 
     try:
         return parse_option(text)
@@ -405,7 +418,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def print_figures(report: Report) -> None:
     """The offline run's figures, with the 95% intervals the report has, as the client's summary writes them:
     each output, label accuracy and its change, latency and its speed-up."""
-    from app.client.cli import ci_text, latency_change, output_line, signed_end
 
     acc, lat = report.accuracy, report.latency
     # The client's formatters read the report's JSON (the client imports no pydantic), so they get each
@@ -529,8 +541,6 @@ def cmd_webhook_secret(_: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from app.client.cli import add_commands
-
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize ML models as jobs.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -575,8 +585,6 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     mp.set_defaults(func=cmd_migrate)
 
-    from worker.engine.recipes import REGISTRY, describe_recipes
-    from worker.engine.recipes.options import CALIBRATION_METHODS
 
     # Recipe choices and their options come from the registry (worker/engine/recipes).
     qp = sub.add_parser("quantize", help="quantize a model offline, without the service",
@@ -611,7 +619,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Every ``lowbit`` command. Whatever goes wrong ends as one ``lowbit: error [CODE]: ...`` line on stderr and a
     non-zero exit status, never a Python traceback (LOWBIT_DEBUG=1 prints it too)."""
-    from app.client.cli import EXIT_INTERNAL, EXIT_UNREACHABLE, internal_error
 
     # Before anything imports ONNX Runtime, in this process or the workers it starts: its telemetry otherwise
     # writes $TMPDIR/.ses and ~/.cache/Microsoft/DeveloperTools/.onnxruntime/ (a device id and a database)

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import sqlalchemy as sa
@@ -36,6 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import utcnow
 from app.jobs.models import DELIVERED, DELIVERY_FAILED, FINISHED, PENDING, Job, WebhookDelivery
+from app.jobs.service import to_out
 from app.keyfile import data_dir_secret
 from app.settings import Settings
 from app.uploads import new_id
@@ -94,7 +98,6 @@ SUMMARY_KEYS = ("size", "accuracy", "latency", "accuracy_target", "warnings")
 
 def job_summary(job: Job, event: str, delivery_id: str) -> dict[str, Any]:
     """The webhook body: the job as the API shows it (without its deliveries) and its report's headline."""
-    from app.jobs.service import to_out
 
     # Copied as stored, not read through Report.from_stored: the summary must say what GET /report serves (a
     # parse would coerce values, e.g. an integer target bound to 1.0, and drop keys an older engine wrote).
@@ -140,9 +143,6 @@ def _record(factory: sessionmaker[Session], delivery_id: str, **values: Any) -> 
 
 def _non_public(url: str) -> str | None:
     """Why a callback URL must not be called (it resolves to a non-public address), or None."""
-    import ipaddress
-    import socket
-    from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     host = parts.hostname or ""

@@ -271,26 +271,7 @@ LAZY_MODULES = {
 }
 # Uncommented function-level imports in files other changes were editing when this test came in: (module, imported
 # module). Comment each or move it to the module top, then drop its entry; an entry that no longer matches fails.
-PENDING = {
-    # main() imports app.client.cli on every command and build_parser() the recipe registry (no ONNX Runtime), so
-    # these need not be lazy: move them to the module top.
-    ("app.cli", "app.client.cli"), ("app.cli", "app.client.errors"), ("app.cli", "worker.engine.recipes"),
-    ("app.cli", "worker.engine.recipes.options"),
-    ("app.client.cli", "datetime"), ("app.client.cli", "traceback"), ("app.client.core", "json"),
-    ("app.jobs.service", "app.jobs.models"), ("app.jobs.service", "app.workers"),
-    ("app.jobs.service", "sqlalchemy.orm"),
-    ("app.webhooks", "app.jobs.service"), ("app.webhooks", "ipaddress"), ("app.webhooks", "socket"),
-    ("app.webhooks", "urllib.parse"),
-    ("worker.auto_tasks", "app.webhooks"), ("worker.auto_tasks", "worker.engine.files"),
-    ("worker.auto_tasks", "worker.engine.validate"),
-    ("worker.engine.pipeline", "worker.engine.feeds"),
-    ("worker.engine.pt2", "hashlib"), ("worker.engine.pt2", "worker.engine.files"),
-    ("worker.engine.pt2_child", "worker.engine.pt2"), ("worker.engine.pt2_child", "worker.engine.qat_torch"),
-    ("worker.engine.subprocess_runner", "ctypes"),
-    ("worker.engine.validate", "worker.engine.calibrate"), ("worker.engine.validate", "worker.engine.errors"),
-    ("worker.runner", "app.queue"), ("worker.runner", "worker.engine.pipeline"),
-    ("worker.sandbox", "worker.engine.pipeline"),
-}
+PENDING: set[tuple[str, str]] = set()
 
 
 def _comment_lines(source: str) -> set[int]:

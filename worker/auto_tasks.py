@@ -51,11 +51,13 @@ from app.jobs.models import (
 from app.settings import Settings, get_settings
 from app.storage import Storage
 from app.uploads import new_id
+from app.webhooks import notify
 from worker import runner, sandbox
 from worker.celery_app import celery_app
 from worker.engine import auto
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError, JobCancelled
+from worker.engine.files import place, sha256_file
 from worker.engine.target import check_target
 from worker.runner import HandedBack, LeaseLost, Watch, worker_id
 
@@ -262,7 +264,7 @@ def _unclaim(factory: sessionmaker[Session], job_id: str, attempt: int, idx: int
 
 def _record(factory: sessionmaker[Session], job_id: str, attempt: int, idx: int, result: auto.CandidateResult,
             me: str) -> None:
-    from worker.engine.validate import finite_or_none
+    from worker.engine.validate import finite_or_none  # lazy: validate loads ONNX Runtime (main process)
 
     result.worker = result.worker or me
     with factory.begin() as sess:
@@ -318,9 +320,7 @@ def _advance(job_id: str, attempt: int, rnd: int, s: Settings, factory: sessionm
 
 def _conclude(j: _Job, results: list[auto.CandidateResult], rounds: int, s: Settings,
               factory: sessionmaker[Session]) -> None:
-    from app.webhooks import notify
-    from worker.engine.files import place, sha256_file
-    from worker.engine.validate import finite_or_none
+    from worker.engine.validate import finite_or_none  # lazy: validate loads ONNX Runtime (main process)
 
     artifact, cand_dir, work = _paths(s, j.job_id, j.attempt)
     started = j.started_at.timestamp() if j.started_at is not None else time.time()
@@ -373,8 +373,6 @@ def _fail(factory: sessionmaker[Session], j: _Job, code: str, message: str) -> N
 
 
 def _cancel(factory: sessionmaker[Session], s: Settings, j: _Job) -> None:
-    from app.webhooks import notify
-
     with factory.begin() as sess:
         ended = lifecycle.finish_cancelled(sess, j.job_id, j.attempt)
     if ended is Transition.APPLIED:

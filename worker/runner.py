@@ -25,6 +25,7 @@ from app.jobs import lifecycle
 from app.jobs.lifecycle import Transition
 from app.jobs.models import GPU_DEVICE, Job
 from app.modelfiles.models import ModelFile
+from app.queue import CeleryQueue
 from app.settings import Settings, get_settings
 from worker import sandbox
 from worker.engine.errors import JobCancelled
@@ -120,6 +121,7 @@ class Watch:
         self.last_stage, self.last_write = stage, now
         with self.factory.begin() as s:
             if self.record_progress:
+                # lazy: the engine's pipeline loads ONNX Runtime, kept out of the worker's main process
                 from worker.engine.pipeline import progress_percent
 
                 times = self.timer.snapshot() if self.timer.enter(stage) else None
@@ -245,7 +247,6 @@ def run_engine(cfg: QuantizeConfig, progress: Any, settings: Settings | None = N
 def hand_back(factory: sessionmaker[Session], s: Settings, job_id: str, attempt: int, queue: str) -> None:
     """Put a job this worker stops running (it is shutting down) back in the queue, as if this attempt had
     never started, and publish it again: the worker's own message is acked as the task returns."""
-    from app.queue import CeleryQueue
 
     with factory.begin() as sess:
         moved = lifecycle.hand_back(sess, job_id, attempt)

@@ -44,7 +44,7 @@ __all__ = [
 def quantize(cfg: Any, emit: Emit) -> Any:
     """The engine's entry point in the child: ``pipeline.run(cfg)``, its progress sent to the parent, its
     QuantizeResult returned as a dict (see ``result_from``)."""
-    from worker.engine import pipeline
+    from worker.engine import pipeline  # lazy: loaded in the sandbox child, which runs the engine
 
     temp_in(cfg.work_dir)
 
@@ -56,6 +56,7 @@ def quantize(cfg: Any, emit: Emit) -> Any:
 
 def result_from(data: dict[str, Any]) -> Any:
     """The QuantizeResult a ``quantize`` child sent back (as JSON)."""
+    # lazy: the engine's pipeline loads ONNX Runtime, kept out of the worker's main process
     from worker.engine.pipeline import QuantizeResult
 
     return QuantizeResult(**{**data, "artifact_path": Path(data["artifact_path"])})

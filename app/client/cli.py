@@ -15,8 +15,10 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, TypeGuard
 
@@ -113,8 +115,6 @@ def _pct(x: float | None) -> str:
 
 
 def _seconds(job: dict[str, Any]) -> str:
-    from datetime import datetime
-
     try:
         start = datetime.fromisoformat(str(job["started_at"]).replace("Z", "+00:00"))
         end = datetime.fromisoformat(str(job["finished_at"]).replace("Z", "+00:00"))
@@ -346,8 +346,6 @@ def internal_error(exc: BaseException, as_json: bool = False) -> int:
     """An exception nobody expected (a lowbit bug, or an environment problem): one line on stderr instead of a
     traceback, which LOWBIT_DEBUG=1 prints as well."""
     if os.environ.get("LOWBIT_DEBUG"):
-        import traceback
-
         traceback.print_exception(exc)
         hint = ""
     else:

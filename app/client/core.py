@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -201,7 +202,6 @@ class _Reader:
 def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
     """Server-sent events from a stream's lines (``retry:`` skipped, data lines joined). A comment line (the
     server's keep-alive) comes out as a ``heartbeat`` event, so a waiting client can check its deadline."""
-    import json
 
     event, data = "message", list[str]()
     for line in lines:

@@ -7,14 +7,26 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
+from app import workers
 from app.broker import CPU_QUEUE, GPU_QUEUE
 from app.datasets import service as datasets
 from app.db import utcnow
 from app.errors import Conflict, Gone, Invalid, NotFound, from_engine
 from app.jobs import lifecycle
-from app.jobs.models import CANCELLED, CPU_DEVICE, FAILED, GPU_DEVICE, QUEUED, RUNNING, SUCCEEDED, Job
+from app.jobs.models import (
+    CANCELLED,
+    CANDIDATE_RUNNING,
+    CPU_DEVICE,
+    FAILED,
+    GPU_DEVICE,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    AutoCandidate,
+    Job,
+)
 from app.jobs.schemas import DeliveryOut, JobCreate, JobError, JobLinks, JobOut
 from app.modelfiles import service as models
 from app.settings import Settings
@@ -177,9 +189,7 @@ def report_for(db: Session, job_id: str, *, tenant_id: str) -> dict[str, Any]:
 
 def waiting_reason(job: Job) -> str | None:
     """Why a queued job is not running, when the answer is that no live worker consumes its queue."""
-    from sqlalchemy.orm import object_session
 
-    from app import workers
 
     db = object_session(job)
     if job.status != QUEUED or db is None or job.queue in workers.live_queues(db):
@@ -248,7 +258,6 @@ def requeue_lost(db: Session, gone: Callable[[str | None], bool],
     or a candidate of its attempt was running in a process that is gone; candidates waiting in the broker are
     not lost (the stale-job sweep covers the rest). ``whole_jobs``: every running job is lost, whatever its
     candidates (`lowbit serve` starting again, its workers gone with the server before it)."""
-    from app.jobs.models import CANDIDATE_RUNNING, AutoCandidate
 
     requeued: list[tuple[str, str]] = []
     failed: list[str] = []

@@ -20,7 +20,7 @@ from worker.engine.calibrate import quantizable_op_types
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.context import ProgressFn, RunData
 from worker.engine.errors import EngineError
-from worker.engine.feeds import Batch, FeedPlan, fixed_batch, iter_batches
+from worker.engine.feeds import STACKED, Batch, FeedPlan, fixed_batch, iter_batches
 from worker.engine.files import environment, place, sha256_file
 from worker.engine.fp16 import float16_in_subgraphs
 from worker.engine.hygiene import Overlap, overlap
@@ -132,7 +132,6 @@ def _sample_feeds(batches: Iterator[Batch], inputs: tuple[TensorInfo, ...], plan
     """The first ``limit`` samples of ``batches`` as (feed, samples) pairs, one sample per feed where the
     model's batch axis is dynamic (whole batches where it is fixed): the per-layer analyses then take as
     many samples as their memory bound allows, and hold one sample's activations per run."""
-    from worker.engine.feeds import STACKED
 
     out: list[tuple[dict[str, np.ndarray], int]] = []
     total = 0

@@ -28,6 +28,7 @@ or training loop fails one request or job instead of the server.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from typing import Any
 
 from worker.engine import subprocess_runner
 from worker.engine.errors import EngineError
+from worker.engine.files import environment, sha256_file
 from worker.engine.inspect import ModelInfo, TensorInfo
 from worker.engine.subprocess_runner import ChildFailed, Ended, Limits, Spawn
 
@@ -562,9 +564,7 @@ def export_for_run(
     reproduces PyTorch's outputs on (up to 64 of) the calibration samples (evaluation samples, or random
     inputs, when there is no calibration set). With ``cache_dir``, an export of the same archive checked
     on the same data is reused."""
-    import hashlib
 
-    from worker.engine.files import environment, sha256_file
 
     # Absolute: the export child runs in its work folder, where a relative path would name nothing.
     work_dir = Path(os.path.abspath(work_dir))

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from worker.engine.errors import EngineError
+from worker.engine.pt2 import EXPORT_OPSET
+from worker.engine.qat_torch import run_qat
 from worker.engine.torch_export import describe, export_onnx, sample_feeds, tensor_infos
 
 Emit = Callable[[dict[str, Any]], None]
@@ -40,7 +42,6 @@ def load(path: str) -> Any:
 def cmd_inspect(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
     import torch
 
-    from worker.engine.pt2 import EXPORT_OPSET
 
     ep = load(req["model"])
     desc = describe(ep)
@@ -66,8 +67,6 @@ def cmd_export(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
 
 
 def cmd_qat(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
-    from worker.engine.qat_torch import run_qat
-
     ep = load(req["model"])
     desc = describe(ep)
     return run_qat(ep, desc, req, emit)

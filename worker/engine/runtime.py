@@ -72,9 +72,9 @@ def make_session(model: Path | bytes, providers: list[str], threads: int, what: 
 
     Observing sessions also stop at the extended optimization level, before the CPU layout transforms: with
     those, every observed activation of a conv net sits in ONNX Runtime's blocked NCHWc layout and each reader
-    needs its own reordered copy, which kept them all alive (PP-LCNet as published, at batch 8: 671 MB against 212 MB, and
-    twice the time). The extended level keeps every fusion the observed tensors allow, the QDQ ones included,
-    so a quantized model under observation still runs its int8 kernels."""
+    needs its own reordered copy, which kept them all alive (PP-LCNet as published, at batch 8: 671 MB against
+    212 MB, and twice the time). The extended level keeps every fusion the observed tensors allow, the QDQ
+    ones included, so a quantized model under observation still runs its int8 kernels."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, threads)
     so.inter_op_num_threads = 1

@@ -24,6 +24,7 @@ worker's service modules (the engine is a library).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import importlib
@@ -452,8 +453,6 @@ def absolute_paths(payload: Any) -> Any:
 def prctl(option: int, arg: Any) -> None:
     """Linux prctl(2); a no-op where it is missing."""
     with contextlib.suppress(Exception):
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(option, arg)
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 
 from worker.engine import runtime
+from worker.engine.calibrate import activation_bytes, session_with
+from worker.engine.errors import EngineError
 from worker.engine.feeds import Batch
 from worker.engine.metrics import LabelMetrics, OutputMetrics, infer_role, speedup_interval
 
@@ -98,8 +100,6 @@ def compare(
 
 
 def raise_shape(name: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
-    from worker.engine.errors import EngineError
-
     raise EngineError(
         "quantized_model_invalid",
         f"the quantized model's output '{name}' has shape {list(b)}, the original {list(a)}",
@@ -203,7 +203,6 @@ def _pair_sizes(original_model: onnx.ModelProto, pairs: list[tuple[str, str]],
                 bytes_total: int) -> tuple[dict[tuple[str, str], int], Sequence[tuple[dict[str, np.ndarray], int]]]:
     """Bytes both models fetch per pair and batch (from shape inference on the first batch), and the batches
     whose fetches fit ``bytes_total``."""
-    from worker.engine.calibrate import activation_bytes
 
     est = activation_bytes(original_model, feeds[0][0], [a for a, _ in pairs])
     known = [v for v in est.values() if v is not None]
@@ -235,7 +234,6 @@ def _observe_group(
     """One pass over ``feeds`` observing ``group``'s pairs: each pair's signal and noise power sums. None when
     the first run fetched far more than shape inference said: ``sizes`` then holds what it really fetched, and
     the group must be split and started over."""
-    from worker.engine.calibrate import session_with
 
     ref_s = session_with(original_path, _exposing(original_model, [a for a, _ in group]), providers, threads,
                          "original model (layer analysis)")
