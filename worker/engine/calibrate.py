@@ -63,7 +63,7 @@ HIST_MAX_VALUES = 1 << 21
 HIST_SUBSET = 1 << 17
 # Bound on the observed activations (bytes, from shape inference) of one min/max calibration run: a batch
 # whose activations are larger runs in parts (see minmax_samples_per_run).
-MINMAX_BYTES_PER_RUN = 32 << 20
+MINMAX_BYTES_PER_RUN = 8 << 20
 
 Progress = Callable[[float], None]
 Batches = Callable[[], Iterable[tuple[dict[str, np.ndarray], int]]]

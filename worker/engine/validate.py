@@ -128,8 +128,10 @@ def latency_pair(original: Any, quantized: Any, feed: dict[str, np.ndarray], run
 
 # Elements per chunk when summing powers in float64: the temporaries stay a few MB whatever the tensor.
 _CHUNK = 1 << 20
-# Layer outputs fetched per model run, both models together; more layers than fit take more passes.
-LAYER_BYTES_PER_RUN = 256 << 20
+# Layer outputs fetched per model run, both models together; more layers than fit take more passes. ONNX
+# Runtime holds about twice what a run fetches (openWakeWord's embedding model: the job peaked at 195 MB with
+# 256 MB here, 148 MB with 32 MB, where ONNX Runtime's quantize_static peaks at 166 MB).
+LAYER_BYTES_PER_RUN = 32 << 20
 # Layer outputs fetched per model over all samples: a model with large activations is analysed on fewer
 # samples (at least one) rather than in more runs (a 90 MB sentence encoder at 128 tokens: 95 MB a sample, so
 # 2 samples, 256 tokens per layer; a small conv net: all 16).

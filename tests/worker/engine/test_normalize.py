@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests import builders
+from worker.engine.normalize import normalize, shapes_complete
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _reshape_by_runtime_shape(path: Path) -> Path:
+    """A model whose Reshape target is computed from a runtime value (a dim ONNX inference cannot name)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("Reshape", ["x", "k"], ["r"]), helper.make_node("Relu", ["r"], ["y"])]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x, k], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_shape_check_tells_complete_from_incomplete_inference(tmp_path: Path) -> None:
+    conv = builders.conv_net(tmp_path / "conv.onnx")
+    assert shapes_complete(onnx.load(str(conv)), conv)
+    odd = _reshape_by_runtime_shape(tmp_path / "odd.onnx")
+    assert not shapes_complete(onnx.load(str(odd)), odd)
+
+
+def test_complete_shapes_skip_symbolic_inference_and_sympy(tmp_path: Path) -> None:
+    """A model ONNX's shape inference fully shapes is pre-processed without symbolic shape inference, so the
+    job never imports sympy (33 MB); one it cannot shape still gets it. Each in a fresh interpreter."""
+    conv = builders.conv_net(tmp_path / "conv.onnx")
+    odd = _reshape_by_runtime_shape(tmp_path / "odd.onnx")
+    probe = ("import sys; from pathlib import Path; from worker.engine.normalize import normalize; "
+             "r = normalize(Path(sys.argv[1]), Path(sys.argv[2]), per_channel=True); "
+             "print(r.steps[-1]); print('sympy' in sys.modules)")
+    out = {}
+    for name, model in (("conv", conv), ("odd", odd)):
+        done = subprocess.run([sys.executable, "-c", probe, str(model), str(tmp_path / name)], cwd=ROOT,
+                              capture_output=True, text=True, check=True)
+        out[name] = done.stdout.split("\n")[:2]
+    assert out["conv"] == ["pre-processed (ONNX shape inference (complete) and graph optimisation)", "False"]
+    assert out["odd"][1] == "True" and "(complete)" not in out["odd"][0]
+
+
+def test_skipping_symbolic_inference_leaves_the_graph_as_it_was(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.engine.normalize as norm
+
+    conv = builders.conv_net(tmp_path / "conv.onnx")
+    fast = onnx.load(str(normalize(conv, tmp_path / "fast", per_channel=True).path))
+    monkeypatch.setattr(norm, "shapes_complete", lambda model, path: False)
+    full = onnx.load(str(normalize(conv, tmp_path / "full", per_channel=True).path))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in fast.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in full.graph.node]
+    assert sorted((i.name, i.raw_data) for i in fast.graph.initializer) == \
+        sorted((i.name, i.raw_data) for i in full.graph.initializer)
