@@ -322,6 +322,8 @@ def _prepare(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Progres
     env = environment()
     model_sha = sha256_file(Path(cfg.model_path))  # read once: the cache key and the report both use it
     info = inspect_model_file(cfg.model_path)
+    # Refused before anything else is loaded: an already-quantized upload costs a parse, not a job's memory.
+    _refuse_already_quantized(onnx.load(str(cfg.model_path)))
     providers = runtime.select_providers(cfg.device)
     data = _plan_data(cfg, info, warnings)
     # Load the original model in ONNX Runtime first: a model it cannot run fails here, clearly.
@@ -333,7 +335,6 @@ def _prepare(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Progres
     step("preparing", 1.0)
 
     normalized = onnx.load(str(norm.path))
-    _refuse_already_quantized(normalized)
     return Prepared(cfg, source, env, model_sha, info, providers, data, norm, normalized), original_session
 
 
@@ -704,8 +705,11 @@ def _refuse_already_quantized(model: onnx.ModelProto) -> None:
     has nothing left for any recipe to shrink; quantizing it again fails deep in a quantizer or only
     re-wraps integer arithmetic, so say what it is. A partly quantized model (float weights left) goes on."""
     graphs = list(all_graphs(model))
-    # A body reads its own initializers and the main graph's (normalize moves some weights into bodies).
+    # A body reads its own initializers and the main graph's; Constant nodes hold weights too (the file as
+    # uploaded, before normalize moves them into initializers).
     inits = {i.name: i for g in graphs for i in g.initializer}
+    inits.update({n.output[0]: a.t for g in graphs for n in g.node if n.op_type == "Constant" and n.output
+                  for a in n.attribute if a.name == "value" and a.HasField("t")})
     quantized: set[str] = set()
     float_weights = 0
     for node in (n for g in graphs for n in g.node):
