@@ -153,7 +153,6 @@ def test_an_unexpected_error_is_one_line_not_a_traceback(zoo: dict[str, Path], t
 
 def test_an_unexpected_error_in_a_client_command_or_at_start(monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    from app.client import cli as client_cli
     from app.client.core import Client
 
     def broken(self: Client, job_id: str) -> None:
@@ -172,7 +171,9 @@ def test_an_unexpected_error_in_a_client_command_or_at_start(monkeypatch: pytest
     def no_parser(sub: Any) -> None:
         raise ImportError("cannot import name 'x' from 'y'")
 
-    monkeypatch.setattr(client_cli, "add_commands", no_parser)  # fails while the parser is built
+    import app.cli
+
+    monkeypatch.setattr(app.cli, "add_commands", no_parser)  # fails while the parser is built
     assert main(["jobs"]) == EXIT_INTERNAL
     err = capsys.readouterr().err
     assert err.startswith("lowbit: error [internal_error]: unexpected ImportError: cannot import name 'x'")
