@@ -30,6 +30,7 @@ from worker.engine.report import (
     OutputAccuracy,
     PassedOver,
     Report,
+    SmoothQuant,
     TargetCheck,
 )
 
@@ -509,6 +510,25 @@ def calibration_rows(section: Calibration | None) -> list[tuple[str, str, Any]]:
     rows += [(k.replace("_", " ").capitalize(), k, v) for k, v in calibration.items()
              if k not in CALIBRATION_LABELS and not isinstance(v, (dict, list))]
     return rows
+
+
+def smoothquant_lines(section: SmoothQuant | None) -> list[str]:
+    """int8_static's SmoothQuant in one or two lines: whether it ran and why, then what it did."""
+    if section is None:
+        return []
+    head = (f"{'On' if section.enabled else 'Off'} ({section.mode}, alpha {section.alpha:g}): {section.reason}.")
+    if not section.enabled or not section.matmuls_smoothed:
+        return [head]
+    what = (f"{section.matmuls_smoothed} MatMul/Gemm smoothed over {section.groups} input(s): {section.folded} folded "
+            f"into their producer, {section.muls_inserted} Mul inserted")
+    if section.largest_spread_before is not None and section.largest_spread_after is not None:
+        what += (f"; largest channel spread {section.largest_spread_before:.3g}x \u2192 "
+                 f"{section.largest_spread_after:.3g}x the median channel")
+    if section.check is not None:
+        check = section.check
+        what += (f"; smoothed float model vs the prepared one: max relative error {check.max_relative_error:.2g}, "
+                 f"cosine {check.min_cosine:.7f}")
+    return [head, what + "."]
 
 
 def config_json(recipe: str, options: dict[str, Any], target: dict[str, Any] | None) -> str:

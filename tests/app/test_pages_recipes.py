@@ -1,11 +1,14 @@
-"""The pages for the 4-bit and fp16 recipes: form choices, bits per weight, the calibration baseline."""
+"""The pages for the 4-bit and fp16 recipes: form choices, bits per weight, the calibration baseline; int8_static's
+SmoothQuant line."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+from app.pages.present import smoothquant_lines
 from tests.app.conftest import Harness
+from worker.engine.report import SmoothQuant, SmoothQuantCheck
 
 
 def test_form_offers_every_recipe_and_4bit_choices(sqlite_api: Harness) -> None:
@@ -46,3 +49,36 @@ def test_form_refuses_calibrated_4bit_without_data(sqlite_api: Harness, zoo: dic
         files={"model": ("tf.onnx", zoo["tf"].read_bytes())}, follow_redirects=False,
     )
     assert r.status_code == 422 and "learns from your data" in r.text
+
+
+def test_static_job_page_says_what_smoothquant_did(sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    """The calibration card has a SmoothQuant line: here the tiny transformer's inputs have no outlier channels,
+    so auto left it alone and says why, with the figure it decided on."""
+    api = sqlite_api
+    r = api.client.post(
+        "/jobs/new", data={"recipe": "int8_static", "csrf_token": api.csrf()},
+        files={"model": ("tf.onnx", zoo["tf"].read_bytes()), "calibration": ("tok.npz", zoo["tf_data"].read_bytes())},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].rsplit("/", 1)[1]
+    assert api.run_queued() == ["succeeded"]
+    sq = api.client.get(f"/api/v1/jobs/{job_id}/report").json()["smoothquant"]
+    assert sq["mode"] == "auto" and sq["enabled"] is False and sq["candidates"] > 0
+    line = re.search(r'<p data-field="smoothquant">(.*?)</p>', api.client.get(f"/jobs/{job_id}").text, re.S)
+    assert line is not None and "Off (auto, alpha 0.5)" in line.group(1)
+    assert f"({sq['largest_spread_before']:.1f}x the median channel)" in line.group(1)
+
+
+def test_smoothquant_lines_say_how_many_were_smoothed_and_how() -> None:
+    section = SmoothQuant(enabled=True, reason="option smoothquant is on", mode="on", alpha=0.8, spread_threshold=50.0,
+                          candidates=36, samples=48, largest_spread_before=19.36, matmuls_smoothed=36, groups=24,
+                          folded=0, muls_inserted=24, largest_spread_after=4.03,
+                          check=SmoothQuantCheck(samples=8, max_relative_error=6.97e-7, min_cosine=1.0, passed=True))
+    assert smoothquant_lines(section) == [
+        "On (on, alpha 0.8): option smoothquant is on.",
+        "36 MatMul/Gemm smoothed over 24 input(s): 0 folded into their producer, 24 Mul inserted; largest channel "
+        "spread 19.4x \u2192 4.03x the median channel; smoothed float model vs the prepared one: max relative error "
+        "7e-07, cosine 1.0000000.",
+    ]
+    assert smoothquant_lines(None) == []

@@ -247,8 +247,13 @@ def plan_candidates(model_path: Path, opts: RecipeOptions) -> list[Candidate]:
     if opts.max_calibration_samples != RecipeOptions().max_calibration_samples:
         calibrated["max_calibration_samples"] = opts.max_calibration_samples
     user_excluded = tuple(opts.nodes_to_exclude)
+    # SmoothQuant is int8_static's alone: the other recipes would refuse the option.
+    static = dict(calibrated)
+    for name in ("smoothquant", "smoothquant_alpha"):
+        if getattr(opts, name) != getattr(RecipeOptions(), name):
+            static[name] = getattr(opts, name)
     methods = [ANALYSIS_METHOD, *[m for m in CALIBRATION_METHODS if m != ANALYSIS_METHOD]]
-    out = [Candidate("int8_static", {**calibrated, "method": m}, user_excluded) for m in methods]
+    out = [Candidate("int8_static", {**static, "method": m}, user_excluded) for m in methods]
     out.append(Candidate("int8_dynamic", dict(common), user_excluded))
     if has_matmul_weights(model_path, user_excluded):
         out.append(Candidate("int4_weight_only", dict(calibrated), user_excluded))

@@ -56,6 +56,9 @@ class RecipeOptions:
     # int8_static: also measure every layer's sensitivity (each layer alone in int8; one model run per layer
     # and batch, so off unless asked for; auto measures it on its analysis candidate).
     layer_sensitivity: bool = False
+    # int8_static: SmoothQuant ("auto" | "on" | "off") and its migration strength alpha (worker/engine/smoothquant.py).
+    smoothquant: str = "auto"
+    smoothquant_alpha: float = 0.5
     # int4_weight_only. algorithm None: clip_search when calibration data is given, else rtn.
     algorithm: str | None = None
     block_size: int = 32

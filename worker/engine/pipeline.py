@@ -463,19 +463,22 @@ def _layers(prep: Prepared, made: Quantized, checked: Validated, opts: RecipeOpt
     """The per-layer table: each quantizable layer's precision and SQNR against the original, and (int8_static,
     when asked) its sensitivity."""
     cfg, info, split = prep.cfg, prep.info, prep.data.split
-    normalized, quantized = prep.normalized, checked.quantized
+    float_path, normalized = _float_model(prep, made)
+    quantized = checked.quantized
     layer_feeds = _sample_feeds(_eval_batches(prep)(), info.inputs, split.eval_plan, LAYER_SAMPLES)
     qops = quantizable_op_types()
     lmap = _layer_map(normalized, quantized)
     pairs = [(v[1], v[2]) for v in lmap.values() if v[2]]
     # Streamed in groups of layers that fit a fixed number of bytes per run, on a few samples.
     merge, per_run = _merger(info.inputs, split.eval_plan)
-    lsq = layer_sqnr(prep.norm.path, made.path, normalized, quantized, pairs, layer_feeds, prep.providers,
+    lsq = layer_sqnr(float_path, made.path, normalized, quantized, pairs, layer_feeds, prep.providers,
                      cfg.threads, merge=merge, max_per_run=per_run)
-    sens = _sensitivity(prep, made, opts, layer_feeds, qops, merge, per_run)
+    # Nodes the recipe added (SmoothQuant's Muls) are no layers of the user's model.
+    added = {n.name for n in normalized.graph.node} - {n.name for n in prep.normalized.graph.node}
+    sens = _sensitivity(prep, made, opts, layer_feeds, qops, merge, per_run, (float_path, normalized, added))
     layers = []
     for node in normalized.graph.node:
-        if node.op_type not in qops or node.name not in lmap:
+        if node.op_type not in qops or node.name not in lmap or node.name in added:
             continue
         precision, o, qt = lmap[node.name]
         layer: dict[str, Any] = {
@@ -493,11 +496,20 @@ def _layers(prep: Prepared, made: Quantized, checked: Validated, opts: RecipeOpt
     return LayerTable(layers, lsq, sens)
 
 
+def _float_model(prep: Prepared, made: Quantized) -> tuple[Path, onnx.ModelProto]:
+    """The float model the quantized one was made from, whose tensors the quantized model's carry: the prepared
+    model, or the one the recipe rewrote before calibrating (SmoothQuant divides some activations by factors)."""
+    if made.output.float_model is None:
+        return prep.norm.path, prep.normalized
+    return made.output.float_model, onnx.load(str(made.output.float_model))
+
+
 def _sensitivity(prep: Prepared, made: Quantized, opts: RecipeOptions,
                  layer_feeds: list[tuple[dict[str, np.ndarray], int]], qops: set[str], merge: Merge | None,
-                 per_run: int) -> SensitivityResult | None:
+                 per_run: int, float_model: tuple[Path, onnx.ModelProto, set[str]]) -> SensitivityResult | None:
     """Each layer quantized alone, with this run's calibrated ranges, on the first few of the layer samples
-    (int8_static with option layer_sensitivity, or the run's own layer_sensitivity)."""
+    (int8_static with option layer_sensitivity, or the run's own layer_sensitivity). ``float_model``: the float
+    model the ranges belong to (``_float_model``) and the nodes the recipe added to it, which are not analysed."""
     cfg, static_ranges = prep.cfg, made.output.static_ranges
     want_sensitivity = cfg.layer_sensitivity if cfg.layer_sensitivity is not None else opts.layer_sensitivity
     if static_ranges is None or not want_sensitivity:
@@ -509,8 +521,8 @@ def _sensitivity(prep: Prepared, made: Quantized, opts: RecipeOptions,
             break
         sens_feeds.append(feed)
         sens_n += count
-    return analyse_sensitivity(prep.normalized, static_ranges, sens_feeds, prep.providers, cfg.threads, qops, sens_n,
-                               merge=merge, max_per_run=per_run)
+    return analyse_sensitivity(float_model[1], static_ranges, sens_feeds, prep.providers, cfg.threads, qops, sens_n,
+                               merge=merge, max_per_run=per_run, skip=float_model[2])
 
 
 def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTable, opts: RecipeOptions,
@@ -554,6 +566,8 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
     }
     if made.output.qat is not None:
         report["training"] = made.output.qat.training
+    if made.output.smoothquant is not None:
+        report["smoothquant"] = made.output.smoothquant
     lsq = table.sqnr
     report["layer_sqnr"] = {"samples": lsq.samples, "passes": lsq.passes, "seconds": round(lsq.seconds, 3)}
     sensitivity = _sensitivity_section(table.sensitivity, cfg.recipe)

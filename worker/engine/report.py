@@ -239,6 +239,37 @@ class Sensitivity(_Closed):
     ranking: list[str] | None = Field(default=None, description="layer names, most sensitive first")
 
 
+class SmoothQuantCheck(_Closed):
+    """The smoothed float model against the prepared one, before anything was calibrated on it."""
+
+    samples: int
+    max_relative_error: float = Field(description="worst output's max|a - b| / max|a|")
+    min_cosine: float
+    passed: bool
+
+
+class SmoothQuant(_Closed):
+    """What int8_static's SmoothQuant did (worker/engine/smoothquant.py): whether it smoothed and why, how many
+    MatMul/Gemm inputs, how (factors folded into the producer, or a Mul inserted), and the channel spread
+    (largest per-channel max over the median channel's) before and after."""
+
+    enabled: bool
+    reason: str
+    mode: Literal["auto", "on", "off"]
+    alpha: float
+    spread_threshold: float = Field(description="auto smooths the inputs whose channel spread is above this")
+    candidates: int | None = Field(default=None, description="MatMul/Gemm reading an activation and a constant weight")
+    samples: int | None = None
+    largest_spread_before: float | None = None
+    matmuls_smoothed: int | None = None
+    groups: int | None = Field(default=None, description="distinct inputs smoothed (Q, K and V share one)")
+    folded: int | None = Field(default=None, description="groups whose 1/s went into the producer")
+    muls_inserted: int | None = None
+    largest_spread_after: float | None = None
+    check: SmoothQuantCheck | None = None
+    seconds: float | None = None
+
+
 class Environment(_Closed):
     lowbit: str | None
     onnxruntime: str | None
@@ -421,6 +452,7 @@ class Report(_Closed):
     model: ModelSection | None = None
     sensitivity: Sensitivity | None = None
     training: Training | None = None
+    smoothquant: SmoothQuant | None = None
     accuracy_target: AccuracyTargetResult | None = None
     chosen: CandidateConfig | None = None
     best: Best | None = None

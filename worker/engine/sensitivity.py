@@ -230,6 +230,7 @@ def analyse(
     max_nodes: int = MAX_NODES,
     merge: Merge | None = None,
     max_per_run: int = 1,
+    skip: Iterable[str] = (),
 ) -> SensitivityResult:
     """Sensitivity of the analysable nodes on ``feeds`` (a few batches are enough: it ranks layers).
 
@@ -239,7 +240,9 @@ def analyse(
     each of at most ``max_nodes`` nodes (spread over the graph when there are more). With ``merge`` (joining
     single-sample feeds into one batch), up to ``max_per_run`` samples go through each run."""
     started = time.perf_counter()
-    nodes = analysable(model, ranges, op_types)
+    # ``skip``: nodes a recipe added to the model (SmoothQuant's Muls, kept in float), no layers of the user's.
+    skipped = set(skip)
+    nodes = [n for n in analysable(model, ranges, op_types) if n.name not in skipped]
     chosen = _selection(nodes, max_nodes)
     out_names = [o.name for o in model.graph.output]
     if not chosen or not feeds:

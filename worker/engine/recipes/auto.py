@@ -6,8 +6,9 @@ from __future__ import annotations
 from worker.engine.recipes import options as o
 from worker.engine.recipes.base import FormField, Recipe
 
-# The candidates take the common options (and max_calibration_samples where they calibrate).
-OPTIONS = (*o.COMMON, o.MAX_CALIBRATION_SAMPLES, o.MAX_FALLBACK_STEPS, o.PREFER)
+# The candidates take the common options (and max_calibration_samples where they calibrate; the int8_static ones
+# SmoothQuant's).
+OPTIONS = (*o.COMMON, o.MAX_CALIBRATION_SAMPLES, o.MAX_FALLBACK_STEPS, o.PREFER, o.SMOOTHQUANT, o.SMOOTHQUANT_ALPHA)
 
 RECIPE = Recipe(
     name="auto",

@@ -190,6 +190,11 @@ class RecipeOutput:
     static_ranges: dict[str, tuple[float, float]] | None = None
     int4: Int4Result | None = None
     qat: QatResult | None = None
+    # int8_static: what SmoothQuant did (the report's smoothquant section).
+    smoothquant: dict[str, Any] | None = None
+    # The float model the recipe quantized, when it rewrote the prepared one (SmoothQuant): the layer table and
+    # the sensitivity analysis compare the quantized model's tensors with this model's, whose they are.
+    float_model: Path | None = None
     # Run ONNX shape inference on the quantized model before the layer table (fp16: the per-layer precision
     # column reads the inferred float16 types).
     infer_shapes: bool = False

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # annotations only: the registry stays light (no onnx or ONNX
     from worker.engine.calibrate import CalibrationResult
 
 OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVATIONS, o.PERCENTILE, o.REDUCE_RANGE,
-           o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY)
+           o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY, o.SMOOTHQUANT, o.SMOOTHQUANT_ALPHA)
 
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
@@ -21,7 +21,10 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     # lazy: keeps the registry light (the API and `lowbit --help` import it); this loads ONNX Runtime
     from worker.engine.calibrate import select_tensors, write_ort_ranges
     from worker.engine.ort_quant import quantize_static, refuse_subgraphs_only, warn_forced
+    from worker.engine.smoothquant import smooth_static
 
+    # SmoothQuant first: the ranges are calibrated on the smoothed model, which the rest of the step reads.
+    ctx, smoothing = smooth_static(ctx)
     opts, split, step, warnings = ctx.opts, ctx.split, ctx.step, ctx.warnings
     normalized, work = ctx.normalized, ctx.work
     assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
@@ -57,7 +60,8 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     write_ort_ranges(cal.ranges, ranges_path)
     step("quantizing", 0.0)
     warn_forced(quantize_static(ctx.norm_path, ctx.quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
-    return RecipeOutput(calibration=calibration, static_ranges=cal.ranges)
+    return RecipeOutput(calibration=calibration, static_ranges=cal.ranges, smoothquant=smoothing.section,
+                        float_model=smoothing.path)
 
 
 def _calibrate(ctx: RecipeContext, tensors: list[str]) -> CalibrationResult:

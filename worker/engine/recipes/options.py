@@ -51,6 +51,13 @@ PER_CHANNEL = Option("per_channel", "bool", True, "one int8 weight scale per out
 REDUCE_RANGE = Option("reduce_range", "bool", False, "7-bit weights, for CPUs whose int8 kernels overflow")
 OP_TYPES_TO_QUANTIZE = Option("op_types_to_quantize", "names", (), "only these operator types (default: all "
                               "the quantizer takes)")
+# SmoothQuant (worker/engine/smoothquant.py): auto smooths the MatMul/Gemm inputs whose channel spread is large.
+SMOOTHQUANT_MODES = ("auto", "on", "off")
+SMOOTHQUANT = Option("smoothquant", "choice", "auto", "move activation outliers of MatMul/Gemm inputs into the "
+                     "weights before calibrating (auto: where a channel's max is far above the median channel's)",
+                     choices=SMOOTHQUANT_MODES)
+SMOOTHQUANT_ALPHA = Option("smoothquant_alpha", "float", 0.5, "SmoothQuant's migration strength: 0 leaves the "
+                           "activations as they are, 1 moves all their range into the weights", lo=0.0, hi=1.0)
 LAYER_SENSITIVITY = Option("layer_sensitivity", "bool", False, "also measure each layer's sensitivity (one model "
                            "run per layer and sample)")
 
@@ -91,5 +98,5 @@ ORDER = (
     "layer_sensitivity", "keep_io_types", "train_weight_ranges", "train_activation_ranges", "task_loss",
     "percentile", "batch_size", "max_calibration_samples", "holdout_fraction", "latency_runs", "algorithm",
     "block_size", "steps", "learning_rate", "range_learning_rate", "max_fallback_steps", "prefer", "accuracy_level",
-    "nodes_to_exclude", "op_types_to_quantize", "op_block_list", "outputs",
+    "nodes_to_exclude", "op_types_to_quantize", "op_block_list", "outputs", "smoothquant", "smoothquant_alpha",
 )
