@@ -21,9 +21,11 @@ from worker.engine.config import RecipeOptions
 from worker.engine.report import (
     Accuracy,
     AccuracyTargetSpec,
+    BiasCorrection,
     Calibration,
     Candidate,
     CandidateConfig,
+    Equalization,
     LabelAccuracy,
     Latency,
     Layer,
@@ -529,6 +531,38 @@ def smoothquant_lines(section: SmoothQuant | None) -> list[str]:
         what += (f"; smoothed float model vs the prepared one: max relative error {check.max_relative_error:.2g}, "
                  f"cosine {check.min_cosine:.7f}")
     return [head, what + "."]
+
+
+def equalization_line(section: Equalization | None) -> str:
+    """int8_static's cross-layer equalization in one line: on or off and why, then what it did."""
+    if section is None:
+        return ""
+    line = f"{'On' if section.enabled else 'Off'} ({section.mode}): {section.reason}."
+    if section.enabled and section.pairs:
+        line += f" {section.pairs} conv pair(s) rescaled"
+        if section.range_spread_before is not None and section.range_spread_after is not None:
+            line += (f"; per-channel weight range spread {section.range_spread_before:.3g}x \u2192 "
+                     f"{section.range_spread_after:.3g}x")
+        if section.check is not None:
+            line += (f"; equalized float model vs the prepared one: max relative error "
+                     f"{section.check.max_relative_error:.2g}")
+        line += "."
+    if section.pairs_skipped:
+        line += f" {section.pairs_skipped} pair(s) skipped (an activation between them is not ReLU-like)."
+    return line
+
+
+def bias_correction_line(section: BiasCorrection | None) -> str:
+    """int8_static's bias correction in one line: on or off and why, then what it moved."""
+    if section is None:
+        return ""
+    line = f"{'On' if section.enabled else 'Off'} ({section.mode}): {section.reason}."
+    if section.enabled and section.layers_corrected:
+        line += f" {section.layers_corrected} layer bias(es) corrected"
+        if section.mean_abs_correction is not None:
+            line += f", mean |correction| {section.mean_abs_correction:.3g}"
+        line += "."
+    return line
 
 
 def config_json(recipe: str, options: dict[str, Any], target: dict[str, Any] | None) -> str:

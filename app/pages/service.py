@@ -192,6 +192,8 @@ def report_context(report: Report, model_name: str, *, calib_name: str | None,
         "fp32_layers": sum(1 for layer in layers if layer.precision == "fp32"),
         "calibration_rows": present.calibration_rows(report.calibration),
         "smoothquant_lines": present.smoothquant_lines(report.smoothquant),
+        "equalization_line": present.equalization_line(report.equalization),
+        "bias_correction_line": present.bias_correction_line(report.bias_correction),
         # As stored (keys an older engine did not write are not shown as empty rows).
         "environment_rows": report.environment.model_dump(exclude_unset=True) if report.environment else {},
         "cli": present.cli_command(report.recipe, report.options, model_name, calib_name, eval_name),

@@ -59,6 +59,10 @@ class RecipeOptions:
     # int8_static: SmoothQuant ("auto" | "on" | "off") and its migration strength alpha (worker/engine/smoothquant.py).
     smoothquant: str = "auto"
     smoothquant_alpha: float = 0.5
+    # int8_static: cross-layer equalization of conv chains and bias correction, "auto" | "on" | "off"
+    # (worker/engine/conv_refine.py).
+    equalize: str = "auto"
+    bias_correction: str = "auto"
     # int4_weight_only. algorithm None: clip_search when calibration data is given, else rtn.
     algorithm: str | None = None
     block_size: int = 32

@@ -568,6 +568,10 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
         report["training"] = made.output.qat.training
     if made.output.smoothquant is not None:
         report["smoothquant"] = made.output.smoothquant
+    if made.output.equalization is not None:
+        report["equalization"] = made.output.equalization
+    if made.output.bias_correction is not None:
+        report["bias_correction"] = made.output.bias_correction
     lsq = table.sqnr
     report["layer_sqnr"] = {"samples": lsq.samples, "passes": lsq.passes, "seconds": round(lsq.seconds, 3)}
     sensitivity = _sensitivity_section(table.sensitivity, cfg.recipe)

@@ -239,6 +239,65 @@ class Sensitivity(_Closed):
     ranking: list[str] | None = Field(default=None, description="layer names, most sensitive first")
 
 
+class SkippedPair(_Closed):
+    first: str
+    second: str
+    reason: str
+
+
+class EquivalenceCheck(_Closed):
+    """The equalized float model against the prepared one, before anything was calibrated on it."""
+
+    samples: int
+    max_relative_error: float = Field(description="worst output's max|a - b| / max|a|")
+    passed: bool
+
+
+class RefineCompare(_Closed):
+    """auto's measurement: output SQNR of the int8 model without and with the step, on calibration samples."""
+
+    samples: int
+    sqnr_db_without: float | None
+    sqnr_db_with: float | None
+
+
+class Equalization(_Closed):
+    """int8_static's cross-layer equalization (option equalize; worker/engine/equalize.py)."""
+
+    mode: Literal["auto", "on", "off"]
+    enabled: bool
+    reason: str
+    pairs: int | None = Field(default=None, description="Conv -> Conv pairs whose shared channels were rescaled")
+    equalized: list[tuple[str, str]] | None = Field(default=None, description="the pairs (first, second), at most 50")
+    pairs_skipped: int | None = None
+    skipped: list[SkippedPair] | None = Field(default=None, description="at most 20, each with its reason")
+    batchnorms_folded: int | None = None
+    sweeps: int | None = None
+    range_spread_before: float | None = Field(
+        default=None, description="geometric mean over the pairs of the first conv's max/min per-channel weight range")
+    range_spread_after: float | None = None
+    check: EquivalenceCheck | None = None
+    compare: RefineCompare | None = None
+    seconds: float | None = None
+
+
+class BiasCorrection(_Closed):
+    """int8_static's bias correction (option bias_correction; worker/engine/bias_correction.py)."""
+
+    mode: Literal["auto", "on", "off"]
+    enabled: bool
+    reason: str
+    variant: str | None = None
+    layers_corrected: int | None = None
+    layers_skipped: int | None = None
+    samples: int | None = None
+    mean_abs_correction: float | None = Field(default=None, description="mean over the layers of mean_c |correction_c|")
+    mean_relative_correction: float | None = Field(
+        default=None, description="mean over the layers of mean |correction| / mean |bias|")
+    compare: RefineCompare | None = None
+    seconds: float | None = None
+
+
 class SmoothQuantCheck(_Closed):
     """The smoothed float model against the prepared one, before anything was calibrated on it."""
 
@@ -451,6 +510,8 @@ class Report(_Closed):
     environment: Environment | None = None
     model: ModelSection | None = None
     sensitivity: Sensitivity | None = None
+    equalization: Equalization | None = None
+    bias_correction: BiasCorrection | None = None
     training: Training | None = None
     smoothquant: SmoothQuant | None = None
     accuracy_target: AccuracyTargetResult | None = None

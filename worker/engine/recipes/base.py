@@ -195,6 +195,9 @@ class RecipeOutput:
     # The float model the recipe quantized, when it rewrote the prepared one (SmoothQuant): the layer table and
     # the sensitivity analysis compare the quantized model's tensors with this model's, whose they are.
     float_model: Path | None = None
+    # int8_static: what cross-layer equalization and bias correction did (the report's sections of those names).
+    equalization: dict[str, Any] | None = None
+    bias_correction: dict[str, Any] | None = None
     # Run ONNX shape inference on the quantized model before the layer table (fp16: the per-layer precision
     # column reads the inferred float16 types).
     infer_shapes: bool = False

@@ -13,13 +13,15 @@ if TYPE_CHECKING:  # annotations only: the registry stays light (no onnx or ONNX
     from worker.engine.calibrate import CalibrationResult
 
 OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVATIONS, o.PERCENTILE, o.REDUCE_RANGE,
-           o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY, o.SMOOTHQUANT, o.SMOOTHQUANT_ALPHA)
+           o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY, o.SMOOTHQUANT, o.SMOOTHQUANT_ALPHA,
+           o.EQUALIZE, o.BIAS_CORRECTION)
 
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """Calibrate activation ranges (lowbit's streaming calibrator or ONNX Runtime's), then write QDQ int8."""
     # lazy: keeps the registry light (the API and `lowbit --help` import it); this loads ONNX Runtime
     from worker.engine.calibrate import select_tensors, write_ort_ranges
+    from worker.engine.conv_refine import refine
     from worker.engine.ort_quant import quantize_static, refuse_subgraphs_only, warn_forced
     from worker.engine.smoothquant import smooth_static
 
@@ -60,8 +62,20 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     write_ort_ranges(cal.ranges, ranges_path)
     step("quantizing", 0.0)
     warn_forced(quantize_static(ctx.norm_path, ctx.quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
-    return RecipeOutput(calibration=calibration, static_ranges=cal.ranges, smoothquant=smoothing.section,
-                        float_model=smoothing.path)
+    # Cross-layer equalization and bias correction (options equalize, bias_correction): may replace the artifact
+    # with one quantized from an equalized copy of the model, whose ranges and float model the layers stage reads.
+    refined = refine(ctx, cal.ranges, _recalibrate)
+    return RecipeOutput(calibration=calibration, static_ranges=refined.ranges or cal.ranges,
+                        smoothquant=smoothing.section, float_model=refined.float_path or smoothing.path,
+                        equalization=refined.equalization, bias_correction=refined.bias_correction)
+
+
+def _recalibrate(ctx: RecipeContext) -> CalibrationResult:
+    """The ranges of a rewritten model's tensors (cross-layer equalization's), calibrated as ``quantize`` does."""
+    # lazy, as in quantize
+    from worker.engine.calibrate import select_tensors
+
+    return _calibrate(ctx, select_tensors(ctx.normalized, ctx.opts.op_types_to_quantize or None))
 
 
 def _calibrate(ctx: RecipeContext, tensors: list[str]) -> CalibrationResult:

@@ -58,6 +58,15 @@ SMOOTHQUANT = Option("smoothquant", "choice", "auto", "move activation outliers 
                      choices=SMOOTHQUANT_MODES)
 SMOOTHQUANT_ALPHA = Option("smoothquant_alpha", "float", 0.5, "SmoothQuant's migration strength: 0 leaves the "
                            "activations as they are, 1 moves all their range into the weights", lo=0.0, hi=1.0)
+# Cross-layer equalization and bias correction (worker/engine/conv_refine.py): auto keeps each only where it
+# lowers the output noise on the calibration samples.
+REFINE_MODES = ("auto", "on", "off")
+EQUALIZE = Option("equalize", "choice", "auto", "cross-layer equalization of Conv -> (ReLU/LeakyReLU/PReLU/pool) -> "
+                  "Conv chains before calibrating (auto: kept where it lowers the output error on the calibration "
+                  "samples)", choices=REFINE_MODES)
+BIAS_CORRECTION = Option("bias_correction", "choice", "auto", "subtract the mean output shift of int8 weight "
+                         "rounding from Conv/Gemm biases (auto: kept where it lowers the output error on the "
+                         "calibration samples)", choices=REFINE_MODES)
 LAYER_SENSITIVITY = Option("layer_sensitivity", "bool", False, "also measure each layer's sensitivity (one model "
                            "run per layer and sample)")
 
@@ -99,4 +108,5 @@ ORDER = (
     "percentile", "batch_size", "max_calibration_samples", "holdout_fraction", "latency_runs", "algorithm",
     "block_size", "steps", "learning_rate", "range_learning_rate", "max_fallback_steps", "prefer", "accuracy_level",
     "nodes_to_exclude", "op_types_to_quantize", "op_block_list", "outputs", "smoothquant", "smoothquant_alpha",
+    "equalize", "bias_correction",
 )

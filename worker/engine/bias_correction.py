@@ -1,0 +1,238 @@
+"""Bias correction after int8 quantization (issue #18), the empirical variant computed analytically.
+
+Rounding a layer's weights to int8 (W -> W_q) shifts the mean of its output channels by E[(W_q - W) x]: with
+a per-channel input mean E[x] that is not zero (after a ReLU it never is) the rounding errors of a channel's
+weights do not average out, and a depthwise conv, with only k*k weights per channel, keeps a visible shift.
+The shift is linear in x, so one streaming pass of the float model over the calibration samples, recording
+each corrected layer's per-input-channel mean E[x] (a ReduceMean per layer input, only vectors leave ONNX
+Runtime), gives it for every layer at once: correction_c = sum over the weights of output channel c of
+(W_q - W) times the mean of the input channel each reads; the layer's bias becomes b - correction.
+
+What it does not model: the activations' own rounding (E[x] is the float model's), and, for a padded conv, the
+border positions where some taps read padding (their share of the output is taken as the interior's).
+Conv and Gemm layers with a quantized weight and a bias are corrected, the int32 bias requantized with its own
+scale; a MatMul has no bias input (its Add stays as quantized), and a layer without a bias gains none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from worker.engine import runtime
+from worker.engine.calibrate import session_with
+from worker.engine.inspect import default_opset
+
+Batches = Callable[[], Iterator[tuple[dict[str, np.ndarray], int]]]
+CORRECTED_OPS = ("Conv", "Gemm")
+
+
+@dataclass
+class Layer:
+    """One layer of the quantized model that can be corrected, with what the correction reads."""
+
+    name: str
+    op_type: str
+    x: str  # the float input tensor whose per-channel mean is measured
+    weight_q: str
+    weight_scale: str
+    weight_zero: str
+    weight_axis: int
+    bias: str  # the bias initializer (int32 through a DequantizeLinear, or float)
+    bias_scale: str | None  # None: a float bias
+
+
+@dataclass
+class BiasCorrection:
+    layers: list[str] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    mean_abs_correction: float | None = None
+    # The mean over the corrected layers of mean_c |correction_c| / mean_c |bias_c| (the share of the bias moved).
+    mean_relative_correction: float | None = None
+    samples: int = 0
+
+
+def _dq_inputs(node: onnx.NodeProto | None) -> tuple[str, str, str, int] | None:
+    if node is None or node.op_type != "DequantizeLinear":
+        return None
+    axis = 1
+    for a in node.attribute:
+        if a.name == "axis":
+            axis = int(a.i)
+    return node.input[0], node.input[1], node.input[2] if len(node.input) > 2 else "", axis
+
+
+def find_layers(quantized: onnx.ModelProto, original: onnx.ModelProto) -> tuple[list[Layer], list[dict[str, str]]]:
+    """The quantized model's Conv and Gemm nodes with a bias whose weight went through int8, matched by name to
+    the float model's node (whose input tensor names the mean to measure)."""
+    inits = {t.name for t in quantized.graph.initializer}
+    producer = {o: n for n in quantized.graph.node for o in n.output}
+    float_nodes = {n.name: n for n in original.graph.node}
+    layers: list[Layer] = []
+    skipped: list[dict[str, str]] = []
+    for node in quantized.graph.node:
+        if node.op_type not in CORRECTED_OPS or node.name not in float_nodes:
+            continue
+        if len(node.input) < 3 or not node.input[2]:
+            skipped.append({"layer": node.name, "reason": "no bias"})
+            continue
+        w = _dq_inputs(producer.get(node.input[1]))
+        if w is None or w[0] not in inits or w[1] not in inits or (w[2] and w[2] not in inits):
+            skipped.append({"layer": node.name, "reason": "weight not quantized to a constant"})
+            continue
+        b = _dq_inputs(producer.get(node.input[2]))
+        if b is not None and b[0] in inits and b[1] in inits:
+            bias, bias_scale = b[0], b[1]
+        elif node.input[2] in inits:
+            bias, bias_scale = node.input[2], None
+        else:
+            skipped.append({"layer": node.name, "reason": "bias not a constant"})
+            continue
+        x = float_nodes[node.name].input[0]
+        layers.append(Layer(node.name, node.op_type, x, w[0], w[1], w[2], w[3], bias, bias_scale))
+    return layers, skipped
+
+
+def _mean_axes(layer: Layer, rank: int, gemm_trans_a: bool) -> list[int]:
+    if layer.op_type == "Conv":
+        return [0, *range(2, rank)]
+    return [1] if gemm_trans_a else [0]
+
+
+def input_means(float_path: Path, float_model: onnx.ModelProto, layers: list[Layer], ranks: dict[str, int],
+                trans_a: dict[str, bool], batches: Batches, providers: list[str],
+                threads: int) -> tuple[dict[str, np.ndarray], int]:
+    """Per-channel means of each layer's float input over the calibration samples, in one pass (a ReduceMean per
+    input added to the float model; batches weighted by their sample counts). Returns them and the samples."""
+    delta = onnx.ModelProto()
+    opset18 = default_opset(float_model) >= 18  # ReduceMean takes its axes as an input from opset 18
+    names: dict[str, str] = {}
+    for k, layer in enumerate(layers):
+        if layer.x in names:
+            continue
+        out = f"lowbit_bc_mean_{k}"
+        axes = _mean_axes(layer, ranks[layer.name], trans_a.get(layer.name, False))
+        if opset18:
+            axes_name = f"{out}_axes"
+            delta.graph.initializer.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
+            node = onnx.helper.make_node("ReduceMean", [layer.x, axes_name], [out], name=out, keepdims=0)
+        else:
+            node = onnx.helper.make_node("ReduceMean", [layer.x], [out], name=out, keepdims=0, axes=axes)
+        delta.graph.node.append(node)
+        delta.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        names[layer.x] = out
+    session = session_with(float_path, delta, providers, threads, "model for bias correction")
+    fetch = list(names.values())
+    sums: dict[str, np.ndarray] = {}
+    samples = 0
+    for feed, count in batches():
+        for name, value in zip(fetch, runtime.run(session, feed, "model for bias correction", fetch), strict=True):
+            sums[name] = sums.get(name, 0.0) + np.asarray(value, dtype=np.float64) * count
+        samples += count
+    return {x: sums[out] / samples for x, out in names.items()} if samples else {}, samples
+
+
+def _dequantized(arrays: dict[str, np.ndarray], q: str, scale: str, zero: str, axis: int) -> np.ndarray:
+    values = arrays[q].astype(np.float64)
+    s = arrays[scale].astype(np.float64)
+    z = arrays[zero].astype(np.float64) if zero else np.zeros_like(s)
+    if s.ndim == 0:
+        return (values - z) * s
+    shape = [1] * values.ndim
+    shape[axis] = -1
+    return (values - z.reshape(shape)) * s.reshape(shape)
+
+
+def layer_correction(layer: Layer, delta_w: np.ndarray, mean_x: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
+    """E[(W_q - W) x] per output channel, from the per-input-channel mean of x."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if layer.op_type == "Conv":
+        group = int(attrs.get("group", 1))
+        out_ch, per_group = delta_w.shape[0], delta_w.shape[1]
+        summed = delta_w.reshape(out_ch, per_group, -1).sum(axis=2)  # [out, in per group]
+        x = mean_x.reshape(group, per_group)[np.arange(out_ch) // (out_ch // group)]
+        return np.asarray((summed * x).sum(axis=1))
+    # Gemm: Y = alpha * A' B' + beta * C; B' = B^T with transB. The bias is beta * C, so C moves by corr / beta.
+    w = delta_w.T if int(attrs.get("transB", 0)) else delta_w  # [K, N]
+    return np.asarray(mean_x @ w) * float(attrs.get("alpha", 1.0)) / float(attrs.get("beta", 1.0))
+
+
+def apply(quantized: onnx.ModelProto, original: onnx.ModelProto, layers: list[Layer],
+          means: dict[str, np.ndarray]) -> BiasCorrection:
+    """Subtract each layer's correction from its bias, in ``quantized`` (in place)."""
+    inits = {t.name: t for t in quantized.graph.initializer}
+    arrays: dict[str, np.ndarray] = {}
+
+    def arr(name: str) -> np.ndarray:
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(inits[name])
+        return arrays[name]
+
+    float_inits = {t.name: t for t in original.graph.initializer}
+    float_nodes = {n.name: n for n in original.graph.node}
+    q_nodes = {n.name: n for n in quantized.graph.node}
+    out = BiasCorrection()
+    moved: list[float] = []
+    shares: list[float] = []
+    for layer in layers:
+        w_name = float_nodes[layer.name].input[1]
+        mean_x = means.get(layer.x)
+        if w_name not in float_inits or mean_x is None or not np.all(np.isfinite(mean_x)):
+            out.skipped.append({"layer": layer.name, "reason": "no float weight or input mean"})
+            continue
+        for name in (layer.weight_q, layer.weight_scale, layer.weight_zero, layer.bias, layer.bias_scale or ""):
+            if name:
+                arr(name)
+        w_q = _dequantized(arrays, layer.weight_q, layer.weight_scale, layer.weight_zero, layer.weight_axis)
+        w = numpy_helper.to_array(float_inits[w_name]).astype(np.float64)
+        corr = layer_correction(layer, w_q - w, mean_x, q_nodes[layer.name])
+        bias = arrays[layer.bias]
+        if layer.bias_scale is None:
+            new = (bias.astype(np.float64) - corr).astype(bias.dtype)
+            old_f = bias.astype(np.float64)
+        else:
+            scale = arrays[layer.bias_scale].astype(np.float64)
+            old_f = bias.astype(np.float64) * scale
+            info = np.iinfo(bias.dtype)
+            new = np.clip(np.round((old_f - corr) / scale), info.min, info.max).astype(bias.dtype)
+        inits[layer.bias].CopyFrom(numpy_helper.from_array(new.reshape(bias.shape), layer.bias))
+        out.layers.append(layer.name)
+        moved.append(float(np.abs(corr).mean()))
+        scale_of_bias = float(np.abs(old_f).mean())
+        if scale_of_bias > 0:
+            shares.append(float(np.abs(corr).mean()) / scale_of_bias)
+    if moved:
+        out.mean_abs_correction = float(np.mean(moved))
+    if shares:
+        out.mean_relative_correction = float(np.mean(shares))
+    return out
+
+
+def correct(quant_path: Path, float_path: Path, float_model: onnx.ModelProto, dest: Path, batches: Batches,
+            providers: list[str], threads: int) -> BiasCorrection:
+    """Bias-correct the quantized model at ``quant_path`` (quantized from ``float_path``) into ``dest``."""
+    quantized = onnx.load(str(quant_path))
+    layers, skipped = find_layers(quantized, float_model)
+    inits = {t.name: t for t in float_model.graph.initializer}
+    ranks: dict[str, int] = {}
+    trans_a: dict[str, bool] = {}
+    float_nodes = {n.name: n for n in float_model.graph.node}
+    for layer in layers:
+        node = float_nodes[layer.name]
+        ranks[layer.name] = len(inits[node.input[1]].dims) if node.input[1] in inits else 0
+        trans_a[layer.name] = any(a.name == "transA" and a.i for a in node.attribute)
+    usable = [la for la in layers if la.op_type != "Conv" or ranks[la.name] >= 3]
+    if not usable:
+        return BiasCorrection(skipped=skipped)  # nothing written: the caller keeps the model it has
+    means, samples = input_means(float_path, float_model, usable, ranks, trans_a, batches, providers, threads)
+    result = apply(quantized, float_model, usable, means)
+    result.skipped = skipped + result.skipped
+    result.samples = samples
+    onnx.save(quantized, str(dest))
+    return result
+

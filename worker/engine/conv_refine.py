@@ -1,0 +1,303 @@
+"""int8_static's options ``equalize`` and ``bias_correction`` (issue #18): cross-layer equalization of conv
+chains before calibrating (worker/engine/equalize.py) and bias correction after quantizing
+(worker/engine/bias_correction.py), each "on", "off" or "auto".
+
+"auto" measures instead of guessing: the plain artifact is made as always, then the equalized one (when the
+model has a conv pair to equalize), and the better of the two on the calibration samples is kept; then the kept
+one bias-corrected (when it has a layer to correct), kept only if better again. "Better" is a lower output noise
+(quantized against the prepared float model, the geometric mean over the float outputs of the noise-to-signal
+power ratio) on up to ``COMPARE_SAMPLES`` calibration samples, by at least ``MIN_GAIN_DB``. Those samples
+already calibrated the ranges; the held-out or evaluation samples the report's figures come from take no part
+in the choice, so the figures are not biased by it. A model with neither (most transformers) costs nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from worker.engine import bias_correction, equalize, runtime
+from worker.engine.calibrate import write_ort_ranges
+from worker.engine.feeds import batch_source
+from worker.engine.files import sha256_file
+from worker.engine.ort_quant import quantize_static, warn_forced
+
+if TYPE_CHECKING:  # annotations only: the recipe's types live with the (light) option tables
+    from worker.engine.calibrate import CalibrationResult
+    from worker.engine.recipes.base import RecipeContext
+
+# The equalized float model must reproduce the prepared one this closely (worst output, max|a - b| / max|a|):
+# the rescaling is exact in real arithmetic, so only float32 rounding may differ.
+MAX_RELATIVE_ERROR = 1e-4
+CHECK_SAMPLES = 8
+# "auto": calibration samples the candidates are compared on, and the least gain in output SQNR that counts.
+COMPARE_SAMPLES = 64
+MIN_GAIN_DB = 0.1
+
+Feeds = list[dict[str, np.ndarray]]
+
+
+@dataclass
+class Candidate:
+    """A quantized model, the float model it was quantized from, and its output noise on the compare samples."""
+
+    name: str
+    quant: Path
+    float_path: Path
+    float_model: onnx.ModelProto
+    ranges: dict[str, tuple[float, float]]
+    nsr_db: float | None = None
+
+
+@dataclass
+class Refined:
+    """What int8_static's refinements did: the report's sections, and (when one changed the artifact's float
+    model) the float model it was quantized from and its calibrated ranges."""
+
+    equalization: dict[str, Any]
+    bias_correction: dict[str, Any]
+    float_path: Path | None = None
+    ranges: dict[str, tuple[float, float]] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class Reference:
+    """The prepared float model's outputs on the first calibration samples, computed when first asked for (a
+    model with nothing to equalize or correct never runs them)."""
+
+    def __init__(self, ctx: RecipeContext, limit: int) -> None:
+        self.ctx, self.limit = ctx, limit
+        self._loaded: tuple[Feeds, list[int], list[list[Any]]] | None = None
+
+    def _load(self) -> tuple[Feeds, list[int], list[list[Any]]]:
+        if self._loaded is None:
+            ctx, split = self.ctx, self.ctx.split
+            assert ctx.data.calib_reader is not None and split.calib_plan is not None
+            assert split.calib_range is not None
+            c0, c1 = split.calib_range
+            feeds: Feeds = []
+            counts: list[int] = []
+            for feed, n in batch_source(ctx.data.calib_reader, ctx.info.inputs, split.calib_plan, c0, c1)():
+                if sum(counts) >= self.limit:
+                    break
+                feeds.append(feed)
+                counts.append(n)
+            self._loaded = feeds, counts, _run_all(ctx.norm_path, feeds, ctx, "prepared model")
+        return self._loaded
+
+    @property
+    def feeds(self) -> Feeds:
+        return self._load()[0]
+
+    @property
+    def counts(self) -> list[int]:
+        return self._load()[1]
+
+    @property
+    def outputs(self) -> list[list[Any]]:
+        return self._load()[2]
+
+    def first(self, samples: int) -> int:
+        """How many of the batches it takes to hold ``samples`` samples (all of them if they hold fewer)."""
+        total = 0
+        for k, n in enumerate(self.counts):
+            total += n
+            if total >= samples:
+                return k + 1
+        return len(self.counts)
+
+
+def _run_all(path: Path, feeds: Feeds, ctx: RecipeContext, what: str) -> list[list[Any]]:
+    session = runtime.make_session(path, ctx.providers, ctx.cfg.threads, what)
+    return [runtime.run(session, feed, what) for feed in feeds]
+
+
+def relative_error(ref: list[list[Any]], got: list[list[Any]]) -> float:
+    """The worst max|a - b| / max|a| over the float outputs (1.0 where shapes or non-float values differ)."""
+    worst = 0.0
+    for ref_outs, got_outs in zip(ref, got, strict=True):
+        for a_raw, b_raw in zip(ref_outs, got_outs, strict=True):
+            a, b = np.asarray(a_raw), np.asarray(b_raw)
+            if a.shape != b.shape or (a.dtype.kind != "f" and not np.array_equal(a, b)):
+                return 1.0
+            if a.dtype.kind != "f" or a.size == 0:
+                continue
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            fin = np.isfinite(a64)
+            if not np.array_equal(fin, np.isfinite(b64)):
+                return 1.0
+            scale = float(np.abs(a64[fin]).max()) if fin.any() else 0.0
+            diff = float(np.abs(a64[fin] - b64[fin]).max()) if fin.any() else 0.0
+            worst = max(worst, diff / scale if scale > 0 else float(diff > 0))
+    return worst
+
+
+def output_sqnr_db(ref: list[list[Any]], got: list[list[Any]]) -> float | None:
+    """Output SQNR in dB: minus the geometric mean over the float outputs of noise / signal power, summed over
+    the batches. Outputs whose shapes differ in a batch (a detector's variable box count) are left out of that
+    batch; None when nothing could be compared."""
+    signal: dict[int, float] = {}
+    noise: dict[int, float] = {}
+    for ref_outs, got_outs in zip(ref, got, strict=True):
+        for k, (a_raw, b_raw) in enumerate(zip(ref_outs, got_outs, strict=True)):
+            a, b = np.asarray(a_raw), np.asarray(b_raw)
+            if a.shape != b.shape or a.dtype.kind != "f" or a.size == 0:
+                continue
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            fin = np.isfinite(a64) & np.isfinite(b64)
+            signal[k] = signal.get(k, 0.0) + float(np.square(a64[fin]).sum())
+            noise[k] = noise.get(k, 0.0) + float(np.square(a64[fin] - b64[fin]).sum())
+    ratios = [max(noise[k], 1e-30) / signal[k] for k in signal if signal[k] > 0]
+    if not ratios:
+        return None
+    return -10.0 * sum(math.log10(r) for r in ratios) / len(ratios)
+
+
+def _mode_reason(mode: str, option: str) -> str:
+    return f"option {option} is {mode}"
+
+
+def _equalize(ctx: RecipeContext, calibrate: Callable[[RecipeContext], CalibrationResult], ref: Reference,
+              out: Refined) -> Candidate | None:
+    """The equalized model quantized (None when there is nothing to equalize or the check fails); fills the
+    report's equalization section."""
+    started = time.perf_counter()
+    eq = equalize.equalize(ctx.normalized)
+    section = out.equalization
+    section.update(pairs=len(eq.pairs), equalized=[[p.first, p.second] for p in eq.pairs[:50]],
+                   batchnorms_folded=eq.folded_batchnorms,
+                   skipped=eq.skipped[:20], pairs_skipped=len(eq.skipped))
+    if not eq.pairs:
+        section.update(enabled=False, reason="no Conv -> Conv pair whose channels can be rescaled"
+                       + (f" ({len(eq.skipped)} found but skipped, see skipped)" if eq.skipped else ""))
+        return None
+    path = ctx.work / "equalized.onnx"
+    onnx.save(eq.model, str(path))
+    n = ref.first(CHECK_SAMPLES)  # the equivalence check needs only the first few samples
+    rel = relative_error(ref.outputs[:n], _run_all(path, ref.feeds[:n], ctx, "equalized model"))
+    samples = sum(ref.counts[:n])
+    section.update(sweeps=eq.sweeps, range_spread_before=_round(eq.spread_before),
+                   range_spread_after=_round(eq.spread_after),
+                   check={"samples": samples, "max_relative_error": float(f"{rel:.3g}"),
+                          "passed": rel <= MAX_RELATIVE_ERROR})
+    if rel > MAX_RELATIVE_ERROR:
+        why = (f"the equalized float model differs from the prepared one (max relative error {rel:.3g}, allowed "
+               f"{MAX_RELATIVE_ERROR:g})")
+        section.update(enabled=False, reason=why)
+        out.warnings.append(f"cross-layer equalization skipped: {why}; int8_static ran on the model as is")
+        return None
+    key = f"{ctx.model_sha}+equalized:{sha256_file(path)}"  # the statistics cache is keyed by model
+    # Progress stays in the quantize stage (a stage is entered once); the callback still carries cancellation.
+    eq_ctx = dataclasses.replace(ctx, norm_path=path, normalized=eq.model, model_sha=key, warnings=[],
+                                 step=lambda _stage, _f: ctx.step("quantizing", 0.0))
+    cal = calibrate(eq_ctx)
+    ranges_path = ctx.work / "equalized-ranges.json"
+    write_ort_ranges(cal.ranges, ranges_path)
+    quant = ctx.work / "quantized-equalized.onnx"
+    warn_forced(quantize_static(path, quant, ranges_path, ctx.opts, cal.nonfinite_tensors), [])
+    section["seconds"] = round(time.perf_counter() - started, 3)
+    return Candidate("equalized", quant, path, eq.model, cal.ranges)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def _correct(ctx: RecipeContext, base: Candidate, out: Refined) -> Candidate | None:
+    """``base`` bias-corrected (None when it has no layer to correct); fills the bias_correction section."""
+    split = ctx.split
+    assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+    c0, c1 = split.calib_range
+    started = time.perf_counter()
+    dest = ctx.work / f"quantized-{base.name}-bc.onnx"
+    batches = batch_source(ctx.data.calib_reader, ctx.info.inputs, split.calib_plan, c0, c1)
+    res = bias_correction.correct(base.quant, base.float_path, base.float_model, dest, batches, ctx.providers,
+                                  ctx.cfg.threads)
+    section = out.bias_correction
+    section.update(variant="empirical: per-channel float input means on the calibration samples times (W_q - W)",
+                   layers_corrected=len(res.layers), layers_skipped=len(res.skipped), samples=res.samples,
+                   mean_abs_correction=_sig(res.mean_abs_correction),
+                   mean_relative_correction=_sig(res.mean_relative_correction),
+                   seconds=round(time.perf_counter() - started, 3))
+    if not res.layers:
+        section.update(enabled=False, reason="no quantized Conv or Gemm with a bias to correct")
+        return None
+    return Candidate(f"{base.name}-bc", dest, base.float_path, base.float_model, base.ranges)
+
+
+def _sig(x: float | None) -> float | None:
+    return None if x is None else float(f"{x:.4g}")
+
+
+def _choose(mode: str, option: str, base: Candidate, alt: Candidate | None,
+            score: Callable[[Candidate], float | None], ref: Reference, section: dict[str, Any]) -> Candidate:
+    """``alt`` with "on", ``base`` with "off"; with "auto" the one with the higher output SQNR (by MIN_GAIN_DB)."""
+    if alt is None:
+        return base
+    if mode == "on":
+        section.update(enabled=True, reason=_mode_reason(mode, option))
+        return alt
+    before, after = score(base), score(alt)
+    section["compare"] = {"samples": sum(ref.counts), "sqnr_db_without": _r3(before), "sqnr_db_with": _r3(after)}
+    if before is None or after is None:
+        section.update(enabled=False, reason="auto: no float output to compare the two models on")
+        return base
+    if after >= before + MIN_GAIN_DB:
+        section.update(enabled=True, reason=f"auto: output SQNR on the calibration samples {before:.2f} -> "
+                                            f"{after:.2f} dB with it")
+        return alt
+    section.update(enabled=False, reason=f"auto: no gain on the calibration samples (output SQNR {before:.2f} dB "
+                                         f"without, {after:.2f} dB with)")
+    return base
+
+
+def _r3(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
+           calibrate: Callable[[RecipeContext], CalibrationResult]) -> Refined:
+    """Equalize and bias-correct as the options say, starting from the plain artifact at ``ctx.quant_path``
+    (quantized from ``ctx.norm_path`` with ``ranges``); the chosen artifact ends up at ``ctx.quant_path``.
+    ``calibrate`` calibrates a context's model as the recipe does."""
+    opts = ctx.opts
+    out = Refined({"mode": opts.equalize}, {"mode": opts.bias_correction})
+    if opts.equalize == "off":
+        out.equalization.update(enabled=False, reason=_mode_reason("off", "equalize"))
+    if opts.bias_correction == "off":
+        out.bias_correction.update(enabled=False, reason=_mode_reason("off", "bias_correction"))
+    if opts.equalize == "off" and opts.bias_correction == "off":
+        return out  # the artifact as before these options existed
+    plain = Candidate("plain", ctx.quant_path, ctx.norm_path, ctx.normalized, ranges)
+    auto = "auto" in (opts.equalize, opts.bias_correction)
+    ref = Reference(ctx, COMPARE_SAMPLES if auto else CHECK_SAMPLES)
+    scores: dict[str, float | None] = {}
+
+    def score(c: Candidate) -> float | None:
+        if c.name not in scores:
+            scores[c.name] = output_sqnr_db(ref.outputs, _run_all(c.quant, ref.feeds, ctx, f"{c.name} int8 model"))
+        return scores[c.name]
+
+    chosen = plain
+    if opts.equalize != "off":
+        eq = _equalize(ctx, calibrate, ref, out)
+        chosen = _choose(opts.equalize, "equalize", plain, eq, score, ref, out.equalization)
+    if opts.bias_correction != "off":
+        corrected = _correct(ctx, chosen, out)
+        chosen = _choose(opts.bias_correction, "bias_correction", chosen, corrected, score, ref,
+                         out.bias_correction)
+    ctx.warnings.extend(out.warnings)
+    if chosen is not plain:
+        shutil.copyfile(chosen.quant, ctx.quant_path)
+    if chosen.float_path != ctx.norm_path:
+        out.float_path, out.ranges = chosen.float_path, chosen.ranges
+    return out
