@@ -1,5 +1,5 @@
 """The pages for the 4-bit and fp16 recipes: form choices, bits per weight, the calibration baseline; int8_static's
-SmoothQuant line."""
+SmoothQuant, cross-layer equalization and bias-correction lines."""
 
 from __future__ import annotations
 
@@ -82,3 +82,27 @@ def test_smoothquant_lines_say_how_many_were_smoothed_and_how() -> None:
         "7e-07, cosine 1.0000000.",
     ]
     assert smoothquant_lines(None) == []
+
+
+def test_static_job_page_says_what_equalization_and_bias_correction_did(sqlite_api: Harness,
+                                                                        zoo: dict[str, Path]) -> None:
+    """The calibration card has a line for each: the conv net has Conv -> ReLU -> Conv pairs and biased convs, so
+    auto measured both and says what it kept and why, as the report does."""
+    api = sqlite_api
+    r = api.client.post(
+        "/jobs/new", data={"recipe": "int8_static", "csrf_token": api.csrf()},
+        files={"model": ("conv.onnx", zoo["conv"].read_bytes()),
+               "calibration": ("img.npz", zoo["conv_data"].read_bytes())},
+        follow_redirects=False,
+    )
+    assert r.status_code == 303, r.text
+    job_id = r.headers["location"].rsplit("/", 1)[1]
+    assert api.run_queued() == ["succeeded"]
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    page = api.client.get(f"/jobs/{job_id}").text
+    for field, key in (("equalization", "equalization"), ("bias-correction", "bias_correction")):
+        section = report[key]
+        assert section["mode"] == "auto" and "compare" in section, section
+        line = re.search(rf'<p data-field="{field}">(.*?)</p>', page, re.S)
+        assert line is not None and f"{'On' if section['enabled'] else 'Off'} (auto): auto: " in line.group(1)
+    assert report["equalization"]["pairs"] == 2 and report["equalization"]["check"]["passed"]
