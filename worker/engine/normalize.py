@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -384,7 +385,12 @@ def _preprocess(staged: Path, res: NormalizeResult, symbolic: bool = True) -> No
     errors: list[str] = []
     for label, kwargs in attempts:
         try:
-            quant_pre_process(str(staged), str(res.path), **kwargs)
+            # Symbolic shape inference that stops early saves sym_shape_infer_temp.onnx and a <uuid1>.data file
+            # as large as the weights into the working directory: run it in the prep folder, so that a plain
+            # script calling the engine (not only the CLI and the worker, which run it in a scratch folder)
+            # finds nothing new in its own folder.
+            with contextlib.chdir(staged.parent):
+                quant_pre_process(str(staged.resolve()), str(res.path.resolve()), **kwargs)
             res.steps.append(f"pre-processed ({label})")
             if errors:
                 res.warnings.append(

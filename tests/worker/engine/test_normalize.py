@@ -61,3 +61,20 @@ def test_skipping_symbolic_inference_leaves_the_graph_as_it_was(tmp_path: Path,
         [(n.op_type, list(n.input), list(n.output)) for n in full.graph.node]
     assert sorted((i.name, i.raw_data) for i in fast.graph.initializer) == \
         sorted((i.name, i.raw_data) for i in full.graph.initializer)
+
+
+def test_pre_processing_leaves_the_callers_folder_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This model stops ONNX Runtime's symbolic shape inference, which then saves sym_shape_infer_temp.onnx and a
+    <uuid1>.data file into the working directory: a script calling the engine in-process (no CLI, no worker
+    scratch folder around it) must find its own folder as it was."""
+    model = builders.unmerged_dims_mlp(tmp_path / "unmerged.onnx")
+    cwd = tmp_path / "caller"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    import worker.engine.normalize as norm
+
+    monkeypatch.setattr(norm, "shapes_complete", lambda m, p: False)  # ONNX's inference shapes it; force symbolic
+    res = normalize(model, tmp_path / "prep", per_channel=True)
+    assert sorted(p.name for p in cwd.iterdir()) == []
+    assert (tmp_path / "prep" / "sym_shape_infer_temp.onnx").exists()  # it did stop early, in the prep folder
+    assert res.path.exists()
