@@ -63,6 +63,8 @@ class RecipeOptions:
     # (worker/engine/conv_refine.py).
     equalize: str = "auto"
     bias_correction: str = "auto"
+    # int8_static: tensor or node names whose activations get 16-bit QDQ (A16W8) instead of uint8.
+    activations_16bit: tuple[str, ...] = ()
     # int4_weight_only. algorithm None: clip_search when calibration data is given, else rtn.
     algorithm: str | None = None
     block_size: int = 32

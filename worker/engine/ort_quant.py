@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,16 @@ def quantize_static(
     # handed over as is when neither occurs.
     prepared = bool(prepare_for_static(model))
     act = QuantType.QInt8 if opts.symmetric_activations else QuantType.QUInt8
+    extra: dict[str, Any] = {"ActivationSymmetric": opts.symmetric_activations, "WeightSymmetric": True}
+    # Not strict: the recipe checked the names on the prepared model; a rewritten copy (cross-layer equalization
+    # folds BatchNormalization nodes) may lack a few, which then have nothing to widen.
+    wide = a16_tensors(model, opts.activations_16bit, opts.op_types_to_quantize, strict=False) \
+        if opts.activations_16bit else []
+    if wide:
+        # A16W8 (option activations_16bit): these tensors' QDQ pairs hold 16 bits with the same calibrated range.
+        # ONNX Runtime converts a model below opset 21 to opset 21 for them (standard 16-bit Q/DQ).
+        act16 = QuantType.QInt16 if opts.symmetric_activations else QuantType.QUInt16
+        extra["TensorQuantOverrides"] = {t: [{"quant_type": act16}] for t in wide}
     try:
         ort_quantize_static(
             model if prepared else str(src),
@@ -76,7 +87,7 @@ def quantize_static(
             nodes_to_exclude=exclude,
             calibrate_method=CalibrationMethod.MinMax,
             calibration_cache_path=str(ranges_path),
-            extra_options={"ActivationSymmetric": opts.symmetric_activations, "WeightSymmetric": True},
+            extra_options=extra,
         )
     except EngineError:
         raise
@@ -89,6 +100,34 @@ def quantize_static(
     if opts.nodes_to_exclude:
         _float_inputs_for(dest, set(opts.nodes_to_exclude))
     return forced
+
+
+def a16_tensors(model: onnx.ModelProto, names: Sequence[str], op_types: Sequence[str] = (),
+                strict: bool = True) -> list[str]:
+    """The activation tensors option activations_16bit names: each name is a quantizable activation (an input
+    or output of a node the static quantizer takes) or a node whose outputs are; EngineError('invalid_option')
+    for any other name (skipped when not ``strict``)."""
+    quantizable = select_tensors(model, op_types or None)
+    known = set(quantizable)
+    by_node = {n.name: [o for o in n.output if o in known] for n in model.graph.node if n.name}
+    out: list[str] = []
+    unknown: list[str] = []
+    for name in names:
+        if name in known:
+            out.append(name)
+        elif by_node.get(name):
+            out.extend(by_node[name])
+        else:
+            unknown.append(name)
+    if unknown and strict:
+        examples = [n for n, outs in by_node.items() if outs][:3] + quantizable[:3]
+        raise EngineError(
+            "invalid_option",
+            f"option 'activations_16bit': {', '.join(repr(u) for u in unknown[:5])} "
+            f"{'is' if len(unknown) == 1 else 'are'} neither a quantized activation tensor nor a node producing "
+            f"one in the prepared model ({len(known)} such tensors, e.g. {', '.join(examples)})",
+        )
+    return list(dict.fromkeys(out))
 
 
 def _float_inputs_for(path: Path, excluded: set[str]) -> None:

@@ -215,6 +215,39 @@ def _layer_map(original: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[st
     return out
 
 
+_QDQ_BITS = {onnx.TensorProto.UINT8: 8, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT16: 16,
+             onnx.TensorProto.INT16: 16, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT4: 4}
+
+
+def _qdq_bits(quantized: onnx.ModelProto) -> dict[str, tuple[int | None, int | None]]:
+    """Per node of a QDQ model: (bits of its output's QuantizeLinear, bits of its quantized weight), None where it
+    has none. The bits are the zero point's type (uint8 when a QuantizeLinear has none); int32 biases are no
+    weights. Static int8 writes 8 everywhere but the activations_16bit tensors (16)."""
+    inits = {t.name: t.data_type for t in quantized.graph.initializer}
+    consts = {n.output[0]: n.attribute[0].t.data_type for n in quantized.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    inits.update(consts)
+
+    def bits(node: onnx.NodeProto) -> int | None:
+        zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        return _QDQ_BITS.get(inits.get(zp, 0)) if zp else 8
+
+    act: dict[str, int | None] = {}
+    weight: dict[str, int] = {}
+    for n in quantized.graph.node:
+        if n.op_type == "QuantizeLinear":
+            act[n.input[0]] = bits(n)
+        elif n.op_type == "DequantizeLinear" and inits.get(n.input[0]) in _QDQ_BITS:
+            weight[n.output[0]] = _QDQ_BITS[inits[n.input[0]]]
+    out: dict[str, tuple[int | None, int | None]] = {}
+    for n in quantized.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") or not n.output:
+            continue
+        w = [weight[i] for i in n.input if i in weight]
+        out[n.name] = (act.get(n.output[0]), max(w) if w else None)
+    return out
+
+
 def run(cfg: QuantizeConfig, progress: ProgressFn | None = None) -> QuantizeResult:
     """Run one quantization described by ``cfg``; writes the artifact to ``cfg.output_path``."""
     check_recipe(cfg.recipe)
@@ -468,6 +501,7 @@ def _layers(prep: Prepared, made: Quantized, checked: Validated, opts: RecipeOpt
     layer_feeds = _sample_feeds(_eval_batches(prep)(), info.inputs, split.eval_plan, LAYER_SAMPLES)
     qops = quantizable_op_types()
     lmap = _layer_map(normalized, quantized)
+    bits = _qdq_bits(quantized)
     pairs = [(v[1], v[2]) for v in lmap.values() if v[2]]
     # Streamed in groups of layers that fit a fixed number of bytes per run, on a few samples.
     merge, per_run = _merger(info.inputs, split.eval_plan)
@@ -487,6 +521,11 @@ def _layers(prep: Prepared, made: Quantized, checked: Validated, opts: RecipeOpt
             "precision": precision,
             "sqnr_db": lsq.sqnr.get((o, qt)) if qt else None,
         }
+        act_bits, weight_bits = bits.get(node.name, (None, None))
+        if precision == "int8" and act_bits is not None:
+            layer["activation_bits"] = act_bits  # 16 for the activations_16bit tensors (A16W8)
+        if precision == "int8" and weight_bits is not None:
+            layer["weight_bits"] = weight_bits
         if sens is not None:
             one = sens.layers.get(node.name)
             layer["sensitivity"] = one.sensitivity if one else None

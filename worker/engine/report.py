@@ -208,6 +208,10 @@ class Layer(_Closed):
     # With layer sensitivity measured (int8_static option layer_sensitivity, auto's analysis).
     sensitivity: float | None = None
     isolated_sqnr_db: float | None = None
+    # QDQ layers (int8_static, int4 + int8 activations): the bits of the output's QuantizeLinear (16 for the
+    # activations_16bit tensors) and of the quantized weight.
+    activation_bits: int | None = None
+    weight_bits: int | None = None
 
 
 class LayerSqnr(_Closed):

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # annotations only: the registry stays light (no onnx or ONNX
 
 OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVATIONS, o.PERCENTILE, o.REDUCE_RANGE,
            o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY, o.SMOOTHQUANT, o.SMOOTHQUANT_ALPHA,
-           o.EQUALIZE, o.BIAS_CORRECTION)
+           o.EQUALIZE, o.BIAS_CORRECTION, o.ACTIVATIONS_16BIT)
 
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
@@ -22,7 +22,7 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     # lazy: keeps the registry light (the API and `lowbit --help` import it); this loads ONNX Runtime
     from worker.engine.calibrate import select_tensors, write_ort_ranges
     from worker.engine.conv_refine import refine
-    from worker.engine.ort_quant import quantize_static, refuse_subgraphs_only, warn_forced
+    from worker.engine.ort_quant import a16_tensors, quantize_static, refuse_subgraphs_only, warn_forced
     from worker.engine.smoothquant import smooth_static
 
     # SmoothQuant first: the ranges are calibrated on the smoothed model, which the rest of the step reads.
@@ -33,6 +33,8 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
     if not tensors:
         refuse_subgraphs_only(normalized, opts)
+    # Unknown activations_16bit names are refused before the calibration pass, not after it.
+    wide = a16_tensors(normalized, opts.activations_16bit, opts.op_types_to_quantize)
     c0, c1 = split.calib_range
     cal = _calibrate(ctx, tensors)
     if cal.samples == 0:
@@ -58,6 +60,8 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
         "percentile": opts.percentile if cal.method == "percentile" else None,
         "symmetric_activations": opts.symmetric_activations,
     }
+    if wide:
+        calibration["activations_16bit"] = len(wide)  # tensors with 16-bit QDQ (only when asked: reports unchanged)
     ranges_path = work / "ranges.json"
     write_ort_ranges(cal.ranges, ranges_path)
     step("quantizing", 0.0)

@@ -67,6 +67,9 @@ EQUALIZE = Option("equalize", "choice", "auto", "cross-layer equalization of Con
 BIAS_CORRECTION = Option("bias_correction", "choice", "auto", "subtract the mean output shift of int8 weight "
                          "rounding from Conv/Gemm biases (auto: kept where it lowers the output error on the "
                          "calibration samples)", choices=REFINE_MODES)
+# A16W8 (worker/engine/ort_quant.py's a16_tensors): these activations get 16-bit QDQ instead of uint8.
+ACTIVATIONS_16BIT = Option("activations_16bit", "names", (), "activation tensors, or nodes whose outputs, get "
+                           "16-bit QDQ instead of 8-bit (A16W8; same calibrated range, opset 21 Q/DQ)")
 LAYER_SENSITIVITY = Option("layer_sensitivity", "bool", False, "also measure each layer's sensitivity (one model "
                            "run per layer and sample)")
 
@@ -108,5 +111,5 @@ ORDER = (
     "percentile", "batch_size", "max_calibration_samples", "holdout_fraction", "latency_runs", "algorithm",
     "block_size", "steps", "learning_rate", "range_learning_rate", "max_fallback_steps", "prefer", "accuracy_level",
     "nodes_to_exclude", "op_types_to_quantize", "op_block_list", "outputs", "smoothquant", "smoothquant_alpha",
-    "equalize", "bias_correction",
+    "equalize", "bias_correction", "activations_16bit",
 )
