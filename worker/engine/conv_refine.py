@@ -91,7 +91,7 @@ class Reference:
                     break
                 feeds.append(feed)
                 counts.append(n)
-            self._loaded = feeds, counts, _run_all(ctx.norm_path, feeds, ctx, "prepared model")
+            self._loaded = feeds, counts, run_all(ctx.norm_path, feeds, ctx, "prepared model")
         return self._loaded
 
     @property
@@ -116,7 +116,8 @@ class Reference:
         return len(self.counts)
 
 
-def _run_all(path: Path, feeds: Feeds, ctx: RecipeContext, what: str) -> list[list[Any]]:
+def run_all(path: Path, feeds: Feeds, ctx: RecipeContext, what: str) -> list[list[Any]]:
+    """``path``'s outputs on each of ``feeds``."""
     session = runtime.make_session(path, ctx.providers, ctx.cfg.threads, what)
     return [runtime.run(session, feed, what) for feed in feeds]
 
@@ -183,7 +184,7 @@ def _equalize(ctx: RecipeContext, calibrate: Callable[[RecipeContext], Calibrati
     path = ctx.work / "equalized.onnx"
     onnx.save(eq.model, str(path))
     n = ref.first(CHECK_SAMPLES)  # the equivalence check needs only the first few samples
-    rel = relative_error(ref.outputs[:n], _run_all(path, ref.feeds[:n], ctx, "equalized model"))
+    rel = relative_error(ref.outputs[:n], run_all(path, ref.feeds[:n], ctx, "equalized model"))
     samples = sum(ref.counts[:n])
     section.update(sweeps=eq.sweeps, range_spread_before=_round(eq.spread_before),
                    range_spread_after=_round(eq.spread_after),
@@ -284,7 +285,7 @@ def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
 
     def score(c: Candidate) -> float | None:
         if c.name not in scores:
-            scores[c.name] = output_sqnr_db(ref.outputs, _run_all(c.quant, ref.feeds, ctx, f"{c.name} int8 model"))
+            scores[c.name] = output_sqnr_db(ref.outputs, run_all(c.quant, ref.feeds, ctx, f"{c.name} int8 model"))
         return scores[c.name]
 
     chosen = plain

@@ -311,6 +311,15 @@ class SmoothQuantCheck(_Closed):
     passed: bool
 
 
+class SmoothQuantChoice(_Closed):
+    """Output SQNR (dB) of the int8 model with and without smoothing against the prepared float model, on the
+    first calibration samples ("auto" keeps smoothing only when it is higher by 0.1 dB)."""
+
+    smoothed: float | None
+    unsmoothed: float | None
+    samples: int
+
+
 class SmoothQuant(_Closed):
     """What int8_static's SmoothQuant did (worker/engine/smoothquant.py): whether it smoothed and why, how many
     MatMul/Gemm inputs, how (factors folded into the producer, or a Mul inserted), and the channel spread
@@ -330,6 +339,8 @@ class SmoothQuant(_Closed):
     muls_inserted: int | None = None
     largest_spread_after: float | None = None
     check: SmoothQuantCheck | None = None
+    int8_sqnr_db: SmoothQuantChoice | None = Field(
+        default=None, description="auto: the int8 models with and without smoothing compared; kept when better")
     seconds: float | None = None
 
 

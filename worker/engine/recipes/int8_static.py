@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from worker.engine.errors import EngineError
 from worker.engine.recipes import options as o
@@ -20,13 +21,60 @@ OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVAT
 def quantize(ctx: RecipeContext) -> RecipeOutput:
     """Calibrate activation ranges (lowbit's streaming calibrator or ONNX Runtime's), then write QDQ int8."""
     # lazy: keeps the registry light (the API and `lowbit --help` import it); this loads ONNX Runtime
-    from worker.engine.calibrate import select_tensors, write_ort_ranges
-    from worker.engine.conv_refine import refine
-    from worker.engine.ort_quant import a16_tensors, quantize_static, refuse_subgraphs_only, warn_forced
     from worker.engine.smoothquant import smooth_static
 
     # SmoothQuant first: the ranges are calibrated on the smoothed model, which the rest of the step reads.
-    ctx, smoothing = smooth_static(ctx)
+    smoothed_ctx, smoothing = smooth_static(ctx)
+    out = _quantize_from(smoothed_ctx, smoothing.section, smoothing.path)
+    if smoothing.path is not None and ctx.opts.smoothquant == "auto":
+        out = _keep_smoothing_if_better(ctx, out)
+    return out
+
+
+def _keep_smoothing_if_better(ctx: RecipeContext, smoothed: RecipeOutput) -> RecipeOutput:
+    """"auto" smoothing, chosen by the spread of the MatMul inputs, kept only where the int8 model it gives is
+    better: on openWakeWord's mel spectrogram (a power spectrum into the mel filterbank, 89x spread) smoothing
+    moved that range into the filterbank's columns, whose small weights then rounded to zero (cosine 0.90 -> 0).
+    Both int8 models are compared on the calibration samples equalization's "auto" uses, against the prepared
+    float model: smoothing stays when it raises the output SQNR by MIN_GAIN_DB."""
+    # lazy: as in quantize
+    from worker.engine.conv_refine import COMPARE_SAMPLES, MIN_GAIN_DB, Reference, output_sqnr_db, run_all
+    from worker.engine.files import place
+
+    ref = Reference(ctx, COMPARE_SAMPLES)
+    with_db = output_sqnr_db(ref.outputs, run_all(ctx.quant_path, ref.feeds, ctx, "smoothed int8 model"))
+    plain_dir = ctx.work / "unsmoothed"
+    plain_dir.mkdir(parents=True, exist_ok=True)
+    plain_ctx = dataclasses.replace(ctx, quant_path=plain_dir / "quantized.onnx", work=plain_dir, warnings=[])
+    off = {"enabled": False, "reason": "option smoothquant is off"}
+    plain = _quantize_from(plain_ctx, off, None)
+    without_db = output_sqnr_db(ref.outputs, run_all(plain_ctx.quant_path, ref.feeds, ctx, "int8 model"))
+    assert smoothed.smoothquant is not None
+    section = dict(smoothed.smoothquant)
+    section["int8_sqnr_db"] = {"smoothed": _r3(with_db), "unsmoothed": _r3(without_db), "samples": sum(ref.counts)}
+    if with_db is not None and (without_db is None or with_db >= without_db + MIN_GAIN_DB):
+        return dataclasses.replace(smoothed, smoothquant=section)
+    section["enabled"] = False
+    section["reason"] = (f"auto: smoothing did not raise the int8 model's output SQNR on {sum(ref.counts)} "
+                         f"calibration samples by {MIN_GAIN_DB} dB ({_r3(with_db)} dB smoothed, {_r3(without_db)} "
+                         "dB without), so the unsmoothed model is kept")
+    place(plain_ctx.quant_path, ctx.quant_path)
+    ctx.warnings.extend(plain_ctx.warnings)
+    return dataclasses.replace(plain, smoothquant=section)
+
+
+def _r3(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def _quantize_from(ctx: RecipeContext, smoothquant: dict[str, Any], smoothed_path: Path | None) -> RecipeOutput:
+    """Calibrate and quantize ``ctx``'s model (the smoothed one when SmoothQuant ran), then equalization and bias
+    correction."""
+    # lazy: as in quantize
+    from worker.engine.calibrate import select_tensors, write_ort_ranges
+    from worker.engine.conv_refine import refine
+    from worker.engine.ort_quant import a16_tensors, quantize_static, refuse_subgraphs_only, warn_forced
+
     opts, split, step, warnings = ctx.opts, ctx.split, ctx.step, ctx.warnings
     normalized, work = ctx.normalized, ctx.work
     assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
@@ -70,7 +118,7 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     # with one quantized from an equalized copy of the model, whose ranges and float model the layers stage reads.
     refined = refine(ctx, cal.ranges, _recalibrate)
     return RecipeOutput(calibration=calibration, static_ranges=refined.ranges or cal.ranges,
-                        smoothquant=smoothing.section, float_model=refined.float_path or smoothing.path,
+                        smoothquant=smoothquant, float_model=refined.float_path or smoothed_path,
                         equalization=refined.equalization, bias_correction=refined.bias_correction)
 
 
