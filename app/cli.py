@@ -473,7 +473,8 @@ def _quantize(cfg: Any, recipe: str, target: dict[str, Any] | None,
     report = outcome.report
     typed = Report.model_validate(report)
     for c in typed.candidates or []:
-        print(f"  candidate {c.recipe} {c.options.get('method', '')} float={c.excluded_nodes}: "
+        print(f"  candidate {c.recipe} {c.options.get('method', '')} float={c.excluded_nodes} "
+              f"a16={c.activations_16bit}: "
               f"{c.status}, {c.size_bytes} bytes, {target['metric']} {c.metric}, met {c.met_target}")
     if outcome.chosen is None:
         if report_path:

@@ -230,8 +230,10 @@ def _candidate_name(c: dict[str, Any]) -> str:
     options = _dict(c.get("options"))
     method = options.get("method")
     kept = len(c.get("excluded_nodes") or [])
+    wide = len(c.get("activations_16bit") or [])
     return (str(c.get("recipe", "?")) + (" + int8 activations" if options.get("int8_activations") else "")
-            + (f" ({method})" if method else "") + (f" + {kept} in float" if kept else ""))
+            + (f" ({method})" if method else "") + (f" + {wide} activations in 16 bits" if wide else "")
+            + (f" + {kept} in float" if kept else ""))
 
 
 def _speed(speedup: Any) -> str:

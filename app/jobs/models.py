@@ -113,7 +113,7 @@ class AutoCandidate(Base):
     attempt: Mapped[int] = mapped_column(sa.Integer)
     idx: Mapped[int] = mapped_column(sa.Integer)
     round: Mapped[int] = mapped_column(sa.Integer)
-    # {recipe, options, excluded_nodes}
+    # {recipe, options, excluded_nodes, activations_16bit}
     candidate: Mapped[dict[str, Any]] = mapped_column(JSONType)
     status: Mapped[str] = mapped_column(sa.String(16), default=CANDIDATE_PENDING)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)

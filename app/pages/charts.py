@@ -333,4 +333,5 @@ def candidate_label(c: CandidateConfig) -> str:
     method = c.options.get("method")
     text = str(c.recipe) + (f" ({method})" if method else "")
     kept = c.excluded_nodes
+    text += f" + {len(c.activations_16bit)} in 16 bits" if c.activations_16bit else ""
     return text + (f" + {len(kept)} in float" if kept else "")

@@ -619,6 +619,7 @@ class CandidateRow:
     recipe: str
     options: str
     excluded: list[str]
+    a16: list[str]  # activation tensors in 16 bits (auto's A16W8 steps)
     status: str
     size: str
     size_bytes: int | None
@@ -644,7 +645,9 @@ def candidate_brief(c: PassedOver) -> str:
     """'int8_dynamic + 1 in float, 1.8 MB, 4.3× slower': a candidate in one line."""
     label = candidate_label(c.recipe, c.options)
     kept = len(c.excluded_nodes)
+    wide = len(c.activations_16bit)
     speedup = candidate_speedup(c)
+    label += f" + {wide} activations in 16 bits" if wide else ""
     return (label + (f" + {kept} in float" if kept else "") + f", {fmt_bytes(c.size_bytes)}, "
             + (speed_phrase(speedup) if speedup else "speed not measured"))
 
@@ -659,13 +662,14 @@ def candidate_speedup(c: Candidate | PassedOver) -> float | None:
     return round(fp32 / own, 4) if is_number(fp32) and is_number(own) and own else None
 
 
-def candidate_key(c: CandidateConfig) -> tuple[str, Any, tuple[str, ...]]:
-    """What tells candidates apart on the page: recipe, calibration method and the layers kept in float."""
-    return c.recipe, c.options.get("method"), tuple(c.excluded_nodes)
+def candidate_key(c: CandidateConfig) -> tuple[str, Any, tuple[str, ...], tuple[str, ...]]:
+    """What tells candidates apart on the page: recipe, calibration method, the layers kept in float and the
+    activations given 16 bits (auto's A16W8 steps)."""
+    return c.recipe, c.options.get("method"), tuple(c.excluded_nodes), tuple(c.activations_16bit)
 
 
 def _candidate_row(c: Candidate, chosen: CandidateConfig | None, tolerance: float) -> CandidateRow:
-    opts = {k: v for k, v in c.options.items() if k != "nodes_to_exclude"}
+    opts = {k: v for k, v in c.options.items() if k not in ("nodes_to_exclude", "activations_16bit")}
     met = c.status if c.status in ("skipped", "failed") else ("met" if c.met_target else "missed")
     metric = c.metric
     speedup = candidate_speedup(c)
@@ -674,6 +678,7 @@ def _candidate_row(c: Candidate, chosen: CandidateConfig | None, tolerance: floa
         recipe=c.recipe,
         options=json.dumps(opts, sort_keys=True) if opts else "",
         excluded=[str(n) for n in c.excluded_nodes],
+        a16=[str(n) for n in c.activations_16bit],
         status=c.status,
         size=fmt_bytes(c.size_bytes),
         size_bytes=c.size_bytes,

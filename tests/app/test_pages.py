@@ -520,6 +520,17 @@ def test_auto_page_and_summary_show_speed_against_fp32(sqlite_api: Harness, zoo:
     assert "  chosen: int8_dynamic, 4.35x slower than fp32 (SLOWER than the fp32 model)" in lines
     assert any(line.startswith("  warning: auto chose int8_dynamic") for line in lines)
 
+    # auto's A16W8 step: the table shows its 16-bit activations beside the layers kept in float.
+    wide = measured("int8_static", 1_900_100, 1.5, "entropy")
+    wide.candidate = auto.Candidate("int8_static", {"method": "entropy"}, (), ("expand1.out",))
+    floated = measured("int8_static", 2_100_000, 1.6, "entropy")
+    floated.candidate = auto.Candidate("int8_static", {"method": "entropy"}, ("squeeze1",))
+    html, lines = show(auto.conclude([wide, floated], target, job_id, {}, 1.0, 1).report)
+    assert "Kept in float / 16-bit activations" in html
+    assert re.search(r'<span data-field="a16">16-bit: <code>expand1.out</code></span>', html)
+    assert "<td><code>squeeze1</code></td>" in html
+    assert "  chosen: int8_static (entropy) + 1 activations in 16 bits, 1.50x faster than fp32" in lines
+
 
 def _report_with_intervals() -> dict[str, Any]:
     """The example report (one classification output with labels) plus an embedding, a bit-identical and a

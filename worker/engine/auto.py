@@ -9,7 +9,9 @@
 3. Greedy fallback: for the best int8 static method, int8 dynamic and 4-bit, while the target is missed,
    keep the next most sensitive layer in float and measure the real metric again; stop when the target is
    met, when the candidate can no longer beat the smallest model that already meets it, or after
-   ``max_fallback_steps`` layers.
+   ``max_fallback_steps`` layers. On the static branch each float step comes after an A16W8 step: the same
+   sensitive layers' activations (their activation inputs, as the analysis recorded them) in 16 bits, weights
+   int8 (int8_static option activations_16bit); when that step meets the target, no layer goes to float.
 4. Choose among the candidates that meet the target: the smallest one that is not slower than the fp32 model
    (its speed-up, fp32 p50 latency over its own, both measured in the candidate's run, at least
    ``1 - SPEED_TOLERANCE``), then the fastest; a slower one only when no other meets the target, and then the
@@ -71,11 +73,13 @@ RunFn = Callable[[QuantizeConfig], Any]  # QuantizeConfig -> pipeline.QuantizeRe
 
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration to try: an ordinary recipe with its options, plus the layers kept in float."""
+    """One configuration to try: an ordinary recipe with its options, plus the layers kept in float and (an
+    A16W8 step of the static branch) the activation tensors given 16 bits."""
 
     recipe: str
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     excluded_nodes: tuple[str, ...] = ()
+    activations_16bit: tuple[str, ...] = ()
 
     @property
     def branch(self) -> str:
@@ -88,17 +92,26 @@ class Candidate:
         opts = dict(self.options)
         if self.excluded_nodes:
             opts["nodes_to_exclude"] = list(self.excluded_nodes)
+        if self.activations_16bit:
+            opts["activations_16bit"] = list(self.activations_16bit)
         return {"recipe": self.recipe, "options": opts}
 
     def parsed(self) -> RecipeOptions:
         return parse_options(self.recipe, self.config()["options"])
 
+    @property
+    def key(self) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+        """What tells the steps of the greedy search apart."""
+        return self.branch, self.excluded_nodes, self.activations_16bit
+
     def to_dict(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "options": dict(self.options), "excluded_nodes": list(self.excluded_nodes)}
+        return {"recipe": self.recipe, "options": dict(self.options), "excluded_nodes": list(self.excluded_nodes),
+                "activations_16bit": list(self.activations_16bit)}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Candidate:
-        return Candidate(d["recipe"], dict(d.get("options") or {}), tuple(d.get("excluded_nodes") or ()))
+        return Candidate(d["recipe"], dict(d.get("options") or {}), tuple(d.get("excluded_nodes") or ()),
+                         tuple(d.get("activations_16bit") or ()))
 
 
 @dataclass
@@ -279,6 +292,22 @@ def ranking_from(results: Sequence[CandidateResult], recipe: str | None = None) 
     return []
 
 
+def layer_activations(results: Sequence[CandidateResult], nodes: Sequence[str]) -> tuple[str, ...]:
+    """The activation tensors the A16W8 step gives 16 bits for the sensitive layers ``nodes``: each layer's
+    activation inputs, as the analysis candidate's layer table records them (a layer without that record: its
+    name, which int8_static reads as the node's outputs)."""
+    inputs: dict[str, list[str]] = {}
+    for r in results:
+        report = r.report or {}
+        if (report.get("sensitivity") or {}).get("ranking") is not None:
+            inputs = {layer["name"]: list(layer.get("activation_inputs") or []) for layer in report.get("layers") or []}
+            break
+    out: list[str] = []
+    for n in nodes:
+        out.extend(inputs.get(n) or [n])
+    return tuple(dict.fromkeys(out))
+
+
 def _smallest(results: Sequence[CandidateResult]) -> CandidateResult:
     return min(results, key=lambda r: (r.size_bytes or 0, r.latency_ms_p50 or 0.0))
 
@@ -311,10 +340,13 @@ def _size_bound(results: Sequence[CandidateResult], prefer: str) -> int | None:
 def next_candidates(results: Sequence[CandidateResult], max_steps: int,
                     user_excluded: Sequence[str] = (), prefer: str = "size_and_speed") -> list[Candidate]:
     """The next greedy step of every branch still worth extending (empty: the search is over). Each branch
-    keeps the next most sensitive layer its recipe quantizes in float."""
+    keeps the next most sensitive layer its recipe quantizes in float; on the static branch an A16W8 step with the
+    same layers (their activations in 16 bits, nothing more in float) comes first, and the float step only when it
+    missed the target."""
     bound = _size_bound(results, prefer)
-    tried = {(r.candidate.branch, r.candidate.excluded_nodes) for r in results}
-    done = [r for r in results if r.status == "done"]
+    tried = {r.candidate.key: r for r in results}
+    # A16W8 steps are no float steps: the branches below extend their float steps only.
+    done = [r for r in results if r.status == "done" and not r.candidate.activations_16bit]
     # The static branch worth extending is the method that came closest on its own.
     statics = [r for r in done if r.candidate.recipe == "int8_static" and
                len(r.candidate.excluded_nodes) == len(user_excluded)]
@@ -336,7 +368,18 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
         if nxt is None:
             continue
         cand = dataclasses.replace(last.candidate, excluded_nodes=(*last.candidate.excluded_nodes, nxt))
-        if (cand.branch, cand.excluded_nodes) not in tried:
+        if recipe == "int8_static":
+            # First the same sensitive layers with 16-bit activations and int8 weights: a float step only when
+            # that one did not meet the target.
+            nodes = (*last.candidate.excluded_nodes[len(user_excluded):], nxt)
+            a16 = dataclasses.replace(last.candidate, excluded_nodes=tuple(user_excluded),
+                                      activations_16bit=layer_activations(results, nodes))
+            if a16.key not in tried:
+                out.append(a16)
+                continue
+            if tried[a16.key].met_target:
+                continue
+        if cand.key not in tried:
             out.append(cand)
     return out
 
@@ -404,6 +447,7 @@ def _name(c: Candidate) -> str:
     text = c.recipe + (" + int8 activations" if c.options.get("int8_activations") else "")
     text += f" ({method})" if method else ""
     kept = len(c.excluded_nodes)
+    text += f" + {len(c.activations_16bit)} activations in 16 bits" if c.activations_16bit else ""
     return text + (f" + {kept} layer{'s' if kept > 1 else ''} in float" if kept else "")
 
 
@@ -470,9 +514,10 @@ def conclude(results: Sequence[CandidateResult], target: dict[str, Any], job_id:
         "job_id": job_id,
         "recipe": "auto",
         "options": job_options,
-        "chosen": ({**pick.config(), "excluded_nodes": list(pick.excluded_nodes)} if chosen is not None and pick
-                   else None),
-        "best": ({**pick.config(), "excluded_nodes": list(pick.excluded_nodes), "metric": m["value"],
+        "chosen": ({**pick.config(), "excluded_nodes": list(pick.excluded_nodes),
+                    "activations_16bit": list(pick.activations_16bit)} if chosen is not None and pick else None),
+        "best": ({**pick.config(), "excluded_nodes": list(pick.excluded_nodes),
+                  "activations_16bit": list(pick.activations_16bit), "metric": m["value"],
                   "distance_to_target": distance(target, m["value"], m.get("original"))} if pick else None),
         "candidates": [r.summary() for r in results],
         "kept_in_float": kept,
@@ -632,7 +677,7 @@ def failure_message(outcome: AutoOutcome, target: dict[str, Any]) -> str:
 
 
 def _short(opts: dict[str, Any]) -> str:
-    keep = {k: v for k, v in opts.items() if k in ("method", "nodes_to_exclude")}
+    keep = {k: v for k, v in opts.items() if k in ("method", "nodes_to_exclude", "activations_16bit")}
     return str(keep) if keep else ""
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from worker.engine import pt2, runtime
-from worker.engine.calibrate import quantizable_op_types
+from worker.engine.calibrate import quantizable_op_types, select_tensors
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.context import ProgressFn, RunData
 from worker.engine.errors import EngineError
@@ -510,6 +510,8 @@ def _layers(prep: Prepared, made: Quantized, checked: Validated, opts: RecipeOpt
     # Nodes the recipe added (SmoothQuant's Muls) are no layers of the user's model.
     added = {n.name for n in normalized.graph.node} - {n.name for n in prep.normalized.graph.node}
     sens = _sensitivity(prep, made, opts, layer_feeds, qops, merge, per_run, (float_path, normalized, added))
+    # Float activations the static quantizer may quantize (those option activations_16bit accepts).
+    activations = set(select_tensors(normalized, opts.op_types_to_quantize or None)) if sens is not None else set()
     layers = []
     for node in normalized.graph.node:
         if node.op_type not in qops or node.name not in lmap or node.name in added:
@@ -530,6 +532,8 @@ def _layers(prep: Prepared, made: Quantized, checked: Validated, opts: RecipeOpt
             one = sens.layers.get(node.name)
             layer["sensitivity"] = one.sensitivity if one else None
             layer["isolated_sqnr_db"] = one.isolated_sqnr_db if one else None
+            # What auto's A16W8 step gives 16 bits for this layer (int8_static option activations_16bit).
+            layer["activation_inputs"] = [i for i in node.input if i in activations]
         layers.append(layer)
     step("validating", 1.0)
     return LayerTable(layers, lsq, sens)

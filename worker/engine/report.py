@@ -212,6 +212,8 @@ class Layer(_Closed):
     # activations_16bit tensors) and of the quantized weight.
     activation_bits: int | None = None
     weight_bits: int | None = None
+    # With sensitivity measured: the layer's activation inputs (auto's A16W8 step gives them 16 bits).
+    activation_inputs: list[str] | None = None
 
 
 class LayerSqnr(_Closed):
@@ -430,6 +432,9 @@ class CandidateConfig(_Closed):
     # Open: a recipe's own options (RecipeOptions.to_dict), as a user would submit them.
     options: dict[str, Any]
     excluded_nodes: list[str]
+    # auto's A16W8 steps: the activation tensors given 16 bits (int8_static option activations_16bit), weights
+    # int8; empty for every other candidate (and in reports from before these steps).
+    activations_16bit: list[str] = Field(default_factory=list)
 
 
 class Best(CandidateConfig):

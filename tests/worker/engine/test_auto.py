@@ -71,6 +71,47 @@ def test_planted_sensitive_layers_are_kept_in_float(tmp_path: Path) -> None:
     assert all(r["options"]["smoothquant"] == "off" for r in statics)  # the job's option reached them
 
 
+def test_planted_outliers_reach_the_target_with_16bit_activations_before_any_float_layer(tmp_path: Path) -> None:
+    model = builders.planted_outlier_mlp(tmp_path / "planted.onnx")
+    data = builders.planted_data(tmp_path / "planted.npz")
+    # Measured (selection samples): plain static int8 0.48 dB (entropy; minmax, percentile, mse below 0); one
+    # planted layer's input in 16 bits 3.74 dB, that layer in float 3.59 dB; both planted layers' inputs in 16
+    # bits 17.60 dB; both in float above 21 dB (test_planted_sensitive_layers_are_kept_in_float).
+    target = {"metric": "sqnr_db", "min": 15.0}
+    outcome = auto.search(_base(tmp_path, model, data, prefer="size", smoothquant="off"), target)
+    rows = outcome.report["candidates"]
+    statics = [r for r in rows if r["recipe"] == "int8_static"]
+    assert all(r["met_target"] is False for r in statics if not r["activations_16bit"] and not r["excluded_nodes"])
+    chosen = outcome.chosen
+    assert chosen is not None, rows
+    # The A16W8 step: both planted layers' activation inputs in 16 bits, weights int8, nothing kept in float.
+    assert chosen.candidate.recipe == "int8_static" and chosen.candidate.excluded_nodes == ()
+    assert sorted(chosen.candidate.activations_16bit) == ["expand1.out", "expand2.out"]
+    assert chosen.metric is not None and chosen.metric >= 15.0  # measured 17.60
+    assert chosen.size_bytes is not None and chosen.size_bytes - statics[0]["size_bytes"] < 100  # int8-sized
+    # Each float step came after the A16W8 step with the same layer: one planted layer's 16-bit step missed, so
+    # that layer went to float (and missed too); the two-layer 16-bit step met the target, so no float step with
+    # both planted layers was run.
+    steps = [(tuple(r["excluded_nodes"]), tuple(r["activations_16bit"])) for r in statics]
+    first = next(i for i, (kept, wide) in enumerate(steps) if len(wide) == 1)
+    floated = next(i for i, (kept, wide) in enumerate(steps) if len(kept) == 1)
+    assert first < floated and not steps[floated][1] and statics[first]["met_target"] is False
+    assert statics[floated]["met_target"] is False
+    assert not [kept for kept, _ in steps if len(kept) >= 2]
+    first_met = next(r for r in statics if r["met_target"])
+    assert first_met["activations_16bit"] and not first_met["excluded_nodes"]
+    # The chosen config reproduces it.
+    cfg = outcome.report["chosen"]
+    assert sorted(cfg["activations_16bit"]) == ["expand1.out", "expand2.out"] and cfg["excluded_nodes"] == []
+    assert sorted(cfg["options"]["activations_16bit"]) == ["expand1.out", "expand2.out"]
+    assert "nodes_to_exclude" not in cfg["options"]
+    assert parse_options(cfg["recipe"], cfg["options"]).activations_16bit
+    assert outcome.report["kept_in_float"] == []
+    # fp16 met it too, but the A16W8 model is int8-sized.
+    fp16 = next(r for r in rows if r["recipe"] == "fp16")
+    assert fp16["met_target"] is True and chosen.size_bytes is not None and chosen.size_bytes < fp16["size_bytes"]
+
+
 def test_dynamic_wins_when_input_scales_vary(tmp_path: Path) -> None:
     model = builders.scale_free_mlp(tmp_path / "scale.onnx")
     calib = builders.scale_varying_data(tmp_path / "calib.npz")
@@ -142,6 +183,10 @@ def test_candidate_config_round_trips() -> None:
     assert c.config() == {"recipe": "int8_static",
                           "options": {"method": "mse", "batch_size": 4, "nodes_to_exclude": ["a", "b"]}}
     assert c.parsed().nodes_to_exclude == ("a", "b")
+    wide = auto.Candidate("int8_static", {"method": "entropy"}, (), ("x.out",))
+    assert auto.Candidate.from_dict(wide.to_dict()) == wide and wide.to_dict()["activations_16bit"] == ["x.out"]
+    assert wide.config()["options"] == {"method": "entropy", "activations_16bit": ["x.out"]}
+    assert wide.parsed().activations_16bit == ("x.out",) and wide.key != auto.Candidate("int8_static", {}).key
 
 
 def test_fallback_ranking_skips_layers_a_recipe_does_not_quantize() -> None:
@@ -158,9 +203,17 @@ def test_fallback_ranking_skips_layers_a_recipe_does_not_quantize() -> None:
             auto.CandidateResult(auto.Candidate("int8_dynamic"), "done", size_bytes=10, metric=1.0, met_target=False),
             auto.CandidateResult(auto.Candidate("fp16"), "done", size_bytes=40, metric=9.0, met_target=True)]
     rows[0].size_bytes, rows[0].metric, rows[0].met_target = 10, 0.5, False
-    nxt = {c.recipe: c.excluded_nodes for c in auto.next_candidates(rows, max_steps=4)}
-    assert nxt == {"int8_static": ("add",), "int8_dynamic": ("mm1",)}
+    nxt = {c.recipe: c for c in auto.next_candidates(rows, max_steps=4)}
+    assert nxt["int8_dynamic"].excluded_nodes == ("mm1",) and not nxt["int8_dynamic"].activations_16bit
+    # The static branch first gives the same layer's activations 16 bits (no activation inputs recorded here:
+    # the node's name), keeping nothing in float; only when that misses does the layer go to float.
+    assert (nxt["int8_static"].excluded_nodes, nxt["int8_static"].activations_16bit) == ((), ("add",))
     assert auto.next_candidates(rows, max_steps=0) == []
+    a16 = auto.CandidateResult(nxt["int8_static"], "done", size_bytes=10, metric=0.7, met_target=False)
+    again = {c.recipe: c for c in auto.next_candidates([*rows, a16], max_steps=4)}
+    assert (again["int8_static"].excluded_nodes, again["int8_static"].activations_16bit) == (("add",), ())
+    a16.met_target = True
+    assert "int8_static" not in {c.recipe for c in auto.next_candidates([*rows, a16], max_steps=4)}
 
 
 # ---------------------------------------------------------------------------------------------- speed in the choice
