@@ -131,7 +131,10 @@ def test_static_percentile_wins_when_rare_spikes_defeat_dynamic(tmp_path: Path) 
     # Seed 4 puts spikes in both parts of the evaluation set (4 of the 19 selection samples, 4 of the 13
     # confirmation samples): the search must see them to pass over dynamic int8.
     ev = builders.spiky_data(tmp_path / "eval.npz", n=32, spiky_share=0.25, seed=4)
-    outcome = auto.search(_base(tmp_path, model, calib, ev, max_fallback_steps=2, prefer="size"),
+    # SmoothQuant off: with it (auto smooths the spiky input, spread far above 50x) every calibration method meets
+    # the target (measured 27.2-27.7 dB at the same size), and the method is then chosen by measured speed. This
+    # test is about the calibration method: off, only percentile meets it (21.4 dB; the others 0.0 dB).
+    outcome = auto.search(_base(tmp_path, model, calib, ev, max_fallback_steps=2, prefer="size", smoothquant="off"),
                           {"metric": "sqnr_db", "min": 20.0})
     assert outcome.chosen is not None, outcome.report["candidates"]
     assert outcome.chosen.candidate.recipe == "int8_static"
