@@ -238,3 +238,26 @@ def test_int8_activations_needs_calibration_data(zoo: dict[str, Path], tmp_path:
     with pytest.raises(EngineError) as info:
         _run(zoo["mlp"], tmp_path, None, algorithm="rtn", int8_activations=True)
     assert info.value.code == "calibration_required"
+
+
+def test_fp16_keeps_ops_without_a_float16_cpu_kernel_in_float32(tmp_path: Path) -> None:
+    """IsInf and IsNaN have no float16 kernel on ONNX Runtime's CPU: converted, the artifact did not load
+    (fracast's forecaster, model_not_runnable). They stay in float32 and the model runs."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32), "w")
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("IsInf", ["m"], ["inf"]),
+             helper.make_node("IsNaN", ["m"], ["nan"]), helper.make_node("Or", ["inf", "nan"], ["bad"]),
+             helper.make_node("Where", ["bad", "zero", "m"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, zero]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "c.npz", x=np.random.default_rng(1).standard_normal((16, 16)).astype(np.float32))
+    res = run(QuantizeConfig(model_path=tmp_path / "m.onnx", output_path=tmp_path / "q.onnx", recipe="fp16",
+                             options=parse_options("fp16", {}), calibration_path=tmp_path / "c.npz",
+                             work_dir=tmp_path / "w", threads=1))
+    assert res.report["accuracy"]["outputs"][0]["cosine"] > 0.999
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert any(i.data_type == TensorProto.FLOAT16 for i in q.graph.initializer)  # the MatMul is in float16
+    ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
