@@ -15,7 +15,11 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests import builders
+# The test process's own ONNX Runtime (model builders, reference runs) sends no telemetry either, as lowbit's
+# processes do not: it writes $TMPDIR/.ses, which tests that watch the temp folder would see.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from tests import builders  # noqa: E402
 
 POSTGRES_URL = os.environ.get("LOWBIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("LOWBIT_TEST_REDIS_URL", "redis://127.0.0.1:6379")

@@ -244,10 +244,12 @@ def empty_cwd_and_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
 ])
 def test_a_job_writes_nothing_outside_its_work_folder(recipe: str, options: dict[str, Any], unmerged: dict[str, Path],
                                                       empty_cwd_and_tmp: tuple[Path, Path], tmp_path: Path) -> None:
-    # The model's two inputs name their batch axes differently, so ONNX Runtime's symbolic shape inference stops
-    # and saves sym_shape_infer_temp.onnx + <uuid1>.data (512 kB of weights) in the working directory: the
+    # The model's two inputs name their batch axes differently, which made ONNX Runtime's symbolic shape inference
+    # stop and save sym_shape_infer_temp.onnx + <uuid1>.data (512 kB of weights) in the working directory: the
     # worker's, where 51 of them (3.2 GB) once piled up. They must land in the job's work folder, which the
-    # worker removes after every attempt.
+    # worker removes after every attempt. Pre-processing now skips symbolic inference for this model (ONNX's own
+    # shapes it: worker/engine/normalize.py shapes_complete) and runs it, when needed, in its prep folder;
+    # tests/worker/engine/test_normalize.py forces the early stop and finds the files there.
     cwd, systmp = empty_cwd_and_tmp
     work = tmp_path / "job" / "work-1"
     cfg = QuantizeConfig(model_path=Path(os.path.relpath(unmerged["model"])), output_path=tmp_path / "job" / "q.onnx",
@@ -257,8 +259,7 @@ def test_a_job_writes_nothing_outside_its_work_folder(recipe: str, options: dict
     result = run_engine(cfg, lambda stage, fraction: None, settings)
     assert result.artifact_path.is_file()
     assert list(cwd.iterdir()) == [] and list(systmp.iterdir()) == []
-    stray = sorted(p.name for p in (work / "tmp").iterdir())  # ORT's files did get written: here
-    assert "sym_shape_infer_temp.onnx" in stray and any(n.endswith(".data") for n in stray), stray
+    assert (work / "tmp").is_dir()  # the engine child's working and temp folder was the job's
 
 
 def test_a_pt2_job_writes_nothing_outside_its_work_folder(pt2_zoo: dict[str, Path],
