@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,6 +311,10 @@ def normalize(model_path: Path, out_dir: Path, per_channel: bool) -> NormalizeRe
                 ) from exc
             res.warnings.append(f"opset {opset} could not be upgraded to {PER_CHANNEL_MIN_OPSET}; kept as is")
     staged = out_dir / "staged.onnx"
+    # The tag ONNX Runtime's pre-processing leaves (its quantizer warns on a model without it); ONNX Runtime's
+    # optimizer keeps a model's metadata.
+    props = {"onnx.quant.pre_process": "onnxruntime.quant", **{p.key: p.value for p in model.metadata_props}}
+    onnx.helper.set_model_props(model, props)
     onnx.save_model(model, str(staged))
     symbolic = subgraphs or not shapes_complete(model, staged)
     del model
@@ -324,29 +328,26 @@ def normalize(model_path: Path, out_dir: Path, per_channel: bool) -> NormalizeRe
     return res
 
 
-# Models up to this size are checked for complete ONNX shape inference before pre-processing (the check holds
-# a weight-free copy, but parses the file once more).
-SHAPE_CHECK_MAX_BYTES = 64 << 20
-
-
 def shapes_complete(model: onnx.ModelProto, path: Path) -> bool:
     """Whether ONNX's own shape inference gives every output of every node of ``model`` (at ``path``) a rank
     and, for each dimension, a size or a name of the graph inputs' dimensions (any name on the first axis).
-    Symbolic shape inference has nothing to add then, and skipping it spares importing sympy: 33 MB, a fifth
-    of a small model's whole job (openWakeWord's timer: 149 -> 116 MB). Larger models, whose jobs dwarf that,
-    are not checked."""
-    if path.stat().st_size > SHAPE_CHECK_MAX_BYTES:
-        return False
-    light = onnx.ModelProto()
-    light.CopyFrom(model)
-    for init in light.graph.initializer:
+    Symbolic shape inference has nothing to add then, and skipping it spares importing sympy (33 MB, a fifth
+    of a small model's whole job: openWakeWord's timer, 149 -> 116 MB) and a copy of the model in Python. The
+    check reads a weight-free copy of the graph (large weights become typed inputs)."""
+    light = onnx.ModelProto(ir_version=model.ir_version)
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    g = model.graph
+    light.graph.node.extend(g.node)
+    light.graph.input.extend(g.input)
+    light.graph.output.extend(g.output)
+    light.graph.value_info.extend(g.value_info)
+    for init in g.initializer:
         # Shapes only: the values are not needed, except small integer ones that may be shapes themselves.
-        if init.data_type not in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) or len(init.raw_data) > 4096:
+        if init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(init.raw_data) <= 4096:
+            light.graph.initializer.append(init)
+        else:
             light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
-    keep = [i for i in light.graph.initializer
-            if i.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(i.raw_data) <= 4096]
-    del light.graph.initializer[:]
-    light.graph.initializer.extend(keep)
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception:
@@ -373,24 +374,22 @@ def _preprocess(staged: Path, res: NormalizeResult, symbolic: bool = True) -> No
     """ORT's quantization pre-processing (symbolic shape inference + graph optimisation), falling
     back to plain ONNX shape inference when a model defeats it. Without ``symbolic`` (ONNX's shape inference
     is complete, see shapes_complete) the first attempt skips symbolic shape inference."""
-    # lazy: onnxruntime.quantization (~0.3 s, 15 MB); auto, in the worker's main process, imports this module
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    def optimize() -> None:
+        _optimize_and_infer(staged, res.path)
 
-    attempts: tuple[tuple[str, dict[str, bool]], ...] = (
-        ("shape inference and graph optimisation", {}) if symbolic else
-        ("ONNX shape inference (complete) and graph optimisation", {"skip_symbolic_shape": True}),
-        ("ONNX shape inference and graph optimisation", {"skip_symbolic_shape": True}),
-        ("ONNX shape inference", {"skip_symbolic_shape": True, "skip_optimization": True}),
-    )
+    def infer() -> None:
+        onnx.shape_inference.infer_shapes_path(str(staged), str(res.path))
+
+    attempts: list[tuple[str, Callable[[], None]]] = [
+        ("ONNX shape inference and graph optimisation", optimize), ("ONNX shape inference", infer)]
+    if symbolic:
+        attempts.insert(0, ("shape inference and graph optimisation", lambda: _symbolic(staged, res.path)))
+    else:
+        attempts[0] = ("ONNX shape inference (complete) and graph optimisation", optimize)
     errors: list[str] = []
-    for label, kwargs in attempts:
+    for label, attempt in attempts:
         try:
-            # Symbolic shape inference that stops early saves sym_shape_infer_temp.onnx and a <uuid1>.data file
-            # as large as the weights into the working directory: run it in the prep folder, so that a plain
-            # script calling the engine (not only the CLI and the worker, which run it in a scratch folder)
-            # finds nothing new in its own folder.
-            with contextlib.chdir(staged.parent):
-                quant_pre_process(str(staged.resolve()), str(res.path.resolve()), **kwargs)
+            attempt()
             res.steps.append(f"pre-processed ({label})")
             if errors:
                 res.warnings.append(
@@ -408,6 +407,37 @@ def _preprocess(staged: Path, res: NormalizeResult, symbolic: bool = True) -> No
     onnx.save_model(model, str(res.path))
     res.warnings.append("pre-processing failed (" + "; ".join(errors) + "); quantizing the model as exported")
 
+
+def _symbolic(staged: Path, out: Path) -> None:
+    """ONNX Runtime's own pre-processing with symbolic shape inference (imports sympy, holds the model in Python)."""
+    # lazy: onnxruntime.quantization (~0.3 s, 15 MB); auto, in the worker's main process, imports this module
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # Symbolic shape inference that stops early saves sym_shape_infer_temp.onnx and a <uuid1>.data file as large
+    # as the weights into the working directory: run it in the prep folder, so that a plain script calling the
+    # engine (not only the CLI and the worker, which run it in a scratch folder) finds nothing new in its own.
+    with contextlib.chdir(staged.parent):
+        quant_pre_process(str(staged.resolve()), str(out.resolve()))
+
+
+def _optimize_and_infer(staged: Path, out: Path) -> None:
+    """What ONNX Runtime's pre-processing does without symbolic shape inference (its basic graph optimisations,
+    then ONNX's shape inference), file to file: the model is never parsed into Python here. quant_pre_process
+    held it twice over (all-MiniLM-L6-v2, 90 MB: this step peaked at 477 MB there)."""
+    # lazy: ONNX Runtime loads only for a job (the registry and the API import this module's callers)
+    import onnxruntime as ort
+
+    optimized = staged.with_name("optimized.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(optimized)
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(staged), so, providers=["CPUExecutionProvider"])
+    del session
+    try:
+        onnx.shape_inference.infer_shapes_path(str(optimized), str(out))
+    finally:
+        optimized.unlink(missing_ok=True)
 
 
 def nonfinite_constant_nodes(model: onnx.ModelProto) -> list[str]:

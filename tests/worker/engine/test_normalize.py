@@ -78,3 +78,17 @@ def test_pre_processing_leaves_the_callers_folder_alone(tmp_path: Path, monkeypa
     assert sorted(p.name for p in cwd.iterdir()) == []
     assert (tmp_path / "prep" / "sym_shape_infer_temp.onnx").exists()  # it did stop early, in the prep folder
     assert res.path.exists()
+
+
+def test_pre_processing_without_symbolic_inference_matches_onnx_runtimes(tmp_path: Path) -> None:
+    """lowbit's file-to-file pre-processing (ONNX Runtime's basic optimisations, then ONNX's shape inference)
+    writes the graph ONNX Runtime's quant_pre_process(skip_symbolic_shape=True) writes, and the tag it leaves."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    conv = builders.conv_net(tmp_path / "conv.onnx")
+    ours = onnx.load(str(normalize(conv, tmp_path / "ours", per_channel=True).path))
+    quant_pre_process(str(tmp_path / "ours" / "staged.onnx"), str(tmp_path / "ort.onnx"), skip_symbolic_shape=True)
+    theirs = onnx.load(str(tmp_path / "ort.onnx"))
+    assert ours.graph.SerializeToString(deterministic=True) == theirs.graph.SerializeToString(deterministic=True)
+    assert {p.key: p.value for p in ours.metadata_props} == {"onnx.quant.pre_process": "onnxruntime.quant"}
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["normalized.onnx", "staged.onnx"]
