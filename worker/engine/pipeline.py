@@ -335,8 +335,9 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     """The run's stages in order. ``warnings`` collects every stage's warnings as they arise (the report lists
     them in that order)."""
     warnings: list[str] = []
-    prep, original_session = _prepare(cfg, opts, work, step, warnings)
+    prep = _prepare(cfg, opts, work, step, warnings)
     made = _quantize(prep, opts, work, step, warnings)
+    original_session = runtime.make_session(Path(prep.cfg.model_path), prep.providers, prep.cfg.threads, "model")
     checked = _validate(prep, made, original_session, opts, work, step, warnings)
     # Release the original model's session before the layer analyses open their own observing ones (a 90 MB
     # transformer's pair held ~200 MB through the job's peak); _validate released the quantized one.
@@ -346,10 +347,9 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
 
 
 def _prepare(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn,
-             warnings: list[str]) -> tuple[Prepared, Any]:
-    """Export a .pt2, inspect the model, plan the data, open the original model in ONNX Runtime and normalize
-    it for the recipes. Returns the prepared run and the original model's session (apart, so that it can be
-    released before the layer analyses)."""
+             warnings: list[str]) -> Prepared:
+    """Export a .pt2, inspect the model, plan the data, check that ONNX Runtime runs the original model and
+    normalize it for the recipes."""
     step("preparing", 0.0)
     source, cfg = _prepare_pt2(cfg, opts, work, step, warnings)
     env = environment()
@@ -359,8 +359,10 @@ def _prepare(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Progres
     _refuse_already_quantized(onnx.load(str(cfg.model_path)))
     providers = runtime.select_providers(cfg.device)
     data = _plan_data(cfg, info, warnings)
-    # Load the original model in ONNX Runtime first: a model it cannot run fails here, clearly.
-    original_session = runtime.make_session(Path(cfg.model_path), providers, cfg.threads, "model")
+    # Load the original model in ONNX Runtime first: a model it cannot run fails here, clearly. The session is
+    # opened again for validation: held through calibration and quantization, its weights raised the job's
+    # peak (all-MiniLM-L6-v2, 90 MB: by about as much again).
+    runtime.make_session(Path(cfg.model_path), providers, cfg.threads, "model")
     # Only int8 per-channel weights need opset 13; other recipes go on (with a warning) if it can't be had.
     needs_13 = opts.per_channel and (get_recipe(cfg.recipe).per_channel_needs_opset13 or opts.int8_activations)
     norm = normalize(Path(cfg.model_path), work / "prep", per_channel=needs_13)
@@ -368,7 +370,7 @@ def _prepare(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Progres
     step("preparing", 1.0)
 
     normalized = onnx.load(str(norm.path))
-    return Prepared(cfg, source, env, model_sha, info, providers, data, norm, normalized), original_session
+    return Prepared(cfg, source, env, model_sha, info, providers, data, norm, normalized)
 
 
 def _quantize(prep: Prepared, opts: RecipeOptions, work: Path, step: ProgressFn, warnings: list[str]) -> Quantized:
