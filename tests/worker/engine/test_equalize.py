@@ -250,3 +250,49 @@ def test_the_options_take_auto_on_off_and_default_to_auto() -> None:
         assert err.value.code == "invalid_option"
     with pytest.raises(EngineError):
         parse_options("int8_dynamic", {"equalize": "on"})
+
+
+def test_auto_makes_no_equalized_candidate_where_channel_ranges_spread_little(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With per-channel weights, "auto" skips the equalized candidate (a calibration pass, a quantization and a
+    comparison) where the first convs' channel ranges spread under AUTO_MIN_SPREAD; per-tensor weights, or a
+    wide spread, still get one."""
+    calib = _images(tmp_path / "c.npz", 32, 1)
+    made: list[str] = []
+    real = conv_refine.quantize_static
+
+    def counting(src: Path, *args: object, **kwargs: object) -> None:
+        made.append(Path(src).name)
+        real(src, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(conv_refine, "quantize_static", counting)
+    mild = _quantize(tmp_path, skewed_chain(tmp_path / "mild-model.onnx", skew=1.0), calib, None, "mild")
+    section = mild["equalization"]
+    assert section["range_spread_before"] < conv_refine.AUTO_MIN_SPREAD, section
+    assert not section["enabled"] and "spread" in section["reason"] and "compare" not in section, section
+    assert made == []  # no equalized model was quantized
+    per_tensor = _quantize(tmp_path, tmp_path / "mild-model.onnx", calib, None, "per-tensor", per_channel=False)
+    assert "compare" in per_tensor["equalization"] and made == ["equalized.onnx"], per_tensor["equalization"]
+    wide = _quantize(tmp_path, skewed_chain(tmp_path / "wide-model.onnx"), calib, None, "wide")
+    assert wide["equalization"]["range_spread_before"] >= conv_refine.AUTO_MIN_SPREAD
+    assert wide["equalization"]["enabled"] and made == ["equalized.onnx", "equalized.onnx"]
+
+
+def test_the_bias_correction_pass_gives_the_float_outputs_it_ran(tmp_path: Path) -> None:
+    """bias_correction.correct with keep_outputs returns the float model's outputs on the first batches, from
+    the runs that measured the input means (conv_refine's reference then needs no pass of its own): the same
+    values as the float model run alone."""
+    model = biased_rounding_conv(tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    x = rng.uniform(2, 4, (24, 8, 6, 6)).astype(np.float32)
+    calib = save_npz(tmp_path / "c.npz", x=x)
+    _quantize(tmp_path, model, calib, None, "q", equalize="off", bias_correction="off")
+    batches = [({"x": x[i:i + 8]}, 8) for i in range(0, 24, 8)]
+    res = bias_correction.correct(tmp_path / "q.onnx", model, onnx.load(str(model)), tmp_path / "bc.onnx",
+                                  lambda: iter(batches), ["CPUExecutionProvider"], 1, keep_outputs=10)
+    assert [count for _, count, _ in res.outputs] == [8, 8]  # batches until 10 samples are held
+    for feed, _, outs in res.outputs:
+        # float32 rounding only: the added ReduceMean outputs change which kernels ONNX Runtime picks (measured:
+        # 4 of 512 values differ, by at most 2.4e-6)
+        np.testing.assert_allclose(outs[0], _run_model(model, feed["x"]), rtol=1e-5, atol=1e-5)
+    assert res.samples == 24 and res.layers == ["conv"]
