@@ -106,23 +106,35 @@ def raise_shape(name: str, a: tuple[int, ...], b: tuple[int, ...]) -> None:
     )
 
 
+# The latency timing's budget: models whose runs are long (basic-pitch, 30 + 38 ms a pair: 2.1 s for 30 pairs,
+# a sixth of its int8_static job) stop after this many seconds of timed runs, once LATENCY_MIN_RUNS pairs are
+# done; a run that long varies little between runs, and the report gives the runs made and the interval.
+LATENCY_BUDGET_S = 1.0
+LATENCY_MIN_RUNS = 10
+
+
 def latency_pair(original: Any, quantized: Any, feed: dict[str, np.ndarray], runs: int,
-                 warmup: int = 3) -> dict[str, Any]:
+                 warmup: int = 3, budget_s: float = LATENCY_BUDGET_S) -> dict[str, Any]:
     """Latency of both models on one feed, runs interleaved (original, quantized, original, ...) after a
     warm-up of each, so drift and contention from other work fall on both alike. p50 of each, the
-    speed-up's bootstrap interval over run pairs, and the number of runs."""
+    speed-up's bootstrap interval over run pairs, and the number of runs. At most ``runs`` pairs: the timing
+    stops early once LATENCY_MIN_RUNS pairs are done and the timed runs took ``budget_s``."""
     for _ in range(warmup):
         runtime.run(original, feed)
         runtime.run(quantized, feed)
     o_ms: list[float] = []
     q_ms: list[float] = []
+    timed = 0.0
     for i in range(runs):
+        if i >= LATENCY_MIN_RUNS and timed >= budget_s * 1000.0:
+            break
         # Alternate which goes first, so neither always runs with the other's data in the caches.
         order = ((original, o_ms), (quantized, q_ms)) if i % 2 == 0 else ((quantized, q_ms), (original, o_ms))
         for session, times in order:
             t0 = time.perf_counter()
             session.run(None, feed)
             times.append((time.perf_counter() - t0) * 1000.0)
+            timed += times[-1]
     return speedup_interval(o_ms, q_ms)
 
 

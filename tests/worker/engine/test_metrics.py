@@ -17,7 +17,7 @@ from worker.engine.metrics import (
     nearest_neighbours,
     speedup_interval,
 )
-from worker.engine.validate import compare
+from worker.engine.validate import LATENCY_MIN_RUNS, compare, latency_pair
 
 
 def metrics_of(ref: np.ndarray, q: np.ndarray, role: str | None = None, name: str = "y") -> dict:
@@ -207,3 +207,14 @@ def test_a_confident_target_is_met_only_when_the_interval_bound_meets_it() -> No
     assert auto.measure({"metric": "label_accuracy", "max_drop": 0.031, "confidence": 0.95}, report)["met"] is True
     no_ci = {"accuracy": {"outputs": [{"name": "y", "cosine": 0.999, "cosine_ci": None}], "labels": None}}
     assert auto.measure({"metric": "cosine", "min": 0.99, "confidence": 0.95}, no_ci)["met"] is False
+
+
+def test_latency_timing_stops_at_its_budget_once_the_minimum_runs_are_done(tmp_path) -> None:
+    """Runs stop early once LATENCY_MIN_RUNS pairs are done and the timed runs used the budget; with time to
+    spare, every asked run is made, and fewer asked than the minimum are all made."""
+    a = _model(tmp_path / "a.onnx", "Identity", ["n", 4])
+    b = _model(tmp_path / "b.onnx", "Mul", ["n", 4], const=2.0)
+    feed = {"x": np.ones((1, 4), np.float32)}
+    assert latency_pair(a, b, feed, 30, budget_s=0.0)["runs"] == LATENCY_MIN_RUNS
+    assert latency_pair(a, b, feed, 30, budget_s=60.0)["runs"] == 30
+    assert latency_pair(a, b, feed, 4, budget_s=0.0)["runs"] == 4
