@@ -223,11 +223,14 @@ def latency_speedup(fp32: Path, quantized: Path, eval_npz: Path, threads: int) -
     return round(lat["original_ms_p50"] / q, 3) if q > 0 else None
 
 
-def lowbit_cmd(entry: Any, recipe: str, out: Path, report: Path, args: argparse.Namespace) -> list[str]:
+def lowbit_cmd(entry: Any, recipe: str, out: Path, report: Path, args: argparse.Namespace,
+               options: dict[str, Any] | None = None) -> list[str]:
     lowbit = str(Path(sys.executable).with_name("lowbit"))
     cmd = [lowbit, "quantize", str(entry.model), "--calib", str(entry.calib), "--eval", str(entry.eval),
            "--recipe", recipe, "-o", str(out), "--report", str(report), "--threads", str(args.threads),
            "--device", "cpu"]
+    for key, value in (options or {}).items():
+        cmd += ["--option", f"{key}={json.dumps(value)}"]
     if recipe == "auto":
         cmd += ["--accuracy-target", json.dumps({"metric": "cosine", "min": args.auto_cosine})]
     return cmd
@@ -271,9 +274,22 @@ def measure(entry: Any, label: str, artifact: Path | None, code: int, log: Path,
     return row
 
 
-def bench_entry(entry: Any, recipes: list[str], args: argparse.Namespace, work: Path) -> list[Row]:
+@dataclass
+class Baselines:
+    """An entry's baseline rows (its .pt2 export, ONNX Runtime's quantizers) and what the lowbit rows need."""
+
+    rows: list[Row]
+    fp32_onnx: Path  # the file ONNX Runtime quantized (a .pt2 entry's export)
+    export: Row | None
+    ort: dict[str, Row]
+    ref: dict[str, Any] | None  # the fp32 model's outputs on the evaluation set
+    labels: Any
+
+
+def baselines(entry: Any, args: argparse.Namespace, d: Path, modes: tuple[str, ...] = ("static", "dynamic")
+              ) -> Baselines:
+    """The fp32 outputs, the export of a .pt2 entry and ONNX Runtime's quantizers (``modes``) on ``entry``."""
     rows: list[Row] = []
-    d = work / entry.name
     d.mkdir(parents=True, exist_ok=True)
     labels = labels_of(entry.eval)
     try:
@@ -299,7 +315,7 @@ def bench_entry(entry: Any, recipes: list[str], args: argparse.Namespace, work: 
         if code != 0:
             fp32_onnx = Path(entry.model)
     ort: dict[str, Row] = {}
-    for mode in ("static", "dynamic"):
+    for mode in modes:
         label = f"ort quantize_{mode}"
         out = d / f"ort_{mode}.onnx"
         if fp32_onnx.suffix != ".onnx":
@@ -312,6 +328,14 @@ def bench_entry(entry: Any, recipes: list[str], args: argparse.Namespace, work: 
         ort[mode] = row
         rows.append(row)
         print_row(row)
+    return Baselines(rows, fp32_onnx, export, ort, ref, labels)
+
+
+def bench_entry(entry: Any, recipes: list[str], args: argparse.Namespace, work: Path) -> list[Row]:
+    d = work / entry.name
+    base_rows = baselines(entry, args, d)
+    rows, fp32_onnx, export, ort = base_rows.rows, base_rows.fp32_onnx, base_rows.export, base_rows.ort
+    ref, labels = base_rows.ref, base_rows.labels
     for recipe in recipes:
         if recipe == "qat_int8" and Path(entry.model).suffix != ".pt2":
             continue
