@@ -6,7 +6,8 @@ For each corpus entry (``tests.zoo``: published weights, realistic calibration a
 each as a ``lowbit quantize`` child process like ``benchmarks/zoo.py`` does:
 
 - ``plain``: int8_static with SmoothQuant, cross-layer equalization and bias correction off;
-- ``smoothquant``, ``equalize``, ``bias_correction``: that option "on", the other two off;
+- ``smoothquant``, ``equalize``, ``bias_correction``, ``adaround``: that option "on", the others off (learned
+  rounding with its default time budget);
 - ``defaults``: int8_static as a job gets it (each option "auto": tried, and kept only where it measured better
   on the calibration samples);
 - ``auto``: recipe auto with an accuracy target of output cosine >= ``--auto-cosine`` (its float-fallback and
@@ -46,6 +47,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "smoothquant": ("int8_static", {**OFF, "smoothquant": "on"}),
     "equalize": ("int8_static", {**OFF, "equalize": "on"}),
     "bias_correction": ("int8_static", {**OFF, "bias_correction": "on"}),
+    "adaround": ("int8_static", {**OFF, "adaround": "on"}),
     "defaults": ("int8_static", {}),
     "auto": ("auto", {}),
 }
@@ -121,7 +123,8 @@ def what_it_did(report: dict[str, Any] | None, variant: str) -> str:
         extra = {k: v for k, v in (chosen.get("options") or {}).items() if v not in (None, [], {})}
         return f"chose {chosen.get('recipe')} {json.dumps(extra)}"[:90]
     parts = []
-    for key, label in (("smoothquant", "SmoothQuant"), ("equalization", "CLE"), ("bias_correction", "BC")):
+    for key, label in (("smoothquant", "SmoothQuant"), ("equalization", "CLE"), ("bias_correction", "BC"),
+                       ("adaround", "AdaRound")):
         section = report.get(key) or {}
         if section.get("enabled"):
             parts.append(f"{label} kept")

@@ -21,6 +21,7 @@ from worker.engine.config import RecipeOptions
 from worker.engine.report import (
     Accuracy,
     AccuracyTargetSpec,
+    AdaRound,
     BiasCorrection,
     Calibration,
     Candidate,
@@ -561,6 +562,22 @@ def bias_correction_line(section: BiasCorrection | None) -> str:
         line += f" {section.layers_corrected} layer bias(es) corrected"
         if section.mean_abs_correction is not None:
             line += f", mean |correction| {section.mean_abs_correction:.3g}"
+        line += "."
+    return line
+
+
+def adaround_line(section: AdaRound | None) -> str:
+    """int8_static's learned rounding in one line (empty when the option is off): on or off and why, then what it
+    changed."""
+    if section is None:
+        return ""
+    line = f"{'On' if section.enabled else 'Off'} ({section.mode}): {section.reason}."
+    if section.layers_learned:
+        line += (f" {section.layers_kept or 0} of {section.layers_learned} layer(s) kept a learned rounding, "
+                 f"{section.weights_rounded_other_way or 0:,} of {section.weights or 0:,} weights rounded the other "
+                 f"way than to the nearest level, on {section.samples} calibration samples in {section.seconds} s")
+        if section.budget_exhausted:
+            line += f" (the {section.budget_seconds:g} s budget ran out: later layers got fewer steps)"
         line += "."
     return line
 

@@ -63,6 +63,10 @@ class RecipeOptions:
     # (worker/engine/conv_refine.py).
     equalize: str = "auto"
     bias_correction: str = "auto"
+    # int8_static: learned rounding of the int8 weights, "auto" | "on" | "off", and its time budget in seconds
+    # (worker/engine/adaround.py).
+    adaround: str = "off"
+    adaround_seconds: float = 120.0
     # int8_static: tensor or node names whose activations get 16-bit QDQ (A16W8) instead of uint8.
     activations_16bit: tuple[str, ...] = ()
     # int4_weight_only. algorithm None: clip_search when calibration data is given, else rtn.

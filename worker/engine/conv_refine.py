@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from worker.engine import bias_correction, equalize, runtime
+from worker.engine import adaround, bias_correction, equalize, runtime
 from worker.engine.calibrate import write_ort_ranges
 from worker.engine.feeds import batch_source
 from worker.engine.files import sha256_file
@@ -72,6 +72,7 @@ class Refined:
 
     equalization: dict[str, Any]
     bias_correction: dict[str, Any]
+    adaround: dict[str, Any] | None = None  # None: option adaround is off (the report has no section then)
     float_path: Path | None = None
     ranges: dict[str, tuple[float, float]] | None = None
     warnings: list[str] = field(default_factory=list)
@@ -271,6 +272,31 @@ def _correct(ctx: RecipeContext, base: Candidate, out: Refined, ref: Reference) 
     return Candidate(f"{base.name}-bc", dest, base.float_path, base.float_model, base.ranges)
 
 
+def _learn_rounding(ctx: RecipeContext, base: Candidate, section: dict[str, Any]) -> Candidate | None:
+    """``base`` with its weights' rounding learned (None when no layer could be); fills the adaround section."""
+    split = ctx.split
+    assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+    c0, c1 = split.calib_range
+    dest = ctx.work / f"quantized-{base.name}-adaround.onnx"
+    batches = batch_source(ctx.data.calib_reader, ctx.info.inputs, split.calib_plan, c0, c1)
+    # Each layer the child finishes reports through the step callback, which carries the job's cancellation.
+    res = adaround.learn(base.quant, base.float_path, base.float_model, dest, batches, ctx.providers,
+                         ctx.cfg.threads, ctx.opts.adaround_seconds,
+                         on_event=lambda _event: ctx.step("quantizing", 0.0))
+    kept = [la for la in res.layers if la["kept"]]
+    section.update(layers_learned=len(res.layers), layers_kept=len(kept), layers_skipped=len(res.skipped),
+                   weights_rounded_other_way=sum(int(la["rounded_other_way"]) for la in kept),
+                   weights=sum(int(la["weights"]) for la in res.layers), samples=res.samples,
+                   budget_seconds=ctx.opts.adaround_seconds, budget_exhausted=res.budget_exhausted,
+                   seconds=res.seconds, layers=res.layers[:50], skipped=res.skipped[:20])
+    if not kept:
+        section.update(enabled=False, reason="no Conv/Gemm/MatMul with an int8 constant weight whose learned "
+                                             "rounding lowered its output error on the calibration samples"
+                       if res.layers else "no Conv/Gemm/MatMul with a symmetric int8 constant weight")
+        return None
+    return Candidate(f"{base.name}-adaround", dest, base.float_path, base.float_model, base.ranges)
+
+
 def _sig(x: float | None) -> float | None:
     return None if x is None else float(f"{x:.4g}")
 
@@ -307,15 +333,16 @@ def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
     (quantized from ``ctx.norm_path`` with ``ranges``); the chosen artifact ends up at ``ctx.quant_path``.
     ``calibrate`` calibrates a context's model as the recipe does."""
     opts = ctx.opts
-    out = Refined({"mode": opts.equalize}, {"mode": opts.bias_correction})
+    out = Refined({"mode": opts.equalize}, {"mode": opts.bias_correction},
+                  None if opts.adaround == "off" else {"mode": opts.adaround})
     if opts.equalize == "off":
         out.equalization.update(enabled=False, reason=_mode_reason("off", "equalize"))
     if opts.bias_correction == "off":
         out.bias_correction.update(enabled=False, reason=_mode_reason("off", "bias_correction"))
-    if opts.equalize == "off" and opts.bias_correction == "off":
+    if opts.equalize == "off" and opts.bias_correction == "off" and opts.adaround == "off":
         return out  # the artifact as before these options existed
     plain = Candidate("plain", ctx.quant_path, ctx.norm_path, ctx.normalized, ranges)
-    auto = "auto" in (opts.equalize, opts.bias_correction)
+    auto = "auto" in (opts.equalize, opts.bias_correction, opts.adaround)
     ref = Reference(ctx, COMPARE_SAMPLES if auto else CHECK_SAMPLES)
     scores: dict[str, float | None] = {}
 
@@ -328,6 +355,11 @@ def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
     if opts.equalize != "off":
         eq = _equalize(ctx, calibrate, ref, out)
         chosen = _choose(opts.equalize, "equalize", plain, eq, score, ref, out.equalization)
+    if out.adaround is not None:
+        # Learned rounding before bias correction: the correction then takes the mean shift the learned
+        # rounding leaves.
+        learned = _learn_rounding(ctx, chosen, out.adaround)
+        chosen = _choose(opts.adaround, "adaround", chosen, learned, score, ref, out.adaround)
     if opts.bias_correction != "off":
         corrected = _correct(ctx, chosen, out, ref)
         chosen = _choose(opts.bias_correction, "bias_correction", chosen, corrected, score, ref,

@@ -617,6 +617,8 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
         report["equalization"] = made.output.equalization
     if made.output.bias_correction is not None:
         report["bias_correction"] = made.output.bias_correction
+    if made.output.adaround is not None:
+        report["adaround"] = made.output.adaround
     lsq = table.sqnr
     report["layer_sqnr"] = {"samples": lsq.samples, "passes": lsq.passes, "seconds": round(lsq.seconds, 3)}
     sensitivity = _sensitivity_section(table.sensitivity, cfg.recipe)

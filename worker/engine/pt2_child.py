@@ -5,7 +5,8 @@ Runs only on copies that ``worker.engine.pt2.sanitize`` wrote after ``check_arch
 
 - ``inspect``: load the program and describe its tensor inputs and outputs (for the upload response);
 - ``export``: export it to ONNX (dynamic axes kept) and check ONNX Runtime against PyTorch on real samples;
-- ``qat``: quantization-aware fine-tuning (``worker.engine.qat_torch``), then the same export and check.
+- ``qat``: quantization-aware fine-tuning (``worker.engine.qat_torch``), then the same export and check;
+- ``adaround``: learned rounding of int8 weights, a group of layers (``worker.engine.adaround_torch``).
 
 Each takes the request (a dict) and an ``emit`` for progress events (dicts), and returns its result as a
 JSON-ready dict. A failure of torch's becomes an EngineError with the command's own code; its traceback goes
@@ -20,13 +21,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from worker.engine.adaround_torch import learn_layers
 from worker.engine.errors import EngineError
 from worker.engine.pt2 import EXPORT_OPSET
 from worker.engine.qat_torch import run_qat
 from worker.engine.torch_export import describe, export_onnx, sample_feeds, tensor_infos
 
 Emit = Callable[[dict[str, Any]], None]
-FAILURE_CODES = {"inspect": "invalid_model", "export": "export_failed", "qat": "training_failed"}
+FAILURE_CODES = {"inspect": "invalid_model", "export": "export_failed", "qat": "training_failed",
+                 "adaround": "quantization_failed"}
 
 
 def load(path: str) -> Any:
@@ -73,7 +76,7 @@ def cmd_qat(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
 
 
 COMMANDS: dict[str, Callable[[dict[str, Any], Emit], dict[str, Any]]] = {
-    "inspect": cmd_inspect, "export": cmd_export, "qat": cmd_qat,
+    "inspect": cmd_inspect, "export": cmd_export, "qat": cmd_qat, "adaround": learn_layers,
 }
 
 
@@ -107,3 +110,7 @@ def export(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
 
 def qat(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
     return _command("qat", req, emit)
+
+
+def adaround(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
+    return _command("adaround", req, emit)

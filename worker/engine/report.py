@@ -304,6 +304,40 @@ class BiasCorrection(_Closed):
     seconds: float | None = None
 
 
+class AdaRoundLayer(_Closed):
+    """One layer's learned rounding."""
+
+    layer: str
+    op_type: str
+    weights: int
+    steps: int = Field(description="Adam steps taken on the layer's rounding variables")
+    rounded_other_way: int = Field(description="int8 weights rounded the other way than to the nearest level")
+    output_mse_nearest: float = Field(description="the layer's output mean squared error with nearest rounding, on "
+                                                  "the calibration samples' float inputs")
+    output_mse_learned: float
+    kept: bool = Field(description="false: the learned rounding did not lower the error; nearest rounding stays")
+
+
+class AdaRound(_Closed):
+    """int8_static's learned rounding (option adaround; worker/engine/adaround.py). Absent when the option is off."""
+
+    mode: Literal["auto", "on", "off"]
+    enabled: bool
+    reason: str
+    layers_learned: int | None = None
+    layers_kept: int | None = None
+    layers_skipped: int | None = None
+    weights: int | None = None
+    weights_rounded_other_way: int | None = None
+    samples: int | None = None
+    budget_seconds: float | None = None
+    budget_exhausted: bool | None = None
+    layers: list[AdaRoundLayer] | None = Field(default=None, description="at most 50")
+    skipped: list[dict[str, str]] | None = Field(default=None, description="at most 20, each with its reason")
+    compare: RefineCompare | None = None
+    seconds: float | None = None
+
+
 class SmoothQuantCheck(_Closed):
     """The smoothed float model against the prepared one, before anything was calibrated on it."""
 
@@ -532,6 +566,7 @@ class Report(_Closed):
     sensitivity: Sensitivity | None = None
     equalization: Equalization | None = None
     bias_correction: BiasCorrection | None = None
+    adaround: AdaRound | None = None
     training: Training | None = None
     smoothquant: SmoothQuant | None = None
     accuracy_target: AccuracyTargetResult | None = None

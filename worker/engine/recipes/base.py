@@ -197,6 +197,8 @@ class RecipeOutput:
     float_model: Path | None = None
     # int8_static: what cross-layer equalization and bias correction did (the report's sections of those names).
     equalization: dict[str, Any] | None = None
+    # int8_static: what learned rounding did (the report's adaround section).
+    adaround: dict[str, Any] | None = None
     bias_correction: dict[str, Any] | None = None
     # Run ONNX shape inference on the quantized model before the layer table (fp16: the per-layer precision
     # column reads the inferred float16 types).

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # annotations only: the registry stays light (no onnx or ONNX
 
 OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVATIONS, o.PERCENTILE, o.REDUCE_RANGE,
            o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY, o.SMOOTHQUANT, o.SMOOTHQUANT_ALPHA,
-           o.EQUALIZE, o.BIAS_CORRECTION, o.ACTIVATIONS_16BIT)
+           o.EQUALIZE, o.BIAS_CORRECTION, o.ADAROUND, o.ADAROUND_SECONDS, o.ACTIVATIONS_16BIT)
 
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
@@ -119,7 +119,8 @@ def _quantize_from(ctx: RecipeContext, smoothquant: dict[str, Any], smoothed_pat
     refined = refine(ctx, cal.ranges, _recalibrate)
     return RecipeOutput(calibration=calibration, static_ranges=refined.ranges or cal.ranges,
                         smoothquant=smoothquant, float_model=refined.float_path or smoothed_path,
-                        equalization=refined.equalization, bias_correction=refined.bias_correction)
+                        equalization=refined.equalization, bias_correction=refined.bias_correction,
+                        adaround=refined.adaround)
 
 
 def _recalibrate(ctx: RecipeContext) -> CalibrationResult:
