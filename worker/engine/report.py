@@ -311,6 +311,8 @@ class AdaRoundLayer(_Closed):
     op_type: str
     weights: int
     steps: int = Field(description="Adam steps taken on the layer's rounding variables")
+    seconds: float = Field(description="the steps' time (the layer's share of adaround_seconds bounds it, after "
+                                       "the first 50 steps)")
     rounded_other_way: int = Field(description="int8 weights rounded the other way than to the nearest level")
     output_mse_nearest: float = Field(description="the layer's output mean squared error with nearest rounding, on "
                                                   "the calibration samples' float inputs")
