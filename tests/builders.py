@@ -57,9 +57,12 @@ def mlp(path: Path, in_features: int = 20, classes: int = 5, seed: int = 0) -> P
 
 
 def tiny_transformer(path: Path, vocab: int = 1000, dim: int = 64, seq: int = 16, layers: int = 1,
-                     seed: int = 0, classes: int | None = None) -> Path:
+                     seed: int = 0, classes: int | None = None, mask_value: float = -1e4,
+                     outliers: float = 1.0) -> Path:
     """A transformer encoder over int64 token ids: [N, seq] int64 (+ mask) -> [N, seq, vocab] logits, or with
-    ``classes``, a text classifier: mean-pooled over the unmasked tokens -> [N, classes] scores."""
+    ``classes``, a text classifier: mean-pooled over the unmasked tokens -> [N, classes] scores. ``mask_value``
+    is what masked scores get (real exports use float32's minimum); ``outliers`` scales two channels of the
+    embeddings, which the residual stream then carries through every block (as trained encoders' do)."""
     import torch
     from torch import nn
 
@@ -80,7 +83,9 @@ def tiny_transformer(path: Path, vocab: int = 1000, dim: int = 64, seq: int = 16
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             x = self.emb(input_ids) + self.pos
-            bias = (1.0 - attention_mask.to(x.dtype))[:, None, :] * -1e4
+            if outliers != 1.0:
+                x = x * torch.tensor([outliers, outliers] + [1.0] * (dim - 2))
+            bias = (1.0 - attention_mask.to(x.dtype))[:, None, :] * mask_value
             for blk in self.layers:
                 h = blk["ln1"](x)
                 q, k, v = blk["qkv"](h).chunk(3, dim=-1)

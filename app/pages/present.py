@@ -33,6 +33,7 @@ from worker.engine.report import (
     OutputAccuracy,
     PassedOver,
     Report,
+    Residual16,
     SmoothQuant,
     TargetCheck,
 )
@@ -579,6 +580,17 @@ def adaround_line(section: AdaRound | None) -> str:
         if section.budget_exhausted:
             line += f" (the {section.budget_seconds:g} s budget ran out: later layers got fewer steps)"
         line += "."
+    return line
+
+
+def residual_16bit_line(section: Residual16 | None) -> str:
+    """int8_static's option residual_16bit in one line: on or off and why, then what it widened."""
+    if section is None:
+        return ""
+    line = f"{'On' if section.enabled else 'Off'} ({section.mode}): {section.reason}."
+    if section.enabled and section.tensors_16bit:
+        line += (f" {section.tensors_16bit} activation(s) in 16 bits, {section.softmax_in_float or 0} Softmax kept "
+                 "in float (weights stay int8).")
     return line
 
 

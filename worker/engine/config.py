@@ -67,6 +67,9 @@ class RecipeOptions:
     # (worker/engine/adaround.py).
     adaround: str = "off"
     adaround_seconds: float = 120.0
+    # int8_static: transformer blocks' residual stream in 16 bits and Softmax in float, "auto" | "on" | "off"
+    # (worker/engine/residual16.py).
+    residual_16bit: str = "auto"
     # int8_static: tensor or node names whose activations get 16-bit QDQ (A16W8) instead of uint8.
     activations_16bit: tuple[str, ...] = ()
     # int4_weight_only. algorithm None: clip_search when calibration data is given, else rtn.

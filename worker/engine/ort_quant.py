@@ -21,8 +21,9 @@ from worker.engine.calibrate import (
 )
 from worker.engine.errors import EngineError
 from worker.engine.feeds import batch_source
+from worker.engine.inspect import default_opset
 from worker.engine.int4 import Int4Result, quantize_int4
-from worker.engine.normalize import nonfinite_constant_nodes, prepare_for_static, subgraph_op_types
+from worker.engine.normalize import all_graphs, nonfinite_constant_nodes, prepare_for_static, subgraph_op_types
 
 if TYPE_CHECKING:  # annotations only: the option tables import the recipes, whose handlers import this module
     from worker.engine.config import QuantizeConfig, RecipeOptions
@@ -73,9 +74,18 @@ def quantize_static(
         # ONNX Runtime converts a model below opset 21 to opset 21 for them (standard 16-bit Q/DQ).
         act16 = QuantType.QInt16 if opts.symmetric_activations else QuantType.QUInt16
         extra["TensorQuantOverrides"] = {t: [{"quant_type": act16}] for t in wide}
+        prepared = bump_to_opset21(model) or prepared
+    source: str | onnx.ModelProto = str(src)
+    if prepared:
+        # Handed over as a file: given a ModelProto, ONNX Runtime's quantizer copies it through its own shape
+        # inference, a copy of the weights more at the step's peak.
+        staged = dest.with_name(dest.stem + "-staged.onnx")
+        onnx.save(model, str(staged))
+        source = str(staged)
+    del model
     try:
         ort_quantize_static(
-            model if prepared else str(src),
+            source,
             str(dest),
             calibration_data_reader=None,
             quant_format=QuantFormat.QDQ,
@@ -97,9 +107,36 @@ def quantize_static(
             f"ONNX Runtime's static quantizer failed on this model: {str(exc).strip()[:500]}. "
             "Excluding the node it names (option nodes_to_exclude) or trying int8_dynamic may help",
         ) from exc
+    finally:
+        if source != str(src):
+            Path(source).unlink(missing_ok=True)
     if opts.nodes_to_exclude:
         _float_inputs_for(dest, set(opts.nodes_to_exclude))
     return forced
+
+
+# Operators whose meaning changed between opset 18 and 21 (GroupNormalization's scale and bias went from per
+# group to per channel in 21): a model with one is left to ONNX's version converter.
+CHANGED_SINCE_18 = frozenset({"GroupNormalization"})
+
+
+def bump_to_opset21(model: onnx.ModelProto) -> bool:
+    """Declare opset 21 on a model of opset 18-20 (in place; True when it did), so that ONNX Runtime's quantizer
+    needs no version conversion for 16-bit Q/DQ: ONNX's converter holds several copies of the model (a 90 MB
+    sentence encoder's int8_static job peaked at 919 MB in it). From 18 to 21 the standard operators gained
+    types (int4, float8, 16-bit Q/DQ) and attributes whose defaults keep the old meaning, except those in
+    CHANGED_SINCE_18; below 18, the Reduce operators' axes moved from an attribute to an input, and the
+    converter is left to do it."""
+    opset = default_opset(model)
+    if not 18 <= opset < 21:
+        return False
+    if any(n.op_type in CHANGED_SINCE_18 and n.domain in ("", "ai.onnx") for g in all_graphs(model) for n in g.node):
+        return False
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = 21
+    model.ir_version = max(model.ir_version, 10)  # opset 21 comes with IR version 10
+    return True
 
 
 def a16_tensors(model: onnx.ModelProto, names: Sequence[str], op_types: Sequence[str] = (),

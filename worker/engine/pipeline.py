@@ -619,6 +619,8 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
         report["bias_correction"] = made.output.bias_correction
     if made.output.adaround is not None:
         report["adaround"] = made.output.adaround
+    if made.output.residual_16bit is not None:
+        report["residual_16bit"] = made.output.residual_16bit
     lsq = table.sqnr
     report["layer_sqnr"] = {"samples": lsq.samples, "passes": lsq.passes, "seconds": round(lsq.seconds, 3)}
     sensitivity = _sensitivity_section(table.sensitivity, cfg.recipe)

@@ -340,6 +340,20 @@ class AdaRound(_Closed):
     seconds: float | None = None
 
 
+class Residual16(_Closed):
+    """int8_static's option residual_16bit (worker/engine/residual16.py)."""
+
+    mode: Literal["auto", "on", "off"]
+    enabled: bool
+    reason: str
+    layernorms: int | None = Field(default=None, description="LayerNorm inputs found (LayerNormalization or "
+                                                             "ReduceMean/Sub)")
+    residual_adds: int | None = Field(default=None, description="Adds of two activations that feed no Softmax")
+    tensors_16bit: int | None = Field(default=None, description="activation tensors given 16-bit QDQ")
+    softmax_in_float: int | None = None
+    compare: RefineCompare | None = None
+
+
 class SmoothQuantCheck(_Closed):
     """The smoothed float model against the prepared one, before anything was calibrated on it."""
 
@@ -569,6 +583,7 @@ class Report(_Closed):
     equalization: Equalization | None = None
     bias_correction: BiasCorrection | None = None
     adaround: AdaRound | None = None
+    residual_16bit: Residual16 | None = None
     training: Training | None = None
     smoothquant: SmoothQuant | None = None
     accuracy_target: AccuracyTargetResult | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -200,6 +200,10 @@ class RecipeOutput:
     # int8_static: what learned rounding did (the report's adaround section).
     adaround: dict[str, Any] | None = None
     bias_correction: dict[str, Any] | None = None
+    # int8_static: what option residual_16bit did (the report's residual_16bit section).
+    residual_16bit: dict[str, Any] | None = None
+    # int8_static: activations that held infinity or NaN on the calibration data (they stay in float).
+    nonfinite_tensors: list[str] = field(default_factory=list)
     # Run ONNX shape inference on the quantized model before the layer table (fp16: the per-layer precision
     # column reads the inferred float16 types).
     infer_shapes: bool = False

@@ -15,7 +15,8 @@ if TYPE_CHECKING:  # annotations only: the registry stays light (no onnx or ONNX
 
 OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVATIONS, o.PERCENTILE, o.REDUCE_RANGE,
            o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY, o.SMOOTHQUANT, o.SMOOTHQUANT_ALPHA,
-           o.EQUALIZE, o.BIAS_CORRECTION, o.ADAROUND, o.ADAROUND_SECONDS, o.ACTIVATIONS_16BIT)
+           o.EQUALIZE, o.BIAS_CORRECTION, o.ADAROUND, o.ADAROUND_SECONDS, o.RESIDUAL_16BIT,
+           o.ACTIVATIONS_16BIT)
 
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
@@ -28,7 +29,86 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     out = _quantize_from(smoothed_ctx, smoothing.section, smoothing.path)
     if smoothing.path is not None and ctx.opts.smoothquant == "auto":
         out = _keep_smoothing_if_better(ctx, out)
-    return out
+    return _residual_stream(ctx, out)
+
+
+# "auto" compares the model with and without residual_16bit on this many calibration samples (a transformer's
+# samples are cheap to run, but the comparison adds a quantization and runs of both int8 models).
+RESIDUAL_COMPARE_SAMPLES = 16
+# "auto" tries the 16-bit residual stream only where the int8 model's output SQNR on those samples is below this:
+# an int8 transformer that already keeps its outputs (cosine about 0.998 at 25 dB) is left as it is, without the
+# quantization and memory the try costs (all-MiniLM-L6-v2, whose int8 model collapses: -1.1 dB).
+RESIDUAL_TRY_BELOW_DB = 25.0
+
+
+def _residual_stream(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
+    """Option residual_16bit: the same model quantized again with the residual stream's tensors in 16 bits and
+    the Softmax nodes in float (same calibrated ranges), kept with "on", and with "auto" where the output SQNR
+    against the float model on the first calibration samples rises by MIN_GAIN_DB."""
+    # lazy: as in quantize (onnx too: the registry imports this module)
+    import onnx
+
+    from worker.engine.calibrate import write_ort_ranges
+    from worker.engine.conv_refine import MIN_GAIN_DB, Reference, output_sqnr_db, run_all
+    from worker.engine.files import place
+    from worker.engine.ort_quant import quantize_static, warn_forced
+    from worker.engine.residual16 import residual_stream
+
+    opts = ctx.opts
+    section: dict[str, Any] = {"mode": opts.residual_16bit}
+    if opts.residual_16bit == "off":
+        section.update(enabled=False, reason="option residual_16bit is off")
+        return dataclasses.replace(out, residual_16bit=section)
+    float_path = out.float_model or ctx.norm_path
+    float_model = ctx.normalized if float_path == ctx.norm_path else onnx.load(str(float_path))
+    found = residual_stream(float_model, opts.op_types_to_quantize)
+    del float_model
+    section.update(layernorms=found.layernorms, residual_adds=found.residual_adds)
+    if not found.tensors:
+        section.update(enabled=False, reason="no transformer block (a LayerNorm and a residual Add of two "
+                                             "activations) in the graph")
+        return dataclasses.replace(out, residual_16bit=section)
+    changed = [name for name, s in (("equalization", out.equalization), ("bias correction", out.bias_correction),
+                                    ("learned rounding", out.adaround)) if s and s.get("enabled")]
+    if changed:
+        section.update(enabled=False, reason=f"not tried: {' and '.join(changed)} changed the int8 model, which "
+                                             "quantizing it again would undo")
+        return dataclasses.replace(out, residual_16bit=section)
+    ref = Reference(ctx, RESIDUAL_COMPARE_SAMPLES)
+    without = output_sqnr_db(ref.outputs, run_all(ctx.quant_path, ref.feeds, ctx, "int8 model"))
+    if opts.residual_16bit == "auto" and without is not None and without >= RESIDUAL_TRY_BELOW_DB:
+        section.update(enabled=False, compare={"samples": sum(ref.counts), "sqnr_db_without": _r3(without),
+                                               "sqnr_db_with": None},
+                       reason=f"auto: not tried, the int8 model's output SQNR on the calibration samples is "
+                              f"{without:.2f} dB, at least {RESIDUAL_TRY_BELOW_DB:g}")
+        return dataclasses.replace(out, residual_16bit=section)
+    wide_opts = dataclasses.replace(
+        opts, activations_16bit=tuple(dict.fromkeys((*opts.activations_16bit, *found.tensors))),
+        nodes_to_exclude=tuple(dict.fromkeys((*opts.nodes_to_exclude, *found.softmax_nodes))))
+    assert out.static_ranges is not None
+    ranges_path = ctx.work / "residual16-ranges.json"
+    write_ort_ranges(out.static_ranges, ranges_path)
+    dest = ctx.work / "quantized-residual16.onnx"
+    warnings: list[str] = []
+    warn_forced(quantize_static(float_path, dest, ranges_path, wide_opts, out.nonfinite_tensors), warnings)
+    section.update(tensors_16bit=len(found.tensors), softmax_in_float=len(found.softmax_nodes))
+    if opts.residual_16bit == "on":
+        section.update(enabled=True, reason="option residual_16bit is on")
+    else:
+        with_db = output_sqnr_db(ref.outputs, run_all(dest, ref.feeds, ctx, "int8 model with 16-bit residuals"))
+        section["compare"] = {"samples": sum(ref.counts), "sqnr_db_without": _r3(without),
+                              "sqnr_db_with": _r3(with_db)}
+        if with_db is None or (without is not None and with_db < without + MIN_GAIN_DB):
+            section.update(enabled=False, reason=f"auto: no gain on the calibration samples (output SQNR "
+                                                 f"{_r3(without)} dB without, {_r3(with_db)} dB with)")
+            return dataclasses.replace(out, residual_16bit=section)
+        section.update(enabled=True, reason=f"auto: output SQNR on the calibration samples {_r3(without)} -> "
+                                            f"{_r3(with_db)} dB with it")
+    place(dest, ctx.quant_path)
+    ctx.warnings.extend(warnings)
+    calibration = dict(out.calibration or {})
+    calibration["activations_16bit"] = len(wide_opts.activations_16bit)
+    return dataclasses.replace(out, residual_16bit=section, calibration=calibration)
 
 
 def _keep_smoothing_if_better(ctx: RecipeContext, smoothed: RecipeOutput) -> RecipeOutput:
@@ -118,6 +198,7 @@ def _quantize_from(ctx: RecipeContext, smoothquant: dict[str, Any], smoothed_pat
     # with one quantized from an equalized copy of the model, whose ranges and float model the layers stage reads.
     refined = refine(ctx, cal.ranges, _recalibrate)
     return RecipeOutput(calibration=calibration, static_ranges=refined.ranges or cal.ranges,
+                        nonfinite_tensors=list(cal.nonfinite_tensors),
                         smoothquant=smoothquant, float_model=refined.float_path or smoothed_path,
                         equalization=refined.equalization, bias_correction=refined.bias_correction,
                         adaround=refined.adaround)

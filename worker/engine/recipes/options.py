@@ -74,6 +74,10 @@ ADAROUND = Option("adaround", "choice", "off", "learn each Conv/Gemm/MatMul int8
                   "lowers the output error on the calibration samples)", choices=REFINE_MODES)
 ADAROUND_SECONDS = Option("adaround_seconds", "float", 120.0, "time budget of the rounding optimisation, shared by "
                           "the layers (each gets at least 50 steps)", lo=1.0, hi=3600.0)
+# The residual stream of transformer blocks in 16 bits, Softmax in float (worker/engine/residual16.py).
+RESIDUAL_16BIT = Option("residual_16bit", "choice", "auto", "transformer blocks: LayerNorm inputs, residual Adds and "
+                        "the output projections feeding them in 16 bits, Softmax in float (auto: where the graph has "
+                        "them and it lowers the output error on the calibration samples)", choices=REFINE_MODES)
 # A16W8 (worker/engine/ort_quant.py's a16_tensors): these activations get 16-bit QDQ instead of uint8.
 ACTIVATIONS_16BIT = Option("activations_16bit", "names", (), "activation tensors, or nodes whose outputs, get "
                            "16-bit QDQ instead of 8-bit (A16W8; same calibrated range, opset 21 Q/DQ)")
@@ -118,5 +122,5 @@ ORDER = (
     "percentile", "batch_size", "max_calibration_samples", "holdout_fraction", "latency_runs", "algorithm",
     "block_size", "steps", "learning_rate", "range_learning_rate", "max_fallback_steps", "prefer", "accuracy_level",
     "nodes_to_exclude", "op_types_to_quantize", "op_block_list", "outputs", "smoothquant", "smoothquant_alpha",
-    "equalize", "bias_correction", "adaround", "adaround_seconds", "activations_16bit",
+    "equalize", "bias_correction", "adaround", "adaround_seconds", "residual_16bit", "activations_16bit",
 )

@@ -1,0 +1,130 @@
+"""int8_static option residual_16bit (issue #18): the residual stream of transformer blocks in 16 bits, Softmax in
+float; and the opset bump that spares ONNX's version converter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from app.pages import present
+from tests import builders
+from tests.builders import save_npz
+from tests.reports import assert_report_complete
+from worker.engine.config import QuantizeConfig, parse_options
+from worker.engine.normalize import normalize
+from worker.engine.ort_quant import bump_to_opset21
+from worker.engine.pipeline import run
+from worker.engine.report import Report
+from worker.engine.residual16 import residual_stream
+
+FLOAT32_MIN = -3.4028234663852886e38
+
+
+def _tokens(path: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 1000, (n, 16)).astype(np.int64)
+    mask = np.ones((n, 16), np.int64)
+    for i in range(n):
+        mask[i, rng.integers(8, 16):] = 0
+    return save_npz(path, input_ids=ids, attention_mask=mask)
+
+
+def _quantize(tmp: Path, model: Path, tag: str, **options: object) -> dict:
+    cfg = QuantizeConfig(model_path=model, output_path=tmp / f"{tag}.onnx", recipe="int8_static",
+                         options=parse_options("int8_static", {"smoothquant": "off", **options}),
+                         calibration_path=_tokens(tmp / "c.npz", 64, 1), eval_path=_tokens(tmp / "e.npz", 32, 2),
+                         threads=1, device="cpu", work_dir=tmp / f"work-{tag}")
+    return run(cfg).report
+
+
+def test_the_residual_stream_of_each_block_is_found(tmp_path: Path) -> None:
+    model = builders.tiny_transformer(tmp_path / "m.onnx", layers=2)
+    prepared = onnx.load(str(normalize(model, tmp_path / "prep", per_channel=True).path))
+    found = residual_stream(prepared)
+    # Two blocks: two LayerNorms and two residual Adds each, one Softmax each.
+    assert (found.layernorms, found.residual_adds, len(found.softmax_nodes)) == (4, 4, 2)
+    softmax = {n.name: n for n in prepared.graph.node if n.op_type == "Softmax"}
+    assert set(found.softmax_nodes) == set(softmax)
+    assert not {n.input[0] for n in softmax.values()} & set(found.tensors)  # the scores + mask stay out
+    norms = {n.input[0] for n in prepared.graph.node if n.op_type == "LayerNormalization"}
+    # The LayerNorm inputs and residual Add outputs (5 distinct: the embeddings + positions, then each residual
+    # Add's), the 4 projection bias Adds' outputs and the 4 MatMul outputs they read, the embedding Gather's
+    # output (what the embeddings + positions Add reads besides its constant), 2 Softmax outputs: 16.
+    assert norms <= set(found.tensors) and len(found.tensors) == 16
+    conv = builders.conv_net(tmp_path / "conv.onnx")
+    assert residual_stream(onnx.load(str(conv))).tensors == []
+
+
+def test_int8_static_widens_the_residual_stream_where_it_helps(tmp_path: Path) -> None:
+    """Two channels of the residual stream 30x the rest and a float32-minimum attention mask: plain int8 loses
+    the small channels; the default (auto) widens the stream and keeps the Softmax in float."""
+    model = builders.tiny_transformer(tmp_path / "m.onnx", layers=2, mask_value=FLOAT32_MIN, outliers=30.0)
+    off = _quantize(tmp_path, model, "off", residual_16bit="off")
+    auto = _quantize(tmp_path, model, "auto")
+    assert_report_complete(auto, "int8_static")
+    db = {k: r["accuracy"]["outputs"][0]["sqnr_db"] for k, r in (("off", off), ("auto", auto))}
+    # Measured (onnxruntime 1.32, 1 thread): 21.49 dB plain, 31.29 dB with the residual stream in 16 bits.
+    assert db["off"] < 23.0 and db["auto"] > 29.0, db
+    section = auto["residual_16bit"]
+    assert section["enabled"] and section["tensors_16bit"] == 15 and section["softmax_in_float"] == 2, section
+    assert section["compare"]["sqnr_db_with"] > section["compare"]["sqnr_db_without"]
+    assert off["residual_16bit"] == {"mode": "off", "enabled": False, "reason": "option residual_16bit is off"}
+    assert any(la.get("activation_bits") == 16 for la in auto["layers"])
+    assert auto["calibration"]["activations_16bit"] == 15
+    # The weights stay int8: the artifact is within a few percent of the plain one's size.
+    assert abs(auto["size"]["quantized_bytes"] / off["size"]["quantized_bytes"] - 1) < 0.05
+    line = present.residual_16bit_line(Report.from_stored(auto).residual_16bit)
+    assert line.startswith("On (auto): auto: output SQNR") and "15 activation(s) in 16 bits" in line, line
+
+
+def test_auto_leaves_alone_a_transformer_int8_keeps(tmp_path: Path) -> None:
+    model = builders.tiny_transformer(tmp_path / "m.onnx", layers=1)
+    rep = _quantize(tmp_path, model, "auto")
+    section = rep["residual_16bit"]
+    # Measured: 27.32 dB on the compare samples.
+    assert not section["enabled"] and "not tried" in section["reason"], section
+    assert section["compare"]["sqnr_db_without"] >= 25.0 and section["compare"]["sqnr_db_with"] is None
+    assert "activations_16bit" not in rep["calibration"]
+    conv = _conv_report(tmp_path)
+    assert conv["residual_16bit"]["reason"].startswith("no transformer block")
+
+
+def _conv_report(tmp_path: Path) -> dict:
+    model = builders.conv_net(tmp_path / "conv.onnx")
+    cfg = QuantizeConfig(model_path=model, output_path=tmp_path / "conv.int8.onnx", recipe="int8_static",
+                         options=parse_options("int8_static", {}),
+                         calibration_path=builders.image_data(tmp_path / "img.npz", n=16), threads=1, device="cpu",
+                         work_dir=tmp_path / "work-conv")
+    return run(cfg).report
+
+
+def _reduce_model(opset: int, op: str = "ReduceMean") -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    if op == "GroupNormalization":
+        inits = [numpy_helper.from_array(np.ones(2, np.float32), "s"),
+                 numpy_helper.from_array(np.zeros(2, np.float32), "b")]
+        node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], num_groups=2)
+    else:
+        inits = [numpy_helper.from_array(np.array([2], np.int64), "axes")]
+        node = helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=1)
+    return helper.make_model(helper.make_graph([node], "g", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_opset_18_to_20_is_declared_21_and_runs_the_same(tmp_path: Path) -> None:
+    model = _reduce_model(18)
+    x = np.random.default_rng(0).standard_normal((2, 4, 6)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert bump_to_opset21(model)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 21)] and model.ir_version >= 10
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(before[0], after[0])
+    # Below 18 (Reduce axes were an attribute) and with an operator whose meaning changed, the converter is used.
+    assert not bump_to_opset21(_reduce_model(17))
+    assert not bump_to_opset21(_reduce_model(18, "GroupNormalization"))
+    assert not bump_to_opset21(_reduce_model(21))
