@@ -5,9 +5,10 @@
 For each corpus entry (``tests.zoo``: published weights, realistic calibration and evaluation data) this runs,
 each as a ``lowbit quantize`` child process like ``benchmarks/zoo.py`` does:
 
-- ``plain``: int8_static with SmoothQuant, cross-layer equalization and bias correction off;
-- ``smoothquant``, ``equalize``, ``bias_correction``, ``adaround``: that option "on", the others off (learned
-  rounding with its default time budget);
+- ``plain``: int8_static with SmoothQuant, cross-layer equalization, bias correction, learned rounding and the
+  16-bit residual stream off;
+- ``smoothquant``, ``equalize``, ``bias_correction``, ``adaround``, ``residual_16bit``: that option "on", the
+  others off (learned rounding with its default time budget);
 - ``defaults``: int8_static as a job gets it (each option "auto": tried, and kept only where it measured better
   on the calibration samples);
 - ``auto``: recipe auto with an accuracy target of output cosine >= ``--auto-cosine`` (its float-fallback and
@@ -41,13 +42,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import zoo  # noqa: E402  (the sibling benchmark: children, baselines, task metrics)
 
-OFF = {"smoothquant": "off", "equalize": "off", "bias_correction": "off"}
+OFF = {"smoothquant": "off", "equalize": "off", "bias_correction": "off", "residual_16bit": "off"}
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain": ("int8_static", dict(OFF)),
     "smoothquant": ("int8_static", {**OFF, "smoothquant": "on"}),
     "equalize": ("int8_static", {**OFF, "equalize": "on"}),
     "bias_correction": ("int8_static", {**OFF, "bias_correction": "on"}),
     "adaround": ("int8_static", {**OFF, "adaround": "on"}),
+    "residual_16bit": ("int8_static", {**OFF, "residual_16bit": "on"}),
     "defaults": ("int8_static", {}),
     "auto": ("auto", {}),
 }
@@ -124,7 +126,7 @@ def what_it_did(report: dict[str, Any] | None, variant: str) -> str:
         return f"chose {chosen.get('recipe')} {json.dumps(extra)}"[:90]
     parts = []
     for key, label in (("smoothquant", "SmoothQuant"), ("equalization", "CLE"), ("bias_correction", "BC"),
-                       ("adaround", "AdaRound")):
+                       ("adaround", "AdaRound"), ("residual_16bit", "16-bit residual")):
         section = report.get(key) or {}
         if section.get("enabled"):
             parts.append(f"{label} kept")
