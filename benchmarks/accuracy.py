@@ -9,8 +9,9 @@ each as a ``lowbit quantize`` child process like ``benchmarks/zoo.py`` does:
   16-bit residual stream off;
 - ``smoothquant``, ``equalize``, ``bias_correction``, ``adaround``, ``residual_16bit``: that option "on", the
   others off (learned rounding with its default time budget);
-- ``defaults``: int8_static as a job gets it (each option "auto": tried, and kept only where it measured better
-  on the calibration samples);
+- ``defaults``: int8_static as a job gets it (SmoothQuant, equalization, bias correction and the 16-bit residual
+  stream "auto": tried, and kept only where they measured better on the calibration samples; learned rounding
+  off);
 - ``auto``: recipe auto with an accuracy target of output cosine >= ``--auto-cosine`` (its float-fallback and
   16-bit-activation steps included; slow on large conv nets, leave it out with ``--variants``);
 
