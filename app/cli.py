@@ -374,6 +374,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raw["method"] = args.method
     try:
         target = accuracy_target(args.accuracy_target)
+    except ValueError as exc:  # an --accuracy-target that is not JSON, or not a target
+        print(f"\nlowbit: error [invalid_accuracy_target]: {exc}", file=sys.stderr)
+        return 2
+    # (A ValueError from the run itself is no target's fault: it goes to main's internal-error handler.)
+    try:
         with _private_scratch() as scratch:
             cfg = QuantizeConfig(
                 model_path=model,
@@ -392,9 +397,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             report = _quantize(cfg, recipe, target, report_path)
         if report is None:
             return 1
-    except ValueError as exc:  # an --accuracy-target that is not JSON, or not a target
-        print(f"\nlowbit: error [invalid_accuracy_target]: {exc}", file=sys.stderr)
-        return 2
     except EngineError as exc:
         print(f"\nlowbit: error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 2

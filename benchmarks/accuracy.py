@@ -142,7 +142,8 @@ def row_for(entry: Any, variant: str, artifact: Path, ok: bool, status: str, bas
     row = Row(entry.name, variant, status)
     if not ok or not artifact.is_file():
         return row
-    row.size_ratio = round(artifact.stat().st_size / Path(entry.model).stat().st_size, 4) if report is None \
+    # (ONNX Runtime's artifact against the file it quantized: a .pt2 entry's ONNX export, as lowbit's report does)
+    row.size_ratio = round(artifact.stat().st_size / base.fp32_onnx.stat().st_size, 4) if report is None \
         else report["size"]["ratio"]
     out = zoo.outputs_of(artifact, entry.eval)
     if base.ref is not None:

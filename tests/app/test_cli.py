@@ -151,6 +151,25 @@ def test_an_unexpected_error_is_one_line_not_a_traceback(zoo: dict[str, Path], t
     assert err.strip().splitlines()[-1].startswith("lowbit: error [internal_error]: unexpected RuntimeError")
 
 
+def test_a_value_error_in_the_run_is_not_called_a_bad_accuracy_target(zoo: dict[str, Path], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """pydantic's ValidationError is a ValueError: one from inside the run (a report the contract refused) was
+    reported as [invalid_accuracy_target], naming the user's target for lowbit's own fault."""
+    from worker.engine import pipeline
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("a report field the contract does not know")
+
+    monkeypatch.setattr(pipeline, "run", broken)
+    monkeypatch.delenv("LOWBIT_DEBUG", raising=False)
+    argv = ["quantize", str(zoo["mlp"]), "--calib", str(zoo["mlp_data"]), "-o", str(tmp_path / "q.onnx")]
+    assert main(argv) == EXIT_INTERNAL
+    assert capsys.readouterr().err.strip().startswith("lowbit: error [internal_error]: unexpected ValueError")
+    assert main([*argv, "--accuracy-target", "{not json"]) == 2
+    assert "lowbit: error [invalid_accuracy_target]" in capsys.readouterr().err
+
+
 def test_an_unexpected_error_in_a_client_command_or_at_start(monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     from app.client.core import Client
