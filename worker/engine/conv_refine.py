@@ -1,9 +1,11 @@
-"""int8_static's options ``equalize`` and ``bias_correction`` (issue #18): cross-layer equalization of conv
-chains before calibrating (worker/engine/equalize.py) and bias correction after quantizing
-(worker/engine/bias_correction.py), each "on", "off" or "auto".
+"""int8_static's options ``equalize``, ``adaround`` and ``bias_correction`` (issue #18): cross-layer equalization
+of conv chains before calibrating (worker/engine/equalize.py), learned rounding of the int8 weights
+(worker/engine/adaround.py, off by default) and bias correction after quantizing (worker/engine/bias_correction.py),
+each "on", "off" or "auto", in that order.
 
 "auto" measures instead of guessing: the plain artifact is made as always, then the equalized one (when the
-model has a conv pair to equalize), and the better of the two on the calibration samples is kept; then the kept
+model has a conv pair to equalize, and, with per-channel weights, its channel ranges spread at least
+AUTO_MIN_SPREAD), and the better of the two on the calibration samples is kept; then the kept
 one bias-corrected (when it has a layer to correct), kept only if better again. "Better" is a lower output noise
 (quantized against the prepared float model, the geometric mean over the float outputs of the noise-to-signal
 power ratio) on up to ``COMPARE_SAMPLES`` calibration samples, by at least ``MIN_GAIN_DB``. Those samples
