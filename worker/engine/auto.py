@@ -9,9 +9,7 @@
 3. Greedy fallback: for the best int8 static method, int8 dynamic and 4-bit, while the target is missed,
    keep the next most sensitive layer in float and measure the real metric again; stop when the target is
    met, when the candidate can no longer beat the smallest model that already meets it, or after
-   ``max_fallback_steps`` layers. On the static branch the first step learns the weights' rounding
-   (int8_static option adaround; the branch goes on from it when it came closer), and each float step comes
-   after an A16W8 step: the same
+   ``max_fallback_steps`` layers. On the static branch each float step comes after an A16W8 step: the same
    sensitive layers' activations (their activation inputs, as the analysis recorded them) in 16 bits, weights
    int8 (int8_static option activations_16bit); when that step meets the target, no layer goes to float.
 4. Choose among the candidates that meet the target: the smallest one that is not slower than the fp32 model
@@ -87,8 +85,7 @@ class Candidate:
     def branch(self) -> str:
         """The candidate without its fallback layers: greedy steps extend one branch."""
         method = self.options.get("method")
-        learned = "+adaround" if self.options.get("adaround") == "on" else ""
-        return (f"{self.recipe}/{method}" if method else self.recipe) + learned
+        return f"{self.recipe}/{method}" if method else self.recipe
 
     def config(self) -> dict[str, Any]:
         """The recipe and options a user can submit (or feed to ``lowbit quantize --config``) as is."""
@@ -371,16 +368,6 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
         if nxt is None:
             continue
         cand = dataclasses.replace(last.candidate, excluded_nodes=(*last.candidate.excluded_nodes, nxt))
-        if recipe == "int8_static" and last.candidate.options.get("adaround") != "on" and \
-                len(last.candidate.excluded_nodes) == len(user_excluded):
-            # Before any layer gets more bits: the same int8 model with its weights' rounding learned
-            # (int8_static option adaround); when it comes closer, the steps below extend it.
-            learned = dataclasses.replace(last.candidate, options={**last.candidate.options, "adaround": "on"})
-            if learned.key not in tried:
-                out.append(learned)
-                continue
-            if tried[learned.key].met_target:
-                continue
         if recipe == "int8_static":
             # First the same sensitive layers with 16-bit activations and int8 weights: a float step only when
             # that one did not meet the target.
@@ -459,7 +446,6 @@ def _name(c: Candidate) -> str:
     method = c.options.get("method")
     text = c.recipe + (" + int8 activations" if c.options.get("int8_activations") else "")
     text += f" ({method})" if method else ""
-    text += " + learned rounding" if c.options.get("adaround") == "on" else ""
     kept = len(c.excluded_nodes)
     text += f" + {len(c.activations_16bit)} activations in 16 bits" if c.activations_16bit else ""
     return text + (f" + {kept} layer{'s' if kept > 1 else ''} in float" if kept else "")

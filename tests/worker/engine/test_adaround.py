@@ -134,36 +134,3 @@ def test_the_time_budget_is_shared_and_every_layer_gets_its_minimum_steps(tmp_pa
     # The optimisation keeps to its budget (each layer checks its share every 10 steps after the first 50); the
     # passes that fetch the inputs and the PyTorch child's start come on top of it.
     assert sum(la["seconds"] for la in section["layers"]) < 2.0 * 1.5, section["layers"]
-
-
-def test_auto_learns_the_rounding_before_it_keeps_any_layer_in_float(tmp_path) -> None:
-    """Plain static int8 misses an SQNR target that learned rounding meets: auto's static branch tries the
-    learned rounding first, and chooses it (int8-sized, nothing in float, no 16-bit activations, no A16W8 or float
-    step run)."""
-    from worker.engine import auto
-
-    # Large enough that int8 (QDQ nodes included) is smaller than fp16: a smaller int8 model could not beat fp16,
-    # which meets the target, and the search would not extend the static branch at all.
-    model = biased_rounding_matmul(tmp_path / "m.onnx", k=128, n=64)
-    rng = np.random.default_rng(3)
-    calib = save_npz(tmp_path / "c.npz", x=rng.uniform(1, 3, (256, 128)).astype(np.float32))
-    ev = save_npz(tmp_path / "e.npz", x=np.random.default_rng(4).uniform(1, 3, (128, 128)).astype(np.float32))
-    cfg = QuantizeConfig(model_path=model, output_path=tmp_path / "out" / "m.auto.onnx", recipe="auto",
-                         options=parse_options("auto", {"latency_runs": 3, "prefer": "size", "smoothquant": "off"}),
-                         calibration_path=calib, eval_path=ev, work_dir=tmp_path / "work", threads=1, device="cpu",
-                         cache_dir=tmp_path / "cache")
-    outcome = auto.search(cfg, {"metric": "sqnr_db", "min": 35.0})
-    rows = outcome.report["candidates"]
-    statics = [r for r in rows if r["recipe"] == "int8_static"]
-    assert all(not r["met_target"] for r in statics if r["options"].get("adaround") != "on"), statics
-    chosen = outcome.chosen
-    assert chosen is not None, rows
-    assert chosen.candidate.options.get("adaround") == "on"
-    assert chosen.candidate.excluded_nodes == () and chosen.candidate.activations_16bit == ()
-    # Measured (selection samples): plain static int8 22.90-22.91 dB by method, dynamic 22.96, fp16 72.2 (twice
-    # the size), learned rounding 38.03 dB.
-    assert chosen.metric is not None and chosen.metric >= 35.0
-    learned = [r for r in statics if r["options"].get("adaround") == "on"]
-    assert len(learned) == 1 and statics.index(learned[0]) >= 4  # after the first round's four methods
-    assert not [r for r in statics if r["excluded_nodes"] or r["activations_16bit"]]
-    assert outcome.report["chosen"]["options"]["adaround"] == "on"
