@@ -334,6 +334,17 @@ def _private_scratch() -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _path_problems(model: Path, calib: Path | None, evalset: Path | None, output: Path,
+                   report_path: Path | None) -> list[str]:
+    """What is wrong with ``lowbit quantize``'s paths, each in words (empty: nothing)."""
+    problems = [p for p in (_input_problem("model", model), _input_problem("--calib", calib),
+                            _input_problem("--eval", evalset)) if p]
+    for flag, dest in (("-o", output), ("--report", report_path)):
+        if dest is not None and not dest.parent.is_dir():
+            problems.append(f"{flag} {dest}: the folder {dest.parent} does not exist")
+    return problems
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     # Before anything imports ONNX Runtime, whose telemetry otherwise writes $TMPDIR/.ses when it is imported.
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -344,11 +355,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     model, calib, evalset = _user_path(args.model), _user_path(args.calib), _user_path(args.eval)
     output, report_path = _user_path(args.output), _user_path(args.report)
     assert model is not None and output is not None  # required arguments
-    problems = [p for p in (_input_problem("model", model), _input_problem("--calib", calib),
-                            _input_problem("--eval", evalset)) if p]
-    for flag, dest in (("-o", output), ("--report", report_path)):
-        if dest is not None and not dest.parent.is_dir():
-            problems.append(f"{flag} {dest}: the folder {dest.parent} does not exist")
+    problems = _path_problems(model, calib, evalset, output, report_path)
     if problems:
         print(f"lowbit: error [invalid_path]: {'; '.join(problems)}", file=sys.stderr)
         return 2
