@@ -32,6 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from worker.engine import pt2, runtime
+from worker.engine.bias_correction import dq_inputs
 from worker.engine.calibrate import session_with
 
 Batches = Callable[[], Iterator[tuple[dict[str, np.ndarray], int]]]
@@ -74,13 +75,6 @@ class LearnedRounding:
     budget_exhausted: bool = False
 
 
-def _dq(node: onnx.NodeProto | None) -> tuple[str, str, str, int] | None:
-    if node is None or node.op_type != "DequantizeLinear":
-        return None
-    axis = next((int(a.i) for a in node.attribute if a.name == "axis"), 1)
-    return node.input[0], node.input[1], node.input[2] if len(node.input) > 2 else "", axis
-
-
 def find_targets(quantized: onnx.ModelProto, float_model: onnx.ModelProto) -> tuple[list[Target], list[dict[str, str]]]:
     """The quantized model's Conv/Gemm/MatMul nodes with a constant symmetric int8 weight, matched by name to the
     float model's node (its float weight and input)."""
@@ -94,7 +88,7 @@ def find_targets(quantized: onnx.ModelProto, float_model: onnx.ModelProto) -> tu
         if node.op_type not in OPS or node.name not in float_nodes:
             continue
         fnode = float_nodes[node.name]
-        w = _dq(producer.get(node.input[1])) if len(node.input) > 1 else None
+        w = dq_inputs(producer.get(node.input[1])) if len(node.input) > 1 else None
         if w is None or w[0] not in q_inits or w[1] not in q_inits or len(fnode.input) < 2 or \
                 fnode.input[1] not in f_inits:
             skipped.append({"layer": node.name, "reason": "weight not a quantized constant"})

@@ -61,7 +61,8 @@ class BiasCorrection:
     outputs: list[tuple[dict[str, np.ndarray], int, list[Any]]] = field(default_factory=list)
 
 
-def _dq_inputs(node: onnx.NodeProto | None) -> tuple[str, str, str, int] | None:
+def dq_inputs(node: onnx.NodeProto | None) -> tuple[str, str, str, int] | None:
+    """A DequantizeLinear's (values, scale, zero point or "", axis); None for any other node (or none)."""
     if node is None or node.op_type != "DequantizeLinear":
         return None
     axis = 1
@@ -85,11 +86,11 @@ def find_layers(quantized: onnx.ModelProto, original: onnx.ModelProto) -> tuple[
         if len(node.input) < 3 or not node.input[2]:
             skipped.append({"layer": node.name, "reason": "no bias"})
             continue
-        w = _dq_inputs(producer.get(node.input[1]))
+        w = dq_inputs(producer.get(node.input[1]))
         if w is None or w[0] not in inits or w[1] not in inits or (w[2] and w[2] not in inits):
             skipped.append({"layer": node.name, "reason": "weight not quantized to a constant"})
             continue
-        b = _dq_inputs(producer.get(node.input[2]))
+        b = dq_inputs(producer.get(node.input[2]))
         if b is not None and b[0] in inits and b[1] in inits:
             bias, bias_scale = b[0], b[1]
         elif node.input[2] in inits:
