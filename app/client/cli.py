@@ -20,9 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, TypeGuard
+from typing import IO, TYPE_CHECKING, Any, TypeGuard
 
-from app.client.core import Client, Job
 from app.client.errors import (
     ChecksumMismatch,
     JobCancelled,
@@ -32,6 +31,9 @@ from app.client.errors import (
     WaitTimeout,
 )
 from app.client.recipes import RECIPE_NAMES, RECIPE_TAGS
+
+if TYPE_CHECKING:
+    from app.client.core import Client, Job
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_INTERNAL = 0, 1, 2, 3, 4
 # Uploads and downloads smaller than this finish too fast for a bar to help.
@@ -374,6 +376,9 @@ def parse_option(text: str) -> tuple[str, Any]:
 
 
 def _client(args: argparse.Namespace) -> Client:
+    # lazy: httpx brings rich, click and pygments (20 MB), which `lowbit quantize`, serve and worker never use
+    from app.client.core import Client
+
     return Client(args.server, args.api_key)
 
 
