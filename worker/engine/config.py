@@ -46,7 +46,8 @@ class RecipeOptions:
     per_channel: bool = True
     symmetric_activations: bool = False
     percentile: float = 99.99
-    reduce_range: bool = False
+    # None: decided by the worker's CPU (pipeline.resolve_reduce_range).
+    reduce_range: bool | None = None
     batch_size: int = 8
     max_calibration_samples: int = 512
     holdout_fraction: float = 0.2

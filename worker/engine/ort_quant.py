@@ -91,7 +91,7 @@ def quantize_static(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(opts.op_types_to_quantize) or None,
             per_channel=opts.per_channel,
-            reduce_range=opts.reduce_range,
+            reduce_range=bool(opts.reduce_range),  # None (not resolved: no recipe of its own) is off
             activation_type=act,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
@@ -214,7 +214,7 @@ def quantize_dynamic(src: Path, dest: Path, opts: RecipeOptions) -> list[str]:
             str(dest),
             op_types_to_quantize=list(opts.op_types_to_quantize) or None,
             per_channel=opts.per_channel,
-            reduce_range=opts.reduce_range,
+            reduce_range=bool(opts.reduce_range),  # None (not resolved: no recipe of its own) is off
             weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude,
             extra_options={"EnableSubgraph": subgraphs},

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import platform
 import sys
 import types
 from pathlib import Path
@@ -50,6 +52,36 @@ def select_providers(device: str = "auto") -> list[str]:
             f"(available: {', '.join(available)})",
         )
     return ["CPUExecutionProvider"]
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of the first CPU in a /proc/cpuinfo text."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def int8_pairs_overflow(machine: str, flags: set[str]) -> bool:
+    """Whether ONNX Runtime's uint8 x int8 kernels on such a CPU add each pair of products in 16 bits with
+    saturation: x86-64 without VNNI (no avx512_vnni, no avx_vnni), where they use VPMADDUBSW. Two products of
+    a uint8 activation and an int8 weight reach 2 x 255 x 127 = 64,770, twice what 16 bits hold, so large
+    activations against large weights are clipped; 7-bit weights (reduce_range) bound the pair to 32,130. With
+    VNNI the products add in 32 bits, and ARM's kernels widen first. Unknown flags count as no overflow."""
+    if machine.lower() not in ("x86_64", "amd64", "x64"):
+        return False
+    return bool(flags) and not ({"avx512_vnni", "avx_vnni"} & flags)
+
+
+@functools.cache
+def int8_overflows_here() -> bool:
+    """int8_pairs_overflow for this machine's CPU (Linux: /proc/cpuinfo; elsewhere: assumed not)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return int8_pairs_overflow(platform.machine(), cpu_flags(text))
 
 
 # On CUDA, ONNX Runtime multiplies fp32 matrices in TF32 by default (10-bit mantissa) and lets cuDNN

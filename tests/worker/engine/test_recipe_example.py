@@ -68,7 +68,7 @@ def test_the_form_the_cli_the_openapi_text_and_the_generated_files_offer_it() ->
     assert f"- {NAME}: " in recipe_description()
     assert f"- {NAME}: batch_size (integer 1-1024, default 8)" in options_description()
     # Step 3's generated files: the README table and the client's recipe names and file tags.
-    assert f"| `{NAME}` | `reduce_range` | true/false, default false |" in readme_table()
+    assert f"| `{NAME}` | `reduce_range` | true/false, default decided at run time |" in readme_table()
     client = client_module()
     assert f'"{NAME}")' in client and f'"{NAME}": "int8dense"' in client
 

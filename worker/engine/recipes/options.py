@@ -49,7 +49,8 @@ MAX_CALIBRATION_SAMPLES = Option("max_calibration_samples", "int", 512, "calibra
 
 # -- int8 weights --------------------------------------------------------------------------------------------
 PER_CHANNEL = Option("per_channel", "bool", True, "one int8 weight scale per output channel")
-REDUCE_RANGE = Option("reduce_range", "bool", False, "7-bit weights, for CPUs whose int8 kernels overflow")
+REDUCE_RANGE = Option("reduce_range", "bool", None, "7-bit weights, for CPUs whose int8 kernels overflow (not set: "
+                      "on where the worker's CPU is one: x86-64 without VNNI)", nullable=True)
 OP_TYPES_TO_QUANTIZE = Option("op_types_to_quantize", "names", (), "only these operator types (default: all "
                               "the quantizer takes)")
 # SmoothQuant (worker/engine/smoothquant.py): auto smooths the MatMul/Gemm inputs whose channel spread is large.
