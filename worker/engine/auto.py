@@ -1,7 +1,8 @@
 """The ``auto`` recipe: find the smallest (then fastest) model that meets an accuracy target.
 
-1. Candidates: int8 dynamic, int8 static with each calibration method, 4-bit weight-only where the model
-   has MatMul weights, and fp16 (the safe fallback that bounds how large a useful candidate may be).
+1. Candidates: int8 dynamic, int8 static with each calibration method (and, where the model has MatMul
+   weights, with SmoothQuant at each of SMOOTHQUANT_ALPHAS), 4-bit weight-only where the model has MatMul
+   weights, and fp16 (the safe fallback that bounds how large a useful candidate may be).
    Each candidate is an ordinary recipe and options, run by the ordinary pipeline, so the chosen one
    can be reproduced exactly from its config.
 2. One static candidate runs first: it calibrates once with histograms (later candidates reuse the
@@ -51,6 +52,11 @@ from worker.engine.target import check_target, distance, measure
 # The static candidate that runs first, calibrating with histograms (so every method's ranges can be
 # derived from the cached statistics) and measuring layer sensitivity for the fallback ranking.
 ANALYSIS_METHOD = "entropy"
+# SmoothQuant's migration strength, searched where the model has MatMul weights and the job leaves SmoothQuant
+# to its default: the per-method candidates smooth at 0.5 where that helps (option smoothquant "auto"); these
+# smooth (option "on") at each of these strengths too. Less than 0.5 leaves more of the outliers in the
+# activations, more moves them into the weights (whose int8 scales are per channel).
+SMOOTHQUANT_ALPHAS = (0.25, 0.75)
 # Recipes whose missed targets are worth keeping layers in float for (fp16 is the float fallback itself).
 FALLBACK_RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only")
 # The operators each recipe actually lowers: keeping any other node in float changes nothing for it, so the
@@ -85,7 +91,10 @@ class Candidate:
     def branch(self) -> str:
         """The candidate without its fallback layers: greedy steps extend one branch."""
         method = self.options.get("method")
-        return f"{self.recipe}/{method}" if method else self.recipe
+        name = f"{self.recipe}/{method}" if method else self.recipe
+        if self.options.get("smoothquant") == "on" and "smoothquant_alpha" in self.options:
+            name += f"/alpha={self.options['smoothquant_alpha']}"
+        return name
 
     def config(self) -> dict[str, Any]:
         """The recipe and options a user can submit (or feed to ``lowbit quantize --config``) as is."""
@@ -267,8 +276,13 @@ def plan_candidates(model_path: Path, opts: RecipeOptions) -> list[Candidate]:
             static[name] = getattr(opts, name)
     methods = [ANALYSIS_METHOD, *[m for m in CALIBRATION_METHODS if m != ANALYSIS_METHOD]]
     out = [Candidate("int8_static", {**static, "method": m}, user_excluded) for m in methods]
+    matmuls = has_matmul_weights(model_path, user_excluded)
+    if matmuls and all(getattr(opts, n) == getattr(RecipeOptions(), n) for n in ("smoothquant", "smoothquant_alpha")):
+        # SmoothQuant's strength, searched: the branch the fallback extends is the best static one of all.
+        out += [Candidate("int8_static", {**static, "method": "minmax", "smoothquant": "on", "smoothquant_alpha": a},
+                          user_excluded) for a in SMOOTHQUANT_ALPHAS]
     out.append(Candidate("int8_dynamic", dict(common), user_excluded))
-    if has_matmul_weights(model_path, user_excluded):
+    if matmuls:
         out.append(Candidate("int4_weight_only", dict(calibrated), user_excluded))
         # 4-bit weights, and int8 for everything else the 4-bit recipe leaves in float.
         out.append(Candidate("int4_weight_only", {**calibrated, "int8_activations": True,

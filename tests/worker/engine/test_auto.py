@@ -219,6 +219,43 @@ def test_fallback_ranking_skips_layers_a_recipe_does_not_quantize() -> None:
     assert "int8_static" not in {c.recipe for c in auto.next_candidates([*rows, a16], max_steps=4)}
 
 
+
+def test_smoothquant_strength_is_searched_where_the_model_has_matmul_weights(tmp_path: Path) -> None:
+    mlp = builders.mlp(tmp_path / "mlp.onnx")  # Gemm/MatMul weights
+    alphas = [c.options for c in auto.plan_candidates(mlp, parse_options("auto", {}))
+              if c.options.get("smoothquant") == "on"]
+    assert [(o["smoothquant_alpha"], o["method"]) for o in alphas] == [(a, "minmax") for a in auto.SMOOTHQUANT_ALPHAS]
+    # Each strength is a branch of its own (the greedy steps of one never count as another's).
+    branches = {c.branch for c in auto.plan_candidates(mlp, parse_options("auto", {})) if c.recipe == "int8_static"}
+    assert {f"int8_static/minmax/alpha={a}" for a in auto.SMOOTHQUANT_ALPHAS} <= branches and len(branches) == 6
+    # A job that sets SmoothQuant itself keeps its setting: nothing is searched.
+    for fixed in ({"smoothquant": "off"}, {"smoothquant_alpha": 0.6}):
+        planned = auto.plan_candidates(mlp, parse_options("auto", fixed))
+        assert not [c for c in planned if c.options.get("smoothquant") == "on"]
+    w = onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = onnx.helper.make_graph(  # a conv alone: no MatMul, nothing to smooth
+        [onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "conv",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 4, 6, 6])], [w])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "c.onnx")
+    planned = auto.plan_candidates(tmp_path / "c.onnx", parse_options("auto", {}))
+    assert not [c for c in planned if c.options.get("smoothquant")]
+
+
+def test_the_fallback_extends_the_best_smoothquant_strength() -> None:
+    report = {"sensitivity": {"ranking": ["mm1", "mm2"]},
+              "layers": [{"name": "mm1", "op_type": "MatMul"}, {"name": "mm2", "op_type": "MatMul"}]}
+    rows = [auto.CandidateResult(auto.Candidate("int8_static", {"method": "entropy"}), "done", size_bytes=10,
+                                 metric=0.90, met_target=False, report=report),
+            auto.CandidateResult(auto.Candidate("int8_static", {"method": "minmax", "smoothquant": "on",
+                                                                "smoothquant_alpha": 0.75}),
+                                 "done", size_bytes=10, metric=0.97, met_target=False),
+            auto.CandidateResult(auto.Candidate("fp16"), "done", size_bytes=40, metric=1.0, met_target=True)]
+    static = next(c for c in auto.next_candidates(rows, max_steps=4) if c.recipe == "int8_static")
+    assert static.branch == "int8_static/minmax/alpha=0.75"
+    assert static.options["smoothquant_alpha"] == 0.75 and static.activations_16bit == ("mm1",)
+    parse_options(static.recipe, static.config()["options"])  # a config a user can submit
+
 # ---------------------------------------------------------------------------------------------- speed in the choice
 
 
