@@ -334,4 +334,5 @@ def candidate_label(c: CandidateConfig) -> str:
     text = str(c.recipe) + (f" ({method})" if method else "")
     kept = c.excluded_nodes
     text += f" + {len(c.activations_16bit)} in 16 bits" if c.activations_16bit else ""
+    text += f" + {len(c.blocks)} blocks" if c.blocks else ""
     return text + (f" + {len(kept)} in float" if kept else "")

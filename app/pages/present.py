@@ -612,7 +612,9 @@ def cli_command(recipe: str, options: dict[str, Any], model_name: str, calib_nam
     if eval_name:
         argv += ["--eval", eval_name]
     argv += ["--recipe", recipe]
-    for key, value in options.items():
+    # In the recipe's own option order, not the stored one (PostgreSQL's JSONB orders keys its own way).
+    order = {k: i for i, k in enumerate(defaults)}
+    for key, value in sorted(options.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         if key in defaults and defaults[key] == value:
             continue
         if key == "method":
@@ -667,7 +669,8 @@ def candidate_label(recipe: str, options: dict[str, Any]) -> str:
     """``int8_static (entropy)``, ``int4_weight_only + int8 activations (entropy)``..."""
     method = options.get("method")
     hybrid = " + int8 activations" if options.get("int8_activations") else ""
-    return recipe + hybrid + (f" ({method})" if method else "")
+    smooth = f", SmoothQuant {options.get('smoothquant_alpha')}" if options.get("smoothquant") == "on" else ""
+    return recipe + hybrid + (f" ({method}{smooth})" if method else "")
 
 
 def candidate_brief(c: PassedOver) -> str:
@@ -677,6 +680,7 @@ def candidate_brief(c: PassedOver) -> str:
     wide = len(c.activations_16bit)
     speedup = candidate_speedup(c)
     label += f" + {wide} activations in 16 bits" if wide else ""
+    label += f" + {len(c.blocks)} residual blocks" if c.blocks else ""
     return (label + (f" + {kept} in float" if kept else "") + f", {fmt_bytes(c.size_bytes)}, "
             + (speed_phrase(speedup) if speedup else "speed not measured"))
 
@@ -691,10 +695,12 @@ def candidate_speedup(c: Candidate | PassedOver) -> float | None:
     return round(fp32 / own, 4) if is_number(fp32) and is_number(own) and own else None
 
 
-def candidate_key(c: CandidateConfig) -> tuple[str, Any, tuple[str, ...], tuple[str, ...]]:
-    """What tells candidates apart on the page: recipe, calibration method, the layers kept in float and the
-    activations given 16 bits (auto's A16W8 steps)."""
-    return c.recipe, c.options.get("method"), tuple(c.excluded_nodes), tuple(c.activations_16bit)
+def candidate_key(c: CandidateConfig) -> tuple[Any, ...]:
+    """What tells candidates apart on the page: recipe, calibration method, SmoothQuant's strength when searched,
+    the layers kept in float, the activations given 16 bits (auto's A16W8 steps) and the blocks kept in float."""
+    alpha = c.options.get("smoothquant_alpha") if c.options.get("smoothquant") == "on" else None
+    return (c.recipe, c.options.get("method"), alpha, tuple(c.excluded_nodes), tuple(c.activations_16bit),
+            tuple(c.blocks))
 
 
 def _candidate_row(c: Candidate, chosen: CandidateConfig | None, tolerance: float) -> CandidateRow:

@@ -144,7 +144,10 @@ def job_context(db: Session, job_id: str, *, tenant_id: str) -> dict[str, Any]:
         # The typed report (Report.from_stored: reports stored before report_version load too); the template
         # reads its attributes, and the open sections' (calibration, environment) keys through *_rows below.
         "report": report,
-        "config_json": present.config_json(job.recipe, job.options, job.accuracy_target),
+        # The options the run used (the report's: reduce_range left unset is decided by the worker's CPU), so
+        # the box reruns the same job anywhere; before a report exists, the job's.
+        "config_json": present.config_json(job.recipe, dict(report.options) if report and report.options else
+                                           job.options, job.accuracy_target),
     }
     if report:
         ctx.update(report_context(report, model.filename, calib_name=calib.filename if calib else None,

@@ -86,6 +86,8 @@ class Candidate:
     options: dict[str, Any] = field(default_factory=dict, hash=False)
     excluded_nodes: tuple[str, ...] = ()
     activations_16bit: tuple[str, ...] = ()
+    # A block step of the static branch: the residual blocks kept in float (their layers are in excluded_nodes).
+    blocks: tuple[str, ...] = ()
 
     @property
     def branch(self) -> str:
@@ -94,7 +96,7 @@ class Candidate:
         name = f"{self.recipe}/{method}" if method else self.recipe
         if self.options.get("smoothquant") == "on" and "smoothquant_alpha" in self.options:
             name += f"/alpha={self.options['smoothquant_alpha']}"
-        return name
+        return name + ("/blocks" if self.blocks else "")
 
     def config(self) -> dict[str, Any]:
         """The recipe and options a user can submit (or feed to ``lowbit quantize --config``) as is."""
@@ -115,12 +117,12 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "options": dict(self.options), "excluded_nodes": list(self.excluded_nodes),
-                "activations_16bit": list(self.activations_16bit)}
+                "activations_16bit": list(self.activations_16bit), "blocks": list(self.blocks)}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Candidate:
         return Candidate(d["recipe"], dict(d.get("options") or {}), tuple(d.get("excluded_nodes") or ()),
-                         tuple(d.get("activations_16bit") or ()))
+                         tuple(d.get("activations_16bit") or ()), tuple(d.get("blocks") or ()))
 
 
 @dataclass
@@ -395,7 +397,46 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
                 continue
         if cand.key not in tried:
             out.append(cand)
+    if best_static is not None:
+        block = _next_block(results, done, best_static, max_steps, bound, tried, tuple(user_excluded))
+        if block is not None:
+            out.append(block)
     return out
+
+
+def block_ranking_from(results: Sequence[CandidateResult]) -> list[dict[str, Any]]:
+    """The residual blocks, most sensitive first, from the analysis candidate's report (worker/engine/blocks.py)."""
+    for r in results:
+        sens = (r.report or {}).get("sensitivity")
+        if sens and sens.get("ranking") is not None:
+            return list(sens.get("blocks") or [])
+    return []
+
+
+def _next_block(results: Sequence[CandidateResult], done: Sequence[CandidateResult], best_static: CandidateResult,
+                max_steps: int, bound: int | None, tried: dict[Any, CandidateResult],
+                user_excluded: tuple[str, ...]) -> Candidate | None:
+    """The block branch's next step: the best static candidate with the next most sensitive residual block kept
+    in float, all of its layers at once, so that a block is never split between int8 and float. It runs beside
+    the layer steps; None once it met the target, reached ``max_steps`` blocks or cannot be chosen any more."""
+    blocks = {b["name"]: b for b in block_ranking_from(results)}
+    if len(blocks) < 2:  # a single block is the whole model: fp16 is that step
+        return None
+    base = best_static.candidate
+    steps = [r for r in done if r.candidate.blocks and r.candidate.branch == f"{base.branch}/blocks"]
+    last = max(steps, key=lambda r: len(r.candidate.blocks)) if steps else best_static
+    if last.met_target or len(last.candidate.blocks) >= max_steps:
+        return None
+    if steps and bound is not None and last.size_bytes is not None and last.size_bytes >= bound:
+        return None
+    nxt = next((n for n in blocks if n not in last.candidate.blocks), None)
+    if nxt is None:
+        return None
+    names = (*last.candidate.blocks, nxt)
+    layers = [layer for n in names for layer in blocks[n]["layers"]]
+    cand = dataclasses.replace(base, blocks=names, activations_16bit=(),
+                               excluded_nodes=tuple(dict.fromkeys((*user_excluded, *layers))))
+    return None if cand.key in tried else cand
 
 
 def _score(v: float | None) -> float:
@@ -462,6 +503,8 @@ def _name(c: Candidate) -> str:
     text += f" ({method})" if method else ""
     kept = len(c.excluded_nodes)
     text += f" + {len(c.activations_16bit)} activations in 16 bits" if c.activations_16bit else ""
+    if c.blocks:
+        return text + f" + {len(c.blocks)} residual block{'s' if len(c.blocks) > 1 else ''} in float"
     return text + (f" + {kept} layer{'s' if kept > 1 else ''} in float" if kept else "")
 
 
@@ -529,7 +572,8 @@ def conclude(results: Sequence[CandidateResult], target: dict[str, Any], job_id:
         "recipe": "auto",
         "options": job_options,
         "chosen": ({**pick.config(), "excluded_nodes": list(pick.excluded_nodes),
-                    "activations_16bit": list(pick.activations_16bit)} if chosen is not None and pick else None),
+                    "activations_16bit": list(pick.activations_16bit), "blocks": list(pick.blocks)}
+                   if chosen is not None and pick else None),
         "best": ({**pick.config(), "excluded_nodes": list(pick.excluded_nodes),
                   "activations_16bit": list(pick.activations_16bit), "metric": m["value"],
                   "distance_to_target": distance(target, m["value"], m.get("original"))} if pick else None),

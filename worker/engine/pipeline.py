@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from worker.engine import pt2, runtime
+from worker.engine.blocks import find_blocks, rank_blocks
 from worker.engine.calibrate import quantizable_op_types, select_tensors
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.context import ProgressFn, RunData
@@ -321,6 +322,8 @@ class LayerTable:
     layers: list[dict[str, Any]]
     sqnr: LayerSqnr
     sensitivity: SensitivityResult | None
+    # The residual blocks, most sensitive first (worker/engine/blocks.py), where sensitivity was measured.
+    blocks: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -556,8 +559,12 @@ def _layers(prep: Prepared, made: Quantized, checked: Validated, opts: RecipeOpt
             # What auto's A16W8 step gives 16 bits for this layer (int8_static option activations_16bit).
             layer["activation_inputs"] = [i for i in node.input if i in activations]
         layers.append(layer)
+    blocks: list[dict[str, Any]] = []
+    if sens is not None:
+        measured = {n: float(s.sensitivity) for n, s in sens.layers.items() if s.sensitivity is not None}
+        blocks = rank_blocks(find_blocks(normalized), measured, {layer["name"] for layer in layers})
     step("validating", 1.0)
-    return LayerTable(layers, lsq, sens)
+    return LayerTable(layers, lsq, sens, blocks)
 
 
 def _float_model(prep: Prepared, made: Quantized) -> tuple[Path, onnx.ModelProto]:
@@ -642,7 +649,7 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
         report["residual_16bit"] = made.output.residual_16bit
     lsq = table.sqnr
     report["layer_sqnr"] = {"samples": lsq.samples, "passes": lsq.passes, "seconds": round(lsq.seconds, 3)}
-    sensitivity = _sensitivity_section(table.sensitivity, cfg.recipe)
+    sensitivity = _sensitivity_section(table.sensitivity, cfg.recipe, table.blocks)
     if sensitivity is not None:
         report["sensitivity"] = sensitivity
     if cfg.accuracy_target:
@@ -722,7 +729,8 @@ def _model_section(prep: Prepared, artifact_sha: str) -> dict[str, Any]:
     }
 
 
-def _sensitivity_section(sens: SensitivityResult | None, recipe: str) -> dict[str, Any] | None:
+def _sensitivity_section(sens: SensitivityResult | None, recipe: str,
+                         blocks: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The report's sensitivity section: the ranking when measured, a note where int8_static did not measure
     it, and none for the other recipes."""
     if sens is not None:
@@ -735,6 +743,8 @@ def _sensitivity_section(sens: SensitivityResult | None, recipe: str) -> dict[st
             "layers_skipped": sens.skipped,
             "ranking": sens.ranking(),
         }
+        if blocks:
+            section["blocks"] = blocks
         if sens.skipped:
             section["note"] = (
                 f"{len(sens.layers)} of {len(sens.layers) + sens.skipped} layers analysed (spread evenly over the "

@@ -234,6 +234,12 @@ class Calibration(_Section):
     seconds: float | None = None
 
 
+class SensitivityBlock(_Closed):
+    name: str = Field(description="the block's residual Add")
+    layers: list[str] = Field(description="its quantizable layers")
+    sensitivity: float = Field(description="the sum of its measured layers' sensitivities")
+
+
 class Sensitivity(_Closed):
     computed: bool
     note: str | None = None
@@ -243,6 +249,9 @@ class Sensitivity(_Closed):
     layers_analysed: int | None = None
     layers_skipped: int | None = None
     ranking: list[str] | None = Field(default=None, description="layer names, most sensitive first")
+    blocks: list[SensitivityBlock] | None = Field(
+        default=None, description="residual blocks (from a residual Add back to the previous one), most sensitive "
+                                  "first: auto's block fallback steps keep a whole block in float")
 
 
 class SkippedPair(_Closed):
@@ -485,6 +494,8 @@ class CandidateConfig(_Closed):
     # auto's A16W8 steps: the activation tensors given 16 bits (int8_static option activations_16bit), weights
     # int8; empty for every other candidate (and in reports from before these steps).
     activations_16bit: list[str] = Field(default_factory=list)
+    # auto's block steps: the residual blocks kept in float (their layers are in excluded_nodes).
+    blocks: list[str] = Field(default_factory=list)
 
 
 class Best(CandidateConfig):
