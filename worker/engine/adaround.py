@@ -4,12 +4,13 @@ Down? Adaptive Rounding for Post-Training Quantization", ICML 2020).
 Rounding each weight to the nearest int8 level minimises each weight's own error, not the layer's output error:
 errors that share a sign add up over the inputs they multiply. For each quantized Conv, Gemm and MatMul with a
 constant int8 weight (per-channel scale s, zero point 0, as lowbit's int8_static writes them), the rounding is
-learned instead: W_soft = s * clip(floor(W / s) + h(V), -128, 127) with h(V) = clip(sigmoid(V) * (zeta - gamma) +
-gamma, 0, 1) starts at the nearest level's fractional part, and Adam moves V to lower the layer's output error on
-the calibration samples' float inputs, ||op(x, W) - op(x, W_soft)||^2 (the bias cancels), relative to what nearest
-rounding gives, plus a term that pushes every h(V) to 0 or 1 (its exponent annealed from 20 to 2 after a warm-up).
-Each weight then rounds up where h(V) >= 0.5; only the int8 values change (scales and zero points stay), and a
-layer whose learned rounding does not lower its error on the samples keeps nearest rounding.
+learned instead: W_soft = s * clip(floor(W / s) + h(V), -128, 127) (-64, 64 with reduce_range) with h(V) =
+clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1) starts at the nearest level's fractional part, and Adam moves V to
+lower the layer's output error on the calibration samples' float inputs, ||op(x, W) - op(x, W_soft)||^2 (the bias
+cancels), relative to what nearest rounding gives, plus a term that pushes every h(V) to 0 or 1 (its exponent
+annealed from 20 to 2 after a warm-up). Each weight then rounds up where h(V) >= 0.5; only the int8 values change
+(scales and zero points stay), and a layer whose learned rounding does not lower its error on the samples keeps
+nearest rounding.
 
 Bounded in memory: the layers' inputs are fetched a group at a time (at most INPUT_BYTES a group, samples cut so
 that one layer's inputs fit LAYER_BYTES), each group in one pass over the calibration samples; and in time: the
@@ -139,8 +140,9 @@ def _rows(t: Target, values: list[np.ndarray]) -> np.ndarray:
 
 def learn(quant_path: Path, float_path: Path, float_model: onnx.ModelProto, dest: Path, batches: Batches,
           providers: list[str], threads: int, budget_s: float, max_samples: int = 64, seed: int = 0,
-          on_event: Callable[[dict[str, Any]], None] | None = None) -> LearnedRounding:
+          on_event: Callable[[dict[str, Any]], None] | None = None, reduce_range: bool = False) -> LearnedRounding:
     """Learn the rounding of the quantized model at ``quant_path`` (quantized from ``float_path``) into ``dest``.
+    ``reduce_range``: the weights are 7-bit (-64..64, option reduce_range), and the learned ones stay so.
     The optimisation runs in the PyTorch child process, a group of layers per run; this process fetches each
     group's inputs and writes them, with the weights, for it."""
     started = time.perf_counter()
@@ -175,7 +177,8 @@ def learn(quant_path: Path, float_path: Path, float_model: onnx.ModelProto, dest
         out.samples = max(out.samples, samples)
         left = budget_s - (time.perf_counter() - started)
         share = max(0.0, left) / max(1, len(targets) - done)
-        request: dict[str, Any] = {"seed": seed + g, "threads": 1, "layers": []}
+        request: dict[str, Any] = {"seed": seed + g, "threads": 1, "layers": [],
+                                   "levels": [-64, 64] if reduce_range else [-128, 127]}
         for k, t in enumerate(group):
             values = got[t.x]
             rows = keep[t.x] * (1 if t.op_type == "Conv" else x_rows(values))

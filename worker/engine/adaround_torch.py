@@ -58,8 +58,9 @@ class _Op:
 
 
 def _learn_layer(t: Target, w: np.ndarray, q: np.ndarray, scale: np.ndarray, x: np.ndarray, seconds: float,
-                 rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
-    """The learned int8 weight of one layer, and its figures."""
+                 rng: np.random.Generator, levels: tuple[int, int] = (-128, 127)) -> tuple[np.ndarray, dict[str, Any]]:
+    """The learned int8 weight of one layer, and its figures; ``levels``: the integer range the weights use."""
+    lo, hi = levels
     shape = [1] * w.ndim
     shape[t.axis] = -1
     s = torch.from_numpy(scale.astype(np.float32).reshape(shape) if scale.ndim else scale.astype(np.float32))
@@ -75,7 +76,7 @@ def _learn_layer(t: Target, w: np.ndarray, q: np.ndarray, scale: np.ndarray, x: 
 
     def soft() -> Any:
         h = (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-        return s * (floor + h).clamp(-128.0, 127.0), h
+        return s * (floor + h).clamp(float(lo), float(hi)), h
 
     def error(w_try: Any, rows: Any) -> Any:
         return (op(rows, wt - w_try) ** 2).mean()
@@ -104,7 +105,7 @@ def _learn_layer(t: Target, w: np.ndarray, q: np.ndarray, scale: np.ndarray, x: 
     optimised_s = time.perf_counter() - started
     with torch.no_grad():
         h = (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-        learned_q = (floor + (h >= 0.5).float()).clamp(-128, 127)
+        learned_q = (floor + (h >= 0.5).float()).clamp(lo, hi)
         learned = float(error(s * learned_q, xs))
     new_q = learned_q.numpy().astype(np.int8)
     changed = int((new_q != q).sum())
@@ -134,7 +135,8 @@ def learn_layers(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
         t = Target(**layer["target"])
         with np.load(layer["npz"]) as z:
             w, q, scale, x = z["w"], z["q"], z["scale"], z["x"]
-        new_q, got = _learn_layer(t, w, q, scale, x, float(layer["seconds"]), rng)
+        lo, hi = req.get("levels", (-128, 127))
+        new_q, got = _learn_layer(t, w, q, scale, x, float(layer["seconds"]), rng, (int(lo), int(hi)))
         np.save(layer["out"], new_q)
         figures.append(got)
         emit({"layer": k + 1, "layers": len(req["layers"])})

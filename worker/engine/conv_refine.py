@@ -284,7 +284,7 @@ def _learn_rounding(ctx: RecipeContext, base: Candidate, section: dict[str, Any]
     # Each layer the child finishes reports through the step callback, which carries the job's cancellation.
     res = adaround.learn(base.quant, base.float_path, base.float_model, dest, batches, ctx.providers,
                          ctx.cfg.threads, ctx.opts.adaround_seconds,
-                         on_event=lambda _event: ctx.step("quantizing", 0.0))
+                         on_event=lambda _event: ctx.step("quantizing", 0.0), reduce_range=bool(ctx.opts.reduce_range))
     kept = [la for la in res.layers if la["kept"]]
     section.update(layers_learned=len(res.layers), layers_kept=len(kept), layers_skipped=len(res.skipped),
                    weights_rounded_other_way=sum(int(la["rounded_other_way"]) for la in kept),

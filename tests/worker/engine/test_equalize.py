@@ -167,13 +167,13 @@ def test_int8_static_loses_on_skewed_channels_and_equalization_recovers(tmp_path
     assert all(la["sqnr_db"] is None or la["sqnr_db"] > 10 for la in cle["layers"]), cle["layers"]
 
 
-def biased_rounding_conv(path: Path, seed: int = 0) -> Path:
+def biased_rounding_conv(path: Path, seed: int = 0, qmax: int = 127) -> Path:
     """[N, 8, 6, 6] -> conv 8->4 (3x3, no padding) with a bias: every weight sits 0.45 of an int8 step above a
-    level (each channel's largest at exactly 127 steps), so per-channel rounding shifts all of a channel's
-    weights down together, and with inputs of mean ~3 the outputs move by a steady amount."""
+    level (each channel's largest at exactly ``qmax`` steps: 64 for 7-bit weights), so per-channel rounding shifts
+    all of a channel's weights down together, and with inputs of mean ~3 the outputs move by a steady amount."""
     rng = np.random.default_rng(seed)
-    steps = rng.integers(-120, 120, (4, 8, 3, 3)).astype(np.float64) + 0.45
-    steps[:, 0, 0, 0] = 127.0
+    steps = rng.integers(-(qmax - 7), qmax - 7, (4, 8, 3, 3)).astype(np.float64) + 0.45
+    steps[:, 0, 0, 0] = float(qmax)
     scale = rng.uniform(0.002, 0.01, (4, 1, 1, 1))
     n, inits = _conv("conv", "x", steps * scale, rng.normal(0, 0.1, 4), "out", pad=0)
     graph = helper.make_graph([n], "biased", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 6, 6])],
