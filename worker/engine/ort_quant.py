@@ -116,8 +116,10 @@ def quantize_static(
 
 
 # Operators whose meaning changed between opset 18 and 21 (GroupNormalization's scale and bias went from per
-# group to per channel in 21): a model with one is left to ONNX's version converter.
-CHANGED_SINCE_18 = frozenset({"GroupNormalization"})
+# group to per channel in 21; DFT's axis went from an attribute to an input in 20, and GridSample's modes were
+# renamed in 20): a model with one is left to ONNX's version converter. fracast's dynamo export (opset 18, an
+# FFT as DFT) declared 21 gave a model ONNX Runtime refuses ("Unrecognized attribute: axis for operator DFT").
+CHANGED_SINCE_18 = frozenset({"GroupNormalization", "DFT", "GridSample"})
 
 
 def bump_to_opset21(model: onnx.ModelProto) -> bool:

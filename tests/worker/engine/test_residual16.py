@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from app.pages import present
@@ -15,6 +16,7 @@ from tests import builders
 from tests.builders import save_npz
 from tests.reports import assert_report_complete
 from worker.engine.config import QuantizeConfig, parse_options
+from worker.engine.errors import EngineError
 from worker.engine.normalize import normalize
 from worker.engine.ort_quant import bump_to_opset21
 from worker.engine.pipeline import run
@@ -81,6 +83,30 @@ def test_int8_static_widens_the_residual_stream_where_it_helps(tmp_path: Path) -
     assert line.startswith("On (auto): auto: output SQNR") and "15 activation(s) in 16 bits" in line, line
 
 
+
+def test_a_16bit_model_that_cannot_be_made_leaves_auto_with_the_int8_one(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto tries the residual stream in 16 bits where it may help; a try that fails (here: the quantizer refuses)
+    keeps the int8 model and says why, where option "on" fails the job with the cause."""
+    import worker.engine.ort_quant as ort_quant
+
+    model = builders.tiny_transformer(tmp_path / "m.onnx", layers=2, mask_value=FLOAT32_MIN, outliers=30.0)
+    real = ort_quant.quantize_static
+
+    def refuse_16bit(src, dest, ranges, opts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if opts.activations_16bit:
+            raise EngineError("model_not_runnable", "ONNX Runtime cannot load the int8 model with 16-bit residuals")
+        return real(src, dest, ranges, opts, *args, **kwargs)
+
+    monkeypatch.setattr(ort_quant, "quantize_static", refuse_16bit)
+    auto = _quantize(tmp_path, model, "auto")
+    section = auto["residual_16bit"]
+    assert not section["enabled"] and "could not be made or run (model_not_runnable" in section["reason"]
+    assert auto["calibration"].get("activations_16bit") is None
+    with pytest.raises(EngineError) as e:
+        _quantize(tmp_path, model, "on", residual_16bit="on")
+    assert e.value.code == "model_not_runnable"
+
 def test_auto_leaves_alone_a_transformer_int8_keeps(tmp_path: Path) -> None:
     model = builders.tiny_transformer(tmp_path / "m.onnx", layers=1)
     rep = _quantize(tmp_path, model, "auto")
@@ -128,3 +154,10 @@ def test_opset_18_to_20_is_declared_21_and_runs_the_same(tmp_path: Path) -> None
     assert not bump_to_opset21(_reduce_model(17))
     assert not bump_to_opset21(_reduce_model(18, "GroupNormalization"))
     assert not bump_to_opset21(_reduce_model(21))
+    # DFT's axis is an attribute up to opset 19 and an input from 20: declared 21, the model no longer loads.
+    sig = helper.make_tensor_value_info("s", TensorProto.FLOAT, ["n", 16, 1])
+    dft = helper.make_model(helper.make_graph(
+        [helper.make_node("DFT", ["s"], ["f"], axis=1, onesided=1)], "fft", [sig],
+        [helper.make_tensor_value_info("f", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", 18)])
+    ort.InferenceSession(dft.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert not bump_to_opset21(dft)

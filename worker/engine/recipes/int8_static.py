@@ -90,12 +90,21 @@ def _residual_stream(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
     write_ort_ranges(out.static_ranges, ranges_path)
     dest = ctx.work / "quantized-residual16.onnx"
     warnings: list[str] = []
-    warn_forced(quantize_static(float_path, dest, ranges_path, wide_opts, out.nonfinite_tensors), warnings)
     section.update(tensors_16bit=len(found.tensors), softmax_in_float=len(found.softmax_nodes))
+    try:
+        warn_forced(quantize_static(float_path, dest, ranges_path, wide_opts, out.nonfinite_tensors), warnings)
+        with_db = None if opts.residual_16bit == "on" else output_sqnr_db(
+            ref.outputs, run_all(dest, ref.feeds, ctx, "int8 model with 16-bit residuals"))
+    except EngineError as exc:
+        if opts.residual_16bit == "on":
+            raise
+        # auto tries it where it may help: a try that fails leaves the int8 model as it is, and says why.
+        section.update(enabled=False, reason=f"auto: the model with 16-bit residuals could not be made or run "
+                                             f"({exc.code}: {exc.message[:300]}); the int8 model is kept")
+        return dataclasses.replace(out, residual_16bit=section)
     if opts.residual_16bit == "on":
         section.update(enabled=True, reason="option residual_16bit is on")
     else:
-        with_db = output_sqnr_db(ref.outputs, run_all(dest, ref.feeds, ctx, "int8 model with 16-bit residuals"))
         section["compare"] = {"samples": sum(ref.counts), "sqnr_db_without": _r3(without),
                               "sqnr_db_with": _r3(with_db)}
         if with_db is None or (without is not None and with_db < without + MIN_GAIN_DB):
