@@ -131,11 +131,11 @@ def learn_layers(req: dict[str, Any], emit: Emit) -> dict[str, Any]:
     torch.set_num_threads(1)
     rng = np.random.default_rng(int(req.get("seed", 0)))
     figures = []
+    lo, hi = req.get("levels", (-128, 127))
     for k, layer in enumerate(req["layers"]):
         t = Target(**layer["target"])
         with np.load(layer["npz"]) as z:
             w, q, scale, x = z["w"], z["q"], z["scale"], z["x"]
-        lo, hi = req.get("levels", (-128, 127))
         new_q, got = _learn_layer(t, w, q, scale, x, float(layer["seconds"]), rng, (int(lo), int(hi)))
         np.save(layer["out"], new_q)
         figures.append(got)
