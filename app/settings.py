@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = 2 * 1024**3
+    # What a model bundle (.zip/.tar: one .onnx file and its external data) may unpack to, and the largest file
+    # a resumable upload (/api/v1/uploads) may announce.
+    max_bundle_bytes: int = 64 * 1024**3
     # Queue for new jobs: 'cpu' workers run everywhere; 'gpu' workers run on CUDA machines.
     default_queue: str = "cpu"
     # ONNX Runtime intra-op threads a worker uses for calibration, validation and latency.

@@ -29,6 +29,10 @@ class Storage:
     def model_path(self, model_id: str, suffix: str = ".onnx") -> Path:
         return self.root / "models" / f"{model_id}{suffix}"
 
+    def model_dir(self, model_id: str) -> Path:
+        """The folder of a model uploaded as a bundle (its .onnx file and external data files)."""
+        return self.root / "models" / model_id
+
     def dataset_path(self, dataset_id: str) -> Path:
         return self.root / "datasets" / f"{dataset_id}.npz"
 
@@ -64,8 +68,18 @@ class Storage:
         return dest
 
     def discard(self, path: Path | str | None) -> None:
-        if path:
-            Path(path).unlink(missing_ok=True)
+        """Remove a stored file; a bundle's model file takes its whole folder (models/<id>/) with it."""
+        if not path:
+            return
+        p = Path(path)
+        models = self.root / "models"
+        if p.parent != models and p.parent.parent == models and p.is_relative_to(models):
+            shutil.rmtree(p.parent, ignore_errors=True)
+            return
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            return
+        p.unlink(missing_ok=True)
 
     def remove_job(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

@@ -369,3 +369,50 @@ def spiky_data(path: Path, n: int = 64, spiky_share: float = 0.0, in_features: i
 def planted_data(path: Path, n: int = 80, seed: int = 1) -> Path:
     rng = np.random.default_rng(seed)
     return save_npz(path, x=rng.standard_normal((n, 32)).astype(np.float32))
+
+
+def external_decoder(folder: Path, vocab: int = 512, dim: int = 64, ff: int = 128, layers: int = 2, seed: int = 0,
+                     location: str = "model.onnx.data", tied: bool = True) -> Path:
+    """A small decoder-shaped model with every weight in an external data file: a token embedding, ``layers``
+    residual MLP blocks (MatMul-Relu-MatMul) with RMS-style normalisation, and an lm_head that reads the
+    embedding table transposed (``tied``, a separate initializer as exporters write it) or its own table.
+    Weights have per-column scales spread over two orders of magnitude and a few outlier columns."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def weight(k: int, n: int) -> np.ndarray:
+        scales = np.geomspace(0.005, 0.5, n).astype(np.float32)
+        rng.shuffle(scales)
+        w = (rng.standard_normal((k, n)) * scales / np.sqrt(k) * 4).astype(np.float32)
+        w[:, rng.choice(n, max(1, n // 64), replace=False)] *= 8.0
+        return w
+
+    emb = (rng.standard_normal((vocab, dim)) * 0.5).astype(np.float32)
+    inits = [numpy_helper.from_array(emb, "embed.weight")]
+    nodes = [helper.make_node("Gather", ["embed.weight", "input_ids"], ["h0"], name="embed")]
+    h = "h0"
+    for i in range(layers):
+        up, down = weight(dim, ff), weight(ff, dim)
+        inits += [numpy_helper.from_array(up, f"layers.{i}.up.weight"),
+                  numpy_helper.from_array(down, f"layers.{i}.down.weight")]
+        nodes += [
+            helper.make_node("ReduceL2", [h], [f"n{i}"], name=f"layers.{i}.norm", axes=[-1], keepdims=1),
+            helper.make_node("Div", [h, f"n{i}"], [f"x{i}"], name=f"layers.{i}.scale"),
+            helper.make_node("MatMul", [f"x{i}", f"layers.{i}.up.weight"], [f"u{i}"], name=f"layers.{i}.up"),
+            helper.make_node("Relu", [f"u{i}"], [f"r{i}"], name=f"layers.{i}.act"),
+            helper.make_node("MatMul", [f"r{i}", f"layers.{i}.down.weight"], [f"d{i}"], name=f"layers.{i}.down"),
+            helper.make_node("Add", [h, f"d{i}"], [f"h{i + 1}"], name=f"layers.{i}.residual"),
+        ]
+        h = f"h{i + 1}"
+    head = np.ascontiguousarray(emb.T) if tied else weight(dim, vocab)
+    inits.append(numpy_helper.from_array(head, "lm_head.weight"))
+    nodes.append(helper.make_node("MatMul", [h, "lm_head.weight"], ["logits"], name="lm_head"))
+    graph = helper.make_graph(
+        nodes, "decoder", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "model.onnx"
+    (folder / location).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return path

@@ -231,11 +231,11 @@ def _quantize(attempt: _Attempt, job: _JobInputs, s: Settings) -> QuantizeResult
             return runner.run_engine(cfg, runner.Watch(factory, job_id, number, attempt.timer), s)
     except HandedBack:
         runner.hand_back(factory, s, job_id, number, job.queue)
-        attempt.artifact.unlink(missing_ok=True)
+        _drop_artifacts(attempt)
         return "handed_back"
     except LeaseLost:
         log.warning("job %s: attempt %d lost its claim to a newer attempt; stopping", job_id, number)
-        attempt.artifact.unlink(missing_ok=True)
+        _drop_artifacts(attempt)
         return "lost"
     except JobCancelled:
         times = attempt.timer.close()
@@ -245,7 +245,7 @@ def _quantize(attempt: _Attempt, job: _JobInputs, s: Settings) -> QuantizeResult
         return CANCELLED
     except EngineError as exc:
         log.info("job %s failed: %s", job_id, exc)
-        attempt.artifact.unlink(missing_ok=True)  # a failed job keeps no artifact, whole or partial (disk_full)
+        _drop_artifacts(attempt)  # a failed job keeps no artifact, whole or partial (disk_full)
         attempt.fail(exc.code, exc.message)
         return FAILED
     except Exception as exc:  # a bug or an environment problem: still a recorded, readable failure
@@ -254,10 +254,16 @@ def _quantize(attempt: _Attempt, job: _JobInputs, s: Settings) -> QuantizeResult
         _cleanup_work(attempt.work_dir)
 
 
+def _drop_artifacts(attempt: _Attempt) -> None:
+    """Remove what the attempt may have written: its .onnx artifact, or the .zip of a model with external data."""
+    attempt.artifact.unlink(missing_ok=True)
+    attempt.artifact.with_suffix(".zip").unlink(missing_ok=True)
+
+
 def _crashed(attempt: _Attempt, exc: Exception) -> str:
     """Record an unexpected error around the engine as the job's failure (internal_error)."""
     log.exception("job %s crashed", attempt.job_id)
-    attempt.artifact.unlink(missing_ok=True)
+    _drop_artifacts(attempt)
     if isinstance(exc, sandbox.ChildFailed):
         log.error("job %s: the engine's traceback:\n%s", attempt.job_id, exc.trace)
     kind, text = (exc.type_name, exc.message) if isinstance(exc, sandbox.ChildFailed) else \
@@ -271,7 +277,8 @@ def _crashed(attempt: _Attempt, exc: Exception) -> str:
 def _keep(attempt: _Attempt, result: QuantizeResult, s: Settings) -> str:
     """Record the quantized model as the job's result, unless the tenant's storage quota or a newer attempt,
     a cancellation or a deletion since the engine started says otherwise."""
-    factory, job_id, number, artifact = attempt.factory, attempt.job_id, attempt.number, attempt.artifact
+    factory, job_id, number = attempt.factory, attempt.job_id, attempt.number
+    artifact = Path(result.artifact_path)  # the .onnx, or the .zip of a model with external data
     try:
         # lazy: validate loads ONNX Runtime, kept out of the worker's main process (the sandbox child runs the engine)
         from worker.engine.validate import finite_or_none

@@ -203,17 +203,20 @@ def delete_job(job_id: str, db: SessionDep, storage: StorageDep, who: ApiPrincip
                                  "example": "(the bytes of model.int8_static.onnx)"}}},
                        304: {"description": "If-None-Match matched the ETag"}, **error_responses(404, 409, 410)})
 def download_artifact(job_id: str, request: Request, db: SessionDep, who: ApiPrincipal) -> Response:
-    """Download the quantized model."""
+    """Download the quantized model (Range requests served): one .onnx file, or for a model with external
+    data a .zip holding model.onnx and model.onnx.data."""
     job = service.artifact_for(db, job_id, tenant_id=who.tenant_id)
     etag = f'"{job.artifact_sha256}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
     model = models.get_model(db, job.model_id, tenant_id=who.tenant_id)
     stem = model.filename.rsplit(".", 1)[0] or "model"
+    # A model with external data comes back as a .zip of model.onnx and model.onnx.data.
+    bundled = str(job.artifact_path).endswith(".zip")
     return FileResponse(
         job.artifact_path,  # type: ignore[arg-type]
-        media_type="application/octet-stream",
-        filename=f"{stem}.{job.recipe}.onnx",
+        media_type="application/zip" if bundled else "application/octet-stream",
+        filename=f"{stem}.{job.recipe}.{'zip' if bundled else 'onnx'}",
         headers={"ETag": etag},
     )
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +33,8 @@ from app.modelfiles import service as models
 from app.settings import Settings
 from app.tenants import service as tenants
 from app.uploads import is_uuid, new_id
-from worker.engine.config import RECIPES_NEEDING_PYTORCH, parse_options
+from worker.engine import streaming
+from worker.engine.config import RECIPES_NEEDING_PYTORCH, RecipeOptions, parse_options
 from worker.engine.errors import EngineError
 from worker.engine.inspect import TensorInfo
 from worker.engine.preflight import check_target, plan_split
@@ -59,6 +61,8 @@ def create_job(db: Session, req: JobCreate, *, settings: Settings, tenant_id: st
                 f"recipe {req.recipe} fine-tunes the model in PyTorch and needs it uploaded as a torch.export "
                 f"archive (.pt2); this model is {model.format}; {HOW_TO_MAKE_PT2}",
             )
+        if model.external_data_bytes:
+            opts = _for_external_data(req.recipe, opts)
         inputs = [TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in model.inputs]
         calib_info = datasets.dataset_info(calib) if calib else None
         eval_info = datasets.dataset_info(ev) if ev else None
@@ -93,6 +97,17 @@ def create_job(db: Session, req: JobCreate, *, settings: Settings, tenant_id: st
     db.add(job)
     db.flush()
     return job
+
+
+def _for_external_data(recipe: str, opts: RecipeOptions) -> RecipeOptions:
+    """A model with external data runs on the streaming engine (worker/engine/streaming.py): refused now
+    (422) for a recipe or option it does not run, and int4's algorithm left unset is round to nearest there."""
+    why = streaming.refusal(recipe, opts.to_dict(recipe))
+    if why is not None:
+        raise EngineError("external_data_not_supported", why)
+    if recipe == "int4_weight_only" and opts.algorithm is None:
+        return dataclasses.replace(opts, algorithm="rtn")
+    return opts
 
 
 def get_job(db: Session, job_id: str, *, tenant_id: str) -> Job:

@@ -24,4 +24,6 @@ class ModelFile(Base):
     inputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
     outputs: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
     storage_path: Mapped[str] = mapped_column(sa.String(512))
+    # Bytes of weights in external data files beside the .onnx file (a bundle upload); 0 when self-contained.
+    external_data_bytes: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -20,10 +20,13 @@ def upload_model(
     db: SessionDep,
     storage: StorageDep,
     who: ApiPrincipal,
-    file: UploadFile = File(..., description="A self-contained ONNX model (.onnx) or a torch.export archive (.pt2)"),
+    file: UploadFile = File(..., description="An ONNX model (.onnx), a .zip or .tar bundle of one with its "
+                            "external data files, or a torch.export archive (.pt2)"),
 ) -> ModelOut:
-    """Upload an ONNX model or a torch.export archive (.pt2); it is parsed and checked now, and refused if it
-    is not loadable. Pickled PyTorch files (.pt, .pth) and TorchScript are refused."""
+    """Upload an ONNX model, a .zip/.tar bundle of one with its external data, or a torch.export archive
+    (.pt2); it is parsed and checked now, and refused if it is not loadable or a bundle could reach outside its
+    folder. Pickled PyTorch files (.pt, .pth) and TorchScript are refused. Files over the upload limit go
+    through /api/v1/uploads (resumable)."""
     tenants.check_upload_rate(db, who.tenant_id, settings=request.app.state.settings)
     row = service.create_model(db, storage, src=file.file, filename=file.filename,
                                max_bytes=request.app.state.settings.max_upload_bytes, tenant_id=who.tenant_id,

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.examples import MODEL_EXAMPLE, TENSOR_SPEC_EXAMPLE
 
@@ -26,6 +26,8 @@ class ModelOut(BaseModel):
     opset: int
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    external_data_bytes: int = Field(0, description="weights kept in external data files (a .zip/.tar bundle "
+                                     "upload); 0 for a self-contained model")
     created_at: datetime
 
 

@@ -10,10 +10,10 @@ from sqlalchemy.orm import Session
 from app.errors import Invalid, NotFound, from_engine
 from app.modelfiles.models import ModelFile
 from app.settings import Settings
-from app.storage import Storage
+from app.storage import Storage, Stored
 from app.tenants import service as tenants
 from app.uploads import clean_filename, is_uuid, new_id
-from worker.engine import pt2
+from worker.engine import bundle, pt2
 from worker.engine.errors import EngineError
 from worker.engine.inspect import ModelInfo, check_model, parse_model_bytes
 
@@ -28,9 +28,9 @@ REFUSED_SUFFIXES = {
 
 def create_model(db: Session, storage: Storage, *, src: BinaryIO, filename: str | None, max_bytes: int,
                  tenant_id: str, settings: Settings | None = None) -> ModelFile:
-    """Store an uploaded model after checking that it is a loadable, self-contained ONNX model or a
-    torch.export archive (.pt2, checked without unpickling and loaded in a child process). With ``settings``,
-    refused (507) if it would take the tenant past its storage quota."""
+    """Store an uploaded model after checking that it is a loadable ONNX model, a .zip/.tar bundle of one with
+    its external data files, or a torch.export archive (.pt2, checked without unpickling and loaded in a child
+    process). With ``settings``, refused (507) if it would take the tenant past its storage quota."""
     name = clean_filename(filename, "model.onnx")
     suffix = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
     if suffix in REFUSED_SUFFIXES:
@@ -40,6 +40,16 @@ def create_model(db: Session, storage: Storage, *, src: BinaryIO, filename: str 
             code="unsupported_model_format",
         )
     stored = storage.receive(src, max_bytes)
+    return store_model(db, storage, stored=stored, name=name, suffix=suffix, tenant_id=tenant_id, settings=settings)
+
+
+def store_model(db: Session, storage: Storage, *, stored: Stored, name: str, suffix: str, tenant_id: str,
+                settings: Settings | None = None) -> ModelFile:
+    """Check a received file (an ONNX model, a .pt2 archive, or a .zip/.tar bundle of an ONNX model with its
+    external data) and keep it: the row is added (not committed) and the file placed; the temp file goes
+    either way."""
+    if bundle.is_bundle_name(name):
+        return _store_bundle(db, storage, stored=stored, name=name, tenant_id=tenant_id, settings=settings)
     try:
         if settings is not None:
             tenants.check_storage_quota(db, tenant_id, settings=settings, adding=stored.size_bytes, what="this upload")
@@ -67,6 +77,42 @@ def create_model(db: Session, storage: Storage, *, src: BinaryIO, filename: str 
     db.add(row)
     db.flush()
     return row
+
+
+def _store_bundle(db: Session, storage: Storage, *, stored: Stored, name: str, tenant_id: str,
+                  settings: Settings | None) -> ModelFile:
+    """Unpack a bundle into models/<id>/ (every member checked first, worker/engine/bundle.py), then check the
+    model and every external reference against that folder. The archive itself is not kept."""
+    model_id = new_id()
+    folder = storage.model_dir(model_id)
+    limit = settings.max_bundle_bytes if settings is not None else bundle_default_limit()
+    try:
+        try:
+            unpacked = bundle.unpack(stored.path, folder, limit)
+            if settings is not None:
+                tenants.check_storage_quota(db, tenant_id, settings=settings, adding=unpacked.total_bytes,
+                                            what="this upload")
+            info = check_model(parse_model_bytes(unpacked.model.read_bytes()), unpacked.model)
+        except EngineError as exc:
+            raise from_engine(exc) from exc
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        storage.discard(stored.path)
+    row = ModelFile(
+        id=model_id, tenant_id=tenant_id, filename=name, format=info.format, size_bytes=unpacked.total_bytes,
+        sha256=stored.sha256, opset=info.opset, inputs=[i.to_dict() for i in info.inputs],
+        outputs=[o.to_dict() for o in info.outputs], storage_path=str(unpacked.model),
+        external_data_bytes=info.external_bytes,
+    )
+    db.add(row)
+    db.flush()
+    return row
+
+
+def bundle_default_limit() -> int:
+    return int(Settings.model_fields["max_bundle_bytes"].default)
 
 
 def _inspect(storage: Storage, path: Path, *, suffix: str) -> ModelInfo:

@@ -78,6 +78,10 @@ class RecipeOptions:
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 0
+    # int4_weight_only: MatMuls kept in 8 bits (MatMulNBits bits=8) instead of 4, by name, and the last one
+    # (an LLM's lm_head, whose errors every token's scores carry).
+    int8_nodes: tuple[str, ...] = ()
+    int8_last_matmul: bool = False
     quantize_embeddings: bool = False
     # int4_weight_only: also run everything that stays outside the 4-bit MatMuls (activation x activation
     # MatMuls, Conv, Add, embeddings...) in int8 QDQ, calibrated on the 4-bit model with ``method``.

@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto
 
 from worker.engine.errors import EngineError
+from worker.engine.external import ExternalRef, check_refs, external_bytes, is_external
 
 MIN_OPSET = 11
 # If/Loop/Scan bodies nested deeper than this are refused. Real exports nest a few levels; protobuf itself
@@ -58,6 +59,8 @@ class ModelInfo:
     outputs: tuple[TensorInfo, ...]
     num_nodes: int
     producer: str
+    # Bytes of weights kept in external data files (0 for a self-contained model).
+    external_bytes: int = 0
 
 
 def _tensor_info(vi: onnx.ValueInfoProto) -> TensorInfo:
@@ -88,7 +91,7 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def _walk_graphs(model: onnx.ModelProto) -> Iterator[tuple[onnx.GraphProto, int]]:
+def walk_graphs(model: onnx.ModelProto) -> Iterator[tuple[onnx.GraphProto, int]]:
     """Every graph of the model with its nesting depth (the main graph is 0), without recursion, refusing
     nesting deeper than MAX_SUBGRAPH_DEPTH before descending further."""
     stack: list[tuple[onnx.GraphProto, int]] = [(model.graph, 0)]
@@ -108,7 +111,7 @@ def _walk_graphs(model: onnx.ModelProto) -> Iterator[tuple[onnx.GraphProto, int]
                 stack.extend((g, depth + 1) for g in attr.graphs)
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, TensorProto]]:
+def graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, TensorProto]]:
     """The tensors stored in one graph (not its subgraphs): initializers, sparse initializers' values and
     indices, and tensor-valued node attributes (Constant, ConstantOfShape...)."""
     for t in graph.initializer:
@@ -147,16 +150,19 @@ def _short(text: str, n: int = 120) -> str:
     return repr(text[:n])[1:-1] + ("..." if len(text) > n else "")
 
 
-def _check_tensor(where: str, t: TensorProto) -> None:
-    if t.data_location == TensorProto.EXTERNAL or t.external_data:
+def _check_tensor(where: str, t: TensorProto, bundled: bool) -> None:
+    if is_external(t):
+        if bundled:
+            return  # external.check_external checks the reference against the model's folder
         # Refused from the declaration alone: the location (which may be '../../etc/passwd', an absolute
         # path or a symlink) is never opened.
         location = next((e.value for e in t.external_data if e.key == "location"), "")
         raise EngineError(
             "external_data_not_supported",
-            f"{_short(where)} keeps its data in an external file ('{_short(location)}'); lowbit only loads "
-            "self-contained models and never reads files named by a model. Save it with "
-            "onnx.save_model(model, path, save_as_external_data=False)",
+            f"{_short(where)} keeps its data in an external file ('{_short(location)}'), which a single .onnx "
+            "upload does not bring. Upload the model as a .zip or .tar bundle holding the .onnx file and its "
+            "data files, or save it self-contained with onnx.save_model(model, path, save_as_external_data=False) "
+            "if it is under 2 GB",
         )
     if any(int(d) < 0 for d in t.dims):
         raise EngineError("invalid_model", f"{_short(where)} declares a negative dimension {list(t.dims)}")
@@ -183,13 +189,14 @@ def _check_declared_shape(vi: onnx.ValueInfoProto) -> None:
         )
 
 
-def check_declarations(model: onnx.ModelProto) -> None:
+def check_declarations(model: onnx.ModelProto, folder: Path | None = None) -> None:
     """What the file declares, checked before anything reads, allocates or validates it: subgraph depth,
-    tensors kept in external files, stored tensors whose shape claims more data than they hold, and
-    declared shapes beyond any real model. Runs in time linear in the file, without recursion."""
-    for graph, _depth in _walk_graphs(model):
-        for where, t in _graph_tensors(graph):
-            _check_tensor(where, t)
+    tensors kept in external files (refused, or with ``folder``, the unpacked bundle the model came in,
+    checked against it), stored tensors whose shape claims more data than they hold, and declared shapes
+    beyond any real model. Runs in time linear in the file, without recursion."""
+    for graph, _depth in walk_graphs(model):
+        for where, t in graph_tensors(graph):
+            _check_tensor(where, t, folder is not None)
         for vi in (*graph.input, *graph.output, *graph.value_info):
             _check_declared_shape(vi)
 
@@ -226,8 +233,10 @@ def parse_model_bytes(data: bytes) -> onnx.ModelProto:
     return model
 
 
-def check_model(model: onnx.ModelProto) -> ModelInfo:
-    """Check structure, opset and self-containedness; describe inputs and outputs."""
+def check_model(model: onnx.ModelProto, path: Path | None = None) -> ModelInfo:
+    """Check structure, opset and self-containedness; describe inputs and outputs. With ``path`` (the model's
+    file in its unpacked bundle, ``model`` loaded without its external data), external data is allowed and
+    every reference is checked against the file's folder (worker/engine/external.py)."""
     if not model.opset_import:
         raise EngineError("invalid_model", "the model declares no opset; it is not a valid ONNX model")
     opset = default_opset(model)
@@ -237,9 +246,14 @@ def check_model(model: onnx.ModelProto) -> ModelInfo:
             f"the model uses ONNX opset {opset}; lowbit needs opset {MIN_OPSET} or newer. "
             f"Re-export it with a newer opset (e.g. torch.onnx.export(..., opset_version=17))",
         )
-    check_declarations(model)
+    folder = Path(path).parent if path is not None else None
+    check_declarations(model, folder)
+    refs = check_external(model, folder) if folder is not None else {}
     try:
-        onnx.checker.check_model(model)
+        # With external data the checker reads the file by path (it checks the data files exist, which
+        # check_external already did without following links); the proto alone would be read against the
+        # current directory.
+        onnx.checker.check_model(str(path) if refs else model)
     except Exception as exc:
         raise EngineError("invalid_model", f"the ONNX model failed validation: {str(exc).strip()[:500]}") from exc
     initializers = {t.name for t in model.graph.initializer}
@@ -256,8 +270,28 @@ def check_model(model: onnx.ModelProto) -> ModelInfo:
         outputs=outputs,
         num_nodes=len(model.graph.node),
         producer=f"{model.producer_name} {model.producer_version}".strip(),
+        external_bytes=external_bytes(refs),
     )
 
 
+def external_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
+    """Every tensor of every graph that keeps its data externally, with where it is (for messages)."""
+    for graph, _depth in walk_graphs(model):
+        for where, t in graph_tensors(graph):
+            if is_external(t):
+                yield where, t
+
+
+def check_external(model: onnx.ModelProto, folder: Path) -> dict[str, ExternalRef]:
+    """Every external reference of ``model`` (loaded without its data), checked against ``folder``."""
+    return check_refs(external_tensors(model), folder)
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(True for _ in external_tensors(model))
+
+
 def inspect_model_file(path: Path) -> ModelInfo:
-    return check_model(parse_model_bytes(Path(path).read_bytes()))
+    """Check a model file; one whose weights are in external data files is checked against its folder."""
+    model = parse_model_bytes(Path(path).read_bytes())
+    return check_model(model, Path(path) if has_external_data(model) else None)

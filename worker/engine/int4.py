@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from worker.engine import runtime
 from worker.engine.errors import EngineError
 from worker.engine.normalize import subgraph_op_types
+from worker.engine.streaming import eight_bit_inline, eight_bit_names
 
 if TYPE_CHECKING:  # annotations only: the option tables import the recipes, whose int4 handler imports this module
     from worker.engine.config import RecipeOptions
@@ -270,13 +271,15 @@ def quantize_int4(
         assert batches is not None
         calibration = _clip_weights(model, targets, batches, opts, providers, threads, started)
     config, reader = _algorithm_config(algorithm, opts, op_types, batches)
-    include = list(targets)
+    eight = eight_bit_names(opts, list(targets))
+    include = [t for t in targets if t not in eight]
     if opts.quantize_embeddings:
         include += [n.name for n in model.graph.node if n.op_type == "Gather"]
     # ONNX Runtime's nodes_to_include adds to its op-type selection rather than restricting it, so
     # everything else of those op types is excluded explicitly.
     exclude = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in set(include)]
     out_model = _run_quantizer(model, opts, algorithm, config, exclude)
+    eight_bit_inline(out_model, eight, opts)
     if reader is not None:
         calibration = {"method": "gptq", "samples": reader.samples, "seconds": round(time.perf_counter() - started, 3)}
     res = Int4Result(algorithm=algorithm, quantized_layers=[], warnings=warnings, calibration=calibration)

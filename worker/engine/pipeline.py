@@ -21,19 +21,20 @@ from worker.engine.calibrate import quantizable_op_types, select_tensors
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
 from worker.engine.context import ProgressFn, RunData
 from worker.engine.errors import EngineError
+from worker.engine.evaldata import first_sample_feed as _first_sample_feed
+from worker.engine.evaldata import plan_data as _plan_data
+from worker.engine.evaldata import synthetic_batches as _synthetic_batches
 from worker.engine.feeds import STACKED, Batch, FeedPlan, fixed_batch, iter_batches
 from worker.engine.files import environment, place, sha256_file
 from worker.engine.fp16 import float16_in_subgraphs
-from worker.engine.hygiene import Overlap, overlap
-from worker.engine.inspect import ModelInfo, TensorInfo, inspect_model_file
+from worker.engine.inspect import ModelInfo, TensorInfo, has_external_data, inspect_model_file
 from worker.engine.int4 import Int4Result, quantize_int4
 from worker.engine.normalize import NormalizeResult, all_graphs, normalize, subgraph_op_types
-from worker.engine.npz import DatasetInfo, NpzReader, inspect_npz
-from worker.engine.preflight import plan_split
 from worker.engine.pt2 import Pt2Source
 from worker.engine.qat import choose_artifact, kept_warning
 from worker.engine.recipes import RecipeContext, RecipeOutput, get_recipe
 from worker.engine.report import REPORT_VERSION, validate_report
+from worker.engine.result import QuantizeResult as QuantizeResult
 from worker.engine.sensitivity import MAX_SAMPLES as SENSITIVITY_SAMPLES
 from worker.engine.sensitivity import SensitivityResult
 from worker.engine.sensitivity import analyse as analyse_sensitivity
@@ -55,77 +56,9 @@ STAGE_SPAN = {
 LAYER_SAMPLES = 8
 
 
-@dataclass
-class QuantizeResult:
-    artifact_path: Path
-    artifact_sha256: str
-    artifact_bytes: int
-    report: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-
-
 def progress_percent(stage: str, fraction: float) -> int:
     lo, hi = STAGE_SPAN[stage]
     return int(lo + (hi - lo) * max(0.0, min(1.0, fraction)))
-
-
-def _plan_data(cfg: QuantizeConfig, info: ModelInfo, warnings: list[str]) -> RunData:
-    calib: DatasetInfo | None = inspect_npz(cfg.calibration_path) if cfg.calibration_path else None
-    ev: DatasetInfo | None = inspect_npz(cfg.eval_path) if cfg.eval_path else None
-    # auto's candidates all validate on the samples int8_static would, so their metrics compare.
-    split_recipe = "int8_static" if cfg.validate_like_static and calib is not None else cfg.recipe
-    split = plan_split(split_recipe, cfg.options, info.inputs, calib, ev, part=cfg.eval_part)
-    creader = NpzReader(cfg.calibration_path, calib) if calib is not None and cfg.calibration_path else None
-    ereader = NpzReader(cfg.eval_path, ev) if ev is not None and cfg.eval_path else None
-    if split.source == "synthetic":
-        warnings.append(
-            "no calibration or evaluation data was given: accuracy was measured on synthetic inputs "
-            "(random floats, zero integers) and says little about accuracy on real data"
-        )
-    elif split.source == "calibration_set":
-        warnings.append(
-            "no evaluation set was given: validated on the calibration set (this recipe does not calibrate)"
-        )
-    shared: Overlap | None = None
-    if split.source == "eval_set" and creader is not None and ereader is not None and split.calib_range:
-        shared = overlap(creader, split.calib_range, ereader, split.eval_range)
-        note = shared.warning()
-        if note:
-            warnings.append(note)
-    return RunData(split, creader, ereader if split.source == "eval_set" else creader, shared)
-
-
-def _synthetic_batches(inputs: tuple[TensorInfo, ...], count: int) -> Iterator[Batch]:
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        feed: dict[str, np.ndarray] = {}
-        for inp in inputs:
-            shape = [d if isinstance(d, int) else 1 for d in inp.shape]
-            dt = np.dtype(inp.dtype)
-            if dt.kind == "f":
-                feed[inp.name] = rng.standard_normal(shape).astype(dt)
-            else:
-                feed[inp.name] = np.zeros(shape, dtype=dt)
-        yield Batch(feed, i, 1, None)
-
-
-def _first_sample_feed(feed: dict[str, np.ndarray], inputs: tuple[TensorInfo, ...], plan: FeedPlan | None) -> tuple[
-    dict[str, np.ndarray], int
-]:
-    """A batch-1 feed (or the model's fixed batch) for the latency measurement."""
-    out: dict[str, np.ndarray] = {}
-    batch = 1
-    for inp in inputs:
-        a = feed[inp.name]
-        if plan is not None and plan.modes[inp.name] == "stacked":
-            if inp.shape and isinstance(inp.shape[0], int):
-                batch = max(batch, inp.shape[0])
-                out[inp.name] = a
-            else:
-                out[inp.name] = a[:1]
-        else:
-            out[inp.name] = a
-    return out, batch
 
 
 def _sample_feeds(batches: Iterator[Batch], inputs: tuple[TensorInfo, ...], plan: FeedPlan | None,
@@ -173,6 +106,12 @@ LOW_BIT_OPS = {"MatMulNBits": "int4", "GatherBlockQuantized": "int4"}
 FOLDABLE = {"Relu", "Clip"}
 
 
+def _low_bits(node: onnx.NodeProto) -> str:
+    """int4, or int8 for a MatMulNBits with bits=8 (int4_weight_only's int8_nodes and int8_last_matmul)."""
+    bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
+    return "int8" if node.op_type == "MatMulNBits" and bits == 8 else LOW_BIT_OPS[node.op_type]
+
+
 def _layer_map(original: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
     """Per original node name: (precision, original tensor, quantized tensor to compare it with)."""
     q_nodes = {n.name: n for n in quantized.graph.node}
@@ -210,7 +149,7 @@ def _layer_map(original: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[st
             continue
         # Dynamic quantization replaces the node with integer ops named after it, keeping its output name.
         replaced = [q for name, q in q_nodes.items() if node.name and name.startswith(node.name)]
-        low = [LOW_BIT_OPS[r.op_type] for r in replaced if r.op_type in LOW_BIT_OPS]
+        low = [_low_bits(r) for r in replaced if r.op_type in LOW_BIT_OPS]
         precision = low[0] if low else "int8" if any(r.op_type in INT8_OPS for r in replaced) else "fp32"
         out[node.name] = (precision, o, o if o in producers else "")
     return out
@@ -339,6 +278,10 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     them in that order)."""
     warnings: list[str] = []
     opts = resolve_reduce_range(cfg.recipe, opts, runtime.int8_overflows_here(), warnings)
+    if _external(cfg):
+        from worker.engine.stream_pipeline import run_streamed  # only models with external data need it
+
+        return run_streamed(cfg, opts, work, step, warnings)
     prep = _prepare(cfg, opts, work, step, warnings)
     made = _quantize(prep, opts, work, step, warnings)
     original_session = runtime.make_session(Path(prep.cfg.model_path), prep.providers, prep.cfg.threads, "model")
@@ -348,6 +291,18 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
     del original_session
     table = _layers(prep, made, checked, opts, step)
     return _report(prep, made, checked, table, opts, step, warnings)
+
+
+def _external(cfg: QuantizeConfig) -> bool:
+    """Whether the model keeps weights in external data files (a .pt2 upload never does). Only the graph is
+    read, never the weights."""
+    if pt2.looks_like_zip(Path(cfg.model_path)):
+        return False
+    try:
+        model = onnx.load(str(cfg.model_path), load_external_data=False)
+    except Exception:  # _prepare's inspection words a file that does not parse
+        return False
+    return has_external_data(model)
 
 
 def resolve_reduce_range(recipe: str, opts: RecipeOptions, overflows: bool, warnings: list[str]) -> RecipeOptions:

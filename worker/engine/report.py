@@ -197,7 +197,9 @@ class Latency(_Closed):
     speedup_ci: Interval | None = None
     speedup_measurable: bool | None = Field(default=None, description="false when speedup_ci holds 1.0")
     runs: int
-    order: Literal["interleaved"]
+    # interleaved: the two models' runs alternate; in_turn (models with external data): all of the original's
+    # runs, then all of the quantized model's, so that only one model is loaded at a time.
+    order: Literal["interleaved", "in_turn"]
 
 
 class Layer(_Closed):
@@ -434,6 +436,19 @@ class ModelSection(_Closed):
     export: dict[str, Any] | None = None
 
 
+class ExternalData(_Closed):
+    """A model with external data, quantized one weight at a time (worker/engine/streaming.py)."""
+
+    files: list[str] = Field(description="the artifact zip's members: model.onnx and its data file")
+    original_data_bytes: int
+    int8_layers: list[str] = Field(description="MatMuls kept in 8 bits instead of 4")
+    quantize_seconds: float
+    quantize_peak_rss_mb: float = Field(description="the job's process, peak resident memory after quantizing")
+    validation_seconds: float
+    validation_original_peak_rss_mb: float = Field(description="the validating process after the original model")
+    validation_peak_rss_mb: float = Field(description="the validating process at the end (both models in turn)")
+
+
 class Training(_Section):
     """qat_int8's training record. Open: it is the trainer's log (loss curve, attempts, which tensors were fake
     quantized and how activations were matched), whose detail follows the trainer; the keys readers use are
@@ -595,6 +610,7 @@ class Report(_Closed):
     bias_correction: BiasCorrection | None = None
     adaround: AdaRound | None = None
     residual_16bit: Residual16 | None = None
+    external_data: ExternalData | None = None
     training: Training | None = None
     smoothquant: SmoothQuant | None = None
     accuracy_target: AccuracyTargetResult | None = None

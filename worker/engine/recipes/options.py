@@ -91,6 +91,9 @@ ALGORITHM = Option("algorithm", "choice", None, "4-bit algorithm (default clip_s
 BLOCK_SIZE = Option("block_size", "choice", 32, "weights per 4-bit block", choices=BLOCK_SIZES)
 SYMMETRIC = Option("symmetric", "bool", True, "symmetric 4-bit weights (no zero points)")
 ACCURACY_LEVEL = Option("accuracy_level", "int", 0, "MatMulNBits' compute precision", lo=0, hi=4)
+INT8_NODES = Option("int8_nodes", "names", (), "MatMul node names kept in 8 bits (MatMulNBits bits=8) instead of 4")
+INT8_LAST_MATMUL = Option("int8_last_matmul", "bool", False, "the last MatMul (an LLM's lm_head) in 8 bits "
+                          "instead of 4")
 QUANTIZE_EMBEDDINGS = Option("quantize_embeddings", "bool", False, "also 4-bit Gather tables")
 INT8_ACTIVATIONS = Option("int8_activations", "bool", False, "also quantize everything outside the 4-bit MatMuls "
                           "to int8 QDQ, calibrated on the 4-bit model (needs calibration data)")
@@ -118,10 +121,11 @@ PREFER = Option("prefer", "choice", "size_and_speed", "size_and_speed: the small
 
 ORDER = (
     "method", "calibrator",
-    "per_channel", "symmetric_activations", "reduce_range", "symmetric", "quantize_embeddings", "int8_activations",
-    "layer_sensitivity", "keep_io_types", "train_weight_ranges", "train_activation_ranges", "task_loss",
-    "percentile", "batch_size", "max_calibration_samples", "holdout_fraction", "latency_runs", "algorithm",
-    "block_size", "steps", "learning_rate", "range_learning_rate", "max_fallback_steps", "prefer", "accuracy_level",
-    "nodes_to_exclude", "op_types_to_quantize", "op_block_list", "outputs", "smoothquant", "smoothquant_alpha",
-    "equalize", "bias_correction", "adaround", "adaround_seconds", "residual_16bit", "activations_16bit",
+    "per_channel", "symmetric_activations", "reduce_range", "symmetric", "int8_last_matmul", "quantize_embeddings",
+    "int8_activations", "layer_sensitivity", "keep_io_types", "train_weight_ranges", "train_activation_ranges",
+    "task_loss", "percentile", "batch_size", "max_calibration_samples", "holdout_fraction", "latency_runs",
+    "algorithm", "block_size", "steps", "learning_rate", "range_learning_rate", "max_fallback_steps", "prefer",
+    "accuracy_level", "nodes_to_exclude", "int8_nodes", "op_types_to_quantize", "op_block_list", "outputs",
+    "smoothquant", "smoothquant_alpha", "equalize", "bias_correction", "adaround", "adaround_seconds",
+    "residual_16bit", "activations_16bit",
 )

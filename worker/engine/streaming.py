@@ -1,0 +1,367 @@
+"""Quantizing a model that keeps its weights in external data files, one tensor at a time.
+
+The whole-model pipeline loads the model (and ONNX Runtime's quantizers copy it), which a model of many
+gigabytes cannot afford. Here the graph is loaded without its weights, each MatMul weight is read through a
+memory map, quantized and appended to the output's data file, and the other external tensors are copied in
+chunks: the process holds one weight (and its quantized form) at a time. The output is ``model.onnx`` and
+``model.onnx.data`` in one folder.
+
+Recipes: ``int4_weight_only`` with round-to-nearest (ONNX Runtime's own 4-bit kernel, MatMulNBits; chosen
+MatMuls in 8 bits), and ``int8_dynamic`` (int8 per-channel weights, DynamicQuantizeMatMul). Validation runs the
+original and the quantized model in turn in a child process (``validate_in_turn``), never both at once.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from worker.engine.errors import EngineError
+from worker.engine.external import DataWriter, TensorReader, point_to
+from worker.engine.inspect import check_external, external_tensors, walk_graphs
+
+if TYPE_CHECKING:  # annotations only (the option tables import the recipes)
+    from worker.engine.config import RecipeOptions
+
+ProgressFn = Callable[[str, float], None]
+MS_DOMAIN = "com.microsoft"
+DATA_NAME = "model.onnx.data"
+MODEL_NAME = "model.onnx"
+# Recipes (and their options) this engine runs; anything else on a model with external data is refused at
+# submit time with ``refusal``'s message.
+STREAMED_RECIPES = ("int4_weight_only", "int8_dynamic")
+
+
+def refusal(recipe: str, options: dict[str, Any]) -> str | None:
+    """Why ``recipe`` with ``options`` cannot run on a model with external data yet (None when it can)."""
+    if recipe not in STREAMED_RECIPES:
+        return (f"recipe {recipe} cannot quantize a model whose weights are in external data files yet; "
+                f"use {' or '.join(STREAMED_RECIPES)} (weights streamed one tensor at a time)")
+    if recipe == "int4_weight_only":
+        algorithm = options.get("algorithm")
+        if algorithm not in (None, "rtn"):
+            return (f"int4_weight_only algorithm {algorithm} cannot run on a model with external data yet; "
+                    "use algorithm rtn (round to nearest, streamed)")
+        for name in ("int8_activations", "quantize_embeddings"):
+            if options.get(name):
+                return f"int4_weight_only option {name} cannot run on a model with external data yet"
+    return None
+
+
+@dataclass
+class StreamResult:
+    quantized_layers: list[str]
+    int8_layers: list[str]
+    kept_layers: list[str]
+    weights: int = 0
+    weight_bytes_fp32: int = 0
+    weight_bytes_quantized: int = 0
+    original_bytes: int = 0
+    quantized_bytes: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bits_per_weight(self) -> float | None:
+        return 8.0 * self.weight_bytes_quantized / self.weights if self.weights else None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far, in MB: VmHWM, which starts afresh in a new program (ru_maxrss
+    carries the parent's peak across fork and exec: a child of a large worker would report the worker's)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def model_bytes(path: Path) -> int:
+    """A model's size on disk: its .onnx file and every data file it names (each counted once)."""
+    model = onnx.load(str(path), load_external_data=False)
+    refs = check_external(model, Path(path).parent)
+    files = {r.file for r in refs.values()}
+    return os.path.getsize(path) + sum(os.path.getsize(Path(path).parent / f) for f in files)
+
+
+def _uses(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for graph, _depth in walk_graphs(model):
+        for node in graph.node:
+            for name in node.input:
+                if name:
+                    counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _targets(model: onnx.ModelProto, opts: RecipeOptions) -> list[onnx.NodeProto]:
+    """The main graph's MatMuls whose second input is a 2-D float32 initializer, not excluded by name."""
+    inits = {t.name: t for t in model.graph.initializer}
+    excluded = set(opts.nodes_to_exclude)
+    out = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.name in excluded:
+            continue
+        w = inits.get(node.input[1])
+        if w is not None and w.data_type == TensorProto.FLOAT and len(w.dims) == 2 and min(w.dims) > 0:
+            out.append(node)
+    return out
+
+
+def eight_bit_names(opts: RecipeOptions, targets: list[str]) -> set[str]:
+    """int4_weight_only's MatMuls to keep in 8 bits: options int8_nodes, and with int8_last_matmul the last
+    target in graph order (the MatMul nearest the outputs: an LLM's lm_head). ``targets``: the MatMuls that
+    can be quantized, in graph order."""
+    names = set(opts.int8_nodes)
+    if opts.int8_last_matmul and targets:
+        names.add(targets[-1])
+    unknown = sorted(names - set(targets))
+    if unknown:
+        raise EngineError("invalid_option", f"int8_nodes names {unknown[:5]}, which are not MatMuls with a "
+                          "constant 2-D float32 weight in this model (or are excluded)")
+    return names
+
+
+def eight_bit_inline(model: onnx.ModelProto, names: set[str], opts: RecipeOptions) -> None:
+    """Turn the float MatMuls ``names`` of an in-memory (self-contained) model into 8-bit MatMulNBits, their
+    tensors kept in the model: the whole-model int4 path's int8_nodes and int8_last_matmul."""
+    if not names:
+        return
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    taken = set(inits) | {o for n in graph.node for o in n.output}
+    res = StreamResult([], [], [])
+    for node in graph.node:
+        if node.name in names and node.op_type == "MatMul":
+            w_t = inits[node.input[1]]
+            new = _quantize_one(graph, TensorReader(Path("."), {}), w_t, "int8", opts, None, taken, res)
+            _replace(node, new, "int8", opts, int(w_t.dims[0]), int(w_t.dims[1]))
+    if not any(i.domain == MS_DOMAIN for i in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    used = _uses(model)
+    keep = [t for t in graph.initializer if used.get(t.name, 0)]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+# Bytes of float weights read at a time: a weight of any size is quantized a slab of rows at a time.
+CHUNK_BYTES = 16 << 20
+
+
+def _chunk_rows(k: int, n: int, multiple: int) -> int:
+    rows = max(multiple, (CHUNK_BYTES // max(4 * n, 1)) // multiple * multiple)
+    return min(rows, -(-k // multiple) * multiple)
+
+
+def _pack_nbits(reader: TensorReader, w_t: TensorProto, bits: int, block: int,
+                symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """ONNX Runtime's blockwise kernel on one [K, N] weight, a slab of whole blocks of rows at a time (blocks run
+    along K, so slabs quantize independently): packed data [N, blocks, block*bits/8], scales [N * blocks] and
+    (asymmetric) packed zero points, as MatMulNBits reads them."""
+    from onnxruntime.capi import _pybind_state as ort_c
+
+    kernel = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
+    k, n = (int(d) for d in w_t.dims)
+    nb = -(-k // block)
+    per_byte = 8 // bits
+    packed = np.zeros((n, nb, block * bits // 8), dtype=np.uint8)
+    zp = np.zeros((n, -(-nb // per_byte)), dtype=np.uint8)
+    scales = np.zeros((n, nb), dtype=np.float32)
+    # Whole zero-point bytes per slab: 4-bit zero points pack two blocks to a byte.
+    step = _chunk_rows(k, n, block * per_byte)
+    for r0, rows in reader.rows(w_t, step):
+        b0, cb = r0 // block, -(-rows.shape[0] // block)
+        slab = np.zeros((cb * block, n), dtype=np.float32)
+        slab[:rows.shape[0]] = rows
+        p_c = np.zeros((n, cb, block * bits // 8), dtype=np.uint8)
+        z_c = np.zeros((n, -(-cb // per_byte)), dtype=np.uint8)
+        s_c = np.zeros((n, cb), dtype=np.float32)
+        kernel(p_c, slab, s_c, z_c, block, n, cb * block, symmetric)
+        packed[:, b0:b0 + cb] = p_c
+        scales[:, b0:b0 + cb] = s_c
+        zp[:, b0 // per_byte:b0 // per_byte + z_c.shape[1]] = z_c
+    return packed, scales.reshape(-1), None if symmetric else zp.reshape(-1)
+
+
+def _int8_columns(reader: TensorReader, w_t: TensorProto, per_channel: bool,
+                  reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights, one scale per output column (or one for the tensor): [K, N] int8 and scales.
+    Two passes over slabs of rows: the ranges, then the rounding."""
+    k, n = (int(d) for d in w_t.dims)
+    step = _chunk_rows(k, n, 1)
+    amax = np.zeros(n, dtype=np.float32)
+    for _r0, rows in reader.rows(w_t, step):
+        np.maximum(amax, np.abs(rows).max(axis=0), out=amax)
+    if not per_channel:
+        amax = np.array(amax.max(), dtype=np.float32)
+    qmax = 64.0 if reduce_range else 127.0
+    scale = (np.maximum(amax, 1e-12) / qmax).astype(np.float32)
+    q = np.empty((k, n), dtype=np.int8)
+    for r0, rows in reader.rows(w_t, step):
+        q[r0:r0 + rows.shape[0]] = np.clip(np.rint(rows / scale), -qmax, qmax)
+    return q, scale
+
+
+def _add_tensor(graph: onnx.GraphProto, name: str, a: np.ndarray, onnx_type: int, writer: DataWriter | None,
+                dims: tuple[int, ...] | None = None) -> None:
+    """A new initializer: appended to the data file, or (``writer`` None) kept in the model itself."""
+    if writer is None:
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(a).reshape(dims or a.shape), name))
+        return
+    t = graph.initializer.add()
+    t.name = name
+    t.data_type = onnx_type
+    t.dims.extend(dims if dims is not None else a.shape)
+    point_to(t, writer.write_array(a))
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    out, i = name, 1
+    while out in taken:
+        out, i = f"{name}_{i}", i + 1
+    taken.add(out)
+    return out
+
+
+def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOptions,
+                       step: ProgressFn | None = None) -> StreamResult:
+    """Quantize the model at ``src`` (weights in external data beside it) into ``out_dir/model.onnx`` and
+    ``out_dir/model.onnx.data``, one weight at a time."""
+    t0 = time.monotonic()
+    src = Path(src)
+    model = onnx.load(str(src), load_external_data=False)
+    refs = check_external(model, src.parent)
+    reader = TensorReader(src.parent, refs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = DataWriter(out_dir / DATA_NAME)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    targets = _targets(model, opts)
+    if not targets:
+        writer.close()
+        raise EngineError("unsupported_model", "the model has no MatMul with a constant 2-D float32 weight; "
+                          f"{recipe} quantizes only those")
+    try:
+        int8_names = eight_bit_names(opts, [n.name for n in targets]) if recipe == "int4_weight_only" else set()
+    except EngineError:
+        writer.close()
+        raise
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    res = StreamResult([], [], [])
+    made: dict[tuple[str, str], list[str]] = {}  # (weight, kind) -> the new node's inputs after A
+    done_w = 0
+    total_w = len({n.input[1] for n in targets})
+    try:
+        for node in targets:
+            wname = node.input[1]
+            kind = "int8" if node.name in int8_names else recipe
+            if (wname, kind) not in made:
+                w_t = inits[wname]
+                k, n = (int(d) for d in w_t.dims)
+                res.weights += k * n
+                res.weight_bytes_fp32 += 4 * k * n
+                made[(wname, kind)] = _quantize_one(graph, reader, w_t, kind, opts, writer, taken, res)
+                done_w += 1
+                if step:
+                    step("quantizing", 0.9 * done_w / total_w)
+            _replace(node, made[(wname, kind)], kind, opts, int(inits[wname].dims[0]), int(inits[wname].dims[1]))
+            (res.int8_layers if kind == "int8" else res.quantized_layers).append(node.name)
+        if not any(i.domain == MS_DOMAIN for i in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        # The float weights the quantized nodes replaced, unless something else still reads them (a tied
+        # embedding table read by a Gather keeps its float copy).
+        used = _uses(model)
+        keep = [t for t in graph.initializer if used.get(t.name, 0) or t.name in {i.name for i in graph.input}]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        for _where, t in list(external_tensors(model)):
+            if t.name not in refs:
+                continue  # written by this run
+            point_to(t, reader.copy_bytes(t, writer))
+        writer.close()
+        res.kept_layers = [n.name for n in graph.node if n.op_type == "MatMul"]
+        onnx.save_model(model, str(out_dir / MODEL_NAME))
+    except BaseException:
+        writer.close()
+        raise
+    res.original_bytes = model_bytes(src)
+    res.quantized_bytes = os.path.getsize(out_dir / MODEL_NAME) + os.path.getsize(out_dir / DATA_NAME)
+    res.seconds = time.monotonic() - t0
+    res.peak_rss_mb = peak_rss_mb()
+    if step:
+        step("quantizing", 1.0)
+    return res
+
+
+def _quantize_one(graph: onnx.GraphProto, reader: TensorReader, w_t: TensorProto, kind: str, opts: RecipeOptions,
+                  writer: DataWriter | None, taken: set[str], res: StreamResult) -> list[str]:
+    """Quantize one [K, N] weight, append its tensors to the data file; the new node's inputs after A."""
+    wname = w_t.name
+    if kind in ("int4_weight_only", "int8"):
+        bits = 4 if kind == "int4_weight_only" else 8
+        block = int(getattr(opts, "block_size", 32) or 32)
+        symmetric = bool(getattr(opts, "symmetric", True))
+        packed, scales, zp = _pack_nbits(reader, w_t, bits, block, symmetric)
+        names = [_unique(f"{wname}_Q{bits}", taken), _unique(f"{wname}_scales", taken)]
+        _add_tensor(graph, names[0], packed, TensorProto.UINT8, writer)
+        _add_tensor(graph, names[1], scales, TensorProto.FLOAT, writer)
+        res.weight_bytes_quantized += packed.nbytes + scales.nbytes
+        if zp is not None:
+            names.append(_unique(f"{wname}_zero_points", taken))
+            _add_tensor(graph, names[2], zp, TensorProto.UINT8, writer)
+            res.weight_bytes_quantized += zp.nbytes
+        return names
+    # int8_dynamic
+    q, scale = _int8_columns(reader, w_t, bool(opts.per_channel), bool(opts.reduce_range))
+    names = [_unique(f"{wname}_quantized", taken), _unique(f"{wname}_scale", taken)]
+    _add_tensor(graph, names[0], q, TensorProto.INT8, writer)
+    _add_tensor(graph, names[1], scale, TensorProto.FLOAT, writer, tuple(scale.shape))
+    res.weight_bytes_quantized += q.nbytes + scale.nbytes
+    return names
+
+
+def _replace(node: onnx.NodeProto, inputs: list[str], kind: str, opts: RecipeOptions, k: int, n: int) -> None:
+    """Turn the MatMul ``node`` into its quantized form in place (same name and output)."""
+    a = node.input[0]
+    del node.input[:]
+    del node.attribute[:]
+    node.domain = MS_DOMAIN
+    if kind in ("int4_weight_only", "int8"):
+        node.op_type = "MatMulNBits"
+        node.input.extend([a, *inputs])
+        node.attribute.extend([
+            helper.make_attribute("K", k), helper.make_attribute("N", n),
+            helper.make_attribute("bits", 4 if kind == "int4_weight_only" else 8),
+            helper.make_attribute("block_size", int(getattr(opts, "block_size", 32) or 32)),
+            helper.make_attribute("accuracy_level", int(getattr(opts, "accuracy_level", 0) or 0)),
+        ])
+    else:
+        node.op_type = "DynamicQuantizeMatMul"
+        node.input.extend([a, *inputs])
+
+
+def layer_rows(original: onnx.ModelProto, res: StreamResult, recipe: str) -> list[dict[str, Any]]:
+    """The report's per-layer rows: every main-graph node with the precision it has now (no per-layer SQNR:
+    measuring it would hold both models' activations, which this path avoids)."""
+    low = "int4" if recipe == "int4_weight_only" else "int8"
+    quantized, int8 = set(res.quantized_layers), set(res.int8_layers)
+    rows = []
+    for node in original.graph.node:
+        if not node.name:
+            continue
+        precision = low if node.name in quantized else "int8" if node.name in int8 else "fp32"
+        rows.append({"name": node.name, "op_type": node.op_type, "precision": precision, "sqnr_db": None})
+    return rows
