@@ -19,6 +19,7 @@ from app.datasets.models import Dataset
 from app.db import utcnow
 from app.jobs.models import FINISHED, Job
 from app.modelfiles.models import ModelFile
+from app.resumable.models import Upload
 from app.settings import Settings
 from app.storage import Storage
 
@@ -103,13 +104,14 @@ def strays(factory: sessionmaker[Session], storage: Storage) -> Collected:
     for part in (root / "incoming").glob("*") if (root / "incoming").is_dir() else []:
         if _old(part, INCOMING_STALE_S):
             _remove(part, out)
-    for folder, table in ((root / "jobs", Job), (root / "models", ModelFile), (root / "datasets", Dataset)):
+    for folder, table in ((root / "jobs", Job), (root / "models", ModelFile), (root / "datasets", Dataset),
+                          (root / "uploads", Upload)):
         if not folder.is_dir():
             continue
         candidates = [p for p in folder.iterdir() if _old(p, ORPHAN_GRACE_S)]
         if not candidates:
             continue
-        # Job folders are named by the job id; uploads are <id>.<extension>.
+        # Job folders and bundles' model folders are named by the id; uploads are <id>.<extension>.
         ids = {p.name.split(".", 1)[0] for p in candidates}
         with factory() as db:
             known = set(db.scalars(sa.select(table.id).where(table.id.in_(ids))))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +31,9 @@ UPLOAD_ROUTES: dict[str, int] = {
 # Part headers, boundaries and the small text fields (the job's config JSON) around the files.
 MULTIPART_OVERHEAD = 2 * 1024 * 1024
 MAX_SMALL_BODY = 1024 * 1024
+# A resumable upload's part (PUT /api/v1/uploads/{id}/parts/{n}): raw bytes, at most the largest part size.
+_PART_ROUTE = re.compile(r"^/api/v1/uploads/[^/]+/parts/[0-9]+$")
+MAX_PART_BYTES = 256 * 1024 * 1024
 _METHODS_WITH_BODY = {"POST", "PUT", "PATCH"}
 
 
@@ -39,6 +43,8 @@ class _BodyTooLarge(Exception):
 
 def body_limit(path: str, content_type: str, max_upload_bytes: int) -> int:
     """The most bytes a request body to ``path`` may have."""
+    if _PART_ROUTE.match(path):
+        return MAX_PART_BYTES  # the route checks each part's exact length
     files = UPLOAD_ROUTES.get(path.rstrip("/") or "/")
     if files and content_type.lower().startswith("multipart/form-data"):
         return files * max_upload_bytes + MULTIPART_OVERHEAD

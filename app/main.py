@@ -18,6 +18,7 @@ from app.modelfiles.routes import router as models_router
 from app.pages.routes import STATIC_DIR, sign_in_first
 from app.pages.routes import router as pages_router
 from app.queue import CeleryQueue, JobQueue
+from app.resumable.routes import router as uploads_router
 from app.security import SecurityHeaders
 from app.settings import Settings, get_settings
 from app.storage import Storage
@@ -43,8 +44,8 @@ def create_app(settings: Settings | None = None, queue: JobQueue | None = None) 
     app.state.session_secret = session_secret(s)
     install_handlers(app)
     app.add_exception_handler(SignInRequired, sign_in_first)  # the pages' sign-in redirect
-    for r in (models_router, datasets_router, jobs_router, schemas_router, health_router, metrics_router,
-              pages_router):
+    for r in (models_router, uploads_router, datasets_router, jobs_router, schemas_router, health_router,
+              metrics_router, pages_router):
         app.include_router(r)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     docs = tuple(p for p in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if p)

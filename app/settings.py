@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     # What a model bundle (.zip/.tar: one .onnx file and its external data) may unpack to, and the largest file
     # a resumable upload (/api/v1/uploads) may announce.
     max_bundle_bytes: int = 64 * 1024**3
+    # The part size of resumable uploads (at most 256 MiB): each part is one request, retried on its own.
+    upload_part_bytes: int = 64 * 1024**2
     # Queue for new jobs: 'cpu' workers run everywhere; 'gpu' workers run on CUDA machines.
     default_queue: str = "cpu"
     # ONNX Runtime intra-op threads a worker uses for calibration, validation and latency.

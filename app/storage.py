@@ -33,6 +33,10 @@ class Storage:
         """The folder of a model uploaded as a bundle (its .onnx file and external data files)."""
         return self.root / "models" / model_id
 
+    def upload_path(self, upload_id: str) -> Path:
+        """A resumable upload's file, its parts written in place as they arrive."""
+        return self.root / "uploads" / f"{upload_id}.part"
+
     def dataset_path(self, dataset_id: str) -> Path:
         return self.root / "datasets" / f"{dataset_id}.npz"
 

@@ -6,6 +6,7 @@ from app.datasets import models as _datasets  # noqa: F401  (registers tables)
 from app.db import Base, make_engine
 from app.jobs import models as _jobs  # noqa: F401
 from app.modelfiles import models as _modelfiles  # noqa: F401
+from app.resumable import models as _resumable  # noqa: F401
 from app.tenants import models as _tenants  # noqa: F401
 
 config = context.config

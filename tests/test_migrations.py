@@ -15,6 +15,7 @@ from app.db import Base
 from app.jobs import models as _j  # noqa: F401
 from app.migrate import downgrade, upgrade
 from app.modelfiles import models as _m  # noqa: F401
+from app.resumable import models as _r  # noqa: F401
 
 
 def _fresh_postgres(postgres_url: str) -> tuple[str, sa.Engine]:

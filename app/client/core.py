@@ -16,7 +16,9 @@ import json
 import os
 import re
 import secrets
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,11 @@ from app.client.errors import (
 
 FINISHED = ("succeeded", "failed", "cancelled")
 CHUNK = 1 << 20
+# Models this large, and every bundle (.zip/.tar: an ONNX model with its external data), go through a resumable
+# upload: parts retried on their own, and an interrupted upload of the same file continued where it stopped.
+RESUMABLE_FROM = 256 * 1024 * 1024
+BUNDLE_SUFFIXES = (".zip", ".tar")
+PART_TRIES = 4
 USER_AGENT = "lowbit-client/0.1"
 
 # (label, bytes done, bytes in all) during an upload or a download.
@@ -312,6 +319,8 @@ class Client:
                       int(d.get("size_bytes") or 0), reused, dict(d))
 
     def _upload(self, kind: str, path: Path, on_progress: TransferFn | None, reuse: bool) -> Upload:
+        if kind == "models" and path.is_dir():
+            return self._upload_folder(path, on_progress, reuse)
         if not path.is_file():
             raise LowbitClientError(f"no such file: {path}", code="file_not_found")
         size = path.stat().st_size
@@ -320,6 +329,8 @@ class Client:
             found = self.find(kind, digest)
             if found is not None:
                 return found
+        if kind == "models" and (size >= RESUMABLE_FROM or path.suffix.lower() in BUNDLE_SUFFIXES):
+            return self._upload_of(self._upload_resumable(path, size, digest, on_progress), reused=False)
         with open(path, "rb") as fh:
             body: Any = _Reader(fh, size, path.name, on_progress) if on_progress else fh
             timeout = httpx.Timeout(self.timeout, write=max(self.timeout, 600.0), read=max(self.timeout, 600.0))
@@ -329,6 +340,61 @@ class Client:
             raise ChecksumMismatch(f"the server stored {path.name} with SHA-256 {data.get('sha256')}, but the file's "
                                    f"is {digest}: it changed while uploading, or was damaged on the way")
         return self._upload_of(data, reused=False)
+
+    def _upload_folder(self, folder: Path, on_progress: TransferFn | None, reuse: bool) -> Upload:
+        """A folder holding one .onnx file and its external data files, sent as one uncompressed .zip."""
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        if sum(1 for p in files if p.suffix.lower() == ".onnx") != 1:
+            raise LowbitClientError(f"{folder} is a folder: it must hold exactly one .onnx file (and the data files "
+                                    "it names) to be uploaded as a bundle", code="not_a_bundle")
+        with tempfile.TemporaryDirectory(prefix="lowbit-bundle-") as tmp:
+            bundle = Path(tmp) / f"{folder.name or 'model'}.zip"
+            with zipfile.ZipFile(bundle, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for p in files:
+                    zf.write(p, p.relative_to(folder).as_posix())
+            return self._upload("models", bundle, on_progress, reuse)
+
+    def _upload_resumable(self, path: Path, size: int, digest: str, on_progress: TransferFn | None) -> dict[str, Any]:
+        """Send ``path`` through /api/v1/uploads: continue an unfinished upload of the same file if the server
+        has one, send the missing parts (each retried on its own, with its SHA-256), then finish it."""
+        found = self._request("GET", "/api/v1/uploads", params={"sha256": digest})
+        items = found.json().get("items", []) if found.status_code == 200 else []
+        up = next((u for u in items if u.get("size_bytes") == size and u.get("status") == "receiving"), None)
+        if up is None:
+            up = self._json("POST", "/api/v1/uploads", json={"filename": path.name, "size_bytes": size,
+                                                             "sha256": digest})
+        part = int(up["part_bytes"])
+        done = size - sum(min(part, size - i * part) for i in up["missing"])
+        timeout = httpx.Timeout(self.timeout, write=max(self.timeout, 600.0), read=max(self.timeout, 600.0))
+        with open(path, "rb") as fh:
+            while up["missing"]:
+                for i in up["missing"]:
+                    fh.seek(i * part)
+                    body = fh.read(part)
+                    headers = {"Content-SHA256": hashlib.sha256(body).hexdigest(),
+                               "Content-Type": "application/octet-stream"}
+                    for attempt in range(PART_TRIES):
+                        try:
+                            r = self._http.put(f"/api/v1/uploads/{up['id']}/parts/{i}", content=body,
+                                               headers=headers, timeout=timeout)
+                        except httpx.TransportError as exc:
+                            if attempt == PART_TRIES - 1:
+                                raise self._unreachable(exc) from exc
+                            time.sleep(0.5 * 2 ** attempt)
+                            continue
+                        if r.status_code == 204:
+                            break
+                        if r.status_code < 500 or attempt == PART_TRIES - 1:
+                            raise self._error(r)
+                    done = min(size, done + len(body))
+                    if on_progress:
+                        on_progress(path.name, done, size)
+                up = self._json("GET", f"/api/v1/uploads/{up['id']}")
+        data: dict[str, Any] = self._json("POST", f"/api/v1/uploads/{up['id']}/complete", timeout=timeout)
+        if data.get("sha256") != digest:
+            raise ChecksumMismatch(f"the server stored {path.name} with SHA-256 {data.get('sha256')}, but the file's "
+                                   f"is {digest}: it changed while uploading, or was damaged on the way")
+        return data
 
     # -- jobs ------------------------------------------------------------------------------------------------
 

@@ -85,6 +85,7 @@ def _store_bundle(db: Session, storage: Storage, *, stored: Stored, name: str, t
     model and every external reference against that folder. The archive itself is not kept."""
     model_id = new_id()
     folder = storage.model_dir(model_id)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     limit = settings.max_bundle_bytes if settings is not None else bundle_default_limit()
     try:
         try:

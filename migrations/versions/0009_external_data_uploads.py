@@ -19,8 +19,30 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("models", sa.Column("external_data_bytes", sa.BigInteger(), nullable=False, server_default="0"))
+    op.create_table(
+        "uploads",
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("tenant_id", sa.String(36), sa.ForeignKey("tenants.id", ondelete="RESTRICT"), nullable=False),
+        sa.Column("filename", sa.String(255), nullable=False),
+        sa.Column("size_bytes", sa.BigInteger(), nullable=False),
+        sa.Column("sha256", sa.String(64), nullable=False),
+        sa.Column("part_bytes", sa.BigInteger(), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("model_id", sa.String(36), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_index("ix_uploads_tenant_id", "uploads", ["tenant_id"])
+    op.create_table(
+        "upload_parts",
+        sa.Column("upload_id", sa.String(36), sa.ForeignKey("uploads.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("index", sa.Integer(), primary_key=True),
+        sa.Column("sha256", sa.String(64), nullable=False),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("upload_parts")
+    op.drop_index("ix_uploads_tenant_id", table_name="uploads")
+    op.drop_table("uploads")
     with op.batch_alter_table("models") as batch:
         batch.drop_column("external_data_bytes")

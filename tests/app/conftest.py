@@ -82,7 +82,7 @@ class Harness:
 def _truncate(url: str) -> None:
     engine = sa.create_engine(url)
     with engine.begin() as c:
-        c.execute(sa.text("TRUNCATE jobs, datasets, models, api_keys, workers CASCADE"))
+        c.execute(sa.text("TRUNCATE jobs, datasets, models, uploads, api_keys, workers CASCADE"))
         c.execute(sa.text("DELETE FROM tenants WHERE id <> 'local'"))
         # A test that set the local tenant's limits must not leave them to later tests on this database.
         c.execute(sa.text("UPDATE tenants SET max_active_jobs = NULL, uploads_per_minute = NULL, "
