@@ -375,7 +375,7 @@ def external_decoder(folder: Path, vocab: int = 512, dim: int = 64, ff: int = 12
                      location: str = "model.onnx.data", tied: bool = True) -> Path:
     """A small decoder-shaped model with every weight in an external data file: a token embedding, ``layers``
     residual MLP blocks (MatMul-Relu-MatMul) with RMS-style normalisation, and an lm_head that reads the
-    embedding table transposed (``tied``, a separate initializer as exporters write it) or its own table.
+    embedding table through a Transpose (``tied``) or its own table.
     Weights have per-column scales spread over two orders of magnitude and a few outlier columns."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -404,9 +404,13 @@ def external_decoder(folder: Path, vocab: int = 512, dim: int = 64, ff: int = 12
             helper.make_node("Add", [h, f"d{i}"], [f"h{i + 1}"], name=f"layers.{i}.residual"),
         ]
         h = f"h{i + 1}"
-    head = np.ascontiguousarray(emb.T) if tied else weight(dim, vocab)
-    inits.append(numpy_helper.from_array(head, "lm_head.weight"))
-    nodes.append(helper.make_node("MatMul", [h, "lm_head.weight"], ["logits"], name="lm_head"))
+    if tied:  # as exporters write a tied lm_head: the MatMul reads the table through a Transpose
+        nodes.append(helper.make_node("Transpose", ["embed.weight"], ["embed.weight_T"], name="lm_head.transpose",
+                                      perm=[1, 0]))
+        nodes.append(helper.make_node("MatMul", [h, "embed.weight_T"], ["logits"], name="lm_head"))
+    else:
+        inits.append(numpy_helper.from_array(weight(dim, vocab), "lm_head.weight"))
+        nodes.append(helper.make_node("MatMul", [h, "lm_head.weight"], ["logits"], name="lm_head"))
     graph = helper.make_graph(
         nodes, "decoder", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])], inits)

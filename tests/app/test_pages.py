@@ -126,9 +126,9 @@ def test_form_submission_runs_a_job_and_its_page_shows_the_report(api: Harness, 
     assert json.loads(config.group(1).replace("&#34;", '"')) == {
         "recipe": "int8_static", "options": report["options"],
         "accuracy_target": {"metric": "label_accuracy", "max_drop": 0.05}}
-    # reduce_range, left unset, is what the worker's CPU decided (true on x86-64 without VNNI): the command and
-    # the config box hold the value used.
-    seven = " --option reduce_range=true" if report["options"]["reduce_range"] else ""
+    # reduce_range, left unset, is what the worker's CPU decided (true on x86-64 without VNNI, else false): the
+    # command and the config box hold the value used.
+    seven = f" --option reduce_range={'true' if report['options']['reduce_range'] else 'false'}"
     assert "lowbit quantize conv.onnx --calib conv_data.npz --eval conv_eval.npz --recipe int8_static " \
            f"--method entropy{seven} --option batch_size=4 -o conv.int8_static.onnx --report report.json" in html
     for w in report["warnings"]:

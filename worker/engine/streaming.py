@@ -107,17 +107,36 @@ def _uses(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def _targets(model: onnx.ModelProto, opts: RecipeOptions) -> list[onnx.NodeProto]:
-    """The main graph's MatMuls whose second input is a 2-D float32 initializer, not excluded by name."""
+@dataclass(frozen=True)
+class _Target:
+    node: onnx.NodeProto
+    weight: str  # the initializer
+    transposed: bool  # B is Transpose(weight): a tied lm_head reading the [vocab, dim] embedding table
+
+    def kn(self, inits: dict[str, TensorProto]) -> tuple[int, int]:
+        rows, cols = (int(d) for d in inits[self.weight].dims)
+        return (cols, rows) if self.transposed else (rows, cols)
+
+
+def _targets(model: onnx.ModelProto, opts: RecipeOptions) -> list[_Target]:
+    """The main graph's MatMuls whose second input is a 2-D float32 initializer, or its 2-D transpose (how
+    exporters write an lm_head tied to the embedding table), not excluded by name."""
     inits = {t.name: t for t in model.graph.initializer}
+    transposes = {n.output[0]: n for n in model.graph.node if n.op_type == "Transpose" and len(n.input) == 1}
     excluded = set(opts.nodes_to_exclude)
     out = []
     for node in model.graph.node:
         if node.op_type != "MatMul" or len(node.input) < 2 or node.name in excluded:
             continue
-        w = inits.get(node.input[1])
+        b, transposed = node.input[1], False
+        if b not in inits and b in transposes:
+            tr = transposes[b]
+            perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), [1, 0])
+            if perm == [1, 0]:
+                b, transposed = tr.input[0], True
+        w = inits.get(b)
         if w is not None and w.data_type == TensorProto.FLOAT and len(w.dims) == 2 and min(w.dims) > 0:
-            out.append(node)
+            out.append(_Target(node, b, transposed))
     return out
 
 
@@ -147,7 +166,7 @@ def eight_bit_inline(model: onnx.ModelProto, names: set[str], opts: RecipeOption
     for node in graph.node:
         if node.name in names and node.op_type == "MatMul":
             w_t = inits[node.input[1]]
-            new = _quantize_one(graph, TensorReader(Path("."), {}), w_t, "int8", opts, None, taken, res)
+            new = _quantize_one(graph, TensorReader(Path("."), {}), w_t, False, "int8", opts, None, taken, res)
             _replace(node, new, "int8", opts, int(w_t.dims[0]), int(w_t.dims[1]))
     if not any(i.domain == MS_DOMAIN for i in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -166,20 +185,29 @@ def _chunk_rows(k: int, n: int, multiple: int) -> int:
     return min(rows, -(-k // multiple) * multiple)
 
 
-def _pack_nbits(reader: TensorReader, w_t: TensorProto, bits: int, block: int,
+def _pack_nbits(reader: TensorReader, w_t: TensorProto, transposed: bool, bits: int, block: int,
                 symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """ONNX Runtime's blockwise kernel on one [K, N] weight, a slab of whole blocks of rows at a time (blocks run
-    along K, so slabs quantize independently): packed data [N, blocks, block*bits/8], scales [N * blocks] and
+    """ONNX Runtime's blockwise kernel on one [K, N] weight (stored as [N, K] when ``transposed``), a slab at a
+    time: slabs of whole blocks of rows (blocks run along K, so they quantize independently), or of output
+    columns for a transposed table. Returns packed data [N, blocks, block*bits/8], scales [N * blocks] and
     (asymmetric) packed zero points, as MatMulNBits reads them."""
     from onnxruntime.capi import _pybind_state as ort_c
 
     kernel = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
-    k, n = (int(d) for d in w_t.dims)
+    rows_, cols_ = (int(d) for d in w_t.dims)
+    k, n = (cols_, rows_) if transposed else (rows_, cols_)
     nb = -(-k // block)
     per_byte = 8 // bits
     packed = np.zeros((n, nb, block * bits // 8), dtype=np.uint8)
     zp = np.zeros((n, -(-nb // per_byte)), dtype=np.uint8)
     scales = np.zeros((n, nb), dtype=np.float32)
+    if transposed:
+        for n0, rows in reader.rows(w_t, _chunk_rows(n, k, 1)):
+            nc = rows.shape[0]
+            slab = np.zeros((nb * block, nc), dtype=np.float32)
+            slab[:k] = rows.T
+            kernel(packed[n0:n0 + nc], slab, scales[n0:n0 + nc], zp[n0:n0 + nc], block, nc, nb * block, symmetric)
+        return packed, scales.reshape(-1), None if symmetric else zp.reshape(-1)
     # Whole zero-point bytes per slab: 4-bit zero points pack two blocks to a byte.
     step = _chunk_rows(k, n, block * per_byte)
     for r0, rows in reader.rows(w_t, step):
@@ -196,23 +224,31 @@ def _pack_nbits(reader: TensorReader, w_t: TensorProto, bits: int, block: int,
     return packed, scales.reshape(-1), None if symmetric else zp.reshape(-1)
 
 
-def _int8_columns(reader: TensorReader, w_t: TensorProto, per_channel: bool,
+def _int8_columns(reader: TensorReader, w_t: TensorProto, transposed: bool, per_channel: bool,
                   reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 weights, one scale per output column (or one for the tensor): [K, N] int8 and scales.
-    Two passes over slabs of rows: the ranges, then the rounding."""
-    k, n = (int(d) for d in w_t.dims)
-    step = _chunk_rows(k, n, 1)
+    Two passes over slabs of the stored rows: the ranges, then the rounding."""
+    rows_, cols_ = (int(d) for d in w_t.dims)
+    k, n = (cols_, rows_) if transposed else (rows_, cols_)
+    step = _chunk_rows(rows_, cols_, 1)
     amax = np.zeros(n, dtype=np.float32)
-    for _r0, rows in reader.rows(w_t, step):
-        np.maximum(amax, np.abs(rows).max(axis=0), out=amax)
+    for r0, rows in reader.rows(w_t, step):
+        if transposed:
+            amax[r0:r0 + rows.shape[0]] = np.abs(rows).max(axis=1)
+        else:
+            np.maximum(amax, np.abs(rows).max(axis=0), out=amax)
     if not per_channel:
-        amax = np.array(amax.max(), dtype=np.float32)
+        amax = np.full(1, amax.max(), dtype=np.float32)
     qmax = 64.0 if reduce_range else 127.0
     scale = (np.maximum(amax, 1e-12) / qmax).astype(np.float32)
     q = np.empty((k, n), dtype=np.int8)
     for r0, rows in reader.rows(w_t, step):
-        q[r0:r0 + rows.shape[0]] = np.clip(np.rint(rows / scale), -qmax, qmax)
-    return q, scale
+        if transposed:
+            s = scale[r0:r0 + rows.shape[0]] if per_channel else scale
+            q[:, r0:r0 + rows.shape[0]] = np.clip(np.rint(rows / s[:, None]), -qmax, qmax).T
+        else:
+            q[r0:r0 + rows.shape[0]] = np.clip(np.rint(rows / scale), -qmax, qmax)
+    return q, scale if per_channel else scale.reshape(())
 
 
 def _add_tensor(graph: onnx.GraphProto, name: str, a: np.ndarray, onnx_type: int, writer: DataWriter | None,
@@ -255,30 +291,33 @@ def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOption
         raise EngineError("unsupported_model", "the model has no MatMul with a constant 2-D float32 weight; "
                           f"{recipe} quantizes only those")
     try:
-        int8_names = eight_bit_names(opts, [n.name for n in targets]) if recipe == "int4_weight_only" else set()
+        int8_names = eight_bit_names(opts, [t.node.name for t in targets]) if recipe == "int4_weight_only" \
+            else set()
     except EngineError:
         writer.close()
         raise
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     res = StreamResult([], [], [])
-    made: dict[tuple[str, str], list[str]] = {}  # (weight, kind) -> the new node's inputs after A
+    # (weight, transposed, kind) -> the new node's inputs after A: a weight several MatMuls read is stored once.
+    made: dict[tuple[str, bool, str], list[str]] = {}
     done_w = 0
-    total_w = len({n.input[1] for n in targets})
+    total_w = len({(t.weight, t.transposed) for t in targets})
     try:
-        for node in targets:
-            wname = node.input[1]
-            kind = "int8" if node.name in int8_names else recipe
-            if (wname, kind) not in made:
-                w_t = inits[wname]
-                k, n = (int(d) for d in w_t.dims)
+        for t in targets:
+            kind = "int8" if t.node.name in int8_names else recipe
+            key = (t.weight, t.transposed, kind)
+            k, n = t.kn(inits)
+            if key not in made:
                 res.weights += k * n
                 res.weight_bytes_fp32 += 4 * k * n
-                made[(wname, kind)] = _quantize_one(graph, reader, w_t, kind, opts, writer, taken, res)
+                made[key] = _quantize_one(graph, reader, inits[t.weight], t.transposed, kind, opts, writer, taken,
+                                          res)
                 done_w += 1
                 if step:
                     step("quantizing", 0.9 * done_w / total_w)
-            _replace(node, made[(wname, kind)], kind, opts, int(inits[wname].dims[0]), int(inits[wname].dims[1]))
-            (res.int8_layers if kind == "int8" else res.quantized_layers).append(node.name)
+            _replace(t.node, made[key], kind, opts, k, n)
+            (res.int8_layers if kind == "int8" else res.quantized_layers).append(t.node.name)
+        _drop_unused_transposes(graph)
         if not any(i.domain == MS_DOMAIN for i in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
         # The float weights the quantized nodes replaced, unless something else still reads them (a tied
@@ -306,15 +345,25 @@ def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOption
     return res
 
 
-def _quantize_one(graph: onnx.GraphProto, reader: TensorReader, w_t: TensorProto, kind: str, opts: RecipeOptions,
-                  writer: DataWriter | None, taken: set[str], res: StreamResult) -> list[str]:
+def _drop_unused_transposes(graph: onnx.GraphProto) -> None:
+    """Transposes of tied tables whose MatMul now reads the quantized weight directly."""
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [n for n in graph.node if not (n.op_type == "Transpose" and n.output[0] not in read)]
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
+def _quantize_one(graph: onnx.GraphProto, reader: TensorReader, w_t: TensorProto, transposed: bool, kind: str,
+                  opts: RecipeOptions, writer: DataWriter | None, taken: set[str], res: StreamResult) -> list[str]:
     """Quantize one [K, N] weight, append its tensors to the data file; the new node's inputs after A."""
     wname = w_t.name
     if kind in ("int4_weight_only", "int8"):
         bits = 4 if kind == "int4_weight_only" else 8
         block = int(getattr(opts, "block_size", 32) or 32)
         symmetric = bool(getattr(opts, "symmetric", True))
-        packed, scales, zp = _pack_nbits(reader, w_t, bits, block, symmetric)
+        packed, scales, zp = _pack_nbits(reader, w_t, transposed, bits, block, symmetric)
+        wname = f"{wname}_T" if transposed else wname
         names = [_unique(f"{wname}_Q{bits}", taken), _unique(f"{wname}_scales", taken)]
         _add_tensor(graph, names[0], packed, TensorProto.UINT8, writer)
         _add_tensor(graph, names[1], scales, TensorProto.FLOAT, writer)
@@ -325,7 +374,8 @@ def _quantize_one(graph: onnx.GraphProto, reader: TensorReader, w_t: TensorProto
             res.weight_bytes_quantized += zp.nbytes
         return names
     # int8_dynamic
-    q, scale = _int8_columns(reader, w_t, bool(opts.per_channel), bool(opts.reduce_range))
+    q, scale = _int8_columns(reader, w_t, transposed, bool(opts.per_channel), bool(opts.reduce_range))
+    wname = f"{wname}_T" if transposed else wname
     names = [_unique(f"{wname}_quantized", taken), _unique(f"{wname}_scale", taken)]
     _add_tensor(graph, names[0], q, TensorProto.INT8, writer)
     _add_tensor(graph, names[1], scale, TensorProto.FLOAT, writer, tuple(scale.shape))
