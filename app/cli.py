@@ -71,6 +71,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     s = _settings()
     queues = args.queues or s.worker_queues
     argv = worker_argv(queues, args.concurrency or s.worker_concurrency, s.uses_filesystem_broker, args.loglevel)
+    if args.memory_gb is not None:  # read by the worker's heartbeat (Settings.worker_memory_gb)
+        os.environ["LOWBIT_WORKER_MEMORY_GB"] = str(args.memory_gb)
     os.execv(sys.executable, argv)
     return 0  # pragma: no cover
 
@@ -566,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     wp = sub.add_parser("worker", help="run a Celery worker")
     wp.add_argument("--queues", help="comma-separated queues (default LOWBIT_WORKER_QUEUES or 'cpu')")
+    wp.add_argument("--memory-gb", type=float, default=None,
+                    help="memory this worker offers jobs, for routing large ones (default LOWBIT_WORKER_MEMORY_GB, "
+                    "else the machine's total)")
     wp.add_argument("--concurrency", type=int)
     wp.add_argument("--loglevel", default="INFO")
     wp.set_defaults(func=cmd_worker)

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = 1
     # Queues the embedded worker (lowbit serve) and `lowbit worker` consume by default.
     worker_queues: str = "cpu"
+    # The memory a worker declares (GB) for routing large jobs (`lowbit worker --memory-gb`); unset: the
+    # machine's total memory.
+    worker_memory_gb: float | None = None
     # Webhooks: the HMAC-SHA256 key that signs deliveries. Unset: generated once and kept in
     # data_dir/webhook_secret (shared by the API and the workers through the data directory).
     webhook_secret: str | None = Field(default=None, repr=False)

@@ -20,10 +20,11 @@ BEATS_PER_LEASE = 3
 FORGET_AFTER = timedelta(days=1)
 
 
-def beat(factory: sessionmaker[Session], worker_id: str, queues: list[str], interval_s: float) -> None:
+def beat(factory: sessionmaker[Session], worker_id: str, queues: list[str], interval_s: float,
+         memory_mb: int | None = None) -> None:
     """Insert or refresh this worker's row; it counts as alive for BEATS_PER_LEASE intervals."""
     now = utcnow()
-    values = {"queues": ",".join(queues), "heartbeat_at": now,
+    values = {"queues": ",".join(queues), "heartbeat_at": now, "memory_mb": memory_mb,
               "expires_at": now + timedelta(seconds=BEATS_PER_LEASE * interval_s)}
     with factory.begin() as s:
         res = s.execute(sa.update(Worker).where(Worker.id == worker_id).values(**values))
@@ -47,6 +48,24 @@ def live_per_queue(db: Session) -> dict[str, int]:
         for q in filter(None, queues.split(",")):
             counts[q] = counts.get(q, 0) + 1
     return counts
+
+
+def machine_memory_mb() -> int | None:
+    """This machine's total memory (MemTotal), or None where /proc/meminfo cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def live_memory(db: Session) -> list[tuple[list[str], int | None]]:
+    """(queues, declared memory in MB or None) of every worker alive now."""
+    return [([q for q in queues.split(",") if q], mem) for queues, mem in
+            db.execute(sa.select(Worker.queues, Worker.memory_mb).where(Worker.expires_at > utcnow()))]
 
 
 def waiting_per_queue(db: Session) -> dict[str, int]:

@@ -358,11 +358,13 @@ def _start_beat(sender: Any = None, **_: Any) -> None:
     except AttributeError:
         queues = [q.strip() for q in settings.worker_queues.split(",") if q.strip()]
     me = worker_id()
+    declared = settings.worker_memory_gb
+    memory_mb = int(declared * 1024) if declared is not None else workers.machine_memory_mb()
 
     def loop() -> None:
         while not _beat_stopped.is_set():
             try:
-                workers.beat(runner.sessions(), me, queues, settings.worker_heartbeat_s)
+                workers.beat(runner.sessions(), me, queues, settings.worker_heartbeat_s, memory_mb)
             except Exception:  # the database may be away: the next beat tries again
                 log.warning("worker heartbeat failed", exc_info=True)
             _beat_stopped.wait(settings.worker_heartbeat_s)

@@ -542,8 +542,12 @@ class Client:
                     raise ChecksumMismatch(f"the server sent no SHA-256 ETag for job {job_id}'s artifact "
                                            f"(got {r.headers.get('etag')!r}), so the download cannot be verified; "
                                            "nothing was written", code="checksum_missing")
+                served = _filename_from(r.headers.get("content-disposition"), f"{job_id}.onnx")
                 if dest.is_dir():
-                    dest = dest / _filename_from(r.headers.get("content-disposition"), f"{job_id}.onnx")
+                    dest = dest / served
+                elif served.endswith(".zip") and dest.suffix.lower() == ".onnx":
+                    # A model with external data comes as a .zip of model.onnx and its data file.
+                    dest = dest.with_suffix(".zip")
                 total = int(r.headers.get("content-length") or 0)
                 tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
                 h = hashlib.sha256()

@@ -139,3 +139,6 @@ class Worker(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # The worker declares how long its last beat holds (three intervals), so readers need none of its settings.
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # The memory the worker declares (`lowbit worker --memory-gb`, else the machine's total): jobs whose estimate
+    # exceeds it are routed to a queue whose workers have enough, or refused (app/jobs/service.py's route).
+    memory_mb: Mapped[int | None] = mapped_column(sa.Integer, nullable=True)

@@ -30,6 +30,7 @@ from app.jobs.models import (
 )
 from app.jobs.schemas import DeliveryOut, JobCreate, JobError, JobLinks, JobOut
 from app.modelfiles import service as models
+from app.modelfiles.models import ModelFile
 from app.settings import Settings
 from app.tenants import service as tenants
 from app.uploads import is_uuid, new_id
@@ -74,6 +75,7 @@ def create_job(db: Session, req: JobCreate, *, settings: Settings, tenant_id: st
     tenants.check_active_jobs(db, tenant_id, settings=settings)
     tenants.check_storage_quota(db, tenant_id, settings=settings, adding=0, what="this job's artifact")
     device, queue = route(req.device, settings=settings)
+    queue = route_by_memory(db, queue, memory_estimate_mb(model))
     job = Job(
         id=new_id(),
         tenant_id=tenant_id,
@@ -224,6 +226,40 @@ def route(device: str | None, *, settings: Settings) -> tuple[str, str]:
         queue = settings.default_queue
         return (GPU_DEVICE if queue == GPU_QUEUE else CPU_DEVICE), queue
     return device, QUEUE_FOR_DEVICE[device]
+
+
+# A rough estimate of a job's peak memory from the model's declared size. A model with external data is streamed
+# and validated one model at a time (benchmarks/scale.py: the validating process peaked at about the model's size);
+# a self-contained one goes through the whole-model pipeline, where ONNX Runtime's quantizers and the two
+# sessions validated side by side hold several copies.
+STREAMED_FACTOR, WHOLE_MODEL_FACTOR, BASE_MB = 1.2, 4.0, 512
+
+
+def memory_estimate_mb(model: ModelFile) -> int:
+    factor = STREAMED_FACTOR if model.external_data_bytes else WHOLE_MODEL_FACTOR
+    return int(BASE_MB + factor * model.size_bytes / 2**20)
+
+
+def route_by_memory(db: Session, queue: str, estimate_mb: int) -> str:
+    """The queue for a job needing about ``estimate_mb``: its own when a live worker there has that much (or
+    declares nothing), else a queue of the same kind (``queue`` or ``queue-*``, e.g. cpu-large) whose live worker
+    does; refused (422) when live workers exist and none has enough. With no live worker at all, the job waits
+    on its queue as any job does."""
+    alive = [(queues, mem) for queues, mem in workers.live_memory(db)
+             if any(q == queue or q.startswith(queue + "-") for q in queues)]
+    if not alive:
+        return queue
+    if any(queue in queues and (mem is None or mem >= estimate_mb) for queues, mem in alive):
+        return queue
+    for queues, mem in sorted(alive, key=lambda qm: qm[1] or 0):
+        if mem is not None and mem >= estimate_mb:
+            return next(q for q in queues if q == queue or q.startswith(queue + "-"))
+    largest = max(mem or 0 for _queues, mem in alive)
+    raise Invalid(
+        f"this job needs about {estimate_mb} MB (estimated from the model's size) and the largest live worker for "
+        f"queue {queue} declares {largest} MB; start one with more, e.g. 'lowbit worker --queues {queue}-large "
+        f"--memory-gb {-(-estimate_mb // 1024)}'", code="not_enough_worker_memory",
+        extra={"estimate_mb": estimate_mb, "largest_worker_mb": largest})
 
 
 def to_out(job: Job) -> JobOut:

@@ -1,5 +1,5 @@
-"""models.external_data_bytes (bundle uploads of models with external data) and the uploads table
-(resumable uploads of large files)
+"""models.external_data_bytes (bundle uploads of models with external data), the uploads and upload_parts
+tables (resumable uploads of large files) and workers.memory_mb (routing jobs by their memory estimate)
 
 Revision ID: 0009_external_data_uploads
 Revises: 0008_job_device
@@ -19,6 +19,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("models", sa.Column("external_data_bytes", sa.BigInteger(), nullable=False, server_default="0"))
+    op.add_column("workers", sa.Column("memory_mb", sa.Integer(), nullable=True))
     op.create_table(
         "uploads",
         sa.Column("id", sa.String(36), primary_key=True),
@@ -44,5 +45,7 @@ def downgrade() -> None:
     op.drop_table("upload_parts")
     op.drop_index("ix_uploads_tenant_id", table_name="uploads")
     op.drop_table("uploads")
+    with op.batch_alter_table("workers") as batch:
+        batch.drop_column("memory_mb")
     with op.batch_alter_table("models") as batch:
         batch.drop_column("external_data_bytes")

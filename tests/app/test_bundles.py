@@ -208,3 +208,44 @@ def test_uploads_too_large_or_of_the_wrong_kind_are_refused_when_announced(api: 
     assert pickle.status_code == 422 and error_of(pickle) == "unsupported_model_format"
     other = api.client.get("/api/v1/uploads/00000000-0000-0000-0000-000000000000")
     assert other.status_code == 404 and error_of(other) == "upload_not_found"
+
+
+def test_a_job_goes_to_a_queue_whose_workers_have_the_memory_or_is_refused(api: Harness, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from app import workers
+    from app.db import utcnow
+    from app.jobs.models import Worker
+    from app.jobs.service import memory_estimate_mb
+    from app.modelfiles.models import ModelFile
+
+    m = api.client.post("/api/v1/models", files={"file": ("d.zip", _bundle_bytes(tmp_path))}).json()
+    with api.factory() as s:
+        row = s.get(ModelFile, m["id"])
+        assert row is not None
+        need = memory_estimate_mb(row)
+    # A streamed model: about its size plus a base (here a few hundred KB: the base dominates).
+    assert 512 <= need < 520
+
+    def worker(name: str, queues: str, memory_mb: int | None) -> None:
+        workers.beat(api.factory, name, queues.split(","), 60.0, memory_mb)
+
+    worker("small:1", "cpu", need - 1)
+    r = submit(api.client, model_id=m["id"], recipe="int8_dynamic")
+    assert r.status_code == 422 and error_of(r) == "not_enough_worker_memory"
+    body = r.json()["error"]
+    assert body["estimate_mb"] == need and body["largest_worker_mb"] == need - 1
+    assert "--memory-gb" in body["message"]
+    worker("big:2", "cpu-large,cpu", need)
+    r = submit(api.client, model_id=m["id"], recipe="int8_dynamic")
+    assert r.status_code == 202 and r.json()["queue"] == "cpu"  # a worker on the job's own queue has enough
+    workers.forget(api.factory, ["big:2"])
+    worker("big:3", "cpu-large", need + 1000)
+    r = submit(api.client, model_id=m["id"], recipe="int8_dynamic")
+    assert r.status_code == 202 and r.json()["queue"] == "cpu-large"
+    assert api.queue.enqueued[-1][1] == "cpu-large"
+    with api.factory() as s:  # a worker that declares nothing takes anything, as before
+        s.query(Worker).delete()
+        s.add(Worker(id="old:4", hostname="old", queues="cpu", expires_at=utcnow() + timedelta(minutes=1)))
+        s.commit()
+    assert submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()["queue"] == "cpu"

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import sqlalchemy as sa
 
 from app.client import Client
 from tests.builders import external_decoder, save_npz
@@ -86,7 +87,9 @@ def test_an_interrupted_resumable_upload_finishes_after_a_restart(tmp_path: Path
         assert done["status"] == "succeeded", done["error"]
         with Client(server) as c:
             got = c.download(job.id, tmp_path)
-        assert got.path.name == "decoder.int4_weight_only.zip"
+            # Asked for an .onnx file name, the client keeps the server's kind of file: a .zip.
+            named = c.download(job.id, tmp_path / "mine.onnx")
+        assert got.path.name == "decoder.int4_weight_only.zip" and named.path.name == "mine.zip"
         _check_artifact(src, got.path, tmp_path)
     finally:
         client2.close()
@@ -99,7 +102,8 @@ def test_the_production_setup_takes_a_model_folder(postgres_url: str, redis_url:
     env = env_for(data, LOWBIT_DATABASE_URL=postgres_url, LOWBIT_BROKER_URL=redis_url,
                   LOWBIT_UPLOAD_PART_BYTES=str(PART))
     subprocess.run(lowbit_cmd("migrate"), env=env, check=True, capture_output=True, timeout=120)
-    worker = Proc(lowbit_cmd("worker", "--queues", "cpu", "--concurrency", "1"), env, data / "worker.log")
+    worker = Proc(lowbit_cmd("worker", "--queues", "cpu", "--concurrency", "1", "--memory-gb", "8"), env,
+                  data / "worker.log")
     api, client = start_serve(data, data / "api.log", "--no-worker", "--no-migrate", env=env)
     try:
         with Client(str(client.base_url)) as c:
@@ -110,6 +114,10 @@ def test_the_production_setup_takes_a_model_folder(postgres_url: str, redis_url:
         assert done["status"] == "succeeded", done["error"]
         report = client.get(f"/api/v1/jobs/{job.id}/report").json()
         assert report["external_data"]["quantize_peak_rss_mb"] > 0
+        engine = sa.create_engine(postgres_url)
+        with engine.connect() as conn:  # the worker declared what --memory-gb said, for routing
+            assert 8192 in conn.execute(sa.text("SELECT memory_mb FROM workers")).scalars().all()
+        engine.dispose()
         with Client(str(client.base_url)) as c:
             got = c.download(job.id, tmp_path)
         _check_artifact(src, got.path, tmp_path)
