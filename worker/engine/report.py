@@ -447,8 +447,6 @@ class ExternalData(_Closed):
     validation_seconds: float
     validation_original_peak_rss_mb: float = Field(description="the validating process after the original model")
     validation_peak_rss_mb: float = Field(description="the validating process at the end (both models in turn)")
-    weight_prepacking: bool = Field(description="whether the validating sessions prepacked weights (false: "
-                                    "latency measured without ONNX Runtime's second copy of the weights)")
 
 
 class Training(_Section):

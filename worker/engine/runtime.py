@@ -96,7 +96,7 @@ def provider_options(providers: list[str]) -> list[tuple[str, dict[str, str]]]:
 
 
 def make_session(model: Path | bytes, providers: list[str], threads: int, what: str = "model",
-                 observing: bool = False, prepack: bool = True) -> Any:
+                 observing: bool = False) -> Any:
     """``observing``: the model has extra nodes or outputs that read many activations (calibration, layer
     analysis). ONNX Runtime's default node order then runs those readers late and keeps every activation
     they read alive until they do (a transformer at batch 8: 1.2 GB instead of 0.4 GB); its priority-based
@@ -114,11 +114,6 @@ def make_session(model: Path | bytes, providers: list[str], threads: int, what: 
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.log_severity_level = 3
-    if not prepack:
-        # Weight prepacking keeps a second, kernel-friendly copy of every MatMul weight: a model validated at
-        # scale would take twice its size (a 468 MB decoder: 769 MB after loading, 572 MB without; its runs
-        # 67 ms and 92 ms).
-        so.add_session_config_entry("session.disable_prepacking", "1")
     if "CUDAExecutionProvider" in providers:
         so.use_deterministic_compute = True
     try:

@@ -4,8 +4,7 @@ one ``.zip``.
 
 The job's process never holds the model: its peak is one weight and its quantized form. The child that
 validates holds one model at a time (the original, then the quantized one) plus the evaluation samples'
-outputs, so its peak is the larger model plus activations. Its sessions do not prepack weights (a second copy
-of every MatMul weight), so latency there is measured without prepacking for both models.
+outputs, so its peak is the larger model plus activations.
 """
 
 from __future__ import annotations
@@ -192,7 +191,7 @@ def validate_in_turn(payload: dict[str, Any], emit: Any) -> dict[str, Any]:
         lat_feed = {k: z[k] for k in z.files}
     providers = runtime.select_providers(payload["device"])
     threads = int(payload["threads"])
-    session = runtime.make_session(Path(payload["original"]), providers, threads, "model", prepack=False)
+    session = runtime.make_session(Path(payload["original"]), providers, threads, "model")
     out_names = [o.name for o in session.get_outputs()]
     recorded: list[list[np.ndarray]] = []
     kept: list[Batch] = []
@@ -209,7 +208,7 @@ def validate_in_turn(payload: dict[str, Any], emit: Any) -> dict[str, Any]:
     del session
     gc.collect()
     original_peak = peak_rss_mb()
-    session = runtime.make_session(Path(payload["quantized"]), providers, threads, "quantized model", prepack=False)
+    session = runtime.make_session(Path(payload["quantized"]), providers, threads, "quantized model")
     acc = compare(_Replay(recorded), session, iter(kept), out_names, sum(b.count for b in kept),
                   progress=lambda f: emit(0.4 + 0.5 * f), roles=payload["roles"])
     q_ms = _timed(session, lat_feed, len(o_ms))
@@ -297,6 +296,5 @@ def _report(cfg: QuantizeConfig, opts: RecipeOptions, info: ModelInfo, data: Run
             "validation_seconds": checked["seconds"],
             "validation_original_peak_rss_mb": checked["original_peak_rss_mb"],
             "validation_peak_rss_mb": checked["peak_rss_mb"],
-            "weight_prepacking": False,
         },
     }
