@@ -176,7 +176,7 @@ print(json.dumps({"peak_rss_mb": peak_rss_mb(), "load_s": load_s}))
 def last_token_logits(model: Path, ids: Path, out: Path) -> dict[str, float]:
     r = subprocess.run([sys.executable, "-c", _LOGITS_CHILD, str(model), str(ids), str(out)], cwd=ROOT,
                        capture_output=True, text=True, check=True)
-    return json.loads(r.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def fidelity(ref: Path, got: Path) -> dict[str, float]:
@@ -334,6 +334,49 @@ def run_setup(name: str, work: Path, src: Path, zipped: Path, calib: Path, held_
     return out
 
 
+def markdown(f: dict[str, Any]) -> str:
+    """The figures as the README's tables."""
+    gb = f["model"]["bytes"] / 1e9
+    lines = [f"Model: {f['model']['layers']} blocks, {f['model']['parameters'] / 1e6:.0f} M parameters, "
+             f"{gb:.2f} GB float32 with external data (built in {f['model']['build_s']:.0f} s). fp32 on 16 held-out "
+             f"sequences: {f['original_run']['peak_rss_mb']:.0f} MB peak in a plain ONNX Runtime session.", "",
+             "| setup | upload (zip) | API peak | recipe | size | engine peak (x model) | quantize | validation "
+             "(peak) | job | last-token cosine mean/min | next-token top-1 | latency fp32 / quantized |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in f["setups"]:
+        up = s["upload"]
+        for j in s["jobs"]:
+            if j["status"] != "succeeded":
+                lines.append(f"| {s['setup']} | | | {j['recipe']} | {j['status']}: {j.get('error')} | | | | | | | |")
+                continue
+            h = j["held_out"]
+            engine_x = j["engine_peak_rss_mb"] * 2**20 / f["model"]["bytes"]
+            valid_x = j["validation_peak_rss_mb"] * 2**20 / f["model"]["bytes"]
+            lines.append(
+                f"| {s['setup']} | {up['seconds']:.0f} s ({up['mb_per_s']:.0f} MB/s) | {up['api_peak_rss_mb']:.0f} MB "
+                f"| {j['recipe']} | {j['quantized_bytes'] / 1e9:.2f} GB ({j['ratio']:.3f}x, {j['bits_per_weight']:.2f} "
+                f"bits/weight) | {j['engine_peak_rss_mb']:.0f} MB ({engine_x:.3f}x) "
+                f"| {j['quantize_s']:.0f} s | {j['validation_s']:.0f} s ({j['validation_peak_rss_mb']:.0f} MB, "
+                f"{valid_x:.2f}x) | {j['job_wall_s']:.0f} s "
+                f"| {h['last_token_cosine_mean']:.4f} / {h['last_token_cosine_min']:.4f} "
+                f"| {h['next_token_top1_agreement']:.3f} "
+                f"| {j['latency_ms_p50'][0]:.0f} / {j['latency_ms_p50'][1]:.0f} ms |")
+    o = f.get("onnxruntime_matmulnbits")
+    if o:
+        if o["completed"]:
+            h = o.get("held_out", {})
+            nan = float("nan")
+            lines += ["", f"ONNX Runtime's MatMulNBitsQuantizer (RTN, block 32, symmetric; whole model loaded) on the "
+                      f"same file: completed in {o['seconds']:.0f} s, peak {o['peak_rss_mb']:.0f} MB "
+                      f"({o['peak_rss_mb'] * 2**20 / f['model']['bytes']:.2f}x the model), "
+                      f"{o.get('bytes', 0) / 1e9:.2f} GB; held-out last-token cosine "
+                      f"{h.get('last_token_cosine_mean', nan):.4f} / {h.get('last_token_cosine_min', nan):.4f}, "
+                      f"next-token top-1 {h.get('next_token_top1_agreement', nan):.3f}."]
+        else:
+            lines += ["", f"ONNX Runtime's MatMulNBitsQuantizer did not complete ({o['seconds']:.0f} s): {o['error']}"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -365,7 +408,7 @@ def main() -> None:
     recipes = [("int4_weight_only", {"algorithm": "rtn", "int8_last_matmul": True})]
     figures["setups"] = []
     for name in filter(None, args.setups.split(",")):
-        extra = [("int8_dynamic", {})] if name == "embedded" else []
+        extra: list[tuple[str, dict[str, Any]]] = [("int8_dynamic", {})] if name == "embedded" else []
         figures["setups"].append(run_setup(name, work, src, zipped, calib, held_out, recipes + extra))
     if not args.skip_ort:
         ort_fig = ort_quantizer(src, work / "ort")
@@ -378,6 +421,7 @@ def main() -> None:
         print(json.dumps(ort_fig), flush=True)
     (work / "figures.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
+    print(markdown(figures))
 
 
 if __name__ == "__main__":

@@ -249,3 +249,38 @@ def test_a_job_goes_to_a_queue_whose_workers_have_the_memory_or_is_refused(api: 
         s.add(Worker(id="old:4", hostname="old", queues="cpu", expires_at=utcnow() + timedelta(minutes=1)))
         s.commit()
     assert submit(api.client, model_id=m["id"], recipe="int8_dynamic").json()["queue"] == "cpu"
+
+
+def test_a_refused_one_shot_submission_keeps_no_bundle_folder(api: Harness, tmp_path: Path) -> None:
+    files = {"model": ("decoder.zip", _bundle_bytes(tmp_path))}
+    r = api.client.post("/api/v1/jobs", files=files, data={"config": '{"recipe": "int8_static"}'})
+    assert r.status_code == 422 and error_of(r) == "external_data_not_supported"
+    assert _kept(api) == []
+    assert list((Path(api.settings.data_dir) / "models").iterdir()) == []
+
+
+def test_gc_removes_an_abandoned_upload_and_an_orphaned_bundle_folder(api: Harness, tmp_path: Path) -> None:
+    import os
+    import time
+
+    from app import gc
+    from app.storage import Storage
+
+    data = _bundle_bytes(tmp_path)
+    up = _announce(api.client, data)
+    m = api.client.post("/api/v1/models", files={"file": ("d.zip", data)}).json()
+    storage = Storage(api.settings.data_dir)
+    part, folder = storage.upload_path(str(up["id"])), storage.model_dir(m["id"])
+    old = time.time() - 2 * gc.ORPHAN_GRACE_S
+    for p in (part, folder):
+        os.utime(p, (old, old))
+    assert gc.strays(api.factory, storage).stray_paths == []  # rows own both: kept
+    assert api.client.delete(f"/api/v1/uploads/{up['id']}").status_code == 204
+    assert not part.exists()
+    with api.factory() as s:  # a model row lost while its folder stayed (a crash between the two)
+        from app.modelfiles.models import ModelFile
+
+        s.query(ModelFile).filter(ModelFile.id == m["id"]).delete()
+        s.commit()
+    assert gc.strays(api.factory, storage).stray_paths == [str(folder)]
+    assert not folder.exists()
