@@ -338,7 +338,9 @@ def markdown(f: dict[str, Any]) -> str:
     """The figures as the README's tables."""
     gb = f["model"]["bytes"] / 1e9
     lines = [f"Model: {f['model']['layers']} blocks, {f['model']['parameters'] / 1e6:.0f} M parameters, "
-             f"{gb:.2f} GB float32 with external data (built in {f['model']['build_s']:.0f} s). fp32 on 16 held-out "
+             f"{gb:.2f} GB float32 with external data ("
+             + (f"built in {f['model']['build_s']:.0f} s" if f["model"]["build_s"] >= 1 else "built by an earlier run")
+             + "). fp32 on 16 held-out "
              f"sequences: {f['original_run']['peak_rss_mb']:.0f} MB peak in a plain ONNX Runtime session.", "",
              "| setup | upload (zip) | API peak | recipe | size | engine peak (x model) | quantize | validation "
              "(peak) | job | last-token cosine mean/min | next-token top-1 | latency fp32 / quantized |",
