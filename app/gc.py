@@ -19,7 +19,7 @@ from app.datasets.models import Dataset
 from app.db import utcnow
 from app.jobs.models import FINISHED, Job
 from app.modelfiles.models import ModelFile
-from app.resumable.models import Upload
+from app.resumable.models import COMPLETE, Upload, UploadPart
 from app.settings import Settings
 from app.storage import Storage
 
@@ -96,6 +96,26 @@ def expire(factory: sessionmaker[Session], storage: Storage, retention_days: flo
     return out
 
 
+def expire_uploads(factory: sessionmaker[Session], storage: Storage, expiry_days: float,
+                   now: datetime | None = None) -> Collected:
+    """Remove resumable uploads never finished within ``expiry_days`` of being announced: their rows, parts
+    and files (each counts against its tenant's quota until then)."""
+    out = Collected()
+    if expiry_days <= 0:
+        return out
+    cutoff = (now or utcnow()) - timedelta(days=expiry_days)
+    with factory.begin() as db:
+        ids = list(db.scalars(sa.select(Upload.id).where(Upload.status != COMPLETE, Upload.created_at < cutoff)))
+        if ids:
+            db.execute(sa.delete(UploadPart).where(UploadPart.upload_id.in_(ids)))
+            db.execute(sa.delete(Upload).where(Upload.id.in_(ids)))
+    for upload_id in ids:
+        _remove(storage.upload_path(upload_id), out)
+    if ids:
+        log.warning("removed %d resumable upload(s) not finished within %g day(s)", len(ids), expiry_days)
+    return out
+
+
 def strays(factory: sessionmaker[Session], storage: Storage) -> Collected:
     """Remove files that no row owns: stale partial uploads, and job folders, models and datasets whose row is
     gone (after ORPHAN_GRACE_S, so that nothing still being created is touched)."""
@@ -128,5 +148,7 @@ def collect(factory: sessionmaker[Session], storage: Storage, settings: Settings
             now: datetime | None = None) -> Collected:
     """The retention, then the strays."""
     expired = expire(factory, storage, settings.retention_days, now)
+    uploads = expire_uploads(factory, storage, settings.upload_expiry_days, now)
     stray = strays(factory, storage)
-    return Collected(expired.expired_jobs, stray.stray_paths, expired.freed_bytes + stray.freed_bytes)
+    return Collected(expired.expired_jobs, uploads.stray_paths + stray.stray_paths,
+                     expired.freed_bytes + uploads.freed_bytes + stray.freed_bytes)

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     max_bundle_bytes: int = 64 * 1024**3
     # The part size of resumable uploads (at most 256 MiB): each part is one request, retried on its own.
     upload_part_bytes: int = 64 * 1024**2
+    # Unfinished resumable uploads are removed this many days after they were announced (0 = never).
+    upload_expiry_days: float = 7.0
     # Queue for new jobs: 'cpu' workers run everywhere; 'gpu' workers run on CUDA machines.
     default_queue: str = "cpu"
     # ONNX Runtime intra-op threads a worker uses for calibration, validation and latency.

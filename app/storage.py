@@ -77,8 +77,9 @@ class Storage:
             return
         p = Path(path)
         models = self.root / "models"
-        if p.parent != models and p.parent.parent == models and p.is_relative_to(models):
-            shutil.rmtree(p.parent, ignore_errors=True)
+        rel = p.relative_to(models).parts if p.is_relative_to(models) else ()
+        if len(rel) >= 2:  # models/<id>/.../model.onnx: the bundle's folder
+            shutil.rmtree(models / rel[0], ignore_errors=True)
             return
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

@@ -75,7 +75,7 @@ def create_job(db: Session, req: JobCreate, *, settings: Settings, tenant_id: st
     tenants.check_active_jobs(db, tenant_id, settings=settings)
     tenants.check_storage_quota(db, tenant_id, settings=settings, adding=0, what="this job's artifact")
     device, queue = route(req.device, settings=settings)
-    queue = route_by_memory(db, queue, memory_estimate_mb(model))
+    queue = route_by_memory(db, queue, estimate_mb=memory_estimate_mb(model))
     job = Job(
         id=new_id(),
         tenant_id=tenant_id,
@@ -240,7 +240,7 @@ def memory_estimate_mb(model: ModelFile) -> int:
     return int(BASE_MB + factor * model.size_bytes / 2**20)
 
 
-def route_by_memory(db: Session, queue: str, estimate_mb: int) -> str:
+def route_by_memory(db: Session, queue: str, *, estimate_mb: int) -> str:
     """The queue for a job needing about ``estimate_mb``: its own when a live worker there has that much (or
     declares nothing), else a queue of the same kind (``queue`` or ``queue-*``, e.g. cpu-large) whose live worker
     does; refused (422) when live workers exist and none has enough. With no live worker at all, the job waits

@@ -89,10 +89,12 @@ def _store_bundle(db: Session, storage: Storage, *, stored: Stored, name: str, t
     limit = settings.max_bundle_bytes if settings is not None else bundle_default_limit()
     try:
         try:
-            unpacked = bundle.unpack(stored.path, folder, limit)
-            if settings is not None:
-                tenants.check_storage_quota(db, tenant_id, settings=settings, adding=unpacked.total_bytes,
-                                            what="this upload")
+            def quota(declared: int) -> None:  # before a byte is unpacked
+                if settings is not None:
+                    tenants.check_storage_quota(db, tenant_id, settings=settings, adding=declared,
+                                                what="this upload")
+
+            unpacked = bundle.unpack(stored.path, folder, limit, quota)
             info = check_model(parse_model_bytes(unpacked.model.read_bytes()), unpacked.model)
         except EngineError as exc:
             raise from_engine(exc) from exc

@@ -9,6 +9,7 @@ from app.db import Base, UTCDateTime, utcnow
 from app.tenants.models import LOCAL_TENANT
 
 RECEIVING = "receiving"
+FINISHING = "finishing"  # complete is checking the file and making the model
 COMPLETE = "complete"
 
 

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
+from starlette.concurrency import run_in_threadpool
 
 from app.auth import ApiPrincipal
 from app.deps import SessionDep, StorageDep
-from app.errors import error_responses
+from app.errors import LowbitError, NotFound, error_responses
 from app.modelfiles.schemas import ModelOut
 from app.resumable import service
+from app.resumable.models import Upload
 from app.resumable.schemas import UploadCreate, UploadList, UploadOut
 from app.tenants import service as tenants
 
@@ -59,11 +62,36 @@ async def put_part(
 ) -> Response:
     """Send one part (its raw bytes as the body, exactly part_bytes long but the last). Parts may come in any
     order and be sent again; each is written in place as it streams in."""
-    row = service.get_upload(db, upload_id, tenant_id=who.tenant_id)
-    digest = await service.write_part(storage, row, index=index, body=request.stream(),
-                                      declared_sha256=content_sha256)
-    service.record_part(db, row, index=index, sha256=digest)
-    db.commit()
+
+    def lookup() -> Upload:
+        row = service.get_upload(db, upload_id, tenant_id=who.tenant_id)
+        db.expunge(row)  # keeps what was read; the rollback then holds no connection while the body streams in
+        db.rollback()
+        return row
+
+    def record(digest: str) -> None:
+        try:
+            service.record_part(db, upload_id, index=index, sha256=digest)
+            db.commit()
+        except IntegrityError:  # the upload was deleted while this part streamed in
+            db.rollback()
+            raise NotFound(f"no upload with id '{upload_id}'", code="upload_not_found") from None
+
+    def forget() -> None:
+        service.forget_part(db, upload_id, index=index)
+        db.commit()
+
+    # The database work runs in the thread pool: this route is async (it reads the body as a stream) and the
+    # sessions are synchronous.
+    row = await run_in_threadpool(lookup)
+    try:
+        digest = await service.write_part(storage, row, index=index, body=request.stream(),
+                                          declared_sha256=content_sha256)
+    except BaseException as exc:
+        if not (isinstance(exc, LowbitError) and exc.code in ("upload_closed", "upload_complete", "part_not_found")):
+            await run_in_threadpool(forget)  # its bytes may be half overwritten: missing again
+        raise
+    await run_in_threadpool(record, digest)
     return Response(status_code=204)
 
 
@@ -73,7 +101,7 @@ def complete_upload(upload_id: str, request: Request, db: SessionDep, storage: S
                     who: ApiPrincipal) -> ModelOut:
     """Finish the upload once every part arrived: the whole file's SHA-256 is checked and it becomes a model,
     checked like a one-shot upload. A file that is not a model lowbit takes is refused and the upload removed."""
-    row = service.get_upload(db, upload_id, tenant_id=who.tenant_id)
+    row = service.get_upload(db, upload_id, tenant_id=who.tenant_id, lock=True)
     try:
         model = service.complete(db, storage, row=row, settings=request.app.state.settings)
     except service.UploadRefused as refused:

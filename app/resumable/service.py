@@ -16,7 +16,7 @@ from app.errors import Conflict, Invalid, LowbitError, NotFound, TooLarge
 from app.limits import MAX_PART_BYTES
 from app.modelfiles import service as models
 from app.modelfiles.models import ModelFile
-from app.resumable.models import COMPLETE, RECEIVING, Upload, UploadPart
+from app.resumable.models import COMPLETE, FINISHING, RECEIVING, Upload, UploadPart
 from app.resumable.schemas import UploadCreate, UploadOut
 from app.settings import Settings
 from app.storage import Storage, Stored
@@ -58,9 +58,11 @@ def create_upload(db: Session, storage: Storage, *, req: UploadCreate, tenant_id
     return row
 
 
-def get_upload(db: Session, upload_id: str, *, tenant_id: str) -> Upload:
-    """The tenant's upload; another tenant's answers exactly like a missing one."""
-    row = db.get(Upload, upload_id) if is_uuid(upload_id) else None
+def get_upload(db: Session, upload_id: str, *, tenant_id: str, lock: bool = False) -> Upload:
+    """The tenant's upload; another tenant's answers exactly like a missing one. ``lock``: held (FOR UPDATE on
+    PostgreSQL) until the transaction ends, so that one request finishes an upload at a time."""
+    row = (db.get(Upload, upload_id, with_for_update=lock, populate_existing=lock)
+           if is_uuid(upload_id) else None)
     if row is None or row.tenant_id != tenant_id:
         raise NotFound(f"no upload with id '{upload_id}'", code="upload_not_found")
     return row
@@ -112,7 +114,11 @@ async def write_part(storage: Storage, row: Upload, *, index: int, body: AsyncIt
     offset, length = part_span(row, index)
     h = hashlib.sha256()
     written = 0
-    fd = os.open(storage.upload_path(row.id), os.O_WRONLY)
+    try:
+        fd = os.open(storage.upload_path(row.id), os.O_WRONLY)
+    except FileNotFoundError:
+        raise Conflict(f"upload '{row.id}' is being finished or was deleted; it takes no more parts",
+                       code="upload_closed") from None
     try:
         async for chunk in body:
             if not chunk:
@@ -134,13 +140,19 @@ async def write_part(storage: Storage, row: Upload, *, index: int, body: AsyncIt
     return digest
 
 
-def record_part(db: Session, row: Upload, *, index: int, sha256: str) -> None:
+def record_part(db: Session, upload_id: str, *, index: int, sha256: str) -> None:
     """Note that part ``index`` arrived (again: its hash is replaced)."""
-    part = db.get(UploadPart, (row.id, index))
+    part = db.get(UploadPart, (upload_id, index))
     if part is None:
-        db.add(UploadPart(upload_id=row.id, index=index, sha256=sha256))
+        db.add(UploadPart(upload_id=upload_id, index=index, sha256=sha256))
     else:
         part.sha256 = sha256
+    db.flush()
+
+
+def forget_part(db: Session, upload_id: str, *, index: int) -> None:
+    """A part whose sending failed: its bytes in the file were overwritten in part, so it is missing again."""
+    db.execute(sa.delete(UploadPart).where(UploadPart.upload_id == upload_id, UploadPart.index == index))
     db.flush()
 
 
@@ -150,13 +162,16 @@ def complete(db: Session, storage: Storage, *, row: Upload, settings: Settings) 
     returns its model again."""
     if row.status == COMPLETE and row.model_id:
         return models.get_model(db, row.model_id, tenant_id=row.tenant_id)
+    path = storage.upload_path(row.id)
+    if not path.exists():  # a finish cut off after its file was consumed (a server killed mid-way)
+        raise UploadRefused(Conflict(f"upload '{row.id}' lost its file while being finished; start the upload "
+                                     "again", code="upload_lost"))
     have = set(received(db, row))
     missing = [i for i in range(part_count(row)) if i not in have]
     if missing:
         raise Conflict(f"upload '{row.id}' is missing {len(missing)} of its {part_count(row)} parts "
                        f"({', '.join(map(str, missing[:20]))}{'...' if len(missing) > 20 else ''}); send them, "
                        "then finish it", code="upload_incomplete", extra={"missing": missing[:MAX_LISTED]})
-    path = storage.upload_path(row.id)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -166,6 +181,9 @@ def complete(db: Session, storage: Storage, *, row: Upload, settings: Settings) 
                       "corrupted on the way or the file changed; send the parts again (a Content-SHA256 header on "
                       "each part lets the server check it as it arrives)", code="checksum_mismatch")
     suffix = "." + row.filename.rsplit(".", 1)[-1].lower()
+    # No longer counted as an upload against the quota: the model it becomes is counted instead.
+    row.status = FINISHING
+    db.flush()
     stored = Stored(path, row.size_bytes, row.sha256)
     try:
         model = models.store_model(db, storage, stored=stored, name=row.filename, suffix=suffix,

@@ -27,6 +27,7 @@ from app.errors import Invalid, NotFound, RateLimited, StorageQuotaExceeded, Una
 from app.jobs.models import QUEUED, RUNNING, Job
 from app.keyfile import data_dir_secret
 from app.modelfiles.models import ModelFile
+from app.resumable.models import RECEIVING, Upload
 from app.settings import Settings
 from app.tenants.models import LOCAL_TENANT, ApiKey, Tenant
 from app.uploads import new_id
@@ -198,6 +199,8 @@ def check_upload_rate(db: Session, tenant_id: str, *, settings: Settings, files:
                                                                ModelFile.created_at >= since)),
             *db.scalars(sa.select(Dataset.created_at).where(Dataset.tenant_id == tenant_id,
                                                             Dataset.created_at >= since)),
+            *db.scalars(sa.select(Upload.created_at).where(Upload.tenant_id == tenant_id,
+                                                           Upload.created_at >= since)),
         ]
     )
     if len(times) + files > limit:
@@ -243,7 +246,11 @@ def storage_used(db: Session, tenant_id: str) -> int:
                        .where(Dataset.tenant_id == tenant_id)) or 0
     artifacts_b = db.scalar(sa.select(sa.func.coalesce(sa.func.sum(Job.artifact_bytes), 0)).where(
         Job.tenant_id == tenant_id, Job.artifact_path.is_not(None), Job.artifact_expired_at.is_(None))) or 0
-    return int(models_b) + int(data_b) + int(artifacts_b)
+    # A resumable upload's file takes its whole announced size (sparse until its parts arrive) until it is being
+    # finished (then the model it becomes is checked against the quota instead).
+    uploads_b = db.scalar(sa.select(sa.func.coalesce(sa.func.sum(Upload.size_bytes), 0)).where(
+        Upload.tenant_id == tenant_id, Upload.status == RECEIVING)) or 0
+    return int(models_b) + int(data_b) + int(artifacts_b) + int(uploads_b)
 
 
 def _mb(n: int) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -284,3 +285,79 @@ def test_gc_removes_an_abandoned_upload_and_an_orphaned_bundle_folder(api: Harne
         s.commit()
     assert gc.strays(api.factory, storage).stray_paths == [str(folder)]
     assert not folder.exists()
+
+
+def test_quota_counts_unfinished_uploads_and_bundles_are_checked_before_unpacking(request: pytest.FixtureRequest,
+                                                                                  tmp_path: Path) -> None:
+    from tests.app.conftest import harness
+
+    data = _bundle_bytes(tmp_path)
+    unpacked = sum(i.file_size for i in zipfile.ZipFile(io.BytesIO(data)).infolist())
+    (tmp_path / "q").mkdir()
+    with harness(request, tmp_path / "q", "sqlite", tenant_storage_quota_bytes=unpacked - 1) as api:
+        r = api.client.post("/api/v1/models", files={"file": ("d.zip", data)})
+        assert r.status_code == 507 and error_of(r) == "storage_quota_exceeded"
+        assert r.json()["error"]["adding_bytes"] == unpacked  # the declared sizes, before anything was unpacked
+        assert _kept(api) == []
+        small = _zip({"x.onnx": b"x" * 10})
+        up = _announce(api.client, small, "x.zip")
+        used = api.client.post("/api/v1/uploads", json={"filename": "y.zip", "size_bytes": unpacked - 5,
+                                                        "sha256": "0" * 64})
+        assert used.status_code == 507  # the first upload's announced bytes count until it is finished
+        assert api.client.delete(f"/api/v1/uploads/{up['id']}").status_code == 204
+
+
+def test_a_failed_resend_makes_the_part_missing_and_a_finished_upload_takes_no_parts(api: Harness,
+                                                                                      tmp_path: Path) -> None:
+    api.client.app.state.settings = api.settings.model_copy(update={"upload_part_bytes": PART})  # type: ignore[attr-defined]
+    data = _bundle_bytes(tmp_path)
+    up = _announce(api.client, data)
+    for i in range(int(up["parts"])):  # type: ignore[call-overload]
+        assert _put(api.client, up, data, i) == 204
+    # Part 1 sent again, cut short: its bytes in the file are now half overwritten, so it is missing again.
+    short = api.client.put(f"/api/v1/uploads/{up['id']}/parts/1", content=data[PART:PART + 10])
+    assert short.status_code == 422
+    assert api.client.get(f"/api/v1/uploads/{up['id']}").json()["missing"] == [1]
+    assert _put(api.client, up, data, 1) == 204
+    assert api.client.post(f"/api/v1/uploads/{up['id']}/complete").status_code == 201
+    late = api.client.put(f"/api/v1/uploads/{up['id']}/parts/0", content=data[:PART])
+    assert late.status_code == 409 and error_of(late) in ("upload_complete", "upload_closed")
+
+
+def test_unfinished_uploads_expire(api: Harness, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from app import gc
+    from app.db import utcnow
+    from app.storage import Storage
+
+    up = _announce(api.client, b"x" * 100, "m.onnx")
+    storage = Storage(api.settings.data_dir)
+    assert gc.expire_uploads(api.factory, storage, 7.0).stray_paths == []
+    later = utcnow() + timedelta(days=8)
+    out = gc.expire_uploads(api.factory, storage, 7.0, now=later)
+    assert out.stray_paths == [str(storage.upload_path(str(up["id"])))]
+    assert api.client.get(f"/api/v1/uploads/{up['id']}").status_code == 404
+
+
+def test_a_malformed_zip_is_a_clear_4xx(api: Harness) -> None:
+    good = _zip({"model.onnx": b"x" * 100})
+    broken = good.replace(b"PK\x01\x02", b"PX\x01\x02")  # the central directory no longer parses
+    r = api.client.post("/api/v1/models", files={"file": ("b.zip", broken)})
+    assert r.status_code == 422 and error_of(r) == "invalid_model", r.text
+    long_name = _zip({"a" * 300 + ".onnx": b"x"})
+    r = api.client.post("/api/v1/models", files={"file": ("b.zip", long_name)})
+    assert r.status_code == 422 and error_of(r) == "unsafe_bundle"
+    assert _kept(api) == []
+
+
+def test_a_bundle_with_its_model_in_a_subfolder_is_removed_whole(api: Harness, tmp_path: Path) -> None:
+    folder = external_decoder(tmp_path / "src").parent
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in sorted(folder.iterdir()):
+            zf.write(p, f"export/{p.name}")
+    r = api.client.post("/api/v1/jobs", files={"model": ("d.zip", buf.getvalue())},
+                        data={"config": '{"recipe": "fp16"}'})
+    assert r.status_code == 422 and error_of(r) == "external_data_not_supported"
+    assert list((Path(api.settings.data_dir) / "models").iterdir()) == []

@@ -15,7 +15,7 @@ import re
 import stat
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -25,6 +25,12 @@ from worker.engine.errors import EngineError
 
 BUNDLE_SUFFIXES = (".zip", ".tar")
 MAX_MEMBERS = 1000
+# Names: at most this long in all, and each part at most 255 bytes (what file systems take).
+MAX_NAME = 1024
+MAX_PART = 255
+# The .onnx file itself holds the graph and small tensors; protobuf cannot parse one over 2 GB, and it is read
+# whole to be parsed, so a larger one is refused before it is unpacked.
+MAX_MODEL_FILE = (2 << 30) - 1
 # A member unpacking to more than this many times its compressed size, once past MIN_RATIO_BYTES, is refused:
 # weights hardly compress (float32 weights zip to about 90% of their size); what expands a thousandfold is
 # a bomb.
@@ -59,6 +65,8 @@ def safe_member_name(name: str) -> PurePosixPath:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
         raise _refuse(f"member {shown} steps out of the bundle's folder")
+    if len(name) > MAX_NAME or any(len(p.encode()) > MAX_PART for p in parts):
+        raise _refuse(f"member {shown} has a name longer than {MAX_NAME} characters or a part over {MAX_PART} bytes")
     return PurePosixPath(*parts)
 
 
@@ -72,6 +80,8 @@ class _Member:
 
 def _zip_members(zf: zipfile.ZipFile) -> list[tuple[_Member, zipfile.ZipInfo]]:
     out = []
+    if len(zf.infolist()) > MAX_MEMBERS:
+        raise _refuse(f"it has more than {MAX_MEMBERS} members")
     for info in zf.infolist():
         mode = info.external_attr >> 16
         if info.flag_bits & 0x1:
@@ -86,8 +96,10 @@ def _zip_members(zf: zipfile.ZipFile) -> list[tuple[_Member, zipfile.ZipInfo]]:
 
 
 def _tar_members(tf: tarfile.TarFile) -> list[tuple[_Member, tarfile.TarInfo]]:
-    out = []
-    for info in tf:  # reads headers only
+    out: list[tuple[_Member, tarfile.TarInfo]] = []
+    for info in tf:  # reads headers only, and stops once there are too many
+        if len(out) >= MAX_MEMBERS:
+            raise _refuse(f"it has more than {MAX_MEMBERS} members")
         if not (info.isreg() or info.isdir()):
             kind = "link" if info.issym() or info.islnk() else "special file"
             raise _refuse(f"member {info.name[:120]!r} is a {kind}")
@@ -95,7 +107,8 @@ def _tar_members(tf: tarfile.TarFile) -> list[tuple[_Member, tarfile.TarInfo]]:
     return out
 
 
-def _check(members: list[_Member], max_bytes: int) -> None:
+def _check(members: list[_Member], max_bytes: int) -> int:
+    """Check the members' names, kinds and declared sizes; returns the bytes they unpack to."""
     if len(members) > MAX_MEMBERS:
         raise _refuse(f"it has more than {MAX_MEMBERS} members")
     seen: set[str] = set()
@@ -123,19 +136,26 @@ def _check(members: list[_Member], max_bytes: int) -> None:
         raise EngineError("invalid_model", f"a bundle holds exactly one .onnx file and its data files; this one "
                           f"holds {len(models)} .onnx files"
                           + (f" ({', '.join(str(m.name)[:80] for m in models[:5])})" if models else ""))
+    if models[0].size > MAX_MODEL_FILE:
+        raise EngineError("invalid_model", f"'{str(models[0].name)[:120]}' is {models[0].size} bytes; an .onnx file "
+                          "holds at most 2 GB (protobuf's limit): save the weights as external data beside it")
+    return total
 
 
 def _create(dest: Path, rel: PurePosixPath) -> int:
     """A new file at dest/rel, its folders made inside dest, never following a link or replacing a file."""
     here = dest
-    for part in rel.parts[:-1]:
-        here = here / part
-        try:
-            os.mkdir(here, 0o750)
-        except FileExistsError:
-            if not stat.S_ISDIR(os.lstat(here).st_mode):
-                raise _refuse(f"'{rel}' lies under a file") from None
-    return os.open(here / rel.parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    try:
+        for part in rel.parts[:-1]:
+            here = here / part
+            try:
+                os.mkdir(here, 0o750)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(here).st_mode):
+                    raise _refuse(f"'{rel}' lies under a file") from None
+        return os.open(here / rel.parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    except OSError as exc:  # a name the file system will not take, a second member of the same name
+        raise _refuse(f"member '{str(rel)[:120]}' cannot be created: {exc.strerror}") from exc
 
 
 def _copy(src: IO[bytes], fd: int, declared: int, name: str, budget: list[int]) -> int:
@@ -169,40 +189,43 @@ def _open_archive(path: Path) -> Iterator[tuple[str, object]]:
         tf.close()
 
 
-def unpack(archive: Path, dest: Path, max_bytes: int) -> Unpacked:
+def unpack(archive: Path, dest: Path, max_bytes: int,
+           before_writing: Callable[[int], None] | None = None) -> Unpacked:
     """Unpack ``archive`` into the new folder ``dest`` (which must not exist) after checking every member;
-    ``max_bytes`` bounds what it may unpack to. On failure ``dest`` is left for the caller to remove."""
+    ``max_bytes`` bounds what it may unpack to, and ``before_writing`` gets the declared total before anything
+    is written (a storage quota check). On failure ``dest`` is left for the caller to remove."""
     os.mkdir(dest, 0o750)
-    with _open_archive(Path(archive)) as (kind, arc):
-        try:
-            if kind == "zip":
-                assert isinstance(arc, zipfile.ZipFile)
-                zmembers = _zip_members(arc)
-                _check([m for m, _ in zmembers], max_bytes)
-                budget = [max_bytes]
-                total = 0
-                for m, zinfo in zmembers:
-                    if m.is_dir:
-                        continue
+    try:
+        return _unpack(Path(archive), dest, max_bytes, before_writing or (lambda _n: None))
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, NotImplementedError, zipfile.LargeZipFile,
+            ValueError, OverflowError) as exc:
+        raise EngineError("invalid_model", f"the bundle could not be read: {str(exc)[:300]}") from exc
+
+
+def _unpack(archive: Path, dest: Path, max_bytes: int, before_writing: Callable[[int], None]) -> Unpacked:
+    budget = [max_bytes]
+    total = 0
+    with _open_archive(archive) as (kind, arc):
+        if isinstance(arc, zipfile.ZipFile):
+            zmembers = _zip_members(arc)
+            members = [m for m, _ in zmembers]
+            before_writing(_check(members, max_bytes))
+            for m, zinfo in zmembers:
+                if not m.is_dir:
                     with arc.open(zinfo) as src:
                         total += _copy(src, _create(dest, m.name), m.size, str(m.name), budget)
-                members = [m for m, _ in zmembers]
-            else:
-                assert isinstance(arc, tarfile.TarFile)
-                tmembers = _tar_members(arc)
-                _check([m for m, _ in tmembers], max_bytes)
-                budget = [max_bytes]
-                total = 0
-                for m, tinfo in tmembers:
-                    if m.is_dir:
-                        continue
-                    member = arc.extractfile(tinfo)
-                    if member is None:
-                        raise _refuse(f"member '{str(m.name)[:120]}' cannot be read as a file")
-                    with member:
-                        total += _copy(member, _create(dest, m.name), m.size, str(m.name), budget)
-                members = [m for m, _ in tmembers]
-        except (zipfile.BadZipFile, tarfile.TarError, EOFError, NotImplementedError, zipfile.LargeZipFile) as exc:
-            raise EngineError("invalid_model", f"the bundle could not be read: {exc}") from exc
+        else:
+            assert isinstance(arc, tarfile.TarFile) and kind == "tar"
+            tmembers = _tar_members(arc)
+            members = [m for m, _ in tmembers]
+            before_writing(_check(members, max_bytes))
+            for m, tinfo in tmembers:
+                if m.is_dir:
+                    continue
+                member = arc.extractfile(tinfo)
+                if member is None:
+                    raise _refuse(f"member '{str(m.name)[:120]}' cannot be read as a file")
+                with member:
+                    total += _copy(member, _create(dest, m.name), m.size, str(m.name), budget)
     onnx_member = next(m for m in members if not m.is_dir and m.name.suffix.lower() == ".onnx")
     return Unpacked(dest / onnx_member.name, sum(1 for m in members if not m.is_dir), total)

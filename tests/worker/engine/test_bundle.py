@@ -161,3 +161,14 @@ def test_a_file_that_is_no_archive_says_how_to_pack_one(tmp_path: Path) -> None:
     with pytest.raises(EngineError) as exc:
         unpack(tmp_path / "b.zip", tmp_path / "dest", LIMIT)
     assert exc.value.code == "invalid_model" and "zip -0" in exc.value.message
+
+
+def test_an_onnx_member_over_2_gb_is_refused_from_its_declared_size() -> None:
+    from pathlib import PurePosixPath
+
+    from worker.engine.bundle import _check, _Member
+
+    big = _Member(PurePosixPath("model.onnx"), False, 3 << 30, 3 << 30)
+    with pytest.raises(EngineError) as exc:
+        _check([big], 1 << 40)
+    assert exc.value.code == "invalid_model" and "at most 2 GB" in exc.value.message

@@ -306,3 +306,22 @@ def test_a_self_contained_model_takes_the_8_bit_options_too(tmp_path: Path) -> N
     nodes = {n.name: n for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert {a.name: a.i for a in nodes["lm_head"].attribute}["bits"] == 8
     assert res.report["accuracy"]["outputs"][0]["cosine"] >= 0.99
+
+
+def test_external_data_inside_a_model_function_is_refused(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    src = external_decoder(tmp_path / "m", layers=1)
+    model = _graph(src)
+    const = TensorProto(name="c", data_type=TensorProto.FLOAT, dims=[4], data_location=TensorProto.EXTERNAL)
+    const.external_data.add(key="location", value="../../etc/passwd")
+    fn = helper.make_function("local", "AddConst", ["x"], ["y"],
+                              [helper.make_node("Constant", [], ["k"], value=const),
+                               helper.make_node("Add", ["x", "k"], ["y"])],
+                              [helper.make_opsetid("", 17)])
+    model.functions.append(fn)
+    src.write_bytes(model.SerializeToString())
+    with opened_files() as opened, pytest.raises(EngineError) as exc:
+        inspect_model_file(src)
+    assert exc.value.code == "unsupported_model" and "function 'AddConst'" in exc.value.message
+    assert not any("passwd" in p for p in opened)
