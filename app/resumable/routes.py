@@ -49,7 +49,8 @@ def get_upload(upload_id: str, db: SessionDep, who: ApiPrincipal) -> UploadOut:
 
 @router.put("/{upload_id}/parts/{index}", status_code=204, responses=error_responses(404, 409, 413),
             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}}})
+                "schema": {"type": "string", "format": "binary"},
+                "example": "(bytes part_bytes * index onwards of the file, part_bytes of them)"}}}})
 async def put_part(
     request: Request,
     db: SessionDep,
