@@ -432,7 +432,7 @@ def _ok(r: httpx.Response, what: str, *codes: int) -> dict[str, Any]:
         except (ValueError, KeyError, TypeError):
             code = ""
         raise Refused(what, r.status_code, code, r.text)
-    body: dict[str, Any] = r.json()
+    body: dict[str, Any] = r.json() if r.content else {}
     return body
 
 

@@ -111,7 +111,9 @@ def _uses(model: onnx.ModelProto) -> dict[str, int]:
 class _Target:
     node: onnx.NodeProto
     weight: str  # the initializer
-    transposed: bool  # B is Transpose(weight): a tied lm_head reading the [vocab, dim] embedding table
+    # B is Transpose(weight) (a tied lm_head reading the [vocab, dim] embedding table) or a Gemm's transB weight
+    transposed: bool
+    bias: str = ""  # a Gemm's C, added after the quantized product
 
     def kn(self, inits: dict[str, TensorProto]) -> tuple[int, int]:
         rows, cols = (int(d) for d in inits[self.weight].dims)
@@ -126,6 +128,11 @@ def _targets(model: onnx.ModelProto, opts: RecipeOptions) -> list[_Target]:
     excluded = set(opts.nodes_to_exclude)
     out = []
     for node in model.graph.node:
+        if node.op_type == "Gemm" and node.name not in excluded:
+            target = _gemm_target(node, inits)
+            if target is not None:
+                out.append(target)
+            continue
         if node.op_type != "MatMul" or len(node.input) < 2 or node.name in excluded:
             continue
         b, transposed = node.input[1], False
@@ -138,6 +145,19 @@ def _targets(model: onnx.ModelProto, opts: RecipeOptions) -> list[_Target]:
         if w is not None and w.data_type == TensorProto.FLOAT and len(w.dims) == 2 and min(w.dims) > 0:
             out.append(_Target(node, b, transposed))
     return out
+
+
+def _gemm_target(node: onnx.NodeProto, inits: dict[str, TensorProto]) -> _Target | None:
+    """A Gemm that is a plain linear layer (alpha and beta 1, A not transposed, a 2-D float32 weight B): how
+    PyTorch exports nn.Linear (transB=1, the bias as C)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+        return None
+    w = inits.get(node.input[1]) if len(node.input) > 1 else None
+    if w is None or w.data_type != TensorProto.FLOAT or len(w.dims) != 2 or min(w.dims) <= 0:
+        return None
+    bias = node.input[2] if len(node.input) > 2 else ""
+    return _Target(node, node.input[1], bool(attrs.get("transB", 0)), bias)
 
 
 def eight_bit_names(opts: RecipeOptions, targets: list[str]) -> set[str]:
@@ -300,6 +320,7 @@ def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOption
     res = StreamResult([], [], [])
     # (weight, transposed, kind) -> the new node's inputs after A: a weight several MatMuls read is stored once.
     made: dict[tuple[str, bool, str], list[str]] = {}
+    biases: dict[str, onnx.NodeProto] = {}  # a Gemm's name -> the Add of its bias
     done_w = 0
     total_w = len({(t.weight, t.transposed) for t in targets})
     try:
@@ -315,8 +336,14 @@ def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOption
                 done_w += 1
                 if step:
                     step("quantizing", 0.9 * done_w / total_w)
+            if t.bias:  # the Gemm's C, added to the quantized product under the Gemm's output name
+                product = _unique(f"{t.node.output[0]}_product", taken)
+                biases[t.node.name] = helper.make_node("Add", [product, t.bias], [t.node.output[0]],
+                                                       name=_unique(f"{t.node.name}.bias", taken))
+                t.node.output[0] = product
             _replace(t.node, made[key], kind, opts, k, n)
             (res.int8_layers if kind == "int8" else res.quantized_layers).append(t.node.name)
+        _insert_after(graph, biases)
         _drop_unused_transposes(graph)
         if not any(i.domain == MS_DOMAIN for i in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
@@ -343,6 +370,19 @@ def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOption
     if step:
         step("quantizing", 1.0)
     return res
+
+
+def _insert_after(graph: onnx.GraphProto, after: dict[str, onnx.NodeProto]) -> None:
+    """Each node of ``after`` placed right behind the node it names (graph order stays topological)."""
+    if not after:
+        return
+    nodes = []
+    for n in graph.node:
+        nodes.append(n)
+        if n.name in after:
+            nodes.append(after[n.name])
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _drop_unused_transposes(graph: onnx.GraphProto) -> None:

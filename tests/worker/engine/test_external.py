@@ -325,3 +325,41 @@ def test_external_data_inside_a_model_function_is_refused(tmp_path: Path) -> Non
         inspect_model_file(src)
     assert exc.value.code == "unsupported_model" and "function 'AddConst'" in exc.value.message
     assert not any("passwd" in p for p in opened)
+
+
+def _linear_mlp(folder: Path) -> Path:
+    """nn.Linear layers as PyTorch exports them: Gemm with transB=1 and the bias as C, weights external."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    sizes = [(256, 128), (128, 128), (128, 1)]
+    inits, nodes, x = [], [], "input"
+    for i, (k, n) in enumerate(sizes):
+        inits += [numpy_helper.from_array((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array((rng.standard_normal(n) * 0.1).astype(np.float32), f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [f"g{i}"], name=f"Gemm_{i}", transB=1))
+        if i < len(sizes) - 1:
+            nodes.append(helper.make_node("Relu", [f"g{i}"], [f"r{i}"], name=f"Relu_{i}"))
+            x = f"r{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 256])],
+                              [helper.make_tensor_value_info("g2", TensorProto.FLOAT, ["n", 1])], inits)
+    folder.mkdir(parents=True)
+    path = folder / "model.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+                    save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    return path
+
+
+@pytest.mark.parametrize(("recipe", "floor"), [("int4_weight_only", 0.99), ("int8_dynamic", 0.9995)])
+def test_linear_layers_exported_as_gemm_are_streamed_with_their_bias(tmp_path: Path, recipe: str,
+                                                                     floor: float) -> None:
+    src = _linear_mlp(tmp_path / "m")
+    res = quantize_streaming(src, tmp_path / "q", recipe, RecipeOptions(reduce_range=False))
+    assert res.quantized_layers == ["Gemm_0", "Gemm_1", "Gemm_2"]
+    ops = [n.op_type for n in _graph(tmp_path / "q" / MODEL_NAME).graph.node]
+    assert "Gemm" not in ops and ops.count("Add") == 3
+    x = {"input": np.random.default_rng(5).standard_normal((64, 256)).astype(np.float32)}
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(str(tmp_path / "q" / MODEL_NAME), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    # Measured: int4 0.9950, int8_dynamic 0.99988.
+    assert _cosine(ref, got) >= floor
