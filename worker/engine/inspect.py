@@ -197,6 +197,8 @@ def check_declarations(model: onnx.ModelProto, folder: Path | None = None) -> No
     for graph, _depth in walk_graphs(model):
         for where, t in graph_tensors(graph):
             _check_tensor(where, t, folder is not None)
+        for vi in (*graph.input, *graph.output, *graph.value_info):
+            _check_declared_shape(vi)
     for fn in model.functions:  # model-local functions' Constant tensors: never external
         for node in fn.node:
             for attr in node.attribute:
@@ -204,8 +206,6 @@ def check_declarations(model: onnx.ModelProto, folder: Path | None = None) -> No
                     if is_external(t):
                         raise EngineError("unsupported_model", f"function '{_short(fn.name)}' keeps a tensor in an "
                                           "external file; lowbit reads external data only from the model's graphs")
-        for vi in (*graph.input, *graph.output, *graph.value_info):
-            _check_declared_shape(vi)
 
 
 def parse_model_bytes(data: bytes) -> onnx.ModelProto:
