@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.queue import _filesystem_held
+from tests import builders
 from tests.e2e.conftest import Proc, env_for, lowbit_cmd, start_serve, wait_job
 from tests.e2e.test_faults import SLOW, alive, children, sandbox_children, until
 
@@ -132,7 +133,12 @@ def test_a_killed_worker_is_restarted_and_its_job_taken_over(embedded: Embedded,
 def test_sigterm_stops_every_worker_process_and_hands_the_job_back(embedded: Embedded,
                                                                    big: dict[str, Path]) -> None:
     e = embedded
-    job_id = e.submit(big["tf"], big["tf_data"])
+    # A job that outlasts the server's shutdown sequence: calibrating on 4,000 samples takes about 25 s with one
+    # thread (12.4 s for 2,000 measured here), where the default SLOW job took 3.2 s on a CPU with VNNI and
+    # finished before the pool process was told to hand it back.
+    many = builders.token_data(e.data.parent / "many_tokens.npz", n=4000, vocab=8000, seq=32)
+    job_id = e.submit(big["tf"], many, '{"recipe": "int8_static", "options": {"method": "percentile", '
+                      '"max_calibration_samples": 4000, "latency_runs": 400}}')
     pool, child = e.running_in(job_id)
     started = descendants(e.proc.p.pid)
     assert {pool, child} <= started and worker_mains(e.proc)
