@@ -163,7 +163,11 @@ def complete(db: Session, storage: Storage, *, row: Upload, settings: Settings) 
     if row.status == COMPLETE and row.model_id:
         return models.get_model(db, row.model_id, tenant_id=row.tenant_id)
     path = storage.upload_path(row.id)
-    if not path.exists():  # a finish cut off after its file was consumed (a server killed mid-way)
+    if not path.exists():
+        db.refresh(row)  # another finish may have just made the model (SQLite takes no row lock)
+        if row.status == COMPLETE and row.model_id:
+            return models.get_model(db, row.model_id, tenant_id=row.tenant_id)
+        # A finish cut off after its file was consumed (a server killed mid-way).
         raise UploadRefused(Conflict(f"upload '{row.id}' lost its file while being finished; start the upload "
                                      "again", code="upload_lost"))
     have = set(received(db, row))

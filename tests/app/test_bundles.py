@@ -361,3 +361,22 @@ def test_a_bundle_with_its_model_in_a_subfolder_is_removed_whole(api: Harness, t
                         data={"config": '{"recipe": "fp16"}'})
     assert r.status_code == 422 and error_of(r) == "external_data_not_supported"
     assert list((Path(api.settings.data_dir) / "models").iterdir()) == []
+
+
+def test_a_second_finish_that_lost_the_race_returns_the_model(api: Harness, tmp_path: Path) -> None:
+    """Two finishes at once on SQLite (no row lock): the one that finds the file gone after the other made the
+    model answers with that model, not upload_lost."""
+    from app.resumable import service
+    from app.resumable.models import Upload
+    from app.storage import Storage
+
+    data = _bundle_bytes(tmp_path)
+    up = _announce(api.client, data)
+    for i in range(int(up["parts"])):  # type: ignore[call-overload]
+        assert _put(api.client, up, data, i) == 204
+    with api.factory() as db:
+        stale = db.get(Upload, up["id"])  # read before the other finish
+        assert stale is not None and stale.status == "receiving"
+        first = api.client.post(f"/api/v1/uploads/{up['id']}/complete").json()
+        model = service.complete(db, Storage(api.settings.data_dir), row=stale, settings=api.settings)
+        assert model.id == first["id"]
