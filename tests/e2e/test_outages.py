@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests import builders
 from tests.e2e.conftest import Proc, env_for, lowbit_cmd, start_serve, wait_job
 from tests.e2e.servers import PrivatePostgres, PrivateRedis, fresh_database, private_postgres, private_redis  # noqa: F401
 from tests.e2e.test_faults import SLOW, until
@@ -81,7 +82,11 @@ def test_postgres_outage_is_503_and_leaves_nothing_half_written(private_postgres
     procs.append(worker)
     engine = sa.create_engine(private_postgres.url, pool_pre_ping=True)
     try:
-        job_id = _submit(client, big["tf"], big["tf_data"], SLOW)
+        # A job that outlasts the outage: calibrating on 4,000 samples takes about 25 s with one thread, where
+        # SLOW (3.7 s on a CPU with VNNI) could end while PostgreSQL was down and fail to record its result.
+        many = builders.token_data(tmp_path / "many_tokens.npz", n=4000, vocab=8000, seq=32)
+        job_id = _submit(client, big["tf"], many, '{"recipe": "int8_static", "options": {"method": "percentile", '
+                         '"max_calibration_samples": 4000, "latency_runs": 400}}')
         until("the job to run", lambda: _status(engine, job_id) == "running", 90, worker)
         engine.dispose()
         private_postgres.stop()
