@@ -173,18 +173,6 @@ class TensorReader:
         self.folder = Path(folder)
         self.refs = refs
 
-    def array(self, t: TensorProto) -> np.ndarray:
-        """The tensor as a numpy array; an external one is a read-only view of the mapped file, valid while
-        the array lives."""
-        if not is_external(t):
-            return numpy_helper.to_array(t)
-        ref = self.refs[t.name]
-        dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(t.data_type)
-        shape = tuple(int(d) for d in t.dims)
-        if ref.length == 0:
-            return np.zeros(shape, dtype=dtype)
-        return np.memmap(self.folder / ref.file, dtype=dtype, mode="r", offset=ref.offset, shape=shape)
-
     def rows(self, t: TensorProto, step: int) -> Iterator[tuple[int, np.ndarray]]:
         """A 2-D tensor ``step`` rows at a time: (first row, rows). External ones are read with plain file reads
         into a fresh buffer each time, so only one chunk is ever resident (a memory map's pages would count in

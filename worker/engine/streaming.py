@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from worker.engine.errors import EngineError
-from worker.engine.external import DataWriter, TensorReader, point_to
+from worker.engine.external import DataWriter, ExternalRef, TensorReader, point_to
 from worker.engine.inspect import check_external, external_tensors, walk_graphs
 
 if TYPE_CHECKING:  # annotations only (the option tables import the recipes)
@@ -89,10 +89,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def model_bytes(path: Path) -> int:
-    """A model's size on disk: its .onnx file and every data file it names (each counted once)."""
-    model = onnx.load(str(path), load_external_data=False)
-    refs = check_external(model, Path(path).parent)
+def model_bytes(path: Path, refs: dict[str, ExternalRef]) -> int:
+    """A model's size on disk: its .onnx file and every data file its (checked) references name, once each."""
     files = {r.file for r in refs.values()}
     return os.path.getsize(path) + sum(os.path.getsize(Path(path).parent / f) for f in files)
 
@@ -363,7 +361,7 @@ def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOption
     except BaseException:
         writer.close()
         raise
-    res.original_bytes = model_bytes(src)
+    res.original_bytes = model_bytes(src, refs)
     res.quantized_bytes = os.path.getsize(out_dir / MODEL_NAME) + os.path.getsize(out_dir / DATA_NAME)
     res.seconds = time.monotonic() - t0
     res.peak_rss_mb = peak_rss_mb()
