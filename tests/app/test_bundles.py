@@ -97,7 +97,8 @@ def test_a_lone_onnx_file_with_external_data_is_told_to_bundle(api: Harness, tmp
 
 def test_recipes_that_cannot_stream_are_refused_at_submit_time(api: Harness, tmp_path: Path) -> None:
     m = api.client.post("/api/v1/models", files={"file": ("d.zip", _bundle_bytes(tmp_path))}).json()
-    for recipe, options in (("int8_static", {}), ("fp16", {}), ("int4_weight_only", {"algorithm": "hqq"})):
+    for recipe, options in (("int8_static", {}), ("int4_weight_only", {"algorithm": "hqq"}),
+                            ("int4_weight_only", {"int8_activations": True})):
         r = submit(api.client, model_id=m["id"], recipe=recipe, options=options)
         assert r.status_code == 422, (recipe, r.text)
         assert error_of(r) == "external_data_not_supported"
@@ -126,6 +127,23 @@ def test_an_external_data_job_runs_to_a_zip_download(api: Harness, tmp_path: Pat
     zipfile.ZipFile(io.BytesIO(d.content)).extractall(out)
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {"input_ids": ids[:1]})[0].shape == (1, 8, 512)
+
+
+@pytest.mark.parametrize(("recipe", "options"), [("fp16", {}), ("int4_weight_only", {"quantize_embeddings": True})])
+def test_fp16_and_4_bit_embeddings_run_on_a_bundle(api: Harness, tmp_path: Path, recipe: str,
+                                                   options: dict[str, object]) -> None:
+    m = api.client.post("/api/v1/models", files={"file": ("decoder.zip", _bundle_bytes(tmp_path))}).json()
+    r = submit(api.client, model_id=m["id"], recipe=recipe, options=options)
+    assert r.status_code == 202, r.text
+    assert api.run_queued() == ["succeeded"]
+    report = api.client.get(f"/api/v1/jobs/{r.json()['id']}/report").json()
+    precisions = {row["name"]: row["precision"] for row in report["layers"]}
+    if recipe == "fp16":
+        assert precisions["layers.0.up"] == "fp16" and report["size"]["bits_per_weight"] == 16.0
+        assert report["accuracy"]["outputs"][0]["cosine"] >= 0.9999
+    else:
+        assert report["external_data"]["embedding_layers"] == ["embed"] and precisions["embed"] == "int4"
+        assert report["accuracy"]["outputs"][0]["cosine"] >= 0.99
 
 
 # -- resumable uploads -------------------------------------------------------------------------------------------
@@ -358,7 +376,7 @@ def test_a_bundle_with_its_model_in_a_subfolder_is_removed_whole(api: Harness, t
         for p in sorted(folder.iterdir()):
             zf.write(p, f"export/{p.name}")
     r = api.client.post("/api/v1/jobs", files={"model": ("d.zip", buf.getvalue())},
-                        data={"config": '{"recipe": "fp16"}'})
+                        data={"config": '{"recipe": "int8_static"}'})
     assert r.status_code == 422 and error_of(r) == "external_data_not_supported"
     assert list((Path(api.settings.data_dir) / "models").iterdir()) == []
 

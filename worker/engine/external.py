@@ -228,6 +228,16 @@ class DataWriter:
         self.pos += flat.size
         return ExternalRef(self.path.name, start, flat.size)
 
+    def write_parts(self, parts: Iterable[np.ndarray]) -> ExternalRef:
+        """One tensor written a part at a time (its slabs in order): one part is held at a time."""
+        start = self._align()
+        for part in parts:
+            flat = np.ascontiguousarray(part).reshape(-1).view(np.uint8)
+            for i in range(0, flat.size, self.CHUNK):
+                self.file.write(flat[i:i + self.CHUNK].tobytes())
+            self.pos += flat.size
+        return ExternalRef(self.path.name, start, self.pos - start)
+
     def write_stream(self, src: object, length: int) -> ExternalRef:
         start = self._align()
         left = length

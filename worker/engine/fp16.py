@@ -80,14 +80,20 @@ def calibration_range_check(cfg: QuantizeConfig, opts: RecipeOptions, info: Mode
     return range_check(model_path, model, batch_source(reader, info.inputs, plan, 0, stop), providers, cfg.threads)
 
 
-def convert_fp16(src: Path, dest: Path, opts: RecipeOptions, keep_nodes: Sequence[str] = ()) -> list[str]:
-    """Convert ``src`` to float16, ``keep_nodes`` (and the user's excluded nodes) staying in float32;
-    returns the op types kept in float32."""
-    block = list(opts.op_block_list) if opts.op_block_list is not None else [*DEFAULT_OP_BLOCK_LIST, *FP16_UNSAFE]
-    model = onnx.load(str(src))
+def block_list(opts: RecipeOptions) -> list[str]:
+    """The op types kept in float32: option op_block_list, else ONNX Runtime's list and FP16_UNSAFE."""
+    return list(opts.op_block_list) if opts.op_block_list is not None else [*DEFAULT_OP_BLOCK_LIST, *FP16_UNSAFE]
+
+
+def convert_graph(model: onnx.ModelProto, opts: RecipeOptions, keep_nodes: Sequence[str] = (),
+                  infer: bool = True) -> onnx.ModelProto:
+    """ONNX Runtime's float16 conversion of ``model`` (changed in place too), then the repairs below.
+    ``keep_nodes`` and the user's excluded nodes stay in float32. ``infer`` False: the model's shapes are
+    inferred already."""
+    block = block_list(opts)
     try:
         converted = convert_float_to_float16(
-            model, keep_io_types=opts.keep_io_types, op_block_list=block,
+            model, keep_io_types=opts.keep_io_types, op_block_list=block, disable_shape_infer=not infer,
             node_block_list=list(dict.fromkeys([*opts.nodes_to_exclude, *keep_nodes])) or None,
         )
     except Exception as exc:
@@ -97,9 +103,17 @@ def convert_fp16(src: Path, dest: Path, opts: RecipeOptions, keep_nodes: Sequenc
     for g in _graphs(converted.graph):
         fold_round_trips(g)
         initializer_types_only(g)
-    onnx.save_model(converted, str(dest))
+    out: onnx.ModelProto = converted
+    return out
+
+
+def convert_fp16(src: Path, dest: Path, opts: RecipeOptions, keep_nodes: Sequence[str] = ()) -> list[str]:
+    """Convert ``src`` to float16, ``keep_nodes`` (and the user's excluded nodes) staying in float32;
+    returns the op types kept in float32."""
+    model = onnx.load(str(src))
     present = {n.op_type for n in model.graph.node}
-    return sorted(present & set(block))
+    onnx.save_model(convert_graph(model, opts, keep_nodes), str(dest))
+    return sorted(present & set(block_list(opts)))
 
 
 def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:

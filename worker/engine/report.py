@@ -442,6 +442,8 @@ class ExternalData(_Closed):
     files: list[str] = Field(description="the artifact zip's members: model.onnx and its data file")
     original_data_bytes: int
     int8_layers: list[str] = Field(description="MatMuls kept in 8 bits instead of 4")
+    embedding_layers: list[str] = Field(default_factory=list, description="Gathers reading a 4-bit table "
+                                        "(quantize_embeddings; GatherBlockQuantized)")
     quantize_seconds: float
     quantize_peak_rss_mb: float = Field(description="the job's process, peak resident memory after quantizing")
     validation_seconds: float

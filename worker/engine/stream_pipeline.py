@@ -291,6 +291,7 @@ def _report(cfg: QuantizeConfig, opts: RecipeOptions, info: ModelInfo, data: Run
             "files": [MODEL_NAME, DATA_NAME],
             "original_data_bytes": info.external_bytes,
             "int8_layers": res.int8_layers,
+            "embedding_layers": res.embedding_layers,
             "quantize_seconds": round(res.seconds, 3),
             "quantize_peak_rss_mb": round(res.peak_rss_mb, 1),
             "validation_seconds": checked["seconds"],

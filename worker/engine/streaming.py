@@ -7,7 +7,8 @@ chunks: the process holds one weight (and its quantized form) at a time. The out
 ``model.onnx.data`` in one folder.
 
 Recipes: ``int4_weight_only`` with round-to-nearest (ONNX Runtime's own 4-bit kernel, MatMulNBits; chosen
-MatMuls in 8 bits), and ``int8_dynamic`` (int8 per-channel weights, DynamicQuantizeMatMul). Validation runs the
+MatMuls in 8 bits; 4-bit embedding tables in GatherBlockQuantized), ``int8_dynamic`` (int8 per-channel weights,
+DynamicQuantizeMatMul) and ``fp16`` (the whole-model conversion on the weight-free graph). Validation runs the
 original and the quantized model in turn in a child process (``validate_in_turn``), never both at once.
 """
 
@@ -38,7 +39,7 @@ DATA_NAME = "model.onnx.data"
 MODEL_NAME = "model.onnx"
 # Recipes (and their options) this engine runs; anything else on a model with external data is refused at
 # submit time with ``refusal``'s message.
-STREAMED_RECIPES = ("int4_weight_only", "int8_dynamic")
+STREAMED_RECIPES = ("int4_weight_only", "int8_dynamic", "fp16")
 
 
 def refusal(recipe: str, options: dict[str, Any]) -> str | None:
@@ -51,9 +52,8 @@ def refusal(recipe: str, options: dict[str, Any]) -> str | None:
         if algorithm not in (None, "rtn"):
             return (f"int4_weight_only algorithm {algorithm} cannot run on a model with external data yet; "
                     "use algorithm rtn (round to nearest, streamed)")
-        for name in ("int8_activations", "quantize_embeddings"):
-            if options.get(name):
-                return f"int4_weight_only option {name} cannot run on a model with external data yet"
+        if options.get("int8_activations"):
+            return "int4_weight_only option int8_activations cannot run on a model with external data yet"
     return None
 
 
@@ -70,6 +70,9 @@ class StreamResult:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    embedding_layers: list[str] = field(default_factory=list)  # Gathers now reading 4-bit tables
+    # A tied table's 4-bit scales [vocab, blocks], kept for its Gather (quantize_embeddings) to share the data.
+    tied_scales: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def bits_per_weight(self) -> float | None:
@@ -301,62 +304,13 @@ def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOption
     reader = TensorReader(src.parent, refs)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = DataWriter(out_dir / DATA_NAME)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    targets = _targets(model, opts)
-    if not targets:
-        writer.close()
-        raise EngineError("unsupported_model", "the model has no MatMul with a constant 2-D float32 weight; "
-                          f"{recipe} quantizes only those")
-    try:
-        int8_names = eight_bit_names(opts, [t.node.name for t in targets]) if recipe == "int4_weight_only" \
-            else set()
-    except EngineError:
-        writer.close()
-        raise
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     res = StreamResult([], [], [])
-    # (weight, transposed, kind) -> the new node's inputs after A: a weight several MatMuls read is stored once.
-    made: dict[tuple[str, bool, str], list[str]] = {}
-    biases: dict[str, onnx.NodeProto] = {}  # a Gemm's name -> the Add of its bias
-    done_w = 0
-    total_w = len({(t.weight, t.transposed) for t in targets})
     try:
-        for t in targets:
-            kind = "int8" if t.node.name in int8_names else recipe
-            key = (t.weight, t.transposed, kind)
-            k, n = t.kn(inits)
-            if key not in made:
-                res.weights += k * n
-                res.weight_bytes_fp32 += 4 * k * n
-                made[key] = _quantize_one(graph, reader, inits[t.weight], t.transposed, kind, opts, writer, taken,
-                                          res)
-                done_w += 1
-                if step:
-                    step("quantizing", 0.9 * done_w / total_w)
-            if t.bias:  # the Gemm's C, added to the quantized product under the Gemm's output name
-                product = _unique(f"{t.node.output[0]}_product", taken)
-                biases[t.node.name] = helper.make_node("Add", [product, t.bias], [t.node.output[0]],
-                                                       name=_unique(f"{t.node.name}.bias", taken))
-                t.node.output[0] = product
-            _replace(t.node, made[key], kind, opts, k, n)
-            (res.int8_layers if kind == "int8" else res.quantized_layers).append(t.node.name)
-        _insert_after(graph, biases)
-        _drop_unused_transposes(graph)
-        if not any(i.domain == MS_DOMAIN for i in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-        # The float weights the quantized nodes replaced, unless something else still reads them (a tied
-        # embedding table read by a Gather keeps its float copy).
-        used = _uses(model)
-        keep = [t for t in graph.initializer if used.get(t.name, 0) or t.name in {i.name for i in graph.input}]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-        for _where, t in list(external_tensors(model)):
-            if t.name not in refs:
-                continue  # written by this run
-            point_to(t, reader.copy_bytes(t, writer))
+        if recipe == "fp16":
+            model = _fp16(model, refs, reader, writer, opts, res, step)
+        else:
+            _low_bits(model, refs, reader, writer, recipe, opts, res, step)
         writer.close()
-        res.kept_layers = [n.name for n in graph.node if n.op_type == "MatMul"]
         onnx.save_model(model, str(out_dir / MODEL_NAME))
     except BaseException:
         writer.close()
@@ -370,15 +324,193 @@ def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOption
     return res
 
 
-def _insert_after(graph: onnx.GraphProto, after: dict[str, onnx.NodeProto]) -> None:
-    """Each node of ``after`` placed right behind the node it names (graph order stays topological)."""
+def _low_bits(model: onnx.ModelProto, refs: dict[str, ExternalRef], reader: TensorReader, writer: DataWriter,
+              recipe: str, opts: RecipeOptions, res: StreamResult, step: ProgressFn | None) -> None:
+    """int4_weight_only and int8_dynamic: each MatMul/Gemm weight quantized in turn, the rest copied."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    targets = _targets(model, opts)
+    if not targets:
+        raise EngineError("unsupported_model", "the model has no MatMul with a constant 2-D float32 weight; "
+                          f"{recipe} quantizes only those")
+    int8_names = eight_bit_names(opts, [t.node.name for t in targets]) if recipe == "int4_weight_only" else set()
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+    # (weight, transposed, kind) -> the new node's inputs after A: a weight several MatMuls read is stored once.
+    made: dict[tuple[str, bool, str], list[str]] = {}
+    biases: dict[str, list[onnx.NodeProto]] = {}  # a Gemm's name -> the Add of its bias
+    done_w = 0
+    total_w = len({(t.weight, t.transposed) for t in targets})
+    for t in targets:
+        kind = "int8" if t.node.name in int8_names else recipe
+        key = (t.weight, t.transposed, kind)
+        k, n = t.kn(inits)
+        if key not in made:
+            res.weights += k * n
+            res.weight_bytes_fp32 += 4 * k * n
+            made[key] = _quantize_one(graph, reader, inits[t.weight], t.transposed, kind, opts, writer, taken, res)
+            done_w += 1
+            if step:
+                step("quantizing", 0.9 * done_w / total_w)
+        if t.bias:  # the Gemm's C, added to the quantized product under the Gemm's output name
+            product = _unique(f"{t.node.output[0]}_product", taken)
+            biases[t.node.name] = [helper.make_node("Add", [product, t.bias], [t.node.output[0]],
+                                                    name=_unique(f"{t.node.name}.bias", taken))]
+            t.node.output[0] = product
+        _replace(t.node, made[key], kind, opts, k, n)
+        (res.int8_layers if kind == "int8" else res.quantized_layers).append(t.node.name)
+    _insert_after(graph, biases)
+    if recipe == "int4_weight_only" and opts.quantize_embeddings:
+        _embeddings(graph, reader, inits, opts, writer, taken, made, res)
+    _drop_unused_transposes(graph)
+    if not any(i.domain == MS_DOMAIN for i in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    # The float weights the quantized nodes replaced, unless something else still reads them (a tied
+    # embedding table read by a Gather keeps its float copy).
+    used = _uses(model)
+    keep = [t for t in graph.initializer if used.get(t.name, 0) or t.name in {i.name for i in graph.input}]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for _where, t in list(external_tensors(model)):
+        if t.name in refs:  # not written by this run
+            point_to(t, reader.copy_bytes(t, writer))
+    res.kept_layers = [n.name for n in graph.node if n.op_type == "MatMul"]
+
+
+def _fp16(model: onnx.ModelProto, refs: dict[str, ExternalRef], reader: TensorReader, writer: DataWriter,
+          opts: RecipeOptions, res: StreamResult, step: ProgressFn | None) -> onnx.ModelProto:
+    """fp16: the weight-free graph goes through the same conversion as the whole-model recipe (ONNX Runtime's
+    converter, the same blocked ops, then the same repairs); the converter retypes each external float32
+    tensor it converts without touching its data, whose bytes are then converted here a slab at a time
+    (with the converter's own rounding and clamping). Tensors left in float32 are copied."""
+    # lazy: ONNX Runtime's converter, and the API imports this module for ``refusal``
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    from worker.engine.fp16 import block_list, convert_graph
+
+    types = {t.name: t.data_type for _w, t in external_tensors(model)}
+    block = block_list(opts)
+    excluded = set(opts.nodes_to_exclude)
+    nodes = [(n.name, n.op_type) for n in model.graph.node]  # the converter adds Casts to the graph it is given
+    # Shapes inferred here, from the declared dims; the converter then sees one-element stand-ins for the external
+    # tensors (it reads every initializer it converts, and would read external data relative to the current
+    # directory), which get their dims and references back after it.
+    model = onnx.shape_inference.infer_shapes(model)
+    stand_ins = []
+    for _w, t in external_tensors(model):
+        stand_ins.append((t, list(t.dims), list(t.external_data)))
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        rank = len(t.dims)
+        del t.dims[:], t.external_data[:]
+        t.dims.extend([1] * rank)
+        t.data_location = TensorProto.DEFAULT
+        t.raw_data = b"\0" * itemsize
+    converted = convert_graph(model, opts, infer=False)
+    for t, dims, entries in stand_ins:
+        t.ClearField("raw_data")
+        del t.dims[:]
+        t.dims.extend(dims)
+        t.external_data.extend(entries)
+        t.data_location = TensorProto.EXTERNAL
+    external = [t for t, _d, _e in stand_ins if t.name in refs]
+    for i, t in enumerate(external):
+        if types.get(t.name) == TensorProto.FLOAT and t.data_type == TensorProto.FLOAT16:
+            stored = TensorProto()
+            stored.CopyFrom(t)
+            stored.data_type = TensorProto.FLOAT
+            if not stored.dims:
+                stored.dims.append(1)
+            numel = int(np.prod(stored.dims, dtype=np.int64))
+            row = max(numel // max(int(stored.dims[0]), 1), 1)
+            slabs = reader.rows(stored, max(1, CHUNK_BYTES // (4 * row)))
+            point_to(t, writer.write_parts(convert_np_to_float16(rows) for _r0, rows in slabs))
+            res.weights += numel
+            res.weight_bytes_fp32 += 4 * numel
+            res.weight_bytes_quantized += 2 * numel
+        else:
+            point_to(t, reader.copy_bytes(t, writer))
+        if step:
+            step("quantizing", 0.9 * (i + 1) / len(external))
+    for name, op_type in nodes:
+        if name:
+            (res.kept_layers if op_type in block or name in excluded else res.quantized_layers).append(name)
+    blocked = sorted({op_type for _n, op_type in nodes} & set(block))
+    if blocked:
+        res.warnings.append(f"kept in float32 (unsafe or slow in float16): {', '.join(blocked)}")
+    res.warnings.append("no float16 range check on a model with external data: it would run every activation of "
+                        "the model at once; nodes whose values exceed float16's range (65504) would give inf, "
+                        "which the validation's figures show (name such nodes in nodes_to_exclude)")
+    return converted
+
+
+def _embeddings(graph: onnx.GraphProto, reader: TensorReader, inits: dict[str, TensorProto], opts: RecipeOptions,
+                writer: DataWriter, taken: set[str], made: dict[tuple[str, bool, str], list[str]],
+                res: StreamResult) -> None:
+    """quantize_embeddings: each Gather of rows of a 2-D float32 table becomes GatherBlockQuantized, 4-bit blocks
+    along the rows. A table tied to a 4-bit lm_head is quantized once: the Gather reads the lm_head's
+    MatMulNBits data (the same [vocab, blocks, bytes] layout) and only its scales are stored a second time
+    (1 bit a weight, against 4 for the data), in the [vocab, blocks, 1] shape the Gather needs."""
+    block = int(getattr(opts, "block_size", 32) or 32)
+    symmetric = bool(getattr(opts, "symmetric", True))
+    after: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or attrs.get("axis", 0):
+            continue
+        vocab, dim = (int(d) for d in table.dims)
+        if dim % block:
+            res.warnings.append(f"embedding '{node.name}' kept in float: its rows ({dim}) are not whole blocks of "
+                                f"{block}")
+            continue
+        ids, out = node.input[1], node.output[0]
+        shared = made.get((table.name, True, "int4_weight_only"))
+        if shared is not None:
+            scales = _unique(f"{table.name}_gather_scales", taken)
+            _add_tensor(graph, scales, res.tied_scales[table.name], TensorProto.FLOAT, writer,
+                        (vocab, dim // block, 1))
+            res.weight_bytes_quantized += 4 * vocab * (dim // block)
+            gathered = _unique(f"{out}_blocks", taken)
+            inputs, axis, outputs = [shared[0], ids, scales, *shared[2:]], 2, [gathered]
+            shape, target = _unique(f"{out}_ids_shape", taken), _unique(f"{out}_shape", taken)
+            row = _unique(f"{out}_row", taken)
+            graph.initializer.append(numpy_helper.from_array(np.array([dim], dtype=np.int64), row))
+            after[node.name] = [
+                helper.make_node("Shape", [ids], [shape], name=_unique(f"{node.name}.ids_shape", taken)),
+                helper.make_node("Concat", [shape, row], [target], name=_unique(f"{node.name}.shape", taken),
+                                 axis=0),
+                helper.make_node("Reshape", [gathered, target], [out], name=_unique(f"{node.name}.rows", taken)),
+            ]
+        else:
+            packed, scale, zp = _pack_nbits(reader, table, True, 4, block, symmetric)
+            names = [_unique(f"{table.name}_Q4", taken), _unique(f"{table.name}_scales", taken)]
+            _add_tensor(graph, names[0], packed, TensorProto.UINT8, writer, (vocab, dim // 2))
+            _add_tensor(graph, names[1], scale, TensorProto.FLOAT, writer, (vocab, dim // block))
+            res.weights += vocab * dim
+            res.weight_bytes_fp32 += 4 * vocab * dim
+            res.weight_bytes_quantized += packed.nbytes + scale.nbytes
+            if zp is not None:
+                names.append(_unique(f"{table.name}_zero_points", taken))
+                _add_tensor(graph, names[2], zp, TensorProto.UINT8, writer, (vocab, -(-(dim // block) // 2)))
+                res.weight_bytes_quantized += zp.nbytes
+            inputs, axis, outputs = [names[0], ids, *names[1:]], 1, [out]
+        node.op_type, node.domain = "GatherBlockQuantized", MS_DOMAIN
+        del node.input[:], node.output[:], node.attribute[:]
+        node.input.extend(inputs)
+        node.output.extend(outputs)
+        node.attribute.extend([helper.make_attribute("gather_axis", 0), helper.make_attribute("quantize_axis", axis),
+                               helper.make_attribute("block_size", block), helper.make_attribute("bits", 4)])
+        res.embedding_layers.append(node.name)
+    _insert_after(graph, after)
+
+
+def _insert_after(graph: onnx.GraphProto, after: dict[str, list[onnx.NodeProto]]) -> None:
+    """The nodes of ``after`` placed right behind the node each is keyed by (graph order stays topological)."""
     if not after:
         return
     nodes = []
     for n in graph.node:
         nodes.append(n)
-        if n.name in after:
-            nodes.append(after[n.name])
+        nodes.extend(after.get(n.name, []))
     del graph.node[:]
     graph.node.extend(nodes)
 
@@ -401,6 +533,8 @@ def _quantize_one(graph: onnx.GraphProto, reader: TensorReader, w_t: TensorProto
         block = int(getattr(opts, "block_size", 32) or 32)
         symmetric = bool(getattr(opts, "symmetric", True))
         packed, scales, zp = _pack_nbits(reader, w_t, transposed, bits, block, symmetric)
+        if transposed and bits == 4 and opts.quantize_embeddings and writer is not None:
+            res.tied_scales[w_t.name] = scales.reshape(int(w_t.dims[0]), -1)
         wname = f"{wname}_T" if transposed else wname
         names = [_unique(f"{wname}_Q{bits}", taken), _unique(f"{wname}_scales", taken)]
         _add_tensor(graph, names[0], packed, TensorProto.UINT8, writer)
@@ -444,8 +578,8 @@ def _replace(node: onnx.NodeProto, inputs: list[str], kind: str, opts: RecipeOpt
 def layer_rows(original: onnx.ModelProto, res: StreamResult, recipe: str) -> list[dict[str, Any]]:
     """The report's per-layer rows: every main-graph node with the precision it has now (no per-layer SQNR:
     measuring it would hold both models' activations, which this path avoids)."""
-    low = "int4" if recipe == "int4_weight_only" else "int8"
-    quantized, int8 = set(res.quantized_layers), set(res.int8_layers)
+    low = {"int4_weight_only": "int4", "fp16": "fp16"}.get(recipe, "int8")
+    quantized, int8 = set(res.quantized_layers) | set(res.embedding_layers), set(res.int8_layers)
     rows = []
     for node in original.graph.node:
         if not node.name:

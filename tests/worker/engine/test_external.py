@@ -24,6 +24,7 @@ from worker.engine.errors import EngineError
 from worker.engine.inspect import check_external, inspect_model_file, parse_model_bytes
 from worker.engine.pipeline import run
 from worker.engine.report import validate_report
+from worker.engine.runtime import int8_overflows_here
 from worker.engine.streaming import DATA_NAME, MODEL_NAME, quantize_streaming
 
 _OPENED: list[str] | None = None
@@ -205,11 +206,14 @@ def test_asymmetric_int4_and_an_8_bit_lm_head(tmp_path: Path) -> None:
 
 def test_int8_dynamic_streams_per_channel_weights(tmp_path: Path) -> None:
     src = external_decoder(tmp_path / "m")
-    res = quantize_streaming(src, tmp_path / "q", "int8_dynamic", RecipeOptions(reduce_range=False))
+    # 7-bit weights where this CPU's int8 kernels saturate, as a job decides (pipeline.resolve_reduce_range):
+    # with 8-bit weights an AVX2 CPU without VNNI gives 0.9970 here.
+    overflows = int8_overflows_here()
+    res = quantize_streaming(src, tmp_path / "q", "int8_dynamic", RecipeOptions(reduce_range=overflows))
     ops = [n.op_type for n in _graph(tmp_path / "q" / MODEL_NAME).graph.node]
     assert ops.count("DynamicQuantizeMatMul") == 5
     feeds = _feeds()
-    # Measured 0.99990 (seed 0).
+    # Measured 0.99990 (seed 0, 8-bit weights on a CPU with VNNI).
     assert _cosine(_outputs(src, feeds), _outputs(tmp_path / "q" / MODEL_NAME, feeds)) >= 0.9995
     # int8 weights and one float32 scale per output column.
     assert 0.25 < res.weight_bytes_quantized / res.weight_bytes_fp32 < 0.27
@@ -280,9 +284,9 @@ def test_a_job_on_an_external_data_model_delivers_a_zip_and_a_complete_report(tm
 def test_a_recipe_that_cannot_stream_fails_with_a_reason(tmp_path: Path) -> None:
     src = external_decoder(tmp_path / "m")
     with pytest.raises(EngineError) as exc:
-        run(QuantizeConfig(model_path=src, output_path=tmp_path / "o.onnx", recipe="fp16"))
+        run(QuantizeConfig(model_path=src, output_path=tmp_path / "o.onnx", recipe="int8_static"))
     assert exc.value.code == "external_data_not_supported"
-    assert "int4_weight_only or int8_dynamic" in exc.value.message
+    assert "int4_weight_only or int8_dynamic or fp16" in exc.value.message
 
 
 def test_check_external_returns_every_reference(tmp_path: Path) -> None:
@@ -354,7 +358,9 @@ def _linear_mlp(folder: Path) -> Path:
 def test_linear_layers_exported_as_gemm_are_streamed_with_their_bias(tmp_path: Path, recipe: str,
                                                                      floor: float) -> None:
     src = _linear_mlp(tmp_path / "m")
-    res = quantize_streaming(src, tmp_path / "q", recipe, RecipeOptions(reduce_range=False))
+    # 7-bit weights where this CPU's int8 kernels saturate, as a job decides (int8_dynamic with 8-bit weights
+    # gives 0.99910 on an AVX2 CPU without VNNI).
+    res = quantize_streaming(src, tmp_path / "q", recipe, RecipeOptions(reduce_range=int8_overflows_here()))
     assert res.quantized_layers == ["Gemm_0", "Gemm_1", "Gemm_2"]
     ops = [n.op_type for n in _graph(tmp_path / "q" / MODEL_NAME).graph.node]
     assert "Gemm" not in ops and ops.count("Add") == 3
@@ -363,3 +369,82 @@ def test_linear_layers_exported_as_gemm_are_streamed_with_their_bias(tmp_path: P
     got = ort.InferenceSession(str(tmp_path / "q" / MODEL_NAME), providers=["CPUExecutionProvider"]).run(None, x)[0]
     # Measured: int4 0.9950, int8_dynamic 0.99988.
     assert _cosine(ref, got) >= floor
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantize_embeddings_reads_4_bit_tables_and_a_tied_table_is_stored_once(tmp_path: Path, tied: bool) -> None:
+    src = external_decoder(tmp_path / "m", tied=tied)
+    plain = quantize_streaming(src, tmp_path / "q0", "int4_weight_only", RecipeOptions())
+    res = quantize_streaming(src, tmp_path / "q", "int4_weight_only", RecipeOptions(quantize_embeddings=True))
+    assert res.embedding_layers == ["embed"]
+    graph = _graph(tmp_path / "q" / MODEL_NAME).graph
+    gather = next(n for n in graph.node if n.name == "embed")
+    assert gather.op_type == "GatherBlockQuantized" and "Gather" not in [n.op_type for n in graph.node]
+    # No float table is left: the Gather and (tied) the lm_head read 4-bit blocks.
+    assert "embed.weight" not in {t.name for t in graph.initializer}
+    if tied:  # the lm_head's data is the Gather's: one 4-bit copy of the table
+        lm_head = next(n for n in graph.node if n.name == "lm_head")
+        assert gather.input[0] == lm_head.input[1]
+    # The float table (512 x 64 x 4 bytes) is replaced by 4-bit data and scales (5 bits a weight); tied, only the
+    # Gather's scales (1 bit a weight) are added.
+    table = 512 * 64
+    added = table // 8 if tied else table * 5 // 8
+    assert plain.quantized_bytes - res.quantized_bytes == pytest.approx(4 * table - added, abs=3 * 4096)
+    feeds = _feeds()
+    ref = _outputs(src, feeds)
+    got, got0 = _outputs(tmp_path / "q" / MODEL_NAME, feeds), _outputs(tmp_path / "q0" / MODEL_NAME, feeds)
+    # Measured: tied 0.9918 (float embeddings 0.9955), untied 0.9908 (0.9947).
+    assert _cosine(ref, got) >= 0.99 and _cosine(ref, got) <= _cosine(ref, got0) + 1e-3
+
+
+def test_an_embedding_whose_rows_are_not_whole_blocks_stays_float_and_says_so(tmp_path: Path) -> None:
+    src = external_decoder(tmp_path / "m", dim=48, ff=64)
+    res = quantize_streaming(src, tmp_path / "q", "int4_weight_only",
+                             RecipeOptions(quantize_embeddings=True, block_size=32))
+    assert res.embedding_layers == [] and any("'embed' kept in float" in w for w in res.warnings)
+    _outputs(tmp_path / "q" / MODEL_NAME, _feeds())  # loads and runs
+
+
+def test_fp16_streams_each_tensor_into_exactly_the_whole_model_conversion(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weight-free graph goes through the whole-model recipe's conversion; the data, converted a slab at a
+    time, gives the same model: outputs equal to the self-contained fp16 conversion's, bit for bit."""
+    from worker.engine.fp16 import convert_fp16
+
+    src = external_decoder(tmp_path / "m")
+    # A decoy data file in the current directory: the converter, given external tensors, reads their data
+    # relative to it.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / DATA_NAME).write_bytes(b"\0" * 1024)
+    with opened_files() as opened:
+        res = quantize_streaming(src, tmp_path / "q", "fp16", RecipeOptions())
+    outside = [p for p in opened if not p.startswith((str(tmp_path / "m"), str(tmp_path / "q"), sys.prefix,
+                                                      sys.base_prefix, "/proc/self/"))]
+    assert outside == []
+    assert res.bits_per_weight == 16.0
+    assert {t.data_type for t in _graph(tmp_path / "q" / MODEL_NAME).graph.initializer} == {onnx.TensorProto.FLOAT16}
+    whole = tmp_path / "whole.onnx"
+    onnx.save_model(onnx.load(str(src)), str(whole))
+    convert_fp16(whole, tmp_path / "whole16.onnx", RecipeOptions())
+    feeds = _feeds()
+    got = _outputs(tmp_path / "q" / MODEL_NAME, feeds)
+    assert np.array_equal(got, _outputs(tmp_path / "whole16.onnx", feeds))
+    assert _cosine(_outputs(src, feeds), got) >= 0.9999
+    # float16 data: half the float32 bytes, plus page alignment and the graph.
+    assert res.quantized_bytes / res.original_bytes == pytest.approx(0.5, abs=0.02)
+
+
+def test_fp16_keeps_blocked_nodes_weights_in_float32(tmp_path: Path) -> None:
+    src = external_decoder(tmp_path / "m", layers=1)
+    res = quantize_streaming(src, tmp_path / "q", "fp16", RecipeOptions(nodes_to_exclude=("layers.0.up",)))
+    types = {t.name: t.data_type for t in _graph(tmp_path / "q" / MODEL_NAME).graph.initializer}
+    assert types["layers.0.up.weight"] == onnx.TensorProto.FLOAT
+    assert types["layers.0.down.weight"] == onnx.TensorProto.FLOAT16
+    assert "layers.0.up" in res.kept_layers and "layers.0.down" in res.quantized_layers
+    # The kept weight's bytes are copied as they were.
+    ref = onnx.load(str(src))
+    got = onnx.load(str(tmp_path / "q" / MODEL_NAME))
+    w = {t.name: onnx.numpy_helper.to_array(t) for t in ref.graph.initializer}
+    q = {t.name: onnx.numpy_helper.to_array(t) for t in got.graph.initializer}
+    assert np.array_equal(w["layers.0.up.weight"], q["layers.0.up.weight"])
+    assert _cosine(_outputs(src, _feeds()), _outputs(tmp_path / "q" / MODEL_NAME, _feeds())) >= 0.9999
