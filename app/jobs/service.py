@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -103,12 +102,10 @@ def create_job(db: Session, req: JobCreate, *, settings: Settings, tenant_id: st
 
 def _for_external_data(recipe: str, opts: RecipeOptions) -> RecipeOptions:
     """A model with external data runs on the streaming engine (worker/engine/streaming.py): refused now
-    (422) for a recipe or option it does not run, and int4's algorithm left unset is round to nearest there."""
+    (422) for a recipe or option it does not run."""
     why = streaming.refusal(recipe, opts.to_dict(recipe))
     if why is not None:
         raise EngineError("external_data_not_supported", why)
-    if recipe == "int4_weight_only" and opts.algorithm is None:
-        return dataclasses.replace(opts, algorithm="rtn")
     return opts
 
 

@@ -113,9 +113,10 @@ def test_an_external_data_job_runs_to_a_zip_download(api: Harness, tmp_path: Pat
                options={"int8_last_matmul": True})
     assert r.status_code == 202, r.text
     job = r.json()
-    assert job["options"]["algorithm"] == "rtn"  # what the streamed path runs, recorded at submit time
     assert api.run_queued() == ["succeeded"]
     report = api.client.get(f"/api/v1/jobs/{job['id']}/report").json()
+    assert report["options"]["algorithm"] == "clip_search"  # calibrated, as on a self-contained model
+    assert report["calibration"]["samples"] + report["accuracy"]["samples"] == 20
     assert report["external_data"]["int8_layers"] == ["lm_head"]
     assert report["accuracy"]["outputs"][0]["cosine"] >= 0.99
     d = api.client.get(f"/api/v1/jobs/{job['id']}/artifact")

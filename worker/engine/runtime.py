@@ -96,7 +96,7 @@ def provider_options(providers: list[str]) -> list[tuple[str, dict[str, str]]]:
 
 
 def make_session(model: Path | bytes, providers: list[str], threads: int, what: str = "model",
-                 observing: bool = False) -> Any:
+                 observing: bool = False, external_folder: Path | None = None) -> Any:
     """``observing``: the model has extra nodes or outputs that read many activations (calibration, layer
     analysis). ONNX Runtime's default node order then runs those readers late and keeps every activation
     they read alive until they do (a transformer at batch 8: 1.2 GB instead of 0.4 GB); its priority-based
@@ -114,6 +114,8 @@ def make_session(model: Path | bytes, providers: list[str], threads: int, what: 
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.log_severity_level = 3
+    if external_folder is not None:  # a model given as bytes whose external data lies in that folder
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
     if "CUDAExecutionProvider" in providers:
         so.use_deterministic_compute = True
     try:

@@ -29,9 +29,18 @@ from worker.engine.feeds import Batch, iter_batches
 from worker.engine.files import environment, sha256_file
 from worker.engine.inspect import ModelInfo, inspect_model_file
 from worker.engine.metrics import speedup_interval
+from worker.engine.recipes.int4_weight_only import default_algorithm
 from worker.engine.report import REPORT_VERSION, validate_report
 from worker.engine.result import QuantizeResult
-from worker.engine.streaming import DATA_NAME, MODEL_NAME, StreamResult, layer_rows, peak_rss_mb, quantize_streaming
+from worker.engine.streaming import (
+    DATA_NAME,
+    MODEL_NAME,
+    StreamResult,
+    layer_rows,
+    matmul_inputs,
+    peak_rss_mb,
+    quantize_streaming,
+)
 from worker.engine.streaming import refusal as streaming_refusal
 from worker.engine.target import evaluate_target
 from worker.engine.validate import compare
@@ -52,21 +61,24 @@ def run_streamed(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Pro
     if why is not None:
         raise EngineError("external_data_not_supported", why)
     if cfg.recipe == "int4_weight_only" and opts.algorithm is None:
-        # The calibrated algorithms are not streamed yet: round to nearest, and the whole calibration set
-        # validates (nothing is held out for a calibration that does not happen).
-        opts = dataclasses.replace(opts, algorithm="rtn")
-        if cfg.calibration_path is not None:
-            warnings.append("4-bit weights by round to nearest (algorithm rtn): the calibrated algorithms do not "
-                            "run on models with external data yet, so the calibration set only validates")
+        opts = dataclasses.replace(opts, algorithm=default_algorithm(cfg.calibration_path is not None))
     cfg = dataclasses.replace(cfg, options=opts)
     info = inspect_model_file(cfg.model_path)
     model_sha = sha256_file(Path(cfg.model_path))
     data = plan_data(cfg, info, warnings)
     step("preparing", 1.0)
 
+    moments, calibration = None, None
+    if cfg.recipe == "int4_weight_only" and opts.algorithm == "clip_search":
+        moments, calibration = _calibrate(cfg, info, data, work, step)
     out_dir = work / "streamed"
-    res = quantize_streaming(Path(cfg.model_path), out_dir, cfg.recipe, opts, step)
+    res = quantize_streaming(Path(cfg.model_path), out_dir, cfg.recipe, opts, step, moments)
     warnings.extend(res.warnings)
+    if calibration is not None:
+        total = sum(size for _r, size in res.clip_ratios)
+        calibration["mean_clip_ratio"] = round(sum(r * size for r, size in res.clip_ratios) / total, 4) \
+            if total else None
+        calibration["unclipped_layers"] = res.unclipped
 
     step("validating", 0.0)
     e0, e1 = data.split.eval_range
@@ -89,6 +101,7 @@ def run_streamed(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Pro
     warnings.extend(checked["warnings"])
     step("reporting", 0.0)
     report = _report(cfg, opts, info, data, res, checked, lat_batch, model_sha, warnings)
+    report["calibration"] = calibration
     artifact = Path(cfg.output_path).with_suffix(".zip")
     bundle(out_dir, artifact)
     try:
@@ -102,6 +115,34 @@ def run_streamed(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Pro
         raise
     step("reporting", 1.0)
     return QuantizeResult(artifact, artifact_sha, os.path.getsize(artifact), report, warnings)
+
+
+def _calibrate(cfg: QuantizeConfig, info: ModelInfo, data: RunData, work: Path,
+               step: ProgressFn) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """clip_search's statistics, in one pass over the calibration samples in a child process (which holds the
+    original model; this process never does). Returns the moments and the report's calibration record."""
+    step("calibrating", 0.0)
+    split = data.split
+    if data.calib_reader is None or split.calib_plan is None or split.calib_range is None:
+        raise EngineError("calibration_required", "int4 algorithm clip_search learns from calibration data: give "
+                          "a calibration dataset, or use algorithm rtn")
+    feeds = work / "calib_feeds.npz"
+    c0, c1 = split.calib_range
+    _save_batches(iter_batches(data.calib_reader, info.inputs, split.calib_plan, c0, c1), feeds)
+    out = work / "moments.npz"
+    got = subprocess_runner.run(
+        "worker.engine.stream_pipeline:channel_moments",
+        {"model": str(cfg.model_path), "feeds": str(feeds), "out": str(out), "threads": cfg.threads,
+         "device": cfg.device},
+        subprocess_runner.Limits(), on_event=lambda e: step("calibrating", float(e)), work_dir=work,
+    )
+    with np.load(out, allow_pickle=False) as z:
+        moments = {k: z[k] for k in z.files}
+    feeds.unlink()
+    out.unlink()
+    record = {"method": "clip_search", "algorithm": "clip_search", "samples": got["samples"],
+              "seconds": got["seconds"], "layers": got["layers"], "peak_rss_mb": got["peak_rss_mb"]}
+    return moments, record
 
 
 def bundle(folder: Path, dest: Path) -> None:
@@ -179,6 +220,44 @@ def _timed(session: Any, feed: dict[str, np.ndarray], runs: int) -> list[float]:
         session.run(None, feed)
         times.append((time.perf_counter() - t0) * 1000.0)
     return times
+
+
+def channel_moments(payload: dict[str, Any], emit: Any) -> dict[str, Any]:
+    """In a child process, one pass over the calibration samples: E[x_k^2] per input channel k of each
+    quantizable MatMul's input (as the whole-model clip_search measures it), saved to ``payload["out"]``.
+    The session is the original model with those activations as extra outputs, loaded from its weight-free
+    graph with the data read from the model's folder: the child holds one model plus one batch's activations."""
+    t0 = time.monotonic()
+    path = Path(payload["model"])
+    model = onnx.load(str(path), load_external_data=False)
+    act = matmul_inputs(model)
+    have = {o.name for o in model.graph.output} | {i.name for i in model.graph.input}
+    for a in sorted(set(act.values()) - have):
+        model.graph.output.append(onnx.ValueInfoProto(name=a))
+    providers = runtime.select_providers(payload["device"])
+    session = runtime.make_session(model.SerializeToString(), providers, int(payload["threads"]),
+                                   "model for calibration", observing=True, external_folder=path.parent)
+    del model
+    names = [o.name for o in session.get_outputs()]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    batches = _load_batches(Path(payload["feeds"]))
+    samples = 0
+    for i, b in enumerate(batches):
+        outs = dict(zip(names, runtime.run(session, b.feed, "model during calibration"), strict=True))
+        outs.update(b.feed)
+        for a in set(act.values()):
+            x = np.asarray(outs[a], dtype=np.float64)
+            x2 = (x * x).reshape(-1, x.shape[-1])
+            sums[a] = sums.get(a, 0.0) + x2.sum(axis=0)
+            counts[a] = counts.get(a, 0) + x2.shape[0]
+        del outs
+        samples += b.count
+        emit((i + 1) / len(batches))
+    moments = {name: sums[a] / max(counts[a], 1) for name, a in act.items() if a in sums}
+    np.savez(payload["out"], **moments)  # type: ignore[arg-type]
+    return {"samples": samples, "layers": len(moments), "seconds": round(time.monotonic() - t0, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def validate_in_turn(payload: dict[str, Any], emit: Any) -> dict[str, Any]:

@@ -49,9 +49,9 @@ def refusal(recipe: str, options: dict[str, Any]) -> str | None:
                 f"use {' or '.join(STREAMED_RECIPES)} (weights streamed one tensor at a time)")
     if recipe == "int4_weight_only":
         algorithm = options.get("algorithm")
-        if algorithm not in (None, "rtn"):
+        if algorithm not in (None, "rtn", "clip_search"):
             return (f"int4_weight_only algorithm {algorithm} cannot run on a model with external data yet; "
-                    "use algorithm rtn (round to nearest, streamed)")
+                    "use algorithm rtn (round to nearest) or clip_search (calibrated), both streamed")
         if options.get("int8_activations"):
             return "int4_weight_only option int8_activations cannot run on a model with external data yet"
     return None
@@ -71,6 +71,9 @@ class StreamResult:
     peak_rss_mb: float = 0.0
     warnings: list[str] = field(default_factory=list)
     embedding_layers: list[str] = field(default_factory=list)  # Gathers now reading 4-bit tables
+    # clip_search: the mean clipping ratio of each slab, with its size; 4-bit MatMuls without moments.
+    clip_ratios: list[tuple[float, int]] = field(default_factory=list, repr=False)
+    unclipped: list[str] = field(default_factory=list)
     # A tied table's 4-bit scales [vocab, blocks], kept for its Gather (quantize_embeddings) to share the data.
     tied_scales: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -148,6 +151,14 @@ def _targets(model: onnx.ModelProto, opts: RecipeOptions) -> list[_Target]:
     return out
 
 
+def matmul_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """Each quantizable MatMul/Gemm (nothing excluded) -> the activation it multiplies: what clip_search's
+    moments are measured on."""
+    from worker.engine.config import RecipeOptions  # lazy: the option tables import the recipes
+
+    return {t.node.name: t.node.input[0] for t in _targets(model, RecipeOptions())}
+
+
 def _gemm_target(node: onnx.NodeProto, inits: dict[str, TensorProto]) -> _Target | None:
     """A Gemm that is a plain linear layer (alpha and beta 1, A not transposed, a 2-D float32 weight B): how
     PyTorch exports nn.Linear (transB=1, the bias as C)."""
@@ -207,12 +218,24 @@ def _chunk_rows(k: int, n: int, multiple: int) -> int:
 
 
 def _pack_nbits(reader: TensorReader, w_t: TensorProto, transposed: bool, bits: int, block: int,
-                symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                symmetric: bool, weighting: np.ndarray | None = None,
+                res: StreamResult | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """ONNX Runtime's blockwise kernel on one [K, N] weight (stored as [N, K] when ``transposed``), a slab at a
     time: slabs of whole blocks of rows (blocks run along K, so they quantize independently), or of output
     columns for a transposed table. Returns packed data [N, blocks, block*bits/8], scales [N * blocks] and
-    (asymmetric) packed zero points, as MatMulNBits reads them."""
+    (asymmetric) packed zero points, as MatMulNBits reads them. ``weighting`` [K]: each slab's blocks are
+    clipped by clip_search first (4 bits)."""
     from onnxruntime.capi import _pybind_state as ort_c
+
+    from worker.engine.int4 import clip_search  # lazy: int4 imports this module
+
+    def clipped(w_kn: np.ndarray, k0: int) -> np.ndarray:
+        if weighting is None:
+            return w_kn
+        out, ratio = clip_search(w_kn, weighting[k0:k0 + w_kn.shape[0]] + 1e-12, block, symmetric)
+        if res is not None:
+            res.clip_ratios.append((ratio, w_kn.size))
+        return out
 
     kernel = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
     rows_, cols_ = (int(d) for d in w_t.dims)
@@ -226,7 +249,7 @@ def _pack_nbits(reader: TensorReader, w_t: TensorProto, transposed: bool, bits: 
         for n0, rows in reader.rows(w_t, _chunk_rows(n, k, 1)):
             nc = rows.shape[0]
             slab = np.zeros((nb * block, nc), dtype=np.float32)
-            slab[:k] = rows.T
+            slab[:k] = clipped(rows.T, 0)
             kernel(packed[n0:n0 + nc], slab, scales[n0:n0 + nc], zp[n0:n0 + nc], block, nc, nb * block, symmetric)
         return packed, scales.reshape(-1), None if symmetric else zp.reshape(-1)
     # Whole zero-point bytes per slab: 4-bit zero points pack two blocks to a byte.
@@ -234,7 +257,7 @@ def _pack_nbits(reader: TensorReader, w_t: TensorProto, transposed: bool, bits: 
     for r0, rows in reader.rows(w_t, step):
         b0, cb = r0 // block, -(-rows.shape[0] // block)
         slab = np.zeros((cb * block, n), dtype=np.float32)
-        slab[:rows.shape[0]] = rows
+        slab[:rows.shape[0]] = clipped(rows, r0)
         p_c = np.zeros((n, cb, block * bits // 8), dtype=np.uint8)
         z_c = np.zeros((n, -(-cb // per_byte)), dtype=np.uint8)
         s_c = np.zeros((n, cb), dtype=np.float32)
@@ -294,9 +317,10 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOptions,
-                       step: ProgressFn | None = None) -> StreamResult:
+                       step: ProgressFn | None = None, moments: dict[str, np.ndarray] | None = None) -> StreamResult:
     """Quantize the model at ``src`` (weights in external data beside it) into ``out_dir/model.onnx`` and
-    ``out_dir/model.onnx.data``, one weight at a time."""
+    ``out_dir/model.onnx.data``, one weight at a time. ``moments``: E[x_k^2] of each MatMul's input per input
+    channel (``channel_moments``), for int4_weight_only's clip_search."""
     t0 = time.monotonic()
     src = Path(src)
     model = onnx.load(str(src), load_external_data=False)
@@ -309,7 +333,7 @@ def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOption
         if recipe == "fp16":
             model = _fp16(model, refs, reader, writer, opts, res, step)
         else:
-            _low_bits(model, refs, reader, writer, recipe, opts, res, step)
+            _low_bits(model, refs, reader, writer, recipe, opts, res, step, moments)
         writer.close()
         onnx.save_model(model, str(out_dir / MODEL_NAME))
     except BaseException:
@@ -325,8 +349,12 @@ def quantize_streaming(src: Path, out_dir: Path, recipe: str, opts: RecipeOption
 
 
 def _low_bits(model: onnx.ModelProto, refs: dict[str, ExternalRef], reader: TensorReader, writer: DataWriter,
-              recipe: str, opts: RecipeOptions, res: StreamResult, step: ProgressFn | None) -> None:
-    """int4_weight_only and int8_dynamic: each MatMul/Gemm weight quantized in turn, the rest copied."""
+              recipe: str, opts: RecipeOptions, res: StreamResult, step: ProgressFn | None,
+              moments: dict[str, np.ndarray] | None = None) -> None:
+    """int4_weight_only and int8_dynamic: each MatMul/Gemm weight quantized in turn, the rest copied. With
+    ``moments`` (clip_search), each 4-bit weight's blocks are clipped first to the ratio that minimises the
+    error weighted by its input's second moments (``int4.clip_search``, block by block, so a slab of rows
+    at a time gives what the whole weight would)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     targets = _targets(model, opts)
@@ -340,6 +368,13 @@ def _low_bits(model: onnx.ModelProto, refs: dict[str, ExternalRef], reader: Tens
     biases: dict[str, list[onnx.NodeProto]] = {}  # a Gemm's name -> the Add of its bias
     done_w = 0
     total_w = len({(t.weight, t.transposed) for t in targets})
+    # A weight several MatMuls read is clipped for all of their inputs: their moments summed.
+    weighting: dict[tuple[str, bool], np.ndarray] = {}
+    for t in targets:
+        h = moments.get(t.node.name) if moments is not None else None
+        if h is not None and h.shape == (t.kn(inits)[0],):
+            key2 = (t.weight, t.transposed)
+            weighting[key2] = weighting[key2] + h if key2 in weighting else np.asarray(h, dtype=np.float64)
     for t in targets:
         kind = "int8" if t.node.name in int8_names else recipe
         key = (t.weight, t.transposed, kind)
@@ -347,7 +382,11 @@ def _low_bits(model: onnx.ModelProto, refs: dict[str, ExternalRef], reader: Tens
         if key not in made:
             res.weights += k * n
             res.weight_bytes_fp32 += 4 * k * n
-            made[key] = _quantize_one(graph, reader, inits[t.weight], t.transposed, kind, opts, writer, taken, res)
+            h = weighting.get((t.weight, t.transposed)) if kind == "int4_weight_only" else None
+            if moments is not None and kind == "int4_weight_only" and h is None:
+                res.unclipped.append(t.node.name)
+            made[key] = _quantize_one(graph, reader, inits[t.weight], t.transposed, kind, opts, writer, taken, res,
+                                      h)
             done_w += 1
             if step:
                 step("quantizing", 0.9 * done_w / total_w)
@@ -525,14 +564,16 @@ def _drop_unused_transposes(graph: onnx.GraphProto) -> None:
 
 
 def _quantize_one(graph: onnx.GraphProto, reader: TensorReader, w_t: TensorProto, transposed: bool, kind: str,
-                  opts: RecipeOptions, writer: DataWriter | None, taken: set[str], res: StreamResult) -> list[str]:
-    """Quantize one [K, N] weight, append its tensors to the data file; the new node's inputs after A."""
+                  opts: RecipeOptions, writer: DataWriter | None, taken: set[str], res: StreamResult,
+                  weighting: np.ndarray | None = None) -> list[str]:
+    """Quantize one [K, N] weight, append its tensors to the data file; the new node's inputs after A.
+    ``weighting``: the input's per-channel second moments, for clip_search (4 bits only)."""
     wname = w_t.name
     if kind in ("int4_weight_only", "int8"):
         bits = 4 if kind == "int4_weight_only" else 8
         block = int(getattr(opts, "block_size", 32) or 32)
         symmetric = bool(getattr(opts, "symmetric", True))
-        packed, scales, zp = _pack_nbits(reader, w_t, transposed, bits, block, symmetric)
+        packed, scales, zp = _pack_nbits(reader, w_t, transposed, bits, block, symmetric, weighting, res)
         if transposed and bits == 4 and opts.quantize_embeddings and writer is not None:
             res.tied_scales[w_t.name] = scales.reshape(int(w_t.dims[0]), -1)
         wname = f"{wname}_T" if transposed else wname
