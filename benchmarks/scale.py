@@ -1,4 +1,4 @@
-"""A model of several gigabytes with external data, through the service: upload, int4, int8_dynamic, download.
+"""A model of several gigabytes with external data, through the service: upload, int4, int8_dynamic, fp16, download.
 
     .venv/bin/python benchmarks/scale.py --out /tmp/lowbit-scale [--layers 15] [--setups embedded,production]
 
@@ -10,10 +10,12 @@ spread over two orders of magnitude and a few input rows 20x larger (outlier cha
 
 For each setup (embedded: `lowbit serve` with SQLite and its own worker; production: `lowbit serve --no-worker`
 and a `lowbit worker` on PostgreSQL and Redis) it times the resumable upload of the bundle through the Python
-client and reads the API process's peak resident memory, runs int4_weight_only (rtn, lm_head in 8 bits) and
-(embedded only) int8_dynamic, and reads from each job's report the engine process's wall time and peak memory,
-and the validating process's. Each artifact is downloaded, unzipped and run in ONNX Runtime on held-out token
-sequences, the original then the quantized model, each in its own process: cosine of the last token's logits
+client and reads the API process's peak resident memory, runs int4_weight_only (rtn and the calibrated
+clip_search, lm_head in 8 bits) and (embedded only) int4 with 4-bit embeddings (the tied table stored once),
+int8_dynamic and fp16, and reads from each job's report the engine process's wall time and peak memory, the
+calibrating process's (clip_search's statistics pass) and the validating process's. Each artifact is
+downloaded, unzipped and run in ONNX Runtime on held-out token sequences, the original then the quantized
+model, each in its own process: cosine of the last token's logits
 and next-token top-1 agreement. ONNX Runtime's own MatMulNBitsQuantizer runs on the same file in a child
 process for comparison (time, peak memory, whether it completes). Everything printed is measured in this run.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -292,7 +295,7 @@ def run_setup(name: str, work: Path, src: Path, zipped: Path, calib: Path, held_
                              "api_peak_rss_mb": round(vm_hwm_mb(api.pid), 1)}
             ds = c.upload_dataset(calib)
             out["jobs"] = []
-            for recipe, options in recipes:
+            for i, (recipe, options) in enumerate(recipes):
                 t0 = time.monotonic()
                 job = c.submit(model.id, recipe, calibration_dataset_id=ds.id, options=options)
                 done = c.wait(job.id, timeout=7200)
@@ -301,15 +304,22 @@ def run_setup(name: str, work: Path, src: Path, zipped: Path, calib: Path, held_
                     out["jobs"].append({"recipe": recipe, "status": done.status, "error": done.raw.get("error")})
                     continue
                 report = c.report(job.id)
-                art = c.download(job.id, work / f"{name}-{recipe}.zip")
-                unz = work / f"{name}-{recipe}"
+                tag = f"{name}-{i}-{recipe}"
+                art = c.download(job.id, work / f"{tag}.zip")
+                unz = work / tag
                 with zipfile.ZipFile(art.path) as zf:
                     zf.extractall(unz)
                 ref = work / "original_last.npy"
-                got = work / f"{name}-{recipe}_last.npy"
+                got = work / f"{tag}_last.npy"
                 q_run = last_token_logits(unz / "model.onnx", held_out, got)
                 ext, acc = report["external_data"], report["accuracy"]["outputs"][0]
+                calibration = report.get("calibration") or {}
+                shutil.rmtree(unz)
+                art.path.unlink()
                 out["jobs"].append({
+                    "calibration_s": calibration.get("seconds"),
+                    "calibration_peak_rss_mb": calibration.get("peak_rss_mb"),
+                    "algorithm": report["options"].get("algorithm"),
                     "recipe": recipe, "options": options, "status": "succeeded", "job_wall_s": round(wall, 1),
                     "quantized_bytes": report["size"]["quantized_bytes"], "ratio": report["size"]["ratio"],
                     "bits_per_weight": report["size"]["bits_per_weight"],
@@ -342,22 +352,30 @@ def markdown(f: dict[str, Any]) -> str:
              + (f"built in {f['model']['build_s']:.0f} s" if f["model"]["build_s"] >= 1 else "built by an earlier run")
              + "). fp32 on 16 held-out "
              f"sequences: {f['original_run']['peak_rss_mb']:.0f} MB peak in a plain ONNX Runtime session.", "",
-             "| setup | upload (zip) | API peak | recipe | size | engine peak (x model) | quantize | validation "
-             "(peak) | job | last-token cosine mean/min | next-token top-1 | latency fp32 / quantized |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| setup | upload (zip) | API peak | recipe | size | engine peak (x model) | calibration (peak) "
+             "| quantize | validation (peak) | job | last-token cosine mean/min | next-token top-1 "
+             "| latency fp32 / quantized |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in f["setups"]:
         up = s["upload"]
         for j in s["jobs"]:
             if j["status"] != "succeeded":
-                lines.append(f"| {s['setup']} | | | {j['recipe']} | {j['status']}: {j.get('error')} | | | | | | | |")
+                lines.append(f"| {s['setup']} | | | {j['recipe']} | {j['status']}: {j.get('error')} "
+                             "| | | | | | | | |")
                 continue
             h = j["held_out"]
             engine_x = j["engine_peak_rss_mb"] * 2**20 / f["model"]["bytes"]
             valid_x = j["validation_peak_rss_mb"] * 2**20 / f["model"]["bytes"]
+            calib = "none"
+            if j.get("calibration_peak_rss_mb"):
+                calib = (f"{j['calibration_s']:.0f} s ({j['calibration_peak_rss_mb']:.0f} MB, "
+                         f"{j['calibration_peak_rss_mb'] * 2**20 / f['model']['bytes']:.2f}x)")
+            label = j["recipe"] + "".join(
+                f", {k}" if v is True else f", {k} {v}" for k, v in j["options"].items())
             lines.append(
                 f"| {s['setup']} | {up['seconds']:.0f} s ({up['mb_per_s']:.0f} MB/s) | {up['api_peak_rss_mb']:.0f} MB "
-                f"| {j['recipe']} | {j['quantized_bytes'] / 1e9:.2f} GB ({j['ratio']:.3f}x, {j['bits_per_weight']:.2f} "
-                f"bits/weight) | {j['engine_peak_rss_mb']:.0f} MB ({engine_x:.3f}x) "
+                f"| {label} | {j['quantized_bytes'] / 1e9:.2f} GB ({j['ratio']:.3f}x, {j['bits_per_weight']:.2f} "
+                f"bits/weight) | {j['engine_peak_rss_mb']:.0f} MB ({engine_x:.3f}x) | {calib} "
                 f"| {j['quantize_s']:.0f} s | {j['validation_s']:.0f} s ({j['validation_peak_rss_mb']:.0f} MB, "
                 f"{valid_x:.2f}x) | {j['job_wall_s']:.0f} s "
                 f"| {h['last_token_cosine_mean']:.4f} / {h['last_token_cosine_min']:.4f} "
@@ -407,10 +425,14 @@ def main() -> None:
     print(json.dumps(figures), flush=True)
     figures["original_run"] = last_token_logits(src, held_out, work / "original_last.npy")
     print(json.dumps(figures["original_run"]), flush=True)
-    recipes = [("int4_weight_only", {"algorithm": "rtn", "int8_last_matmul": True})]
+    recipes: list[tuple[str, dict[str, Any]]] = [("int4_weight_only", {"algorithm": "rtn", "int8_last_matmul": True}),
+                                                 ("int4_weight_only", {"algorithm": "clip_search",
+                                                                       "int8_last_matmul": True})]
     figures["setups"] = []
     for name in filter(None, args.setups.split(",")):
-        extra: list[tuple[str, dict[str, Any]]] = [("int8_dynamic", {})] if name == "embedded" else []
+        extra: list[tuple[str, dict[str, Any]]] = [
+            ("int4_weight_only", {"algorithm": "rtn", "quantize_embeddings": True}), ("int8_dynamic", {}),
+            ("fp16", {})] if name == "embedded" else []
         figures["setups"].append(run_setup(name, work, src, zipped, calib, held_out, recipes + extra))
     if not args.skip_ort:
         ort_fig = ort_quantizer(src, work / "ort")

@@ -82,6 +82,7 @@ class RecipeOptions:
     # (an LLM's lm_head, whose errors every token's scores carry).
     int8_nodes: tuple[str, ...] = ()
     int8_last_matmul: bool = False
+    int8_most_sensitive: int = 0
     quantize_embeddings: bool = False
     # int4_weight_only: also run everything that stays outside the 4-bit MatMuls (activation x activation
     # MatMuls, Conv, Add, embeddings...) in int8 QDQ, calibrated on the 4-bit model with ``method``.

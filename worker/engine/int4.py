@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from worker.engine import runtime
 from worker.engine.errors import EngineError
 from worker.engine.normalize import subgraph_op_types
-from worker.engine.streaming import eight_bit_inline, eight_bit_names
+from worker.engine.streaming import eight_bit_inline, eight_bit_names, ranking_note
 
 if TYPE_CHECKING:  # annotations only: the option tables import the recipes, whose int4 handler imports this module
     from worker.engine.config import RecipeOptions
@@ -170,7 +170,7 @@ def activation_moments(
     return {name: sums[a] / max(counts[a], 1) for name, a in act.items() if a in sums}, samples
 
 
-def _ort_block_quant(w: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
+def block_dequant(w: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
     """Quantize with ONNX Runtime's own 4-bit kernel and dequantize: exactly what MatMulNBits computes
     with. ``w`` is [K, N]; returns the dequantized [K, N]."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
@@ -197,6 +197,20 @@ def _ort_block_quant(w: np.ndarray, block: int, symmetric: bool) -> np.ndarray:
     return dq.reshape(n, nb * block)[:, :k].T.astype(np.float32)
 
 
+def four_bit_error(slabs: Iterable[tuple[int, np.ndarray]], h: np.ndarray | None, block: int,
+                   symmetric: bool) -> float:
+    """A weight's relative error in 4 bits (round to nearest, ONNX Runtime's kernel): sum_k h_k ||w_k - q(w_k)||^2
+    over sum_k h_k ||w_k||^2, with h_k the input's second moment per channel (1 without), from [rows, N] slabs
+    of whole blocks of rows, each with its first row. How int8_most_sensitive ranks the MatMuls."""
+    num = den = 0.0
+    for k0, w in slabs:
+        hk = np.ones((w.shape[0], 1)) if h is None else np.asarray(h[k0:k0 + w.shape[0]], dtype=np.float64)[:, None]
+        err = (w - block_dequant(w, block, symmetric)).astype(np.float64)
+        num += float((hk * err * err).sum())
+        den += float((hk * w.astype(np.float64) ** 2).sum())
+    return num / den if den > 0 else 0.0
+
+
 def clip_search(w: np.ndarray, h: np.ndarray, block: int, symmetric: bool) -> tuple[np.ndarray, float]:
     """Per (block, column) clipping ratio minimising sum_k h_k (w_k - q(w_k))^2. Returns the clipped
     float weight and the mean chosen ratio."""
@@ -214,7 +228,7 @@ def clip_search(w: np.ndarray, h: np.ndarray, block: int, symmetric: bool) -> tu
     best_alpha = np.ones((nb, 1, n))
     for alpha in CLIP_GRID:
         clipped = np.clip(wp, alpha * lo_b, alpha * hi_b).reshape(nb * block, n)[:k]
-        dq = np.pad(_ort_block_quant(clipped, block, symmetric), ((0, pad), (0, 0))).reshape(nb, block, n)
+        dq = np.pad(block_dequant(clipped, block, symmetric), ((0, pad), (0, 0))).reshape(nb, block, n)
         err = (hp * (wp - dq) ** 2).sum(axis=1, keepdims=True)
         better = err < best_err
         best_err = np.where(better, err, best_err)
@@ -267,11 +281,24 @@ def quantize_int4(
     calibration: dict[str, Any] | None = None
     started = time.perf_counter()
     op_types = ("MatMul", "Gather") if opts.quantize_embeddings else ("MatMul",)
+    moments: dict[str, np.ndarray] = {}
+    samples = 0
     if algorithm == "clip_search":
         assert batches is not None
-        calibration = _clip_weights(model, targets, batches, opts, providers, threads, started)
+        moments, samples = activation_moments(model, targets, batches, providers, threads)
+    errors = None
+    if opts.int8_most_sensitive:
+        inits = {t.name: t for t in model.graph.initializer}
+        errors = {name: four_bit_error([(0, numpy_helper.to_array(inits[w]).astype(np.float32))], moments.get(name),
+                                       opts.block_size, opts.symmetric) for name, w in targets.items()}
+    eight = eight_bit_names(opts, list(targets), errors)
+    if errors:
+        warnings.append(ranking_note(errors, eight, opts.int8_most_sensitive))
+    if algorithm == "clip_search":
+        # The 8-bit layers keep their weights: clipping is chosen for 4-bit levels.
+        calibration = _clip_weights(model, {n: w for n, w in targets.items() if n not in eight}, moments, samples,
+                                    opts, started)
     config, reader = _algorithm_config(algorithm, opts, op_types, batches)
-    eight = eight_bit_names(opts, list(targets))
     include = [t for t in targets if t not in eight]
     if opts.quantize_embeddings:
         include += [n.name for n in model.graph.node if n.op_type == "Gather"]
@@ -298,11 +325,10 @@ def _refuse_no_targets(model: onnx.ModelProto) -> None:
     )
 
 
-def _clip_weights(model: onnx.ModelProto, targets: dict[str, str], batches: Batches, opts: RecipeOptions,
-                  providers: list[str], threads: int, started: float) -> dict[str, Any]:
+def _clip_weights(model: onnx.ModelProto, targets: dict[str, str], moments: dict[str, np.ndarray], samples: int,
+                  opts: RecipeOptions, started: float) -> dict[str, Any]:
     """clip_search: each target's weights clipped, in place in ``model``, to the ratio that minimises the
     error weighted by its input's second moments on the calibration data; returns the calibration record."""
-    moments, samples = activation_moments(model, targets, batches, providers, threads)
     inits = {t.name: t for t in model.graph.initializer}
     ratios = []
     for name, wname in targets.items():

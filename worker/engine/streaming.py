@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,10 +172,11 @@ def _gemm_target(node: onnx.NodeProto, inits: dict[str, TensorProto]) -> _Target
     return _Target(node, node.input[1], bool(attrs.get("transB", 0)), bias)
 
 
-def eight_bit_names(opts: RecipeOptions, targets: list[str]) -> set[str]:
-    """int4_weight_only's MatMuls to keep in 8 bits: options int8_nodes, and with int8_last_matmul the last
-    target in graph order (the MatMul nearest the outputs: an LLM's lm_head). ``targets``: the MatMuls that
-    can be quantized, in graph order."""
+def eight_bit_names(opts: RecipeOptions, targets: list[str], errors: dict[str, float] | None = None) -> set[str]:
+    """int4_weight_only's MatMuls to keep in 8 bits: options int8_nodes, with int8_last_matmul the last target in
+    graph order (the MatMul nearest the outputs: an LLM's lm_head), and with int8_most_sensitive N the N others
+    whose weights lose most in 4 bits (``errors``: each target's ``int4.four_bit_error``). ``targets``: the
+    MatMuls that can be quantized, in graph order."""
     names = set(opts.int8_nodes)
     if opts.int8_last_matmul and targets:
         names.add(targets[-1])
@@ -183,7 +184,21 @@ def eight_bit_names(opts: RecipeOptions, targets: list[str]) -> set[str]:
     if unknown:
         raise EngineError("invalid_option", f"int8_nodes names {unknown[:5]}, which are not MatMuls with a "
                           "constant 2-D float32 weight in this model (or are excluded)")
+    if opts.int8_most_sensitive and errors:
+        ranked = sorted((n for n in targets if n not in names and n in errors), key=lambda n: -errors[n])
+        names.update(ranked[:opts.int8_most_sensitive])
     return names
+
+
+def ranking_note(errors: dict[str, float], int8: set[str], n: int) -> str:
+    """The job's note on int8_most_sensitive: which MatMuls it kept in 8 bits, with their 4-bit errors."""
+    ranked = sorted(errors, key=lambda k: -errors[k])
+    chosen = [k for k in ranked if k in int8][:n]
+    lost = ", ".join(f"{k} ({errors[k]:.4g})" for k in chosen)
+    rest = [errors[k] for k in ranked if k not in int8]
+    top = f"; the largest left in 4 bits: {max(rest):.4g}" if rest else ""
+    return (f"int8_most_sensitive: kept in 8 bits the {len(chosen)} MatMul(s) whose weights lose most in 4 bits "
+            f"(relative error): {lost}{top}")
 
 
 def eight_bit_inline(model: onnx.ModelProto, names: set[str], opts: RecipeOptions) -> None:
@@ -361,7 +376,12 @@ def _low_bits(model: onnx.ModelProto, refs: dict[str, ExternalRef], reader: Tens
     if not targets:
         raise EngineError("unsupported_model", "the model has no MatMul with a constant 2-D float32 weight; "
                           f"{recipe} quantizes only those")
-    int8_names = eight_bit_names(opts, [t.node.name for t in targets]) if recipe == "int4_weight_only" else set()
+    int8_names: set[str] = set()
+    if recipe == "int4_weight_only":
+        errors = _errors(reader, inits, targets, moments or {}, opts) if opts.int8_most_sensitive else None
+        int8_names = eight_bit_names(opts, [t.node.name for t in targets], errors)
+        if errors:
+            res.warnings.append(ranking_note(errors, int8_names, opts.int8_most_sensitive))
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
     # (weight, transposed, kind) -> the new node's inputs after A: a weight several MatMuls read is stored once.
     made: dict[tuple[str, bool, str], list[str]] = {}
@@ -413,6 +433,28 @@ def _low_bits(model: onnx.ModelProto, refs: dict[str, ExternalRef], reader: Tens
         if t.name in refs:  # not written by this run
             point_to(t, reader.copy_bytes(t, writer))
     res.kept_layers = [n.name for n in graph.node if n.op_type == "MatMul"]
+
+
+def _errors(reader: TensorReader, inits: dict[str, TensorProto], targets: list[_Target],
+            moments: dict[str, np.ndarray], opts: RecipeOptions) -> dict[str, float]:
+    """Each target's 4-bit error (``int4.four_bit_error``, weighted by its input's moments where measured),
+    read a slab at a time: a pass over the weights before the one that quantizes them."""
+    from worker.engine.int4 import four_bit_error  # lazy: int4 imports this module
+
+    block = int(getattr(opts, "block_size", 32) or 32)
+    symmetric = bool(getattr(opts, "symmetric", True))
+    out: dict[str, float] = {}
+    for t in targets:
+        w_t = inits[t.weight]
+        k, n = t.kn(inits)
+        if t.transposed:
+            slabs: Iterable[tuple[int, np.ndarray]] = ((0, rows.T) for _r0, rows in
+                                                       reader.rows(w_t, _chunk_rows(n, k, 1)))
+        else:
+            slabs = reader.rows(w_t, _chunk_rows(k, n, block))
+        h = moments.get(t.node.name)
+        out[t.node.name] = four_bit_error(slabs, h if h is not None and h.shape == (k,) else None, block, symmetric)
+    return out
 
 
 def _fp16(model: onnx.ModelProto, refs: dict[str, ExternalRef], reader: TensorReader, writer: DataWriter,

@@ -500,3 +500,37 @@ def test_clip_search_streams_slab_by_slab_exactly_as_on_the_whole_weight(tmp_pat
         _cosine(ref, _outputs(tmp_path / "r" / MODEL_NAME, feeds))
     # Measured: clip_search 0.99531, rtn 0.99446.
     assert cos_clip > cos_rtn, (cos_clip, cos_rtn)
+
+
+def test_int8_most_sensitive_keeps_the_matmuls_that_lose_most_in_4_bits(tmp_path: Path) -> None:
+    """The N MatMuls with the largest relative 4-bit error (computed here independently, on the whole weights)
+    go to 8 bits, on the streamed path and on the whole-model path alike, and the job says which."""
+    from onnx import numpy_helper
+
+    from worker.engine.int4 import four_bit_error
+
+    src = external_decoder(tmp_path / "m", tied=False)
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(src)).graph.initializer}
+    errors = {n: four_bit_error([(0, weights[f"{n}.weight"])], None, 32, True)
+              for n in ("layers.0.up", "layers.0.down", "layers.1.up", "layers.1.down", "lm_head")}
+    expected = set(sorted(errors, key=lambda n: -errors[n])[:2])
+    res = quantize_streaming(src, tmp_path / "q", "int4_weight_only", RecipeOptions(int8_most_sensitive=2))
+    assert set(res.int8_layers) == expected
+    note = next(w for w in res.warnings if w.startswith("int8_most_sensitive"))
+    assert all(n in note for n in expected)
+    nodes = {n.name: n for n in _graph(tmp_path / "q" / MODEL_NAME).graph.node}
+    assert {n for n, node in nodes.items() if any(a.name == "bits" and a.i == 8 for a in node.attribute)} == expected
+    plain = quantize_streaming(src, tmp_path / "q0", "int4_weight_only", RecipeOptions())
+    feeds = _feeds(8, seed=21)
+    ref = _outputs(src, feeds)
+    kept, all4 = _outputs(tmp_path / "q" / MODEL_NAME, feeds), _outputs(tmp_path / "q0" / MODEL_NAME, feeds)
+    assert _cosine(ref, kept) > _cosine(ref, all4)
+    assert res.quantized_bytes > plain.quantized_bytes
+    # The whole-model path (ONNX Runtime's quantizer, then 8 bits) picks the same MatMuls.
+    whole = tmp_path / "whole.onnx"
+    onnx.save_model(onnx.load(str(src)), str(whole))
+    job = run(QuantizeConfig(model_path=whole, output_path=tmp_path / "w.onnx", recipe="int4_weight_only",
+                             options=RecipeOptions(int8_most_sensitive=2), work_dir=tmp_path / "work"))
+    int8_rows = {row["name"] for row in job.report["layers"] if row["precision"] == "int8"}
+    assert int8_rows == expected
+    assert any(w.startswith("int8_most_sensitive") for w in job.report["warnings"])

@@ -12,7 +12,7 @@ from tests import builders
 from tests.reports import assert_report_complete
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError
-from worker.engine.int4 import _ort_block_quant, clip_search
+from worker.engine.int4 import block_dequant, clip_search
 from worker.engine.pipeline import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
@@ -131,7 +131,7 @@ def test_clip_search_never_increases_the_weighted_error() -> None:
     h = rng.uniform(0.1, 2.0, 96)
     clipped, ratio = clip_search(w, h, 32, True)
     err = lambda q: float((h[:, None] * (w - q) ** 2).sum())  # noqa: E731
-    assert err(_ort_block_quant(clipped, 32, True)) <= err(_ort_block_quant(w, 32, True)) + 1e-9
+    assert err(block_dequant(clipped, 32, True)) <= err(block_dequant(w, 32, True)) + 1e-9
     assert ratio < 1.0
 
 

@@ -8,6 +8,7 @@ from worker.engine.recipes.base import FormField, Recipe, RecipeContext, RecipeO
 
 # The int8 calibration options only mean something with int8_activations (they calibrate the int8 part).
 OPTIONS = (*o.COMMON, o.ALGORITHM, o.BLOCK_SIZE, o.SYMMETRIC, o.ACCURACY_LEVEL, o.INT8_NODES, o.INT8_LAST_MATMUL,
+           o.INT8_MOST_SENSITIVE,
            o.QUANTIZE_EMBEDDINGS,
            o.MAX_CALIBRATION_SAMPLES, o.INT8_ACTIVATIONS,
            o.METHOD.with_(requires="int8_activations", help="int8 part: how activation ranges are chosen"),

@@ -94,6 +94,9 @@ ACCURACY_LEVEL = Option("accuracy_level", "int", 0, "MatMulNBits' compute precis
 INT8_NODES = Option("int8_nodes", "names", (), "MatMul node names kept in 8 bits (MatMulNBits bits=8) instead of 4")
 INT8_LAST_MATMUL = Option("int8_last_matmul", "bool", False, "the last MatMul (an LLM's lm_head) in 8 bits "
                           "instead of 4")
+INT8_MOST_SENSITIVE = Option("int8_most_sensitive", "int", 0, "also keep in 8 bits the N MatMuls whose weights lose "
+                             "most in 4 bits (relative error, weighted by each input's per-channel second moments "
+                             "when clip_search measured them)", lo=0, hi=4096)
 QUANTIZE_EMBEDDINGS = Option("quantize_embeddings", "bool", False, "also 4-bit Gather tables")
 INT8_ACTIVATIONS = Option("int8_activations", "bool", False, "also quantize everything outside the 4-bit MatMuls "
                           "to int8 QDQ, calibrated on the 4-bit model (needs calibration data)")
@@ -125,7 +128,8 @@ ORDER = (
     "int8_activations", "layer_sensitivity", "keep_io_types", "train_weight_ranges", "train_activation_ranges",
     "task_loss", "percentile", "batch_size", "max_calibration_samples", "holdout_fraction", "latency_runs",
     "algorithm", "block_size", "steps", "learning_rate", "range_learning_rate", "max_fallback_steps", "prefer",
-    "accuracy_level", "nodes_to_exclude", "int8_nodes", "op_types_to_quantize", "op_block_list", "outputs",
+    "accuracy_level", "nodes_to_exclude", "int8_nodes", "int8_most_sensitive", "op_types_to_quantize",
+    "op_block_list", "outputs",
     "smoothquant", "smoothquant_alpha", "equalize", "bias_correction", "adaround", "adaround_seconds",
     "residual_16bit", "activations_16bit",
 )
