@@ -1,6 +1,7 @@
 """4-bit blockwise weight-only quantization: MatMul weights to ONNX Runtime's MatMulNBits.
 
-Algorithms: ``rtn`` (round to nearest, no data), ``hqq`` (half-quadratic, no data), ``gptq``
+Algorithms: ``rtn`` (round to nearest, no data), ``hqq`` (half-quadratic, no data), ``k_quant`` (ONNX
+Runtime's k-quant: each block's scale and minimum searched, asymmetric, no data), ``gptq``
 (ONNX Runtime's GPTQ on the calibration set) and ``clip_search``: for every block of every weight
 column, the clipping ratio that minimises the activation-weighted squared error
 sum_k E[x_k^2] (w_k - q(w_k))^2, with E[x_k^2] measured on the calibration set. Clipping a block's rare
@@ -350,6 +351,7 @@ def _algorithm_config(algorithm: str, opts: RecipeOptions, op_types: tuple[str, 
         DefaultWeightOnlyQuantConfig,
         GPTQWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
+        KQuantWeightOnlyQuantConfig,
     )
 
     quant_axes = (("MatMul", 0), ("Gather", 1))
@@ -363,6 +365,8 @@ def _algorithm_config(algorithm: str, opts: RecipeOptions, op_types: tuple[str, 
     if algorithm == "hqq":
         return HQQWeightOnlyQuantConfig(block_size=opts.block_size, op_types_to_quantize=op_types,
                                         quant_axes=quant_axes), None
+    if algorithm == "k_quant":
+        return KQuantWeightOnlyQuantConfig(op_types_to_quantize=op_types), None
     if algorithm == "gptq":
         assert batches is not None
         reader = _reader(batches)

@@ -49,9 +49,9 @@ def refusal(recipe: str, options: dict[str, Any]) -> str | None:
                 f"use {' or '.join(STREAMED_RECIPES)} (weights streamed one tensor at a time)")
     if recipe == "int4_weight_only":
         algorithm = options.get("algorithm")
-        if algorithm not in (None, "rtn", "clip_search"):
+        if algorithm not in (None, "rtn", "clip_search", "hqq", "k_quant"):
             return (f"int4_weight_only algorithm {algorithm} cannot run on a model with external data yet; "
-                    "use algorithm rtn (round to nearest) or clip_search (calibrated), both streamed")
+                    "use algorithm rtn, clip_search (calibrated), hqq or k_quant, all streamed")
         if options.get("int8_activations"):
             return "int4_weight_only option int8_activations cannot run on a model with external data yet"
     return None
@@ -232,16 +232,97 @@ def _chunk_rows(k: int, n: int, multiple: int) -> int:
     return min(rows, -(-k // multiple) * multiple)
 
 
-def _pack_nbits(reader: TensorReader, w_t: TensorProto, transposed: bool, bits: int, block: int,
-                symmetric: bool, weighting: np.ndarray | None = None,
-                res: StreamResult | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """ONNX Runtime's blockwise kernel on one [K, N] weight (stored as [N, K] when ``transposed``), a slab at a
-    time: slabs of whole blocks of rows (blocks run along K, so they quantize independently), or of output
-    columns for a transposed table. Returns packed data [N, blocks, block*bits/8], scales [N * blocks] and
-    (asymmetric) packed zero points, as MatMulNBits reads them. ``weighting`` [K]: each slab's blocks are
-    clipped by clip_search first (4 bits)."""
+# A slab quantizer: float [rows of whole blocks, N] -> packed data [N, blocks, block*bits/8], scales [N, blocks]
+# and zero points (uint8 packed [N, ceil(blocks * bits / 8)], float [N, blocks], or None when symmetric).
+SlabQuantizer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+
+
+def ort_kernel(bits: int, block: int, symmetric: bool) -> SlabQuantizer:
+    """ONNX Runtime's own round-to-nearest kernel (what MatMulNBitsQuantizer's default config runs)."""
     from onnxruntime.capi import _pybind_state as ort_c
 
+    kernel = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
+    per_byte = 8 // bits
+
+    def quantize(slab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        kb, n = slab.shape
+        cb = kb // block
+        p = np.zeros((n, cb, block * bits // 8), dtype=np.uint8)
+        z = np.zeros((n, -(-cb // per_byte)), dtype=np.uint8)
+        sc = np.zeros((n, cb), dtype=np.float32)
+        kernel(p, np.ascontiguousarray(slab), sc, z, block, n, kb, symmetric)
+        return p, sc, None if symmetric else z
+
+    return quantize
+
+
+def _pack4(q: np.ndarray, n: int, cb: int, block: int) -> np.ndarray:
+    """4-bit levels [N, blocks * block] (0..15) packed two to a byte, the low nibble first: [N, blocks, block/2]."""
+    q = q.astype(np.uint8).reshape(n, cb * block)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, cb, block // 2)
+
+
+def k_quant(block: int) -> SlabQuantizer:
+    """ONNX Runtime's k-quant (its neural_compressor port of llama.cpp's search for each block's scale and
+    minimum), asymmetric 4 bits."""
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    def quantize(slab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        kb, n = slab.shape
+        cb = kb // block
+        q, scale, zp = quant_tensor_k_quant_cpu(np.ascontiguousarray(slab.T), 4, block)
+        z = np.asarray(zp, dtype=np.uint8).reshape(n, cb)
+        if cb % 2:
+            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
+        return (_pack4(q, n, cb, block), np.asarray(scale, dtype=np.float32).reshape(n, cb),
+                z[:, 0::2] | (z[:, 1::2] << 4))
+
+    return quantize
+
+
+def hqq(block: int) -> SlabQuantizer:
+    """ONNX Runtime's HQQ (half-quadratic optimisation of each block's zero point; float zero points), asymmetric
+    4 bits. Its iterations stop when the mean error over what it is given stops falling: given a slab, that is
+    the slab's error rather than the whole weight's."""
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+    hq = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block))
+
+    def quantize(slab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        kb, n = slab.shape
+        cb = kb // block
+        q, scale, zero = hq.quantize_internal(torch.from_numpy(np.ascontiguousarray(slab.T)), bits=4,
+                                              group_size=block)
+        return (_pack4(q.numpy(), n, cb, block), scale.numpy().astype(np.float32).reshape(n, cb),
+                zero.numpy().astype(np.float32).reshape(n, cb))
+
+    return quantize
+
+
+def slab_quantizer(kind: str, opts: RecipeOptions) -> SlabQuantizer:
+    """The 4-bit algorithm of option ``algorithm`` (rtn and clip_search round with ONNX Runtime's kernel; clip_search
+    clips first), or 8 bits for ``kind`` int8."""
+    block = int(getattr(opts, "block_size", 32) or 32)
+    symmetric = bool(getattr(opts, "symmetric", True))
+    if kind == "int8":
+        return ort_kernel(8, block, symmetric)
+    algorithm = getattr(opts, "algorithm", None)
+    if algorithm == "k_quant":
+        return k_quant(block)
+    if algorithm == "hqq":
+        return hqq(block)
+    return ort_kernel(4, block, symmetric)
+
+
+def _pack_nbits(reader: TensorReader, w_t: TensorProto, transposed: bool, bits: int, block: int,
+                quantizer: SlabQuantizer, weighting: np.ndarray | None = None, res: StreamResult | None = None,
+                symmetric: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``quantizer`` on one [K, N] weight (stored as [N, K] when ``transposed``), a slab at a time: slabs of whole
+    blocks of rows (blocks run along K, so they quantize independently), or of output columns for a transposed
+    table. Returns packed data [N, blocks, block*bits/8], scales [N * blocks] and zero points (flat; None when
+    symmetric), as MatMulNBits reads them. ``weighting`` [K]: each slab's blocks are clipped by clip_search
+    first (4 bits, ``symmetric`` or not)."""
     from worker.engine.int4 import clip_search  # lazy: int4 imports this module
 
     def clipped(w_kn: np.ndarray, k0: int) -> np.ndarray:
@@ -252,35 +333,42 @@ def _pack_nbits(reader: TensorReader, w_t: TensorProto, transposed: bool, bits: 
             res.clip_ratios.append((ratio, w_kn.size))
         return out
 
-    kernel = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
     rows_, cols_ = (int(d) for d in w_t.dims)
     k, n = (cols_, rows_) if transposed else (rows_, cols_)
     nb = -(-k // block)
     per_byte = 8 // bits
     packed = np.zeros((n, nb, block * bits // 8), dtype=np.uint8)
-    zp = np.zeros((n, -(-nb // per_byte)), dtype=np.uint8)
     scales = np.zeros((n, nb), dtype=np.float32)
+    zp: np.ndarray | None = None
+
+    def place(rows: slice, b0: int, got: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> None:
+        nonlocal zp
+        p_c, s_c, z_c = got
+        cb = s_c.shape[1]
+        packed[rows, b0:b0 + cb] = p_c
+        scales[rows, b0:b0 + cb] = s_c
+        if z_c is None:
+            return
+        packed_zp = z_c.dtype == np.uint8  # else float zero points, one a block
+        if zp is None:
+            zp = np.zeros((n, -(-nb // per_byte) if packed_zp else nb), dtype=z_c.dtype)
+        z0 = b0 // per_byte if packed_zp else b0
+        zp[rows, z0:z0 + z_c.shape[1]] = z_c
+
     if transposed:
         for n0, rows in reader.rows(w_t, _chunk_rows(n, k, 1)):
             nc = rows.shape[0]
             slab = np.zeros((nb * block, nc), dtype=np.float32)
             slab[:k] = clipped(rows.T, 0)
-            kernel(packed[n0:n0 + nc], slab, scales[n0:n0 + nc], zp[n0:n0 + nc], block, nc, nb * block, symmetric)
-        return packed, scales.reshape(-1), None if symmetric else zp.reshape(-1)
-    # Whole zero-point bytes per slab: 4-bit zero points pack two blocks to a byte.
-    step = _chunk_rows(k, n, block * per_byte)
-    for r0, rows in reader.rows(w_t, step):
-        b0, cb = r0 // block, -(-rows.shape[0] // block)
-        slab = np.zeros((cb * block, n), dtype=np.float32)
-        slab[:rows.shape[0]] = clipped(rows, r0)
-        p_c = np.zeros((n, cb, block * bits // 8), dtype=np.uint8)
-        z_c = np.zeros((n, -(-cb // per_byte)), dtype=np.uint8)
-        s_c = np.zeros((n, cb), dtype=np.float32)
-        kernel(p_c, slab, s_c, z_c, block, n, cb * block, symmetric)
-        packed[:, b0:b0 + cb] = p_c
-        scales[:, b0:b0 + cb] = s_c
-        zp[:, b0 // per_byte:b0 // per_byte + z_c.shape[1]] = z_c
-    return packed, scales.reshape(-1), None if symmetric else zp.reshape(-1)
+            place(slice(n0, n0 + nc), 0, quantizer(slab))
+    else:
+        # Whole zero-point bytes per slab: 4-bit zero points pack two blocks to a byte.
+        for r0, rows in reader.rows(w_t, _chunk_rows(k, n, block * per_byte)):
+            cb = -(-rows.shape[0] // block)
+            slab = np.zeros((cb * block, n), dtype=np.float32)
+            slab[:rows.shape[0]] = clipped(rows, r0)
+            place(slice(0, n), r0 // block, quantizer(slab))
+    return packed, scales.reshape(-1), None if zp is None else zp.reshape(-1)
 
 
 def _int8_columns(reader: TensorReader, w_t: TensorProto, transposed: bool, per_channel: bool,
@@ -545,7 +633,8 @@ def _embeddings(graph: onnx.GraphProto, reader: TensorReader, inits: dict[str, T
             continue
         ids, out = node.input[1], node.output[0]
         shared = made.get((table.name, True, "int4_weight_only"))
-        if shared is not None:
+        # Shared only without zero points: the Gather reads 3-D data, whose zero points would pack one a byte.
+        if shared is not None and len(shared) == 2:
             scales = _unique(f"{table.name}_gather_scales", taken)
             _add_tensor(graph, scales, res.tied_scales[table.name], TensorProto.FLOAT, writer,
                         (vocab, dim // block, 1))
@@ -562,7 +651,7 @@ def _embeddings(graph: onnx.GraphProto, reader: TensorReader, inits: dict[str, T
                 helper.make_node("Reshape", [gathered, target], [out], name=_unique(f"{node.name}.rows", taken)),
             ]
         else:
-            packed, scale, zp = _pack_nbits(reader, table, True, 4, block, symmetric)
+            packed, scale, zp = _pack_nbits(reader, table, True, 4, block, ort_kernel(4, block, symmetric))
             names = [_unique(f"{table.name}_Q4", taken), _unique(f"{table.name}_scales", taken)]
             _add_tensor(graph, names[0], packed, TensorProto.UINT8, writer, (vocab, dim // 2))
             _add_tensor(graph, names[1], scale, TensorProto.FLOAT, writer, (vocab, dim // block))
@@ -615,7 +704,8 @@ def _quantize_one(graph: onnx.GraphProto, reader: TensorReader, w_t: TensorProto
         bits = 4 if kind == "int4_weight_only" else 8
         block = int(getattr(opts, "block_size", 32) or 32)
         symmetric = bool(getattr(opts, "symmetric", True))
-        packed, scales, zp = _pack_nbits(reader, w_t, transposed, bits, block, symmetric, weighting, res)
+        packed, scales, zp = _pack_nbits(reader, w_t, transposed, bits, block, slab_quantizer(kind, opts), weighting,
+                                         res, symmetric)
         if transposed and bits == 4 and opts.quantize_embeddings and writer is not None:
             res.tied_scales[w_t.name] = scales.reshape(int(w_t.dims[0]), -1)
         wname = f"{wname}_T" if transposed else wname
@@ -625,7 +715,7 @@ def _quantize_one(graph: onnx.GraphProto, reader: TensorReader, w_t: TensorProto
         res.weight_bytes_quantized += packed.nbytes + scales.nbytes
         if zp is not None:
             names.append(_unique(f"{wname}_zero_points", taken))
-            _add_tensor(graph, names[2], zp, TensorProto.UINT8, writer)
+            _add_tensor(graph, names[2], zp, TensorProto.UINT8 if zp.dtype == np.uint8 else TensorProto.FLOAT, writer)
             res.weight_bytes_quantized += zp.nbytes
         return names
     # int8_dynamic

@@ -534,3 +534,39 @@ def test_int8_most_sensitive_keeps_the_matmuls_that_lose_most_in_4_bits(tmp_path
     int8_rows = {row["name"] for row in job.report["layers"] if row["precision"] == "int8"}
     assert int8_rows == expected
     assert any(w.startswith("int8_most_sensitive") for w in job.report["warnings"])
+
+
+@pytest.mark.parametrize("algorithm", ["k_quant", "hqq"])
+def test_k_quant_and_hqq_stream_into_what_the_whole_model_path_makes(tmp_path: Path, algorithm: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamed algorithms call ONNX Runtime's own k-quant and HQQ a slab at a time; on these weights (k-quant
+    is per block; HQQ's stopping rule sees the slab, here the whole weight) the model equals the whole-model
+    path's (ONNX Runtime's MatMulNBitsQuantizer), output for output."""
+    from worker.engine import streaming
+
+    src = external_decoder(tmp_path / "m", tied=False)
+    if algorithm == "k_quant":
+        monkeypatch.setattr(streaming, "CHUNK_BYTES", 8 * 1024)  # several slabs a weight
+    res = quantize_streaming(src, tmp_path / "q", "int4_weight_only", RecipeOptions(algorithm=algorithm))
+    whole = tmp_path / "whole.onnx"
+    onnx.save_model(onnx.load(str(src)), str(whole))
+    job = run(QuantizeConfig(model_path=whole, output_path=tmp_path / "w.onnx", recipe="int4_weight_only",
+                             options=RecipeOptions(algorithm=algorithm), work_dir=tmp_path / "work"))
+    feeds = _feeds(8, seed=5)
+    got = _outputs(tmp_path / "q" / MODEL_NAME, feeds)
+    assert np.array_equal(got, _outputs(job.artifact_path, feeds))
+    # Measured: k_quant 0.99535, hqq 0.99627 (rtn 0.99453).
+    assert _cosine(_outputs(src, feeds), got) >= 0.995
+    # Zero points: packed 4-bit for k-quant (5.125 bits a weight), float for HQQ (6).
+    assert res.bits_per_weight == pytest.approx(5.125 if algorithm == "k_quant" else 6.0)
+
+
+def test_a_tied_table_with_zero_points_gets_its_own_4_bit_gather_table(tmp_path: Path) -> None:
+    src = external_decoder(tmp_path / "m")
+    res = quantize_streaming(src, tmp_path / "q", "int4_weight_only",
+                             RecipeOptions(algorithm="k_quant", quantize_embeddings=True))
+    nodes = {n.name: n for n in _graph(tmp_path / "q" / MODEL_NAME).graph.node}
+    assert res.embedding_layers == ["embed"] and nodes["embed"].input[0] != nodes["lm_head"].input[1]
+    feeds = _feeds()
+    # Measured 0.9924.
+    assert _cosine(_outputs(src, feeds), _outputs(tmp_path / "q" / MODEL_NAME, feeds)) >= 0.99

@@ -11,7 +11,7 @@ from worker.engine.recipes.base import Conflict, Option
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "mse")
 CALIBRATORS = ("lowbit", "ort")
-INT4_ALGORITHMS = ("rtn", "hqq", "gptq", "clip_search")
+INT4_ALGORITHMS = ("rtn", "hqq", "k_quant", "gptq", "clip_search")
 # Algorithms that learn from the calibration set (so its samples never validate).
 INT4_CALIBRATED = ("gptq", "clip_search")
 BLOCK_SIZES = (16, 32, 64, 128)
