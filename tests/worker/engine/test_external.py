@@ -570,3 +570,41 @@ def test_a_tied_table_with_zero_points_gets_its_own_4_bit_gather_table(tmp_path:
     feeds = _feeds()
     # Measured 0.9924.
     assert _cosine(_outputs(src, feeds), _outputs(tmp_path / "q" / MODEL_NAME, feeds)) >= 0.99
+
+
+def _with_past(path: Path) -> Path:
+    """The test decoder with a state input, as a decoder with a cache has: ``past`` [batch, past_len, 64] hidden
+    states prepended to the token embeddings (only the graph is rewritten; the data file stays)."""
+    from onnx import TensorProto, helper
+
+    model = _graph(path)
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    gather.output[0] = "tokens"
+    at = list(model.graph.node).index(gather) + 1
+    model.graph.node.insert(at, helper.make_node("Concat", ["past", "tokens"], ["h0"], name="with_past", axis=1))
+    model.graph.input.append(helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", "past_len", 64]))
+    out = model.graph.output[0].type.tensor_type.shape.dim[1]
+    out.ClearField("dim_value")
+    out.dim_param = "total"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_decoder_state_inputs_calibrate_as_complete_feeds(tmp_path: Path) -> None:
+    """A calibration .npz with one complete feed per sample (token ids and the state input of different lengths
+    per sample are not stackable): clip_search's pass and the validation take them sample by sample."""
+    src = _with_past(external_decoder(tmp_path / "m"))
+    rng = np.random.default_rng(8)
+    n = 12
+    ids = rng.integers(0, 512, (n, 1, 6))  # complete feeds: [N, *input shape]
+    past = (rng.standard_normal((n, 1, 3, 64)) * 0.5).astype(np.float32)
+    calib = save_npz(tmp_path / "calib.npz", input_ids=ids, past=past)
+    res = run(QuantizeConfig(model_path=src, output_path=tmp_path / "out" / "model.onnx", recipe="int4_weight_only",
+                             calibration_path=calib, work_dir=tmp_path / "work"))
+    assert res.report["calibration"]["method"] == "clip_search"
+    assert res.report["calibration"]["samples"] + res.report["accuracy"]["samples"] == n
+    assert res.report["accuracy"]["outputs"][0]["cosine"] >= 0.99
+    with zipfile.ZipFile(res.artifact_path) as zf:
+        zf.extractall(tmp_path / "unzipped")
+    s = ort.InferenceSession(str(tmp_path / "unzipped" / MODEL_NAME), providers=["CPUExecutionProvider"])
+    assert s.run(None, {"input_ids": ids[0], "past": past[0]})[0].shape == (1, 9, 512)
