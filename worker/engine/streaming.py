@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from worker.engine.blockquant import clip_search, four_bit_error
 from worker.engine.errors import EngineError
 from worker.engine.external import DataWriter, ExternalRef, TensorReader, point_to
 from worker.engine.inspect import check_external, external_tensors, walk_graphs
@@ -124,12 +125,12 @@ class _Target:
         return (cols, rows) if self.transposed else (rows, cols)
 
 
-def _targets(model: onnx.ModelProto, opts: RecipeOptions) -> list[_Target]:
+def _targets(model: onnx.ModelProto, excluded_nodes: Iterable[str]) -> list[_Target]:
     """The main graph's MatMuls whose second input is a 2-D float32 initializer, or its 2-D transpose (how
     exporters write an lm_head tied to the embedding table), not excluded by name."""
     inits = {t.name: t for t in model.graph.initializer}
     transposes = {n.output[0]: n for n in model.graph.node if n.op_type == "Transpose" and len(n.input) == 1}
-    excluded = set(opts.nodes_to_exclude)
+    excluded = set(excluded_nodes)
     out = []
     for node in model.graph.node:
         if node.op_type == "Gemm" and node.name not in excluded:
@@ -154,9 +155,7 @@ def _targets(model: onnx.ModelProto, opts: RecipeOptions) -> list[_Target]:
 def matmul_inputs(model: onnx.ModelProto) -> dict[str, str]:
     """Each quantizable MatMul/Gemm (nothing excluded) -> the activation it multiplies: what clip_search's
     moments are measured on."""
-    from worker.engine.config import RecipeOptions  # lazy: the option tables import the recipes
-
-    return {t.node.name: t.node.input[0] for t in _targets(model, RecipeOptions())}
+    return {t.node.name: t.node.input[0] for t in _targets(model, ())}
 
 
 def _gemm_target(node: onnx.NodeProto, inits: dict[str, TensorProto]) -> _Target | None:
@@ -175,7 +174,7 @@ def _gemm_target(node: onnx.NodeProto, inits: dict[str, TensorProto]) -> _Target
 def eight_bit_names(opts: RecipeOptions, targets: list[str], errors: dict[str, float] | None = None) -> set[str]:
     """int4_weight_only's MatMuls to keep in 8 bits: options int8_nodes, with int8_last_matmul the last target in
     graph order (the MatMul nearest the outputs: an LLM's lm_head), and with int8_most_sensitive N the N others
-    whose weights lose most in 4 bits (``errors``: each target's ``int4.four_bit_error``). ``targets``: the
+    whose weights lose most in 4 bits (``errors``: each target's ``blockquant.four_bit_error``). ``targets``: the
     MatMuls that can be quantized, in graph order."""
     names = set(opts.int8_nodes)
     if opts.int8_last_matmul and targets:
@@ -284,18 +283,21 @@ def hqq(block: int) -> SlabQuantizer:
     """ONNX Runtime's HQQ (half-quadratic optimisation of each block's zero point; float zero points), asymmetric
     4 bits. Its iterations stop when the mean error over what it is given stops falling: given a slab, that is
     the slab's error rather than the whole weight's."""
-    import torch
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
 
     hq = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block))
 
     def quantize(slab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        # Through its MatMul entry point, on a one-node graph holding the slab as the weight: it takes and gives
+        # ONNX tensors (its PyTorch stays inside ONNX Runtime's module).
         kb, n = slab.shape
         cb = kb // block
-        q, scale, zero = hq.quantize_internal(torch.from_numpy(np.ascontiguousarray(slab.T)), bits=4,
-                                              group_size=block)
-        return (_pack4(q.numpy(), n, cb, block), scale.numpy().astype(np.float32).reshape(n, cb),
-                zero.numpy().astype(np.float32).reshape(n, cb))
+        graph = onnx.GraphProto()
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(slab), "w"))
+        hq.quantize(helper.make_node("MatMul", ["a", "w"], ["y"], name="slab"), [graph])
+        made = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        return (made["w_Q4"].reshape(n, cb, block // 2), made["w_scales"].astype(np.float32).reshape(n, cb),
+                made["w_zero_points"].astype(np.float32).reshape(n, cb))
 
     return quantize
 
@@ -323,7 +325,6 @@ def _pack_nbits(reader: TensorReader, w_t: TensorProto, transposed: bool, bits: 
     table. Returns packed data [N, blocks, block*bits/8], scales [N * blocks] and zero points (flat; None when
     symmetric), as MatMulNBits reads them. ``weighting`` [K]: each slab's blocks are clipped by clip_search
     first (4 bits, ``symmetric`` or not)."""
-    from worker.engine.int4 import clip_search  # lazy: int4 imports this module
 
     def clipped(w_kn: np.ndarray, k0: int) -> np.ndarray:
         if weighting is None:
@@ -456,11 +457,11 @@ def _low_bits(model: onnx.ModelProto, refs: dict[str, ExternalRef], reader: Tens
               moments: dict[str, np.ndarray] | None = None) -> None:
     """int4_weight_only and int8_dynamic: each MatMul/Gemm weight quantized in turn, the rest copied. With
     ``moments`` (clip_search), each 4-bit weight's blocks are clipped first to the ratio that minimises the
-    error weighted by its input's second moments (``int4.clip_search``, block by block, so a slab of rows
+    error weighted by its input's second moments (``blockquant.clip_search``, block by block, so a slab of rows
     at a time gives what the whole weight would)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    targets = _targets(model, opts)
+    targets = _targets(model, opts.nodes_to_exclude)
     if not targets:
         raise EngineError("unsupported_model", "the model has no MatMul with a constant 2-D float32 weight; "
                           f"{recipe} quantizes only those")
@@ -525,10 +526,8 @@ def _low_bits(model: onnx.ModelProto, refs: dict[str, ExternalRef], reader: Tens
 
 def _errors(reader: TensorReader, inits: dict[str, TensorProto], targets: list[_Target],
             moments: dict[str, np.ndarray], opts: RecipeOptions) -> dict[str, float]:
-    """Each target's 4-bit error (``int4.four_bit_error``, weighted by its input's moments where measured),
+    """Each target's 4-bit error (``blockquant.four_bit_error``, weighted by its input's moments where measured),
     read a slab at a time: a pass over the weights before the one that quantizes them."""
-    from worker.engine.int4 import four_bit_error  # lazy: int4 imports this module
-
     block = int(getattr(opts, "block_size", 32) or 32)
     symmetric = bool(getattr(opts, "symmetric", True))
     out: dict[str, float] = {}

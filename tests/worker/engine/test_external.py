@@ -466,8 +466,8 @@ def test_clip_search_streams_slab_by_slab_exactly_as_on_the_whole_weight(tmp_pat
     from onnxruntime.capi import _pybind_state as ort_c
 
     from worker.engine import streaming
+    from worker.engine.blockquant import clip_search
     from worker.engine.feeds import Batch
-    from worker.engine.int4 import clip_search
     from worker.engine.stream_pipeline import _save_batches, channel_moments
 
     src = external_decoder(tmp_path / "m", tied=False)
@@ -507,7 +507,7 @@ def test_int8_most_sensitive_keeps_the_matmuls_that_lose_most_in_4_bits(tmp_path
     go to 8 bits, on the streamed path and on the whole-model path alike, and the job says which."""
     from onnx import numpy_helper
 
-    from worker.engine.int4 import four_bit_error
+    from worker.engine.blockquant import four_bit_error
 
     src = external_decoder(tmp_path / "m", tied=False)
     weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(src)).graph.initializer}

@@ -10,9 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tests import builders
 from tests.reports import assert_report_complete
+from worker.engine.blockquant import block_dequant, clip_search
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError
-from worker.engine.int4 import block_dequant, clip_search
 from worker.engine.pipeline import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
