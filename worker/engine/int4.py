@@ -153,11 +153,19 @@ def activation_moments(
     for a in sorted(set(act.values()) - have):
         m.graph.output.append(onnx.ValueInfoProto(name=a))
     sess = runtime.make_session(m.SerializeToString(), providers, threads, "model for calibration")
+    return moments_over(sess, act, batches())
+
+
+def moments_over(sess: Any, act: dict[str, str], feeds: Iterable[tuple[dict[str, np.ndarray], int]],
+                 done: Callable[[], None] | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """E[x_k^2] per input channel k of each activation ``act`` names (node -> tensor), over (feed, samples)
+    pairs run through ``sess``, a session whose outputs include those tensors; ``done`` is called after each
+    run. Returns the moments by node and the number of samples."""
     names = [o.name for o in sess.get_outputs()]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     samples = 0
-    for feed, n in batches():
+    for feed, n in feeds:
         outs = dict(zip(names, runtime.run(sess, feed, "model during calibration"), strict=True))
         outs.update(feed)
         for a in set(act.values()):
@@ -165,7 +173,10 @@ def activation_moments(
             x2 = (x * x).reshape(-1, x.shape[-1])
             sums[a] = sums.get(a, 0.0) + x2.sum(axis=0)
             counts[a] = counts.get(a, 0) + x2.shape[0]
+        del outs
         samples += n
+        if done is not None:
+            done()
     return {name: sums[a] / max(counts[a], 1) for name, a in act.items() if a in sums}, samples
 
 

@@ -28,6 +28,7 @@ from worker.engine.evaldata import first_sample_feed, plan_data, synthetic_batch
 from worker.engine.feeds import Batch, iter_batches
 from worker.engine.files import environment, sha256_file
 from worker.engine.inspect import ModelInfo, inspect_model_file
+from worker.engine.int4 import moments_over
 from worker.engine.metrics import speedup_interval
 from worker.engine.recipes.int4_weight_only import default_algorithm
 from worker.engine.report import REPORT_VERSION, validate_report
@@ -238,23 +239,14 @@ def channel_moments(payload: dict[str, Any], emit: Any) -> dict[str, Any]:
     session = runtime.make_session(model.SerializeToString(), providers, int(payload["threads"]),
                                    "model for calibration", observing=True, external_folder=path.parent)
     del model
-    names = [o.name for o in session.get_outputs()]
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
     batches = _load_batches(Path(payload["feeds"]))
-    samples = 0
-    for i, b in enumerate(batches):
-        outs = dict(zip(names, runtime.run(session, b.feed, "model during calibration"), strict=True))
-        outs.update(b.feed)
-        for a in set(act.values()):
-            x = np.asarray(outs[a], dtype=np.float64)
-            x2 = (x * x).reshape(-1, x.shape[-1])
-            sums[a] = sums.get(a, 0.0) + x2.sum(axis=0)
-            counts[a] = counts.get(a, 0) + x2.shape[0]
-        del outs
-        samples += b.count
-        emit((i + 1) / len(batches))
-    moments = {name: sums[a] / max(counts[a], 1) for name, a in act.items() if a in sums}
+    ran = [0]
+
+    def done() -> None:
+        ran[0] += 1
+        emit(ran[0] / len(batches))
+
+    moments, samples = moments_over(session, act, ((b.feed, b.count) for b in batches), done)
     np.savez(payload["out"], **moments)  # type: ignore[arg-type]
     return {"samples": samples, "layers": len(moments), "seconds": round(time.monotonic() - t0, 3),
             "peak_rss_mb": round(peak_rss_mb(), 1)}
