@@ -455,7 +455,10 @@ class Api:
         import onnx  # the dev environment's (this script's), to write the bundle
 
         folder = work / f"{model.name}.bundle"
-        folder.mkdir(parents=True, exist_ok=True)
+        # A fresh folder each time: ONNX appends to an existing data file, so a second bundle of the same model
+        # carried the first one's bytes too (2.53 MB instead of 1.27).
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         onnx.save_model(onnx.load(str(model.path)), str(folder / "model.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
         zipped = work / f"{model.name}.zip"
