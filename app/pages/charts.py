@@ -335,4 +335,5 @@ def candidate_label(c: CandidateConfig) -> str:
     kept = c.excluded_nodes
     text += f" + {len(c.activations_16bit)} in 16 bits" if c.activations_16bit else ""
     text += f" + {len(c.blocks)} blocks" if c.blocks else ""
+    text += " + learned rounding" if c.options.get("adaround") == "on" else ""
     return text + (f" + {len(kept)} in float" if kept else "")

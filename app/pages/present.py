@@ -670,7 +670,8 @@ def candidate_label(recipe: str, options: dict[str, Any]) -> str:
     method = options.get("method")
     hybrid = " + int8 activations" if options.get("int8_activations") else ""
     smooth = f", SmoothQuant {options.get('smoothquant_alpha')}" if options.get("smoothquant") == "on" else ""
-    return recipe + hybrid + (f" ({method}{smooth})" if method else "")
+    learned = " + learned rounding" if options.get("adaround") == "on" else ""
+    return recipe + hybrid + (f" ({method}{smooth})" if method else "") + learned
 
 
 def candidate_brief(c: PassedOver) -> str:
@@ -697,10 +698,11 @@ def candidate_speedup(c: Candidate | PassedOver) -> float | None:
 
 def candidate_key(c: CandidateConfig) -> tuple[Any, ...]:
     """What tells candidates apart on the page: recipe, calibration method, SmoothQuant's strength when searched,
-    the layers kept in float, the activations given 16 bits (auto's A16W8 steps) and the blocks kept in float."""
+    the layers kept in float, the activations given 16 bits (auto's A16W8 steps), the blocks kept in float and
+    learned rounding (auto's adaround step)."""
     alpha = c.options.get("smoothquant_alpha") if c.options.get("smoothquant") == "on" else None
     return (c.recipe, c.options.get("method"), alpha, tuple(c.excluded_nodes), tuple(c.activations_16bit),
-            tuple(c.blocks))
+            tuple(c.blocks), c.options.get("adaround") == "on")
 
 
 def _candidate_row(c: Candidate, chosen: CandidateConfig | None, tolerance: float) -> CandidateRow:

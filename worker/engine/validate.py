@@ -148,6 +148,10 @@ LAYER_BYTES_PER_RUN = 32 << 20
 # samples (at least one) rather than in more runs (a 90 MB sentence encoder at 128 tokens: 95 MB a sample, so
 # 2 samples, 256 tokens per layer; a small conv net: all 16).
 LAYER_BYTES_TOTAL = 256 << 20
+# Samples times passes per model: the analysis's time is bounded too. A model whose layer outputs take several
+# passes is analysed on fewer samples (at least one): basic-pitch's 3 passes over 7 samples were a fifth of its
+# int8_static job (1.7 s of 7.8 s), where ONNX Runtime's quantize_static takes 2.0 s in all.
+LAYER_SAMPLE_PASSES = 8
 
 
 def power_sums(ref: Any, got: Any) -> tuple[float, float]:
@@ -202,6 +206,16 @@ def _pair_groups(sizes: dict[tuple[str, str], int], budget: int) -> list[list[tu
         groups[-1].append(pair)
         used += size
     return groups
+
+
+def _within_passes(feeds: Sequence[tuple[dict[str, np.ndarray], int]], passes: int,
+                   sample_passes: int) -> Sequence[tuple[dict[str, np.ndarray], int]]:
+    """The first batches whose samples, times ``passes``, stay within ``sample_passes`` (at least one)."""
+    kept, samples = 1, feeds[0][1] if feeds else 0
+    while kept < len(feeds) and (samples + feeds[kept][1]) * passes <= sample_passes:
+        samples += feeds[kept][1]
+        kept += 1
+    return feeds[:kept]
 
 
 def _exposing(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
@@ -295,6 +309,7 @@ def layer_sqnr(
     bytes_total: int = LAYER_BYTES_TOTAL,
     merge: Merge | None = None,
     max_per_run: int = 1,
+    sample_passes: int = LAYER_SAMPLE_PASSES,
 ) -> LayerSqnr:
     """SQNR (dB) of each (original tensor, quantized tensor) pair, end to end: the error of everything
     upstream is included, as the layer sees it in the quantized model. ``feeds``: (feed, samples) batches.
@@ -304,7 +319,8 @@ def layer_sqnr(
     batches per group, and only sums cross passes; batches beyond the first are used only while all passes
     together fetch at most ``bytes_total`` per model. With ``merge`` (which joins single-sample feeds into one
     batch), a group whose outputs are small runs up to ``max_per_run`` samples at a time, within the same
-    bound, instead of one run per sample."""
+    bound, instead of one run per sample. Time is bounded by ``sample_passes``: the batches kept hold at most
+    that many samples times the number of passes planned from shape inference (at least one batch)."""
     started = time.perf_counter()
     o_names = {o for n in original_model.graph.node for o in n.output}
     q_names = {o for n in quantized_model.graph.node for o in n.output}
@@ -313,6 +329,7 @@ def layer_sqnr(
         return LayerSqnr({})
     sizes, feeds = _pair_sizes(original_model, pairs, feeds, bytes_per_run, bytes_total)
     groups = _pair_groups(sizes, bytes_per_run)
+    feeds = _within_passes(feeds, len(groups), sample_passes)
     sig = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
     passes = 0

@@ -12,8 +12,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from app.pages import present
 from tests import builders
 from worker.engine import auto, pipeline
+from worker.engine import report as report_schema
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError
 
@@ -206,17 +208,80 @@ def test_fallback_ranking_skips_layers_a_recipe_does_not_quantize() -> None:
             auto.CandidateResult(auto.Candidate("int8_dynamic"), "done", size_bytes=10, metric=1.0, met_target=False),
             auto.CandidateResult(auto.Candidate("fp16"), "done", size_bytes=40, metric=9.0, met_target=True)]
     rows[0].size_bytes, rows[0].metric, rows[0].met_target = 10, 0.5, False
-    nxt = {c.recipe: c for c in auto.next_candidates(rows, max_steps=4)}
+    nxt = {c.recipe: c for c in auto.next_candidates(rows, max_steps=4) if not c.learned_rounding}
     assert nxt["int8_dynamic"].excluded_nodes == ("mm1",) and not nxt["int8_dynamic"].activations_16bit
     # The static branch first gives the same layer's activations 16 bits (no activation inputs recorded here:
     # the node's name), keeping nothing in float; only when that misses does the layer go to float.
     assert (nxt["int8_static"].excluded_nodes, nxt["int8_static"].activations_16bit) == ((), ("add",))
     assert auto.next_candidates(rows, max_steps=0) == []
     a16 = auto.CandidateResult(nxt["int8_static"], "done", size_bytes=10, metric=0.7, met_target=False)
-    again = {c.recipe: c for c in auto.next_candidates([*rows, a16], max_steps=4)}
+    again = {c.recipe: c for c in auto.next_candidates([*rows, a16], max_steps=4) if not c.learned_rounding}
     assert (again["int8_static"].excluded_nodes, again["int8_static"].activations_16bit) == (("add",), ())
     a16.met_target = True
-    assert "int8_static" not in {c.recipe for c in auto.next_candidates([*rows, a16], max_steps=4)}
+    assert "int8_static" not in {c.recipe for c in auto.next_candidates([*rows, a16], max_steps=4)
+                                 if not c.learned_rounding}
+
+
+def test_learned_rounding_is_one_step_of_its_own_beside_the_first_fallback_step() -> None:
+    report = {"sensitivity": {"ranking": ["mm1", "mm2"]},
+              "layers": [{"name": "mm1", "op_type": "MatMul"}, {"name": "mm2", "op_type": "MatMul"}]}
+    static = auto.CandidateResult(auto.Candidate("int8_static", {"method": "entropy"}), "done", size_bytes=10,
+                                  metric=0.5, met_target=False, report=report)
+    fp16 = auto.CandidateResult(auto.Candidate("fp16"), "done", size_bytes=40, metric=9.0, met_target=True)
+    learned = [c for c in auto.next_candidates([static, fp16], max_steps=4) if c.learned_rounding]
+    # The best static candidate, every layer still int8, with option adaround on: a branch of its own.
+    assert [(c.recipe, c.options, c.excluded_nodes, c.activations_16bit) for c in learned] == [
+        ("int8_static", {"method": "entropy", "adaround": "on"}, (), ())]
+    assert learned[0].branch == "int8_static/entropy/adaround"
+    assert parse_options("int8_static", learned[0].config()["options"]).adaround == "on"
+    # The page and warnings name the step, and the page tells it apart from the plain candidate.
+    assert present.candidate_label("int8_static", learned[0].options) == "int8_static (entropy) + learned rounding"
+    assert auto._name(learned[0]) == "int8_static (entropy) + learned rounding"
+    rows = [static.summary(), auto.CandidateResult(learned[0], "done").summary()]
+    assert len({present.candidate_key(report_schema.Candidate.model_validate(r)) for r in rows}) == 2
+    # Tried once: even when it is the best static model so far, the float steps extend the plain branch (each
+    # step on it would learn the rounding again), and no second learned step comes.
+    tried = auto.CandidateResult(learned[0], "done", size_bytes=10, metric=0.8, met_target=False)
+    nxt = auto.next_candidates([static, fp16, tried], max_steps=4)
+    assert not [c for c in nxt if c.learned_rounding]
+    assert [c.branch for c in nxt if c.recipe == "int8_static"] == ["int8_static/entropy"]
+    # No step when the best static candidate met the target, or kept its 16-bit residual stream (learned rounding
+    # changes the int8 model, so int8_static would not try that stream on it).
+    static.met_target = True
+    assert not [c for c in auto.next_candidates([static, fp16], max_steps=4) if c.learned_rounding]
+    static.met_target = False
+    static.report = {**report, "residual_16bit": {"enabled": True}}
+    assert not [c for c in auto.next_candidates([static, fp16], max_steps=4) if c.learned_rounding]
+
+
+def test_auto_chooses_learned_rounding_where_it_meets_the_target_in_int8(tmp_path: Path) -> None:
+    from tests.worker.engine.test_adaround import biased_rounding_matmul
+
+    # Large enough for int8 to be smaller than fp16. The one MatMul has no bias, so bias correction cannot take the
+    # shift; SmoothQuant off, since smoothing rescales the weights off the planted grid (it met this target).
+    model = biased_rounding_matmul(tmp_path / "m.onnx", k=128, n=32)
+    rng = np.random.default_rng(3)
+    data = builders.save_npz(tmp_path / "c.npz", x=rng.uniform(1, 3, (256, 128)).astype(np.float32))
+    # Measured (selection samples, 8-bit weights, a CPU with VNNI): static int8 21.98 dB with every method,
+    # int8_dynamic 22.01, the 16-bit activation step 22.00; learned rounding 38.43.
+    target = {"metric": "sqnr_db", "min": 30.0}
+    outcome = auto.search(_base(tmp_path, model, data, prefer="size", adaround_seconds=20, smoothquant="off"),
+                          target)
+    rows = outcome.report["candidates"]
+    chosen = outcome.chosen
+    assert chosen is not None, rows
+    assert chosen.candidate.learned_rounding and chosen.candidate.excluded_nodes == (), rows
+    assert chosen.metric is not None and chosen.metric >= 30.0
+    plain = [r for r in rows if r["recipe"] == "int8_static" and not r["excluded_nodes"]
+             and not r["activations_16bit"] and r["options"].get("adaround") != "on"]
+    assert plain and all(r["met_target"] is False for r in plain)
+    # One learned step; no float or 16-bit step carries the option.
+    assert len([r for r in rows if r["options"].get("adaround") == "on"]) == 1
+    assert all(r["options"].get("adaround") != "on" for r in rows if r["excluded_nodes"] or r["activations_16bit"])
+    assert outcome.report["chosen"]["options"]["adaround"] == "on"
+    assert chosen.size_bytes is not None and chosen.size_bytes <= min(r["size_bytes"] for r in plain) + 100
+    fp16 = next(r for r in rows if r["recipe"] == "fp16")
+    assert fp16["met_target"] and chosen.size_bytes < fp16["size_bytes"]
 
 
 
@@ -334,7 +399,9 @@ def test_fallback_goes_on_while_the_choice_is_slower_than_fp32() -> None:
     slow_dynamic = _measured("int8_dynamic", 1_000_000, 0.3)  # met, but slower than fp32
     rows = [analysis, slow_dynamic]
     # The static branch is larger than the slow dynamic model, yet may still become the choice: it goes on.
-    assert [c.recipe for c in auto.next_candidates(rows, max_steps=4)] == ["int8_static"]
+    steps = auto.next_candidates(rows, max_steps=4)
+    assert [c.recipe for c in steps if not c.learned_rounding] == ["int8_static"]
+    assert [c.branch for c in steps if c.learned_rounding] == ["int8_static/entropy/adaround"]
     # Choosing by size only, nothing larger than the dynamic model can win: the search stops.
     assert auto.next_candidates(rows, max_steps=4, prefer="size") == []
 

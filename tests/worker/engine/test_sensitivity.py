@@ -15,6 +15,8 @@ from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.sensitivity import activation_qparams, analyse, fake_quant_weight, quantize_one
 from worker.engine.validate import layer_sqnr
 
+ALL = 1 << 30  # no bound on samples times passes
+
 
 def test_static_report_ranks_the_planted_layers_first(tmp_path: Path) -> None:
     model = builders.planted_outlier_mlp(tmp_path / "p.onnx")
@@ -144,12 +146,12 @@ def test_layer_sqnr_fetches_a_bounded_group_of_activations_per_run(tmp_path: Pat
     pairs = [(f"c{i}", f"c{i}") for i in range(12)]
     tensor = 4 * 8 * 32 * 32 * 4  # 128 kB: one layer's output for one batch
     whole = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1,
-                       bytes_per_run=1 << 40, bytes_total=1 << 40)
+                       bytes_per_run=1 << 40, bytes_total=1 << 40, sample_passes=ALL)
     assert whole.passes == 1 and whole.samples == 12
     fetched = _fetch_spy(monkeypatch)
     budget = 4 * tensor  # both models' outputs of two layers per run
     bounded = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1,
-                         bytes_per_run=budget, bytes_total=1 << 40)
+                         bytes_per_run=budget, bytes_total=1 << 40, sample_passes=ALL)
     # Each run of either model fetched at most half the budget: two layers' outputs, nothing else.
     assert max(sum(run) for run in fetched) <= budget // 2
     assert bounded.passes == 6 and bounded.samples == 12
@@ -163,20 +165,30 @@ def test_layer_sqnr_fetches_a_bounded_group_of_activations_per_run(tmp_path: Pat
     fetched.clear()
     merged = layer_sqnr(a_path, b_path, a, b, pairs, singles, ["CPUExecutionProvider"], 1, bytes_per_run=1 << 40,
                         bytes_total=1 << 40, merge=lambda fs: {"x": np.concatenate([f["x"] for f in fs])},
-                        max_per_run=4)
+                        max_per_run=4, sample_passes=ALL)
     assert merged.samples == 12 and merged.passes == 1 and len(fetched) == 2 * 3
     for p, v in whole.sqnr.items():
         assert v is not None and abs(v - (merged.sqnr[p] or 0.0)) < 0.01
     # ...but never more per run than the byte budget allows: two samples of all 12 layers here.
     fetched.clear()
     layer_sqnr(a_path, b_path, a, b, pairs, singles, ["CPUExecutionProvider"], 1, bytes_per_run=12 * tensor,
-               bytes_total=1 << 40, merge=lambda fs: {"x": np.concatenate([f["x"] for f in fs])}, max_per_run=4)
+               bytes_total=1 << 40, merge=lambda fs: {"x": np.concatenate([f["x"] for f in fs])}, max_per_run=4,
+               sample_passes=ALL)
     assert len(fetched) == 2 * 6 and max(sum(run) for run in fetched) <= 6 * tensor
     # With a total budget of one batch's activations, only the first batch is analysed.
     fetched.clear()
     few = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1,
-                     bytes_per_run=1 << 40, bytes_total=12 * tensor)
+                     bytes_per_run=1 << 40, bytes_total=12 * tensor, sample_passes=ALL)
     assert few.samples == 4 and few.passes == 1 and len(fetched) == 2
+    # The time bound: 6 passes planned, at most 8 sample-passes, so one batch of 4 samples (24 sample-passes
+    # would be over); in one pass, two batches (8).
+    fetched.clear()
+    timed = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1, bytes_per_run=budget,
+                       bytes_total=1 << 40, sample_passes=8)
+    assert timed.passes == 6 and timed.samples == 4 and len(fetched) == 2 * 6
+    one_pass = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1, bytes_per_run=1 << 40,
+                          bytes_total=1 << 40, sample_passes=8)
+    assert one_pass.passes == 1 and one_pass.samples == 8
 
 
 def test_sensitivity_keeps_no_intermediate_activations(tmp_path: Path, monkeypatch: Any) -> None:
