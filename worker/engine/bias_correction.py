@@ -109,6 +109,44 @@ def _mean_axes(layer: Layer, rank: int, gemm_trans_a: bool) -> list[int]:
     return [1] if gemm_trans_a else [0]
 
 
+def means_delta(float_model: onnx.ModelProto, axes_of: dict[str, list[int]]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """What to add to the float model for a ReduceMean of each input tensor over ``axes_of[x]`` (its per-channel
+    mean), and the output that gives each (see calibrate.session_with)."""
+    delta = onnx.ModelProto()
+    opset18 = default_opset(float_model) >= 18  # ReduceMean takes its axes as an input from opset 18
+    names: dict[str, str] = {}
+    for k, (x, axes) in enumerate(axes_of.items()):
+        out = f"lowbit_bc_mean_{k}"
+        if opset18:
+            axes_name = f"{out}_axes"
+            delta.graph.initializer.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
+            node = onnx.helper.make_node("ReduceMean", [x, axes_name], [out], name=out, keepdims=0)
+        else:
+            node = onnx.helper.make_node("ReduceMean", [x], [out], name=out, keepdims=0, axes=axes)
+        delta.graph.node.append(node)
+        delta.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        names[x] = out
+    return delta, names
+
+
+def mean_axes(float_model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The per-channel means bias correction may read, from the float model alone: for each Conv (a weight of
+    rank 3 or more) and Gemm with a bias and a constant weight, its input and the axes to average it over. A
+    superset of what ``correct`` needs (which layers it corrects depends on the quantized model), so that the
+    calibration pass can compute them (calibrate.SidePass)."""
+    inits = {t.name: len(t.dims) for t in float_model.graph.initializer}
+    out: dict[str, list[int]] = {}
+    for node in float_model.graph.node:
+        if node.op_type not in CORRECTED_OPS or len(node.input) < 3 or not node.input[2] or node.input[1] not in inits:
+            continue
+        rank = inits[node.input[1]]
+        if node.op_type == "Conv" and rank < 3:
+            continue
+        trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+        out.setdefault(node.input[0], [0, *range(2, rank)] if node.op_type == "Conv" else [1] if trans_a else [0])
+    return out
+
+
 def input_means(float_path: Path, float_model: onnx.ModelProto, layers: list[Layer], ranks: dict[str, int],
                 trans_a: dict[str, bool], batches: Batches, providers: list[str], threads: int,
                 keep_outputs: int = 0) -> tuple[dict[str, np.ndarray], int, list[tuple[dict[str, np.ndarray], int,
@@ -116,23 +154,10 @@ def input_means(float_path: Path, float_model: onnx.ModelProto, layers: list[Lay
     """Per-channel means of each layer's float input over the calibration samples, in one pass (a ReduceMean per
     input added to the float model; batches weighted by their sample counts). Returns them, the samples, and the
     model's own outputs on the first batches that hold ``keep_outputs`` samples (fetched in the same runs)."""
-    delta = onnx.ModelProto()
-    opset18 = default_opset(float_model) >= 18  # ReduceMean takes its axes as an input from opset 18
-    names: dict[str, str] = {}
-    for k, layer in enumerate(layers):
-        if layer.x in names:
-            continue
-        out = f"lowbit_bc_mean_{k}"
-        axes = _mean_axes(layer, ranks[layer.name], trans_a.get(layer.name, False))
-        if opset18:
-            axes_name = f"{out}_axes"
-            delta.graph.initializer.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
-            node = onnx.helper.make_node("ReduceMean", [layer.x, axes_name], [out], name=out, keepdims=0)
-        else:
-            node = onnx.helper.make_node("ReduceMean", [layer.x], [out], name=out, keepdims=0, axes=axes)
-        delta.graph.node.append(node)
-        delta.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-        names[layer.x] = out
+    axes_of: dict[str, list[int]] = {}
+    for layer in layers:
+        axes_of.setdefault(layer.x, _mean_axes(layer, ranks[layer.name], trans_a.get(layer.name, False)))
+    delta, names = means_delta(float_model, axes_of)
     session = session_with(float_path, delta, providers, threads, "model for bias correction")
     fetch = list(names.values())
     own = [o.name for o in float_model.graph.output]
@@ -227,9 +252,12 @@ def apply(quantized: onnx.ModelProto, original: onnx.ModelProto, layers: list[La
 
 
 def correct(quant_path: Path, float_path: Path, float_model: onnx.ModelProto, dest: Path, batches: Batches,
-            providers: list[str], threads: int, keep_outputs: int = 0) -> BiasCorrection:
+            providers: list[str], threads: int, keep_outputs: int = 0,
+            measured: tuple[dict[str, np.ndarray], int] | None = None) -> BiasCorrection:
     """Bias-correct the quantized model at ``quant_path`` (quantized from ``float_path``) into ``dest``; with
-    ``keep_outputs``, the result also holds the float model's outputs on the first batches (input_means)."""
+    ``keep_outputs``, the result also holds the float model's outputs on the first batches (input_means).
+    ``measured``: the input means (and samples) a pass of the same float model over the same samples already
+    gave (the calibration's, see mean_axes); used where it has every layer's, else the means pass runs."""
     quantized = onnx.load(str(quant_path))
     layers, skipped = find_layers(quantized, float_model)
     inits = {t.name: t for t in float_model.graph.initializer}
@@ -243,8 +271,12 @@ def correct(quant_path: Path, float_path: Path, float_model: onnx.ModelProto, de
     usable = [la for la in layers if la.op_type != "Conv" or ranks[la.name] >= 3]
     if not usable:
         return BiasCorrection(skipped=skipped)  # nothing written: the caller keeps the model it has
-    means, samples, kept = input_means(float_path, float_model, usable, ranks, trans_a, batches, providers, threads,
-                                       keep_outputs)
+    kept: list[tuple[dict[str, np.ndarray], int, list[Any]]] = []
+    if measured is not None and measured[1] > 0 and all(la.x in measured[0] for la in usable):
+        means, samples = measured
+    else:
+        means, samples, kept = input_means(float_path, float_model, usable, ranks, trans_a, batches, providers,
+                                           threads, keep_outputs)
     result = apply(quantized, float_model, usable, means)
     result.skipped = skipped + result.skipped
     result.samples = samples

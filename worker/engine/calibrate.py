@@ -94,6 +94,23 @@ class CalibrationResult:
     observed: int = 0
 
 
+@dataclass
+class SidePass:
+    """What the min/max calibration pass computes besides the ranges, in the same runs of the float model (bias
+    correction's input means, and the float outputs its comparison needs): each output ``names`` maps to, summed over
+    the samples (a run's value times its samples), and the model's own outputs on the first batches that hold
+    ``keep_outputs`` samples, (feed, samples, outputs) each. ``done`` is set by the pass that filled it: a cached
+    or histogram calibration leaves it unset, and the caller then runs its own pass."""
+
+    delta: onnx.ModelProto  # the nodes computing ``names``' outputs, added to the model (see session_with)
+    names: dict[str, str]  # key -> the delta's output
+    keep_outputs: int = 0
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    samples: int = 0
+    kept: list[tuple[dict[str, np.ndarray], int, list[Any]]] = field(default_factory=list)
+    done: bool = False
+
+
 class TensorStats:
     """Min/max and a range-adaptive histogram of one tensor."""
 
@@ -769,9 +786,11 @@ def collect_stats(
     progress: Progress | None = None,
     total_samples: int | None = None,
     model: onnx.ModelProto | None = None,
+    side: SidePass | None = None,
 ) -> tuple[dict[str, TensorStats], int, int]:
     """One streaming pass (or one per group of tensors for very wide models). Returns
-    (stats, samples seen, passes). ``model``: the file at ``model_path``, already parsed by the caller."""
+    (stats, samples seen, passes). ``model``: the file at ``model_path``, already parsed by the caller. ``side``
+    (min/max only): computed in the same runs, see SidePass."""
     model = model if model is not None else onnx.load(str(model_path))
     with_hist = settings.method != "minmax"
     stats = {t: TensorStats(settings.num_bins, with_hist) for t in tensors}
@@ -780,20 +799,36 @@ def collect_stats(
     if not with_hist:
         # min/max: reduce inside ONNX Runtime; only scalars cross into Python.
         delta, pairs = minmax_delta(model, list(tensors))
+        if side is not None:
+            delta.MergeFrom(side.delta)
         session = session_with(model_path, delta, providers, threads)
-        # Only the reductions: the model's own outputs are not fetched.
+        # Only the reductions: the model's own outputs are not fetched (but for the side pass's kept batches).
         names = [o for pair in pairs.values() for o in pair if o]
+        extra = list(side.names.values()) if side is not None else []
+        own = [o.name for o in model.graph.output]
         per_run: int | None = None
         for feed, n in batches():
             if per_run is None:
                 per_run = minmax_samples_per_run(model, feed, n, list(tensors))
+            # The kept outputs are the first batches' (a batch run in parts: each part's, as a batch of its own).
+            keep = side is not None and samples < side.keep_outputs
+            fetch = names + extra + (own if keep else [])
             for part in split_feed(feed, n, per_run):
-                got = dict(zip(names, runtime.run(session, part, "model during calibration", names), strict=True))
+                values = runtime.run(session, part, "model during calibration", fetch)
+                got = dict(zip(fetch, values, strict=True))
                 for t, (mn, mx) in pairs.items():
                     stats[t].update(np.array([got[mn] if mn else 0.0, got[mx]], dtype=np.float64))
+                if side is not None:
+                    count = n if per_run >= n else int(next(iter(part.values())).shape[0])
+                    for key, out in side.names.items():
+                        side.sums[key] = side.sums.get(key, 0.0) + np.asarray(got[out], dtype=np.float64) * count
+                    if keep:
+                        side.kept.append((part, count, list(values[len(names) + len(extra):])))
             samples += n
             if progress and total_samples:
                 progress(min(1.0, samples / total_samples))
+        if side is not None:
+            side.samples, side.done = samples, True
         return stats, samples, 1
     first = next(iter(batches()), None)
     if first is None:
@@ -877,12 +912,14 @@ def calibrate(
     excluded_nodes: Iterable[str] = (),
     op_types: Iterable[str] | None = None,
     model: onnx.ModelProto | None = None,
+    side: SidePass | None = None,
 ) -> CalibrationResult:
     """Observe ``tensors`` over the calibration batches and return a range for each.
 
     ``batches`` is called once per pass and must yield (feed, sample_count) pairs. ``model``: the file at
     ``model_path`` already parsed by the caller (it is only read), to save parsing it again. With a cache and
-    a key describing the model and data, statistics are reused across runs and methods.
+    a key describing the model and data, statistics are reused across runs and methods. ``side``: computed in the
+    same pass where it is a min/max one (see SidePass).
     """
     started = time.perf_counter()
     if model is None:
@@ -897,7 +934,7 @@ def calibrate(
             progress(1.0)
     else:
         stats, samples, passes = collect_stats(
-            model_path, plan.observe, batches, settings, providers, threads, progress, total_samples, model
+            model_path, plan.observe, batches, settings, providers, threads, progress, total_samples, model, side
         )
         if cache is not None and key and samples:
             cache.save(key, stats, samples)

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from worker.engine import adaround, bias_correction, equalize, runtime
-from worker.engine.calibrate import write_ort_ranges
+from worker.engine.calibrate import SidePass, write_ort_ranges
 from worker.engine.feeds import batch_source
 from worker.engine.files import sha256_file
 from worker.engine.ort_quant import quantize_static, warn_forced
@@ -248,9 +248,28 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def _correct(ctx: RecipeContext, base: Candidate, out: Refined, ref: Reference) -> Candidate | None:
+def side_pass(ctx: RecipeContext) -> SidePass | None:
+    """What the calibration pass of ``ctx``'s model can compute for the refinements in its own runs: bias
+    correction's input means, and the float outputs on the samples the candidates are compared on (or the
+    equalization check's). None where bias correction is off or the model has nothing to correct: the
+    refinements then cost nothing more, as before."""
+    opts = ctx.opts
+    if opts.bias_correction == "off":
+        return None
+    axes_of = bias_correction.mean_axes(ctx.normalized)
+    if not axes_of:
+        return None
+    delta, names = bias_correction.means_delta(ctx.normalized, axes_of)
+    auto = "auto" in (opts.equalize, opts.bias_correction, opts.adaround)
+    keep = COMPARE_SAMPLES if auto else CHECK_SAMPLES if opts.equalize != "off" else 0
+    return SidePass(delta, names, keep_outputs=keep)
+
+
+def _correct(ctx: RecipeContext, base: Candidate, out: Refined, ref: Reference,
+             side: SidePass | None) -> Candidate | None:
     """``base`` bias-corrected (None when it has no layer to correct); fills the bias_correction section. When
-    ``base`` is the plain artifact and ``ref`` has not run yet, ref's outputs come from the same pass."""
+    ``base`` is the plain artifact, the calibration pass's ``side`` gives the input means where it ran; else, when
+    ``ref`` has not run yet, ref's outputs come from the means pass."""
     split = ctx.split
     assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
     c0, c1 = split.calib_range
@@ -258,8 +277,11 @@ def _correct(ctx: RecipeContext, base: Candidate, out: Refined, ref: Reference) 
     dest = ctx.work / f"quantized-{base.name}-bc.onnx"
     batches = batch_source(ctx.data.calib_reader, ctx.info.inputs, split.calib_plan, c0, c1)
     share = base.float_path == ctx.norm_path and not ref.loaded
+    measured = None
+    if side is not None and side.done and base.float_path == ctx.norm_path:
+        measured = ({x: side.sums[x] / side.samples for x in side.names if x in side.sums}, side.samples)
     res = bias_correction.correct(base.quant, base.float_path, base.float_model, dest, batches, ctx.providers,
-                                  ctx.cfg.threads, keep_outputs=ref.limit if share else 0)
+                                  ctx.cfg.threads, keep_outputs=ref.limit if share else 0, measured=measured)
     if share and res.outputs:
         ref.preload(res.outputs)
     section = out.bias_correction
@@ -330,10 +352,11 @@ def _r3(x: float | None) -> float | None:
 
 
 def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
-           calibrate: Callable[[RecipeContext], CalibrationResult]) -> Refined:
+           calibrate: Callable[[RecipeContext], CalibrationResult], side: SidePass | None = None) -> Refined:
     """Equalize and bias-correct as the options say, starting from the plain artifact at ``ctx.quant_path``
     (quantized from ``ctx.norm_path`` with ``ranges``); the chosen artifact ends up at ``ctx.quant_path``.
-    ``calibrate`` calibrates a context's model as the recipe does."""
+    ``calibrate`` calibrates a context's model as the recipe does; ``side``: what that calibration's pass
+    computed for these steps (side_pass), used where it ran."""
     opts = ctx.opts
     out = Refined({"mode": opts.equalize}, {"mode": opts.bias_correction},
                   None if opts.adaround == "off" else {"mode": opts.adaround})
@@ -346,6 +369,8 @@ def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
     plain = Candidate("plain", ctx.quant_path, ctx.norm_path, ctx.normalized, ranges)
     auto = "auto" in (opts.equalize, opts.bias_correction, opts.adaround)
     ref = Reference(ctx, COMPARE_SAMPLES if auto else CHECK_SAMPLES)
+    if side is not None and side.done and side.kept:
+        ref.preload(side.kept)  # the calibration pass ran the float model on those samples already
     scores: dict[str, float | None] = {}
 
     def score(c: Candidate) -> float | None:
@@ -363,7 +388,7 @@ def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
         learned = _learn_rounding(ctx, chosen, out.adaround)
         chosen = _choose(opts.adaround, "adaround", chosen, learned, score, ref, out.adaround)
     if opts.bias_correction != "off":
-        corrected = _correct(ctx, chosen, out, ref)
+        corrected = _correct(ctx, chosen, out, ref, side)
         chosen = _choose(opts.bias_correction, "bias_correction", chosen, corrected, score, ref,
                          out.bias_correction)
     ctx.warnings.extend(out.warnings)

@@ -222,7 +222,7 @@ def test_off_leaves_the_artifact_as_before(tmp_path: Path, monkeypatch: pytest.M
     model = skewed_chain(tmp_path / "m.onnx")
     calib = _images(tmp_path / "c.npz", 32, 1)
 
-    def plain_only(ctx: object, ranges: object, calibrate: object) -> conv_refine.Refined:
+    def plain_only(ctx: object, ranges: object, calibrate: object, side: object = None) -> conv_refine.Refined:
         off = {"mode": "off", "enabled": False, "reason": "the step as it was before the options"}
         return conv_refine.Refined(dict(off), dict(off))
 
@@ -296,3 +296,58 @@ def test_the_bias_correction_pass_gives_the_float_outputs_it_ran(tmp_path: Path)
         # 4 of 512 values differ, by at most 2.4e-6)
         np.testing.assert_allclose(outs[0], _run_model(model, feed["x"]), rtol=1e-5, atol=1e-5)
     assert res.samples == 24 and res.layers == ["conv"]
+
+
+def test_the_calibration_pass_measures_the_input_means_and_keeps_the_float_outputs(tmp_path: Path) -> None:
+    """calibrate.SidePass: bias correction's input means and the float outputs, computed in the min/max
+    calibration's own runs (batches run in parts included), equal those of bias correction's own pass."""
+    from worker.engine import calibrate
+
+    model_path = biased_rounding_conv(tmp_path / "m.onnx")
+    model = onnx.load(str(model_path))
+    x = np.random.default_rng(5).uniform(2, 4, (24, 8, 6, 6)).astype(np.float32)
+    batches = [({"x": x[i:i + 8]}, 8) for i in range(0, 24, 8)]
+    axes_of = bias_correction.mean_axes(model)
+    assert axes_of == {"x": [0, 2, 3]}
+    delta, names = bias_correction.means_delta(model, axes_of)
+    for per_run in (8, 3):  # whole batches, then each batch in parts (calibrate.split_feed)
+        side = calibrate.SidePass(delta, names, keep_outputs=10)
+        real = calibrate.minmax_samples_per_run
+        calibrate.minmax_samples_per_run = lambda *_a, p=per_run: p  # type: ignore[assignment]
+        try:
+            calibrate.collect_stats(model_path, ["x"], lambda: iter(batches), calibrate.CalibrationSettings("minmax"),
+                                    ["CPUExecutionProvider"], 1, model=model, side=side)
+        finally:
+            calibrate.minmax_samples_per_run = real  # type: ignore[assignment]
+        assert side.done and side.samples == 24
+        np.testing.assert_allclose(side.sums["x"] / side.samples, x.astype(np.float64).mean(axis=(0, 2, 3)),
+                                   rtol=1e-6)
+        # The first batches until 10 samples are held (8 + 8; in parts of 3: 3+3+2 and 3+3+2).
+        assert [n for _, n, _ in side.kept] == ([8, 8] if per_run == 8 else [3, 3, 2, 3, 3, 2])
+        for feed, _, outs in side.kept:
+            np.testing.assert_allclose(outs[0], _run_model(model, feed["x"]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_job_takes_the_input_means_from_its_calibration_pass(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8_static with bias correction: the means pass and the float reference pass are the calibration's; the
+    artifact and the report's figures are those of a job that runs both passes on its own."""
+    model = biased_rounding_conv(tmp_path / "m.onnx")
+    rng = np.random.default_rng(1)
+    calib = save_npz(tmp_path / "c.npz", x=rng.uniform(2, 4, (64, 8, 6, 6)).astype(np.float32))
+    calls: list[str] = []
+    real_means, real_run_all = bias_correction.input_means, conv_refine.run_all
+    monkeypatch.setattr(bias_correction, "input_means",
+                        lambda *a, **k: calls.append("means") or real_means(*a, **k))
+    monkeypatch.setattr(conv_refine, "run_all",
+                        lambda path, *a: calls.append(Path(path).name) or real_run_all(path, *a))
+    shared = _quantize(tmp_path, model, calib, None, "shared", equalize="off")
+    # No means pass, no float reference pass: only the plain and the corrected int8 model on the compare samples.
+    assert "means" not in calls and len(calls) == 2, calls
+    calls.clear()
+    monkeypatch.setattr(conv_refine, "side_pass", lambda ctx: None)
+    own = _quantize(tmp_path, model, calib, None, "own", equalize="off")
+    assert calls[0] == "means" and len(calls) == 3, calls
+    assert _sha(tmp_path / "shared.onnx") == _sha(tmp_path / "own.onnx")
+    for key in ("enabled", "mean_abs_correction", "mean_relative_correction", "samples", "compare"):
+        assert shared["bias_correction"][key] == own["bias_correction"][key], key

@@ -11,7 +11,7 @@ from worker.engine.recipes import options as o
 from worker.engine.recipes.base import FormField, Recipe, RecipeContext, RecipeOutput
 
 if TYPE_CHECKING:  # annotations only: the registry stays light (no onnx or ONNX Runtime at import)
-    from worker.engine.calibrate import CalibrationResult
+    from worker.engine.calibrate import CalibrationResult, SidePass
 
 OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVATIONS, o.PERCENTILE, o.REDUCE_RANGE,
            o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY, o.SMOOTHQUANT, o.SMOOTHQUANT_ALPHA,
@@ -161,7 +161,7 @@ def _quantize_from(ctx: RecipeContext, smoothquant: dict[str, Any], smoothed_pat
     correction."""
     # lazy: as in quantize
     from worker.engine.calibrate import select_tensors, write_ort_ranges
-    from worker.engine.conv_refine import refine
+    from worker.engine.conv_refine import refine, side_pass
     from worker.engine.ort_quant import a16_tensors, quantize_static, refuse_subgraphs_only, warn_forced
 
     opts, split, step, warnings = ctx.opts, ctx.split, ctx.step, ctx.warnings
@@ -173,7 +173,9 @@ def _quantize_from(ctx: RecipeContext, smoothquant: dict[str, Any], smoothed_pat
     # Unknown activations_16bit names are refused before the calibration pass, not after it.
     wide = a16_tensors(normalized, opts.activations_16bit, opts.op_types_to_quantize)
     c0, c1 = split.calib_range
-    cal = _calibrate(ctx, tensors)
+    # Bias correction's input means and the refinements' float outputs, computed in the calibration's own runs.
+    side = side_pass(ctx) if opts.method == "minmax" and opts.calibrator == "lowbit" else None
+    cal = _calibrate(ctx, tensors, side)
     if cal.samples == 0:
         raise EngineError("not_enough_samples", "no calibration batch could be formed from the dataset")
     if cal.nonfinite_tensors:
@@ -205,7 +207,7 @@ def _quantize_from(ctx: RecipeContext, smoothquant: dict[str, Any], smoothed_pat
     warn_forced(quantize_static(ctx.norm_path, ctx.quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
     # Cross-layer equalization and bias correction (options equalize, bias_correction): may replace the artifact
     # with one quantized from an equalized copy of the model, whose ranges and float model the layers stage reads.
-    refined = refine(ctx, cal.ranges, _recalibrate)
+    refined = refine(ctx, cal.ranges, _recalibrate, side)
     return RecipeOutput(calibration=calibration, static_ranges=refined.ranges or cal.ranges,
                         nonfinite_tensors=list(cal.nonfinite_tensors),
                         smoothquant=smoothquant, float_model=refined.float_path or smoothed_path,
@@ -221,9 +223,9 @@ def _recalibrate(ctx: RecipeContext) -> CalibrationResult:
     return _calibrate(ctx, select_tensors(ctx.normalized, ctx.opts.op_types_to_quantize or None))
 
 
-def _calibrate(ctx: RecipeContext, tensors: list[str]) -> CalibrationResult:
+def _calibrate(ctx: RecipeContext, tensors: list[str], side: SidePass | None = None) -> CalibrationResult:
     """The activation ranges of ``tensors`` on the calibration samples, by the calibrator the options name
-    (lowbit's through the statistics cache when the run has one)."""
+    (lowbit's through the statistics cache when the run has one); ``side`` is filled where its pass runs."""
     # lazy, as in quantize: the registry stays light (files adds importlib.metadata to `lowbit --help`)
     from worker.engine.calibrate import CalibrationSettings, StatsCache, calibrate, calibrate_with_ort
     from worker.engine.feeds import batch_source, fixed_batch
@@ -267,6 +269,7 @@ def _calibrate(ctx: RecipeContext, tensors: list[str]) -> CalibrationResult:
         excluded_nodes=opts.nodes_to_exclude,
         op_types=opts.op_types_to_quantize or None,
         model=ctx.normalized,
+        side=side,
     )
 
 
