@@ -150,7 +150,7 @@ LAYER_BYTES_PER_RUN = 32 << 20
 LAYER_BYTES_TOTAL = 256 << 20
 # Samples times passes per model: the analysis's time is bounded too. A model whose layer outputs take several
 # passes is analysed on fewer samples (at least one): basic-pitch's 3 passes over 7 samples were a fifth of its
-# int8_static job (1.7 s of 7.8 s), where ONNX Runtime's quantize_static takes 2.0 s in all.
+# int8_static job (3.3 s of 15.6 s on a busy machine), where ONNX Runtime's quantize_static takes 2.0 s in all.
 LAYER_SAMPLE_PASSES = 8
 
 
