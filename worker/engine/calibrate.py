@@ -108,6 +108,7 @@ class SidePass:
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     samples: int = 0
     kept: list[tuple[dict[str, np.ndarray], int, list[Any]]] = field(default_factory=list)
+    seconds: float = 0.0  # the pass's runs, reductions included
     done: bool = False
 
 
@@ -807,12 +808,14 @@ def collect_stats(
         extra = list(side.names.values()) if side is not None else []
         own = [o.name for o in model.graph.output]
         per_run: int | None = None
+        started = time.perf_counter()
         for feed, n in batches():
             if per_run is None:
                 per_run = minmax_samples_per_run(model, feed, n, list(tensors))
-            # The kept outputs are the first batches' (a batch run in parts: each part's, as a batch of its own).
+            # The kept outputs are the first batches'.
             keep = side is not None and samples < side.keep_outputs
             fetch = names + extra + (own if keep else [])
+            parts: list[tuple[dict[str, np.ndarray], int, list[Any]]] = []
             for part in split_feed(feed, n, per_run):
                 values = runtime.run(session, part, "model during calibration", fetch)
                 got = dict(zip(fetch, values, strict=True))
@@ -823,12 +826,14 @@ def collect_stats(
                     for key, out in side.names.items():
                         side.sums[key] = side.sums.get(key, 0.0) + np.asarray(got[out], dtype=np.float64) * count
                     if keep:
-                        side.kept.append((part, count, list(values[len(names) + len(extra):])))
+                        parts.append((part, count, list(values[len(names) + len(extra):])))
+            if side is not None:
+                side.kept.extend(_whole(feed, n, parts))
             samples += n
             if progress and total_samples:
                 progress(min(1.0, samples / total_samples))
         if side is not None:
-            side.samples, side.done = samples, True
+            side.samples, side.seconds, side.done = samples, time.perf_counter() - started, True
         return stats, samples, 1
     first = next(iter(batches()), None)
     if first is None:
@@ -868,6 +873,18 @@ def collect_stats(
         del session
         passes += 1
     return stats, samples, passes
+
+
+def _whole(feed: dict[str, np.ndarray], n: int, parts: list[tuple[dict[str, np.ndarray], int, list[Any]]]
+           ) -> list[tuple[dict[str, np.ndarray], int, list[Any]]]:
+    """A batch's outputs, run in parts, joined back into the batch's (later runs on it take whole batches, which
+    is faster), where every output of every part has the part's samples on its first axis; else the parts."""
+    if len(parts) <= 1:
+        return parts
+    joinable = all(np.ndim(o) > 0 and np.shape(o)[0] == count for _, count, outs in parts for o in outs)
+    if not joinable:
+        return parts
+    return [(feed, n, [np.concatenate([p[2][k] for p in parts]) for k in range(len(parts[0][2]))])]
 
 
 def _hist_run(session: Any, names: list[str], feed: dict[str, np.ndarray], outs: dict[str, HistOutputs],

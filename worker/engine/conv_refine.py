@@ -8,9 +8,10 @@ model has a conv pair to equalize, and, with per-channel weights, its channel ra
 AUTO_MIN_SPREAD), and the better of the two on the calibration samples is kept; then the kept
 one bias-corrected (when it has a layer to correct), kept only if better again. "Better" is a lower output noise
 (quantized against the prepared float model, the geometric mean over the float outputs of the noise-to-signal
-power ratio) on up to ``COMPARE_SAMPLES`` calibration samples, by at least ``MIN_GAIN_DB``. Those samples
-already calibrated the ranges; the held-out or evaluation samples the report's figures come from take no part
-in the choice, so the figures are not biased by it. A model with neither (most transformers) costs nothing more.
+power ratio) on up to ``COMPARE_SAMPLES`` calibration samples (fewer on a slow model: compare_samples), by at
+least ``MIN_GAIN_DB``. Those samples already calibrated the ranges; the held-out or evaluation samples the
+report's figures come from take no part in the choice, so the figures are not biased by it. A model with neither
+(most transformers) costs nothing more.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ CHECK_SAMPLES = 8
 # "auto": calibration samples the candidates are compared on, and the least gain in output SQNR that counts.
 COMPARE_SAMPLES = 64
 MIN_GAIN_DB = 0.1
+# ...fewer on a slow model, as the latency timing stops after its budget: as many as the float model runs in
+# COMPARE_SECONDS (timed by the calibration pass, which ran them; at least COMPARE_MIN_SAMPLES). Each candidate runs
+# on them: basic-pitch's plain and bias-corrected int8 models took 1.5 s on its 32 samples, most of what its job
+# spent over ONNX Runtime's quantize_static (2.0 s in all); 16 samples now.
+COMPARE_SECONDS = 0.25
+COMPARE_MIN_SAMPLES = 16
 # "auto" makes an equalized candidate only where the pairs' first-conv channel ranges spread at least this much
 # (geometric mean of max/min over the pairs) or the weights are per-tensor: with per-channel weights a mild
 # spread leaves equalization little to gain, and the candidate costs a calibration pass, a quantization and a
@@ -248,6 +255,15 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
+def compare_samples(side: SidePass | None) -> int:
+    """How many calibration samples "auto" compares candidates on: COMPARE_SAMPLES, or fewer where the float model's
+    runs in the calibration pass show that many would take over COMPARE_SECONDS (at least COMPARE_MIN_SAMPLES)."""
+    if side is None or not side.done or side.samples <= 0 or side.seconds <= 0:
+        return COMPARE_SAMPLES
+    affordable = int(COMPARE_SECONDS * side.samples / side.seconds)
+    return max(COMPARE_MIN_SAMPLES, min(COMPARE_SAMPLES, affordable))
+
+
 def side_pass(ctx: RecipeContext) -> SidePass | None:
     """What the calibration pass of ``ctx``'s model can compute for the refinements in its own runs: bias
     correction's input means, and the float outputs on the samples the candidates are compared on (or the
@@ -368,7 +384,7 @@ def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
         return out  # the artifact as before these options existed
     plain = Candidate("plain", ctx.quant_path, ctx.norm_path, ctx.normalized, ranges)
     auto = "auto" in (opts.equalize, opts.bias_correction, opts.adaround)
-    ref = Reference(ctx, COMPARE_SAMPLES if auto else CHECK_SAMPLES)
+    ref = Reference(ctx, compare_samples(side) if auto else CHECK_SAMPLES)
     if side is not None and side.done and side.kept:
         ref.preload(side.kept)  # the calibration pass ran the float model on those samples already
     scores: dict[str, float | None] = {}

@@ -422,7 +422,8 @@ def _validate(prep: Prepared, made: Quantized, original_session: Any, opts: Reci
 
     first = next(iter(eval_batches()))
     lat_feed, lat_batch = _first_sample_feed(first.feed, info.inputs, split.eval_plan)
-    lat = latency_pair(original_session, quant_session, lat_feed, opts.latency_runs)
+    # Both sessions just ran the evaluation set: one warm-up pair at the latency feed's shape is enough.
+    lat = latency_pair(original_session, quant_session, lat_feed, opts.latency_runs, warmup=1)
     step("validating", 0.8)
     return Validated(acc, baselines, quantized, lat, lat_batch, quant_session.get_providers()[0])
 

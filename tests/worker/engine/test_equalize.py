@@ -322,10 +322,17 @@ def test_the_calibration_pass_measures_the_input_means_and_keeps_the_float_outpu
         assert side.done and side.samples == 24
         np.testing.assert_allclose(side.sums["x"] / side.samples, x.astype(np.float64).mean(axis=(0, 2, 3)),
                                    rtol=1e-6)
-        # The first batches until 10 samples are held (8 + 8; in parts of 3: 3+3+2 and 3+3+2).
-        assert [n for _, n, _ in side.kept] == ([8, 8] if per_run == 8 else [3, 3, 2, 3, 3, 2])
+        # The first batches until 10 samples are held (8 + 8; run in parts of 3, each batch's joined back).
+        assert [n for _, n, _ in side.kept] == [8, 8]
         for feed, _, outs in side.kept:
             np.testing.assert_allclose(outs[0], _run_model(model, feed["x"]), rtol=1e-5, atol=1e-5)
+    # Parts are joined back only where every output has the part's samples first; else each stays a batch.
+    feed = {"x": x[:5]}
+    parts = [({"x": x[:3]}, 3, [np.zeros((3, 2)), np.float32(1.0)]), ({"x": x[3:5]}, 2, [np.zeros((2, 2)),
+                                                                                       np.float32(2.0)])]
+    assert [n for _, n, _ in calibrate._whole(feed, 5, parts)] == [3, 2]
+    joined = calibrate._whole(feed, 5, [(f, n, outs[:1]) for f, n, outs in parts])
+    assert [(n, outs[0].shape) for _, n, outs in joined] == [(5, (5, 2))] and joined[0][0] is feed
 
 
 def test_a_job_takes_the_input_means_from_its_calibration_pass(tmp_path: Path,
@@ -351,3 +358,19 @@ def test_a_job_takes_the_input_means_from_its_calibration_pass(tmp_path: Path,
     assert _sha(tmp_path / "shared.onnx") == _sha(tmp_path / "own.onnx")
     for key in ("enabled", "mean_abs_correction", "mean_relative_correction", "samples", "compare"):
         assert shared["bias_correction"][key] == own["bias_correction"][key], key
+
+
+def test_auto_compares_on_fewer_samples_where_the_model_is_slow() -> None:
+    """The candidates' comparison is bounded in time: as many samples as the float model ran in COMPARE_SECONDS
+    during the calibration pass, between COMPARE_MIN_SAMPLES and COMPARE_SAMPLES."""
+    from worker.engine.calibrate import SidePass
+
+    def side(samples: int, seconds: float, done: bool = True) -> SidePass:
+        return SidePass(onnx.ModelProto(), {}, samples=samples, seconds=seconds, done=done)
+
+    assert conv_refine.compare_samples(side(32, 0.36)) == 22  # 11 ms a sample
+    assert conv_refine.compare_samples(side(32, 0.72)) == 16  # basic-pitch: 22.5 ms a sample
+    assert conv_refine.compare_samples(side(64, 0.05)) == conv_refine.COMPARE_SAMPLES
+    assert conv_refine.compare_samples(side(32, 60.0)) == conv_refine.COMPARE_MIN_SAMPLES
+    assert conv_refine.compare_samples(side(32, 0.72, done=False)) == conv_refine.COMPARE_SAMPLES
+    assert conv_refine.compare_samples(None) == conv_refine.COMPARE_SAMPLES

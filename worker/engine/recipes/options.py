@@ -27,7 +27,7 @@ HOLDOUT_FRACTION = Option("holdout_fraction", "float", 0.2, "share of the calibr
                           "when there is no evaluation set", lo=0.05, hi=0.5)
 NODES_TO_EXCLUDE = Option("nodes_to_exclude", "names", (), "node names kept in float")
 LATENCY_RUNS = Option("latency_runs", "int", 30, "timed runs of each model for the latency figures (at most: "
-                      "they stop after 1 s of timed runs once 10 are done)", lo=1, hi=1000)
+                      "they stop after 0.75 s of timed runs once 10 are done)", lo=1, hi=1000)
 OUTPUTS = Option("outputs", "roles", (), "declared output roles ({name: role}); outputs not named get an inferred "
                  f"role ({', '.join(OUTPUT_ROLES)})")
 COMMON = (BATCH_SIZE, HOLDOUT_FRACTION, NODES_TO_EXCLUDE, LATENCY_RUNS, OUTPUTS)
