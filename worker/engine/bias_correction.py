@@ -103,8 +103,8 @@ def find_layers(quantized: onnx.ModelProto, original: onnx.ModelProto) -> tuple[
     return layers, skipped
 
 
-def _mean_axes(layer: Layer, rank: int, gemm_trans_a: bool) -> list[int]:
-    if layer.op_type == "Conv":
+def _mean_axes(op_type: str, rank: int, gemm_trans_a: bool) -> list[int]:
+    if op_type == "Conv":
         return [0, *range(2, rank)]
     return [1] if gemm_trans_a else [0]
 
@@ -143,7 +143,7 @@ def mean_axes(float_model: onnx.ModelProto) -> dict[str, list[int]]:
         if node.op_type == "Conv" and rank < 3:
             continue
         trans_a = any(a.name == "transA" and a.i for a in node.attribute)
-        out.setdefault(node.input[0], [0, *range(2, rank)] if node.op_type == "Conv" else [1] if trans_a else [0])
+        out.setdefault(node.input[0], _mean_axes(node.op_type, rank, trans_a))
     return out
 
 
@@ -156,7 +156,7 @@ def input_means(float_path: Path, float_model: onnx.ModelProto, layers: list[Lay
     model's own outputs on the first batches that hold ``keep_outputs`` samples (fetched in the same runs)."""
     axes_of: dict[str, list[int]] = {}
     for layer in layers:
-        axes_of.setdefault(layer.x, _mean_axes(layer, ranks[layer.name], trans_a.get(layer.name, False)))
+        axes_of.setdefault(layer.x, _mean_axes(layer.op_type, ranks[layer.name], trans_a.get(layer.name, False)))
     delta, names = means_delta(float_model, axes_of)
     session = session_with(float_path, delta, providers, threads, "model for bias correction")
     fetch = list(names.values())
