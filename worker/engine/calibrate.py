@@ -799,41 +799,8 @@ def collect_stats(
     samples = 0
     if not with_hist:
         # min/max: reduce inside ONNX Runtime; only scalars cross into Python.
-        delta, pairs = minmax_delta(model, list(tensors))
-        if side is not None:
-            delta.MergeFrom(side.delta)
-        session = session_with(model_path, delta, providers, threads)
-        # Only the reductions: the model's own outputs are not fetched (but for the side pass's kept batches).
-        names = [o for pair in pairs.values() for o in pair if o]
-        extra = list(side.names.values()) if side is not None else []
-        own = [o.name for o in model.graph.output]
-        per_run: int | None = None
-        started = time.perf_counter()
-        for feed, n in batches():
-            if per_run is None:
-                per_run = minmax_samples_per_run(model, feed, n, list(tensors))
-            # The kept outputs are the first batches'.
-            keep = side is not None and samples < side.keep_outputs
-            fetch = names + extra + (own if keep else [])
-            parts: list[tuple[dict[str, np.ndarray], int, list[Any]]] = []
-            for part in split_feed(feed, n, per_run):
-                values = runtime.run(session, part, "model during calibration", fetch)
-                got = dict(zip(fetch, values, strict=True))
-                for t, (mn, mx) in pairs.items():
-                    stats[t].update(np.array([got[mn] if mn else 0.0, got[mx]], dtype=np.float64))
-                if side is not None:
-                    count = n if per_run >= n else int(next(iter(part.values())).shape[0])
-                    for key, out in side.names.items():
-                        side.sums[key] = side.sums.get(key, 0.0) + np.asarray(got[out], dtype=np.float64) * count
-                    if keep:
-                        parts.append((part, count, list(values[len(names) + len(extra):])))
-            if side is not None:
-                side.kept.extend(_whole(feed, n, parts))
-            samples += n
-            if progress and total_samples:
-                progress(min(1.0, samples / total_samples))
-        if side is not None:
-            side.samples, side.seconds, side.done = samples, time.perf_counter() - started, True
+        samples = _minmax_pass(model_path, model, tensors, stats, batches, providers, threads, progress,
+                               total_samples, side)
         return stats, samples, 1
     first = next(iter(batches()), None)
     if first is None:
@@ -873,6 +840,49 @@ def collect_stats(
         del session
         passes += 1
     return stats, samples, passes
+
+
+def _minmax_pass(model_path: Path, model: onnx.ModelProto, tensors: list[str], stats: dict[str, TensorStats],
+                 batches: Batches, providers: list[str], threads: int, progress: Progress | None,
+                 total_samples: int | None, side: SidePass | None) -> int:
+    """collect_stats' min/max pass: updates ``stats`` (and fills ``side``); returns the samples seen."""
+    samples = 0
+    delta, pairs = minmax_delta(model, list(tensors))
+    if side is not None:
+        delta.MergeFrom(side.delta)
+    session = session_with(model_path, delta, providers, threads)
+    # Only the reductions: the model's own outputs are not fetched (but for the side pass's kept batches).
+    names = [o for pair in pairs.values() for o in pair if o]
+    extra = list(side.names.values()) if side is not None else []
+    own = [o.name for o in model.graph.output]
+    per_run: int | None = None
+    started = time.perf_counter()
+    for feed, n in batches():
+        if per_run is None:
+            per_run = minmax_samples_per_run(model, feed, n, list(tensors))
+        # The kept outputs are the first batches'.
+        keep = side is not None and samples < side.keep_outputs
+        fetch = names + extra + (own if keep else [])
+        parts: list[tuple[dict[str, np.ndarray], int, list[Any]]] = []
+        for part in split_feed(feed, n, per_run):
+            values = runtime.run(session, part, "model during calibration", fetch)
+            got = dict(zip(fetch, values, strict=True))
+            for t, (mn, mx) in pairs.items():
+                stats[t].update(np.array([got[mn] if mn else 0.0, got[mx]], dtype=np.float64))
+            if side is not None:
+                count = n if per_run >= n else int(next(iter(part.values())).shape[0])
+                for key, out in side.names.items():
+                    side.sums[key] = side.sums.get(key, 0.0) + np.asarray(got[out], dtype=np.float64) * count
+                if keep:
+                    parts.append((part, count, list(values[len(names) + len(extra):])))
+        if side is not None:
+            side.kept.extend(_whole(feed, n, parts))
+        samples += n
+        if progress and total_samples:
+            progress(min(1.0, samples / total_samples))
+    if side is not None:
+        side.samples, side.seconds, side.done = samples, time.perf_counter() - started, True
+    return samples
 
 
 def _whole(feed: dict[str, np.ndarray], n: int, parts: list[tuple[dict[str, np.ndarray], int, list[Any]]]
