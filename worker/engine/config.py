@@ -101,6 +101,7 @@ class RecipeOptions:
     steps: int = 200
     learning_rate: float = 0.05
     range_learning_rate: float = 0.05
+    train_memory_mb: float = 1024.0
     train_weight_ranges: bool = False
     train_activation_ranges: bool = True
     task_loss: bool = False

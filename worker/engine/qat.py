@@ -330,7 +330,7 @@ def _train_in_child(cfg: QuantizeConfig, opts: RecipeOptions, source: Pt2Source,
         "options": {
             "steps": opts.steps, "learning_rate": opts.learning_rate, "range_learning_rate": opts.range_learning_rate,
             "train_weight_ranges": opts.train_weight_ranges, "train_activation_ranges": opts.train_activation_ranges,
-            "task_loss": opts.task_loss,
+            "task_loss": opts.task_loss, "train_memory_mb": opts.train_memory_mb,
         },
         "device": cfg.device, "threads": cfg.threads, "output": str(work / "qat-float.onnx"),
         "opset": EXPORT_OPSET, "seed": 0,

@@ -68,6 +68,8 @@ CHECK_SAMPLES = 64
 PROBE_SAMPLES = 32
 # Samples both models run to match ONNX tensors to program nodes by value.
 MATCH_SAMPLES = 16
+# ONNX tensors fetched per run while matching (see onnx_moments).
+MOMENT_BYTES = 256 << 20
 # Largest disagreement (relative to the ONNX tensor's largest magnitude) of any statistic for a match; ONNX
 # Runtime and PyTorch agree to ~1e-6 on the same tensor. Candidates within SAME_TOL of the best are the same
 # values (views, copies); a different tensor within AMBIGUOUS_FACTOR of the best makes the match ambiguous.
@@ -230,7 +232,8 @@ class Matching:
 
 def onnx_moments(onnx_path: Path, names: list[str], feeds: list[dict[str, np.ndarray]],
                  threads: int) -> dict[str, Moments]:
-    """Statistics of the ONNX model's tensors ``names`` on ``feeds`` (each made an extra graph output)."""
+    """Statistics of the ONNX model's tensors ``names`` on ``feeds`` (each made an extra graph output), fetched
+    in groups of at most MOMENT_BYTES per run: all at once, fracast's 491 tensors held 3 GB at batch 8."""
     import onnxruntime as ort
 
     model = onnx.load(str(onnx_path))
@@ -238,6 +241,7 @@ def onnx_moments(onnx_path: Path, names: list[str], feeds: list[dict[str, np.nda
     for name in names:
         if name not in have:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    groups = moment_groups(model, names, feeds[0] if feeds else {})
     so = ort.SessionOptions()
     so.intra_op_num_threads = max(1, threads)
     so.log_severity_level = 3
@@ -247,11 +251,35 @@ def onnx_moments(onnx_path: Path, names: list[str], feeds: list[dict[str, np.nda
     del model
     wanted = {i.name for i in sess.get_inputs()}
     out = {n: Moments() for n in names}
-    for feed in feeds:
-        values = sess.run(names, {k: v for k, v in feed.items() if k in wanted})
-        for n, v in zip(names, values, strict=True):
-            out[n].add(v)
+    for group in groups:
+        for feed in feeds:
+            values = sess.run(group, {k: v for k, v in feed.items() if k in wanted})
+            for n, v in zip(group, values, strict=True):
+                out[n].add(v)
+            del values
     return out
+
+
+def moment_groups(model: onnx.ModelProto, names: list[str], feed: dict[str, np.ndarray],
+                  budget: int | None = None) -> list[list[str]]:
+    """``names`` in order, cut into groups whose tensors (sized by shape inference on ``feed``; one it cannot
+    size counts as the largest it can) fit ``budget`` bytes together (default MOMENT_BYTES)."""
+    from worker.engine.calibrate import activation_bytes  # lazy: calibrate loads ONNX Runtime, as onnx_moments does
+
+    budget = MOMENT_BYTES if budget is None else budget
+    sizes = activation_bytes(model, feed, names) if names and feed else {}
+    known = [v for v in sizes.values() if v is not None]
+    fallback = max(known) if known else budget // 16
+    groups: list[list[str]] = [[]]
+    used = 0
+    for n in names:
+        size = sizes.get(n) or fallback
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(n)
+        used += size
+    return [g for g in groups if g]
 
 
 def program_moments(gm: Any, program: Any, inputs: list[Any], feeds: list[dict[str, np.ndarray]],
@@ -632,11 +660,14 @@ def train_with_retries(first: Attempt, train: Callable[[Attempt], Any], restart:
             attempts.append(Attempt(run.learning_rate / RETRY_FACTOR, run.range_learning_rate / RETRY_FACTOR))
 
 
-def _distill_terms(out: list[Any], ref: list[Any]) -> list[Any]:
+def _distill_terms(out: list[Any], ref: list[Any], powers: list[Any] | None = None,
+                   share: float = 1.0) -> list[Any]:
     """Normalised MSE per float output, over the positions where the float model's output is finite (a model
-    may output -inf by design; the same -inf from the student is then no error)."""
+    may output -inf by design; the same -inf from the student is then no error). ``powers``: each float
+    output's mean square over the whole batch when ``out`` is a part of it holding ``share`` of its samples
+    (the parts' terms then add up to the whole batch's)."""
     torch = _torch()
-    terms = []
+    terms: list[Any] = []
     for o, r in zip(out, ref, strict=True):
         if not r.is_floating_point():
             continue
@@ -646,8 +677,31 @@ def _distill_terms(out: list[Any], ref: list[Any]) -> list[Any]:
         else:
             d = torch.where(finite, o - torch.where(finite, r, 0.0), 0.0)
             rr = torch.where(finite, r, 0.0)
-        terms.append((d ** 2).mean() / (rr.pow(2).mean() + 1e-12))
+        power = powers[len(terms)] if powers is not None else rr.pow(2).mean()
+        terms.append(share * (d ** 2).mean() / (power + 1e-12))
     return terms
+
+
+def _powers(ref: list[Any]) -> list[Any]:
+    """Each float output's mean square over its finite positions (counted over all positions, as in
+    _distill_terms)."""
+    torch = _torch()
+    return [torch.where(torch.isfinite(r), r, 0.0).pow(2).mean() for r in ref if r.is_floating_point()]
+
+
+def saved_bytes(torch: Any, run: Callable[[], Any]) -> int:
+    """Bytes of the tensors autograd saves for the backward pass while ``run`` builds its graph: what a
+    training step holds at its peak, beyond the model, grows with them."""
+    total = 0
+
+    def pack(t: Any) -> Any:
+        nonlocal total
+        total += int(t.numel()) * int(t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return total
 
 
 def _first_nonfinite(student: Any, acts: dict[str, Any], placements: dict[str, Placement], forward: Callable[
@@ -782,6 +836,9 @@ class _Training:
         self.done = 0.0  # share of the progress bar used by diverged attempts (it never goes back)
         self.task_used = False
         self.probe: list[dict[str, np.ndarray]] = []
+        self.opts = opts
+        self.micro = 0  # samples per backward pass: planned on the first batch (plan_parts)
+        self.saved_per_sample: int | None = None
 
     def forward(self, module: Any, feed: dict[str, np.ndarray]) -> list[Any]:
         from torch.utils import _pytree as pytree
@@ -805,13 +862,13 @@ class _Training:
         schedules = [torch.optim.lr_scheduler.LambdaLR(o, lambda i: lr_factor(i, steps)) for o in optimizers]
         return optimizers, schedules
 
-    def loss(self, feed: dict[str, np.ndarray], labels: np.ndarray | None) -> tuple[Any, Any]:
-        """(training loss, distillation loss) of the student on one batch."""
+    def part_loss(self, feed: dict[str, np.ndarray], labels: np.ndarray | None, ref: list[Any],
+                  powers: list[Any] | None, share: float) -> tuple[Any, Any]:
+        """(training loss, distillation loss) of the student on ``feed``, ``share`` of a batch whose float
+        outputs' mean squares are ``powers`` (None: ``feed`` is the whole batch)."""
         torch = self.torch
-        with torch.no_grad():
-            ref = self.forward(self.teacher, feed)
         out = self.forward(self.student, feed)
-        terms = _distill_terms(out, ref)
+        terms = _distill_terms(out, ref, powers, share)
         if not terms:
             raise EngineError("training_failed", "the model has no float output to train against")
         loss = distill = sum(terms) / len(terms)
@@ -821,9 +878,57 @@ class _Training:
             if idx is not None:
                 target = torch.as_tensor(labels.astype(np.int64), device=self.device)
                 if int(target.max()) < out[idx].shape[1] and int(target.min()) >= 0:
-                    loss = loss + TASK_LOSS_WEIGHT * torch.nn.functional.cross_entropy(out[idx], target)
+                    loss = loss + share * TASK_LOSS_WEIGHT * torch.nn.functional.cross_entropy(out[idx], target)
                     self.task_used = True
         return loss, distill
+
+    def parts(self, feed: dict[str, np.ndarray], labels: np.ndarray | None) -> list[tuple[
+            dict[str, np.ndarray], np.ndarray | None, float]]:
+        """``feed`` cut into parts of at most ``micro`` samples along the batch axis, each with its share."""
+        n = int(np.shape(next(iter(feed.values())))[0]) if feed else 0
+        if not self.data.resample or self.micro >= n:
+            return [(feed, labels, 1.0)]
+        return [({k: v[s:s + self.micro] for k, v in feed.items()},
+                 None if labels is None else labels[s:s + self.micro], min(self.micro, n - s) / n)
+                for s in range(0, n, self.micro)]
+
+    def backward(self, feed: dict[str, np.ndarray], labels: np.ndarray | None) -> tuple[Any, Any]:
+        """One batch's (training loss, distillation loss), its gradients accumulated part by part (the same
+        gradients as the whole batch at once; a part's graph is freed before the next is built). Stops at the
+        first part whose loss is not finite, before its backward pass, and returns that loss."""
+        torch = self.torch
+        parts = self.parts(feed, labels)
+        with torch.no_grad():
+            refs = [self.forward(self.teacher, part) for part, _, _ in parts]
+        # The whole batch's mean squares, from its parts' (each holds its share of the positions).
+        powers = [sum(share * p for (_, _, share), p in zip(parts, ps, strict=True))
+                  for ps in zip(*(_powers(r) for r in refs), strict=True)] if len(parts) > 1 else None
+        loss_sum, distill_sum = 0.0, 0.0
+        for (part, labs, share), ref in zip(parts, refs, strict=True):
+            loss, distill = self.part_loss(part, labs, ref, powers, share)
+            if not bool(torch.isfinite(loss)):
+                return loss.detach(), distill.detach()
+            loss.backward()
+            loss_sum += float(loss.detach())
+            distill_sum += float(distill.detach())
+        return torch.tensor(loss_sum), torch.tensor(distill_sum)
+
+    def plan_parts(self, feed: dict[str, np.ndarray], labels: np.ndarray | None) -> None:
+        """``micro``: the samples per backward pass that keep what autograd saves within option
+        train_memory_mb, measured on one sample of ``feed`` (fracast, a 1.2 MB model, peaked at 11.5 GB at batch
+        8 in one pass)."""
+        n = int(np.shape(next(iter(feed.values())))[0]) if feed else 1
+        self.micro = n
+        if not self.data.resample or n <= 1:
+            return
+        torch = self.torch
+        one = {k: v[:1] for k, v in feed.items()}
+        with torch.no_grad():
+            ref = self.forward(self.teacher, one)
+        self.saved_per_sample = saved_bytes(
+            torch, lambda: self.part_loss(one, None if labels is None else labels[:1], ref, None, 1.0))
+        budget = float(self.opts.get("train_memory_mb", 1024.0)) * (1 << 20)
+        self.micro = max(1, min(n, int(budget // max(1, self.saved_per_sample))))
 
     def attempt(self, run: Attempt) -> list[dict[str, Any]]:
         torch, steps, student = self.torch, self.steps, self.student
@@ -833,7 +938,11 @@ class _Training:
         it = self.data.stream(self.seed)
         for step in range(1, steps + 1):
             feed, labels = next(it)
-            loss, distill = self.loss(feed, labels)
+            if step == 1 and self.micro == 0:
+                self.plan_parts(feed, labels)
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            loss, distill = self.backward(feed, labels)
             run.steps_run = step
             if not bool(torch.isfinite(loss)):
                 run.diverged_at, run.loss = step, str(float(loss))
@@ -846,9 +955,6 @@ class _Training:
                         "report it with the model",
                     )
                 raise Diverged
-            for o in optimizers:
-                o.zero_grad(set_to_none=True)
-            loss.backward()
             for o, sched in zip(optimizers, schedules, strict=True):
                 o.step()
                 sched.step()
@@ -964,6 +1070,8 @@ def _training_report(training: _Training, attempts: list[Attempt], curve: list[d
         "device": training.device,
         "samples": data.samples,
         "batch_size": data.per,
+        "samples_per_backward_pass": training.micro or data.per,
+        "saved_bytes_per_sample": training.saved_per_sample,
         "learning_rate": run.learning_rate,
         "learning_rate_basis": "per parameter tensor, learning_rate x its int8 step (max|w|/127 per output "
                                "channel, averaged; max|p|/127 for other parameters)",

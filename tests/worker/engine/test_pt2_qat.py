@@ -342,6 +342,28 @@ def test_qat_finds_activations_by_value_where_names_mislead(masked: dict[str, Pa
     assert qat_cos == max(comparison["qat"], comparison["ptq"]) >= ptq_cos
 
 
+def test_a_batch_trained_in_parts_trains_the_same(pt2_zoo: dict[str, Path], tmp_path: Path) -> None:
+    """train_memory_mb below what one sample saves for its gradients: each batch of 32 runs its backward pass
+    one sample at a time, and the accumulated gradients are the whole batch's, so training follows the same
+    path (the same loss curve and learned ranges, to float rounding) as one pass per batch."""
+    def train(name: str, **extra: object) -> dict[str, Any]:
+        res = run(_cfg(pt2_zoo, tmp_path / name, "outlier", "qat_int8", "outlier_cal", "outlier_eval", steps=30,
+                       batch_size=32, learning_rate=0.2, range_learning_rate=0.2, **extra), lambda s, f: None)
+        return dict(res.report["training"])
+
+    whole, parts = train("whole"), train("parts", train_memory_mb=0.0001)
+    assert whole["samples_per_backward_pass"] == 32 and parts["samples_per_backward_pass"] == 1
+    # Measured on the outlier MLP: 59,452 bytes a sample, above 0.0001 MB (104 bytes) and far below 1024 MB / 32.
+    assert 104 < whole["saved_bytes_per_sample"] == parts["saved_bytes_per_sample"] < (1024 << 20) // 32
+    assert len(whole["loss_curve"]) == len(parts["loss_curve"]) == 30
+    for a, b in zip(whole["loss_curve"], parts["loss_curve"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)  # measured: within 1.6e-4
+    ranges_a, ranges_b = whole["learned_activation_ranges"], parts["learned_activation_ranges"]
+    assert ranges_a.keys() == ranges_b.keys()
+    for name in ranges_a:
+        assert ranges_b[name] == pytest.approx(ranges_a[name], rel=1e-4, abs=1e-5)  # measured: 1.2e-6
+
+
 def test_qat_restarts_a_diverging_run_at_lower_rates(pt2_zoo: dict[str, Path], tmp_path: Path) -> None:
     """An absurd range learning rate (the first steps move a quantization scale's logarithm by ~100, past what
     float32 holds) makes the loss NaN within a few steps; training restarts from the original weights at a
@@ -456,6 +478,35 @@ def test_matching_by_value_prefers_the_same_shape_and_refuses_to_guess() -> None
     assert got.nodes == {"t_flat": "view", "t_first": "linear"}
     assert set(got.unmatched) == {"twin", "nothing", "constant"}
     assert "several" in got.unmatched["twin"] and "constant" in got.unmatched["constant"]
+
+
+def test_matching_statistics_fetched_in_groups_are_the_same(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ONNX side of the matching fetches its tensors in groups that fit MOMENT_BYTES per run; the
+    statistics do not depend on how the tensors were grouped."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from worker.engine import qat_torch
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Mul", ["a", "x"], ["b"]),
+             helper.make_node("Add", ["b", "a"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.normal(size=(8, 64)).astype(np.float32)} for _ in range(3)]
+    names = ["a", "b", "y"]
+    model = onnx.load(path)
+    assert qat_torch.moment_groups(model, names, feeds[0]) == [names]  # 2 KB each, within 256 MB
+    assert qat_torch.moment_groups(model, names, feeds[0], budget=4096) == [["a", "b"], ["y"]]
+    together = qat_torch.onnx_moments(path, names, feeds, threads=1)
+    monkeypatch.setattr(qat_torch, "MOMENT_BYTES", 1)
+    apart = qat_torch.onnx_moments(path, names, feeds, threads=1)
+    for n in names:
+        assert apart[n].count == together[n].count == 3 * 8 * 64
+        assert np.array_equal(apart[n].vector(), together[n].vector())
 
 
 def test_training_points_follow_onnx_runtimes_range_rules() -> None:

@@ -115,6 +115,9 @@ RANGE_LEARNING_RATE = Option("range_learning_rate", "float", 0.05, "learning rat
 TRAIN_WEIGHT_RANGES = Option("train_weight_ranges", "bool", False, "learn the weights' ranges")
 TRAIN_ACTIVATION_RANGES = Option("train_activation_ranges", "bool", True, "learn the activations' ranges")
 TASK_LOSS = Option("task_loss", "bool", False, "add a cross-entropy term on the labels to the distillation loss")
+TRAIN_MEMORY_MB = Option("train_memory_mb", "float", 1024.0, "what one backward pass may save for its gradients; "
+                         "a batch that would save more is trained in parts whose gradients add up (the same "
+                         "training, in more passes)", lo=0.0001, hi=1_000_000.0)
 
 # -- auto ----------------------------------------------------------------------------------------------------
 MAX_FALLBACK_STEPS = Option("max_fallback_steps", "int", 8, "layers kept in float per candidate recipe, at most",
@@ -127,7 +130,8 @@ ORDER = (
     "per_channel", "symmetric_activations", "reduce_range", "symmetric", "int8_last_matmul", "quantize_embeddings",
     "int8_activations", "layer_sensitivity", "keep_io_types", "train_weight_ranges", "train_activation_ranges",
     "task_loss", "percentile", "batch_size", "max_calibration_samples", "holdout_fraction", "latency_runs",
-    "algorithm", "block_size", "steps", "learning_rate", "range_learning_rate", "max_fallback_steps", "prefer",
+    "algorithm", "block_size", "steps", "learning_rate", "range_learning_rate", "train_memory_mb",
+    "max_fallback_steps", "prefer",
     "accuracy_level", "nodes_to_exclude", "int8_nodes", "int8_most_sensitive", "op_types_to_quantize",
     "op_block_list", "outputs",
     "smoothquant", "smoothquant_alpha", "equalize", "bias_correction", "adaround", "adaround_seconds",

@@ -6,7 +6,8 @@ from worker.engine.recipes import options as o
 from worker.engine.recipes.base import FormField, Recipe, RecipeContext, RecipeOutput
 
 OPTIONS = (*o.COMMON, o.STEPS, o.LEARNING_RATE, o.RANGE_LEARNING_RATE, o.TRAIN_WEIGHT_RANGES,
-           o.TRAIN_ACTIVATION_RANGES, o.TASK_LOSS, o.MAX_CALIBRATION_SAMPLES)
+           o.TRAIN_ACTIVATION_RANGES, o.TASK_LOSS, o.TRAIN_MEMORY_MB,
+           o.MAX_CALIBRATION_SAMPLES)
 
 
 def quantize(ctx: RecipeContext) -> RecipeOutput:
