@@ -60,6 +60,9 @@ MIN_COSINE = 0.99999
 CHECK_SAMPLES = 8
 # Factors are kept within these bounds: a dead channel (max 0) or a zero weight row would otherwise give 0 or inf.
 FACTOR_MIN, FACTOR_MAX = 1e-5, 1e5
+# A channel no weight reads (see factors) may be divided by far more: its weight row stays zero whatever the factor,
+# and 1e30 keeps its reciprocal a normal float32.
+UNREAD_FACTOR_MAX = 1e30
 PREFIX = "lowbit_smoothquant"
 
 
@@ -230,11 +233,21 @@ def spread(maxima: np.ndarray) -> float:
 
 
 def factors(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:
-    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha); 1 where either is 0, within [FACTOR_MIN, FACTOR_MAX]."""
+    """s_j = max|X_j|^alpha / max|W_j|^(1-alpha), within [FACTOR_MIN, FACTOR_MAX]. A channel that never moves
+    keeps 1. A channel whose weight row is all zeros adds nothing to the product whatever its values, but shares
+    the activation's range: it is scaled down to the largest smoothed channel. Left at 1 while the others were
+    divided by up to 1e5, it held the whole range alone: openWakeWord's mel spectrogram reads no filter weight
+    from its lowest bins, which carry the power spectrum's largest values (~1e12), and its int8 output was all
+    zeros (cosine 0.0 against 0.905 unsmoothed; 0.905 with this rule)."""
     s = np.ones_like(x_max, dtype=np.float64)
     ok = (x_max > 0) & (w_max > 0) & np.isfinite(x_max)
     s[ok] = x_max[ok] ** alpha / w_max[ok] ** (1.0 - alpha)
-    return np.clip(s, FACTOR_MIN, FACTOR_MAX)
+    s = np.clip(s, FACTOR_MIN, FACTOR_MAX)
+    unread = (x_max > 0) & (w_max == 0) & np.isfinite(x_max)
+    if ok.any() and unread.any():
+        level = float(np.max(x_max[ok] / s[ok]))
+        s[unread] = np.clip(x_max[unread] / level, 1.0, UNREAD_FACTOR_MAX)
+    return s
 
 
 def _bias_axis(t: onnx.TensorProto, channels: int) -> bool:
