@@ -54,6 +54,10 @@ STAGE_SPAN = {
 # see validate.LAYER_BYTES_TOTAL): each is one run of both models, with their layers' outputs fetched (an LSTM
 # embedder at batch 1: 70 ms a run, so 16 samples took as long as the whole calibration).
 LAYER_SAMPLES = 8
+# An output whose cosine to the original falls below this gets a warning that the model is no replacement:
+# all-MiniLM-L6-v2's plain int8 embedding (0.34-0.42) and an all-zero output (0.0) are far below it, the corpus'
+# usable int8 models (0.87 and up) far above.
+COLLAPSED_COSINE = 0.5
 
 
 def progress_percent(stage: str, fraction: float) -> int:
@@ -559,6 +563,7 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
     cfg, quant_path = prep.cfg, made.path
     step("reporting", 0.0)
     _warn_unlisted_layers(table.layers, checked.quantized, warnings)
+    _warn_collapsed(checked.acc.outputs, checked.acc.samples, warnings)
     original_bytes = os.path.getsize(cfg.model_path)
     quantized_bytes = os.path.getsize(quant_path)
     orig_ms, quant_ms = checked.latency["original_ms_p50"], checked.latency["quantized_ms_p50"]
@@ -614,6 +619,21 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
     place(quant_path, Path(cfg.output_path))
     step("reporting", 1.0)
     return QuantizeResult(Path(cfg.output_path), artifact_sha, quantized_bytes, report, warnings)
+
+
+def _warn_collapsed(outputs: list[dict[str, Any]], samples: int, warnings: list[str]) -> None:
+    """A loud warning for each output the quantized model no longer computes: a job that succeeds with cosine
+    0.0 (SmoothQuant on openWakeWord's mel spectrogram gave all zeros) must not read like a usable result."""
+    for out in outputs:
+        cosine = out.get("cosine")
+        if cosine is None or not np.isfinite(cosine) or cosine >= COLLAPSED_COSINE:
+            continue
+        warnings.append(
+            f"output {out.get('name')} of the quantized model has lost what the original computes (cosine "
+            f"{cosine:.3f}, SQNR {out.get('sqnr_db')} dB on {samples} evaluation samples): it is no replacement "
+            "for the original. fp16 or int8_dynamic, int8_static's smoothquant or activations_16bit options, or "
+            "auto with an accuracy target (which keeps the layers at fault in float) may keep it"
+        )
 
 
 def _warn_unlisted_layers(layers: list[dict[str, Any]], quantized: onnx.ModelProto, warnings: list[str]) -> None:

@@ -63,6 +63,10 @@ def test_planted_outliers_collapse_without_smoothing_and_recover_with_it(tmp_pat
     cos_off, cos_on = off["accuracy"]["outputs"][0]["cosine"], on["accuracy"]["outputs"][0]["cosine"]
     assert sqnr_off < 5.0 and cos_off < 0.5  # measured: SQNR -0.09 dB, cosine 0.092
     assert sqnr_on > 18.0 and cos_on > 0.99  # measured: SQNR 22.7 dB, cosine 0.9973
+    # The collapsed model succeeds, but says it is no replacement for the original.
+    lost = [w for w in off["warnings"] if "has lost what the original computes" in w]
+    assert len(lost) == 1 and f"cosine {cos_off:.3f}" in lost[0], off["warnings"]
+    assert not any("has lost what the original computes" in w for w in on["warnings"])
     assert off["smoothquant"] == {"enabled": False, "reason": "option smoothquant is off", "mode": "off",
                                   "alpha": 0.5, "spread_threshold": smoothquant.SPREAD_THRESHOLD}
     sq = on["smoothquant"]
