@@ -170,9 +170,12 @@ def power_sums(ref: Any, got: Any) -> tuple[float, float]:
         x, y = a[i:i + _CHUNK], b[i:i + _CHUNK]
         if not same_float:  # float16, integers or mixed types: exact differences need a wider type
             x, y = x.astype(np.float64), y.astype(np.float64)
-        d = x - y  # rounding of a float32 difference is far below what any SQNR here resolves
-        s = float(np.einsum("i,i->", x, x, dtype=np.float64))
-        e = float(np.einsum("i,i->", d, d, dtype=np.float64))
+        # Rounding of a float32 difference is far below what any SQNR here resolves. inf - inf (a mask both
+        # models output) is NaN, left out below: numpy's RuntimeWarning about it reached users' terminals.
+        with np.errstate(invalid="ignore", over="ignore"):
+            d = x - y
+            s = float(np.einsum("i,i->", x, x, dtype=np.float64))
+            e = float(np.einsum("i,i->", d, d, dtype=np.float64))
         if not (np.isfinite(s) and np.isfinite(e)):
             ok = np.isfinite(x) & np.isfinite(y)
             x, d = x[ok], d[ok]

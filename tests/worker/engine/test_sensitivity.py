@@ -220,3 +220,18 @@ def test_sensitivity_keeps_no_intermediate_activations(tmp_path: Path, monkeypat
         assert one.isolated_sqnr_db is not None and 33 < one.isolated_sqnr_db < 42
     # The last layer's output is the model's: its own error (against its float twin) is the output's error.
     assert res.layers["conv11"].isolated_sqnr_db == res.layers["conv11"].output_sqnr_db
+
+
+def test_power_sums_leave_out_infinities_both_models_output_without_a_numpy_warning() -> None:
+    """A mask both models output as -inf: inf - inf is NaN, which the sums leave out, quietly (numpy's
+    RuntimeWarning about it was printed by lowbit quantize on fracast)."""
+    import warnings
+
+    from worker.engine.validate import power_sums
+
+    ref = np.array([1.0, -np.inf, 2.0, np.inf], np.float32)
+    got = np.array([1.5, -np.inf, 2.0, np.inf], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sig, err = power_sums(ref, got)
+    assert sig == 5.0 and err == 0.25
