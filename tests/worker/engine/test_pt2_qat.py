@@ -480,6 +480,19 @@ def test_matching_by_value_prefers_the_same_shape_and_refuses_to_guess() -> None
     assert "several" in got.unmatched["twin"] and "constant" in got.unmatched["constant"]
 
 
+def test_parts_are_as_few_as_the_budget_allows_and_even() -> None:
+    from worker.engine.qat_torch import part_size
+
+    mb = 1 << 20
+    assert part_size(8, 152 * mb, 1024) == 4  # 6 would fit: two parts, 4 + 4 rather than 6 + 2
+    assert part_size(8, 662 * mb, 1024) == 1  # fracast: one sample a pass
+    assert part_size(8, 196 * mb, 1024) == 4  # 5 would fit: 4 + 4
+    assert part_size(8, 10 * mb, 1024) == 8  # whole batches
+    assert part_size(8, 2048 * mb, 1024) == 1  # over the budget even alone: one sample, the least there is
+    assert part_size(32, 100 * mb, 1024) == 8  # 10 fit: 4 parts of 8
+    assert part_size(1, 662 * mb, 1024) == 1
+
+
 def test_matching_statistics_fetched_in_groups_are_the_same(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The ONNX side of the matching fetches its tensors in groups that fit MOMENT_BYTES per run; the
