@@ -264,22 +264,15 @@ def moment_groups(model: onnx.ModelProto, names: list[str], feed: dict[str, np.n
                   budget: int | None = None) -> list[list[str]]:
     """``names`` in order, cut into groups whose tensors (sized by shape inference on ``feed``; one it cannot
     size counts as the largest it can) fit ``budget`` bytes together (default MOMENT_BYTES)."""
-    from worker.engine.calibrate import activation_bytes  # lazy: calibrate loads ONNX Runtime, as onnx_moments does
+    # lazy: both load ONNX Runtime, as onnx_moments does
+    from worker.engine.calibrate import activation_bytes
+    from worker.engine.validate import budget_groups
 
     budget = MOMENT_BYTES if budget is None else budget
     sizes = activation_bytes(model, feed, names) if names and feed else {}
     known = [v for v in sizes.values() if v is not None]
     fallback = max(known) if known else budget // 16
-    groups: list[list[str]] = [[]]
-    used = 0
-    for n in names:
-        size = sizes.get(n) or fallback
-        if groups[-1] and used + size > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(n)
-        used += size
-    return [g for g in groups if g]
+    return budget_groups({n: sizes.get(n) or fallback for n in names}, budget) if names else []
 
 
 def program_moments(gm: Any, program: Any, inputs: list[Any], feeds: list[dict[str, np.ndarray]],

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -139,6 +139,7 @@ def latency_pair(original: Any, quantized: Any, feed: dict[str, np.ndarray], run
     return speedup_interval(o_ms, q_ms)
 
 
+K = TypeVar("K")
 # Elements per chunk when summing powers in float64: the temporaries stay a few MB whatever the tensor.
 _CHUNK = 1 << 20
 # Layer outputs fetched per model run, both models together; more layers than fit take more passes. ONNX
@@ -200,8 +201,10 @@ class LayerSqnr:
     seconds: float = 0.0
 
 
-def _pair_groups(sizes: dict[tuple[str, str], int], budget: int) -> list[list[tuple[str, str]]]:
-    groups: list[list[tuple[str, str]]] = [[]]
+def budget_groups(sizes: dict[K, int], budget: int) -> list[list[K]]:
+    """``sizes``' keys in order, cut into groups whose sizes add up to at most ``budget`` (a key larger than
+    ``budget`` is a group of its own)."""
+    groups: list[list[K]] = [[]]
     used = 0
     for pair, size in sizes.items():
         if groups[-1] and used + size > budget:
@@ -332,7 +335,7 @@ def layer_sqnr(
     if not pairs or not feeds:
         return LayerSqnr({})
     sizes, feeds = _pair_sizes(original_model, pairs, feeds, bytes_per_run, bytes_total)
-    groups = _pair_groups(sizes, bytes_per_run)
+    groups = budget_groups(sizes, bytes_per_run)
     feeds = _within_passes(feeds, len(groups), sample_passes)
     sig = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
@@ -344,7 +347,7 @@ def layer_sqnr(
                               providers, threads, bytes_per_run, merge, max_per_run)
         if sums is None:
             # Split the group by the sizes its first run measured and start it over.
-            groups[g: g + 1] = _pair_groups({p: sizes[p] for p in group}, bytes_per_run)
+            groups[g: g + 1] = budget_groups({p: sizes[p] for p in group}, bytes_per_run)
             continue
         part_sig, part_noise = sums
         for p in group:
