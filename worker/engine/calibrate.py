@@ -378,6 +378,16 @@ def activation_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], tensor
             for t, v in activation_shapes(model, feed, tensors).items()}
 
 
+def sized_bytes(model: onnx.ModelProto, feed: dict[str, np.ndarray], tensors: Sequence[str], unknown: int
+                ) -> dict[str, int]:
+    """activation_bytes with every tensor sized: one inference cannot size (or sizes 0) counts as the largest
+    one it can, or ``unknown`` when it can size none."""
+    est = activation_bytes(model, feed, tensors)
+    known = [v for v in est.values() if v is not None]
+    fallback = max(known) if known else unknown
+    return {t: est.get(t) or fallback for t in tensors}
+
+
 def _is_prime(n: int) -> bool:
     if n < 2:
         return False

@@ -265,14 +265,14 @@ def moment_groups(model: onnx.ModelProto, names: list[str], feed: dict[str, np.n
     """``names`` in order, cut into groups whose tensors (sized by shape inference on ``feed``; one it cannot
     size counts as the largest it can) fit ``budget`` bytes together (default MOMENT_BYTES)."""
     # lazy: both load ONNX Runtime, as onnx_moments does
-    from worker.engine.calibrate import activation_bytes
+    from worker.engine.calibrate import sized_bytes
     from worker.engine.validate import budget_groups
 
     budget = MOMENT_BYTES if budget is None else budget
-    sizes = activation_bytes(model, feed, names) if names and feed else {}
-    known = [v for v in sizes.values() if v is not None]
-    fallback = max(known) if known else budget // 16
-    return budget_groups({n: sizes.get(n) or fallback for n in names}, budget) if names else []
+    if not names:
+        return []
+    sizes = sized_bytes(model, feed, names, budget // 16) if feed else dict.fromkeys(names, budget // 16)
+    return budget_groups(sizes, budget)
 
 
 def program_moments(gm: Any, program: Any, inputs: list[Any], feeds: list[dict[str, np.ndarray]],
@@ -660,24 +660,20 @@ def _distill_terms(out: list[Any], ref: list[Any], powers: list[Any] | None = No
     output's mean square over the whole batch when ``out`` is a part of it holding ``share`` of its samples
     (the parts' terms then add up to the whole batch's)."""
     torch = _torch()
+    powers = _powers(ref) if powers is None else powers
     terms: list[Any] = []
     for o, r in zip(out, ref, strict=True):
         if not r.is_floating_point():
             continue
         finite = torch.isfinite(r)
-        if bool(finite.all()):
-            d, rr = o - r, r
-        else:
-            d = torch.where(finite, o - torch.where(finite, r, 0.0), 0.0)
-            rr = torch.where(finite, r, 0.0)
-        power = powers[len(terms)] if powers is not None else rr.pow(2).mean()
-        terms.append(share * (d ** 2).mean() / (power + 1e-12))
+        d = o - r if bool(finite.all()) else torch.where(finite, o - torch.where(finite, r, 0.0), 0.0)
+        terms.append(share * (d ** 2).mean() / (powers[len(terms)] + 1e-12))
     return terms
 
 
 def _powers(ref: list[Any]) -> list[Any]:
-    """Each float output's mean square over its finite positions (counted over all positions, as in
-    _distill_terms)."""
+    """Each float output's mean square, the normaliser of _distill_terms: non-finite positions count as 0 (and
+    still count in the mean)."""
     torch = _torch()
     return [torch.where(torch.isfinite(r), r, 0.0).pow(2).mean() for r in ref if r.is_floating_point()]
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from worker.engine import runtime
-from worker.engine.calibrate import activation_bytes, session_with
+from worker.engine.calibrate import session_with, sized_bytes
 from worker.engine.errors import EngineError
 from worker.engine.feeds import Batch
 from worker.engine.metrics import LabelMetrics, OutputMetrics, infer_role, speedup_interval
@@ -239,12 +239,10 @@ def _pair_sizes(original_model: onnx.ModelProto, pairs: list[tuple[str, str]],
     """Bytes both models fetch per pair and batch (from shape inference on the first batch), and the batches
     whose fetches fit ``bytes_total``."""
 
-    est = activation_bytes(original_model, feeds[0][0], [a for a, _ in pairs])
-    known = [v for v in est.values() if v is not None]
     # A tensor inference cannot size counts as the largest one it can (or a 16th of a run when none).
-    fallback = max(known) if known else max(1, bytes_per_run // 32)
+    est = sized_bytes(original_model, feeds[0][0], [a for a, _ in pairs], max(1, bytes_per_run // 32))
     # Both models' copy of each tensor is fetched in the same run.
-    sizes = {p: 2 * (est.get(p[0]) or fallback) for p in pairs}
+    sizes = {p: 2 * est[p[0]] for p in pairs}
     per_batch = sum(sizes.values()) // 2
     kept = 1
     while kept < len(feeds) and (kept + 1) * per_batch <= bytes_total:
