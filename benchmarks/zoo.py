@@ -18,7 +18,9 @@ The metric column is the entry's own task figure (``tests.zoo.corpus.task_metric
 agreement, cosine, F1, IoU...), fp32 model -> quantized model, on the evaluation set, computed here from both
 models' outputs; speed-up is fp32 p50 latency / quantized p50 latency at batch 1 (lowbit's report for lowbit
 rows, measured here the same way for ONNX Runtime's). Recipes: int8_static, int8_dynamic, int4_weight_only,
-fp16, auto (accuracy target ``cosine >= --auto-cosine``), qat_int8 (``.pt2`` entries only).
+fp16, auto (accuracy target ``cosine >= --auto-cosine``), qat_int8 (``.pt2`` entries only), and, when named,
+auto_float_fallback: ``auto`` with option ``search: "float_fallback"`` (plain int8 candidates and layers kept in
+float only); with both auto rows the run ends with which of the two chose the smaller model, entry by entry.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "auto", "qat_int8")
+# Rows that run a recipe with fixed options, only when named in --recipes: auto's search without its accuracy
+# steps (worker/engine/auto.py, option search), to compare with auto's (printed after the table when both ran).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"auto_float_fallback": ("auto", {"search": "float_fallback"})}
 # The task figure shown per entry, first present wins; (name, higher is better).
 HEADLINE = (("accuracy", True), ("note_f1", True), ("recall_iou50", True), ("face_cell_iou", True),
             ("decision_agreement", True), ("raw_pitch_accuracy", True), ("nn_agreement", True),
@@ -247,7 +252,7 @@ def measure(entry: Any, label: str, artifact: Path | None, code: int, log: Path,
         row.size_ratio = report["size"]["ratio"]
         row.speedup = report["latency"]["speedup"]
         met = (report.get("accuracy_target") or {}).get("met")
-        if label == "auto":
+        if label in ("auto", "auto_float_fallback"):
             chosen = report.get("chosen") or {}
             row.note = f"chose {chosen.get('recipe')} {json.dumps(chosen.get('options', {}))}"[:60]
             row.status = "met" if met else "missed"
@@ -340,7 +345,8 @@ def bench_entry(entry: Any, recipes: list[str], args: argparse.Namespace, work: 
         if recipe == "qat_int8" and Path(entry.model).suffix != ".pt2":
             continue
         out, rep, log = d / f"{recipe}.onnx", d / f"{recipe}.json", d / f"{recipe}.log"
-        code, secs, peak = run_child(lowbit_cmd(entry, recipe, out, rep, args), log, args.timeout)
+        name, options = VARIANTS.get(recipe, (recipe, {}))
+        code, secs, peak = run_child(lowbit_cmd(entry, name, out, rep, args, options), log, args.timeout)
         report = json.loads(rep.read_text()) if code == 0 and rep.is_file() else None
         row = measure(entry, recipe, out, code, log, secs, peak, ref, labels, fp32_onnx, report, args)
         base = ort.get("static")
@@ -391,6 +397,36 @@ def print_row(r: Row) -> None:
           file=sys.stderr)
 
 
+def float_fallback_summary(rows: list[Row], cosine: float) -> str:
+    """auto against its search without the accuracy steps, entry by entry: which chose the smaller model."""
+    by = {(r.model, r.recipe): r for r in rows}
+    models = list(dict.fromkeys(r.model for r in rows if r.recipe == "auto" and (r.model, "auto_float_fallback") in by))
+    if not models:
+        return ""
+    lines = [f"auto vs auto with float fallback alone (search float_fallback), target cosine >= {cosine}"]
+    counts = {"smaller": 0, "met, float fallback alone did not": 0, "same size": 0, "larger": 0}
+    for m in models:
+        a, f = by[(m, "auto")], by[(m, "auto_float_fallback")]
+        a_ok, f_ok = a.status == "met" and a.size_ratio, f.status == "met" and f.size_ratio
+        if a_ok and f_ok:
+            verdict = "smaller" if a.size_ratio < f.size_ratio else "larger" if a.size_ratio > f.size_ratio \
+                else "same size"
+        elif a_ok:
+            verdict = "met, float fallback alone did not"
+        elif f_ok:
+            verdict = "larger"  # float fallback alone met the target and auto did not: auto lost
+        else:
+            verdict = ""
+        if verdict:
+            counts[verdict] += 1
+        lines.append(f"  {m:22s} auto {a.status:8.8s} {_num(a.size_ratio, '.3f'):>6}  float fallback alone "
+                     f"{f.status:8.8s} {_num(f.size_ratio, '.3f'):>6}  {verdict or 'neither chose a model'}")
+    decided = sum(counts.values())
+    lines.append(f"  of {len(models)} entries ({decided} where either chose a model): "
+                 + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    return "\n".join(lines)
+
+
 def summary(rows: list[Row]) -> str:
     static = [r for r in rows if r.recipe == "int8_static" and r.time_vs_ort is not None]
     if not static:
@@ -429,9 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_child:
         return export_child(args)
     recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
-    unknown = sorted(set(recipes) - set(RECIPES))
+    unknown = sorted(set(recipes) - set(RECIPES) - set(VARIANTS))
     if unknown:
-        p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+        p.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join((*RECIPES, *VARIANTS))}")
     from tests.zoo.corpus import NAMES, build_corpus
 
     names = args.models.split(",") if args.models else None
@@ -448,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(rows))
     print()
     print(summary(rows))
+    compared = float_fallback_summary(rows, args.auto_cosine)
+    if compared:
+        print()
+        print(compared)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0

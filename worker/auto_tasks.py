@@ -305,7 +305,8 @@ def _advance(job_id: str, attempt: int, rnd: int, s: Settings, factory: sessionm
     opts = parse_options("auto", j.options)
     deadline = _deadline(j)
     nxt = [] if deadline is not None and time.time() > deadline else \
-        auto.next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude, opts.prefer)
+        auto.next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude, opts.prefer,
+                             opts.search == "float_fallback")
     if nxt:
         first = len(results)
         with factory.begin() as sess:

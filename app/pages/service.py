@@ -220,6 +220,7 @@ def _auto_context(report: Report) -> dict[str, Any] | None:
         "rows": present.candidate_rows(report),
         # Reports from before the choice weighed speed have no "prefer": they chose by size alone.
         "prefer": (search.prefer if search else None) or "size",
+        "float_fallback": (report.options or {}).get("search") == "float_fallback",
         "chosen_slower": bool(search and search.chosen_slower_than_fp32),
         "chosen_speed": present.speed_phrase(chosen_speedup) if isinstance(chosen_speedup, (int, float)) else "",
         "passed_over": [present.candidate_brief(c) for c in (search.passed_over_as_slower if search else [])],

@@ -82,6 +82,24 @@ def test_auto_job_finds_the_planted_layers(api: Harness, tmp_path: Path,
     assert not list(job_dir.glob("auto-*")) and not list(job_dir.glob("work-*"))
 
 
+def test_auto_job_searching_float_fallback_alone_takes_float_steps_only(
+        sqlite_api: Harness, tmp_path: Path, subtasks: list[tuple[str, int, int, str]]) -> None:
+    api = sqlite_api
+    job_id = _submit_auto(api, tmp_path, {"metric": "sqnr_db", "min": 21.0}, prefer="size", search="float_fallback")
+    _run(api, subtasks)
+    job = api.client.get(f"/api/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    assert report["options"]["search"] == "float_fallback"
+    assert sorted(report["chosen"]["excluded_nodes"]) == sorted(builders.PLANTED_SENSITIVE)
+    # The queue's rounds took the same steps as the in-process search: layers in float, nothing else.
+    rows = report["candidates"]
+    assert any(r["excluded_nodes"] for r in rows)
+    assert not [r for r in rows if r["activations_16bit"] or r["blocks"] or r["options"].get("adaround") == "on"]
+    page = api.client.get(f"/jobs/{job_id}")
+    assert page.status_code == 200 and 'search: "float_fallback"' in page.text.replace("&#34;", '"')
+
+
 def test_auto_job_that_misses_fails_with_its_report(sqlite_api: Harness, tmp_path: Path,
                                                      subtasks: list[tuple[str, int, int, str]]) -> None:
     api = sqlite_api

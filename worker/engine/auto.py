@@ -24,6 +24,10 @@
    validated again on the confirmation part (the last 40%, which no candidate saw), and those are the figures
    reported and the ones that decide ``accuracy_target.met`` (``confirm``; preflight.split_eval_range).
 
+Option ``search: "float_fallback"`` runs the search without its accuracy steps (SmoothQuant, equalization, bias
+correction, the 16-bit residual stream, A16W8, learned rounding, whole blocks): plain int8 candidates and float
+steps only, to measure what those steps gain (benchmarks/zoo.py --recipes auto,auto_float_fallback).
+
 This module is the search itself, usable from a script. How candidates are run (in this process, or as
 queue sub-tasks on several workers) is up to the caller: ``search`` runs them here, ``next_candidates``
 and ``conclude`` let a distributed runner drive the same search round by round.
@@ -75,6 +79,10 @@ RECIPE_OPS: dict[str, frozenset[str]] = {
 # Within 10 % a candidate is "as fast"; the slowdowns worth avoiding are larger (the same search: int4 + int8
 # activations 0.76, int8_dynamic's ConvInteger 0.11).
 SPEED_TOLERANCE = 0.10
+
+# Search "float_fallback": int8_static's accuracy steps off in every static candidate (learned rounding is off
+# by default), and no A16W8, block or learned-rounding step, so that float fallback alone meets the target.
+PLAIN_STATIC = {"smoothquant": "off", "equalize": "off", "bias_correction": "off", "residual_16bit": "off"}
 
 RunFn = Callable[[QuantizeConfig], Any]  # QuantizeConfig -> pipeline.QuantizeResult
 
@@ -280,15 +288,20 @@ def plan_candidates(model_path: Path, opts: RecipeOptions) -> list[Candidate]:
     if opts.max_calibration_samples != RecipeOptions().max_calibration_samples:
         calibrated["max_calibration_samples"] = opts.max_calibration_samples
     user_excluded = tuple(opts.nodes_to_exclude)
+    float_only = opts.search == "float_fallback"
     # SmoothQuant and learned rounding are int8_static's alone: the other recipes would refuse their options.
     static = dict(calibrated)
-    for name in ("smoothquant", "smoothquant_alpha", "adaround_seconds"):
-        if getattr(opts, name) != getattr(RecipeOptions(), name):
-            static[name] = getattr(opts, name)
+    if float_only:
+        static.update(PLAIN_STATIC)
+    else:
+        for name in ("smoothquant", "smoothquant_alpha", "adaround_seconds"):
+            if getattr(opts, name) != getattr(RecipeOptions(), name):
+                static[name] = getattr(opts, name)
     methods = [ANALYSIS_METHOD, *[m for m in CALIBRATION_METHODS if m != ANALYSIS_METHOD]]
     out = [Candidate("int8_static", {**static, "method": m}, user_excluded) for m in methods]
     matmuls = has_matmul_weights(model_path, user_excluded)
-    if matmuls and all(getattr(opts, n) == getattr(RecipeOptions(), n) for n in ("smoothquant", "smoothquant_alpha")):
+    if matmuls and not float_only and \
+            all(getattr(opts, n) == getattr(RecipeOptions(), n) for n in ("smoothquant", "smoothquant_alpha")):
         # SmoothQuant's strength, searched: the branch the fallback extends is the best static one of all.
         out += [Candidate("int8_static", {**static, "method": "minmax", "smoothquant": "on", "smoothquant_alpha": a},
                           user_excluded) for a in SMOOTHQUANT_ALPHAS]
@@ -363,11 +376,12 @@ def _size_bound(results: Sequence[CandidateResult], prefer: str) -> int | None:
 
 
 def next_candidates(results: Sequence[CandidateResult], max_steps: int,
-                    user_excluded: Sequence[str] = (), prefer: str = "size_and_speed") -> list[Candidate]:
+                    user_excluded: Sequence[str] = (), prefer: str = "size_and_speed",
+                    float_only: bool = False) -> list[Candidate]:
     """The next greedy step of every branch still worth extending (empty: the search is over). Each branch
     keeps the next most sensitive layer its recipe quantizes in float; on the static branch an A16W8 step with the
     same layers (their activations in 16 bits, nothing more in float) comes first, and the float step only when it
-    missed the target."""
+    missed the target. ``float_only`` (search "float_fallback"): float steps only."""
     bound = _size_bound(results, prefer)
     tried = {r.candidate.key: r for r in results}
     # A16W8 steps are no float steps: the branches below extend their float steps only.
@@ -394,7 +408,7 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
         if nxt is None:
             continue
         cand = dataclasses.replace(last.candidate, excluded_nodes=(*last.candidate.excluded_nodes, nxt))
-        if recipe == "int8_static":
+        if recipe == "int8_static" and not float_only:
             # First the same sensitive layers with 16-bit activations and int8 weights: a float step only when
             # that one did not meet the target.
             nodes = (*last.candidate.excluded_nodes[len(user_excluded):], nxt)
@@ -407,7 +421,7 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
                 continue
         if cand.key not in tried:
             out.append(cand)
-    if best_static is not None:
+    if best_static is not None and not float_only:
         block = _next_block(results, done, best_static, max_steps, bound, tried, tuple(user_excluded))
         if block is not None:
             out.append(block)
@@ -818,7 +832,8 @@ def _search(base: QuantizeConfig, target: dict[str, Any], run: RunFn, progress: 
                 progress(len(results), total)
         if budget is not None and time.monotonic() - started > float(budget):
             break
-        pending = next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude, opts.prefer)
+        pending = next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude, opts.prefer,
+                                  opts.search == "float_fallback")
         total += len(pending)
     outcome = conclude(results, target, base.job_id, opts.to_dict("auto"), time.monotonic() - started, rounds,
                        opts.prefer)

@@ -110,6 +110,9 @@ class RecipeOptions:
     # auto: "size_and_speed" chooses the smallest candidate that is not slower than the fp32 model (a slower one
     # only when no other meets the target); "size" the smallest, however slow.
     prefer: str = "size_and_speed"
+    # auto: "full" takes every accuracy step before layers go to float; "float_fallback" plain int8 candidates
+    # and float steps only (the search as it was before those steps, to compare what they gain).
+    search: str = "full"
     # Declared output roles, (output name, role) pairs; outputs not named get an inferred role.
     outputs: tuple[tuple[str, str], ...] = ()
 

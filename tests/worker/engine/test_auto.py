@@ -607,3 +607,49 @@ def test_a_choice_that_misses_on_confirmation_is_delivered_with_met_false(tmp_pa
     assert report["accuracy_target"]["value"] == conf["target"]["value"] < 20.0
     assert any("misses it on the 13 confirmation samples" in w for w in report["warnings"]), report["warnings"]
     assert (tmp_path / "out" / "model.auto.onnx").exists()  # delivered, flagged
+
+
+def test_the_float_fallback_search_plans_plain_int8_and_keeps_layers_in_float_only(tmp_path: Path) -> None:
+    mlp = builders.mlp(tmp_path / "mlp.onnx")  # Gemm/MatMul weights: the full search smooths and tries 4-bit
+    full = auto.plan_candidates(mlp, parse_options("auto", {}))
+    plain = auto.plan_candidates(mlp, parse_options("auto", {"search": "float_fallback"}))
+    statics = [c for c in plain if c.recipe == "int8_static"]
+    # One static candidate per calibration method, each with every accuracy step of int8_static off.
+    assert sorted(c.options["method"] for c in statics) == sorted(auto.CALIBRATION_METHODS)
+    assert all(c.options.items() >= auto.PLAIN_STATIC.items() for c in statics)
+    assert parse_options("int8_static", statics[0].config()["options"]).residual_16bit == "off"
+    # The other recipes are the full search's; only SmoothQuant's strengths are gone.
+    assert [(c.recipe, c.options) for c in plain if c.recipe != "int8_static"] == \
+        [(c.recipe, c.options) for c in full if c.recipe != "int8_static"]
+    assert len([c for c in full if c.recipe == "int8_static"]) == len(statics) + len(auto.SMOOTHQUANT_ALPHAS)
+    # The next steps: the full search's A16W8, block and learned-rounding steps; float steps alone here.
+    report = {"sensitivity": {"ranking": ["mm1", "mm2"], "blocks": [{"name": "b0", "layers": ["mm1"]},
+                                                                    {"name": "b1", "layers": ["mm2"]}]},
+              "layers": [{"name": "mm1", "op_type": "MatMul", "activation_inputs": ["x"]},
+                         {"name": "mm2", "op_type": "MatMul", "activation_inputs": ["h"]}]}
+    static = auto.CandidateResult(statics[0], "done", size_bytes=10, metric=0.5, met_target=False, report=report)
+    fp16 = auto.CandidateResult(auto.Candidate("fp16"), "done", size_bytes=40, metric=9.0, met_target=True)
+    steps = auto.next_candidates([static, fp16], max_steps=4)
+    assert {"a16", "blocks", "learned"} <= {"a16" if c.activations_16bit else "blocks" if c.blocks else
+                                             "learned" if c.learned_rounding else "float" for c in steps}
+    only = auto.next_candidates([static, fp16], max_steps=4, float_only=True)
+    assert [(c.recipe, c.excluded_nodes, c.activations_16bit, c.blocks, c.learned_rounding) for c in only] == [
+        ("int8_static", ("mm1",), (), (), False)]
+    # SmoothQuant asked for explicitly cannot be left out: the options say so.
+    with pytest.raises(EngineError) as err:
+        parse_options("auto", {"search": "float_fallback", "smoothquant": "on"})
+    assert err.value.code == "invalid_option" and "float_fallback" in err.value.message
+
+
+def test_float_fallback_alone_keeps_the_planted_layers_in_float(tmp_path: Path) -> None:
+    model = builders.planted_outlier_mlp(tmp_path / "planted.onnx")
+    data = builders.planted_data(tmp_path / "planted.npz")
+    outcome = auto.search(_base(tmp_path, model, data, prefer="size", search="float_fallback"),
+                          {"metric": "sqnr_db", "min": 21.0})
+    rows = outcome.report["candidates"]
+    assert outcome.chosen is not None, rows
+    assert sorted(outcome.chosen.candidate.excluded_nodes) == sorted(builders.PLANTED_SENSITIVE)
+    # No step of the full search ran: every static candidate is plain int8, no 16-bit activations, no block.
+    assert not [r for r in rows if r["activations_16bit"] or r["blocks"] or r["options"].get("adaround") == "on"]
+    assert all(r["options"].items() >= auto.PLAIN_STATIC.items() for r in rows if r["recipe"] == "int8_static")
+    assert outcome.report["options"]["search"] == "float_fallback"

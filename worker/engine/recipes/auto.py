@@ -8,8 +8,8 @@ from worker.engine.recipes.base import FormField, Recipe
 
 # The candidates take the common options (and max_calibration_samples where they calibrate; the int8_static ones
 # SmoothQuant's, and adaround_seconds, the budget of the learned-rounding step).
-OPTIONS = (*o.COMMON, o.MAX_CALIBRATION_SAMPLES, o.MAX_FALLBACK_STEPS, o.PREFER, o.SMOOTHQUANT, o.SMOOTHQUANT_ALPHA,
-           o.ADAROUND_SECONDS)
+OPTIONS = (*o.COMMON, o.MAX_CALIBRATION_SAMPLES, o.MAX_FALLBACK_STEPS, o.PREFER, o.SEARCH, o.SMOOTHQUANT,
+           o.SMOOTHQUANT_ALPHA, o.ADAROUND_SECONDS)
 
 RECIPE = Recipe(
     name="auto",

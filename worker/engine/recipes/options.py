@@ -17,6 +17,8 @@ INT4_CALIBRATED = ("gptq", "clip_search")
 BLOCK_SIZES = (16, 32, 64, 128)
 # auto: what the choice among candidates that meet the target optimises (see worker/engine/auto.py).
 AUTO_PREFERENCES = ("size_and_speed", "size")
+# auto: which steps the search takes before it keeps layers in float (see worker/engine/auto.py).
+AUTO_SEARCHES = ("full", "float_fallback")
 # What an output is for, which decides the figures it gets (declared in options.outputs, else inferred).
 OUTPUT_ROLES = ("classification", "embedding", "detection", "regression", "other")
 
@@ -124,6 +126,13 @@ MAX_FALLBACK_STEPS = Option("max_fallback_steps", "int", 8, "layers kept in floa
                             lo=0, hi=64)
 PREFER = Option("prefer", "choice", "size_and_speed", "size_and_speed: the smallest not slower than fp32; size: "
                 "the smallest however slow", choices=AUTO_PREFERENCES)
+SEARCH = Option("search", "choice", "full", "full: 16-bit activations, SmoothQuant, equalization, bias correction, "
+                "the 16-bit residual stream, learned rounding and whole blocks are tried before and beside layers "
+                "kept in float; float_fallback: plain int8 candidates and layers kept in float only (the search "
+                "without those steps, to compare)", choices=AUTO_SEARCHES,
+                conflicts=(Conflict("float_fallback", "smoothquant", "on",
+                                    "search 'float_fallback' tries no SmoothQuant; leave smoothquant unset or use "
+                                    "search 'full'"),))
 
 ORDER = (
     "method", "calibrator",
@@ -135,5 +144,5 @@ ORDER = (
     "accuracy_level", "nodes_to_exclude", "int8_nodes", "int8_most_sensitive", "op_types_to_quantize",
     "op_block_list", "outputs",
     "smoothquant", "smoothquant_alpha", "equalize", "bias_correction", "adaround", "adaround_seconds",
-    "residual_16bit", "activations_16bit",
+    "residual_16bit", "activations_16bit", "search",
 )
