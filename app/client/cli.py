@@ -227,15 +227,25 @@ def output_line(out: dict[str, Any]) -> str:
     return f"  output {out.get('name')}: " + ", ".join(parts) + " (quantized vs original)" + role
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _candidate_name(c: dict[str, Any]) -> str:
-    """'int8_static (minmax) + 2 in float' for an auto report's candidate row (or its chosen/best entry)."""
+    """'int8_static (minmax) + 2 layers in float' for an auto report's candidate row (or its chosen/best entry).
+    The wording of worker.engine.labels.candidate_name, which the client cannot import (it imports nothing of the
+    engine); tests/app/test_auto_api.py checks the two agree."""
     options = _dict(c.get("options"))
     method = options.get("method")
-    kept = len(c.get("excluded_nodes") or [])
-    wide = len(c.get("activations_16bit") or [])
-    return (str(c.get("recipe", "?")) + (" + int8 activations" if options.get("int8_activations") else "")
-            + (f" ({method})" if method else "") + (f" + {wide} activations in 16 bits" if wide else "")
-            + (f" + {kept} in float" if kept else ""))
+    smooth = f", SmoothQuant {options.get('smoothquant_alpha')}" if options.get("smoothquant") == "on" else ""
+    text = (str(c.get("recipe", "?")) + (" + int8 activations" if options.get("int8_activations") else "")
+            + (f" ({method}{smooth})" if method else "") + (" + learned rounding" if options.get("adaround") == "on"
+                                                            else ""))
+    wide, blocks, kept = (len(c.get(k) or []) for k in ("activations_16bit", "blocks", "excluded_nodes"))
+    text += f" + {_count(wide, 'activation')} in 16 bits" if wide else ""
+    if blocks:
+        return text + f" + {_count(blocks, 'residual block')} in float"
+    return text + (f" + {_count(kept, 'layer')} in float" if kept else "")
 
 
 def _speed(speedup: Any) -> str:

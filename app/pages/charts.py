@@ -22,6 +22,7 @@ from app.pages.present import (
     layers_worst_first,
     sensitivity_db,
 )
+from worker.engine.labels import candidate_name
 from worker.engine.report import AccuracyTargetSpec, Candidate, CandidateConfig, Latency, Layer, OutputAccuracy, Size
 
 ROW = 26
@@ -329,11 +330,5 @@ def pareto_chart(candidates: list[Candidate], target: AccuracyTargetSpec | None,
 
 
 def candidate_label(c: CandidateConfig) -> str:
-    """'int8_static (entropy) + 2 in float'."""
-    method = c.options.get("method")
-    text = str(c.recipe) + (f" ({method})" if method else "")
-    kept = c.excluded_nodes
-    text += f" + {len(c.activations_16bit)} in 16 bits" if c.activations_16bit else ""
-    text += f" + {len(c.blocks)} blocks" if c.blocks else ""
-    text += " + learned rounding" if c.options.get("adaround") == "on" else ""
-    return text + (f" + {len(kept)} in float" if kept else "")
+    """'int8_static (entropy) + 2 layers in float'."""
+    return candidate_name(str(c.recipe), c.options, c.excluded_nodes, c.activations_16bit, c.blocks)

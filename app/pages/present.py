@@ -18,6 +18,7 @@ from typing import Any, TypeGuard
 from jinja2 import Undefined
 
 from worker.engine.config import RecipeOptions
+from worker.engine.labels import candidate_name, recipe_label
 from worker.engine.report import (
     Accuracy,
     AccuracyTargetSpec,
@@ -665,25 +666,11 @@ class CandidateRow:
     note: str
 
 
-def candidate_label(recipe: str, options: dict[str, Any]) -> str:
-    """``int8_static (entropy)``, ``int4_weight_only + int8 activations (entropy)``..."""
-    method = options.get("method")
-    hybrid = " + int8 activations" if options.get("int8_activations") else ""
-    smooth = f", SmoothQuant {options.get('smoothquant_alpha')}" if options.get("smoothquant") == "on" else ""
-    learned = " + learned rounding" if options.get("adaround") == "on" else ""
-    return recipe + hybrid + (f" ({method}{smooth})" if method else "") + learned
-
-
 def candidate_brief(c: PassedOver) -> str:
-    """'int8_dynamic + 1 in float, 1.8 MB, 4.3× slower': a candidate in one line."""
-    label = candidate_label(c.recipe, c.options)
-    kept = len(c.excluded_nodes)
-    wide = len(c.activations_16bit)
+    """'int8_dynamic + 1 layer in float, 1.8 MB, 4.3× slower': a candidate in one line."""
     speedup = candidate_speedup(c)
-    label += f" + {wide} activations in 16 bits" if wide else ""
-    label += f" + {len(c.blocks)} residual blocks" if c.blocks else ""
-    return (label + (f" + {kept} in float" if kept else "") + f", {fmt_bytes(c.size_bytes)}, "
-            + (speed_phrase(speedup) if speedup else "speed not measured"))
+    return (candidate_name(c.recipe, c.options, c.excluded_nodes, c.activations_16bit, c.blocks)
+            + f", {fmt_bytes(c.size_bytes)}, " + (speed_phrase(speedup) if speedup else "speed not measured"))
 
 
 def candidate_speedup(c: Candidate | PassedOver) -> float | None:
@@ -711,7 +698,7 @@ def _candidate_row(c: Candidate, chosen: CandidateConfig | None, tolerance: floa
     metric = c.metric
     speedup = candidate_speedup(c)
     return CandidateRow(
-        label=candidate_label(c.recipe, opts),
+        label=recipe_label(c.recipe, opts),
         recipe=c.recipe,
         options=json.dumps(opts, sort_keys=True) if opts else "",
         excluded=[str(n) for n in c.excluded_nodes],

@@ -272,13 +272,38 @@ def test_auto_through_the_upload_form(sqlite_api: Harness, tmp_path: Path) -> No
     assert api.queue.enqueued == [(job_id, "cpu")]
 
 
-def test_candidate_labels_name_the_hybrid() -> None:
-    from app.pages.present import candidate_label
+def test_candidates_are_named_alike_on_the_page_in_warnings_and_on_the_terminal() -> None:
+    from app.client.cli import _candidate_name
+    from app.pages.charts import candidate_label as chart_label
+    from worker.engine import auto
+    from worker.engine.labels import candidate_name, recipe_label
+    from worker.engine.report import CandidateConfig
 
-    assert candidate_label("int4_weight_only", {"int8_activations": True, "method": "entropy"}) == \
+    assert recipe_label("int4_weight_only", {"int8_activations": True, "method": "entropy"}) == \
         "int4_weight_only + int8 activations (entropy)"
-    assert candidate_label("int8_static", {"method": "minmax"}) == "int8_static (minmax)"
-    assert candidate_label("fp16", {}) == "fp16"
+    assert recipe_label("int8_static", {"method": "minmax"}) == "int8_static (minmax)"
+    assert recipe_label("fp16", {}) == "fp16"
+    cases = [
+        (auto.Candidate("int8_static", {"method": "entropy"}, ("a", "b")), "int8_static (entropy) + 2 layers in float"),
+        (auto.Candidate("int8_dynamic", {}, ("a",)), "int8_dynamic + 1 layer in float"),
+        (auto.Candidate("int8_static", {"method": "minmax", "smoothquant": "on", "smoothquant_alpha": 0.25}, (),
+                        ("x",)), "int8_static (minmax, SmoothQuant 0.25) + 1 activation in 16 bits"),
+        (auto.Candidate("int8_static", {"method": "entropy", "adaround": "on"}),
+         "int8_static (entropy) + learned rounding"),
+        # A block step: its layers are its excluded nodes; the blocks name it.
+        (auto.Candidate("int8_static", {"method": "entropy"}, ("l1", "l2", "l3"), (), ("b0", "b1")),
+         "int8_static (entropy) + 2 residual blocks in float"),
+        (auto.Candidate("int4_weight_only", {"int8_activations": True, "method": "entropy"}),
+         "int4_weight_only + int8 activations (entropy)"),
+    ]
+    for cand, text in cases:
+        row = cand.to_dict()
+        assert candidate_name(cand.recipe, cand.options, cand.excluded_nodes, cand.activations_16bit,
+                              cand.blocks) == text
+        # The engine's warnings, the page's chart and one-line briefs, and the client (which keeps its own copy).
+        assert auto._name(cand) == text
+        assert chart_label(CandidateConfig.model_validate(row)) == text
+        assert _candidate_name(row) == text
 
 
 def test_auto_job_whose_every_candidate_failed_renders_everywhere(sqlite_api: Harness, tmp_path: Path,

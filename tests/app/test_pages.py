@@ -532,7 +532,7 @@ def test_auto_page_and_summary_show_speed_against_fp32(sqlite_api: Harness, zoo:
     assert "Kept in float / 16-bit activations" in html
     assert re.search(r'<span data-field="a16">16-bit: <code>expand1.out</code></span>', html)
     assert "<td><code>squeeze1</code></td>" in html
-    assert "  chosen: int8_static (entropy) + 1 activations in 16 bits, 1.50x faster than fp32" in lines
+    assert "  chosen: int8_static (entropy) + 1 activation in 16 bits, 1.50x faster than fp32" in lines
 
 
 def _report_with_intervals() -> dict[str, Any]:

@@ -50,6 +50,7 @@ from worker.engine import pt2
 from worker.engine.config import CALIBRATION_METHODS, QuantizeConfig, RecipeOptions, parse_options
 from worker.engine.errors import EngineError
 from worker.engine.files import place, sha256_file, temp_in
+from worker.engine.labels import candidate_name
 from worker.engine.normalize import constants_to_initializers, name_nodes
 from worker.engine.preflight import MIN_SPLIT_SAMPLES
 from worker.engine.report import REPORT_VERSION, validate_report
@@ -543,15 +544,7 @@ class AutoOutcome:
 
 def _name(c: Candidate) -> str:
     """'int8_static (minmax) + 2 layers in float', for warnings."""
-    method = c.options.get("method")
-    text = c.recipe + (" + int8 activations" if c.options.get("int8_activations") else "")
-    text += f" ({method})" if method else ""
-    kept = len(c.excluded_nodes)
-    text += f" + {len(c.activations_16bit)} activations in 16 bits" if c.activations_16bit else ""
-    text += " + learned rounding" if c.learned_rounding else ""
-    if c.blocks:
-        return text + f" + {len(c.blocks)} residual block{'s' if len(c.blocks) > 1 else ''} in float"
-    return text + (f" + {kept} layer{'s' if kept > 1 else ''} in float" if kept else "")
+    return candidate_name(c.recipe, c.options, c.excluded_nodes, c.activations_16bit, c.blocks)
 
 
 def _brief(r: CandidateResult) -> dict[str, Any]:

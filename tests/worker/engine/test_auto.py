@@ -18,6 +18,7 @@ from worker.engine import auto, pipeline
 from worker.engine import report as report_schema
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError
+from worker.engine.labels import recipe_label
 
 
 def _base(tmp_path: Path, model: Path, calib: Path, ev: Path | None = None, **options: Any) -> QuantizeConfig:
@@ -235,7 +236,7 @@ def test_learned_rounding_is_one_step_of_its_own_beside_the_first_fallback_step(
     assert learned[0].branch == "int8_static/entropy/adaround"
     assert parse_options("int8_static", learned[0].config()["options"]).adaround == "on"
     # The page and warnings name the step, and the page tells it apart from the plain candidate.
-    assert present.candidate_label("int8_static", learned[0].options) == "int8_static (entropy) + learned rounding"
+    assert recipe_label("int8_static", learned[0].options) == "int8_static (entropy) + learned rounding"
     assert auto._name(learned[0]) == "int8_static (entropy) + learned rounding"
     rows = [static.summary(), auto.CandidateResult(learned[0], "done").summary()]
     assert len({present.candidate_key(report_schema.Candidate.model_validate(r)) for r in rows}) == 2
