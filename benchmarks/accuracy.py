@@ -12,6 +12,8 @@ each as a ``lowbit quantize`` child process like ``benchmarks/zoo.py`` does:
 - ``defaults``: int8_static as a job gets it (SmoothQuant, equalization, bias correction and the 16-bit residual
   stream "auto": tried, and kept only where they measured better on the calibration samples; learned rounding
   off);
+- ``refined``: equalization, bias correction and learned rounding together, each "auto" (kept only where it
+  measured better on the calibration samples), the other options off;
 - ``auto``: recipe auto with an accuracy target of output cosine >= ``--auto-cosine`` (its float-fallback and
   16-bit-activation steps included; slow on large conv nets, leave it out with ``--variants``);
 
@@ -43,7 +45,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import zoo  # noqa: E402  (the sibling benchmark: children, baselines, task metrics)
 
-OFF = {"smoothquant": "off", "equalize": "off", "bias_correction": "off", "residual_16bit": "off"}
+from worker.engine.auto import PLAIN_STATIC  # noqa: E402  (int8_static with its accuracy steps off)
+
+OFF = dict(PLAIN_STATIC)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain": ("int8_static", dict(OFF)),
     "smoothquant": ("int8_static", {**OFF, "smoothquant": "on"}),
@@ -52,6 +56,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "adaround": ("int8_static", {**OFF, "adaround": "on"}),
     "residual_16bit": ("int8_static", {**OFF, "residual_16bit": "on"}),
     "defaults": ("int8_static", {}),
+    # Issue #18's conv-net combination: equalization, bias correction and learned rounding, each kept where it
+    # measured better on the calibration samples.
+    "refined": ("int8_static", {**OFF, "equalize": "auto", "bias_correction": "auto", "adaround": "auto"}),
     "auto": ("auto", {}),
 }
 
@@ -131,9 +138,9 @@ def what_it_did(report: dict[str, Any] | None, variant: str) -> str:
         section = report.get(key) or {}
         if section.get("enabled"):
             parts.append(f"{label} kept")
-        elif section.get("mode") == "on" or (variant == "defaults" and section.get("compare")):
+        elif section.get("mode") == "on" or (variant in ("defaults", "refined") and section.get("compare")):
             reason = str(section.get("reason", ""))
-            parts.append(f"{label} not kept ({reason[:60]})" if variant == "defaults" else f"{label}: {reason[:60]}")
+            parts.append(f"{label} not kept ({reason[:60]})" if section.get("compare") else f"{label}: {reason[:60]}")
     return "; ".join(parts) or "-"
 
 
