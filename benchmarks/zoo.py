@@ -255,8 +255,7 @@ def measure(entry: Any, label: str, artifact: Path | None, code: int, log: Path,
         row.speedup = report["latency"]["speedup"]
         met = (report.get("accuracy_target") or {}).get("met")
         if label in ("auto", "auto_float_fallback"):
-            chosen = report.get("chosen") or {}
-            row.note = f"chose {chosen.get('recipe')} {json.dumps(chosen.get('options', {}))}"[:60]
+            row.note = chosen_note(report)
             row.status = "met" if met else "missed"
             row.smallest_met_ratio = smallest_met(report)
     else:
@@ -400,6 +399,16 @@ def print_row(r: Row) -> None:
           file=sys.stderr)
 
 
+def chosen_note(report: dict[str, Any]) -> str:
+    """'chose int8_static {"method": "mse"}': an auto row's choice (float fallback alone's "off" options left out,
+    every static candidate of that search has them)."""
+    from worker.engine.auto import PLAIN_STATIC
+
+    chosen = report.get("chosen") or {}
+    opts = {k: v for k, v in (chosen.get("options") or {}).items() if PLAIN_STATIC.get(k) != v}
+    return f"chose {chosen.get('recipe')} {json.dumps(opts)}"[:60]
+
+
 def smallest_met(report: dict[str, Any]) -> float | None:
     """An auto report's smallest candidate that met the target, as a share of the original's size."""
     sizes = [c["size_bytes"] for c in report.get("candidates") or [] if c.get("met_target") and c.get("size_bytes")]
@@ -491,8 +500,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = [Row(**r) for r in json.loads(args.from_json.read_text())]
         for r in rows:
             kept = args.keep / r.model / f"{r.recipe}.json" if args.keep else None
-            if r.recipe in ("auto", *VARIANTS) and r.smallest_met_ratio is None and kept and kept.is_file():
-                r.smallest_met_ratio = smallest_met(json.loads(kept.read_text()))
+            if r.recipe in ("auto", *VARIANTS) and kept and kept.is_file():
+                report = json.loads(kept.read_text())
+                r.note = chosen_note(report) if report.get("chosen") else r.note
+                r.smallest_met_ratio = smallest_met(report)
         print_tables(rows, args)
         return 0
     recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
