@@ -49,6 +49,14 @@ def test_engine_imports_onnxruntime_lazily() -> None:
     assert "onnxruntime" not in top and "torch" not in top
 
 
+def test_a_quantize_run_loads_the_report_contract_only_to_write_the_report() -> None:
+    # pydantic is 8 MB of a small model's job: `lowbit quantize` loads it when the report is written, after the
+    # sessions (worker/engine/pipeline.py, _report).
+    top = _top(_modules_after("import app.cli, worker.engine.pipeline, onnxruntime.quantization"))
+    assert "onnxruntime" in top  # the probe itself works
+    assert "pydantic" not in top and "pydantic_core" not in top
+
+
 def test_client_imports_nothing_of_the_server_engine_or_ml() -> None:
     mods = _modules_after("import app.client, app.client.cli\nfrom app.client import Client")
     heavy = {"fastapi", "starlette", "sqlalchemy", "celery", "kombu", "pydantic", "uvicorn", "torch", "onnxruntime",

@@ -33,7 +33,6 @@ from worker.engine.normalize import NormalizeResult, all_graphs, normalize, subg
 from worker.engine.pt2 import Pt2Source
 from worker.engine.qat import choose_artifact, kept_warning
 from worker.engine.recipes import RecipeContext, RecipeOutput, get_recipe
-from worker.engine.report import REPORT_VERSION, validate_report
 from worker.engine.result import QuantizeResult as QuantizeResult
 from worker.engine.sensitivity import MAX_SAMPLES as SENSITIVITY_SAMPLES
 from worker.engine.sensitivity import SensitivityResult
@@ -560,6 +559,10 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
             step: ProgressFn, warnings: list[str]) -> QuantizeResult:
     """The report, checked against its contract (worker/engine/report.py), then the artifact put in place: a
     report that breaks the contract fails the run here, not in a reader, and delivers nothing."""
+    # lazy: the contract is pydantic (8 MB of a job's resident memory), needed only now, when the run's
+    # sessions are gone: loaded earlier it added to the peak of every small model's job (mel spectrogram 150 -> 141 MB)
+    from worker.engine.report import REPORT_VERSION, validate_report
+
     cfg, quant_path = prep.cfg, made.path
     step("reporting", 0.0)
     _warn_unlisted_layers(table.layers, checked.quantized, warnings)
