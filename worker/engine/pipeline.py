@@ -286,13 +286,17 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
 
         return run_streamed(cfg, opts, work, step, warnings)
     prep = _prepare(cfg, opts, work, step, warnings)
+    runtime.release_freed_memory()
     made = _quantize(prep, opts, work, step, warnings)
+    runtime.release_freed_memory()
     original_session = runtime.make_session(Path(prep.cfg.model_path), prep.providers, prep.cfg.threads, "model")
     checked = _validate(prep, made, original_session, opts, work, step, warnings)
     # Release the original model's session before the layer analyses open their own observing ones (a 90 MB
     # transformer's pair held ~200 MB through the job's peak); _validate released the quantized one.
     del original_session
+    runtime.release_freed_memory()
     table = _layers(prep, made, checked, opts, step)
+    runtime.release_freed_memory()
     return _report(prep, made, checked, table, opts, step, warnings)
 
 
