@@ -254,7 +254,7 @@ def measure(entry: Any, label: str, artifact: Path | None, code: int, log: Path,
         row.size_ratio = report["size"]["ratio"]
         row.speedup = report["latency"]["speedup"]
         met = (report.get("accuracy_target") or {}).get("met")
-        if label in ("auto", "auto_float_fallback"):
+        if recipe_of(label) == "auto":
             row.note = chosen_note(report)
             row.status = "met" if met else "missed"
             row.smallest_met_ratio = smallest_met(report)
@@ -399,6 +399,11 @@ def print_row(r: Row) -> None:
           file=sys.stderr)
 
 
+def recipe_of(label: str) -> str:
+    """The lowbit recipe a row's label runs (a VARIANTS row: its recipe)."""
+    return VARIANTS.get(label, (label, {}))[0]
+
+
 def chosen_note(report: dict[str, Any]) -> str:
     """'chose int8_static {"method": "mse"}': an auto row's choice (float fallback alone's "off" options left out,
     every static candidate of that search has them)."""
@@ -500,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [Row(**r) for r in json.loads(args.from_json.read_text())]
         for r in rows:
             kept = args.keep / r.model / f"{r.recipe}.json" if args.keep else None
-            if r.recipe in ("auto", *VARIANTS) and kept and kept.is_file():
+            if recipe_of(r.recipe) == "auto" and kept and kept.is_file():
                 report = json.loads(kept.read_text())
                 r.note = chosen_note(report) if report.get("chosen") else r.note
                 r.smallest_met_ratio = smallest_met(report)

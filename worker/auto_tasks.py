@@ -306,7 +306,7 @@ def _advance(job_id: str, attempt: int, rnd: int, s: Settings, factory: sessionm
     deadline = _deadline(j)
     nxt = [] if deadline is not None and time.time() > deadline else \
         auto.next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude, opts.prefer,
-                             opts.search == "float_fallback")
+                             opts.float_fallback_only)
     if nxt:
         first = len(results)
         with factory.begin() as sess:

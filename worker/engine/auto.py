@@ -289,7 +289,7 @@ def plan_candidates(model_path: Path, opts: RecipeOptions) -> list[Candidate]:
     if opts.max_calibration_samples != RecipeOptions().max_calibration_samples:
         calibrated["max_calibration_samples"] = opts.max_calibration_samples
     user_excluded = tuple(opts.nodes_to_exclude)
-    float_only = opts.search == "float_fallback"
+    float_only = opts.float_fallback_only
     # SmoothQuant and learned rounding are int8_static's alone: the other recipes would refuse their options.
     static = dict(calibrated)
     if float_only:
@@ -826,7 +826,7 @@ def _search(base: QuantizeConfig, target: dict[str, Any], run: RunFn, progress: 
         if budget is not None and time.monotonic() - started > float(budget):
             break
         pending = next_candidates(results, opts.max_fallback_steps, opts.nodes_to_exclude, opts.prefer,
-                                  opts.search == "float_fallback")
+                                  opts.float_fallback_only)
         total += len(pending)
     outcome = conclude(results, target, base.job_id, opts.to_dict("auto"), time.monotonic() - started, rounds,
                        opts.prefer)

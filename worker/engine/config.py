@@ -116,6 +116,11 @@ class RecipeOptions:
     # Declared output roles, (output name, role) pairs; outputs not named get an inferred role.
     outputs: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def float_fallback_only(self) -> bool:
+        """auto's search without its accuracy steps (option search "float_fallback")."""
+        return self.search == "float_fallback"
+
     def to_dict(self, recipe: str = "int8_static") -> dict[str, Any]:
         """The options that apply to ``recipe``, defaults filled in (what a job records and reports)."""
         # Read from REGISTRY when called (not RECIPE_OPTIONS' import-time snapshot), like parse_options.
