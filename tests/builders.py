@@ -327,6 +327,19 @@ def planted_outlier_mlp(path: Path, width: int = 256, seed: int = 0) -> Path:
     return _matmul_chain(path, "planted_outliers", layers, {"fc1", "squeeze1", "fc2", "squeeze2"})
 
 
+def four_bit_outlier_mlp(path: Path, seed: int = 0) -> Path:
+    """Two MatMuls, [N, 64] -> [N, 512]: ``spiky`` (64 x 64) has one weight in every block of 32 along its input
+    axis 10x larger than the rest, so a 4-bit block scale spends its 7 levels on it and rounds the others to a
+    few steps (relative error ~0.2; in 8 bits, negligible); ``wide`` (64 x 512, most of the weights) is plain and
+    loses little in 4 bits. 4 bits everywhere misses an output cosine of 0.99; ``spiky`` alone in 8 bits meets it,
+    at about half an int8 model's size."""
+    rng = np.random.default_rng(seed)
+    spiky = rng.standard_normal((64, 64)) / 8.0
+    spiky[::32, :] *= 10.0
+    wide = rng.standard_normal((64, 512)) / 8.0
+    return _matmul_chain(path, "four_bit_outliers", [("spiky", spiky), ("wide", wide)], {"spiky"})
+
+
 def scale_free_mlp(path: Path, width: int = 128, seed: int = 0) -> Path:
     """A bias-free ReLU MLP (f(a x) = a f(x)): with inputs whose scale varies 1000x between samples, one
     calibrated int8 range cannot fit them all, while ranges measured at run time (dynamic) can. [N, 32] -> [N, 10]."""

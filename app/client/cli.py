@@ -241,6 +241,8 @@ def _candidate_name(c: dict[str, Any]) -> str:
     text = (str(c.get("recipe", "?")) + (" + int8 activations" if options.get("int8_activations") else "")
             + (f" ({method}{smooth})" if method else "") + (" + learned rounding" if options.get("adaround") == "on"
                                                             else ""))
+    eight = int(options.get("int8_most_sensitive") or 0)
+    text += f" + {_count(eight, 'layer')} in 8 bits" if eight else ""
     wide, blocks, kept = (len(c.get(k) or []) for k in ("activations_16bit", "blocks", "excluded_nodes"))
     text += f" + {_count(wide, 'activation')} in 16 bits" if wide else ""
     if blocks:

@@ -295,6 +295,10 @@ def test_candidates_are_named_alike_on_the_page_in_warnings_and_on_the_terminal(
          "int8_static (entropy) + 2 residual blocks in float"),
         (auto.Candidate("int4_weight_only", {"int8_activations": True, "method": "entropy"}),
          "int4_weight_only + int8 activations (entropy)"),
+        # An 8-bit step of a 4-bit branch.
+        (auto.Candidate("int4_weight_only", {"int8_activations": True, "method": "entropy", "int8_most_sensitive": 2}),
+         "int4_weight_only + int8 activations (entropy) + 2 layers in 8 bits"),
+        (auto.Candidate("int4_weight_only", {"int8_most_sensitive": 1}), "int4_weight_only + 1 layer in 8 bits"),
     ]
     for cand, text in cases:
         row = cand.to_dict()

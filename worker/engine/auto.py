@@ -14,7 +14,9 @@
    sensitive layers' activations (their activation inputs, as the analysis recorded them) in 16 bits, weights
    int8 (int8_static option activations_16bit); when that step meets the target, no layer goes to float.
    Beside the first of them, once: the best static candidate with learned rounding of its int8 weights (option
-   adaround on), all layers still int8; the float steps do not extend it.
+   adaround on), all layers still int8; the float steps do not extend it. The 4-bit candidates (plain and with
+   int8 activations) get 8-bit steps: one more MatMul in 8 bits instead of 4 a step (int4_weight_only option
+   int8_most_sensitive, its own ranking by 4-bit error), still smaller than int8 while few layers need it.
 4. Choose among the candidates that meet the target: the smallest one that is not slower than the fp32 model
    (its speed-up, fp32 p50 latency over its own, both measured in the candidate's run, at least
    ``1 - SPEED_TOLERANCE``), then the fastest; a slower one only when no other meets the target, and then the
@@ -25,8 +27,8 @@
    reported and the ones that decide ``accuracy_target.met`` (``confirm``; preflight.split_eval_range).
 
 Option ``search: "float_fallback"`` runs the search without its accuracy steps (SmoothQuant, equalization, bias
-correction, the 16-bit residual stream, A16W8, learned rounding, whole blocks): plain int8 candidates and float
-steps only, to measure what those steps gain (benchmarks/zoo.py --recipes auto,auto_float_fallback).
+correction, the 16-bit residual stream, A16W8, learned rounding, whole blocks, 8-bit steps): plain int8 candidates
+and float steps only, to measure what those steps gain (benchmarks/zoo.py --recipes auto,auto_float_fallback).
 
 This module is the search itself, usable from a script. How candidates are run (in this process, or as
 queue sub-tasks on several workers) is up to the caller: ``search`` runs them here, ``next_candidates``
@@ -109,7 +111,17 @@ class Candidate:
             name += f"/alpha={self.options['smoothquant_alpha']}"
         if self.learned_rounding:
             name += "/adaround"
+        if self.options.get("int8_activations"):
+            name += "/a8"
+        if self.eight_bit_layers:
+            name += "/8bit"
         return name + ("/blocks" if self.blocks else "")
+
+    @property
+    def eight_bit_layers(self) -> int:
+        """An 8-bit step of a 4-bit branch: how many of its MatMuls are kept in 8 bits instead of 4
+        (int4_weight_only option int8_most_sensitive)."""
+        return int(self.options.get("int8_most_sensitive") or 0)
 
     @property
     def learned_rounding(self) -> bool:
@@ -129,9 +141,9 @@ class Candidate:
         return parse_options(self.recipe, self.config()["options"])
 
     @property
-    def key(self) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    def key(self) -> tuple[str, tuple[str, ...], tuple[str, ...], int]:
         """What tells the steps of the greedy search apart."""
-        return self.branch, self.excluded_nodes, self.activations_16bit
+        return self.branch, self.excluded_nodes, self.activations_16bit, self.eight_bit_layers
 
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "options": dict(self.options), "excluded_nodes": list(self.excluded_nodes),
@@ -395,9 +407,9 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
     out: list[Candidate] = []
     for recipe in FALLBACK_RECIPES:
         keep = best_static.candidate.branch if recipe == "int8_static" and best_static is not None else None
-        # (The 4-bit + int8 hybrid is a first-round candidate only: the plain 4-bit branch is extended.)
+        # (The 4-bit + int8 hybrid gets 8-bit steps only, below: the plain 4-bit branch is extended in float.)
         branch = [r for r in done if r.candidate.recipe == recipe and (keep is None or r.candidate.branch == keep)
-                  and not r.candidate.options.get("int8_activations")]
+                  and not r.candidate.options.get("int8_activations") and not r.candidate.eight_bit_layers]
         if not branch:
             continue
         last = max(branch, key=lambda r: len(r.candidate.excluded_nodes))
@@ -422,6 +434,8 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
                 continue
         if cand.key not in tried:
             out.append(cand)
+    if not float_only and max_steps > 0:
+        out += _eight_bit_steps(done, max_steps, bound, tried, tuple(user_excluded))
     if best_static is not None and not float_only:
         block = _next_block(results, done, best_static, max_steps, bound, tried, tuple(user_excluded))
         if block is not None:
@@ -448,6 +462,37 @@ def _learned_rounding(best_static: CandidateResult, tried: dict[Any, CandidateRe
     base = best_static.candidate
     cand = dataclasses.replace(base, options={**base.options, "adaround": "on"})
     return None if cand.key in tried else cand
+
+
+def _eight_bit_steps(done: Sequence[CandidateResult], max_steps: int, bound: int | None,
+                     tried: dict[Any, CandidateResult], user_excluded: tuple[str, ...]) -> list[Candidate]:
+    """The 8-bit steps of the 4-bit branches (plain, and with int8 activations): where a 4-bit candidate missed
+    the target, the same candidate with one more of its MatMuls in 8 bits instead of 4, the one whose weights lose
+    most in 4 bits (int4_weight_only option int8_most_sensitive, ranked by its own 4-bit error). The rest stays in
+    4 bits, so while few layers need it the step is smaller than any int8 model. A branch stops when a step met the
+    target, after ``max_steps`` layers, when it is no smaller than ``bound`` (8 bits only grow it) or when a step
+    came out no larger than the one before (no MatMul was left to keep in 8 bits)."""
+    out: list[Candidate] = []
+    for hybrid in (False, True):
+        chain = sorted((r for r in done if r.candidate.recipe == "int4_weight_only"
+                        and r.candidate.excluded_nodes == user_excluded
+                        and bool(r.candidate.options.get("int8_activations")) == hybrid),
+                       key=lambda r: r.candidate.eight_bit_layers)
+        if not chain or chain[0].candidate.eight_bit_layers:
+            continue
+        last = chain[-1]
+        n = last.candidate.eight_bit_layers
+        if last.met_target or n >= max_steps:
+            continue
+        if bound is not None and last.size_bytes is not None and last.size_bytes >= bound:
+            continue
+        if len(chain) > 1 and last.size_bytes is not None and last.size_bytes <= (chain[-2].size_bytes or 0):
+            continue
+        base = chain[0].candidate
+        cand = dataclasses.replace(base, options={**base.options, "int8_most_sensitive": n + 1})
+        if cand.key not in tried:
+            out.append(cand)
+    return out
 
 
 def block_ranking_from(results: Sequence[CandidateResult]) -> list[dict[str, Any]]:

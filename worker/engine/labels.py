@@ -23,9 +23,13 @@ def recipe_label(recipe: str, options: Mapping[str, Any]) -> str:
 
 def candidate_name(recipe: str, options: Mapping[str, Any], excluded_nodes: Sequence[str] = (),
                    activations_16bit: Sequence[str] = (), blocks: Sequence[str] = ()) -> str:
-    """The branch's label and its steps: '+ 1 activation in 16 bits', '+ 2 layers in float', or for a block step
+    """The branch's label and its steps: '+ 1 layer in 8 bits' (a 4-bit branch's MatMuls kept in 8 bits),
+    '+ 1 activation in 16 bits', '+ 2 layers in float', or for a block step
     '+ 2 residual blocks in float' (the blocks' layers are its excluded nodes)."""
     text = recipe_label(recipe, options)
+    eight = int(options.get("int8_most_sensitive") or 0)
+    if eight:
+        text += f" + {_count(eight, 'layer')} in 8 bits"
     if activations_16bit:
         text += f" + {_count(len(activations_16bit), 'activation')} in 16 bits"
     if blocks:

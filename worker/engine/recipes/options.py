@@ -122,14 +122,15 @@ TRAIN_MEMORY_MB = Option("train_memory_mb", "float", 1024.0, "what one backward 
                          "training, in more passes)", lo=0.0001, hi=1_000_000.0)
 
 # -- auto ----------------------------------------------------------------------------------------------------
-MAX_FALLBACK_STEPS = Option("max_fallback_steps", "int", 8, "layers kept in float per candidate recipe, at most",
+MAX_FALLBACK_STEPS = Option("max_fallback_steps", "int", 8, "layers kept in float (or in 8 bits, on a 4-bit "
+                            "branch) per candidate recipe, at most",
                             lo=0, hi=64)
 PREFER = Option("prefer", "choice", "size_and_speed", "size_and_speed: the smallest not slower than fp32; size: "
                 "the smallest however slow", choices=AUTO_PREFERENCES)
 SEARCH = Option("search", "choice", "full", "full: 16-bit activations, SmoothQuant, equalization, bias correction, "
-                "the 16-bit residual stream, learned rounding and whole blocks are tried before and beside layers "
-                "kept in float; float_fallback: plain int8 candidates and layers kept in float only (the search "
-                "without those steps, to compare)", choices=AUTO_SEARCHES,
+                "the 16-bit residual stream, learned rounding, whole blocks and 4-bit models' MatMuls in 8 bits are "
+                "tried before and beside layers kept in float; float_fallback: plain int8 candidates and layers kept "
+                "in float only (the search without those steps, to compare)", choices=AUTO_SEARCHES,
                 conflicts=(Conflict("float_fallback", "smoothquant", "on",
                                     "search 'float_fallback' tries no SmoothQuant; leave smoothquant unset or use "
                                     "search 'full'"),))
