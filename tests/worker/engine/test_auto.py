@@ -696,6 +696,11 @@ def test_a_4bit_branch_keeps_its_most_lossy_matmuls_in_8_bits_before_float() -> 
                                metric=0.985, met_target=False)
     assert not [c for c in auto.next_candidates([plain, static, one, two], max_steps=4) if c.eight_bit_layers]
     assert not [c for c in auto.next_candidates([plain, static, one], max_steps=1) if c.eight_bit_layers]
+    # ... and one that measured no better than the step before: the 4-bit weights are not what the branch loses.
+    flat = dataclasses.replace(one, metric=plain.metric)
+    assert not [c for c in auto.next_candidates([plain, static, flat], max_steps=4) if c.eight_bit_layers]
+    assert [c.eight_bit_layers for c in auto.next_candidates([plain, static, one], max_steps=4)
+            if c.eight_bit_layers] == [2]
 
 
 def test_auto_returns_a_4bit_model_with_its_lossy_matmul_in_8_bits_where_float_fallback_returns_a_larger_one(
