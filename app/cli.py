@@ -474,6 +474,7 @@ def _quantize(cfg: Any, recipe: str, target: dict[str, Any] | None,
         return report
     # lazy: the engine (onnx, ONNX Runtime) loads only for this command, after main() set ORT_DISABLE_TELEMETRY
     from worker.engine import auto
+    from worker.engine.labels import candidate_name
     from worker.engine.target import check_target
 
     target = check_target(target)
@@ -484,9 +485,10 @@ def _quantize(cfg: Any, recipe: str, target: dict[str, Any] | None,
     report = outcome.report
     typed = Report.model_validate(report)
     for c in typed.candidates or []:
-        print(f"  candidate {c.recipe} {c.options.get('method', '')} float={c.excluded_nodes} "
-              f"a16={c.activations_16bit}: "
-              f"{c.status}, {c.size_bytes} bytes, {target['metric']} {c.metric}, met {c.met_target}")
+        name = candidate_name(c.recipe, c.options, c.excluded_nodes, c.activations_16bit, c.blocks)
+        speed = f", speed-up {c.speedup}" if c.speedup is not None else ""
+        print(f"  candidate {name}: {c.status}, {c.size_bytes} bytes, {target['metric']} {c.metric}, "
+              f"met {c.met_target}{speed}")
     if outcome.chosen is None:
         if report_path:
             report_path.write_text(json.dumps(report, indent=2))

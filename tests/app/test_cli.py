@@ -95,8 +95,12 @@ def test_quantize_writes_nothing_but_its_output(recipe: str, extra: list[str], u
     rc = main(["quantize", os.path.relpath(unmerged["model"]), "--calib", os.path.relpath(unmerged["data"]),
                "--recipe", recipe, *extra, "--option", "latency_runs=2", "--threads", "1",
                "-o", "out/q.onnx", "--report", "out/r.json"])
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert rc == 0, err
+    if recipe == "auto":  # each candidate by the name the page and the client give it
+        assert re.search(r"candidate int8_static \(entropy\): done, \d+ bytes, cosine [\d.]+, met (True|False)",
+                         captured.out), captured.out
     assert _tree(cwd) == ["out", "out/q.onnx", "out/r.json"]
     assert _tree(systmp) == []
     assert json.loads((cwd / "out" / "r.json").read_text())["recipe"] in (recipe, "auto")
