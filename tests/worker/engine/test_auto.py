@@ -679,7 +679,7 @@ def test_a_4bit_branch_keeps_its_most_lossy_matmuls_in_8_bits_before_float() -> 
     # Float fallback alone has no such step.
     assert not [c for c in auto.next_candidates([plain, hybrid, static], max_steps=4, float_only=True)
                 if c.eight_bit_layers]
-    # The float steps still extend the plain 4-bit branch, never an 8-bit step.
+    # Each 8-bit branch goes on from its own last step.
     first = {c.branch: c for c in steps}
     one = auto.CandidateResult(first["int4_weight_only/8bit"], "done", size_bytes=14, metric=0.985, met_target=False)
     met = auto.CandidateResult(first["int4_weight_only/entropy/a8/8bit"], "done", size_bytes=17, metric=0.995,
