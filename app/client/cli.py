@@ -239,6 +239,7 @@ def _candidate_name(c: dict[str, Any]) -> str:
     method = options.get("method")
     smooth = f", SmoothQuant {options.get('smoothquant_alpha')}" if options.get("smoothquant") == "on" else ""
     text = (str(c.get("recipe", "?")) + (" + int8 activations" if options.get("int8_activations") else "")
+            + (" + 4-bit embeddings" if options.get("quantize_embeddings") else "")
             + (f" ({method}{smooth})" if method else "") + (" + learned rounding" if options.get("adaround") == "on"
                                                             else ""))
     eight = int(options.get("int8_most_sensitive") or 0)

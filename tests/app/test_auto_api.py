@@ -299,6 +299,10 @@ def test_candidates_are_named_alike_on_the_page_in_warnings_and_on_the_terminal(
         (auto.Candidate("int4_weight_only", {"int8_activations": True, "method": "entropy", "int8_most_sensitive": 2}),
          "int4_weight_only + int8 activations (entropy) + 2 layers in 8 bits"),
         (auto.Candidate("int4_weight_only", {"int8_most_sensitive": 1}), "int4_weight_only + 1 layer in 8 bits"),
+        # A 4-bit candidate whose embedding tables are 4-bit too.
+        (auto.Candidate("int4_weight_only", {"quantize_embeddings": True, "accuracy_level": 4,
+                                             "int8_most_sensitive": 12}),
+         "int4_weight_only + 4-bit embeddings + 12 layers in 8 bits"),
     ]
     for cand, text in cases:
         row = cand.to_dict()

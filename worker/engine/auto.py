@@ -15,8 +15,11 @@
    int8 (int8_static option activations_16bit); when that step meets the target, no layer goes to float.
    Beside the first of them, once: the best static candidate with learned rounding of its int8 weights (option
    adaround on), all layers still int8; the float steps do not extend it. The 4-bit candidates (plain and with
-   int8 activations) get 8-bit steps: one more MatMul in 8 bits instead of 4 a step (int4_weight_only option
-   int8_most_sensitive, its own ranking by 4-bit error), still smaller than int8 while few layers need it.
+   int8 activations) get 8-bit steps: their MatMuls that lose most in 4 bits in 8 bits instead (int4_weight_only
+   option int8_most_sensitive, its own ranking by 4-bit error), 1, 2, 4, ... of them until a step meets the
+   target, then halving the gap back; still smaller than int8 while not too many layers need it. The 4-bit
+   candidates compute in int8 (accuracy_level 4) and, where embedding tables hold a tenth of the weights or
+   more, quantize those too.
 4. Choose among the candidates that meet the target: the smallest one that is not slower than the fp32 model
    (its speed-up, fp32 p50 latency over its own, both measured in the candidate's run, at least
    ``1 - SPEED_TOLERANCE``), then the fastest; a slower one only when no other meets the target, and then the
@@ -82,6 +85,17 @@ RECIPE_OPS: dict[str, frozenset[str]] = {
 # Within 10 % a candidate is "as fast"; the slowdowns worth avoiding are larger (the same search: int4 + int8
 # activations 0.76, int8_dynamic's ConvInteger 0.11).
 SPEED_TOLERANCE = 0.10
+
+# auto's 4-bit candidates compute in int8 (MatMulNBits accuracy_level 4: each block of the input quantized to int8
+# as it runs), ONNX Runtime's fast CPU path: all-MiniLM-L6-v2's 4-bit model with 12 MatMuls in 8 bits measured a
+# speed-up of 0.50 against fp32 at level 0 and 1.11 at level 4, cosine 0.9908 and 0.9906 (benchmarks/int4.py
+# prints both). Each candidate's accuracy is measured, so a CPU where level 4 loses more shows it.
+FOUR_BIT_ACCURACY_LEVEL = 4
+# Where embedding tables (Gather data) hold this share of the float weights or more, the 4-bit candidates
+# quantize them too (int4_weight_only option quantize_embeddings): all-MiniLM-L6-v2's word embeddings are 53 % of
+# its weights, so its 4-bit model was 0.604 of the fp32 size with them in float, larger than int8 (0.254), and
+# 0.159 with them in 4 bits (cosine 0.9741 against 0.976).
+EMBEDDING_SHARE = 0.10
 
 # Search "float_fallback": int8_static's accuracy steps off in every static candidate (learned rounding is off
 # by default), and no A16W8, block or learned-rounding step, so that float fallback alone meets the target.
@@ -218,13 +232,21 @@ class CandidateResult:
 
 
 def has_matmul_weights(model_path: Path, excluded: Sequence[str] = ()) -> bool:
-    """Does 4-bit weight-only have anything to quantize in this ONNX model? The same selection as the 4-bit
-    quantizer's (``int4.find_targets``): a MatMul whose weight is a constant 2-D float32 matrix that no other
-    node reads, or a Gemm that ``int4.gemm_to_matmul`` rewrites as one. The pipeline moves Constant-node
-    tensors to initializers before it quantizes, so a weight held in a Constant node counts too (exporters,
-    Paddle2ONNX and tf2onnx among them, keep weights there). ``excluded`` names nodes as normalize() names them;
-    a node ONNX Runtime's pre-processing later fuses under another name still counts (at worst a 4-bit
-    candidate that finds nothing fails, and the search goes on without it)."""
+    """Does 4-bit weight-only have anything to quantize in this ONNX model? (``four_bit_view``)"""
+    return four_bit_view(model_path, excluded)[0]
+
+
+def four_bit_view(model_path: Path, excluded: Sequence[str] = ()) -> tuple[bool, float]:
+    """What 4-bit weight-only would find in this ONNX model: whether it has a MatMul weight to quantize, and the
+    share of the model's float weights held by embedding tables (Gather data).
+
+    A MatMul weight counts as the 4-bit quantizer selects it (``int4.find_targets``): a constant 2-D float32
+    matrix that no other node reads, or a Gemm that ``int4.gemm_to_matmul`` rewrites as one. The pipeline moves
+    Constant-node tensors to initializers before it quantizes, so a weight held in a Constant node counts too
+    (exporters, Paddle2ONNX and tf2onnx among them, keep weights there). ``excluded`` names nodes as normalize()
+    names them; a node ONNX Runtime's pre-processing later fuses under another name still counts (at worst a
+    4-bit candidate that finds nothing fails, and the search goes on without it). Sizes come from the tensors'
+    dimensions: a model with external data is not read."""
     # lazy: int4 loads ONNX Runtime; the worker's main process imports this module (worker.auto_tasks) without it
     from worker.engine.int4 import find_targets
 
@@ -236,9 +258,10 @@ def has_matmul_weights(model_path: Path, excluded: Sequence[str] = ()) -> bool:
     # As normalize() prepares the model: node names (which nodes_to_exclude uses) are given after the move.
     constants_to_initializers(model)
     name_nodes(model)
-    if find_targets(model, RecipeOptions(nodes_to_exclude=tuple(excluded)))[0]:
-        return True
     inits = {t.name: t for t in model.graph.initializer}
+    share = _embedding_share(model, inits)
+    if find_targets(model, RecipeOptions(nodes_to_exclude=tuple(excluded)))[0]:
+        return True, share
     uses: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -252,8 +275,23 @@ def has_matmul_weights(model_path: Path, excluded: Sequence[str] = ()) -> bool:
         if (w is not None and w.data_type == onnx.TensorProto.FLOAT and len(w.dims) == 2
                 and uses.get(node.input[1], 0) == 1 and attrs.get("alpha", 1.0) == 1.0
                 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)):
-            return True
-    return False
+            return True, share
+    return False, share
+
+
+def _embedding_share(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto]) -> float:
+    """Elements of the 2-D float tables that Gather nodes read (embeddings), over all float initializers'."""
+    def elements(t: onnx.TensorProto) -> int:
+        n = 1
+        for d in t.dims:
+            n *= d
+        return n
+
+    floats = {name: elements(t) for name, t in inits.items() if t.data_type == onnx.TensorProto.FLOAT}
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input
+              and n.input[0] in floats and len(inits[n.input[0]].dims) == 2}
+    total = sum(floats.values())
+    return sum(floats[t] for t in tables) / total if total else 0.0
 
 
 def model_to_check(cfg: QuantizeConfig, work_dir: Path) -> Path:
@@ -312,7 +350,7 @@ def plan_candidates(model_path: Path, opts: RecipeOptions) -> list[Candidate]:
                 static[name] = getattr(opts, name)
     methods = [ANALYSIS_METHOD, *[m for m in CALIBRATION_METHODS if m != ANALYSIS_METHOD]]
     out = [Candidate("int8_static", {**static, "method": m}, user_excluded) for m in methods]
-    matmuls = has_matmul_weights(model_path, user_excluded)
+    matmuls, embedding_share = four_bit_view(model_path, user_excluded)
     if matmuls and not float_only and \
             all(getattr(opts, n) == getattr(RecipeOptions(), n) for n in ("smoothquant", "smoothquant_alpha")):
         # SmoothQuant's strength, searched: the branch the fallback extends is the best static one of all.
@@ -320,9 +358,12 @@ def plan_candidates(model_path: Path, opts: RecipeOptions) -> list[Candidate]:
                           user_excluded) for a in SMOOTHQUANT_ALPHAS]
     out.append(Candidate("int8_dynamic", dict(common), user_excluded))
     if matmuls:
-        out.append(Candidate("int4_weight_only", dict(calibrated), user_excluded))
+        four_bit = {**calibrated, "accuracy_level": FOUR_BIT_ACCURACY_LEVEL}
+        if embedding_share >= EMBEDDING_SHARE:
+            four_bit["quantize_embeddings"] = True
+        out.append(Candidate("int4_weight_only", four_bit, user_excluded))
         # 4-bit weights, and int8 for everything else the 4-bit recipe leaves in float.
-        out.append(Candidate("int4_weight_only", {**calibrated, "int8_activations": True,
+        out.append(Candidate("int4_weight_only", {**four_bit, "int8_activations": True,
                                                   "method": ANALYSIS_METHOD}, user_excluded))
     out.append(Candidate("fp16", dict(common), user_excluded))
     return out
@@ -467,36 +508,57 @@ def _learned_rounding(best_static: CandidateResult, tried: dict[Any, CandidateRe
 def _eight_bit_steps(done: Sequence[CandidateResult], max_steps: int, bound: int | None,
                      tried: dict[Any, CandidateResult], user_excluded: tuple[str, ...]) -> list[Candidate]:
     """The 8-bit steps of the 4-bit branches (plain, and with int8 activations): where a 4-bit candidate missed
-    the target, the same candidate with one more of its MatMuls in 8 bits instead of 4, the one whose weights lose
-    most in 4 bits (int4_weight_only option int8_most_sensitive, ranked by its own 4-bit error). The rest stays in
-    4 bits, so while few layers need it the step is smaller than any int8 model. A branch stops when a step met the
-    target, after ``max_steps`` layers, when it is no smaller than ``bound`` (8 bits only grow it), when a step
-    came out no larger than the one before (no MatMul was left to keep in 8 bits) or when it measured no better
-    than the one before: then the 4-bit weights are not what the branch loses (all-MiniLM-L6-v2's 4-bit model with
-    int8 activations: cosine 0.409, and 0.401 to 0.418 with 1 to 8 MatMuls in 8 bits, its int8 activations being
-    what collapses)."""
+    the target, the same candidate with some of its MatMuls in 8 bits instead of 4, those whose weights lose most
+    in 4 bits (int4_weight_only option int8_most_sensitive, ranked by its own 4-bit error). The rest stays in 4
+    bits, so while not too many layers need it the step is smaller than any int8 model.
+
+    The count doubles a step (1, 2, 4, ...) while the steps miss: a transformer may need a dozen of its MatMuls in
+    8 bits (all-MiniLM-L6-v2: 12 of 36 for cosine 0.99), which one layer a step would reach only after as many
+    runs. Once a step met the target, the next ones halve the gap between the largest count that missed and the
+    smallest that met, since fewer may do. ``max_steps`` bounds the steps of a branch. Doubling stops when it is
+    no smaller than ``bound`` (8 bits only grow it), when a step came out no larger than the one before (no
+    MatMul was left to keep in 8 bits) or when it measured no better than the one before: then the 4-bit weights
+    are not what the branch loses (all-MiniLM-L6-v2's 4-bit model with int8 activations: cosine 0.409, and 0.401
+    to 0.418 with 1 to 8 MatMuls in 8 bits, its int8 activations being what collapses)."""
     out: list[Candidate] = []
     for hybrid in (False, True):
         chain = sorted((r for r in done if r.candidate.recipe == "int4_weight_only"
                         and r.candidate.excluded_nodes == user_excluded
                         and bool(r.candidate.options.get("int8_activations")) == hybrid),
                        key=lambda r: r.candidate.eight_bit_layers)
-        if not chain or chain[0].candidate.eight_bit_layers:
+        if not chain or chain[0].candidate.eight_bit_layers or len(chain) - 1 >= max_steps:
             continue
-        last = chain[-1]
-        n = last.candidate.eight_bit_layers
-        if last.met_target or n >= max_steps:
-            continue
-        if bound is not None and last.size_bytes is not None and last.size_bytes >= bound:
-            continue
-        if len(chain) > 1 and (_score(last.metric) <= _score(chain[-2].metric) or
-                               (last.size_bytes is not None and last.size_bytes <= (chain[-2].size_bytes or 0))):
+        n = _next_eight_bit_count(chain, bound)
+        if n is None:
             continue
         base = chain[0].candidate
-        cand = dataclasses.replace(base, options={**base.options, "int8_most_sensitive": n + 1})
+        cand = dataclasses.replace(base, options={**base.options, "int8_most_sensitive": n})
         if cand.key not in tried:
             out.append(cand)
     return out
+
+
+def _next_eight_bit_count(chain: Sequence[CandidateResult], bound: int | None) -> int | None:
+    """The next count of MatMuls in 8 bits on a 4-bit branch (its steps by count, the 4-bit candidate first),
+    or None when the branch is over (``_eight_bit_steps``)."""
+    met = [r.candidate.eight_bit_layers for r in chain if r.met_target]
+    if met:
+        hi = min(met)
+        below = [r for r in chain if r.candidate.eight_bit_layers < hi]
+        if not below:
+            return None  # the 4-bit candidate itself met the target
+        lo = below[-1]
+        if bound is not None and lo.size_bytes is not None and lo.size_bytes >= bound:
+            return None  # every count between would be larger than the model already chosen
+        gap = hi - lo.candidate.eight_bit_layers
+        return lo.candidate.eight_bit_layers + gap // 2 if gap > 1 else None
+    last = chain[-1]
+    if bound is not None and last.size_bytes is not None and last.size_bytes >= bound:
+        return None
+    if len(chain) > 1 and (_score(last.metric) <= _score(chain[-2].metric) or
+                           (last.size_bytes is not None and last.size_bytes <= (chain[-2].size_bytes or 0))):
+        return None
+    return 2 * last.candidate.eight_bit_layers or 1
 
 
 def block_ranking_from(results: Sequence[CandidateResult]) -> list[dict[str, Any]]:

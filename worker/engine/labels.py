@@ -13,9 +13,11 @@ def _count(n: int, noun: str) -> str:
 
 def recipe_label(recipe: str, options: Mapping[str, Any]) -> str:
     """'int8_static (entropy)', 'int8_static (minmax, SmoothQuant 0.25) + learned rounding',
-    'int4_weight_only + int8 activations (entropy)': the recipe and the options that make it a branch."""
+    'int4_weight_only + int8 activations + 4-bit embeddings (entropy)': the recipe and the options that make it
+    a branch."""
     method = options.get("method")
     hybrid = " + int8 activations" if options.get("int8_activations") else ""
+    hybrid += " + 4-bit embeddings" if options.get("quantize_embeddings") else ""
     smooth = f", SmoothQuant {options.get('smoothquant_alpha')}" if options.get("smoothquant") == "on" else ""
     learned = " + learned rounding" if options.get("adaround") == "on" else ""
     return recipe + hybrid + (f" ({method}{smooth})" if method else "") + learned

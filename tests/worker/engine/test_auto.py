@@ -458,6 +458,22 @@ def test_auto_run_weighs_each_candidates_measured_speed(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- 4-bit planning
 
 
+def test_4bit_candidates_compute_in_int8_and_take_large_embedding_tables_along(tmp_path: Path) -> None:
+    text = builders.tiny_transformer(tmp_path / "t.onnx", classes=3)
+    matmuls, share = auto.four_bit_view(text)
+    # The token table: 1000 x 64 of the model's weights (0.556 of them when this test was written).
+    assert matmuls and share >= auto.EMBEDDING_SHARE, share
+    mlp = builders.mlp(tmp_path / "m.onnx")
+    assert auto.four_bit_view(mlp) == (True, 0.0)
+    for model, embeddings in ((text, True), (mlp, False)):
+        four = [c for c in auto.plan_candidates(model, parse_options("auto", {})) if c.recipe == "int4_weight_only"]
+        assert [c.options.get("int8_activations", False) for c in four] == [False, True]
+        for c in four:
+            opts = c.parsed()
+            assert opts.accuracy_level == auto.FOUR_BIT_ACCURACY_LEVEL == 4
+            assert opts.quantize_embeddings is embeddings, (model, c.options)
+
+
 def test_constant_node_matmul_weights_get_a_4bit_candidate(tmp_path: Path) -> None:
     model = builders.constant_weights_opset11(tmp_path / "const.onnx")
     loaded = onnx.load(str(model))
@@ -672,7 +688,7 @@ def test_a_4bit_branch_keeps_its_most_lossy_matmuls_in_8_bits_before_float() -> 
     static = auto.CandidateResult(auto.Candidate("int8_static", {"method": "entropy"}), "done", size_bytes=30,
                                   metric=0.999, met_target=True)
     steps = [c for c in auto.next_candidates([plain, hybrid, static], max_steps=4) if c.eight_bit_layers]
-    # One more MatMul in 8 bits on each 4-bit branch (int4_weight_only's own ranking of its 4-bit errors).
+    # One MatMul in 8 bits first on each 4-bit branch (int4_weight_only's own ranking of its 4-bit errors).
     assert sorted((c.branch, c.options["int8_most_sensitive"]) for c in steps) == [
         ("int4_weight_only/8bit", 1), ("int4_weight_only/entropy/a8/8bit", 1)]
     assert all(parse_options("int4_weight_only", c.config()["options"]).int8_most_sensitive == 1 for c in steps)
@@ -681,7 +697,7 @@ def test_a_4bit_branch_keeps_its_most_lossy_matmuls_in_8_bits_before_float() -> 
                 if c.eight_bit_layers]
     # Each 8-bit branch goes on from its own last step.
     first = {c.branch: c for c in steps}
-    one = auto.CandidateResult(first["int4_weight_only/8bit"], "done", size_bytes=14, metric=0.985, met_target=False)
+    one = auto.CandidateResult(first["int4_weight_only/8bit"], "done", size_bytes=13, metric=0.985, met_target=False)
     met = auto.CandidateResult(first["int4_weight_only/entropy/a8/8bit"], "done", size_bytes=17, metric=0.995,
                                met_target=True)
     nxt = [c for c in auto.next_candidates([plain, hybrid, static, one, met], max_steps=4) if c.eight_bit_layers]
@@ -691,9 +707,7 @@ def test_a_4bit_branch_keeps_its_most_lossy_matmuls_in_8_bits_before_float() -> 
     big = auto.CandidateResult(first["int4_weight_only/8bit"], "done", size_bytes=17, metric=0.985, met_target=False)
     assert not [c for c in auto.next_candidates([plain, hybrid, static, big, met], max_steps=4) if c.eight_bit_layers]
     # ... as does one that kept nothing more in 8 bits than the step before (no MatMul left), and max_steps.
-    two = auto.CandidateResult(dataclasses.replace(first["int4_weight_only/8bit"],
-                                                   options={"int8_most_sensitive": 2}), "done", size_bytes=14,
-                               metric=0.985, met_target=False)
+    two = _eight_bit(plain, 2, 13, 0.986, False)
     assert not [c for c in auto.next_candidates([plain, static, one, two], max_steps=4) if c.eight_bit_layers]
     assert not [c for c in auto.next_candidates([plain, static, one], max_steps=1) if c.eight_bit_layers]
     # ... and one that measured no better than the step before: the 4-bit weights are not what the branch loses.
@@ -701,6 +715,42 @@ def test_a_4bit_branch_keeps_its_most_lossy_matmuls_in_8_bits_before_float() -> 
     assert not [c for c in auto.next_candidates([plain, static, flat], max_steps=4) if c.eight_bit_layers]
     assert [c.eight_bit_layers for c in auto.next_candidates([plain, static, one], max_steps=4)
             if c.eight_bit_layers] == [2]
+
+
+def _eight_bit(base: auto.CandidateResult, n: int, size: int, metric: float, met: bool) -> auto.CandidateResult:
+    return auto.CandidateResult(dataclasses.replace(base.candidate, options={**base.candidate.options,
+                                                                             "int8_most_sensitive": n}),
+                                "done", size_bytes=size, metric=metric, met_target=met)
+
+
+def test_8_bit_steps_double_while_they_miss_then_halve_the_gap_back() -> None:
+    plain = auto.CandidateResult(auto.Candidate("int4_weight_only", {"quantize_embeddings": True}), "done",
+                                 size_bytes=100, metric=0.974, met_target=False)
+    static = auto.CandidateResult(auto.Candidate("int8_static", {"method": "entropy"}), "done", size_bytes=160,
+                                  metric=0.999, met_target=True)
+
+    def following(*steps: auto.CandidateResult, max_steps: int = 8) -> list[int]:
+        return [c.eight_bit_layers for c in auto.next_candidates([plain, static, *steps], max_steps=max_steps)
+                if c.eight_bit_layers]
+
+    # Missing: 1, 2, 4, 8, 16 MatMuls in 8 bits (all-MiniLM-L6-v2 needs 12 of its 36).
+    chain = [_eight_bit(plain, 1, 101, 0.976, False)]
+    for n, size, metric in ((2, 102, 0.978), (4, 104, 0.983), (8, 108, 0.987)):
+        assert following(*chain) == [n]
+        chain.append(_eight_bit(plain, n, size, metric, False))
+    assert following(*chain) == [16]
+    # 16 met the target: the gap to the largest count that missed is halved, 12, then 10 (12 met) or 14 (missed).
+    chain.append(_eight_bit(plain, 16, 116, 0.993, True))
+    assert following(*chain) == [12]
+    assert following(*chain, _eight_bit(plain, 12, 112, 0.9906, True)) == [10]
+    assert following(*chain, _eight_bit(plain, 12, 112, 0.989, False)) == [14]
+    # Adjacent counts, one missed and one met: over.
+    assert following(*chain, _eight_bit(plain, 12, 112, 0.989, False), _eight_bit(plain, 14, 114, 0.991, True),
+                     _eight_bit(plain, 13, 113, 0.9899, False), max_steps=16) == []
+    # max_steps counts the steps of the branch, whichever way they go.
+    assert following(*chain, max_steps=5) == []
+    # The 4-bit candidate itself met the target: no step.
+    assert following(dataclasses.replace(plain, met_target=True)) == []
 
 
 def test_auto_returns_a_4bit_model_with_its_lossy_matmul_in_8_bits_where_float_fallback_returns_a_larger_one(

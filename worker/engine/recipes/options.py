@@ -122,8 +122,8 @@ TRAIN_MEMORY_MB = Option("train_memory_mb", "float", 1024.0, "what one backward 
                          "training, in more passes)", lo=0.0001, hi=1_000_000.0)
 
 # -- auto ----------------------------------------------------------------------------------------------------
-MAX_FALLBACK_STEPS = Option("max_fallback_steps", "int", 8, "layers kept in float (or in 8 bits, on a 4-bit "
-                            "branch) per candidate recipe, at most",
+MAX_FALLBACK_STEPS = Option("max_fallback_steps", "int", 8, "layers kept in float per candidate recipe, at most "
+                            "(on a 4-bit branch: steps keeping its MatMuls in 8 bits, 1, 2, 4, ... of them)",
                             lo=0, hi=64)
 PREFER = Option("prefer", "choice", "size_and_speed", "size_and_speed: the smallest not slower than fp32; size: "
                 "the smallest however slow", choices=AUTO_PREFERENCES)
