@@ -88,8 +88,8 @@ SPEED_TOLERANCE = 0.10
 
 # auto's 4-bit candidates compute in int8 (MatMulNBits accuracy_level 4: each block of the input quantized to int8
 # as it runs), ONNX Runtime's fast CPU path: all-MiniLM-L6-v2's 4-bit model with 12 MatMuls in 8 bits measured a
-# speed-up of 0.50 against fp32 at level 0 and 1.11 at level 4, cosine 0.9908 and 0.9906 (benchmarks/int4.py
-# prints both). Each candidate's accuracy is measured, so a CPU where level 4 loses more shows it.
+# speed-up of 0.55 against fp32 at level 0 and 1.05 at level 4, cosine 0.9908 and 0.9906 (benchmarks/
+# four_bit_steps.py; README). Each candidate's accuracy is measured, so a CPU where level 4 loses more shows it.
 FOUR_BIT_ACCURACY_LEVEL = 4
 # Where embedding tables (Gather data) hold this share of the float weights or more, the 4-bit candidates
 # quantize them too (int4_weight_only option quantize_embeddings): all-MiniLM-L6-v2's word embeddings are 53 % of
