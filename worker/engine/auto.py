@@ -92,9 +92,9 @@ SPEED_TOLERANCE = 0.10
 # four_bit_steps.py; README). Each candidate's accuracy is measured, so a CPU where level 4 loses more shows it.
 FOUR_BIT_ACCURACY_LEVEL = 4
 # Where embedding tables (Gather data) hold this share of the float weights or more, the 4-bit candidates
-# quantize them too (int4_weight_only option quantize_embeddings): all-MiniLM-L6-v2's word embeddings are 53 % of
-# its weights, so its 4-bit model was 0.604 of the fp32 size with them in float, larger than int8 (0.254), and
-# 0.159 with them in 4 bits (cosine 0.9741 against 0.976).
+# quantize them too (int4_weight_only option quantize_embeddings): all-MiniLM-L6-v2's tables (words, positions,
+# token types) are 53 % of its weights (four_bit_view), so its 4-bit model was 0.604 of the fp32 size with them in
+# float, larger than int8 (0.254), and 0.159 with them in 4 bits (cosine 0.9741 against 0.976).
 EMBEDDING_SHARE = 0.10
 
 # Search "float_fallback": int8_static's accuracy steps off in every static candidate (learned rounding is off
