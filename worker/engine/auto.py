@@ -513,8 +513,8 @@ def _eight_bit_steps(done: Sequence[CandidateResult], max_steps: int, bound: int
     bits, so while not too many layers need it the step is smaller than any int8 model.
 
     The count doubles a step (1, 2, 4, ...) while the steps miss: a transformer may need a dozen of its MatMuls in
-    8 bits (all-MiniLM-L6-v2: 12 of 36 for cosine 0.99), which one layer a step would reach only after as many
-    runs. Once a step met the target, the next ones halve the gap between the largest count that missed and the
+    8 bits (all-MiniLM-L6-v2: 11 or 12 of its 36 for cosine 0.99), which one layer a step would reach only after
+    as many runs. Once a step met the target, the next ones halve the gap between the largest count that missed and the
     smallest that met, since fewer may do. ``max_steps`` bounds the steps of a branch. Doubling stops when it is
     no smaller than ``bound`` (8 bits only grow it), when a step came out no larger than the one before (no
     MatMul was left to keep in 8 bits) or when it measured no better than the one before: then the 4-bit weights
