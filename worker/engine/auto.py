@@ -102,6 +102,9 @@ EMBEDDING_SHARE = 0.10
 # by default), and no A16W8, block or learned-rounding step, so that float fallback alone meets the target.
 PLAIN_STATIC = {"smoothquant": "off", "equalize": "off", "bias_correction": "off", "residual_16bit": "off"}
 
+# Candidates within this share of each other's size are as small (the 4-bit weight branch's base).
+SIZE_TIE = 0.001
+
 RunFn = Callable[[QuantizeConfig], Any]  # QuantizeConfig -> pipeline.QuantizeResult
 
 
@@ -128,14 +131,16 @@ class Candidate:
             name += "/adaround"
         if self.options.get("int8_activations"):
             name += "/a8"
+        if self.options.get("four_bit_weights"):
+            name += "/w4"
         if self.eight_bit_layers:
             name += "/8bit"
         return name + ("/blocks" if self.blocks else "")
 
     @property
     def eight_bit_layers(self) -> int:
-        """An 8-bit step of a 4-bit branch: how many of its MatMuls are kept in 8 bits instead of 4
-        (int4_weight_only option int8_most_sensitive)."""
+        """An 8-bit step of a 4-bit branch: how many of its layers are kept in 8 bits instead of 4
+        (option int8_most_sensitive of int4_weight_only, and of int8_static with four_bit_weights)."""
         return int(self.options.get("int8_most_sensitive") or 0)
 
     @property
@@ -472,6 +477,9 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
             out.append(cand)
     if not float_only and max_steps > 0:
         out += _eight_bit_steps(done, max_steps, bound, tried, tuple(user_excluded))
+        step = _four_bit_weight_step(done, max_steps, bound, tried)
+        if step is not None:
+            out.append(step)
     if best_static is not None and not float_only:
         block = _next_block(results, done, best_static, max_steps, bound, tried, tuple(user_excluded))
         if block is not None:
@@ -533,9 +541,54 @@ def _eight_bit_steps(done: Sequence[CandidateResult], max_steps: int, bound: int
     return out
 
 
-def _next_eight_bit_count(chain: Sequence[CandidateResult], bound: int | None) -> int | None:
-    """The next count of MatMuls in 8 bits on a 4-bit branch (its steps by count, the 4-bit candidate first),
-    or None when the branch is over (``_eight_bit_steps``)."""
+def _plain_int8(c: Candidate) -> Candidate:
+    """A static candidate without its 4-bit weight options: the int8 model its 4-bit weight steps start from."""
+    opts = {k: v for k, v in c.options.items() if k not in ("four_bit_weights", "int8_most_sensitive")}
+    return dataclasses.replace(c, options=opts)
+
+
+def _four_bit_weight_step(done: Sequence[CandidateResult], max_steps: int, bound: int | None,
+                          tried: dict[Any, CandidateResult]) -> Candidate | None:
+    """The next step of the 4-bit weight branch: the smallest static candidate that met the target (any of its
+    steps: float layers, 16-bit activations, learned rounding), its int8 weights stored in 4 bits (int8_static
+    option four_bit_weights), the same int8 kernels at half the weight bytes. Where all in 4 bits misses, the
+    layers that lose most in 4 bits (each alone, measured) go back to 8 bits: 1, 2, 4, ... then halving the gap,
+    as on the 4-bit MatMul branches (``_next_eight_bit_count``). A conv net's int8 model is mostly weights, so
+    while few layers need 8 bits the step is smaller than any int8 model. None when no static candidate met the
+    target or the branch is over."""
+    met = [r for r in done if r.candidate.recipe == "int8_static" and r.met_target and r.size_bytes is not None
+           and not r.candidate.options.get("four_bit_weights")]
+    if not met:
+        return None
+    started = [r.candidate for r in done if r.candidate.options.get("four_bit_weights")]
+    # One branch a search: once it started, a later static candidate as small (learned rounding) starts no other.
+    # Calibration methods give the same graph within a few bytes: among those as small (SIZE_TIE), the one with the
+    # most accuracy to spare on 4-bit layers.
+    smallest = min(r.size_bytes or 0 for r in met)
+    base = _plain_int8(started[0]) if started else max(
+        (r for r in met if (r.size_bytes or 0) <= smallest * (1 + SIZE_TIE)), key=lambda r: _score(r.metric)).candidate
+    chain = sorted((r for r in done if r.candidate.options.get("four_bit_weights")
+                    and _plain_int8(r.candidate) == base), key=lambda r: r.candidate.eight_bit_layers)
+    if not chain:
+        cand = dataclasses.replace(base, options={**base.options, "four_bit_weights": True})
+        return None if cand.key in tried else cand
+    if chain[0].candidate.eight_bit_layers or len(chain) - 1 >= max_steps:
+        return None
+    # A layer's 4-bit weight can save fewer bytes than its new tensors' names add (a first conv of 3 x 3 x 32
+    # weights), so the size does not tell when no layer is left in 4 bits: the step's report does.
+    if not ((chain[-1].report or {}).get("four_bit_weights") or {}).get("layers_4bit", 1):
+        return None
+    n = _next_eight_bit_count(chain, bound, size_stops=False)
+    if n is None:
+        return None
+    cand = dataclasses.replace(base, options={**base.options, "four_bit_weights": True, "int8_most_sensitive": n})
+    return None if cand.key in tried else cand
+
+
+def _next_eight_bit_count(chain: Sequence[CandidateResult], bound: int | None, size_stops: bool = True) -> int | None:
+    """The next count of layers in 8 bits on a 4-bit branch (its steps by count, the 4-bit candidate first),
+    or None when the branch is over (``_eight_bit_steps``; ``size_stops`` off: a step no larger than the one before
+    does not end it)."""
     met = [r.candidate.eight_bit_layers for r in chain if r.met_target]
     if met:
         hi = min(met)
@@ -551,7 +604,8 @@ def _next_eight_bit_count(chain: Sequence[CandidateResult], bound: int | None) -
     if bound is not None and last.size_bytes is not None and last.size_bytes >= bound:
         return None
     if len(chain) > 1 and (_score(last.metric) <= _score(chain[-2].metric) or
-                           (last.size_bytes is not None and last.size_bytes <= (chain[-2].size_bytes or 0))):
+                           (size_stops and last.size_bytes is not None
+                            and last.size_bytes <= (chain[-2].size_bytes or 0))):
         return None
     return 2 * last.candidate.eight_bit_layers or 1
 

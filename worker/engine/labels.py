@@ -18,6 +18,7 @@ def recipe_label(recipe: str, options: Mapping[str, Any]) -> str:
     method = options.get("method")
     hybrid = " + int8 activations" if options.get("int8_activations") else ""
     hybrid += " + 4-bit embeddings" if options.get("quantize_embeddings") else ""
+    hybrid += " + 4-bit weights" if options.get("four_bit_weights") else ""
     smooth = f", SmoothQuant {options.get('smoothquant_alpha')}" if options.get("smoothquant") == "on" else ""
     learned = " + learned rounding" if options.get("adaround") == "on" else ""
     return recipe + hybrid + (f" ({method}{smooth})" if method else "") + learned

@@ -170,6 +170,10 @@ def _qdq_bits(quantized: onnx.ModelProto) -> dict[str, tuple[int | None, int | N
     consts = {n.output[0]: n.attribute[0].t.data_type for n in quantized.graph.node
               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     inits.update(consts)
+    # four_bit_weights: a weight's DequantizeLinear reads a Cast (to int8) of an INT4 initializer.
+    inits.update({n.output[0]: inits[n.input[0]] for n in quantized.graph.node
+                  if n.op_type == "Cast" and n.input and inits.get(n.input[0]) in (onnx.TensorProto.INT4,
+                                                                                 onnx.TensorProto.UINT4)})
 
     def bits(node: onnx.NodeProto) -> int | None:
         zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -615,6 +619,8 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
         report["adaround"] = made.output.adaround
     if made.output.residual_16bit is not None:
         report["residual_16bit"] = made.output.residual_16bit
+    if made.output.four_bit_weights is not None:
+        report["four_bit_weights"] = made.output.four_bit_weights
     lsq = table.sqnr
     report["layer_sqnr"] = {"samples": lsq.samples, "passes": lsq.passes, "seconds": round(lsq.seconds, 3)}
     sensitivity = _sensitivity_section(table.sensitivity, cfg.recipe, table.blocks)

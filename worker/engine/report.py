@@ -365,6 +365,29 @@ class Residual16(_Closed):
     compare: RefineCompare | None = None
 
 
+class FourBitRank(_Closed):
+    """One layer alone with 4-bit weights: the int8 model's output SQNR against its own, and the weight's error."""
+
+    name: str
+    output_sqnr_db: float | None
+    relative_error: float
+
+
+class FourBitWeights(_Closed):
+    """int8_static's option four_bit_weights (worker/engine/four_bit_weights.py)."""
+
+    enabled: bool
+    layers_4bit: int = Field(description="layers whose weights are stored in 4 bits")
+    layers_8bit: list[str] = Field(description="layers kept in 8 bits (int8_most_sensitive)")
+    relative_error: dict[str, float] = Field(description="each layer's ||w - w4||^2 / ||w||^2")
+    weight_bytes_int8: int
+    weight_bytes_after: int
+    opset_converted_from: int | None = None
+    samples: int = Field(description="calibration samples the ranking ran on (0: no ranking)")
+    seconds: float
+    ranking: list[FourBitRank] | None = Field(default=None, description="most sensitive first, at most 50")
+
+
 class SmoothQuantCheck(_Closed):
     """The smoothed float model against the prepared one, before anything was calibrated on it."""
 
@@ -612,6 +635,7 @@ class Report(_Closed):
     bias_correction: BiasCorrection | None = None
     adaround: AdaRound | None = None
     residual_16bit: Residual16 | None = None
+    four_bit_weights: FourBitWeights | None = None
     external_data: ExternalData | None = None
     training: Training | None = None
     smoothquant: SmoothQuant | None = None

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.engine.config import IMPLEMENTED_RECIPES, INT8_ELSEWHERE_OPTIONS, RECIPE_OPTIONS, parse_options
+from worker.engine.config import IMPLEMENTED_RECIPES, REGISTRY, INT8_ELSEWHERE_OPTIONS, RECIPE_OPTIONS, parse_options
 
 
 @pytest.mark.parametrize("recipe", IMPLEMENTED_RECIPES)
@@ -10,9 +10,15 @@ def test_recorded_options_parse_back_to_the_same(recipe: str) -> None:
     """A job records to_dict(); the worker parses it again: that must round-trip for every recipe."""
     opts = parse_options(recipe, {"batch_size": 4})
     recorded = opts.to_dict(recipe)
-    # Plain 4-bit records no int8 calibration options: they only apply with int8_activations.
-    expected = RECIPE_OPTIONS[recipe] - (INT8_ELSEWHERE_OPTIONS if recipe == "int4_weight_only" else frozenset())
+    # Options that need another one on are not recorded without it: plain 4-bit records no int8 calibration
+    # options (they only apply with int8_activations), int8_static no int8_most_sensitive (four_bit_weights).
+    needing = {o.name for o in REGISTRY[recipe].options if o.requires}
+    expected = RECIPE_OPTIONS[recipe] - needing
     assert set(recorded) == set(expected)
+    if recipe == "int4_weight_only":
+        assert needing == INT8_ELSEWHERE_OPTIONS
+    if recipe == "int8_static":
+        assert needing == {"int8_most_sensitive"}
     assert parse_options(recipe, recorded) == opts
 
 

@@ -202,6 +202,8 @@ class RecipeOutput:
     bias_correction: dict[str, Any] | None = None
     # int8_static: what option residual_16bit did (the report's residual_16bit section).
     residual_16bit: dict[str, Any] | None = None
+    # int8_static: what option four_bit_weights did (the report's four_bit_weights section).
+    four_bit_weights: dict[str, Any] | None = None
     # int8_static: activations that held infinity or NaN on the calibration data (they stay in float).
     nonfinite_tensors: list[str] = field(default_factory=list)
     # Run ONNX shape inference on the quantized model before the layer table (fp16: the per-layer precision

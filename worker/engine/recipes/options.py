@@ -99,6 +99,9 @@ INT8_LAST_MATMUL = Option("int8_last_matmul", "bool", False, "the last MatMul (a
 INT8_MOST_SENSITIVE = Option("int8_most_sensitive", "int", 0, "also keep in 8 bits the N MatMuls whose weights lose "
                              "most in 4 bits (relative error, weighted by each input's per-channel second moments "
                              "when clip_search measured them)", lo=0, hi=4096)
+FOUR_BIT_WEIGHTS = Option("four_bit_weights", "bool", False, "int8_static: store the int8 model's Conv/MatMul/Gemm "
+                          "weights in 4 bits (INT4, per output channel, a Cast to int8 that ONNX Runtime folds at "
+                          "load: the same int8 kernels, half the weight bytes; opset 21)")
 QUANTIZE_EMBEDDINGS = Option("quantize_embeddings", "bool", False, "also 4-bit Gather tables")
 INT8_ACTIVATIONS = Option("int8_activations", "bool", False, "also quantize everything outside the 4-bit MatMuls "
                           "to int8 QDQ, calibrated on the 4-bit model (needs calibration data)")
@@ -138,8 +141,9 @@ SEARCH = Option("search", "choice", "full", "full: 16-bit activations, SmoothQua
 ORDER = (
     "method", "calibrator",
     "per_channel", "symmetric_activations", "reduce_range", "symmetric", "int8_last_matmul", "quantize_embeddings",
-    "int8_activations", "layer_sensitivity", "keep_io_types", "train_weight_ranges", "train_activation_ranges",
-    "task_loss", "percentile", "batch_size", "max_calibration_samples", "holdout_fraction", "latency_runs",
+    "four_bit_weights", "int8_activations", "layer_sensitivity", "keep_io_types", "train_weight_ranges",
+    "train_activation_ranges", "task_loss", "percentile", "batch_size", "max_calibration_samples", "holdout_fraction",
+    "latency_runs",
     "algorithm", "block_size", "steps", "learning_rate", "range_learning_rate", "train_memory_mb",
     "max_fallback_steps", "prefer",
     "accuracy_level", "nodes_to_exclude", "int8_nodes", "int8_most_sensitive", "op_types_to_quantize",
