@@ -42,6 +42,7 @@ class FourBitWeights:
     weight_bytes_int8: int = 0
     weight_bytes_after: int = 0
     opset_converted_from: int | None = None
+    bias_corrected: int = 0
 
     def section(self) -> dict[str, Any]:
         """The report's ``four_bit_weights`` section."""
@@ -53,6 +54,7 @@ class FourBitWeights:
             "weight_bytes_int8": self.weight_bytes_int8,
             "weight_bytes_after": self.weight_bytes_after,
             "opset_converted_from": self.opset_converted_from,
+            "bias_corrected": self.bias_corrected,
         }
 
 
@@ -131,17 +133,36 @@ def four_bit_layers(model: onnx.ModelProto) -> list[str]:
 
 @dataclass(frozen=True)
 class Planned:
-    """One layer's weight in 4 bits, computed from its int8 weight (not yet written)."""
+    """One layer's weight in 4 bits, computed from its int8 weight (not yet written), and the shift of its output
+    the 4-bit weight brings on the calibration samples' mean input (subtracted from its bias: None, no bias
+    correction)."""
 
     q: np.ndarray
     scale: np.ndarray
     error: float
+    bias_shift: np.ndarray | None = None
 
 
-def prepare(model: onnx.ModelProto) -> tuple[dict[str, Planned], int | None]:
+def layer_inputs(model: onnx.ModelProto) -> dict[str, str]:
+    """The float tensor each 4-bit candidate layer of an int8 QDQ model reads (the input its activation
+    QuantizeLinear quantizes), by layer name: what bias correction needs the per-channel means of."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out: dict[str, str] = {}
+    for name, wt in _weights(model).items():
+        dq = producers.get(wt.layers[0].input[0])
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            out[name] = q.input[0]
+    return out
+
+
+def prepare(model: onnx.ModelProto,
+            means: dict[str, np.ndarray] | None = None) -> tuple[dict[str, Planned], int | None]:
     """Raise ``model`` (an int8 QDQ model, in memory) to opset INT4_OPSET in place and compute each layer's 4-bit
     weight from its int8 one (the dequantized int8 weight is what the 4-bit levels approximate: learned rounding,
-    equalization and bias correction already shaped it). Returns the layers by name and the opset converted from."""
+    equalization and bias correction already shaped it). ``means``: each layer's input mean per channel (axis 1
+    of a conv input, the last axis of a MatMul/Gemm input) on calibration samples, for bias correction. Returns
+    the layers by name and the opset converted from."""
     if not _weights(model):
         raise EngineError("nothing_to_quantize", "four_bit_weights: the int8 model has no Conv, MatMul or Gemm "
                           "with int8 weights to store in 4 bits")
@@ -156,8 +177,35 @@ def prepare(model: onnx.ModelProto) -> tuple[dict[str, Planned], int | None]:
             shape[wt.axis] = -1
         w = q8 * s8.reshape(shape)
         q4, s4 = four_bit_int(w, wt.axis)
-        planned[name] = Planned(q4, s4, relative_error(w, q4, s4, wt.axis))
+        shape4 = [1] * q8.ndim
+        shape4[wt.axis] = -1
+        mean = (means or {}).get(name)
+        shift = output_shift(wt.layers[0], q4 * s4.reshape(shape4) - w, mean) if mean is not None else None
+        planned[name] = Planned(q4, s4, relative_error(w, q4, s4, wt.axis), shift)
     return planned, converted
+
+
+def output_shift(layer: onnx.NodeProto, delta: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """E[op(x, W4) - op(x, W8)] per output channel for the input's per-channel mean ``mean`` (``delta`` = W4 - W8):
+    what quantizing the weight to 4 bits adds to the layer's output on average, which its bias can take back.
+    Padding is ignored (a conv's border outputs see fewer inputs). None where the layer has no bias to correct or
+    the shapes do not fit."""
+    if len(layer.input) < 3 or not layer.input[2]:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in layer.attribute}
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    if layer.op_type == "Conv" and delta.ndim >= 3:
+        groups = int(attrs.get("group", 1))
+        out_ch, per_group = delta.shape[0], delta.shape[1]
+        if mean.shape[0] != groups * per_group or out_ch % groups:
+            return None
+        summed = delta.reshape(out_ch, per_group, -1).sum(axis=2)
+        channel = (np.arange(out_ch) // (out_ch // groups))[:, None] * per_group + np.arange(per_group)[None, :]
+        return np.asarray((summed * mean[channel]).sum(axis=1))
+    if layer.op_type == "Gemm" and delta.ndim == 2:
+        d = delta if attrs.get("transB", 0) else delta.T  # [N, K]
+        return np.asarray(d @ mean) if d.shape[1] == mean.shape[0] else None
+    return None
 
 
 def narrow_weights(model: onnx.ModelProto, planned: dict[str, Planned], keep: set[str]) -> FourBitWeights:
@@ -191,7 +239,8 @@ def narrow_weights(model: onnx.ModelProto, planned: dict[str, Planned], keep: se
         node.input.extend([cast.output[0], scale.name, zero.name])
         _set_axis(node, wt.axis)
         for layer in wt.layers:
-            _requantize_bias(layer, p.scale, inits, producers, model)
+            res.bias_corrected += _requantize_bias(layer, p.scale, p.bias_shift if len(wt.layers) == 1 else None,
+                                                   inits, producers, model)
         new_nodes.extend([cast, node])
         res.four_bit.append(name)
         res.weight_bytes_after += (int(np.prod(p.q.shape)) + 1) // 2
@@ -226,23 +275,29 @@ def _set_axis(node: onnx.NodeProto, axis: int) -> None:
     node.attribute.append(helper.make_attribute("axis", axis))
 
 
-def _requantize_bias(layer: onnx.NodeProto, s4: np.ndarray, inits: dict[str, onnx.TensorProto],
-                     producers: dict[str, onnx.NodeProto], model: onnx.ModelProto) -> None:
+def _requantize_bias(layer: onnx.NodeProto, s4: np.ndarray, shift: np.ndarray | None,
+                     inits: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto],
+                     model: onnx.ModelProto) -> int:
     """An int32 bias (Conv/Gemm input 2 through a DequantizeLinear) quantized again at input scale x the new
-    weight scale, under new initializer names (another layer may share the old ones)."""
+    weight scale, less ``shift`` (bias correction), under new initializer names (another layer may share the old
+    ones). Returns 1 when ``shift`` was applied."""
     if len(layer.input) < 3 or not layer.input[2]:
-        return
+        return 0
     bias_dq = producers.get(layer.input[2])
     x_dq = producers.get(layer.input[0])
     if bias_dq is None or bias_dq.op_type != "DequantizeLinear" or bias_dq.input[0] not in inits:
-        return
+        return 0
     if inits[bias_dq.input[0]].data_type != TensorProto.INT32:
-        return
+        return 0
     if x_dq is None or x_dq.op_type != "DequantizeLinear" or x_dq.input[1] not in inits:
-        return
+        return 0
     b = numpy_helper.to_array(inits[bias_dq.input[0]]).astype(np.float64)
     bs = numpy_helper.to_array(inits[bias_dq.input[1]]).astype(np.float64)
     bias = b * bs
+    corrected = shift is not None and shift.shape == bias.shape
+    if corrected:
+        assert shift is not None
+        bias = bias - shift
     x_scale = float(numpy_helper.to_array(inits[x_dq.input[1]]).reshape(-1)[0])
     new_scale = (x_scale * s4.astype(np.float64)).astype(np.float32)
     q = np.clip(np.rint(bias / new_scale), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
@@ -261,6 +316,7 @@ def _requantize_bias(layer: onnx.NodeProto, s4: np.ndarray, inits: dict[str, onn
     del bias_dq.input[:]
     bias_dq.input.extend([qt.name, st.name, *zero])
     _set_axis(bias_dq, 0)
+    return int(corrected)
 
 
 def _to_opset(model: onnx.ModelProto) -> int | None:

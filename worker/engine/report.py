@@ -383,6 +383,9 @@ class FourBitWeights(_Closed):
     weight_bytes_int8: int
     weight_bytes_after: int
     opset_converted_from: int | None = None
+    bias_corrected: int = Field(description="layers whose bias took back the mean output shift of their 4-bit "
+                                            "weights")
+    mean_samples: int = Field(description="calibration samples the input means for bias correction came from")
     samples: int = Field(description="calibration samples the ranking ran on (0: no ranking)")
     seconds: float
     ranking: list[FourBitRank] | None = Field(default=None, description="most sensitive first, at most 50")
