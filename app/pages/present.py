@@ -28,6 +28,7 @@ from worker.engine.report import (
     Candidate,
     CandidateConfig,
     Equalization,
+    FourBitWeights,
     LabelAccuracy,
     Latency,
     Layer,
@@ -582,6 +583,25 @@ def adaround_line(section: AdaRound | None) -> str:
             line += f" (the {section.budget_seconds:g} s budget ran out: later layers got fewer steps)"
         line += "."
     return line
+
+
+def four_bit_weights_line(section: FourBitWeights | None) -> str:
+    """int8_static's option four_bit_weights in one line: how many layers' weights are 4-bit, which stayed 8-bit
+    and why, what it saved and what bias correction did."""
+    if section is None:
+        return ""
+    line = (f"{section.layers_4bit} layer(s) with 4-bit weights (INT4, a Cast to int8 folded at load: the same int8 "
+            f"kernels), {section.weight_bytes_int8:,} -> {section.weight_bytes_after:,} weight bytes")
+    if section.layers_8bit:
+        kept = ", ".join(section.layers_8bit[:5]) + (", ..." if len(section.layers_8bit) > 5 else "")
+        line += (f"; {len(section.layers_8bit)} kept in 8 bits, those whose 4-bit weights alone cost the output most "
+                 f"on {section.samples} calibration samples: {kept}")
+    if section.bias_corrected:
+        line += (f"; {section.bias_corrected} bias(es) corrected for the mean shift of the 4-bit weights "
+                 f"({section.mean_samples} calibration samples)")
+    if section.opset_converted_from is not None:
+        line += f"; the model was converted from opset {section.opset_converted_from} to 21"
+    return line + "."
 
 
 def residual_16bit_line(section: Residual16 | None) -> str:

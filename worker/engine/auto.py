@@ -19,7 +19,9 @@
    option int8_most_sensitive, its own ranking by 4-bit error), 1, 2, 4, ... of them until a step meets the
    target, then halving the gap back; still smaller than int8 while not too many layers need it. The 4-bit
    candidates compute in int8 (accuracy_level 4) and, where embedding tables hold a tenth of the weights or
-   more, quantize those too.
+   more, quantize those too. The 4-bit weight branch: the smallest static candidate that met the target with its
+   int8 weights stored in 4 bits (int8_static option four_bit_weights, the same int8 kernels), then its layers that
+   cost the output most in 4 bits back in 8 bits, counted as on the 8-bit steps.
 4. Choose among the candidates that meet the target: the smallest one that is not slower than the fp32 model
    (its speed-up, fp32 p50 latency over its own, both measured in the candidate's run, at least
    ``1 - SPEED_TOLERANCE``), then the fastest; a slower one only when no other meets the target, and then the
@@ -30,8 +32,9 @@
    reported and the ones that decide ``accuracy_target.met`` (``confirm``; preflight.split_eval_range).
 
 Option ``search: "float_fallback"`` runs the search without its accuracy steps (SmoothQuant, equalization, bias
-correction, the 16-bit residual stream, A16W8, learned rounding, whole blocks, 8-bit steps): plain int8 candidates
-and float steps only, to measure what those steps gain (benchmarks/zoo.py --recipes auto,auto_float_fallback).
+correction, the 16-bit residual stream, A16W8, learned rounding, whole blocks, 8-bit steps, 4-bit weights): plain
+int8 candidates and float steps only, to measure what those steps gain (benchmarks/zoo.py --recipes
+auto,auto_float_fallback).
 
 This module is the search itself, usable from a script. How candidates are run (in this process, or as
 queue sub-tasks on several workers) is up to the caller: ``search`` runs them here, ``next_candidates``

@@ -325,6 +325,7 @@ def _to_opset(model: onnx.ModelProto) -> int | None:
     current = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if current is None or current >= INT4_OPSET:
         return None
+    # lazy: only a model below opset 21 needs ONNX's version converter
     from onnx import version_converter
 
     try:

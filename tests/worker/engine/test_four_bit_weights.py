@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from app.pages import present
 from tests import builders
 from worker.engine import auto, pipeline
 from worker.engine.config import QuantizeConfig, parse_options
@@ -26,6 +27,7 @@ from worker.engine.four_bit_weights import (
     relative_error,
 )
 from worker.engine.labels import candidate_name
+from worker.engine.report import Report
 
 
 def _static(tmp: Path, model: Path, data: Path, name: str, **options: Any) -> pipeline.QuantizeResult:
@@ -141,6 +143,10 @@ def test_the_layer_kept_in_8_bits_is_the_one_whose_4_bits_cost_the_output_most(t
     assert section["layers_8bit"] == ["loud"] and section["layers_4bit"] == 1 and section["samples"] == 8
     bits = {layer["name"]: layer.get("weight_bits") for layer in res.report["layers"]}
     assert bits["loud"] == 8 and bits[lossy] == 4
+    # The job page's line says the same.
+    line = present.four_bit_weights_line(Report.from_stored(res.report).four_bit_weights)
+    assert line.startswith("1 layer(s) with 4-bit weights") and "1 kept in 8 bits" in line and ": loud" in line, line
+    assert "8,192 -> 6,144 weight bytes" in line and "converted from opset 17 to 21" in line, line
 
 
 def test_int8_most_sensitive_needs_four_bit_weights_on_int8_static() -> None:

@@ -99,7 +99,7 @@ INT8_LAST_MATMUL = Option("int8_last_matmul", "bool", False, "the last MatMul (a
 INT8_MOST_SENSITIVE = Option("int8_most_sensitive", "int", 0, "also keep in 8 bits the N MatMuls whose weights lose "
                              "most in 4 bits (relative error, weighted by each input's per-channel second moments "
                              "when clip_search measured them)", lo=0, hi=4096)
-FOUR_BIT_WEIGHTS = Option("four_bit_weights", "bool", False, "int8_static: store the int8 model's Conv/MatMul/Gemm "
+FOUR_BIT_WEIGHTS = Option("four_bit_weights", "bool", False, "store the int8 model's Conv/MatMul/Gemm "
                           "weights in 4 bits (INT4, per output channel, a Cast to int8 that ONNX Runtime folds at "
                           "load: the same int8 kernels, half the weight bytes; opset 21)")
 QUANTIZE_EMBEDDINGS = Option("quantize_embeddings", "bool", False, "also 4-bit Gather tables")
@@ -131,9 +131,10 @@ MAX_FALLBACK_STEPS = Option("max_fallback_steps", "int", 8, "layers kept in floa
 PREFER = Option("prefer", "choice", "size_and_speed", "size_and_speed: the smallest not slower than fp32; size: "
                 "the smallest however slow", choices=AUTO_PREFERENCES)
 SEARCH = Option("search", "choice", "full", "full: 16-bit activations, SmoothQuant, equalization, bias correction, "
-                "the 16-bit residual stream, learned rounding, whole blocks and 4-bit models' MatMuls in 8 bits are "
-                "tried before and beside layers kept in float; float_fallback: plain int8 candidates and layers kept "
-                "in float only (the search without those steps, to compare)", choices=AUTO_SEARCHES,
+                "the 16-bit residual stream, learned rounding, whole blocks, 4-bit models' MatMuls in 8 bits and "
+                "static models' weights in 4 bits are tried before and beside layers kept in float; float_fallback: "
+                "plain int8 candidates and layers kept in float only (the search without those steps, to compare)",
+                choices=AUTO_SEARCHES,
                 conflicts=(Conflict("float_fallback", "smoothquant", "on",
                                     "search 'float_fallback' tries no SmoothQuant; leave smoothquant unset or use "
                                     "search 'full'"),))
