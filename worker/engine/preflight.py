@@ -124,6 +124,12 @@ def _plan_split(
             "int8_activations calibrates int8 ranges for the operators outside the 4-bit MatMuls: give a "
             "calibration dataset, or leave int8_activations off",
         )
+    if recipe == "int8_dynamic" and opts.int8_most_sensitive and calib is None:
+        raise EngineError(
+            "calibration_required",
+            "int8_most_sensitive ranks the MatMuls whose 4-bit weights cost the output most on calibration samples: "
+            "give a calibration dataset, or leave int8_most_sensitive at 0",
+        )
     cplan = plan_feeds(inputs, calib, opts.batch_size, "calibration") if calib else None
     eplan = plan_feeds(inputs, ev, opts.batch_size, "evaluation") if ev else None
     learns = calibrates(recipe, opts, calib is not None)
