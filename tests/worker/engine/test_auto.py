@@ -413,10 +413,13 @@ def test_fallback_goes_on_while_the_choice_is_slower_than_fp32() -> None:
     rows = [analysis, slow_dynamic]
     # The static branch is larger than the slow dynamic model, yet may still become the choice: it goes on.
     steps = auto.next_candidates(rows, max_steps=4)
-    assert [c.recipe for c in steps if not c.learned_rounding] == ["int8_static"]
+    four_bit = [c for c in steps if c.options.get("four_bit_weights")]
+    assert [c.recipe for c in steps if not c.learned_rounding and c not in four_bit] == ["int8_static"]
     assert [c.branch for c in steps if c.learned_rounding] == ["int8_static/entropy/adaround"]
-    # Choosing by size only, nothing larger than the dynamic model can win: the search stops.
-    assert auto.next_candidates(rows, max_steps=4, prefer="size") == []
+    # Beside them, the dynamic model with its weights in 4 bits (smaller than it, so it may win either way).
+    assert [(c.recipe, c.eight_bit_layers) for c in four_bit] == [("int8_dynamic", 0)]
+    # Choosing by size only, nothing larger than the dynamic model can win: only that step is left.
+    assert auto.next_candidates(rows, max_steps=4, prefer="size") == four_bit
 
 
 def test_prefer_is_an_auto_option_with_two_choices() -> None:

@@ -186,7 +186,11 @@ def test_auto_stores_the_weights_of_the_static_candidate_that_met_the_target_in_
     assert [(c.options["method"], c.eight_bit_layers) for c in first] == [("percentile", 0)]
     assert parse_options("int8_static", first[0].config()["options"]).four_bit_weights
     assert candidate_name(first[0].recipe, first[0].options) == "int8_static + 4-bit weights (percentile)"
-    # Float fallback alone has no such step, nor has a search where no static candidate met the target.
+    # A smaller int8 model that met the target, dynamic or with a layer in float, is the branch's base instead.
+    dynamic = _done(auto.Candidate("int8_dynamic", {}), 900, 0.995, True)
+    assert [(c.recipe, c.options) for c in auto.next_candidates([entropy, minmax, percentile, dynamic, fp16], 8)
+            if c.options.get("four_bit_weights")] == [("int8_dynamic", {"four_bit_weights": True})]
+    # Float fallback alone has no such step, nor has a search where no int8 candidate met the target.
     assert _w4_steps([entropy, minmax, percentile, fp16], float_only=True) == []
     assert _w4_steps([entropy, fp16]) == []
     # Missing: 1, 2, 4 layers in 8 bits (the most costly, ranked by int8_static), then halving the gap back.
