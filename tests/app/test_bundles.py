@@ -98,7 +98,8 @@ def test_a_lone_onnx_file_with_external_data_is_told_to_bundle(api: Harness, tmp
 def test_recipes_that_cannot_stream_are_refused_at_submit_time(api: Harness, tmp_path: Path) -> None:
     m = api.client.post("/api/v1/models", files={"file": ("d.zip", _bundle_bytes(tmp_path))}).json()
     for recipe, options in (("int8_static", {}), ("int4_weight_only", {"algorithm": "gptq"}),
-                            ("int4_weight_only", {"int8_activations": True})):
+                            ("int4_weight_only", {"int8_activations": True}),
+                            ("int8_dynamic", {"four_bit_weights": True})):
         r = submit(api.client, model_id=m["id"], recipe=recipe, options=options)
         assert r.status_code == 422, (recipe, r.text)
         assert error_of(r) == "external_data_not_supported"

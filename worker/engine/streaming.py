@@ -55,6 +55,9 @@ def refusal(recipe: str, options: dict[str, Any]) -> str | None:
                     "use algorithm rtn, clip_search (calibrated), hqq or k_quant, all streamed")
         if options.get("int8_activations"):
             return "int4_weight_only option int8_activations cannot run on a model with external data yet"
+    if recipe == "int8_dynamic" and options.get("four_bit_weights"):
+        return ("int8_dynamic option four_bit_weights cannot run on a model with external data yet; use "
+                "int4_weight_only, whose 4-bit weights are streamed")
     return None
 
 
