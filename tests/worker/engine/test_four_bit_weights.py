@@ -186,10 +186,19 @@ def test_auto_stores_the_weights_of_the_static_candidate_that_met_the_target_in_
     assert [(c.options["method"], c.eight_bit_layers) for c in first] == [("percentile", 0)]
     assert parse_options("int8_static", first[0].config()["options"]).four_bit_weights
     assert candidate_name(first[0].recipe, first[0].options) == "int8_static + 4-bit weights (percentile)"
-    # A smaller int8 model that met the target, dynamic or with a layer in float, is the branch's base instead.
+    # int8_dynamic has a branch of its own, from its own smallest model that met the target ...
     dynamic = _done(auto.Candidate("int8_dynamic", {}), 900, 0.995, True)
-    assert [(c.recipe, c.options) for c in auto.next_candidates([entropy, minmax, percentile, dynamic, fp16], 8)
-            if c.options.get("four_bit_weights")] == [("int8_dynamic", {"four_bit_weights": True})]
+    both = [(c.recipe, c.options) for c in auto.next_candidates([entropy, minmax, percentile, dynamic, fp16], 8)
+            if c.options.get("four_bit_weights")]
+    assert both == [("int8_static", {"method": "percentile", "four_bit_weights": True}),
+                    ("int8_dynamic", {"four_bit_weights": True})]
+    # ... except where it is slower than fp32 and a static model is not (its 4-bit weights run on its kernels),
+    # unless the job chooses by size alone.
+    slow = dataclasses.replace(dynamic, latency_ms_p50=5.0, fp32_latency_ms_p50=1.0)
+    assert [c.recipe for c in auto.next_candidates([entropy, minmax, percentile, slow, fp16], 8)
+            if c.options.get("four_bit_weights")] == ["int8_static"]
+    assert [c.recipe for c in auto.next_candidates([entropy, minmax, percentile, slow, fp16], 8, prefer="size")
+            if c.options.get("four_bit_weights")] == ["int8_static", "int8_dynamic"]
     # Float fallback alone has no such step, nor has a search where no int8 candidate met the target.
     assert _w4_steps([entropy, minmax, percentile, fp16], float_only=True) == []
     assert _w4_steps([entropy, fp16]) == []
