@@ -448,14 +448,17 @@ def next_candidates(results: Sequence[CandidateResult], max_steps: int,
     # The static branch worth extending is the method that came closest on its own. The learned-rounding step
     # is never extended: each float step on it would learn the rounding again (adaround_seconds each).
     statics = [r for r in done if r.candidate.recipe == "int8_static" and
-               len(r.candidate.excluded_nodes) == len(user_excluded) and not r.candidate.learned_rounding]
+               len(r.candidate.excluded_nodes) == len(user_excluded) and not r.candidate.learned_rounding
+               and not r.candidate.options.get("four_bit_weights")]
     best_static = max(statics, key=lambda r: _score(r.metric)) if statics else None
     out: list[Candidate] = []
     for recipe in FALLBACK_RECIPES:
         keep = best_static.candidate.branch if recipe == "int8_static" and best_static is not None else None
         # (The 4-bit + int8 hybrid gets 8-bit steps only, below: the plain 4-bit branch is extended in float.)
+        # (The 4-bit weight steps are a branch of their own, below.)
         branch = [r for r in done if r.candidate.recipe == recipe and (keep is None or r.candidate.branch == keep)
-                  and not r.candidate.options.get("int8_activations") and not r.candidate.eight_bit_layers]
+                  and not r.candidate.options.get("int8_activations") and not r.candidate.eight_bit_layers
+                  and not r.candidate.options.get("four_bit_weights")]
         if not branch:
             continue
         last = max(branch, key=lambda r: len(r.candidate.excluded_nodes))

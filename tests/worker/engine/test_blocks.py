@@ -60,7 +60,9 @@ def test_the_analysis_run_reports_its_blocks_and_auto_steps_through_them(tmp_pat
     assert again.excluded_nodes == (*blocks[0]["layers"], *blocks[1]["layers"])
     assert parse_options("int8_static", again.config()["options"]).nodes_to_exclude == again.excluded_nodes
     assert auto.Candidate.from_dict(again.to_dict()) == again
-    done.met_target = True  # met: the block branch stops
-    assert not [c for c in auto.next_candidates([analysis, fp16, done], max_steps=8) if c.blocks]
+    done.met_target = True  # met: the block branch stops (the 4-bit weight branch starts from that model)
+    after = auto.next_candidates([analysis, fp16, done], max_steps=8)
+    assert not [c for c in after if c.blocks and not c.options.get("four_bit_weights")]
+    assert [c.blocks for c in after if c.options.get("four_bit_weights")] == [done.candidate.blocks]
     done.met_target = False
     assert not [c for c in auto.next_candidates([analysis, fp16, done], max_steps=1) if c.blocks]

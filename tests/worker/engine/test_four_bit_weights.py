@@ -178,7 +178,9 @@ def _w4_steps(results: list[auto.CandidateResult], max_steps: int = 8, float_onl
 def test_auto_stores_the_weights_of_the_static_candidate_that_met_the_target_in_4_bits() -> None:
     minmax = _done(auto.Candidate("int8_static", {"method": "minmax"}), 1000, 0.9980, True)
     percentile = _done(auto.Candidate("int8_static", {"method": "percentile"}), 1000, 0.9986, True)
-    entropy = _done(auto.Candidate("int8_static", {"method": "entropy"}), 1000, 0.96, False)
+    # The analysis candidate's ranking: what float steps would keep in float.
+    entropy = _done(auto.Candidate("int8_static", {"method": "entropy"}), 1000, 0.96, False,
+                    sensitivity={"ranking": ["mm1"]}, layers=[{"name": "mm1", "op_type": "MatMul"}])
     fp16 = _done(auto.Candidate("fp16", {}), 2000, 1.0, True)
     first = [c for c in auto.next_candidates([entropy, minmax, percentile, fp16], max_steps=8)
              if c.options.get("four_bit_weights")]
@@ -192,6 +194,12 @@ def test_auto_stores_the_weights_of_the_static_candidate_that_met_the_target_in_
             if c.options.get("four_bit_weights")]
     assert both == [("int8_static", {"method": "percentile", "four_bit_weights": True}),
                     ("int8_dynamic", {"four_bit_weights": True})]
+    # A 4-bit weight step that missed is no float branch's base: the dynamic model met the target, so its float
+    # branch has no step, and its 4-bit one goes on with a layer in 8 bits (whatever the order of the results).
+    missed = _w4(dynamic, 0, 600, 0.97, False)
+    after = auto.next_candidates([entropy, minmax, percentile, missed, dynamic, fp16], 8)
+    assert not [c for c in after if c.recipe == "int8_dynamic" and c.excluded_nodes]
+    assert [(c.recipe, c.eight_bit_layers) for c in after if c.recipe == "int8_dynamic"] == [("int8_dynamic", 1)]
     # ... except where it is slower than fp32 and a static model is not (its 4-bit weights run on its kernels),
     # unless the job chooses by size alone.
     slow = dataclasses.replace(dynamic, latency_ms_p50=5.0, fp32_latency_ms_p50=1.0)
