@@ -579,10 +579,13 @@ def _four_bit_weight_steps(done: Sequence[CandidateResult], max_steps: int, boun
 
 
 def _has_int8(r: CandidateResult) -> bool:
-    """Does the candidate's model have an int8 layer (a float step may have kept every one in float)? A candidate
-    without a report's layer table counts as having one."""
+    """Does the candidate's model have an int8 layer whose weights option four_bit_weights stores in 4 bits (a
+    float step may have kept every one in float; int8_dynamic's are its MatMuls, not its ConvInteger convs)? A
+    candidate without a report's layer table counts as having one."""
     layers = (r.report or {}).get("layers")
-    return layers is None or any(layer.get("precision") == "int8" for layer in layers)
+    ops = ("MatMul", "Gemm") if r.candidate.recipe == "int8_dynamic" else None
+    return layers is None or any(layer.get("precision") == "int8" and (ops is None or layer.get("op_type") in ops)
+                                 for layer in layers)
 
 
 def _four_bit_weight_step(done: Sequence[CandidateResult], met: Sequence[CandidateResult], recipe: str,

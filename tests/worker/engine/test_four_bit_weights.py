@@ -194,6 +194,10 @@ def test_auto_stores_the_weights_of_the_static_candidate_that_met_the_target_in_
             if c.options.get("four_bit_weights")]
     assert both == [("int8_static", {"method": "percentile", "four_bit_weights": True}),
                     ("int8_dynamic", {"four_bit_weights": True})]
+    # A dynamic model whose int8 layers are all convs (ConvInteger, whose weights the option leaves) gets none.
+    convs = dataclasses.replace(dynamic, report={"layers": [{"name": "c", "op_type": "Conv", "precision": "int8"}]})
+    assert [c.recipe for c in auto.next_candidates([entropy, minmax, percentile, convs, fp16], 8)
+            if c.options.get("four_bit_weights")] == ["int8_static"]
     # A 4-bit weight step that missed is no float branch's base: the dynamic model met the target, so its float
     # branch has no step, and its 4-bit one goes on with a layer in 8 bits (whatever the order of the results).
     missed = _w4(dynamic, 0, 600, 0.97, False)
