@@ -706,12 +706,13 @@ def candidate_speedup(c: Candidate | PassedOver) -> float | None:
 def candidate_key(c: CandidateConfig) -> tuple[Any, ...]:
     """What tells candidates apart on the page: recipe, calibration method, SmoothQuant's strength when searched,
     the layers kept in float, the activations given 16 bits (auto's A16W8 steps), the blocks kept in float and
-    learned rounding (auto's adaround step), int8 activations, 4-bit embedding tables and the MatMuls kept in 8
-    bits (a 4-bit branch's hybrid, what it quantizes and its 8-bit steps)."""
+    learned rounding (auto's adaround step), int8 activations, 4-bit embedding tables, 4-bit weights of an int8
+    model and the layers kept in 8 bits (a 4-bit branch's hybrid, what it quantizes and its 8-bit steps)."""
     alpha = c.options.get("smoothquant_alpha") if c.options.get("smoothquant") == "on" else None
     return (c.recipe, c.options.get("method"), alpha, tuple(c.excluded_nodes), tuple(c.activations_16bit),
             tuple(c.blocks), c.options.get("adaround") == "on", bool(c.options.get("int8_activations")),
-            bool(c.options.get("quantize_embeddings")), int(c.options.get("int8_most_sensitive") or 0))
+            bool(c.options.get("quantize_embeddings")), bool(c.options.get("four_bit_weights")),
+            int(c.options.get("int8_most_sensitive") or 0))
 
 
 def _candidate_row(c: Candidate, chosen: CandidateConfig | None, tolerance: float) -> CandidateRow:

@@ -368,3 +368,12 @@ def test_dynamic_int8_matmul_weights_in_4_bits_with_the_opset_raised_where_meani
     assert err.value.code == "calibration_required"
     kept = _dynamic(tmp_path, model, data, "kept", four_bit_weights=True, int8_most_sensitive=1)
     assert kept.report["four_bit_weights"]["layers_4bit"] == 1 and len(kept.report["four_bit_weights"]["ranking"]) == 2
+
+
+def test_the_page_tells_a_4_bit_weight_step_from_the_int8_model_it_starts_from() -> None:
+    from worker.engine.report import Candidate as CandidateRow
+
+    base = _done(auto.Candidate("int8_static", {"method": "minmax"}), 1000, 0.998, True)
+    step = _w4(base, 0, 600, 0.995, True)
+    keys = {present.candidate_key(CandidateRow.model_validate(r.summary())) for r in (base, step)}
+    assert len(keys) == 2
