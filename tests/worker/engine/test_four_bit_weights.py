@@ -377,3 +377,28 @@ def test_the_page_tells_a_4_bit_weight_step_from_the_int8_model_it_starts_from()
     step = _w4(base, 0, 600, 0.995, True)
     keys = {present.candidate_key(CandidateRow.model_validate(r.summary())) for r in (base, step)}
     assert len(keys) == 2
+
+
+def test_a_model_whose_operators_changed_meaning_goes_through_the_converter_without_growing(tmp_path: Path) -> None:
+    """DFT's axis became an input at opset 20: ONNX's version converter rewrites it. The converter records every
+    inferred shape as value_info; only the annotations the model had are kept (fracast's int8 model came out larger
+    with its weights in 4 bits than without)."""
+    from worker.engine.four_bit_weights import _to_opset
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("DFT", ["r"], ["f"], axis=1, name="dft"),
+             helper.make_node("Abs", ["f"], ["y"], name="abs")]
+    graph = helper.make_graph(nodes, "dft", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16, 2])],
+                              value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 16, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    x = np.random.default_rng(8).standard_normal((2, 16, 1)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert _to_opset(model) == 18
+    assert next(o.version for o in model.opset_import if o.domain == "") == 21 and model.ir_version >= 10
+    dft = next(n for n in model.graph.node if n.op_type == "DFT")
+    assert len(dft.input) == 3 and not any(a.name == "axis" for a in dft.attribute)  # the axis is an input now
+    assert [vi.name for vi in model.graph.value_info] == ["r"]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-5)
