@@ -132,7 +132,7 @@ PREFER = Option("prefer", "choice", "size_and_speed", "size_and_speed: the small
                 "the smallest however slow", choices=AUTO_PREFERENCES)
 SEARCH = Option("search", "choice", "full", "full: 16-bit activations, SmoothQuant, equalization, bias correction, "
                 "the 16-bit residual stream, learned rounding, whole blocks, 4-bit models' MatMuls in 8 bits and "
-                "static models' weights in 4 bits are tried before and beside layers kept in float; float_fallback: "
+                "int8 models' weights in 4 bits are tried before and beside layers kept in float; float_fallback: "
                 "plain int8 candidates and layers kept in float only (the search without those steps, to compare)",
                 choices=AUTO_SEARCHES,
                 conflicts=(Conflict("float_fallback", "smoothquant", "on",
