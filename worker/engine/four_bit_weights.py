@@ -271,7 +271,7 @@ def narrow_weights(model: onnx.ModelProto, planned: dict[str, Planned], keep: se
         p = planned[name]
         base = wt.q
         res.weight_bytes_int8 += int(np.prod(inits[base].dims))
-        t4 = helper.make_tensor(base + "_int4", TensorProto.INT4, p.q.shape, p.q.flatten().tolist())
+        t4 = helper.make_tensor(base + "_int4", TensorProto.INT4, p.q.shape, pack_int4(p.q), raw=True)
         scale = numpy_helper.from_array(p.scale, base + "_scale4")
         zero = numpy_helper.from_array(np.zeros(p.scale.shape, np.int8), base + "_zero4")
         model.graph.initializer.extend([t4, scale, zero])
@@ -309,6 +309,16 @@ def narrow_weights(model: onnx.ModelProto, planned: dict[str, Planned], keep: se
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     return res
+
+
+def pack_int4(q: np.ndarray) -> bytes:
+    """INT4 raw data: two values a byte, the first in the low nibble (the ONNX layout). onnx.helper.make_tensor
+    without raw data keeps each packed byte as a varint in int32_data, a third more bytes (3096 against 2060 for
+    64 x 64 weights)."""
+    nibbles = (q.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
 
 
 def one_layer(model: onnx.ModelProto, planned: dict[str, Planned], name: str) -> onnx.ModelProto:

@@ -23,6 +23,7 @@ from worker.engine.four_bit_weights import (
     layer_inputs,
     narrow_weights,
     output_shift,
+    pack_int4,
     prepare,
     relative_error,
 )
@@ -68,6 +69,13 @@ def test_four_bit_levels_clip_each_channel_where_that_leaves_less_error() -> Non
     # The axis is the output channels' wherever it is (a MatMul weight [K, N]: axis 1).
     q_t, scale_t = four_bit_int(w.T, axis=1)
     assert np.array_equal(q_t, q.T) and np.allclose(scale_t, scale)
+
+
+def test_4_bit_values_are_packed_two_a_byte_as_onnx_reads_them() -> None:
+    q = np.random.default_rng(9).integers(-8, 8, (7, 5, 3)).astype(np.int8)  # an odd count: the last byte is half
+    t = helper.make_tensor("w", TensorProto.INT4, q.shape, pack_int4(q), raw=True)
+    assert len(t.raw_data) == (q.size + 1) // 2 and not t.int32_data
+    assert np.array_equal(numpy_helper.to_array(t).astype(np.int8), q)
 
 
 def test_conv_net_weights_in_4_bits_run_as_the_int8_kernels_at_about_half_the_weight_bytes(
