@@ -19,9 +19,9 @@
    option int8_most_sensitive, its own ranking by 4-bit error), 1, 2, 4, ... of them until a step meets the
    target, then halving the gap back; still smaller than int8 while not too many layers need it. The 4-bit
    candidates compute in int8 (accuracy_level 4) and, where embedding tables hold a tenth of the weights or
-   more, quantize those too. The 4-bit weight branch: the smallest static candidate that met the target with its
-   int8 weights stored in 4 bits (int8_static option four_bit_weights, the same int8 kernels), then its layers that
-   cost the output most in 4 bits back in 8 bits, counted as on the 8-bit steps.
+   more, quantize those too. The 4-bit weight branches, one per int8 recipe: its smallest candidate that met the
+   target with its int8 weights stored in 4 bits (option four_bit_weights, the same int8 kernels), then its layers
+   that cost the output most in 4 bits back in 8 bits, counted as on the 8-bit steps.
 4. Choose among the candidates that meet the target: the smallest one that is not slower than the fp32 model
    (its speed-up, fp32 p50 latency over its own, both measured in the candidate's run, at least
    ``1 - SPEED_TOLERANCE``), then the fastest; a slower one only when no other meets the target, and then the
@@ -145,7 +145,7 @@ class Candidate:
     @property
     def eight_bit_layers(self) -> int:
         """An 8-bit step of a 4-bit branch: how many of its layers are kept in 8 bits instead of 4
-        (option int8_most_sensitive of int4_weight_only, and of int8_static with four_bit_weights)."""
+        (option int8_most_sensitive of int4_weight_only, and of int8_static or int8_dynamic with four_bit_weights)."""
         return int(self.options.get("int8_most_sensitive") or 0)
 
     @property
@@ -548,7 +548,7 @@ def _eight_bit_steps(done: Sequence[CandidateResult], max_steps: int, bound: int
 
 
 def _plain_int8(c: Candidate) -> Candidate:
-    """A static candidate without its 4-bit weight options: the int8 model its 4-bit weight steps start from."""
+    """An int8 candidate without its 4-bit weight options: the int8 model its 4-bit weight steps start from."""
     opts = {k: v for k, v in c.options.items() if k not in ("four_bit_weights", "int8_most_sensitive")}
     return dataclasses.replace(c, options=opts)
 

@@ -84,8 +84,8 @@ class RecipeOptions:
     int8_last_matmul: bool = False
     int8_most_sensitive: int = 0
     quantize_embeddings: bool = False
-    # int8_static: the int8 weights stored in 4 bits (worker/engine/four_bit_weights.py), but for the
-    # int8_most_sensitive layers.
+    # int8_static and int8_dynamic: the int8 weights stored in 4 bits (worker/engine/four_bit_weights.py), but for
+    # the int8_most_sensitive layers.
     four_bit_weights: bool = False
     # int4_weight_only: also run everything that stays outside the 4-bit MatMuls (activation x activation
     # MatMuls, Conv, Add, embeddings...) in int8 QDQ, calibrated on the 4-bit model with ``method``.

@@ -38,7 +38,6 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     return store_four_bit(ctx, _residual_stream(ctx, out))
 
 
-
 # "auto" compares the model with and without residual_16bit on this many calibration samples (a transformer's
 # samples are cheap to run, but the comparison adds a quantization and runs of both int8 models).
 RESIDUAL_COMPARE_SAMPLES = 16
