@@ -188,8 +188,13 @@ def _dequantized(arrays: dict[str, np.ndarray], q: str, scale: str, zero: str, a
 
 def layer_correction(layer: Layer, delta_w: np.ndarray, mean_x: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
     """E[(W_q - W) x] per output channel, from the per-input-channel mean of x."""
+    return output_correction(layer.op_type, delta_w, mean_x, node)
+
+
+def output_correction(op_type: str, delta_w: np.ndarray, mean_x: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
+    """``layer_correction`` for a Conv or Gemm ``node`` of type ``op_type`` (four_bit_weights' bias correction too)."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if layer.op_type == "Conv":
+    if op_type == "Conv":
         group = int(attrs.get("group", 1))
         out_ch, per_group = delta_w.shape[0], delta_w.shape[1]
         summed = delta_w.reshape(out_ch, per_group, -1).sum(axis=2)  # [out, in per group]

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from worker.engine.bias_correction import output_correction
 from worker.engine.errors import EngineError
 
 if TYPE_CHECKING:  # annotations only: the recipes' handlers call this module, which needs none of them to load
@@ -235,16 +236,14 @@ def output_shift(layer: onnx.NodeProto, delta: np.ndarray, mean: np.ndarray) -> 
     mean = np.asarray(mean, dtype=np.float64).reshape(-1)
     if layer.op_type == "Conv" and delta.ndim >= 3:
         groups = int(attrs.get("group", 1))
-        out_ch, per_group = delta.shape[0], delta.shape[1]
-        if mean.shape[0] != groups * per_group or out_ch % groups:
+        if mean.shape[0] != groups * delta.shape[1] or delta.shape[0] % groups:
             return None
-        summed = delta.reshape(out_ch, per_group, -1).sum(axis=2)
-        channel = (np.arange(out_ch) // (out_ch // groups))[:, None] * per_group + np.arange(per_group)[None, :]
-        return np.asarray((summed * mean[channel]).sum(axis=1))
-    if layer.op_type == "Gemm" and delta.ndim == 2:
-        d = delta if attrs.get("transB", 0) else delta.T  # [N, K]
-        return np.asarray(d @ mean) if d.shape[1] == mean.shape[0] else None
-    return None
+    elif layer.op_type == "Gemm" and delta.ndim == 2:
+        if delta.shape[1 if attrs.get("transB", 0) else 0] != mean.shape[0]:
+            return None
+    else:
+        return None
+    return output_correction(layer.op_type, delta, mean, layer)
 
 
 def narrow_weights(model: onnx.ModelProto, planned: dict[str, Planned], keep: set[str]) -> FourBitWeights:
