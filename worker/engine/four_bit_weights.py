@@ -513,7 +513,8 @@ def store_four_bit(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
     if not ctx.opts.four_bit_weights:
         return out
     # lazy: the recipes' tables import the recipe modules, which import this one only when they run
-    from worker.engine.conv_refine import Reference, output_sqnr_db, run_all
+    from worker.engine.conv_refine import output_sqnr_db, run_all
+    from worker.engine.feeds import batch_source
     from worker.engine.files import place
 
     started = time.perf_counter()
@@ -531,9 +532,17 @@ def store_four_bit(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
         if not calibrated:  # preflight refuses this; a run without a split of calibration samples cannot rank
             raise EngineError("calibration_required", "int8_most_sensitive ranks the layers on calibration "
                               "samples: give a calibration dataset, or leave int8_most_sensitive at 0")
-        ref = Reference(ctx, RANK_SAMPLES)
-        feeds = ref.feeds
-        samples = sum(ref.counts)
+        # The first calibration batches only: conv_refine's Reference would also run the float model on them,
+        # whose outputs the ranking does not compare with.
+        feeds: list[dict[str, np.ndarray]] = []
+        reader, split = ctx.data.calib_reader, ctx.split
+        assert reader is not None and split.calib_plan is not None and split.calib_range is not None
+        c0, c1 = split.calib_range
+        for feed, count in batch_source(reader, ctx.info.inputs, split.calib_plan, c0, c1)():
+            if samples >= RANK_SAMPLES:
+                break
+            feeds.append(feed)
+            samples += count
         base_outs = run_all(ctx.quant_path, feeds, ctx, "int8 model")
         probe = ctx.work / "four-bit-probe.onnx"
         for name in planned:
