@@ -19,14 +19,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from worker.engine import runtime
-from worker.engine.calibrate import session_with
+from worker.engine.calibrate import KeptRun, session_with
 from worker.engine.inspect import default_opset
 
 Batches = Callable[[], Iterator[tuple[dict[str, np.ndarray], int]]]
@@ -56,9 +55,9 @@ class BiasCorrection:
     # The mean over the corrected layers of mean_c |correction_c| / mean_c |bias_c| (the share of the bias moved).
     mean_relative_correction: float | None = None
     samples: int = 0
-    # The float model's outputs on the first batches (feed, samples, outputs), when asked for (keep_outputs):
+    # The float model's outputs on the first batches (KeptRun each), when asked for (keep_outputs):
     # fetched in the same runs as the means.
-    outputs: list[tuple[dict[str, np.ndarray], int, list[Any]]] = field(default_factory=list)
+    outputs: list[KeptRun] = field(default_factory=list)
 
 
 def dq_inputs(node: onnx.NodeProto | None) -> tuple[str, str, str, int] | None:
@@ -149,8 +148,7 @@ def mean_axes(float_model: onnx.ModelProto) -> dict[str, list[int]]:
 
 def input_means(float_path: Path, float_model: onnx.ModelProto, layers: list[Layer], ranks: dict[str, int],
                 trans_a: dict[str, bool], batches: Batches, providers: list[str], threads: int,
-                keep_outputs: int = 0) -> tuple[dict[str, np.ndarray], int, list[tuple[dict[str, np.ndarray], int,
-                                                                                         list[Any]]]]:
+                keep_outputs: int = 0) -> tuple[dict[str, np.ndarray], int, list[KeptRun]]:
     """Per-channel means of each layer's float input over the calibration samples, in one pass (a ReduceMean per
     input added to the float model; batches weighted by their sample counts). Returns them, the samples, and the
     model's own outputs on the first batches that hold ``keep_outputs`` samples (fetched in the same runs)."""
@@ -163,14 +161,14 @@ def input_means(float_path: Path, float_model: onnx.ModelProto, layers: list[Lay
     own = [o.name for o in float_model.graph.output]
     sums: dict[str, np.ndarray] = {}
     samples = 0
-    kept: list[tuple[dict[str, np.ndarray], int, list[Any]]] = []
-    for feed, count in batches():
+    kept: list[KeptRun] = []
+    for b, (feed, count) in enumerate(batches()):
         keep = samples < keep_outputs
         got = runtime.run(session, feed, "model for bias correction", fetch + own if keep else fetch)
         for name, value in zip(fetch, got, strict=False):
             sums[name] = sums.get(name, 0.0) + np.asarray(value, dtype=np.float64) * count
         if keep:
-            kept.append((feed, count, list(got[len(fetch):])))
+            kept.append(KeptRun(b, None, count, list(got[len(fetch):])))
         samples += count
     return ({x: sums[out] / samples for x, out in names.items()} if samples else {}), samples, kept
 
@@ -276,7 +274,7 @@ def correct(quant_path: Path, float_path: Path, float_model: onnx.ModelProto, de
     usable = [la for la in layers if la.op_type != "Conv" or ranks[la.name] >= 3]
     if not usable:
         return BiasCorrection(skipped=skipped)  # nothing written: the caller keeps the model it has
-    kept: list[tuple[dict[str, np.ndarray], int, list[Any]]] = []
+    kept: list[KeptRun] = []
     if measured is not None and measured[1] > 0 and all(la.x in measured[0] for la in usable):
         means, samples = measured
     else:

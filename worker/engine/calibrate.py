@@ -94,12 +94,45 @@ class CalibrationResult:
     observed: int = 0
 
 
+@dataclass(frozen=True)
+class KeptRun:
+    """The model's own outputs on one run over the first calibration batches: batch number ``batch`` of the
+    calibration source, its rows ``rows`` where the batch ran in parts (else all of it), ``samples`` samples. The
+    feed itself is not kept: it is read again from the source (calibrate.kept_feeds), since holding it cost more
+    than the outputs (32 of MTCNN's 180x240 detector images: 16.6 MB)."""
+
+    batch: int
+    rows: tuple[int, int] | None
+    samples: int
+    outputs: list[Any]
+
+
+def kept_feeds(batches: Batches, kept: Sequence[KeptRun]) -> Iterator[dict[str, np.ndarray]]:
+    """The feeds of ``kept``'s runs, in order, read again from ``batches`` (the source they were run from)."""
+    want: dict[int, list[KeptRun]] = {}
+    for k in kept:
+        want.setdefault(k.batch, []).append(k)
+    last = max(want, default=-1)
+    if last < 0:
+        return
+    for b, (feed, n) in enumerate(batches()):
+        for k in want.get(b, []):
+            if k.rows is None:
+                if n != k.samples:
+                    raise RuntimeError(f"calibration batch {b} holds {n} samples, {k.samples} when it was kept")
+                yield feed
+            else:
+                yield {name: v[k.rows[0]:k.rows[1]] for name, v in feed.items()}
+        if b >= last:
+            return
+
+
 @dataclass
 class SidePass:
     """What the min/max calibration pass computes besides the ranges, in the same runs of the float model (bias
     correction's input means, and the float outputs its comparison needs): each output ``names`` maps to, summed over
     the samples (a run's value times its samples), and the model's own outputs on the first batches that hold
-    ``keep_outputs`` samples, (feed, samples, outputs) each. ``done`` is set by the pass that filled it: a cached
+    ``keep_outputs`` samples (KeptRun, in run order). ``done`` is set by the pass that filled it: a cached
     or histogram calibration leaves it unset, and the caller then runs its own pass."""
 
     delta: onnx.ModelProto  # the nodes computing ``names``' outputs, added to the model (see session_with)
@@ -107,7 +140,7 @@ class SidePass:
     keep_outputs: int = 0
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     samples: int = 0
-    kept: list[tuple[dict[str, np.ndarray], int, list[Any]]] = field(default_factory=list)
+    kept: list[KeptRun] = field(default_factory=list)
     seconds: float = 0.0  # the pass's runs, reductions included
     done: bool = False
 
@@ -867,14 +900,14 @@ def _minmax_pass(model_path: Path, model: onnx.ModelProto, tensors: list[str], s
     own = [o.name for o in model.graph.output]
     per_run: int | None = None
     started = time.perf_counter()
-    for feed, n in batches():
+    for b, (feed, n) in enumerate(batches()):
         if per_run is None:
             per_run = minmax_samples_per_run(model, feed, n, list(tensors))
         # The kept outputs are the first batches'.
         keep = side is not None and samples < side.keep_outputs
         fetch = names + extra + (own if keep else [])
-        parts: list[tuple[dict[str, np.ndarray], int, list[Any]]] = []
-        for part in split_feed(feed, n, per_run):
+        parts: list[KeptRun] = []
+        for p, part in enumerate(split_feed(feed, n, per_run)):
             values = runtime.run(session, part, "model during calibration", fetch)
             got = dict(zip(fetch, values, strict=True))
             for t, (mn, mx) in pairs.items():
@@ -884,9 +917,10 @@ def _minmax_pass(model_path: Path, model: onnx.ModelProto, tensors: list[str], s
                 for key, out in side.names.items():
                     side.sums[key] = side.sums.get(key, 0.0) + np.asarray(got[out], dtype=np.float64) * count
                 if keep:
-                    parts.append((part, count, list(values[len(names) + len(extra):])))
+                    rows = None if per_run >= n else (p * per_run, p * per_run + count)
+                    parts.append(KeptRun(b, rows, count, list(values[len(names) + len(extra):])))
         if side is not None:
-            side.kept.extend(_whole(feed, n, parts))
+            side.kept.extend(_whole(b, n, parts))
         samples += n
         if progress and total_samples:
             progress(min(1.0, samples / total_samples))
@@ -895,16 +929,16 @@ def _minmax_pass(model_path: Path, model: onnx.ModelProto, tensors: list[str], s
     return samples
 
 
-def _whole(feed: dict[str, np.ndarray], n: int, parts: list[tuple[dict[str, np.ndarray], int, list[Any]]]
-           ) -> list[tuple[dict[str, np.ndarray], int, list[Any]]]:
+def _whole(batch: int, n: int, parts: list[KeptRun]) -> list[KeptRun]:
     """A batch's outputs, run in parts, joined back into the batch's (later runs on it take whole batches, which
     is faster), where every output of every part has the part's samples on its first axis; else the parts."""
     if len(parts) <= 1:
         return parts
-    joinable = all(np.ndim(o) > 0 and np.shape(o)[0] == count for _, count, outs in parts for o in outs)
+    joinable = all(np.ndim(o) > 0 and np.shape(o)[0] == p.samples for p in parts for o in p.outputs)
     if not joinable:
         return parts
-    return [(feed, n, [np.concatenate([p[2][k] for p in parts]) for k in range(len(parts[0][2]))])]
+    joined = [np.concatenate([p.outputs[k] for p in parts]) for k in range(len(parts[0].outputs))]
+    return [KeptRun(batch, None, n, joined)]
 
 
 def _hist_run(session: Any, names: list[str], feed: dict[str, np.ndarray], outs: dict[str, HistOutputs],

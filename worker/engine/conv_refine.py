@@ -20,7 +20,7 @@ import dataclasses
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from worker.engine import adaround, bias_correction, equalize, runtime
-from worker.engine.calibrate import SidePass, write_ort_ranges
+from worker.engine.calibrate import Batches, KeptRun, SidePass, kept_feeds, write_ort_ranges
 from worker.engine.feeds import batch_source
 from worker.engine.files import sha256_file
 from worker.engine.ort_quant import quantize_static, warn_forced
@@ -59,8 +59,6 @@ COMPARE_MIN_SAMPLES = 16
 # -0.9 dB), 6.6 (basic-pitch, +0.01 dB) and 16.7 (MTCNN O-Net, -0.04 dB).
 AUTO_MIN_SPREAD = 10.0
 
-Feeds = list[dict[str, np.ndarray]]
-
 
 @dataclass
 class Candidate:
@@ -89,60 +87,60 @@ class Refined:
 
 class Reference:
     """The prepared float model's outputs on the first calibration samples, computed when first asked for (a
-    model with nothing to equalize or correct never runs them)."""
+    model with nothing to equalize or correct never runs them). Their feeds are read again from the calibration
+    data each time they are run (feeds()), not held."""
 
     def __init__(self, ctx: RecipeContext, limit: int) -> None:
         self.ctx, self.limit = ctx, limit
-        self._loaded: tuple[Feeds, list[int], list[list[Any]]] | None = None
+        self._loaded: list[KeptRun] | None = None
 
-    def _load(self) -> tuple[Feeds, list[int], list[list[Any]]]:
+    def _source(self) -> Batches:
+        ctx, split = self.ctx, self.ctx.split
+        assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
+        c0, c1 = split.calib_range
+        return batch_source(ctx.data.calib_reader, ctx.info.inputs, split.calib_plan, c0, c1)
+
+    def _load(self) -> list[KeptRun]:
         if self._loaded is None:
-            ctx, split = self.ctx, self.ctx.split
-            assert ctx.data.calib_reader is not None and split.calib_plan is not None
-            assert split.calib_range is not None
-            c0, c1 = split.calib_range
-            feeds: Feeds = []
-            counts: list[int] = []
-            for feed, n in batch_source(ctx.data.calib_reader, ctx.info.inputs, split.calib_plan, c0, c1)():
-                if sum(counts) >= self.limit:
+            runs: list[KeptRun] = []
+            session = runtime.make_session(self.ctx.norm_path, self.ctx.providers, self.ctx.cfg.threads,
+                                           "prepared model")
+            for b, (feed, n) in enumerate(self._source()()):
+                if sum(r.samples for r in runs) >= self.limit:
                     break
-                feeds.append(feed)
-                counts.append(n)
-            self._loaded = feeds, counts, run_all(ctx.norm_path, feeds, ctx, "prepared model")
+                runs.append(KeptRun(b, None, n, runtime.run(session, feed, "prepared model")))
+            self._loaded = runs
         return self._loaded
 
     @property
     def loaded(self) -> bool:
         return self._loaded is not None
 
-    def preload(self, kept: list[tuple[dict[str, np.ndarray], int, list[Any]]]) -> None:
+    def preload(self, kept: list[KeptRun]) -> None:
         """Take the prepared float model's outputs from a pass that ran it on the same first batches anyway (bias
         correction's input means): one pass over the compare samples fewer."""
-        feeds: Feeds = []
-        counts: list[int] = []
-        outputs: list[list[Any]] = []
-        for feed, n, outs in kept:
-            if sum(counts) >= self.limit:
+        runs: list[KeptRun] = []
+        for k in kept:
+            if sum(r.samples for r in runs) >= self.limit:
                 break
-            feeds.append(feed)
-            counts.append(n)
-            outputs.append(outs)
-        self._loaded = feeds, counts, outputs
+            runs.append(k)
+        self._loaded = runs
 
-    @property
-    def feeds(self) -> Feeds:
-        return self._load()[0]
+    def feeds(self, first: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The feeds of the first ``first`` runs (all of them by default), read again from the calibration data."""
+        runs = self._load()
+        return kept_feeds(self._source(), runs if first is None else runs[:first])
 
     @property
     def counts(self) -> list[int]:
-        return self._load()[1]
+        return [r.samples for r in self._load()]
 
     @property
     def outputs(self) -> list[list[Any]]:
-        return self._load()[2]
+        return [r.outputs for r in self._load()]
 
     def first(self, samples: int) -> int:
-        """How many of the batches it takes to hold ``samples`` samples (all of them if they hold fewer)."""
+        """How many of the runs it takes to hold ``samples`` samples (all of them if they hold fewer)."""
         total = 0
         for k, n in enumerate(self.counts):
             total += n
@@ -151,7 +149,7 @@ class Reference:
         return len(self.counts)
 
 
-def run_all(path: Path, feeds: Feeds, ctx: RecipeContext, what: str) -> list[list[Any]]:
+def run_all(path: Path, feeds: Iterable[dict[str, np.ndarray]], ctx: RecipeContext, what: str) -> list[list[Any]]:
     """``path``'s outputs on each of ``feeds``."""
     session = runtime.make_session(path, ctx.providers, ctx.cfg.threads, what)
     return [runtime.run(session, feed, what) for feed in feeds]
@@ -226,7 +224,7 @@ def _equalize(ctx: RecipeContext, calibrate: Callable[[RecipeContext], Calibrati
     path = ctx.work / "equalized.onnx"
     onnx.save(eq.model, str(path))
     n = ref.first(CHECK_SAMPLES)  # the equivalence check needs only the first few samples
-    rel = relative_error(ref.outputs[:n], run_all(path, ref.feeds[:n], ctx, "equalized model"))
+    rel = relative_error(ref.outputs[:n], run_all(path, ref.feeds(n), ctx, "equalized model"))
     samples = sum(ref.counts[:n])
     section.update(sweeps=eq.sweeps, range_spread_before=_round(eq.spread_before),
                    range_spread_after=_round(eq.spread_after),
@@ -391,7 +389,7 @@ def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
 
     def score(c: Candidate) -> float | None:
         if c.name not in scores:
-            scores[c.name] = output_sqnr_db(ref.outputs, run_all(c.quant, ref.feeds, ctx, f"{c.name} int8 model"))
+            scores[c.name] = output_sqnr_db(ref.outputs, run_all(c.quant, ref.feeds(), ctx, f"{c.name} int8 model"))
         return scores[c.name]
 
     chosen = plain

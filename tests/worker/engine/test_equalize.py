@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -290,11 +291,12 @@ def test_the_bias_correction_pass_gives_the_float_outputs_it_ran(tmp_path: Path)
     batches = [({"x": x[i:i + 8]}, 8) for i in range(0, 24, 8)]
     res = bias_correction.correct(tmp_path / "q.onnx", model, onnx.load(str(model)), tmp_path / "bc.onnx",
                                   lambda: iter(batches), ["CPUExecutionProvider"], 1, keep_outputs=10)
-    assert [count for _, count, _ in res.outputs] == [8, 8]  # batches until 10 samples are held
-    for feed, _, outs in res.outputs:
+    # batches until 10 samples are held: their outputs and where they came from, not the feeds
+    assert [(k.batch, k.rows, k.samples) for k in res.outputs] == [(0, None, 8), (1, None, 8)]
+    for k in res.outputs:
         # float32 rounding only: the added ReduceMean outputs change which kernels ONNX Runtime picks (measured:
         # 4 of 512 values differ, by at most 2.4e-6)
-        np.testing.assert_allclose(outs[0], _run_model(model, feed["x"]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(k.outputs[0], _run_model(model, batches[k.batch][0]["x"]), rtol=1e-5, atol=1e-5)
     assert res.samples == 24 and res.layers == ["conv"]
 
 
@@ -322,17 +324,23 @@ def test_the_calibration_pass_measures_the_input_means_and_keeps_the_float_outpu
         assert side.done and side.samples == 24
         np.testing.assert_allclose(side.sums["x"] / side.samples, x.astype(np.float64).mean(axis=(0, 2, 3)),
                                    rtol=1e-6)
-        # The first batches until 10 samples are held (8 + 8; run in parts of 3, each batch's joined back).
-        assert [n for _, n, _ in side.kept] == [8, 8]
-        for feed, _, outs in side.kept:
-            np.testing.assert_allclose(outs[0], _run_model(model, feed["x"]), rtol=1e-5, atol=1e-5)
-    # Parts are joined back only where every output has the part's samples first; else each stays a batch.
-    feed = {"x": x[:5]}
-    parts = [({"x": x[:3]}, 3, [np.zeros((3, 2)), np.float32(1.0)]), ({"x": x[3:5]}, 2, [np.zeros((2, 2)),
-                                                                                       np.float32(2.0)])]
-    assert [n for _, n, _ in calibrate._whole(feed, 5, parts)] == [3, 2]
-    joined = calibrate._whole(feed, 5, [(f, n, outs[:1]) for f, n, outs in parts])
-    assert [(n, outs[0].shape) for _, n, outs in joined] == [(5, (5, 2))] and joined[0][0] is feed
+        # The first batches until 10 samples are held (8 + 8; run in parts of 3, each batch's joined back), their
+        # outputs only: the feeds are read again from the source, the same rows.
+        assert [(k.batch, k.rows, k.samples) for k in side.kept] == [(0, None, 8), (1, None, 8)]
+        for k, feed in zip(side.kept, calibrate.kept_feeds(lambda: iter(batches), side.kept), strict=True):
+            np.testing.assert_array_equal(feed["x"], x[k.batch * 8:k.batch * 8 + 8])
+            np.testing.assert_allclose(k.outputs[0], _run_model(model, feed["x"]), rtol=1e-5, atol=1e-5)
+    # Parts are joined back only where every output has the part's samples first; else each stays a run of its own,
+    # its rows of the batch read again by kept_feeds.
+    parts = [calibrate.KeptRun(0, (0, 3), 3, [np.zeros((3, 2)), np.float32(1.0)]),
+             calibrate.KeptRun(0, (3, 5), 2, [np.zeros((2, 2)), np.float32(2.0)])]
+    separate = calibrate._whole(0, 5, parts)
+    assert [(k.rows, k.samples) for k in separate] == [((0, 3), 3), ((3, 5), 2)]
+    fed = list(calibrate.kept_feeds(lambda: iter([({"x": x[:5]}, 5)]), separate))
+    assert [f["x"].shape[0] for f in fed] == [3, 2]
+    np.testing.assert_array_equal(fed[1]["x"], x[3:5])
+    joined = calibrate._whole(0, 5, [dataclasses.replace(k, outputs=k.outputs[:1]) for k in parts])
+    assert [(k.rows, k.samples, k.outputs[0].shape) for k in joined] == [(None, 5, (5, 2))]
 
 
 def test_a_job_takes_the_input_means_from_its_calibration_pass(tmp_path: Path,

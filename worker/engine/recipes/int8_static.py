@@ -81,7 +81,7 @@ def _residual_stream(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
                                              "quantizing it again would undo")
         return dataclasses.replace(out, residual_16bit=section)
     ref = Reference(ctx, RESIDUAL_COMPARE_SAMPLES)
-    without = output_sqnr_db(ref.outputs, run_all(ctx.quant_path, ref.feeds, ctx, "int8 model"))
+    without = output_sqnr_db(ref.outputs, run_all(ctx.quant_path, ref.feeds(), ctx, "int8 model"))
     if opts.residual_16bit == "auto" and without is not None and without >= RESIDUAL_TRY_BELOW_DB:
         section.update(enabled=False, compare={"samples": sum(ref.counts), "sqnr_db_without": _r3(without),
                                                "sqnr_db_with": None},
@@ -100,7 +100,7 @@ def _residual_stream(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
     try:
         warn_forced(quantize_static(float_path, dest, ranges_path, wide_opts, out.nonfinite_tensors), warnings)
         with_db = None if opts.residual_16bit == "on" else output_sqnr_db(
-            ref.outputs, run_all(dest, ref.feeds, ctx, "int8 model with 16-bit residuals"))
+            ref.outputs, run_all(dest, ref.feeds(), ctx, "int8 model with 16-bit residuals"))
     except EngineError as exc:
         if opts.residual_16bit == "on":
             raise
@@ -137,13 +137,13 @@ def _keep_smoothing_if_better(ctx: RecipeContext, smoothed: RecipeOutput) -> Rec
     from worker.engine.files import place
 
     ref = Reference(ctx, COMPARE_SAMPLES)
-    with_db = output_sqnr_db(ref.outputs, run_all(ctx.quant_path, ref.feeds, ctx, "smoothed int8 model"))
+    with_db = output_sqnr_db(ref.outputs, run_all(ctx.quant_path, ref.feeds(), ctx, "smoothed int8 model"))
     plain_dir = ctx.work / "unsmoothed"
     plain_dir.mkdir(parents=True, exist_ok=True)
     plain_ctx = dataclasses.replace(ctx, quant_path=plain_dir / "quantized.onnx", work=plain_dir, warnings=[])
     off = {"enabled": False, "reason": "option smoothquant is off"}
     plain = _quantize_from(plain_ctx, off, None)
-    without_db = output_sqnr_db(ref.outputs, run_all(plain_ctx.quant_path, ref.feeds, ctx, "int8 model"))
+    without_db = output_sqnr_db(ref.outputs, run_all(plain_ctx.quant_path, ref.feeds(), ctx, "int8 model"))
     assert smoothed.smoothquant is not None
     section = dict(smoothed.smoothquant)
     section["int8_sqnr_db"] = {"smoothed": _r3(with_db), "unsmoothed": _r3(without_db), "samples": sum(ref.counts)}
