@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from worker.engine.bias_correction import output_correction
 from worker.engine.errors import EngineError
+from worker.engine.inspect import default_opset
 
 if TYPE_CHECKING:  # annotations only: the recipes' handlers call this module, which needs none of them to load
     from worker.engine.recipes.base import RecipeContext, RecipeOutput
@@ -568,10 +569,13 @@ def store_four_bit(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
 
 
 def _input_means(ctx: RecipeContext, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], int]:
-    """Each 4-bit candidate layer's input mean per channel (a conv's axis 1, a MatMul/Gemm input's last axis) in
-    the int8 model, on the first MEAN_SAMPLES calibration samples: bias correction of the 4-bit weights."""
+    """Each 4-bit candidate layer's input mean per channel (a conv's axis 1, a Gemm input's K axis, a MatMul
+    input's last axis) in the int8 model, on the first MEAN_SAMPLES calibration samples: bias correction of the
+    4-bit weights. Summed inside ONNX Runtime (a ReduceSum and a Shape per input, added to the model at
+    ``ctx.quant_path``): a run hands back one vector per input, not the activations themselves."""
     # lazy: as in store_four_bit
     from worker.engine import runtime
+    from worker.engine.calibrate import session_with
     from worker.engine.feeds import batch_source
 
     split = ctx.split
@@ -579,20 +583,9 @@ def _input_means(ctx: RecipeContext, model: onnx.ModelProto) -> tuple[dict[str, 
     inputs = layer_inputs(model)
     if not inputs:
         return {}, 0
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    fed = {i.name for i in probe.graph.input}
-    tensors = sorted(set(inputs.values()))
-    fetched = [t for t in tensors if t not in fed]  # a first layer reads a graph input: the feed has it
-    for t in fetched:
-        if t not in have:
-            probe.graph.output.append(onnx.ValueInfoProto(name=t))
-    session = runtime.make_session(probe.SerializeToString(), ctx.providers, ctx.cfg.threads,
-                                   "int8 model for bias correction")
-    del probe
-    ops = {n.name: n.op_type for n in model.graph.node}
-    conv_inputs = {t for name, t in inputs.items() if ops.get(name) == "Conv"}
+    delta, sums_of, shape_of, axis_of = _sums_delta(model, inputs)
+    session = session_with(ctx.quant_path, delta, ctx.providers, ctx.cfg.threads, "int8 model for bias correction")
+    fetch = [*sums_of.values(), *shape_of.values()]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     samples = 0
@@ -600,12 +593,53 @@ def _input_means(ctx: RecipeContext, model: onnx.ModelProto) -> tuple[dict[str, 
     for feed, n in batch_source(ctx.data.calib_reader, ctx.info.inputs, split.calib_plan, c0, c1)():
         if samples >= MEAN_SAMPLES:
             break
-        got = dict(zip(fetched, runtime.run(session, feed, "int8 model for bias correction", fetched), strict=True))
-        for t in tensors:
-            x = np.asarray(got[t] if t in got else feed[t], dtype=np.float64)
-            axis = 1 if t in conv_inputs and x.ndim >= 3 else x.ndim - 1
-            x = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-            sums[t] = sums[t] + x.sum(axis=0) if t in sums else x.sum(axis=0)
-            counts[t] = counts.get(t, 0) + x.shape[0]
+        got = dict(zip(fetch, runtime.run(session, feed, "int8 model for bias correction", fetch), strict=True))
+        for t, out in sums_of.items():
+            shape = [int(d) for d in got[shape_of[t]]]
+            total = np.asarray(got[out], dtype=np.float64)
+            sums[t] = sums[t] + total if t in sums else total
+            counts[t] = counts.get(t, 0) + int(np.prod(shape)) // max(1, shape[axis_of[t]])
         samples += n
     return {name: sums[t] / counts[t] for name, t in inputs.items() if counts.get(t)}, samples
+
+
+def _sums_delta(model: onnx.ModelProto, inputs: dict[str, str]
+                ) -> tuple[onnx.ModelProto, dict[str, str], dict[str, str], dict[str, int]]:
+    """What to add to ``model`` (see calibrate.session_with) for the sum per channel and the shape of each layer
+    input in ``inputs`` (layer name -> tensor): the delta, each tensor's sum output and shape output, and its
+    channel axis (-1: the last). A tensor read by several layers is summed once, along its first reader's channels."""
+    weights = _weights(model)
+    nodes = {n.name: n for n in model.graph.node}
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    axes_input = default_opset(model) >= 13  # ReduceSum takes its axes as an input from opset 13
+    delta = onnx.ModelProto()
+    sums_of: dict[str, str] = {}
+    shape_of: dict[str, str] = {}
+    axis_of: dict[str, int] = {}
+    for name, t in inputs.items():
+        if t in sums_of:
+            continue
+        k = len(sums_of)
+        node, w = nodes[name], dims[weights[name].q]
+        x, out = t, f"lowbit_w4_sum_{k}"
+        if node.op_type == "Conv":
+            axis, axes = 1, [0, *range(2, len(w))]
+        elif node.op_type == "Gemm":  # a 2-D input: K is its axis 0 with transA, else axis 1
+            trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+            axis, axes = (0, [1]) if trans_a else (1, [0])
+        else:  # MatMul: any leading axes, then K (the weight's first axis)
+            x = f"{out}_rows"
+            delta.graph.initializer.append(numpy_helper.from_array(np.array([-1, w[0]], dtype=np.int64), f"{x}_shape"))
+            delta.graph.node.append(helper.make_node("Reshape", [t, f"{x}_shape"], [x], name=x))
+            axis, axes = -1, [0]
+        if axes_input:
+            delta.graph.initializer.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{out}_axes"))
+            delta.graph.node.append(helper.make_node("ReduceSum", [x, f"{out}_axes"], [out], name=out, keepdims=0))
+        else:
+            delta.graph.node.append(helper.make_node("ReduceSum", [x], [out], name=out, keepdims=0, axes=axes))
+        shape = f"lowbit_w4_shape_{k}"
+        delta.graph.node.append(helper.make_node("Shape", [t], [shape], name=shape))
+        delta.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+        delta.graph.output.append(helper.make_tensor_value_info(shape, TensorProto.INT64, None))
+        sums_of[t], shape_of[t], axis_of[t] = out, shape, axis
+    return delta, sums_of, shape_of, axis_of

@@ -410,3 +410,66 @@ def test_a_model_whose_operators_changed_meaning_goes_through_the_converter_with
     assert [vi.name for vi in model.graph.value_info] == ["r"]
     after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(after[0], before[0], rtol=1e-5, atol=1e-5)
+
+
+def _conv_matmul_gemm(path: Path) -> Path:
+    """Conv (3 -> 4 channels) -> Relu -> Reshape [n, 4, 16] -> MatMul (K 16, any leading axes) -> Reshape [n, 20]
+    -> Gemm (K 20): one layer of each kind whose input means the 4-bit weights' bias correction reads."""
+    rng = np.random.default_rng(8)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "cw"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "cb"),
+             numpy_helper.from_array(np.array([0, 4, 16], np.int64), "s1"),
+             numpy_helper.from_array(rng.standard_normal((16, 5)).astype(np.float32), "mw"),
+             numpy_helper.from_array(np.array([0, 20], np.int64), "s2"),
+             numpy_helper.from_array(rng.standard_normal((20, 3)).astype(np.float32), "gw"),
+             numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "gb")]
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "s1"], ["r3"], name="rows"),
+             helper.make_node("MatMul", ["r3", "mw"], ["m"], name="matmul"),
+             helper.make_node("Reshape", ["m", "s2"], ["m2"], name="flat"),
+             helper.make_node("Gemm", ["m2", "gw", "gb"], ["y"], name="gemm")]
+    graph = helper.make_graph(nodes, "conv_matmul_gemm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
+
+def test_the_input_means_are_summed_inside_onnx_runtime_per_channel_of_each_layer_kind(tmp_path: Path) -> None:
+    """_sums_delta: a ReduceSum per layer input (a conv's channels on axis 1, a MatMul's K after any leading axes,
+    a Gemm's K on axis 1) and its shape, so a run hands back vectors instead of activations; the means they give
+    are those of the activations themselves."""
+    from worker.engine import calibrate
+    from worker.engine.four_bit_weights import _sums_delta
+
+    rng = np.random.default_rng(9)
+    x = (1.5 + rng.standard_normal((40, 3, 6, 6))).astype(np.float32)
+    data = builders.save_npz(tmp_path / "c.npz", x=x)
+    int8 = _static(tmp_path, _conv_matmul_gemm(tmp_path / "m.onnx"), data, "int8", method="minmax")
+    model = onnx.load(str(int8.artifact_path))
+    inputs = layer_inputs(model)
+    assert sorted(inputs) == ["conv", "gemm", "matmul"]
+    delta, sums_of, shape_of, axis_of = _sums_delta(model, inputs)
+    session = calibrate.session_with(int8.artifact_path, delta, ["CPUExecutionProvider"], 1)
+    feed = {"x": x[:8]}
+    fetch = [*sums_of.values(), *shape_of.values()]
+    got = dict(zip(fetch, session.run(fetch, feed), strict=True))
+    # The activations themselves, from the int8 model with the same tensors as outputs.
+    probe = onnx.load(str(int8.artifact_path))
+    for t in inputs.values():
+        if t != "x":
+            probe.graph.output.append(onnx.ValueInfoProto(name=t))
+    fetched = [t for t in inputs.values() if t != "x"]
+    ran = dict(zip(fetched, ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        fetched, feed), strict=True))
+    acts = [feed["x"] if t == "x" else ran[t] for t in inputs.values()]
+    channel_axis = {"conv": 1, "matmul": -1, "gemm": 1}
+    for (name, t), act in zip(inputs.items(), acts, strict=True):
+        axis = channel_axis[name]
+        assert axis_of[t] == axis
+        assert [int(d) for d in got[shape_of[t]]] == list(act.shape)
+        want = np.moveaxis(act.astype(np.float64), axis, -1).reshape(-1, act.shape[axis]).sum(axis=0)
+        np.testing.assert_allclose(got[sums_of[t]], want, rtol=1e-5, atol=1e-4)
