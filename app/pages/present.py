@@ -38,6 +38,7 @@ from worker.engine.report import (
     Residual16,
     SmoothQuant,
     TargetCheck,
+    is_slower,
 )
 
 MINUS = "\u2212"
@@ -733,7 +734,7 @@ def _candidate_row(c: Candidate, chosen: CandidateConfig | None, tolerance: floa
         latency=fmt_ms(c.latency_ms_p50),
         speedup=speed_phrase(speedup) if speedup else NA,
         speedup_value=speedup,
-        slower=speedup is not None and speedup < 1.0 - tolerance,
+        slower=is_slower(speedup, c.speedup_ci, tolerance),
         met=met,
         chosen=chosen is not None and candidate_key(c) == candidate_key(chosen),
         worker=str(c.worker or ""),

@@ -15,7 +15,7 @@ breaks readers). Keys that only some recipes or runs write are optional (absent 
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
@@ -546,6 +546,15 @@ class Best(CandidateConfig):
     distance_to_target: float | None
 
 
+def is_slower(speedup: float | None, ci: Sequence[float | None] | None, tolerance: float) -> bool:
+    """Whether a speed-up counts as slower than the fp32 model: below ``1 - tolerance`` and, where its interval
+    ``ci`` is known, with the interval's upper end below 1 (the page applies the same rule to the report)."""
+    if speedup is None or speedup >= 1.0 - tolerance:
+        return False
+    high = ci[1] if ci is not None and len(ci) == 2 else None
+    return high is None or high < 1.0
+
+
 class Candidate(CandidateConfig):
     status: Literal["done", "failed", "skipped"]
     size_bytes: int | None
@@ -554,6 +563,11 @@ class Candidate(CandidateConfig):
     latency_ms_p50: float | None
     fp32_latency_ms_p50: float | None
     speedup: float | None
+    # Reports written before it was recorded have none.
+    speedup_ci: list[float] | None = Field(default=None, description="the speed-up's 95% bootstrap interval "
+                                           "over the candidate run's timed pairs; a candidate counts as slower "
+                                           "than fp32 when its speed-up is below 1 - speed_tolerance and this "
+                                           "interval's upper end below 1")
     seconds: float | None
     error: ErrorInfo | None
     worker: str | None
