@@ -10,8 +10,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from worker.engine.npz import NpzReader
 
 # Bytes of samples read at a time: a chunk's compressed read and its decoded copy are both alive while it is
@@ -24,10 +22,8 @@ def sample_hashes(reader: NpzReader, start: int, stop: int) -> list[bytes]:
     arrays = reader.info.feature_arrays()
     digests = [hashlib.sha256() for _ in range(stop - start)]
     for name in sorted(arrays):
-        a = arrays[name]
-        per_sample = int(np.prod(a.shape[1:], dtype=np.int64)) * np.dtype(a.dtype).itemsize
         i = 0
-        for chunk in reader.iter_chunks(name, start, stop, max(1, CHUNK_BYTES // max(1, per_sample))):
+        for chunk in reader.iter_chunks(name, start, stop, max(1, CHUNK_BYTES // max(1, arrays[name].sample_bytes))):
             for row in chunk:
                 digests[i].update(name.encode())
                 digests[i].update(row.tobytes())

@@ -44,6 +44,11 @@ class ArrayInfo:
     def to_dict(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "shape": list(self.shape)}
 
+    @property
+    def sample_bytes(self) -> int:
+        """Bytes of one sample (one index of the first axis)."""
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
 
 @dataclass(frozen=True)
 class DatasetInfo:
@@ -191,14 +196,13 @@ class NpzReader:
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Samples [start, stop) of array ``name`` (a fresh, C-contiguous array)."""
         a = self.info.arrays[name]
-        dtype = np.dtype(a.dtype)
         stop = min(stop, a.shape[0])
         if a.fortran_order and len(a.shape) > 1:
             # Fortran-ordered arrays are not laid out by sample; fall back to a full load.
             with zipfile.ZipFile(self.path) as zf, zf.open(a.member) as fp:
                 full = np.lib.format.read_array(fp, allow_pickle=False)
             return np.ascontiguousarray(full[start:stop])
-        per_sample = int(np.prod(a.shape[1:], dtype=np.int64)) * dtype.itemsize
+        per_sample = a.sample_bytes
         with zipfile.ZipFile(self.path) as zf, zf.open(a.member) as fp:
             _read_header(fp, a.member)
             _skip(fp, start * per_sample)
@@ -215,8 +219,7 @@ class NpzReader:
             for s in range(start, stop, chunk):
                 yield self.read(name, s, min(s + chunk, stop))
             return
-        dtype = np.dtype(a.dtype)
-        per_sample = int(np.prod(a.shape[1:], dtype=np.int64)) * dtype.itemsize
+        per_sample = a.sample_bytes
         with zipfile.ZipFile(self.path) as zf, zf.open(a.member) as fp:
             _read_header(fp, a.member)
             _skip(fp, start * per_sample)
