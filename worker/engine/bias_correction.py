@@ -102,29 +102,39 @@ def find_layers(quantized: onnx.ModelProto, original: onnx.ModelProto) -> tuple[
     return layers, skipped
 
 
-def _mean_axes(op_type: str, rank: int, gemm_trans_a: bool) -> list[int]:
+def channel_axes(op_type: str, rank: int, gemm_trans_a: bool) -> list[int]:
+    """The axes a Conv (weight of rank ``rank``) or Gemm input is reduced over to leave one value per input
+    channel."""
     if op_type == "Conv":
         return [0, *range(2, rank)]
     return [1] if gemm_trans_a else [0]
+
+
+# The opset from which each reduction takes its axes as an input instead of an attribute.
+_AXES_INPUT_FROM = {"ReduceMean": 18, "ReduceSum": 13}
+
+
+def add_reduction(delta: onnx.ModelProto, model: onnx.ModelProto, op: str, x: str, axes: list[int], out: str) -> None:
+    """Append to ``delta`` (see calibrate.session_with) a ``op`` (ReduceMean, ReduceSum) of ``x`` over ``axes``,
+    keepdims 0, as the float output ``out``; its axes as an input or an attribute, as ``model``'s opset takes them."""
+    if default_opset(model) >= _AXES_INPUT_FROM[op]:
+        axes_name = f"{out}_axes"
+        delta.graph.initializer.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
+        node = onnx.helper.make_node(op, [x, axes_name], [out], name=out, keepdims=0)
+    else:
+        node = onnx.helper.make_node(op, [x], [out], name=out, keepdims=0, axes=axes)
+    delta.graph.node.append(node)
+    delta.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
 
 
 def means_delta(float_model: onnx.ModelProto, axes_of: dict[str, list[int]]) -> tuple[onnx.ModelProto, dict[str, str]]:
     """What to add to the float model for a ReduceMean of each input tensor over ``axes_of[x]`` (its per-channel
     mean), and the output that gives each (see calibrate.session_with)."""
     delta = onnx.ModelProto()
-    opset18 = default_opset(float_model) >= 18  # ReduceMean takes its axes as an input from opset 18
     names: dict[str, str] = {}
     for k, (x, axes) in enumerate(axes_of.items()):
-        out = f"lowbit_bc_mean_{k}"
-        if opset18:
-            axes_name = f"{out}_axes"
-            delta.graph.initializer.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), axes_name))
-            node = onnx.helper.make_node("ReduceMean", [x, axes_name], [out], name=out, keepdims=0)
-        else:
-            node = onnx.helper.make_node("ReduceMean", [x], [out], name=out, keepdims=0, axes=axes)
-        delta.graph.node.append(node)
-        delta.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-        names[x] = out
+        names[x] = f"lowbit_bc_mean_{k}"
+        add_reduction(delta, float_model, "ReduceMean", x, axes, names[x])
     return delta, names
 
 
@@ -142,7 +152,7 @@ def mean_axes(float_model: onnx.ModelProto) -> dict[str, list[int]]:
         if node.op_type == "Conv" and rank < 3:
             continue
         trans_a = any(a.name == "transA" and a.i for a in node.attribute)
-        out.setdefault(node.input[0], _mean_axes(node.op_type, rank, trans_a))
+        out.setdefault(node.input[0], channel_axes(node.op_type, rank, trans_a))
     return out
 
 
@@ -154,7 +164,7 @@ def input_means(float_path: Path, float_model: onnx.ModelProto, layers: list[Lay
     model's own outputs on the first batches that hold ``keep_outputs`` samples (fetched in the same runs)."""
     axes_of: dict[str, list[int]] = {}
     for layer in layers:
-        axes_of.setdefault(layer.x, _mean_axes(layer.op_type, ranks[layer.name], trans_a.get(layer.name, False)))
+        axes_of.setdefault(layer.x, channel_axes(layer.op_type, ranks[layer.name], trans_a.get(layer.name, False)))
     delta, names = means_delta(float_model, axes_of)
     session = session_with(float_path, delta, providers, threads, "model for bias correction")
     fetch = list(names.values())

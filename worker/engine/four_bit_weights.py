@@ -25,9 +25,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from worker.engine.bias_correction import output_correction
+from worker.engine.bias_correction import add_reduction, channel_axes, output_correction
 from worker.engine.errors import EngineError
-from worker.engine.inspect import default_opset
 
 if TYPE_CHECKING:  # annotations only: the recipes' handlers call this module, which needs none of them to load
     from worker.engine.recipes.base import RecipeContext, RecipeOutput
@@ -611,7 +610,6 @@ def _sums_delta(model: onnx.ModelProto, inputs: dict[str, str]
     weights = _weights(model)
     nodes = {n.name: n for n in model.graph.node}
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
-    axes_input = default_opset(model) >= 13  # ReduceSum takes its axes as an input from opset 13
     delta = onnx.ModelProto()
     sums_of: dict[str, str] = {}
     shape_of: dict[str, str] = {}
@@ -622,24 +620,18 @@ def _sums_delta(model: onnx.ModelProto, inputs: dict[str, str]
         k = len(sums_of)
         node, w = nodes[name], dims[weights[name].q]
         x, out = t, f"lowbit_w4_sum_{k}"
-        if node.op_type == "Conv":
-            axis, axes = 1, [0, *range(2, len(w))]
-        elif node.op_type == "Gemm":  # a 2-D input: K is its axis 0 with transA, else axis 1
+        if node.op_type in ("Conv", "Gemm"):  # a Gemm input is 2-D: K is its axis 0 with transA, else axis 1
             trans_a = any(a.name == "transA" and a.i for a in node.attribute)
-            axis, axes = (0, [1]) if trans_a else (1, [0])
+            axes = channel_axes(node.op_type, len(w), trans_a)
+            axis = 1 if node.op_type == "Conv" else 1 - axes[0]
         else:  # MatMul: any leading axes, then K (the weight's first axis)
             x = f"{out}_rows"
             delta.graph.initializer.append(numpy_helper.from_array(np.array([-1, w[0]], dtype=np.int64), f"{x}_shape"))
             delta.graph.node.append(helper.make_node("Reshape", [t, f"{x}_shape"], [x], name=x))
             axis, axes = -1, [0]
-        if axes_input:
-            delta.graph.initializer.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), f"{out}_axes"))
-            delta.graph.node.append(helper.make_node("ReduceSum", [x, f"{out}_axes"], [out], name=out, keepdims=0))
-        else:
-            delta.graph.node.append(helper.make_node("ReduceSum", [x], [out], name=out, keepdims=0, axes=axes))
+        add_reduction(delta, model, "ReduceSum", x, axes, out)
         shape = f"lowbit_w4_shape_{k}"
         delta.graph.node.append(helper.make_node("Shape", [t], [shape], name=shape))
-        delta.graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
         delta.graph.output.append(helper.make_tensor_value_info(shape, TensorProto.INT64, None))
         sums_of[t], shape_of[t], axis_of[t] = out, shape, axis
     return delta, sums_of, shape_of, axis_of
