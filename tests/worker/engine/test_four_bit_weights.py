@@ -51,6 +51,14 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
+def _save(graph: onnx.GraphProto, path: Path, opset: int = 17) -> Path:
+    """``graph`` saved as a model at ``path`` (IR version 8, the default domain at ``opset``)."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.save_model(model, str(path))
+    return path
+
+
 def test_four_bit_levels_clip_each_channel_where_that_leaves_less_error() -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((4, 64)).astype(np.float32)
@@ -126,10 +134,7 @@ def _two_branch(path: Path) -> Path:
              helper.make_node("Add", ["a", "b"], ["y"], name="sum")]
     graph = helper.make_graph(nodes, "two_branch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save_model(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def test_the_layer_kept_in_8_bits_is_the_one_whose_4_bits_cost_the_output_most(tmp_path: Path) -> None:
@@ -274,10 +279,7 @@ def _offset_conv(path: Path) -> Path:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16, 6, 6])],
                               [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save_model(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def test_bias_correction_takes_the_4_bit_weights_mean_shift_out_of_the_outputs(tmp_path: Path) -> None:
@@ -432,10 +434,7 @@ def _conv_matmul_gemm(path: Path) -> Path:
     graph = helper.make_graph(nodes, "conv_matmul_gemm",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 6, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save_model(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def test_the_input_means_are_summed_inside_onnx_runtime_per_channel_of_each_layer_kind(tmp_path: Path) -> None:
