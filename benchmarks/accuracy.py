@@ -7,6 +7,8 @@ each as a ``lowbit quantize`` child process like ``benchmarks/zoo.py`` does:
 
 - ``plain``: int8_static with SmoothQuant, cross-layer equalization, bias correction, learned rounding and the
   16-bit residual stream off;
+- ``index_math_off``: ``plain`` with option ``float_index_math`` off too (shape, index and decision arithmetic
+  quantized like the rest, as before that option existed);
 - ``smoothquant``, ``equalize``, ``bias_correction``, ``adaround``, ``residual_16bit``: that option "on", the
   others off (learned rounding with its default time budget);
 - ``defaults``: int8_static as a job gets it (SmoothQuant, equalization, bias correction and the 16-bit residual
@@ -50,6 +52,8 @@ from worker.engine.auto import PLAIN_STATIC  # noqa: E402  (int8_static with its
 OFF = dict(PLAIN_STATIC)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "plain": ("int8_static", dict(OFF)),
+    # plain with the shape, index and decision arithmetic quantized too (as before float_index_math existed).
+    "index_math_off": ("int8_static", {**OFF, "float_index_math": False}),
     "smoothquant": ("int8_static", {**OFF, "smoothquant": "on"}),
     "equalize": ("int8_static", {**OFF, "equalize": "on"}),
     "bias_correction": ("int8_static", {**OFF, "bias_correction": "on"}),

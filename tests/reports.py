@@ -47,6 +47,8 @@ def assert_report_complete(report: dict[str, Any], recipe: str) -> None:
     if recipe == "int8_static":
         cal = report["calibration"]
         assert cal["method"] and cal["samples"] > 0 and cal["seconds"] >= 0
+        im = report["index_math"]
+        assert im["nodes"] == im["shape_nodes"] + im["decision_nodes"] and len(im["examples"]) == min(im["nodes"], 10)
     env = report["environment"]
     for k in ("lowbit", "onnxruntime", "onnx", "torch", "python"):
         assert env.get(k), k

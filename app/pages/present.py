@@ -29,6 +29,7 @@ from worker.engine.report import (
     CandidateConfig,
     Equalization,
     FourBitWeights,
+    IndexMath,
     LabelAccuracy,
     Latency,
     Layer,
@@ -603,6 +604,18 @@ def four_bit_weights_line(section: FourBitWeights | None) -> str:
     if section.opset_converted_from is not None:
         line += f"; the model was converted from opset {section.opset_converted_from} to 21"
     return line + "."
+
+
+def index_math_line(section: IndexMath | None) -> str:
+    """int8_static's option float_index_math in one line: how many nodes it kept in float, and a few names."""
+    if section is None:
+        return ""
+    if not section.nodes:
+        return f"None found: {section.reason}."
+    names = ", ".join(section.examples[:5]) + (", ..." if section.nodes > 5 else "")
+    head = f"{section.nodes} node(s) kept in float" if section.enabled else f"Off: {section.nodes} node(s) quantized"
+    return (f"{head} ({section.shape_nodes} computing from shapes and constants, {section.decision_nodes} feeding a "
+            f"rounding, comparison, cast or shape/index input): {names}.")
 
 
 def residual_16bit_line(section: Residual16 | None) -> str:

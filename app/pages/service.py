@@ -199,6 +199,7 @@ def report_context(report: Report, model_name: str, *, calib_name: str | None,
         "bias_correction_line": present.bias_correction_line(report.bias_correction),
         "adaround_line": present.adaround_line(report.adaround),
         "residual_16bit_line": present.residual_16bit_line(report.residual_16bit),
+        "index_math_line": present.index_math_line(report.index_math),
         "four_bit_weights_line": present.four_bit_weights_line(report.four_bit_weights),
         # As stored (keys an older engine did not write are not shown as empty rows).
         "environment_rows": report.environment.model_dump(exclude_unset=True) if report.environment else {},

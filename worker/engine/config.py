@@ -73,6 +73,9 @@ class RecipeOptions:
     residual_16bit: str = "auto"
     # int8_static: tensor or node names whose activations get 16-bit QDQ (A16W8) instead of uint8.
     activations_16bit: tuple[str, ...] = ()
+    # Static quantization: nodes computing shapes, indices or a decision's inputs stay in float
+    # (worker/engine/index_math.py).
+    float_index_math: bool = True
     # int4_weight_only. algorithm None: clip_search when calibration data is given, else rtn.
     algorithm: str | None = None
     block_size: int = 32

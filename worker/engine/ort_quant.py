@@ -21,6 +21,7 @@ from worker.engine.calibrate import (
 )
 from worker.engine.errors import EngineError
 from worker.engine.feeds import batch_source
+from worker.engine.index_math import find as find_index_math
 from worker.engine.inspect import default_opset
 from worker.engine.int4 import Int4Result, quantize_int4
 from worker.engine.normalize import all_graphs, nonfinite_constant_nodes, prepare_for_static, subgraph_op_types
@@ -38,17 +39,27 @@ log = logging.getLogger(__name__)
 
 
 def excluded_nodes(
-    src: Path, opts: RecipeOptions, float_tensors: list[str] | None = None, model: onnx.ModelProto | None = None
+    src: Path, opts: RecipeOptions, float_tensors: list[str] | None = None, model: onnx.ModelProto | None = None,
+    index_math: Sequence[str] = (),
 ) -> tuple[list[str] | None, list[str]]:
     """The user's exclusions plus nodes fed by NaN/infinite constants (which would quantize to garbage)
-    and nodes that read or write ``float_tensors`` (activations that held infinity or NaN)."""
+    and nodes that read or write ``float_tensors`` (activations that held infinity or NaN), and ``index_math``
+    (static quantization, option float_index_math: ``index_math_nodes``). The second list is the NaN/infinity
+    nodes alone (the run warns of them)."""
     model = model if model is not None else onnx.load(str(src))
     forced = nonfinite_constant_nodes(model)
     if float_tensors:
         keep = set(float_tensors)
         forced += [n.name for n in model.graph.node if keep & {*n.input, *n.output}]
     forced = list(dict.fromkeys(n for n in forced if n not in opts.nodes_to_exclude))
-    return (list(opts.nodes_to_exclude) + forced) or None, forced
+    return list(dict.fromkeys([*opts.nodes_to_exclude, *forced, *index_math])) or None, forced
+
+
+def index_math_nodes(model: onnx.ModelProto, opts: RecipeOptions) -> tuple[str, ...]:
+    """The nodes option float_index_math keeps in float (none when it is off), named ones only."""
+    if not opts.float_index_math:
+        return ()
+    return tuple(n for n in find_index_math(model).nodes if n)
 
 
 def quantize_static(
@@ -59,7 +70,11 @@ def quantize_static(
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
     model = onnx.load(str(src))
-    exclude, forced = excluded_nodes(src, opts, float_tensors, model)
+    index_math = index_math_nodes(model, opts)
+    exclude, forced = excluded_nodes(src, opts, float_tensors, model, index_math)
+    # Excluded nodes read float inputs (see _float_inputs_for): the user's and the index math, whose exact values
+    # are the point of keeping it in float.
+    rewire = {*opts.nodes_to_exclude, *index_math}
     # Shared and [1, N] biases trip ONNX Runtime's quantizer (see prepare_for_static); the file is
     # handed over as is when neither occurs.
     prepared = bool(prepare_for_static(model))
@@ -110,8 +125,8 @@ def quantize_static(
     finally:
         if source != str(src):
             Path(source).unlink(missing_ok=True)
-    if opts.nodes_to_exclude:
-        _float_inputs_for(dest, set(opts.nodes_to_exclude))
+    if rewire:
+        _float_inputs_for(dest, rewire)
     return forced
 
 

@@ -619,6 +619,8 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
         report["adaround"] = made.output.adaround
     if made.output.residual_16bit is not None:
         report["residual_16bit"] = made.output.residual_16bit
+    if made.output.index_math is not None:
+        report["index_math"] = made.output.index_math
     if made.output.four_bit_weights is not None:
         report["four_bit_weights"] = made.output.four_bit_weights
     lsq = table.sqnr

@@ -47,7 +47,7 @@ from worker.engine.feeds import batch_source
 from worker.engine.files import sha256_file
 from worker.engine.inspect import ModelInfo
 from worker.engine.normalize import normalize
-from worker.engine.ort_quant import excluded_nodes, quantize_static
+from worker.engine.ort_quant import excluded_nodes, index_math_nodes, quantize_static
 from worker.engine.pt2 import EXPORT_OPSET, Pt2Source, run_child
 
 if TYPE_CHECKING:  # annotations only: the option tables import the recipes, whose qat_int8 handler imports this
@@ -292,9 +292,11 @@ def _ptq_baseline(cfg: QuantizeConfig, opts: RecipeOptions, norm_path: Path, bat
     write_ort_ranges({t: r for t, r in base.ranges.items() if t not in float_tensors}, ptq_ranges)
     ptq_path = work / "ptq.onnx"
     forced = quantize_static(norm_path, ptq_path, ptq_ranges, opts, float_tensors)
-    excluded = set(excluded_nodes(norm_path, opts, float_tensors)[0] or [])
+    norm_model = onnx.load(str(norm_path))
+    excluded = set(excluded_nodes(norm_path, opts, float_tensors, norm_model,
+                                  index_math_nodes(norm_model, opts))[0] or [])
     ptq_model = onnx.load(str(ptq_path))
-    points, fixed = training_points(onnx.load(str(norm_path)), quantized_activations(ptq_model), base.ranges,
+    points, fixed = training_points(norm_model, quantized_activations(ptq_model), base.ranges,
                                     excluded, list(opts.op_types_to_quantize))
     parameters = quantized_parameters(ptq_model)
     owners = quantization_owners(ptq_model)

@@ -365,6 +365,18 @@ class Residual16(_Closed):
     compare: RefineCompare | None = None
 
 
+class IndexMath(_Closed):
+    """int8_static's option float_index_math (worker/engine/index_math.py)."""
+
+    enabled: bool
+    reason: str
+    nodes: int = Field(description="nodes kept in float (or, off, that would have been)")
+    shape_nodes: int = Field(description="of which compute from shapes and constants only")
+    decision_nodes: int = Field(description="the rest: they compute the inputs of a rounding, comparison, cast to "
+                                            "integers or a shape/index input")
+    examples: list[str] = Field(description="the first node names, at most 10")
+
+
 class FourBitRank(_Closed):
     """One layer alone with 4-bit weights: the int8 model's output SQNR against its own, and the weight's error."""
 
@@ -652,6 +664,7 @@ class Report(_Closed):
     bias_correction: BiasCorrection | None = None
     adaround: AdaRound | None = None
     residual_16bit: Residual16 | None = None
+    index_math: IndexMath | None = None
     four_bit_weights: FourBitWeights | None = None
     external_data: ExternalData | None = None
     training: Training | None = None

@@ -200,6 +200,8 @@ class RecipeOutput:
     # int8_static: what learned rounding did (the report's adaround section).
     adaround: dict[str, Any] | None = None
     bias_correction: dict[str, Any] | None = None
+    # int8_static: the nodes option float_index_math keeps in float (the report's index_math section).
+    index_math: dict[str, Any] | None = None
     # int8_static: what option residual_16bit did (the report's residual_16bit section).
     residual_16bit: dict[str, Any] | None = None
     # int8_static: what option four_bit_weights did (the report's four_bit_weights section).

@@ -11,9 +11,13 @@ from worker.engine.recipes import options as o
 from worker.engine.recipes.base import FormField, Recipe, RecipeContext, RecipeOutput
 
 if TYPE_CHECKING:  # annotations only: the registry stays light (no onnx or ONNX Runtime at import)
-    from worker.engine.calibrate import CalibrationResult, SidePass
+    import onnx
 
-OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVATIONS, o.PERCENTILE, o.REDUCE_RANGE,
+    from worker.engine.calibrate import CalibrationResult, SidePass
+    from worker.engine.config import RecipeOptions
+
+OPTIONS = (*o.COMMON, o.METHOD, o.CALIBRATOR, o.PER_CHANNEL, o.SYMMETRIC_ACTIVATIONS, o.FLOAT_INDEX_MATH, o.PERCENTILE,
+           o.REDUCE_RANGE,
            o.MAX_CALIBRATION_SAMPLES, o.OP_TYPES_TO_QUANTIZE, o.LAYER_SENSITIVITY, o.SMOOTHQUANT, o.SMOOTHQUANT_ALPHA,
            o.EQUALIZE, o.BIAS_CORRECTION, o.ADAROUND, o.ADAROUND_SECONDS, o.RESIDUAL_16BIT,
            o.ACTIVATIONS_16BIT, o.FOUR_BIT_WEIGHTS,
@@ -218,7 +222,35 @@ def _quantize_from(ctx: RecipeContext, smoothquant: dict[str, Any], smoothed_pat
                         nonfinite_tensors=list(cal.nonfinite_tensors),
                         smoothquant=smoothquant, float_model=refined.float_path or smoothed_path,
                         equalization=refined.equalization, bias_correction=refined.bias_correction,
-                        adaround=refined.adaround)
+                        adaround=refined.adaround, index_math=index_math_section(normalized, opts))
+
+
+# Node names the report lists, at most.
+INDEX_MATH_EXAMPLES = 10
+
+
+def index_math_section(model: onnx.ModelProto, opts: RecipeOptions) -> dict[str, Any]:
+    """The report's index_math section: what option float_index_math keeps (or, off, would keep) in float."""
+    # lazy, as in quantize
+    from worker.engine.index_math import find
+
+    found = find(model)
+    nodes = [n for n in found.nodes if n]
+    section: dict[str, Any] = {
+        "enabled": opts.float_index_math,
+        "nodes": len(nodes),
+        "shape_nodes": len(found.shape_nodes),
+        "decision_nodes": len(found.decision_nodes),
+        "examples": nodes[:INDEX_MATH_EXAMPLES],
+    }
+    if not opts.float_index_math:
+        section["reason"] = "option float_index_math is off: these nodes were quantized like the rest"
+    elif not nodes:
+        section["reason"] = "no node computes shapes, indices or the inputs of a rounding, comparison or cast"
+    else:
+        section["reason"] = ("kept in float: they compute shapes, indices or coordinates, or the inputs of a "
+                             "rounding, comparison or cast to integers, which 8 bits would move")
+    return section
 
 
 def _recalibrate(ctx: RecipeContext) -> CalibrationResult:

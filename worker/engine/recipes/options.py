@@ -46,6 +46,9 @@ CALIBRATOR = Option(
 PERCENTILE = Option("percentile", "float", 99.99, "method percentile: the central share of values kept",
                     lo=90.0, hi=100.0, open_hi=True)
 SYMMETRIC_ACTIVATIONS = Option("symmetric_activations", "bool", False, "symmetric activation ranges")
+FLOAT_INDEX_MATH = Option("float_index_math", "bool", True, "nodes that compute shapes, indices or coordinates "
+                          "(from Shape/Range, or feeding Floor/Round, comparisons, casts to integers and shape or "
+                          "index inputs) stay in float: 8 bits would move resize sizes, box corners and thresholds")
 MAX_CALIBRATION_SAMPLES = Option("max_calibration_samples", "int", 512, "calibration samples used, at most",
                                  lo=1, hi=100_000)
 
@@ -150,5 +153,5 @@ ORDER = (
     "accuracy_level", "nodes_to_exclude", "int8_nodes", "int8_most_sensitive", "op_types_to_quantize",
     "op_block_list", "outputs",
     "smoothquant", "smoothquant_alpha", "equalize", "bias_correction", "adaround", "adaround_seconds",
-    "residual_16bit", "activations_16bit", "search",
+    "residual_16bit", "activations_16bit", "search", "float_index_math",
 )
