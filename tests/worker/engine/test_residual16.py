@@ -3,6 +3,7 @@ float; and the opset bump that spares ONNX's version converter."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,15 @@ def test_opset_18_to_20_is_declared_21_and_runs_the_same(tmp_path: Path) -> None
         [helper.make_tensor_value_info("f", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", 18)])
     ort.InferenceSession(dft.SerializeToString(), providers=["CPUExecutionProvider"])
     assert not bump_to_opset21(dft)
+
+
+def test_onnx_runtime_quantizer_notices_stay_off_the_terminal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """ONNX Runtime's quantizer logs notices on the root logger (a LayerNorm scale it quantizes per tensor, its own
+    opset update), which `lowbit quantize` printed as bare WARNING:root lines: they go to lowbit's log at debug."""
+    model = builders.tiny_transformer(tmp_path / "m.onnx", layers=1)
+    with caplog.at_level(logging.DEBUG, logger="worker.engine.ort_quant"):
+        _quantize(tmp_path, model, "on", residual_16bit="on", latency_runs=2)
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "root"]
+    assert not loud, loud
+    quiet = [r.getMessage() for r in caplog.records if r.name == "worker.engine.ort_quant"]
+    assert any("out-of-range for weight 'layers.0.ln1.weight'" in m for m in quiet), quiet
