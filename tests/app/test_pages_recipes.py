@@ -63,11 +63,19 @@ def test_static_job_page_says_what_smoothquant_did(sqlite_api: Harness, zoo: dic
     assert r.status_code == 303, r.text
     job_id = r.headers["location"].rsplit("/", 1)[1]
     assert api.run_queued() == ["succeeded"]
-    sq = api.client.get(f"/api/v1/jobs/{job_id}/report").json()["smoothquant"]
+    report = api.client.get(f"/api/v1/jobs/{job_id}/report").json()
+    sq = report["smoothquant"]
     assert sq["mode"] == "auto" and sq["enabled"] is False and sq["candidates"] > 0
-    line = re.search(r'<p data-field="smoothquant">(.*?)</p>', api.client.get(f"/jobs/{job_id}").text, re.S)
+    page = api.client.get(f"/jobs/{job_id}").text
+    line = re.search(r'<p data-field="smoothquant">(.*?)</p>', page, re.S)
     assert line is not None and "Off (auto, alpha 0.5)" in line.group(1)
     assert f"({sq['largest_spread_before']:.1f}x the median channel)" in line.group(1)
+    # The same card says what option float_index_math kept in float (here Shape, Gather and arithmetic on the
+    # dimension it reads: 6 nodes).
+    im = report["index_math"]
+    line = re.search(r'<p data-field="index-math">(.*?)</p>', page, re.S)
+    assert im["enabled"] and im["nodes"] == 6 and line is not None, im
+    assert f"{im['nodes']} node(s) kept in float ({im['shape_nodes']} computing from shapes" in line.group(1)
 
 
 def test_smoothquant_lines_say_how_many_were_smoothed_and_how() -> None:
