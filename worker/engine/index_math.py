@@ -98,8 +98,9 @@ def find(model: onnx.ModelProto) -> IndexMath:
             continue
         if node.op_type in _SUBGRAPH_OPS or any(i in valued for i in node.input if i):
             valued.update(node.output)
-    shape_nodes = [n.name for n in graph.node
-                   if n.output and not any(o in valued for o in n.output) and not _reads_weight(n, float_inits)]
+    # Named nodes only: exclusion lists name them (normalize names every node of an uploaded model).
+    shape_nodes = [n.name for n in graph.node if n.name and n.output and not any(o in valued for o in n.output)
+                   and not _reads_weight(n, float_inits)]
     # Backward: from every input whose exact value matters, through the nodes that compute it.
     producer = {o: n for n in graph.node for o in n.output}
     pending = [name for n in graph.node for name in _decision_inputs(n)]
@@ -118,6 +119,6 @@ def find(model: onnx.ModelProto) -> IndexMath:
         if node.op_type not in _SHAPE_OF:
             pending.extend(i for i in node.input if i)
     shape_set = set(shape_nodes)
-    decision_nodes = [n.name for n in graph.node if n.name in decided and n.name not in shape_set]
-    both = shape_set | decided
+    decision_nodes = [n.name for n in graph.node if n.name and n.name in decided and n.name not in shape_set]
+    both = shape_set | set(decision_nodes)
     return IndexMath(tuple(shape_nodes), tuple(decision_nodes), tuple(n.name for n in graph.node if n.name in both))

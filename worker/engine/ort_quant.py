@@ -82,10 +82,8 @@ def excluded_nodes(
 
 
 def index_math_nodes(model: onnx.ModelProto, opts: RecipeOptions) -> tuple[str, ...]:
-    """The nodes option float_index_math keeps in float (none when it is off), named ones only."""
-    if not opts.float_index_math:
-        return ()
-    return tuple(n for n in find_index_math(model).nodes if n)
+    """The nodes option float_index_math keeps in float (none when it is off)."""
+    return find_index_math(model).nodes if opts.float_index_math else ()
 
 
 def quantize_static(

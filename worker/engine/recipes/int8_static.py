@@ -235,13 +235,13 @@ def index_math_section(model: onnx.ModelProto, opts: RecipeOptions) -> dict[str,
     from worker.engine.index_math import find
 
     found = find(model)
-    nodes = [n for n in found.nodes if n]
+    nodes = found.nodes
     section: dict[str, Any] = {
         "enabled": opts.float_index_math,
         "nodes": len(nodes),
         "shape_nodes": len(found.shape_nodes),
         "decision_nodes": len(found.decision_nodes),
-        "examples": nodes[:INDEX_MATH_EXAMPLES],
+        "examples": list(nodes[:INDEX_MATH_EXAMPLES]),
     }
     if not opts.float_index_math:
         section["reason"] = "option float_index_math is off: these nodes were quantized like the rest"
