@@ -29,6 +29,7 @@ from worker.engine.files import environment, place, sha256_file
 from worker.engine.fp16 import float16_in_subgraphs
 from worker.engine.inspect import ModelInfo, TensorInfo, has_external_data, inspect_model_file
 from worker.engine.int4 import Int4Result, quantize_int4
+from worker.engine.names import compact, graph_names
 from worker.engine.normalize import NormalizeResult, all_graphs, normalize, subgraph_op_types
 from worker.engine.pt2 import Pt2Source
 from worker.engine.qat import choose_artifact, kept_warning
@@ -237,6 +238,8 @@ class Prepared:
     data: RunData
     norm: NormalizeResult
     normalized: onnx.ModelProto
+    # The upload's (or the .pt2 export's) shape annotations: names.compact keeps these in the artifact.
+    source_value_info: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -344,7 +347,10 @@ def _prepare(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Progres
     model_sha = sha256_file(Path(cfg.model_path))  # read once: the cache key and the report both use it
     info = inspect_model_file(cfg.model_path)
     # Refused before anything else is loaded: an already-quantized upload costs a parse, not a job's memory.
-    _refuse_already_quantized(onnx.load(str(cfg.model_path)))
+    upload = onnx.load(str(cfg.model_path))
+    _refuse_already_quantized(upload)
+    source_value_info = frozenset(v.name for v in upload.graph.value_info)
+    del upload
     providers = runtime.select_providers(cfg.device)
     data = _plan_data(cfg, info, warnings)
     # Load the original model in ONNX Runtime first: a model it cannot run fails here, clearly. The session is
@@ -358,7 +364,7 @@ def _prepare(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Progres
     step("preparing", 1.0)
 
     normalized = onnx.load(str(norm.path))
-    return Prepared(cfg, source, env, model_sha, info, providers, data, norm, normalized)
+    return Prepared(cfg, source, env, model_sha, info, providers, data, norm, normalized, source_value_info)
 
 
 def _quantize(prep: Prepared, opts: RecipeOptions, work: Path, step: ProgressFn, warnings: list[str]) -> Quantized:
@@ -375,13 +381,28 @@ def _quantize(prep: Prepared, opts: RecipeOptions, work: Path, step: ProgressFn,
     ))
     step("quantizing", 1.0)
 
-    quantized = onnx.load(str(quant_path))
+    quantized = _compact_names(prep, quant_path)
     if out.infer_shapes:
         try:
             quantized = onnx.shape_inference.infer_shapes(quantized)
         except Exception as exc:  # only the per-layer precision column reads the inferred types
             log.info("shape inference of the float16 model failed: %s", exc)
     return Quantized(quant_path, out, quantized)
+
+
+def _compact_names(prep: Prepared, path: Path) -> onnx.ModelProto:
+    """The recipe's model at ``path`` with the long names quantization added shortened (worker/engine/names.py),
+    rewritten in place when anything changed; the model as now written."""
+    model = onnx.load(str(path))
+    tensors, nodes = graph_names(prep.normalized)
+    done = compact(model, tensors, nodes, set(prep.source_value_info))
+    if done.changed:
+        log.info("names: %d tensors and %d nodes renamed, %d shape annotations dropped", done.tensors, done.nodes,
+                 done.value_info)
+        tmp = path.with_name(path.name + ".tmp")
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    return model
 
 
 def _eval_batches(prep: Prepared) -> Callable[[], Iterator[Batch]]:
@@ -478,6 +499,7 @@ def _qat_baseline(prep: Prepared, made: Quantized, opts: RecipeOptions, original
     if choice["result"] == "ptq_baseline_kept":
         warnings.append(kept_warning(choice))
         shutil.copyfile(qat.ptq_path, made.path)
+        _compact_names(prep, made.path)
         return _QatBaseline(baselines, base, ptq_session)
     return _QatBaseline(baselines, acc, None)
 
