@@ -219,7 +219,7 @@ def output_line(out: dict[str, Any]) -> str:
         parts.append(f"SQNR {out['sqnr_note']}")
     for key, label in (("top1_agreement", "top-1 agreement"), ("sequence_agreement", "sequence agreement"),
                        ("ctc_sequence_agreement", "CTC sequence agreement"),
-                       ("neighbour_agreement", "neighbour agreement")):
+                       ("multilabel_f1", "multi-label F1"), ("neighbour_agreement", "neighbour agreement")):
         if _num(out.get(key)):
             parts.append(f"{label} {_pct(out[key])}" + ci_text(out.get(key + "_ci"), lambda x: f"{x * 100:.1f}"))
     article = "an" if str(out.get("role"))[:1] in "aeiou" else "a"

@@ -225,6 +225,12 @@ def trust_point(report: Report, index: int, o: OutputAccuracy) -> Point:
             f"{head}: trust top-1 agreement, the share of samples whose top class is the same as the original "
             f"model's: {fmt_pct(o.top1_agreement)}{' ' + shown if shown else ''}. It does not say whether either "
             "answer was right; an evaluation set with labels adds label accuracy."))
+    if role == "multilabel" and is_number(o.multilabel_f1):
+        shown = fmt_pct_ci(o.multilabel_f1_ci)
+        return Point(f"trust-{index}", "Which figure to trust", (
+            f"{head}: trust multi-label F1, how far the quantized model's yes elements (scores of 0.5 or above) "
+            f"are the original's: {fmt_pct(o.multilabel_f1)}{' ' + shown if shown else ''}. Each score is its own "
+            "yes/no (notes sounding in a frame, tags of an image), so there is no single top class to agree on."))
     if role == "embedding" and is_number(o.neighbour_agreement):
         shown = fmt_pct_ci(o.neighbour_agreement_ci)
         among = o.neighbour_samples

@@ -239,7 +239,7 @@ def speed_text(lat: Latency | None, runs: bool = True) -> str:
 class Headline:
     """The one accuracy figure a reader looks at first, before and after quantization."""
 
-    key: str  # 'labels' | 'top1_agreement' | 'cosine'
+    key: str  # 'labels' | 'top1_agreement' | 'multilabel_f1' | 'cosine'
     metric: str
     before: str
     after: str
@@ -259,7 +259,8 @@ def _cosine(o: OutputAccuracy) -> float:
 
 
 def accuracy_headline(report: Report) -> Headline | None:
-    """Label accuracy when labels were given, else top-1 agreement, else cosine similarity (worst output)."""
+    """Label accuracy when labels were given, else top-1 agreement, else multi-label F1, else cosine similarity
+    (worst output)."""
     acc = report.accuracy
     if acc is None:
         return None
@@ -279,6 +280,14 @@ def accuracy_headline(report: Report) -> Headline | None:
                         f"{fmt_signed((worst - 1) * 100)} pt", f"{fmt_pct(worst)} top-1 agreement",
                         f"same top class as the original model{several}, {samples} samples",
                         fmt_pct_ci(ci), fmt_points_ci(None if ci is None else (ci[0] - 1, ci[1] - 1)))
+    multi = [o for o in outputs if is_number(o.multilabel_f1)]
+    if multi:
+        w = min(multi, key=lambda o: float(o.multilabel_f1 or 0.0))
+        worst, ci = float(w.multilabel_f1 or 0.0), interval(w.multilabel_f1_ci)
+        return Headline("multilabel_f1", "Multi-label F1", "100.0 %", fmt_pct(worst),
+                        f"{fmt_signed((worst - 1) * 100)} pt", f"{fmt_pct(worst)} multi-label F1",
+                        f"the same scores at 0.5 or above as the original model's{several}, {samples} samples",
+                        fmt_pct_ci(ci), fmt_points_ci(None if ci is None else (ci[0] - 1, ci[1] - 1)))
     cosines = [o for o in outputs if is_number(o.cosine)]
     if cosines:
         w = min(cosines, key=_cosine)
@@ -289,7 +298,8 @@ def accuracy_headline(report: Report) -> Headline | None:
     return None
 
 
-ROLE_WORDS = {"classification": "classification", "embedding": "embedding", "detection": "detection",
+ROLE_WORDS = {"classification": "classification", "multilabel": "multi-label", "embedding": "embedding",
+              "detection": "detection",
               "regression": "regression", "other": "other"}
 
 
@@ -325,6 +335,9 @@ def output_rows(outputs: list[OutputAccuracy]) -> list[OutputRow]:
                                  ("CTC-decoded", o.ctc_sequence_agreement, o.ctc_sequence_agreement_ci)):
             if is_number(value):
                 extra.append(_share_text(label, value, ci))
+        if is_number(o.multilabel_f1):
+            extra.append(f"multi-label F1 {fmt_pct(o.multilabel_f1)}"
+                         + (f" {fmt_pct_ci(o.multilabel_f1_ci)}" if interval(o.multilabel_f1_ci) else ""))
         if is_number(o.neighbour_agreement):
             among = o.neighbour_samples
             extra.append(_share_text("nearest neighbour", o.neighbour_agreement, o.neighbour_agreement_ci)

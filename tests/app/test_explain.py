@@ -101,6 +101,26 @@ def test_which_figure_to_trust_follows_the_role() -> None:
     assert "the top-1 agreement of probs is between 95.0 % and 99.2 % with 95% confidence" in read["intervals"]
 
 
+def test_multilabel_outputs_are_read_by_their_f1() -> None:
+    report = _report()
+    report["accuracy"]["labels"] = None
+    report["accuracy"]["outputs"] = [
+        {"name": "notes", "role": "multilabel", "role_source": "inferred", "role_reason": "independent scores",
+         "cosine": 0.9866, "sqnr_db": 15.5, "multilabel_f1": 0.933139, "multilabel_f1_ci": [0.913305, 0.954686]},
+        {"name": "onsets", "role": "multilabel", "role_source": "inferred", "cosine": 0.981, "sqnr_db": 13.9,
+         "multilabel_f1": 0.844251, "multilabel_f1_ci": [0.822922, 0.864918]},
+    ]
+    read = _read(report)
+    assert read["trust-0"].startswith(
+        "Output notes is a multilabel output (inferred: independent scores): trust multi-label F1, how far the "
+        "quantized model's yes elements (scores of 0.5 or above) are the original's: 93.3 % (91.3 \u2026 95.5 %).")
+    head = present.accuracy_headline(Report.from_stored(report))
+    assert head is not None and head.key == "multilabel_f1" and head.after == "84.4 %"  # the worse of the two
+    assert head.after_ci == "(82.3 \u2026 86.5 %)"
+    rows = present.output_rows(Report.from_stored(report).accuracy.outputs)
+    assert rows[1].role == "multi-label" and rows[1].extra == ["multi-label F1 84.4 % (82.3 \u2026 86.5 %)"]
+
+
 @pytest.mark.parametrize(("delta_ci", "says"), [
     ([-0.09375, -0.015625], "The whole interval is below zero: the drop is real"),
     ([-0.046875, 0.0], "The interval includes zero"),

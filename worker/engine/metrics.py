@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 
-ROLES = ("classification", "embedding", "detection", "regression", "other")
+ROLES = ("classification", "multilabel", "embedding", "detection", "regression", "other")
 BOOTSTRAP_REPS = 1000
 BOOTSTRAP_SEED = 0
 # Nearest-neighbour agreement keeps each embedding sample's output: bounded so memory stays flat.
 MAX_EMBEDDING_SAMPLES = 4096
 # The blank token of a CTC head: index 0 in the common exporters (PaddleOCR, torch's CTCLoss default).
 CTC_BLANK = 0
+# A multi-label output's element is a yes where it is at least this (sigmoid scores: notes in a frame, tags).
+MULTILABEL_THRESHOLD = 0.5
 
 _CLASS_NAMES = re.compile(r"logit|prob|score|class|label|softmax|pred|cls", re.I)
 _EMBED_NAMES = re.compile(r"embed|pool|sentence|hidden|feature|vector|encod|last_hidden", re.I)
@@ -37,6 +39,8 @@ def infer_role(name: str, ref: np.ndarray, count: int, labels: np.ndarray | None
         return "other", "no per-sample axis"
     classes = a.shape[-1]
     if a.ndim == 3 and classes >= 2 and not _BOX_NAMES.search(name):
+        if _independent_scores(a):
+            return "multilabel", f"[samples, steps, {classes}] {_INDEPENDENT}"
         return "classification", f"[samples, steps, {classes}] scores per step"
     if a.ndim != 2:
         return "other", f"rank {a.ndim}"
@@ -51,6 +55,8 @@ def infer_role(name: str, ref: np.ndarray, count: int, labels: np.ndarray | None
     finite = a[np.isfinite(a).all(axis=1)]
     if finite.size and classes >= 2 and finite.min() >= 0 and np.allclose(finite.sum(axis=1), 1.0, atol=1e-3):
         return "classification", "rows are probabilities (non-negative, summing to 1)"
+    if classes >= 2 and _independent_scores(a):
+        return "multilabel", f"{classes} {_INDEPENDENT}"
     if classes == 1:
         return "regression", "one value per sample"
     if classes in (4, 5, 6):
@@ -58,6 +64,20 @@ def infer_role(name: str, ref: np.ndarray, count: int, labels: np.ndarray | None
     if classes >= 32:
         return "embedding", f"{classes} values per sample"
     return "classification", f"{classes} scores per sample"
+
+
+_INDEPENDENT = (f"scores in [0, 1] whose rows do not sum to 1 (independent yes/no scores, each a yes at "
+                f"{MULTILABEL_THRESHOLD})")
+
+
+def _independent_scores(a: np.ndarray) -> bool:
+    """Every finite value in [0, 1], some row not summing to 1: sigmoid scores, not a softmax's probabilities."""
+    finite = a[np.isfinite(a)]
+    if not finite.size or finite.min() < 0 or finite.max() > 1:
+        return False
+    rows = a.reshape(-1, a.shape[-1])
+    rows = rows[np.isfinite(rows).all(axis=1)]
+    return bool(rows.size) and not np.allclose(rows.sum(axis=1), 1.0, atol=1e-3)
 
 
 def ctc_collapse(seq: np.ndarray, blank: int = CTC_BLANK) -> tuple[int, ...]:
@@ -122,6 +142,12 @@ def _r_ci(ci: list[float] | None, digits: int = 6) -> list[float] | None:
     return None if ci is None else [round(ci[0], digits), round(ci[1], digits)]
 
 
+def _f1(both: Any, only_q: Any, only_r: Any) -> Any:
+    """F1 of the quantized model's yes elements against the original's (1 where neither says yes anywhere)."""
+    total = 2 * both + only_q + only_r
+    return np.where(total > 0, 2 * both / np.where(total > 0, total, 1), 1.0)
+
+
 def _share(hits: np.ndarray, level: float) -> tuple[float | None, list[float] | None]:
     """The share of samples where something held, and its interval."""
     n = len(hits)
@@ -147,6 +173,10 @@ class OutputMetrics:
     ctc_same: list[bool] = field(default_factory=list)
     emb_ref: list[np.ndarray] = field(default_factory=list)
     emb_q: list[np.ndarray] = field(default_factory=list)
+    # Multi-label outputs: per sample, elements that are a yes in both, in the quantized only, in the original only.
+    yes_both: list[int] = field(default_factory=list)
+    yes_quantized: list[int] = field(default_factory=list)
+    yes_original: list[int] = field(default_factory=list)
     nonfinite: int = 0
     ref_nonfinite: int = 0
 
@@ -158,6 +188,12 @@ class OutputMetrics:
             self._add_unit(r_arr, q_arr)
         if self.role == "classification" and ref.ndim >= 2 and ref.shape == q.shape:
             self._add_classes(ref, q, per_sample)
+        if self.role == "multilabel" and ref.shape == q.shape:
+            for r_arr, q_arr in units:
+                r_yes, q_yes = np.asarray(r_arr) >= MULTILABEL_THRESHOLD, np.asarray(q_arr) >= MULTILABEL_THRESHOLD
+                self.yes_both.append(int((r_yes & q_yes).sum()))
+                self.yes_quantized.append(int((q_yes & ~r_yes).sum()))
+                self.yes_original.append(int((r_yes & ~q_yes).sum()))
         if self.role == "embedding" and sum(len(e) for e in self.emb_ref) < MAX_EMBEDDING_SAMPLES and per_sample:
             self.emb_ref.append(ref.reshape(ref.shape[0], -1).astype(np.float32))
             self.emb_q.append(q.reshape(q.shape[0], -1).astype(np.float32))
@@ -224,6 +260,12 @@ class OutputMetrics:
             t = np.asarray(self.top1_total, dtype=np.float64)
             out["top1_agreement"] = _r(m.sum() / t.sum())
             out["top1_agreement_ci"] = _r_ci(bootstrap(len(m), lambda w: (w @ m) / (w @ t), level))
+        if self.yes_both:
+            both, only_q, only_r = (np.asarray(v, dtype=np.float64)
+                                    for v in (self.yes_both, self.yes_quantized, self.yes_original))
+            out["multilabel_f1"] = _r(float(_f1(both.sum(), only_q.sum(), only_r.sum())))
+            out["multilabel_f1_ci"] = _r_ci(bootstrap(len(both), lambda w: _f1(w @ both, w @ only_q, w @ only_r),
+                                                      level))
         if self.seq_same:
             for key, vals in (("sequence_agreement", self.seq_same), ("ctc_sequence_agreement", self.ctc_same)):
                 out[key], out[key + "_ci"] = _share(np.asarray(vals, dtype=np.float64), level)

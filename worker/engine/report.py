@@ -35,7 +35,7 @@ REPORT_VERSION = 1
 
 # [low, high] of a 95% bootstrap interval; null where it cannot be computed (one sample).
 Interval = tuple[float, float]
-Role = Literal["classification", "embedding", "detection", "regression", "other"]
+Role = Literal["classification", "multilabel", "embedding", "detection", "regression", "other"]
 Metric = Literal["label_accuracy", "top1_agreement", "cosine", "sqnr_db"]
 
 
@@ -147,6 +147,9 @@ class OutputAccuracy(_Closed):
     sequence_agreement_ci: Interval | None = None
     ctc_sequence_agreement: float | None = None
     ctc_sequence_agreement_ci: Interval | None = None
+    # Multi-label outputs only: F1 of the quantized model's yes elements (>= 0.5) against the original's.
+    multilabel_f1: float | None = None
+    multilabel_f1_ci: Interval | None = None
     # Embedding outputs only.
     neighbour_agreement: float | None = None
     neighbour_agreement_ci: Interval | None = None

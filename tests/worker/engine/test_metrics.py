@@ -93,6 +93,33 @@ def test_embeddings_get_neighbour_agreement_not_top1() -> None:
     assert sorted(set(ref_nn.tolist())) and all(ref_nn[i] != i for i in range(30))
 
 
+def test_independent_scores_are_multilabel_with_f1_of_their_yes_elements() -> None:
+    # Sigmoid scores in [0, 1] whose rows do not sum to 1 (notes sounding in a frame): each element is its own
+    # yes/no, so top-1 and CTC agreement say nothing about them; softmax rows stay classification.
+    n, t, c = 10, 6, 8
+    ref = np.full((n, t, c), 0.1, np.float32)
+    ref[:, :, 2] = 0.9  # one note sounds throughout: n * t yes elements
+    ref[:, :3, 5] = 0.7  # another in the first half: n * 3 more
+    role, why = infer_role("StatefulPartitionedCall:1", ref, n, None)
+    assert role == "multilabel" and "do not sum to 1" in why
+    assert infer_role("frames", ref[:, 0, :], n, None)[0] == "multilabel"  # [samples, classes] too
+    softmax = np.full((n, t, c), 1.0 / c, np.float32)
+    assert infer_role("y", softmax, n, None)[0] == "classification"
+    assert infer_role("y", ref * 3.0, n, None)[0] == "classification"  # beyond [0, 1]: scores per step
+    q = ref.copy()
+    q[:5, :3, 5] = 0.4  # samples 0-4 lose the second note (15 of 90 yes elements missed)
+    q[:2, 0, 7] = 0.6  # samples 0-1 gain a false one (2 extra)
+    d = metrics_of(ref, q)
+    # F1 = 2 * both / (2 * both + only quantized + only original): both = 90 - 15 = 75
+    assert d["multilabel_f1"] == pytest.approx(2 * 75 / (2 * 75 + 2 + 15), abs=1e-6)
+    lo, hi = d["multilabel_f1_ci"]
+    assert lo < d["multilabel_f1"] < hi <= 1.0
+    assert d["top1_agreement"] is None and d.get("sequence_agreement") is None
+    # No yes anywhere in either model: nothing to disagree on.
+    none = metrics_of(np.full((4, 3), 0.2, np.float32), np.full((4, 3), 0.3, np.float32), role="multilabel")
+    assert none["multilabel_f1"] == 1.0
+
+
 def test_ctc_sequence_agreement_counts_decoded_strings_not_positions() -> None:
     assert ctc_collapse(np.array([0, 3, 3, 0, 0, 5, 5, 3])) == (3, 5, 3)
     n, t, c = 6, 8, 5

@@ -20,7 +20,7 @@ AUTO_PREFERENCES = ("size_and_speed", "size")
 # auto: which steps the search takes before it keeps layers in float (see worker/engine/auto.py).
 AUTO_SEARCHES = ("full", "float_fallback")
 # What an output is for, which decides the figures it gets (declared in options.outputs, else inferred).
-OUTPUT_ROLES = ("classification", "embedding", "detection", "regression", "other")
+OUTPUT_ROLES = ("classification", "multilabel", "embedding", "detection", "regression", "other")
 
 # -- every recipe --------------------------------------------------------------------------------------------
 BATCH_SIZE = Option("batch_size", "int", 8, "samples per model run, for models with a dynamic batch axis",
