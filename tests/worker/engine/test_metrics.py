@@ -120,6 +120,22 @@ def test_independent_scores_are_multilabel_with_f1_of_their_yes_elements() -> No
     assert none["multilabel_f1"] == 1.0
 
 
+def test_rows_that_rise_are_regression_not_classes() -> None:
+    # A quantile forecast [samples, steps, 9] rises along each row: its argmax is the last column almost
+    # always, so a top-1 or CTC agreement would read ~100 % whatever the error (fracast's, before).
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((12, 10, 1)).astype(np.float32)
+    quantiles = base + np.linspace(-1.0, 1.0, 9, dtype=np.float32)
+    quantiles[0, 0, 4] = quantiles[0, 0, 3] - 0.01  # one crossing among 1,080 pairs
+    role, why = infer_role("quantiles", quantiles, 12, None)
+    assert role == "regression" and "rise along each row" in why
+    assert infer_role("y", quantiles[:, 0, :], 12, None)[0] == "regression"  # [samples, 9] too
+    d = metrics_of(quantiles, quantiles + 0.5)  # every value off by half a unit: no top class hides it
+    assert d["top1_agreement"] is None and d.get("ctc_sequence_agreement") is None
+    logits = rng.standard_normal((12, 10, 9)).astype(np.float32)
+    assert infer_role("y", logits, 12, None)[0] == "classification"
+
+
 def test_ctc_sequence_agreement_counts_decoded_strings_not_positions() -> None:
     assert ctc_collapse(np.array([0, 3, 3, 0, 0, 5, 5, 3])) == (3, 5, 3)
     n, t, c = 6, 8, 5
