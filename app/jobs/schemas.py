@@ -41,7 +41,7 @@ class AccuracyTarget(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False,
                               json_schema_extra={"examples": [ACCURACY_TARGET_EXAMPLE]})
 
-    metric: Literal["label_accuracy", "top1_agreement", "cosine", "sqnr_db"]
+    metric: Literal["label_accuracy", "top1_agreement", "multilabel_f1", "cosine", "sqnr_db"]
     min: float | None = Field(default=None, description="The metric must be at least this value.")
     max_drop: float | None = Field(default=None, ge=0, description="The metric may drop at most this much.")
     confidence: float | None = Field(

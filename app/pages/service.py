@@ -41,6 +41,7 @@ TARGET_METRICS = {
     "": "no target",
     "label_accuracy": "label accuracy (needs a labels array)",
     "top1_agreement": "top-1 agreement with the original",
+    "multilabel_f1": "multi-label F1 with the original",
     "cosine": "cosine similarity",
     "sqnr_db": "SQNR (dB)",
 }

@@ -18,7 +18,7 @@ from worker.engine.npz import DatasetInfo
 from worker.engine.recipes import get_recipe
 
 SYNTHETIC_SAMPLES = 8
-TARGET_METRICS = ("label_accuracy", "top1_agreement", "cosine", "sqnr_db")
+TARGET_METRICS = ("label_accuracy", "top1_agreement", "multilabel_f1", "cosine", "sqnr_db")
 # auto splits its evaluation samples in two: it ranks layers and chooses among candidates on the selection part,
 # then reports the chosen model's figures on the confirmation part, which the search never saw (figures measured
 # on the samples a choice was made on are biased upward by the choice). The confirmation part is the last 40%

@@ -36,7 +36,7 @@ REPORT_VERSION = 1
 # [low, high] of a 95% bootstrap interval; null where it cannot be computed (one sample).
 Interval = tuple[float, float]
 Role = Literal["classification", "multilabel", "embedding", "detection", "regression", "other"]
-Metric = Literal["label_accuracy", "top1_agreement", "cosine", "sqnr_db"]
+Metric = Literal["label_accuracy", "top1_agreement", "multilabel_f1", "cosine", "sqnr_db"]
 
 
 # Validation context under which Report.from_stored reads a stored report: every section then upgrades what an

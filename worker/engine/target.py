@@ -13,8 +13,9 @@ def check_target(target: dict[str, Any] | None) -> dict[str, Any]:
     if not target or not target.get("metric") or (target.get("min") is None) == (target.get("max_drop") is None):
         raise EngineError(
             "accuracy_target_required",
-            "recipe auto needs an accuracy_target: {\"metric\": \"label_accuracy|top1_agreement|cosine|sqnr_db\", "
-            "\"min\": x} or {\"metric\": ..., \"max_drop\": x}, optionally with \"time_budget_s\"",
+            "recipe auto needs an accuracy_target: {\"metric\": "
+            "\"label_accuracy|top1_agreement|multilabel_f1|cosine|sqnr_db\", \"min\": x} or "
+            "{\"metric\": ..., \"max_drop\": x}, optionally with \"time_budget_s\"",
         )
     if target.get("confidence") is not None and target["confidence"] != 0.95:
         raise EngineError(
@@ -53,7 +54,7 @@ def measure(target: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
             return {"value": None, "original": None, "met": True, "note": "every output reproduced exactly"}
         vals = [o[metric] for o in outputs if o.get(metric) is not None]
         value = min(vals) if vals else None
-        original = {"cosine": 1.0, "top1_agreement": 1.0}.get(metric)
+        original = {"cosine": 1.0, "top1_agreement": 1.0, "multilabel_f1": 1.0}.get(metric)
         if confident:
             lows = [o[f"{metric}_ci"][0] for o in outputs if o.get(f"{metric}_ci")]
             bound = min(lows) if lows and len(lows) == len(vals) else None

@@ -252,6 +252,20 @@ def test_a_confident_target_is_met_only_when_the_interval_bound_meets_it() -> No
     assert auto.measure({"metric": "cosine", "min": 0.99, "confidence": 0.95}, no_ci)["met"] is False
 
 
+def test_a_multilabel_f1_target_reads_the_worst_multilabel_output() -> None:
+    from worker.engine import auto
+
+    report = {"accuracy": {"labels": None, "outputs": [
+        {"name": "notes", "cosine": 0.987, "multilabel_f1": 0.933, "multilabel_f1_ci": [0.913, 0.955]},
+        {"name": "onsets", "cosine": 0.981, "multilabel_f1": 0.844, "multilabel_f1_ci": [0.823, 0.865]},
+        {"name": "contour", "cosine": 0.989}]}}  # an output without the figure does not count
+    got = auto.measure({"metric": "multilabel_f1", "min": 0.84}, report)
+    assert got == {"value": 0.844, "original": 1.0, "met": True}
+    assert auto.measure({"metric": "multilabel_f1", "max_drop": 0.1}, report)["met"] is False  # 0.156 dropped
+    sure = auto.measure({"metric": "multilabel_f1", "min": 0.84, "confidence": 0.95}, report)
+    assert sure["met"] is False and sure["bound"] == 0.823
+
+
 def test_latency_timing_stops_at_its_budget_once_the_minimum_runs_are_done(tmp_path) -> None:
     """Runs stop early once LATENCY_MIN_RUNS pairs are done and the timed runs used the budget; with time to
     spare, every asked run is made, and fewer asked than the minimum are all made."""
