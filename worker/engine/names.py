@@ -16,10 +16,12 @@ infers them when it loads the model.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx
+
+from worker.engine.normalize import all_graphs
 
 # Added names longer than this are shortened; shorter ones are left alone (nothing to win).
 LONG = 48
@@ -41,22 +43,11 @@ class Compacted:
         return bool(self.tensors or self.nodes or self.value_info)
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
 def graph_names(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     """Every tensor name and every node name of ``model``, subgraphs included."""
     tensors: set[str] = set()
     nodes: set[str] = set()
-    for g in _graphs(model.graph):
+    for g in all_graphs(model):
         tensors.update(i.name for i in g.initializer)
         tensors.update(i.name for i in g.input)
         tensors.update(o.name for o in g.output)
@@ -104,14 +95,14 @@ def compact(model: onnx.ModelProto, known_tensors: set[str], known_nodes: set[st
     its source did not have (``known_*``: the source's names), and drop the main graph's shape annotations for
     tensors outside ``known_value_info``. Graph inputs and outputs keep their names (they are in the source).
     A model whose weights are in external files is left alone."""
-    if any(i.data_location == onnx.TensorProto.EXTERNAL for g in _graphs(model.graph) for i in g.initializer):
+    if any(i.data_location == onnx.TensorProto.EXTERNAL for g in all_graphs(model) for i in g.initializer):
         return Compacted(0, 0, 0)
     tensors, nodes = graph_names(model)
     io = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
     ren = _plan(sorted(tensors - io), known_tensors | known_nodes, tensors)
-    qdq_nodes = sorted({n.name for g in _graphs(model.graph) for n in g.node if n.op_type in QDQ_OPS})
+    qdq_nodes = sorted({n.name for g in all_graphs(model) for n in g.node if n.op_type in QDQ_OPS})
     nren = _plan(qdq_nodes, known_tensors | known_nodes, nodes)
-    for g in _graphs(model.graph):
+    for g in all_graphs(model):
         for i in g.initializer:
             i.name = ren.get(i.name, i.name)
         for v in [*g.value_info, *g.input, *g.output]:
