@@ -6,7 +6,8 @@ Runtime session, each setup in a fresh Python process.
 The rows: ONNX Runtime's own quantizer's imports (``onnxruntime.quantization``, which brings numpy, onnx and ONNX
 Runtime), then with one session on MODEL (default: the corpus' openWakeWord hey-jarvis model, when the corpus is
 built); lowbit's engine pipeline (what ``lowbit quantize`` imports before a job), then with the quantizer it
-calls too. This is the floor under the peak of any job on a small model: benchmarks/zoo.py compares whole jobs.
+calls too, imported the way the engine imports it (``runtime.ort_quantization``: without ``onnx.reference``).
+This is the floor under the peak of any job on a small model: benchmarks/zoo.py compares whole jobs.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ DEFAULT_MODEL = ZOO / "corpus/oww_hey_jarvis/model.onnx"
 
 SESSION = ("import onnxruntime as ort; so = ort.SessionOptions(); so.intra_op_num_threads = 2; "
            "ort.InferenceSession({model!r}, so, providers=['CPUExecutionProvider'])")
+ENGINE = "import worker.engine.pipeline, worker.engine.runtime; worker.engine.runtime.ort_quantization()"
 SETUPS = {
     "onnxruntime.quantization": "import onnxruntime.quantization",
     "onnxruntime.quantization + one session": "import onnxruntime.quantization; " + SESSION,
     "worker.engine.pipeline": "import worker.engine.pipeline",
-    "worker.engine.pipeline + onnxruntime.quantization": "import worker.engine.pipeline, onnxruntime.quantization",
-    "both + one session": "import worker.engine.pipeline, onnxruntime.quantization; " + SESSION,
+    "worker.engine.pipeline + its quantizer import": ENGINE,
+    "both + one session": ENGINE + "; " + SESSION,
 }
 PEAK = "; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
 

@@ -39,8 +39,10 @@ PROGRESS_INTERVAL_S = 0.5
 # While the engine runs, the job row's cancel flag is read (and the heartbeat written) at least this often.
 CANCEL_POLL_S = 1.0
 # What the sandbox child imports before it is given a job (see sandbox._spares): the engine, and ONNX
-# Runtime's quantization tools (whose shape inference imports torch, seconds on its own).
-ENGINE_PRELOAD = ("worker.engine.pipeline", "onnxruntime.quantization", "onnxruntime.tools.symbolic_shape_infer")
+# Runtime's quantization tools (whose shape inference imports torch, seconds on its own), the way the engine
+# imports them (runtime.ort_quantization).
+ENGINE_PRELOAD = ("worker.engine.pipeline", "worker.engine.runtime:ort_quantization",
+                  "onnxruntime.tools.symbolic_shape_infer")
 # Set by SIGTERM in a pool process while it runs a job: stop the engine and hand the job back.
 handing_back = threading.Event()
 

@@ -18,6 +18,13 @@ def echo(payload: Any, emit: Any) -> Any:
     return {"doubled": payload * 2}
 
 
+def loaded(payload: list[str], emit: Any) -> dict[str, bool]:
+    """Which of the modules named in ``payload`` the child holds."""
+    import sys
+
+    return {name: name in sys.modules for name in payload}
+
+
 @dataclass(frozen=True)
 class Job:
     """A payload shaped like the engine's QuantizeConfig where it matters to the sandbox: paths, a work folder."""

@@ -111,6 +111,15 @@ def test_a_spare_child_waits_preloaded_for_the_next_run() -> None:
     assert not sandbox.spare_pids()
 
 
+def test_the_engine_preload_imports_the_quantizer_the_way_the_engine_does() -> None:
+    # "module:function" entries are called after the import: ONNX Runtime's quantizer without onnx.reference.
+    from worker.runner import ENGINE_PRELOAD
+
+    held = sandbox.run(f"{F}:loaded", ["onnxruntime.quantization", "onnx.reference"], sandbox.Limits(),
+                       preload=ENGINE_PRELOAD)
+    assert held == {"onnxruntime.quantization": True, "onnx.reference": False}
+
+
 def test_the_child_gets_no_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOWBIT_DATABASE_URL", "postgresql://secret")
     assert "LOWBIT_DATABASE_URL" not in sandbox.child_env()

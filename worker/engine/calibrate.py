@@ -261,6 +261,7 @@ class TensorStats:
 
 
 def quantizable_op_types() -> set[str]:
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     return set(QDQRegistry) | set(QLinearOpsRegistry)
@@ -1038,6 +1039,7 @@ def calibrate_with_ort(
 ) -> CalibrationResult:
     """ONNX Runtime's own calibrators (create_calibrator, collect_data, compute_data), for comparison.
     They hold every observed activation of every sample in memory."""
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization.calibrate import CalibrationDataReader, CalibrationMethod, create_calibrator
 
     if settings.method not in ORT_METHODS:
@@ -1089,6 +1091,7 @@ def calibrate_with_ort(
 
 def write_ort_ranges(ranges: dict[str, tuple[float, float]], path: Path) -> None:
     """Write ranges in the JSON form ``quantize_static(calibration_cache_path=...)`` loads."""
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData, save_tensors_data
 
     data = {k: (np.array(lo, dtype=np.float32), np.array(hi, dtype=np.float32)) for k, (lo, hi) in ranges.items()}

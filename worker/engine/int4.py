@@ -181,6 +181,7 @@ def moments_over(sess: Any, act: dict[str, str], feeds: Iterable[tuple[dict[str,
 
 
 def _reader(batches: Batches) -> Any:
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization.calibrate import CalibrationDataReader
 
     # ONNX Runtime's GPTQ deep-copies the reader, so it holds the (bounded) calibration feeds.
@@ -289,6 +290,7 @@ def _clip_weights(model: onnx.ModelProto, targets: dict[str, str], moments: dict
 def _algorithm_config(algorithm: str, opts: RecipeOptions, op_types: tuple[str, ...],
                       batches: Batches | None) -> tuple[Any, Any]:
     """ONNX Runtime's configuration for ``algorithm``, and GPTQ's calibration reader (None for the others)."""
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         GPTQWeightOnlyQuantConfig,
@@ -320,6 +322,7 @@ def _algorithm_config(algorithm: str, opts: RecipeOptions, op_types: tuple[str, 
 
 def _run_quantizer(model: onnx.ModelProto, opts: RecipeOptions, algorithm: str, config: Any,
                    exclude: list[str]) -> onnx.ModelProto:
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # Its warning that it raised the opset to 21 ("the generated model may not be a valid model"), printed on

@@ -425,6 +425,9 @@ def _preprocess(staged: Path, res: NormalizeResult, symbolic: bool = True) -> No
 def _symbolic(staged: Path, out: Path) -> None:
     """ONNX Runtime's own pre-processing with symbolic shape inference (imports sympy, holds the model in Python)."""
     # lazy: onnxruntime.quantization (~0.3 s, 15 MB); auto, in the worker's main process, imports this module
+    from worker.engine import runtime  # lazy: it imports onnxruntime, and the app imports this module
+
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     # Symbolic shape inference that stops early saves sym_shape_infer_temp.onnx and a <uuid1>.data file as large

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from worker.engine import runtime
 from worker.engine.calibrate import (
     CalibrationSettings,
     calibrate,
@@ -90,6 +91,7 @@ def quantize_static(
     src: Path, dest: Path, ranges_path: Path, opts: RecipeOptions, float_tensors: list[str] | None = None
 ) -> list[str]:
     """Returns the nodes that had to stay in float (beyond the user's exclusions)."""
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
@@ -245,6 +247,7 @@ def _float_inputs_for(path: Path, excluded: set[str]) -> None:
 
 
 def quantize_dynamic(src: Path, dest: Path, opts: RecipeOptions) -> list[str]:
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 

@@ -39,6 +39,51 @@ def _ort_tools_without_torch() -> None:
 
 _ort_tools_without_torch()
 
+_REFERENCE_STAND_INS = ("onnx.reference", "onnx.reference.op_run")
+
+
+def _reference_evaluator(*args: Any, **kwargs: Any) -> Any:
+    from onnx.reference import ReferenceEvaluator  # lazy: see ort_quantization
+
+    return ReferenceEvaluator(*args, **kwargs)
+
+
+def _to_array_extended(tensor: Any) -> Any:
+    # lazy: see ort_quantization (the name is onnx's, untyped there)
+    from onnx.reference.op_run import to_array_extended  # type: ignore[attr-defined]
+
+    return to_array_extended(tensor)
+
+
+def ort_quantization() -> types.ModuleType:
+    """``onnxruntime.quantization``, imported once, without the ONNX reference evaluator it never runs for lowbit.
+
+    Its quant_utils and base_quantizer import ``onnx.reference`` at module level, and that import builds a table
+    of every ONNX operator schema: 12 MB of a job's peak (``benchmarks/import_floor.py``), more than the whole
+    difference between a small model's lowbit job and ONNX Runtime's own ``quantize_static``. The two names they
+    take from it serve float8 weights only (``ReferenceEvaluator`` to quantize to float8, ``to_array_extended``
+    to check a float8 initializer), which no lowbit recipe makes. The package is imported with stand-ins for those
+    two names that import the real ones when called (a float8 call still works); the stand-in modules leave
+    ``sys.modules`` right after, so a later ``import onnx.reference`` gets the real module. Every
+    ``from onnxruntime.quantization... import`` in the engine runs after this call.
+    """
+    loaded = sys.modules.get("onnxruntime.quantization")
+    if loaded is not None:
+        return loaded
+    placed = [name for name in _REFERENCE_STAND_INS if name not in sys.modules]
+    for name in placed:
+        sys.modules[name] = types.ModuleType(name)
+    reference, op_run = (sys.modules[name] for name in _REFERENCE_STAND_INS)
+    if "onnx.reference" in placed:
+        reference.ReferenceEvaluator = _reference_evaluator  # type: ignore[attr-defined]
+    if "onnx.reference.op_run" in placed:
+        op_run.to_array_extended = _to_array_extended  # type: ignore[attr-defined]
+    try:
+        return importlib.import_module("onnxruntime.quantization")
+    finally:
+        for name in placed:
+            del sys.modules[name]
+
 
 def select_providers(device: str = "auto") -> list[str]:
     """CUDA when asked for or available (device='auto'), else CPU. CPU is always the fallback."""

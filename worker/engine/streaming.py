@@ -267,6 +267,9 @@ def _pack4(q: np.ndarray, n: int, cb: int, block: int) -> np.ndarray:
 def k_quant(block: int) -> SlabQuantizer:
     """ONNX Runtime's k-quant (its neural_compressor port of llama.cpp's search for each block's scale and
     minimum), asymmetric 4 bits."""
+    from worker.engine import runtime  # lazy: it imports onnxruntime, and the app imports this module
+
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
 
     def quantize(slab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -286,6 +289,9 @@ def hqq(block: int) -> SlabQuantizer:
     """ONNX Runtime's HQQ (half-quadratic optimisation of each block's zero point; float zero points), asymmetric
     4 bits. Its iterations stop when the mean error over what it is given stops falling: given a slab, that is
     the slab's error rather than the whole weight's."""
+    from worker.engine import runtime  # lazy: it imports onnxruntime, and the app imports this module
+
+    runtime.ort_quantization()  # first: see there
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
 
     hq = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block))

@@ -223,9 +223,10 @@ def run(target: str, payload: Any, limits: Limits, on_event: Emit | None = None,
     becomes an EngineError with its own code (``timed_out`` and ``ended`` word those for callers with codes of
     their own; ``ended`` defaults to ``death``). ``on_event`` receives what the child emits; ``tick`` runs
     every TICK_S or so. Either may raise (e.g. JobCancelled): the child is killed at once and the exception
-    propagates. ``on_start`` gets the child's pid. The child imports the ``preload`` modules before it is
-    given the work; with ``spare``, a preloaded child waits for the next call. ``spawn`` overrides
-    ``preload`` with the whole start-up; ``work_dir`` is the child's scratch folder (else the payload's).
+    propagates. ``on_start`` gets the child's pid. The child imports the ``preload`` modules ("module:function"
+    also calls the function) before it is given the work; with ``spare``, a preloaded child waits for the next
+    call. ``spawn`` overrides ``preload`` with the whole start-up; ``work_dir`` is the child's scratch folder
+    (else the payload's).
     The child forwards events of one kind at most every ``event_interval_s`` (0: all of them)."""
     spawn = spawn or Spawn(preload=tuple(preload))
     child = _take(spawn)
@@ -534,9 +535,12 @@ def child_main(read_fd: int, write_fd: int, parent: int, preload: list[str]) -> 
     down, up = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
     _die_with_parent(parent)
     _name(b"lowbit-spare")
-    for module in preload:
+    for entry in preload:  # "package.module", or "package.module:function" to call after the import
+        module, _, function = entry.partition(":")
         with contextlib.suppress(Exception):  # only a head start: the run imports what it needs anyway
-            importlib.import_module(module)
+            loaded = importlib.import_module(module)
+            if function:
+                getattr(loaded, function)()
     try:
         target, payload, limits, work_dir, interval = down.recv()
     except EOFError:  # a spare that was never used
