@@ -32,7 +32,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,9 +267,13 @@ def quantizable_op_types() -> set[str]:
     return set(QDQRegistry) | set(QLinearOpsRegistry)
 
 
-def select_tensors(model: onnx.ModelProto, op_types: Iterable[str] | None = None) -> list[str]:
-    """Float inputs and outputs of the nodes the quantizer may quantize (never initializers)."""
+def select_tensors(model: onnx.ModelProto, op_types: Iterable[str] | None = None,
+                   skip_nodes: Collection[str] = ()) -> list[str]:
+    """Float inputs and outputs of the nodes the quantizer may quantize (never initializers); ``skip_nodes``
+    (names) are nodes it will not quantize, whose tensors need a range only where another node reads or
+    writes them."""
     wanted = set(op_types) if op_types else quantizable_op_types()
+    skip = set(skip_nodes)
     vis = {vi.name: vi for vi in model.graph.value_info}
     vis.update({vi.name: vi for vi in model.graph.output})
     vis.update({vi.name: vi for vi in model.graph.input})
@@ -277,7 +281,7 @@ def select_tensors(model: onnx.ModelProto, op_types: Iterable[str] | None = None
     out: list[str] = []
     seen: set[str] = set()
     for node in model.graph.node:
-        if node.op_type not in wanted:
+        if node.op_type not in wanted or (node.name and node.name in skip):
             continue
         for name in itertools.chain(node.input, node.output):
             if not name or name in seen or name in inits or name not in vis:

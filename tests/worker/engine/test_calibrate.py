@@ -530,3 +530,19 @@ def test_histogram_pass_fetches_a_bounded_subset_with_exact_extremes(tmp_path: P
     # (top) and 0.03 % (bottom) off; the 0.05 % tails are ~210 of the 420k subset values.
     assert hi == pytest.approx(float(np.quantile(every, 0.9995)), rel=0.01)
     assert lo == pytest.approx(float(np.quantile(every, 0.0005)), rel=0.01)
+
+
+def test_tensors_only_skipped_nodes_touch_are_not_observed() -> None:
+    from onnx import TensorProto, helper
+
+    c = onnx.numpy_helper.from_array(np.full((4,), 2.0, np.float32), "c")
+    nodes = [helper.make_node("Mul", ["x", "c"], ["y"], name="a"),
+             helper.make_node("Add", ["y", "c"], ["z"], name="b"),
+             helper.make_node("Mul", ["z", "c"], ["out"], name="d")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4])], [c])
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert select_tensors(model) == ["x", "y", "z", "out"]
+    # y and z are still read or written by a node that is quantized.
+    assert select_tensors(model, skip_nodes={"b"}) == ["x", "y", "z", "out"]
+    assert select_tensors(model, skip_nodes={"b", "d"}) == ["x", "y"]

@@ -170,14 +170,14 @@ def _quantize_from(ctx: RecipeContext, smoothquant: dict[str, Any], smoothed_pat
     """Calibrate and quantize ``ctx``'s model (the smoothed one when SmoothQuant ran), then equalization and bias
     correction."""
     # lazy: as in quantize
-    from worker.engine.calibrate import select_tensors, write_ort_ranges
+    from worker.engine.calibrate import write_ort_ranges
     from worker.engine.conv_refine import refine, side_pass
     from worker.engine.ort_quant import a16_tensors, quantize_static, refuse_subgraphs_only, warn_forced
 
     opts, split, step, warnings = ctx.opts, ctx.split, ctx.step, ctx.warnings
     normalized, work = ctx.normalized, ctx.work
     assert ctx.data.calib_reader is not None and split.calib_plan is not None and split.calib_range is not None
-    tensors = select_tensors(normalized, opts.op_types_to_quantize or None)
+    tensors = _observed(ctx)
     if not tensors:
         refuse_subgraphs_only(normalized, opts)
     # Unknown activations_16bit names are refused before the calibration pass, not after it.
@@ -255,10 +255,19 @@ def index_math_section(model: onnx.ModelProto, opts: RecipeOptions) -> dict[str,
 
 def _recalibrate(ctx: RecipeContext) -> CalibrationResult:
     """The ranges of a rewritten model's tensors (cross-layer equalization's), calibrated as ``quantize`` does."""
+    return _calibrate(ctx, _observed(ctx))
+
+
+def _observed(ctx: RecipeContext) -> list[str]:
+    """The tensors calibration observes: those of the nodes the quantizer may quantize, less those that only
+    the index math kept in float reads or writes (no range of theirs would be used: the detector's 303 tensors
+    are 60, basic-pitch's 240 are 145)."""
     # lazy, as in quantize
     from worker.engine.calibrate import select_tensors
+    from worker.engine.ort_quant import index_math_nodes
 
-    return _calibrate(ctx, select_tensors(ctx.normalized, ctx.opts.op_types_to_quantize or None))
+    return select_tensors(ctx.normalized, ctx.opts.op_types_to_quantize or None,
+                          index_math_nodes(ctx.normalized, ctx.opts))
 
 
 def _calibrate(ctx: RecipeContext, tensors: list[str], side: SidePass | None = None) -> CalibrationResult:
