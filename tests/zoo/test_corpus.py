@@ -479,11 +479,11 @@ def test_int8_static_of_basic_pitch_is_smaller_than_fp32(real_models: dict[str, 
         calibration_path=e.calib, eval_path=e.eval, threads=2, device="cpu", work_dir=tmp_path / "work",
         accuracy_target={"metric": "multilabel_f1", "min": 0.8}))
     assert res.report["size"]["quantized_bytes"] == res.artifact_path.stat().st_size
-    # Measured 223,392 bytes, 0.969 of fp32.
-    assert res.report["size"]["ratio"] <= 0.975
+    # Measured 221,472 bytes, 0.961 of fp32 (223,392 and 0.969 while unread scales and zero points stayed in).
+    assert res.report["size"]["ratio"] <= 0.965
     assert not any("larger than the original" in w for w in res.report["warnings"])
     m = task_metric(e, _fp32(e), run_onnx(res.artifact_path, e.eval), _labels(e))
-    assert m["note_f1"] >= 0.92  # measured 0.9331, as before the names were shortened
+    assert m["note_f1"] >= 0.92  # measured 0.9331 with VNNI (8-bit weights), 0.9276 without (7-bit weights)
     outs = {o["name"]: o for o in res.report["accuracy"]["outputs"]}
     notes, onsets = outs["StatefulPartitionedCall:1"], outs["StatefulPartitionedCall:2"]
     assert m["snr_db"] == pytest.approx(notes["sqnr_db"], abs=0.05)
