@@ -117,7 +117,7 @@ def run_once(workers: int, model: Path, calib: Path, ev: Path, target: dict[str,
 
 
 def print_table(report: dict[str, Any], metric: str) -> None:
-    from app.pages.present import candidate_label
+    from worker.engine.labels import recipe_label
 
     chosen = report.get("chosen") or {}
     print(f"{'#':>2} {'recipe':<26} {'kept in float':<34} {'size MB':>8} {metric:>9} {'p50 ms':>8} {'met':>5} "
@@ -125,7 +125,7 @@ def print_table(report: dict[str, Any], metric: str) -> None:
     for i, c in enumerate(report["candidates"]):
         method = c["options"].get("method")
         # The page's label, shortened to fit the column.
-        name = candidate_label(c["recipe"], c["options"]).replace("_weight_only", "").replace(
+        name = recipe_label(c["recipe"], c["options"]).replace("_weight_only", "").replace(
             " + int8 activations", " +int8 act")
         kept = ", ".join(c["excluded_nodes"]) or "-"
         mark = " *" if chosen and c["recipe"] == chosen.get("recipe") and \

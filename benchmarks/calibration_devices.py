@@ -69,7 +69,7 @@ def calibrations(kind: str, n: int, holdout: int, threads: int, work: Path) -> N
     raw = (bench.build_transformer if kind == "transformer" else bench.build_conv)(work / f"{kind}.onnx")
     model = normalize(raw, work / f"{kind}-prep", per_channel=True).path
     data = bench.build_data(kind, work / f"{kind}.npz", n + holdout)
-    bench.HOLDOUT = holdout
+    bench.HOLDOUT = holdout  # type: ignore[attr-defined]  # calibration.py's module global, loaded by path
     proto = onnx.load(str(model))
     tensors = select_tensors(proto)
     print(f"\n== {kind}: {model.stat().st_size / 1e6:.1f} MB, {len(tensors)} tensors, {n} samples, "

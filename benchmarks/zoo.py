@@ -502,14 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.export_child:
         return export_child(args)
     if args.from_json:
-        rows = [Row(**r) for r in json.loads(args.from_json.read_text())]
-        for r in rows:
+        loaded = [Row(**r) for r in json.loads(args.from_json.read_text())]
+        for r in loaded:
             kept = args.keep / r.model / f"{r.recipe}.json" if args.keep else None
             if recipe_of(r.recipe) == "auto" and kept and kept.is_file():
                 report = json.loads(kept.read_text())
                 r.note = chosen_note(report) if report.get("chosen") else r.note
                 r.smallest_met_ratio = smallest_met(report)
-        print_tables(rows, args)
+        print_tables(loaded, args)
         return 0
     recipes = args.recipes.split(",") if args.recipes else list(RECIPES)
     unknown = sorted(set(recipes) - set(RECIPES) - set(VARIANTS))
