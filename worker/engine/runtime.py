@@ -59,8 +59,8 @@ def ort_quantization() -> types.ModuleType:
     """``onnxruntime.quantization``, imported once, without the ONNX reference evaluator it never runs for lowbit.
 
     Its quant_utils and base_quantizer import ``onnx.reference`` at module level, and that import builds a table
-    of every ONNX operator schema: 12 MB of a job's peak (``benchmarks/import_floor.py``), more than the whole
-    difference between a small model's lowbit job and ONNX Runtime's own ``quantize_static``. The two names they
+    of every ONNX operator schema: 10 MB of the engine's import floor (``benchmarks/import_floor.py``: 83.1 ->
+    72.6 MB with the quantizer) and 5 MB of a small model's job (openWakeWord's: 112 -> 107 MB). The two names they
     take from it serve float8 weights only (``ReferenceEvaluator`` to quantize to float8, ``to_array_extended``
     to check a float8 initializer), which no lowbit recipe makes. The package is imported with stand-ins for those
     two names that import the real ones when called (a float8 call still works); the stand-in modules leave
