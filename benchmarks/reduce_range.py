@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,41 +40,33 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--timeout", type=float, default=900.0)
     args = p.parse_args()
-    args.auto_cosine = 0.99  # zoo.lowbit_cmd reads it (auto only)
-    from tests.zoo.corpus import build_corpus
-
     flags = runtime.cpu_flags(Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").is_file() else set()
     vnni = sorted({"avx512_vnni", "avx_vnni"} & flags)
     print(f"CPU: {'VNNI (' + ', '.join(vnni) + ')' if vnni else 'no VNNI'}; reduce_range left unset means "
           f"{runtime.int8_overflows_here()} here")
     print("| model | metric | fp32 | 8-bit weights | 7-bit weights | SQNR dB 8-bit | SQNR dB 7-bit |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    with tempfile.TemporaryDirectory() as tmp:
-        for entry in build_corpus(names=args.models.split(",")):
-            d = Path(tmp) / entry.name
-            base = zoo.baselines(entry, args, d, modes=())
-            if base.ref is None:
+    for entry, d, base in zoo.references(args.models.split(","), args):
+        if base.ref is None:
+            continue
+        cells: dict[bool, tuple[str, float | None, float, float] | None] = {}
+        for reduce in (False, True):
+            out = zoo.lowbit_child(entry, "int8_static", {"reduce_range": reduce}, d, f"rr-{reduce}", args)
+            if out is None:
+                cells[reduce] = None
                 continue
-            cells: dict[bool, tuple[str, float | None, float, float] | None] = {}
-            for reduce in (False, True):
-                out, rep, log = d / f"rr-{reduce}.onnx", d / f"rr-{reduce}.json", d / f"rr-{reduce}.log"
-                code, _s, _p = zoo.run_child(zoo.lowbit_cmd(entry, "int8_static", out, rep, args,
-                                                            {"reduce_range": reduce}), log, args.timeout)
-                if code != 0:
-                    cells[reduce] = None
-                    continue
-                outs = zoo.outputs_of(out, entry.eval)
-                got = zoo.headline(entry, base.ref, outs, base.labels)
-                if got is not None:
-                    cells[reduce] = (got[0], got[1], got[2], sqnr_db(base.ref, outs))
-            eight, seven = cells.get(False), cells.get(True)
-            if eight is None or seven is None:
-                print(f"| {entry.name} | - | - | {'failed' if eight is None else '-'} | "
-                      f"{'failed' if seven is None else '-'} | - | - |")
-                continue
-            fp32 = "-" if eight[1] is None else f"{eight[1]:.4f}"
-            print(f"| {entry.name} | {eight[0]} | {fp32} | {eight[2]:.4f} | {seven[2]:.4f} | {eight[3]:.2f} | "
-                  f"{seven[3]:.2f} |", flush=True)
+            outs = zoo.outputs_of(out, entry.eval)
+            got = zoo.headline(entry, base.ref, outs, base.labels)
+            if got is not None:
+                cells[reduce] = (got[0], got[1], got[2], sqnr_db(base.ref, outs))
+        eight, seven = cells.get(False), cells.get(True)
+        if eight is None or seven is None:
+            print(f"| {entry.name} | - | - | {'failed' if eight is None else '-'} | "
+                  f"{'failed' if seven is None else '-'} | - | - |")
+            continue
+        fp32 = "-" if eight[1] is None else f"{eight[1]:.4f}"
+        print(f"| {entry.name} | {eight[0]} | {fp32} | {eight[2]:.4f} | {seven[2]:.4f} | {eight[3]:.2f} | "
+              f"{seven[3]:.2f} |", flush=True)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -81,35 +80,27 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--timeout", type=float, default=900.0)
     args = p.parse_args()
-    args.auto_cosine = 0.99  # zoo.lowbit_cmd reads it (auto only)
-    from tests.zoo.corpus import build_corpus
-
     print("| model | metric | fp32 | plain | weights only | activation pairs removed | weights' share of the loss |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    with tempfile.TemporaryDirectory() as tmp:
-        for entry in build_corpus(names=args.models.split(",")):
-            d = Path(tmp) / entry.name
-            base = zoo.baselines(entry, args, d, modes=())
-            out, rep, log = d / "plain.onnx", d / "plain.json", d / "plain.log"
-            code, _secs, _peak = zoo.run_child(zoo.lowbit_cmd(entry, "int8_static", out, rep, args,
-                                                              dict(PLAIN_STATIC)), log, args.timeout)
-            if code != 0 or base.ref is None:
-                print(f"| {entry.name} | - | - | {zoo.error_code(log) if code else 'no reference'} | - | - | - |")
-                continue
-            wo = d / "weights_only.onnx"
-            pairs = weights_only(out, wo)
-            got: dict[str, Any] = {}
-            for label, path in (("plain", out), ("weights_only", wo)):
-                got[label] = zoo.headline(entry, base.ref, zoo.outputs_of(path, entry.eval), base.labels)
-            name, fp32, plain = got["plain"]
-            w = got["weights_only"][2]
-            if fp32 is None:  # a figure of the quantized model against fp32 only (SNR): no loss to share
-                print(f"| {entry.name} | {name} | - | {plain:.4f} | {w:.4f} | {pairs} | - |", flush=True)
-                continue
-            ref = fp32
-            lost = ref - plain
-            share = "-" if abs(lost) < 1e-9 else f"{(ref - w) / lost:.2f}"
-            print(f"| {entry.name} | {name} | {ref:.4f} | {plain:.4f} | {w:.4f} | {pairs} | {share} |", flush=True)
+    for entry, d, base in zoo.references(args.models.split(","), args):
+        out = zoo.lowbit_child(entry, "int8_static", dict(PLAIN_STATIC), d, "plain", args)
+        if out is None or base.ref is None:
+            print(f"| {entry.name} | - | - | {zoo.error_code(d / 'plain.log') if out is None else 'no reference'} "
+                  "| - | - | - |")
+            continue
+        wo = d / "weights_only.onnx"
+        pairs = weights_only(out, wo)
+        got: dict[str, Any] = {}
+        for label, path in (("plain", out), ("weights_only", wo)):
+            got[label] = zoo.headline(entry, base.ref, zoo.outputs_of(path, entry.eval), base.labels)
+        name, fp32, plain = got["plain"]
+        w = got["weights_only"][2]
+        if fp32 is None:  # a figure of the quantized model against fp32 only (SNR): no loss to share
+            print(f"| {entry.name} | {name} | - | {plain:.4f} | {w:.4f} | {pairs} | - |", flush=True)
+            continue
+        lost = fp32 - plain
+        share = "-" if abs(lost) < 1e-9 else f"{(fp32 - w) / lost:.2f}"
+        print(f"| {entry.name} | {name} | {fp32:.4f} | {plain:.4f} | {w:.4f} | {pairs} | {share} |", flush=True)
     return 0
 
 

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,26 @@ class Baselines:
     ort: dict[str, Row]
     ref: dict[str, Any] | None  # the fp32 model's outputs on the evaluation set
     labels: Any
+
+
+def references(names: list[str], args: argparse.Namespace) -> Iterator[tuple[Any, Path, Baselines]]:
+    """The corpus entries ``names``, each with a scratch folder (gone after the loop) and its fp32 outputs and
+    labels (``baselines`` without ONNX Runtime's quantizers): what a script comparing lowbit variants starts from."""
+    from tests.zoo.corpus import build_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for entry in build_corpus(names=names):
+            d = Path(tmp) / entry.name
+            yield entry, d, baselines(entry, args, d, modes=())
+
+
+def lowbit_child(entry: Any, recipe: str, options: dict[str, Any], d: Path, tag: str,
+                 args: argparse.Namespace) -> Path | None:
+    """One ``lowbit quantize`` child process on ``entry`` in ``d``; its artifact, or None when the job failed."""
+    out = d / f"{tag}.onnx"
+    code, _secs, _peak = run_child(lowbit_cmd(entry, recipe, out, d / f"{tag}.json", args, options),
+                                   d / f"{tag}.log", args.timeout)
+    return out if code == 0 else None
 
 
 def baselines(entry: Any, args: argparse.Namespace, d: Path, modes: tuple[str, ...] = ("static", "dynamic")
