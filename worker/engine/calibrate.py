@@ -62,8 +62,11 @@ HIST_MAX_VALUES = 1 << 21
 # percentile within a bin or two of the full data's (measured: benchmarks/zoo.py, README).
 HIST_SUBSET = 1 << 17
 # Bound on the observed activations (bytes, from shape inference) of one min/max calibration run: a batch
-# whose activations are larger runs in parts (see minmax_samples_per_run).
-MINMAX_BYTES_PER_RUN = 8 << 20
+# whose activations are larger runs in parts (see minmax_samples_per_run). Small, since ONNX Runtime's arena
+# keeps what the largest run needed: openWakeWord's mel spectrogram's calibration peaked at 125 MB with 8 MB
+# here, 113 MB with 2 MB (benchmarks/stage_peaks.py), where ONNX Runtime's whole quantize_static peaks at
+# about 113 MB; a model whose samples are larger than this runs one sample a run either way.
+MINMAX_BYTES_PER_RUN = 2 << 20
 
 Progress = Callable[[float], None]
 Batches = Callable[[], Iterable[tuple[dict[str, np.ndarray], int]]]

@@ -146,6 +146,11 @@ _CHUNK = 1 << 20
 # Runtime holds about twice what a run fetches (openWakeWord's embedding model: the job peaked at 195 MB with
 # 256 MB here, 148 MB with 32 MB, where ONNX Runtime's quantize_static peaks at 166 MB).
 LAYER_BYTES_PER_RUN = 32 << 20
+# Joining single samples into one run (``merge``) stops at this many bytes of fetched layer outputs per run,
+# well under LAYER_BYTES_PER_RUN: a small model's runs are cheap, and its whole job sits near the process's
+# floor, where ONNX Runtime's arena for a merged batch was the job's peak (openWakeWord's mel spectrogram: the
+# layer analysis peaked at 130 MB with merged runs up to 32 MB, 109 MB with 8 MB, benchmarks/stage_peaks.py).
+LAYER_MERGE_BYTES = 8 << 20
 # Layer outputs fetched per model over all samples: a model with large activations is analysed on fewer
 # samples (at least one) rather than in more runs (a 90 MB sentence encoder at 128 tokens: 95 MB a sample, so
 # 2 samples, 256 tokens per layer; a small conv net: all 16).
@@ -279,7 +284,8 @@ def _observe_group(
     part_noise = dict.fromkeys(group, 0.0)
     per_run = 1
     if merge is not None and max_per_run > 1 and all(n == 1 for _, n in feeds):
-        per_run = max(1, min(max_per_run, bytes_per_run // max(1, sum(sizes[p] for p in group))))
+        per_run = max(1, min(max_per_run, min(bytes_per_run, LAYER_MERGE_BYTES) //
+                             max(1, sum(sizes[p] for p in group))))
     chunks = [[f for f, _ in feeds[i:i + per_run]] for i in range(0, len(feeds), per_run)]
     for k, chunk in enumerate(chunks):
         feed = chunk[0] if len(chunk) == 1 or merge is None else merge(chunk)
