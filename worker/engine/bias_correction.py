@@ -111,11 +111,12 @@ def channel_axes(op_type: str, rank: int, gemm_trans_a: bool) -> list[int]:
 
 
 # The opset from which each reduction takes its axes as an input instead of an attribute.
-_AXES_INPUT_FROM = {"ReduceMean": 18, "ReduceSum": 13}
+_AXES_INPUT_FROM = {"ReduceMean": 18, "ReduceSum": 13, "ReduceMin": 18, "ReduceMax": 18}
 
 
 def add_reduction(delta: onnx.ModelProto, model: onnx.ModelProto, op: str, x: str, axes: list[int], out: str) -> None:
-    """Append to ``delta`` (see calibrate.session_with) a ``op`` (ReduceMean, ReduceSum) of ``x`` over ``axes``,
+    """Append to ``delta`` (see calibrate.session_with) a ``op`` (ReduceMean, ReduceSum, ReduceMin, ReduceMax) of
+    ``x`` over ``axes``,
     keepdims 0, as the float output ``out``; its axes as an input or an attribute, as ``model``'s opset takes them."""
     if default_opset(model) >= _AXES_INPUT_FROM[op]:
         axes_name = f"{out}_axes"

@@ -138,10 +138,15 @@ class SidePass:
     ``keep_outputs`` samples (KeptRun, in run order). ``done`` is set by the pass that filled it: a cached
     or histogram calibration leaves it unset, and the caller then runs its own pass."""
 
-    delta: onnx.ModelProto  # the nodes computing ``names``' outputs, added to the model (see session_with)
+    delta: onnx.ModelProto  # the nodes computing ``names``' and ``extremes``' outputs, added to the model
     names: dict[str, str]  # key -> the delta's output
     keep_outputs: int = 0
     sums: dict[str, np.ndarray] = field(default_factory=dict)
+    # key -> the delta's (min, max) outputs, whose elementwise min and max over the runs ``mins``/``maxs`` hold
+    # (per-channel extremes: equalization's chain tensors, see conv_refine.side_pass)
+    extremes: dict[str, tuple[str, str]] = field(default_factory=dict)
+    mins: dict[str, np.ndarray] = field(default_factory=dict)
+    maxs: dict[str, np.ndarray] = field(default_factory=dict)
     samples: int = 0
     kept: list[KeptRun] = field(default_factory=list)
     seconds: float = 0.0  # the pass's runs, reductions included
@@ -904,7 +909,7 @@ def _minmax_pass(model_path: Path, model: onnx.ModelProto, tensors: list[str], s
     session = session_with(model_path, delta, providers, threads)
     # Only the reductions: the model's own outputs are not fetched (but for the side pass's kept batches).
     names = [o for pair in pairs.values() for o in pair if o]
-    extra = list(side.names.values()) if side is not None else []
+    extra = [*side.names.values(), *(o for pair in side.extremes.values() for o in pair)] if side is not None else []
     own = [o.name for o in model.graph.output]
     per_run: int | None = None
     started = time.perf_counter()
@@ -924,6 +929,10 @@ def _minmax_pass(model_path: Path, model: onnx.ModelProto, tensors: list[str], s
                 count = n if per_run >= n else int(next(iter(part.values())).shape[0])
                 for key, out in side.names.items():
                     side.sums[key] = side.sums.get(key, 0.0) + np.asarray(got[out], dtype=np.float64) * count
+                for key, (mn, mx) in side.extremes.items():
+                    lo, hi = np.asarray(got[mn], dtype=np.float64), np.asarray(got[mx], dtype=np.float64)
+                    side.mins[key] = np.minimum(side.mins[key], lo) if key in side.mins else lo
+                    side.maxs[key] = np.maximum(side.maxs[key], hi) if key in side.maxs else hi
                 if keep:
                     rows = None if per_run >= n else (p * per_run, p * per_run + count)
                     parts.append(KeptRun(b, rows, count, list(values[len(names) + len(extra):])))
@@ -992,13 +1001,17 @@ def calibrate(
     op_types: Iterable[str] | None = None,
     model: onnx.ModelProto | None = None,
     side: SidePass | None = None,
+    known: dict[str, tuple[float, float]] | None = None,
+    known_samples: int = 0,
 ) -> CalibrationResult:
     """Observe ``tensors`` over the calibration batches and return a range for each.
 
     ``batches`` is called once per pass and must yield (feed, sample_count) pairs. ``model``: the file at
     ``model_path`` already parsed by the caller (it is only read), to save parsing it again. With a cache and
     a key describing the model and data, statistics are reused across runs and methods. ``side``: computed in the
-    same pass where it is a min/max one (see SidePass).
+    same pass where it is a min/max one (see SidePass). ``known`` (min/max only): each observed tensor's min and
+    max over ``known_samples`` samples, already measured (equalization's, from the plain pass): when it has every
+    tensor the plan observes, no pass runs and the ranges follow from it as from a pass (``passes`` 0).
     """
     started = time.perf_counter()
     if model is None:
@@ -1006,8 +1019,15 @@ def calibrate(
     plan = plan_observation(model, tensors, excluded_nodes, op_types)
     key = StatsCache.key(cache_key) if cache is not None and cache_key is not None else None
     need_hist = settings.method != "minmax"
-    cached = cache.load(key, plan.observe, need_hist, settings.num_bins) if cache is not None and key else None
-    if cached is not None:
+    use_known = known is not None and not need_hist and all(t in known for t in plan.observe)
+    cached = cache.load(key, plan.observe, need_hist, settings.num_bins) \
+        if cache is not None and key and not use_known else None
+    if known is not None and use_known:
+        stats = {t: TensorStats(settings.num_bins, False) for t in plan.observe}
+        for t, st in stats.items():
+            st.update(np.array(known[t], dtype=np.float64))
+        samples, passes = known_samples, 0
+    elif cached is not None:
         (stats, samples), passes = cached, 0
         if progress:
             progress(1.0)

@@ -38,6 +38,10 @@ if TYPE_CHECKING:  # annotations only: the recipe's types live with the (light) 
     from worker.engine.calibrate import CalibrationResult
     from worker.engine.recipes.base import RecipeContext
 
+# Calibrates a context's model as the recipe does; the known min/max and their sample count, when given, spare
+# the pass (calibrate.calibrate's ``known``).
+Recalibrate = Callable[["RecipeContext", "dict[str, tuple[float, float]] | None", int], "CalibrationResult"]
+
 # The equalized float model must reproduce the prepared one this closely (worst output, max|a - b| / max|a|):
 # the rescaling is exact in real arithmetic, so only float32 rounding may differ.
 MAX_RELATIVE_ERROR = 1e-4
@@ -200,10 +204,11 @@ def _mode_reason(mode: str, option: str) -> str:
     return f"option {option} is {mode}"
 
 
-def _equalize(ctx: RecipeContext, calibrate: Callable[[RecipeContext], CalibrationResult], ref: Reference,
-              out: Refined) -> Candidate | None:
+def _equalize(ctx: RecipeContext, calibrate: Recalibrate, ref: Reference, out: Refined,
+              plain_pass: PlainPass | None = None) -> Candidate | None:
     """The equalized model quantized (None when there is nothing to equalize or the check fails); fills the
-    report's equalization section."""
+    report's equalization section. With ``plain_pass``, its ranges follow from the plain calibration pass where
+    they can (derived_ranges) instead of from a pass of their own."""
     started = time.perf_counter()
     eq = equalize.equalize(ctx.normalized)
     section = out.equalization
@@ -240,13 +245,49 @@ def _equalize(ctx: RecipeContext, calibrate: Callable[[RecipeContext], Calibrati
     # Progress stays in the quantize stage (a stage is entered once); the callback still carries cancellation.
     eq_ctx = dataclasses.replace(ctx, norm_path=path, normalized=eq.model, model_sha=key, warnings=[],
                                  step=lambda _stage, _f: ctx.step("quantizing", 0.0))
-    cal = calibrate(eq_ctx)
+    derived = derived_ranges(eq, plain_pass) if plain_pass is not None else None
+    cal = calibrate(eq_ctx, derived, plain_pass.samples if plain_pass is not None else 0)
+    # calibrate falls back to a pass of its own when the known ranges miss a tensor it observes.
+    section["ranges_from"] = "plain_pass" if derived is not None and cal.passes == 0 else "calibration"
     ranges_path = ctx.work / "equalized-ranges.json"
     write_ort_ranges(cal.ranges, ranges_path)
     quant = ctx.work / "quantized-equalized.onnx"
     warn_forced(quantize_static(path, quant, ranges_path, ctx.opts, cal.nonfinite_tensors), [])
     section["seconds"] = round(time.perf_counter() - started, 3)
     return Candidate("equalized", quant, path, eq.model, cal.ranges)
+
+
+@dataclass(frozen=True)
+class PlainPass:
+    """What the plain model's min/max calibration pass measured: each observed tensor's min and max, and the
+    per-channel ones of the tensors equalization would rescale (SidePass.extremes), over ``samples`` samples."""
+
+    stats: dict[str, tuple[float, float]]
+    per_channel: dict[str, tuple[np.ndarray, np.ndarray]]
+    samples: int
+
+
+def plain_pass(stats: dict[str, tuple[float, float]] | None, side: SidePass | None) -> PlainPass | None:
+    """The plain pass's figures for derived_ranges, when its pass ran with the chain tensors' extremes."""
+    if stats is None or side is None or not side.done or not side.extremes:
+        return None
+    per_channel = {t: (side.mins[t], side.maxs[t]) for t in side.extremes if t in side.mins and t in side.maxs}
+    return PlainPass(stats, per_channel, side.samples)
+
+
+def derived_ranges(eq: equalize.Equalized, plain: PlainPass) -> dict[str, tuple[float, float]] | None:
+    """The equalized model's min/max per tensor from the plain calibration pass, without running it: a tensor off
+    the equalized chains holds the same values as in the plain model; on a chain, channel c holds the plain
+    values divided by the scale s_c > 0, so its min and max are min_c(min_c / s_c) and max_c(max_c / s_c). None
+    when a chain tensor's per-channel extremes are missing or do not match its scales. Exact for min/max
+    calibration, up to float rounding."""
+    out = dict(plain.stats)
+    for t, s in eq.channel_scales.items():
+        got = plain.per_channel.get(t)
+        if got is None or got[0].shape != s.shape or got[1].shape != s.shape:
+            return None
+        out[t] = (float(np.min(got[0] / s)), float(np.max(got[1] / s)))
+    return out
 
 
 def _round(x: float | None) -> float | None:
@@ -276,7 +317,17 @@ def side_pass(ctx: RecipeContext) -> SidePass | None:
     delta, names = bias_correction.means_delta(ctx.normalized, axes_of)
     auto = "auto" in (opts.equalize, opts.bias_correction, opts.adaround)
     keep = COMPARE_SAMPLES if auto else CHECK_SAMPLES if opts.equalize != "off" else 0
-    return SidePass(delta, names, keep_outputs=keep)
+    extremes: dict[str, tuple[str, str]] = {}
+    if opts.equalize != "off":
+        # The per-channel min and max of every tensor equalization would rescale: an equalized candidate's
+        # ranges then follow from them (each channel divided by its scale) without calibrating it again.
+        for k, (t, rank) in enumerate(equalize.chains(ctx.normalized).items()):
+            axes = [0, *range(2, rank)]
+            mn, mx = f"lowbit_chain_min_{k}", f"lowbit_chain_max_{k}"
+            bias_correction.add_reduction(delta, ctx.normalized, "ReduceMin", t, axes, mn)
+            bias_correction.add_reduction(delta, ctx.normalized, "ReduceMax", t, axes, mx)
+            extremes[t] = (mn, mx)
+    return SidePass(delta, names, keep_outputs=keep, extremes=extremes)
 
 
 def _correct(ctx: RecipeContext, base: Candidate, out: Refined, ref: Reference,
@@ -365,12 +416,13 @@ def _r3(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
-           calibrate: Callable[[RecipeContext], CalibrationResult], side: SidePass | None = None) -> Refined:
+def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]], calibrate: Recalibrate,
+           side: SidePass | None = None, plain_stats: dict[str, tuple[float, float]] | None = None) -> Refined:
     """Equalize and bias-correct as the options say, starting from the plain artifact at ``ctx.quant_path``
     (quantized from ``ctx.norm_path`` with ``ranges``); the chosen artifact ends up at ``ctx.quant_path``.
     ``calibrate`` calibrates a context's model as the recipe does; ``side``: what that calibration's pass
-    computed for these steps (side_pass), used where it ran."""
+    computed for these steps (side_pass), used where it ran; ``plain_stats``: that pass's min/max per observed
+    tensor, from which (with ``side``'s per-channel extremes) an equalized candidate's ranges follow."""
     opts = ctx.opts
     out = Refined({"mode": opts.equalize}, {"mode": opts.bias_correction},
                   None if opts.adaround == "off" else {"mode": opts.adaround})
@@ -394,7 +446,7 @@ def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]],
 
     chosen = plain
     if opts.equalize != "off":
-        eq = _equalize(ctx, calibrate, ref, out)
+        eq = _equalize(ctx, calibrate, ref, out, plain_pass(plain_stats, side))
         chosen = _choose(opts.equalize, "equalize", plain, eq, score, ref, out.equalization)
     if out.adaround is not None:
         # Learned rounding before bias correction: the correction then takes the mean shift the learned

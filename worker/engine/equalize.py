@@ -19,7 +19,7 @@ has done so already).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,10 @@ class Equalized:
     # ranges, channels with a zero range left out): the spread a per-tensor activation scale has to cover.
     spread_before: float | None = None
     spread_after: float | None = None
+    # Each tensor on an equalized chain (the first conv's output and what the operators between make of it):
+    # its channel c in the equalized model is the original's divided by scales[tensor][c]. Every other tensor
+    # keeps its values.
+    channel_scales: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -318,8 +322,10 @@ def _links(model: onnx.ModelProto, pairs: list[Pair]) -> list[_Link]:
     return list(out.values())
 
 
-def _sweep(links: list[_Link], weights: dict[str, np.ndarray], biases: dict[str, np.ndarray]) -> float:
-    """One pass of s_i = sqrt(r1_i / r2_i) over every link; returns the largest |log s| applied."""
+def _sweep(links: list[_Link], weights: dict[str, np.ndarray], biases: dict[str, np.ndarray],
+           applied: dict[_Link, np.ndarray]) -> float:
+    """One pass of s_i = sqrt(r1_i / r2_i) over every link; returns the largest |log s| applied. ``applied``
+    holds each link's scales so far (their product over the sweeps)."""
     worst = 0.0
     for k in links:
         w1, w2 = weights[k.w1], weights[k.w2]
@@ -331,6 +337,7 @@ def _sweep(links: list[_Link], weights: dict[str, np.ndarray], biases: dict[str,
         if k.b1:
             biases[k.b1] = biases[k.b1] / s
         weights[k.w2] = _scale_second(w2, s, k.group)
+        applied[k] = applied[k] * s if k in applied else s
         worst = max(worst, float(np.abs(np.log(s)).max()))
     return worst
 
@@ -355,11 +362,53 @@ def equalize(model: onnx.ModelProto) -> Equalized:
         return _geomean([_spread(_channel_ranges(weights[k.w1], weights[k.w2], k.group)[0]) for k in links])
 
     result.spread_before = spread()
+    applied: dict[_Link, np.ndarray] = {}
     for sweep in range(1, MAX_SWEEPS + 1):
         result.sweeps = sweep
-        if _sweep(links, weights, biases) < CONVERGED:
+        if _sweep(links, weights, biases, applied) < CONVERGED:
             break
     result.spread_after = spread()
     for name, value in [*weights.items(), *biases.items()]:
         _set(inits, name, value)
+    link_of = {(k.w1, k.b1, k.w2): k for k in links}
+    nodes = {n.name: n for n in eq.graph.node}
+    for p, tensors in chain_tensors(eq, pairs).items():
+        k = link_of[(*_weights(nodes[p.first]), nodes[p.second].input[1])]
+        for t in tensors:
+            result.channel_scales[t] = applied.get(k, np.ones(1))
     return result
+
+
+def chain_tensors(model: onnx.ModelProto, pairs: list[Pair]) -> dict[Pair, list[str]]:
+    """Each pair's chain: the first conv's output and the outputs of the operators between it and the second
+    conv (find_pairs made sure each has that one reader)."""
+    readers = _readers(model.graph)
+    nodes = {n.name: n for n in model.graph.node}
+    out: dict[Pair, list[str]] = {}
+    for p in pairs:
+        tensor = nodes[p.first].output[0]
+        tensors = [tensor]
+        while True:
+            node = readers[tensor][0]
+            if node.name == p.second:
+                break
+            tensor = node.output[0]
+            tensors.append(tensor)
+        out[p] = tensors
+    return out
+
+
+def chains(model: onnx.ModelProto) -> dict[str, int]:
+    """The tensors equalization would rescale channel by channel (on a copy with its BatchNorms folded, whose
+    conv outputs take the BatchNorms' output names, so each name is a tensor of ``model`` holding the same
+    values), each with its rank (the first conv's weight's)."""
+    if sum(1 for n in model.graph.node if n.op_type == "Conv") < 2:
+        return {}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    fold_batchnorms(copy)
+    pairs, _ = find_pairs(copy)
+    inits = {t.name: t for t in copy.graph.initializer}
+    nodes = {n.name: n for n in copy.graph.node}
+    return {t: len(inits[nodes[p.first].input[1]].dims)
+            for p, tensors in chain_tensors(copy, pairs).items() for t in tensors}

@@ -297,6 +297,10 @@ class Equalization(_Closed):
         default=None, description="geometric mean over the pairs of the first conv's max/min per-channel weight range")
     range_spread_after: float | None = None
     check: EquivalenceCheck | None = None
+    ranges_from: Literal["plain_pass", "calibration"] | None = Field(
+        default=None, description="how the equalized model's activation ranges were found: from the plain "
+        "calibration pass (its per-channel min/max divided by the scales; min/max calibration) or by a pass of "
+        "its own")
     compare: RefineCompare | None = None
     seconds: float | None = None
 

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from app.pages import present
 from tests.builders import save_npz
 from tests.reports import assert_report_complete
-from worker.engine import bias_correction, conv_refine, equalize
+from worker.engine import bias_correction, calibrate, conv_refine, equalize
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError
 from worker.engine.pipeline import run
@@ -223,7 +223,8 @@ def test_off_leaves_the_artifact_as_before(tmp_path: Path, monkeypatch: pytest.M
     model = skewed_chain(tmp_path / "m.onnx")
     calib = _images(tmp_path / "c.npz", 32, 1)
 
-    def plain_only(ctx: object, ranges: object, calibrate: object, side: object = None) -> conv_refine.Refined:
+    def plain_only(ctx: object, ranges: object, calibrate: object, side: object = None,
+                   plain_stats: object = None) -> conv_refine.Refined:
         off = {"mode": "off", "enabled": False, "reason": "the step as it was before the options"}
         return conv_refine.Refined(dict(off), dict(off))
 
@@ -382,3 +383,50 @@ def test_auto_compares_on_fewer_samples_where_the_model_is_slow() -> None:
     assert conv_refine.compare_samples(side(32, 60.0)) == conv_refine.COMPARE_MIN_SAMPLES
     assert conv_refine.compare_samples(side(32, 0.72, done=False)) == conv_refine.COMPARE_SAMPLES
     assert conv_refine.compare_samples(None) == conv_refine.COMPARE_SAMPLES
+
+
+def _qdq_scales(path: Path) -> dict[str, np.ndarray]:
+    """Every activation QuantizeLinear's scale (those reading no initializer), by the tensor it quantizes."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0]: inits[n.input[1]] for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_an_equalized_candidate_takes_its_ranges_from_the_plain_pass(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With min/max calibration the equalized model is not calibrated again: its ranges follow from the plain
+    pass (each chain tensor's per-channel min and max divided by its scales) and equal those of a pass of its
+    own, up to float rounding; a cached calibration, whose pass did not run, still calibrates it."""
+    model = skewed_chain(tmp_path / "m.onnx")
+    calib, evals = _images(tmp_path / "c.npz", 64, 1), _images(tmp_path / "e.npz", 32, 2)
+    passes: list[str] = []
+    real_collect = calibrate.collect_stats
+    monkeypatch.setattr(calibrate, "collect_stats",
+                        lambda path, *a, **k: passes.append(Path(path).name) or real_collect(path, *a, **k))
+    derived = _quantize(tmp_path, model, calib, evals, "derived", equalize="on", bias_correction="on")
+    assert derived["equalization"]["enabled"] and derived["equalization"]["ranges_from"] == "plain_pass"
+    assert "equalized.onnx" not in passes, passes  # one calibration pass, of the plain model
+    passes.clear()
+    monkeypatch.setattr(conv_refine, "plain_pass", lambda stats, side: None)
+    own = _quantize(tmp_path, model, calib, evals, "own", equalize="on", bias_correction="on")
+    assert own["equalization"]["ranges_from"] == "calibration" and "equalized.onnx" in passes, passes
+    monkeypatch.undo()
+    a, b = _qdq_scales(tmp_path / "work-derived" / "quantized-equalized.onnx"), \
+        _qdq_scales(tmp_path / "work-own" / "quantized-equalized.onnx")
+    assert a.keys() == b.keys() and len(a) >= 4
+    # Measured: at most 1.7e-7 relative (float32 rounding of the rescaled channels).
+    for t in a:
+        assert np.allclose(a[t], b[t], rtol=1e-6, atol=0), (t, a[t], b[t])
+    assert derived["accuracy"]["outputs"][0]["sqnr_db"] == pytest.approx(own["accuracy"]["outputs"][0]["sqnr_db"],
+                                                                         abs=0.01)
+    # A second job on the statistics cache: no pass ran, so nothing to derive from.
+    cache = tmp_path / "stats-cache"
+    for tag in ("cold", "warm"):
+        cfg = QuantizeConfig(model_path=model, output_path=tmp_path / f"{tag}.onnx", recipe="int8_static",
+                             options=parse_options("int8_static", {"equalize": "on", "bias_correction": "on"}),
+                             calibration_path=calib, eval_path=evals, threads=1, device="cpu",
+                             work_dir=tmp_path / f"work-{tag}", cache_dir=cache)
+        report = run(cfg).report
+        assert report["calibration"]["cache_used"] == (tag == "warm")
+        assert report["equalization"]["ranges_from"] == ("calibration" if tag == "warm" else "plain_pass")

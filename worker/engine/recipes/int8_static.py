@@ -217,7 +217,7 @@ def _quantize_from(ctx: RecipeContext, smoothquant: dict[str, Any], smoothed_pat
     warn_forced(quantize_static(ctx.norm_path, ctx.quant_path, ranges_path, opts, cal.nonfinite_tensors), warnings)
     # Cross-layer equalization and bias correction (options equalize, bias_correction): may replace the artifact
     # with one quantized from an equalized copy of the model, whose ranges and float model the layers stage reads.
-    refined = refine(ctx, cal.ranges, _recalibrate, side)
+    refined = refine(ctx, cal.ranges, _recalibrate, side, None if cal.nonfinite_tensors else cal.stats)
     return RecipeOutput(calibration=calibration, static_ranges=refined.ranges or cal.ranges,
                         nonfinite_tensors=list(cal.nonfinite_tensors),
                         smoothquant=smoothquant, float_model=refined.float_path or smoothed_path,
@@ -253,9 +253,11 @@ def index_math_section(model: onnx.ModelProto, opts: RecipeOptions) -> dict[str,
     return section
 
 
-def _recalibrate(ctx: RecipeContext) -> CalibrationResult:
-    """The ranges of a rewritten model's tensors (cross-layer equalization's), calibrated as ``quantize`` does."""
-    return _calibrate(ctx, _observed(ctx))
+def _recalibrate(ctx: RecipeContext, known: dict[str, tuple[float, float]] | None = None,
+                 known_samples: int = 0) -> CalibrationResult:
+    """The ranges of a rewritten model's tensors (cross-layer equalization's), calibrated as ``quantize`` does;
+    ``known``: min/max already measured for them (see calibrate.calibrate)."""
+    return _calibrate(ctx, _observed(ctx), known=known, known_samples=known_samples)
 
 
 def _observed(ctx: RecipeContext) -> list[str]:
@@ -270,7 +272,8 @@ def _observed(ctx: RecipeContext) -> list[str]:
                           index_math_nodes(ctx.normalized, ctx.opts))
 
 
-def _calibrate(ctx: RecipeContext, tensors: list[str], side: SidePass | None = None) -> CalibrationResult:
+def _calibrate(ctx: RecipeContext, tensors: list[str], side: SidePass | None = None,
+               known: dict[str, tuple[float, float]] | None = None, known_samples: int = 0) -> CalibrationResult:
     """The activation ranges of ``tensors`` on the calibration samples, by the calibrator the options name
     (lowbit's through the statistics cache when the run has one); ``side`` is filled where its pass runs."""
     # lazy, as in quantize: the registry stays light (files adds importlib.metadata to `lowbit --help`)
@@ -317,6 +320,8 @@ def _calibrate(ctx: RecipeContext, tensors: list[str], side: SidePass | None = N
         op_types=opts.op_types_to_quantize or None,
         model=ctx.normalized,
         side=side,
+        known=known,
+        known_samples=known_samples,
     )
 
 
