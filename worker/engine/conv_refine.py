@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from worker.engine import adaround, bias_correction, equalize, runtime
-from worker.engine.calibrate import Batches, KeptRun, SidePass, kept_feeds, write_ort_ranges
+from worker.engine.calibrate import Batches, KeptRun, SidePass, kept_feeds, nonnegative_outputs, write_ort_ranges
 from worker.engine.feeds import batch_source
 from worker.engine.files import sha256_file
 from worker.engine.ort_quant import quantize_static, warn_forced
@@ -278,15 +278,16 @@ def plain_pass(stats: dict[str, tuple[float, float]] | None, side: SidePass | No
 def derived_ranges(eq: equalize.Equalized, plain: PlainPass) -> dict[str, tuple[float, float]] | None:
     """The equalized model's min/max per tensor from the plain calibration pass, without running it: a tensor off
     the equalized chains holds the same values as in the plain model; on a chain, channel c holds the plain
-    values divided by the scale s_c > 0, so its min and max are min_c(min_c / s_c) and max_c(max_c / s_c). None
-    when a chain tensor's per-channel extremes are missing or do not match its scales. Exact for min/max
-    calibration, up to float rounding."""
+    values divided by the scale s_c > 0, so its min and max are min_c(min_c / s_c) and max_c(max_c / s_c) (the
+    min 0 where the calibrator takes it so: calibrate.nonnegative_outputs). None when a chain tensor's per-channel
+    extremes are missing or do not match its scales. Exact for min/max calibration, up to float rounding."""
     out = dict(plain.stats)
+    nonneg = nonnegative_outputs(eq.model)
     for t, s in eq.channel_scales.items():
         got = plain.per_channel.get(t)
         if got is None or got[0].shape != s.shape or got[1].shape != s.shape:
             return None
-        out[t] = (float(np.min(got[0] / s)), float(np.max(got[1] / s)))
+        out[t] = (0.0 if t in nonneg else float(np.min(got[0] / s)), float(np.max(got[1] / s)))
     return out
 
 

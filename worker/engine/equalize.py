@@ -342,14 +342,23 @@ def _sweep(links: list[_Link], weights: dict[str, np.ndarray], biases: dict[str,
     return worst
 
 
+def _folded_pairs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, list[Pair], list[dict[str, str]]] | None:
+    """A copy of ``model`` with its BatchNorms folded, how many were, and its pairs (found, skipped); None when
+    the model has fewer than two convs (no pair possible: spare copying the model, a transformer's weights)."""
+    if sum(1 for n in model.graph.node if n.op_type == "Conv") < 2:
+        return None
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    folded = fold_batchnorms(copy)
+    return copy, folded, *find_pairs(copy)
+
+
 def equalize(model: onnx.ModelProto) -> Equalized:
     """A copy of ``model`` with its BatchNorms folded and every equalizable conv pair's channels rescaled."""
-    if sum(1 for n in model.graph.node if n.op_type == "Conv") < 2:
-        return Equalized(model, [], [], 0)  # no pair possible: spare copying the model (a transformer's weights)
-    eq = onnx.ModelProto()
-    eq.CopyFrom(model)
-    folded = fold_batchnorms(eq)
-    pairs, skipped = find_pairs(eq)
+    found = _folded_pairs(model)
+    if found is None:
+        return Equalized(model, [], [], 0)
+    eq, folded, pairs, skipped = found
     result = Equalized(eq, pairs, skipped, folded)
     if not pairs:
         return result
@@ -402,12 +411,10 @@ def chains(model: onnx.ModelProto) -> dict[str, int]:
     """The tensors equalization would rescale channel by channel (on a copy with its BatchNorms folded, whose
     conv outputs take the BatchNorms' output names, so each name is a tensor of ``model`` holding the same
     values), each with its rank (the first conv's weight's)."""
-    if sum(1 for n in model.graph.node if n.op_type == "Conv") < 2:
+    found = _folded_pairs(model)
+    if found is None:
         return {}
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    fold_batchnorms(copy)
-    pairs, _ = find_pairs(copy)
+    copy, _, pairs, _ = found
     inits = {t.name: t for t in copy.graph.initializer}
     nodes = {n.name: n for n in copy.graph.node}
     return {t: len(inits[nodes[p.first].input[1]].dims)
