@@ -14,11 +14,12 @@ import tempfile
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from app.client.cli import (
     EXIT_INTERNAL,
     EXIT_UNREACHABLE,
+    ReportSections,
     add_commands,
     ci_text,
     internal_error,
@@ -30,9 +31,6 @@ from app.client.cli import (
 from app.client.errors import LowbitClientError
 from worker.engine.recipes import REGISTRY, describe_recipes
 from worker.engine.recipes.options import CALIBRATION_METHODS
-
-if TYPE_CHECKING:
-    from worker.engine.report import Report
 
 
 def _settings() -> Any:
@@ -413,37 +411,36 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
     if report_path:
         report_path.write_text(json.dumps(report, indent=2))
-    # lazy: keeps `import app.cli` light (the CLI's fast start)
-    from worker.engine.report import Report
-
-    typed = Report.model_validate(report)  # what the engine just checked, read through the contract
-    assert typed.size is not None and typed.warnings is not None  # a measured report has both
-    print(f"wrote {cfg.output_path} ({typed.size.quantized_bytes} bytes, {typed.size.ratio:.3f} of "
-          f"{typed.size.original_bytes})")
-    print_figures(typed)
-    for w in typed.warnings:
+    # The report as the engine checked it (report_check), read as its JSON (ReportSections, as the client reads
+    # it): reading it through the typed model would load pydantic after the job, about 8 MB over a small
+    # model's whole job.
+    sections = ReportSections.of(report)
+    size = sections.size
+    print(f"wrote {cfg.output_path} ({size['quantized_bytes']} bytes, {size['ratio']:.3f} of "
+          f"{size['original_bytes']})")
+    print_figures(report)
+    for w in sections.warnings:
         print(f"  warning: {w}")
     return 0
 
 
-def print_figures(report: Report) -> None:
+def print_figures(body: dict[str, Any]) -> None:
     """The offline run's figures, with the 95% intervals the report has, as the client's summary writes them:
-    each output, label accuracy and its change, latency and its speed-up."""
-
-    acc, lat = report.accuracy, report.latency
-    # The client's formatters read the report's JSON (the client imports no pydantic), so they get each
-    # section's JSON form, as GET /report would serve it.
-    for o in acc.outputs if acc else []:
-        print(output_line(o.model_dump(mode="json", exclude_unset=True)))
-    lab = acc.labels if acc else None
+    each output, label accuracy and its change, latency and its speed-up. ``body``: the report's JSON form
+    (as written, or as GET /report serves it)."""
+    sections = ReportSections.of(body)
+    acc, lat = sections.accuracy, sections.latency
+    for o in acc.get("outputs") or []:
+        print(output_line(o))
+    lab = acc.get("labels")
     if lab:
-        print(f"  label accuracy {lab.original * 100:.2f} % -> {lab.quantized * 100:.2f} %  "
-              f"{lab.delta * 100:+.2f} pt" + ci_text(lab.delta_ci, lambda x: signed_end(x * 100)))
+        print(f"  label accuracy {lab['original'] * 100:.2f} % -> {lab['quantized'] * 100:.2f} %  "
+              f"{lab['delta'] * 100:+.2f} pt" + ci_text(lab.get("delta_ci"), lambda x: signed_end(x * 100)))
     if lat:
-        runs = f", {lat.runs} runs" if lat.runs else ""
-        change = latency_change(lat.model_dump(mode="json", exclude_unset=True)) or "speed-up not measured"
-        print(f"  latency p50 {lat.original_ms_p50:.4g} ms -> {lat.quantized_ms_p50:.4g} ms on "
-              f"{lat.provider}: {change}{runs}")
+        runs = f", {lat['runs']} runs" if lat.get("runs") else ""
+        change = latency_change(lat) or "speed-up not measured"
+        print(f"  latency p50 {lat['original_ms_p50']:.4g} ms -> {lat['quantized_ms_p50']:.4g} ms on "
+              f"{lat['provider']}: {change}{runs}")
 
 
 def accuracy_target(text: str | None) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
@@ -24,6 +25,24 @@ from tests import builders  # noqa: E402
 POSTGRES_URL = os.environ.get("LOWBIT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("LOWBIT_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REQUIRE = os.environ.get("LOWBIT_REQUIRE_SERVICES", "") not in ("", "0", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reports_checked_by_the_typed_model_too() -> Iterator[None]:
+    """The engine checks each report against the contract's committed schema (worker/engine/report_check.py); in
+    tests every report it checks also goes through the typed model, which must accept it as well."""
+    from worker.engine import report_check
+    from worker.engine.report import validate_report
+
+    light = report_check.check
+
+    def both(report: dict[str, Any]) -> dict[str, Any]:
+        light(report)
+        return validate_report(report)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report_check, "check", both)
+        yield
 
 
 def _reachable(url: str, default_port: int) -> str | None:

@@ -125,7 +125,7 @@ def test_offline_quantize_prints_the_intervals(capsys: pytest.CaptureFixture[str
     from app.cli import print_figures
     from worker.engine.report import Report
 
-    print_figures(Report.from_stored(REPORT_EXAMPLE))
+    print_figures(Report.from_stored(REPORT_EXAMPLE).model_dump(mode="json", exclude_unset=True))
     out = capsys.readouterr().out
     assert "  label accuracy 92.19 % -> 90.62 %  -1.56 pt (-4.7 \u2026 0.0)" in out
     assert "  latency p50 1.912 ms -> 0.744 ms on CPUExecutionProvider: 2.57x faster (2.4 \u2026 2.7), 30 runs" in out

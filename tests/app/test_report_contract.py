@@ -203,7 +203,7 @@ def test_a_report_stored_before_versioning_loads_typed_and_renders(sqlite_api: H
         assert sqlite_api.client.get("/").status_code == 200, what
         lines = summary_lines(sqlite_api.client.get(f"/api/v1/jobs/{job_id}").json(), stored)
         assert lines[0].startswith(f"job {job_id} {status}"), what
-        print_figures(typed)
+        print_figures(typed.model_dump(mode="json", exclude_unset=True))
         out = capsys.readouterr().out
         if typed.size is not None:
             assert 'id="card-size"' in page.text and 'id="card-latency"' in page.text

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from worker.engine import pt2, runtime
+from worker.engine import runtime
 from worker.engine.bias_correction import dq_inputs
 from worker.engine.calibrate import session_with
 
@@ -191,6 +191,10 @@ def learn(quant_path: Path, float_path: Path, float_model: onnx.ModelProto, dest
         if left <= 0:
             out.budget_exhausted = True
         timeout = max(60.0, 3 * share * len(group) + 120.0)
+        # lazy: the PyTorch child's launcher (multiprocessing, OpenSSL's hashing) loads only when learned
+        # rounding runs (off by default), not with every int8_static job that imports this module
+        from worker.engine import pt2
+
         result = pt2.run_child("adaround", request, work, timeout, on_event)
         for t, layer, figures in zip(group, request["layers"], result["layers"], strict=True):
             out.layers.append(figures)

@@ -56,14 +56,15 @@ from typing import Any
 
 import onnx
 
-from worker.engine import pt2
+from worker.engine import pt2, report_check
 from worker.engine.config import CALIBRATION_METHODS, QuantizeConfig, RecipeOptions, parse_options
 from worker.engine.errors import EngineError
 from worker.engine.files import place, sha256_file, temp_in
 from worker.engine.labels import candidate_name
 from worker.engine.normalize import constants_to_initializers, name_nodes
 from worker.engine.preflight import MIN_SPLIT_SAMPLES
-from worker.engine.report import REPORT_VERSION, is_slower, validate_report
+from worker.engine.report import is_slower
+from worker.engine.report_check import REPORT_VERSION
 from worker.engine.target import check_target, distance, measure
 
 # The static candidate that runs first, calibrating with histograms (so every method's ranges can be
@@ -857,7 +858,7 @@ def conclude(results: Sequence[CandidateResult], target: dict[str, Any], job_id:
     # Candidate reports from the pipeline carry report_version; a table of hand-made rows (the unit tests'
     # stand-ins for runs) has no whole report to check.
     if best is None or (best.report or {}).get("report_version") is not None:
-        validate_report(report)
+        report_check.check(report)
     return AutoOutcome(chosen, best, report)
 
 
@@ -888,7 +889,7 @@ def confirm(outcome: AutoOutcome, target: dict[str, Any], base: QuantizeConfig, 
     """``_confirm``, then the finished report is checked against the contract (worker/engine/report.py)."""
     _confirm(outcome, target, base, run, output_path, work_dir)
     if outcome.chosen is not None and outcome.chosen.report is not None:
-        validate_report(outcome.report)
+        report_check.check(outcome.report)
 
 
 def _confirm(outcome: AutoOutcome, target: dict[str, Any], base: QuantizeConfig, run: RunFn, output_path: Path,

@@ -25,7 +25,6 @@ are handed to ONNX Runtime's QDQ quantizer, which still rewrites the graph.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -43,6 +42,7 @@ from onnx import TensorProto
 
 from worker.engine import runtime
 from worker.engine.errors import EngineError
+from worker.engine.files import builtin_hash
 
 # onnxruntime.quantization (~0.3 s and 15 MB on top of onnxruntime) is imported inside the functions that use ONNX
 # Runtime's calibrator or op registry: the pipeline imports this module, and a run that needs neither skips it.
@@ -723,7 +723,7 @@ class StatsCache:
     @staticmethod
     def key(parts: dict[str, object]) -> str:
         blob = json.dumps({**parts, "v": CACHE_VERSION}, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return str(builtin_hash("sha256", blob).hexdigest())
 
     def load(
         self, key: str, tensors: Sequence[str], need_hist: bool, bins: int

@@ -121,10 +121,28 @@ def nearest_neighbours(emb: np.ndarray) -> np.ndarray:
     return np.asarray(sim.argmax(axis=1))
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def resample_indices(n: int, shape: tuple[int, ...], seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """Indices drawn uniformly from [0, n), ``shape`` of them, the same for the same seed: SplitMix64's output
+    function over a counter (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014).
+    numpy.random would do, but importing it maps OpenSSL's libcrypto (numpy.random -> secrets -> hmac) and its
+    own extensions, about 5 MB of resident pages that a small model's whole job would carry for a few thousand
+    draws. The modulo's bias is below n / 2**64."""
+    count = int(np.prod(shape))
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the generator intends
+        z = (np.arange(1, count + 1, dtype=np.uint64) + np.uint64(seed)) * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z % np.uint64(n)).astype(np.int64).reshape(shape)
+
+
 def resample_weights(n: int, reps: int = BOOTSTRAP_REPS, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
     """``reps`` bootstrap resamplings of ``n`` samples as counts per sample (rows sum to n)."""
-    rng = np.random.default_rng(seed)
-    return np.asarray(rng.multinomial(n, np.full(n, 1.0 / n), size=reps), dtype=np.float64)
+    idx = resample_indices(n, (reps, n), seed) + np.arange(reps, dtype=np.int64)[:, None] * n
+    return np.bincount(idx.reshape(-1), minlength=reps * n).reshape(reps, n).astype(np.float64)
 
 
 def percentile_ci(values: np.ndarray, level: float = 0.95) -> list[float] | None:
@@ -335,8 +353,7 @@ def speedup_interval(original_ms: Sequence[float], quantized_ms: Sequence[float]
     o50, q50 = float(np.median(o)), float(np.median(q))
     ci: list[float] | None = None
     if len(o) >= 2 and len(o) == len(q):
-        rng = np.random.default_rng(BOOTSTRAP_SEED)
-        idx = rng.integers(0, len(o), size=(BOOTSTRAP_REPS, len(o)))
+        idx = resample_indices(len(o), (BOOTSTRAP_REPS, len(o)))
         ratios = np.median(o[idx], axis=1) / np.median(q[idx], axis=1)
         ci = percentile_ci(ratios, level)
     return {

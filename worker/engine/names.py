@@ -15,12 +15,12 @@ infers them when it loads the model.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx
 
+from worker.engine.files import builtin_hash
 from worker.engine.normalize import all_graphs
 
 # Added names longer than this are shortened; shorter ones are left alone (nothing to win).
@@ -61,7 +61,7 @@ def graph_names(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
 
 
 def short_stem(stem: str) -> str:
-    return f"{stem[:KEEP]}~{hashlib.sha1(stem.encode()).hexdigest()[:8]}~{stem[-KEEP:]}"
+    return f"{stem[:KEEP]}~{builtin_hash('sha1', stem.encode()).hexdigest()[:8]}~{stem[-KEEP:]}"
 
 
 def _shortened(name: str, known: set[str]) -> str:

@@ -10,12 +10,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from worker.engine import pt2, runtime
+from worker.engine import pt2_format, report_check, runtime
 from worker.engine.blocks import find_blocks, rank_blocks
 from worker.engine.calibrate import quantizable_op_types, select_tensors
 from worker.engine.config import RECIPES_NEEDING_PYTORCH, QuantizeConfig, RecipeOptions, check_recipe
@@ -31,15 +31,17 @@ from worker.engine.inspect import ModelInfo, TensorInfo, has_external_data, insp
 from worker.engine.int4 import Int4Result, quantize_int4
 from worker.engine.names import compact, graph_names
 from worker.engine.normalize import NormalizeResult, all_graphs, normalize, subgraph_op_types
-from worker.engine.pt2 import Pt2Source
-from worker.engine.qat import choose_artifact, kept_warning
 from worker.engine.recipes import RecipeContext, RecipeOutput, get_recipe
+from worker.engine.report_check import REPORT_VERSION
 from worker.engine.result import QuantizeResult as QuantizeResult
 from worker.engine.sensitivity import MAX_SAMPLES as SENSITIVITY_SAMPLES
 from worker.engine.sensitivity import SensitivityResult
 from worker.engine.sensitivity import analyse as analyse_sensitivity
 from worker.engine.target import evaluate_target
 from worker.engine.validate import AccuracyResult, LayerSqnr, Merge, compare, latency_pair, layer_sqnr
+
+if TYPE_CHECKING:
+    from worker.engine.pt2 import Pt2Source
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +312,7 @@ def _run(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: ProgressFn)
 def _external(cfg: QuantizeConfig) -> bool:
     """Whether the model keeps weights in external data files (a .pt2 upload never does). Only the graph is
     read, never the weights."""
-    if pt2.looks_like_zip(Path(cfg.model_path)):
+    if pt2_format.looks_like_zip(Path(cfg.model_path)):
         return False
     try:
         model = onnx.load(str(cfg.model_path), load_external_data=False)
@@ -487,6 +489,9 @@ def _qat_baseline(prep: Prepared, made: Quantized, opts: RecipeOptions, original
                   roles: dict[str, str], warnings: list[str]) -> _QatBaseline:
     """What training bought: post-training int8 of the float model, same samples and quantizer. Training must
     not make the job's result worse: below the baseline, the baseline is the artifact."""
+    # lazy: the qat_int8 recipe's module reads the .pt2 export (its child process): an ONNX job goes without it
+    from worker.engine.qat import choose_artifact, kept_warning
+
     qat = made.output.qat
     assert qat is not None
     e0, e1 = prep.data.split.eval_range
@@ -589,9 +594,6 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
             step: ProgressFn, warnings: list[str]) -> QuantizeResult:
     """The report, checked against its contract (worker/engine/report.py), then the artifact put in place: a
     report that breaks the contract fails the run here, not in a reader, and delivers nothing."""
-    # lazy: the contract is pydantic (8 MB of a job's resident memory), needed only now, when the run's
-    # sessions are gone: loaded earlier it added to the peak of every small model's job (mel spectrogram 150 -> 141 MB)
-    from worker.engine.report import REPORT_VERSION, validate_report
 
     cfg, quant_path = prep.cfg, made.path
     step("reporting", 0.0)
@@ -652,7 +654,7 @@ def _report(prep: Prepared, made: Quantized, checked: Validated, table: LayerTab
         report["sensitivity"] = sensitivity
     if cfg.accuracy_target:
         report["accuracy_target"] = evaluate_target(cfg.accuracy_target, report)
-    validate_report(report)
+    report_check.check(report)
     place(quant_path, Path(cfg.output_path))
     step("reporting", 1.0)
     return QuantizeResult(Path(cfg.output_path), artifact_sha, quantized_bytes, report, warnings)
@@ -776,14 +778,17 @@ def _prepare_pt2(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Pro
                  warnings: list[str]) -> tuple[Pt2Source | None, QuantizeConfig]:
     """A .pt2 upload is exported to ONNX (in a child process, checked against PyTorch) and the run goes on
     with that ONNX model; returns the source and the config pointing at the export."""
-    if not pt2.is_pt2(Path(cfg.model_path)):
+    if not pt2_format.is_pt2(Path(cfg.model_path)):
         if cfg.recipe in RECIPES_NEEDING_PYTORCH:
             raise EngineError(
                 "pytorch_model_required",
                 f"recipe {cfg.recipe} fine-tunes the model in PyTorch, so it needs the model as a torch.export "
-                f"archive (.pt2), not ONNX; {pt2.HOW_TO_MAKE_PT2}",
+                f"archive (.pt2), not ONNX; {pt2_format.HOW_TO_MAKE_PT2}",
             )
         return None, cfg
+    # lazy: the export (its child process, multiprocessing, OpenSSL's hashing) loads only for a .pt2 upload;
+    # an ONNX job went without it (2.3 MB of a small model's peak)
+    from worker.engine import pt2
 
     def on_event(event: dict[str, Any]) -> None:
         if event.get("event") == "loaded":

@@ -45,6 +45,10 @@ from worker.engine import subprocess_runner
 from worker.engine.errors import EngineError
 from worker.engine.files import environment, sha256_file
 from worker.engine.inspect import ModelInfo, TensorInfo
+from worker.engine.pt2_format import HOW_TO_MAKE_PT2 as HOW_TO_MAKE_PT2
+from worker.engine.pt2_format import MAX_MEMBERS as MAX_MEMBERS
+from worker.engine.pt2_format import is_pt2 as is_pt2
+from worker.engine.pt2_format import looks_like_zip as looks_like_zip
 from worker.engine.subprocess_runner import ChildFailed, Ended, Limits, Spawn
 
 # The ONNX opset lowbit exports .pt2 programs to (torch.onnx's own opset: no version conversion).
@@ -52,15 +56,8 @@ EXPORT_OPSET = 18
 INSPECT_TIMEOUT_S = 180.0
 EXPORT_TIMEOUT_S = 1800.0
 MAX_JSON_BYTES = 256 << 20
-MAX_MEMBERS = 200_000
 # The largest file a .pt2 child may write (RLIMIT_FSIZE): far above any real export, below a filled disk.
 CHILD_FILE_LIMIT_MB = 64 << 10
-
-HOW_TO_MAKE_PT2 = (
-    "save the model as a torch.export archive instead: "
-    "torch.export.save(torch.export.export(model.eval(), example_inputs, dynamic_shapes=...), 'model.pt2'), "
-    "e.g. dynamic_shapes=({0: torch.export.Dim('batch')},) for one input with a dynamic batch axis"
-)
 
 _ATEN_TARGET = re.compile(r"torch\.ops\.(aten|prims)\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")
 _OPERATOR_TARGET = re.compile(
@@ -104,22 +101,6 @@ def _unsafe(message: str) -> EngineError:
 
 def _unsupported(message: str) -> EngineError:
     return EngineError("unsupported_model", message)
-
-
-def looks_like_zip(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
-def is_pt2(path: Path) -> bool:
-    """A zip with a top-level ``<name>/archive_format`` member: what the pipeline treats as a .pt2."""
-    try:
-        if not looks_like_zip(path):
-            return False
-        with zipfile.ZipFile(path) as zf:
-            return any(n.count("/") == 1 and n.endswith("/archive_format") for n in zf.namelist()[:MAX_MEMBERS])
-    except (OSError, zipfile.BadZipFile):
-        return False
 
 
 @dataclass

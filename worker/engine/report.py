@@ -14,6 +14,8 @@ breaks readers). Keys that only some recipes or runs write are optional (absent 
 
 from __future__ import annotations
 
+import json
+import sys
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
@@ -29,9 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-# Raised when a reader of version N could misread a version N+1 report (a key removed, renamed or retyped);
-# adding an optional key does not need it. Reports stored before versioning carry no report_version.
-REPORT_VERSION = 1
+from worker.engine.report_check import AUTO_ONLY, MEASURED, NOT_NULL, REPORT_VERSION, SCHEMA_PATH
 
 # [low, high] of a 95% bootstrap interval; null where it cannot be computed (one sample).
 Interval = tuple[float, float]
@@ -641,9 +641,6 @@ class AutoSection(_Closed):
     confirmation: Figures | ConfirmationFailed | None = None
 
 
-# The sections every measured report has (README.md); an auto job whose every candidate failed has none.
-MEASURED = ("size", "accuracy", "latency", "layers", "calibration", "warnings", "environment", "model")
-AUTO_ONLY = ("chosen", "best", "candidates", "kept_in_float", "auto")
 
 
 class Report(_Closed):
@@ -696,7 +693,7 @@ class Report(_Closed):
         missing = [k for k in MEASURED if k not in self.model_fields_set]
         if missing:
             raise ValueError(f"a measured report needs {', '.join(missing)}")
-        for k in ("size", "accuracy", "latency", "layers", "warnings", "environment", "model"):
+        for k in NOT_NULL:
             if getattr(self, k) is None:
                 raise ValueError(f"a measured report's {k} cannot be null")
         return self
@@ -734,10 +731,17 @@ def stored_sections(stored: Mapping[str, Any], keys: tuple[str, ...]) -> dict[st
 
 
 def validate_report(report: dict[str, Any]) -> dict[str, Any]:
-    """Check ``report`` against the contract; returns it unchanged (the engine hands over the dict it built, so
-    no key is added, dropped or reordered by the check). Raises pydantic.ValidationError."""
+    """Check ``report`` against the typed model; returns it unchanged. Raises pydantic.ValidationError. The
+    engine checks its reports with ``report_check.check`` (the same contract, from this model's schema, without
+    pydantic); tests run both on every report the engine checks."""
     Report.model_validate(report)
     return report
+
+
+def validation_schema() -> dict[str, Any]:
+    """The JSON Schema a report is checked against (``report_check``, committed as report_schema.json)."""
+    schema: dict[str, Any] = Report.model_json_schema(mode="validation")
+    return schema
 
 
 def report_schema() -> dict[str, Any]:
@@ -747,3 +751,18 @@ def report_schema() -> dict[str, Any]:
     schema["description"] = (f"lowbit's job report, report_version {REPORT_VERSION}. README.md, 'The report', "
                              "explains every figure.")
     return schema
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--write-schema``: regenerate report_check's committed schema from this model (after changing it)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["--write-schema"]:
+        print("usage: python -m worker.engine.report --write-schema", file=sys.stderr)
+        return 2
+    SCHEMA_PATH.write_text(json.dumps(validation_schema(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {SCHEMA_PATH}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from worker.engine import runtime, subprocess_runner
+from worker.engine import report_check, runtime, subprocess_runner
 from worker.engine.config import QuantizeConfig, RecipeOptions
 from worker.engine.context import ProgressFn, RunData
 from worker.engine.errors import EngineError
@@ -31,7 +31,7 @@ from worker.engine.inspect import ModelInfo, inspect_model_file
 from worker.engine.int4 import moments_over
 from worker.engine.metrics import speedup_interval
 from worker.engine.recipes.int4_weight_only import default_algorithm
-from worker.engine.report import REPORT_VERSION, validate_report
+from worker.engine.report_check import REPORT_VERSION
 from worker.engine.result import QuantizeResult
 from worker.engine.streaming import (
     DATA_NAME,
@@ -110,7 +110,7 @@ def run_streamed(cfg: QuantizeConfig, opts: RecipeOptions, work: Path, step: Pro
         report["model"]["quantized_sha256"] = artifact_sha
         if cfg.accuracy_target:
             report["accuracy_target"] = evaluate_target(cfg.accuracy_target, report)
-        validate_report(report)
+        report_check.check(report)
     except BaseException:
         artifact.unlink(missing_ok=True)  # a report that breaks the contract delivers nothing
         raise
