@@ -30,6 +30,8 @@ from worker.engine.inspect import default_opset
 
 Batches = Callable[[], Iterator[tuple[dict[str, np.ndarray], int]]]
 CORRECTED_OPS = ("Conv", "Gemm")
+# W_q - W is made in float64 this many bytes of it at a time (a block of rows; blocked_correction).
+ERROR_BLOCK_BYTES = 1 << 18
 
 
 @dataclass
@@ -184,15 +186,50 @@ def input_means(float_path: Path, float_model: onnx.ModelProto, layers: list[Lay
     return ({x: sums[out] / samples for x, out in names.items()} if samples else {}), samples, kept
 
 
-def _dequantized(arrays: dict[str, np.ndarray], q: str, scale: str, zero: str, axis: int) -> np.ndarray:
-    values = arrays[q].astype(np.float64)
-    s = arrays[scale].astype(np.float64)
-    z = arrays[zero].astype(np.float64) if zero else np.zeros_like(s)
-    if s.ndim == 0:
-        return (values - z) * s
-    shape = [1] * values.ndim
-    shape[axis] = -1
-    return (values - z.reshape(shape)) * s.reshape(shape)
+def _error_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axis: int,
+                  w: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, W_q - W) for each block of rows along axis 0, in float64, where W_q = (q - zero) * scale with
+    per-tensor or per-``axis`` scales; ERROR_BLOCK_BYTES of float64 a block."""
+    s = scale.astype(np.float64)
+    z = zero.astype(np.float64) if zero is not None else np.zeros_like(s)
+    rows = max(1, ERROR_BLOCK_BYTES // max(1, 8 * (q.size // max(1, q.shape[0]))))
+    for i in range(0, q.shape[0], rows):
+        if s.ndim == 0:
+            bs, bz = s, z
+        else:
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            bs, bz = s.reshape(shape), z.reshape(shape)
+            if axis == 0:
+                bs, bz = bs[i:i + rows], bz[i:i + rows]
+        yield i, (q[i:i + rows].astype(np.float64) - bz) * bs - w[i:i + rows]
+
+
+def blocked_correction(op_type: str, node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray,
+                       zero: np.ndarray | None, axis: int, w: np.ndarray, mean_x: np.ndarray) -> np.ndarray:
+    """``output_correction`` of the weight error W_q - W, which is made a block of rows at a time and never whole
+    (a whole float64 copy of a large weight and its temporaries were 10 MB at once on openWakeWord's timer, a
+    1.7 MB model, and its job's peak). A Conv's and a transposed Gemm weight's rows are output channels; a plain
+    Gemm's are inputs, whose shares add up."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    conv = op_type == "Conv"
+    trans_b = bool(int(attrs.get("transB", 0)))
+    out = np.zeros(q.shape[0] if conv or trans_b else q.shape[1], dtype=np.float64)
+    group = int(attrs.get("group", 1))
+    for i, block in _error_blocks(q, scale, zero, axis, w):
+        n = block.shape[0]
+        if conv:
+            per_group = block.shape[1]
+            summed = block.reshape(n, per_group, -1).sum(axis=2)  # [rows, in per group]
+            x = mean_x.reshape(group, per_group)[np.arange(i, i + n) // (q.shape[0] // group)]
+            out[i:i + n] = (summed * x).sum(axis=1)
+        elif trans_b:
+            out[i:i + n] = block @ mean_x
+        else:
+            out += mean_x[i:i + n] @ block
+    if not conv:
+        out *= float(attrs.get("alpha", 1.0)) / float(attrs.get("beta", 1.0))
+    return out
 
 
 def layer_correction(layer: Layer, delta_w: np.ndarray, mean_x: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
@@ -237,12 +274,13 @@ def apply(quantized: onnx.ModelProto, original: onnx.ModelProto, layers: list[La
         if w_name not in float_inits or mean_x is None or not np.all(np.isfinite(mean_x)):
             out.skipped.append({"layer": layer.name, "reason": "no float weight or input mean"})
             continue
-        for name in (layer.weight_q, layer.weight_scale, layer.weight_zero, layer.bias, layer.bias_scale or ""):
+        for name in (layer.weight_scale, layer.weight_zero, layer.bias, layer.bias_scale or ""):
             if name:
                 arr(name)
-        w_q = _dequantized(arrays, layer.weight_q, layer.weight_scale, layer.weight_zero, layer.weight_axis)
-        w = numpy_helper.to_array(float_inits[w_name]).astype(np.float64)
-        corr = layer_correction(layer, w_q - w, mean_x, q_nodes[layer.name])
+        # The quantized weight is read for this layer only (not kept with the small arrays).
+        corr = blocked_correction(layer.op_type, q_nodes[layer.name], numpy_helper.to_array(inits[layer.weight_q]),
+                                  arrays[layer.weight_scale], arrays[layer.weight_zero] if layer.weight_zero else None,
+                                  layer.weight_axis, numpy_helper.to_array(float_inits[w_name]), mean_x)
         bias = arrays[layer.bias]
         if layer.bias_scale is None:
             new = (bias.astype(np.float64) - corr).astype(bias.dtype)

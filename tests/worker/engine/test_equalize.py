@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -211,6 +212,38 @@ def test_correction_per_channel_matches_the_measured_shift(tmp_path: Path) -> No
     got = bias_correction.layer_correction(layer, dw, mean_x, node)
     want = np.array([sum(dw[m, j].sum() * mean_x[(m // 2) * 2 + j] for j in range(2)) for m in range(6)])
     np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("op, attrs, shape, axis", [
+    ("Conv", {"group": 3}, (6, 2, 3, 3), 0),  # grouped conv, per-output-channel scales
+    ("Conv", {}, (5, 4, 1, 7), None),  # per-tensor scale
+    ("Gemm", {"transB": 1, "alpha": 0.5, "beta": 2.0}, (7, 9), 0),  # rows are outputs
+    ("Gemm", {}, (9, 7), 1),  # rows are inputs: blocks' shares add up
+])
+def test_the_correction_made_a_block_of_rows_at_a_time_is_the_whole_weights(
+        op: str, attrs: dict[str, Any], shape: tuple[int, ...], axis: int | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """blocked_correction never holds W_q - W whole; with blocks of one or two rows it gives what
+    output_correction gives on the whole float64 error."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(0, 1, shape).astype(np.float32)
+    channels = shape[axis] if axis is not None else 1
+    scale = rng.uniform(0.005, 0.02, channels).astype(np.float32) if axis is not None else np.float32(0.01)
+    zero = np.zeros(np.shape(scale), dtype=np.int8)
+    bshape = [1] * len(shape)
+    if axis is not None:
+        bshape[axis] = -1
+    q = np.clip(np.round(w / np.reshape(scale, bshape)), -128, 127).astype(np.int8)
+    inputs = shape[1] * attrs.get("group", 1) if op == "Conv" else shape[1 if attrs.get("transB") else 0]
+    mean_x = rng.uniform(0, 2, inputs)
+    node = helper.make_node(op, ["x", "w", "b"], ["y"], name="l", **attrs)
+    whole = (q.astype(np.float64) * np.reshape(scale, bshape).astype(np.float64)) - w.astype(np.float64)
+    want = bias_correction.output_correction(op, whole, mean_x, node)
+    row = int(np.prod(shape[1:])) * 8
+    for block in (row, 2 * row, 1 << 20):
+        monkeypatch.setattr(bias_correction, "ERROR_BLOCK_BYTES", block)
+        got = bias_correction.blocked_correction(op, node, q, np.asarray(scale), zero, axis or 0, w, mean_x)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
 
 
 def _sha(path: Path) -> str:
