@@ -15,6 +15,8 @@ from worker.engine.metrics import (
     ctc_collapse,
     infer_role,
     nearest_neighbours,
+    resample_indices,
+    resample_weights,
     speedup_interval,
 )
 from worker.engine.validate import LATENCY_MIN_RUNS, compare, latency_pair
@@ -275,3 +277,19 @@ def test_latency_timing_stops_at_its_budget_once_the_minimum_runs_are_done(tmp_p
     assert latency_pair(a, b, feed, 30, budget_s=0.0)["runs"] == LATENCY_MIN_RUNS
     assert latency_pair(a, b, feed, 30, budget_s=60.0)["runs"] == 30
     assert latency_pair(a, b, feed, 4, budget_s=0.0)["runs"] == 4
+
+
+def test_bootstrap_draws_are_uniform_reproducible_and_sum_to_the_sample_count() -> None:
+    # The draws come from metrics.resample_indices (SplitMix64 over a counter), not numpy.random.
+    a = resample_indices(7, (200, 350))
+    assert a.shape == (200, 350) and a.min() == 0 and a.max() == 6
+    assert np.array_equal(a, resample_indices(7, (200, 350)))  # the same seed, the same draws
+    assert not np.array_equal(a, resample_indices(7, (200, 350), seed=1))
+    counts = np.bincount(a.reshape(-1), minlength=7)
+    chi2 = float(((counts - a.size / 7) ** 2 / (a.size / 7)).sum())
+    # 6 degrees of freedom: 22.5 is the 0.999 quantile. Measured: 3.02.
+    assert chi2 < 22.5, chi2
+    w = resample_weights(12, reps=300)
+    assert w.shape == (300, 12) and np.all(w.sum(axis=1) == 12)
+    # Each sample's count over resamplings is Binomial(12, 1/12): mean 1, variance 0.917 (measured 0.949).
+    assert abs(float(w.mean()) - 1.0) < 1e-12 and 0.8 < float(w.var(axis=0).mean()) < 1.05
