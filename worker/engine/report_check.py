@@ -84,7 +84,7 @@ def _check(value: Any, node: dict[str, Any], path: tuple[str | int, ...]) -> Non
         raise ReportContractError(f"{_where(path)} should be {kind}, not {type(value).__name__} {value!r:.80}")
     if "enum" in node and value not in node["enum"]:
         raise ReportContractError(f"{_where(path)} is {value!r}, not one of {node['enum']}")
-    if "minimum" in node and value < node["minimum"]:
+    if "minimum" in node and _is_type(value, "number") and value < node["minimum"]:
         raise ReportContractError(f"{_where(path)} is {value!r}, below its minimum {node['minimum']}")
     if kind == "object":
         _check_object(value, node, path)
