@@ -61,7 +61,7 @@ def _residual_stream(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
     from worker.engine.calibrate import write_ort_ranges
     from worker.engine.conv_refine import MIN_GAIN_DB, Reference, output_sqnr_db, run_all
     from worker.engine.files import place
-    from worker.engine.ort_quant import quantize_static, warn_forced
+    from worker.engine.ort_quant import quantize_static, warn_forced, weight_params
     from worker.engine.residual16 import residual_stream
 
     opts = ctx.opts
@@ -102,7 +102,10 @@ def _residual_stream(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
     warnings: list[str] = []
     section.update(tensors_16bit=len(found.tensors), softmax_in_float=len(found.softmax_nodes))
     try:
-        warn_forced(quantize_static(float_path, dest, ranges_path, wide_opts, out.nonfinite_tensors), warnings)
+        # The same float model's weights, quantized as in the int8 model (the check above made sure no refinement
+        # changed them): their parameters are taken from it, not computed again.
+        warn_forced(quantize_static(float_path, dest, ranges_path, wide_opts, out.nonfinite_tensors,
+                                    weights=weight_params(ctx.quant_path)), warnings)
         with_db = None if opts.residual_16bit == "on" else output_sqnr_db(
             ref.outputs, run_all(dest, ref.feeds(), ctx, "int8 model with 16-bit residuals"))
     except EngineError as exc:
