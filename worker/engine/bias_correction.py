@@ -57,6 +57,9 @@ class BiasCorrection:
     # The mean over the corrected layers of mean_c |correction_c| / mean_c |bias_c| (the share of the bias moved).
     mean_relative_correction: float | None = None
     samples: int = 0
+    # Where the input means came from: "plain_pass" (given: the plain model's calibration pass measured them, or
+    # they follow from it for an equalized model) or "means_pass" (a pass of the float model of its own).
+    means_from: str | None = None
     # The float model's outputs on the first batches (KeptRun each), when asked for (keep_outputs):
     # fetched in the same runs as the means.
     outputs: list[KeptRun] = field(default_factory=list)
@@ -326,10 +329,13 @@ def correct(quant_path: Path, float_path: Path, float_model: onnx.ModelProto, de
     kept: list[KeptRun] = []
     if measured is not None and measured[1] > 0 and all(la.x in measured[0] for la in usable):
         means, samples = measured
+        means_from = "plain_pass"
     else:
         means, samples, kept = input_means(float_path, float_model, usable, ranks, trans_a, batches, providers,
                                            threads, keep_outputs)
+        means_from = "means_pass"
     result = apply(quantized, float_model, usable, means)
+    result.means_from = means_from
     result.skipped = skipped + result.skipped
     result.samples = samples
     result.outputs = kept

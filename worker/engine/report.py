@@ -318,6 +318,9 @@ class BiasCorrection(_Closed):
     mean_abs_correction: float | None = Field(default=None, description="mean over the layers of mean_c |correction_c|")
     mean_relative_correction: float | None = Field(
         default=None, description="mean over the layers of mean |correction| / mean |bias|")
+    means_from: Literal["plain_pass", "means_pass"] | None = Field(
+        default=None, description="where the per-channel input means came from: the plain model's calibration "
+        "pass (for an equalized model, its means divided by the channel scales) or a pass of their own")
     compare: RefineCompare | None = None
     seconds: float | None = None
 
