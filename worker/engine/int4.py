@@ -284,7 +284,8 @@ def _clip_weights(model: onnx.ModelProto, targets: dict[str, str], moments: dict
         ratios.append(ratio)
         inits[wname].CopyFrom(numpy_helper.from_array(clipped, wname))
     return {"method": "clip_search", "samples": samples, "seconds": round(time.perf_counter() - started, 3),
-            "mean_clip_ratio": round(float(np.mean(ratios)), 4)}
+            # None where no weight was clipped (nothing to average: numpy's mean of none is NaN and a warning)
+            "mean_clip_ratio": round(float(np.mean(ratios)), 4) if ratios else None}
 
 
 def _algorithm_config(algorithm: str, opts: RecipeOptions, op_types: tuple[str, ...],
