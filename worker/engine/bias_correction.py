@@ -16,7 +16,7 @@ scale; a MatMul has no bias input (its Add stays as quantized), and a layer with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,50 +208,45 @@ def _error_blocks(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, axi
         yield i, (q[i:i + rows].astype(np.float64) - bz) * bs - w[i:i + rows]
 
 
-def blocked_correction(op_type: str, node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray,
-                       zero: np.ndarray | None, axis: int, w: np.ndarray, mean_x: np.ndarray) -> np.ndarray:
-    """``output_correction`` of the weight error W_q - W, which is made a block of rows at a time and never whole
-    (a whole float64 copy of a large weight and its temporaries were 10 MB at once on openWakeWord's timer, a
-    1.7 MB model, and its job's peak). A Conv's and a transposed Gemm weight's rows are output channels; a plain
-    Gemm's are inputs, whose shares add up."""
+def _correction(op_type: str, node: onnx.NodeProto, blocks: Iterable[tuple[int, np.ndarray]],
+                shape: tuple[int, ...], mean_x: np.ndarray) -> np.ndarray:
+    """E[(W_q - W) x] per output channel, from the per-input-channel mean of x, for a Conv or Gemm ``node`` whose
+    weight error W_q - W (of ``shape``) comes as (first row, rows) blocks along axis 0. A Conv's and a transposed
+    Gemm weight's rows are output channels; a plain Gemm's are inputs, whose shares add up."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     conv = op_type == "Conv"
     trans_b = bool(int(attrs.get("transB", 0)))
-    out = np.zeros(q.shape[0] if conv or trans_b else q.shape[1], dtype=np.float64)
+    out = np.zeros(shape[0] if conv or trans_b else shape[1], dtype=np.float64)
     group = int(attrs.get("group", 1))
-    for i, block in _error_blocks(q, scale, zero, axis, w):
+    for i, block in blocks:
         n = block.shape[0]
         if conv:
             per_group = block.shape[1]
             summed = block.reshape(n, per_group, -1).sum(axis=2)  # [rows, in per group]
-            x = mean_x.reshape(group, per_group)[np.arange(i, i + n) // (q.shape[0] // group)]
+            x = mean_x.reshape(group, per_group)[np.arange(i, i + n) // (shape[0] // group)]
             out[i:i + n] = (summed * x).sum(axis=1)
         elif trans_b:
-            out[i:i + n] = block @ mean_x
+            out[i:i + n] = mean_x @ block.T
         else:
             out += mean_x[i:i + n] @ block
-    if not conv:
-        out *= float(attrs.get("alpha", 1.0)) / float(attrs.get("beta", 1.0))
-    return out
+    if conv:
+        return out
+    # Gemm: Y = alpha * A' B' + beta * C; B' = B^T with transB. The bias is beta * C, so C moves by corr / beta.
+    return np.asarray(out * float(attrs.get("alpha", 1.0)) / float(attrs.get("beta", 1.0)))
 
 
-def layer_correction(layer: Layer, delta_w: np.ndarray, mean_x: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
-    """E[(W_q - W) x] per output channel, from the per-input-channel mean of x."""
-    return output_correction(layer.op_type, delta_w, mean_x, node)
+def blocked_correction(op_type: str, node: onnx.NodeProto, q: np.ndarray, scale: np.ndarray,
+                       zero: np.ndarray | None, axis: int, w: np.ndarray, mean_x: np.ndarray) -> np.ndarray:
+    """``output_correction`` of the weight error W_q - W, which is made a block of rows at a time and never whole
+    (a whole float64 copy of a large weight and its temporaries were 10 MB at once on openWakeWord's timer, a
+    1.7 MB model, and its job's peak)."""
+    return _correction(op_type, node, _error_blocks(q, scale, zero, axis, w), q.shape, mean_x)
 
 
 def output_correction(op_type: str, delta_w: np.ndarray, mean_x: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
-    """``layer_correction`` for a Conv or Gemm ``node`` of type ``op_type`` (four_bit_weights' bias correction too)."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if op_type == "Conv":
-        group = int(attrs.get("group", 1))
-        out_ch, per_group = delta_w.shape[0], delta_w.shape[1]
-        summed = delta_w.reshape(out_ch, per_group, -1).sum(axis=2)  # [out, in per group]
-        x = mean_x.reshape(group, per_group)[np.arange(out_ch) // (out_ch // group)]
-        return np.asarray((summed * x).sum(axis=1))
-    # Gemm: Y = alpha * A' B' + beta * C; B' = B^T with transB. The bias is beta * C, so C moves by corr / beta.
-    w = delta_w.T if int(attrs.get("transB", 0)) else delta_w  # [K, N]
-    return np.asarray(mean_x @ w) * float(attrs.get("alpha", 1.0)) / float(attrs.get("beta", 1.0))
+    """E[(W_q - W) x] per output channel for a Conv or Gemm ``node`` of type ``op_type``, from the whole weight
+    error ``delta_w`` (four_bit_weights' bias correction)."""
+    return _correction(op_type, node, [(0, delta_w)], delta_w.shape, mean_x)
 
 
 def apply(quantized: onnx.ModelProto, original: onnx.ModelProto, layers: list[Layer],

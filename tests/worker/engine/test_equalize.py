@@ -207,9 +207,8 @@ def test_correction_per_channel_matches_the_measured_shift(tmp_path: Path) -> No
     rng = np.random.default_rng(4)
     dw = rng.normal(0, 0.01, (6, 2, 3, 3))  # grouped conv: 3 groups of 2 input channels, 2 outputs each
     mean_x = rng.uniform(0, 2, 6)
-    layer = bias_correction.Layer("c", "Conv", "x", "", "", "", 0, "b", None)
     node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="c", group=3)
-    got = bias_correction.layer_correction(layer, dw, mean_x, node)
+    got = bias_correction.output_correction("Conv", dw, mean_x, node)
     want = np.array([sum(dw[m, j].sum() * mean_x[(m // 2) * 2 + j] for j in range(2)) for m in range(6)])
     np.testing.assert_allclose(got, want, rtol=1e-12)
 
