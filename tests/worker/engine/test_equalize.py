@@ -425,6 +425,14 @@ def _qdq_scales(path: Path) -> dict[str, np.ndarray]:
             if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
 
 
+def _record_models(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[str]:
+    """The file names of the models ``module.name`` (a pass over a model file, given first) runs on from now on."""
+    seen: list[str] = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda path, *a, **k: seen.append(Path(path).name) or real(path, *a, **k))
+    return seen
+
+
 def test_an_equalized_candidate_takes_its_ranges_from_the_plain_pass(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """With min/max calibration the equalized model is not calibrated again: its ranges follow from the plain
@@ -432,10 +440,7 @@ def test_an_equalized_candidate_takes_its_ranges_from_the_plain_pass(tmp_path: P
     own, up to float rounding; a cached calibration, whose pass did not run, still calibrates it."""
     model = skewed_chain(tmp_path / "m.onnx")
     calib, evals = _images(tmp_path / "c.npz", 64, 1), _images(tmp_path / "e.npz", 32, 2)
-    passes: list[str] = []
-    real_collect = calibrate.collect_stats
-    monkeypatch.setattr(calibrate, "collect_stats",
-                        lambda path, *a, **k: passes.append(Path(path).name) or real_collect(path, *a, **k))
+    passes = _record_models(monkeypatch, calibrate, "collect_stats")
     derived = _quantize(tmp_path, model, calib, evals, "derived", equalize="on", bias_correction="on")
     assert derived["equalization"]["enabled"] and derived["equalization"]["ranges_from"] == "plain_pass"
     assert "equalized.onnx" not in passes, passes  # one calibration pass, of the plain model
@@ -471,10 +476,7 @@ def test_an_equalized_candidates_bias_correction_takes_its_means_from_the_plain_
     corrected biases equal those from a means pass over the equalized model."""
     model = skewed_chain(tmp_path / "m.onnx")
     calib, evals = _images(tmp_path / "c.npz", 64, 1), _images(tmp_path / "e.npz", 32, 2)
-    means_passes: list[str] = []
-    real_means = bias_correction.input_means
-    monkeypatch.setattr(bias_correction, "input_means",
-                        lambda path, *a, **k: means_passes.append(Path(path).name) or real_means(path, *a, **k))
+    means_passes = _record_models(monkeypatch, bias_correction, "input_means")
     derived = _quantize(tmp_path, model, calib, evals, "derived", equalize="on", bias_correction="on")
     assert derived["equalization"]["enabled"] and derived["bias_correction"]["means_from"] == "plain_pass"
     assert means_passes == [], means_passes
