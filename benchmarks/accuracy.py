@@ -235,8 +235,9 @@ def summary(rows: list[Row]) -> str:
         if abs(lost) < 1e-9:
             lines.append(f"  {model:22s} plain lost nothing on {what}; output SQNR against plain: {db}")
             continue
-        shares = "  ".join(f"{k} {((v - got['plain']) / lost):+.2f}" for k, v in got.items()
-                           if v is not None and k != "plain" and got.get("plain") is not None)
+        base = got.get("plain")
+        shares = "  ".join(f"{k} {((v - base) / lost):+.2f}" for k, v in got.items()
+                           if v is not None and k != "plain" and base is not None)
         lines.append(f"  {model:22s} {what} lost {lost:.4g}: {shares}; output SQNR against plain: {db}")
     return "\n".join(lines)
 

@@ -128,7 +128,7 @@ def build_data(kind: str, path: Path, n: int) -> Path:
 
 # ---------------------------------------------------------------- one measurement (child process)
 
-def _batches(model: Path, data: Path, start: int, stop: int, per_run: int | None = None):  # type: ignore[no-untyped-def]
+def _batches(model: Path, data: Path, start: int, stop: int, per_run: int | None = None):
     from worker.engine.feeds import iter_batches, plan_feeds
     from worker.engine.inspect import inspect_model_file
     from worker.engine.npz import NpzReader, inspect_npz
@@ -138,7 +138,7 @@ def _batches(model: Path, data: Path, start: int, stop: int, per_run: int | None
     plan = plan_feeds(info.inputs, dinfo, per_run or BATCH)
     reader = NpzReader(data, dinfo)
 
-    def gen():  # type: ignore[no-untyped-def]
+    def gen():
         for b in iter_batches(reader, info.inputs, plan, start, stop):
             yield b.feed, b.count
 

@@ -53,6 +53,8 @@ def build(path: Path) -> Path:
             return x + self.down(torch.nn.functional.gelu(self.up(self.ln2(x))))
 
     class Model(nn.Module):
+        gain: torch.Tensor  # a buffer (register_buffer)
+
         def __init__(self) -> None:
             super().__init__()
             self.layers = nn.ModuleList(Layer() for _ in range(LAYERS))
@@ -84,7 +86,7 @@ def main() -> None:
     calib = [{"hidden": rng.standard_normal((4, SEQ, HIDDEN)).astype(np.float32)} for _ in range(8)]
     held = [{"hidden": rng.standard_normal((4, SEQ, HIDDEN)).astype(np.float32)} for _ in range(8)]
 
-    def batches():  # type: ignore[no-untyped-def]
+    def batches():
         for feed in calib:
             yield feed, 4
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -86,7 +87,8 @@ def tiny_transformer(path: Path, vocab: int = 1000, dim: int = 64, seq: int = 16
             if outliers != 1.0:
                 x = x * torch.tensor([outliers, outliers] + [1.0] * (dim - 2))
             bias = (1.0 - attention_mask.to(x.dtype))[:, None, :] * mask_value
-            for blk in self.layers:
+            for layer in self.layers:
+                blk = cast(nn.ModuleDict, layer)  # a ModuleList's items are typed as plain Modules
                 h = blk["ln1"](x)
                 q, k, v = blk["qkv"](h).chunk(3, dim=-1)
                 att = torch.softmax(q @ k.transpose(-1, -2) / dim**0.5 + bias, dim=-1)
@@ -131,14 +133,15 @@ def constant_weights_opset11(path: Path, seed: int = 0) -> Path:
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> Path:
-    np.savez(path, **arrays)
+    kw: dict[str, Any] = dict(arrays)  # numpy's stub types savez's keywords as bool (allow_pickle)
+    np.savez(path, **kw)
     return path
 
 
 def image_data(path: Path, n: int = 64, seed: int = 1, labels: bool = False, model: Path | None = None) -> Path:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, 3, 32, 32)).astype(np.float32)
-    arrays = {"image": x}
+    arrays: dict[str, np.ndarray] = {"image": x}
     if labels:
         arrays["labels"] = _labels_from_model(model, {"image": x}) if model else rng.integers(0, 10, n)
     return save_npz(path, **arrays)
@@ -148,7 +151,7 @@ def mlp_data(path: Path, n: int = 64, in_features: int = 20, seed: int = 1, labe
              model: Path | None = None) -> Path:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, in_features)).astype(np.float32)
-    arrays = {"features": x}
+    arrays: dict[str, np.ndarray] = {"features": x}
     if labels:
         arrays["labels"] = _labels_from_model(model, {"features": x}) if model else rng.integers(0, 5, n)
     return save_npz(path, **arrays)
@@ -176,7 +179,8 @@ def _labels_from_model(model: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
 
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    kw: dict[str, Any] = dict(arrays)
+    np.savez(buf, **kw)
     return buf.getvalue()
 
 

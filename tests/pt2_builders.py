@@ -44,8 +44,10 @@ def conv_net(path: Path, seed: int = 0, width: int = 8) -> Path:
 
     net = Net()
     with torch.no_grad():  # non-trivial batch-norm statistics, as a trained model has
-        net.features[1].running_mean.uniform_(-0.2, 0.2)
-        net.features[1].running_var.uniform_(0.5, 2.0)
+        bn = net.features[1]
+        assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and bn.running_var is not None
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
     return save_pt2(net, (torch.randn(2, 3, 32, 32),), path)
 
 
@@ -337,7 +339,8 @@ def labelled(model: Path, path: Path, arrays: dict[str, np.ndarray]) -> Path:
     ep = torch.export.load(str(model))
     with torch.no_grad():
         out = ep.module()(*[torch.from_numpy(a) for a in arrays.values()])
-    np.savez(path, **arrays, labels=out.argmax(-1).numpy().astype(np.int64))
+    kw: dict[str, Any] = {**arrays, "labels": out.argmax(-1).numpy().astype(np.int64)}
+    np.savez(path, **kw)
     return path
 
 

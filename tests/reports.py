@@ -13,7 +13,8 @@ TOP_KEYS = {"report_version", "job_id", "recipe", "options", "size", "accuracy",
 
 def assert_report_valid(report: dict[str, Any]) -> None:
     """The typed contract (worker/engine/report.py): every section's keys and types, and the version."""
-    from worker.engine.report import REPORT_VERSION, Report
+    from worker.engine.report import Report
+    from worker.engine.report_check import REPORT_VERSION
 
     Report.model_validate(report)
     assert report["report_version"] == REPORT_VERSION

@@ -85,7 +85,7 @@ def _backfill(url: str) -> None:
                               "'{}', :q, 'queued', 0, false, 0, CURRENT_TIMESTAMP)"), {"id": job_id, "q": queue})
     upgrade(url)
     with engine.connect() as c:
-        rows = dict(c.execute(sa.text("SELECT id, device FROM jobs")).tuples().all())
+        rows: dict[str, str] = dict(c.execute(sa.text("SELECT id, device FROM jobs")).tuples().all())
     assert rows == {"on-cpu": "cpu", "on-gpu": "gpu"}  # a gpu-queue job asked for the gpu
     engine.dispose()
 

@@ -15,11 +15,11 @@ from tests.app.conftest import Harness
 from tests.app.helpers import error_of, submit, upload_dataset, upload_model
 
 
-def _post_model(api: Harness, name: str, data: bytes):  # type: ignore[no-untyped-def]
+def _post_model(api: Harness, name: str, data: bytes):
     return api.client.post("/api/v1/models", files={"file": (name, data)})
 
 
-def _post_dataset(api: Harness, name: str, data: bytes):  # type: ignore[no-untyped-def]
+def _post_dataset(api: Harness, name: str, data: bytes):
     return api.client.post("/api/v1/datasets", files={"file": (name, data)})
 
 

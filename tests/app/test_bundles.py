@@ -154,7 +154,7 @@ def _announce(client: TestClient, data: bytes, name: str = "decoder.zip") -> dic
     r = client.post("/api/v1/uploads", json={"filename": name, "size_bytes": len(data),
                                              "sha256": hashlib.sha256(data).hexdigest()})
     assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
+    return r.json()
 
 
 def _put(client: TestClient, upload: dict[str, object], data: bytes, i: int, **headers: str) -> int:

@@ -117,7 +117,9 @@ def test_multilabel_outputs_are_read_by_their_f1() -> None:
     head = present.accuracy_headline(Report.from_stored(report))
     assert head is not None and head.key == "multilabel_f1" and head.after == "84.4 %"  # the worse of the two
     assert head.after_ci == "(82.3 \u2026 86.5 %)"
-    rows = present.output_rows(Report.from_stored(report).accuracy.outputs)
+    accuracy = Report.from_stored(report).accuracy
+    assert accuracy is not None
+    rows = present.output_rows(accuracy.outputs)
     assert rows[1].role == "multi-label" and rows[1].extra == ["multi-label F1 84.4 % (82.3 \u2026 86.5 %)"]
 
 

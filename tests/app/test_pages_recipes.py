@@ -15,7 +15,8 @@ def test_form_offers_every_recipe_and_4bit_choices(sqlite_api: Harness) -> None:
     page = sqlite_api.client.get("/").text
     for recipe in ("int8_static", "int8_dynamic", "int4_weight_only", "fp16"):
         assert f'value="{recipe}"' in page
-    assert 'name="block_size"' in page and "disabled" not in re.search(r'<select name="block_size">', page).group(0)
+    select = re.search(r'<select name="block_size">', page)
+    assert 'name="block_size"' in page and select is not None and "disabled" not in select.group(0)
     for algorithm in ("clip_search", "gptq", "hqq", "rtn"):
         assert f'value="{algorithm}"' in page
 

@@ -66,6 +66,7 @@ def test_redis_held_ids_cover_waiting_and_unacked_messages(redis_url: str) -> No
         # What a worker does on delivery: the oldest message leaves the list for the unacked hash until acked.
         raw = client.rpop("cpu")
         assert raw is not None and delivered.encode() in raw
+        assert isinstance(raw, bytes | str)
         client.hset("unacked", "tag-1", json.dumps([json.loads(raw), "", "cpu"]))
         assert client.llen("cpu") == 1
         assert broker.held_job_ids({"cpu"}) == {waiting, delivered}

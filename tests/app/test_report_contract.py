@@ -15,7 +15,8 @@ from app.examples import REPORT_EXAMPLE
 from tests.app.conftest import Harness
 from tests.app.helpers import submit, upload_dataset, upload_model
 from tests.reports import assert_report_complete, assert_report_valid
-from worker.engine.report import REPORT_VERSION, Report, report_schema
+from worker.engine.report import Report, report_schema
+from worker.engine.report_check import REPORT_VERSION
 
 TARGET = {"metric": "label_accuracy", "max_drop": 0.05}
 # An auto report's own section, for hand-made auto reports.

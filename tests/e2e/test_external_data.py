@@ -76,7 +76,7 @@ def test_an_interrupted_resumable_upload_finishes_after_a_restart(tmp_path: Path
                 puts.append(int(url.rsplit("/", 1)[1]))
                 return original_put(url, **kw)  # type: ignore[arg-type]
 
-            c._http.put = counting_put  # type: ignore[method-assign]
+            c._http.put = counting_put  # type: ignore[assignment]
             model = c.upload_model(bundle)
             assert sorted(puts) == list(range(sent, up["parts"]))  # only what the first server did not get
             assert model.sha256 == sha and model.raw["external_data_bytes"] > 0

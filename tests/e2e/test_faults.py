@@ -302,8 +302,8 @@ def test_sigterm_hands_auto_candidates_back(stack: Stack, zoo: dict[str, Path], 
 
     def candidates() -> list[Any]:
         with stack.db.connect() as c:
-            return c.execute(sa.text("SELECT idx, status, worker, result FROM auto_candidates WHERE job_id = :i "
-                                     "ORDER BY idx"), {"i": job_id}).all()
+            return list(c.execute(sa.text("SELECT idx, status, worker, result FROM auto_candidates WHERE "
+                                          "job_id = :i ORDER BY idx"), {"i": job_id}).all())
 
     first = stack.worker("auto-old", procs)
     until("the analysis candidate", candidate_running(True), 90, first)

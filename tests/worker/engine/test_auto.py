@@ -16,7 +16,7 @@ from app.pages import present
 from tests import builders
 from worker.engine import auto, pipeline
 from worker.engine import report as report_schema
-from worker.engine.config import QuantizeConfig, parse_options
+from worker.engine.config import CALIBRATION_METHODS, QuantizeConfig, parse_options
 from worker.engine.errors import EngineError
 from worker.engine.labels import recipe_label
 
@@ -669,7 +669,7 @@ def test_the_float_fallback_search_plans_plain_int8_and_keeps_layers_in_float_on
     plain = auto.plan_candidates(mlp, parse_options("auto", {"search": "float_fallback"}))
     statics = [c for c in plain if c.recipe == "int8_static"]
     # One static candidate per calibration method, each with every accuracy step of int8_static off.
-    assert sorted(c.options["method"] for c in statics) == sorted(auto.CALIBRATION_METHODS)
+    assert sorted(c.options["method"] for c in statics) == sorted(CALIBRATION_METHODS)
     assert all(c.options.items() >= auto.PLAIN_STATIC.items() for c in statics)
     assert parse_options("int8_static", statics[0].config()["options"]).residual_16bit == "off"
     # The other recipes are the full search's; only SmoothQuant's strengths are gone.

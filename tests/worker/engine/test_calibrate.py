@@ -128,7 +128,7 @@ def test_calibrating_a_real_model_with_each_method(zoo: dict[str, Path], tmp_pat
     plan = plan_feeds(info.inputs, data, 8)
     reader = NpzReader(zoo["conv_data"], data)
 
-    def batches():  # type: ignore[no-untyped-def]
+    def batches():
         for b in iter_batches(reader, info.inputs, plan, 0, 40):
             yield b.feed, b.count
 
@@ -174,13 +174,13 @@ def test_adaptive_histogram_grows_without_losing_counts() -> None:
         assert abs(edges[i + 1] - v) <= width
 
 
-def _conv_batches(zoo: dict[str, Path], stop: int = 40):  # type: ignore[no-untyped-def]
+def _conv_batches(zoo: dict[str, Path], stop: int = 40):
     info = inspect_model_file(zoo["conv"])
     data = inspect_npz(zoo["conv_data"])
     plan = plan_feeds(info.inputs, data, 8)
     reader = NpzReader(zoo["conv_data"], data)
 
-    def batches():  # type: ignore[no-untyped-def]
+    def batches():
         for b in iter_batches(reader, info.inputs, plan, 0, stop):
             yield b.feed, b.count
 
@@ -198,13 +198,13 @@ def test_cache_serves_another_method_without_running_the_model(
 ) -> None:
     path, tensors = conv_prepared
     cache = StatsCache(tmp_path / "cache")
-    key = {"model": "m", "data": "d", "range": [0, 40]}
+    key: dict[str, object] = {"model": "m", "data": "d", "range": [0, 40]}
     cpu = ["CPUExecutionProvider"]
     first = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("entropy"), cpu, 1,
                       total_samples=40, cache=cache, cache_key=key)
     assert not first.cache_used and first.passes == 1
 
-    def exploding():  # type: ignore[no-untyped-def]
+    def exploding():
         raise AssertionError("the model ran although the statistics were cached")
 
     second = calibrate(path, tensors, exploding, CalibrationSettings("percentile"), cpu, 1,
@@ -259,6 +259,7 @@ def test_minmax_runs_a_large_batch_in_parts_with_the_same_ranges(
     """A batch whose observed activations exceed the per-run bound runs in parts (ONNX Runtime keeps observed
     activations alive until their reductions run); min and max over the parts are the batch's."""
     import worker.engine.calibrate as cal
+    from worker.engine import runtime
 
     path, tensors = conv_prepared
     cpu = ["CPUExecutionProvider"]
@@ -268,10 +269,14 @@ def test_minmax_runs_a_large_batch_in_parts_with_the_same_ranges(
     whole = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("minmax"), cpu, 1)
     assert minmax_samples_per_run(model, feed, n, tensors) == n  # the test net's activations fit one run
     runs: list[int] = []
-    real_run = cal.runtime.run
+    real_run = runtime.run
+
+    def counting_run(s: Any, f: dict[str, np.ndarray], *a: Any) -> Any:
+        runs.append(next(iter(f.values())).shape[0])
+        return real_run(s, f, *a)
+
     monkeypatch.setattr(cal, "MINMAX_BYTES_PER_RUN", 1)  # below one sample: one sample a run
-    monkeypatch.setattr(cal.runtime, "run", lambda s, f, *a: runs.append(next(iter(f.values())).shape[0])
-                        or real_run(s, f, *a))
+    monkeypatch.setattr(runtime, "run", counting_run)
     parts = calibrate(path, tensors, _conv_batches(zoo), CalibrationSettings("minmax"), cpu, 1)
     assert runs and set(runs) == {1} and parts.samples == whole.samples
     assert parts.ranges == whole.ranges
@@ -404,7 +409,7 @@ def _shifted_relu(tmp_path: Path, op: str = "Relu") -> tuple[Path, onnx.ModelPro
     onnx.save(model, str(path))
     x = rng.standard_normal((2048, 16)).astype(np.float32)
 
-    def batches():  # type: ignore[no-untyped-def]
+    def batches():
         for i in range(0, 2048, 256):
             yield {"x": x[i:i + 256]}, 256
 

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.engine.config import IMPLEMENTED_RECIPES, INT8_ELSEWHERE_OPTIONS, RECIPE_OPTIONS, REGISTRY, parse_options
+from worker.engine.config import IMPLEMENTED_RECIPES, INT8_ELSEWHERE_OPTIONS, RECIPE_OPTIONS, parse_options
+from worker.engine.recipes import REGISTRY
 
 
 @pytest.mark.parametrize("recipe", IMPLEMENTED_RECIPES)

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from app.pages import present
 from tests.builders import save_npz
 from tests.reports import assert_report_complete
-from worker.engine import bias_correction, calibrate, conv_refine, equalize
+from worker.engine import bias_correction, calibrate, conv_refine, equalize, ort_quant
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError
 from worker.engine.pipeline import run
@@ -293,7 +293,7 @@ def test_auto_makes_no_equalized_candidate_where_channel_ranges_spread_little(tm
     wide spread, still get one."""
     calib = _images(tmp_path / "c.npz", 32, 1)
     made: list[str] = []
-    real = conv_refine.quantize_static
+    real = ort_quant.quantize_static
 
     def counting(src: Path, *args: object, **kwargs: object) -> None:
         made.append(Path(src).name)
@@ -348,12 +348,12 @@ def test_the_calibration_pass_measures_the_input_means_and_keeps_the_float_outpu
     for per_run in (8, 3):  # whole batches, then each batch in parts (calibrate.split_feed)
         side = calibrate.SidePass(delta, names, keep_outputs=10)
         real = calibrate.minmax_samples_per_run
-        calibrate.minmax_samples_per_run = lambda *_a, p=per_run: p  # type: ignore[assignment]
+        calibrate.minmax_samples_per_run = lambda *_a, p=per_run: p
         try:
             calibrate.collect_stats(model_path, ["x"], lambda: iter(batches), calibrate.CalibrationSettings("minmax"),
                                     ["CPUExecutionProvider"], 1, model=model, side=side)
         finally:
-            calibrate.minmax_samples_per_run = real  # type: ignore[assignment]
+            calibrate.minmax_samples_per_run = real
         assert side.done and side.samples == 24
         np.testing.assert_allclose(side.sums["x"] / side.samples, x.astype(np.float64).mean(axis=(0, 2, 3)),
                                    rtol=1e-6)
@@ -385,10 +385,17 @@ def test_a_job_takes_the_input_means_from_its_calibration_pass(tmp_path: Path,
     calib = save_npz(tmp_path / "c.npz", x=rng.uniform(2, 4, (64, 8, 6, 6)).astype(np.float32))
     calls: list[str] = []
     real_means, real_run_all = bias_correction.input_means, conv_refine.run_all
-    monkeypatch.setattr(bias_correction, "input_means",
-                        lambda *a, **k: calls.append("means") or real_means(*a, **k))
-    monkeypatch.setattr(conv_refine, "run_all",
-                        lambda path, *a: calls.append(Path(path).name) or real_run_all(path, *a))
+
+    def means(*a: Any, **k: Any) -> Any:
+        calls.append("means")
+        return real_means(*a, **k)
+
+    def run_all(path: Path, *a: Any) -> Any:
+        calls.append(Path(path).name)
+        return real_run_all(path, *a)
+
+    monkeypatch.setattr(bias_correction, "input_means", means)
+    monkeypatch.setattr(conv_refine, "run_all", run_all)
     shared = _quantize(tmp_path, model, calib, None, "shared", equalize="off")
     # No means pass, no float reference pass: only the plain and the corrected int8 model on the compare samples.
     assert "means" not in calls and len(calls) == 2, calls
@@ -429,7 +436,12 @@ def _record_models(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> l
     """The file names of the models ``module.name`` (a pass over a model file, given first) runs on from now on."""
     seen: list[str] = []
     real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda path, *a, **k: seen.append(Path(path).name) or real(path, *a, **k))
+
+    def recording(path: Path, *a: Any, **k: Any) -> Any:
+        seen.append(Path(path).name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(module, name, recording)
     return seen
 
 

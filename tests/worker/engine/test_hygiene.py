@@ -25,7 +25,7 @@ def test_overlap_counts_shared_samples_reading_about_a_megabyte_at_a_time(tmp_pa
     sizes: list[int] = []
     real = NpzReader.iter_chunks
 
-    def recording(self: NpzReader, name: str, start: int, stop: int, chunk: int):  # type: ignore[no-untyped-def]
+    def recording(self: NpzReader, name: str, start: int, stop: int, chunk: int):
         for part in real(self, name, start, stop, chunk):
             sizes.append(part.shape[0])
             yield part

@@ -236,35 +236,35 @@ def test_compare_through_onnx_runtime_matches_a_hand_computation(tmp_path) -> No
 
 
 def test_a_confident_target_is_met_only_when_the_interval_bound_meets_it() -> None:
-    from worker.engine import auto
+    from worker.engine import target
 
     report = {"accuracy": {"outputs": [{"name": "y", "cosine": 0.995, "cosine_ci": [0.985, 0.998]}],
                            "labels": {"original": 0.9, "quantized": 0.89, "delta": -0.01,
                                       "quantized_ci": [0.85, 0.92], "delta_ci": [-0.03, 0.01]}}}
-    point = auto.measure({"metric": "cosine", "min": 0.99}, report)
+    point = target.measure({"metric": "cosine", "min": 0.99}, report)
     assert point["met"] is True
-    sure = auto.measure({"metric": "cosine", "min": 0.99, "confidence": 0.95}, report)
+    sure = target.measure({"metric": "cosine", "min": 0.99, "confidence": 0.95}, report)
     assert sure["met"] is False and sure["bound"] == 0.985 and sure["value"] == 0.995
-    assert auto.measure({"metric": "cosine", "min": 0.98, "confidence": 0.95}, report)["met"] is True
+    assert target.measure({"metric": "cosine", "min": 0.98, "confidence": 0.95}, report)["met"] is True
     drop = {"metric": "label_accuracy", "max_drop": 0.02}
-    assert auto.measure(drop, report)["met"] is True
-    assert auto.measure({**drop, "confidence": 0.95}, report)["met"] is False  # the drop may be 3 pt
-    assert auto.measure({"metric": "label_accuracy", "max_drop": 0.031, "confidence": 0.95}, report)["met"] is True
+    assert target.measure(drop, report)["met"] is True
+    assert target.measure({**drop, "confidence": 0.95}, report)["met"] is False  # the drop may be 3 pt
+    assert target.measure({"metric": "label_accuracy", "max_drop": 0.031, "confidence": 0.95}, report)["met"] is True
     no_ci = {"accuracy": {"outputs": [{"name": "y", "cosine": 0.999, "cosine_ci": None}], "labels": None}}
-    assert auto.measure({"metric": "cosine", "min": 0.99, "confidence": 0.95}, no_ci)["met"] is False
+    assert target.measure({"metric": "cosine", "min": 0.99, "confidence": 0.95}, no_ci)["met"] is False
 
 
 def test_a_multilabel_f1_target_reads_the_worst_multilabel_output() -> None:
-    from worker.engine import auto
+    from worker.engine import target
 
     report = {"accuracy": {"labels": None, "outputs": [
         {"name": "notes", "cosine": 0.987, "multilabel_f1": 0.933, "multilabel_f1_ci": [0.913, 0.955]},
         {"name": "onsets", "cosine": 0.981, "multilabel_f1": 0.844, "multilabel_f1_ci": [0.823, 0.865]},
         {"name": "contour", "cosine": 0.989}]}}  # an output without the figure does not count
-    got = auto.measure({"metric": "multilabel_f1", "min": 0.84}, report)
+    got = target.measure({"metric": "multilabel_f1", "min": 0.84}, report)
     assert got == {"value": 0.844, "original": 1.0, "met": True}
-    assert auto.measure({"metric": "multilabel_f1", "max_drop": 0.1}, report)["met"] is False  # 0.156 dropped
-    sure = auto.measure({"metric": "multilabel_f1", "min": 0.84, "confidence": 0.95}, report)
+    assert target.measure({"metric": "multilabel_f1", "max_drop": 0.1}, report)["met"] is False  # 0.156 dropped
+    sure = target.measure({"metric": "multilabel_f1", "min": 0.84, "confidence": 0.95}, report)
     assert sure["met"] is False and sure["bound"] == 0.823
 
 

@@ -15,6 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from tests import pt2_builders as pb
+from tests.builders import save_npz
 from tests.reports import assert_report_complete
 from worker.engine.config import QuantizeConfig, parse_options
 from worker.engine.errors import EngineError
@@ -253,7 +254,7 @@ def masked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     z = {"model": pb.masked_encoder(d / "masked.pt2", layers=2)}
     for name, n, seed in (("cal", 96, 1), ("eval", 64, 2)):
         z[name] = d / f"{name}.npz"
-        np.savez(z[name], **pb.padded_tokens(n, 16, 1200, seed=seed))
+        save_npz(z[name], **pb.padded_tokens(n, 16, 1200, seed=seed))
     return z
 
 

@@ -76,7 +76,8 @@ def test_the_form_the_cli_the_openapi_text_and_the_generated_files_offer_it() ->
 @pytest.mark.usefixtures("registered")
 def test_a_run_writes_an_artifact_and_a_report_the_contract_accepts(tmp_path: Path) -> None:
     from worker.engine.pipeline import run
-    from worker.engine.report import REPORT_VERSION, Report
+    from worker.engine.report import Report
+    from worker.engine.report_check import REPORT_VERSION
 
     model = builders.mlp(tmp_path / "mlp.onnx")
     data = builders.mlp_data(tmp_path / "mlp_data.npz", n=48, labels=True, model=model)

@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 from tests.reports import assert_report_complete, assert_report_valid
-from worker.engine import auto, pipeline
+from worker.engine import auto, files, pipeline
 from worker.engine.config import QuantizeConfig, parse_options
-from worker.engine.report import REPORT_VERSION
-from worker.engine.report_check import ReportContractError
+from worker.engine.report_check import REPORT_VERSION, ReportContractError
 from worker.engine.target import evaluate_target
 
 
@@ -67,7 +66,7 @@ def test_the_engine_reports_the_accuracy_target(zoo: dict[str, Path], tmp_path: 
 def test_a_report_that_breaks_the_contract_fails_the_run(zoo: dict[str, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     # An engine change that adds a key without adding it to the contract (here: to the environment section).
-    real = pipeline.environment
+    real = files.environment
     monkeypatch.setattr(pipeline, "environment", lambda: {**real(), "gpu_driver": "none"})
     with pytest.raises(ReportContractError, match="gpu_driver"):
         pipeline.run(_cfg(zoo, tmp_path, "int8_dynamic"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -97,13 +98,13 @@ def test_the_16bit_candidate_reuses_the_int8_models_weight_parameters(tmp_path: 
     model = builders.tiny_transformer(tmp_path / "m.onnx", layers=2, mask_value=FLOAT32_MIN, outliers=30.0)
     real, computed = ort_quant.quantize_static, qdq.compute_data_quant_params
     calls: list[str] = []
-    seen: dict[str, object] = {}
+    seen: dict[str, Any] = {}
 
-    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def counting(*args, **kwargs):
         calls.append("param")
         return computed(*args, **kwargs)
 
-    def spy(src, dest, ranges, opts, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def spy(src, dest, ranges, opts, *args, **kwargs):
         if not opts.activations_16bit:
             return real(src, dest, ranges, opts, *args, **kwargs)
         calls.clear()
@@ -137,7 +138,7 @@ def test_a_16bit_model_that_cannot_be_made_leaves_auto_with_the_int8_one(tmp_pat
     model = builders.tiny_transformer(tmp_path / "m.onnx", layers=2, mask_value=FLOAT32_MIN, outliers=30.0)
     real = ort_quant.quantize_static
 
-    def refuse_16bit(src, dest, ranges, opts, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def refuse_16bit(src, dest, ranges, opts, *args, **kwargs):
         if opts.activations_16bit:
             raise EngineError("model_not_runnable", "ONNX Runtime cannot load the int8 model with 16-bit residuals")
         return real(src, dest, ranges, opts, *args, **kwargs)
