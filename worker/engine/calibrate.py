@@ -706,7 +706,8 @@ def _mse_threshold(mag: np.ndarray, width: float, levels: int) -> float:
     clipping error outside it, evaluated for candidate thresholds at the bin edges."""
     n = len(mag)
     centers = (np.arange(n) + 0.5) * width
-    cands = np.unique(np.linspace(max(1, n // 64), n, 256).astype(int)) * width
+    # sorted(set()), not np.unique, which imports numpy.ma (see metrics.percentile)
+    cands = np.array(sorted(set(np.linspace(max(1, n // 64), n, 256).astype(int).tolist()))) * width
     step = cands / levels
     clip = np.maximum(centers[None, :] - cands[:, None], 0.0)
     err = clip**2 + (step[:, None] ** 2) / 12.0

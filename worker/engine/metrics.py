@@ -124,25 +124,84 @@ def nearest_neighbours(emb: np.ndarray) -> np.ndarray:
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def resample_indices(n: int, shape: tuple[int, ...], seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+# resample_weights draws this many resamplings at a time: the draws' uint64 temporaries were several times the
+# (reps, n) weight matrix itself, a megabyte or more at a small model's job's peak (issue #14's bound).
+RESAMPLE_ROWS = 64
+
+
+def resample_indices(n: int, shape: tuple[int, ...], seed: int = BOOTSTRAP_SEED, start: int = 0) -> np.ndarray:
     """Indices drawn uniformly from [0, n), ``shape`` of them, the same for the same seed: SplitMix64's output
-    function over a counter (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014).
+    function over a counter (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014), from
+    counter position ``start`` on (so that draws made in parts equal those made at once).
     numpy.random would do, but importing it maps OpenSSL's libcrypto (numpy.random -> secrets -> hmac) and its
     own extensions, about 5 MB of resident pages that a small model's whole job would carry for a few thousand
     draws. The modulo's bias is below n / 2**64."""
     count = int(np.prod(shape))
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as the generator intends
-        z = (np.arange(1, count + 1, dtype=np.uint64) + np.uint64(seed)) * _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+        z += np.uint64(seed)
+        z *= _GOLDEN
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
         z ^= z >> np.uint64(31)
-    return (z % np.uint64(n)).astype(np.int64).reshape(shape)
+        z %= np.uint64(n)
+    return z.astype(np.int64).reshape(shape)
 
 
 def resample_weights(n: int, reps: int = BOOTSTRAP_REPS, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
-    """``reps`` bootstrap resamplings of ``n`` samples as counts per sample (rows sum to n)."""
-    idx = resample_indices(n, (reps, n), seed) + np.arange(reps, dtype=np.int64)[:, None] * n
-    return np.bincount(idx.reshape(-1), minlength=reps * n).reshape(reps, n).astype(np.float64)
+    """``reps`` bootstrap resamplings of ``n`` samples as counts per sample (rows sum to n), drawn RESAMPLE_ROWS
+    resamplings at a time (the same counts as at once)."""
+    out = np.empty((reps, n), dtype=np.float64)
+    for r0 in range(0, reps, RESAMPLE_ROWS):
+        rows = min(RESAMPLE_ROWS, reps - r0)
+        idx = resample_indices(n, (rows, n), seed, start=r0 * n)
+        idx += np.arange(rows, dtype=np.int64)[:, None] * n
+        out[r0:r0 + rows] = np.bincount(idx.reshape(-1), minlength=rows * n).reshape(rows, n)
+    return out
+
+
+# Order statistics without np.median, np.percentile and np.quantile: each of those imports numpy.ma (numpy's
+# masked arrays, 1.3 MB resident) on its first call, which every job made (a small model's job is held to ONNX
+# Runtime's quantizer's peak, issue #14). np.partition does not; the figures are numpy's to the bit (its
+# "linear" interpolation, and NaN wherever numpy gives NaN; tests/worker/engine/test_metrics.py).
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """numpy's linear interpolation between neighbouring order statistics, written the same way (from b where
+    t >= 0.5), so that the results are the same floats."""
+    diff = b - a
+    return np.asarray(np.where(t >= 0.5, b - diff * (1 - t), a + diff * t))
+
+
+def percentile(values: np.ndarray, q: float) -> float:
+    """np.percentile(values, q) of a 1-D array (method "linear")."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0 or np.isnan(v).any():
+        return float("nan")
+    index = (v.size - 1) * np.true_divide(q, 100.0)
+    lo = int(np.floor(index))
+    hi = min(lo + 1, v.size - 1)
+    part = np.partition(v, sorted({lo, hi}))
+    return float(_lerp(part[lo], part[hi], np.asarray(index - lo)))
+
+
+def median(values: np.ndarray) -> float:
+    """np.median of a 1-D array."""
+    return float(row_medians(np.asarray(values, dtype=np.float64).reshape(1, -1))[0])
+
+
+def row_medians(values: np.ndarray) -> np.ndarray:
+    """np.median(values, axis=1) of a 2-D array."""
+    v = np.asarray(values, dtype=np.float64)
+    n = v.shape[1]
+    if n == 0:
+        return np.full(v.shape[0], np.nan)
+    half = n // 2
+    part = np.partition(v, [half - 1, half] if n % 2 == 0 else [half], axis=1)
+    mid = part[:, half] if n % 2 else (part[:, half - 1] + part[:, half]) / 2.0
+    return np.where(np.isnan(v).any(axis=1), np.nan, mid)
 
 
 def percentile_ci(values: np.ndarray, level: float = 0.95) -> list[float] | None:
@@ -150,7 +209,7 @@ def percentile_ci(values: np.ndarray, level: float = 0.95) -> list[float] | None
     if v.size < max(10, values.size // 2):
         return None
     tail = (1.0 - level) / 2.0 * 100.0
-    return [float(np.percentile(v, tail)), float(np.percentile(v, 100.0 - tail))]
+    return [percentile(v, tail), percentile(v, 100.0 - tail)]
 
 
 def bootstrap(n: int, stat: Callable[[np.ndarray], np.ndarray], level: float = 0.95) -> list[float] | None:
@@ -350,11 +409,11 @@ def speedup_interval(original_ms: Sequence[float], quantized_ms: Sequence[float]
     resampling run pairs together so that drift both saw cancels."""
     o = np.asarray(original_ms, dtype=np.float64)
     q = np.asarray(quantized_ms, dtype=np.float64)
-    o50, q50 = float(np.median(o)), float(np.median(q))
+    o50, q50 = median(o), median(q)
     ci: list[float] | None = None
     if len(o) >= 2 and len(o) == len(q):
         idx = resample_indices(len(o), (BOOTSTRAP_REPS, len(o)))
-        ratios = np.median(o[idx], axis=1) / np.median(q[idx], axis=1)
+        ratios = row_medians(o[idx]) / row_medians(q[idx])
         ci = percentile_ci(ratios, level)
     return {
         "original_ms_p50": o50,

@@ -39,6 +39,7 @@ from worker.engine import runtime
 from worker.engine.calibrate import minmax_samples_per_run, session_with, split_feed
 from worker.engine.feeds import batch_source
 from worker.engine.files import sha256_file
+from worker.engine.metrics import median
 
 if TYPE_CHECKING:  # annotations only: the recipe's context type lives with the (light) option tables
     from worker.engine.recipes.base import RecipeContext
@@ -229,7 +230,7 @@ def spread(maxima: np.ndarray) -> float:
     live = maxima[np.isfinite(maxima) & (maxima > 0)]
     if live.size == 0:
         return 1.0
-    return float(live.max() / np.median(live))
+    return float(live.max() / median(live))
 
 
 def factors(x_max: np.ndarray, w_max: np.ndarray, alpha: float) -> np.ndarray:

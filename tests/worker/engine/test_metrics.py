@@ -14,9 +14,12 @@ from worker.engine.metrics import (
     OutputMetrics,
     ctc_collapse,
     infer_role,
+    median,
     nearest_neighbours,
+    percentile,
     resample_indices,
     resample_weights,
+    row_medians,
     speedup_interval,
 )
 from worker.engine.validate import LATENCY_MIN_RUNS, compare, latency_pair
@@ -293,3 +296,34 @@ def test_bootstrap_draws_are_uniform_reproducible_and_sum_to_the_sample_count() 
     assert w.shape == (300, 12) and np.all(w.sum(axis=1) == 12)
     # Each sample's count over resamplings is Binomial(12, 1/12): mean 1, variance 0.917 (measured 0.949).
     assert abs(float(w.mean()) - 1.0) < 1e-12 and 0.8 < float(w.var(axis=0).mean()) < 1.05
+
+
+def test_order_statistics_are_numpys_to_the_bit() -> None:
+    # metrics.percentile / median / row_medians stand in for np.percentile and np.median (which import numpy.ma):
+    # the same floats, NaN where numpy gives NaN.
+    rng = np.random.default_rng(3)
+    for n in (*range(1, 12), 31, 64, 1000):
+        for kind in ("normal", "ties", "nan"):
+            v = rng.standard_normal(n) * 10.0 ** rng.integers(-3, 4)
+            if kind == "ties":
+                v = np.round(v, 1)
+            if kind == "nan" and n > 1:
+                v[rng.integers(0, n)] = np.nan
+            for q in (0.0, 2.5, 25.0, 50.0, 97.5, 100.0, 100.0 / 3):
+                assert np.array_equal(percentile(v, q), np.percentile(v, q), equal_nan=True), (n, kind, q)
+            assert np.array_equal(median(v), np.median(v), equal_nan=True), (n, kind)
+    rows = rng.standard_normal((50, 30))
+    rows[7, 3] = np.nan
+    for width in (1, 2, 7, 30):
+        assert np.array_equal(row_medians(rows[:, :width]), np.median(rows[:, :width], axis=1), equal_nan=True)
+
+
+def test_resample_weights_drawn_in_parts_are_the_draws_made_at_once() -> None:
+    # resample_weights draws RESAMPLE_ROWS resamplings at a time (its temporaries stay small); the counts are
+    # those of one draw of every index, row after row.
+    for n, reps in ((12, 1000), (5, 130), (40, 64), (3, 1)):
+        idx = resample_indices(n, (reps, n))
+        whole = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float64)
+        assert np.array_equal(resample_weights(n, reps=reps), whole), (n, reps)
+    a = resample_indices(9, (10, 9))
+    assert np.array_equal(resample_indices(9, (3, 9), start=4 * 9), a[4:7])
