@@ -49,12 +49,15 @@ def test_engine_imports_onnxruntime_lazily() -> None:
     assert "onnxruntime" not in top and "torch" not in top
 
 
-def test_a_quantize_run_loads_no_pydantic_openssl_random_or_pt2_machinery(tmp_path: Path) -> None:
+def test_an_int8_run_loads_no_pydantic_openssl_random_masked_arrays_or_other_recipes_machinery(tmp_path: Path) -> None:
     # What an ONNX int8_static `lowbit quantize` leaves out, each a share of a small model's job's peak (README,
     # "benchmarks/zoo.py"): the report's typed contract (pydantic: the job checks the report against its committed
     # schema, report_check), OpenSSL's libcrypto (hashlib's default: the engine hashes with CPython's own SHA-256
     # below files.OPENSSL_FROM_BYTES), numpy.random (which loads libcrypto through secrets and hmac; the bootstrap
-    # draws with metrics.resample_indices), and the .pt2 export's child-process launcher (multiprocessing).
+    # draws with metrics.resample_indices), numpy.ma (which np.median, np.percentile and np.unique import: the job
+    # takes order statistics with metrics.percentile and metrics.median), the .pt2 export's child-process
+    # launcher (multiprocessing), and the modules of what the job does not run: the 4-bit quantizer (int4,
+    # streaming, blockquant, four_bit_weights), fp16's converter and learned rounding.
     from tests import builders
 
     model = builders.mlp(tmp_path / "m.onnx")
@@ -67,7 +70,11 @@ def test_a_quantize_run_loads_no_pydantic_openssl_random_or_pt2_machinery(tmp_pa
     assert out.exists() and "onnxruntime.quantization" in mods  # the probe itself ran a job
     loaded = {m for m in mods if m.split(".")[0] in {"pydantic", "pydantic_core", "_hashlib", "hmac", "secrets",
                                                       "multiprocessing"} or m.startswith("numpy.random")
-              or m in {"worker.engine.pt2", "worker.engine.subprocess_runner", "worker.engine.report"}}
+              or m == "numpy.ma" or m.startswith("numpy.ma.")
+              or m in {"worker.engine.pt2", "worker.engine.subprocess_runner", "worker.engine.report",
+                       "worker.engine.int4", "worker.engine.streaming", "worker.engine.blockquant",
+                       "worker.engine.four_bit_weights", "worker.engine.fp16", "worker.engine.adaround",
+                       "onnxruntime.transformers.float16"}}
     assert not loaded, sorted(loaded)
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from worker.engine import adaround, bias_correction, equalize, runtime
+from worker.engine import bias_correction, equalize, runtime
 from worker.engine.calibrate import Batches, KeptRun, SidePass, kept_feeds, nonnegative_outputs, write_ort_ranges
 from worker.engine.feeds import batch_source
 from worker.engine.files import sha256_file
@@ -395,6 +395,9 @@ def _learn_rounding(ctx: RecipeContext, base: Candidate, section: dict[str, Any]
     c0, c1 = split.calib_range
     dest = ctx.work / f"quantized-{base.name}-adaround.onnx"
     batches = batch_source(ctx.data.calib_reader, ctx.info.inputs, split.calib_plan, c0, c1)
+    # lazy: learned rounding is off by default; its module loads with the jobs that run it
+    from worker.engine import adaround
+
     # Each layer the child finishes reports through the step callback, which carries the job's cancellation.
     res = adaround.learn(base.quant, base.float_path, base.float_model, dest, batches, ctx.providers,
                          ctx.cfg.threads, ctx.opts.adaround_seconds,

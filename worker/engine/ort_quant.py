@@ -26,13 +26,13 @@ from worker.engine.errors import EngineError
 from worker.engine.feeds import batch_source
 from worker.engine.index_math import find as find_index_math
 from worker.engine.inspect import default_opset
-from worker.engine.int4 import Int4Result, quantize_int4
 from worker.engine.normalize import all_graphs, nonfinite_constant_nodes, prepare_for_static, subgraph_op_types
 
 if TYPE_CHECKING:  # annotations only: the option tables import the recipes, whose handlers import this module
     from worker.engine.config import QuantizeConfig, RecipeOptions
     from worker.engine.context import ProgressFn, RunData
     from worker.engine.inspect import ModelInfo
+    from worker.engine.int4 import Int4Result
     from worker.engine.preflight import Split
 
 # onnxruntime.quantization (~0.3 s and 15 MB) is imported inside the quantizers that call it: the pipeline imports
@@ -408,6 +408,10 @@ def run_int4(
             "inputs unlike the training data; give a calibration set to calibrate and to measure on real data"
         )
     step("quantizing", 0.0)
+    # lazy: the 4-bit quantizer (with its streaming and block-quantization modules) loads with 4-bit jobs, not with
+    # every int8 job that imports this module (a small model's job is held to a peak, issue #14)
+    from worker.engine.int4 import quantize_int4
+
     res = quantize_int4(src, dest, opts, algorithm, batches, providers, cfg.threads)
     warnings.extend(res.warnings)
     if res.calibration is not None:

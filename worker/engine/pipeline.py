@@ -26,9 +26,7 @@ from worker.engine.evaldata import plan_data as _plan_data
 from worker.engine.evaldata import synthetic_batches as _synthetic_batches
 from worker.engine.feeds import STACKED, Batch, FeedPlan, fixed_batch, iter_batches
 from worker.engine.files import environment, place, sha256_file
-from worker.engine.fp16 import float16_in_subgraphs
 from worker.engine.inspect import ModelInfo, TensorInfo, has_external_data, inspect_model_file
-from worker.engine.int4 import Int4Result, quantize_int4
 from worker.engine.names import compact, graph_names
 from worker.engine.normalize import NormalizeResult, all_graphs, normalize, subgraph_op_types
 from worker.engine.recipes import RecipeContext, RecipeOutput, get_recipe
@@ -41,6 +39,7 @@ from worker.engine.target import evaluate_target
 from worker.engine.validate import AccuracyResult, LayerSqnr, Merge, compare, latency_pair, layer_sqnr
 
 if TYPE_CHECKING:
+    from worker.engine.int4 import Int4Result
     from worker.engine.pt2 import Pt2Source
 
 log = logging.getLogger(__name__)
@@ -476,6 +475,10 @@ def _rtn_baseline(prep: Prepared, opts: RecipeOptions, work: Path, original_sess
                   eval_batches: Callable[[], Iterator[Batch]], out_names: list[str],
                   roles: dict[str, str]) -> list[dict[str, Any]]:
     """What calibration bought: the uncalibrated round-to-nearest model on the very same samples."""
+    # lazy: the 4-bit quantizer (and its streaming and block-quantization modules) loads with 4-bit jobs only, not
+    # with every job (a small model's job is held to ONNX Runtime's quantizer's peak, issue #14)
+    from worker.engine.int4 import quantize_int4
+
     e0, e1 = prep.data.split.eval_range
     rtn_path = work / "rtn.onnx"
     quantize_int4(prep.norm.path, rtn_path, opts, "rtn", None, prep.providers, prep.cfg.threads)
@@ -678,6 +681,9 @@ def _warn_collapsed(outputs: list[dict[str, Any]], samples: int, warnings: list[
 def _warn_unlisted_layers(layers: list[dict[str, Any]], quantized: onnx.ModelProto, warnings: list[str]) -> None:
     """A table with no quantized layer: say whether they sit in If/Loop/Scan bodies, or there were none."""
     if all(layer["precision"] == "fp32" for layer in layers):
+        # lazy: fp16's module brings ONNX Runtime's float16 converter, needed here only for this warning
+        from worker.engine.fp16 import float16_in_subgraphs
+
         inner = sorted(subgraph_op_types(quantized) & (INT8_OPS | set(LOW_BIT_OPS) | {"DequantizeLinear"}))
         if not inner and float16_in_subgraphs(quantized):
             inner = ["float16 weights"]

@@ -36,10 +36,13 @@ def quantize(ctx: RecipeContext) -> RecipeOutput:
     out = _quantize_from(smoothed_ctx, smoothing.section, smoothing.path)
     if smoothing.path is not None and ctx.opts.smoothquant == "auto":
         out = _keep_smoothing_if_better(ctx, out)
+    out = _residual_stream(ctx, out)
+    if not ctx.opts.four_bit_weights:
+        return out  # the 4-bit module is not even imported (a small model's job is held to a peak, issue #14)
     # lazy: as above
     from worker.engine.four_bit_weights import store_four_bit
 
-    return store_four_bit(ctx, _residual_stream(ctx, out))
+    return store_four_bit(ctx, out)
 
 
 # "auto" compares the model with and without residual_16bit on this many calibration samples (a transformer's
