@@ -159,6 +159,11 @@ LAYER_BYTES_TOTAL = 256 << 20
 # passes is analysed on fewer samples (at least one): basic-pitch's 3 passes over 7 samples were a fifth of its
 # int8_static job (3.3 s of 15.6 s on a busy machine), where ONNX Runtime's quantize_static takes 2.0 s in all.
 LAYER_SAMPLE_PASSES = 8
+# A group whose original-model outputs over all its runs add up to at most this many bytes is observed one
+# session at a time: the original model's runs first (their outputs held), then, that session closed, the
+# quantized model's. On a small model the two observing sessions open together were the job's peak (openWakeWord's
+# hey-jarvis: its whole job within a megabyte of ONNX Runtime's quantize_static, issue #14's bound).
+LAYER_SEQUENTIAL_BYTES = 4 << 20
 
 
 def power_sums(ref: Any, got: Any) -> tuple[float, float]:
@@ -255,6 +260,81 @@ def _pair_sizes(original_model: onnx.ModelProto, pairs: list[tuple[str, str]],
     return sizes, feeds[:kept]
 
 
+@dataclass
+class _GroupPass:
+    """One pass over the batches observing a group of pairs: the runs (``chunks``, each one feed or several joined
+    by ``merge``), how each model's observing session opens, and the pairs' signal and noise power sums."""
+
+    group: list[tuple[str, str]]
+    sizes: dict[tuple[str, str], int]
+    bytes_per_run: int
+    merge: Merge | None
+    chunks: list[list[dict[str, np.ndarray]]]
+    ref_session: Callable[[], Any]
+    q_session: Callable[[], Any]
+    sig: dict[tuple[str, str], float] = field(default_factory=dict)
+    noise: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Only the group's tensors are fetched, not the model's own outputs.
+        self.ref_names = list(dict.fromkeys(a for a, _ in self.group))
+        self.q_names = list(dict.fromkeys(b for _, b in self.group))
+        self.sig, self.noise = dict.fromkeys(self.group, 0.0), dict.fromkeys(self.group, 0.0)
+
+    def feed(self, chunk: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return chunk[0] if len(chunk) == 1 or self.merge is None else self.merge(chunk)
+
+    def ref_run(self, session: Any, chunk: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        return dict(zip(self.ref_names, runtime.run(session, self.feed(chunk), "original model (layer analysis)",
+                                                    self.ref_names), strict=True))
+
+    def q_run(self, session: Any, chunk: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        return dict(zip(self.q_names, runtime.run(session, self.feed(chunk), "quantized model (layer analysis)",
+                                                  self.q_names), strict=True))
+
+    def too_large(self, k: int, chunk: list[dict[str, np.ndarray]], fetched: dict[tuple[str, str], int]) -> bool:
+        """Whether the first run fetched far more than shape inference said; ``sizes`` then holds what one feed
+        really fetched (the group is split and started over)."""
+        if k == 0 and (len(self.group) > 1 or len(chunk) > 1) and sum(fetched.values()) > 2 * self.bytes_per_run:
+            self.sizes.update({p: max(1, v // len(chunk)) for p, v in fetched.items()})
+            return True
+        return False
+
+    def add(self, r: dict[str, Any], q: dict[str, Any]) -> None:
+        for p in self.group:
+            a, e = power_sums(r[p[0]], q[p[1]])
+            self.sig[p] += a
+            self.noise[p] += e
+
+    def one_session_at_a_time(self) -> bool:
+        """The original model's runs (outputs held), then, its session closed, the quantized model's."""
+        ref_s = self.ref_session()
+        held: list[dict[str, Any]] = []
+        for k, chunk in enumerate(self.chunks):
+            r = self.ref_run(ref_s, chunk)
+            # The quantized model's copy of a tensor has its shape: twice the original's counts both.
+            if self.too_large(k, chunk, {p: 2 * int(np.asarray(r[p[0]]).nbytes) for p in self.group}):
+                return False
+            held.append(r)
+        del ref_s
+        q_s = self.q_session()
+        for chunk, r in zip(self.chunks, held, strict=True):
+            self.add(r, self.q_run(q_s, chunk))
+        return True
+
+    def both_sessions(self) -> bool:
+        """Both models run on each feed in turn, only that feed's outputs held."""
+        ref_s, q_s = self.ref_session(), self.q_session()
+        for k, chunk in enumerate(self.chunks):
+            r, q = self.ref_run(ref_s, chunk), self.q_run(q_s, chunk)
+            fetched = {p: int(np.asarray(r[p[0]]).nbytes + np.asarray(q[p[1]]).nbytes) for p in self.group}
+            if self.too_large(k, chunk, fetched):
+                return False
+            self.add(r, q)
+            del r, q
+        return True
+
+
 def _observe_group(
     original_path: Path,
     quantized_path: Path,
@@ -272,39 +352,21 @@ def _observe_group(
     """One pass over ``feeds`` observing ``group``'s pairs: each pair's signal and noise power sums. None when
     the first run fetched far more than shape inference said: ``sizes`` then holds what it really fetched, and
     the group must be split and started over."""
-
-    ref_s = session_with(original_path, _exposing(original_model, [a for a, _ in group]), providers, threads,
-                         "original model (layer analysis)")
-    q_s = session_with(quantized_path, _exposing(quantized_model, [b for _, b in group]), providers, threads,
-                       "quantized model (layer analysis)")
-    # Only the group's tensors are fetched, not the model's own outputs.
-    ref_names = list(dict.fromkeys(a for a, _ in group))
-    q_out_names = list(dict.fromkeys(b for _, b in group))
-    part_sig = dict.fromkeys(group, 0.0)
-    part_noise = dict.fromkeys(group, 0.0)
     per_run = 1
     if merge is not None and max_per_run > 1 and all(n == 1 for _, n in feeds):
         per_run = max(1, min(max_per_run, min(bytes_per_run, LAYER_MERGE_BYTES) //
                              max(1, sum(sizes[p] for p in group))))
     chunks = [[f for f, _ in feeds[i:i + per_run]] for i in range(0, len(feeds), per_run)]
-    for k, chunk in enumerate(chunks):
-        feed = chunk[0] if len(chunk) == 1 or merge is None else merge(chunk)
-        r = dict(zip(ref_names, runtime.run(ref_s, feed, "original model (layer analysis)", ref_names),
-                     strict=True))
-        q = dict(zip(q_out_names, runtime.run(q_s, feed, "quantized model (layer analysis)", q_out_names),
-                     strict=True))
-        if k == 0 and (len(group) > 1 or len(chunk) > 1):
-            actual = {p: int(np.asarray(r[p[0]]).nbytes + np.asarray(q[p[1]]).nbytes) for p in group}
-            if sum(actual.values()) > 2 * bytes_per_run:
-                # Shape inference was wrong by a lot: size the group's pairs by what one feed really fetched.
-                sizes.update({p: max(1, v // len(chunk)) for p, v in actual.items()})
-                return None
-        for p in group:
-            a, e = power_sums(r[p[0]], q[p[1]])
-            part_sig[p] += a
-            part_noise[p] += e
-        del r, q
-    return part_sig, part_noise
+    g = _GroupPass(
+        group, sizes, bytes_per_run, merge, chunks,
+        lambda: session_with(original_path, _exposing(original_model, [a for a, _ in group]), providers, threads,
+                             "original model (layer analysis)"),
+        lambda: session_with(quantized_path, _exposing(quantized_model, [b for _, b in group]), providers, threads,
+                             "quantized model (layer analysis)"))
+    # sizes count both models' outputs of a pair per batch (shape inference on the first).
+    small = sum(sizes[p] for p in group) // 2 * len(feeds) <= LAYER_SEQUENTIAL_BYTES
+    done = g.one_session_at_a_time() if small else g.both_sessions()
+    return (g.sig, g.noise) if done else None
 
 
 def layer_sqnr(

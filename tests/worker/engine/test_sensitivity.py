@@ -138,12 +138,20 @@ def _fetch_spy(monkeypatch: Any) -> list[list[int]]:
     return fetched
 
 
-def test_layer_sqnr_fetches_a_bounded_group_of_activations_per_run(tmp_path: Path, monkeypatch: Any) -> None:
-    a_path, b_path = _conv_chain(tmp_path / "a.onnx", 12), _conv_chain(tmp_path / "b.onnx", 12, noise=0.02)
-    a, b = onnx.load(str(a_path)), onnx.load(str(b_path))
+def _chain_pair(tmp_path: Path, layers: int, batch: int) -> tuple[Path, Path, onnx.ModelProto, onnx.ModelProto,
+                                                                 list[tuple[dict[str, np.ndarray], int]],
+                                                                 list[tuple[str, str]]]:
+    """A conv chain and a noisy copy (the "quantized" one), three batches of ``batch`` inputs, every layer paired."""
+    a_path = _conv_chain(tmp_path / "a.onnx", layers)
+    b_path = _conv_chain(tmp_path / "b.onnx", layers, noise=0.02)
     rng = np.random.default_rng(0)
-    feeds = [({"x": rng.standard_normal((4, 8, 32, 32)).astype(np.float32)}, 4) for _ in range(3)]
-    pairs = [(f"c{i}", f"c{i}") for i in range(12)]
+    feeds = [({"x": rng.standard_normal((batch, 8, 32, 32)).astype(np.float32)}, batch) for _ in range(3)]
+    return (a_path, b_path, onnx.load(str(a_path)), onnx.load(str(b_path)), feeds,
+            [(f"c{i}", f"c{i}") for i in range(layers)])
+
+
+def test_layer_sqnr_fetches_a_bounded_group_of_activations_per_run(tmp_path: Path, monkeypatch: Any) -> None:
+    a_path, b_path, a, b, feeds, pairs = _chain_pair(tmp_path, 12, 4)
     tensor = 4 * 8 * 32 * 32 * 4  # 128 kB: one layer's output for one batch
     whole = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1,
                        bytes_per_run=1 << 40, bytes_total=1 << 40, sample_passes=ALL)
@@ -189,6 +197,51 @@ def test_layer_sqnr_fetches_a_bounded_group_of_activations_per_run(tmp_path: Pat
     one_pass = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1, bytes_per_run=1 << 40,
                           bytes_total=1 << 40, sample_passes=8)
     assert one_pass.passes == 1 and one_pass.samples == 8
+
+
+def test_a_small_group_is_observed_one_session_at_a_time(tmp_path: Path, monkeypatch: Any) -> None:
+    # Where the original model's outputs over all runs fit LAYER_SEQUENTIAL_BYTES, its session runs every batch and
+    # is closed before the quantized model's opens (the two open together were a small model's job's peak); the
+    # SQNR is the same as with both open.
+    from worker.engine import calibrate, validate
+
+    a_path, b_path, a, b, feeds, pairs = _chain_pair(tmp_path, 4, 2)
+    events: list[str] = []
+    real_session, real_run = calibrate.session_with, runtime.run
+
+    class Closing:
+        """A session that records when it is closed (garbage collected)."""
+
+        def __init__(self, inner: Any, what: str) -> None:
+            self.inner, self.what = inner, what
+
+        def __del__(self) -> None:
+            events.append(f"close {self.what}")
+
+    def session_with(path: Path, *args: Any) -> Any:
+        what = "original" if Path(path) == a_path else "quantized"
+        events.append(f"open {what}")
+        return Closing(real_session(path, *args), what)
+
+    def run(session: Any, feed: dict[str, np.ndarray], what: str = "model", outputs: Any = None) -> list[Any]:
+        events.append(f"run {session.what}")
+        return real_run(session.inner, feed, what, outputs)
+
+    monkeypatch.setattr(validate, "session_with", session_with)
+    monkeypatch.setattr(runtime, "run", run)
+    got = {}
+    for mode, limit in (("sequential", 1 << 30), ("together", 0)):
+        monkeypatch.setattr(validate, "LAYER_SEQUENTIAL_BYTES", limit)
+        events.clear()
+        got[mode] = layer_sqnr(a_path, b_path, a, b, pairs, feeds, ["CPUExecutionProvider"], 1,
+                               bytes_per_run=1 << 40, bytes_total=1 << 40, sample_passes=ALL)
+        if mode == "sequential":
+            assert events == ["open original", *["run original"] * 3, "close original", "open quantized",
+                              *["run quantized"] * 3, "close quantized"], events
+        else:
+            assert events[:2] == ["open original", "open quantized"], events
+    assert got["sequential"].sqnr == got["together"].sqnr and len(got["sequential"].sqnr) == 4
+    assert all(v is not None for v in got["sequential"].sqnr.values())
 
 
 def test_sensitivity_keeps_no_intermediate_activations(tmp_path: Path, monkeypatch: Any) -> None:
