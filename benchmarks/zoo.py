@@ -248,7 +248,7 @@ def measure(entry: Any, label: str, artifact: Path | None, code: int, log: Path,
             ref: dict[str, Any] | None, labels: Any, fp32_onnx: Path, report: dict[str, Any] | None,
             args: argparse.Namespace) -> Row:
     row = Row(entry.name, label, "ok" if code == 0 else ("timeout" if code == 124 else error_code(log)),
-              seconds=round(seconds, 1), peak_mb=round(peak))
+              seconds=round(seconds, 2), peak_mb=round(peak, 1))
     if code != 0 or artifact is None or not artifact.is_file():
         return row
     if report is not None:
@@ -337,7 +337,7 @@ def baselines(entry: Any, args: argparse.Namespace, d: Path, modes: tuple[str, .
                 "out": str(fp32_onnx), "threads": args.threads}
         code, secs, peak = run_child([py, me, "--export-child", json.dumps(spec)], d / "export.log", args.timeout)
         export = Row(entry.name, "export to ONNX (for ORT)", "ok" if code == 0 else error_code(d / "export.log"),
-                     seconds=round(secs, 1), peak_mb=round(peak))
+                     seconds=round(secs, 2), peak_mb=round(peak, 1))
         rows.append(export)
         print_row(export)
         if code != 0:
@@ -379,8 +379,10 @@ def bench_entry(entry: Any, recipes: list[str], args: argparse.Namespace, work: 
             secs, peak = base.seconds, base.peak_mb
             if export is not None and export.seconds and export.peak_mb:
                 secs, peak = secs + export.seconds, max(peak, export.peak_mb)
-            row.time_vs_ort = round((row.seconds or 0) / secs, 2)
-            row.peak_vs_ort = round((row.peak_mb or 0) / peak, 2)
+            # From seconds to 0.01 and peaks to 0.1 MB (the table shows them rounded further): a small model's
+            # peak sits within a megabyte of the bound, which whole megabytes would hide.
+            row.time_vs_ort = round((row.seconds or 0) / secs, 3)
+            row.peak_vs_ort = round((row.peak_mb or 0) / peak, 3)
         rows.append(row)
         print_row(row)
     return rows
@@ -406,10 +408,10 @@ def markdown(rows: list[Row]) -> str:
         fp32 = "ref" if r.metric_fp32 is None else f"{r.metric_fp32:.4g}"
         metric = "-" if r.metric is None else f"{r.metric}: {fp32} -> {r.metric_quantized:.4g}"
         vs = "-" if r.time_vs_ort is None else \
-            f"{r.time_vs_ort:.2f}x, {r.peak_vs_ort:.2f}x" + (" !" if flagged(r) else "")
+            f"{r.time_vs_ort:.2f}x, {r.peak_vs_ort:.3f}x" + (" !" if flagged(r) else "")
         status = r.status + (f" ({r.note})" if r.note else "")
         out.append(f"| {r.model} | {r.recipe} | {status} | {_num(r.size_ratio, '.3f')} | {metric} | "
-                   f"{_num(r.speedup, '.2f')} | {_num(r.seconds, '.1f')} | {_num(r.peak_mb, '.0f')} | {vs} |")
+                   f"{_num(r.speedup, '.2f')} | {_num(r.seconds, '.1f')} | {_num(r.peak_mb, '.1f')} | {vs} |")
     return "\n".join(out)
 
 
@@ -493,7 +495,7 @@ def summary(rows: list[Row]) -> str:
         flag = "  OVER " + " and ".join(
             w for w, bad in (("time", (r.time_vs_ort or 0) > TIME_BOUND), ("peak", (r.peak_vs_ort or 0) > 1.0))
             if bad) if flagged(r) else ""
-        lines.append(f"  {r.model:22s} time {r.time_vs_ort:5.2f}x  peak {r.peak_vs_ort:5.2f}x{flag}")
+        lines.append(f"  {r.model:22s} time {r.time_vs_ort:5.2f}x  peak {r.peak_vs_ort:6.3f}x{flag}")
     worst = max(static, key=lambda r: r.time_vs_ort or 0.0)
     lines.append(f"  worst time ratio {worst.time_vs_ort:.2f}x ({worst.model}); "
                  f"{sum(flagged(r) for r in static)} of {len(static)} over a bound")
