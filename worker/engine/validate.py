@@ -272,8 +272,8 @@ class _GroupPass:
     chunks: list[list[dict[str, np.ndarray]]]
     ref_session: Callable[[], Any]
     q_session: Callable[[], Any]
-    sig: dict[tuple[str, str], float] = field(default_factory=dict)
-    noise: dict[tuple[str, str], float] = field(default_factory=dict)
+    sig: dict[tuple[str, str], float] = field(init=False)
+    noise: dict[tuple[str, str], float] = field(init=False)
 
     def __post_init__(self) -> None:
         # Only the group's tensors are fetched, not the model's own outputs.
@@ -284,12 +284,12 @@ class _GroupPass:
     def feed(self, chunk: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         return chunk[0] if len(chunk) == 1 or self.merge is None else self.merge(chunk)
 
-    def ref_run(self, session: Any, chunk: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-        return dict(zip(self.ref_names, runtime.run(session, self.feed(chunk), "original model (layer analysis)",
+    def ref_run(self, session: Any, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+        return dict(zip(self.ref_names, runtime.run(session, feed, "original model (layer analysis)",
                                                     self.ref_names), strict=True))
 
-    def q_run(self, session: Any, chunk: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-        return dict(zip(self.q_names, runtime.run(session, self.feed(chunk), "quantized model (layer analysis)",
+    def q_run(self, session: Any, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+        return dict(zip(self.q_names, runtime.run(session, feed, "quantized model (layer analysis)",
                                                   self.q_names), strict=True))
 
     def too_large(self, k: int, chunk: list[dict[str, np.ndarray]], fetched: dict[tuple[str, str], int]) -> bool:
@@ -311,7 +311,7 @@ class _GroupPass:
         ref_s = self.ref_session()
         held: list[dict[str, Any]] = []
         for k, chunk in enumerate(self.chunks):
-            r = self.ref_run(ref_s, chunk)
+            r = self.ref_run(ref_s, self.feed(chunk))
             # The quantized model's copy of a tensor has its shape: twice the original's counts both.
             if self.too_large(k, chunk, {p: 2 * int(np.asarray(r[p[0]]).nbytes) for p in self.group}):
                 return False
@@ -319,14 +319,15 @@ class _GroupPass:
         del ref_s
         q_s = self.q_session()
         for chunk, r in zip(self.chunks, held, strict=True):
-            self.add(r, self.q_run(q_s, chunk))
+            self.add(r, self.q_run(q_s, self.feed(chunk)))  # joined again: holding joined feeds would cost more
         return True
 
     def both_sessions(self) -> bool:
         """Both models run on each feed in turn, only that feed's outputs held."""
         ref_s, q_s = self.ref_session(), self.q_session()
         for k, chunk in enumerate(self.chunks):
-            r, q = self.ref_run(ref_s, chunk), self.q_run(q_s, chunk)
+            feed = self.feed(chunk)  # joined once for both models
+            r, q = self.ref_run(ref_s, feed), self.q_run(q_s, feed)
             fetched = {p: int(np.asarray(r[p[0]]).nbytes + np.asarray(q[p[1]]).nbytes) for p in self.group}
             if self.too_large(k, chunk, fetched):
                 return False
