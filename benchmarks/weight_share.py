@@ -7,8 +7,19 @@ For each entry this runs ``plain`` int8_static (benchmarks/accuracy.py's: its ac
 ``lowbit quantize`` child process, then takes the artifact and removes every activation QuantizeLinear ->
 DequantizeLinear pair (the readers get the float tensor back), which leaves the weights quantized exactly as
 they were and nothing else: "weights only". It prints the entry's task metric (benchmarks/zoo.py's headline) for
-fp32, plain and weights only, and the weights' share of plain's loss, (fp32 - weights only) / (fp32 - plain). A
-method that made the weights exact would win back about that share; the two losses need not add up exactly.
+fp32, plain and weights only, and the weights' share of plain's loss, (fp32 - weights only) / (fp32 - plain).
+
+The two losses need not add up, so it also measures the other side directly: the same job with ONNX Runtime's
+quantizer asked for 16-bit weights instead of 8 (the activations as plain's: the same calibration, the same
+ranges, 8 bits), "exact weights" (a 16-bit weight's rounding error is 1/256 of an 8-bit one's). No weight-side
+method (cross-layer equalization, bias correction, learned rounding: each changes only the weights, the biases
+and, by equalization, the split of a range between two convs) can do better than weights without error, so
+(exact weights - plain) / (fp32 - plain) is about the most of plain's loss those methods can win back.
+Equalization also moves the activations' ranges (channel c of the tensor between two convs divided by s_c), so
+the same is measured on the equalized model too ("exact weights, equalized": equalization on, weights 16-bit):
+the better of the two bounds what equalization + bias correction + learned rounding can reach. The 16-bit
+weights are asked for in this script's own child (``--w16-child``), which wraps ONNX Runtime's quantize_static
+and runs ``lowbit quantize`` in-process; lowbit itself has no such option.
 """
 
 from __future__ import annotations
@@ -73,34 +84,83 @@ def weights_only(src: Path, dest: Path) -> int:
     return pairs
 
 
+W16_FLAG = "--w16-child"
+
+
+def w16_child(argv: list[str]) -> int:
+    """``lowbit quantize argv`` in this process, with ONNX Runtime's quantize_static asked for 16-bit weights
+    (Q/DQ in the com.microsoft domain, which takes 16-bit types at any opset; the rest of the call as lowbit made
+    it)."""
+    import onnxruntime.quantization as ortq
+
+    from app.cli import main as lowbit_main
+
+    real = ortq.quantize_static
+
+    def sixteen(*a: Any, **kw: Any) -> Any:
+        kw["weight_type"] = ortq.QuantType.QInt16
+        kw["extra_options"] = {**(kw.get("extra_options") or {}), "UseQDQContribOps": True}
+        return real(*a, **kw)
+
+    ortq.quantize_static = sixteen  # read at call time: ort_quant imports it inside the function
+    return lowbit_main(argv)
+
+
+def exact_weights_child(entry: Any, d: Path, args: argparse.Namespace, tag: str, options: dict[str, Any]
+                        ) -> Path | None:
+    """int8_static with ``options`` on ``entry``, 16-bit weights (see w16_child); its artifact, or None."""
+    out = d / f"{tag}.onnx"
+    cmd = zoo.lowbit_cmd(entry, "int8_static", out, d / f"{tag}.json", args, options)
+    cmd = [sys.executable, str(Path(__file__).resolve()), W16_FLAG, *cmd[1:]]
+    code, _secs, _peak = zoo.run_child(cmd, d / f"{tag}.log", args.timeout)
+    return out if code == 0 else None
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == W16_FLAG:
+        return w16_child(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="basic_pitch,mtcnn_pnet_detector,mtcnn_pnet_pt2,oww_embedding",
                    help="corpus entries (default: the conv nets where plain int8_static loses task accuracy)")
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--timeout", type=float, default=900.0)
     args = p.parse_args()
-    print("| model | metric | fp32 | plain | weights only | activation pairs removed | weights' share of the loss |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | metric | fp32 | plain | weights only | activation pairs removed | weights' share of the loss "
+          "| exact weights (16-bit) | exact weights, equalized | most a weight-side method wins back |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for entry, d, base in zoo.references(args.models.split(","), args):
         out = zoo.lowbit_child(entry, "int8_static", dict(PLAIN_STATIC), d, "plain", args)
         if out is None or base.ref is None:
             print(f"| {entry.name} | - | - | {zoo.error_code(d / 'plain.log') if out is None else 'no reference'} "
-                  "| - | - | - |")
+                  "| - | - | - | - | - | - |")
             continue
         wo = d / "weights_only.onnx"
         pairs = weights_only(out, wo)
-        got: dict[str, Any] = {}
-        for label, path in (("plain", out), ("weights_only", wo)):
-            got[label] = zoo.headline(entry, base.ref, zoo.outputs_of(path, entry.eval), base.labels)
-        name, fp32, plain = got["plain"]
-        w = got["weights_only"][2]
+        paths: dict[str, Path | None] = {
+            "plain": out, "weights_only": wo,
+            "exact": exact_weights_child(entry, d, args, "exact_weights", dict(PLAIN_STATIC)),
+            "exact_eq": exact_weights_child(entry, d, args, "exact_weights_equalized",
+                                            {**PLAIN_STATIC, "equalize": "on"})}
+        heads = {label: zoo.headline(entry, base.ref, zoo.outputs_of(path, entry.eval), base.labels)
+                 for label, path in paths.items() if path is not None}
+        got = {label: h[2] for label, h in heads.items() if h is not None}
+        if heads["plain"] is None:
+            print(f"| {entry.name} | no task metric | - | - | - | - | - | - | - | - |", flush=True)
+            continue
+        name, fp32, plain = heads["plain"]
+        w = got["weights_only"]
+        exact = [got[k] for k in ("exact", "exact_eq") if k in got]
+        e_txt = [f"{got[k]:.4f}" if k in got else f"failed: {zoo.error_code(d / (log + '.log'))}"
+                 for k, log in (("exact", "exact_weights"), ("exact_eq", "exact_weights_equalized"))]
         if fp32 is None:  # a figure of the quantized model against fp32 only (SNR): no loss to share
-            print(f"| {entry.name} | {name} | - | {plain:.4f} | {w:.4f} | {pairs} | - |", flush=True)
+            print(f"| {entry.name} | {name} | - | {plain:.4f} | {w:.4f} | {pairs} | - | {e_txt[0]} | {e_txt[1]} | - |",
+                  flush=True)
             continue
         lost = fp32 - plain
         share = "-" if abs(lost) < 1e-9 else f"{(fp32 - w) / lost:.2f}"
-        print(f"| {entry.name} | {name} | {fp32:.4f} | {plain:.4f} | {w:.4f} | {pairs} | {share} |", flush=True)
+        most = "-" if abs(lost) < 1e-9 or not exact else f"{(max(exact) - plain) / lost:.2f}"
+        print(f"| {entry.name} | {name} | {fp32:.4f} | {plain:.4f} | {w:.4f} | {pairs} | {share} | {e_txt[0]} "
+              f"| {e_txt[1]} | {most} |", flush=True)
     return 0
 
 
