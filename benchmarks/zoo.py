@@ -48,6 +48,7 @@ RECIPES = ("int8_static", "int8_dynamic", "int4_weight_only", "fp16", "auto", "q
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"auto_float_fallback": ("auto", {"search": "float_fallback"})}
 # The task figure shown per entry, first present wins; (name, higher is better).
 HEADLINE = (("accuracy", True), ("note_f1", True), ("recall_iou50", True), ("face_cell_iou", True),
+            ("text_iou", True), ("char_agreement", True),
             ("decision_agreement", True), ("raw_pitch_accuracy", True), ("nn_agreement", True),
             ("cosine_mean", True), ("top1_agreement", True), ("label_agreement", True), ("snr_db", True),
             ("relative_error", False))

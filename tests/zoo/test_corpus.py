@@ -18,16 +18,20 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 from tests.zoo import audio, images, recipes
 from tests.zoo.corpus import (
     NAMES,
+    OCR_TEXT_THRESHOLD,
     CorpusModel,
     box_iou,
     build_corpus,
     crepe_cents,
+    ctc_greedy,
+    edit_distance,
     entry_extra,
     entry_info,
     nearest_neighbours,
@@ -37,6 +41,7 @@ from tests.zoo.corpus import (
     task_metric,
 )
 from tests.zoo.fetch import FetchError
+from tests.zoo.recipes import OCR_DET_SIDE, ocr_scale
 from tests.zoo.tokenizer import WordPiece
 from tests.zoo.weights import read_safetensors
 
@@ -74,6 +79,13 @@ def test_wordpiece_splits_lowercases_and_pads(tmp_path: Path) -> None:
     assert ids.tolist() == [[2, 7, 3, 0, 0], [2, 4, 4, 4, 3]]
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert ids.dtype == mask.dtype == np.int64
+
+
+def test_ctc_greedy_decoding_and_edit_distance() -> None:
+    steps = np.eye(4)[[1, 1, 0, 1, 2, 2, 0, 0, 3]][None]  # symbols per step: a a _ a b b _ _ c
+    assert ctc_greedy(steps) == [[1, 1, 2, 3]]  # repeats merge unless a blank parts them
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance([1, 2, 3], []) == 3 and edit_distance([], []) == 0
 
 
 def test_box_iou_and_nearest_neighbours() -> None:
@@ -254,6 +266,35 @@ def test_orientation_classifier_reads_rotated_text(real_models: dict[str, Corpus
     _needs(e, "text", "pillow")
     m = task_metric(e, _fp32(e), _fp32(e), _labels(e))
     assert m["accuracy_fp32"] >= 0.9  # measured 0.94 (45 of 48 pages at 0/90/180/270 degrees)
+
+
+@pytest.mark.slow
+def test_ocr_detector_marks_text_and_not_paper(real_models: dict[str, CorpusModel]) -> None:
+    e = real_models["ppocr_det"]
+    _needs(e, "text", "pillow")
+    prob = next(iter(_fp32(e).values()))
+    assert prob.shape[1:] == (1, OCR_DET_SIDE, OCR_DET_SIDE)
+    assert np.mean(prob > OCR_TEXT_THRESHOLD) >= 0.10  # measured 0.142 of the pixels of the 48 pages
+    rng = np.random.default_rng(0)
+    paper = np.clip(rng.normal(0, 3, (4, OCR_DET_SIDE, OCR_DET_SIDE, 3)) + rng.uniform(205, 255, (4, 1, 1, 3)), 0, 255)
+    sess = ort.InferenceSession(str(e.model), providers=["CPUExecutionProvider"])
+    blank = sess.run(None, {"x": np.stack([ocr_scale(b.astype(np.uint8)) for b in paper])})[0]
+    assert np.mean(blank > OCR_TEXT_THRESHOLD) <= 0.001  # measured 0.0
+
+
+@pytest.mark.slow
+def test_ocr_recognizer_reads_the_rendered_lines(real_models: dict[str, CorpusModel]) -> None:
+    e = real_models["ppocr_rec"]
+    _needs(e, "text", "pillow")
+    meta = {p.key: p.value for p in onnx.load(str(e.model), load_external_data=False).metadata_props}
+    table = ["", *meta["character"].splitlines(), " "]  # the CTC blank, the model's symbols, a space
+    probs = next(iter(_fp32(e).values()))
+    assert probs.shape[-1] == len(table)
+    read = ["".join(table[k] for k in seq).strip() for seq in ctc_greedy(probs)]
+    truth = [str(t) for t in entry_extra(e)["text"]]
+    errors = sum(edit_distance(a, b) for a, b in zip(read, truth, strict=True))
+    assert 1 - errors / sum(len(t) for t in truth) >= 0.95  # measured 0.963 of the characters of 64 lines
+    assert np.mean([a == b for a, b in zip(read, truth, strict=True)]) >= 0.87  # measured 0.891 (57 of 64)
 
 
 @pytest.mark.slow
