@@ -9,7 +9,8 @@ AUTO_MIN_SPREAD), and the better of the two on the calibration samples is kept; 
 one bias-corrected (when it has a layer to correct), kept only if better again. "Better" is a lower output noise
 (quantized against the prepared float model, the geometric mean over the float outputs of the noise-to-signal
 power ratio) on up to ``COMPARE_SAMPLES`` calibration samples (fewer on a slow model: compare_samples), by at
-least ``MIN_GAIN_DB``. Those samples already calibrated the ranges; the held-out or evaluation samples the
+least ``MIN_GAIN_DB``, and consistently so: the 95% bootstrap interval of the mean per-sample gain must lie above
+zero (keeps_step). Those samples already calibrated the ranges; the held-out or evaluation samples the
 report's figures come from take no part in the choice, so the figures are not biased by it. A model with neither
 (most transformers) costs nothing more.
 """
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from worker.engine import bias_correction, equalize, runtime
+from worker.engine import bias_correction, equalize, metrics, runtime
 from worker.engine.calibrate import Batches, KeptRun, SidePass, kept_feeds, nonnegative_outputs, write_ort_ranges
 from worker.engine.feeds import batch_source
 from worker.engine.files import sha256_file
@@ -201,6 +202,90 @@ def output_sqnr_db(ref: list[list[Any]], got: list[list[Any]]) -> float | None:
     if not ratios:
         return None
     return -10.0 * sum(math.log10(r) for r in ratios) / len(ratios)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A quantized model's output noise on the compare samples: pooled (output_sqnr_db) and per sample."""
+
+    sqnr_db: float | None
+    # Per sample (per batch where an output's first axis is not the batch's samples), the mean over the float
+    # outputs of log10(noise / signal); NaN where nothing could be compared.
+    log_nsr: np.ndarray
+
+
+def score_outputs(ref: list[list[Any]], got: list[list[Any]], counts: list[int]) -> Scored:
+    """``got``'s output noise against ``ref`` (the float model's outputs, batch by batch, ``counts`` samples each)."""
+    units: list[float] = []
+    for ref_outs, got_outs, n in zip(ref, got, counts, strict=True):
+        logs: list[np.ndarray] = []
+        split = True
+        for a_raw, b_raw in zip(ref_outs, got_outs, strict=True):
+            a, b = np.asarray(a_raw), np.asarray(b_raw)
+            if a.shape != b.shape or a.dtype.kind != "f" or a.size == 0:
+                continue
+            rows = n if a.ndim and a.shape[0] == n else 1
+            split = split and rows == n
+            a64, b64 = a.astype(np.float64).reshape(rows, -1), b.astype(np.float64).reshape(rows, -1)
+            fin = np.isfinite(a64) & np.isfinite(b64)
+            sig = np.where(fin, np.square(a64), 0.0).sum(1)
+            noise = np.where(fin, np.square(a64 - b64), 0.0).sum(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                logs.append(np.where(sig > 0, np.log10(np.maximum(noise, 1e-30) / sig), np.nan))
+        if not logs:
+            units.append(float("nan"))
+        elif split and all(len(x) == n for x in logs):
+            with np.errstate(invalid="ignore"):
+                units.extend(np.nanmean(np.stack(logs), axis=0) if n else [])
+        else:  # an output that is not per sample: the batch is one unit
+            units.append(float(np.nanmean([float(np.nanmean(x)) for x in logs])))
+    return Scored(output_sqnr_db(ref, got), np.array(units, dtype=np.float64))
+
+
+@dataclass(frozen=True)
+class Gain:
+    """What a step changed on the compare samples: the pooled SQNR without and with it, and the per-sample gain in
+    dB (mean and 95% bootstrap interval over the samples both models could be compared on)."""
+
+    before: float | None
+    after: float | None
+    mean_db: float | None
+    ci_db: list[float] | None
+    units: int
+
+    @property
+    def keeps(self) -> bool:
+        """Keep the step: the pooled SQNR rises by MIN_GAIN_DB and the per-sample gain's interval is above zero (a
+        gain that a few samples carry while as many lose is noise: it lost on a held-out set as often as not)."""
+        if self.before is None or self.after is None or self.after < self.before + MIN_GAIN_DB:
+            return False
+        return self.ci_db is None or self.ci_db[0] > 0
+
+    def compare(self, samples: int) -> dict[str, Any]:
+        return {"samples": samples, "sqnr_db_without": _r3(self.before), "sqnr_db_with": _r3(self.after),
+                "per_sample_gain_db": _r3(self.mean_db),
+                "per_sample_gain_db_ci": None if self.ci_db is None else [_r3(x) for x in self.ci_db]}
+
+    def per_sample(self) -> str:
+        ci = "" if self.ci_db is None else f", 95% interval [{self.ci_db[0]:.2f}, {self.ci_db[1]:.2f}]"
+        return "" if self.mean_db is None else f"per-sample gain {self.mean_db:+.2f} dB{ci} over {self.units}"
+
+    def text(self) -> str:
+        per = self.per_sample()
+        return f"output SQNR {_fmt(self.before)} dB without, {_fmt(self.after)} dB with{'; ' + per if per else ''}"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def gain(before: Scored, after: Scored) -> Gain:
+    """``after`` against ``before`` on the same compare samples."""
+    d = -10.0 * (after.log_nsr - before.log_nsr)
+    d = d[np.isfinite(d)]
+    mean = float(d.mean()) if d.size else None
+    ci = metrics.bootstrap(d.size, lambda w: (w @ d) / w.sum(axis=1)) if d.size else None
+    return Gain(before.sqnr_db, after.sqnr_db, mean, ci, int(d.size))
 
 
 def _mode_reason(mode: str, option: str) -> str:
@@ -421,25 +506,31 @@ def _sig(x: float | None) -> float | None:
 
 
 def _choose(mode: str, option: str, base: Candidate, alt: Candidate | None,
-            score: Callable[[Candidate], float | None], ref: Reference, section: dict[str, Any]) -> Candidate:
-    """``alt`` with "on", ``base`` with "off"; with "auto" the one with the higher output SQNR (by MIN_GAIN_DB)."""
+            score: Callable[[Candidate], Scored], ref: Reference, section: dict[str, Any]) -> Candidate:
+    """``alt`` with "on", ``base`` with "off"; with "auto" ``alt`` where it gains (Gain.keeps)."""
     if alt is None:
         return base
     if mode == "on":
         section.update(enabled=True, reason=_mode_reason(mode, option))
         return alt
-    before, after = score(base), score(alt)
-    section["compare"] = {"samples": sum(ref.counts), "sqnr_db_without": _r3(before), "sqnr_db_with": _r3(after)}
-    if before is None or after is None:
+    g = gain(score(base), score(alt))
+    section["compare"] = g.compare(sum(ref.counts))
+    if g.before is None or g.after is None:
         section.update(enabled=False, reason="auto: no float output to compare the two models on")
         return base
-    if after >= before + MIN_GAIN_DB:
-        section.update(enabled=True, reason=f"auto: output SQNR on the calibration samples {before:.2f} -> "
-                                            f"{after:.2f} dB with it")
-        return alt
-    section.update(enabled=False, reason=f"auto: no gain on the calibration samples (output SQNR {before:.2f} dB "
-                                         f"without, {after:.2f} dB with)")
-    return base
+    section.update(enabled=g.keeps, reason=keep_reason(g))
+    return alt if g.keeps else base
+
+
+def keep_reason(g: Gain) -> str:
+    """The report's reason for an auto step kept or not on ``g``."""
+    if g.keeps:
+        per = g.per_sample()
+        return (f"auto: output SQNR on the calibration samples {_fmt(g.before)} -> {_fmt(g.after)} dB with it"
+                + (f" ({per})" if per else ""))
+    if g.before is not None and g.after is not None and g.after >= g.before + MIN_GAIN_DB:
+        return f"auto: the gain on the calibration samples is not consistent over them ({g.text()})"
+    return f"auto: no gain on the calibration samples ({g.text()})"
 
 
 def _r3(x: float | None) -> float | None:
@@ -467,11 +558,12 @@ def refine(ctx: RecipeContext, ranges: dict[str, tuple[float, float]], calibrate
     ref = Reference(ctx, compare_samples(side) if auto else CHECK_SAMPLES)
     if side is not None and side.done and side.kept:
         ref.preload(side.kept)  # the calibration pass ran the float model on those samples already
-    scores: dict[str, float | None] = {}
+    scores: dict[str, Scored] = {}
 
-    def score(c: Candidate) -> float | None:
+    def score(c: Candidate) -> Scored:
         if c.name not in scores:
-            scores[c.name] = output_sqnr_db(ref.outputs, run_all(c.quant, ref.feeds(), ctx, f"{c.name} int8 model"))
+            scores[c.name] = score_outputs(ref.outputs, run_all(c.quant, ref.feeds(), ctx, f"{c.name} int8 model"),
+                                           ref.counts)
         return scores[c.name]
 
     chosen = plain

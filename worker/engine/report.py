@@ -274,11 +274,16 @@ class EquivalenceCheck(_Closed):
 
 
 class RefineCompare(_Closed):
-    """auto's measurement: output SQNR of the int8 model without and with the step, on calibration samples."""
+    """auto's measurement: output SQNR of the int8 model without and with the step, on calibration samples, and
+    the per-sample gain (auto keeps the step where the SQNR rises by 0.1 dB and the gain's interval is above 0)."""
 
     samples: int
     sqnr_db_without: float | None
     sqnr_db_with: float | None
+    per_sample_gain_db: float | None = Field(
+        default=None, description="mean over the samples of each one's output SQNR gain with the step, dB")
+    per_sample_gain_db_ci: list[float] | None = Field(
+        default=None, description="95% bootstrap interval of per_sample_gain_db over the samples")
 
 
 class Equalization(_Closed):
@@ -424,11 +429,16 @@ class SmoothQuantCheck(_Closed):
 
 class SmoothQuantChoice(_Closed):
     """Output SQNR (dB) of the int8 model with and without smoothing against the prepared float model, on the
-    first calibration samples ("auto" keeps smoothing only when it is higher by 0.1 dB)."""
+    first calibration samples ("auto" keeps smoothing only when it is higher by 0.1 dB, and the per-sample gain's
+    interval is above 0)."""
 
     smoothed: float | None
     unsmoothed: float | None
     samples: int
+    per_sample_gain_db: float | None = Field(
+        default=None, description="mean over the samples of each one's output SQNR gain with smoothing, dB")
+    per_sample_gain_db_ci: list[float] | None = Field(
+        default=None, description="95% bootstrap interval of per_sample_gain_db over the samples")
 
 
 class SmoothQuant(_Closed):

@@ -508,3 +508,52 @@ def test_an_equalized_candidates_bias_correction_takes_its_means_from_the_plain_
         assert np.abs(a[name].astype(np.int64) - b[name]).max() <= 1, name
     assert derived["bias_correction"]["mean_abs_correction"] == pytest.approx(
         own["bias_correction"]["mean_abs_correction"], rel=1e-4)
+
+
+def _outputs(rows: list[np.ndarray]) -> list[list[Any]]:
+    return [[r] for r in rows]
+
+
+def test_per_sample_scores_split_each_batch_by_its_samples() -> None:
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(size=(4, 10)).astype(np.float32), rng.normal(size=(2, 10)).astype(np.float32)]
+    noise = [np.full((4, 1), 0.1), np.full((2, 1), 0.01)]
+    got = [(r + n * rng.normal(size=r.shape)).astype(np.float32) for r, n in zip(ref, noise, strict=True)]
+    s = conv_refine.score_outputs(_outputs(ref), _outputs(got), [4, 2])
+    assert s.log_nsr.shape == (6,)
+    for k, (r, g) in enumerate(zip(np.concatenate(ref), np.concatenate(got), strict=True)):
+        want = np.log10(np.sum((r.astype(np.float64) - g) ** 2) / np.sum(r.astype(np.float64) ** 2))
+        assert s.log_nsr[k] == pytest.approx(want)
+    assert s.sqnr_db == conv_refine.output_sqnr_db(_outputs(ref), _outputs(got))
+    # An output whose first axis is not the batch's samples (a detector's boxes): the batch is one unit.
+    boxes = conv_refine.score_outputs([[ref[0][:3]]], [[got[0][:3]]], [4])
+    assert boxes.log_nsr.shape == (1,)
+
+
+def test_auto_keeps_a_step_only_where_it_gains_over_the_samples_consistently() -> None:
+    """A pooled gain that two loud samples carry while the rest lose is not kept; the same pooled gain spread over
+    every sample is. Both clear MIN_GAIN_DB pooled."""
+    rng = np.random.default_rng(1)
+    n = 32
+    ref = [rng.normal(size=(n, 50)).astype(np.float32)]
+    ref[0][:2] *= 30.0  # two loud samples dominate the pooled signal and noise
+    base_noise = np.full((n, 1), 0.05)
+
+    def with_noise(scale: np.ndarray) -> list[list[Any]]:
+        return _outputs([(ref[0] + scale * rng.normal(size=ref[0].shape) * np.abs(ref[0]).mean(1, keepdims=True))
+                         .astype(np.float32)])
+
+    base = conv_refine.score_outputs(_outputs(ref), with_noise(base_noise), [n])
+    uneven = base_noise.copy()
+    uneven[:2] *= 0.3  # much better on the loud two...
+    uneven[2:] *= 1.15  # ...a little worse on the other 30
+    everywhere = base_noise * 0.8
+    g_uneven = conv_refine.gain(base, conv_refine.score_outputs(_outputs(ref), with_noise(uneven), [n]))
+    g_even = conv_refine.gain(base, conv_refine.score_outputs(_outputs(ref), with_noise(everywhere), [n]))
+    assert g_uneven.after is not None and g_uneven.before is not None
+    assert g_uneven.after >= g_uneven.before + conv_refine.MIN_GAIN_DB  # the pooled rule alone would keep it
+    assert g_uneven.ci_db is not None and g_uneven.ci_db[0] <= 0 and not g_uneven.keeps
+    assert "not consistent" in conv_refine.keep_reason(g_uneven)
+    assert g_even.keeps and g_even.ci_db is not None and g_even.ci_db[0] > 0
+    assert g_even.compare(n)["per_sample_gain_db"] == pytest.approx(g_even.mean_db, abs=1e-3)
+    assert conv_refine.keep_reason(g_even).startswith("auto: output SQNR on the calibration samples")

@@ -57,12 +57,13 @@ RESIDUAL_TRY_BELOW_DB = 25.0
 def _residual_stream(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
     """Option residual_16bit: the same model quantized again with the residual stream's tensors in 16 bits and
     the Softmax nodes in float (same calibrated ranges), kept with "on", and with "auto" where the output SQNR
-    against the float model on the first calibration samples rises by MIN_GAIN_DB."""
+    against the float model on the first calibration samples rises by MIN_GAIN_DB, consistently over them
+    (conv_refine.Gain.keeps)."""
     # lazy: as in quantize (onnx too: the registry imports this module)
     import onnx
 
     from worker.engine.calibrate import write_ort_ranges
-    from worker.engine.conv_refine import MIN_GAIN_DB, Reference, output_sqnr_db, run_all
+    from worker.engine.conv_refine import Reference, gain, keep_reason, run_all, score_outputs
     from worker.engine.files import place
     from worker.engine.ort_quant import quantize_static, warn_forced, weight_params
     from worker.engine.residual16 import residual_stream
@@ -88,7 +89,8 @@ def _residual_stream(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
                                              "quantizing it again would undo")
         return dataclasses.replace(out, residual_16bit=section)
     ref = Reference(ctx, RESIDUAL_COMPARE_SAMPLES)
-    without = output_sqnr_db(ref.outputs, run_all(ctx.quant_path, ref.feeds(), ctx, "int8 model"))
+    scored = score_outputs(ref.outputs, run_all(ctx.quant_path, ref.feeds(), ctx, "int8 model"), ref.counts)
+    without = scored.sqnr_db
     if opts.residual_16bit == "auto" and without is not None and without >= RESIDUAL_TRY_BELOW_DB:
         section.update(enabled=False, compare={"samples": sum(ref.counts), "sqnr_db_without": _r3(without),
                                                "sqnr_db_with": None},
@@ -109,8 +111,8 @@ def _residual_stream(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
         # changed them): their parameters are taken from it, not computed again.
         warn_forced(quantize_static(float_path, dest, ranges_path, wide_opts, out.nonfinite_tensors,
                                     weights=weight_params(ctx.quant_path)), warnings)
-        with_db = None if opts.residual_16bit == "on" else output_sqnr_db(
-            ref.outputs, run_all(dest, ref.feeds(), ctx, "int8 model with 16-bit residuals"))
+        wide = None if opts.residual_16bit == "on" else score_outputs(
+            ref.outputs, run_all(dest, ref.feeds(), ctx, "int8 model with 16-bit residuals"), ref.counts)
     except EngineError as exc:
         if opts.residual_16bit == "on":
             raise
@@ -121,14 +123,12 @@ def _residual_stream(ctx: RecipeContext, out: RecipeOutput) -> RecipeOutput:
     if opts.residual_16bit == "on":
         section.update(enabled=True, reason="option residual_16bit is on")
     else:
-        section["compare"] = {"samples": sum(ref.counts), "sqnr_db_without": _r3(without),
-                              "sqnr_db_with": _r3(with_db)}
-        if with_db is None or (without is not None and with_db < without + MIN_GAIN_DB):
-            section.update(enabled=False, reason=f"auto: no gain on the calibration samples (output SQNR "
-                                                 f"{_r3(without)} dB without, {_r3(with_db)} dB with)")
+        assert wide is not None
+        g = gain(scored, wide)
+        section["compare"] = g.compare(sum(ref.counts))
+        section.update(enabled=g.keeps, reason=keep_reason(g))
+        if not g.keeps:
             return dataclasses.replace(out, residual_16bit=section)
-        section.update(enabled=True, reason=f"auto: output SQNR on the calibration samples {_r3(without)} -> "
-                                            f"{_r3(with_db)} dB with it")
     place(dest, ctx.quant_path)
     ctx.warnings.extend(warnings)
     calibration = dict(out.calibration or {})
@@ -143,26 +143,31 @@ def _keep_smoothing_if_better(ctx: RecipeContext, smoothed: RecipeOutput) -> Rec
     Both int8 models are compared on the calibration samples equalization's "auto" uses, against the prepared
     float model: smoothing stays when it raises the output SQNR by MIN_GAIN_DB."""
     # lazy: as in quantize
-    from worker.engine.conv_refine import COMPARE_SAMPLES, MIN_GAIN_DB, Reference, output_sqnr_db, run_all
+    from worker.engine.conv_refine import COMPARE_SAMPLES, MIN_GAIN_DB, Reference, gain, run_all, score_outputs
     from worker.engine.files import place
 
     ref = Reference(ctx, COMPARE_SAMPLES)
-    with_db = output_sqnr_db(ref.outputs, run_all(ctx.quant_path, ref.feeds(), ctx, "smoothed int8 model"))
+    smooth = score_outputs(ref.outputs, run_all(ctx.quant_path, ref.feeds(), ctx, "smoothed int8 model"), ref.counts)
+    with_db = smooth.sqnr_db
     plain_dir = ctx.work / "unsmoothed"
     plain_dir.mkdir(parents=True, exist_ok=True)
     plain_ctx = dataclasses.replace(ctx, quant_path=plain_dir / "quantized.onnx", work=plain_dir, warnings=[])
     off = {"enabled": False, "reason": "option smoothquant is off"}
     plain = _quantize_from(plain_ctx, off, None)
-    without_db = output_sqnr_db(ref.outputs, run_all(plain_ctx.quant_path, ref.feeds(), ctx, "int8 model"))
+    unsmooth = score_outputs(ref.outputs, run_all(plain_ctx.quant_path, ref.feeds(), ctx, "int8 model"), ref.counts)
+    without_db = unsmooth.sqnr_db
     assert smoothed.smoothquant is not None
     section = dict(smoothed.smoothquant)
-    section["int8_sqnr_db"] = {"smoothed": _r3(with_db), "unsmoothed": _r3(without_db), "samples": sum(ref.counts)}
-    if with_db is not None and (without_db is None or with_db >= without_db + MIN_GAIN_DB):
+    g = gain(unsmooth, smooth)
+    section["int8_sqnr_db"] = {"smoothed": _r3(with_db), "unsmoothed": _r3(without_db), "samples": sum(ref.counts),
+                               "per_sample_gain_db": _r3(g.mean_db),
+                               "per_sample_gain_db_ci": None if g.ci_db is None else [_r3(x) for x in g.ci_db]}
+    if with_db is not None and (without_db is None or g.keeps):
         return dataclasses.replace(smoothed, smoothquant=section)
     section["enabled"] = False
     section["reason"] = (f"auto: smoothing did not raise the int8 model's output SQNR on {sum(ref.counts)} "
-                         f"calibration samples by {MIN_GAIN_DB} dB ({_r3(with_db)} dB smoothed, {_r3(without_db)} "
-                         "dB without), so the unsmoothed model is kept")
+                         f"calibration samples by {MIN_GAIN_DB} dB, consistently over them ({g.text()}), so the "
+                         "unsmoothed model is kept")
     place(plain_ctx.quant_path, ctx.quant_path)
     ctx.warnings.extend(plain_ctx.warnings)
     return dataclasses.replace(plain, smoothquant=section)
