@@ -10,7 +10,7 @@ one bias-corrected (when it has a layer to correct), kept only if better again. 
 (quantized against the prepared float model, the geometric mean over the float outputs of the noise-to-signal
 power ratio) on up to ``COMPARE_SAMPLES`` calibration samples (fewer on a slow model: compare_samples), by at
 least ``MIN_GAIN_DB``, and consistently so: the 95% bootstrap interval of the mean per-sample gain must lie above
-zero (keeps_step). Those samples already calibrated the ranges; the held-out or evaluation samples the
+zero (Gain.keeps). Those samples already calibrated the ranges; the held-out or evaluation samples the
 report's figures come from take no part in the choice, so the figures are not biased by it. A model with neither
 (most transformers) costs nothing more.
 """
@@ -234,12 +234,19 @@ def score_outputs(ref: list[list[Any]], got: list[list[Any]], counts: list[int])
                 logs.append(np.where(sig > 0, np.log10(np.maximum(noise, 1e-30) / sig), np.nan))
         if not logs:
             units.append(float("nan"))
-        elif split and all(len(x) == n for x in logs):
-            with np.errstate(invalid="ignore"):
-                units.extend(np.nanmean(np.stack(logs), axis=0) if n else [])
+        elif split:
+            units.extend(_finite_mean(np.stack(logs)))
         else:  # an output that is not per sample: the batch is one unit
-            units.append(float(np.nanmean([float(np.nanmean(x)) for x in logs])))
+            units.extend(_finite_mean(np.array([_finite_mean(x[:, None])[0] for x in logs])[:, None]))
     return Scored(output_sqnr_db(ref, got), np.array(units, dtype=np.float64))
+
+
+def _finite_mean(x: np.ndarray) -> list[float]:
+    """The mean of each column's finite values (NaN for a column with none), without numpy's empty-slice warning."""
+    ok = np.isfinite(x)
+    count = ok.sum(axis=0)
+    total = np.where(ok, x, 0.0).sum(axis=0)
+    return [float(t / c) if c else float("nan") for t, c in zip(total, count, strict=True)]
 
 
 @dataclass(frozen=True)

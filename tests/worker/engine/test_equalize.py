@@ -528,6 +528,11 @@ def test_per_sample_scores_split_each_batch_by_its_samples() -> None:
     # An output whose first axis is not the batch's samples (a detector's boxes): the batch is one unit.
     boxes = conv_refine.score_outputs([[ref[0][:3]]], [[got[0][:3]]], [4])
     assert boxes.log_nsr.shape == (1,)
+    # A sample with no signal has no ratio: NaN, and the gain is taken over the other samples.
+    silent = [np.vstack([np.zeros((1, 10), np.float32), ref[0][1:]])]
+    quiet = conv_refine.score_outputs(_outputs(silent), _outputs([got[0]]), [4])
+    assert np.isnan(quiet.log_nsr[0]) and np.isfinite(quiet.log_nsr[1:]).all()
+    assert conv_refine.gain(quiet, quiet).units == 3
 
 
 def test_auto_keeps_a_step_only_where_it_gains_over_the_samples_consistently() -> None:
