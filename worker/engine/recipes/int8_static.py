@@ -141,7 +141,8 @@ def _keep_smoothing_if_better(ctx: RecipeContext, smoothed: RecipeOutput) -> Rec
     better: on openWakeWord's mel spectrogram (a power spectrum into the mel filterbank, 89x spread) smoothing
     moved that range into the filterbank's columns, whose small weights then rounded to zero (cosine 0.90 -> 0).
     Both int8 models are compared on the calibration samples equalization's "auto" uses, against the prepared
-    float model: smoothing stays when it raises the output SQNR by MIN_GAIN_DB."""
+    float model: smoothing stays when it raises the output SQNR by MIN_GAIN_DB, consistently over the samples
+    (conv_refine.Gain.keeps)."""
     # lazy: as in quantize
     from worker.engine.conv_refine import COMPARE_SAMPLES, MIN_GAIN_DB, Reference, gain, run_all, score_outputs
     from worker.engine.files import place
