@@ -73,7 +73,7 @@ def weights_only(src: Path, dest: Path) -> int:
             readers.setdefault(x, []).append(n)
     outputs = {o.name for o in g.output}
     drop: set[int] = set()
-    clips: list[onnx.NodeProto] = []
+    clips: dict[int, list[onnx.NodeProto]] = {}  # by the Q each replaces: a Clip takes its Q's place in the order
     pairs = 0
     for q in g.node:
         if q.op_type != "QuantizeLinear" or q.input[0] in inits:
@@ -87,40 +87,18 @@ def weights_only(src: Path, dest: Path) -> int:
         name = f"ws_clip_{pairs}"
         g.initializer.extend([numpy_helper.from_array(np.array(lo, np.float32), f"{name}_lo"),
                               numpy_helper.from_array(np.array(hi, np.float32), f"{name}_hi")])
-        drop.add(id(q))
         for d in dqs:
             drop.add(id(d))
-            # The DQ's output, written now by a Clip of the float tensor the Q read.
-            clips.append(helper.make_node("Clip", [q.input[0], f"{name}_lo", f"{name}_hi"], [d.output[0]], name=name))
+        # Each DQ's output, written now by a Clip of the float tensor the Q read.
+        clips[id(q)] = [helper.make_node("Clip", [q.input[0], f"{name}_lo", f"{name}_hi"], [d.output[0]],
+                                         name=f"{name}_{k}") for k, d in enumerate(dqs)]
         pairs += 1
-    kept = [n for n in g.node if id(n) not in drop]
+    # The Clips where their Q was: it read the same tensor, and every reader of a DQ comes after it.
+    nodes = [c for n in g.node if id(n) not in drop for c in clips.get(id(n), [n])]
     del g.node[:]
-    g.node.extend(kept + clips)
-    onnx.save(_sorted(model), str(dest))
+    g.node.extend(nodes)
+    onnx.save(model, str(dest))
     return pairs
-
-
-def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph's nodes in an order where each reads only what is already written (the Clips were appended)."""
-    g = model.graph
-    ready = {i.name for i in g.input} | {i.name for i in g.initializer}
-    pending = list(g.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(not x or x in ready for x in n.input):
-                ordered.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):  # a cycle or a missing input: leave the rest as they were
-            ordered.extend(rest)
-            break
-        pending = rest
-    del g.node[:]
-    g.node.extend(ordered)
-    return model
 
 
 W16_FLAG = "--w16-child"
