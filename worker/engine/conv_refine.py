@@ -268,10 +268,14 @@ class Gain:
             return False
         return self.ci_db is None or self.ci_db[0] > 0
 
+    def per_sample_fields(self) -> dict[str, Any]:
+        """The report's per-sample figures (RefineCompare's and SmoothQuantChoice's)."""
+        return {"per_sample_gain_db": _r3(self.mean_db),
+                "per_sample_gain_db_ci": None if self.ci_db is None else [_r3(x) for x in self.ci_db]}
+
     def compare(self, samples: int) -> dict[str, Any]:
         return {"samples": samples, "sqnr_db_without": _r3(self.before), "sqnr_db_with": _r3(self.after),
-                "per_sample_gain_db": _r3(self.mean_db),
-                "per_sample_gain_db_ci": None if self.ci_db is None else [_r3(x) for x in self.ci_db]}
+                **self.per_sample_fields()}
 
     def per_sample(self) -> str:
         ci = "" if self.ci_db is None else f", 95% interval [{self.ci_db[0]:.2f}, {self.ci_db[1]:.2f}]"

@@ -161,8 +161,7 @@ def _keep_smoothing_if_better(ctx: RecipeContext, smoothed: RecipeOutput) -> Rec
     section = dict(smoothed.smoothquant)
     g = gain(unsmooth, smooth)
     section["int8_sqnr_db"] = {"smoothed": _r3(with_db), "unsmoothed": _r3(without_db), "samples": sum(ref.counts),
-                               "per_sample_gain_db": _r3(g.mean_db),
-                               "per_sample_gain_db_ci": None if g.ci_db is None else [_r3(x) for x in g.ci_db]}
+                               **g.per_sample_fields()}
     if with_db is not None and (without_db is None or g.keeps):
         return dataclasses.replace(smoothed, smoothquant=section)
     section["enabled"] = False
